@@ -106,14 +106,14 @@ def technique_of(config: dict[str, Any]) -> Technique:
 
 def read_tensors(path: Path) -> dict[str, Any]:
     """Load a safetensors file, turning truncation or corruption into one clear error."""
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if not Path(path).is_file():
         raise ArtifactError(f"{path.parent}: no {path.name}")
     try:
         return load_file(str(path))
-    except (SafetensorsError, OSError, ValueError, RuntimeError) as e:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ArtifactError(f"{path}: not a valid safetensors file ({e})") from None
 
 
