@@ -1,0 +1,156 @@
+"""Checkpoint parsing: which base-model modules an adapter touches, and whether it fits the base.
+
+Adapters name base modules by path (PEFT prefixes `base_model.model.`); this maps every tensor key
+to the module path exactly as `model.named_modules()` spells it, so the runtime and the registry
+agree on what an adapter touches. An adapter that does not fit is refused here, naming the module,
+because serving it anyway would silently return the base model's output (vLLM issues 34186, 55193).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+from hub.artifact import Adapter, ArtifactError, Technique
+
+PEFT_PREFIX = "base_model.model."
+PROMPT_SITE = ""  # prompt tuning touches no module; its tensors live under the empty path
+
+# technique -> tensor-key suffix -> the name module_tensors gives it
+_SUFFIXES: dict[Technique, dict[str, str]] = {
+    Technique.LORA: {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".lora_B.bias": "lora_bias",
+                     ".lora_embedding_A": "lora_embedding_A", ".lora_embedding_B": "lora_embedding_B"},
+    Technique.IA3: {".ia3_l": "ia3_l"},
+    Technique.BITFIT: {".bias": "bias"},
+}
+
+
+def _split(technique: Technique, key: str) -> tuple[str, str]:
+    """(module path, tensor name) for one tensor key."""
+    if key.startswith(PEFT_PREFIX):
+        key = key[len(PEFT_PREFIX):]
+    if technique is Technique.PROMPT_TUNING:
+        return PROMPT_SITE, key
+    if technique is Technique.BOTTLENECK:
+        # model.layers.<i>.<location>_adapter.<down|up>.<weight|bias>: the site is the decoder layer
+        head, sep, tail = key.partition("_adapter.")
+        if not sep or "." not in head:
+            raise ArtifactError(f"bottleneck tensor key {key!r} is not <layer path>.<location>_adapter.<...>")
+        layer, location = head.rsplit(".", 1)
+        return layer, f"{location}_adapter.{tail}"
+    for suffix, name in _SUFFIXES[technique].items():
+        if key.endswith(suffix):
+            return key[: -len(suffix)], name
+    raise ArtifactError(f"{technique.value} adapter: unexpected tensor key {key!r}")
+
+
+def module_tensors(adapter: Adapter) -> dict[str, dict[str, torch.Tensor]]:
+    """Base-module path -> that module's named tensors (see interfaces.md for the names)."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in adapter.tensors.items():
+        module, name = _split(adapter.technique, key)
+        out.setdefault(module, {})[name] = tensor
+    return out
+
+
+def _as_model(model_or_config: Any) -> nn.Module:
+    if isinstance(model_or_config, nn.Module):
+        return model_or_config
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model_or_config)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of an nn.Linear or a GPT-2 Conv1D (weight stored (in, out)); else None."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
+        fan_in, fan_out = module.weight.shape
+        return int(fan_in), int(fan_out)
+    return None
+
+
+def _check_linear(path: str, module: nn.Module, tensors: dict[str, torch.Tensor], technique: Technique,
+                  feedforward: bool) -> None:
+    dims = linear_shape(module)
+    if dims is None:
+        raise ArtifactError(f"module {path!r} is a {type(module).__name__}, not a linear layer: "
+                            f"{technique.value} on it is not served")
+    d_in, d_out = dims
+
+    def need(name: str, ok: bool, want: str) -> None:
+        if not ok:
+            shape = tuple(tensors[name].shape) if name in tensors else "missing"
+            raise ArtifactError(f"module {path!r} ({d_in} -> {d_out}): {name} has shape {shape}, expected {want}")
+
+    if technique is Technique.LORA:
+        need("lora_A", "lora_A" in tensors and tensors["lora_A"].dim() == 2 and tensors["lora_A"].shape[1] == d_in,
+             f"(r, {d_in})")
+        r = tensors["lora_A"].shape[0]
+        need("lora_B", "lora_B" in tensors and tuple(tensors["lora_B"].shape) == (d_out, r), f"({d_out}, {r})")
+        if "lora_bias" in tensors:
+            need("lora_bias", tensors["lora_bias"].numel() == d_out, f"({d_out},)")
+    elif technique is Technique.IA3:
+        want = d_in if feedforward else d_out
+        need("ia3_l", tensors["ia3_l"].numel() == want, f"{want} values ({'input' if feedforward else 'output'})")
+    elif technique is Technique.BITFIT:
+        need("bias", tensors["bias"].numel() == d_out, f"({d_out},)")
+
+
+def is_feedforward(adapter: Adapter, path: str) -> bool:
+    """IA3: does this module scale its input (PEFT's `feedforward_modules`) rather than its output?"""
+    import re
+
+    ff = adapter.config.get("feedforward_modules") or []
+    if isinstance(ff, str):
+        return re.fullmatch(ff, path) is not None
+    return any(path.endswith(name) for name in ff)  # PEFT's own rule
+
+
+def check_fits(adapter: Adapter, model_or_config: Any) -> dict[str, tuple[int, ...]]:
+    """Refuse (ArtifactError naming the module) an adapter that does not fit; else {module: weight shape}."""
+    model = _as_model(model_or_config)
+    modules = dict(model.named_modules())
+    hidden = model.get_input_embeddings().weight.shape[1]
+    touched: dict[str, tuple[int, ...]] = {}
+    for path, tensors in sorted(module_tensors(adapter).items()):
+        if adapter.technique is Technique.PROMPT_TUNING:
+            emb = tensors.get("prompt_embeddings")
+            if emb is None or emb.dim() != 2 or emb.shape[1] != hidden:
+                shape = None if emb is None else tuple(emb.shape)
+                raise ArtifactError(f"prompt_embeddings has shape {shape}, expected (tokens, {hidden})")
+            name = next(n for n, m in modules.items() if m is model.get_input_embeddings())
+            touched[name] = tuple(model.get_input_embeddings().weight.shape)
+            continue
+        module = modules.get(path)
+        if module is None:
+            raise ArtifactError(f"module {path!r} named by the {adapter.technique.value} adapter "
+                                f"does not exist in the base model ({type(model).__name__})")
+        if adapter.technique is Technique.BOTTLENECK:
+            for name, t in tensors.items():
+                if name.endswith("down.weight") and t.shape[-1] != hidden:
+                    raise ArtifactError(f"module {path!r}: {name} has shape {tuple(t.shape)}, expected (*, {hidden})")
+                if name.endswith("up.weight") and t.shape[0] != hidden:
+                    raise ArtifactError(f"module {path!r}: {name} has shape {tuple(t.shape)}, expected ({hidden}, *)")
+            touched[path] = (hidden,)
+            continue
+        _check_linear(path, module, tensors, adapter.technique, is_feedforward(adapter, path))
+        touched[path] = tuple(module.weight.shape)
+    return touched
+
+
+_ARCH_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "vocab_size", "n_embd", "n_layer", "n_head", "n_inner")
+
+
+def fingerprint(model_config: Any, touched: dict[str, tuple[int, ...]]) -> str:
+    """sha256 over the base's architecture-defining config fields and the touched modules' shapes."""
+    cfg = model_config if isinstance(model_config, dict) else model_config.to_dict()
+    arch = {k: cfg.get(k) for k in _ARCH_FIELDS if cfg.get(k) is not None}
+    payload = {"config": arch, "modules": sorted((name, list(shape)) for name, shape in touched.items())}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

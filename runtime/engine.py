@@ -1,0 +1,236 @@
+"""The multi-adapter engine: one frozen base model, a different adapter stack per row, one forward.
+
+Base weights are never touched. Each module an adapter targets (a "site") is wrapped once in an
+`AdaptedModule` that, during a forward, runs the ops the engine compiled for that batch's plans
+(see runtime/techniques/base.py). The ops reach the wrappers through a `_Context` object the engine
+owns and fills only for the duration of one forward, under the engine's lock: there is no global
+active adapter, and two requests never see each other's adapters. With no forward in flight, or
+for rows whose plan is empty, the wrapped model computes exactly the base model.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import nn
+
+from hub.artifact import Adapter, ArtifactError
+from runtime.plan import PlanError, RowPlan, resolve
+from runtime.techniques import REGISTRY
+from runtime.techniques.base import BatchInfo, Resident, SiteOp, Stage, Use
+
+SiteOps = tuple[list[SiteOp], list[SiteOp], list[SiteOp]]  # PRE, DELTA, POST
+_COMPILED_CACHE = 16  # compiled batches kept (a decode loop reuses the same plans every step)
+
+
+class _Context:
+    """The ops of the forward in flight, per site; None between forwards."""
+
+    def __init__(self) -> None:
+        self.ops: dict[str, SiteOps] | None = None
+
+
+class AdaptedModule(nn.Module):
+    """A base module plus the per-row ops of the current forward (pass-through when there are none)."""
+
+    def __init__(self, base_layer: nn.Module, site: str, context: _Context):
+        super().__init__()
+        self.base_layer = base_layer
+        self._site = site
+        self._context = context
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # model code reads attributes of the module it expects (weight, attention_type...)
+            return getattr(self._modules["base_layer"], name)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        ops = self._context.ops
+        site_ops = ops.get(self._site) if ops else None
+        if site_ops is None:
+            return self.base_layer(x, *args, **kwargs)
+        pre, delta, post = site_ops
+        for op in pre:
+            x = op(x, None)
+        out = self.base_layer(x, *args, **kwargs)
+        y = out[0] if isinstance(out, tuple) else out
+        for op in delta:
+            y = op(x, y)
+        for op in post:
+            y = op(x, y)
+        return (y, *out[1:]) if isinstance(out, tuple) else y
+
+
+class Compiled:
+    """A batch's plans turned into per-site ops and per-row soft prompts."""
+
+    def __init__(self, ops: dict[str, SiteOps], prompts: list[torch.Tensor | None]):
+        self.ops = ops
+        self.prompts = prompts
+
+    @property
+    def prompt_lengths(self) -> list[int]:
+        return [0 if p is None else p.shape[0] for p in self.prompts]
+
+
+class Engine:
+    """Serves many adapters over one frozen base model; see the module docstring."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any = None):
+        self._model = model.eval().requires_grad_(False)
+        self._tokenizer = tokenizer
+        self._context = _Context()
+        self._residents: dict[str, Resident] = {}
+        self._wrapped: set[str] = set()
+        self._compiled: OrderedDict[tuple, Compiled] = OrderedDict()
+        self._lock = threading.RLock()
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self._model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self._model.parameters()).dtype
+
+    # -- adapters -------------------------------------------------------------------------------
+
+    def load(self, key: str, adapter: Adapter) -> int:
+        """Make an adapter resident under `key` (replacing one of the same key); returns its bytes."""
+        impl = REGISTRY.get(adapter.technique)
+        if impl is None:
+            raise ArtifactError(f"technique {adapter.technique.value!r} is not served by this runtime")
+        with self._lock:
+            resident = impl.load(key, adapter, self._model)
+            for site in resident.sites:
+                self._wrap(site)
+            self._residents[key] = resident
+            self._compiled.clear()
+            return resident.nbytes
+
+    def unload(self, key: str) -> None:
+        with self._lock:
+            if self._residents.pop(key, None) is None:
+                raise KeyError(f"adapter {key!r} is not loaded")
+            self._compiled.clear()
+
+    def resident(self) -> dict[str, int]:
+        with self._lock:
+            return {key: r.nbytes for key, r in self._residents.items()}
+
+    def _wrap(self, site: str) -> None:
+        if site in self._wrapped:
+            return
+        parent_name, _, child = site.rpartition(".")
+        parent = self._model.get_submodule(parent_name)
+        setattr(parent, child, AdaptedModule(getattr(parent, child), site, self._context))
+        self._wrapped.add(site)
+
+    # -- plans ----------------------------------------------------------------------------------
+
+    def compile(self, plans: list[RowPlan]) -> Compiled:
+        """The ops for a batch's plans, cached so a decode loop compiles once."""
+        with self._lock:
+            key = tuple(plans)
+            hit = self._compiled.get(key)
+            if hit is not None:
+                self._compiled.move_to_end(key)
+                return hit
+            compiled = self._compile(plans)
+            self._compiled[key] = compiled
+            if len(self._compiled) > _COMPILED_CACHE:
+                self._compiled.popitem(last=False)
+            return compiled
+
+    def _compile(self, plans: list[RowPlan]) -> Compiled:
+        rows = resolve(plans, self._residents)
+        batch = BatchInfo(len(plans), tuple(p.mode for p in plans), self.device, self.dtype)
+        by_technique: dict[Any, dict[str, list[Use]]] = {}
+        for row_uses, plan in zip(rows, plans):
+            for technique in {u.resident.technique for u in row_uses}:
+                try:
+                    REGISTRY[technique].check_plan([u for u in row_uses if u.resident.technique is technique],
+                                                   plan.mode)
+                except ValueError as e:
+                    raise PlanError(str(e)) from None
+            for use in row_uses:
+                for site in use.resident.sites:
+                    by_technique.setdefault(use.resident.technique, {}).setdefault(site, []).append(use)
+        ops: dict[str, SiteOps] = {}
+        for technique, sites in by_technique.items():
+            for site, uses in sites.items():
+                staged = ops.setdefault(site, ([], [], []))
+                for op in REGISTRY[technique].compile(site, uses, batch):
+                    staged[op.stage].append(op)
+        prompts = []
+        for row_uses in rows:
+            parts = [u.resident.prompt for u in row_uses if u.resident.prompt is not None]
+            prompts.append(torch.cat(parts) if parts else None)
+        return Compiled(ops, prompts)
+
+    def prompt_lengths(self, plans: list[RowPlan]) -> list[int]:
+        """Soft-prompt tokens a prefill puts before each row's tokens (its cache is that much longer)."""
+        return self.compile(plans).prompt_lengths
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, plans: list[RowPlan],
+                cache: Any = None, position_ids: torch.Tensor | None = None, use_cache: bool = True):
+        """Logits (rows, tokens, vocab) for `input_ids`, each row under its own plan, and the KV cache.
+
+        Left-pad rows; `attention_mask` covers the cache plus the new tokens. Position ids default to
+        the count of attended positions before each token, so padding never shifts a row. Soft
+        prompts are inserted on prefill (no cache yet), left of each row's tokens, and their
+        positions are not part of the returned logits.
+        """
+        if input_ids.shape[0] != len(plans):
+            raise PlanError(f"{input_ids.shape[0]} rows but {len(plans)} plans")
+        with self._lock, torch.inference_mode():
+            compiled = self.compile(plans)
+            tokens = input_ids.shape[1]
+            inputs: dict[str, Any] = {"input_ids": input_ids}
+            prefill = cache is None or cache.get_seq_length() == 0
+            if prefill and any(compiled.prompt_lengths):
+                inputs, attention_mask = self._with_prompts(input_ids, attention_mask, compiled.prompts)
+            if position_ids is None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_len(inputs):]
+            self._context.ops = compiled.ops
+            try:
+                out = self._model(**inputs, attention_mask=attention_mask, position_ids=position_ids,
+                                  cache=cache, use_cache=use_cache)
+            finally:
+                self._context.ops = None
+            return out.logits[:, -tokens:], out.cache
+
+    def _with_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      prompts: list[torch.Tensor | None]) -> tuple[dict[str, Any], torch.Tensor]:
+        """Embeddings with each row's soft prompt left of its first real token, rows left-padded."""
+        embeds = self._model.get_input_embeddings()(input_ids)
+        lengths = [0 if p is None else p.shape[0] for p in prompts]
+        longest = max(lengths)
+        rows, tokens, hidden = embeds.shape
+        full = embeds.new_zeros(rows, longest + tokens, hidden)
+        mask = attention_mask.new_zeros(rows, longest + tokens)
+        for row, prompt in enumerate(prompts):
+            real = int(attention_mask[row].sum())
+            start = longest + tokens - real - lengths[row]  # left padding, then prompt, then real tokens
+            if prompt is not None:
+                full[row, start:start + lengths[row]] = prompt.to(embeds.dtype)
+            full[row, longest + tokens - real:] = embeds[row, tokens - real:]
+            mask[row, start:] = 1
+        return {"inputs_embeds": full}, mask
+
+
+def inputs_len(inputs: dict[str, Any]) -> int:
+    return next(iter(inputs.values())).shape[1]

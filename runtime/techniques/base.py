@@ -1,0 +1,123 @@
+"""The interface every technique implements (like PEFT's tuners/<method>/), and the op it compiles.
+
+The engine never knows a technique's math. It wraps the base model's modules ("sites"), and per
+forward asks each technique present in the batch to compile the rows' uses of its adapters at
+each site into one `SiteOp`. The wrapped module then runs, for the rows of that one forward:
+
+    x = op(x)       for PRE ops    (e.g. IA3 on feed-forward modules: scale the input)
+    y = base(x)
+    y = op(x, y)    for DELTA ops  (LoRA, BitFit, lora_bias: add a per-row delta)
+    y = op(x, y)    for POST ops   (IA3 on attention modules: scale the output; bottleneck layers)
+
+PRE ops see only x and return the new x; DELTA and POST ops return the new y. Rows a technique does
+not touch must come out bit-for-bit unchanged (add exact zeros, multiply by exact ones, or skip them).
+
+To add a technique: subclass `TechniqueImpl` in runtime/techniques/<name>.py and list an instance in
+`runtime/techniques/__init__.py::REGISTRY`. Nothing else in the engine changes.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from hub.artifact import Adapter, Technique
+
+
+class Stage(IntEnum):
+    PRE = 0
+    DELTA = 1
+    POST = 2
+
+
+@dataclass
+class Resident:
+    """One loaded adapter, prepared by its technique and living on the model's device."""
+
+    key: str
+    technique: Technique
+    sites: dict[str, Any]  # site (module path) -> the technique's prepared payload there
+    nbytes: int
+    config: dict[str, Any] = field(default_factory=dict)
+    prompt: torch.Tensor | None = None  # soft prompt (tokens, hidden): prompt tuning only
+
+
+@dataclass(frozen=True)
+class Use:
+    """One adapter applied to one row, with the weight the row's mode has already resolved."""
+
+    row: int
+    resident: Resident
+    weight: float
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """What a compile step may need to know about the whole batch."""
+
+    rows: int
+    mode: tuple[str, ...]  # per row: "stack" | "average"
+    device: torch.device
+    dtype: torch.dtype
+
+
+class SiteOp(ABC):
+    """A technique's compiled work at one site for one batch; built once, reused every decode step."""
+
+    stage: ClassVar[Stage]
+
+    @abstractmethod
+    def __call__(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """PRE: return the new input (y is None). DELTA/POST: return the new output."""
+
+
+class TechniqueImpl(ABC):
+    """How one technique loads its adapters and serves many of them per batch."""
+
+    technique: ClassVar[Technique]
+
+    @abstractmethod
+    def load(self, key: str, adapter: Adapter, model: nn.Module) -> Resident:
+        """Validate the adapter against the model (hub.checkpoint.check_fits) and move it to the device."""
+
+    def compile(self, site: str, uses: list[Use], batch: BatchInfo) -> list[SiteOp]:
+        """The ops for `uses` (all rows' uses of this technique that touch `site`, in row/stack order)."""
+        return []
+
+    def check_plan(self, uses_of_row: list[Use], mode: str) -> None:
+        """Raise ValueError when a row's combination of this technique's adapters cannot be served."""
+
+
+def to_device(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Tensors on the model's device and float dtype (loaded adapters compute in the base's dtype)."""
+    param = next(model.parameters())
+    return {k: t.to(device=param.device, dtype=param.dtype).contiguous() for k, t in tensors.items()}
+
+
+def nbytes_of(tensors) -> int:
+    return sum(int(t.numel()) * t.element_size() for t in tensors)
+
+
+class RowBiasOp(SiteOp):
+    """Adds a per-row vector to the output: BitFit deltas and LoRA's `lora_bias` (zeros elsewhere)."""
+
+    stage = Stage.DELTA
+
+    def __init__(self, bias: torch.Tensor):
+        self.bias = bias  # (rows, out)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        return y + self.bias.view(self.bias.shape[0], *([1] * (y.dim() - 2)), self.bias.shape[1])
+
+
+def row_vectors(uses: list[Use], batch: BatchInfo, vector_of, fill: float = 0.0) -> torch.Tensor:
+    """(rows, dim) tensor: `fill` for untouched rows, plus each use's weighted vector summed into its row."""
+    first = vector_of(uses[0])
+    out = torch.full((batch.rows, first.shape[-1]), fill, device=first.device, dtype=first.dtype)
+    for use in uses:
+        out[use.row] += use.weight * vector_of(use)
+    return out
