@@ -1,0 +1,268 @@
+"""Our bottleneck-adapter format, and the import of AdapterHub `adapters` library folders into it.
+
+Why a format of our own: PEFT has no bottleneck adapters, and the `adapters` library's files name
+modules by its own wrapper layers (`...attention_adapters.adapters.<name>.adapter_down.0.weight`)
+and need that library (and transformers 4.x) to be read back. Ours is plain: the artifact's two
+usual files,
+
+- `adapter_config.json`: `{"adapter_type": "bottleneck", "locations": [...], "parallel": bool,
+  "non_linearity": str, "scaling": float, "original_ln_before": bool, "original_ln_after": bool,
+  "residual_before_ln": bool, "hidden_size": int, "bottleneck_size": int | {layer: int}, "source": {...}}`
+- `adapter_model.safetensors`: `model.layers.<i>.<location>_adapter.{down,up}.{weight,bias}` with
+  location "attention" (after the attention block) or "ffn" (after the feed-forward block);
+  down.weight (b, hidden), down.bias (b,), up.weight (hidden, b), up.bias (hidden,). A layer may
+  lack an adapter (AdapterHub's `leave_out`).
+
+The option names and their math are the `adapters` library's (methods/modeling.py `Adapter`,
+`ParallelAdapter`) for pre-norm decoders (Llama, Mistral), where it passes no LayerNorm to the
+adapter layer; runtime/techniques/bottleneck.py computes it. Options that change the math in ways
+we do not implement are refused here, by name, so no weight is ever silently dropped.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from hub.artifact import CONFIG_FILE, WEIGHTS_FILE, ArtifactError, read_config, read_tensors
+
+SAFE_WEIGHTS = "adapter.safetensors"  # the `adapters` library's file names
+TORCH_WEIGHTS = "pytorch_adapter.bin"
+LOCATIONS = ("attention", "ffn")
+# `adapters` library: model types whose decoder layers call the adapter layer without a LayerNorm
+# (pre-norm: residual + block output), the only placement the runtime computes.
+MODEL_TYPES = ("llama", "mistral")
+
+
+def _gelu_new(x: torch.Tensor) -> torch.Tensor:
+    """transformers' NewGELUActivation (the tanh approximation, as written there)."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+# The non-linearities as the `adapters` library computes them (transformers' ACT2FN, plus its own
+# "leakyrelu"); names are lower case, as that library lowers them.
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu,
+    "leakyrelu": F.leaky_relu,
+    "gelu": F.gelu,
+    "gelu_new": _gelu_new,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "swish": F.silu,
+    "silu": F.silu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "mish": F.mish,
+    "linear": lambda x: x,
+}
+
+# `adapters` options that change the math but that we do not serve: refused by name.
+_REFUSED_TRUE = {
+    "ln_before": "a LayerNorm inside the adapter, before the bottleneck",
+    "ln_after": "a LayerNorm inside the adapter, after the bottleneck",
+    "use_gating": "a learned gate (UniPELT)",
+    "phm_layer": "PHM (Compacter) projections",
+    "cross_adapter": "adapters after cross-attention (decoder-only bases have none)",
+}
+
+
+@dataclass(frozen=True)
+class BottleneckConfig:
+    """Our bottleneck config (see the module docstring); `from_dict` validates a saved one."""
+
+    locations: tuple[str, ...]
+    non_linearity: str
+    hidden_size: int
+    bottleneck_size: int | dict[str, int]
+    parallel: bool = False
+    scaling: float = 1.0
+    original_ln_before: bool = False
+    original_ln_after: bool = True
+    residual_before_ln: bool = True
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"adapter_type": "bottleneck", **asdict(self), "locations": list(self.locations)}
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> BottleneckConfig:
+        config = dict(config)
+        if config.pop("adapter_type", None) != "bottleneck":
+            raise ArtifactError("not a bottleneck config (adapter_type must be 'bottleneck')")
+        unknown = sorted(set(config) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ArtifactError(f"bottleneck config: unknown option(s) {', '.join(unknown)} (not served)")
+        missing = sorted(k for k in ("locations", "non_linearity", "hidden_size", "bottleneck_size")
+                         if k not in config)
+        if missing:
+            raise ArtifactError(f"bottleneck config: missing {', '.join(missing)}")
+        locations = config["locations"]
+        if not isinstance(locations, list) or not locations or any(loc not in LOCATIONS for loc in locations) \
+                or len(set(locations)) != len(locations):
+            raise ArtifactError(f"bottleneck config: locations must be a non-empty list of {LOCATIONS}, "
+                                f"got {locations!r}")
+        config["locations"] = tuple(locations)
+        _check_non_linearity(config["non_linearity"])
+        for key in ("parallel", "original_ln_before", "original_ln_after", "residual_before_ln"):
+            if key in config and not isinstance(config[key], bool):
+                raise ArtifactError(f"bottleneck config: {key} must be true or false, got {config[key]!r}")
+        _check_scaling(config.get("scaling", 1.0))
+        config["scaling"] = float(config.get("scaling", 1.0))
+        if not isinstance(config["hidden_size"], int) or config["hidden_size"] <= 0:
+            raise ArtifactError(f"bottleneck config: hidden_size must be a positive integer, "
+                                f"got {config['hidden_size']!r}")
+        return cls(**config)
+
+
+def _check_non_linearity(name: Any) -> None:
+    if not isinstance(name, str) or name.lower() not in ACTIVATIONS or name != name.lower():
+        raise ArtifactError(f"bottleneck non_linearity {name!r} is not served "
+                            f"(served: {', '.join(ACTIVATIONS)})")
+
+
+def _check_scaling(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ArtifactError(f"bottleneck scaling {value!r} is not served (only a constant number; "
+                            "'learned' and 'channel' scalings are not)")
+
+
+def is_adapterhub_folder(folder: str | Path) -> bool:
+    """Does `folder` look like `model.save_adapter` output (its config nests the adapter config)?"""
+    folder = Path(folder)
+    try:
+        config = read_config(folder)
+    except ArtifactError:
+        return False
+    return isinstance(config.get("config"), (dict, str)) and "peft_type" not in config \
+        and "adapter_type" not in config and "hidden_size" in config
+
+
+def _convert_config(saved: dict[str, Any], path: Path) -> tuple[BottleneckConfig, str]:
+    """(our config without sizes yet, the adapter's name) from an `adapters` adapter_config.json."""
+    cfg = saved.get("config")
+    if not isinstance(cfg, dict):
+        raise ArtifactError(f"{path}: 'config' must be the saved adapter config object, got {cfg!r}")
+    architecture = cfg.get("architecture")
+    if architecture not in (None, "bottleneck"):
+        raise ArtifactError(f"{path}: AdapterHub architecture {architecture!r} is not a bottleneck adapter "
+                            "(only bottleneck adapters are imported)")
+    model_type = saved.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ArtifactError(f"{path}: model_type {model_type!r} is not served for bottleneck adapters "
+                            f"(served: {', '.join(MODEL_TYPES)})")
+    for key, what in _REFUSED_TRUE.items():
+        if cfg.get(key):
+            raise ArtifactError(f"{path}: option {key}=true ({what}) is not served")
+    if cfg.get("inv_adapter"):
+        raise ArtifactError(f"{path}: option inv_adapter={cfg['inv_adapter']!r} (invertible adapters on the "
+                            "embeddings) is not served")
+    if not isinstance(cfg.get("residual_before_ln", True), bool):
+        raise ArtifactError(f"{path}: option residual_before_ln={cfg['residual_before_ln']!r} is not served "
+                            "(the adapters library itself fails on it for pre-norm decoders)")
+    non_linearity = cfg.get("non_linearity")
+    _check_non_linearity(non_linearity.lower() if isinstance(non_linearity, str) else non_linearity)
+    _check_scaling(cfg.get("scaling", 1.0))
+    locations = tuple(loc for loc, key in zip(LOCATIONS, ("mh_adapter", "output_adapter")) if cfg.get(key))
+    if not locations:
+        raise ArtifactError(f"{path}: neither mh_adapter nor output_adapter is set: the adapter has no place")
+    hidden = saved.get("hidden_size")
+    if not isinstance(hidden, int) or hidden <= 0:
+        raise ArtifactError(f"{path}: hidden_size must be a positive integer, got {hidden!r}")
+    name = saved.get("name")
+    if not isinstance(name, str) or not name:
+        raise ArtifactError(f"{path}: no adapter 'name'")
+    config = BottleneckConfig(
+        locations=locations, non_linearity=non_linearity.lower(), hidden_size=hidden, bottleneck_size=0,
+        parallel=bool(cfg.get("is_parallel", False)), scaling=float(cfg.get("scaling", 1.0)),
+        original_ln_before=bool(cfg.get("original_ln_before", False)),
+        original_ln_after=bool(cfg.get("original_ln_after", True)),
+        residual_before_ln=bool(cfg.get("residual_before_ln", True)),
+        source={"library": "adapters", "version": saved.get("version"), "name": name, "model_type": model_type,
+                "model_name": saved.get("model_name"), "config": cfg},
+    )
+    return config, name
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The saved weights: safetensors if present, else the torch file, read weights-only (no code runs)."""
+    if (folder / SAFE_WEIGHTS).is_file():
+        return read_tensors(folder / SAFE_WEIGHTS)
+    path = folder / TORCH_WEIGHTS
+    if not path.is_file():
+        raise ArtifactError(f"{folder}: no {SAFE_WEIGHTS} or {TORCH_WEIGHTS}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"{path}: not a weights-only PyTorch file ({first})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise ArtifactError(f"{path}: expected a mapping of tensor names to tensors")
+    return state
+
+
+_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(attention_adapters|output_adapters)\.adapters\.([^.]+)\."
+                  r"(adapter_down\.0|adapter_up)\.(weight|bias)$")
+_LOCATION_OF = {"attention_adapters": "attention", "output_adapters": "ffn"}
+_PART_OF = {"adapter_down.0": "down", "adapter_up": "up"}
+
+
+def _convert_tensors(state: dict[str, torch.Tensor], name: str, config: BottleneckConfig,
+                     path: Path) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """(our tensors, bottleneck size per layer); refuses any tensor we would not use, by key."""
+    out: dict[str, torch.Tensor] = {}
+    sizes: dict[str, int] = {}
+    for key, tensor in state.items():
+        m = _KEY.match(key)
+        if m is None or m.group(3) != name:
+            raise ArtifactError(f"{path}: tensor {key!r} is not a bottleneck projection of adapter {name!r} "
+                                "(not served; it would be dropped)")
+        layer, location = m.group(1), _LOCATION_OF[m.group(2)]
+        if location not in config.locations:
+            raise ArtifactError(f"{path}: tensor {key!r} is at location {location!r}, which the config does not "
+                                "enable")
+        out[f"model.layers.{layer}.{location}_adapter.{_PART_OF[m.group(4)]}.{m.group(5)}"] = tensor
+    if not out:
+        raise ArtifactError(f"{path}: holds no tensors")
+    hidden = config.hidden_size
+    for prefix in sorted({k.rsplit(".", 2)[0] for k in out}):
+        parts = {p: out.get(f"{prefix}.{p}") for p in ("down.weight", "down.bias", "up.weight", "up.bias")}
+        absent = [p for p, t in parts.items() if t is None]
+        if absent:
+            raise ArtifactError(f"{path}: {prefix} lacks {', '.join(absent)}")
+        b = parts["down.weight"].shape[0] if parts["down.weight"].dim() == 2 else -1
+        want = {"down.weight": (b, hidden), "down.bias": (b,), "up.weight": (hidden, b), "up.bias": (hidden,)}
+        for p, shape in want.items():
+            if tuple(parts[p].shape) != shape or b <= 0:
+                raise ArtifactError(f"{path}: {prefix}.{p} has shape {tuple(parts[p].shape)}, expected {shape}")
+        layer = prefix.split(".")[2]
+        if sizes.setdefault(layer, b) != b:
+            raise ArtifactError(f"{path}: layer {layer} has bottleneck sizes {sizes[layer]} and {b}")
+    return out, sizes
+
+
+def import_adapterhub(src: str | Path, dst: str | Path) -> None:
+    """Convert an `adapters` library folder into our bottleneck artifact in `dst` (new or empty).
+
+    Everything is read and checked before anything is written, so a refused folder leaves no `dst`.
+    """
+    src, dst = Path(src), Path(dst)
+    saved = read_config(src)
+    config, name = _convert_config(saved, src / CONFIG_FILE)
+    tensors, sizes = _convert_tensors(_read_weights(src), name, config, src)
+    size: int | dict[str, int] = next(iter(sizes.values())) if len(set(sizes.values())) == 1 else sizes
+    config = BottleneckConfig(**{**asdict(config), "bottleneck_size": size})
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise ArtifactError(f"{dst}: exists and is not an empty folder")
+    from safetensors.torch import save_file
+
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file({k: t.detach().clone().contiguous() for k, t in sorted(tensors.items())}, str(dst / WEIGHTS_FILE))
+    (dst / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
