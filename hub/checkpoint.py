@@ -128,6 +128,7 @@ def check_fits(adapter: Adapter, model_or_config: Any) -> dict[str, tuple[int, .
             touched[name] = tuple(model.get_input_embeddings().weight.shape)
             continue
         module = modules.get(path)
+        module = getattr(module, "base_layer", module)  # the runtime's (and PEFT's) wrappers keep the base here
         if module is None:
             raise ArtifactError(f"module {path!r} named by the {adapter.technique.value} adapter "
                                 f"does not exist in the base model ({type(model).__name__})")

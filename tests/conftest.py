@@ -48,3 +48,88 @@ def tiny_llama_dir(tmp_path) -> Path:
     path = tmp_path / "tiny-llama"
     tiny_llama().save_pretrained(path)
     return path
+
+
+# --- engine tests (ENGINE helper): real PEFT adapters with non-trivial weights, saved by PEFT ---
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def save_peft_adapter(base, config, folder: Path, seed: int = 1) -> Path:
+    """Wrap a copy of `base` with PEFT, randomise every adapter weight (PEFT inits LoRA B to zero and
+    IA3 to ones, which would make any test pass), save with save_pretrained; return the folder."""
+    import copy
+
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(copy.deepcopy(base), config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if p.requires_grad:
+                noise = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype)
+                p.copy_(1 + 0.3 * noise if "ia3_l" in name else 0.2 * noise)
+    peft_model.save_pretrained(folder)
+    return Path(folder)
+
+
+def save_bitfit_adapter(folder: Path, biases: dict[str, torch.Tensor]) -> Path:
+    """Our BitFit format (hub/artifact.py): config with adapter_type, `<module>.bias` tensors."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"adapter_type": "bitfit", "target_modules": sorted(biases)}))
+    save_file({f"{m}.bias": b.contiguous() for m, b in biases.items()}, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+# --- registry tests (REGISTRY helper): one small adapter per technique, for tiny_llama() ---
+
+def save_bottleneck_adapter(folder: Path, layers: int = 2, hidden: int = 64, size: int = 8, seed: int = 3) -> Path:
+    """Our bottleneck format (hub/artifact.py): a Pfeiffer-style adapter after each layer's feed-forward block."""
+    import json
+
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i in range(layers):
+        p = f"model.layers.{i}.ffn_adapter"
+        tensors.update({
+            f"{p}.down.weight": torch.randn(size, hidden, generator=gen), f"{p}.down.bias": torch.randn(size, generator=gen),
+            f"{p}.up.weight": torch.randn(hidden, size, generator=gen), f"{p}.up.bias": torch.randn(hidden, generator=gen),
+        })
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"adapter_type": "bottleneck", "locations": ["ffn"], "bottleneck_size": size, "non_linearity": "relu"}))
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def technique_adapters(tmp_path_factory) -> dict[str, Path]:
+    """{"base": a tiny Llama folder, and per technique an adapter folder for it}: LoRA, IA3 and prompt
+    tuning saved by PEFT; BitFit and bottleneck in our format. Read-only: copy before changing one."""
+    from peft import IA3Config, LoraConfig, PromptTuningConfig
+
+    root = tmp_path_factory.mktemp("technique-adapters")
+    base = tiny_llama()
+    base.save_pretrained(root / "base")
+    gen = torch.Generator().manual_seed(5)
+    return {
+        "base": root / "base",
+        "lora": save_peft_adapter(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+                                  root / "lora"),
+        "ia3": save_peft_adapter(base, IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+                                 root / "ia3"),
+        "prompt_tuning": save_peft_adapter(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+                                           root / "prompt_tuning"),
+        "bitfit": save_bitfit_adapter(root / "bitfit", {
+            f"model.layers.{i}.mlp.down_proj": torch.randn(64, generator=gen) for i in range(2)}),
+        "bottleneck": save_bottleneck_adapter(root / "bottleneck"),
+    }

@@ -1,0 +1,199 @@
+"""Each row of a mixed batch equals its own single-adapter run through PEFT (or a plain formula)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import LLAMA_TARGETS, save_bitfit_adapter, save_peft_adapter, tiny_llama
+from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig
+
+from hub.artifact import read_adapter
+from runtime.engine import Engine
+from runtime.plan import AdapterUse, RowPlan
+
+TOL = 1e-4
+
+
+def plan(*keys: str, weights=None, mode: str = "stack") -> RowPlan:
+    weights = weights or [1.0] * len(keys)
+    return RowPlan(tuple(AdapterUse(k, w) for k, w in zip(keys, weights)), mode)
+
+
+def left_pad(rows: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def engine_rows(engine: Engine, rows: list[list[int]], plans: list[RowPlan]) -> list[torch.Tensor]:
+    """Each row's logits over its own tokens, from one batched forward."""
+    ids, mask = left_pad(rows)
+    logits, _ = engine.forward(ids, mask, plans)
+    return [logits[i, logits.shape[1] - len(r):] for i, r in enumerate(rows)]
+
+
+def model_logits(model, tokens: list[int]) -> torch.Tensor:
+    """A model's logits for one row alone (PEFT prompt tuning prepends virtual tokens: drop them)."""
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0, -len(tokens):]
+
+
+def peft_model(base, folder):
+    return PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()
+
+
+def merged_lora(base, parts: list[tuple[str, float]]):
+    """A copy of `base` with W += sum_i w_i * scaling_i * B_i @ A_i merged by hand (the stacking reference),
+    plus w_i * scaling_i * lora_bias_i on the output where the adapter has one."""
+    model = copy.deepcopy(base)
+    modules = dict(model.named_modules())
+    for folder, weight in parts:
+        peft = peft_model(base, folder)
+        for name, module in peft.base_model.model.named_modules():
+            if hasattr(module, "lora_A") and "default" in module.lora_A:
+                delta = module.lora_B["default"].weight @ module.lora_A["default"].weight * module.scaling["default"]
+                with torch.no_grad():
+                    modules[name].weight += weight * delta
+                bias = module.lora_B["default"].bias
+                if bias is not None:  # lora_bias: (B A x + b) * scaling
+                    extra = (weight * module.scaling["default"] * bias).detach()
+                    modules[name].register_forward_hook(lambda m, args, out, b=extra: out + b)
+    return model
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def folders(base, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    f = {
+        "lora_all": save_peft_adapter(base, LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS), root / "a", 1),
+        "lora_rs": save_peft_adapter(base, LoraConfig(r=8, lora_alpha=16, use_rslora=True,
+                                                      target_modules=["q_proj", "v_proj", "down_proj"]), root / "b", 2),
+        "lora_pat": save_peft_adapter(base, LoraConfig(
+            r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "o_proj", "up_proj", "down_proj"],
+            rank_pattern={"q_proj": 6}, alpha_pattern={"down_proj": 3}, lora_bias=True), root / "c", 3),
+        "lora_b": save_peft_adapter(base, LoraConfig(r=16, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"]),
+                                    root / "d", 4),
+        "ia3": save_peft_adapter(base, IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                                 feedforward_modules=["down_proj"]), root / "e", 5),
+        "ia3_b": save_peft_adapter(base, IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                                   feedforward_modules=["down_proj"]), root / "f", 6),
+        "prompt5": save_peft_adapter(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5), root / "g", 7),
+        "prompt3": save_peft_adapter(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3), root / "h", 8),
+    }
+    gen = torch.Generator().manual_seed(9)
+    f["bitfit"] = save_bitfit_adapter(root / "i", {
+        "model.layers.0.self_attn.q_proj": torch.randn(64, generator=gen),  # Llama q_proj has no bias
+        "model.layers.1.mlp.down_proj": torch.randn(64, generator=gen),
+    })
+    return f
+
+
+@pytest.fixture(scope="module")
+def engine(base, folders):
+    eng = Engine(copy.deepcopy(base))
+    for key, folder in folders.items():
+        eng.load(key, read_adapter(folder))
+    return eng
+
+
+ROWS = [[5, 9, 17, 33, 4, 81, 12], [7, 7, 100, 3], [44, 12, 90, 61, 70, 8, 19, 27, 3], [15, 16], [101, 6, 55]]
+
+
+def bitfit_reference(base, folder, tokens, weight: float = 1.0) -> torch.Tensor:
+    """Plain formula: each listed module's output plus weight * its bias delta."""
+    model = copy.deepcopy(base)
+    for key, bias in read_adapter(folder).tensors.items():
+        module = model.get_submodule(key.removesuffix(".bias"))
+        module.register_forward_hook(lambda m, args, out, b=bias: out + weight * b)
+    return model_logits(model, tokens)
+
+
+@pytest.mark.parametrize("key", ["lora_all", "lora_rs", "lora_pat", "lora_b", "ia3", "prompt5", "prompt3"])
+def test_each_row_of_mixed_batch_equals_its_peft_run(base, folders, engine, key):
+    keys = [key, "lora_rs", None, "prompt3", "ia3"]
+    plans = [plan(k) if k else RowPlan() for k in keys]
+    got = engine_rows(engine, ROWS, plans)
+    for k, tokens, logits in zip(keys, ROWS, got):
+        ref = model_logits(peft_model(base, folders[k]) if k else base, tokens)
+        assert (logits - ref).abs().max() <= TOL, (k, (logits - ref).abs().max())
+
+
+def test_bitfit_rows_equal_the_formula(base, folders, engine):
+    plans = [plan("bitfit"), RowPlan(), plan("bitfit", weights=[-0.5]), plan("lora_all")]
+    got = engine_rows(engine, ROWS[:4], plans)
+    assert (got[0] - bitfit_reference(base, folders["bitfit"], ROWS[0])).abs().max() <= TOL
+    assert (got[1] - model_logits(base, ROWS[1])).abs().max() <= TOL
+    assert (got[2] - bitfit_reference(base, folders["bitfit"], ROWS[2], -0.5)).abs().max() <= TOL
+
+
+def test_no_adapter_row_is_exactly_the_base(base, engine):
+    plans = [plan("lora_all"), RowPlan(), plan("ia3"), plan("bitfit"), plan("lora_pat", "lora_rs")]
+    ids, mask = left_pad(ROWS)
+    logits, _ = engine.forward(ids, mask, plans)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = base(ids, attention_mask=mask, position_ids=positions).logits
+    assert torch.equal(logits[1], ref[1])
+    assert not torch.allclose(logits[0], ref[0], atol=1e-3)  # and the adapters did act on the others
+
+
+def test_weighted_lora_stack_equals_hand_merged_delta_sum(base, folders, engine):
+    parts = [("lora_all", 0.7), ("lora_pat", -0.4), ("lora_b", 1.3)]
+    plans = [plan(*[k for k, _ in parts], weights=[w for _, w in parts]), RowPlan(), plan("lora_rs")]
+    got = engine_rows(engine, ROWS[:3], plans)
+    ref = model_logits(merged_lora(base, [(folders[k], w) for k, w in parts]), ROWS[0])
+    assert (got[0] - ref).abs().max() <= TOL
+
+
+def test_average_mode_normalises_the_weights(base, folders, engine):
+    plans = [plan("lora_all", "lora_b", weights=[1.0, 3.0], mode="average"), plan("ia3", "ia3_b", mode="average")]
+    got = engine_rows(engine, ROWS[:2], plans)
+    ref = model_logits(merged_lora(base, [(folders["lora_all"], 0.25), (folders["lora_b"], 0.75)]), ROWS[0])
+    assert (got[0] - ref).abs().max() <= TOL
+    # IA3 average: the mean of the two adapters' outputs, i.e. PEFT with the mean of the vectors
+    assert (got[1] - model_logits(combined_ia3(base, folders, lambda a, b: (a + b) / 2), ROWS[1])).abs().max() <= TOL
+
+
+def combined_ia3(base, folders, combine):
+    """PEFT IA3 whose vectors are `combine` of ia3 and ia3_b (both target the same modules)."""
+    a, b = peft_model(base, folders["ia3"]), peft_model(base, folders["ia3_b"])
+    b_params = dict(b.named_parameters())
+    with torch.no_grad():
+        for name, p in a.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(combine(p, b_params[name]))
+    return a
+
+
+def test_ia3_stack_multiplies(base, folders, engine):
+    got = engine_rows(engine, ROWS[:2], [plan("ia3", "ia3_b"), plan("ia3", "ia3_b", weights=[1.0, 0.0])])
+    assert (got[0] - model_logits(combined_ia3(base, folders, lambda a, b: a * b), ROWS[0])).abs().max() <= TOL
+    assert (got[1] - model_logits(peft_model(base, folders["ia3"]), ROWS[1])).abs().max() <= TOL
+
+
+def test_lora_plus_ia3_is_ia3_over_the_merged_lora(base, folders, engine):
+    got = engine_rows(engine, ROWS[:2], [plan("lora_all", "ia3"), RowPlan()])
+    ref = model_logits(PeftModel.from_pretrained(merged_lora(base, [(folders["lora_all"], 1.0)]), folders["ia3"]),
+                       ROWS[0])
+    assert (got[0] - ref).abs().max() <= TOL
+
+
+def test_stacked_prompts_concatenate_in_order_and_combine_with_lora(base, folders, engine):
+    plans = [plan("prompt5", "prompt3"), plan("lora_all", "prompt3"), plan("prompt3", "prompt5")]
+    got = engine_rows(engine, ROWS[:3], plans)
+    p5, p3 = (read_adapter(folders[k]).tensors["prompt_embeddings"] for k in ("prompt5", "prompt3"))
+    for row, prompt in ((0, torch.cat([p5, p3])), (2, torch.cat([p3, p5]))):
+        embeds = torch.cat([prompt, base.get_input_embeddings()(torch.tensor(ROWS[row]))])[None]
+        with torch.no_grad():
+            ref = base(inputs_embeds=embeds).logits[0, -len(ROWS[row]):]
+        assert (got[row] - ref).abs().max() <= TOL
+    ref = model_logits(PeftModel.from_pretrained(merged_lora(base, [(folders["lora_all"], 1.0)]), folders["prompt3"]),
+                       ROWS[1])
+    assert (got[1] - ref).abs().max() <= TOL
