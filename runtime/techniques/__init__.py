@@ -8,6 +8,7 @@ from __future__ import annotations
 from hub.artifact import Technique
 from runtime.techniques.base import TechniqueImpl
 from runtime.techniques.bitfit import BitFit
+from runtime.techniques.bottleneck import Bottleneck
 from runtime.techniques.ia3 import IA3
 from runtime.techniques.lora import Lora
 from runtime.techniques.prompt_tuning import PromptTuning
@@ -17,4 +18,5 @@ REGISTRY: dict[Technique, TechniqueImpl] = {
     Technique.IA3: IA3(),
     Technique.BITFIT: BitFit(),
     Technique.PROMPT_TUNING: PromptTuning(),
+    Technique.BOTTLENECK: Bottleneck(),
 }
