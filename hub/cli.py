@@ -1,13 +1,25 @@
 """The `hub` command. Every failure is one clear line on stderr and a non-zero exit."""
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 import typer
 
 from hub import basemodel
+from hub.artifact import ArtifactError
+from hub.errors import HubError
+from hub.manifest import Manifest
+from hub.registry import Registry, open_registry
+from hub.remotes import Remote, Remotes
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Adapter Hub: registry and runtime for PEFT adapters.")
 base_app = typer.Typer(no_args_is_help=True, help="The base models the hub serves adapters on.")
 app.add_typer(base_app, name="base")
+remote_app = typer.Typer(no_args_is_help=True, help="Named remotes: directory registries and hf://org/repo.")
+app.add_typer(remote_app, name="remote")
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -40,3 +52,203 @@ def base_generate(
         fail(str(e))
     typer.echo(basemodel.chat_reply(model, tokenizer, prompt, max_new_tokens=max_new_tokens))
 
+
+
+# ---------------------------------------------------------------- registry commands
+
+REGISTRY_OPT = typer.Option(None, "--registry", help="Registry folder (default: $HUB_HOME).")
+
+
+@contextmanager
+def _clear_errors() -> Iterator[None]:
+    """Turn every expected failure into one line and a non-zero exit."""
+    try:
+        yield
+    except (HubError, ArtifactError, OSError) as e:
+        fail(str(e))
+
+
+@contextmanager
+def _progress(description: str, total: int | None) -> Iterator:
+    """A byte progress bar on stderr; yields the callback the registry advances."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) if folder.is_dir() else 0
+
+
+def _remote(registry: Registry, spec: str | None) -> Remote:
+    remotes = Remotes(registry.root)
+    if spec is None:
+        configured = remotes.all()
+        if len(configured) != 1 and "origin" not in configured:
+            raise HubError(f"name a remote with --from (configured: {', '.join(configured) or 'none'})")
+        spec = "origin" if "origin" in configured else next(iter(configured))
+    return remotes.open(spec)
+
+
+@app.command()
+def push(
+    path: Path = typer.Argument(..., help="Adapter folder (PEFT format, ours, or an AdapterHub `adapters` folder)."),
+    name: str = typer.Option(..., "--name", help="Adapter name, optionally org/name."),
+    version: str = typer.Option(..., "--version", help="Semantic version, e.g. 1.2.0."),
+    base_model: str | None = typer.Option(None, "--base-model", help="Base model to check against and record."),
+    to: str | None = typer.Option(None, "--to", help="Also push to this remote (name, path, file:// or hf://)."),
+    description: str = typer.Option("", "--description"),
+    tags: str = typer.Option("", "--tags", help="Comma-separated descriptive tags for the manifest."),
+    license: str | None = typer.Option(None, "--license"),
+    in_place: bool = typer.Option(False, "--in-place", help="Record a folder inside the registry by relative path."),
+    registry: Path | None = REGISTRY_OPT,
+) -> None:
+    """Validate an adapter folder and add it to the registry as NAME@VERSION."""
+    with _clear_errors():
+        reg = Registry(registry)
+        with _progress(f"push {name}@{version}", _folder_size(path)) as advance:
+            manifest = reg.push(
+                path, name, version, base_model=base_model, description=description,
+                tags=[t.strip() for t in tags.split(",") if t.strip()], license=license, in_place=in_place,
+                progress=advance,
+            )
+        note = "" if manifest.base_model.fingerprint else (
+            " (no base model named: fit not checked)" if manifest.base_model.id is None
+            else " (base model not at hand: fit not checked)")
+        typer.echo(f"pushed {manifest.ref} {manifest.technique} sha256:{manifest.sha256[:12]}{note}")
+        if to is not None:
+            remote = _remote(reg, to)
+            with _progress(f"push {manifest.ref} -> {remote.url}", manifest.size) as advance:
+                where = remote.publish(manifest, reg, advance)
+            typer.echo(f"pushed {manifest.ref} to {where}")
+
+
+@app.command()
+def pull(
+    ref: str = typer.Argument(..., help="name, name@1.2.0 or name@tag"),
+    source: str | None = typer.Option(None, "--from", help="Remote name, path, file:// or hf://org/repo."),
+    revision: str | None = typer.Option(None, "--revision", help="HF remotes: the git revision to download."),
+    registry: Path | None = REGISTRY_OPT,
+) -> None:
+    """Copy a version from a remote into the registry, verifying every file's sha256."""
+    with _clear_errors():
+        reg = Registry(registry)
+        remote = _remote(reg, source)
+        with _progress(f"pull {ref} <- {remote.url}", None) as advance:
+            manifest = remote.fetch(ref, reg, advance, revision=revision)
+        typer.echo(f"pulled {manifest.ref} {manifest.technique} sha256:{manifest.sha256[:12]}")
+
+
+def _row(m: Manifest, tags: dict[str, str]) -> list[str]:
+    labels = ",".join(t for t, v in sorted(tags.items()) if v == m.version)
+    return [m.ref, m.technique, m.base_model.id or "-", f"{m.params:,}", labels or "-", m.created]
+
+
+@app.command("list")
+def list_(
+    base_model: str | None = typer.Option(None, "--base-model"),
+    technique: str | None = typer.Option(None, "--technique"),
+    as_json: bool = typer.Option(False, "--json"),
+    registry: Path | None = REGISTRY_OPT,
+) -> None:
+    """List every version (optionally for one base model or technique)."""
+    with _clear_errors():
+        reg = open_registry(registry)
+        manifests = reg.list(base_model=base_model, technique=technique)
+        if as_json:
+            typer.echo(json.dumps([m.to_dict() for m in manifests], indent=1))
+            return
+        rows = [["REF", "TECHNIQUE", "BASE MODEL", "PARAMS", "TAGS", "CREATED"]]
+        rows += [_row(m, reg.tags(m.name)) for m in manifests]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+@app.command()
+def show(
+    ref: str, as_json: bool = typer.Option(False, "--json"), registry: Path | None = REGISTRY_OPT,
+) -> None:
+    """Print one version's manifest."""
+    with _clear_errors():
+        reg = open_registry(registry)
+        manifest = reg.resolve(ref)
+        data = manifest.to_dict()
+        data["ref_tags"] = sorted(t for t, v in reg.tags(manifest.name).items() if v == manifest.version)
+        if as_json:
+            typer.echo(json.dumps(data, indent=1))
+            return
+        for key, value in data.items():
+            shown = value if isinstance(value, str) else json.dumps(value, default=str)
+            typer.echo(f"{key}: {shown}")
+
+
+@app.command()
+def tag(ref: str, tag_name: str = typer.Argument(..., metavar="TAG"), registry: Path | None = REGISTRY_OPT) -> None:
+    """Point NAME@TAG at the version REF resolves to."""
+    with _clear_errors():
+        manifest = open_registry(registry).tag(ref, tag_name)
+        typer.echo(f"{manifest.name}@{tag_name} -> {manifest.version}")
+
+
+@app.command()
+def rm(ref: str, registry: Path | None = REGISTRY_OPT) -> None:
+    """Remove one version (name@1.2.0 or name@tag); `hub gc` then frees its blobs."""
+    with _clear_errors():
+        manifest = open_registry(registry).remove(ref)
+        typer.echo(f"removed {manifest.ref}")
+
+
+@app.command()
+def verify(ref: str | None = typer.Argument(None), registry: Path | None = REGISTRY_OPT) -> None:
+    """Re-hash every file of every version (or of REF); exit 1 on any mismatch."""
+    with _clear_errors():
+        checked, problems = open_registry(registry).verify(ref)
+    for problem in problems:
+        typer.echo(f"error: {problem}", err=True)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo(f"ok: {checked} files verified")
+
+
+@app.command()
+def gc(registry: Path | None = REGISTRY_OPT) -> None:
+    """Remove blobs and checkouts no version refers to, and temp files of dead processes."""
+    with _clear_errors():
+        report = open_registry(registry).gc()
+        typer.echo(f"removed {report.blobs} blobs ({report.bytes:,} bytes), {report.checkouts} checkouts, "
+                   f"{report.temps} temp files")
+
+
+@app.command()
+def export(
+    ref: str, out: Path = typer.Option(..., "--out", help="New folder to write."), registry: Path | None = REGISTRY_OPT,
+) -> None:
+    """Write a version's files to a folder (PEFT's `PeftModel.from_pretrained` loads PEFT techniques)."""
+    with _clear_errors():
+        typer.echo(open_registry(registry).export(ref, out))
+
+
+@remote_app.command("add")
+def remote_add(name: str, url: str, registry: Path | None = REGISTRY_OPT) -> None:
+    """Name a remote: a folder path, file:///path, or hf://org/repo."""
+    with _clear_errors():
+        typer.echo(f"{name} -> {Remotes(Registry(registry).root).add(name, url)}")
+
+
+@remote_app.command("list")
+def remote_list(registry: Path | None = REGISTRY_OPT) -> None:
+    with _clear_errors():
+        for name, url in sorted(Remotes(Registry(registry).root).all().items()):
+            typer.echo(f"{name}\t{url}")
+
+
+@remote_app.command("rm")
+def remote_rm(name: str, registry: Path | None = REGISTRY_OPT) -> None:
+    with _clear_errors():
+        Remotes(Registry(registry).root).remove(name)
+        typer.echo(f"removed remote {name}")

@@ -1,0 +1,192 @@
+"""The registry index (`registry.json`): load and validate it, resolve references, and change it
+atomically under a file lock.
+
+Writes go to a temp file that is fsynced and renamed over `registry.json`, so a reader (or a
+process killed mid-write) only ever sees the old or the new index. Every change is
+read-modify-write under `.registry.lock`, so concurrent pushes from several processes all land.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from hub.errors import Conflict, IndexCorrupt, NotFound
+from hub.manifest import Manifest, artifact_digest, check_name, check_tag, check_version, parse_ref, version_key
+from hub.store import TMP_DIR, fsync_dir, pause_point, temp_name
+
+INDEX_FILE = "registry.json"
+LOCK_FILE = ".registry.lock"
+SCHEMA_VERSION = 1
+SCHEMA_FILE = Path(__file__).with_name("registry.schema.json")
+
+
+@lru_cache(maxsize=1)
+def _validator():
+    import jsonschema
+
+    schema = json.loads(SCHEMA_FILE.read_text())
+    return jsonschema.Draft202012Validator(schema)
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """Write JSON so that `path` holds either its old or its new content, never a mix."""
+    tmp = temp_name(path.parent / TMP_DIR, ".json")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        pause_point("index-temp-written")
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class Index:
+    """An in-memory registry index; `IndexFile.update()` hands one out for a locked change."""
+
+    def __init__(self, data: dict[str, Any] | None = None, source: str = INDEX_FILE):
+        self.data = data if data is not None else {"schema_version": SCHEMA_VERSION, "adapters": {}}
+        self._check(source)
+
+    def _check(self, source: str) -> None:
+        errors = sorted(_validator().iter_errors(self.data), key=lambda e: list(e.absolute_path))
+        if errors:
+            where = "/".join(str(p) for p in errors[0].absolute_path) or "(top level)"
+            raise IndexCorrupt(f"{source}: does not match the registry schema at {where}: {errors[0].message}")
+        for name, entry in self.data["adapters"].items():
+            for version, m in entry["versions"].items():
+                if (m["name"], m["version"]) != (name, version):
+                    raise IndexCorrupt(f"{source}: entry {name}@{version} holds a manifest of {m['name']}@{m['version']}")
+                if m["sha256"] != artifact_digest(m["files"]):
+                    raise IndexCorrupt(f"{source}: {name}@{version}: digest does not match its file list")
+            for tag, version in entry["tags"].items():
+                if version not in entry["versions"]:
+                    raise IndexCorrupt(f"{source}: tag {name}@{tag} points at missing version {version}")
+
+    # -- reading
+
+    def manifests(self) -> Iterator[Manifest]:
+        for name in sorted(self.data["adapters"]):
+            for version in self.versions(name):
+                yield self.get(name, version)
+
+    def versions(self, name: str) -> list[str]:
+        """Versions of an adapter, oldest first (semantic-versioning order)."""
+        entry = self.data["adapters"].get(name)
+        return sorted(entry["versions"], key=version_key) if entry else []
+
+    def tags(self, name: str) -> dict[str, str]:
+        entry = self.data["adapters"].get(name)
+        return dict(entry["tags"]) if entry else {}
+
+    def get(self, name: str, version: str) -> Manifest | None:
+        entry = self.data["adapters"].get(name)
+        if not entry or version not in entry["versions"]:
+            return None
+        return Manifest.from_dict(entry["versions"][version])
+
+    def resolve(self, ref: str) -> Manifest:
+        """`name` (latest version), `name@1.2.0` or `name@tag` -> its manifest."""
+        name, version, tag = parse_ref(ref)
+        entry = self.data["adapters"].get(name)
+        if entry is None:
+            raise NotFound(f"no adapter named {name!r}")
+        if tag is not None:
+            if tag not in entry["tags"]:
+                raise NotFound(f"{name} has no tag {tag!r} (tags: {', '.join(sorted(entry['tags'])) or 'none'})")
+            version = entry["tags"][tag]
+        elif version is None:
+            version = self.versions(name)[-1]
+        manifest = self.get(name, version)
+        if manifest is None:
+            raise NotFound(f"{name} has no version {version} (versions: {', '.join(self.versions(name))})")
+        return manifest
+
+    def referenced_blobs(self) -> set[str]:
+        """Digests of the blobs some version stores in the blob store (not those in a `path` folder)."""
+        return {f["sha256"] for m in self.manifests() if m.path is None for f in m.files.values()}
+
+    # -- changing (only inside IndexFile.update())
+
+    def add(self, manifest: Manifest) -> Manifest:
+        """Record a version; the same content again is a no-op that returns the existing manifest."""
+        existing = self.get(manifest.name, manifest.version)
+        if existing is not None:
+            if existing.sha256 == manifest.sha256:
+                return existing
+            raise Conflict(
+                f"{manifest.ref} already exists with different content (sha256 {existing.sha256[:12]}...); "
+                "versions are immutable: push a new version"
+            )
+        entry = self.data["adapters"].setdefault(manifest.name, {"versions": {}, "tags": {}})
+        entry["versions"][manifest.version] = manifest.to_dict()
+        self._check(INDEX_FILE)
+        return manifest
+
+    def remove(self, name: str, version: str) -> None:
+        """Drop a version and the tags that point at it (its blobs go at the next gc)."""
+        entry = self.data["adapters"][name]
+        del entry["versions"][version]
+        entry["tags"] = {t: v for t, v in entry["tags"].items() if v != version}
+        if not entry["versions"]:
+            del self.data["adapters"][name]
+
+    def set_tag(self, name: str, tag: str, version: str) -> None:
+        check_name(name)
+        check_version(version)
+        self.data["adapters"][name]["tags"][check_tag(tag)] = version
+
+
+def load_manifest(data: Any, source: str) -> Manifest:
+    """A manifest read from elsewhere (e.g. a Hugging Face repo), validated against the index schema."""
+    if not isinstance(data, dict):
+        raise IndexCorrupt(f"{source}: expected a JSON object")
+    wrapped = {"adapters": {str(data.get("name")): {"versions": {str(data.get("version")): data}, "tags": {}}}}
+    Index({"schema_version": SCHEMA_VERSION, **wrapped}, source=source)
+    return Manifest.from_dict(data)
+
+
+class IndexFile:
+    """`registry.json` in a registry root, with its lock."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.path = self.root / INDEX_FILE
+
+    def read(self) -> Index:
+        """The current index (no lock needed: writes are atomic renames). A missing file is an empty index."""
+        if not self.path.is_file():
+            return Index()
+        try:
+            data = json.loads(self.path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise IndexCorrupt(f"{self.path}: not valid JSON ({e})") from None
+        return Index(data, source=str(self.path))
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with FileLock(self.root / LOCK_FILE):
+            yield
+
+    @contextmanager
+    def update(self) -> Iterator[Index]:
+        """Read-modify-write under the lock; nothing is written if the block raises."""
+        with self.locked():
+            index = self.read()
+            before = json.dumps(index.data, sort_keys=True)
+            yield index
+            if json.dumps(index.data, sort_keys=True) != before:
+                index._check(str(self.path))
+                atomic_write_json(self.path, index.data)
+                pause_point("index-committed")

@@ -1,0 +1,339 @@
+"""The registry facade: push, resolve, materialize, export, tag, remove, verify and gc.
+
+A registry is a directory: `registry.json` (the index, see hub/index.py) and content-addressed
+blobs (hub/store.py). A push validates the artifact and, when the base model is at hand, that it
+fits the base; it writes the blobs first and then adds the version to the index in one atomic
+rename, so a push killed at any moment leaves the old index and, at worst, unreferenced blobs
+that `gc` removes. A version can instead live in a folder of the registry (`path`, relative to
+the root): that is how a git checkout ships its demo adapters in its own `registry.json`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hub import basemodel
+from hub.artifact import Adapter, ArtifactError, read_adapter
+from hub.errors import HubError, IntegrityError, InvalidName, NotFound
+from hub.home import hub_home
+from hub.index import Index, IndexFile
+from hub.manifest import (
+    BaseModelInfo, Manifest, Provenance, artifact_files, build, check_name, check_version, parse_ref, sha256_file,
+)
+from hub.store import BlobStore, Progress, check_copy, copy_hashed, fsync_dir, temp_name
+
+CHECKOUTS = "checkouts"
+
+
+@dataclass
+class GcReport:
+    blobs: int = 0
+    bytes: int = 0
+    checkouts: int = 0
+    temps: int = 0
+
+
+def _base_config(base_id: str) -> Any | None:
+    """The transformers config of a base model if it is at hand (embedded, local folder or cached); else None."""
+    from transformers import AutoConfig
+
+    embedded = {spec.hf_id: name for name, spec in basemodel.EMBEDDED.items()}
+    base_id = embedded.get(base_id, base_id)
+    try:
+        if base_id in basemodel.EMBEDDED or Path(base_id).expanduser().is_dir():
+            return AutoConfig.from_pretrained(basemodel.resolve(base_id))
+        return AutoConfig.from_pretrained(base_id, local_files_only=True)
+    except (OSError, ValueError, basemodel.BaseModelError):
+        return None
+
+
+def check_base(adapter: Adapter, base_model: str | None) -> BaseModelInfo:
+    """Check the adapter against its base model (when at hand) and return what the manifest records.
+
+    Raises ArtifactError naming the first module that is missing or has the wrong shape."""
+    base_id = base_model or adapter.config.get("base_model_name_or_path")
+    if not base_id:
+        return BaseModelInfo()
+    revision = adapter.config.get("revision")
+    is_folder = Path(base_id).expanduser().is_dir()
+    recorded = str(Path(base_id).expanduser().resolve()) if is_folder else basemodel.hf_id(base_id)
+    config = _base_config(base_id)
+    if config is None:
+        return BaseModelInfo(id=recorded, revision=revision)
+    from hub.checkpoint import check_fits, fingerprint
+
+    try:
+        touched = check_fits(adapter, config)
+    except ArtifactError as e:
+        raise ArtifactError(f"does not fit base model {base_id}: {e}") from None
+    return BaseModelInfo(id=recorded, revision=revision, fingerprint=fingerprint(config, touched))
+
+
+@contextmanager
+def _imported(folder: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """The folder to push, converting an AdapterHub `adapters` library folder first (when that importer is
+    installed); yields (folder, lineage additions)."""
+    if importlib.util.find_spec("hub.adapterhub_import") is not None:
+        from hub.adapterhub_import import import_adapterhub, is_adapterhub_folder
+
+        if is_adapterhub_folder(folder):
+            with tempfile.TemporaryDirectory(prefix="hub-import-") as tmp:
+                import_adapterhub(folder, Path(tmp))
+                yield Path(tmp), {"imported_from": "adapterhub"}
+            return
+    yield folder, {}
+
+
+class Registry:
+    """A registry directory (default: `$HUB_HOME`)."""
+
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root) if root is not None else hub_home()
+        self.index_file = IndexFile(self.root)
+        self.store = BlobStore(self.root)
+
+    def __repr__(self) -> str:
+        return f"Registry({str(self.root)!r})"
+
+    # -- reading
+
+    def index(self) -> Index:
+        return self.index_file.read()
+
+    def resolve(self, ref: str) -> Manifest:
+        return self.index().resolve(ref)
+
+    def tags(self, name: str) -> dict[str, str]:
+        return self.index().tags(name)
+
+    def list(self, *, base_model: str | None = None, technique: str | None = None) -> list[Manifest]:
+        """All versions, optionally those pushed against one base model or of one technique."""
+        bases = {base_model, basemodel.hf_id(base_model)} if base_model else None
+        return [
+            m for m in self.index().manifests()
+            if (bases is None or m.base_model.id in bases) and (technique is None or m.technique == technique)
+        ]
+
+    def file_path(self, manifest: Manifest, filename: str) -> Path:
+        """Where one file of a version lies: its blob, or its registry folder for `path` versions."""
+        if manifest.path is not None:
+            return self.root / manifest.path / filename
+        return self.store.path(manifest.files[filename]["sha256"])
+
+    # -- adding versions
+
+    def push(
+        self, folder: str | Path, name: str, version: str, *, base_model: str | None = None, description: str = "",
+        tags: tuple[str, ...] | list[str] = (), license: str | None = None, lineage: dict[str, Any] | None = None,
+        in_place: bool = False, progress: Progress | None = None,
+    ) -> Manifest:
+        """Validate an adapter folder and add it as `name@version`. The same content again is a no-op;
+        `in_place` records a folder inside this registry by relative path instead of copying it to blobs."""
+        check_name(name)
+        check_version(version)
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ArtifactError(f"{folder}: not a folder")
+        with _imported(folder) as (src, imported):
+            if in_place and src != folder:
+                raise HubError("an AdapterHub folder is converted on push, so it cannot be recorded in place")
+            adapter = read_adapter(src)
+            base = check_base(adapter, base_model)
+            files = {}
+            for p in artifact_files(src):
+                size, digest = sha256_file(p)
+                files[p.name] = {"size": size, "sha256": digest}
+            provenance = Provenance(description, tuple(tags), license, {"parents": [], **(lineage or {}), **imported})
+            manifest = build(name, version, adapter, files, base, provenance)
+            if in_place:
+                manifest.path = self._relative(folder)
+            return self.add_files(src, manifest, progress)
+
+    def _relative(self, folder: Path) -> str:
+        try:
+            rel = folder.resolve().relative_to(self.root.resolve())
+        except ValueError:
+            raise HubError(f"{folder} is not inside the registry {self.root}: it cannot be recorded in place") from None
+        return rel.as_posix()
+
+    def add_files(self, folder: Path, manifest: Manifest, progress: Progress | None = None) -> Manifest:
+        """Add a version whose files lie in `folder`, checking each against the manifest's size and sha256."""
+        return self._commit(manifest, {name: Path(folder) / name for name in manifest.files}, progress)
+
+    def add_from(self, source: Registry, ref: str, progress: Progress | None = None) -> Manifest:
+        """Copy one version from another registry (pull from / push to a directory remote), verifying every file."""
+        manifest = source.resolve(ref)
+        sources = {name: source.file_path(manifest, name) for name in manifest.files}
+        manifest.path = None
+        return self._commit(manifest, sources, progress)
+
+    def _commit(self, manifest: Manifest, sources: dict[str, Path], progress: Progress | None) -> Manifest:
+        existing = self.index().get(manifest.name, manifest.version)
+        if existing is not None:
+            return self.index().add(manifest)  # the no-op, or Conflict before any byte is written
+        created: list[str] = []
+        try:
+            if manifest.path is None:
+                created = self._put_blobs(manifest, sources, progress)
+            else:
+                self._check_files(manifest)
+            with self.index_file.update() as index:
+                if manifest.path is None:
+                    self._put_blobs(manifest, sources, None)  # a concurrent gc may have taken unreferenced blobs
+                return index.add(manifest)
+        except BaseException:
+            self._drop_unreferenced(created)
+            raise
+
+    def _put_blobs(self, manifest: Manifest, sources: dict[str, Path], progress: Progress | None) -> list[str]:
+        created = []
+        for name, info in manifest.files.items():
+            if not sources[name].is_file():
+                raise IntegrityError(f"{manifest.ref}: file {name} is missing at {sources[name]}")
+            if self.store.put(sources[name], info["size"], info["sha256"], progress):
+                created.append(info["sha256"])
+        return created
+
+    def _drop_unreferenced(self, digests: list[str]) -> None:
+        """Undo a failed add: remove the blobs it wrote that no version refers to."""
+        if not digests:
+            return
+        with self.index_file.locked():
+            referenced = self.index().referenced_blobs()
+            for digest in digests:
+                if digest not in referenced and self.store.has(digest):
+                    self.store.delete(digest)
+
+    # -- using versions
+
+    def materialize(self, manifest: Manifest) -> Path:
+        """A folder holding the version's files (what `read_adapter` takes), checked against the manifest."""
+        if manifest.path is not None:
+            self._check_files(manifest)
+            return self.root / manifest.path
+        target = self.root / CHECKOUTS / manifest.sha256
+        if target.is_dir() and not self._problems(manifest, lambda name: target / name):
+            return target
+        tmp = temp_name(self.store.tmp)
+        tmp.mkdir()
+        try:
+            self._copy_files(manifest, self.file_path, tmp)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                shutil.rmtree(target)  # a damaged checkout: it is only a cache of the blobs
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                if not target.is_dir():  # else another process materialized it first
+                    raise
+            fsync_dir(target.parent)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+    def _copy_files(self, manifest: Manifest, source, dst: Path) -> None:
+        for name, info in manifest.files.items():
+            src = source(manifest, name)
+            if not src.is_file():
+                raise IntegrityError(f"{manifest.ref}: file {name} is missing ({src})")
+            check_copy(f"{manifest.ref}: {name}", copy_hashed(src, dst / name), info["size"], info["sha256"])
+
+    def export(self, ref: str, out: str | Path) -> Path:
+        """Write a version's files to a new folder `out` (PEFT's `from_pretrained` loads PEFT techniques)."""
+        out = Path(out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise HubError(f"{out} already exists and is not an empty folder")
+        manifest = self.resolve(ref)
+        src = self.materialize(manifest)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
+        tmp.mkdir()
+        try:
+            self._copy_files(manifest, lambda m, name: src / name, tmp)
+            if out.exists():
+                out.rmdir()
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out
+
+    # -- changing names
+
+    def tag(self, ref: str, tag: str) -> Manifest:
+        """Point `name@tag` at the version `ref` resolves to (moving the tag if it exists)."""
+        with self.index_file.update() as index:
+            manifest = index.resolve(ref)
+            index.set_tag(manifest.name, tag, manifest.version)
+        return manifest
+
+    def remove(self, ref: str) -> Manifest:
+        """Remove one version (and its tags); its blobs are freed by the next gc."""
+        name, version, tag = parse_ref(ref)
+        if version is None and tag is None:
+            raise InvalidName(f"give the version to remove ({name}@1.2.0) or a tag ({name}@stable)")
+        with self.index_file.update() as index:
+            manifest = index.resolve(ref)
+            index.remove(manifest.name, manifest.version)
+        return manifest
+
+    # -- maintenance
+
+    def _problems(self, manifest: Manifest, locate) -> list[str]:
+        problems = []
+        for name, info in sorted(manifest.files.items()):
+            path = locate(name)
+            if not path.is_file():
+                problems.append(f"{manifest.ref}: {name} is missing ({path})")
+                continue
+            if sha256_file(path) != (info["size"], info["sha256"]):
+                problems.append(f"{manifest.ref}: {name} does not match its sha256 ({path})")
+        return problems
+
+    def _check_files(self, manifest: Manifest) -> None:
+        problems = self._problems(manifest, lambda name: self.file_path(manifest, name))
+        if problems:
+            raise IntegrityError(problems[0])
+
+    def verify(self, ref: str | None = None) -> tuple[int, list[str]]:
+        """Re-hash every file of one version (or of all); returns (files checked, problems)."""
+        manifests = [self.resolve(ref)] if ref else list(self.index().manifests())
+        problems: list[str] = []
+        for m in manifests:
+            problems += self._problems(m, lambda name, m=m: self.file_path(m, name))
+        return sum(len(m.files) for m in manifests), problems
+
+    def gc(self) -> GcReport:
+        """Remove blobs and checkouts no version refers to, and temp files of processes that are gone."""
+        report = GcReport()
+        with self.index_file.locked():
+            index = self.index()
+            referenced = index.referenced_blobs()
+            for digest in list(self.store.stored()):
+                if digest not in referenced:
+                    report.bytes += self.store.delete(digest)
+                    report.blobs += 1
+            digests = {m.sha256 for m in index.manifests()}
+            checkouts = self.root / CHECKOUTS
+            if checkouts.is_dir():
+                for folder in checkouts.iterdir():
+                    if folder.name not in digests:
+                        shutil.rmtree(folder)
+                        report.checkouts += 1
+            report.temps = self.store.clean_tmp()
+        return report
+
+
+def open_registry(root: str | Path | None) -> Registry:
+    """The registry at `root` (default `$HUB_HOME`); a missing root is refused unless it is the default."""
+    if root is not None and not Path(root).is_dir():
+        raise NotFound(f"no registry folder {root}")
+    return Registry(root)
+

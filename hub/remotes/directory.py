@@ -1,0 +1,30 @@
+"""A directory remote: another registry folder (shared file system, or a checkout's registry.json)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from hub.errors import NotFound, RemoteError
+from hub.manifest import Manifest
+from hub.registry import Registry
+from hub.remotes import Remote
+from hub.store import Progress
+
+
+class DirectoryRemote(Remote):
+    def __init__(self, path: Path):
+        self.path = Path(path).expanduser().resolve()
+        self.url = str(self.path)
+
+    def _registry(self, must_exist: bool) -> Registry:
+        if must_exist and not (self.path / "registry.json").is_file():
+            raise NotFound(f"{self.path} is not a registry (no registry.json)")
+        return Registry(self.path)
+
+    def fetch(self, ref: str, local: Registry, progress: Progress | None = None, revision: str | None = None) -> Manifest:
+        if revision is not None:
+            raise RemoteError("--revision applies to Hugging Face remotes only")
+        return local.add_from(self._registry(must_exist=True), ref, progress)
+
+    def publish(self, manifest: Manifest, local: Registry, progress: Progress | None = None) -> str:
+        self._registry(must_exist=False).add_from(local, manifest.ref, progress)
+        return f"{self.url} ({manifest.ref})"

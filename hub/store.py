@@ -1,0 +1,142 @@
+"""Content-addressed blobs: `blobs/sha256/<2 hex>/<sha256>` under a registry root.
+
+A blob is written to `tmp/` (named after the writing process), fsynced, and renamed into place,
+so a blob path either does not exist or holds exactly the bytes its name says. Blobs nothing in
+the index refers to (e.g. left by a killed push) are invisible and removed by `gc`.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from hub.errors import IntegrityError
+
+Progress = Callable[[int], None]  # called with the number of bytes just copied
+_SHA_LEN = 64
+TMP_DIR = ".tmp"  # temp files of live or killed writers; gc removes those of dead processes
+
+
+def pause_point(stage: str) -> None:
+    """Test hook for the kill-mid-push test: with HUB_PUSH_PAUSE=<seconds> a push announces each
+    stage on stderr and sleeps there, so the test can SIGKILL it at that exact point."""
+    delay = os.environ.get("HUB_PUSH_PAUSE")
+    if delay:
+        print(f"hub-pause: {stage}", file=sys.stderr, flush=True)
+        time.sleep(float(delay))
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_name(folder: Path, suffix: str = "") -> Path:
+    """A temp path owned by this process (gc removes those of processes that are gone)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{os.getpid()}.{uuid.uuid4().hex}{suffix}"
+
+
+def owner_alive(path: Path) -> bool:
+    """Whether the process that created a temp path (named `<pid>.<...>`) still runs."""
+    try:
+        pid = int(path.name.split(".", 1)[0])
+    except ValueError:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def copy_hashed(src: Path, dst: Path, progress: Progress | None = None) -> tuple[int, str]:
+    """Copy a file, fsync it, and return (size, sha256) of the bytes copied."""
+    h = hashlib.sha256()
+    size = 0
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        for chunk in iter(lambda: fin.read(1 << 20), b""):
+            h.update(chunk)
+            fout.write(chunk)
+            size += len(chunk)
+            if progress:
+                progress(len(chunk))
+        fout.flush()
+        os.fsync(fout.fileno())
+    return size, h.hexdigest()
+
+
+def check_copy(what: str, got: tuple[int, str], size: int, sha256: str) -> None:
+    if got != (size, sha256):
+        raise IntegrityError(
+            f"{what}: expected {size} bytes with sha256 {sha256[:12]}..., got {got[0]} bytes with sha256 "
+            f"{got[1][:12]}... (tampered or corrupted; nothing was changed)"
+        )
+
+
+class BlobStore:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.blobs = self.root / "blobs" / "sha256"
+        self.tmp = self.root / TMP_DIR
+
+    def path(self, sha256: str) -> Path:
+        if len(sha256) != _SHA_LEN or not all(c in "0123456789abcdef" for c in sha256):
+            raise IntegrityError(f"not a sha256 digest: {sha256!r}")
+        return self.blobs / sha256[:2] / sha256
+
+    def has(self, sha256: str) -> bool:
+        return self.path(sha256).is_file()
+
+    def put(self, src: Path, size: int, sha256: str, progress: Progress | None = None) -> bool:
+        """Store a file's bytes under their sha256, checking they are what the manifest says.
+        Returns whether a new blob was written."""
+        final = self.path(sha256)
+        if final.is_file():
+            if progress:
+                progress(size)
+            return False
+        tmp = temp_name(self.tmp)
+        try:
+            check_copy(str(src), copy_hashed(src, tmp, progress), size, sha256)
+            pause_point("blob-written")
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, final)
+            fsync_dir(final.parent)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return True
+
+    def stored(self) -> Iterator[str]:
+        """The digests of every stored blob."""
+        if self.blobs.is_dir():
+            for sub in self.blobs.iterdir():
+                for blob in sub.iterdir():
+                    yield blob.name
+
+    def delete(self, sha256: str) -> int:
+        path = self.path(sha256)
+        size = path.stat().st_size
+        path.unlink()
+        return size
+
+    def clean_tmp(self) -> int:
+        """Remove temp files and folders left by processes that are gone; returns how many."""
+        removed = 0
+        if self.tmp.is_dir():
+            for p in self.tmp.iterdir():
+                if not owner_alive(p):
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+                    removed += 1
+        return removed

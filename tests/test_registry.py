@@ -1,0 +1,329 @@
+"""The registry API: push, resolve, materialize, export, immutability, integrity, gc, and bad input."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hub.artifact import ArtifactError, read_adapter
+from hub.errors import Conflict, IndexCorrupt, IntegrityError, InvalidName, NotFound
+from hub.index import Index
+from hub.registry import Registry
+
+TECHNIQUES = ["lora", "ia3", "prompt_tuning", "bitfit", "bottleneck"]
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under a registry (but the lock file) with its sha256: to prove nothing changed."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".registry.lock"
+    } if root.exists() else {}
+
+
+def copy_adapter(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("technique", TECHNIQUES)
+def test_push_materialize_export_is_bit_identical(technique, technique_adapters, hub_home, tmp_path):
+    src = technique_adapters[technique]
+    reg = Registry()
+    m = reg.push(src, f"org/{technique}-demo", "1.0.0", base_model=str(technique_adapters["base"]),
+                 description="a test adapter", tags=["test"], license="apache-2.0")
+    assert (m.technique, m.ref, m.tags, m.license) == (technique, f"org/{technique}-demo@1.0.0", ["test"], "apache-2.0")
+    assert m.base_model.fingerprint is not None and m.params == read_adapter(src).num_parameters
+    for p in src.iterdir():
+        assert m.files[p.name] == {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+    assert [x.ref for x in reg.list()] == [m.ref]
+    assert [x.ref for x in reg.list(technique=technique)] == [m.ref]
+    assert reg.list(technique="nope") == []
+
+    read_adapter(reg.materialize(m))  # the runtime's view: a folder read_adapter takes
+    out = reg.export(m.ref, tmp_path / "exported")
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in src.iterdir())
+    for p in src.iterdir():
+        assert (out / p.name).read_bytes() == p.read_bytes()
+    original, exported = load_file(src / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    assert original.keys() == exported.keys()
+    assert all(torch.equal(original[k], exported[k]) and original[k].dtype == exported[k].dtype for k in original)
+
+
+def test_manifest_records_base_fingerprint_and_hyperparams(technique_adapters, hub_home):
+    from transformers import AutoConfig
+
+    from hub.checkpoint import check_fits, fingerprint
+
+    adapter = read_adapter(technique_adapters["lora"])
+    config = AutoConfig.from_pretrained(technique_adapters["base"])
+    m = Registry().push(technique_adapters["lora"], "lora", "1.0.0", base_model=str(technique_adapters["base"]))
+    assert m.base_model.fingerprint == fingerprint(config, check_fits(adapter, config))
+    assert m.base_model.id == str(technique_adapters["base"].resolve())
+    assert m.hyperparams == {"r": 4, "lora_alpha": 8}
+    assert m.target_modules == ["q_proj", "v_proj"] and m.dtype == "float32"
+    assert m.lineage == {"parents": []}
+
+
+def test_push_without_base_records_no_fingerprint(technique_adapters, hub_home):
+    m = Registry().push(technique_adapters["bitfit"], "bitfit", "0.1.0")
+    assert m.base_model.id is None and m.base_model.fingerprint is None
+
+
+def test_same_content_again_is_a_noop_and_different_content_conflicts(technique_adapters, hub_home, tmp_path):
+    reg = Registry()
+    first = reg.push(technique_adapters["lora"], "lora", "1.0.0")
+    before = snapshot(hub_home)
+    again = reg.push(technique_adapters["lora"], "lora", "1.0.0")
+    assert again.created == first.created and snapshot(hub_home) == before
+
+    changed = copy_adapter(technique_adapters["lora"], tmp_path / "changed")
+    tensors = load_file(changed / "adapter_model.safetensors")
+    key = next(iter(tensors))
+    tensors[key] = tensors[key] + 1
+    save_file(tensors, str(changed / "adapter_model.safetensors"))
+    with pytest.raises(Conflict, match="immutable"):
+        reg.push(changed, "lora", "1.0.0")
+    assert snapshot(hub_home) == before
+    assert reg.push(changed, "lora", "1.0.1").sha256 != first.sha256
+
+
+def test_references_latest_version_tags_and_namespaces(technique_adapters, hub_home):
+    reg = Registry()
+    for version in ["1.9.0", "1.10.0", "1.10.1-rc.1", "0.3.0"]:
+        reg.push(technique_adapters["ia3"], "acme/ia3", version)
+    assert reg.resolve("acme/ia3").version == "1.10.1-rc.1"
+    reg.push(technique_adapters["ia3"], "acme/ia3", "1.10.1")
+    assert reg.resolve("acme/ia3").version == "1.10.1"  # a release outranks its pre-release
+    assert reg.resolve("acme/ia3@1.9.0").version == "1.9.0"
+    reg.tag("acme/ia3@1.9.0", "stable")
+    assert reg.resolve("acme/ia3@stable").version == "1.9.0"
+    reg.tag("acme/ia3@1.10.0", "stable")  # tags move
+    assert reg.resolve("acme/ia3@stable").version == "1.10.0"
+    with pytest.raises(LookupError, match="no tag 'beta'"):
+        reg.resolve("acme/ia3@beta")
+    with pytest.raises(NotFound, match="no version 2.0.0"):
+        reg.resolve("acme/ia3@2.0.0")
+    with pytest.raises(NotFound, match="no adapter named"):
+        reg.resolve("other/ia3")
+
+
+@pytest.mark.parametrize("name", [
+    "../evil", "/etc/passwd", "a/../../b", "a/b/c", "a..b", ".hidden", "a b", "", "org/", "a\\b", "x" * 200, "näme",
+])
+def test_names_that_could_escape_are_refused(name, technique_adapters, hub_home):
+    with pytest.raises(InvalidName):
+        Registry().push(technique_adapters["lora"], name, "1.0.0")
+    assert not hub_home.exists()
+
+
+@pytest.mark.parametrize("ref", ["lora@../x", "lora@1.0", "lora@01.0.0", "lora@", "lora@-x"])
+def test_malformed_references_are_refused(ref, hub_home):
+    with pytest.raises(InvalidName):
+        Registry().resolve(ref)
+
+
+def test_bad_tag_is_refused(technique_adapters, hub_home):
+    reg = Registry()
+    reg.push(technique_adapters["lora"], "lora", "1.0.0")
+    with pytest.raises(InvalidName):
+        reg.tag("lora@1.0.0", "1.2.3")  # a tag that reads as a version would make refs ambiguous
+
+
+def _truncate(folder: Path) -> None:
+    path = folder / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _corrupt_header(folder: Path) -> None:
+    path = folder / "adapter_model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[8:16] = b"\xff" * 8
+    path.write_bytes(bytes(data))
+
+
+def _drop_config(folder: Path) -> None:
+    (folder / "adapter_config.json").unlink()
+
+
+def _malform_config(folder: Path) -> None:
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA", ')
+
+
+def _unknown_peft_type(folder: Path) -> None:
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LOHA"}))
+
+
+def _unknown_own_type(folder: Path) -> None:
+    (folder / "adapter_config.json").write_text(json.dumps({"adapter_type": "compacter"}))
+
+
+def _dora(folder: Path) -> None:
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+
+
+def _nested(folder: Path) -> None:
+    (folder / "other").mkdir()
+    (folder / "other" / "adapter_model.safetensors").write_bytes(b"x")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_truncate, "not a valid safetensors file"),
+    (_corrupt_header, "not a valid safetensors file"),
+    (_drop_config, "no adapter_config.json"),
+    (_malform_config, "malformed JSON"),
+    (_unknown_peft_type, "PEFT type 'LOHA' is not served"),
+    (_unknown_own_type, "unknown adapter config"),
+    (_dora, "use_dora=true is not served"),
+    (_nested, "sub-folder"),
+])
+def test_bad_artifact_is_refused_and_registry_unchanged(damage, message, technique_adapters, hub_home, tmp_path):
+    reg = Registry()
+    reg.push(technique_adapters["ia3"], "keep", "1.0.0")
+    before = snapshot(hub_home)
+    folder = copy_adapter(technique_adapters["lora"], tmp_path / "bad")
+    damage(folder)
+    with pytest.raises(ArtifactError, match=message):
+        reg.push(folder, "bad", "1.0.0")
+    assert snapshot(hub_home) == before
+
+
+def test_shapes_that_do_not_fit_the_base_are_refused(technique_adapters, hub_home, tmp_path):
+    from tests.conftest import tiny_llama
+
+    wider = tmp_path / "wider-base"
+    tiny_llama(hidden_size=96, num_attention_heads=4, num_key_value_heads=2).save_pretrained(wider)
+    reg = Registry()
+    for technique in ["lora", "ia3", "bitfit", "bottleneck", "prompt_tuning"]:
+        with pytest.raises(ArtifactError, match=f"does not fit base model {wider}"):
+            reg.push(technique_adapters[technique], technique, "1.0.0", base_model=str(wider))
+    fewer_layers = tmp_path / "one-layer"
+    tiny_llama(num_hidden_layers=1).save_pretrained(fewer_layers)
+    with pytest.raises(ArtifactError, match=r"model.layers.1.* does not exist"):
+        reg.push(technique_adapters["lora"], "lora", "1.0.0", base_model=str(fewer_layers))
+    assert reg.list() == [] and not (hub_home / "registry.json").exists()
+
+
+def test_base_named_but_not_at_hand_is_recorded_unchecked(technique_adapters, hub_home):
+    m = Registry().push(technique_adapters["lora"], "lora", "1.0.0", base_model="no-such-org/no-such-model")
+    assert (m.base_model.id, m.base_model.fingerprint) == ("no-such-org/no-such-model", None)
+
+
+def _tamper_blob(reg: Registry, ref: str) -> Path:
+    m = reg.resolve(ref)
+    blob = reg.store.path(m.files["adapter_model.safetensors"]["sha256"])
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    return blob
+
+
+def test_tampered_blob_fails_verify_and_materialize(technique_adapters, hub_home):
+    reg = Registry()
+    reg.push(technique_adapters["lora"], "lora", "1.0.0")
+    reg.push(technique_adapters["ia3"], "ia3", "1.0.0")
+    assert reg.verify() == (6, [])
+    _tamper_blob(reg, "lora@1.0.0")
+    checked, problems = reg.verify()
+    assert checked == 6 and len(problems) == 1 and "lora@1.0.0: adapter_model.safetensors" in problems[0]
+    assert reg.verify("ia3@1.0.0") == (3, [])
+    with pytest.raises(IntegrityError, match="tampered or corrupted"):
+        reg.materialize(reg.resolve("lora@1.0.0"))
+
+
+def test_damaged_checkout_is_rebuilt_from_blobs(technique_adapters, hub_home):
+    reg = Registry()
+    m = reg.push(technique_adapters["lora"], "lora", "1.0.0")
+    folder = reg.materialize(m)
+    (folder / "adapter_model.safetensors").write_bytes(b"garbage")
+    assert reg.materialize(m) == folder
+    assert (folder / "adapter_model.safetensors").read_bytes() == \
+        (technique_adapters["lora"] / "adapter_model.safetensors").read_bytes()
+
+
+def test_rm_then_gc_frees_only_unreferenced_blobs(technique_adapters, hub_home):
+    reg = Registry()
+    lora = reg.push(technique_adapters["lora"], "lora", "1.0.0")
+    reg.push(technique_adapters["lora"], "lora-copy", "1.0.0")  # same blobs, another name
+    reg.push(technique_adapters["ia3"], "ia3", "1.0.0")
+    reg.materialize(reg.resolve("ia3"))
+    reg.tag("ia3@1.0.0", "stable")
+    with pytest.raises(InvalidName, match="give the version"):
+        reg.remove("ia3")
+    reg.remove("ia3@stable")
+    assert reg.tags("ia3") == {} and [m.ref for m in reg.list()] == ["lora@1.0.0", "lora-copy@1.0.0"]
+    report = reg.gc()
+    assert (report.blobs, report.checkouts) == (3, 1)
+    assert reg.verify() == (6, [])
+    reg.remove("lora@1.0.0")
+    assert reg.gc().blobs == 0  # lora-copy still refers to the same blobs
+    assert reg.export("lora-copy", hub_home.parent / "out").is_dir() and lora.sha256 == reg.resolve("lora-copy").sha256
+
+
+def test_in_place_versions_live_in_a_folder_of_the_registry(technique_adapters, tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "adapters").mkdir(parents=True)
+    copy_adapter(technique_adapters["bottleneck"], repo / "adapters" / "bn")
+    reg = Registry(repo)
+    m = reg.push(repo / "adapters" / "bn", "demo/bn", "1.0.0", in_place=True)
+    assert m.path == "adapters/bn" and not (repo / "blobs").exists()
+    with pytest.raises(Exception, match="not inside the registry"):
+        reg.push(technique_adapters["lora"], "demo/lora", "1.0.0", in_place=True)
+
+    moved = tmp_path / "fresh-checkout"  # paths are relative: a copy of the repo works as is
+    shutil.copytree(repo, moved)
+    assert Registry(moved).materialize(Registry(moved).resolve("demo/bn")) == moved / "adapters" / "bn"
+    assert Registry(moved).verify() == (2, [])
+    (moved / "adapters" / "bn" / "adapter_config.json").write_text("{}")
+    assert len(Registry(moved).verify()[1]) == 1
+    with pytest.raises(IntegrityError):
+        Registry(moved).materialize(Registry(moved).resolve("demo/bn"))
+
+
+def test_repo_registry_json_is_a_valid_index():
+    data = json.loads((REPO_ROOT / "registry.json").read_text())
+    index = Index(data)
+    for m in index.manifests():
+        assert m.path is not None, "repo adapters must ship in the repo (a `path` version)"
+    assert Registry(REPO_ROOT).verify()[1] == []
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not valid JSON"),
+    ('{"schema_version": 2, "adapters": {}}', "schema"),
+    ('{"schema_version": 1, "adapters": {"../x": {"versions": {}, "tags": {}}}}', "schema"),
+    ('{"schema_version": 1}', "schema"),
+])
+def test_corrupt_index_is_refused_clearly(content, message, hub_home):
+    hub_home.mkdir()
+    (hub_home / "registry.json").write_text(content)
+    with pytest.raises(IndexCorrupt, match=message):
+        Registry().list()
+
+
+def test_index_entry_whose_digest_does_not_match_files_is_refused(technique_adapters, hub_home):
+    reg = Registry()
+    reg.push(technique_adapters["lora"], "lora", "1.0.0")
+    data = json.loads((hub_home / "registry.json").read_text())
+    data["adapters"]["lora"]["versions"]["1.0.0"]["files"]["README.md"]["sha256"] = "0" * 64
+    (hub_home / "registry.json").write_text(json.dumps(data))
+    with pytest.raises(IndexCorrupt, match="digest does not match"):
+        reg.resolve("lora")
+
+
+def test_export_refuses_a_non_empty_folder(technique_adapters, hub_home, tmp_path):
+    reg = Registry()
+    reg.push(technique_adapters["lora"], "lora", "1.0.0")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(Exception, match="not an empty folder"):
+        reg.export("lora", tmp_path / "out")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
