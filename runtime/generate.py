@@ -1,0 +1,197 @@
+"""Generation over one Engine: prefill + decode with a KV cache, and continuous batching.
+
+The batch's KV cache is kept left-padded: row i's real positions are the trailing ones of its
+attention-mask row. Rows that join are prefilled together in their own forward (with their soft
+prompts, if any), then their cache is merged by left-padding both caches to a common length; rows
+that leave are dropped at once and all-padding columns trimmed. Position ids come from the mask,
+so padding never shifts a row and a greedy fp32 sequence comes out the same alone or batched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from runtime.engine import Engine
+from runtime.plan import RowPlan
+from runtime.sampling import SamplingParams, generator_for, next_token
+
+__all__ = ["Batch", "SamplingParams", "Sequence", "score"]
+
+
+@dataclass
+class Sequence:
+    id: str
+    prompt_ids: list[int]
+    plan: RowPlan = field(default_factory=RowPlan)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | None
+
+
+def visible_text(tokenizer, seq: Sequence) -> str:
+    """The sequence's output text, cut before the first stop string it contains."""
+    text = tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+    cuts = [text.find(s) for s in seq.sampling.stop if s in text]
+    return text[: min(cuts)] if cuts else text
+
+
+def _eos_ids(engine: Engine) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(engine.model, "generation_config", None), engine.model.config, engine.tokenizer):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        ids.update(value if isinstance(value, (list, tuple)) else [] if value is None else [value])
+    return ids
+
+
+def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+class Batch:
+    """Continuous-batching state: sequences join at the next step and leave at once."""
+
+    def __init__(self, engine: Engine, max_rows: int = 32):
+        self.engine = engine
+        self.max_rows = max_rows
+        self._rows: list[Sequence] = []
+        self._pending: list[Sequence] = []
+        self._generators: dict[str, torch.Generator] = {}
+        self._cache = None
+        self._mask: torch.Tensor | None = None  # (rows, cache length)
+        self._eos = _eos_ids(engine)
+
+    def __len__(self) -> int:
+        return len(self._rows) + len(self._pending)
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a sequence; it is prefilled at the next step that has room."""
+        if not seq.prompt_ids:
+            raise ValueError(f"sequence {seq.id!r} has an empty prompt")
+        seq.sampling.validate()
+        if any(s.id == seq.id for s in self._rows + self._pending):
+            raise ValueError(f"sequence id {seq.id!r} is already in the batch")
+        self.engine.compile([seq.plan])  # refuse an unknown adapter or bad plan now, not mid-batch
+        self._generators[seq.id] = generator_for(seq.sampling)
+        self._pending.append(seq)
+
+    def remove(self, seq_id: str) -> None:
+        """Drop a sequence now (finish_reason "cancelled"); unknown ids are ignored."""
+        for seq in self._pending:
+            if seq.id == seq_id:
+                self._pending.remove(seq)
+                self._finish(seq, "cancelled")
+                return
+        for i, seq in enumerate(self._rows):
+            if seq.id == seq_id:
+                self._finish(seq, "cancelled")
+                self._keep([j for j in range(len(self._rows)) if j != i])
+                return
+
+    def step(self) -> list[tuple[Sequence, list[int]]]:
+        """One decode step for running rows and a prefill for joining ones; new tokens per sequence."""
+        produced: list[tuple[Sequence, int]] = []
+        if self._rows:
+            produced += self._decode()
+        room = self.max_rows - len(self._rows)
+        joining, self._pending = self._pending[:room], self._pending[room:]
+        if joining:
+            produced += self._prefill(joining)
+        results = []
+        for seq, token in produced:
+            new = self._accept(seq, token)
+            results.append((seq, new))
+        done = [i for i, seq in enumerate(self._rows) if seq.finish_reason is not None]
+        if done:
+            self._keep([i for i in range(len(self._rows)) if i not in done])
+        return results
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[Sequence, int]]:
+        return [(s, next_token(logits[i], s.sampling, self._generators[s.id])) for i, s in enumerate(seqs)]
+
+    def _decode(self) -> list[tuple[Sequence, int]]:
+        device = self.engine.device
+        ids = torch.tensor([[s.output_ids[-1]] for s in self._rows], device=device)
+        self._mask = torch.cat([self._mask, self._mask.new_ones(len(self._rows), 1)], dim=1)
+        logits, self._cache = self.engine.forward(ids, self._mask, [s.plan for s in self._rows], cache=self._cache)
+        return self._sample(self._rows, logits[:, -1])
+
+    def _prefill(self, seqs: list[Sequence]) -> list[tuple[Sequence, int]]:
+        device = self.engine.device
+        plans = [s.plan for s in seqs]
+        width = max(len(s.prompt_ids) for s in seqs)
+        ids = torch.tensor([[0] * (width - len(s.prompt_ids)) + s.prompt_ids for s in seqs], device=device)
+        mask = torch.tensor([[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in seqs],
+                            device=device)
+        logits, cache = self.engine.forward(ids, mask, plans)
+        prompts = self.engine.prompt_lengths(plans)
+        length = width + max(prompts)
+        mask = torch.zeros(len(seqs), length, dtype=torch.long, device=device)
+        for i, s in enumerate(seqs):
+            mask[i, length - len(s.prompt_ids) - prompts[i]:] = 1
+        self._merge(seqs, cache, mask)
+        return self._sample(seqs, logits[:, -1])
+
+    def _merge(self, seqs: list[Sequence], cache, mask: torch.Tensor) -> None:
+        if self._cache is None:
+            self._rows, self._cache, self._mask = list(seqs), cache, mask
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+        for old, new in zip(self._cache.layers, cache.layers):
+            if old.is_sliding:
+                raise NotImplementedError("continuous batching over sliding-window caches is not supported")
+            old.keys = torch.cat([_pad_left(old.keys, width, 2), _pad_left(new.keys, width, 2)])
+            old.values = torch.cat([_pad_left(old.values, width, 2), _pad_left(new.values, width, 2)])
+        self._mask = torch.cat([_pad_left(self._mask, width, 1), _pad_left(mask, width, 1)])
+        self._rows += seqs
+
+    def _keep(self, keep: list[int]) -> None:
+        """Keep only these rows; trim cache columns that are padding for every remaining row."""
+        self._rows = [self._rows[i] for i in keep]
+        if not keep:
+            self._cache = self._mask = None
+            return
+        index = torch.tensor(keep, device=self._mask.device)
+        self._mask = self._mask[index]
+        start = int((self._mask.sum(0) > 0).nonzero()[0])
+        self._mask = self._mask[:, start:]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys[index, :, start:]
+            layer.values = layer.values[index, :, start:]
+
+    def _accept(self, seq: Sequence, token: int) -> list[int]:
+        """Record a sampled token; set finish_reason. Returns the tokens to report (EOS is not one)."""
+        if token in self._eos:
+            self._finish(seq, "stop")
+            return []
+        seq.output_ids.append(token)
+        if seq.sampling.stop and self.engine.tokenizer is not None:
+            text = self.engine.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            if any(s in text for s in seq.sampling.stop):
+                self._finish(seq, "stop")
+                return [token]
+        if len(seq.output_ids) >= seq.sampling.max_new_tokens:
+            self._finish(seq, "length")
+        return [token]
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        self._generators.pop(seq.id, None)
+
+
+def score(engine: Engine, token_ids: list[int], plan: RowPlan) -> list[float]:
+    """Log-probability of each token given the ones before it, under `plan` (len(token_ids) - 1 values:
+    the first token has no prediction)."""
+    if len(token_ids) < 2:
+        raise ValueError("score needs at least two tokens")
+    ids = torch.tensor([token_ids], device=engine.device)
+    logits, _ = engine.forward(ids, torch.ones_like(ids), [plan], use_cache=False)
+    logprobs = torch.log_softmax(logits[0, :-1].float(), -1)
+    return logprobs.gather(-1, ids[0, 1:, None]).squeeze(-1).tolist()

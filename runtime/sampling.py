@@ -1,0 +1,59 @@
+"""Choosing the next token: greedy, or temperature / top-k / top-p sampling with a per-request seed.
+
+Sampling runs on the CPU in float32 with each sequence's own torch.Generator, so a seeded request
+draws the same tokens on CPU or CUDA and whatever else shares its batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no limit
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        """ValueError naming the first bad field."""
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+
+
+def generator_for(params: SamplingParams) -> torch.Generator:
+    gen = torch.Generator()
+    if params.seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(params.seed)
+    return gen
+
+
+def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """One token from a row's last-position logits (vocab,)."""
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    scores = logits.detach().float().cpu() / params.temperature
+    if params.top_k:
+        kth = torch.topk(scores, min(params.top_k, scores.numel())).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if params.top_p < 1:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        probs = torch.softmax(sorted_scores, -1)
+        # drop a token when the tokens ranked above it already hold top_p of the mass (the first always stays)
+        drop = (probs.cumsum(-1) - probs) >= params.top_p
+        scores[order[drop]] = float("-inf")
+    return int(torch.multinomial(torch.softmax(scores, -1), 1, generator=generator))

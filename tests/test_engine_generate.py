@@ -1,0 +1,164 @@
+"""Generation: greedy identity alone vs batched, continuous batching join/leave, sampling, stops, score."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import LLAMA_TARGETS, save_peft_adapter, tiny_llama
+from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig
+
+from hub.artifact import read_adapter
+from runtime.engine import Engine
+from runtime.generate import Batch, SamplingParams, Sequence, score, visible_text
+from runtime.plan import AdapterUse, PlanError, RowPlan
+
+PROMPTS = [[5, 9, 17, 33, 4, 81, 12], [7, 7, 100, 3], [44, 12, 90, 61, 70, 8, 19, 27, 3], [15, 16], [101, 6, 55]]
+
+
+@pytest.fixture(scope="module")
+def base():
+    # eos/pad ids outside the random tokens most likely to win, so sequences run their full length
+    return tiny_llama(eos_token_id=127)
+
+
+@pytest.fixture(scope="module")
+def folders(base, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    return {
+        "lora": save_peft_adapter(base, LoraConfig(r=4, target_modules=LLAMA_TARGETS), root / "l"),
+        "lora16": save_peft_adapter(base, LoraConfig(r=16, target_modules=["q_proj", "v_proj"]), root / "m", seed=3),
+        "ia3": save_peft_adapter(base, IA3Config(target_modules=["k_proj", "down_proj"],
+                                                 feedforward_modules=["down_proj"]), root / "i"),
+        "prompt": save_peft_adapter(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), root / "p"),
+    }
+
+
+def make_engine(base, folders, tokenizer=None) -> Engine:
+    eng = Engine(copy.deepcopy(base), tokenizer)
+    for key, folder in folders.items():
+        eng.load(key, read_adapter(folder))
+    return eng
+
+
+@pytest.fixture(scope="module")
+def engine(base, folders):
+    return make_engine(base, folders)
+
+
+PLANS = [RowPlan((AdapterUse("lora"),)), RowPlan(), RowPlan((AdapterUse("prompt"),)),
+         RowPlan((AdapterUse("ia3"), AdapterUse("lora16", 0.5))), RowPlan((AdapterUse("lora16"),))]
+
+
+def run(engine, seqs, joins=None, leaves=None, max_rows=32) -> dict[str, list[int]]:
+    """Step a batch to completion; `joins`/`leaves` map a step number to sequences to add / ids to remove."""
+    batch = Batch(engine, max_rows=max_rows)
+    for s in seqs:
+        batch.add(s)
+    step = 0
+    while len(batch):
+        for s in (joins or {}).get(step, []):
+            batch.add(s)
+        for seq_id in (leaves or {}).get(step, []):
+            batch.remove(seq_id)
+        batch.step()
+        step += 1
+        assert step < 100
+    return {s.id: s.output_ids for s in seqs + [s for v in (joins or {}).values() for s in v]}
+
+
+def seq(i: int, n: int = 12, **sampling) -> Sequence:
+    return Sequence(str(i), PROMPTS[i], PLANS[i], SamplingParams(max_new_tokens=n, **sampling))
+
+
+def test_greedy_output_is_identical_alone_or_batched(engine):
+    alone = {str(i): run(engine, [seq(i)])[str(i)] for i in range(5)}
+    together = run(engine, [seq(i) for i in range(5)])
+    assert together == alone
+    assert all(len(v) == 12 for v in alone.values())
+
+
+def test_greedy_matches_peft_generate_for_a_lora_row(engine, base, folders):
+    peft = PeftModel.from_pretrained(copy.deepcopy(base), folders["lora"]).eval()
+    ids = torch.tensor([PROMPTS[0]])
+    out = peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                        min_new_tokens=12, pad_token_id=0)
+    assert run(engine, [seq(0)])["0"] == out[0, ids.shape[1]:].tolist()
+
+
+def test_rows_join_mid_flight_and_leave_at_once(engine):
+    alone = {str(i): run(engine, [seq(i)])[str(i)] for i in range(5)}
+    first = [seq(0), seq(1)]
+    got = run(engine, first, joins={3: [seq(2), seq(3)], 5: [seq(4)]}, leaves={7: ["1"]})
+    assert got["0"] == alone["0"] and got["2"] == alone["2"] and got["3"] == alone["3"] and got["4"] == alone["4"]
+    assert got["1"] == alone["1"][:7]  # stepped 7 times (one token each), then left
+    assert first[1].finish_reason == "cancelled" and first[0].finish_reason == "length"
+
+
+def test_rows_wait_for_room_when_the_batch_is_full(engine):
+    alone = {str(i): run(engine, [seq(i, 5)])[str(i)] for i in range(5)}
+    assert run(engine, [seq(i, 5) for i in range(5)], max_rows=2) == alone
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(engine):
+    params = dict(temperature=0.9, top_p=0.9, top_k=50, seed=1234)
+    a = run(engine, [seq(0, **params)])["0"]
+    b = run(engine, [seq(0, **params), seq(1, **params), seq(3, temperature=1.5, seed=9)])["0"]
+    c = run(engine, [seq(0, temperature=0.9, top_p=0.9, top_k=50, seed=4321)])["0"]
+    assert a == b and a != c
+
+
+def test_top_k_one_is_greedy(engine):
+    assert run(engine, [seq(3, temperature=2.0, top_k=1, seed=5)]) == run(engine, [seq(3)])
+
+
+def test_eos_finishes_a_sequence_without_reporting_it(engine, base, folders):
+    greedy = run(engine, [seq(1)])["1"]
+    eng = make_engine(base, folders)
+    eng.model.generation_config.eos_token_id = greedy[3]  # this engine's eos: the 4th greedy token
+    s = Sequence("e", PROMPTS[1], PLANS[1], SamplingParams(max_new_tokens=12))
+    run(eng, [s])
+    assert s.output_ids == greedy[:3] and s.finish_reason == "stop"
+
+
+class _CharTokenizer:
+    """Token t decodes to chr(65 + t % 26): enough for stop strings."""
+
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(65 + t % 26) for t in ids)
+
+
+def test_stop_string_ends_the_sequence_and_is_cut_from_the_text(base, engine, folders):
+    eng = make_engine(base, folders, tokenizer=_CharTokenizer())
+    greedy = run(engine, [seq(0)])["0"]
+    stop = _CharTokenizer().decode(greedy[4:6])
+    s = Sequence("s", PROMPTS[0], PLANS[0], SamplingParams(max_new_tokens=12, stop=(stop,)))
+    run(eng, [s])
+    assert s.finish_reason == "stop" and s.output_ids == greedy[:6]
+    assert visible_text(_CharTokenizer(), s) == _CharTokenizer().decode(greedy[:6]).split(stop)[0]
+
+
+def test_score_equals_the_forward_logprobs(engine, base, folders):
+    peft = PeftModel.from_pretrained(copy.deepcopy(base), folders["lora"]).eval()
+    tokens = PROMPTS[2]
+    with torch.no_grad():
+        lp = torch.log_softmax(peft(torch.tensor([tokens])).logits[0, :-1], -1)
+    want = [float(lp[i, t]) for i, t in enumerate(tokens[1:])]
+    got = score(engine, tokens, PLANS[0])
+    assert len(got) == len(tokens) - 1 and max(abs(a - b) for a, b in zip(got, want)) <= 1e-4
+
+
+def test_bad_requests_are_refused_at_add(engine):
+    batch = Batch(engine)
+    with pytest.raises(PlanError, match="'nope'"):
+        batch.add(Sequence("x", [1, 2], RowPlan((AdapterUse("nope"),))))
+    with pytest.raises(ValueError, match="empty prompt"):
+        batch.add(Sequence("y", [], RowPlan()))
+    with pytest.raises(ValueError, match="top_p"):
+        batch.add(Sequence("z", [1], RowPlan(), SamplingParams(top_p=0)))
+    batch.add(Sequence("w", [1], RowPlan()))
+    with pytest.raises(ValueError, match="already"):
+        batch.add(Sequence("w", [2], RowPlan()))
+    assert len(batch) == 1
