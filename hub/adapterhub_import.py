@@ -7,7 +7,8 @@ usual files,
 
 - `adapter_config.json`: `{"adapter_type": "bottleneck", "locations": [...], "parallel": bool,
   "non_linearity": str, "scaling": float, "original_ln_before": bool, "original_ln_after": bool,
-  "residual_before_ln": bool, "hidden_size": int, "bottleneck_size": int | {layer: int}, "source": {...}}`
+  "residual_before_ln": bool, "hidden_size": int, "bottleneck_size": int | {layer: int}, "source": {...}}`;
+  only `locations` and `non_linearity` are required, the rest default as listed in `BottleneckConfig`
 - `adapter_model.safetensors`: `model.layers.<i>.<location>_adapter.{down,up}.{weight,bias}` with
   location "attention" (after the attention block) or "ffn" (after the feed-forward block);
   down.weight (b, hidden), down.bias (b,), up.weight (hidden, b), up.bias (hidden,). A layer may
@@ -79,8 +80,8 @@ class BottleneckConfig:
 
     locations: tuple[str, ...]
     non_linearity: str
-    hidden_size: int
-    bottleneck_size: int | dict[str, int]
+    hidden_size: int | None = None  # optional: the tensors' shapes say it too (checked against the base)
+    bottleneck_size: int | dict[str, int] | None = None  # optional, informative; {layer: size} when it varies
     parallel: bool = False
     scaling: float = 1.0
     original_ln_before: bool = False
@@ -99,8 +100,7 @@ class BottleneckConfig:
         unknown = sorted(set(config) - set(cls.__dataclass_fields__))
         if unknown:
             raise ArtifactError(f"bottleneck config: unknown option(s) {', '.join(unknown)} (not served)")
-        missing = sorted(k for k in ("locations", "non_linearity", "hidden_size", "bottleneck_size")
-                         if k not in config)
+        missing = sorted(k for k in ("locations", "non_linearity") if k not in config)
         if missing:
             raise ArtifactError(f"bottleneck config: missing {', '.join(missing)}")
         locations = config["locations"]
@@ -115,10 +115,19 @@ class BottleneckConfig:
                 raise ArtifactError(f"bottleneck config: {key} must be true or false, got {config[key]!r}")
         _check_scaling(config.get("scaling", 1.0))
         config["scaling"] = float(config.get("scaling", 1.0))
-        if not isinstance(config["hidden_size"], int) or config["hidden_size"] <= 0:
-            raise ArtifactError(f"bottleneck config: hidden_size must be a positive integer, "
-                                f"got {config['hidden_size']!r}")
+        size = config.get("bottleneck_size")
+        if size is not None and not (_positive_int(size) or isinstance(size, dict) and all(
+                isinstance(k, str) and _positive_int(v) for k, v in size.items())):
+            raise ArtifactError(f"bottleneck config: bottleneck_size must be a positive integer or "
+                                f"{{layer: size}}, got {size!r}")
+        hidden = config.get("hidden_size")
+        if hidden is not None and not _positive_int(hidden):
+            raise ArtifactError(f"bottleneck config: hidden_size must be a positive integer, got {hidden!r}")
         return cls(**config)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _check_non_linearity(name: Any) -> None:
@@ -173,13 +182,13 @@ def _convert_config(saved: dict[str, Any], path: Path) -> tuple[BottleneckConfig
     if not locations:
         raise ArtifactError(f"{path}: neither mh_adapter nor output_adapter is set: the adapter has no place")
     hidden = saved.get("hidden_size")
-    if not isinstance(hidden, int) or hidden <= 0:
+    if not _positive_int(hidden):
         raise ArtifactError(f"{path}: hidden_size must be a positive integer, got {hidden!r}")
     name = saved.get("name")
     if not isinstance(name, str) or not name:
         raise ArtifactError(f"{path}: no adapter 'name'")
     config = BottleneckConfig(
-        locations=locations, non_linearity=non_linearity.lower(), hidden_size=hidden, bottleneck_size=0,
+        locations=locations, non_linearity=non_linearity.lower(), hidden_size=hidden,
         parallel=bool(cfg.get("is_parallel", False)), scaling=float(cfg.get("scaling", 1.0)),
         original_ln_before=bool(cfg.get("original_ln_before", False)),
         original_ln_after=bool(cfg.get("original_ln_after", True)),

@@ -146,7 +146,7 @@ class Bottleneck(TechniqueImpl):
             raise ArtifactError(f"bottleneck adapters are served on {', '.join(MODEL_TYPES)} bases, "
                                 f"not {model_type!r} (its decoder layer places norms differently)")
         check_fits(adapter, model)
-        if config.hidden_size != model.config.hidden_size:
+        if config.hidden_size is not None and config.hidden_size != model.config.hidden_size:
             raise ArtifactError(f"bottleneck adapter hidden_size {config.hidden_size} != base hidden size "
                                 f"{model.config.hidden_size}")
         modules = dict(model.named_modules())
@@ -171,7 +171,14 @@ class Bottleneck(TechniqueImpl):
         missing = [p for p in _PARTS if p not in parts]
         if missing:
             raise ArtifactError(f"{layer}: {location} adapter lacks {', '.join(missing)}")
+        if parts["down.weight"].dim() != 2:
+            raise ArtifactError(f"{layer}: {location}_adapter.down.weight has shape "
+                                f"{tuple(parts['down.weight'].shape)}, expected (b, hidden)")
         b, hidden = parts["down.weight"].shape
+        size = config.bottleneck_size
+        want = size.get(layer.rsplit(".", 1)[-1]) if isinstance(size, dict) else size
+        if want is not None and want != b:
+            raise ArtifactError(f"{layer}: {location} adapter has bottleneck size {b}, the config says {want}")
         shapes = {"down.bias": (b,), "up.weight": (hidden, b), "up.bias": (hidden,)}
         for part, shape in shapes.items():
             if tuple(parts[part].shape) != shape:
