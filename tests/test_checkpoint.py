@@ -1,0 +1,68 @@
+"""hub.checkpoint: adapter keys -> base modules, fit checks against a model or a bare config, fingerprints."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import save_bitfit_adapter, save_peft_adapter, tiny_llama
+from peft import IA3Config, LoraConfig, PromptTuningConfig
+
+from hub.artifact import ArtifactError, read_adapter
+from hub.checkpoint import check_fits, fingerprint, module_tensors
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_llama()
+
+
+def test_lora_keys_map_to_module_paths(base, tmp_path):
+    adapter = read_adapter(save_peft_adapter(base, LoraConfig(r=4, target_modules=["q_proj", "down_proj"],
+                                                              lora_bias=True), tmp_path))
+    tensors = module_tensors(adapter)
+    assert sorted(tensors) == [f"model.layers.{i}.{m}" for i in (0, 1) for m in ("mlp.down_proj", "self_attn.q_proj")]
+    q = tensors["model.layers.0.self_attn.q_proj"]
+    assert sorted(q) == ["lora_A", "lora_B", "lora_bias"] and q["lora_A"].shape == (4, 64) and q["lora_B"].shape == (64, 4)
+    assert set(dict(base.named_modules())) >= set(tensors)
+
+
+def test_ia3_bitfit_prompt_keys(base, tmp_path):
+    ia3 = module_tensors(read_adapter(save_peft_adapter(
+        base, IA3Config(target_modules=["k_proj", "up_proj"], feedforward_modules=["up_proj"]), tmp_path / "i")))
+    assert ia3["model.layers.1.mlp.up_proj"]["ia3_l"].shape == (1, 64)
+    assert ia3["model.layers.1.self_attn.k_proj"]["ia3_l"].shape == (32, 1)
+    bitfit = module_tensors(read_adapter(save_bitfit_adapter(tmp_path / "b", {"lm_head": torch.zeros(128)})))
+    assert list(bitfit) == ["lm_head"] and list(bitfit["lm_head"]) == ["bias"]
+    prompt = module_tensors(read_adapter(save_peft_adapter(
+        base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3), tmp_path / "p")))
+    assert prompt[""]["prompt_embeddings"].shape == (3, 64)
+
+
+def test_check_fits_takes_a_model_or_a_bare_config(base, tmp_path):
+    adapter = read_adapter(save_peft_adapter(base, LoraConfig(r=4, target_modules=["v_proj"]), tmp_path))
+    touched = check_fits(adapter, base)
+    assert touched == {"model.layers.0.self_attn.v_proj": (32, 64), "model.layers.1.self_attn.v_proj": (32, 64)}
+    assert check_fits(adapter, base.config) == touched
+    narrow = tiny_llama(num_key_value_heads=4)  # v_proj 64 -> 64: lora_B no longer fits
+    with pytest.raises(ArtifactError, match=r"model\.layers\.0\.self_attn\.v_proj.*lora_B has shape \(32, 4\)"):
+        check_fits(adapter, narrow.config)
+
+
+def test_fingerprint_depends_on_architecture_and_touched_shapes(base):
+    touched = {"model.layers.0.self_attn.v_proj": (32, 64)}
+    fp = fingerprint(base.config, touched)
+    assert len(fp) == 64 and fp == fingerprint(base.config.to_dict(), dict(touched))
+    assert fp != fingerprint(tiny_llama(num_hidden_layers=3).config, touched)
+    assert fp != fingerprint(base.config, {"model.layers.0.self_attn.v_proj": (64, 64)})
+    assert fp != fingerprint(base.config, {**touched, "model.layers.1.self_attn.v_proj": (32, 64)})
+    # fields that do not change the architecture do not change it
+    other = tiny_llama()
+    other.config.name_or_path = "elsewhere"
+    assert fingerprint(other.config, touched) == fp
+
+
+def test_unexpected_tensor_key_is_refused(tmp_path):
+    folder = save_bitfit_adapter(tmp_path / "b", {"model.layers.0.mlp.up_proj": torch.zeros(128)})
+    adapter = read_adapter(folder)
+    adapter.tensors["model.layers.0.mlp.up_proj.weight"] = torch.zeros(1)
+    with pytest.raises(ArtifactError, match="unexpected tensor key 'model.layers.0.mlp.up_proj.weight'"):
+        module_tensors(adapter)

@@ -1,0 +1,172 @@
+"""Other families (Qwen2, GPT-2 Conv1D), bf16, and adapters or plans that must be refused by name."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import LLAMA_TARGETS, save_bitfit_adapter, save_peft_adapter, tiny_llama
+from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig
+from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+
+from hub.artifact import ArtifactError, read_adapter
+from runtime.engine import Engine
+from runtime.plan import AdapterUse, PlanError, RowPlan
+
+ROWS = [[5, 9, 17, 33, 4, 81, 12], [7, 7, 100, 3], [44, 12, 90, 61, 70, 8, 19, 27, 3]]
+
+
+def one(key: str, weight: float = 1.0) -> RowPlan:
+    return RowPlan((AdapterUse(key, weight),))
+
+
+def batched(engine: Engine, plans: list[RowPlan]) -> list[torch.Tensor]:
+    width = max(len(r) for r in ROWS)
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in ROWS], device=engine.device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ROWS], device=engine.device)
+    logits, _ = engine.forward(ids, mask, plans)
+    return [logits[i, width - len(r):].float() for i, r in enumerate(ROWS)]
+
+
+def alone(model, tokens: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0, -len(tokens):].float()
+
+
+def check_rows(base, engine, folders: dict, plans_keys: list[str | None], tol: float, effect: float = 10) -> None:
+    got = batched(engine, [one(k) if k else RowPlan() for k in plans_keys])
+    for key, tokens, logits in zip(plans_keys, ROWS, got):
+        ref_model = PeftModel.from_pretrained(copy.deepcopy(base), folders[key]).eval() if key else base
+        ref = alone(ref_model, tokens)
+        assert (logits - ref).abs().max() <= tol, (key, (logits - ref).abs().max())
+        if key:  # the adapter changes the output by far more than the tolerance: the check can fail
+            assert (ref - alone(base, tokens)).abs().max() > effect * tol
+
+
+def tiny_qwen2():
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                                        max_position_embeddings=256)).eval()
+
+
+def tiny_gpt2():
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256)).eval()
+
+
+def test_qwen2_lora_ia3_prompt_and_bitfit_on_biased_projections(tmp_path):
+    base = tiny_qwen2()
+    folders = {
+        "lora": save_peft_adapter(base, LoraConfig(r=4, target_modules=LLAMA_TARGETS), tmp_path / "l"),
+        "ia3": save_peft_adapter(base, IA3Config(target_modules=["q_proj", "up_proj"], feedforward_modules=["up_proj"]),
+                                 tmp_path / "i"),
+        "prompt": save_peft_adapter(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3), tmp_path / "p"),
+    }
+    bias = torch.randn(64)
+    folders_bitfit = save_bitfit_adapter(tmp_path / "b", {"model.layers.0.self_attn.q_proj": bias})
+    engine = Engine(copy.deepcopy(base))
+    for key, folder in folders.items():
+        engine.load(key, read_adapter(folder))
+    engine.load("bitfit", read_adapter(folders_bitfit))
+    check_rows(base, engine, folders, ["lora", "ia3", "prompt"], 1e-4)
+    check_rows(base, engine, folders, ["ia3", None, "lora"], 1e-4)
+    # BitFit on a projection that has its own bias: the delta adds to it
+    ref_model = copy.deepcopy(base)
+    with torch.no_grad():
+        ref_model.model.layers[0].self_attn.q_proj.bias += bias
+    got = batched(engine, [one("bitfit"), RowPlan(), one("lora")])
+    assert (got[0] - alone(ref_model, ROWS[0])).abs().max() <= 1e-4
+
+
+def test_gpt2_conv1d_lora_with_fan_in_fan_out_and_ia3(tmp_path):
+    base = tiny_gpt2()
+    folders = {
+        "lora": save_peft_adapter(base, LoraConfig(r=4, lora_alpha=16, fan_in_fan_out=True,
+                                                   target_modules=["c_attn", "c_proj", "c_fc"]), tmp_path / "l"),
+        "lora2": save_peft_adapter(base, LoraConfig(r=8, fan_in_fan_out=True, target_modules=["c_attn"]),
+                                   tmp_path / "m", seed=2),
+        "ia3": save_peft_adapter(base, IA3Config(target_modules=["c_attn", "mlp.c_proj"], fan_in_fan_out=True,
+                                                 feedforward_modules=["mlp.c_proj"]), tmp_path / "i"),
+    }
+    engine = Engine(copy.deepcopy(base))
+    for key, folder in folders.items():
+        engine.load(key, read_adapter(folder))
+    check_rows(base, engine, folders, ["lora", "ia3", "lora2"], 1e-4)
+    check_rows(base, engine, folders, [None, "lora", "ia3"], 1e-4)
+
+
+def test_bf16_mixed_batch_matches_peft_in_bf16(tmp_path):
+    base32 = tiny_llama()
+    folders = {
+        "lora": save_peft_adapter(base32, LoraConfig(r=8, target_modules=LLAMA_TARGETS), tmp_path / "l"),
+        "ia3": save_peft_adapter(base32, IA3Config(target_modules=LLAMA_TARGETS,
+                                                   feedforward_modules=["down_proj"]), tmp_path / "i"),
+        "prompt": save_peft_adapter(base32, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+                                    tmp_path / "p"),
+    }
+    base = copy.deepcopy(base32).to(torch.bfloat16)
+    engine = Engine(copy.deepcopy(base))
+    assert engine.dtype == torch.bfloat16
+    for key, folder in folders.items():
+        engine.load(key, read_adapter(folder))
+    check_rows(base, engine, folders, ["lora", "ia3", "prompt"], 3e-2, effect=2)
+
+
+@pytest.fixture(scope="module")
+def llama_engine():
+    return Engine(tiny_llama())
+
+
+def refused(engine: Engine, folder, match: str) -> None:
+    before = engine.resident()
+    with pytest.raises(ArtifactError, match=match):
+        engine.load("bad", read_adapter(folder))
+    assert engine.resident() == before  # nothing half-loaded, and never served as the base
+
+
+def test_adapter_for_another_shape_is_refused_naming_the_module(llama_engine, tmp_path):
+    wider = tiny_llama(hidden_size=96, intermediate_size=160)
+    refused(llama_engine, save_peft_adapter(wider, LoraConfig(r=4, target_modules=["v_proj"]), tmp_path / "l"),
+            r"model\.layers\.0\.self_attn\.v_proj.*lora_A")
+    refused(llama_engine, save_peft_adapter(wider, IA3Config(target_modules=["up_proj"], feedforward_modules=["up_proj"]),
+                                            tmp_path / "i"), r"model\.layers\.0\.mlp\.up_proj.*ia3_l")
+    refused(llama_engine, save_peft_adapter(wider, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2),
+                                            tmp_path / "p"), "prompt_embeddings")
+    refused(llama_engine, save_bitfit_adapter(tmp_path / "b", {"model.layers.1.mlp.down_proj": torch.zeros(65)}),
+            r"model\.layers\.1\.mlp\.down_proj.*bias")
+
+
+def test_adapter_for_missing_or_non_linear_modules_is_refused(llama_engine, tmp_path):
+    refused(llama_engine, save_peft_adapter(tiny_gpt2(), LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True),
+                                            tmp_path / "g"), r"transformer\.h\.0\.attn\.c_attn.*does not exist")
+    refused(llama_engine, save_bitfit_adapter(tmp_path / "b", {"model.layers.7.mlp.down_proj": torch.zeros(64)}),
+            r"model\.layers\.7\.mlp\.down_proj.*does not exist")
+    refused(llama_engine, save_bitfit_adapter(tmp_path / "n", {"model.layers.0.input_layernorm": torch.zeros(64)}),
+            r"model\.layers\.0\.input_layernorm' is a LlamaRMSNorm, not a linear layer")
+    refused(llama_engine, save_peft_adapter(tiny_llama(), LoraConfig(r=4, target_modules=["embed_tokens"]), tmp_path / "e"),
+            r"model\.embed_tokens")
+
+
+def test_bad_plans_are_refused_by_name(llama_engine, tmp_path):
+    base = tiny_llama()
+    llama_engine.load("p", read_adapter(save_peft_adapter(
+        base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2), tmp_path / "p")))
+    llama_engine.load("l", read_adapter(save_peft_adapter(base, LoraConfig(r=2, target_modules=["q_proj"]), tmp_path / "l")))
+    ids, mask = torch.tensor([[3, 4]]), torch.ones(1, 2, dtype=torch.long)
+    cases = [
+        (RowPlan((AdapterUse("ghost"),)), "'ghost' is not loaded"),
+        (RowPlan((AdapterUse("l"),), mode="mean"), "unknown mode"),
+        (RowPlan((AdapterUse("l", 1.0), AdapterUse("l", -1.0)), mode="average"), "sum to 0"),
+        (RowPlan((AdapterUse("l", float("nan")),)), "finite"),
+        (RowPlan((AdapterUse("p", 0.5),)), "'p'.*weight 0.5"),
+        (RowPlan((AdapterUse("p"), AdapterUse("l")), mode="average"), "'p'.*weight 0.5"),
+    ]
+    for plan, match in cases:
+        with pytest.raises(PlanError, match=match):
+            llama_engine.forward(ids, mask, [plan])
+    with pytest.raises(PlanError, match="2 plans"):
+        llama_engine.forward(ids, mask, [RowPlan(), RowPlan()])
+    llama_engine.unload("l")
+    with pytest.raises(PlanError, match="'l' is not loaded"):
+        llama_engine.forward(ids, mask, [RowPlan((AdapterUse("l"),))])
