@@ -1,0 +1,332 @@
+"""Resident adapters: which are on the device, which wait in host memory, which only on disk.
+
+Adapters differ in size by orders of magnitude (an IA3 vector vs a rank-64 LoRA), so the device
+tier is bounded in BYTES, not in adapters. When a load needs room, the least recently used
+adapters that no running request holds and nobody pinned move device -> host (their tensors stay
+in host memory, so bringing them back skips the disk); the host tier, bounded in bytes too, drops
+its least recently used to disk (the registry's folder). Refs are resolved on every acquire, so a
+tag moved by a new push is served by the next request naming it (cache key = name@version).
+
+Disk reads, parsing and the base-fingerprint check run in the caller's thread (a request
+handler), never in the decode loop; only the engine's own load/unload calls go through
+`on_engine`, which the server points at the scheduler so they run between two batch steps.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Callable, Iterable, TypeVar
+
+import grpc
+
+from hub.artifact import Adapter, ArtifactError, read_adapter
+from hub.checkpoint import check_fits, fingerprint
+from hub.errors import HubError, InvalidName, NotFound
+from runtime.errors import ServeError
+from runtime.metrics import Metrics
+
+T = TypeVar("T")
+
+
+class Tier(str, Enum):
+    DEVICE = "device"
+    HOST = "host"
+    DISK = "disk"
+
+
+@dataclass
+class Entry:
+    """What the pool knows about one adapter version."""
+
+    key: str  # name@version
+    manifest: Any  # hub.manifest.Manifest
+    tier: Tier = Tier.DISK
+    adapter: Adapter | None = field(default=None, repr=False)  # host copy (device entries keep theirs)
+    device_bytes: int = 0
+    pinned: bool = False
+    in_use: int = 0
+    last_used: float = 0.0  # monotonic, for LRU
+    last_used_unix: float = 0.0  # wall clock of the last request, 0 = never
+    requests: int = 0
+
+    @property
+    def host_bytes(self) -> int:
+        return self.adapter.nbytes if self.adapter is not None else 0
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Adapters a request holds on the device until `AdapterPool.release`; in request order."""
+
+    entries: tuple[Entry, ...]
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(e.key for e in self.entries)
+
+
+def _direct(fn: Callable[[], T]) -> T:
+    return fn()
+
+
+class AdapterPool:
+    """Loads, caches and evicts adapters for one Engine within a device and a host byte budget."""
+
+    def __init__(self, engine, registry, *, device_budget: int, host_budget: int,
+                 metrics: Metrics | None = None, on_engine: Callable[[Callable[[], Any]], Any] = _direct,
+                 max_entries: int = 1024) -> None:
+        self.engine = engine
+        self.registry = registry
+        self.device_budget = int(device_budget)
+        self.host_budget = int(host_budget)
+        self.metrics = metrics or Metrics()
+        self._on_engine = on_engine
+        self._max_entries = max_entries
+        self._entries: dict[str, Entry] = {}
+        self._loading: dict[str, Future] = {}  # key -> done when its load or eviction ends
+        self._reserved = 0  # device bytes promised to loads in progress
+        self._verified: set[str] = set()
+        self._lock = threading.Lock()
+        self.base_fingerprint = fingerprint(engine.model.config, {})
+
+    # -- resolving ---------------------------------------------------------------------------------
+    def resolve(self, ref: str):
+        """The manifest a ref names now (NOT_FOUND / INVALID_ARGUMENT with the registry's message)."""
+        if not ref:
+            raise ServeError(grpc.StatusCode.INVALID_ARGUMENT, "adapter ref is empty")
+        try:
+            return self.registry.resolve(ref)
+        except InvalidName as e:
+            raise ServeError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        except (NotFound, LookupError) as e:
+            raise ServeError(grpc.StatusCode.NOT_FOUND, str(e)) from None
+        except HubError as e:
+            raise ServeError(grpc.StatusCode.UNAVAILABLE, f"registry error for {ref!r}: {e}") from None
+
+    # -- acquiring and releasing -------------------------------------------------------------------
+    def acquire(self, manifests: Iterable[Any], *, pin: bool = False) -> Lease:
+        """Put every adapter on the device and hold it there until `release` (all or none)."""
+        held: list[Entry] = []
+        try:
+            for manifest in manifests:
+                held.append(self._acquire_one(manifest, pin=pin))
+        except BaseException:
+            self.release(Lease(tuple(held)))
+            raise
+        return Lease(tuple(held))
+
+    def release(self, lease: Lease) -> None:
+        now, wall = time.monotonic(), time.time()
+        with self._lock:
+            for entry in lease.entries:
+                entry.in_use -= 1
+                entry.last_used, entry.last_used_unix = now, wall
+
+    def _acquire_one(self, manifest, *, pin: bool) -> Entry:
+        key = manifest.ref
+        label = self.metrics.adapter_label(manifest.name)
+        while True:
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is not None and entry.tier is Tier.DEVICE:
+                    self._hold(entry, pin)
+                    self.metrics.cache_hits.labels(tier=Tier.DEVICE.value).inc()
+                    self.metrics.adapter_requests.labels(adapter=label).inc()
+                    return entry
+                pending = self._loading.get(key)
+                if pending is None:
+                    pending = self._loading[key] = Future()
+                    owner = True
+                else:
+                    owner = False
+            if not owner:
+                pending.result()  # the loader's error, if it failed, is this request's error too
+                continue  # on the device now (or evicted again meanwhile: go round)
+            try:
+                entry = self._load(key, manifest, pin)
+                pending.set_result(None)
+            except BaseException as e:
+                pending.set_exception(e)
+                raise
+            finally:
+                with self._lock:
+                    del self._loading[key]
+            self.metrics.adapter_requests.labels(adapter=label).inc()
+            return entry
+
+    def _hold(self, entry: Entry, pin: bool) -> None:
+        entry.in_use += 1
+        entry.requests += 1
+        entry.pinned = entry.pinned or pin
+        entry.last_used = time.monotonic()
+
+    def _load(self, key: str, manifest, pin: bool) -> Entry:
+        """Bring one adapter onto the device: from host memory if it is there, else from disk."""
+        started = time.perf_counter()
+        with self._lock:
+            entry = self._entries.get(key)
+            adapter = entry.adapter if entry is not None else None
+        source = Tier.HOST if adapter is not None else Tier.DISK
+        if adapter is None:
+            self.metrics.cache_misses.inc()
+            adapter = self._read_verified(key, manifest)
+        else:
+            self.metrics.cache_hits.labels(tier=Tier.HOST.value).inc()
+        need = self._device_estimate(adapter)
+        if need > self.device_budget:
+            raise ServeError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"adapter {key} needs {need} bytes on the device, more than the whole adapter "
+                             f"memory budget ({self.device_budget} bytes; raise --adapter-memory)")
+        self._make_room(need, key)
+        try:
+            used = int(self._on_engine(lambda: self.engine.load(key, adapter)))
+        except ArtifactError as e:
+            raise ServeError(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"adapter {key} does not fit the served base: {e}") from None
+        finally:
+            with self._lock:
+                self._reserved -= need
+        with self._lock:
+            entry = self._entries.get(key) or Entry(key=key, manifest=manifest)
+            self._entries[key] = entry
+            entry.tier, entry.adapter, entry.device_bytes = Tier.DEVICE, adapter, used
+            self._hold(entry, pin)
+            self._trim_host_locked()
+            self._forget_old_locked()
+        self.metrics.loads.labels(source=source.value).inc()
+        self.metrics.load_seconds.labels(source=source.value).observe(time.perf_counter() - started)
+        self._update_gauges()
+        return entry
+
+    def _read_verified(self, key: str, manifest) -> Adapter:
+        """Read an adapter version from the registry and refuse it if it was made for another base."""
+        try:
+            folder = self.registry.materialize(manifest)
+            adapter = read_adapter(folder)
+        except (ArtifactError, HubError, OSError) as e:
+            raise ServeError(grpc.StatusCode.FAILED_PRECONDITION, f"adapter {key} cannot be read: {e}") from None
+        if key in self._verified:
+            return adapter
+        try:
+            touched = check_fits(adapter, self.engine.model)
+        except ArtifactError as e:
+            raise ServeError(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"adapter {key} was not made for the served base model: {e}") from None
+        recorded = getattr(manifest.base_model, "fingerprint", None)
+        if recorded and recorded != fingerprint(self.engine.model.config, touched):
+            raise ServeError(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"adapter {key} was made for another base model ({manifest.base_model.id or 'unknown'}, "
+                             "fingerprint differs from the served base's)")
+        self._verified.add(key)
+        return adapter
+
+    def _device_estimate(self, adapter: Adapter) -> int:
+        """Bytes the adapter will take on the device, in the engine's dtype (what the budget counts)."""
+        itemsize = self.engine.dtype.itemsize
+        return sum(int(t.numel()) * (itemsize if t.is_floating_point() else t.element_size())
+                   for t in adapter.tensors.values())
+
+    # -- eviction ----------------------------------------------------------------------------------
+    def _make_room(self, need: int, key: str) -> None:
+        """Reserve `need` device bytes, evicting LRU idle unpinned adapters to host memory, or refuse."""
+        with self._lock:
+            victims: list[Entry] = []
+            used = self._device_used_locked() + self._reserved
+            candidates = sorted((e for e in self._entries.values()
+                                 if e.tier is Tier.DEVICE and not e.pinned and e.in_use == 0
+                                 and e.key not in self._loading),
+                                key=lambda e: e.last_used)
+            for entry in candidates:
+                if used + need <= self.device_budget:
+                    break
+                victims.append(entry)
+                used -= entry.device_bytes
+            if used + need > self.device_budget:
+                raise ServeError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 f"no room for adapter {key} ({need} bytes): the adapter memory budget "
+                                 f"({self.device_budget} bytes) is held by pinned or running adapters; retry later")
+            self._reserved += need
+            moving = {}
+            for entry in victims:  # acquirers of a victim wait on its future until it is off the engine
+                entry.tier, entry.device_bytes = Tier.HOST, 0
+                moving[entry.key] = self._loading[entry.key] = Future()
+        for victim, done in moving.items():
+            try:
+                self._on_engine(lambda k=victim: self.engine.unload(k))
+            finally:
+                with self._lock:
+                    del self._loading[victim]
+                done.set_result(None)
+            self.metrics.evictions.labels(tier=Tier.DEVICE.value).inc()
+
+    def _device_used_locked(self) -> int:
+        return sum(e.device_bytes for e in self._entries.values() if e.tier is Tier.DEVICE)
+
+    def _trim_host_locked(self) -> None:
+        """Drop host copies of adapters that are not on the device, LRU first, to the host budget."""
+        host = sorted((e for e in self._entries.values() if e.tier is Tier.HOST), key=lambda e: e.last_used)
+        used = sum(e.host_bytes for e in host)
+        for entry in host:
+            if used <= self.host_budget:
+                break
+            used -= entry.host_bytes
+            entry.tier, entry.adapter = Tier.DISK, None
+            self.metrics.evictions.labels(tier=Tier.HOST.value).inc()
+
+    def _forget_old_locked(self) -> None:
+        """Bound the bookkeeping: forget the least recently used disk-tier entries past max_entries."""
+        disk = sorted((e for e in self._entries.values() if e.tier is Tier.DISK), key=lambda e: e.last_used)
+        for entry in disk[: max(0, len(self._entries) - self._max_entries)]:
+            del self._entries[entry.key]
+
+    # -- admin -------------------------------------------------------------------------------------
+    def load(self, ref: str, *, pin: bool) -> tuple[Entry, float]:
+        """LoadAdapter: make a ref resident (optionally pinned); (entry, seconds spent loading)."""
+        manifest = self.resolve(ref)
+        started = time.perf_counter()
+        with self._lock:
+            entry = self._entries.get(manifest.ref)
+            was_resident = entry is not None and entry.tier is Tier.DEVICE
+        lease = self.acquire([manifest], pin=pin)
+        self.release(lease)
+        with self._lock:
+            entry = lease.entries[0]
+            entry.requests -= 1  # an admin load serves no request
+        return entry, 0.0 if was_resident else time.perf_counter() - started
+
+    def unload(self, ref: str) -> Entry:
+        """UnloadAdapter: unpin and drop from memory; FAILED_PRECONDITION while requests use it."""
+        manifest = self.resolve(ref)
+        key = manifest.ref
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry.tier is Tier.DISK:
+                raise ServeError(grpc.StatusCode.NOT_FOUND, f"adapter {key} is not loaded")
+            if entry.in_use or key in self._loading:
+                raise ServeError(grpc.StatusCode.FAILED_PRECONDITION,
+                                 f"adapter {key} is in use by {entry.in_use} running request(s); retry when they end")
+            on_device = entry.tier is Tier.DEVICE
+            entry.tier, entry.adapter, entry.device_bytes, entry.pinned = Tier.DISK, None, 0, False
+        if on_device:
+            self._on_engine(lambda: self.engine.unload(key))
+        self._update_gauges()
+        return entry
+
+    def entries(self) -> list[Entry]:
+        """A snapshot of every adapter the pool knows, most recently used first."""
+        with self._lock:
+            return sorted(self._entries.values(), key=lambda e: -e.last_used)
+
+    def device_used(self) -> int:
+        with self._lock:
+            return self._device_used_locked()
+
+    def _update_gauges(self) -> None:
+        with self._lock:
+            device = self._device_used_locked()
+            host = sum(e.host_bytes for e in self._entries.values() if e.tier is Tier.HOST)
+        self.metrics.resident_bytes.labels(tier=Tier.DEVICE.value).set(device)
+        self.metrics.resident_bytes.labels(tier=Tier.HOST.value).set(host)

@@ -1,0 +1,213 @@
+"""Continuous batching: one background thread steps the engine's Batch; requests come and go.
+
+A request waits in a bounded queue (full -> RESOURCE_EXHAUSTED) until the batch has a free row,
+joins at the next step, and leaves the moment it finishes or is cancelled, so its row is free
+for the next step. Each request gets its new tokens through its own queue, which the gRPC
+handler thread drains (a stream sends them as they come). Anything else that must touch the
+engine (adapter loads and unloads, scoring) is posted with `call` and runs on the same thread
+between two steps: one thread owns the engine, and no step waits for a disk.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, TypeVar
+
+import grpc
+
+from runtime.errors import ServeError
+from runtime.generate import Batch, Sequence
+from runtime.metrics import Metrics
+
+T = TypeVar("T")
+
+
+@dataclass
+class Finished:
+    """The last event of a request: why it ended ("stop", "length", "cancelled") or the error."""
+
+    reason: str | None
+    error: ServeError | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    """One sequence on its way through the scheduler, and the queue its tokens arrive on."""
+
+    seq: Sequence
+    arrived: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    events: queue.Queue = field(default_factory=queue.Queue)  # list[int] per step, then one Finished
+    state: str = "queued"  # queued -> running -> done
+
+    def stream(self) -> Iterator[list[int] | Finished]:
+        """The request's events in order, ending with its Finished."""
+        while True:
+            event = self.events.get()
+            yield event
+            if isinstance(event, Finished):
+                return
+
+
+class Scheduler:
+    """Owns the engine's Batch and the thread that steps it."""
+
+    def __init__(self, engine, *, max_batch_size: int, max_queue: int, metrics: Metrics | None = None,
+                 label: Callable[[Sequence], str] = lambda seq: "base") -> None:
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.metrics = metrics or Metrics()
+        self._label = label
+        self._batch = Batch(engine, max_rows=max_batch_size)
+        self._pending: deque[Request] = deque()
+        self._running: dict[str, Request] = {}
+        self._cancelled: list[Request] = []
+        self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._looping = False  # True from start() until the loop returns; guarded by _cv
+        self._thread = threading.Thread(target=self._loop, name="adapterhub-scheduler", daemon=True)
+
+    def start(self) -> None:
+        self._looping = True
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish the queued and running requests, then end the thread (new submits are refused)."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    # -- requests ----------------------------------------------------------------------------------
+    def submit(self, seq: Sequence) -> Request:
+        """Queue a sequence for the batch; RESOURCE_EXHAUSTED when the queue is full."""
+        request = Request(seq)
+        with self._cv:
+            if self._stopping:
+                raise ServeError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+            if len(self._pending) >= self.max_queue:
+                raise ServeError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 f"the request queue is full ({self.max_queue} waiting); retry later")
+            self._pending.append(request)
+            self.metrics.queue_depth.set(len(self._pending))
+            self._cv.notify()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Drop a request: from the queue at once, from the batch before the next step."""
+        with self._cv:
+            if request.state == "queued" and request in self._pending:
+                self._pending.remove(request)
+                self.metrics.queue_depth.set(len(self._pending))
+                self._finish(request, "cancelled")
+            elif request.state == "running":
+                self._cancelled.append(request)
+                self._cv.notify()
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run fn on the scheduler thread between two steps and return its result (or raise its error)."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        future: Future = Future()
+        with self._cv:
+            direct = not self._looping  # not started, or stopped: nothing else touches the engine
+            if not direct:
+                self._calls.append((fn, future))
+                self._cv.notify()
+        if direct:
+            return fn()
+        return future.result()
+
+    def load(self) -> tuple[int, int]:
+        """(rows running, requests queued)."""
+        with self._cv:
+            return len(self._running), len(self._pending)
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._pending or self._running or self._calls or self._stopping):
+                    self._cv.wait()
+                if self._stopping and not (self._pending or self._running or self._calls):
+                    self._looping = False
+                    return
+                calls, self._calls = list(self._calls), deque()
+                cancelled, self._cancelled = self._cancelled, []
+                for request in cancelled:
+                    self._leave(request, "cancelled")
+                while self._pending and len(self._running) < self.max_batch_size:
+                    self._join(self._pending.popleft())
+                self.metrics.queue_depth.set(len(self._pending))
+                self.metrics.batch_size.set(len(self._running))
+            for fn, future in calls:
+                self._run_call(fn, future)
+            if self._running:
+                self._step()
+
+    def _join(self, request: Request) -> None:
+        """Move a queued request into the batch (lock held); a plan the engine refuses fails it alone."""
+        try:
+            self._batch.add(request.seq)
+        except ValueError as e:  # PlanError included: e.g. an adapter unloaded since the request was checked
+            self._finish(request, None, ServeError(grpc.StatusCode.INVALID_ARGUMENT, str(e)))
+            return
+        request.state = "running"
+        self._running[request.seq.id] = request
+
+    @staticmethod
+    def _run_call(fn: Callable[[], Any], future: Future) -> None:
+        try:
+            future.set_result(fn())
+        except BaseException as e:  # the caller gets the error; the loop goes on
+            future.set_exception(e)
+
+    def _step(self) -> None:
+        rows = len(self._batch)
+        started = time.perf_counter()
+        try:
+            produced = self._batch.step()
+        except Exception as e:  # a failed step fails its rows, never the server
+            with self._cv:
+                for request in list(self._running.values()):
+                    self._leave(request, None, ServeError(grpc.StatusCode.INTERNAL, f"batch step failed: {e}"))
+            return
+        elapsed = time.perf_counter() - started
+        now = time.perf_counter()
+        total = 0
+        with self._cv:
+            for seq, tokens in produced:
+                request = self._running.get(seq.id)
+                if request is None:
+                    continue
+                if tokens:
+                    total += len(tokens)
+                    if request.first_token_at is None:
+                        request.first_token_at = now
+                        self.metrics.ttft.observe(now - request.arrived)
+                    self.metrics.generated_tokens.labels(adapter=self._label(seq)).inc(len(tokens))
+                    request.events.put(list(tokens))
+                if seq.finish_reason is not None:
+                    self._leave(request, seq.finish_reason)
+            self.metrics.batch_size.set(len(self._running))
+        self.metrics.step_rows.observe(rows)
+        if elapsed > 0:
+            self.metrics.tokens_per_second.set(total / elapsed)
+
+    def _leave(self, request: Request, reason: str | None, error: ServeError | None = None) -> None:
+        """Take a running request out of the batch now and tell its handler (lock held)."""
+        if self._running.pop(request.seq.id, None) is None:
+            return
+        self._batch.remove(request.seq.id)  # sets finish_reason "cancelled" if it was still running
+        self._finish(request, reason, error)
+
+    @staticmethod
+    def _finish(request: Request, reason: str | None, error: ServeError | None = None) -> None:
+        request.state = "done"
+        request.events.put(Finished(reason, error))

@@ -1,0 +1,188 @@
+"""The gRPC server: the base model, engine, adapter pool and scheduler behind `adapterhub.v1.Runtime`.
+
+Besides the Runtime service it serves the standard health service and server reflection, so
+stock tools (grpcurl, grpc_health_probe) work. It binds 127.0.0.1 unless told otherwise, caps
+message sizes, checks bearer tokens in an interceptor (runtime/auth.py), speaks TLS when given a
+certificate, and on stop refuses new RPCs while the ones in flight finish within a grace period.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from hub import basemodel
+from runtime.auth import TokenAuthInterceptor, read_token_file
+from runtime.engine import Engine
+from runtime.metrics import Metrics
+from runtime.pool import AdapterPool
+from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
+from runtime.proto.adapterhub.v1 import runtime_pb2_grpc as pb_grpc
+from runtime.scheduler import Scheduler
+from runtime.service import Limits, RuntimeService
+from runtime.techniques import REGISTRY
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Runtime"].full_name
+SERVER_VERSION = "0.1.0"
+MiB = 1 << 20
+
+
+class ServerConfigError(ValueError):
+    """A server option that cannot work (bad TLS pair, unreadable token file, port in use...)."""
+
+
+@dataclass
+class ServerConfig:
+    """Everything `hub serve` takes; the defaults are the documented ones."""
+
+    base_model: str = basemodel.DEFAULT_BASE_MODEL
+    host: str = "127.0.0.1"
+    port: int = 50051
+    registry: Path | None = None  # default: $HUB_HOME
+    preload: tuple[str, ...] = ()  # loaded and pinned at start
+    adapter_memory: int = 1024 * MiB  # device tier, bytes
+    host_adapter_memory: int | None = None  # host tier, bytes; default 4x adapter_memory
+    max_batch_size: int = 32
+    max_queue: int = 128
+    max_new_tokens: int = 1024
+    max_adapters_per_request: int = 8
+    dtype: str = "float32"
+    device: str = "cpu"
+    metrics_port: int | None = None
+    auth_token_file: Path | None = None
+    auth_admin_only: bool = False  # with a token file: only LoadAdapter/UnloadAdapter need a token
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    max_message_bytes: int = 4 * MiB
+    grace_seconds: float = 30.0
+    max_adapter_labels: int = 32
+
+
+class RuntimeServer:
+    """One running runtime. `model`/`tokenizer`/`registry` may be passed in (tests); else loaded from config."""
+
+    def __init__(self, config: ServerConfig, *, model=None, tokenizer=None, registry=None) -> None:
+        self.config = config
+        interceptors = []
+        if config.auth_token_file is not None:
+            try:
+                tokens = read_token_file(config.auth_token_file)
+            except ValueError as e:
+                raise ServerConfigError(str(e)) from None
+            interceptors.append(TokenAuthInterceptor(tokens, admin_only=config.auth_admin_only))
+        credentials = self._tls_credentials()
+        if model is None:
+            model, tokenizer = basemodel.load(config.base_model, dtype=config.dtype, device=config.device)
+        if registry is None:
+            from hub.registry import Registry
+
+            registry = Registry(config.registry)
+        self.metrics = Metrics(config.max_adapter_labels)
+        self.engine = Engine(model, tokenizer)
+        self.scheduler = Scheduler(self.engine, max_batch_size=config.max_batch_size, max_queue=config.max_queue,
+                                   metrics=self.metrics, label=self._seq_label)
+        host_budget = config.host_adapter_memory if config.host_adapter_memory is not None else 4 * config.adapter_memory
+        self.pool = AdapterPool(self.engine, registry, device_budget=config.adapter_memory, host_budget=host_budget,
+                                metrics=self.metrics, on_engine=self.scheduler.call)
+        limits = Limits(max_new_tokens=config.max_new_tokens, max_adapters_per_request=config.max_adapters_per_request,
+                        context_length=int(getattr(model.config, "max_position_embeddings", 2048)))
+        self.service = RuntimeService(self.engine, self.pool, self.scheduler, limits, self._info(limits))
+        workers = config.max_batch_size + config.max_queue + 16
+        options = [("grpc.max_receive_message_length", config.max_message_bytes),
+                   ("grpc.max_send_message_length", config.max_message_bytes),
+                   ("grpc.so_reuseport", 0)]
+        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapterhub-rpc"),
+                                interceptors=interceptors, options=options, maximum_concurrent_rpcs=workers)
+        pb_grpc.add_RuntimeServicer_to_server(self.service, self.grpc)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
+        address = f"{config.host}:{config.port}"
+        try:
+            self.port = (self.grpc.add_secure_port(address, credentials) if credentials
+                         else self.grpc.add_insecure_port(address))
+        except RuntimeError as e:
+            raise ServerConfigError(f"cannot listen on {address}: {e}") from None
+        if not self.port:
+            raise ServerConfigError(f"cannot listen on {address} (in use?)")
+        self.metrics_port: int | None = None
+        self._stopped = threading.Event()
+
+    def _tls_credentials(self) -> grpc.ServerCredentials | None:
+        cert, key = self.config.tls_cert, self.config.tls_key
+        if cert is None and key is None:
+            return None
+        if cert is None or key is None:
+            raise ServerConfigError("TLS needs both --tls-cert and --tls-key")
+        try:
+            return grpc.ssl_server_credentials([(Path(key).read_bytes(), Path(cert).read_bytes())])
+        except OSError as e:
+            raise ServerConfigError(f"cannot read TLS files: {e}") from None
+
+    def _info(self, limits: Limits) -> pb.GetInfoResponse:
+        c = self.config
+        return pb.GetInfoResponse(
+            base_model=c.base_model, base_model_id=basemodel.hf_id(c.base_model), fingerprint=self.pool.base_fingerprint,
+            dtype=str(self.engine.dtype).removeprefix("torch."), device=str(self.engine.device),
+            limits=pb.Limits(max_batch_size=c.max_batch_size, max_queue=c.max_queue,
+                             max_new_tokens=limits.max_new_tokens, context_length=limits.context_length,
+                             max_adapters_per_request=limits.max_adapters_per_request,
+                             adapter_memory_bytes=c.adapter_memory, max_message_bytes=c.max_message_bytes),
+            techniques=sorted(t.value for t in REGISTRY), composition_modes=["stack", "average"],
+            server_version=SERVER_VERSION,
+        )
+
+    def _seq_label(self, seq) -> str:
+        keys = [use.key for use in seq.plan.adapters]
+        return self.metrics.adapter_label(keys[0].split("@")[0]) if keys else "base"
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    def start(self) -> RuntimeServer:
+        """Preload (pinned), then start the loop, the metrics endpoint and the gRPC server."""
+        for ref in self.config.preload:
+            self.pool.load(ref, pin=True)
+        self.scheduler.start()
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve_http(self.config.metrics_port, self.config.host)
+        self.grpc.start()
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        return self
+
+    def stop(self, grace: float | None = None) -> None:
+        """Refuse new RPCs, let those in flight finish within `grace` seconds, then stop everything."""
+        if self._stopped.is_set():
+            return
+        self.health.enter_graceful_shutdown()
+        grace = self.config.grace_seconds if grace is None else grace
+        self.grpc.stop(grace).wait()
+        self.scheduler.stop(timeout=grace)
+        self.metrics.close()
+        self._stopped.set()
+
+    def wait(self) -> None:
+        self._stopped.wait()
+
+
+def serve(config: ServerConfig, *, ready=None) -> int:
+    """Run until SIGTERM or SIGINT, then stop gracefully; returns the exit status (0)."""
+    server = RuntimeServer(config)
+    signalled = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: signalled.set())
+    server.start()
+    if ready is not None:
+        ready(server)
+    while not signalled.wait(0.5):
+        pass
+    server.stop()
+    return 0

@@ -1,0 +1,280 @@
+"""The `adapterhub.v1.Runtime` RPCs: request -> checked inputs -> plan -> scheduler -> response.
+
+Every check that can refuse a request runs before the request takes anything (a queue place,
+an adapter hold), and every refusal is one ServeError with its status code, turned into the RPC's
+status here, in one place (`_rpc`). A request holds its adapters (a pool Lease) from before it
+is queued until it leaves the batch, so an adapter in use is never evicted.
+"""
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import grpc
+
+from runtime.errors import ServeError
+from runtime.generate import SamplingParams, Sequence, score
+from runtime.plan import AdapterUse, PlanError, RowPlan
+from runtime.pool import AdapterPool, Entry, Lease, Tier
+from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
+from runtime.proto.adapterhub.v1 import runtime_pb2_grpc as pb_grpc
+from runtime.scheduler import Finished, Request, Scheduler
+from runtime.textstream import TextStream
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+DEFAULT_MAX_NEW_TOKENS = 64
+MAX_STOP_STRINGS = 8
+MAX_STOP_CHARS = 256
+_MODES = {pb.COMPOSITION_MODE_UNSPECIFIED: "stack", pb.COMPOSITION_MODE_STACK: "stack",
+          pb.COMPOSITION_MODE_AVERAGE: "average"}
+_TIERS = {Tier.DEVICE: pb.TIER_DEVICE, Tier.HOST: pb.TIER_HOST, Tier.DISK: pb.TIER_DISK}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; GetInfo reports them."""
+
+    max_new_tokens: int
+    max_adapters_per_request: int
+    context_length: int
+
+
+@dataclass
+class Prepared:
+    """A checked request that holds its adapters: ready to queue (or to score)."""
+
+    ids: list[int]
+    plan: RowPlan
+    lease: Lease
+    resolved: list[pb.ResolvedAdapter]
+    virtual_tokens: int  # soft-prompt tokens the plan puts before the prompt
+
+
+def _ok(condition: bool, message: str) -> None:
+    if not condition:
+        raise ServeError(INVALID, message)
+
+
+def sampling_params(msg: pb.SamplingParams, limits: Limits) -> SamplingParams:
+    """The engine's sampling parameters from the request's, each value checked."""
+    max_new = msg.max_new_tokens if msg.HasField("max_new_tokens") else min(DEFAULT_MAX_NEW_TOKENS,
+                                                                           limits.max_new_tokens)
+    _ok(1 <= max_new <= limits.max_new_tokens, f"max_new_tokens must be in 1..{limits.max_new_tokens}, got {max_new}")
+    temperature = msg.temperature if msg.HasField("temperature") else 0.0
+    _ok(math.isfinite(temperature) and temperature >= 0, f"temperature must be >= 0, got {temperature}")
+    top_p = msg.top_p if msg.HasField("top_p") else 1.0
+    _ok(math.isfinite(top_p) and 0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}")
+    stop = tuple(msg.stop)
+    _ok(len(stop) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
+    _ok(all(0 < len(s) <= MAX_STOP_CHARS for s in stop), f"stop strings must be 1..{MAX_STOP_CHARS} characters")
+    return SamplingParams(max_new_tokens=max_new, temperature=temperature, top_p=top_p, top_k=msg.top_k,
+                          seed=msg.seed if msg.HasField("seed") else None, stop=stop)
+
+
+def _resolved(entry: Entry, weight: float) -> pb.ResolvedAdapter:
+    m = entry.manifest
+    return pb.ResolvedAdapter(ref=m.ref, name=m.name, version=m.version, sha256=m.sha256, technique=m.technique,
+                              weight=weight)
+
+
+def adapter_info(entry: Entry) -> pb.AdapterInfo:
+    m = entry.manifest
+    return pb.AdapterInfo(ref=m.ref, name=m.name, version=m.version, sha256=m.sha256, technique=m.technique,
+                          tier=_TIERS[entry.tier], size_bytes=entry.device_bytes or entry.host_bytes or m.size,
+                          pinned=entry.pinned, last_used_unix=entry.last_used_unix, requests_served=entry.requests,
+                          in_use=entry.in_use)
+
+
+class RuntimeService(pb_grpc.RuntimeServicer):
+    """The servicer; `info` is the GetInfo answer, built once by the server."""
+
+    def __init__(self, engine, pool: AdapterPool, scheduler: Scheduler, limits: Limits, info: pb.GetInfoResponse):
+        self.engine = engine
+        self.pool = pool
+        self.scheduler = scheduler
+        self.limits = limits
+        self.info = info
+        self.metrics = pool.metrics
+
+    # -- plumbing ----------------------------------------------------------------------------------
+    @contextmanager
+    def _rpc(self, method: str, context: grpc.ServicerContext) -> Iterator[None]:
+        """Time the RPC, count it by status code, and turn a ServeError into the RPC's status."""
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            yield
+        except ServeError as e:
+            code = e.code
+            context.abort(e.code, e.message)
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            raise
+        finally:
+            if code is grpc.StatusCode.OK and not context.is_active():
+                remaining = context.time_remaining()
+                expired = remaining is not None and remaining <= 0
+                code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            self.metrics.requests.labels(method=method, code=code.name).inc()
+            self.metrics.latency.labels(method=method).observe(time.perf_counter() - started)
+
+    def _token_ids(self, text: str, ids, *, chat: bool, what: str) -> list[int]:
+        """The prompt as token ids: exactly one of text or ids, every id in the vocabulary."""
+        _ok(not (text and ids), f"give the {what} as text or as token ids, not both")
+        tokenizer = self.engine.tokenizer
+        if ids:
+            _ok(not chat, "chat applies the chat template to text: send the prompt as text")
+            vocab = self.engine.model.config.vocab_size
+            bad = [i for i in ids if i >= vocab]
+            _ok(not bad, f"token id {bad[:1]} is outside the vocabulary (size {vocab})")
+            return list(ids)
+        _ok(bool(text), f"the {what} is empty")
+        _ok(tokenizer is not None, "this server's base model has no tokenizer: send token ids")
+        if chat:
+            _ok(getattr(tokenizer, "chat_template", None) is not None, "the base model has no chat template")
+            out = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                tokenize=True, return_dict=True)
+            return list(out["input_ids"])
+        out = list(tokenizer(text)["input_ids"])
+        _ok(bool(out), f"the {what} is empty after tokenization")
+        return out
+
+    def _prepare(self, ids: list[int], specs, mode: int, context_needed: int) -> Prepared:
+        """Resolve the adapters, hold them on the device, and check the context fits."""
+        _ok(mode in _MODES or mode == pb.COMPOSITION_MODE_MERGE, f"unknown composition mode {mode}")
+        if mode == pb.COMPOSITION_MODE_MERGE:
+            raise ServeError(grpc.StatusCode.UNIMPLEMENTED, "per-request merges are not served by this runtime yet")
+        _ok(len(specs) <= self.limits.max_adapters_per_request,
+            f"{len(specs)} adapters named; at most {self.limits.max_adapters_per_request} per request")
+        weights = [s.weight if s.HasField("weight") else 1.0 for s in specs]
+        _ok(all(math.isfinite(w) for w in weights), "adapter weights must be finite numbers")
+        if _MODES.get(mode) == "average" and specs:
+            _ok(sum(weights) != 0, "average mode needs weights that do not sum to 0")
+        manifests = [self.pool.resolve(s.ref) for s in specs]
+        refs = [m.ref for m in manifests]
+        _ok(len(set(refs)) == len(refs), f"an adapter is named twice: {', '.join(refs)}")
+        lease = self.pool.acquire(manifests)
+        try:
+            plan = RowPlan(tuple(AdapterUse(k, w) for k, w in zip(lease.keys, weights)), _MODES[mode])
+            try:
+                virtual = self.engine.prompt_lengths([plan])[0]
+            except PlanError as e:
+                raise ServeError(INVALID, str(e)) from None
+            total = len(ids) + virtual
+            _ok(total + context_needed <= self.limits.context_length,
+                f"the prompt is {total} tokens ({virtual} of them soft prompt); with {context_needed} new tokens "
+                f"that is past the context length {self.limits.context_length}")
+        except BaseException:
+            self.pool.release(lease)
+            raise
+        return Prepared(ids, plan, lease, [_resolved(e, w) for e, w in zip(lease.entries, weights)], virtual)
+
+    def _run(self, request: pb.GenerateRequest, context: grpc.ServicerContext
+             ) -> tuple[Prepared, Request, TextStream]:
+        """Check, hold adapters, queue; cancellation and deadlines take the request out at once."""
+        sampling = sampling_params(request.sampling, self.limits)
+        ids = self._token_ids(request.prompt, request.prompt_token_ids, chat=request.chat, what="prompt")
+        prepared = self._prepare(ids, request.adapters, request.mode, 1)
+        room = self.limits.context_length - len(ids) - prepared.virtual_tokens
+        sampling.max_new_tokens = min(sampling.max_new_tokens, room)
+        seq = Sequence(id=uuid.uuid4().hex, prompt_ids=ids, plan=prepared.plan, sampling=sampling)
+        try:
+            queued = self.scheduler.submit(seq)
+        except BaseException:
+            self.pool.release(prepared.lease)
+            raise
+        if not context.add_callback(lambda: self.scheduler.cancel(queued)):
+            self.scheduler.cancel(queued)  # the RPC ended already
+        return prepared, queued, TextStream(self.engine.tokenizer, sampling.stop)
+
+    def _usage(self, prepared: Prepared, completion: int) -> pb.Usage:
+        prompt = len(prepared.ids)
+        return pb.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    def _events(self, queued: Request, text: TextStream) -> Iterator[tuple[list[int], str, Finished | None]]:
+        """(new tokens, new text, Finished on the last) per scheduler event; a stop string ends it."""
+        for event in queued.stream():
+            if isinstance(event, Finished):
+                if event.error is not None:
+                    raise event.error
+                yield [], text.finish(), event
+                return
+            piece = text.push(event)
+            if text.stopped:
+                self.scheduler.cancel(queued)
+                yield event, piece + text.finish(), Finished("stop")
+                return
+            yield event, piece, None
+
+    # -- RPCs --------------------------------------------------------------------------------------
+    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
+        with self._rpc("Generate", context):
+            prepared, queued, text = self._run(request, context)
+            try:
+                ids: list[int] = []
+                reason = None
+                for tokens, _piece, finished in self._events(queued, text):
+                    ids += tokens
+                    reason = finished.reason if finished else None
+            finally:
+                self.pool.release(prepared.lease)
+            return pb.GenerateResponse(text=text.text, token_ids=ids, finish_reason=reason or "",
+                                       usage=self._usage(prepared, len(ids)), adapters=prepared.resolved)
+
+    def GenerateStream(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateChunk]:
+        with self._rpc("GenerateStream", context):
+            prepared, queued, text = self._run(request, context)
+            try:
+                yield pb.GenerateChunk(adapters=prepared.resolved)
+                count = 0
+                for tokens, piece, finished in self._events(queued, text):
+                    count += len(tokens)
+                    if finished is None:
+                        yield pb.GenerateChunk(text=piece, token_ids=tokens)
+                    else:
+                        yield pb.GenerateChunk(text=piece, token_ids=tokens, finish_reason=finished.reason or "",
+                                               usage=self._usage(prepared, count))
+            finally:
+                self.scheduler.cancel(queued)  # a client that stops reading leaves the batch too
+                self.pool.release(prepared.lease)
+
+    def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreResponse:
+        with self._rpc("Score", context):
+            ids = self._token_ids(request.text, request.token_ids, chat=False, what="text")
+            _ok(len(ids) >= 2, "scoring needs at least 2 tokens (the first has no context)")
+            prepared = self._prepare(ids, request.adapters, request.mode, 0)
+            try:
+                logprobs = self.scheduler.call(lambda: score(self.engine, ids, prepared.plan))
+            except PlanError as e:
+                raise ServeError(INVALID, str(e)) from None
+            finally:
+                self.pool.release(prepared.lease)
+            logprobs = [float(x) for x in logprobs if x is not None]
+            return pb.ScoreResponse(token_ids=ids, logprobs=logprobs, total_logprob=sum(logprobs),
+                                    usage=self._usage(prepared, 0), adapters=prepared.resolved)
+
+    def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.ServicerContext) -> pb.LoadAdapterResponse:
+        with self._rpc("LoadAdapter", context):
+            entry, seconds = self.pool.load(request.ref, pin=request.pin)
+            return pb.LoadAdapterResponse(adapter=adapter_info(entry), load_seconds=seconds)
+
+    def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context: grpc.ServicerContext
+                      ) -> pb.UnloadAdapterResponse:
+        with self._rpc("UnloadAdapter", context):
+            return pb.UnloadAdapterResponse(adapter=adapter_info(self.pool.unload(request.ref)))
+
+    def ListAdapters(self, request: pb.ListAdaptersRequest, context: grpc.ServicerContext
+                     ) -> pb.ListAdaptersResponse:
+        with self._rpc("ListAdapters", context):
+            return pb.ListAdaptersResponse(adapters=[adapter_info(e) for e in self.pool.entries()],
+                                           device_budget_bytes=self.pool.device_budget,
+                                           device_used_bytes=self.pool.device_used())
+
+    def GetInfo(self, request: pb.GetInfoRequest, context: grpc.ServicerContext) -> pb.GetInfoResponse:
+        with self._rpc("GetInfo", context):
+            return self.info
+
