@@ -171,3 +171,18 @@ def test_refuses_size_disagreeing_with_config(imported, tmp_path):
     (folder / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ArtifactError, match="bottleneck size 4, the config says 5"):
         Engine(tiny_llama()).load("p", read_adapter(folder))
+
+
+def test_bf16_base_serves_the_same_adapters(imported):
+    """In bf16 the adapters compute in the base's dtype; rounding stays far below any adapter's effect (~0.6)."""
+    from transformers import AutoModelForCausalLM
+
+    eng = Engine(AutoModelForCausalLM.from_pretrained(FIXTURES / "base", dtype=torch.bfloat16))
+    for name in ("houlsby", "pfeiffer", "parallel"):
+        eng.load(name, read_adapter(imported[name]))
+    ids = torch.tensor(INDEX["input_ids"])
+    cases = ["stack_pfeiffer_houlsby", "average_pfeiffer_parallel"]
+    logits, _ = eng.forward(ids, torch.ones_like(ids), [plan_of(INDEX["cases"][c]) for c in cases], use_cache=False)
+    assert logits.dtype == torch.bfloat16
+    for row, case in enumerate(cases):
+        assert (logits[row].float() - reference(case, row)).abs().max().item() <= 0.05
