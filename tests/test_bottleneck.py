@@ -186,3 +186,9 @@ def test_bf16_base_serves_the_same_adapters(imported):
     assert logits.dtype == torch.bfloat16
     for row, case in enumerate(cases):
         assert (logits[row].float() - reference(case, row)).abs().max().item() <= 0.05
+
+
+def test_refuses_base_missing_a_layer_naming_it(imported):
+    eng = Engine(tiny_llama(num_hidden_layers=1))
+    with pytest.raises(ArtifactError, match="'model.layers.1'"):
+        eng.load("houlsby", read_adapter(imported["houlsby"]))
