@@ -227,9 +227,16 @@ def gc(registry: Path | None = REGISTRY_OPT) -> None:
 @app.command()
 def export(
     ref: str, out: Path = typer.Option(..., "--out", help="New folder to write."), registry: Path | None = REGISTRY_OPT,
+    merged: bool = typer.Option(False, "--merged", help="Write a full HF model: the adapter folded into the base."),
+    base_model: str | None = typer.Option(None, "--base-model", help="With --merged: the base (default: as pushed)."),
 ) -> None:
     """Write a version's files to a folder (PEFT's `PeftModel.from_pretrained` loads PEFT techniques)."""
     with _clear_errors():
+        if merged:
+            from hub.merge_cli import export_merged_version
+
+            typer.echo(export_merged_version(open_registry(registry), ref, base_model, out))
+            return
         typer.echo(open_registry(registry).export(ref, out))
 
 
@@ -252,3 +259,10 @@ def remote_rm(name: str, registry: Path | None = REGISTRY_OPT) -> None:
     with _clear_errors():
         Remotes(Registry(registry).root).remove(name)
         typer.echo(f"removed remote {name}")
+
+
+from hub.merge_cli import register as _register_merge  # noqa: E402  (MERGE helper: mounts `hub merge`)
+_register_merge(app)
+
+from runtime.cli import register as _register_runtime  # noqa: E402  (SERVER helper: serve/generate/score/adapters)
+_register_runtime(app)

@@ -24,7 +24,7 @@ import grpc
 
 from hub.artifact import Adapter, ArtifactError, read_adapter
 from hub.checkpoint import check_fits, fingerprint
-from hub.errors import HubError, InvalidName, NotFound
+from hub.errors import HubError, IntegrityError, InvalidName, NotFound
 from runtime.errors import ServeError
 from runtime.metrics import Metrics
 
@@ -77,9 +77,10 @@ class AdapterPool:
 
     def __init__(self, engine, registry, *, device_budget: int, host_budget: int,
                  metrics: Metrics | None = None, on_engine: Callable[[Callable[[], Any]], Any] = _direct,
-                 max_entries: int = 1024) -> None:
+                 remote=None, max_entries: int = 1024) -> None:
         self.engine = engine
         self.registry = registry
+        self.remote = remote  # a hub.remotes.Remote to pull refs the local registry lacks
         self.device_budget = int(device_budget)
         self.host_budget = int(host_budget)
         self.metrics = metrics or Metrics()
@@ -94,14 +95,22 @@ class AdapterPool:
 
     # -- resolving ---------------------------------------------------------------------------------
     def resolve(self, ref: str):
-        """The manifest a ref names now (NOT_FOUND / INVALID_ARGUMENT with the registry's message)."""
+        """The manifest a ref names now; a ref missing locally is pulled from the remote, if one is set."""
         if not ref:
             raise ServeError(grpc.StatusCode.INVALID_ARGUMENT, "adapter ref is empty")
         try:
-            return self.registry.resolve(ref)
+            try:
+                return self.registry.resolve(ref)
+            except NotFound as local:
+                if self.remote is None:
+                    raise
+                try:
+                    return self.remote.fetch(ref, self.registry)
+                except NotFound as e:
+                    raise NotFound(f"{local}; remote {self.remote.url}: {e}") from None
         except InvalidName as e:
             raise ServeError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-        except (NotFound, LookupError) as e:
+        except NotFound as e:
             raise ServeError(grpc.StatusCode.NOT_FOUND, str(e)) from None
         except HubError as e:
             raise ServeError(grpc.StatusCode.UNAVAILABLE, f"registry error for {ref!r}: {e}") from None
@@ -206,6 +215,8 @@ class AdapterPool:
         try:
             folder = self.registry.materialize(manifest)
             adapter = read_adapter(folder)
+        except IntegrityError as e:
+            raise ServeError(grpc.StatusCode.DATA_LOSS, f"adapter {key}: stored files are damaged: {e}") from None
         except (ArtifactError, HubError, OSError) as e:
             raise ServeError(grpc.StatusCode.FAILED_PRECONDITION, f"adapter {key} cannot be read: {e}") from None
         if key in self._verified:

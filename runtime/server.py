@@ -45,6 +45,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     registry: Path | None = None  # default: $HUB_HOME
+    remote: str | None = None  # a remote name or URL to pull adapters the registry lacks
     preload: tuple[str, ...] = ()  # loaded and pinned at start
     adapter_memory: int = 1024 * MiB  # device tier, bytes
     host_adapter_memory: int | None = None  # host tier, bytes; default 4x adapter_memory
@@ -89,7 +90,7 @@ class RuntimeServer:
                                    metrics=self.metrics, label=self._seq_label)
         host_budget = config.host_adapter_memory if config.host_adapter_memory is not None else 4 * config.adapter_memory
         self.pool = AdapterPool(self.engine, registry, device_budget=config.adapter_memory, host_budget=host_budget,
-                                metrics=self.metrics, on_engine=self.scheduler.call)
+                                metrics=self.metrics, on_engine=self.scheduler.call, remote=self._remote(registry))
         limits = Limits(max_new_tokens=config.max_new_tokens, max_adapters_per_request=config.max_adapters_per_request,
                         context_length=int(getattr(model.config, "max_position_embeddings", 2048)))
         self.service = RuntimeService(self.engine, self.pool, self.scheduler, limits, self._info(limits))
@@ -113,6 +114,13 @@ class RuntimeServer:
             raise ServerConfigError(f"cannot listen on {address} (in use?)")
         self.metrics_port: int | None = None
         self._stopped = threading.Event()
+
+    def _remote(self, registry):
+        if self.config.remote is None:
+            return None
+        from hub.remotes import Remotes
+
+        return Remotes(registry.root).open(self.config.remote)
 
     def _tls_credentials(self) -> grpc.ServerCredentials | None:
         cert, key = self.config.tls_cert, self.config.tls_key

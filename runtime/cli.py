@@ -1,0 +1,245 @@
+"""`hub serve` (run the runtime) and `hub generate|score|adapters` (talk to one); mounted by `register(app)`."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+
+from hub import basemodel
+
+SERVER_OPT = typer.Option("127.0.0.1:50051", "--server", help="host:port of a running `hub serve`.")
+TOKEN_OPT = typer.Option(None, "--token-file", help="File whose first token is sent as `Bearer <token>`.")
+CA_OPT = typer.Option(None, "--tls-ca", help="PEM certificate that signs the server's TLS certificate.")
+ADAPTER_OPT = typer.Option([], "--adapter", "-a", help="REF or REF:WEIGHT (repeat for a stack).")
+MODE_OPT = typer.Option("stack", "--mode", help="How several adapters combine: stack or average.")
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+
+
+def _fail(message: str) -> None:
+    from hub.cli import fail
+
+    fail(message)
+
+
+def parse_bytes(text: str) -> int:
+    """`1073741824`, `512MiB`, `1GB`... -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise typer.BadParameter(f"{text!r} is not a size (e.g. 1073741824, 512MiB, 1GB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def parse_adapter(text: str) -> tuple[str, float] | str:
+    """`REF` or `REF:WEIGHT` (names, versions and tags cannot hold ':')."""
+    ref, sep, weight = text.rpartition(":")
+    if not sep:
+        return text
+    try:
+        return ref, float(weight)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: the weight after ':' must be a number") from None
+
+
+@contextmanager
+def _rpc_errors() -> Iterator[None]:
+    """A failed RPC is one line: its status code and the server's message."""
+    import grpc
+
+    try:
+        yield
+    except grpc.RpcError as e:
+        _fail(f"{e.code().name}: {e.details()}")
+    except (OSError, ValueError) as e:
+        _fail(str(e))
+
+
+def _client(server: str, token_file: Optional[Path], tls_ca: Optional[Path]):
+    from runtime.client import RuntimeClient, read_token
+
+    token = read_token(token_file) if token_file else None
+    return RuntimeClient(server, token=token, tls_ca=tls_ca)
+
+
+def serve(
+    base_model: str = typer.Option(basemodel.DEFAULT_BASE_MODEL, "--base-model", help="Embedded name, folder or HF id."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (0.0.0.0 to accept remote clients)."),
+    port: int = typer.Option(50051, "--port", help="gRPC port (0 picks a free one)."),
+    preload: list[str] = typer.Option([], "--preload", help="REF to load and pin at start (repeat, or comma-separate)."),
+    adapter_memory: str = typer.Option("1GiB", "--adapter-memory", help="Device budget for adapters, bytes (512MiB...)."),
+    host_adapter_memory: Optional[str] = typer.Option(None, "--host-adapter-memory",
+                                                      help="Host-memory tier budget (default 4x --adapter-memory)."),
+    max_batch_size: int = typer.Option(32, "--max-batch-size", min=1),
+    max_queue: int = typer.Option(128, "--max-queue", min=0),
+    max_new_tokens: int = typer.Option(1024, "--max-new-tokens", min=1, help="Largest max_new_tokens a request may ask."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1..."),
+    metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="Serve Prometheus /metrics on this port."),
+    auth_token_file: Optional[Path] = typer.Option(None, "--auth-token-file",
+                                                   help="Tokens, one per line: TOKEN, optionally followed by admin or user."),
+    auth_admin_only: bool = typer.Option(False, "--auth-admin-only", help="Only Load/UnloadAdapter need a token."),
+    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert"),
+    tls_key: Optional[Path] = typer.Option(None, "--tls-key"),
+    registry: Optional[Path] = typer.Option(None, "--registry", help="Registry folder (default: $HUB_HOME)."),
+    remote: Optional[str] = typer.Option(None, "--remote", help="Remote to pull adapters the registry lacks."),
+    grace: float = typer.Option(30.0, "--grace", help="Seconds in-flight requests get to finish on SIGTERM."),
+) -> None:
+    """Serve adapters over gRPC on one resident base model, until SIGTERM/SIGINT."""
+    from hub.errors import HubError
+    from runtime.errors import ServeError
+    from runtime.server import RuntimeServer, ServerConfig, ServerConfigError, serve as run
+
+    if dtype not in ("float32", "bfloat16", "float16"):
+        _fail(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    config = ServerConfig(
+        base_model=base_model, host=host, port=port, registry=registry,
+        preload=tuple(r.strip() for item in preload for r in item.split(",") if r.strip()),
+        adapter_memory=parse_bytes(adapter_memory),
+        host_adapter_memory=parse_bytes(host_adapter_memory) if host_adapter_memory else None,
+        max_batch_size=max_batch_size, max_queue=max_queue, max_new_tokens=max_new_tokens, dtype=dtype, device=device,
+        metrics_port=metrics_port, auth_token_file=auth_token_file, auth_admin_only=auth_admin_only,
+        tls_cert=tls_cert, tls_key=tls_key, remote=remote, grace_seconds=grace,
+    )
+
+    def ready(server: RuntimeServer) -> None:
+        metrics = f", metrics on http://{host}:{server.metrics_port}/metrics" if server.metrics_port else ""
+        print(f"hub serve: {base_model} listening on {server.address}{metrics}", file=sys.stderr, flush=True)
+
+    try:
+        code = run(config, ready=ready)
+    except ServeError as e:
+        _fail(f"{e.code.name}: {e.message}")
+    except (ServerConfigError, basemodel.BaseModelError, HubError) as e:
+        _fail(str(e))
+    raise typer.Exit(code)
+
+
+def generate(
+    prompt: str = typer.Argument(..., help="Prompt text."),
+    adapter: list[str] = ADAPTER_OPT,
+    mode: str = MODE_OPT,
+    chat: bool = typer.Option(False, "--chat", help="Apply the base model's chat template."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens"),
+    temperature: Optional[float] = typer.Option(None, "--temperature"),
+    top_p: Optional[float] = typer.Option(None, "--top-p"),
+    top_k: Optional[int] = typer.Option(None, "--top-k"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    stop: list[str] = typer.Option([], "--stop", help="Stop string (repeat for several)."),
+    stream: bool = typer.Option(False, "--stream", help="Print text as it is generated."),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole response as JSON."),
+    server: str = SERVER_OPT, token_file: Optional[Path] = TOKEN_OPT, tls_ca: Optional[Path] = CA_OPT,
+) -> None:
+    """Generate with a running server, applying the named adapters."""
+    from google.protobuf.json_format import MessageToDict
+
+    kwargs = dict(adapters=[parse_adapter(a) for a in adapter], mode=mode, chat=chat, max_new_tokens=max_new_tokens,
+                  temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop)
+    if mode not in ("stack", "average"):
+        _fail(f"--mode must be stack or average, got {mode!r}")
+    with _rpc_errors(), _client(server, token_file, tls_ca) as client:
+        if stream and not as_json:
+            for chunk in client.generate_stream(prompt, **kwargs):
+                typer.echo(chunk.text, nl=False)
+            typer.echo()
+            return
+        reply = client.generate(prompt, **kwargs)
+        if as_json:
+            typer.echo(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
+        else:
+            typer.echo(reply.text)
+
+
+def score(
+    text: str = typer.Argument(..., help="Text to score."),
+    adapter: list[str] = ADAPTER_OPT,
+    mode: str = MODE_OPT,
+    as_json: bool = typer.Option(False, "--json"),
+    server: str = SERVER_OPT, token_file: Optional[Path] = TOKEN_OPT, tls_ca: Optional[Path] = CA_OPT,
+) -> None:
+    """Per-token log-probabilities of TEXT under the named adapters (total on the last line)."""
+    from google.protobuf.json_format import MessageToDict
+
+    if mode not in ("stack", "average"):
+        _fail(f"--mode must be stack or average, got {mode!r}")
+    with _rpc_errors(), _client(server, token_file, tls_ca) as client:
+        reply = client.score(text, adapters=[parse_adapter(a) for a in adapter], mode=mode)
+        if as_json:
+            typer.echo(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
+            return
+        for token, logprob in zip(reply.token_ids[1:], reply.logprobs):
+            typer.echo(f"{token}\t{logprob:.4f}")
+        typer.echo(f"total\t{reply.total_logprob:.4f}")
+
+
+adapters_app = typer.Typer(help="Adapters held by a running server: list (the default), load (and pin), unload.")
+
+
+def _list_adapters(as_json: bool, server: str, token_file: Optional[Path], tls_ca: Optional[Path]) -> None:
+    from google.protobuf.json_format import MessageToDict
+
+    from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
+
+    with _rpc_errors(), _client(server, token_file, tls_ca) as client:
+        reply = client.list_adapters()
+    if as_json:
+        typer.echo(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
+        return
+    typer.echo(f"device memory: {reply.device_used_bytes} / {reply.device_budget_bytes} bytes")
+    for a in reply.adapters:
+        tier = pb.Tier.Name(a.tier).removeprefix("TIER_").lower()
+        typer.echo(f"{a.ref:40} {a.technique:13} {tier:6} {a.size_bytes:>12} B  "
+                   f"{'pinned ' if a.pinned else ''}served {a.requests_served}")
+
+
+@adapters_app.callback(invoke_without_command=True)
+def adapters_default(
+    ctx: typer.Context, as_json: bool = typer.Option(False, "--json"),
+    server: str = SERVER_OPT, token_file: Optional[Path] = TOKEN_OPT, tls_ca: Optional[Path] = CA_OPT,
+) -> None:
+    """With no subcommand: list what the server holds."""
+    if ctx.invoked_subcommand is None:
+        _list_adapters(as_json, server, token_file, tls_ca)
+
+
+@adapters_app.command("list")
+def adapters_list(
+    as_json: bool = typer.Option(False, "--json"),
+    server: str = SERVER_OPT, token_file: Optional[Path] = TOKEN_OPT, tls_ca: Optional[Path] = CA_OPT,
+) -> None:
+    """What the server holds: tier, size, pinned, requests served."""
+    _list_adapters(as_json, server, token_file, tls_ca)
+
+
+@adapters_app.command("load")
+def adapters_load(
+    ref: str, pin: bool = typer.Option(False, "--pin", help="Never evict it until unloaded."),
+    server: str = SERVER_OPT, token_file: Optional[Path] = TOKEN_OPT, tls_ca: Optional[Path] = CA_OPT,
+) -> None:
+    """Load REF onto the server's device now (an admin RPC)."""
+    with _rpc_errors(), _client(server, token_file, tls_ca) as client:
+        reply = client.load_adapter(ref, pin=pin)
+    typer.echo(f"loaded {reply.adapter.ref} ({reply.adapter.size_bytes} B) in {reply.load_seconds:.3f} s"
+               f"{' (pinned)' if reply.adapter.pinned else ''}")
+
+
+@adapters_app.command("unload")
+def adapters_unload(
+    ref: str, server: str = SERVER_OPT, token_file: Optional[Path] = TOKEN_OPT, tls_ca: Optional[Path] = CA_OPT,
+) -> None:
+    """Unpin REF and drop it from the server's memory; it stays in the registry (an admin RPC)."""
+    with _rpc_errors(), _client(server, token_file, tls_ca) as client:
+        reply = client.unload_adapter(ref)
+    typer.echo(f"unloaded {reply.adapter.ref}")
+
+
+def register(app: typer.Typer) -> None:
+    """Mount the runtime commands on the `hub` app."""
+    app.command("serve")(serve)
+    app.command("generate")(generate)
+    app.command("score")(score)
+    app.add_typer(adapters_app, name="adapters")
