@@ -202,6 +202,7 @@ class LoraModule:
     b: torch.Tensor  # (out, r); for embeddings (embedding_dim, r)
     scaling: float
     embedding: bool
+    bias: torch.Tensor | None = None  # PEFT's lora_bias (out,): added as bias * scaling
 
     @property
     def rank(self) -> int:
@@ -222,8 +223,6 @@ def lora_modules(adapter: Adapter) -> dict[str, LoraModule]:
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     modules = {}
     for name, parts in sorted(module_tensors(adapter).items()):
-        if "lora_bias" in parts:
-            raise MergeError(f"LoRA module {name!r} has a lora_bias, which PEFT's merge methods do not combine")
         embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
         a, b = (parts.get("lora_embedding_A"), parts.get("lora_embedding_B")) if embedding \
             else (parts.get("lora_A"), parts.get("lora_B"))
@@ -232,7 +231,7 @@ def lora_modules(adapter: Adapter) -> dict[str, LoraModule]:
         r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), name), config["r"])
         alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), config["lora_alpha"])
         scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        modules[name] = LoraModule(a, b, scaling, embedding)
+        modules[name] = LoraModule(a, b, scaling, embedding, parts.get("lora_bias"))
     return modules
 
 
@@ -246,6 +245,8 @@ def _merge_lora(adapters: Sequence[Adapter], spec: MergeSpec) -> Adapter:
         spec = replace(spec, method="linear")
     method = spec.method
     parents = [lora_modules(a) for a in adapters]
+    if any(m.bias is not None for p in parents for m in p.values()):
+        raise MergeError("LoRA adapters with lora_bias cannot be merged (PEFT's merge methods do not combine it)")
     ranks = [_config_rank(a.config) for a in adapters]
     if method == "cat":
         new_rank = sum(ranks)

@@ -1,0 +1,112 @@
+"""`hub merge`: merge registry versions into a new version whose manifest records how it was made.
+
+The lineage names each parent by its exact `name@version` and artifact sha256 (tags and bare names
+are resolved first), with the method and every parameter that shaped the result, so the same
+command on the same registry reproduces the same files (DARE included: its seed is recorded).
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from hub.artifact import CONFIG_FILE, WEIGHTS_FILE, Adapter, ArtifactError, read_adapter
+from hub.errors import HubError
+from hub.manifest import Manifest
+from hub.merge import LORA_METHODS, MergeError, MergeSpec, merge
+from hub.registry import Registry, open_registry
+
+
+def write_adapter(adapter: Adapter, folder: Path) -> Path:
+    """Save an Adapter as an artifact folder (config JSON + safetensors, as PEFT writes them)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CONFIG_FILE).write_text(json.dumps(adapter.config, indent=2, sort_keys=True) + "\n")
+    tensors = {k: t.detach().contiguous() for k, t in sorted(adapter.tensors.items())}
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    return folder
+
+
+def parse_weights(text: str | None) -> tuple[float, ...] | None:
+    """'0.5,-1,2' -> (0.5, -1.0, 2.0); None stays None (every weight 1)."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(w) for w in text.split(","))
+    except ValueError:
+        raise MergeError(f"--weights takes comma-separated numbers, got {text!r}") from None
+
+
+def merge_lineage(parents: list[Manifest], spec: MergeSpec) -> dict[str, Any]:
+    """The manifest lineage of a merge: parents (exact refs + sha256), method and parameters."""
+    return {
+        "parents": [m.ref for m in parents],
+        "merge": {"parents": [{"ref": m.ref, "sha256": m.sha256} for m in parents], **spec.params()},
+    }
+
+
+def merge_versions(registry: Registry, refs: list[str], spec: MergeSpec, name: str, version: str,
+                   description: str = "") -> Manifest:
+    """Resolve, merge and push: the new version's manifest."""
+    parents = [registry.resolve(ref) for ref in refs]
+    bases = {m.base_model.id for m in parents} - {None}
+    if len(bases) > 1:
+        raise MergeError(f"adapters were pushed for different base models: {', '.join(sorted(bases))}")
+    adapters = [read_adapter(registry.materialize(m)) for m in parents]
+    merged = merge(adapters, spec, fingerprints=[m.base_model.fingerprint for m in parents])
+    checked = spec.checked(merged.technique, len(parents))  # the lineage records defaults as applied
+    with tempfile.TemporaryDirectory(prefix="hub-merge-") as tmp:
+        folder = write_adapter(merged, Path(tmp) / "merged")
+        return registry.push(folder, name, version, base_model=next(iter(bases), None),
+                             description=description, lineage=merge_lineage(parents, checked))
+
+
+def export_merged_version(registry: Registry, ref: str, base_model: str | None, out: Path) -> Path:
+    """`hub export REF --merged`: fold a version into its base (default: the base it was pushed for)."""
+    from hub import basemodel
+    from hub.merge_base import export_merged
+
+    manifest = registry.resolve(ref)
+    adapter = read_adapter(registry.materialize(manifest))
+    base = base_model or manifest.base_model.id or adapter.config.get("base_model_name_or_path")
+    if not base:
+        raise MergeError(f"{manifest.ref} records no base model: give --base-model")
+    embedded = {spec.hf_id: name for name, spec in basemodel.EMBEDDED.items()}  # recorded ids -> local copies
+    return export_merged(adapter, embedded.get(base, base), out)
+
+
+def merge_command(
+    refs: list[str] = typer.Argument(..., help="Versions to merge (name, name@1.2.0, name@tag)."),
+    method: str = typer.Option(..., "--method", help=f"LoRA: {', '.join(LORA_METHODS)}; IA3, BitFit, "
+                               "bottleneck: linear; prompt tuning: cat."),
+    weights: str | None = typer.Option(None, "--weights", help="Comma-separated, one per adapter (default 1 each); "
+                                       "negative subtracts a task. Use --weights=-1,1 when the first is negative."),
+    density: float | None = typer.Option(None, "--density", help="ties/dare/magnitude_prune: fraction kept."),
+    majority_sign: str | None = typer.Option(None, "--majority-sign", help="ties forms: total (default) or frequency."),
+    svd_rank: int | None = typer.Option(None, "--svd-rank", help="svd forms: rank of the result."),
+    svd_clamp: float | None = typer.Option(None, "--svd-clamp", help="svd forms: clamp the factors at this quantile."),
+    seed: int | None = typer.Option(None, "--seed", help="dare forms: seed of the random pruning (default 0)."),
+    name: str = typer.Option(..., "--name", help="Name of the merged adapter."),
+    version: str = typer.Option(..., "--version", help="Its version."),
+    description: str = typer.Option("", "--description"),
+    registry: Path | None = typer.Option(None, "--registry", help="Registry folder (default: $HUB_HOME)."),
+) -> None:
+    """Merge adapters into a new registry version; its manifest records parents, method and parameters."""
+    try:
+        spec = MergeSpec(method, parse_weights(weights), density, majority_sign, svd_rank, svd_clamp, seed)
+        manifest = merge_versions(open_registry(registry), refs, spec, name, version, description)
+    except (HubError, ArtifactError, OSError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"merged {' + '.join(m['ref'] for m in manifest.lineage['merge']['parents'])} -> {manifest.ref} "
+               f"({manifest.technique}, {method}) sha256:{manifest.sha256[:12]}")
+
+
+def register(app: typer.Typer) -> None:
+    """Mount `hub merge` on the hub CLI."""
+    app.command("merge")(merge_command)

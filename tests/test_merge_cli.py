@@ -1,0 +1,110 @@
+"""`hub merge`: a new registry version whose manifest lineage records exact parents, method and parameters."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig
+from typer.testing import CliRunner
+
+from conftest import save_peft_adapter, tiny_llama
+from hub.artifact import read_adapter
+from hub.cli import app
+from hub.merge import MergeSpec, merge
+from hub.registry import Registry
+
+runner = CliRunner()
+
+
+def hub(*args: str):
+    return runner.invoke(app, list(args))
+
+
+@pytest.fixture
+def registry(tmp_path, hub_home, tiny_llama_dir) -> Registry:
+    """task-a@1.0.0 and task-b@1.0.0 (tagged stable), LoRAs of one rank pushed against a tiny Llama."""
+    base = tiny_llama()
+    for i, name in enumerate(("task-a", "task-b")):
+        folder = save_peft_adapter(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]),
+                                   tmp_path / name, seed=i + 1)
+        result = hub("push", str(folder), "--name", name, "--version", "1.0.0", "--base-model", str(tiny_llama_dir))
+        assert result.exit_code == 0, result.output
+    assert hub("tag", "task-b@1.0.0", "stable").exit_code == 0
+    return Registry()
+
+
+def manifest(ref: str) -> dict:
+    result = hub("show", ref, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def test_merge_writes_version_with_lineage(registry):
+    result = hub("merge", "task-a", "task-b@stable", "--method", "ties", "--weights", "0.6,0.4", "--density", "0.5",
+                 "--name", "both", "--version", "1.0.0")
+    assert result.exit_code == 0, result.output
+    merged = manifest("both@1.0.0")
+    parents = [registry.resolve("task-a@1.0.0"), registry.resolve("task-b@1.0.0")]
+    assert merged["lineage"]["parents"] == ["task-a@1.0.0", "task-b@1.0.0"]  # tags and bare names resolved
+    assert merged["lineage"]["merge"] == {
+        "parents": [{"ref": m.ref, "sha256": m.sha256} for m in parents],
+        "method": "ties", "weights": [0.6, 0.4], "density": 0.5, "majority_sign": "total",
+    }
+    assert merged["technique"] == "lora" and merged["base_model"]["fingerprint"]  # fit checked against the base
+    # the stored files are exactly hub.merge's result on the parents
+    expected = merge([read_adapter(registry.materialize(m)) for m in parents],
+                     MergeSpec("ties", (0.6, 0.4), density=0.5))
+    stored = read_adapter(registry.materialize(registry.resolve("both@1.0.0")))
+    assert stored.tensors.keys() == expected.tensors.keys()
+    assert all(torch.equal(stored.tensors[k], expected.tensors[k]) for k in stored.tensors)
+
+
+def test_merge_is_reproducible_from_its_lineage(registry):
+    args = ["task-a@1.0.0", "task-b@1.0.0", "--method", "dare_ties", "--density", "0.3", "--seed", "5"]
+    assert hub("merge", *args, "--name", "dare", "--version", "1.0.0").exit_code == 0
+    assert hub("merge", *args, "--name", "dare", "--version", "1.0.1").exit_code == 0
+    first, second = manifest("dare@1.0.0"), manifest("dare@1.0.1")
+    assert first["sha256"] == second["sha256"]  # same parents + parameters + seed -> same files
+    assert first["lineage"]["merge"]["seed"] == 5
+    assert hub("merge", *args[:-1], "6", "--name", "dare", "--version", "1.0.2").exit_code == 0
+    assert manifest("dare@1.0.2")["sha256"] != first["sha256"]
+
+
+def test_task_negation_and_svd_rank(registry):
+    result = hub("merge", "task-a", "task-b", "--method", "svd", "--weights", "-1,1", "--svd-rank", "2",
+                 "--name", "diff", "--version", "0.1.0")
+    assert result.exit_code == 0, result.output
+    merged = manifest("diff@0.1.0")
+    assert merged["hyperparams"]["r"] == 2 and merged["lineage"]["merge"]["weights"] == [-1.0, 1.0]
+    single = hub("merge", "task-a", "--method", "linear", "--weights=-1", "--name", "not-a", "--version", "1.0.0")
+    assert single.exit_code == 0, single.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["task-a", "task-b", "--method", "ties"], "needs a density"),
+    (["task-a", "task-b", "--method", "linear", "--weights", "1,x"], "comma-separated numbers"),
+    (["task-a", "task-b", "--method", "linear", "--weights", "1,2,3"], "3 weights given for 2 adapters"),
+    (["task-a", "nope", "--method", "linear"], "nope"),
+    (["task-a", "task-b", "--method", "linear", "--density", "0.5"], "density does not apply"),
+])
+def test_refusals_write_nothing(registry, args, message):
+    result = hub("merge", *args, "--name", "bad", "--version", "1.0.0")
+    assert result.exit_code == 1 and message in result.output
+    assert result.output.startswith("error: ") and "Traceback" not in result.output
+    assert [m.ref for m in registry.list()] == ["task-a@1.0.0", "task-b@1.0.0"]
+
+
+def test_refuses_adapters_for_different_bases(registry, tmp_path):
+    other_base = tmp_path / "wider"
+    tiny_llama(hidden_size=96).save_pretrained(other_base)
+    folder = save_peft_adapter(tiny_llama(hidden_size=96), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+                               tmp_path / "wide")
+    assert hub("push", str(folder), "--name", "wide", "--version", "1.0.0", "--base-model", str(other_base)).exit_code == 0
+    result = hub("merge", "task-a", "wide", "--method", "cat", "--name", "bad", "--version", "1.0.0")
+    assert result.exit_code == 1 and "different base models" in result.output
+
+
+def test_existing_version_is_not_overwritten(registry):
+    assert hub("merge", "task-a", "task-b", "--method", "cat", "--name", "task-a", "--version", "1.0.0").exit_code == 1
+    assert manifest("task-a@1.0.0")["lineage"]["parents"] == []

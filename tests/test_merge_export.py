@@ -1,0 +1,120 @@
+"""`export_merged` / `hub export --merged`: the adapter folded into a copy of the base; transformers loads the
+folder with from_pretrained and its logits equal the unmerged adapter's (PEFT for LoRA/IA3, the BitFit formula)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from conftest import LLAMA_TARGETS, save_bitfit_adapter, save_bottleneck_adapter, save_peft_adapter, tiny_llama
+from hub.artifact import ArtifactError, read_adapter
+from hub.cli import app
+from hub.merge_base import export_merged
+
+IDS = torch.tensor([[1, 5, 9, 33, 70, 4, 100, 7], [1, 64, 3, 3, 12, 90, 41, 2]])
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def biased_llama():
+    """A tiny Llama with non-zero attention biases (so IA3 and lora_bias have biases to act on)."""
+    model = tiny_llama(attention_bias=True)
+    gen = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(torch.randn(p.shape, generator=gen))
+    return model
+
+
+@pytest.fixture
+def base_dir(tmp_path):
+    path = tmp_path / "base-bias"
+    biased_llama().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("config", [
+    LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS),
+    LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_rslora=True, lora_bias=True),
+    IA3Config(target_modules=["k_proj", "v_proj", "o_proj", "down_proj"], feedforward_modules=["down_proj"]),
+], ids=["lora", "lora-rslora-bias", "ia3"])
+def test_folded_logits_equal_peft(tmp_path, base_dir, config):
+    base = biased_llama()
+    folder = save_peft_adapter(base, config, tmp_path / "adapter")
+    out = export_merged(read_adapter(folder), str(base_dir), tmp_path / "out")
+    folded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert not any("lora" in n or "ia3" in n for n, _ in folded.named_parameters())
+    expected = logits(PeftModel.from_pretrained(biased_llama(), str(folder)).eval())
+    assert (expected - logits(base)).abs().max() > 1e-2  # the adapter changes the output
+    torch.testing.assert_close(logits(folded), expected, atol=1e-4, rtol=0)
+    assert torch.equal(base.model.layers[0].self_attn.q_proj.weight,  # the source base stays untouched
+                       biased_llama().model.layers[0].self_attn.q_proj.weight)
+
+
+def _with_bitfit(model, biases: dict[str, torch.Tensor]):
+    """The BitFit reference: each delta added to its module's output."""
+    modules = dict(model.named_modules())
+    for path, delta in biases.items():
+        modules[path].register_forward_hook(lambda _m, _i, out, d=delta: out + d)
+    return model
+
+
+@pytest.mark.parametrize("paths,flags", [
+    (["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"], (True, True)),
+    (["model.layers.1.self_attn.o_proj"], (True, False)),
+])
+def test_bitfit_folds_into_new_biases(tmp_path, tiny_llama_dir, paths, flags):
+    gen = torch.Generator().manual_seed(2)
+    biases = {p: torch.randn(64, generator=gen) for p in paths}
+    folder = save_bitfit_adapter(tmp_path / "bitfit", biases)
+    out = export_merged(read_adapter(folder), str(tiny_llama_dir), tmp_path / "out")
+    folded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert (folded.config.attention_bias, folded.config.mlp_bias) == flags  # only the flags it needs
+    torch.testing.assert_close(logits(folded), logits(_with_bitfit(tiny_llama(), biases)), atol=1e-4, rtol=0)
+
+
+def test_refusals(tmp_path, tiny_llama_dir):
+    base = tiny_llama()
+    prompt = save_peft_adapter(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3), tmp_path / "p")
+    with pytest.raises(ArtifactError, match="cannot be folded"):
+        export_merged(read_adapter(prompt), str(tiny_llama_dir), tmp_path / "o1")
+    bottleneck = save_bottleneck_adapter(tmp_path / "b")
+    with pytest.raises(ArtifactError):
+        export_merged(read_adapter(bottleneck), str(tiny_llama_dir), tmp_path / "o2")
+    head = save_bitfit_adapter(tmp_path / "head", {"lm_head": torch.ones(128)})
+    with pytest.raises(ArtifactError, match="'lm_head' has no bias"):
+        export_merged(read_adapter(head), str(tiny_llama_dir), tmp_path / "o3")
+    wrong = save_bitfit_adapter(tmp_path / "wrong", {"model.layers.0.self_attn.q_proj": torch.ones(32)})
+    with pytest.raises(ArtifactError, match="q_proj"):
+        export_merged(read_adapter(wrong), str(tiny_llama_dir), tmp_path / "o4")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "x").write_text("keep me")
+    lora = save_peft_adapter(base, LoraConfig(r=2, target_modules=["q_proj"]), tmp_path / "l")
+    with pytest.raises(ArtifactError, match="not an empty folder"):
+        export_merged(read_adapter(lora), str(tiny_llama_dir), taken)
+    assert (taken / "x").read_text() == "keep me"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(("o", ".o"))] == []  # nothing half-written
+
+
+def test_cli_export_merged_uses_the_recorded_base(tmp_path, hub_home, tiny_llama_dir):
+    folder = save_peft_adapter(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "down_proj"]), tmp_path / "a")
+    runner = CliRunner()
+    pushed = runner.invoke(app, ["push", str(folder), "--name", "task", "--version", "1.0.0",
+                                 "--base-model", str(tiny_llama_dir)])
+    assert pushed.exit_code == 0, pushed.output
+    result = runner.invoke(app, ["export", "task@1.0.0", "--merged", "--out", str(tmp_path / "full")])
+    assert result.exit_code == 0, result.output
+    folded = AutoModelForCausalLM.from_pretrained(tmp_path / "full").eval()
+    expected = logits(PeftModel.from_pretrained(tiny_llama(), str(folder)).eval())
+    torch.testing.assert_close(logits(folded), expected, atol=1e-4, rtol=0)
+    plain = runner.invoke(app, ["export", "task@1.0.0", "--out", str(tmp_path / "adapter")])  # unchanged
+    assert plain.exit_code == 0 and read_adapter(tmp_path / "adapter").technique.value == "lora"
+    again = runner.invoke(app, ["export", "task@1.0.0", "--merged", "--out", str(tmp_path / "full")])
+    assert again.exit_code == 1 and "not an empty folder" in again.output
