@@ -1,0 +1,152 @@
+"""Fixtures and helpers for the server tests: a tiny Llama with a real (character-level) tokenizer,
+PEFT adapters made for it and pushed into a temp registry, and a real server on a free localhost port.
+
+Import the fixtures into a test module with `from server_support import *  # noqa: F401,F403`.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+import torch
+
+from conftest import save_bitfit_adapter, save_bottleneck_adapter, save_peft_adapter, tiny_llama
+
+CONTEXT = 4096  # long enough that a request can outlive others without a timing assumption
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}>{% endif %}")
+
+__all__ = ["served_base", "served_adapters", "registry", "start_server", "frozen", "wait_until", "served_model",
+           "char_tokenizer", "CONTEXT"]
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer over the 128-token tiny vocabulary (printable ASCII + specials)."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    for c in range(32, 127):
+        vocab[chr(c)] = len(vocab)
+    for i in range(len(vocab), 128):
+        vocab[f"<x{i}>"] = i
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+@pytest.fixture(scope="session")
+def served_base(tmp_path_factory) -> Path:
+    """A tiny Llama (context 4096) and its tokenizer, saved as a local model folder."""
+    folder = tmp_path_factory.mktemp("served") / "base"
+    tiny_llama(max_position_embeddings=CONTEXT).save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def served_model(base: Path):
+    """(model, tokenizer) loaded from the served base folder, as `hub serve --base-model FOLDER` loads them."""
+    from hub import basemodel
+
+    return basemodel.load(str(base))
+
+
+@pytest.fixture(scope="session")
+def served_adapters(served_base, tmp_path_factory) -> dict[str, Path]:
+    """Adapter folders for served_base: four LoRAs (lora0..lora3), ia3, prompt_tuning, bitfit, bottleneck,
+    and `foreign`: a LoRA made for a base with another vocabulary (same module shapes, other fingerprint)."""
+    from peft import IA3Config, LoraConfig, PromptTuningConfig
+
+    root = tmp_path_factory.mktemp("served-adapters")
+    base = tiny_llama(max_position_embeddings=CONTEXT)
+    out: dict[str, Path] = {}
+    for i in range(4):
+        out[f"lora{i}"] = save_peft_adapter(
+            base, LoraConfig(r=4 * (i + 1), lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+            root / f"lora{i}", seed=10 + i)
+    out["ia3"] = save_peft_adapter(base, IA3Config(target_modules=["k_proj", "down_proj"],
+                                                   feedforward_modules=["down_proj"]), root / "ia3")
+    out["prompt_tuning"] = save_peft_adapter(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+                                             root / "prompt_tuning")
+    gen = torch.Generator().manual_seed(5)
+    out["bitfit"] = save_bitfit_adapter(root / "bitfit", {
+        f"model.layers.{i}.mlp.down_proj": torch.randn(64, generator=gen) for i in range(2)})
+    out["bottleneck"] = save_bottleneck_adapter(root / "bottleneck")
+    other = tiny_llama(vocab_size=256)
+    other.save_pretrained(root / "other-base")
+    out["other_base"] = root / "other-base"
+    out["foreign"] = save_peft_adapter(other, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]), root / "foreign")
+    return out
+
+
+@pytest.fixture
+def registry(tmp_path, served_base, served_adapters):
+    """A temp registry holding every served adapter as `<key>@1.0.0` (foreign: pushed against its own base)."""
+    from hub.registry import Registry
+
+    reg = Registry(tmp_path / "registry")
+    for key, folder in served_adapters.items():
+        if key == "other_base":
+            continue
+        base = served_adapters["other_base"] if key == "foreign" else served_base
+        reg.push(folder, key.replace("_", "-"), "1.0.0", base_model=str(base))
+    return reg
+
+
+@pytest.fixture
+def start_server(served_base, registry) -> Iterator[Callable]:
+    """start_server(**ServerConfig fields) -> (server, client) on a free port; all stopped at teardown."""
+    from runtime.client import RuntimeClient
+    from runtime.server import RuntimeServer, ServerConfig
+
+    started = []
+
+    def start(token: str | None = None, tls_ca: Path | None = None, **fields):
+        fields.setdefault("port", 0)
+        model, tokenizer = served_model(served_base)
+        config = ServerConfig(base_model=str(served_base), **fields)
+        server = RuntimeServer(config, model=model, tokenizer=tokenizer, registry=registry).start()
+        target = f"localhost:{server.port}" if tls_ca else server.address
+        client = RuntimeClient(target, token=token, tls_ca=tls_ca, timeout=120)
+        started.append((server, client))
+        return server, client
+
+    yield start
+    for server, client in started:
+        client.close()
+        server.stop(grace=5)
+
+
+@contextmanager
+def frozen(server) -> Iterator[None]:
+    """Hold the scheduler's loop between two steps (it runs a call that waits), so a test can line up
+    requests deterministically; the loop resumes at exit."""
+    release, holding = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        holding.set()
+        release.wait()
+
+    thread = threading.Thread(target=server.scheduler.call, args=(hold,), daemon=True)
+    thread.start()
+    holding.wait()
+    try:
+        yield
+    finally:
+        release.set()
+        thread.join()
+
+
+def wait_until(condition: Callable[[], bool], what: str, limit: float = 60.0) -> None:
+    """Poll until condition() holds; fail naming `what` if it never does (a hang guard, not a timing check)."""
+    end = time.monotonic() + limit
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"never happened: {what}")
+        time.sleep(0.005)

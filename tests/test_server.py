@@ -1,0 +1,219 @@
+"""The gRPC server end to end: real server on a localhost port, real PEFT adapters from a real registry."""
+from __future__ import annotations
+
+import threading
+import urllib.request
+
+import grpc
+import pytest
+import torch
+
+from server_support import *  # noqa: F401,F403
+from server_support import frozen, served_model, wait_until
+
+from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
+
+PROMPT = "Hello there, adapters!"
+
+
+def _peft(served_base, folder):
+    from peft import PeftModel
+
+    model, tokenizer = served_model(served_base)
+    return PeftModel.from_pretrained(model, str(folder)).eval(), tokenizer
+
+
+def _peft_greedy(model, ids: torch.Tensor, n: int) -> list[int]:
+    """Greedy tokens from PEFT's forward, recomputed over the whole sequence each step (no cache: PEFT's
+    own `generate` mishandles prompt tuning's cache in this transformers version; its forward is the peer)."""
+    out: list[int] = []
+    with torch.inference_mode():
+        for _ in range(n):
+            token = int(model(input_ids=torch.cat([ids, torch.tensor([out], dtype=ids.dtype)], 1)).logits[0, -1].argmax())
+            if token == 2:  # EOS: the server stops and does not report it
+                break
+            out.append(token)
+    return out
+
+
+@pytest.mark.parametrize("technique", ["lora0", "ia3", "prompt_tuning"])
+def test_greedy_generation_equals_peft(start_server, served_base, served_adapters, technique):
+    """What a client gets is what PEFT computes for the same adapter (greedy, fp32)."""
+    _, client = start_server()
+    reply = client.generate(PROMPT, adapters=[technique.replace("_", "-")], max_new_tokens=12)
+    peft_model, tokenizer = _peft(served_base, served_adapters[technique])
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    expected = _peft_greedy(peft_model, ids, 12)
+    assert list(reply.token_ids) == expected
+    assert reply.finish_reason == ("length" if len(expected) == 12 else "stop")
+    assert reply.usage.prompt_tokens == ids.shape[1] and reply.usage.completion_tokens == len(expected)
+
+
+def test_score_equals_peft_logprobs(start_server, served_base, served_adapters):
+    _, client = start_server()
+    reply = client.score(PROMPT, adapters=["lora1"])
+    peft_model, tokenizer = _peft(served_base, served_adapters["lora1"])
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        logits = peft_model(input_ids=ids).logits[0, :-1]
+    expected = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+    assert list(reply.token_ids) == ids[0].tolist()
+    assert torch.allclose(torch.tensor(list(reply.logprobs)), expected, atol=1e-4)
+    assert reply.total_logprob == pytest.approx(float(expected.sum()), abs=1e-3)
+    assert [a.ref for a in reply.adapters] == ["lora1@1.0.0"]
+
+
+REQUESTS = {
+    "base": dict(adapters=[]),
+    "lora0": dict(adapters=["lora0"]),
+    "lora3": dict(adapters=["lora3"]),
+    "ia3": dict(adapters=["ia3"]),
+    "prompt_tuning": dict(adapters=["prompt-tuning"]),
+    "bitfit": dict(adapters=["bitfit"]),
+    "bottleneck": dict(adapters=["bottleneck"]),
+    "stack": dict(adapters=[("lora0", 0.5), "ia3", "bitfit"]),
+    "average": dict(adapters=["lora1", ("lora2", 3.0)], mode="average"),
+    "by_ids": dict(adapters=["lora2"], token_ids=list(range(3, 40))),
+}
+
+
+def test_concurrent_clients_get_what_each_gets_alone(start_server):
+    """Requests with different adapters and techniques, batched together in one step, answer as alone."""
+    server, client = start_server()
+
+    def ask(kwargs):
+        prompt = None if "token_ids" in kwargs else PROMPT
+        return list(client.generate(prompt, max_new_tokens=10, **kwargs).token_ids)
+
+    alone = {name: ask(kwargs) for name, kwargs in REQUESTS.items()}
+    assert len({tuple(v) for v in alone.values()}) > len(REQUESTS) // 2  # the adapters really change the output
+    together: dict[str, list[int]] = {}
+    threads = [threading.Thread(target=lambda n=name, k=kwargs: together.__setitem__(n, ask(k)))
+               for name, kwargs in REQUESTS.items()]
+    with frozen(server):  # every request queues before any joins: they share their steps
+        for t in threads:
+            t.start()
+        wait_until(lambda: server.scheduler.load()[1] == len(REQUESTS), "all requests queued")
+    for t in threads:
+        t.join()
+    assert together == alone
+
+
+def test_stream_chunks_add_up_to_the_whole_answer(start_server):
+    _, client = start_server()
+    whole = client.generate(PROMPT, adapters=["lora0"], max_new_tokens=20)
+    chunks = list(client.generate_stream(PROMPT, adapters=["lora0"], max_new_tokens=20))
+    assert [a.ref for a in chunks[0].adapters] == ["lora0@1.0.0"] and chunks[0].adapters[0].sha256
+    assert all(not c.adapters for c in chunks[1:])
+    assert [t for c in chunks for t in c.token_ids] == list(whole.token_ids)
+    assert "".join(c.text for c in chunks) == whole.text
+    assert len([c for c in chunks if c.token_ids]) == len(whole.token_ids)  # one chunk per token, as generated
+    assert chunks[-1].finish_reason == whole.finish_reason and not any(c.finish_reason for c in chunks[:-1])
+    assert chunks[-1].usage == whole.usage
+
+
+def test_stop_string_ends_the_text_before_it(start_server):
+    _, client = start_server()
+    full = client.generate(PROMPT, adapters=["lora0"], max_new_tokens=30)
+    stop = full.text[8:10]
+    assert len(full.text) > 10 and stop
+    cut = full.text.index(stop)
+    reply = client.generate(PROMPT, adapters=["lora0"], max_new_tokens=30, stop=[stop])
+    assert reply.text == full.text[:cut]
+    assert reply.finish_reason == "stop"
+    streamed = list(client.generate_stream(PROMPT, adapters=["lora0"], max_new_tokens=30, stop=[stop]))
+    assert "".join(c.text for c in streamed) == full.text[:cut] and streamed[-1].finish_reason == "stop"
+
+
+def test_chat_flag_applies_the_chat_template(start_server, served_base):
+    _, client = start_server()
+    _, tokenizer = served_model(served_base)
+    templated = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                              tokenize=True, return_dict=True)["input_ids"]
+    chat = client.generate("hi", chat=True, max_new_tokens=6)
+    by_ids = client.generate(token_ids=templated, max_new_tokens=6)
+    assert chat.usage.prompt_tokens == len(templated) == 5
+    assert chat.token_ids == by_ids.token_ids
+
+
+def test_new_version_under_a_tag_is_served_by_the_next_request(start_server, registry, served_base, served_adapters):
+    _, client = start_server()
+    registry.push(served_adapters["lora0"], "moving", "1.0.0", base_model=str(served_base))
+    registry.tag("moving@1.0.0", "prod")
+    first = client.generate(PROMPT, adapters=["moving@prod"], max_new_tokens=8)
+    registry.push(served_adapters["lora1"], "moving", "2.0.0", base_model=str(served_base))
+    registry.tag("moving@2.0.0", "prod")
+    second = client.generate(PROMPT, adapters=["moving@prod"], max_new_tokens=8)
+    assert [a.ref for a in first.adapters] == ["moving@1.0.0"]
+    assert [a.ref for a in second.adapters] == ["moving@2.0.0"]
+    assert first.adapters[0].sha256 != second.adapters[0].sha256
+    assert first.token_ids == client.generate(PROMPT, adapters=["lora0"], max_new_tokens=8).token_ids
+    assert second.token_ids == client.generate(PROMPT, adapters=["lora1"], max_new_tokens=8).token_ids
+
+
+def test_hot_load_while_another_request_decodes(start_server):
+    """An adapter loaded from disk while a long request decodes: both answer as alone, and the long one
+    was still running (holding its adapter) when the new one finished."""
+    server, client = start_server(max_new_tokens=4000)
+    stream = client.generate_stream(PROMPT, adapters=["lora0"], max_new_tokens=4000)
+    head = [next(stream) for _ in range(3)]  # adapters chunk + 2 tokens: lora0 is decoding
+    assert {a.ref: a.tier for a in client.list_adapters().adapters} == {"lora0@1.0.0": pb.TIER_DEVICE}
+    reply = client.generate(PROMPT, adapters=["lora3"], max_new_tokens=8)  # cold: read, checked, loaded
+    held = {a.ref: a.in_use for a in client.list_adapters().adapters}
+    assert held == {"lora0@1.0.0": 1, "lora3@1.0.0": 0}  # the long request was still in the batch
+    stream.cancel()
+    tokens = [t for c in head for t in c.token_ids]
+    assert reply.token_ids == client.generate(PROMPT, adapters=["lora3"], max_new_tokens=8).token_ids
+    assert tokens == list(client.generate(PROMPT, adapters=["lora0"], max_new_tokens=len(tokens)).token_ids)
+    assert server.metrics.loads.labels(source="disk")._value.get() == 2
+
+
+def test_list_adapters_and_info(start_server):
+    server, client = start_server(adapter_memory=1 << 20, max_batch_size=4)
+    client.generate(PROMPT, adapters=["lora0"], max_new_tokens=2)
+    client.generate(PROMPT, adapters=["lora0", "ia3"], max_new_tokens=2)
+    listed = {a.ref: a for a in client.list_adapters().adapters}
+    assert listed["lora0@1.0.0"].requests_served == 2 and listed["ia3@1.0.0"].requests_served == 1
+    assert listed["lora0@1.0.0"].tier == pb.TIER_DEVICE and listed["lora0@1.0.0"].size_bytes > 0
+    assert listed["lora0@1.0.0"].last_used_unix > 0 and listed["lora0@1.0.0"].in_use == 0
+    info = client.info()
+    from hub.checkpoint import fingerprint
+
+    assert info.fingerprint == fingerprint(server.engine.model.config, {})
+    assert info.limits.max_batch_size == 4 and info.limits.adapter_memory_bytes == 1 << 20
+    assert info.limits.context_length == 4096 and info.dtype == "float32" and info.device == "cpu"
+    assert set(info.techniques) == {"lora", "ia3", "prompt_tuning", "bitfit", "bottleneck"}
+
+
+def test_health_and_reflection_answer(start_server):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    server, client = start_server()
+    assert client.health() == "SERVING"
+    assert client.health("adapterhub.v1.Runtime") == "SERVING"
+    database = ProtoReflectionDescriptorDatabase(client.channel)
+    services = set(database.get_services())
+    assert {"adapterhub.v1.Runtime", "grpc.health.v1.Health"} <= services
+    described = database.FindFileContainingSymbol("adapterhub.v1.Runtime")
+    assert described.name == "adapterhub/v1/runtime.proto"
+    assert "Generate" in [m.name for m in described.service[0].method]
+
+
+def test_metrics_endpoint_with_bounded_adapter_labels(start_server):
+    server, client = start_server(metrics_port=0, max_adapter_labels=2)
+    for name in ("lora0", "lora1", "lora2", "lora3"):
+        client.generate(PROMPT, adapters=[name], max_new_tokens=3)
+    with pytest.raises(grpc.RpcError):
+        client.generate("", max_new_tokens=3)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
+    assert 'adapterhub_requests_total{code="OK",method="Generate"} 4.0' in text
+    assert 'adapterhub_requests_total{code="INVALID_ARGUMENT",method="Generate"} 1.0' in text
+    assert 'adapterhub_adapter_requests_total{adapter="lora0"} 1.0' in text
+    assert 'adapterhub_adapter_requests_total{adapter="other"} 2.0' in text
+    assert 'adapterhub_adapter_requests_total{adapter="lora2"}' not in text
+    assert 'adapterhub_adapter_loads_total{source="disk"} 4.0' in text
+    for name in ("adapterhub_time_to_first_token_seconds_count 4.0", "adapterhub_tokens_per_second",
+                 "adapterhub_queue_depth", "adapterhub_batch_size", "adapterhub_adapter_cache_misses_total 4.0",
+                 'adapterhub_adapter_resident_bytes{tier="device"}', "adapterhub_adapter_load_seconds_bucket",
+                 'adapterhub_generated_tokens_total{adapter="lora0"} 3.0'):
+        assert name in text, name
