@@ -213,8 +213,9 @@ class AdapterPool:
     def _read_verified(self, key: str, manifest) -> Adapter:
         """Read an adapter version from the registry and refuse it if it was made for another base."""
         try:
-            folder = self.registry.materialize(manifest)
-            adapter = read_adapter(folder)
+            build = getattr(manifest, "build", None)  # a per-request merge (runtime/merged.py), from verified parents
+            adapter = build(lambda m: self._read_verified(m.ref, m)) if build else \
+                read_adapter(self.registry.materialize(manifest))
         except IntegrityError as e:
             raise ServeError(grpc.StatusCode.DATA_LOSS, f"adapter {key}: stored files are damaged: {e}") from None
         except (ArtifactError, HubError, OSError) as e:

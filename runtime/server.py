@@ -142,7 +142,7 @@ class RuntimeServer:
                              max_new_tokens=limits.max_new_tokens, context_length=limits.context_length,
                              max_adapters_per_request=limits.max_adapters_per_request,
                              adapter_memory_bytes=c.adapter_memory, max_message_bytes=c.max_message_bytes),
-            techniques=sorted(t.value for t in REGISTRY), composition_modes=["stack", "average"],
+            techniques=sorted(t.value for t in REGISTRY), composition_modes=["stack", "average", "merge"],
             server_version=SERVER_VERSION,
         )
 

@@ -18,6 +18,7 @@ import grpc
 
 from runtime.errors import ServeError
 from runtime.generate import SamplingParams, Sequence, score
+from runtime.merged import merged_manifest
 from runtime.plan import AdapterUse, PlanError, RowPlan
 from runtime.pool import AdapterPool, Entry, Lease, Tier
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
@@ -75,8 +76,8 @@ def sampling_params(msg: pb.SamplingParams, limits: Limits) -> SamplingParams:
                           seed=msg.seed if msg.HasField("seed") else None, stop=stop)
 
 
-def _resolved(entry: Entry, weight: float) -> pb.ResolvedAdapter:
-    m = entry.manifest
+def _resolved(m, weight: float) -> pb.ResolvedAdapter:
+    """An adapter as a response reports it (a per-request merge reports its parents)."""
     return pb.ResolvedAdapter(ref=m.ref, name=m.name, version=m.version, sha256=m.sha256, technique=m.technique,
                               weight=weight)
 
@@ -143,11 +144,10 @@ class RuntimeService(pb_grpc.RuntimeServicer):
         _ok(bool(out), f"the {what} is empty after tokenization")
         return out
 
-    def _prepare(self, ids: list[int], specs, mode: int, context_needed: int) -> Prepared:
+    def _prepare(self, ids: list[int], specs, mode: int, context_needed: int,
+                 merge: pb.MergeOptions | None = None) -> Prepared:
         """Resolve the adapters, hold them on the device, and check the context fits."""
         _ok(mode in _MODES or mode == pb.COMPOSITION_MODE_MERGE, f"unknown composition mode {mode}")
-        if mode == pb.COMPOSITION_MODE_MERGE:
-            raise ServeError(grpc.StatusCode.UNIMPLEMENTED, "per-request merges are not served by this runtime yet")
         _ok(len(specs) <= self.limits.max_adapters_per_request,
             f"{len(specs)} adapters named; at most {self.limits.max_adapters_per_request} per request")
         weights = [s.weight if s.HasField("weight") else 1.0 for s in specs]
@@ -157,9 +157,12 @@ class RuntimeService(pb_grpc.RuntimeServicer):
         manifests = [self.pool.resolve(s.ref) for s in specs]
         refs = [m.ref for m in manifests]
         _ok(len(set(refs)) == len(refs), f"an adapter is named twice: {', '.join(refs)}")
+        resolved = [_resolved(m, w) for m, w in zip(manifests, weights)]
+        if mode == pb.COMPOSITION_MODE_MERGE:  # one adapter serves the request: the merge (runtime/merged.py)
+            manifests, weights = [merged_manifest(manifests, weights, merge or pb.MergeOptions())], [1.0]
         lease = self.pool.acquire(manifests)
         try:
-            plan = RowPlan(tuple(AdapterUse(k, w) for k, w in zip(lease.keys, weights)), _MODES[mode])
+            plan = RowPlan(tuple(AdapterUse(k, w) for k, w in zip(lease.keys, weights)), _MODES.get(mode, "stack"))
             try:
                 virtual = self.engine.prompt_lengths([plan])[0]
             except PlanError as e:
@@ -171,14 +174,14 @@ class RuntimeService(pb_grpc.RuntimeServicer):
         except BaseException:
             self.pool.release(lease)
             raise
-        return Prepared(ids, plan, lease, [_resolved(e, w) for e, w in zip(lease.entries, weights)], virtual)
+        return Prepared(ids, plan, lease, resolved, virtual)
 
     def _run(self, request: pb.GenerateRequest, context: grpc.ServicerContext
              ) -> tuple[Prepared, Request, TextStream]:
         """Check, hold adapters, queue; cancellation and deadlines take the request out at once."""
         sampling = sampling_params(request.sampling, self.limits)
         ids = self._token_ids(request.prompt, request.prompt_token_ids, chat=request.chat, what="prompt")
-        prepared = self._prepare(ids, request.adapters, request.mode, 1)
+        prepared = self._prepare(ids, request.adapters, request.mode, 1, request.merge)
         room = self.limits.context_length - len(ids) - prepared.virtual_tokens
         sampling.max_new_tokens = min(sampling.max_new_tokens, room)
         seq = Sequence(id=uuid.uuid4().hex, prompt_ids=ids, plan=prepared.plan, sampling=sampling)
@@ -246,7 +249,7 @@ class RuntimeService(pb_grpc.RuntimeServicer):
         with self._rpc("Score", context):
             ids = self._token_ids(request.text, request.token_ids, chat=False, what="text")
             _ok(len(ids) >= 2, "scoring needs at least 2 tokens (the first has no context)")
-            prepared = self._prepare(ids, request.adapters, request.mode, 0)
+            prepared = self._prepare(ids, request.adapters, request.mode, 0, request.merge)
             try:
                 logprobs = self.scheduler.call(lambda: score(self.engine, ids, prepared.plan))
             except PlanError as e:

@@ -2,27 +2,19 @@
 properties, the hand formulas for IA3 / BitFit / bottleneck / prompt tuning, and every refusal."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
-from safetensors.torch import save_file
 
 from conftest import tiny_llama
-from hub.artifact import CONFIG_FILE, WEIGHTS_FILE, Adapter, Technique, read_adapter
+from hub.artifact import Adapter, Technique, read_adapter
 from hub.merge import MergeError, MergeSpec, combine, lora_modules, merge
+from hub.merge_cli import write_adapter
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL = ATTN + ["gate_proj", "up_proj", "down_proj"]
-
-
-def write(adapter: Adapter, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / CONFIG_FILE).write_text(json.dumps(adapter.config))
-    save_file(adapter.tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-    return folder
 
 
 def peft_adapter(folder: Path, config, seed: int) -> Path:
@@ -132,7 +124,7 @@ def test_lora_merge_equals_peft(loras, parents, weights, method, extra):
 def test_merged_lora_loads_back_into_peft(loras, tmp_path, parents, method, extra):
     """The merged config (r, lora_alpha, rank/alpha patterns, target_modules) is a valid PEFT LoraConfig."""
     merged = merge([read_adapter(loras[p]) for p in parents], MergeSpec(method, (0.5, -0.7, 0.9)[:len(parents)], **extra))
-    folder = write(merged, tmp_path / "merged")
+    folder = write_adapter(merged, tmp_path / "merged")
     model = PeftModel.from_pretrained(tiny_llama(), str(folder), adapter_name="m")
     assert_deltas_equal(our_deltas(merged), _peft_deltas(model, "m"))
     assert read_adapter(folder).technique is Technique.LORA
@@ -222,7 +214,7 @@ def test_ia3_weighted_sum_equals_peft(tmp_path):
     assert sorted(theirs) == sorted(merged.tensors)
     for key, value in merged.tensors.items():
         torch.testing.assert_close(value, theirs[key], atol=1e-6, rtol=0)
-    loaded = PeftModel.from_pretrained(tiny_llama(), str(write(merged, tmp_path / "m")))  # a valid IA3Config
+    loaded = PeftModel.from_pretrained(tiny_llama(), str(write_adapter(merged, tmp_path / "m")))  # a valid IA3Config
     assert sorted(loaded.peft_config["default"].feedforward_modules) == ["model.layers.0.mlp.down_proj",
                                                                          "model.layers.1.mlp.down_proj"]
 
@@ -273,7 +265,7 @@ def test_prompt_tuning_concatenates(tmp_path):
     emb = merged.tensors["prompt_embeddings"]
     assert emb.shape == (8, 64) and merged.config["num_virtual_tokens"] == 8
     torch.testing.assert_close(emb, torch.cat([p.tensors["prompt_embeddings"] for p in parents]))
-    loaded = PeftModel.from_pretrained(tiny_llama(), str(write(merged, tmp_path / "m")))
+    loaded = PeftModel.from_pretrained(tiny_llama(), str(write_adapter(merged, tmp_path / "m")))
     torch.testing.assert_close(loaded.prompt_encoder["default"].embedding.weight.detach(), emb)
 
 

@@ -1,0 +1,130 @@
+"""Per-request merges through the real gRPC server (COMPOSITION_MODE_MERGE): equal to PEFT's own merge,
+built once per exact parents + parameters, counted against the adapter memory budget, batched with others."""
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+import torch
+
+from server_support import *  # noqa: F401,F403
+from server_support import frozen, served_model, wait_until
+
+from hub.artifact import read_adapter
+from hub.merge import MergeSpec, merge
+from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
+
+PROMPT = "Merge these, please."
+
+
+def merge_request(client, adapters, tokens: int = 10, **options) -> pb.GenerateRequest:
+    request = client.generate_request(PROMPT, adapters=adapters, max_new_tokens=tokens)
+    request.mode = pb.COMPOSITION_MODE_MERGE
+    request.merge.CopyFrom(pb.MergeOptions(**options))
+    return request
+
+
+def ask(client, request):
+    return client.stub.Generate(request, timeout=120)
+
+
+def peft_merged_generate(served_base, served_adapters, names, weights, tokens, **kwargs) -> list[int]:
+    from peft import PeftModel
+
+    model, tokenizer = served_model(served_base)
+    peft = PeftModel.from_pretrained(model, str(served_adapters[names[0]]), adapter_name=names[0])
+    for name in names[1:]:
+        peft.load_adapter(str(served_adapters[name]), adapter_name=name)
+    peft.add_weighted_adapter(names, weights, "merged", **kwargs)
+    peft.set_adapter("merged")
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        out = peft.eval().generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                                   do_sample=False, pad_token_id=0, eos_token_id=2)
+    return [t for t in out[0, ids.shape[1]:].tolist() if t != 2]
+
+
+@pytest.mark.parametrize("options,peft_kwargs", [
+    (dict(method="cat"), dict(combination_type="cat")),
+    (dict(method="ties_svd", density=0.5, svd_rank=6), dict(combination_type="ties_svd", density=0.5, svd_rank=6)),
+])
+def test_merge_mode_generates_as_peft_merged_adapter(start_server, served_base, served_adapters, options, peft_kwargs):
+    _, client = start_server()
+    reply = ask(client, merge_request(client, [("lora0", 0.7), ("lora1", -0.4)], 12, **options))
+    expected = peft_merged_generate(served_base, served_adapters, ["lora0", "lora1"], [0.7, -0.4], 12, **peft_kwargs)
+    assert list(reply.token_ids) == expected
+    assert [(a.ref, round(a.weight, 4)) for a in reply.adapters] == [("lora0@1.0.0", 0.7), ("lora1@1.0.0", -0.4)]
+    assert all(a.sha256 for a in reply.adapters)  # the exact parents are reported
+
+
+def test_built_once_per_parents_and_parameters(start_server):
+    server, client = start_server()
+    first = ask(client, merge_request(client, ["lora2", "lora3"], method="dare_ties_svd", density=0.5, seed=7))
+    again = ask(client, merge_request(client, ["lora2", "lora3"], method="dare_ties_svd", density=0.5, seed=7))
+    assert first.token_ids == again.token_ids
+    merged = [a for a in client.list_adapters().adapters if a.ref.startswith("merge:")]
+    assert len(merged) == 1 and merged[0].requests_served == 2 and merged[0].technique == "lora"
+    assert server.metrics.loads.labels(source="disk")._value.get() == 1  # built once, then a device hit
+    ask(client, merge_request(client, ["lora2", "lora3"], method="dare_ties_svd", density=0.5, seed=8))
+    assert len([a for a in client.list_adapters().adapters if a.ref.startswith("merge:")]) == 2  # another seed
+    assert server.metrics.loads.labels(source="disk")._value.get() == 2
+
+
+def test_counted_against_the_adapter_memory_budget(start_server, registry):
+    parents = [read_adapter(registry.materialize(registry.resolve(r))) for r in ("lora0@1.0.0", "lora1@1.0.0")]
+    size = merge(parents, MergeSpec("cat", (1.0, 1.0))).nbytes  # float32 on a float32 server
+    server, client = start_server(adapter_memory=size)
+    ask(client, merge_request(client, ["lora0", "lora1"], method="cat"))
+    listed = client.list_adapters()
+    entry = next(a for a in listed.adapters if a.ref.startswith("merge:"))
+    assert entry.tier == pb.TIER_DEVICE and entry.size_bytes == size == listed.device_used_bytes
+    _, small = start_server(adapter_memory=size - 1)
+    with pytest.raises(grpc.RpcError) as e:
+        ask(small, merge_request(small, ["lora0", "lora1"], method="cat"))
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "memory budget" in e.value.details()
+
+
+def test_merged_adapter_batches_with_other_requests(start_server):
+    server, client = start_server()
+    requests = {
+        "merge": merge_request(client, [("lora0", 0.5), ("lora2", 0.5)], method="ties_svd", density=0.7),
+        "lora0": client.generate_request(PROMPT, adapters=["lora0"], max_new_tokens=10),
+        "stack": client.generate_request(PROMPT, adapters=[("lora0", 0.5), ("lora2", 0.5)], max_new_tokens=10),
+        "base": client.generate_request(PROMPT, max_new_tokens=10),
+    }
+    alone = {name: list(ask(client, r).token_ids) for name, r in requests.items()}
+    assert alone["merge"] != alone["base"]
+    together: dict[str, list[int]] = {}
+    threads = [threading.Thread(target=lambda n=n, r=r: together.__setitem__(n, list(ask(client, r).token_ids)))
+               for n, r in requests.items()]
+    with frozen(server):
+        for t in threads:
+            t.start()
+        wait_until(lambda: server.scheduler.load()[1] == len(requests), "all requests queued")
+    for t in threads:
+        t.join()
+    assert together == alone
+
+
+@pytest.mark.parametrize("adapters,options,message", [
+    (["lora0", "lora1"], dict(method="ties"), "needs a density"),
+    (["lora0", "lora1"], dict(method="ties", density=0.5, majority_sign="median"), "majority sign"),
+    (["lora0", "lora1"], dict(method=""), "merge.method"),
+    (["lora0", "ia3"], dict(method="linear"), "different techniques"),
+    (["lora0", "lora1"], dict(method="linear"), "one rank"),  # found when the parents' tensors are read
+    ([], dict(method="linear"), "at least one adapter"),
+])
+def test_bad_merge_requests_are_invalid_argument(start_server, adapters, options, message):
+    _, client = start_server()
+    with pytest.raises(grpc.RpcError) as e:
+        ask(client, merge_request(client, adapters, **options))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in e.value.details()
+    assert not [a for a in client.list_adapters().adapters if a.ref.startswith("merge:")]
+
+
+def test_foreign_parent_is_refused(start_server):
+    _, client = start_server()
+    with pytest.raises(grpc.RpcError) as e:
+        ask(client, merge_request(client, ["lora0", "foreign"], method="cat"))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
