@@ -1,0 +1,141 @@
+"""The adapter pool: a byte budget on the device, LRU eviction device -> host -> disk, pins and holds."""
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+import torch
+
+from server_support import *  # noqa: F401,F403
+from server_support import served_model
+
+from hub.artifact import read_adapter
+from runtime.engine import Engine
+from runtime.errors import ServeError
+from runtime.plan import AdapterUse, RowPlan
+from runtime.pool import AdapterPool, Tier
+
+
+@pytest.fixture
+def make_pool(served_base, registry):
+    model, tokenizer = served_model(served_base)
+    engine = Engine(model, tokenizer)
+
+    def make(device_budget: int, host_budget: int = 1 << 30) -> AdapterPool:
+        return AdapterPool(engine, registry, device_budget=device_budget, host_budget=host_budget)
+
+    return make
+
+
+def _size(pool: AdapterPool, name: str) -> int:
+    return pool._device_estimate(read_adapter(pool.registry.materialize(pool.resolve(name))))
+
+
+def _use(pool: AdapterPool, *names: str) -> None:
+    """One request's worth: acquire, then release."""
+    pool.release(pool.acquire([pool.resolve(n) for n in names]))
+
+
+def _tiers(pool: AdapterPool) -> dict[str, Tier]:
+    return {e.key.split("@")[0]: e.tier for e in pool.entries()}
+
+
+def _logits(pool: AdapterPool, name: str) -> torch.Tensor:
+    ids = torch.tensor([[5, 9, 33, 70]])
+    return pool.engine.forward(ids, torch.ones_like(ids), [RowPlan((AdapterUse(f"{name}@1.0.0"),))])[0]
+
+
+def test_least_recently_used_goes_to_host_then_comes_back_unchanged(make_pool):
+    probe = make_pool(1 << 30)
+    sizes = {n: _size(probe, n) for n in ("lora0", "lora1", "lora2")}
+    pool = make_pool(sizes["lora0"] + sizes["lora1"])
+    _use(pool, "lora0")
+    before = _logits(pool, "lora0")
+    _use(pool, "lora1")
+    assert _tiers(pool) == {"lora0": Tier.DEVICE, "lora1": Tier.DEVICE}
+    assert pool.device_used() == sizes["lora0"] + sizes["lora1"]
+    _use(pool, "lora0")  # lora0 is now the most recently used
+    _use(pool, "lora2")  # needs room: lora1 (LRU) leaves first, then lora0
+    assert _tiers(pool) == {"lora0": Tier.HOST, "lora1": Tier.HOST, "lora2": Tier.DEVICE}
+    assert set(pool.engine.resident()) == {"lora2@1.0.0"}
+    assert pool.device_used() <= pool.device_budget
+    _use(pool, "lora0")  # back from host memory, not from disk
+    assert pool.metrics.loads.labels(source="host")._value.get() == 1
+    assert pool.metrics.loads.labels(source="disk")._value.get() == 3
+    assert pool.metrics.evictions.labels(tier="device")._value.get() == 3
+    assert torch.equal(_logits(pool, "lora0"), before)
+
+
+def test_host_tier_is_bounded_too(make_pool):
+    probe = make_pool(1 << 30)
+    pool = make_pool(_size(probe, "lora3"), host_budget=_size(probe, "lora0") + 1)
+    for name in ("lora0", "lora1", "lora2", "lora3"):
+        _use(pool, name)
+    tiers = _tiers(pool)
+    assert tiers["lora3"] is Tier.DEVICE
+    assert list(tiers.values()).count(Tier.HOST) <= 1 and list(tiers.values()).count(Tier.DISK) >= 2
+    assert all(e.adapter is None for e in pool.entries() if e.tier is Tier.DISK)
+    assert pool.metrics.evictions.labels(tier="host")._value.get() >= 2
+
+
+def test_adapters_in_use_are_never_evicted(make_pool):
+    probe = make_pool(1 << 30)
+    pool = make_pool(_size(probe, "lora0") + _size(probe, "lora1"))
+    lease = pool.acquire([pool.resolve("lora0"), pool.resolve("lora1")])
+    with pytest.raises(ServeError) as caught:
+        _use(pool, "lora2")
+    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "held by pinned or running adapters" in caught.value.message
+    assert _tiers(pool) == {"lora0": Tier.DEVICE, "lora1": Tier.DEVICE}
+    pool.release(lease)
+    _use(pool, "lora2")
+    assert _tiers(pool)["lora2"] is Tier.DEVICE
+
+
+def test_pinned_adapters_stay_until_unloaded(make_pool):
+    probe = make_pool(1 << 30)
+    pool = make_pool(_size(probe, "lora0") + _size(probe, "lora3"))
+    entry, seconds = pool.load("lora0", pin=True)
+    assert entry.pinned and entry.tier is Tier.DEVICE and seconds > 0 and entry.requests == 0
+    for name in ("lora1", "lora2", "lora3", "lora1"):
+        _use(pool, name)
+        assert _tiers(pool)["lora0"] is Tier.DEVICE
+    assert pool.load("lora0", pin=True)[1] == 0.0  # already resident
+    unloaded = pool.unload("lora0")
+    assert unloaded.tier is Tier.DISK and not unloaded.pinned and "lora0@1.0.0" not in pool.engine.resident()
+
+
+def test_adapter_larger_than_the_whole_budget(make_pool):
+    probe = make_pool(1 << 30)
+    pool = make_pool(_size(probe, "lora3") - 1)
+    with pytest.raises(ServeError) as caught:
+        _use(pool, "lora3")
+    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "more than the whole adapter memory budget" in caught.value.message
+    assert pool.entries() == [] and pool.engine.resident() == {}
+
+
+def test_concurrent_requests_for_a_cold_adapter_load_it_once(make_pool):
+    pool = make_pool(1 << 30)
+    manifest = pool.resolve("lora2")
+    leases = []
+    threads = [threading.Thread(target=lambda: leases.append(pool.acquire([manifest]))) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert pool.metrics.loads.labels(source="disk")._value.get() == 1
+    entry = pool.entries()[0]
+    assert entry.in_use == 6 and entry.requests == 6
+    for lease in leases:
+        pool.release(lease)
+    assert entry.in_use == 0
+
+
+def test_a_failed_acquire_holds_nothing(make_pool):
+    pool = make_pool(1 << 30)
+    with pytest.raises(ServeError) as caught:
+        pool.acquire([pool.resolve("lora0"), pool.resolve("foreign")])
+    assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert [(e.key, e.in_use) for e in pool.entries()] == [("lora0@1.0.0", 0)]

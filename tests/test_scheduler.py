@@ -1,0 +1,119 @@
+"""The scheduler: continuous batching over the real engine, cancellation, calls between steps, failures."""
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from server_support import *  # noqa: F401,F403
+from server_support import served_model, wait_until
+
+from hub.artifact import read_adapter
+from runtime.engine import Engine
+from runtime.errors import ServeError
+from runtime.generate import SamplingParams, Sequence
+from runtime.plan import AdapterUse, RowPlan
+from runtime.scheduler import Finished, Scheduler
+
+PROMPT = [5, 9, 33, 70, 12]
+
+
+@pytest.fixture
+def scheduler(served_base, served_adapters):
+    model, tokenizer = served_model(served_base)
+    engine = Engine(model, tokenizer)
+    for name in ("lora0", "ia3"):
+        engine.load(name, read_adapter(served_adapters[name]))
+    sched = Scheduler(engine, max_batch_size=4, max_queue=8)
+    sched.start()
+    yield sched
+    sched.stop(timeout=60)
+
+
+def _seq(name: str, adapter: str | None, tokens: int, prompt=PROMPT) -> Sequence:
+    plan = RowPlan((AdapterUse(adapter),)) if adapter else RowPlan()
+    return Sequence(id=name, prompt_ids=list(prompt), plan=plan, sampling=SamplingParams(max_new_tokens=tokens))
+
+
+def _drain(request) -> tuple[list[int], Finished]:
+    tokens: list[int] = []
+    for event in request.stream():
+        if isinstance(event, Finished):
+            return tokens, event
+        tokens += event
+    raise AssertionError("stream ended without Finished")
+
+
+def test_a_request_joins_a_running_batch_and_leaves_when_done(scheduler):
+    alone_short = _drain(scheduler.submit(_seq("s0", "ia3", 5)))[0]
+    long = scheduler.submit(_seq("long", "lora0", 3000))
+    first = long.events.get()  # the long request is decoding
+    short = scheduler.submit(_seq("s1", "ia3", 5))
+    tokens, finished = _drain(short)
+    assert tokens == alone_short and finished.reason == "length"
+    assert long.state == "running"  # it kept its row while the short one came and went
+    wait_until(lambda: scheduler.load() == (1, 0), "the short request left the batch")
+    scheduler.cancel(long)
+    rest, finished = _drain(long)
+    assert finished.reason == "cancelled" and len(first + rest) < 3000
+    assert scheduler.load() == (0, 0)
+    again = _drain(scheduler.submit(_seq("again", "lora0", len(first + rest))))[0]
+    assert again == first + rest  # the cancelled request's tokens were those it gets alone
+
+
+def test_cancel_a_queued_request_frees_its_place_at_once(scheduler):
+    scheduler.max_batch_size = 1
+    running = scheduler.submit(_seq("run", None, 3000))
+    running.events.get()
+    queued = scheduler.submit(_seq("wait", None, 4))
+    assert scheduler.load() == (1, 1)
+    scheduler.cancel(queued)
+    assert scheduler.load() == (1, 0)
+    assert queued.events.get_nowait() == Finished("cancelled")
+    scheduler.cancel(running)
+    assert _drain(running)[1].reason == "cancelled"
+
+
+def test_queue_bound(scheduler):
+    scheduler.max_queue = 0
+    with pytest.raises(ServeError) as caught:
+        scheduler.submit(_seq("x", None, 2))
+    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_calls_run_on_the_loop_thread_and_return_or_raise(scheduler):
+    import threading
+
+    assert scheduler.call(lambda: threading.current_thread().name) == "adapterhub-scheduler"
+    with pytest.raises(ZeroDivisionError):
+        scheduler.call(lambda: 1 / 0)
+    assert _drain(scheduler.submit(_seq("ok", None, 2)))[1].reason == "length"  # the loop went on
+
+
+def test_a_failing_step_fails_its_rows_not_the_server(scheduler):
+    """Pulling an adapter out from under a running request (the pool never does this) makes the next step
+    fail: that request gets INTERNAL, and the next request is served."""
+    doomed = scheduler.submit(_seq("doomed", "lora0", 3000))
+    doomed.events.get()
+    scheduler.call(lambda: scheduler.engine.unload("lora0"))
+    _, finished = _drain(doomed)
+    assert finished.error is not None and finished.error.code == grpc.StatusCode.INTERNAL
+    assert scheduler.load() == (0, 0)
+    assert _drain(scheduler.submit(_seq("next", "ia3", 3)))[1].reason == "length"
+
+
+def test_a_plan_the_engine_refuses_fails_only_that_request(scheduler):
+    bad = scheduler.submit(_seq("bad", "not-loaded", 3))
+    _, finished = _drain(bad)
+    assert finished.error.code == grpc.StatusCode.INVALID_ARGUMENT and "not loaded" in finished.error.message
+
+
+def test_stop_finishes_queued_and_running_requests_then_refuses(served_base):
+    model, tokenizer = served_model(served_base)
+    sched = Scheduler(Engine(model, tokenizer), max_batch_size=1, max_queue=4)
+    sched.start()
+    requests = [sched.submit(_seq(f"r{i}", None, 6)) for i in range(3)]
+    sched.stop(timeout=60)
+    assert [_drain(r)[1].reason for r in requests] == ["length"] * 3
+    with pytest.raises(ServeError) as caught:
+        sched.submit(_seq("late", None, 2))
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
