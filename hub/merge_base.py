@@ -85,8 +85,12 @@ def fold(model: nn.Module, adapter: Adapter) -> None:
     with torch.no_grad():
         if adapter.technique is Technique.LORA:
             for path, m in lora_modules(adapter).items():
-                module, delta = modules[path], m.delta()
-                module.weight += (delta.T if m.embedding or transposed else delta).to(module.weight.dtype)
+                module = modules[path]
+                a, b = m.a.to(module.weight.dtype), m.b.to(module.weight.dtype)
+                if m.embedding or transposed:  # weight stored (in, out): add (B @ A)^T = A^T @ B^T
+                    module.weight.addmm_(a.T, b.T, alpha=m.scaling)
+                else:
+                    module.weight.addmm_(b, a, alpha=m.scaling)
                 if m.bias is not None:
                     _bias(module, path).add_((m.bias.float() * m.scaling).to(module.weight.dtype))
         for path, parts in module_tensors(adapter).items():
@@ -106,23 +110,24 @@ def _bias(module: nn.Module, path: str) -> torch.Tensor:
     return module.bias
 
 
-def export_merged(adapter: Adapter, base_model: str, out_dir: str | Path) -> Path:
+def export_merged(adapter: Adapter, base_model: str, out_dir: str | Path, *, dtype: torch.dtype | None = None) -> Path:
     """Write a full HF model folder: `base_model` (embedded name, folder or hub id) with the adapter folded in.
 
-    Folds in float32 and saves in the base's own dtype; copies the base's tokenizer files when it has
-    them. `out_dir` must not exist or be empty; it appears complete or not at all.
+    Folds in float32 and saves in `dtype` (default: the base's own, e.g. bf16 for the embedded SmolLM2);
+    copies the base's tokenizer files when it has them. `out_dir` must not exist or be empty; it
+    appears complete or not at all.
     """
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ArtifactError(f"{out} already exists and is not an empty folder")
     path = basemodel.resolve(base_model)
     try:
-        model, dtype = _load_copy(path, adapter)
+        model, saved_dtype = _load_copy(path, adapter)
     except OSError as e:
         raise ArtifactError(f"cannot load base model {base_model!r}: {e}") from None
     fold(model, adapter)
-    if dtype is not None:
-        model.to(dtype)
+    if (dtype or saved_dtype) is not None:
+        model.to(dtype or saved_dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
     try:

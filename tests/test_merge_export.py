@@ -79,6 +79,15 @@ def test_bitfit_folds_into_new_biases(tmp_path, tiny_llama_dir, paths, flags):
     torch.testing.assert_close(logits(folded), logits(_with_bitfit(tiny_llama(), biases)), atol=1e-4, rtol=0)
 
 
+def test_export_keeps_the_base_dtype_unless_asked(tmp_path):
+    base = tmp_path / "bf16-base"
+    tiny_llama().to(torch.bfloat16).save_pretrained(base)
+    adapter = read_adapter(save_peft_adapter(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]), tmp_path / "a"))
+    assert AutoModelForCausalLM.from_pretrained(export_merged(adapter, str(base), tmp_path / "o")).dtype == torch.bfloat16
+    wide = export_merged(adapter, str(base), tmp_path / "w", dtype=torch.float32)
+    assert AutoModelForCausalLM.from_pretrained(wide).dtype == torch.float32
+
+
 def test_refusals(tmp_path, tiny_llama_dir):
     base = tiny_llama()
     prompt = save_peft_adapter(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3), tmp_path / "p")
@@ -118,3 +127,27 @@ def test_cli_export_merged_uses_the_recorded_base(tmp_path, hub_home, tiny_llama
     assert plain.exit_code == 0 and read_adapter(tmp_path / "adapter").technique.value == "lora"
     again = runner.invoke(app, ["export", "task@1.0.0", "--merged", "--out", str(tmp_path / "full")])
     assert again.exit_code == 1 and "not an empty folder" in again.output
+
+
+@pytest.mark.slow
+def test_real_base_model_folds_and_loads(tmp_path, real_hub_home, monkeypatch):
+    """SmolLM2-135M (tied embeddings, bf16 on disk): the fp32 export equals PEFT's unmerged logits and
+    carries the base's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from hub import basemodel
+
+    monkeypatch.setenv("HUB_HOME", real_hub_home)
+    base, tokenizer = basemodel.load()
+    # alpha 1: still a strong adapter (logits move by ~12), while 30 layers of float32 rounding stay < 1e-4
+    folder = save_peft_adapter(base, LoraConfig(r=8, lora_alpha=1, target_modules=LLAMA_TARGETS), tmp_path / "a")
+    adapter = read_adapter(folder)
+    ids = tokenizer("Merging adapters into the base model", return_tensors="pt")["input_ids"]
+    fp32 = AutoModelForCausalLM.from_pretrained(export_merged(adapter, "smollm2-135m", tmp_path / "fp32",
+                                                              dtype=torch.float32)).eval()
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits
+        expected = PeftModel.from_pretrained(base, str(folder)).eval()(input_ids=ids).logits
+        assert (expected - plain).abs().max() > 1.0
+        torch.testing.assert_close(fp32(input_ids=ids).logits, expected, atol=1e-4, rtol=0)
+    assert AutoTokenizer.from_pretrained(tmp_path / "fp32")("hi")["input_ids"] == tokenizer("hi")["input_ids"]
