@@ -17,6 +17,8 @@ TOKEN_OPT = typer.Option(None, "--token-file", help="File whose first token is s
 CA_OPT = typer.Option(None, "--tls-ca", help="PEM certificate that signs the server's TLS certificate.")
 ADAPTER_OPT = typer.Option([], "--adapter", "-a", help="REF or REF:WEIGHT (repeat for a stack).")
 MODE_OPT = typer.Option("stack", "--mode", help="How several adapters combine: stack or average.")
+MERGE_OPT = typer.Option(None, "--merge", help="Merge the adapters into one: METHOD[,density=D][,majority_sign=S]"
+                         "[,svd_rank=R][,seed=N], e.g. ties,density=0.5 (weights from -a REF:WEIGHT).")
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
 
@@ -119,10 +121,27 @@ def serve(
     raise typer.Exit(code)
 
 
+def _mode_kwargs(mode: str, merge: str | None) -> dict:
+    """--mode / --merge TEXT -> the client's mode (and merge options); one clear error for bad input."""
+    if mode not in ("stack", "average"):
+        _fail(f"--mode must be stack or average, got {mode!r}")
+    if merge is None:
+        return {"mode": mode}
+    if mode != "stack":
+        _fail("--merge replaces --mode: give one of them")
+    from runtime.merged import parse_merge_options
+
+    try:
+        return {"mode": "merge", "merge": parse_merge_options(merge)}
+    except ValueError as e:
+        _fail(str(e))
+
+
 def generate(
     prompt: str = typer.Argument(..., help="Prompt text."),
     adapter: list[str] = ADAPTER_OPT,
     mode: str = MODE_OPT,
+    merge: Optional[str] = MERGE_OPT,
     chat: bool = typer.Option(False, "--chat", help="Apply the base model's chat template."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens"),
     temperature: Optional[float] = typer.Option(None, "--temperature"),
@@ -137,10 +156,8 @@ def generate(
     """Generate with a running server, applying the named adapters."""
     from google.protobuf.json_format import MessageToDict
 
-    kwargs = dict(adapters=[parse_adapter(a) for a in adapter], mode=mode, chat=chat, max_new_tokens=max_new_tokens,
-                  temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop)
-    if mode not in ("stack", "average"):
-        _fail(f"--mode must be stack or average, got {mode!r}")
+    kwargs = dict(adapters=[parse_adapter(a) for a in adapter], chat=chat, max_new_tokens=max_new_tokens,
+                  temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop, **_mode_kwargs(mode, merge))
     with _rpc_errors(), _client(server, token_file, tls_ca) as client:
         if stream and not as_json:
             for chunk in client.generate_stream(prompt, **kwargs):
@@ -158,16 +175,16 @@ def score(
     text: str = typer.Argument(..., help="Text to score."),
     adapter: list[str] = ADAPTER_OPT,
     mode: str = MODE_OPT,
+    merge: Optional[str] = MERGE_OPT,
     as_json: bool = typer.Option(False, "--json"),
     server: str = SERVER_OPT, token_file: Optional[Path] = TOKEN_OPT, tls_ca: Optional[Path] = CA_OPT,
 ) -> None:
     """Per-token log-probabilities of TEXT under the named adapters (total on the last line)."""
     from google.protobuf.json_format import MessageToDict
 
-    if mode not in ("stack", "average"):
-        _fail(f"--mode must be stack or average, got {mode!r}")
+    modes = _mode_kwargs(mode, merge)
     with _rpc_errors(), _client(server, token_file, tls_ca) as client:
-        reply = client.score(text, adapters=[parse_adapter(a) for a in adapter], mode=mode)
+        reply = client.score(text, adapters=[parse_adapter(a) for a in adapter], **modes)
         if as_json:
             typer.echo(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
             return

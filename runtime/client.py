@@ -19,7 +19,7 @@ from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 from runtime.proto.adapterhub.v1 import runtime_pb2_grpc as pb_grpc
 
 AdapterArg = Union[str, tuple[str, float], pb.AdapterSpec]
-MODES = {"stack": pb.COMPOSITION_MODE_STACK, "average": pb.COMPOSITION_MODE_AVERAGE}
+MODES = {"stack": pb.COMPOSITION_MODE_STACK, "average": pb.COMPOSITION_MODE_AVERAGE, "merge": pb.COMPOSITION_MODE_MERGE}
 
 
 def adapter_specs(adapters: Iterable[AdapterArg]) -> list[pb.AdapterSpec]:
@@ -82,14 +82,15 @@ class RuntimeClient:
                          adapters: Iterable[AdapterArg] = (), mode: str = "stack", chat: bool = False,
                          max_new_tokens: int | None = None, temperature: float | None = None,
                          top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
-                         stop: Iterable[str] = ()) -> pb.GenerateRequest:
+                         stop: Iterable[str] = (), merge: pb.MergeOptions | None = None) -> pb.GenerateRequest:
         sampling = pb.SamplingParams(stop=list(stop))
         for name, value in (("max_new_tokens", max_new_tokens), ("temperature", temperature), ("top_p", top_p),
                             ("top_k", top_k), ("seed", seed)):
             if value is not None:
                 setattr(sampling, name, value)
         return pb.GenerateRequest(prompt=prompt or "", prompt_token_ids=list(token_ids),
-                                  adapters=adapter_specs(adapters), mode=MODES[mode], chat=chat, sampling=sampling)
+                                  adapters=adapter_specs(adapters), mode=MODES[mode], chat=chat, sampling=sampling,
+                                  merge=merge)
 
     def generate(self, prompt: str | None = None, *, timeout: float | None = None, **kwargs) -> pb.GenerateResponse:
         """The whole completion; kwargs as `generate_request`."""
@@ -101,9 +102,10 @@ class RuntimeClient:
         return self.stub.GenerateStream(self.generate_request(prompt, **kwargs), **self._kw(timeout))
 
     def score(self, text: str | None = None, *, token_ids: Iterable[int] = (), adapters: Iterable[AdapterArg] = (),
-              mode: str = "stack", timeout: float | None = None) -> pb.ScoreResponse:
+              mode: str = "stack", merge: pb.MergeOptions | None = None,
+              timeout: float | None = None) -> pb.ScoreResponse:
         request = pb.ScoreRequest(text=text or "", token_ids=list(token_ids), adapters=adapter_specs(adapters),
-                                  mode=MODES[mode])
+                                  mode=MODES[mode], merge=merge)
         return self.stub.Score(request, **self._kw(timeout))
 
     def load_adapter(self, ref: str, *, pin: bool = False, timeout: float | None = None) -> pb.LoadAdapterResponse:

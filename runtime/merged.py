@@ -105,3 +105,23 @@ def merged_manifest(parents: Sequence[Any], weights: Sequence[float], options: p
     except MergeError as e:
         raise _invalid(str(e)) from None
     return MergedManifest(tuple(parents), spec, techniques[0], merge_key(parents, spec))
+
+
+_OPTION_TYPES = {"density": float, "majority_sign": str, "svd_rank": int, "seed": int}
+
+
+def parse_merge_options(text: str) -> pb.MergeOptions:
+    """`METHOD[,density=D][,majority_sign=S][,svd_rank=R][,seed=N]` (the CLI's --merge) -> MergeOptions."""
+    method, *pairs = [p.strip() for p in text.split(",")]
+    if not method or "=" in method:
+        raise ValueError(f"--merge starts with the method (e.g. ties,density=0.5), got {text!r}")
+    options = pb.MergeOptions(method=method)
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in _OPTION_TYPES:
+            raise ValueError(f"--merge option {pair!r}: expected one of {', '.join(f'{k}=...' for k in _OPTION_TYPES)}")
+        try:
+            setattr(options, key, _OPTION_TYPES[key](value))
+        except ValueError:
+            raise ValueError(f"--merge option {key} takes a {_OPTION_TYPES[key].__name__}, got {value!r}") from None
+    return options

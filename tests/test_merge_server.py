@@ -128,3 +128,37 @@ def test_foreign_parent_is_refused(start_server):
     with pytest.raises(grpc.RpcError) as e:
         ask(client, merge_request(client, ["lora0", "foreign"], method="cat"))
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_cli_generate_and_score_with_merge(start_server):
+    import json
+
+    from typer.testing import CliRunner
+
+    from hub.cli import app
+
+    server, client = start_server()
+    runner = CliRunner()
+    args = ["--server", server.address, "-a", "lora0:0.7", "-a", "lora1:0.3", "--merge", "ties_svd,density=0.5"]
+    result = runner.invoke(app, ["generate", PROMPT, *args, "--max-new-tokens", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    reply = json.loads(result.output)
+    direct = ask(client, merge_request(client, [("lora0", 0.7), ("lora1", 0.3)], 8, method="ties_svd", density=0.5))
+    assert [int(t) for t in reply["token_ids"]] == list(direct.token_ids)
+    assert [a["ref"] for a in reply["adapters"]] == ["lora0@1.0.0", "lora1@1.0.0"]
+    scored = runner.invoke(app, ["score", PROMPT, *args])
+    assert scored.exit_code == 0 and scored.output.splitlines()[-1].startswith("total\t")
+    for bad, message in (("ties,density=x", "takes a float"), ("density=0.5", "starts with the method"),
+                         ("ties,rank=2", "expected one of")):
+        result = runner.invoke(app, ["generate", PROMPT, "--server", server.address, "-a", "lora0", "--merge", bad])
+        assert result.exit_code != 0 and message in result.output, result.output
+    both = runner.invoke(app, ["generate", PROMPT, "--server", server.address, "--mode", "average", "--merge", "cat"])
+    assert both.exit_code != 0 and "--merge replaces --mode" in both.output
+
+
+def test_parse_merge_options():
+    from runtime.merged import parse_merge_options
+
+    options = parse_merge_options("dare_ties, density=0.25, majority_sign=frequency, svd_rank=4, seed=9")
+    assert options == pb.MergeOptions(method="dare_ties", density=0.25, majority_sign="frequency", svd_rank=4, seed=9)
+    assert parse_merge_options("cat") == pb.MergeOptions(method="cat")
