@@ -149,18 +149,19 @@ def combine(tensors: Sequence[torch.Tensor], weights: torch.Tensor, spec: MergeS
     return weighted.sum(dim=0)
 
 
-def merge(adapters: Sequence[Adapter], spec: MergeSpec, fingerprints: Sequence[str | None] | None = None) -> Adapter:
+def merge(adapters: Sequence[Adapter], spec: MergeSpec) -> Adapter:
     """Merge adapters of one technique made for one base model into a new Adapter.
 
-    `fingerprints` (the registry's base-model fingerprints of each parent, where known) are compared
-    besides the configs' `base_model_name_or_path`, so adapters for different bases are refused.
+    The base is compared by the configs' `base_model_name_or_path` / `revision`. (Registry fingerprints
+    cannot be compared between adapters: they cover the modules each adapter touches, so the callers
+    check each parent against the base instead: the registry's ids, the runtime's served base.)
     """
     if not adapters:
         raise MergeError("nothing to merge: give at least one adapter")
     techniques = sorted({a.technique.value for a in adapters})
     if len(techniques) > 1:
         raise MergeError(f"cannot merge adapters of different techniques: {', '.join(techniques)}")
-    _check_compatible(adapters, fingerprints)
+    _check_compatible(adapters)
     technique = adapters[0].technique
     spec = spec.checked(technique, len(adapters))
     if technique is Technique.LORA:
@@ -172,14 +173,11 @@ def merge(adapters: Sequence[Adapter], spec: MergeSpec, fingerprints: Sequence[s
     return _merge_sum(adapters, spec)
 
 
-def _check_compatible(adapters: Sequence[Adapter], fingerprints: Sequence[str | None] | None) -> None:
+def _check_compatible(adapters: Sequence[Adapter]) -> None:
     for field in ("base_model_name_or_path", "revision"):
         values = {a.config.get(field) for a in adapters} - {None, ""}
         if len(values) > 1:
             raise MergeError(f"adapters were made for different base models ({field}: {', '.join(sorted(values))})")
-    known = {f for f in fingerprints or () if f}
-    if len(known) > 1:
-        raise MergeError("adapters were made for different base models (their base-model fingerprints differ)")
     for field in ("task_type", "fan_in_fan_out"):
         values = {repr(a.config.get(field)) for a in adapters}
         if len(values) > 1:

@@ -55,10 +55,11 @@ def merge_versions(registry: Registry, refs: list[str], spec: MergeSpec, name: s
     """Resolve, merge and push: the new version's manifest."""
     parents = [registry.resolve(ref) for ref in refs]
     bases = {m.base_model.id for m in parents} - {None}
-    if len(bases) > 1:
-        raise MergeError(f"adapters were pushed for different base models: {', '.join(sorted(bases))}")
+    revisions = {m.base_model.revision for m in parents} - {None}
+    if len(bases) > 1 or len(revisions) > 1:
+        raise MergeError(f"adapters were pushed for different base models: {', '.join(sorted(bases | revisions))}")
     adapters = [read_adapter(registry.materialize(m)) for m in parents]
-    merged = merge(adapters, spec, fingerprints=[m.base_model.fingerprint for m in parents])
+    merged = merge(adapters, spec)
     checked = spec.checked(merged.technique, len(parents))  # the lineage records defaults as applied
     with tempfile.TemporaryDirectory(prefix="hub-merge-") as tmp:
         folder = write_adapter(merged, Path(tmp) / "merged")

@@ -40,7 +40,7 @@ class MergedManifest:
     spec: MergeSpec  # checked: defaults filled in
     technique: str
     digest: str
-    base_model: BaseModelInfo = BaseModelInfo()  # no recorded fingerprint: the parents' are checked in `build`
+    base_model: BaseModelInfo = BaseModelInfo()  # no recorded fingerprint: `read` checks each parent's
 
     @property
     def ref(self) -> str:
@@ -67,7 +67,7 @@ class MergedManifest:
         """The merged adapter, from parents read by `read` (the pool's verified read)."""
         adapters = [read(m) for m in self.parents]
         try:
-            return merge(adapters, self.spec, [m.base_model.fingerprint for m in self.parents])
+            return merge(adapters, self.spec)
         except MergeError as e:
             refs = ", ".join(m.ref for m in self.parents)
             raise _invalid(f"cannot merge {refs}: {e}") from None

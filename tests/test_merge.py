@@ -301,8 +301,8 @@ def test_refuses_different_bases_and_techniques(loras, tmp_path):
     with pytest.raises(MergeError, match="different base models"):
         merge([Adapter(a.technique, {**a.config, "base_model_name_or_path": "tiny"}, a.tensors), other],
               MergeSpec("linear"))
-    with pytest.raises(MergeError, match="fingerprints differ"):
-        merge([a, a], MergeSpec("linear"), fingerprints=["f1", "f2"])
+    with pytest.raises(MergeError, match="different base models"):
+        merge([Adapter(a.technique, {**a.config, "revision": f"v{i}"}, a.tensors) for i in (1, 2)], MergeSpec("linear"))
     with pytest.raises(MergeError, match="different techniques"):
         merge([a, bottleneck(1)], MergeSpec("linear"))
     with pytest.raises(MergeError, match="nothing to merge"):

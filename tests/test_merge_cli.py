@@ -105,6 +105,16 @@ def test_refuses_adapters_for_different_bases(registry, tmp_path):
     assert result.exit_code == 1 and "different base models" in result.output
 
 
+def test_adapters_touching_different_modules_merge(registry, tmp_path, tiny_llama_dir):
+    """Their registry fingerprints differ (they cover the touched modules), yet they share the base."""
+    folder = save_peft_adapter(tiny_llama(), LoraConfig(r=2, target_modules=["k_proj", "o_proj"]), tmp_path / "c")
+    assert hub("push", str(folder), "--name", "task-c", "--version", "1.0.0", "--base-model", str(tiny_llama_dir)
+               ).exit_code == 0
+    result = hub("merge", "task-a", "task-c", "--method", "cat", "--name", "ac", "--version", "1.0.0")
+    assert result.exit_code == 0, result.output
+    assert manifest("ac@1.0.0")["target_modules"] == ["k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
 def test_existing_version_is_not_overwritten(registry):
     assert hub("merge", "task-a", "task-b", "--method", "cat", "--name", "task-a", "--version", "1.0.0").exit_code == 1
     assert manifest("task-a@1.0.0")["lineage"]["parents"] == []

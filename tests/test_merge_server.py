@@ -162,3 +162,43 @@ def test_parse_merge_options():
     options = parse_merge_options("dare_ties, density=0.25, majority_sign=frequency, svd_rank=4, seed=9")
     assert options == pb.MergeOptions(method="dare_ties", density=0.25, majority_sign="frequency", svd_rank=4, seed=9)
     assert parse_merge_options("cat") == pb.MergeOptions(method="cat")
+
+
+def _second_adapter(technique: str, folder):
+    """Another adapter of the technique, for the served tiny base (different weights)."""
+    from peft import IA3Config, PromptTuningConfig
+
+    from conftest import save_bitfit_adapter, save_bottleneck_adapter, save_peft_adapter, tiny_llama
+
+    base = tiny_llama(max_position_embeddings=CONTEXT)
+    if technique == "ia3":
+        return save_peft_adapter(base, IA3Config(target_modules=["k_proj", "down_proj"],
+                                                 feedforward_modules=["down_proj"]), folder, seed=21)
+    if technique == "prompt_tuning":
+        return save_peft_adapter(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3), folder, seed=22)
+    if technique == "bitfit":
+        return save_bitfit_adapter(folder, {"model.layers.0.self_attn.o_proj": torch.randn(64),
+                                            "model.layers.1.mlp.down_proj": torch.randn(64)})
+    return save_bottleneck_adapter(folder, seed=23)
+
+
+@pytest.mark.parametrize("technique,method,weights", [
+    ("ia3", "linear", (0.6, 0.4)), ("bitfit", "linear", (1.0, -0.5)), ("bottleneck", "linear", (1.0, 3.0)),
+    ("prompt_tuning", "cat", (1.0, 1.0)),
+])
+def test_other_techniques_merge_as_the_offline_merge(start_server, registry, served_base, tmp_path,
+                                                     technique, method, weights):
+    """A per-request merge answers exactly as the same merge made offline (hub.merge), pushed and served."""
+    from hub.merge_cli import write_adapter
+
+    first = technique.replace("_", "-")
+    registry.push(_second_adapter(technique, tmp_path / "second"), "second", "1.0.0", base_model=str(served_base))
+    parents = [read_adapter(registry.materialize(registry.resolve(r))) for r in (f"{first}@1.0.0", "second@1.0.0")]
+    offline = merge(parents, MergeSpec(method, weights))
+    registry.push(write_adapter(offline, tmp_path / "offline"), "offline", "1.0.0", base_model=str(served_base))
+    _, client = start_server()
+    reply = ask(client, merge_request(client, [(first, weights[0]), ("second", weights[1])], method=method))
+    served = client.generate(PROMPT, adapters=["offline"], max_new_tokens=10)
+    base = client.generate(PROMPT, max_new_tokens=10)
+    assert list(reply.token_ids) == list(served.token_ids)
+    assert reply.token_ids != base.token_ids
