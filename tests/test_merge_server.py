@@ -202,3 +202,19 @@ def test_other_techniques_merge_as_the_offline_merge(start_server, registry, ser
     base = client.generate(PROMPT, max_new_tokens=10)
     assert list(reply.token_ids) == list(served.token_ids)
     assert reply.token_ids != base.token_ids
+
+
+def test_cat_of_adapters_touching_different_modules(start_server, registry, served_base, served_adapters, tmp_path):
+    """Modules only some parents touch get a smaller rank (rank_pattern/alpha_pattern): served as PEFT merges."""
+    from peft import LoraConfig
+
+    from conftest import save_peft_adapter, tiny_llama
+
+    folder = save_peft_adapter(tiny_llama(max_position_embeddings=CONTEXT),
+                               LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"]), tmp_path / "q", seed=31)
+    registry.push(folder, "qo", "1.0.0", base_model=str(served_base))
+    _, client = start_server()
+    reply = ask(client, merge_request(client, [("lora0", 0.8), ("qo", 1.5)], 12, method="cat"))
+    adapters = {**served_adapters, "qo": folder}
+    expected = peft_merged_generate(served_base, adapters, ["lora0", "qo"], [0.8, 1.5], 12, combination_type="cat")
+    assert list(reply.token_ids) == expected
