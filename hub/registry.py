@@ -182,25 +182,25 @@ class Registry:
         created: list[str] = []
         try:
             if manifest.path is None:
-                created = self._put_blobs(manifest, sources, progress)
+                self._put_blobs(manifest, sources, progress, created)
             else:
                 self._check_files(manifest)
             with self.index_file.update() as index:
                 if manifest.path is None:
-                    self._put_blobs(manifest, sources, None)  # a concurrent gc may have taken unreferenced blobs
+                    self._put_blobs(manifest, sources, None, created)  # a concurrent gc may have taken some
                 return index.add(manifest)
         except BaseException:
             self._drop_unreferenced(created)
             raise
 
-    def _put_blobs(self, manifest: Manifest, sources: dict[str, Path], progress: Progress | None) -> list[str]:
-        created = []
+    def _put_blobs(self, manifest: Manifest, sources: dict[str, Path], progress: Progress | None,
+                   created: list[str]) -> None:
+        """Store every file as a blob, appending to `created` the digests this call wrote (to undo on failure)."""
         for name, info in manifest.files.items():
             if not sources[name].is_file():
                 raise IntegrityError(f"{manifest.ref}: file {name} is missing at {sources[name]}")
             if self.store.put(sources[name], info["size"], info["sha256"], progress):
                 created.append(info["sha256"])
-        return created
 
     def _drop_unreferenced(self, digests: list[str]) -> None:
         """Undo a failed add: remove the blobs it wrote that no version refers to."""

@@ -22,13 +22,20 @@ _SHA_LEN = 64
 TMP_DIR = ".tmp"  # temp files of live or killed writers; gc removes those of dead processes
 
 
+_passed: dict[str, int] = {}  # stage -> times reached in this process (for HUB_PUSH_PAUSE_AT=stage#n)
+
+
 def pause_point(stage: str) -> None:
-    """Test hook for the kill-mid-push test: with HUB_PUSH_PAUSE=<seconds> a push announces each
-    stage on stderr and sleeps there, so the test can SIGKILL it at that exact point."""
+    """Test hook for the kill-mid-push tests: with HUB_PUSH_PAUSE=<seconds> a push announces each
+    stage on stderr as `hub-pause: <stage>#<n>` and sleeps there (only there, if HUB_PUSH_PAUSE_AT
+    names one), so a test can SIGKILL it at that exact point."""
     delay = os.environ.get("HUB_PUSH_PAUSE")
     if delay:
-        print(f"hub-pause: {stage}", file=sys.stderr, flush=True)
-        time.sleep(float(delay))
+        _passed[stage] = _passed.get(stage, 0) + 1
+        point = f"{stage}#{_passed[stage]}"
+        print(f"hub-pause: {point}", file=sys.stderr, flush=True)
+        if os.environ.get("HUB_PUSH_PAUSE_AT", point) == point:
+            time.sleep(float(delay))
 
 
 def fsync_dir(path: Path) -> None:
