@@ -178,10 +178,11 @@ def _check_compatible(adapters: Sequence[Adapter]) -> None:
         values = {a.config.get(field) for a in adapters} - {None, ""}
         if len(values) > 1:
             raise MergeError(f"adapters were made for different base models ({field}: {', '.join(sorted(values))})")
-    for field in ("task_type", "fan_in_fan_out"):
-        values = {repr(a.config.get(field)) for a in adapters}
-        if len(values) > 1:
-            raise MergeError(f"cannot merge adapters with different {field}: {', '.join(sorted(values))}")
+    task_types = {a.config.get("task_type") for a in adapters} - {None}
+    if len(task_types) > 1:
+        raise MergeError(f"cannot merge adapters with different task_type: {', '.join(sorted(task_types))}")
+    if len({bool(a.config.get("fan_in_fan_out")) for a in adapters}) > 1:
+        raise MergeError("cannot merge adapters with different fan_in_fan_out (weight layouts differ)")
 
 
 def _dtype(adapters: Sequence[Adapter]) -> torch.dtype:

@@ -303,6 +303,10 @@ def test_refuses_different_bases_and_techniques(loras, tmp_path):
               MergeSpec("linear"))
     with pytest.raises(MergeError, match="different base models"):
         merge([Adapter(a.technique, {**a.config, "revision": f"v{i}"}, a.tensors) for i in (1, 2)], MergeSpec("linear"))
+    with pytest.raises(MergeError, match="different task_type"):
+        merge([Adapter(a.technique, {**a.config, "task_type": t}, a.tensors) for t in ("CAUSAL_LM", "SEQ_CLS")],
+              MergeSpec("linear"))
+    merge([a, Adapter(a.technique, {**a.config, "task_type": "CAUSAL_LM"}, a.tensors)], MergeSpec("linear"))  # one unset
     with pytest.raises(MergeError, match="different techniques"):
         merge([a, bottleneck(1)], MergeSpec("linear"))
     with pytest.raises(MergeError, match="nothing to merge"):
