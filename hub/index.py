@@ -54,9 +54,10 @@ def atomic_write_json(path: Path, data: Any) -> None:
 class Index:
     """An in-memory registry index; `IndexFile.update()` hands one out for a locked change."""
 
-    def __init__(self, data: dict[str, Any] | None = None, source: str = INDEX_FILE):
+    def __init__(self, data: dict[str, Any] | None = None, source: str = INDEX_FILE, *, checked: bool = False):
         self.data = data if data is not None else {"schema_version": SCHEMA_VERSION, "adapters": {}}
-        self._check(source)
+        if not checked:  # `checked`: data this process validated before (IndexFile's cache)
+            self._check(source)
 
     def _check(self, source: str) -> None:
         errors = sorted(_validator().iter_errors(self.data), key=lambda e: list(e.absolute_path))
@@ -130,8 +131,13 @@ class Index:
             )
         entry = self.data["adapters"].setdefault(manifest.name, {"versions": {}, "tags": {}})
         entry["versions"][manifest.version] = manifest.to_dict()
-        self._check(INDEX_FILE)
+        self.subset([manifest.name])._check(INDEX_FILE)  # every rule is per adapter: check the changed one
         return manifest
+
+    def subset(self, names) -> Index:
+        """An unchecked index of only these adapters (validating it checks just them)."""
+        adapters = self.data["adapters"]
+        return Index({**self.data, "adapters": {n: adapters[n] for n in names if n in adapters}}, checked=True)
 
     def remove(self, name: str, version: str) -> None:
         """Drop a version and the tags that point at it (its blobs go at the next gc)."""
@@ -162,16 +168,31 @@ class IndexFile:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.path = self.root / INDEX_FILE
+        # (file identity, text) of the last index this object validated: validating the whole index on
+        # every read cost O(versions) per resolve, and O(versions^2) to push a thousand adapters.
+        self._validated: tuple[tuple[int, int, int], str] | None = None
+
+    def _identity(self) -> tuple[int, int, int]:
+        st = self.path.stat()  # writes are renames: a new index is a new inode, mtime and usually size
+        return st.st_ino, st.st_mtime_ns, st.st_size
 
     def read(self) -> Index:
         """The current index (no lock needed: writes are atomic renames). A missing file is an empty index."""
         if not self.path.is_file():
             return Index()
+        identity = self._identity()
+        cached = self._validated
+        if cached is not None and cached[0] == identity:
+            return Index(json.loads(cached[1]), checked=True)
         try:
-            data = json.loads(self.path.read_text())
+            text = self.path.read_text()
+            data = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise IndexCorrupt(f"{self.path}: not valid JSON ({e})") from None
-        return Index(data, source=str(self.path))
+        index = Index(data, source=str(self.path))
+        if self._identity() == identity:  # not replaced while it was read
+            self._validated = (identity, text)
+        return index
 
     @contextmanager
     def locked(self) -> Iterator[None]:
@@ -184,9 +205,13 @@ class IndexFile:
         """Read-modify-write under the lock; nothing is written if the block raises."""
         with self.locked():
             index = self.read()
-            before = json.dumps(index.data, sort_keys=True)
+            before = {name: json.dumps(entry, sort_keys=True) for name, entry in index.data["adapters"].items()}
+            outside = json.dumps({k: v for k, v in index.data.items() if k != "adapters"}, sort_keys=True)
             yield index
-            if json.dumps(index.data, sort_keys=True) != before:
-                index._check(str(self.path))
+            after = {name: json.dumps(entry, sort_keys=True) for name, entry in index.data["adapters"].items()}
+            if after != before or json.dumps({k: v for k, v in index.data.items() if k != "adapters"},
+                                             sort_keys=True) != outside:
+                index.subset([n for n in after if after[n] != before.get(n)])._check(str(self.path))
                 atomic_write_json(self.path, index.data)
+                self._validated = (self._identity(), json.dumps(index.data))
                 pause_point("index-committed")
