@@ -1,0 +1,72 @@
+"""Smoke test of the benchmark suite (bench/run.py): the sweep and the scale bench, end to end, on a tiny
+random model with tiny sizes. It checks that they run and write their result files with the expected
+keys, and the facts that do not depend on timing (the engine picks PEFT's greedy tokens; a budget of 3
+adapters under 8 distinct ones evicts; no request fails). No timing assertions: figures come from
+`make bench`."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import run as bench_run  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama with a word-level tokenizer, saved as the local folder `--base-model` takes
+    (the server loads a tokenizer with the model)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import tiny_llama
+
+    folder = tmp_path_factory.mktemp("bench-tiny")
+    tiny_llama().save_pretrained(folder)
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, 128)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(folder)
+    return folder
+
+
+def test_sweep_and_scale_write_results(tiny_model_dir, tmp_path):
+    out = tmp_path / "results"
+    args = bench_run.parser().parse_args([
+        "--only", "sweep", "--only", "scale", "--out", str(out), "--base-model", str(tiny_model_dir),
+        "--sweep-rows", "4", "--sweep-prompt-tokens", "4", "--sweep-steps", "2", "--sweep-counts", "1,4",
+        "--sweep-repeats", "1",
+        "--scale-adapters", "12", "--scale-fit", "3", "--scale-requests", "8", "--scale-concurrency", "2",
+        "--scale-new-tokens", "2", "--scale-prompt-tokens", "4",
+    ])
+    bench_run.run(args.only, args)
+
+    results = json.loads((out / "results.json").read_text())
+    assert {"machine", "sweep", "scale"} <= results.keys()
+    assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (out / "results.md").read_text()
+    assert results["sweep"]["table"] in markdown and results["scale"]["table"] in markdown
+
+    sweep = results["sweep"]
+    assert {(r["adapters"], r["system"]) for r in sweep["results"]} == {
+        (n, s) for n in (1, 4) for s in ("base model alone", "this engine", "PEFT mixed batch")}
+    for r in sweep["results"]:
+        assert {"prefill_tokens_per_s", "decode_tokens_per_s", "prefill_vs_base", "decode_vs_base"} <= r.keys()
+        if r["system"] == "this engine":
+            assert r["greedy_tokens_equal_to_peft"] == 1.0
+
+    scale = results["scale"]
+    assert scale["push"]["count"] == 12 and scale["server_exit_code"] == 0
+    assert set(scale["phases"]) == {"base", "zipf", "round-robin"}
+    for name, phase in scale["phases"].items():
+        assert phase["requests"] == 8 and phase["errors"] == 0, phase["error_examples"]
+        assert {"ttft_p50_s", "ttft_p95_s", "tokens_per_s"} <= phase.keys()
+        assert {"device_hit_ratio", "device_evictions", "disk_loads"} <= phase["cache"].keys()
+    assert scale["phases"]["round-robin"]["cache"]["device_evictions"] > 0  # 8 distinct adapters, room for 3
+    assert scale["tiers_at_end"]["adapters_by_tier"].get("device", 0) <= 3
