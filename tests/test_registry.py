@@ -327,3 +327,46 @@ def test_export_refuses_a_non_empty_folder(technique_adapters, hub_home, tmp_pat
     with pytest.raises(Exception, match="not an empty folder"):
         reg.export("lora", tmp_path / "out")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+ADAPTERHUB = REPO_ROOT / "tests" / "fixtures" / "bottleneck"
+
+
+@pytest.mark.parametrize("fixture", ["pfeiffer", "houlsby"])  # adapter.safetensors / pytorch_adapter.bin
+def test_adapterhub_folder_is_imported_on_push(fixture, hub_home, tmp_path):
+    from hub.adapterhub_import import import_adapterhub
+
+    reg = Registry()
+    m = reg.push(ADAPTERHUB / "adapters" / fixture, f"ah/{fixture}", "1.0.0", base_model=str(ADAPTERHUB / "base"))
+    assert m.technique == "bottleneck" and m.lineage["imported_from"] == "adapterhub"
+    assert m.base_model.fingerprint is not None
+    import_adapterhub(ADAPTERHUB / "adapters" / fixture, tmp_path / "direct")
+    pushed = read_adapter(reg.materialize(m))
+    direct = read_adapter(tmp_path / "direct")
+    assert pushed.tensors.keys() == direct.tensors.keys()
+    assert all(torch.equal(pushed.tensors[k], direct.tensors[k]) for k in direct.tensors)
+    with pytest.raises(Exception, match="cannot be recorded in place"):
+        Registry(ADAPTERHUB).push(ADAPTERHUB / "adapters" / fixture, "x", "1.0.0", in_place=True)
+
+
+def test_bad_adapterhub_folder_is_refused_and_registry_unchanged(hub_home, tmp_path):
+    folder = tmp_path / "houlsby"
+    shutil.copytree(ADAPTERHUB / "adapters" / "houlsby", folder)
+    (folder / "pytorch_adapter.bin").write_bytes(b"not a pickle")
+    with pytest.raises(ArtifactError, match="not a weights-only PyTorch file"):
+        Registry().push(folder, "bad", "1.0.0")
+    assert snapshot(hub_home) == {}
+
+
+@pytest.mark.slow
+def test_real_default_base_refuses_an_adapter_for_another_shape(technique_adapters, tmp_path, real_hub_home):
+    """`--base-model smollm2-135m` (or its HF id) checks against the real base's config."""
+    from hub.basemodel import EMBEDDED, prepared_dir
+
+    if not prepared_dir().is_dir():
+        pytest.skip("the default base model is not prepared (`hub base prepare`)")
+    reg = Registry(tmp_path / "reg")
+    for base in ["smollm2-135m", EMBEDDED["smollm2-135m"].hf_id]:
+        with pytest.raises(ArtifactError, match=r"does not fit base model .*lora_A has shape \(4, 64\), expected \(r, 576\)"):
+            reg.push(technique_adapters["lora"], "lora", "1.0.0", base_model=base)
+    assert reg.list() == []

@@ -1,0 +1,177 @@
+"""The Hugging Face remote. No hub is reachable here, so pulls run the real `snapshot_download` offline
+against a local HF cache laid out as huggingface_hub lays it out (models--org--repo/{refs,snapshots,blobs})."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hub.errors import RemoteError
+from hub.registry import Registry
+from hub.remotes import Remotes
+from hub.remotes.hf import HFRemote, model_card, stage
+from tests.test_registry import snapshot
+
+
+def populate_hf_cache(hf_home: Path, repo_id: str, folder: Path, revisions: list[str]) -> Path:
+    """Put `folder` into the HF cache as one commit of `repo_id`, reachable by each revision name."""
+    storage = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    commit = hashlib.sha1("".join(hashlib.sha256(p.read_bytes()).hexdigest() for p in files).encode()).hexdigest()
+    snapshot_dir = storage / "snapshots" / commit
+    (storage / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot_dir.mkdir(parents=True, exist_ok=True)
+    for p in files:
+        etag = hashlib.sha256(p.read_bytes()).hexdigest()
+        shutil.copyfile(p, storage / "blobs" / etag)
+        (snapshot_dir / p.name).symlink_to(Path("..", "..", "blobs", etag))
+    (storage / "refs").mkdir(exist_ok=True)
+    for revision in revisions:
+        (storage / "refs" / revision).write_text(commit)
+    return storage
+
+
+def run_hub(*args: str, hub_home: Path, hf_home: Path) -> subprocess.CompletedProcess:
+    """The real CLI in a fresh process, so HF_HOME and HF_HUB_OFFLINE are read by huggingface_hub at import."""
+    env = {**os.environ, "HUB_HOME": str(hub_home), "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    return subprocess.run([sys.executable, "-m", "hub", *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture
+def offline_hf_cache(tmp_path, monkeypatch) -> Path:
+    """An HF_HOME for in-process pulls (huggingface_hub read its cache path at import, so point it here)."""
+    from huggingface_hub import constants
+
+    hf_home = tmp_path / "hf"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_home / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return hf_home
+
+
+def staged(technique_adapters, tmp_path, technique: str = "lora") -> tuple[Path, Registry]:
+    """An artifact pushed to a local registry and staged exactly as `hub push --to hf://...` uploads it."""
+    local = Registry(tmp_path / "alice")
+    manifest = local.push(technique_adapters[technique], f"acme/{technique}", "1.0.0",
+                          base_model=str(technique_adapters["base"]), license="apache-2.0")
+    out = tmp_path / f"staged-{technique}"
+    out.mkdir()
+    stage(manifest, local, out)
+    return out, local
+
+
+def test_staged_upload_holds_the_artifact_manifest_and_card(technique_adapters, tmp_path):
+    folder, local = staged(technique_adapters, tmp_path, "bitfit")
+    manifest = local.resolve("acme/bitfit@1.0.0")
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*manifest.files, "hub-manifest.json", "README.md"])
+    assert json.loads((folder / "hub-manifest.json").read_text()) == manifest.to_dict()
+    card = (folder / "README.md").read_text()
+    assert "license: apache-2.0" in card and "library_name" not in card  # BitFit is not a PEFT format
+    # an artifact that ships its own card (PEFT writes one) keeps it byte for byte: its sha256 is in the manifest
+    lora_folder, _ = staged(technique_adapters, tmp_path, "lora")
+    assert (lora_folder / "README.md").read_bytes() == (technique_adapters["lora"] / "README.md").read_bytes()
+
+
+def test_model_card_carries_base_model_and_peft_library(technique_adapters, tmp_path):
+    manifest = Registry(tmp_path / "r").push(technique_adapters["ia3"], "acme/ia3", "1.0.0",
+                                             base_model="acme/base-not-at-hand", tags=["demo"])
+    card = model_card(manifest)
+    assert "base_model: acme/base-not-at-hand" in card and "library_name: peft" in card
+    assert "- ia3" in card and "- demo" in card
+
+
+def test_pull_from_hf_cache_offline_is_bit_identical(technique_adapters, tmp_path):
+    folder, local = staged(technique_adapters, tmp_path, "lora")
+    hf_home = tmp_path / "hf"
+    populate_hf_cache(hf_home, "acme/lora", folder, ["v1.0.0", "main"])
+    bob = tmp_path / "bob"
+    result = run_hub("pull", "acme/lora@1.0.0", "--from", "hf://acme/lora", hub_home=bob, hf_home=hf_home)
+    assert result.returncode == 0, result.stderr
+    assert "pulled acme/lora@1.0.0 lora" in result.stdout
+    pulled = Registry(bob).resolve("acme/lora@1.0.0")
+    assert pulled.sha256 == local.resolve("acme/lora@1.0.0").sha256
+    assert pulled.base_model == local.resolve("acme/lora@1.0.0").base_model
+    out = Registry(bob).export("acme/lora@1.0.0", tmp_path / "exported")
+    for p in technique_adapters["lora"].iterdir():
+        assert (out / p.name).read_bytes() == p.read_bytes()
+    a, b = load_file(technique_adapters["lora"] / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # `main` resolves to the same commit; the name in the ref is the local name
+    result = run_hub("pull", "mine/lora", "--from", "hf://acme/lora", hub_home=bob, hf_home=hf_home)
+    assert result.returncode == 0, result.stderr
+    assert Registry(bob).resolve("mine/lora").version == "1.0.0"
+
+
+def test_plain_peft_repo_is_imported(technique_adapters, tmp_path, offline_hf_cache):
+    populate_hf_cache(offline_hf_cache, "someone/plain-ia3", technique_adapters["ia3"], ["main"])
+    local = Registry(tmp_path / "home")
+    remote = HFRemote("someone/plain-ia3")
+    with pytest.raises(RemoteError, match="plain adapter repo .* give the version"):
+        remote.fetch("ia3", local)
+    with pytest.raises(RemoteError, match="add --revision main"):
+        remote.fetch("ia3@1.0.0", local)
+    manifest = remote.fetch("ia3@1.0.0", local, revision="main")
+    assert manifest.technique == "ia3" and manifest.lineage["imported_from"] == "hf://someone/plain-ia3@main"
+    assert Registry(tmp_path / "home").verify() == (3, [])
+
+
+def test_tampered_hf_cache_is_refused_and_nothing_changes(technique_adapters, tmp_path, offline_hf_cache):
+    folder, _ = staged(technique_adapters, tmp_path, "ia3")
+    storage = populate_hf_cache(offline_hf_cache, "acme/ia3", folder, ["v1.0.0"])
+    weights = (storage / "snapshots").glob("*/adapter_model.safetensors").__next__().resolve()
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x01")
+    local = Registry(tmp_path / "home")
+    local.push(technique_adapters["bitfit"], "keep", "1.0.0")
+    before = snapshot(local.root)
+    with pytest.raises(Exception, match="tampered or corrupted"):
+        HFRemote("acme/ia3").fetch("acme/ia3@1.0.0", local)
+    assert snapshot(local.root) == before
+
+
+def test_missing_revision_and_wrong_version_are_clear_errors(technique_adapters, tmp_path, offline_hf_cache):
+    folder, _ = staged(technique_adapters, tmp_path, "ia3")
+    populate_hf_cache(offline_hf_cache, "acme/ia3", folder, ["v1.0.0", "v2.0.0"])  # v2.0.0 points at 1.0.0's commit
+    local = Registry(tmp_path / "home")
+    with pytest.raises(RemoteError, match=r"hf://acme/ia3@v3.0.0: cannot download"):
+        HFRemote("acme/ia3").fetch("acme/ia3@3.0.0", local)
+    with pytest.raises(RemoteError, match="holds version 1.0.0, not 2.0.0"):
+        HFRemote("acme/ia3").fetch("acme/ia3@2.0.0", local)
+    assert local.list() == []
+
+
+def test_push_is_a_thin_use_of_the_client(technique_adapters, tmp_path, monkeypatch):
+    """The hub is unreachable here: record what the real client is asked to do (repo, files, tag)."""
+    import huggingface_hub
+
+    calls = []
+
+    class RecordingApi:
+        def create_repo(self, repo_id, exist_ok):
+            calls.append(("create_repo", repo_id, exist_ok))
+
+        def upload_folder(self, repo_id, folder_path, delete_patterns, commit_message):
+            calls.append(("upload_folder", repo_id, sorted(p.name for p in Path(folder_path).iterdir()), commit_message))
+            return type("Commit", (), {"oid": "c0ffee"})()
+
+        def create_tag(self, repo_id, tag, revision):
+            calls.append(("create_tag", repo_id, tag, revision))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    local = Registry(tmp_path / "home")
+    manifest = local.push(technique_adapters["lora"], "acme/lora", "1.2.0")
+    assert Remotes(local.root).open("hf://acme/lora").publish(manifest, local) == "hf://acme/lora@v1.2.0"
+    assert calls == [
+        ("create_repo", "acme/lora", True),
+        ("upload_folder", "acme/lora", ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                        "hub-manifest.json"], "acme/lora@1.2.0 (lora)"),
+        ("create_tag", "acme/lora", "v1.2.0", "c0ffee"),
+    ]
