@@ -66,7 +66,7 @@ class LoraOp(SiteOp):
                 self.slots.append(use.resident.sites[site])
             self.pairs.append((use.row, index[use.resident.key], use.weight))
         self._dense: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._buckets: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        self._buckets: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] | None = None
 
     def _dense_parts(self, rows: int):
         if self._dense is None:
@@ -81,14 +81,17 @@ class LoraOp(SiteOp):
             self._dense = (a, b, mask)
         return self._dense
 
-    def _bucket_parts(self):
+    def _bucket_parts(self, rows_total: int):
         if self._buckets is None:
             by_rank: dict[int, list[tuple[int, int, float]]] = {}
             for pair in self.pairs:
                 by_rank.setdefault(self.slots[pair[1]].rank, []).append(pair)
             self._buckets = []
             for pairs in by_rank.values():
-                rows = torch.tensor([p[0] for p in pairs], device=self.slots[0].a_t.device)
+                order = [p[0] for p in pairs]
+                # None: the bucket is every row once, in order (the common case), so no gather/scatter
+                device = self.slots[0].a_t.device
+                rows = None if order == list(range(rows_total)) else torch.tensor(order, device=device)
                 a = torch.stack([self.slots[p[1]].a_t for p in pairs])
                 b = torch.stack([self.slots[p[1]].b_t * p[2] for p in pairs])
                 self._buckets.append((rows, a, b))
@@ -100,8 +103,11 @@ class LoraOp(SiteOp):
             a, b, mask = self._dense_parts(rows)
             h = (x.reshape(rows, tokens, -1) @ a) * mask[:, None, :]
             return torch.addmm(y.reshape(rows * tokens, -1), h.reshape(rows * tokens, -1), b).view(y.shape)
-        for idx, a, b in self._bucket_parts():
-            y.index_add_(0, idx, torch.bmm(torch.bmm(x.index_select(0, idx), a), b))
+        for idx, a, b in self._bucket_parts(rows):
+            if idx is None:
+                y = y.baddbmm_(torch.bmm(x, a), b)
+            else:
+                y.index_add_(0, idx, torch.bmm(torch.bmm(x.index_select(0, idx), a), b))
         return y
 
 
