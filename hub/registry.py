@@ -13,7 +13,6 @@ import importlib.util
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from hub.index import Index, IndexFile
 from hub.manifest import (
     BaseModelInfo, Manifest, Provenance, artifact_files, build, check_name, check_version, parse_ref, sha256_file,
 )
-from hub.store import BlobStore, Progress, check_copy, copy_hashed, fsync_dir, temp_name
+from hub.store import BlobStore, Progress, check_copy, copy_hashed, fsync_dir, new_folder, temp_name
 
 CHECKOUTS = "checkouts"
 
@@ -248,22 +247,11 @@ class Registry:
 
     def export(self, ref: str, out: str | Path) -> Path:
         """Write a version's files to a new folder `out` (PEFT's `from_pretrained` loads PEFT techniques)."""
-        out = Path(out)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise HubError(f"{out} already exists and is not an empty folder")
-        manifest = self.resolve(ref)
-        src = self.materialize(manifest)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
-        tmp.mkdir()
-        try:
+        with new_folder(Path(out)) as tmp:
+            manifest = self.resolve(ref)
+            src = self.materialize(manifest)
             self._copy_files(manifest, lambda m, name: src / name, tmp)
-            if out.exists():
-                out.rmdir()
-            os.replace(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return out
+        return Path(out)
 
     # -- changing names
 

@@ -13,9 +13,10 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from hub.errors import IntegrityError
+from hub.errors import HubError, IntegrityError
 
 Progress = Callable[[int], None]  # called with the number of bytes just copied
 _SHA_LEN = 64
@@ -66,6 +67,25 @@ def owner_alive(path: Path) -> bool:
     except PermissionError:
         return True
     return True
+
+
+@contextmanager
+def new_folder(out: Path) -> Iterator[Path]:
+    """A temp folder beside `out` that becomes `out` (which must be new or empty) only if the block
+    succeeds: a reader never sees a half-written folder, and a failure leaves nothing behind."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise HubError(f"{out} already exists and is not an empty folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def copy_hashed(src: Path, dst: Path, progress: Progress | None = None) -> tuple[int, str]:
