@@ -82,7 +82,8 @@ class Scheduler:
         with self._cv:
             self._stopping = True
             self._cv.notify()
-        self._thread.join(timeout)
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout)
 
     # -- requests ----------------------------------------------------------------------------------
     def submit(self, seq: Sequence) -> Request:

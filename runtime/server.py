@@ -8,6 +8,7 @@ certificate, and on stop refuses new RPCs while the ones in flight finish within
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -184,13 +185,20 @@ class RuntimeServer:
 def serve(config: ServerConfig, *, ready=None) -> int:
     """Run until SIGTERM or SIGINT, then stop gracefully; returns the exit status (0)."""
     server = RuntimeServer(config)
+    try:
+        server.start()
+    except BaseException:
+        server.stop(grace=0)
+        raise
     signalled = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: signalled.set())
-    server.start()
     if ready is not None:
         ready(server)
-    while not signalled.wait(0.5):
+    while not signalled.wait(0.1):
         pass
+    running, queued = server.scheduler.load()
+    print(f"hub serve: stopping: {running} running and {queued} queued request(s) get up to "
+          f"{config.grace_seconds:g} s to finish", file=sys.stderr, flush=True)
     server.stop()
     return 0
