@@ -111,6 +111,7 @@ def push(
     """Validate an adapter folder and add it to the registry as NAME@VERSION."""
     with _clear_errors():
         reg = Registry(registry)
+        existed = reg.index().get(name, version) is not None
         with _progress(f"push {name}@{version}", _folder_size(path)) as advance:
             manifest = reg.push(
                 path, name, version, base_model=base_model, description=description,
@@ -120,11 +121,17 @@ def push(
         note = "" if manifest.base_model.fingerprint else (
             " (no base model named: fit not checked)" if manifest.base_model.id is None
             else " (base model not at hand: fit not checked)")
+        if to is not None:
+            try:
+                remote = _remote(reg, to)
+                with _progress(f"push {manifest.ref} -> {remote.url}", manifest.size) as advance:
+                    where = remote.publish(manifest, reg, advance)
+            except BaseException:
+                if not existed:  # the command failed: leave the local registry as it was too
+                    reg.discard(manifest)
+                raise
         typer.echo(f"pushed {manifest.ref} {manifest.technique} sha256:{manifest.sha256[:12]}{note}")
         if to is not None:
-            remote = _remote(reg, to)
-            with _progress(f"push {manifest.ref} -> {remote.url}", manifest.size) as advance:
-                where = remote.publish(manifest, reg, advance)
             typer.echo(f"pushed {manifest.ref} to {where}")
 
 

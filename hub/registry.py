@@ -211,6 +211,17 @@ class Registry:
                 if digest not in referenced and self.store.has(digest):
                     self.store.delete(digest)
 
+    def discard(self, manifest: Manifest) -> None:
+        """Undo an add (e.g. `push --to` whose remote failed): remove the version, and its blobs and
+        checkout unless another version shares them."""
+        with self.index_file.update() as index:
+            if index.get(manifest.name, manifest.version) is not None:
+                index.remove(manifest.name, manifest.version)
+        self._drop_unreferenced([f["sha256"] for f in manifest.files.values()])
+        checkout = self.root / CHECKOUTS / manifest.sha256
+        if checkout.is_dir() and manifest.sha256 not in {m.sha256 for m in self.index().manifests()}:
+            shutil.rmtree(checkout)
+
     # -- using versions
 
     def materialize(self, manifest: Manifest) -> Path:

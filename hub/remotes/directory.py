@@ -16,6 +16,8 @@ class DirectoryRemote(Remote):
         self.url = str(self.path)
 
     def _registry(self, must_exist: bool) -> Registry:
+        if self.path.exists() and not self.path.is_dir():
+            raise RemoteError(f"{self.path} is not a folder")
         if must_exist and not (self.path / "registry.json").is_file():
             raise NotFound(f"{self.path} is not a registry (no registry.json)")
         return Registry(self.path)
