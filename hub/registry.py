@@ -115,7 +115,9 @@ class Registry:
 
     def list(self, *, base_model: str | None = None, technique: str | None = None) -> list[Manifest]:
         """All versions, optionally those pushed against one base model or of one technique."""
-        bases = {base_model, basemodel.hf_id(base_model)} if base_model else None
+        bases = None
+        if base_model:  # as named, as its HF id, or as the absolute folder push records for a local base
+            bases = {base_model, basemodel.hf_id(base_model), str(Path(base_model).expanduser().resolve())}
         return [
             m for m in self.index().manifests()
             if (bases is None or m.base_model.id in bases) and (technique is None or m.technique == technique)

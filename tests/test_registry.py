@@ -69,6 +69,8 @@ def test_manifest_records_base_fingerprint_and_hyperparams(technique_adapters, h
     assert m.hyperparams == {"r": 4, "lora_alpha": 8}
     assert m.target_modules == ["q_proj", "v_proj"] and m.dtype == "float32"
     assert m.lineage == {"parents": []}
+    assert [x.ref for x in Registry().list(base_model=str(technique_adapters["base"]))] == ["lora@1.0.0"]
+    assert Registry().list(base_model="some/other-base") == []
 
 
 def test_push_without_base_records_no_fingerprint(technique_adapters, hub_home):
