@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,6 +66,9 @@ def _clear_errors() -> Iterator[None]:
     """Turn every expected failure into one line and a non-zero exit."""
     try:
         yield
+    except BrokenPipeError:  # e.g. `hub show X | head`: the reader left, which is no error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(0) from None
     except (HubError, ArtifactError, OSError) as e:
         fail(str(e))
 

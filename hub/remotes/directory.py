@@ -29,4 +29,4 @@ class DirectoryRemote(Remote):
 
     def publish(self, manifest: Manifest, local: Registry, progress: Progress | None = None) -> str:
         self._registry(must_exist=False).add_from(local, manifest.ref, progress)
-        return f"{self.url} ({manifest.ref})"
+        return self.url
