@@ -29,14 +29,18 @@ _passed: dict[str, int] = {}  # stage -> times reached in this process (for HUB_
 def pause_point(stage: str) -> None:
     """Test hook for the kill-mid-push tests: with HUB_PUSH_PAUSE=<seconds> a push announces each
     stage on stderr as `hub-pause: <stage>#<n>` and sleeps there (only there, if HUB_PUSH_PAUSE_AT
-    names one), so a test can SIGKILL it at that exact point."""
+    names one), so a test can SIGKILL it at that exact point, or act and then create the file
+    HUB_PUSH_RESUME (if set) to let it go on."""
     delay = os.environ.get("HUB_PUSH_PAUSE")
     if delay:
         _passed[stage] = _passed.get(stage, 0) + 1
         point = f"{stage}#{_passed[stage]}"
         print(f"hub-pause: {point}", file=sys.stderr, flush=True)
         if os.environ.get("HUB_PUSH_PAUSE_AT", point) == point:
-            time.sleep(float(delay))
+            resume = os.environ.get("HUB_PUSH_RESUME")
+            end = time.monotonic() + float(delay)
+            while time.monotonic() < end and not (resume and os.path.exists(resume)):
+                time.sleep(0.05)
 
 
 def fsync_dir(path: Path) -> None:

@@ -17,12 +17,14 @@ from hub.store import TMP_DIR
 
 
 def hub_push(folder: Path, name: str, version: str, home: Path, pause: float | None = None,
-             pause_at: str | None = None) -> subprocess.Popen:
+             pause_at: str | None = None, resume: Path | None = None) -> subprocess.Popen:
     env = {**os.environ, "HUB_HOME": str(home)}
     if pause is not None:
         env["HUB_PUSH_PAUSE"] = str(pause)
     if pause_at is not None:
         env["HUB_PUSH_PAUSE_AT"] = pause_at
+    if resume is not None:
+        env["HUB_PUSH_RESUME"] = str(resume)
     return subprocess.Popen(
         [sys.executable, "-m", "hub", "push", str(folder), "--name", name, "--version", version],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -112,3 +114,17 @@ def test_push_killed_at_random_moments_leaves_a_valid_index(technique_adapters, 
             assert reg.materialize(reg.resolve(ref)).is_dir()
     Registry().gc()
     assert not any((hub_home / TMP_DIR).iterdir())
+
+
+def test_gc_during_a_push_does_not_lose_its_blobs(technique_adapters, hub_home, tmp_path):
+    """gc takes blobs no version refers to yet, i.e. those of a push in flight; the push puts them back
+    under the lock before it commits, so the version it adds is whole."""
+    resume = tmp_path / "resume"
+    proc = hub_push(technique_adapters["lora"], "raced", "1.0.0", hub_home, pause=120,
+                    pause_at="blob-written#3", resume=resume)
+    wait_for_stage(proc, "blob-written#3")
+    assert Registry().gc().blobs == 2  # the two blobs this push has written so far
+    resume.touch()
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    reg = Registry()
+    assert reg.verify() == (3, []) and reg.materialize(reg.resolve("raced@1.0.0")).is_dir()
