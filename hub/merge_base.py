@@ -10,9 +10,7 @@ Prompt tuning and bottleneck adapters add inputs or layers, which no weight can 
 """
 from __future__ import annotations
 
-import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ from hub import basemodel
 from hub.artifact import Adapter, ArtifactError, Technique
 from hub.checkpoint import check_fits, is_feedforward, module_tensors
 from hub.merge import MergeError, lora_modules
+from hub.store import new_folder
 
 FOLDABLE = (Technique.LORA, Technique.IA3, Technique.BITFIT)
 BIAS_FLAGS = ("attention_bias", "mlp_bias")  # config flags that give a family's linear layers biases
@@ -114,30 +113,20 @@ def export_merged(adapter: Adapter, base_model: str, out_dir: str | Path, *, dty
     """Write a full HF model folder: `base_model` (embedded name, folder or hub id) with the adapter folded in.
 
     Folds in float32 and saves in `dtype` (default: the base's own, e.g. bf16 for the embedded SmolLM2);
-    copies the base's tokenizer files when it has them. `out_dir` must not exist or be empty; it
-    appears complete or not at all.
+    copies the base's tokenizer files when it has them. `out_dir` must not exist or be empty (checked
+    before any work); it appears complete or not at all.
     """
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ArtifactError(f"{out} already exists and is not an empty folder")
-    path = basemodel.resolve(base_model)
-    try:
-        model, saved_dtype = _load_copy(path, adapter)
-    except OSError as e:
-        raise ArtifactError(f"cannot load base model {base_model!r}: {e}") from None
-    fold(model, adapter)
-    if (dtype or saved_dtype) is not None:
-        model.to(dtype or saved_dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
-    try:
+    with new_folder(Path(out_dir)) as tmp:
+        path = basemodel.resolve(base_model)
+        try:
+            model, saved_dtype = _load_copy(path, adapter)
+        except OSError as e:
+            raise ArtifactError(f"cannot load base model {base_model!r}: {e}") from None
+        fold(model, adapter)
+        if (dtype or saved_dtype) is not None:
+            model.to(dtype or saved_dtype)
         model.save_pretrained(tmp)
         for name in TOKENIZER_FILES:
             if (Path(path) / name).is_file():
                 shutil.copy2(Path(path) / name, tmp / name)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out_dir)

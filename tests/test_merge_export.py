@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from conftest import LLAMA_TARGETS, save_bitfit_adapter, save_bottleneck_adapter, save_peft_adapter, tiny_llama
 from hub.artifact import ArtifactError, read_adapter
 from hub.cli import app
+from hub.errors import HubError
 from hub.merge_base import export_merged
 
 IDS = torch.tensor([[1, 5, 9, 33, 70, 4, 100, 7], [1, 64, 3, 3, 12, 90, 41, 2]])
@@ -106,7 +107,7 @@ def test_refusals(tmp_path, tiny_llama_dir):
     taken.mkdir()
     (taken / "x").write_text("keep me")
     lora = save_peft_adapter(base, LoraConfig(r=2, target_modules=["q_proj"]), tmp_path / "l")
-    with pytest.raises(ArtifactError, match="not an empty folder"):
+    with pytest.raises(HubError, match="not an empty folder"):
         export_merged(read_adapter(lora), str(tiny_llama_dir), taken)
     assert (taken / "x").read_text() == "keep me"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(("o", ".o"))] == []  # nothing half-written
