@@ -169,9 +169,9 @@ class Engine:
                     by_technique.setdefault(use.resident.technique, {}).setdefault(site, []).append(use)
         ops: dict[str, SiteOps] = {}
         for technique, sites in by_technique.items():
-            for site, uses in sites.items():
+            for site, site_ops in REGISTRY[technique].compile_all(sites, batch).items():
                 staged = ops.setdefault(site, ([], [], []))
-                for op in REGISTRY[technique].compile(site, uses, batch):
+                for op in site_ops:
                     staged[op.stage].append(op)
         prompts = []
         for row_uses in rows:

@@ -84,6 +84,8 @@ def folders(base, tmp_path_factory):
                                                  feedforward_modules=["down_proj"]), root / "e", 5),
         "ia3_b": save_peft_adapter(base, IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
                                                    feedforward_modules=["down_proj"]), root / "f", 6),
+        "ia3_q_in": save_peft_adapter(base, IA3Config(target_modules=["q_proj"], feedforward_modules=["q_proj"]),
+                                      root / "j", 10),
         "prompt5": save_peft_adapter(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5), root / "g", 7),
         "prompt3": save_peft_adapter(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3), root / "h", 8),
     }
@@ -197,3 +199,14 @@ def test_stacked_prompts_concatenate_in_order_and_combine_with_lora(base, folder
     ref = model_logits(PeftModel.from_pretrained(merged_lora(base, [(folders["lora_all"], 1.0)]), folders["prompt3"]),
                        ROWS[1])
     assert (got[1] - ref).abs().max() <= TOL
+
+
+def test_fused_sibling_projections_never_reuse_a_different_input(base, folders, engine):
+    # q and v share their A projections (same input tensor) unless something changes q's input first:
+    # here IA3 scales q's input on row 0, so q's x is a new tensor and v must not reuse q's projection.
+    plans = [plan("lora_all", "ia3_q_in"), plan("lora_rs"), RowPlan()]
+    got = engine_rows(engine, ROWS[:3], plans)
+    ref = model_logits(PeftModel.from_pretrained(merged_lora(base, [(folders["lora_all"], 1.0)]), folders["ia3_q_in"]),
+                       ROWS[0])
+    assert (got[0] - ref).abs().max() <= TOL
+    assert (got[1] - model_logits(peft_model(base, folders["lora_rs"]), ROWS[1])).abs().max() <= TOL

@@ -88,6 +88,10 @@ class TechniqueImpl(ABC):
         """The ops for `uses` (all rows' uses of this technique that touch `site`, in row/stack order)."""
         return []
 
+    def compile_all(self, site_uses: dict[str, list[Use]], batch: BatchInfo) -> dict[str, list[SiteOp]]:
+        """All of a batch's sites at once (override to share work between sites); default: per site."""
+        return {site: self.compile(site, uses, batch) for site, uses in site_uses.items()}
+
     def check_plan(self, uses_of_row: list[Use], mode: str) -> None:
         """Raise ValueError when a row's combination of this technique's adapters cannot be served."""
 

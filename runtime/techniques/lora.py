@@ -1,12 +1,14 @@
 """LoRA: y += w * scaling * B(A x) per row, many adapters (mixed ranks) in one forward.
 
-Two kernels, chosen per call by the number of tokens per row (both exact to float rounding):
-- prefill (many tokens): rows are bucketed by rank; per bucket, gather each row's A and B and run
-  two batched matmuls, so a row costs its own rank, never the batch's largest;
-- decode (few tokens): "masked dense" over the batch's distinct adapters: h = x @ [A_1 .. A_S],
-  multiplied by a per-row mask holding each row's own slots and weights, then h @ [B_1; ..; B_S].
-  Few large matmuls beat many tiny ones when a step is dominated by dispatch; concatenating along
-  the rank dimension means mixed ranks cost their sum, not S times the largest.
+Two kernels (both exact to float rounding), chosen per site and batch:
+- several distinct adapters at a site: rows are bucketed by rank; per bucket, each row's A and B
+  (stacked once per batch and reused every decode step, the weight folded into B) go through two
+  batched matmuls, so a row costs its own rank, never the batch's largest or the sum of all;
+- one adapter at a site (for any number of rows): "masked dense", h = x @ A times a per-row mask
+  holding each row's weight (0 for rows without it), then h @ B: two plain matmuls.
+Measured on 2 CPU cores for 16 distinct r=8 adapters, the stacked batched matmuls beat the masked
+dense form over all 16 adapters (x @ [A_1 .. A_16]) in a decode step by 2-3x: the dense form does
+16x the LoRA FLOPs, which at 16 rows is no longer small next to the base matmuls.
 Stacked LoRAs in one row add (each with its weight); `lora_bias` becomes a per-row bias.
 """
 from __future__ import annotations
@@ -21,8 +23,6 @@ from hub.artifact import Adapter, ArtifactError, Technique
 from hub.checkpoint import check_fits, module_tensors
 from runtime.techniques.base import (BatchInfo, Resident, RowBiasOp, SiteOp, Stage, TechniqueImpl, Use,
                                      nbytes_of, row_vectors, to_device)
-
-DENSE_MAX_TOKENS = 4  # at most this many tokens per row: the masked-dense kernel
 
 
 @dataclass
@@ -53,62 +53,92 @@ def scaling(config: dict, path: str) -> tuple[int, float]:
     return r, alpha / (math.sqrt(r) if config.get("use_rslora") else r)
 
 
+# Sibling modules that models call with the same input tensor: their A projections can run as one.
+SHARED_INPUT = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"w1", "w3"})
+
+
 class LoraOp(SiteOp):
     stage = Stage.DELTA
 
-    def __init__(self, uses: list[Use], site: str):
+    def __init__(self, uses: list[Use], site: str, rows: int):
         self.slots: list[LoraSite] = []
         index: dict[str, int] = {}
-        self.pairs: list[tuple[int, int, float]] = []  # (row, slot, weight)
+        pairs: list[tuple[int, int, float]] = []  # (row, slot, weight)
         for use in uses:
             if use.resident.key not in index:
                 index[use.resident.key] = len(self.slots)
                 self.slots.append(use.resident.sites[site])
-            self.pairs.append((use.row, index[use.resident.key], use.weight))
-        self._dense: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._buckets: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] | None = None
-
-    def _dense_parts(self, rows: int):
-        if self._dense is None:
-            a = torch.cat([s.a_t for s in self.slots], dim=1)
-            b = torch.cat([s.b_t for s in self.slots], dim=0)
-            offsets = [0]
-            for s in self.slots:
-                offsets.append(offsets[-1] + s.rank)
-            mask = torch.zeros(rows, a.shape[1], device=a.device, dtype=a.dtype)
-            for row, slot, weight in self.pairs:
-                mask[row, offsets[slot]:offsets[slot + 1]] += weight
-            self._dense = (a, b, mask)
-        return self._dense
-
-    def _bucket_parts(self, rows_total: int):
-        if self._buckets is None:
-            by_rank: dict[int, list[tuple[int, int, float]]] = {}
-            for pair in self.pairs:
-                by_rank.setdefault(self.slots[pair[1]].rank, []).append(pair)
-            self._buckets = []
-            for pairs in by_rank.values():
-                order = [p[0] for p in pairs]
-                # None: the bucket is every row once, in order (the common case), so no gather/scatter
-                device = self.slots[0].a_t.device
-                rows = None if order == list(range(rows_total)) else torch.tensor(order, device=device)
-                a = torch.stack([self.slots[p[1]].a_t for p in pairs])
-                b = torch.stack([self.slots[p[1]].b_t * p[2] for p in pairs])
-                self._buckets.append((rows, a, b))
-        return self._buckets
+            pairs.append((use.row, index[use.resident.key], use.weight))
+        device, dtype = self.slots[0].a_t.device, self.slots[0].a_t.dtype
+        self.shared: tuple[SharedInput, int] | None = None  # set by Lora.compile_all
+        self.dense: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.buckets: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
+        self.signature: tuple = ()
+        if len(self.slots) == 1:
+            mask = torch.zeros(rows, 1, device=device, dtype=dtype)
+            for row, _, weight in pairs:
+                mask[row] += weight
+            self.dense = (self.slots[0].a_t, self.slots[0].b_t, mask)
+            return
+        by_rank: dict[int, list[tuple[int, int, float]]] = {}
+        for pair in pairs:
+            by_rank.setdefault(self.slots[pair[1]].rank, []).append(pair)
+        for rank, group in by_rank.items():
+            order = [p[0] for p in group]
+            # None: the bucket is every row once, in order (the common case), so no gather/scatter
+            idx = None if order == list(range(rows)) else torch.tensor(order, device=device)
+            a = torch.stack([self.slots[p[1]].a_t for p in group])
+            b = torch.stack([self.slots[p[1]].b_t * p[2] for p in group])
+            self.buckets.append((idx, a, b))
+            self.signature += ((rank, tuple(order)),)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        rows, tokens = x.shape[0], x.shape[1]
-        if tokens <= DENSE_MAX_TOKENS:
-            a, b, mask = self._dense_parts(rows)
-            h = (x.reshape(rows, tokens, -1) @ a) * mask[:, None, :]
-            return torch.addmm(y.reshape(rows * tokens, -1), h.reshape(rows * tokens, -1), b).view(y.shape)
-        for idx, a, b in self._bucket_parts(rows):
-            if idx is None:
-                y = y.baddbmm_(torch.bmm(x, a), b)
+        if self.dense is not None:
+            a, b, mask = self.dense
+            rows, tokens = x.shape[0], x.shape[1]
+            h = torch.mm(x.reshape(rows * tokens, -1), a)
+            h.view(rows, tokens, -1).mul_(mask[:, None, :])
+            return torch.addmm(y.reshape(rows * tokens, -1), h, b).view(y.shape)
+        projected = self.shared[0].project(x) if self.shared else None
+        for k, (idx, a, b) in enumerate(self.buckets):
+            if projected is not None:
+                start = self.shared[1] * a.shape[2]
+                h = projected[k][..., start:start + a.shape[2]]
             else:
-                y.index_add_(0, idx, torch.bmm(torch.bmm(x.index_select(0, idx), a), b))
+                h = torch.bmm(x if idx is None else x.index_select(0, idx), a)
+            if idx is None:
+                y = y.baddbmm_(h, b)
+            else:
+                y.index_add_(0, idx, torch.bmm(h, b))
         return y
+
+
+class SharedInput:
+    """The A projections of sibling sites fed the same input, computed once per input tensor.
+
+    The first sibling called computes x @ [A_1 | A_2 | ..] per bucket; the others reuse it if they get
+    the very same tensor object (checked by identity, so a different input is never mistaken for it).
+    """
+
+    def __init__(self, members: list[LoraOp]):
+        self.members = len(members)
+        self.a = [torch.cat([m.buckets[k][1] for m in members], dim=2) for k in range(len(members[0].buckets))]
+        self.idx = [bucket[0] for bucket in members[0].buckets]
+        self._x: torch.Tensor | None = None
+        self._h: list[torch.Tensor] = []
+        self._served = 0
+        for i, m in enumerate(members):
+            m.shared = (self, i)
+
+    def project(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if x is not self._x:
+            self._x, self._served = x, 0
+            self._h = [torch.bmm(x if idx is None else x.index_select(0, idx), a) for idx, a in zip(self.idx, self.a)]
+        h = self._h
+        self._served += 1
+        if self._served == self.members:  # every sibling has had it: drop the activation
+            self._x, self._h = None, []
+        return h
 
 
 class Lora(TechniqueImpl):
@@ -130,8 +160,22 @@ class Lora(TechniqueImpl):
         return Resident(key, self.technique, sites, size, adapter.config)
 
     def compile(self, site: str, uses: list[Use], batch: BatchInfo) -> list[SiteOp]:
-        ops: list[SiteOp] = [LoraOp(uses, site)]
-        with_bias = [u for u in uses if u.resident.sites[site].bias is not None]
-        if with_bias:
-            ops.append(RowBiasOp(row_vectors(with_bias, batch, lambda u: u.resident.sites[site].bias)))
+        return self.compile_all({site: uses}, batch)[site]
+
+    def compile_all(self, site_uses: dict[str, list[Use]], batch: BatchInfo) -> dict[str, list[SiteOp]]:
+        ops: dict[str, list[SiteOp]] = {}
+        siblings: dict[tuple, list[LoraOp]] = {}
+        for site, uses in site_uses.items():
+            op = LoraOp(uses, site, batch.rows)
+            ops[site] = [op]
+            with_bias = [u for u in uses if u.resident.sites[site].bias is not None]
+            if with_bias:
+                ops[site].append(RowBiasOp(row_vectors(with_bias, batch, lambda u, s=site: u.resident.sites[s].bias)))
+            parent, _, name = site.rpartition(".")
+            group = next((i for i, names in enumerate(SHARED_INPUT) if name in names), None)
+            if group is not None and op.dense is None:
+                siblings.setdefault((parent, group, op.signature), []).append(op)
+        for members in siblings.values():
+            if len(members) > 1:
+                SharedInput(members)
         return ops
