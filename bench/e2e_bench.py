@@ -1,0 +1,253 @@
+"""End to end: 32 concurrent gRPC clients, each with a different LoRA, against the same server with no
+adapters and against PEFT generating the same prompts in one batch; and cold vs warm adapter TTFT.
+
+Set-up: CLIENTS + COLD random LoRAs (r=8 on all seven projections, written in PEFT's format) are
+pushed into a temp registry; a real `hub serve` subprocess serves the default base from it.
+Configurations, run interleaved (A B C A B C ...) REPEATS times, medians reported:
+- "server, N distinct LoRAs": N client threads (one channel each) stream one request each, every
+  request naming a different, already resident LoRA, greedy, NEW_TOKENS tokens;
+- "server, no adapters": the same N requests on the same server with no adapter (the reference);
+- "PEFT, one batch": the same N prompts left-padded into one batch, `generate(adapter_names=...)`
+  over a PeftModel holding the N LoRAs, in this process while the server idles (PEFT's mixed batch).
+Tokens/s = tokens generated / wall time (first request sent -> last token received). TTFT is measured
+at the client (request sent -> first streamed token); for PEFT, the batch's first token (a streamer).
+Cold vs warm: on the idle server, one request names a LoRA that is not resident (read from the
+registry, checked against the base, loaded), then the same request again (resident); medians over COLD.
+
+    .venv/bin/python bench/e2e_bench.py            # ~5-10 min on 2 cores
+    .venv/bin/python bench/e2e_bench.py --quick    # a smoke run, not figures
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import (ALL_PROJECTIONS, lora_template, median, percentile, script_parser, setup_logging, table,
+                    write_random_lora)
+from scale_bench import Server
+
+from hub import basemodel  # noqa: E402  (common puts the repo on sys.path)
+
+TOPICS = ("a lighthouse", "a robot", "the sea", "a city at night", "a dragon", "a garden", "a train", "the moon",
+          "a library", "a storm", "a violin", "a desert", "a bakery", "a glacier", "a detective", "a forest",
+          "a spaceship", "a river", "a mountain", "a market", "a clock", "a painter", "a bridge", "a volcano",
+          "an island", "a castle", "a festival", "a snowfall", "a tiger", "a circus", "a harbor", "a comet")
+
+# Random LoRA weights ~ N(0, scale^2). At common.py's 0.02, r=8 on all 210 projections moves SmolLM2 far
+# enough that some prompts end at once (EOS); 0.005 keeps every request generating all its tokens, so
+# every configuration produces the same token count. The cost of a LoRA does not depend on its values.
+LORA_SCALE = 0.005
+
+
+@dataclass
+class E2EConfig:
+    base_model: str = basemodel.DEFAULT_BASE_MODEL
+    clients: int = 32
+    new_tokens: int = 32
+    repeats: int = 3
+    cold: int = 6
+    rank: int = 8
+
+
+def prompts(tokenizer, n: int) -> list[list[int]]:
+    """Story openings the base model continues for well past 32 tokens (no early end-of-sequence)."""
+    return [tokenizer(f"Here is a long story about {TOPICS[i % len(TOPICS)]}. Once upon a time,")["input_ids"]
+            for i in range(n)]
+
+
+def run_clients(address: str, jobs: list[tuple[list[int], str | None]], new_tokens: int) -> dict[str, Any]:
+    """One client thread (own channel) per job, all started together; tokens/s and per-request TTFT."""
+    from runtime.client import RuntimeClient
+
+    clients = [RuntimeClient(address, timeout=900) for _ in jobs]
+    for client in clients:
+        client.wait_ready()
+    ttfts: list[float] = []
+    tokens = [0] * len(jobs)
+    errors: list[str] = []
+    go = threading.Barrier(len(jobs) + 1)
+
+    def one(i: int) -> None:
+        ids, ref = jobs[i]
+        go.wait()
+        start = time.perf_counter()
+        try:
+            for chunk in clients[i].generate_stream(token_ids=ids, adapters=[ref] if ref else [],
+                                                    max_new_tokens=new_tokens):
+                if chunk.token_ids and tokens[i] == 0:
+                    ttfts.append(time.perf_counter() - start)
+                tokens[i] += len(chunk.token_ids)
+        except Exception as e:  # reported in the table, never silently dropped
+            errors.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    go.wait()
+    started = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    for client in clients:
+        client.close()
+    return {"tokens": sum(tokens), "wall_s": wall, "tokens_per_s": sum(tokens) / wall, "ttfts": ttfts,
+            "errors": errors}
+
+
+class _FirstToken:
+    """A generate() streamer that notes when the first new token arrives (its first put() is the prompt)."""
+
+    def __init__(self) -> None:
+        self.calls, self.at = 0, None
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            self.at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def peft_batch(peft_model, tokenizer, ids: list[list[int]], names: list[str], new_tokens: int) -> dict[str, Any]:
+    """PEFT's mixed batch: the prompts left-padded into one batch, each row its own adapter."""
+    width = max(map(len, ids))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in ids])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids])
+    streamer = _FirstToken()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = peft_model.generate(input_ids=input_ids, attention_mask=mask, adapter_names=names, do_sample=False,
+                                  max_new_tokens=new_tokens, pad_token_id=pad, streamer=streamer)
+    wall = time.perf_counter() - start
+    eos = tokenizer.eos_token_id
+    tokens = sum(int(((row != pad) & (row != eos)).sum()) for row in out[:, width:])
+    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "ttfts": [streamer.at - start] * len(ids), "errors": []}
+
+
+def cold_and_warm(address: str, ids: list[int], refs: list[str]) -> dict[str, list[float]]:
+    """TTFT of a request naming a non-resident adapter, then of the same request again (resident)."""
+    from runtime.client import RuntimeClient
+
+    out: dict[str, list[float]] = {"cold": [], "warm": []}
+    with RuntimeClient(address, timeout=900) as client:
+        for ref in refs:
+            for kind in ("cold", "warm"):
+                start = time.perf_counter()
+                for chunk in client.generate_stream(token_ids=ids, adapters=[ref], max_new_tokens=2):
+                    if chunk.token_ids or chunk.finish_reason:
+                        out[kind].append(time.perf_counter() - start)
+                        break
+    return out
+
+
+def run_e2e(config: E2EConfig, log=print) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    try:
+        return _run(config, workdir, log)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run(config: E2EConfig, workdir: Path, log) -> dict[str, Any]:
+    from peft import PeftModel
+
+    from hub.registry import Registry
+    from runtime.client import RuntimeClient
+
+    model, tokenizer = basemodel.load(config.base_model)
+    total = config.clients + config.cold
+    log(f"e2e: writing and pushing {total} random LoRAs (r={config.rank}, all projections)")
+    lora_config, shapes = lora_template(model, workdir / "template", targets=ALL_PROJECTIONS, r=config.rank)
+    folders = [write_random_lora(workdir / f"lora{i:02d}", lora_config, shapes, seed=i, scale=LORA_SCALE)
+               for i in range(total)]
+    registry = Registry(workdir / "registry")
+    refs = [registry.push(f, f"e2e-{i:02d}", "1.0.0", base_model=config.base_model).ref for i, f in enumerate(folders)]
+    served, cold_refs = refs[:config.clients], refs[config.clients:]
+    peft_model = PeftModel.from_pretrained(model, str(folders[0]), adapter_name="a00")
+    for i in range(1, config.clients):
+        peft_model.load_adapter(str(folders[i]), adapter_name=f"a{i:02d}")
+    peft_model.eval()
+    names = [f"a{i:02d}" for i in range(config.clients)]
+    ids = prompts(tokenizer, config.clients)
+    server = Server(["--base-model", config.base_model, "--port", "0", "--registry", str(registry.root),
+                     "--max-batch-size", str(config.clients), "--grace", "10"], workdir / "server.log", 600)
+    try:
+        with RuntimeClient(server.address, timeout=900) as client:
+            for ref in served:  # the mixed configuration measures serving, not loading: make them resident
+                client.load_adapter(ref)
+        configs = {
+            f"server, {config.clients} distinct LoRAs": lambda: run_clients(server.address, list(zip(ids, served)),
+                                                                           config.new_tokens),
+            "server, no adapters": lambda: run_clients(server.address, [(r, None) for r in ids], config.new_tokens),
+            "PEFT, one batch (adapter_names)": lambda: peft_batch(peft_model, tokenizer, ids, names, config.new_tokens),
+        }
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
+        for name, fn in configs.items():  # warm-up, not measured
+            fn()
+        for r in range(config.repeats):
+            for name, fn in configs.items():
+                runs[name].append(fn())
+            log(f"e2e: repeat {r + 1}/{config.repeats} done")
+        cold = cold_and_warm(server.address, ids[0], cold_refs)
+    finally:
+        exit_code = server.stop()
+    result = {"config": vars(config), "runs": runs, "cold_warm": cold, "server_exit_code": exit_code}
+    result["table"] = render(config, result)
+    log(result["table"])
+    return result
+
+
+def render(config: E2EConfig, result: dict[str, Any]) -> str:
+    runs = result["runs"]
+    rate = {name: median(r["tokens_per_s"] for r in rs) for name, rs in runs.items()}
+    mixed, base, peft = list(rate)
+    rows = []
+    for name, rs in runs.items():
+        ttfts = [t for r in rs for t in r["ttfts"]]
+        errors = sum(len(r["errors"]) for r in rs)
+        rows.append([name, f"{rate[name]:.1f} tok/s", f"{median(r['tokens'] for r in rs):.0f}",
+                     f"{percentile(ttfts, 50) * 1000:.0f} ms", f"{percentile(ttfts, 95) * 1000:.0f} ms",
+                     f"{rate[name] / rate[base]:.2f}x", str(errors)])
+    cold, warm = median(result["cold_warm"]["cold"]), median(result["cold_warm"]["warm"])
+    title = (f"End to end: {config.clients} concurrent gRPC clients, {config.new_tokens} new tokens each, "
+             f"{config.base_model} fp32 on CPU (median of {config.repeats}, interleaved)")
+    lines = [title, table(["configuration", "throughput", "tokens", "TTFT p50", "TTFT p95", "vs no adapters",
+                           "errors"], rows)]
+    lines = [lines[0]] + ["  " + line for line in lines[1].splitlines()]
+    lines += ["", f"Mixed-adapter throughput: {rate[mixed] / rate[base]:.2f}x the no-adapter server (target >= 0.85x), "
+                  f"{rate[mixed] / rate[peft]:.2f}x PEFT's mixed batch (target >= 3x)",
+              "", f"Cold vs warm adapter TTFT (idle server, median of {len(result['cold_warm']['cold'])})",
+              "  " + "\n  ".join(table(["adapter", "TTFT"], [["warm (resident)", f"{warm * 1000:.0f} ms"],
+                                                             ["cold (registry -> device)", f"{cold * 1000:.0f} ms"],
+                                                             ["cold / warm", f"{cold / warm:.2f}x"]]).splitlines()),
+              f"Target: cold within 1.5x warm: {'met' if cold <= 1.5 * warm else 'NOT met'}"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    defaults = E2EConfig()
+
+    def add(ap) -> None:
+        for name in ("clients", "new_tokens", "repeats", "cold", "rank"):
+            ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+
+    args = script_parser(__doc__, add).parse_args()
+    setup_logging()
+    config = E2EConfig(base_model=args.base_model, clients=args.clients, new_tokens=args.new_tokens,
+                       repeats=args.repeats, cold=args.cold, rank=args.rank)
+    if args.quick:
+        config.clients, config.new_tokens, config.repeats, config.cold = 4, 8, 1, 2
+    run_e2e(config)
+
+
+if __name__ == "__main__":
+    main()
