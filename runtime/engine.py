@@ -204,7 +204,8 @@ class Engine:
             if prefill and any(compiled.prompt_lengths):
                 inputs, attention_mask = self._with_prompts(input_ids, attention_mask, compiled.prompts)
             if position_ids is None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_len(inputs):]
+                length = next(iter(inputs.values())).shape[1]  # tokens fed now, soft prompts included
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
             self._context.ops = compiled.ops
             try:
                 out = self._model(**inputs, attention_mask=attention_mask, position_ids=position_ids,
@@ -230,7 +231,3 @@ class Engine:
             full[row, longest + tokens - real:] = embeds[row, tokens - real:]
             mask[row, start:] = 1
         return {"inputs_embeds": full}, mask
-
-
-def inputs_len(inputs: dict[str, Any]) -> int:
-    return next(iter(inputs.values())).shape[1]

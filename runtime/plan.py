@@ -36,8 +36,6 @@ class RowPlan:
     mode: str = "stack"  # "stack" | "average"
 
 
-BASE = RowPlan()
-
 
 def row_weights(plan: RowPlan) -> list[float]:
     """The weights a row's adapters apply with, after its mode's rule."""

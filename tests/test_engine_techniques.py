@@ -210,3 +210,24 @@ def test_fused_sibling_projections_never_reuse_a_different_input(base, folders, 
                        ROWS[0])
     assert (got[0] - ref).abs().max() <= TOL
     assert (got[1] - model_logits(peft_model(base, folders["lora_rs"]), ROWS[1])).abs().max() <= TOL
+
+
+def test_concurrent_forwards_never_see_each_others_adapters(engine):
+    import threading
+
+    keys = ["lora_all", "ia3", "prompt5", None]
+    want = {k: engine_rows(engine, ROWS[:1], [plan(k) if k else RowPlan()])[0] for k in keys}
+    wrong: list[str] = []
+
+    def worker(key):
+        for _ in range(5):
+            got = engine_rows(engine, ROWS[:1], [plan(key) if key else RowPlan()])[0]
+            if not torch.equal(got, want[key]):
+                wrong.append(str(key))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in keys]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
