@@ -159,6 +159,9 @@ class Scheduler:
         except ValueError as e:  # PlanError included: e.g. an adapter unloaded since the request was checked
             self._finish(request, None, ServeError(grpc.StatusCode.INVALID_ARGUMENT, str(e)))
             return
+        except Exception as e:  # anything else fails this request, never the loop
+            self._finish(request, None, ServeError(grpc.StatusCode.INTERNAL, f"cannot join the batch: {e}"))
+            return
         request.state = "running"
         self._running[request.seq.id] = request
 
