@@ -202,6 +202,8 @@ class Engine:
             inputs: dict[str, Any] = {"input_ids": input_ids}
             prefill = cache is None or cache.get_seq_length() == 0
             if prefill and any(compiled.prompt_lengths):
+                if position_ids is not None:
+                    raise PlanError("position_ids cannot be given with soft prompts (the engine places them)")
                 inputs, attention_mask = self._with_prompts(input_ids, attention_mask, compiled.prompts)
             if position_ids is None:
                 length = next(iter(inputs.values())).shape[1]  # tokens fed now, soft prompts included

@@ -74,6 +74,8 @@ class Batch:
         if not seq.prompt_ids:
             raise ValueError(f"sequence {seq.id!r} has an empty prompt")
         seq.sampling.validate()
+        if seq.sampling.stop and self.engine.tokenizer is None:
+            raise ValueError("stop strings need an engine with a tokenizer")
         if any(s.id == seq.id for s in self._rows + self._pending):
             raise ValueError(f"sequence id {seq.id!r} is already in the batch")
         self.engine.compile([seq.plan])  # refuse an unknown adapter or bad plan now, not mid-batch

@@ -158,6 +158,8 @@ def test_bad_requests_are_refused_at_add(engine):
         batch.add(Sequence("y", [], RowPlan()))
     with pytest.raises(ValueError, match="top_p"):
         batch.add(Sequence("z", [1], RowPlan(), SamplingParams(top_p=0)))
+    with pytest.raises(ValueError, match="tokenizer"):
+        batch.add(Sequence("s", [1], RowPlan(), SamplingParams(stop=("x",))))
     batch.add(Sequence("w", [1], RowPlan()))
     with pytest.raises(ValueError, match="already"):
         batch.add(Sequence("w", [2], RowPlan()))
