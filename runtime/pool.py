@@ -22,8 +22,8 @@ from typing import Any, Callable, Iterable, TypeVar
 
 import grpc
 
-from hub.artifact import Adapter, ArtifactError, read_adapter
-from hub.checkpoint import check_fits, fingerprint
+from hub.artifact import Adapter, ArtifactError, Technique, read_adapter
+from hub.checkpoint import PROMPT_SITE, check_fits, fingerprint, module_tensors
 from hub.errors import HubError, IntegrityError, InvalidName, NotFound
 from runtime.errors import ServeError
 from runtime.metrics import Metrics
@@ -326,6 +326,13 @@ class AdapterPool:
             self._on_engine(lambda: self.engine.unload(key))
         self._update_gauges()
         return entry
+
+    @staticmethod
+    def soft_prompt_tokens(lease: Lease) -> int:
+        """Soft-prompt tokens the held adapters put before a prompt, from their host copies (held adapters
+        always have one), so a request handler never waits on the engine's lock for it."""
+        return sum(int(module_tensors(e.adapter)[PROMPT_SITE]["prompt_embeddings"].shape[0])
+                   for e in lease.entries if e.adapter.technique is Technique.PROMPT_TUNING)
 
     def entries(self) -> list[Entry]:
         """A snapshot of every adapter the pool knows, most recently used first."""

@@ -1,8 +1,10 @@
 """The `adapterhub.v1.Runtime` RPCs: request -> checked inputs -> plan -> scheduler -> response.
 
 Every check that can refuse a request runs before the request takes anything (a queue place,
-an adapter hold), and every refusal is one ServeError with its status code, turned into the RPC's
-status here, in one place (`_rpc`). A request holds its adapters (a pool Lease) from before it
+an adapter hold), except the engine's own check of a plan (e.g. a weighted soft prompt), which runs
+when the request joins the batch (the engine's lock is held for a whole step, and a request handler
+must not wait a step for it). Every refusal is one ServeError with its status code, turned into the
+RPC's status here, in one place (`_rpc`). A request holds its adapters (a pool Lease) from before it
 is queued until it leaves the batch, so an adapter in use is never evicted.
 """
 from __future__ import annotations
@@ -163,10 +165,7 @@ class RuntimeService(pb_grpc.RuntimeServicer):
         lease = self.pool.acquire(manifests)
         try:
             plan = RowPlan(tuple(AdapterUse(k, w) for k, w in zip(lease.keys, weights)), _MODES.get(mode, "stack"))
-            try:
-                virtual = self.engine.prompt_lengths([plan])[0]
-            except PlanError as e:
-                raise ServeError(INVALID, str(e)) from None
+            virtual = self.pool.soft_prompt_tokens(lease)
             total = len(ids) + virtual
             _ok(total + context_needed <= self.limits.context_length,
                 f"the prompt is {total} tokens ({virtual} of them soft prompt); with {context_needed} new tokens "
