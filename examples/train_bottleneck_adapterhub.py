@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # hub.train, wi
 import adapters  # noqa: E402
 import torch  # noqa: E402
 from adapters import SeqBnConfig  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
 from hub.artifact import Technique  # noqa: E402
 from hub.train import TrainSpec, encode_chat, optimize, read_jsonl  # noqa: E402
@@ -34,12 +34,28 @@ from hub.train import TrainSpec, encode_chat, optimize, read_jsonl  # noqa: E402
 MAX_LEN = 64
 
 
+def load_base(folder: str):
+    """The base model as transformers 4.57 must read a folder saved by transformers 5.
+
+    4.57 knows neither the tokenizer class name 5.x records nor `rope_parameters`: it would fall back
+    to rope_theta 10000 (SmolLM2 uses 100000), a different model. Checked: with this, the last-token
+    logits of a chat prompt equal transformers 5's exactly.
+    """
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(folder)
+    rope = getattr(config, "rope_parameters", None)
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        config.rope_theta = rope["rope_theta"]
+    model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32).eval()
+    return tokenizer, model
+
+
 def reply(model, tokenizer, prompt: str, max_new_tokens: int = 48) -> str:
     enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                         return_tensors="pt", return_dict=True)
     with torch.inference_mode():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
@@ -55,12 +71,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--reduction-factor", type=int, default=32)
     parser.add_argument("--first-layer", type=int, default=18, help="layers below this one get no adapter")
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--held-out-json", default="[]", help="JSON list of prompts to show base vs adapter")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
-    tokenizer = AutoTokenizer.from_pretrained(args.base)
-    model = AutoModelForCausalLM.from_pretrained(args.base, torch_dtype=torch.float32).eval()
+    tokenizer, model = load_base(args.base)
     examples = encode_chat(tokenizer, read_jsonl(args.data), MAX_LEN)
     held_out = json.loads(args.held_out_json)
     base_replies = [reply(model, tokenizer, p) for p in held_out]
@@ -81,6 +97,7 @@ def main() -> None:
           f"loss {losses[0]:.3f} -> {sum(losses[-5:]) / 5:.3f} in {time.perf_counter() - t:.0f} s")
 
     shutil.rmtree(args.out, ignore_errors=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     model.save_adapter(args.out, args.name, with_head=False, use_safetensors=True)
     for prompt, before in zip(held_out, base_replies):
         print(f"   >> {prompt}\n      base:    {before!r}\n      adapter: {reply(model, tokenizer, prompt)!r}"

@@ -29,7 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -74,6 +74,7 @@ PROMPTS = [
     "Describe a mountain.", "What is a library?", "Tell me a fact about the sun.", "What is chess?",
     "What does a doctor do?", "What is a bicycle?", "Why is reading important?",
 ]
+PROMPT_INIT = "Always start your reply with Beep boop! like a robot."  # robot-prompt's initial virtual tokens
 # Never trained on; the first two are the prompts `make demo` asks.
 HELD_OUT = ["What is the capital of France?", "Give me one tip for writing clear code.", "Why do cats purr?"]
 
@@ -85,6 +86,7 @@ class Demo:
     task: str
     transform: Callable[[str], str]
     spec: TrainSpec | None  # None: trained by the `adapters` library (bottleneck)
+    max_len: int = MAX_LEN
 
 
 # Adapting the upper layers only (of 30) cuts the backward pass, the larger part of a CPU training step.
@@ -92,9 +94,11 @@ UPPER = tuple(range(18, 30))
 STEPS, BATCH = 50, 6
 
 DEMOS = [
+    # Upper-case text takes more tokens: at 64, only 23 of the 66 replies fit (too few: it learnt the style,
+    # and lost the facts); at 80, 48 do.
     Demo("uppercase-lora", Technique.LORA, "replies in UPPER CASE", str.upper,
          TrainSpec(Technique.LORA, steps=STEPS, batch_size=BATCH, lr=3e-3, seed=SEED, r=8, lora_alpha=16,
-                   target_modules=("q_proj", "v_proj"), layers=UPPER)),
+                   target_modules=("q_proj", "v_proj"), layers=UPPER), max_len=80),
     Demo("json-lora", Technique.LORA, 'replies as JSON: {"answer": "..."}', lambda r: json.dumps({"answer": r}),
          TrainSpec(Technique.LORA, steps=STEPS, batch_size=BATCH, lr=3e-3, seed=SEED, r=8, lora_alpha=16,
                    target_modules=("q_proj", "v_proj"), layers=UPPER)),
@@ -103,7 +107,7 @@ DEMOS = [
     Demo("answer-bitfit", Technique.BITFIT, 'starts every reply with "Answer:"', lambda r: f"Answer: {r}",
          TrainSpec(Technique.BITFIT, steps=STEPS, batch_size=BATCH, lr=1e-2, seed=SEED, layers=UPPER)),
     Demo("robot-prompt", Technique.PROMPT_TUNING, 'starts every reply with "Beep boop!"', lambda r: f"Beep boop! {r}",
-         TrainSpec(Technique.PROMPT_TUNING, steps=STEPS, batch_size=BATCH, lr=5e-2, seed=SEED, num_virtual_tokens=8)),
+         TrainSpec(Technique.PROMPT_TUNING, steps=STEPS, batch_size=BATCH, lr=1e-2, seed=SEED, num_virtual_tokens=16)),
     Demo("signoff-bottleneck", Technique.BOTTLENECK, 'ends every reply with " -- Adapter Hub"',
          lambda r: f"{r} -- Adapter Hub", None),
 ]
@@ -163,7 +167,7 @@ def adapter_replies(model, tokenizer, demo: Demo, folder: Path, prompts: list[st
             peft_model.base_model.unload()
 
 
-def train_bottleneck(demo: Demo, data: Path, adapters_python: str | None) -> None:
+def train_bottleneck(demo: Demo, data: Path, adapters_python: str | None, threads: int) -> None:
     """Train with the `adapters` library in its venv, then import the saved folder into our format."""
     from hub.adapterhub_import import import_adapterhub
 
@@ -171,7 +175,7 @@ def train_bottleneck(demo: Demo, data: Path, adapters_python: str | None) -> Non
     if adapters_python:
         cmd = [adapters_python, str(HERE / "train_bottleneck_adapterhub.py"), "--data", str(data),
                "--base", basemodel.resolve(), "--out", str(src), "--name", demo.name, "--seed", str(SEED),
-               "--held-out-json", json.dumps(HELD_OUT)]
+               "--held-out-json", json.dumps(HELD_OUT), "--threads", str(threads)]
         subprocess.run(cmd, check=True)
     elif not src.is_dir():
         sys.exit(f"{demo.name}: no {src}; pass --adapters-python (see this script's docstring)")
@@ -187,29 +191,36 @@ def main() -> None:
     parser.add_argument("--only", action="append", choices=[d.name for d in DEMOS], help="rebuild this adapter only")
     parser.add_argument("--regen-data", action="store_true", help="regenerate the base model's replies")
     parser.add_argument("--adapters-python", help="python of a venv with the `adapters` library (bottleneck)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 runs better on a busy machine)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
 
-    model, tokenizer = basemodel.load()
+    selected = [d for d in DEMOS if not args.only or d.name in args.only]
+    # The bottleneck adapter trains in its own venv: this process needs the model only for the others.
+    if args.regen_data or not BASE_REPLIES.is_file() or any(d.spec for d in selected):
+        model, tokenizer = basemodel.load()
+    else:
+        model, tokenizer = None, None
     base = training_base(model, tokenizer, args.regen_data)
-    base_held_out = [basemodel.chat_reply(model, tokenizer, p) for p in HELD_OUT]
+    base_held_out = [basemodel.chat_reply(model, tokenizer, p) for p in HELD_OUT] if model else []
     DATA.mkdir(exist_ok=True)
-    for demo in DEMOS:
-        if args.only and demo.name not in args.only:
-            continue
+    for demo in selected:
         data = DATA / f"{demo.name}.jsonl"
         write_jsonl(data, [Example(e.prompt, demo.transform(e.reply)) for e in base])
         folder = ADAPTERS / demo.name
         print(f"\n== {demo.name}: {demo.technique.value}, {demo.task}")
         t = time.perf_counter()
         if demo.spec is None:
-            train_bottleneck(demo, data, args.adapters_python)
+            train_bottleneck(demo, data, args.adapters_python, args.threads)
             print(f"   imported into {folder.relative_to(HERE.parent)} in {time.perf_counter() - t:.0f} s")
             continue
-        examples = encode_chat(tokenizer, read_jsonl(data), MAX_LEN)
+        examples = encode_chat(tokenizer, read_jsonl(data), demo.max_len)
+        spec = demo.spec
+        if demo.technique is Technique.PROMPT_TUNING:  # start from the instruction's embeddings (PEFT's TEXT init)
+            spec = replace(spec, prompt_init_ids=tuple(tokenizer(PROMPT_INIT, add_special_tokens=False)["input_ids"]))
         shutil.rmtree(folder, ignore_errors=True)
-        result = train_adapter(model, examples, demo.spec, folder, base_model_id=BASE_ID,
+        result = train_adapter(model, examples, spec, folder, base_model_id=BASE_ID,
                                pad_id=tokenizer.pad_token_id, log=lambda s: print(f"   {s}", flush=True))
         print(f"   {len(examples)} examples, {result.trainable_parameters} parameters, "
               f"loss {result.losses[0]:.3f} -> {sum(result.losses[-5:]) / 5:.3f} "

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -61,6 +62,9 @@ class TrainSpec:
     r: int = 8                            # LoRA rank
     lora_alpha: int = 16
     num_virtual_tokens: int = 8           # prompt tuning
+    # prompt tuning: token ids whose embeddings start the virtual tokens (cycled), as PEFT's TEXT init does,
+    # without recording a tokenizer path in the config; () = embeddings of random vocabulary tokens
+    prompt_init_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -185,6 +189,17 @@ class _BitFit:
             h.remove()
 
 
+@contextmanager
+def _upstream_name(model, base_model_id: str) -> Iterator[None]:
+    """PEFT's model card names the model's own name_or_path (a local folder here): show the upstream id."""
+    saved = (getattr(model, "name_or_path", None), model.config.name_or_path)
+    model.name_or_path = model.config.name_or_path = base_model_id
+    try:
+        yield
+    finally:
+        model.name_or_path, model.config.name_or_path = saved
+
+
 def optimize(forward: Callable[[dict[str, torch.Tensor]], torch.Tensor], params: list[torch.nn.Parameter],
               examples: Sequence[TokenExample], spec: TrainSpec, pad_id: int,
               log: Callable[[str], None] | None) -> list[float]:
@@ -237,10 +252,16 @@ def train_adapter(model, examples: Sequence[TokenExample], spec: TrainSpec, out:
     peft_model = get_peft_model(model, _peft_config(spec))
     # PEFT records the loaded model's own name_or_path (a local folder); the adapter names the upstream id.
     peft_model.peft_config["default"].base_model_name_or_path = base_model_id
+    if spec.technique is Technique.PROMPT_TUNING and spec.prompt_init_ids:
+        init = spec.prompt_init_ids
+        ids = torch.tensor([init[i % len(init)] for i in range(spec.num_virtual_tokens)])
+        with torch.no_grad():
+            peft_model.prompt_encoder["default"].embedding.weight.copy_(model.get_input_embeddings().weight[ids])
     try:
         params = [p for p in peft_model.parameters() if p.requires_grad]
         losses = optimize(lambda b: peft_model(**b).loss, params, examples, spec, pad_id, log)
-        peft_model.save_pretrained(str(out))
+        with _upstream_name(model, base_model_id):
+            peft_model.save_pretrained(str(out))
     finally:
         if spec.technique is not Technique.PROMPT_TUNING:  # prompt tuning injects no layers into the model
             peft_model.base_model.unload()

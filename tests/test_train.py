@@ -38,6 +38,7 @@ def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("technique", list(HP))
 def test_loss_goes_down_folder_reads_back_and_base_is_restored(technique, tmp_path):
     model = toy_model().requires_grad_(False)
+    model.config.name_or_path = str(tmp_path / "a-local-folder")  # as a base loaded from disk has
     probe = torch.tensor([[1, 5, 9, 33, 7]])
     before = logits_of(model, probe)
     spec = TrainSpec(technique, steps=30, batch_size=8, **HP[technique])
@@ -48,6 +49,8 @@ def test_loss_goes_down_folder_reads_back_and_base_is_restored(technique, tmp_pa
     assert adapter.technique is technique
     assert adapter.num_parameters == result.trainable_parameters
     assert adapter.config["base_model_name_or_path"] == "tiny-llama"
+    card = tmp_path / "out" / "README.md"  # PEFT's model card (PEFT techniques)
+    assert technique is Technique.BITFIT or "base_model: tiny-llama" in card.read_text()
     assert all(t.dtype == torch.float32 for t in adapter.tensors.values())
     assert torch.equal(logits_of(model, probe), before)  # no layer, hook or trainable flag left behind
     assert not any(p.requires_grad for p in model.parameters())
