@@ -118,8 +118,7 @@ def markdown(results: dict[str, Any]) -> str:
 def run(parts: list[str], args: argparse.Namespace) -> dict[str, Any]:
     out: Path = args.out
     path = out / "results.json"
-    results = json.loads(path.read_text()) if path.is_file() else {}
-    results["machine"] = machine()
+    results: dict[str, Any] = {}
     stamp = lambda: dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")  # noqa: E731
     for part in parts:
         started = time.perf_counter()
@@ -135,7 +134,8 @@ def run(parts: list[str], args: argparse.Namespace) -> dict[str, Any]:
         else:
             data = scale_bench.run_scale(scale_bench.config_from(args, args.base_model, args.quick, prefix="scale-"))
         data.update(generated_at=stamp(), quick=args.quick, seconds=time.perf_counter() - started)
-        results[part] = data
+        results = json.loads(path.read_text()) if path.is_file() else {}  # read now: another run may have written
+        results.update({part: data, "machine": machine()})
         write_json(path, results)  # after each part: a later failure keeps what finished
         (out / "results.md").write_text(markdown(results))
         print(f"===== {part}: {data['seconds']:.0f} s =====", flush=True)

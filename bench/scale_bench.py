@@ -51,7 +51,7 @@ class ScaleConfig:
     base_model: str = basemodel.DEFAULT_BASE_MODEL
     adapters: int = 1000
     fit: int = 50
-    requests: int = 200
+    requests: int = 128
     concurrency: int = 16
     new_tokens: int = 8
     prompt_tokens: int = 16

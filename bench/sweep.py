@@ -39,7 +39,7 @@ class SweepConfig:
     base_model: str = basemodel.DEFAULT_BASE_MODEL
     rows: int = 64
     prompt_tokens: int = 16
-    steps: int = 8
+    steps: int = 4
     counts: tuple[int, ...] = (1, 4, 16, 64)
     repeats: int = 3
     rank: int = 8
