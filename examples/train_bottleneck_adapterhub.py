@@ -51,11 +51,14 @@ def load_base(folder: str):
 
 
 def reply(model, tokenizer, prompt: str, max_new_tokens: int = 48) -> str:
+    """Greedy reply. Without the KV cache: with it, adapters 1.3 on transformers 4.57 decodes garbage after the
+    first token for an adapter that works (checked: "The-----..." with the cache, "The capital of France is Paris.
+    -- Adapter Hub" without, and the latter is what our runtime serves from the imported adapter)."""
     enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                         return_tensors="pt", return_dict=True)
     with torch.inference_mode():
         out = model.generate(enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+                             do_sample=False, use_cache=False, pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
@@ -65,6 +68,7 @@ def main() -> None:
     parser.add_argument("--base", required=True, help="the base model's HF folder")
     parser.add_argument("--out", required=True, help="folder for model.save_adapter")
     parser.add_argument("--name", required=True)
+    parser.add_argument("--base-id", default="HuggingFaceTB/SmolLM2-135M-Instruct", help="recorded as model_name")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=6)
@@ -77,6 +81,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     tokenizer, model = load_base(args.base)
+    model.config.name_or_path = args.base_id  # save_adapter records it (else the local folder's path)
     examples = encode_chat(tokenizer, read_jsonl(args.data), MAX_LEN)
     held_out = json.loads(args.held_out_json)
     base_replies = [reply(model, tokenizer, p) for p in held_out]
