@@ -106,8 +106,10 @@ def markdown(results: dict[str, Any]) -> str:
         data = results.get(part)
         if not data:
             continue
+        load = data.get("load_average")
         out += [f"## {titles[part]}", "", f"Run {data.get('generated_at', '?')}"
-                + (" (--quick: smoke sizes, not figures)" if data.get("quick") else "") + ".", ""]
+                + (" (--quick: smoke sizes, not figures)" if data.get("quick") else "")
+                + (f"; load average {load[0]:.1f} before, {load[1]:.1f} after" if load else "") + ".", ""]
         text = data.get("table") or data.get("output") or data.get("skipped", "")
         out += ["```", text.rstrip(), "```", ""]
         if part == "sweep":
@@ -121,7 +123,7 @@ def run(parts: list[str], args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     stamp = lambda: dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")  # noqa: E731
     for part in parts:
-        started = time.perf_counter()
+        started, load_before = time.perf_counter(), os.getloadavg()[0]
         print(f"\n===== {part} =====", flush=True)
         if part == "engine":
             data = run_script(BENCH / "engine_bench.py", ENGINE_QUICK if args.quick else [])
@@ -133,7 +135,9 @@ def run(parts: list[str], args: argparse.Namespace) -> dict[str, Any]:
             sweep.plot_throughput(data, out / "throughput.png")
         else:
             data = scale_bench.run_scale(scale_bench.config_from(args, args.base_model, args.quick, prefix="scale-"))
-        data.update(generated_at=stamp(), quick=args.quick, seconds=time.perf_counter() - started)
+        # the 1-minute load average around the part: on a shared machine, figures taken under load are not figures
+        data.update(generated_at=stamp(), quick=args.quick, seconds=time.perf_counter() - started,
+                    load_average=[load_before, os.getloadavg()[0]])
         results = json.loads(path.read_text()) if path.is_file() else {}  # read now: another run may have written
         results.update({part: data, "machine": machine()})
         write_json(path, results)  # after each part: a later failure keeps what finished
@@ -158,7 +162,8 @@ def main() -> None:
     args = parser().parse_args()
     common.setup_logging()
     run(args.only or list(PARTS), args)
-    print(f"\nresults: {args.out / 'results.json'}, {args.out / 'results.md'}, {args.out / 'throughput.png'}")
+    written = [args.out / name for name in ("results.json", "results.md", "throughput.png")]
+    print("\nresults: " + ", ".join(str(p) for p in written if p.is_file()))
 
 
 if __name__ == "__main__":

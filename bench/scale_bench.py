@@ -254,9 +254,9 @@ def cache_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, 
     d = {name: after.get(key, 0.0) - before.get(key, 0.0) for name, key in _COUNTERS.items()}
     uses = d["device_hits"] + d["host_hits"] + d["disk_loads"]
     d["device_hit_ratio"] = d["device_hits"] / uses if uses else float("nan")
-    d["mean_disk_load_s"] = d.pop("load_seconds_sum") / d["disk_loads"] if d["disk_loads"] else float("nan")
-    host_loads = d["host_hits"]
-    d["mean_host_load_s"] = d.pop("load_seconds_host_sum") / host_loads if host_loads else float("nan")
+    disk_s, host_s = d.pop("load_seconds_sum"), d.pop("load_seconds_host_sum")
+    d["mean_disk_load_s"] = disk_s / d["disk_loads"] if d["disk_loads"] else float("nan")
+    d["mean_host_load_s"] = host_s / d["host_hits"] if d["host_hits"] else float("nan")
     return d
 
 
