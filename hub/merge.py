@@ -25,13 +25,6 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
-from peft.utils.merge_utils import (
-    calculate_majority_sign_mask,
-    disjoint_merge,
-    prune,
-    reshape_weight_task_tensors,
-)
-from peft.utils.other import get_pattern_key
 
 from hub.adapterhub_import import BottleneckConfig
 from hub.artifact import Adapter, ArtifactError, Technique
@@ -136,6 +129,8 @@ def combine(tensors: Sequence[torch.Tensor], weights: torch.Tensor, spec: MergeS
     (top-k magnitude, or a seeded Bernoulli mask rescaled by 1/density), weight, then sum or, for
     the TIES forms, keep the entries agreeing with the elected sign and average them.
     """
+    # peft is imported here, not at module level: `hub` commands import this module and must start fast.
+    from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge, prune, reshape_weight_task_tensors
     family = _family(spec.method)
     if family in ("ties", "magnitude_prune"):
         tensors = [prune(t, spec.density, method="magnitude") for t in tensors]
@@ -218,6 +213,7 @@ def lora_modules(adapter: Adapter) -> dict[str, LoraModule]:
     Scaling is lora_alpha / r (or / sqrt(r) with use_rslora), with `rank_pattern` / `alpha_pattern`
     resolved per module exactly as PEFT does (`get_pattern_key`).
     """
+    from peft.utils.other import get_pattern_key
     config = adapter.config
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     modules = {}
