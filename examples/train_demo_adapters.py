@@ -160,9 +160,14 @@ def adapter_replies(model, tokenizer, demo: Demo, folder: Path, prompts: list[st
     from peft import PeftModel
 
     peft_model = PeftModel.from_pretrained(model, str(folder))
+    # PEFT 0.21 + transformers 5.x: KV-cached generate with prompt tuning gets the first token right, then
+    # garbles the rest ("Beepay start ..."); decoding without the cache gives PEFT's true greedy reply.
+    cached, model.generation_config.use_cache = model.generation_config.use_cache, \
+        demo.technique is not Technique.PROMPT_TUNING
     try:
         return [basemodel.chat_reply(peft_model, tokenizer, p) for p in prompts]
     finally:
+        model.generation_config.use_cache = cached
         if demo.technique is not Technique.PROMPT_TUNING:
             peft_model.base_model.unload()
 
