@@ -9,8 +9,10 @@ for rows whose plan is empty, the wrapped model computes exactly the base model.
 """
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -26,10 +28,26 @@ _COMPILED_CACHE = 16  # compiled batches kept (a decode loop reuses the same pla
 
 
 class _Context:
-    """The ops of the forward in flight, per site; None between forwards."""
+    """The ops of the forward in flight, per row segment and site; no segments between forwards.
+
+    A batch is a few row segments (rows that joined together), each compiled on its own, so rows
+    joining or leaving re-compile only their segment, never the whole batch (see `Engine.forward`).
+    """
 
     def __init__(self) -> None:
-        self.ops: dict[str, SiteOps] | None = None
+        self.segments: list[tuple[int, int, dict[str, SiteOps]]] = []
+        self._x: torch.Tensor | None = None
+        self._parts: list[torch.Tensor] = []
+
+    def set(self, segments: list[tuple[int, int, dict[str, SiteOps]]]) -> None:
+        self.segments, self._x, self._parts = segments, None, []
+
+    def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x's rows per segment; the same view objects for the same x, so sibling sites fed one
+        tensor (q/k/v) see one input and can share work (runtime/techniques/lora.py SharedInput)."""
+        if x is not self._x:
+            self._x, self._parts = x, [x[start:end] for start, end, _ in self.segments]
+        return self._parts
 
 
 class AdaptedModule(nn.Module):
@@ -48,20 +66,44 @@ class AdaptedModule(nn.Module):
             return getattr(self._modules["base_layer"], name)
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
-        ops = self._context.ops
-        site_ops = ops.get(self._site) if ops else None
-        if site_ops is None:
+        segments = self._context.segments
+        per_segment = [ops.get(self._site) for _, _, ops in segments]
+        if not any(per_segment):
             return self.base_layer(x, *args, **kwargs)
-        pre, delta, post = site_ops
-        for op in pre:
-            x = op(x, None)
+        if len(segments) == 1:
+            pre, delta, post = per_segment[0]
+            for op in pre:
+                x = op(x, None)
+            out = self.base_layer(x, *args, **kwargs)
+            y = out[0] if isinstance(out, tuple) else out
+            for op in delta + post:
+                y = op(x, y)
+            return (y, *out[1:]) if isinstance(out, tuple) else y
+        x = self._pre_segments(x, per_segment)
         out = self.base_layer(x, *args, **kwargs)
         y = out[0] if isinstance(out, tuple) else out
-        for op in delta:
-            y = op(x, y)
-        for op in post:
-            y = op(x, y)
+        for site_ops, x_part, (start, end, _) in zip(per_segment, self._context.parts(x), segments):
+            if site_ops is None:
+                continue
+            y_part = result = y[start:end]
+            for op in site_ops[Stage.DELTA] + site_ops[Stage.POST]:
+                result = op(x_part, result)
+            if result is not y_part:  # ops that add in place have written into y already
+                y_part.copy_(result)
         return (y, *out[1:]) if isinstance(out, tuple) else y
+
+    def _pre_segments(self, x: torch.Tensor, per_segment: list[SiteOps | None]) -> torch.Tensor:
+        """x with each segment's PRE ops applied to its rows (x itself when none changes it)."""
+        new = x
+        for site_ops, part, (start, end, _) in zip(per_segment, self._context.parts(x), self._context.segments):
+            result = part
+            for op in site_ops[Stage.PRE] if site_ops is not None else ():
+                result = op(result, None)
+            if result is not part:
+                if new is x:
+                    new = x.clone()
+                new[start:end] = result
+        return new
 
 
 class Compiled:
@@ -139,8 +181,13 @@ class Engine:
 
     # -- plans ----------------------------------------------------------------------------------
 
+    def check(self, plans: list[RowPlan]) -> None:
+        """Raise PlanError if these plans cannot be served (unknown adapter, unservable mix); builds nothing."""
+        with self._lock:
+            self._uses(plans)
+
     def compile(self, plans: list[RowPlan]) -> Compiled:
-        """The ops for a batch's plans, cached so a decode loop compiles once."""
+        """The ops for one segment's plans, cached so a decode loop compiles once."""
         with self._lock:
             key = tuple(plans)
             hit = self._compiled.get(key)
@@ -153,9 +200,9 @@ class Engine:
                 self._compiled.popitem(last=False)
             return compiled
 
-    def _compile(self, plans: list[RowPlan]) -> Compiled:
+    def _uses(self, plans: list[RowPlan]) -> tuple[list[list[Use]], dict[Any, dict[str, list[Use]]]]:
+        """Per row its uses, and per technique and site all rows' uses there; every row's mix checked."""
         rows = resolve(plans, self._residents)
-        batch = BatchInfo(len(plans), tuple(p.mode for p in plans), self.device, self.dtype)
         by_technique: dict[Any, dict[str, list[Use]]] = {}
         for row_uses, plan in zip(rows, plans):
             for technique in {u.resident.technique for u in row_uses}:
@@ -167,6 +214,11 @@ class Engine:
             for use in row_uses:
                 for site in use.resident.sites:
                     by_technique.setdefault(use.resident.technique, {}).setdefault(site, []).append(use)
+        return rows, by_technique
+
+    def _compile(self, plans: list[RowPlan]) -> Compiled:
+        rows, by_technique = self._uses(plans)
+        batch = BatchInfo(len(plans), tuple(p.mode for p in plans), self.device, self.dtype)
         ops: dict[str, SiteOps] = {}
         for technique, sites in by_technique.items():
             for site, site_ops in REGISTRY[technique].compile_all(sites, batch).items():
@@ -186,34 +238,39 @@ class Engine:
     # -- forward --------------------------------------------------------------------------------
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, plans: list[RowPlan],
-                cache: Any = None, position_ids: torch.Tensor | None = None, use_cache: bool = True):
+                cache: Any = None, position_ids: torch.Tensor | None = None, use_cache: bool = True,
+                segments: Sequence[int] | None = None):
         """Logits (rows, tokens, vocab) for `input_ids`, each row under its own plan, and the KV cache.
 
         Left-pad rows; `attention_mask` covers the cache plus the new tokens. Position ids default to
         the count of attended positions before each token, so padding never shifts a row. Soft
         prompts are inserted on prefill (no cache yet), left of each row's tokens, and their
-        positions are not part of the returned logits.
+        positions are not part of the returned logits. `segments` splits the rows into consecutive
+        groups (row counts) compiled apart, so a batch whose rows come and go re-compiles only the
+        groups that changed (runtime/generate.py keeps one group per join); default: one group.
         """
         if input_ids.shape[0] != len(plans):
             raise PlanError(f"{input_ids.shape[0]} rows but {len(plans)} plans")
+        bounds = _bounds(len(plans), segments)
         with self._lock, torch.inference_mode():
-            compiled = self.compile(plans)
+            compiled = [self.compile(plans[start:end]) for start, end in bounds]
+            prompts = [p for c in compiled for p in c.prompts]
             tokens = input_ids.shape[1]
             inputs: dict[str, Any] = {"input_ids": input_ids}
             prefill = cache is None or cache.get_seq_length() == 0
-            if prefill and any(compiled.prompt_lengths):
+            if prefill and any(p is not None for p in prompts):
                 if position_ids is not None:
                     raise PlanError("position_ids cannot be given with soft prompts (the engine places them)")
-                inputs, attention_mask = self._with_prompts(input_ids, attention_mask, compiled.prompts)
+                inputs, attention_mask = self._with_prompts(input_ids, attention_mask, prompts)
             if position_ids is None:
                 length = next(iter(inputs.values())).shape[1]  # tokens fed now, soft prompts included
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
-            self._context.ops = compiled.ops
+            self._context.set([(start, end, c.ops) for (start, end), c in zip(bounds, compiled)])
             try:
                 out = self._model(**inputs, attention_mask=attention_mask, position_ids=position_ids,
                                   cache=cache, use_cache=use_cache)
             finally:
-                self._context.ops = None
+                self._context.set([])
             return out.logits[:, -tokens:], out.cache
 
     def _with_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -233,3 +290,12 @@ class Engine:
             full[row, longest + tokens - real:] = embeds[row, tokens - real:]
             mask[row, start:] = 1
         return {"inputs_embeds": full}, mask
+
+
+def _bounds(rows: int, segments: Sequence[int] | None) -> list[tuple[int, int]]:
+    """(start, end) of each row segment; PlanError unless the counts are positive and cover the rows."""
+    counts = [rows] if segments is None else list(segments)
+    if any(c <= 0 for c in counts) or sum(counts) != rows:
+        raise PlanError(f"segments {counts} do not split {rows} rows")
+    ends = list(itertools.accumulate(counts))
+    return list(zip([0] + ends[:-1], ends))

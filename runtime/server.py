@@ -7,6 +7,7 @@ certificate, and on stop refuses new RPCs while the ones in flight finish within
 """
 from __future__ import annotations
 
+import ctypes
 import signal
 import sys
 import threading
@@ -182,8 +183,27 @@ class RuntimeServer:
         self._stopped.wait()
 
 
+def keep_freed_memory() -> None:
+    """Ask glibc to keep freed memory mapped (no-op elsewhere).
+
+    By default glibc hands big freed blocks back to the kernel, so every new batch composition (its
+    stacked adapter weights, megabytes per adapter) and every step's activations fault their pages
+    back in; measured on 2 CPU cores, a 32-adapter compile took 145 ms that way and 37 ms without.
+    PyTorch's CPU performance guide suggests jemalloc/tcmalloc for the same reason; this is the
+    dependency-free form: allocations up to 32 MiB come from the heap, and up to 512 MiB of free
+    heap stays mapped for the next batch.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 * MiB)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 512 * MiB)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: its own allocator policy stands
+        pass
+
+
 def serve(config: ServerConfig, *, ready=None) -> int:
     """Run until SIGTERM or SIGINT, then stop gracefully; returns the exit status (0)."""
+    keep_freed_memory()
     server = RuntimeServer(config)
     try:
         server.start()

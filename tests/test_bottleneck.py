@@ -77,6 +77,20 @@ def test_mixed_batch_equals_adapters_library(engine):
         assert diff <= TOL, f"row {i} ({INDEX['cases'][case]['description']}, input {row}): max diff {diff}"
 
 
+@pytest.mark.parametrize("segments", [[1, 2, 3], [5, 1]])
+def test_segmented_batch_equals_adapters_library(engine, segments):
+    """Rows compiled as separate segments (one per join, runtime/generate.py) keep their own adapters:
+    each segment's norm taps record only its rows and its blocks apply only to them."""
+    ids = torch.tensor(INDEX["input_ids"])
+    cases = list(INDEX["cases"])[:sum(segments)]
+    batch = torch.stack([ids[i % ids.shape[0]] for i in range(len(cases))])
+    logits, _ = engine.forward(batch, torch.ones_like(batch), [plan_of(INDEX["cases"][c]) for c in cases],
+                               use_cache=False, segments=segments)
+    for i, case in enumerate(cases):
+        diff = (logits[i] - reference(case, i % ids.shape[0])).abs().max().item()
+        assert diff <= TOL, f"row {i} ({INDEX['cases'][case]['description']}): max diff {diff}"
+
+
 def test_left_padded_rows_equal_reference(engine):
     """Rows padded to a longer row of the batch still give the reference at their real tokens."""
     ids = torch.tensor(INDEX["input_ids"])

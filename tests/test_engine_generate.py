@@ -10,7 +10,7 @@ from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig
 
 from hub.artifact import read_adapter
 from runtime.engine import Engine
-from runtime.generate import Batch, SamplingParams, Sequence, score, visible_text
+from runtime.generate import MAX_SEGMENTS, Batch, SamplingParams, Sequence, score, visible_text
 from runtime.plan import AdapterUse, PlanError, RowPlan
 
 PROMPTS = [[5, 9, 17, 33, 4, 81, 12], [7, 7, 100, 3], [44, 12, 90, 61, 70, 8, 19, 27, 3], [15, 16], [101, 6, 55]]
@@ -93,6 +93,30 @@ def test_rows_join_mid_flight_and_leave_at_once(engine):
     assert got["0"] == alone["0"] and got["2"] == alone["2"] and got["3"] == alone["3"] and got["4"] == alone["4"]
     assert got["1"] == alone["1"][:7]  # stepped 7 times (one token each), then left
     assert first[1].finish_reason == "cancelled" and first[0].finish_reason == "length"
+
+
+def test_many_joins_and_leaves_keep_few_segments_and_every_row_its_output(engine):
+    """One join per step (each a new segment, merged past MAX_SEGMENTS) and rows leaving from the
+    middle: every row still generates what it generates alone."""
+    alone = {str(i): run(engine, [seq(i)])[str(i)] for i in range(5)}
+    batch = Batch(engine)
+    seqs = [Sequence(f"{j}-{i}", PROMPTS[i], PLANS[i], SamplingParams(max_new_tokens=12))
+            for j in range(2) for i in range(5)]
+    counts = []
+    for step in range(40):
+        if step < len(seqs):
+            batch.add(seqs[step])
+        if step == 6:
+            batch.remove("0-2")
+        batch.step()
+        counts.append((list(batch._segments), len(batch)))  # nothing waits: 32 rows of room
+        if not len(batch):
+            break
+    assert all(len(c) <= MAX_SEGMENTS and sum(c) == rows for c, rows in counts)
+    assert max(len(c) for c, _ in counts) == MAX_SEGMENTS  # the merging ran
+    for s in seqs:
+        assert s.output_ids == (alone[s.id[2:]][:len(s.output_ids)] if s.id == "0-2" else alone[s.id[2:]]), s.id
+    assert seqs[2].finish_reason == "cancelled"
 
 
 def test_rows_wait_for_room_when_the_batch_is_full(engine):

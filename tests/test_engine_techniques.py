@@ -10,7 +10,7 @@ from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig
 
 from hub.artifact import read_adapter
 from runtime.engine import Engine
-from runtime.plan import AdapterUse, RowPlan
+from runtime.plan import AdapterUse, PlanError, RowPlan
 
 TOL = 1e-4
 
@@ -210,6 +210,46 @@ def test_fused_sibling_projections_never_reuse_a_different_input(base, folders, 
                        ROWS[0])
     assert (got[0] - ref).abs().max() <= TOL
     assert (got[1] - model_logits(peft_model(base, folders["lora_rs"]), ROWS[1])).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("segments", [[1, 1, 1, 1, 1], [2, 3], [3, 2]])
+def test_segments_compiled_apart_give_each_row_its_own_adapters(base, folders, engine, segments):
+    """A batch split into row segments (each compiled on its own: runtime/generate.py makes one per
+    join) gives every row what the unsplit batch gives it: LoRA (shared q/k/v input), IA3 on a
+    feed-forward input (a PRE op that rewrites x for its segment only), BitFit, soft prompts, none."""
+    keys = ["lora_all", "ia3", None, "prompt3", "bitfit"]
+    plans = [plan(k) if k else RowPlan() for k in keys]
+    ids, mask = left_pad(ROWS)
+    whole, _ = engine.forward(ids, mask, plans)
+    split, _ = engine.forward(ids, mask, plans, segments=segments)
+    assert (split - whole).abs().max() <= 1e-5
+    ref = model_logits(peft_model(base, folders["ia3"]), ROWS[1])
+    assert (split[1, -len(ROWS[1]):] - ref).abs().max() <= TOL
+    assert torch.equal(split[2], whole[2])  # the base row is the base row, whatever its neighbours
+
+
+def test_sibling_projections_share_one_a_projection(base, folders):
+    """Two rows with different all-projection LoRAs: q/k/v (and gate/up) run one A projection per layer
+    from the A's each adapter concatenated at load, and every row still equals its PEFT run."""
+    eng = Engine(copy.deepcopy(base))
+    eng.load("x", read_adapter(folders["lora_all"]))
+    eng.load("y", read_adapter(folders["lora_all"]))
+    compiled = eng.compile([plan("x"), plan("y", weights=[0.5])])
+    for name in ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj"):
+        op = compiled.ops[f"model.layers.1.{name}"][1][0]
+        assert op.shared is not None, name
+    assert compiled.ops["model.layers.1.self_attn.o_proj"][1][0].shared is None  # o_proj has no sibling
+    got = engine_rows(eng, ROWS[:2], [plan("x"), plan("y", weights=[0.5])])
+    assert (got[0] - model_logits(peft_model(base, folders["lora_all"]), ROWS[0])).abs().max() <= TOL
+    half = model_logits(merged_lora(base, [(folders["lora_all"], 0.5)]), ROWS[1])
+    assert (got[1] - half).abs().max() <= TOL
+
+
+def test_segments_must_cover_the_rows(engine):
+    ids, mask = left_pad(ROWS[:3])
+    for bad in ([1, 1], [2, 2], [3, 0]):
+        with pytest.raises(PlanError, match="do not split 3 rows"):
+            engine.forward(ids, mask, [RowPlan()] * 3, segments=bad)
 
 
 def test_concurrent_forwards_never_see_each_others_adapters(engine):

@@ -27,9 +27,11 @@ from runtime.techniques.base import (BatchInfo, Resident, RowBiasOp, SiteOp, Sta
 
 @dataclass
 class LoraSite:
-    a_t: torch.Tensor  # (in, r)
+    a_t: torch.Tensor  # (in, r); a view into `group_a` when sibling sites share this site's input
     b_t: torch.Tensor  # (r, out), scaling folded in
     bias: torch.Tensor | None  # (out,), scaling folded in
+    group: tuple[str, ...] = ()  # the adapter's sibling sites (this one included) whose A's `group_a` holds
+    group_a: torch.Tensor | None = None  # (in, their ranks summed): [A_1 | A_2 | ..] in `group` order
 
     @property
     def rank(self) -> int:
@@ -57,40 +59,54 @@ def scaling(config: dict, path: str) -> tuple[int, float]:
 SHARED_INPUT = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"w1", "w3"})
 
 
+def _sibling_group(site: str) -> tuple[str, int] | None:
+    """(parent module, group number) of a site whose siblings take the same input, else None."""
+    parent, _, name = site.rpartition(".")
+    group = next((i for i, names in enumerate(SHARED_INPUT) if name in names), None)
+    return None if group is None else (parent, group)
+
+
 class LoraOp(SiteOp):
     stage = Stage.DELTA
 
     def __init__(self, uses: list[Use], site: str, rows: int):
-        self.slots: list[LoraSite] = []
-        index: dict[str, int] = {}
-        pairs: list[tuple[int, int, float]] = []  # (row, slot, weight)
+        self.site = site
+        slots: dict[str, LoraSite] = {}
         for use in uses:
-            if use.resident.key not in index:
-                index[use.resident.key] = len(self.slots)
-                self.slots.append(use.resident.sites[site])
-            pairs.append((use.row, index[use.resident.key], use.weight))
-        device, dtype = self.slots[0].a_t.device, self.slots[0].a_t.dtype
-        self.shared: tuple[SharedInput, int] | None = None  # set by Lora.compile_all
+            slots.setdefault(use.resident.key, use.resident.sites[site])
+        first = next(iter(slots.values()))
+        device, dtype = first.a_t.device, first.a_t.dtype
+        self.shared: tuple[SharedInput, int] | None = None  # set by SharedInput
         self.dense: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self.buckets: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
+        self.buckets: list[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]] = []  # (rows, A, B)
+        self.bucket_slots: list[list[LoraSite]] = []
         self.signature: tuple = ()
-        if len(self.slots) == 1:
+        if len(slots) == 1:
             mask = torch.zeros(rows, 1, device=device, dtype=dtype)
-            for row, _, weight in pairs:
-                mask[row] += weight
-            self.dense = (self.slots[0].a_t, self.slots[0].b_t, mask)
+            for use in uses:
+                mask[use.row] += use.weight
+            self.dense = (first.a_t, first.b_t, mask)
             return
-        by_rank: dict[int, list[tuple[int, int, float]]] = {}
-        for pair in pairs:
-            by_rank.setdefault(self.slots[pair[1]].rank, []).append(pair)
+        by_rank: dict[int, list[Use]] = {}
+        for use in uses:
+            by_rank.setdefault(slots[use.resident.key].rank, []).append(use)
         for rank, group in by_rank.items():
-            order = [p[0] for p in group]
+            order = [u.row for u in group]
             # None: the bucket is every row once, in order (the common case), so no gather/scatter
             idx = None if order == list(range(rows)) else torch.tensor(order, device=device)
-            a = torch.stack([self.slots[p[1]].a_t for p in group])
-            b = torch.stack([self.slots[p[1]].b_t * p[2] for p in group])
-            self.buckets.append((idx, a, b))
-            self.signature += ((rank, tuple(order)),)
+            bucket = [slots[u.resident.key] for u in group]
+            b = torch.stack([slot.b_t for slot in bucket])
+            if any(u.weight != 1.0 for u in group):
+                b.mul_(torch.tensor([u.weight for u in group], device=device, dtype=dtype).view(-1, 1, 1))
+            self.buckets.append((idx, None, b))
+            self.bucket_slots.append(bucket)
+            self.signature += ((rank, tuple((u.row, u.resident.key) for u in group)),)
+
+    def stack_a(self) -> None:
+        """Stack each bucket's A's (skipped for a site whose A projection a SharedInput computes)."""
+        if self.shared is None:
+            self.buckets = [(idx, torch.stack([s.a_t for s in slots]), b)
+                            for (idx, _, b), slots in zip(self.buckets, self.bucket_slots)]
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         if self.dense is not None:
@@ -102,8 +118,8 @@ class LoraOp(SiteOp):
         projected = self.shared[0].project(x) if self.shared else None
         for k, (idx, a, b) in enumerate(self.buckets):
             if projected is not None:
-                start = self.shared[1] * a.shape[2]
-                h = projected[k][..., start:start + a.shape[2]]
+                start = self.shared[1] * b.shape[1]
+                h = projected[k][..., start:start + b.shape[1]]
             else:
                 h = torch.bmm(x if idx is None else x.index_select(0, idx), a)
             if idx is None:
@@ -116,19 +132,29 @@ class LoraOp(SiteOp):
 class SharedInput:
     """The A projections of sibling sites fed the same input, computed once per input tensor.
 
-    The first sibling called computes x @ [A_1 | A_2 | ..] per bucket; the others reuse it if they get
-    the very same tensor object (checked by identity, so a different input is never mistaken for it).
+    Each adapter keeps its sibling A's concatenated (`LoraSite.group_a`, made at load), so a batch
+    stacks one [A_1 | A_2 | ..] per row and the first sibling called computes x @ it per bucket; the
+    others reuse it if they get the very same tensor object (checked by identity, so a different
+    input is never mistaken for it).
     """
 
     def __init__(self, members: list[LoraOp]):
         self.members = len(members)
-        self.a = [torch.cat([m.buckets[k][1] for m in members], dim=2) for k in range(len(members[0].buckets))]
+        self.a = [torch.stack([slot.group_a for slot in slots]) for slots in members[0].bucket_slots]
         self.idx = [bucket[0] for bucket in members[0].buckets]
         self._x: torch.Tensor | None = None
         self._h: list[torch.Tensor] = []
         self._served = 0
-        for i, m in enumerate(members):
-            m.shared = (self, i)
+        layout = members[0].bucket_slots[0][0].group
+        for m in members:
+            m.shared = (self, layout.index(m.site))
+
+    @staticmethod
+    def fits(members: list[LoraOp]) -> bool:
+        """True when every row's adapter holds exactly these sites' A's, in one layout, at one rank."""
+        layout = members[0].bucket_slots[0][0].group
+        return (len(members) > 1 and set(layout) == {m.site for m in members}
+                and all(slot.group == layout for slots in members[0].bucket_slots for slot in slots))
 
     def project(self, x: torch.Tensor) -> list[torch.Tensor]:
         if x is not self._x:
@@ -156,6 +182,7 @@ class Lora(TechniqueImpl):
             t = to_device(t, model)
             bias = t["lora_bias"] * scale if "lora_bias" in t else None
             sites[path] = LoraSite(t["lora_A"].t().contiguous(), (t["lora_B"] * scale).t().contiguous(), bias)
+        _group_siblings(sites)
         size = sum(nbytes_of([s.a_t, s.b_t] + ([s.bias] if s.bias is not None else [])) for s in sites.values())
         return Resident(key, self.technique, sites, size, adapter.config)
 
@@ -171,11 +198,30 @@ class Lora(TechniqueImpl):
             with_bias = [u for u in uses if u.resident.sites[site].bias is not None]
             if with_bias:
                 ops[site].append(RowBiasOp(row_vectors(with_bias, batch, lambda u, s=site: u.resident.sites[s].bias)))
-            parent, _, name = site.rpartition(".")
-            group = next((i for i, names in enumerate(SHARED_INPUT) if name in names), None)
+            group = _sibling_group(site)
             if group is not None and op.dense is None:
-                siblings.setdefault((parent, group, op.signature), []).append(op)
+                siblings.setdefault((group, op.signature), []).append(op)
         for members in siblings.values():
-            if len(members) > 1:
+            if SharedInput.fits(members):
                 SharedInput(members)
+        for site_ops in ops.values():
+            site_ops[0].stack_a()
         return ops
+
+
+def _group_siblings(sites: dict[str, LoraSite]) -> None:
+    """Concatenate the A's of an adapter's sibling sites (fed one input) into one tensor they view."""
+    groups: dict[tuple[str, int], list[str]] = {}
+    for path in sites:
+        group = _sibling_group(path)
+        if group is not None:
+            groups.setdefault(group, []).append(path)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        group_a = torch.cat([sites[m].a_t for m in members], dim=1)
+        offset = 0
+        for m in members:
+            rank = sites[m].rank
+            sites[m].a_t, sites[m].group, sites[m].group_a = group_a[:, offset:offset + rank], tuple(members), group_a
+            offset += rank
