@@ -9,6 +9,7 @@ for rows whose plan is empty, the wrapped model computes exactly the base model.
 """
 from __future__ import annotations
 
+import inspect
 import itertools
 import threading
 from collections import OrderedDict
@@ -129,6 +130,7 @@ class Engine:
         self._wrapped: set[str] = set()
         self._compiled: OrderedDict[tuple, Compiled] = OrderedDict()
         self._lock = threading.RLock()
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     @property
     def model(self) -> nn.Module:
@@ -239,7 +241,7 @@ class Engine:
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, plans: list[RowPlan],
                 cache: Any = None, position_ids: torch.Tensor | None = None, use_cache: bool = True,
-                segments: Sequence[int] | None = None):
+                segments: Sequence[int] | None = None, last_only: bool = False):
         """Logits (rows, tokens, vocab) for `input_ids`, each row under its own plan, and the KV cache.
 
         Left-pad rows; `attention_mask` covers the cache plus the new tokens. Position ids default to
@@ -248,6 +250,8 @@ class Engine:
         positions are not part of the returned logits. `segments` splits the rows into consecutive
         groups (row counts) compiled apart, so a batch whose rows come and go re-compiles only the
         groups that changed (runtime/generate.py keeps one group per join); default: one group.
+        `last_only` returns (and computes: the vocabulary projection of a prefill is no small part of
+        it) only each row's last logits, as generation needs.
         """
         if input_ids.shape[0] != len(plans):
             raise PlanError(f"{input_ids.shape[0]} rows but {len(plans)} plans")
@@ -265,13 +269,15 @@ class Engine:
             if position_ids is None:
                 length = next(iter(inputs.values())).shape[1]  # tokens fed now, soft prompts included
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+            if last_only and self._keeps_logits:
+                inputs["logits_to_keep"] = 1
             self._context.set([(start, end, c.ops) for (start, end), c in zip(bounds, compiled)])
             try:
                 out = self._model(**inputs, attention_mask=attention_mask, position_ids=position_ids,
                                   cache=cache, use_cache=use_cache)
             finally:
                 self._context.set([])
-            return out.logits[:, -tokens:], out.cache
+            return out.logits[:, -(1 if last_only else tokens):], out.cache
 
     def _with_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       prompts: list[torch.Tensor | None]) -> tuple[dict[str, Any], torch.Tensor]:

@@ -130,7 +130,7 @@ class Batch:
         ids = torch.tensor([[s.output_ids[-1]] for s in self._rows], device=device)
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(self._rows), 1)], dim=1)
         logits, self._cache = self.engine.forward(ids, self._mask, [s.plan for s in self._rows], cache=self._cache,
-                                                  segments=self._segments)
+                                                  segments=self._segments, last_only=True)
         return self._sample(self._rows, logits[:, -1])
 
     def _prefill(self, seqs: list[Sequence]) -> list[tuple[Sequence, int]]:
@@ -140,7 +140,7 @@ class Batch:
         ids = torch.tensor([[0] * (width - len(s.prompt_ids)) + s.prompt_ids for s in seqs], device=device)
         mask = torch.tensor([[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in seqs],
                             device=device)
-        logits, cache = self.engine.forward(ids, mask, plans)
+        logits, cache = self.engine.forward(ids, mask, plans, last_only=True)
         prompts = self.engine.prompt_lengths(plans)
         length = width + max(prompts)
         mask = torch.zeros(len(seqs), length, dtype=torch.long, device=device)

@@ -245,6 +245,16 @@ def test_sibling_projections_share_one_a_projection(base, folders):
     assert (got[1] - half).abs().max() <= TOL
 
 
+def test_last_only_gives_the_last_logits_of_every_row(engine):
+    """Generation asks for the last position only (the model then projects only it onto the vocabulary)."""
+    plans = [plan("lora_all"), RowPlan(), plan("prompt3"), plan("ia3")]
+    ids, mask = left_pad(ROWS[:4])
+    full, _ = engine.forward(ids, mask, plans)
+    last, _ = engine.forward(ids, mask, plans, last_only=True)
+    assert last.shape == (4, 1, full.shape[-1])
+    assert (last - full[:, -1:]).abs().max() <= 1e-5
+
+
 def test_segments_must_cover_the_rows(engine):
     ids, mask = left_pad(ROWS[:3])
     for bad in ([1, 1], [2, 2], [3, 0]):
