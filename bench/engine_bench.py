@@ -12,7 +12,9 @@ techniques, a batch of mixed ranks (8/16/64), and the resident bytes per adapter
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
+import shutil
 import statistics
 import sys
 import tempfile
@@ -125,6 +127,7 @@ def main() -> None:
           f"({torch.get_num_threads()} threads), {rows} rows x {tokens} tokens, "
           f"{rows} distinct LoRAs r=8 on {','.join(TARGETS)}, median of {args.repeats}")
     tmp = Path(tempfile.mkdtemp(prefix="engine-bench-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # the random adapters are scratch
     lora_cfg = LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS)
     from peft import get_peft_model
 

@@ -8,7 +8,9 @@ alone vs batched with others. Prints the max abs differences (fp32 bound: 1e-4; 
 """
 from __future__ import annotations
 
+import atexit
 import copy
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -53,6 +55,7 @@ def main() -> int:
 
     device = sys.argv[sys.argv.index("--device") + 1] if "--device" in sys.argv else "cuda"
     tmp = Path(tempfile.mkdtemp())
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # the random adapters are scratch
     cpu = tiny_llama()
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     folders = {

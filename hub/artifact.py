@@ -126,3 +126,15 @@ def read_adapter(folder: str | Path) -> Adapter:
     if not tensors:
         raise ArtifactError(f"{folder / WEIGHTS_FILE}: holds no tensors")
     return Adapter(technique=technique, config=config, tensors=tensors)
+
+
+def write_adapter(adapter: Adapter, folder: Path) -> Path:
+    """Save an Adapter as an artifact folder (config JSON + safetensors, as PEFT writes them)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CONFIG_FILE).write_text(json.dumps(adapter.config, indent=2, sort_keys=True) + "\n")
+    tensors = {k: t.detach().contiguous() for k, t in sorted(adapter.tensors.items())}
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    return folder

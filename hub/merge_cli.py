@@ -6,30 +6,17 @@ command on the same registry reproduces the same files (DARE included: its seed 
 """
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from hub.artifact import CONFIG_FILE, WEIGHTS_FILE, Adapter, ArtifactError, read_adapter
+from hub.artifact import Adapter, ArtifactError, read_adapter, write_adapter
 from hub.errors import HubError
 from hub.manifest import Manifest
 from hub.merge import LORA_METHODS, MergeError, MergeSpec, merge
 from hub.registry import Registry, open_registry
-
-
-def write_adapter(adapter: Adapter, folder: Path) -> Path:
-    """Save an Adapter as an artifact folder (config JSON + safetensors, as PEFT writes them)."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / CONFIG_FILE).write_text(json.dumps(adapter.config, indent=2, sort_keys=True) + "\n")
-    tensors = {k: t.detach().contiguous() for k, t in sorted(adapter.tensors.items())}
-    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-    return folder
 
 
 def parse_weights(text: str | None) -> tuple[float, ...] | None:

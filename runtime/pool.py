@@ -293,6 +293,7 @@ class AdapterPool:
         disk = sorted((e for e in self._entries.values() if e.tier is Tier.DISK), key=lambda e: e.last_used)
         for entry in disk[: max(0, len(self._entries) - self._max_entries)]:
             del self._entries[entry.key]
+            self._verified.discard(entry.key)  # checked again if it ever comes back
 
     # -- admin -------------------------------------------------------------------------------------
     def load(self, ref: str, *, pin: bool) -> tuple[Entry, float]:

@@ -11,7 +11,7 @@ from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig, get_peft_
 from conftest import tiny_llama
 from hub.artifact import Adapter, Technique, read_adapter
 from hub.merge import MergeError, MergeSpec, combine, lora_modules, merge
-from hub.merge_cli import write_adapter
+from hub.artifact import write_adapter
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL = ATTN + ["gate_proj", "up_proj", "down_proj"]

@@ -189,7 +189,7 @@ def _second_adapter(technique: str, folder):
 def test_other_techniques_merge_as_the_offline_merge(start_server, registry, served_base, tmp_path,
                                                      technique, method, weights):
     """A per-request merge answers exactly as the same merge made offline (hub.merge), pushed and served."""
-    from hub.merge_cli import write_adapter
+    from hub.artifact import write_adapter
 
     first = technique.replace("_", "-")
     registry.push(_second_adapter(technique, tmp_path / "second"), "second", "1.0.0", base_model=str(served_base))

@@ -139,3 +139,16 @@ def test_a_failed_acquire_holds_nothing(make_pool):
         pool.acquire([pool.resolve("lora0"), pool.resolve("foreign")])
     assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
     assert [(e.key, e.in_use) for e in pool.entries()] == [("lora0@1.0.0", 0)]
+
+
+def test_bookkeeping_stays_bounded_with_many_adapters(served_base, registry, make_pool):
+    """Past max_entries, disk-tier entries are forgotten, with their fingerprint checks: a long-running
+    server that saw many adapters (or many per-request merges) holds a bounded amount of state."""
+    probe = make_pool(1 << 30)
+    budget = max(_size(probe, n) for n in ("lora0", "lora1", "lora2"))  # one fits at a time
+    pool = AdapterPool(probe.engine, registry, device_budget=budget, host_budget=0, max_entries=1)
+    for name in ("lora0", "lora1", "lora2"):
+        _use(pool, name)
+    assert len(pool.entries()) <= 2 and len(pool._verified) <= 2
+    _use(pool, "lora0")  # forgotten, so read and checked again: still served
+    assert _tiers(pool)["lora0"] is Tier.DEVICE
