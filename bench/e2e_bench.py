@@ -1,9 +1,14 @@
 """End to end: 32 concurrent gRPC clients, each with a different LoRA, against the same server with no
 adapters and against PEFT generating the same prompts in one batch; and cold vs warm adapter TTFT.
 
-Set-up: CLIENTS + COLD random LoRAs (r=8 on all seven projections, written in PEFT's format) are
-pushed into a temp registry; a real `hub serve` subprocess serves the default base from it.
-Configurations, run interleaved (A B C A B C ...) REPEATS times, medians reported:
+Two shapes of LoRA, each measured the same way in the same run (LORA_SHAPES):
+- "q,v": r=8 on q_proj and v_proj, what PEFT's `LoraConfig()` targets on Llama-family models and what
+  the demo adapters use (1.8 MiB each in fp32);
+- "all": r=8 on all seven projections, the heavy case (9.3 MiB each): every decode step reads each
+  row's adapter, 300 MB for 32 of them next to the base's 540 MB, and that is what it costs on a CPU.
+Set-up: per shape, CLIENTS + COLD random LoRAs (written in PEFT's format) are pushed into a temp
+registry; a real `hub serve` subprocess serves the default base from it.
+Configurations, run interleaved (A B C D E, A B C D E, ...) REPEATS times, medians reported:
 - "server, N distinct LoRAs": N client threads (one channel each) stream one request each, every
   request naming a different, already resident LoRA, greedy, NEW_TOKENS tokens;
 - "server, no adapters": the same N requests on the same server with no adapter (the reference);
@@ -14,11 +19,12 @@ at the client (request sent -> first streamed token); for PEFT, the batch's firs
 Cold vs warm: on the idle server, one request names a LoRA that is not resident (read from the
 registry, checked against the base, loaded), then the same request again (resident); medians over COLD.
 
-    .venv/bin/python bench/e2e_bench.py            # ~5-10 min on 2 cores
+    .venv/bin/python bench/e2e_bench.py            # ~8-10 min on 2 cores
     .venv/bin/python bench/e2e_bench.py --quick    # a smoke run, not figures
 """
 from __future__ import annotations
 
+import copy
 import shutil
 import tempfile
 import threading
@@ -43,6 +49,8 @@ TOPICS = ("a lighthouse", "a robot", "the sea", "a city at night", "a dragon", "
 # enough that some prompts end at once (EOS); 0.005 keeps every request generating all its tokens, so
 # every configuration produces the same token count. The cost of a LoRA does not depend on its values.
 LORA_SCALE = 0.005
+LORA_SHAPES = {"q,v": ("q_proj", "v_proj"), "all": ALL_PROJECTIONS}
+SHAPE_NAMES = {"q,v": "r=8 on q_proj, v_proj", "all": "r=8 on all 7 projections"}
 
 
 @dataclass
@@ -53,6 +61,7 @@ class E2EConfig:
     repeats: int = 3
     cold: int = 6
     rank: int = 8
+    shapes: tuple[str, ...] = tuple(LORA_SHAPES)
 
 
 def prompts(tokenizer, n: int) -> list[list[int]]:
@@ -158,38 +167,31 @@ def run_e2e(config: E2EConfig, log=print) -> dict[str, Any]:
 
 
 def _run(config: E2EConfig, workdir: Path, log) -> dict[str, Any]:
-    from peft import PeftModel
-
     from hub.registry import Registry
     from runtime.client import RuntimeClient
 
     model, tokenizer = basemodel.load(config.base_model)
-    total = config.clients + config.cold
-    log(f"e2e: writing and pushing {total} random LoRAs (r={config.rank}, all projections)")
-    lora_config, shapes = lora_template(model, workdir / "template", targets=ALL_PROJECTIONS, r=config.rank)
-    folders = [write_random_lora(workdir / f"lora{i:02d}", lora_config, shapes, seed=i, scale=LORA_SCALE)
-               for i in range(total)]
     registry = Registry(workdir / "registry")
-    refs = [registry.push(f, f"e2e-{i:02d}", "1.0.0", base_model=config.base_model).ref for i, f in enumerate(folders)]
-    served, cold_refs = refs[:config.clients], refs[config.clients:]
-    peft_model = PeftModel.from_pretrained(model, str(folders[0]), adapter_name="a00")
-    for i in range(1, config.clients):
-        peft_model.load_adapter(str(folders[i]), adapter_name=f"a{i:02d}")
-    peft_model.eval()
-    names = [f"a{i:02d}" for i in range(config.clients)]
     ids = prompts(tokenizer, config.clients)
+    names = [f"a{i:02d}" for i in range(config.clients)]
+    sets = {shape: _lora_set(model, registry, workdir / shape.replace(",", ""), shape, config, log)
+            for shape in config.shapes}
     server = Server(["--base-model", config.base_model, "--port", "0", "--registry", str(registry.root),
                      "--max-batch-size", str(config.clients), "--grace", "10"], workdir / "server.log", 600)
     try:
         with RuntimeClient(server.address, timeout=900) as client:
-            for ref in served:  # the mixed configuration measures serving, not loading: make them resident
-                client.load_adapter(ref)
-        configs = {
-            f"server, {config.clients} distinct LoRAs": lambda: run_clients(server.address, list(zip(ids, served)),
-                                                                           config.new_tokens),
-            "server, no adapters": lambda: run_clients(server.address, [(r, None) for r in ids], config.new_tokens),
-            "PEFT, one batch (adapter_names)": lambda: peft_batch(peft_model, tokenizer, ids, names, config.new_tokens),
-        }
+            for served, _, _ in sets.values():  # the mixed configurations measure serving, not loading
+                for ref in served:
+                    client.load_adapter(ref)
+        configs: dict[str, Any] = {}
+        for shape, (served, _, _) in sets.items():
+            configs[f"server, {config.clients} distinct LoRAs ({shape})"] = \
+                lambda served=served: run_clients(server.address, list(zip(ids, served)), config.new_tokens)
+        configs["server, no adapters"] = lambda: run_clients(server.address, [(r, None) for r in ids],
+                                                             config.new_tokens)
+        for shape, (_, _, peft_model) in sets.items():
+            configs[f"PEFT, one batch, adapter_names ({shape})"] = \
+                lambda peft_model=peft_model: peft_batch(peft_model, tokenizer, ids, names, config.new_tokens)
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
         for name, fn in configs.items():  # warm-up, not measured
             fn()
@@ -197,39 +199,65 @@ def _run(config: E2EConfig, workdir: Path, log) -> dict[str, Any]:
             for name, fn in configs.items():
                 runs[name].append(fn())
             log(f"e2e: repeat {r + 1}/{config.repeats} done")
-        cold = cold_and_warm(server.address, ids[0], cold_refs)
+        cold = {shape: cold_and_warm(server.address, ids[0], cold_refs) for shape, (_, cold_refs, _) in sets.items()}
     finally:
         exit_code = server.stop()
-    result = {"config": vars(config), "runs": runs, "cold_warm": cold, "server_exit_code": exit_code}
+    result = {"config": {**vars(config), "shapes": list(config.shapes)}, "runs": runs, "cold_warm": cold,
+              "server_exit_code": exit_code}
     result["table"] = render(config, result)
     log(result["table"])
     return result
 
 
+def _lora_set(model, registry, folder: Path, shape: str, config: E2EConfig, log) -> tuple[list[str], list[str], Any]:
+    """CLIENTS + COLD random LoRAs of one shape pushed to the registry: (served refs, cold refs, PEFT model
+    holding the served ones as a00, a01, ...)."""
+    from peft import PeftModel
+
+    total = config.clients + config.cold
+    log(f"e2e: writing and pushing {total} random LoRAs ({SHAPE_NAMES[shape]})")
+    lora_config, shapes = lora_template(model, folder / "template", targets=LORA_SHAPES[shape], r=config.rank)
+    folders = [write_random_lora(folder / f"lora{i:02d}", lora_config, shapes, seed=i, scale=LORA_SCALE)
+               for i in range(total)]
+    tag = shape.replace(",", "")
+    refs = [registry.push(f, f"e2e-{tag}-{i:02d}", "1.0.0", base_model=config.base_model).ref
+            for i, f in enumerate(folders)]
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(folders[0]), adapter_name="a00")
+    for i in range(1, config.clients):
+        peft_model.load_adapter(str(folders[i]), adapter_name=f"a{i:02d}")
+    return refs[:config.clients], refs[config.clients:], peft_model.eval()
+
+
 def render(config: E2EConfig, result: dict[str, Any]) -> str:
     runs = result["runs"]
     rate = {name: median(r["tokens_per_s"] for r in rs) for name, rs in runs.items()}
-    mixed, base, peft = list(rate)
+    base = rate["server, no adapters"]
     rows = []
     for name, rs in runs.items():
         ttfts = [t for r in rs for t in r["ttfts"]]
         errors = sum(len(r["errors"]) for r in rs)
         rows.append([name, f"{rate[name]:.1f} tok/s", f"{median(r['tokens'] for r in rs):.0f}",
                      f"{percentile(ttfts, 50) * 1000:.0f} ms", f"{percentile(ttfts, 95) * 1000:.0f} ms",
-                     f"{rate[name] / rate[base]:.2f}x", str(errors)])
-    cold, warm = median(result["cold_warm"]["cold"]), median(result["cold_warm"]["warm"])
+                     f"{rate[name] / base:.2f}x", str(errors)])
     title = (f"End to end: {config.clients} concurrent gRPC clients, {config.new_tokens} new tokens each, "
              f"{config.base_model} fp32 on CPU (median of {config.repeats}, interleaved)")
-    lines = [title, table(["configuration", "throughput", "tokens", "TTFT p50", "TTFT p95", "vs no adapters",
-                           "errors"], rows)]
-    lines = [lines[0]] + ["  " + line for line in lines[1].splitlines()]
-    lines += ["", f"Mixed-adapter throughput: {rate[mixed] / rate[base]:.2f}x the no-adapter server (target >= 0.85x), "
-                  f"{rate[mixed] / rate[peft]:.2f}x PEFT's mixed batch (target >= 3x)",
-              "", f"Cold vs warm adapter TTFT (idle server, median of {len(result['cold_warm']['cold'])})",
-              "  " + "\n  ".join(table(["adapter", "TTFT"], [["warm (resident)", f"{warm * 1000:.0f} ms"],
-                                                             ["cold (registry -> device)", f"{cold * 1000:.0f} ms"],
-                                                             ["cold / warm", f"{cold / warm:.2f}x"]]).splitlines()),
-              f"Target: cold within 1.5x warm: {'met' if cold <= 1.5 * warm else 'NOT met'}"]
+    lines = [title] + ["  " + line for line in table(["configuration", "throughput", "tokens", "TTFT p50",
+                                                      "TTFT p95", "vs no adapters", "errors"], rows).splitlines()]
+    for shape in config.shapes:
+        mixed = rate[f"server, {config.clients} distinct LoRAs ({shape})"]
+        peft = rate[f"PEFT, one batch, adapter_names ({shape})"]
+        lines += ["", f"LoRAs {shape} ({SHAPE_NAMES[shape]}): mixed-adapter throughput {mixed / base:.2f}x the "
+                      f"no-adapter server (target >= 0.85x), {mixed / peft:.2f}x PEFT's mixed batch (target >= 3x)"]
+    cold_rows, verdicts = [], []
+    for shape, measured in result["cold_warm"].items():
+        cold, warm = median(measured["cold"]), median(measured["warm"])
+        cold_rows += [[f"{shape}: warm (resident)", f"{warm * 1000:.0f} ms"],
+                      [f"{shape}: cold (registry -> device)", f"{cold * 1000:.0f} ms"],
+                      [f"{shape}: cold / warm", f"{cold / warm:.2f}x"]]
+        verdicts.append(f"{shape} {'met' if cold <= 1.5 * warm else 'NOT met'}")
+    lines += ["", f"Cold vs warm adapter TTFT (idle server, median of {config.cold})",
+              "  " + "\n  ".join(table(["adapter", "TTFT"], cold_rows).splitlines()),
+              f"Target: cold within 1.5x warm: {', '.join(verdicts)}"]
     return "\n".join(lines)
 
 
@@ -245,7 +273,7 @@ def main() -> None:
     config = E2EConfig(base_model=args.base_model, clients=args.clients, new_tokens=args.new_tokens,
                        repeats=args.repeats, cold=args.cold, rank=args.rank)
     if args.quick:
-        config.clients, config.new_tokens, config.repeats, config.cold = 4, 8, 1, 2
+        config.clients, config.new_tokens, config.repeats, config.cold, config.shapes = 4, 8, 1, 2, ("q,v",)
     run_e2e(config)
 
 

@@ -159,15 +159,21 @@ class Engine:
             resident = impl.load(key, adapter, self._model)
             for site in resident.sites:
                 self._wrap(site)
+            if self._residents.pop(key, None) is not None:
+                self._forget_compiled(key)
             self._residents[key] = resident
-            self._compiled.clear()
             return resident.nbytes
 
     def unload(self, key: str) -> None:
         with self._lock:
             if self._residents.pop(key, None) is None:
                 raise KeyError(f"adapter {key!r} is not loaded")
-            self._compiled.clear()
+            self._forget_compiled(key)
+
+    def _forget_compiled(self, key: str) -> None:
+        """Drop the compiled segments that use `key` (the others, e.g. the running batch's, stay)."""
+        for plans in [k for k in self._compiled if any(u.key == key for plan in k for u in plan.adapters)]:
+            del self._compiled[plans]
 
     def resident(self) -> dict[str, int]:
         with self._lock:

@@ -189,15 +189,26 @@ class AdapterPool:
             raise ServeError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                              f"adapter {key} needs {need} bytes on the device, more than the whole adapter "
                              f"memory budget ({self.device_budget} bytes; raise --adapter-memory)")
-        self._make_room(need, key)
+        victims = self._make_room(need, key)
+
+        def hand_over() -> int:  # one call between two batch steps, however many adapters make room
+            for victim in victims:
+                self.engine.unload(victim)
+            return self.engine.load(key, adapter)
+
         try:
-            used = int(self._on_engine(lambda: self.engine.load(key, adapter)))
+            used = int(self._on_engine(hand_over))
         except ArtifactError as e:
             raise ServeError(grpc.StatusCode.FAILED_PRECONDITION,
                              f"adapter {key} does not fit the served base: {e}") from None
         finally:
             with self._lock:
                 self._reserved -= need
+                for victim in victims:
+                    del self._loading[victim]
+            for done in victims.values():
+                done.set_result(None)
+            self.metrics.evictions.labels(tier=Tier.DEVICE.value).inc(len(victims))
         with self._lock:
             entry = self._entries.get(key) or Entry(key=key, manifest=manifest)
             self._entries[key] = entry
@@ -242,8 +253,12 @@ class AdapterPool:
                    for t in adapter.tensors.values())
 
     # -- eviction ----------------------------------------------------------------------------------
-    def _make_room(self, need: int, key: str) -> None:
-        """Reserve `need` device bytes, evicting LRU idle unpinned adapters to host memory, or refuse."""
+    def _make_room(self, need: int, key: str) -> dict[str, Future]:
+        """Reserve `need` device bytes, moving LRU idle unpinned adapters to the host tier, or refuse.
+
+        Returns the adapters moved, for the caller to take off the engine in the same hand-over as its
+        load (a hand-over waits for the step in flight: one wait per load, not one per adapter); until
+        then, a request for one of them waits on its future."""
         with self._lock:
             victims: list[Entry] = []
             used = self._device_used_locked() + self._reserved
@@ -262,17 +277,10 @@ class AdapterPool:
                                  f"({self.device_budget} bytes) is held by pinned or running adapters; retry later")
             self._reserved += need
             moving = {}
-            for entry in victims:  # acquirers of a victim wait on its future until it is off the engine
+            for entry in victims:
                 entry.tier, entry.device_bytes = Tier.HOST, 0
                 moving[entry.key] = self._loading[entry.key] = Future()
-        for victim, done in moving.items():
-            try:
-                self._on_engine(lambda k=victim: self.engine.unload(k))
-            finally:
-                with self._lock:
-                    del self._loading[victim]
-                done.set_result(None)
-            self.metrics.evictions.labels(tier=Tier.DEVICE.value).inc()
+            return moving
 
     def _device_used_locked(self) -> int:
         return sum(e.device_bytes for e in self._entries.values() if e.tier is Tier.DEVICE)

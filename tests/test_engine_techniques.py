@@ -255,6 +255,23 @@ def test_last_only_gives_the_last_logits_of_every_row(engine):
     assert (last - full[:, -1:]).abs().max() <= 1e-5
 
 
+def test_loads_keep_other_compiled_batches_and_replacing_a_key_recompiles(base, folders):
+    """Loading an adapter mid-traffic leaves the running batch's compiled ops alone; replacing or
+    unloading a key drops exactly the compiled batches that use it (a stale one is never served)."""
+    eng = Engine(copy.deepcopy(base))
+    eng.load("x", read_adapter(folders["lora_all"]))
+    plans = [plan("x"), RowPlan()]
+    compiled = eng.compile(plans)
+    eng.load("y", read_adapter(folders["ia3"]))
+    assert eng.compile(plans) is compiled
+    eng.load("x", read_adapter(folders["lora_b"]))  # same key, other weights
+    got = engine_rows(eng, ROWS[:1], [plan("x")])[0]
+    assert (got - model_logits(peft_model(base, folders["lora_b"]), ROWS[0])).abs().max() <= TOL
+    eng.unload("x")
+    with pytest.raises(PlanError, match="not loaded"):
+        eng.compile(plans)
+
+
 def test_segments_must_cover_the_rows(engine):
     ids, mask = left_pad(ROWS[:3])
     for bad in ([1, 1], [2, 2], [3, 0]):

@@ -152,3 +152,20 @@ def test_bookkeeping_stays_bounded_with_many_adapters(served_base, registry, mak
     assert len(pool.entries()) <= 2 and len(pool._verified) <= 2
     _use(pool, "lora0")  # forgotten, so read and checked again: still served
     assert _tiers(pool)["lora0"] is Tier.DEVICE
+
+
+def test_a_load_that_evicts_hands_over_to_the_engine_once(make_pool, registry):
+    """Evictions and the load go to the engine in one call (each call waits for the step in flight)."""
+    probe = make_pool(1 << 30)
+    sizes = {n: _size(probe, n) for n in ("lora0", "lora1", "lora2")}
+    calls = []
+    pool = AdapterPool(probe.engine, registry, device_budget=max(sizes["lora0"] + sizes["lora1"], sizes["lora2"]),
+                       host_budget=1 << 30, on_engine=lambda fn: calls.append(fn) or fn())
+    _use(pool, "lora0")
+    _use(pool, "lora1")
+    calls.clear()
+    _use(pool, "lora2")
+    tiers = _tiers(pool)
+    assert tiers["lora2"] is Tier.DEVICE and Tier.HOST in (tiers["lora0"], tiers["lora1"])
+    assert len(calls) == 1
+    assert set(pool.engine.resident()) == {f"{n}@1.0.0" for n, t in tiers.items() if t is Tier.DEVICE}
