@@ -8,7 +8,9 @@ Two shapes of LoRA, each measured the same way in the same run (LORA_SHAPES):
   row's adapter, 300 MB for 32 of them next to the base's 540 MB, and that is what it costs on a CPU.
 Set-up: per shape, CLIENTS + COLD random LoRAs (written in PEFT's format) are pushed into a temp
 registry; a real `hub serve` subprocess serves the default base from it.
-Configurations, run interleaved (A B C D E, A B C D E, ...) REPEATS times, medians reported:
+Configurations run interleaved REPEATS times, the order rotated every repeat (A B C D E, B C D E A, ...) so
+that none always follows PEFT's long batch; throughput is the median over repeats, and each ratio the
+median (and range) of the per-repeat ratios, mixed and reference measured minutes apart at most:
 - "server, N distinct LoRAs": N client threads (one channel each) stream one request each, every
   request naming a different, already resident LoRA, greedy, NEW_TOKENS tokens;
 - "server, no adapters": the same N requests on the same server with no adapter (the reference);
@@ -19,7 +21,7 @@ at the client (request sent -> first streamed token); for PEFT, the batch's firs
 Cold vs warm: on the idle server, one request names a LoRA that is not resident (read from the
 registry, checked against the base, loaded), then the same request again (resident); medians over COLD.
 
-    .venv/bin/python bench/e2e_bench.py            # ~8-10 min on 2 cores
+    .venv/bin/python bench/e2e_bench.py            # ~10 min on 2 cores
     .venv/bin/python bench/e2e_bench.py --quick    # a smoke run, not figures
 """
 from __future__ import annotations
@@ -58,7 +60,7 @@ class E2EConfig:
     base_model: str = basemodel.DEFAULT_BASE_MODEL
     clients: int = 32
     new_tokens: int = 32
-    repeats: int = 3
+    repeats: int = 5
     cold: int = 6
     rank: int = 8
     shapes: tuple[str, ...] = tuple(LORA_SHAPES)
@@ -195,9 +197,10 @@ def _run(config: E2EConfig, workdir: Path, log) -> dict[str, Any]:
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
         for name, fn in configs.items():  # warm-up, not measured
             fn()
+        order = list(configs)
         for r in range(config.repeats):
-            for name, fn in configs.items():
-                runs[name].append(fn())
+            for name in order[r % len(order):] + order[:r % len(order)]:
+                runs[name].append(configs[name]())
             log(f"e2e: repeat {r + 1}/{config.repeats} done")
         cold = {shape: cold_and_warm(server.address, ids[0], cold_refs) for shape, (_, cold_refs, _) in sets.items()}
     finally:
@@ -228,6 +231,12 @@ def _lora_set(model, registry, folder: Path, shape: str, config: E2EConfig, log)
     return refs[:config.clients], refs[config.clients:], peft_model.eval()
 
 
+def paired(runs: list[dict[str, Any]], reference: list[dict[str, Any]]) -> str:
+    """Tokens/s ratios of two configurations repeat by repeat: 'median [min-max]'."""
+    ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs, reference)]
+    return f"{median(ratios):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}]"
+
+
 def render(config: E2EConfig, result: dict[str, Any]) -> str:
     runs = result["runs"]
     rate = {name: median(r["tokens_per_s"] for r in rs) for name, rs in runs.items()}
@@ -244,10 +253,12 @@ def render(config: E2EConfig, result: dict[str, Any]) -> str:
     lines = [title] + ["  " + line for line in table(["configuration", "throughput", "tokens", "TTFT p50",
                                                       "TTFT p95", "vs no adapters", "errors"], rows).splitlines()]
     for shape in config.shapes:
-        mixed = rate[f"server, {config.clients} distinct LoRAs ({shape})"]
-        peft = rate[f"PEFT, one batch, adapter_names ({shape})"]
-        lines += ["", f"LoRAs {shape} ({SHAPE_NAMES[shape]}): mixed-adapter throughput {mixed / base:.2f}x the "
-                      f"no-adapter server (target >= 0.85x), {mixed / peft:.2f}x PEFT's mixed batch (target >= 3x)"]
+        mixed = runs[f"server, {config.clients} distinct LoRAs ({shape})"]
+        vs_base = paired(mixed, runs["server, no adapters"])
+        vs_peft = paired(mixed, runs[f"PEFT, one batch, adapter_names ({shape})"])
+        lines += ["", f"LoRAs {shape} ({SHAPE_NAMES[shape]}), per-repeat ratios, median [min-max]: mixed-adapter "
+                      f"throughput {vs_base} the no-adapter server (target >= 0.85x), {vs_peft} PEFT's mixed batch "
+                      f"(target >= 3x)"]
     cold_rows, verdicts = [], []
     for shape, measured in result["cold_warm"].items():
         cold, warm = median(measured["cold"]), median(measured["warm"])
