@@ -25,7 +25,7 @@ from runtime.techniques import REGISTRY
 from runtime.techniques.base import BatchInfo, Resident, SiteOp, Stage, Use
 
 SiteOps = tuple[list[SiteOp], list[SiteOp], list[SiteOp]]  # PRE, DELTA, POST
-_COMPILED_CACHE = 16  # compiled batches kept (a decode loop reuses the same plans every step)
+_COMPILED_CACHE = 16  # compiled segments kept (a decode loop reuses the same plans every step)
 
 
 class _Context:
