@@ -28,5 +28,8 @@ test: setup
 bench: setup
 	$(BIN)/python bench/run.py
 
+proto: setup
+	$(BIN)/python -m runtime.proto.generate
+
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -13,7 +13,7 @@ import typer
 from hub import basemodel
 from hub.artifact import ArtifactError
 from hub.errors import HubError
-from hub.manifest import Manifest
+from hub.manifest import Manifest, parse_ref
 from hub.registry import Registry, open_registry
 from hub.remotes import Remote, Remotes
 
@@ -147,13 +147,21 @@ def pull(
     revision: str | None = typer.Option(None, "--revision", help="HF remotes: the git revision to download."),
     registry: Path | None = REGISTRY_OPT,
 ) -> None:
-    """Copy a version from a remote into the registry, verifying every file's sha256."""
+    """Copy a version from a remote into the registry, verifying every file's sha256.
+
+    Pulling `name@tag` also points the local tag at the pulled version (moving it if it exists), so
+    the same ref resolves here as it did on the remote.
+    """
     with _clear_errors():
         reg = Registry(registry)
         remote = _remote(reg, source)
         with _progress(f"pull {ref} <- {remote.url}", None) as advance:
             manifest = remote.fetch(ref, reg, advance, revision=revision)
         typer.echo(f"pulled {manifest.ref} {manifest.technique} sha256:{manifest.sha256[:12]}")
+        tag = parse_ref(ref)[2]
+        if tag is not None:
+            reg.tag(manifest.ref, tag)
+            typer.echo(f"tagged {manifest.name}@{tag} -> {manifest.version}")
 
 
 def _row(m: Manifest, tags: dict[str, str]) -> list[str]:
@@ -242,13 +250,19 @@ def export(
     ref: str, out: Path = typer.Option(..., "--out", help="New folder to write."), registry: Path | None = REGISTRY_OPT,
     merged: bool = typer.Option(False, "--merged", help="Write a full HF model: the adapter folded into the base."),
     base_model: str | None = typer.Option(None, "--base-model", help="With --merged: the base (default: as pushed)."),
+    dtype: str | None = typer.Option(None, "--dtype", help="With --merged: float32, bfloat16 or float16 "
+                                                           "(default: the base's own)."),
 ) -> None:
     """Write a version's files to a folder (PEFT's `PeftModel.from_pretrained` loads PEFT techniques)."""
     with _clear_errors():
+        if dtype is not None and not merged:
+            fail("--dtype applies to --merged exports only (an adapter's files are copied as they are)")
+        if dtype not in (None, "float32", "bfloat16", "float16"):
+            fail(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
         if merged:
             from hub.merge_cli import export_merged_version
 
-            typer.echo(export_merged_version(open_registry(registry), ref, base_model, out))
+            typer.echo(export_merged_version(open_registry(registry), ref, base_model, out, dtype))
             return
         typer.echo(open_registry(registry).export(ref, out))
 

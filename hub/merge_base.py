@@ -20,7 +20,8 @@ from torch import nn
 from hub import basemodel
 from hub.artifact import Adapter, ArtifactError, Technique
 from hub.checkpoint import check_fits, is_feedforward, module_tensors
-from hub.merge import MergeError, lora_modules
+from hub.merge import lora_modules
+from hub.merge_spec import MergeError
 from hub.store import new_folder
 
 FOLDABLE = (Technique.LORA, Technique.IA3, Technique.BITFIT)

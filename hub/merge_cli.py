@@ -15,7 +15,7 @@ import typer
 from hub.artifact import Adapter, ArtifactError, read_adapter, write_adapter
 from hub.errors import HubError
 from hub.manifest import Manifest
-from hub.merge import LORA_METHODS, MergeError, MergeSpec, merge
+from hub.merge_spec import LORA_METHODS, MergeError, MergeSpec
 from hub.registry import Registry, open_registry
 
 
@@ -40,6 +40,8 @@ def merge_lineage(parents: list[Manifest], spec: MergeSpec) -> dict[str, Any]:
 def merge_versions(registry: Registry, refs: list[str], spec: MergeSpec, name: str, version: str,
                    description: str = "") -> Manifest:
     """Resolve, merge and push: the new version's manifest."""
+    from hub.merge import merge  # torch: imported when a merge runs, not when `hub` starts
+
     parents = [registry.resolve(ref) for ref in refs]
     bases = {m.base_model.id for m in parents} - {None}
     revisions = {m.base_model.revision for m in parents} - {None}
@@ -54,8 +56,12 @@ def merge_versions(registry: Registry, refs: list[str], spec: MergeSpec, name: s
                              description=description, lineage=merge_lineage(parents, checked))
 
 
-def export_merged_version(registry: Registry, ref: str, base_model: str | None, out: Path) -> Path:
-    """`hub export REF --merged`: fold a version into its base (default: the base it was pushed for)."""
+def export_merged_version(registry: Registry, ref: str, base_model: str | None, out: Path,
+                          dtype: str | None = None) -> Path:
+    """`hub export REF --merged`: fold a version into its base (default: the base it was pushed for),
+    saved in `dtype` (a torch dtype name; default: the base's own)."""
+    import torch
+
     from hub import basemodel
     from hub.merge_base import export_merged
 
@@ -65,7 +71,7 @@ def export_merged_version(registry: Registry, ref: str, base_model: str | None, 
     if not base:
         raise MergeError(f"{manifest.ref} records no base model: give --base-model")
     embedded = {spec.hf_id: name for name, spec in basemodel.EMBEDDED.items()}  # recorded ids -> local copies
-    return export_merged(adapter, embedded.get(base, base), out)
+    return export_merged(adapter, embedded.get(base, base), out, dtype=getattr(torch, dtype) if dtype else None)
 
 
 def merge_command(

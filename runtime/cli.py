@@ -18,7 +18,7 @@ CA_OPT = typer.Option(None, "--tls-ca", help="PEM certificate that signs the ser
 ADAPTER_OPT = typer.Option([], "--adapter", "-a", help="REF or REF:WEIGHT (repeat for a stack).")
 MODE_OPT = typer.Option("stack", "--mode", help="How several adapters combine: stack or average.")
 MERGE_OPT = typer.Option(None, "--merge", help="Merge the adapters into one: METHOD[,density=D][,majority_sign=S]"
-                         "[,svd_rank=R][,seed=N], e.g. ties,density=0.5 (weights from -a REF:WEIGHT).")
+                         "[,svd_rank=R][,svd_clamp=Q][,seed=N], e.g. ties,density=0.5 (weights from -a REF:WEIGHT).")
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
 

@@ -20,7 +20,8 @@ import grpc
 
 from hub.artifact import Adapter, Technique
 from hub.manifest import BaseModelInfo
-from hub.merge import MergeError, MergeSpec, merge
+from hub.merge import merge
+from hub.merge_spec import MergeError, MergeSpec
 from runtime.errors import ServeError
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 
@@ -81,6 +82,7 @@ def merge_spec(options: pb.MergeOptions, weights: Sequence[float]) -> MergeSpec:
         density=options.density if options.HasField("density") else None,
         majority_sign=options.majority_sign or None,
         svd_rank=options.svd_rank if options.HasField("svd_rank") else None,
+        svd_clamp=options.svd_clamp if options.HasField("svd_clamp") else None,
         seed=options.seed if options.HasField("seed") else None,
     )
 
@@ -107,11 +109,11 @@ def merged_manifest(parents: Sequence[Any], weights: Sequence[float], options: p
     return MergedManifest(tuple(parents), spec, techniques[0], merge_key(parents, spec))
 
 
-_OPTION_TYPES = {"density": float, "majority_sign": str, "svd_rank": int, "seed": int}
+_OPTION_TYPES = {"density": float, "majority_sign": str, "svd_rank": int, "svd_clamp": float, "seed": int}
 
 
 def parse_merge_options(text: str) -> pb.MergeOptions:
-    """`METHOD[,density=D][,majority_sign=S][,svd_rank=R][,seed=N]` (the CLI's --merge) -> MergeOptions."""
+    """`METHOD[,density=D][,majority_sign=S][,svd_rank=R][,svd_clamp=Q][,seed=N]` (the CLI's --merge) -> MergeOptions."""
     method, *pairs = [p.strip() for p in text.split(",")]
     if not method or "=" in method:
         raise ValueError(f"--merge starts with the method (e.g. ties,density=0.5), got {text!r}")

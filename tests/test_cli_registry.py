@@ -49,6 +49,7 @@ def test_push_list_pull_export_round_trip(technique, technique_adapters, tmp_pat
     assert f"{name}@1.2.0" in table and technique in table
 
     assert f"pulled {name}@1.2.0" in hub("pull", f"{name}@1.2.0", "--from", f"file://{shared}", home=bob).stdout
+    assert "tagged" not in hub("pull", f"{name}@1.2.0", "--from", shared, home=bob).stdout  # a version: no tag
     shown = json.loads(hub("show", name, "--json", home=bob).stdout)
     assert shown["sha256"] == listed[0]["sha256"] and shown["description"] == "round trip"
     assert hub("verify", home=bob).stdout.startswith("ok: ")
@@ -90,6 +91,21 @@ def test_tag_show_rm_gc(technique_adapters, tmp_path):
     assert hub("rm", "ia3@1.1.0", home=home).stdout.strip() == "removed ia3@1.1.0"
     assert hub("gc", home=home).stdout.startswith("removed 3 blobs")
     assert hub("verify", "ia3", home=home).stdout.strip() == "ok: 3 files verified"
+
+
+def test_pull_by_tag_sets_the_local_tag(technique_adapters, tmp_path):
+    """`hub pull name@stable` leaves `name@stable` resolving here to the version it pulled, and a
+    later pull after the remote moved the tag moves the local one too."""
+    alice, bob, shared = tmp_path / "alice", tmp_path / "bob", tmp_path / "shared"
+    for version in ("1.0.0", "1.1.0"):
+        hub("push", technique_adapters["ia3"], "--name", "ia3", "--version", version, "--to", shared, home=alice)
+    hub("tag", "ia3@1.0.0", "stable", "--registry", shared, home=alice)
+    out = hub("pull", "ia3@stable", "--from", shared, home=bob).stdout
+    assert "pulled ia3@1.0.0" in out and "tagged ia3@stable -> 1.0.0" in out
+    assert "version: 1.0.0" in hub("show", "ia3@stable", home=bob).stdout
+    hub("tag", "ia3@1.1.0", "stable", "--registry", shared, home=alice)
+    assert "tagged ia3@stable -> 1.1.0" in hub("pull", "ia3@stable", "--from", shared, home=bob).stdout
+    assert "version: 1.1.0" in hub("show", "ia3@stable", home=bob).stdout
 
 
 def test_remote_add_list_rm(tmp_path):
@@ -172,3 +188,14 @@ def test_every_failure_is_one_line_and_leaves_the_registry_as_it_was(args, messa
     before = snapshot(home)
     one_line_error(hub(*args(technique_adapters, tmp_path), home=home, ok=False), message)
     assert snapshot(home) == before
+
+
+def test_the_hub_command_starts_without_torch():
+    """Registry commands start in a fraction of a second: importing the CLI must not import torch
+    (merge math, engine and training load it when a command needs them)."""
+    import subprocess
+    import sys
+
+    code = "import sys, hub.cli; print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -10,7 +10,8 @@ from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig, get_peft_
 
 from conftest import tiny_llama
 from hub.artifact import Adapter, Technique, read_adapter
-from hub.merge import MergeError, MergeSpec, combine, lora_modules, merge
+from hub.merge import combine, lora_modules, merge
+from hub.merge_spec import MergeError, MergeSpec
 from hub.artifact import write_adapter
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]

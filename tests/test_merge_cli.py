@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from conftest import save_peft_adapter, tiny_llama
 from hub.artifact import read_adapter
 from hub.cli import app
-from hub.merge import MergeSpec, merge
+from hub.merge import merge
+from hub.merge_spec import MergeSpec
 from hub.registry import Registry
 
 runner = CliRunner()

@@ -128,6 +128,13 @@ def test_cli_export_merged_uses_the_recorded_base(tmp_path, hub_home, tiny_llama
     assert plain.exit_code == 0 and read_adapter(tmp_path / "adapter").technique.value == "lora"
     again = runner.invoke(app, ["export", "task@1.0.0", "--merged", "--out", str(tmp_path / "full")])
     assert again.exit_code == 1 and "not an empty folder" in again.output
+    half = runner.invoke(app, ["export", "task@1.0.0", "--merged", "--dtype", "bfloat16", "--out", str(tmp_path / "bf")])
+    assert half.exit_code == 0, half.output
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "bf").dtype == torch.bfloat16
+    for args, message in ((["--dtype", "bfloat16"], "applies to --merged exports only"),
+                          (["--merged", "--dtype", "int3"], "--dtype must be")):
+        bad = runner.invoke(app, ["export", "task@1.0.0", *args, "--out", str(tmp_path / "x")])
+        assert bad.exit_code == 1 and message in bad.output and not (tmp_path / "x").exists()
 
 
 @pytest.mark.slow

@@ -12,7 +12,8 @@ from server_support import *  # noqa: F401,F403
 from server_support import frozen, served_model, wait_until
 
 from hub.artifact import read_adapter
-from hub.merge import MergeSpec, merge
+from hub.merge import merge
+from hub.merge_spec import MergeSpec
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 
 PROMPT = "Merge these, please."
@@ -48,6 +49,7 @@ def peft_merged_generate(served_base, served_adapters, names, weights, tokens, *
 @pytest.mark.parametrize("options,peft_kwargs", [
     (dict(method="cat"), dict(combination_type="cat")),
     (dict(method="ties_svd", density=0.5, svd_rank=6), dict(combination_type="ties_svd", density=0.5, svd_rank=6)),
+    (dict(method="svd", svd_rank=4, svd_clamp=0.9), dict(combination_type="svd", svd_rank=4, svd_clamp=0.9)),
 ])
 def test_merge_mode_generates_as_peft_merged_adapter(start_server, served_base, served_adapters, options, peft_kwargs):
     _, client = start_server()
@@ -114,6 +116,8 @@ def test_merged_adapter_batches_with_other_requests(start_server):
     (["lora0", "ia3"], dict(method="linear"), "different techniques"),
     (["lora0", "lora1"], dict(method="linear"), "one rank"),  # found when the parents' tensors are read
     ([], dict(method="linear"), "at least one adapter"),
+    (["lora0", "lora1"], dict(method="svd", svd_clamp=1.5), "svd_clamp is a quantile"),
+    (["lora0", "lora1"], dict(method="cat", svd_clamp=0.9), "svd_clamp does not apply"),
 ])
 def test_bad_merge_requests_are_invalid_argument(start_server, adapters, options, message):
     _, client = start_server()
@@ -159,8 +163,9 @@ def test_cli_generate_and_score_with_merge(start_server):
 def test_parse_merge_options():
     from runtime.merged import parse_merge_options
 
-    options = parse_merge_options("dare_ties, density=0.25, majority_sign=frequency, svd_rank=4, seed=9")
-    assert options == pb.MergeOptions(method="dare_ties", density=0.25, majority_sign="frequency", svd_rank=4, seed=9)
+    options = parse_merge_options("dare_ties_svd, density=0.25, majority_sign=frequency, svd_rank=4, svd_clamp=0.5, seed=9")
+    assert options == pb.MergeOptions(method="dare_ties_svd", density=0.25, majority_sign="frequency", svd_rank=4,
+                                      svd_clamp=0.5, seed=9)
     assert parse_merge_options("cat") == pb.MergeOptions(method="cat")
 
 

@@ -38,18 +38,20 @@ class AdapterSpec(_message.Message):
     def __init__(self, ref: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class MergeOptions(_message.Message):
-    __slots__ = ("method", "density", "majority_sign", "svd_rank", "seed")
+    __slots__ = ("method", "density", "majority_sign", "svd_rank", "seed", "svd_clamp")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     DENSITY_FIELD_NUMBER: _ClassVar[int]
     MAJORITY_SIGN_FIELD_NUMBER: _ClassVar[int]
     SVD_RANK_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    SVD_CLAMP_FIELD_NUMBER: _ClassVar[int]
     method: str
     density: float
     majority_sign: str
     svd_rank: int
     seed: int
-    def __init__(self, method: _Optional[str] = ..., density: _Optional[float] = ..., majority_sign: _Optional[str] = ..., svd_rank: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+    svd_clamp: float
+    def __init__(self, method: _Optional[str] = ..., density: _Optional[float] = ..., majority_sign: _Optional[str] = ..., svd_rank: _Optional[int] = ..., seed: _Optional[int] = ..., svd_clamp: _Optional[float] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop")
