@@ -23,6 +23,7 @@ registry, checked against the base, loaded), then the same request again (reside
 
     .venv/bin/python bench/e2e_bench.py            # ~10 min on 2 cores
     .venv/bin/python bench/e2e_bench.py --quick    # a smoke run, not figures
+    .venv/bin/python bench/e2e_bench.py --dtype bfloat16   # both sides in bf16 (make bench's e2e-bf16 part)
 """
 from __future__ import annotations
 
@@ -64,6 +65,7 @@ class E2EConfig:
     cold: int = 6
     rank: int = 8
     shapes: tuple[str, ...] = tuple(LORA_SHAPES)
+    dtype: str = "float32"  # of the base, in the server and in PEFT alike
 
 
 def prompts(tokenizer, n: int) -> list[list[int]]:
@@ -172,14 +174,15 @@ def _run(config: E2EConfig, workdir: Path, log) -> dict[str, Any]:
     from hub.registry import Registry
     from runtime.client import RuntimeClient
 
-    model, tokenizer = basemodel.load(config.base_model)
+    model, tokenizer = basemodel.load(config.base_model, dtype=config.dtype)
     registry = Registry(workdir / "registry")
     ids = prompts(tokenizer, config.clients)
     names = [f"a{i:02d}" for i in range(config.clients)]
     sets = {shape: _lora_set(model, registry, workdir / shape.replace(",", ""), shape, config, log)
             for shape in config.shapes}
     server = Server(["--base-model", config.base_model, "--port", "0", "--registry", str(registry.root),
-                     "--max-batch-size", str(config.clients), "--grace", "10"], workdir / "server.log", 600)
+                     "--max-batch-size", str(config.clients), "--grace", "10", "--dtype", config.dtype],
+                    workdir / "server.log", 600)
     try:
         with RuntimeClient(server.address, timeout=900) as client:
             for served, _, _ in sets.values():  # the mixed configurations measure serving, not loading
@@ -249,7 +252,7 @@ def render(config: E2EConfig, result: dict[str, Any]) -> str:
                      f"{percentile(ttfts, 50) * 1000:.0f} ms", f"{percentile(ttfts, 95) * 1000:.0f} ms",
                      f"{rate[name] / base:.2f}x", str(errors)])
     title = (f"End to end: {config.clients} concurrent gRPC clients, {config.new_tokens} new tokens each, "
-             f"{config.base_model} fp32 on CPU (median of {config.repeats}, interleaved)")
+             f"{config.base_model} {config.dtype} on CPU (median of {config.repeats}, interleaved)")
     lines = [title] + ["  " + line for line in table(["configuration", "throughput", "tokens", "TTFT p50",
                                                       "TTFT p95", "vs no adapters", "errors"], rows).splitlines()]
     for shape in config.shapes:
@@ -278,11 +281,13 @@ def main() -> None:
     def add(ap) -> None:
         for name in ("clients", "new_tokens", "repeats", "cold", "rank"):
             ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+        ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=defaults.dtype,
+                        help="the base's dtype, in the server and in PEFT")
 
     args = script_parser(__doc__, add).parse_args()
     setup_logging()
     config = E2EConfig(base_model=args.base_model, clients=args.clients, new_tokens=args.new_tokens,
-                       repeats=args.repeats, cold=args.cold, rank=args.rank)
+                       repeats=args.repeats, cold=args.cold, rank=args.rank, dtype=args.dtype)
     if args.quick:
         config.clients, config.new_tokens, config.repeats, config.cold, config.shapes = 4, 8, 1, 2, ("q,v",)
     run_e2e(config)

@@ -104,13 +104,23 @@ def test_bf16_mixed_batch_matches_peft_in_bf16(tmp_path):
                                                    feedforward_modules=["down_proj"]), tmp_path / "i"),
         "prompt": save_peft_adapter(base32, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
                                     tmp_path / "p"),
+        "lora_bias": save_peft_adapter(base32, LoraConfig(r=8, target_modules=LLAMA_TARGETS, lora_bias=True),
+                                       tmp_path / "lb", seed=2),
+        "lora8": save_peft_adapter(base32, LoraConfig(r=8, target_modules=LLAMA_TARGETS), tmp_path / "l8", seed=3),
+        "lora4": save_peft_adapter(base32, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]),
+                                   tmp_path / "l4", seed=4),
     }
     base = copy.deepcopy(base32).to(torch.bfloat16)
     engine = Engine(copy.deepcopy(base))
     assert engine.dtype == torch.bfloat16
     for key, folder in folders.items():
         engine.load(key, read_adapter(folder))
-    check_rows(base, engine, folders, ["lora", "ia3", "prompt"], 3e-2, effect=2)
+    # on a CPU the LoRA weights stay float32 (bf16 batched matmuls at these shapes are slower there)
+    lora_site = engine._residents["lora_bias"].sites["model.layers.0.self_attn.q_proj"]
+    assert lora_site.a_t.dtype == lora_site.b_t.dtype == torch.float32 and lora_site.bias.dtype == torch.bfloat16
+    check_rows(base, engine, folders, ["lora", "ia3", "prompt"], 3e-2, effect=2)  # one LoRA: the dense kernel
+    check_rows(base, engine, folders, ["lora", "lora_bias", "lora8"], 3e-2, effect=2)  # one rank, every row
+    check_rows(base, engine, folders, ["lora4", "lora", None], 3e-2, effect=2)  # two ranks: gathered rows
 
 
 @pytest.fixture(scope="module")

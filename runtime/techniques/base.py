@@ -96,10 +96,11 @@ class TechniqueImpl(ABC):
         """Raise ValueError when a row's combination of this technique's adapters cannot be served."""
 
 
-def to_device(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Tensors on the model's device and float dtype (loaded adapters compute in the base's dtype)."""
+def to_device(tensors: dict[str, torch.Tensor], model: nn.Module,
+              dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Tensors on the model's device, in `dtype` (default: the base's; adapters compute in it)."""
     param = next(model.parameters())
-    return {k: t.to(device=param.device, dtype=param.dtype).contiguous() for k, t in tensors.items()}
+    return {k: t.to(device=param.device, dtype=dtype or param.dtype).contiguous() for k, t in tensors.items()}
 
 
 def nbytes_of(tensors) -> int:
