@@ -8,7 +8,7 @@ Parts (in this order; --only picks some, the others keep their last results in r
 - sweep:  bench/sweep.py (throughput against distinct adapters per batch -> throughput.png);
 - scale:  bench/scale_bench.py (1,000 registered adapters, 50 fit: TTFT, tokens/s, cache).
 
-    .venv/bin/python bench/run.py                    # everything (~35 min on 2 cores)
+    .venv/bin/python bench/run.py                    # everything (~25 min on 2 cores)
     .venv/bin/python bench/run.py --only sweep --only scale
     .venv/bin/python bench/run.py --quick            # a smoke run: small sizes everywhere
 """
