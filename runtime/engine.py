@@ -278,7 +278,8 @@ class Engine:
             if last_only and self._keeps_logits:
                 # An index tensor, not the int 1: the model's slice [:, -1:] of a prefill is not contiguous, and
                 # the vocabulary projection of a non-contiguous (rows, 1, hidden) input runs as a batched
-                # matmul over a per-row copy of the whole head: 10x the work in fp32, 30x the time in bf16.
+                # matmul over a per-row copy of the whole head (32-row SmolLM2 prefill here: +0.1 s in fp32,
+                # +2.4 s in bf16).
                 inputs["logits_to_keep"] = torch.tensor([length - 1], device=input_ids.device)
             self._context.set([(start, end, c.ops) for (start, end), c in zip(bounds, compiled)])
             try:
