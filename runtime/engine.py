@@ -164,6 +164,14 @@ class Engine:
             self._residents[key] = resident
             return resident.nbytes
 
+    def weights_bytes(self, adapter: Adapter) -> int:
+        """Bytes `load` will keep for the adapter's tensors (float ones in its technique's weights dtype),
+        before loading it: what a memory budget reserves."""
+        impl = REGISTRY.get(adapter.technique)
+        itemsize = (impl.weights_dtype(self._model) if impl is not None else self.dtype).itemsize
+        return sum(int(t.numel()) * (itemsize if t.is_floating_point() else t.element_size())
+                   for t in adapter.tensors.values())
+
     def unload(self, key: str) -> None:
         with self._lock:
             if self._residents.pop(key, None) is None:

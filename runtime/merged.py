@@ -113,7 +113,7 @@ _OPTION_TYPES = {"density": float, "majority_sign": str, "svd_rank": int, "svd_c
 
 
 def parse_merge_options(text: str) -> pb.MergeOptions:
-    """`METHOD[,density=D][,majority_sign=S][,svd_rank=R][,svd_clamp=Q][,seed=N]` (the CLI's --merge) -> MergeOptions."""
+    """The CLI's --merge, `METHOD[,density=D][,majority_sign=S][,svd_rank=R][,svd_clamp=Q][,seed=N]`, as MergeOptions."""
     method, *pairs = [p.strip() for p in text.split(",")]
     if not method or "=" in method:
         raise ValueError(f"--merge starts with the method (e.g. ties,density=0.5), got {text!r}")

@@ -184,7 +184,7 @@ class AdapterPool:
             adapter = self._read_verified(key, manifest)
         else:
             self.metrics.cache_hits.labels(tier=Tier.HOST.value).inc()
-        need = self._device_estimate(adapter)
+        need = self.engine.weights_bytes(adapter)
         if need > self.device_budget:
             raise ServeError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                              f"adapter {key} needs {need} bytes on the device, more than the whole adapter "
@@ -245,12 +245,6 @@ class AdapterPool:
                              "fingerprint differs from the served base's)")
         self._verified.add(key)
         return adapter
-
-    def _device_estimate(self, adapter: Adapter) -> int:
-        """Bytes the adapter will take on the device, in the engine's dtype (what the budget counts)."""
-        itemsize = self.engine.dtype.itemsize
-        return sum(int(t.numel()) * (itemsize if t.is_floating_point() else t.element_size())
-                   for t in adapter.tensors.values())
 
     # -- eviction ----------------------------------------------------------------------------------
     def _make_room(self, need: int, key: str) -> dict[str, Future]:

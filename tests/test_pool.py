@@ -29,7 +29,7 @@ def make_pool(served_base, registry):
 
 
 def _size(pool: AdapterPool, name: str) -> int:
-    return pool._device_estimate(read_adapter(pool.registry.materialize(pool.resolve(name))))
+    return pool.engine.weights_bytes(read_adapter(pool.registry.materialize(pool.resolve(name))))
 
 
 def _use(pool: AdapterPool, *names: str) -> None:

@@ -84,6 +84,10 @@ class TechniqueImpl(ABC):
     def load(self, key: str, adapter: Adapter, model: nn.Module) -> Resident:
         """Validate the adapter against the model (hub.checkpoint.check_fits) and move it to the device."""
 
+    def weights_dtype(self, model: nn.Module) -> torch.dtype:
+        """The dtype `load` keeps this technique's float tensors in on `model` (memory budgets count it)."""
+        return next(model.parameters()).dtype
+
     def compile(self, site: str, uses: list[Use], batch: BatchInfo) -> list[SiteOp]:
         """The ops for `uses` (all rows' uses of this technique that touch `site`, in row/stack order)."""
         return []

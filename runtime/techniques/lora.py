@@ -11,7 +11,7 @@ dense form over all 16 adapters (x @ [A_1 .. A_16]) in a decode step by 2-3x: th
 16x the LoRA FLOPs, which at 16 rows is no longer small next to the base matmuls.
 Stacked LoRAs in one row add (each with its weight); `lora_bias` becomes a per-row bias.
 
-On a CPU, a bfloat16/float16 base keeps its LoRA weights in float32 (`weights_dtype`): those small
+On a CPU, a bfloat16/float16 base keeps its LoRA weights in float32 (`Lora.weights_dtype`): those small
 batched matmuls ran 2x slower in bf16 than in fp32 on the 2-core AVX-512-BF16 CPU we measured (the
 same bytes: 33 ms vs 15 ms a 32-row decode step), so the rows' inputs are cast up (a few KB) and
 the delta cast back. On a GPU the adapter keeps the base's dtype.
@@ -69,13 +69,6 @@ def _sibling_group(site: str) -> tuple[str, int] | None:
     parent, _, name = site.rpartition(".")
     group = next((i for i, names in enumerate(SHARED_INPUT) if name in names), None)
     return None if group is None else (parent, group)
-
-
-def weights_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype LoRA weights are kept and multiplied in: float32 for a half-precision base on a CPU."""
-    param = next(model.parameters())
-    half = param.dtype in (torch.bfloat16, torch.float16)
-    return torch.float32 if half and param.device.type == "cpu" else param.dtype
 
 
 def _add_into(y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -192,6 +185,12 @@ class SharedInput:
 class Lora(TechniqueImpl):
     technique = Technique.LORA
 
+    def weights_dtype(self, model: nn.Module) -> torch.dtype:
+        """float32 for a half-precision base on a CPU (see the module docstring), else the base's dtype."""
+        param = next(model.parameters())
+        half = param.dtype in (torch.bfloat16, torch.float16)
+        return torch.float32 if half and param.device.type == "cpu" else param.dtype
+
     def load(self, key: str, adapter: Adapter, model: nn.Module) -> Resident:
         check_fits(adapter, model)
         model_dtype = next(model.parameters()).dtype
@@ -202,7 +201,7 @@ class Lora(TechniqueImpl):
             r, scale = scaling(adapter.config, path)
             if t["lora_A"].shape[0] != r:
                 raise ArtifactError(f"module {path!r}: lora_A has rank {t['lora_A'].shape[0]}, config says {r}")
-            t = to_device(t, model, weights_dtype(model))
+            t = to_device(t, model, self.weights_dtype(model))
             bias = (t["lora_bias"] * scale).to(model_dtype) if "lora_bias" in t else None
             sites[path] = LoraSite(t["lora_A"].t().contiguous(), (t["lora_B"] * scale).t().contiguous(), bias)
         _group_siblings(sites)
