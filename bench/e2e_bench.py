@@ -24,6 +24,7 @@ registry, checked against the base, loaded), then the same request again (reside
     .venv/bin/python bench/e2e_bench.py            # ~10 min on 2 cores
     .venv/bin/python bench/e2e_bench.py --quick    # a smoke run, not figures
     .venv/bin/python bench/e2e_bench.py --dtype bfloat16   # both sides in bf16 (make bench's e2e-bf16 part)
+    python bench/e2e_bench.py --device cuda --dtype bfloat16 --base-model DIR   # on a GPU machine
 """
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ class E2EConfig:
     rank: int = 8
     shapes: tuple[str, ...] = tuple(LORA_SHAPES)
     dtype: str = "float32"  # of the base, in the server and in PEFT alike
+    device: str = "cpu"  # likewise ("cuda" on a GPU machine)
 
 
 def prompts(tokenizer, n: int) -> list[list[int]]:
@@ -132,13 +134,15 @@ def peft_batch(peft_model, tokenizer, ids: list[list[int]], names: list[str], ne
     """PEFT's mixed batch: the prompts left-padded into one batch, each row its own adapter."""
     width = max(map(len, ids))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in ids])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids])
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in ids], device=peft_model.device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids], device=peft_model.device)
     streamer = _FirstToken()
     start = time.perf_counter()
     with torch.inference_mode():
         out = peft_model.generate(input_ids=input_ids, attention_mask=mask, adapter_names=names, do_sample=False,
                                   max_new_tokens=new_tokens, pad_token_id=pad, streamer=streamer)
+    if input_ids.is_cuda:  # the last step's kernels may still run
+        torch.cuda.synchronize()
     wall = time.perf_counter() - start
     eos = tokenizer.eos_token_id
     tokens = sum(int(((row != pad) & (row != eos)).sum()) for row in out[:, width:])
@@ -174,14 +178,15 @@ def _run(config: E2EConfig, workdir: Path, log) -> dict[str, Any]:
     from hub.registry import Registry
     from runtime.client import RuntimeClient
 
-    model, tokenizer = basemodel.load(config.base_model, dtype=config.dtype)
+    model, tokenizer = basemodel.load(config.base_model, dtype=config.dtype, device=config.device)
     registry = Registry(workdir / "registry")
     ids = prompts(tokenizer, config.clients)
     names = [f"a{i:02d}" for i in range(config.clients)]
     sets = {shape: _lora_set(model, registry, workdir / shape.replace(",", ""), shape, config, log)
             for shape in config.shapes}
     server = Server(["--base-model", config.base_model, "--port", "0", "--registry", str(registry.root),
-                     "--max-batch-size", str(config.clients), "--grace", "10", "--dtype", config.dtype],
+                     "--max-batch-size", str(config.clients), "--grace", "10", "--dtype", config.dtype,
+                     "--device", config.device],
                     workdir / "server.log", 600)
     try:
         with RuntimeClient(server.address, timeout=900) as client:
@@ -252,7 +257,7 @@ def render(config: E2EConfig, result: dict[str, Any]) -> str:
                      f"{percentile(ttfts, 50) * 1000:.0f} ms", f"{percentile(ttfts, 95) * 1000:.0f} ms",
                      f"{rate[name] / base:.2f}x", str(errors)])
     title = (f"End to end: {config.clients} concurrent gRPC clients, {config.new_tokens} new tokens each, "
-             f"{config.base_model} {config.dtype} on CPU (median of {config.repeats}, interleaved)")
+             f"{config.base_model} {config.dtype} on {config.device} (median of {config.repeats}, interleaved)")
     lines = [title] + ["  " + line for line in table(["configuration", "throughput", "tokens", "TTFT p50",
                                                       "TTFT p95", "vs no adapters", "errors"], rows).splitlines()]
     for shape in config.shapes:
@@ -283,11 +288,13 @@ def main() -> None:
             ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
         ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=defaults.dtype,
                         help="the base's dtype, in the server and in PEFT")
+        ap.add_argument("--device", default=defaults.device, help="cpu or cuda, in the server and in PEFT")
 
     args = script_parser(__doc__, add).parse_args()
     setup_logging()
     config = E2EConfig(base_model=args.base_model, clients=args.clients, new_tokens=args.new_tokens,
-                       repeats=args.repeats, cold=args.cold, rank=args.rank, dtype=args.dtype)
+                       repeats=args.repeats, cold=args.cold, rank=args.rank, dtype=args.dtype,
+                       device=args.device)
     if args.quick:
         config.clients, config.new_tokens, config.repeats, config.cold, config.shapes = 4, 8, 1, 2, ("q,v",)
     run_e2e(config)
