@@ -67,6 +67,18 @@ class ServerConfig:
     max_adapter_labels: int = 32
 
 
+def check_device(device: str) -> None:
+    """ServerConfigError unless torch can put a tensor on `device` here: checked before the base model
+    loads, so `--device cuda` on a machine without one is one line, not a traceback after the load."""
+    import torch
+
+    try:
+        torch.empty(1, device=torch.device(device))
+    except (RuntimeError, AssertionError) as e:  # torch without CUDA raises AssertionError
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ServerConfigError(f"--device {device!r} cannot be used here: {reason}") from None
+
+
 class RuntimeServer:
     """One running runtime. `model`/`tokenizer`/`registry` may be passed in (tests); else loaded from config."""
 
@@ -81,6 +93,7 @@ class RuntimeServer:
             interceptors.append(TokenAuthInterceptor(tokens, admin_only=config.auth_admin_only))
         credentials = self._tls_credentials()
         if model is None:
+            check_device(config.device)
             model, tokenizer = basemodel.load(config.base_model, dtype=config.dtype, device=config.device)
         if registry is None:
             from hub.registry import Registry

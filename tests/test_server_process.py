@@ -12,6 +12,7 @@ import threading
 
 import grpc
 import pytest
+import torch
 
 from server_support import *  # noqa: F401,F403
 
@@ -119,6 +120,8 @@ def test_serve_refuses_bad_options_with_one_line(served_base, registry):
         (["--preload", "nobody"], "NOT_FOUND: no adapter named 'nobody'"),
         (["--adapter-memory", "lots"], "is not a size"),
         (["--dtype", "int3"], "--dtype must be"),
+        (["--device", "bogus"], "--device 'bogus' cannot be used here"),
+        *([(["--device", "cuda"], "--device 'cuda' cannot be used here")] if not torch.cuda.is_available() else []),
     ):
         result = _hub("serve", "--port", "0", "--base-model", str(served_base), "--registry", str(registry.root), *args)
         assert result.exit_code != 0
