@@ -29,11 +29,11 @@ def _fail(message: str) -> None:
     fail(message)
 
 
-def parse_bytes(text: str) -> int:
-    """`1073741824`, `512MiB`, `1GB`... -> bytes."""
+def parse_bytes(option: str, text: str) -> int:
+    """`1073741824`, `512MiB`, `1GB`... -> bytes; one error line naming the option otherwise."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
     if not m or m.group(2).lower() not in _UNITS:
-        raise typer.BadParameter(f"{text!r} is not a size (e.g. 1073741824, 512MiB, 1GB)")
+        _fail(f"{option}: {text!r} is not a size (e.g. 1073741824, 512MiB, 1GB)")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
@@ -76,9 +76,9 @@ def serve(
     adapter_memory: str = typer.Option("1GiB", "--adapter-memory", help="Device budget for adapters, bytes (512MiB...)."),
     host_adapter_memory: Optional[str] = typer.Option(None, "--host-adapter-memory",
                                                       help="Host-memory tier budget (default 4x --adapter-memory)."),
-    max_batch_size: int = typer.Option(32, "--max-batch-size", min=1),
-    max_queue: int = typer.Option(128, "--max-queue", min=0),
-    max_new_tokens: int = typer.Option(1024, "--max-new-tokens", min=1, help="Largest max_new_tokens a request may ask."),
+    max_batch_size: int = typer.Option(32, "--max-batch-size"),
+    max_queue: int = typer.Option(128, "--max-queue"),
+    max_new_tokens: int = typer.Option(1024, "--max-new-tokens", help="Largest max_new_tokens a request may ask."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1..."),
     metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="Serve Prometheus /metrics on this port."),
@@ -101,8 +101,8 @@ def serve(
     config = ServerConfig(
         base_model=base_model, host=host, port=port, registry=registry,
         preload=tuple(r.strip() for item in preload for r in item.split(",") if r.strip()),
-        adapter_memory=parse_bytes(adapter_memory),
-        host_adapter_memory=parse_bytes(host_adapter_memory) if host_adapter_memory else None,
+        adapter_memory=parse_bytes("--adapter-memory", adapter_memory),
+        host_adapter_memory=parse_bytes("--host-adapter-memory", host_adapter_memory) if host_adapter_memory else None,
         max_batch_size=max_batch_size, max_queue=max_queue, max_new_tokens=max_new_tokens, dtype=dtype, device=device,
         metrics_port=metrics_port, auth_token_file=auth_token_file, auth_admin_only=auth_admin_only,
         tls_cert=tls_cert, tls_key=tls_key, remote=remote, grace_seconds=grace,

@@ -66,6 +66,21 @@ class ServerConfig:
     grace_seconds: float = 30.0
     max_adapter_labels: int = 32
 
+    def check(self) -> None:
+        """ServerConfigError naming the first option out of its range (before anything loads or binds)."""
+        ranges = (("--port", self.port, 0, 65535), ("--metrics-port", self.metrics_port, 0, 65535),
+                  ("--max-batch-size", self.max_batch_size, 1, None), ("--max-queue", self.max_queue, 0, None),
+                  ("--max-new-tokens", self.max_new_tokens, 1, None),
+                  ("max_adapters_per_request", self.max_adapters_per_request, 1, None),
+                  ("--adapter-memory", self.adapter_memory, 0, None),
+                  ("--host-adapter-memory", self.host_adapter_memory, 0, None),
+                  ("--grace", self.grace_seconds, 0, None), ("max_message_bytes", self.max_message_bytes, 1, None),
+                  ("max_adapter_labels", self.max_adapter_labels, 0, None))
+        for name, value, low, high in ranges:
+            if value is not None and (value < low or (high is not None and value > high)):
+                bound = f"in {low}..{high}" if high is not None else f">= {low}"
+                raise ServerConfigError(f"{name} must be {bound}, got {value}")
+
 
 def check_device(device: str) -> None:
     """ServerConfigError unless torch can put a tensor on `device` here: checked before the base model
@@ -83,6 +98,7 @@ class RuntimeServer:
     """One running runtime. `model`/`tokenizer`/`registry` may be passed in (tests); else loaded from config."""
 
     def __init__(self, config: ServerConfig, *, model=None, tokenizer=None, registry=None) -> None:
+        config.check()
         self.config = config
         interceptors = []
         if config.auth_token_file is not None:
