@@ -87,7 +87,10 @@ class RuntimeClient:
         for name, value in (("max_new_tokens", max_new_tokens), ("temperature", temperature), ("top_p", top_p),
                             ("top_k", top_k), ("seed", seed)):
             if value is not None:
-                setattr(sampling, name, value)
+                try:
+                    setattr(sampling, name, value)
+                except (ValueError, TypeError) as e:  # e.g. a negative count for an unsigned field
+                    raise ValueError(f"{name} = {value!r}: {e}") from None
         return pb.GenerateRequest(prompt=prompt or "", prompt_token_ids=list(token_ids),
                                   adapters=adapter_specs(adapters), mode=MODES[mode], chat=chat, sampling=sampling,
                                   merge=merge)

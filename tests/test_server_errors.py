@@ -174,3 +174,12 @@ def test_unload_of_an_adapter_in_use_is_refused(start_server):
     wait_until(lambda: all(e.in_use == 0 for e in server.pool.entries()), "the stream let go")
     assert client.unload_adapter("lora0").adapter.tier == pb.TIER_DISK
     assert server.engine.resident() == {}
+
+
+@pytest.mark.parametrize("field,value", [("max_new_tokens", -5), ("top_k", -1), ("seed", -2)])
+def test_client_names_the_sampling_field_it_cannot_send(field, value):
+    """A value the wire format cannot hold (a negative count) is refused before sending, naming the field."""
+    from runtime.client import RuntimeClient
+
+    with pytest.raises(ValueError, match=f"^{field} = {value}: "):
+        RuntimeClient.generate_request("hi", **{field: value})
