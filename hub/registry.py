@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from hub import basemodel
-from hub.artifact import Adapter, ArtifactError, read_adapter
+from hub.artifact import Adapter, ArtifactError, Technique, read_adapter
 from hub.errors import HubError, IntegrityError, InvalidName, NotFound
 from hub.home import hub_home
 from hub.index import Index, IndexFile
@@ -115,6 +115,9 @@ class Registry:
 
     def list(self, *, base_model: str | None = None, technique: str | None = None) -> list[Manifest]:
         """All versions, optionally those pushed against one base model or of one technique."""
+        known = [t.value for t in Technique]
+        if technique is not None and technique not in known:  # a typo would list nothing, silently
+            raise InvalidName(f"unknown technique {technique!r}; one of: {', '.join(known)}")
         bases = None
         if base_model:  # as named, as its HF id, or as the absolute folder push records for a local base
             bases = {base_model, basemodel.hf_id(base_model), str(Path(base_model).expanduser().resolve())}

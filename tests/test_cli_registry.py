@@ -172,6 +172,7 @@ def _unknown(technique_adapters, tmp_path) -> Path:
     (lambda a, t: ["pull", "keep@1.0.0"], "name a remote with --from"),
     (lambda a, t: ["pull", "nope@1.0.0", "--from", t / "nowhere"], "is not a registry"),
     (lambda a, t: ["pull", "keep", "--from", "s3://bucket"], "unsupported remote"),
+    (lambda a, t: ["list", "--technique", "LoRA"], "unknown technique 'LoRA'; one of: lora, ia3"),
     (lambda a, t: ["show", "nope"], "no adapter named 'nope'"),
     (lambda a, t: ["show", "keep@9.9.9"], "has no version 9.9.9"),
     (lambda a, t: ["tag", "keep@1.0.0", "9bad"], "invalid tag"),

@@ -44,7 +44,8 @@ def test_push_materialize_export_is_bit_identical(technique, technique_adapters,
         assert m.files[p.name] == {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
     assert [x.ref for x in reg.list()] == [m.ref]
     assert [x.ref for x in reg.list(technique=technique)] == [m.ref]
-    assert reg.list(technique="nope") == []
+    with pytest.raises(InvalidName, match="unknown technique 'nope'"):  # a typo is not an empty registry
+        reg.list(technique="nope")
 
     read_adapter(reg.materialize(m))  # the runtime's view: a folder read_adapter takes
     out = reg.export(m.ref, tmp_path / "exported")
