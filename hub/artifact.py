@@ -68,12 +68,17 @@ def read_config(folder: Path) -> dict[str, Any]:
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
         raise ArtifactError(f"{folder}: no {CONFIG_FILE}")
+    return parse_config(path.read_bytes(), str(path))
+
+
+def parse_config(data: bytes, where: str) -> dict[str, Any]:
+    """An adapter config from its file's bytes (`where` names the file in errors)."""
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path}: malformed JSON ({e})") from None
+        raise ArtifactError(f"{where}: malformed JSON ({e})") from None
     if not isinstance(config, dict):
-        raise ArtifactError(f"{path}: expected a JSON object")
+        raise ArtifactError(f"{where}: expected a JSON object")
     return config
 
 
@@ -122,9 +127,26 @@ def read_adapter(folder: str | Path) -> Adapter:
     folder = Path(folder)
     config = read_config(folder)
     technique = technique_of(config)
-    tensors = read_tensors(folder / WEIGHTS_FILE)
+    return _adapter(technique, config, read_tensors(folder / WEIGHTS_FILE), folder / WEIGHTS_FILE)
+
+
+def adapter_from_bytes(config: bytes, weights: bytes, where: str) -> Adapter:
+    """An Adapter from its two files' bytes (the registry reads stored files once, checks, parses)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    parsed = parse_config(config, f"{where}/{CONFIG_FILE}")
+    technique = technique_of(parsed)
+    try:
+        tensors = load(weights)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise ArtifactError(f"{where}/{WEIGHTS_FILE}: not a valid safetensors file ({e})") from None
+    return _adapter(technique, parsed, tensors, f"{where}/{WEIGHTS_FILE}")
+
+
+def _adapter(technique: Technique, config: dict[str, Any], tensors: dict[str, Any], weights: Path | str) -> Adapter:
     if not tensors:
-        raise ArtifactError(f"{folder / WEIGHTS_FILE}: holds no tensors")
+        raise ArtifactError(f"{weights}: holds no tensors")
     return Adapter(technique=technique, config=config, tensors=tensors)
 
 

@@ -9,6 +9,7 @@ the root): that is how a git checkout ships its demo adapters in its own `regist
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -20,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from hub import basemodel
-from hub.artifact import Adapter, ArtifactError, Technique, read_adapter
+from hub.artifact import (CONFIG_FILE, WEIGHTS_FILE, Adapter, ArtifactError, Technique, adapter_from_bytes,
+                          read_adapter)
 from hub.errors import HubError, IntegrityError, InvalidName, NotFound
 from hub.home import hub_home
 from hub.index import Index, IndexFile
@@ -253,6 +255,24 @@ class Registry:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return target
+
+    def read(self, manifest: Manifest) -> Adapter:
+        """The version as an Adapter, straight from its stored files: each read once, checked against the
+        manifest's size and sha256 in memory, then parsed (no checkout written; what a server's cold load
+        uses). IntegrityError for a missing or damaged file, ArtifactError for one that is not an adapter."""
+        data = {}
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if name not in manifest.files:
+                raise ArtifactError(f"{manifest.ref}: no {name} in the version's files")
+            path = self.file_path(manifest, name)
+            try:
+                data[name] = path.read_bytes()
+            except FileNotFoundError:
+                raise IntegrityError(f"{manifest.ref}: file {name} is missing ({path})") from None
+            info = manifest.files[name]
+            got = (len(data[name]), hashlib.sha256(data[name]).hexdigest())
+            check_copy(f"{manifest.ref}: {name}", got, info["size"], info["sha256"])
+        return adapter_from_bytes(data[CONFIG_FILE], data[WEIGHTS_FILE], manifest.ref)
 
     def _copy_files(self, manifest: Manifest, source, dst: Path) -> None:
         for name, info in manifest.files.items():

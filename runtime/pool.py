@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, TypeVar
 
 import grpc
 
-from hub.artifact import Adapter, ArtifactError, Technique, read_adapter
+from hub.artifact import Adapter, ArtifactError, Technique
 from hub.checkpoint import PROMPT_SITE, check_fits, fingerprint, module_tensors
 from hub.errors import HubError, IntegrityError, InvalidName, NotFound
 from runtime.errors import ServeError
@@ -225,8 +225,7 @@ class AdapterPool:
         """Read an adapter version from the registry and refuse it if it was made for another base."""
         try:
             build = getattr(manifest, "build", None)  # a per-request merge (runtime/merged.py), from verified parents
-            adapter = build(lambda m: self._read_verified(m.ref, m)) if build else \
-                read_adapter(self.registry.materialize(manifest))
+            adapter = build(lambda m: self._read_verified(m.ref, m)) if build else self.registry.read(manifest)
         except IntegrityError as e:
             raise ServeError(grpc.StatusCode.DATA_LOSS, f"adapter {key}: stored files are damaged: {e}") from None
         except (ArtifactError, HubError, OSError) as e:

@@ -47,7 +47,11 @@ def test_push_materialize_export_is_bit_identical(technique, technique_adapters,
     with pytest.raises(InvalidName, match="unknown technique 'nope'"):  # a typo is not an empty registry
         reg.list(technique="nope")
 
-    read_adapter(reg.materialize(m))  # the runtime's view: a folder read_adapter takes
+    from_folder = read_adapter(reg.materialize(m))  # a folder read_adapter takes
+    direct = reg.read(m)  # the server's cold load: stored files read once, checked, parsed
+    assert (direct.technique, direct.config) == (from_folder.technique, from_folder.config)
+    assert direct.tensors.keys() == from_folder.tensors.keys()
+    assert all(torch.equal(direct.tensors[k], from_folder.tensors[k]) for k in direct.tensors)
     out = reg.export(m.ref, tmp_path / "exported")
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in src.iterdir())
     for p in src.iterdir():
@@ -240,6 +244,19 @@ def test_tampered_blob_fails_verify_and_materialize(technique_adapters, hub_home
     assert reg.verify("ia3@1.0.0") == (3, [])
     with pytest.raises(IntegrityError, match="tampered or corrupted"):
         reg.materialize(reg.resolve("lora@1.0.0"))
+    with pytest.raises(IntegrityError, match=r"lora@1.0.0: adapter_model.safetensors: .*\(tampered or corrupted"):
+        reg.read(reg.resolve("lora@1.0.0"))
+    assert reg.read(reg.resolve("ia3@1.0.0")).technique.value == "ia3"
+
+
+def test_read_writes_no_checkout_and_names_a_missing_blob(technique_adapters, hub_home):
+    reg = Registry()
+    m = reg.push(technique_adapters["lora"], "lora", "1.0.0")
+    reg.read(m)
+    assert not (hub_home / "checkouts").exists()
+    reg.store.path(m.files["adapter_config.json"]["sha256"]).unlink()
+    with pytest.raises(IntegrityError, match="lora@1.0.0: file adapter_config.json is missing"):
+        reg.read(m)
 
 
 def test_damaged_checkout_is_rebuilt_from_blobs(technique_adapters, hub_home):
@@ -285,10 +302,13 @@ def test_in_place_versions_live_in_a_folder_of_the_registry(technique_adapters, 
     shutil.copytree(repo, moved)
     assert Registry(moved).materialize(Registry(moved).resolve("demo/bn")) == moved / "adapters" / "bn"
     assert Registry(moved).verify() == (2, [])
+    assert Registry(moved).read(Registry(moved).resolve("demo/bn")).technique.value == "bottleneck"
     (moved / "adapters" / "bn" / "adapter_config.json").write_text("{}")
     assert len(Registry(moved).verify()[1]) == 1
     with pytest.raises(IntegrityError):
         Registry(moved).materialize(Registry(moved).resolve("demo/bn"))
+    with pytest.raises(IntegrityError):
+        Registry(moved).read(Registry(moved).resolve("demo/bn"))
 
 
 def test_repo_registry_json_is_a_valid_index():

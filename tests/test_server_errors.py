@@ -93,6 +93,19 @@ def test_adapter_for_another_base_is_failed_precondition(start_server):
     assert server.engine.resident() == {}
 
 
+def test_damaged_stored_adapter_is_data_loss_and_others_still_serve(start_server, registry):
+    """A blob whose bytes no longer match the manifest's sha256 is never served: DATA_LOSS naming it."""
+    server, client = start_server()
+    blob = registry.store.path(registry.resolve("lora0").files["adapter_model.safetensors"]["sha256"])
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    for error in (_refused(client.generate, PROMPT, adapters=["lora0"]), _refused(client.load_adapter, "lora0")):
+        assert error.code() == CODE.DATA_LOSS and "lora0@1.0.0: adapter_model.safetensors" in error.details()
+    assert "lora0" not in str(server.engine.resident())
+    assert client.generate(PROMPT, adapters=["lora1"], max_new_tokens=3).token_ids
+
+
 def test_adapter_that_does_not_fit_is_failed_precondition(start_server, registry, served_adapters):
     """Pushed with no base to check against, an adapter for other shapes is caught at load, naming the module."""
     import json
