@@ -40,7 +40,7 @@ def combine(tensors: Sequence[torch.Tensor], weights: torch.Tensor, spec: MergeS
     (top-k magnitude, or a seeded Bernoulli mask rescaled by 1/density), weight, then sum or, for
     the TIES forms, keep the entries agreeing with the elected sign and average them.
     """
-    # peft is imported here, not at module level: `hub` commands import this module and must start fast.
+    # peft is imported here, not at module level: it loads only when a merge runs.
     from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge, prune, reshape_weight_task_tensors
     family = method_family(spec.method)
     if family in ("ties", "magnitude_prune"):

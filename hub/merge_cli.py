@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-from hub.artifact import Adapter, ArtifactError, read_adapter, write_adapter
+from hub.artifact import ArtifactError, write_adapter
 from hub.errors import HubError
 from hub.manifest import Manifest
 from hub.merge_spec import LORA_METHODS, MergeError, MergeSpec
@@ -47,7 +47,7 @@ def merge_versions(registry: Registry, refs: list[str], spec: MergeSpec, name: s
     revisions = {m.base_model.revision for m in parents} - {None}
     if len(bases) > 1 or len(revisions) > 1:
         raise MergeError(f"adapters were pushed for different base models: {', '.join(sorted(bases | revisions))}")
-    adapters = [read_adapter(registry.materialize(m)) for m in parents]
+    adapters = [registry.read(m) for m in parents]
     merged = merge(adapters, spec)
     checked = spec.checked(merged.technique, len(parents))  # the lineage records defaults as applied
     with tempfile.TemporaryDirectory(prefix="hub-merge-") as tmp:
@@ -66,7 +66,7 @@ def export_merged_version(registry: Registry, ref: str, base_model: str | None, 
     from hub.merge_base import export_merged
 
     manifest = registry.resolve(ref)
-    adapter = read_adapter(registry.materialize(manifest))
+    adapter = registry.read(manifest)
     base = base_model or manifest.base_model.id or adapter.config.get("base_model_name_or_path")
     if not base:
         raise MergeError(f"{manifest.ref} records no base model: give --base-model")

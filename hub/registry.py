@@ -285,8 +285,7 @@ class Registry:
         """Write a version's files to a new folder `out` (PEFT's `from_pretrained` loads PEFT techniques)."""
         with new_folder(Path(out)) as tmp:
             manifest = self.resolve(ref)
-            src = self.materialize(manifest)
-            self._copy_files(manifest, lambda m, name: src / name, tmp)
+            self._copy_files(manifest, self.file_path, tmp)  # from the blobs, each checked by sha256
         return Path(out)
 
     # -- changing names
