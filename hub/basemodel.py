@@ -160,6 +160,9 @@ def hf_id(base_model: str) -> str:
     return EMBEDDED[base_model].hf_id if base_model in EMBEDDED else base_model
 
 
+DTYPES = ("float32", "bfloat16", "float16")  # the dtypes a base model is served or exported in
+
+
 def load(base_model: str = DEFAULT_BASE_MODEL, *, dtype: str = "float32", device: str = "cpu"):
     """Load (model, tokenizer), frozen and in eval mode."""
     import torch

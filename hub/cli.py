@@ -257,8 +257,8 @@ def export(
     with _clear_errors():
         if dtype is not None and not merged:
             fail("--dtype applies to --merged exports only (an adapter's files are copied as they are)")
-        if dtype not in (None, "float32", "bfloat16", "float16"):
-            fail(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        if dtype not in (None, *basemodel.DTYPES):
+            fail(f"--dtype must be one of {', '.join(basemodel.DTYPES)}, got {dtype!r}")
         if merged:
             from hub.merge_cli import export_merged_version
 

@@ -96,8 +96,6 @@ def serve(
     from runtime.errors import ServeError
     from runtime.server import RuntimeServer, ServerConfig, ServerConfigError, serve as run
 
-    if dtype not in ("float32", "bfloat16", "float16"):
-        _fail(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
     config = ServerConfig(
         base_model=base_model, host=host, port=port, registry=registry,
         preload=tuple(r.strip() for item in preload for r in item.split(",") if r.strip()),

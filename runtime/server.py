@@ -76,6 +76,8 @@ class ServerConfig:
                   ("--host-adapter-memory", self.host_adapter_memory, 0, None),
                   ("--grace", self.grace_seconds, 0, None), ("max_message_bytes", self.max_message_bytes, 1, None),
                   ("max_adapter_labels", self.max_adapter_labels, 0, None))
+        if self.dtype not in basemodel.DTYPES:
+            raise ServerConfigError(f"--dtype must be one of {', '.join(basemodel.DTYPES)}, got {self.dtype!r}")
         for name, value, low, high in ranges:
             if value is not None and (value < low or (high is not None and value > high)):
                 bound = f"in {low}..{high}" if high is not None else f">= {low}"
