@@ -24,6 +24,7 @@ registry, checked against the base, loaded), then the same request again (reside
     .venv/bin/python bench/e2e_bench.py            # ~10 min on 2 cores
     .venv/bin/python bench/e2e_bench.py --quick    # a smoke run, not figures
     .venv/bin/python bench/e2e_bench.py --dtype bfloat16   # both sides in bf16 (make bench's e2e-bf16 part)
+    .venv/bin/python bench/e2e_bench.py --peft-linears onednn   # PEFT's base on the server's fp32 CPU kernels
     python bench/e2e_bench.py --device cuda --dtype bfloat16 --base-model DIR   # on a GPU machine
 """
 from __future__ import annotations
@@ -43,6 +44,7 @@ from common import (ALL_PROJECTIONS, lora_template, median, percentile, script_p
 from scale_bench import Server
 
 from hub import basemodel  # noqa: E402  (common puts the repo on sys.path)
+from runtime.cpu_linear import route_linears  # noqa: E402
 
 TOPICS = ("a lighthouse", "a robot", "the sea", "a city at night", "a dragon", "a garden", "a train", "the moon",
           "a library", "a storm", "a violin", "a desert", "a bakery", "a glacier", "a detective", "a forest",
@@ -55,6 +57,7 @@ TOPICS = ("a lighthouse", "a robot", "the sea", "a city at night", "a dragon", "
 LORA_SCALE = 0.005
 LORA_SHAPES = {"q,v": ("q_proj", "v_proj"), "all": ALL_PROJECTIONS}
 SHAPE_NAMES = {"q,v": "r=8 on q_proj, v_proj", "all": "r=8 on all 7 projections"}
+PEFT_LINEARS = {"torch": "torch's own, as shipped", "onednn": "oneDNN, as the server's (runtime/cpu_linear.py)"}
 
 
 @dataclass
@@ -68,6 +71,7 @@ class E2EConfig:
     shapes: tuple[str, ...] = tuple(LORA_SHAPES)
     dtype: str = "float32"  # of the base, in the server and in PEFT alike
     device: str = "cpu"  # likewise ("cuda" on a GPU machine)
+    peft_linears: str = "torch"  # PEFT's base linears: "torch" as shipped, or "onednn" as the server runs its base
 
 
 def prompts(tokenizer, n: int) -> list[list[int]]:
@@ -179,6 +183,8 @@ def _run(config: E2EConfig, workdir: Path, log) -> dict[str, Any]:
     from runtime.client import RuntimeClient
 
     model, tokenizer = basemodel.load(config.base_model, dtype=config.dtype, device=config.device)
+    if config.peft_linears == "onednn":
+        route_linears(model)  # PEFT's copies of the base get the server's kernels: only adapter handling differs
     registry = Registry(workdir / "registry")
     ids = prompts(tokenizer, config.clients)
     names = [f"a{i:02d}" for i in range(config.clients)]
@@ -257,7 +263,8 @@ def render(config: E2EConfig, result: dict[str, Any]) -> str:
                      f"{percentile(ttfts, 50) * 1000:.0f} ms", f"{percentile(ttfts, 95) * 1000:.0f} ms",
                      f"{rate[name] / base:.2f}x", str(errors)])
     title = (f"End to end: {config.clients} concurrent gRPC clients, {config.new_tokens} new tokens each, "
-             f"{config.base_model} {config.dtype} on {config.device} (median of {config.repeats}, interleaved)")
+             f"{config.base_model} {config.dtype} on {config.device} (median of {config.repeats}, interleaved; "
+             f"PEFT's base linears: {PEFT_LINEARS[config.peft_linears]})")
     lines = [title] + ["  " + line for line in table(["configuration", "throughput", "tokens", "TTFT p50",
                                                       "TTFT p95", "vs no adapters", "errors"], rows).splitlines()]
     for shape in config.shapes:
@@ -289,12 +296,14 @@ def main() -> None:
         ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=defaults.dtype,
                         help="the base's dtype, in the server and in PEFT")
         ap.add_argument("--device", default=defaults.device, help="cpu or cuda, in the server and in PEFT")
+        ap.add_argument("--peft-linears", choices=tuple(PEFT_LINEARS), default=defaults.peft_linears,
+                        help="PEFT's base linear layers: torch's own (as users run PEFT) or oneDNN like the server's")
 
     args = script_parser(__doc__, add).parse_args()
     setup_logging()
     config = E2EConfig(base_model=args.base_model, clients=args.clients, new_tokens=args.new_tokens,
                        repeats=args.repeats, cold=args.cold, rank=args.rank, dtype=args.dtype,
-                       device=args.device)
+                       device=args.device, peft_linears=args.peft_linears)
     if args.quick:
         config.clients, config.new_tokens, config.repeats, config.cold, config.shapes = 4, 8, 1, 2, ("q,v",)
     run_e2e(config)

@@ -2,7 +2,8 @@
 
 Measures in one run, as ratios to the base model alone: a prefill of rows x tokens, and one decode
 step of the same rows on a cache of that length, for this engine's mixed batch, PEFT's mixed batch
-(`adapter_names`) and PEFT one request at a time (prefill only). Configurations are interleaved
+(`adapter_names`) and PEFT one request at a time (prefill only). All three run the base's linear layers on the same kernels (runtime/cpu_linear.py:
+oneDNN in float32 on a CPU), so the ratios are the adapters' cost. Configurations are interleaved
 (A B C A B C ...) and each figure is the median of --repeats. Then: a batch mixing all five
 techniques, a batch of mixed ranks (8/16/64), and the resident bytes per adapter.
 
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hub import basemodel  # noqa: E402
 from hub.artifact import read_adapter  # noqa: E402
+from runtime.cpu_linear import route_linears  # noqa: E402
 from runtime.engine import Engine  # noqa: E402
 from runtime.plan import AdapterUse, RowPlan  # noqa: E402
 
@@ -122,6 +124,7 @@ def main() -> None:
 
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     base, _ = basemodel.load(args.base_model, dtype=args.dtype, device=args.device)
+    route_linears(base)  # the kernels the engine gives its base, for the base and PEFT too: ratios measure adapters
     rows, tokens = args.rows, args.tokens
     print(f"engine_bench: {args.base_model} {args.dtype} on {args.device} "
           f"({torch.get_num_threads()} threads), {rows} rows x {tokens} tokens, "

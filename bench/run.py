@@ -5,10 +5,11 @@ Parts (in this order; --only picks some, the others keep their last results in r
   other mixes; bytes per adapter), run as a subprocess, its tables kept as printed and parsed;
 - e2e:    bench/e2e_bench.py (gRPC server: mixed adapters vs no adapters vs PEFT), likewise;
 - e2e-bf16: the same with the base in bfloat16 (server and PEFT);
+- e2e-peft-onednn: the same, with PEFT's base linears on the server's fp32 CPU kernels (runtime/cpu_linear.py);
 - sweep:  bench/sweep.py (throughput against distinct adapters per batch -> throughput.png);
 - scale:  bench/scale_bench.py (1,000 registered adapters, 50 fit: TTFT, tokens/s, cache).
 
-    .venv/bin/python bench/run.py                    # everything (~25 min on 2 cores)
+    .venv/bin/python bench/run.py                    # everything (~35 min on 2 cores)
     .venv/bin/python bench/run.py --only sweep --only scale
     .venv/bin/python bench/run.py --quick            # a smoke run: small sizes everywhere
 """
@@ -33,7 +34,8 @@ from common import ROOT, write_json
 
 from hub import basemodel  # noqa: E402  (common puts the repo on sys.path)
 
-PARTS = ("engine", "e2e", "e2e-bf16", "sweep", "scale")
+PARTS = ("engine", "e2e", "e2e-bf16", "e2e-peft-onednn", "sweep", "scale")
+E2E_ARGS = {"e2e": [], "e2e-bf16": ["--dtype", "bfloat16"], "e2e-peft-onednn": ["--peft-linears", "onednn"]}
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
 ENGINE_QUICK = ["--repeats", "1", "--rows", "4", "--tokens", "16"]
@@ -102,6 +104,7 @@ def markdown(results: dict[str, Any]) -> str:
     titles = {"engine": "Engine: mixed batch vs PEFT vs the base model (bench/engine_bench.py)",
               "e2e": "End to end: gRPC server (bench/e2e_bench.py)",
               "e2e-bf16": "End to end, base in bfloat16 (bench/e2e_bench.py --dtype bfloat16)",
+              "e2e-peft-onednn": "End to end, PEFT's base on oneDNN too (bench/e2e_bench.py --peft-linears onednn)",
               "sweep": "Throughput against distinct adapters per batch (bench/sweep.py)",
               "scale": "Scale: 1,000 registered adapters, 50 fitting the adapter memory (bench/scale_bench.py)"}
     for part in PARTS:
@@ -129,10 +132,10 @@ def run(parts: list[str], args: argparse.Namespace) -> dict[str, Any]:
         print(f"\n===== {part} =====", flush=True)
         if part == "engine":
             data = run_script(BENCH / "engine_bench.py", ENGINE_QUICK if args.quick else [])
-        elif part in ("e2e", "e2e-bf16"):
+        elif part in E2E_ARGS:
             script = BENCH / "e2e_bench.py"
             data = run_script(script, (["--quick"] if args.quick and accepts(script, "--quick") else [])
-                              + (["--dtype", "bfloat16"] if part == "e2e-bf16" else []))
+                              + E2E_ARGS[part])
         elif part == "sweep":
             data = sweep.run_sweep(sweep.config_from(args, args.base_model, args.quick, prefix="sweep-"))
             sweep.plot_throughput(data, out / "throughput.png")

@@ -6,7 +6,8 @@ ROWS*STEPS / time of the STEPS steps. Row i uses adapter i mod N, for N distinct
 (1, 4, 16, 64: with 64 rows, 64 distinct means every row its own). Three systems run it in the
 same process, interleaved (base, engine, PEFT, base, engine, PEFT, ...), median of --repeats:
 the base model alone, this engine (runtime.engine.Engine), and PEFT's mixed batch
-(`model(..., adapter_names=[...])`). Adapters: random LoRA r=8 on all seven projections.
+(`model(..., adapter_names=[...])`), all three on the base kernels the engine uses (runtime/cpu_linear.py),
+so the ratios measure the adapters. Adapters: random LoRA r=8 on all seven projections.
 
     .venv/bin/python bench/sweep.py                  # default base (SmolLM2-135M), fp32, CPU
     .venv/bin/python bench/sweep.py --quick          # a smoke run: small sizes
@@ -28,6 +29,7 @@ from common import (ALL_PROJECTIONS, add_options, build_config, interleaved, jso
 
 from hub import basemodel  # noqa: E402  (common puts the repo on sys.path)
 from hub.artifact import read_adapter  # noqa: E402
+from runtime.cpu_linear import route_linears  # noqa: E402
 from runtime.engine import Engine  # noqa: E402
 from runtime.plan import AdapterUse, RowPlan  # noqa: E402
 
@@ -115,6 +117,7 @@ def run_sweep(config: SweepConfig, log: Callable[[str], None] = print) -> dict[s
     """Run the sweep; returns {"config", "description", "results": [per (adapters, system)], "table"}."""
     log(f"sweep: {config.describe()}")
     base, _ = basemodel.load(config.base_model, dtype=config.dtype, device=config.device)
+    route_linears(base)  # the engine's base kernels for all three systems: the ratios measure the adapters
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
         workdir = Path(config.workdir or tmp)
         folders = random_loras(base, workdir, max(config.counts), targets=config.targets, r=config.rank,

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from hub.artifact import Adapter, ArtifactError
+from runtime.cpu_linear import route_linears
 from runtime.plan import PlanError, RowPlan, resolve
 from runtime.techniques import REGISTRY
 from runtime.techniques.base import BatchInfo, Resident, SiteOp, Stage, Use
@@ -124,6 +125,7 @@ class Engine:
 
     def __init__(self, model: nn.Module, tokenizer: Any = None):
         self._model = model.eval().requires_grad_(False)
+        route_linears(self._model)  # float32 on a CPU: the base's linears on oneDNN (runtime/cpu_linear.py)
         self._tokenizer = tokenizer
         self._context = _Context()
         self._residents: dict[str, Resident] = {}
