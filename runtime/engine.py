@@ -154,16 +154,25 @@ class Engine:
 
     def load(self, key: str, adapter: Adapter) -> int:
         """Make an adapter resident under `key` (replacing one of the same key); returns its bytes."""
+        return self.install(self.prepare(key, adapter))
+
+    def prepare(self, key: str, adapter: Adapter) -> Resident:
+        """The adapter's tensors in the engine's layout (checked, on the device), made without the engine
+        lock: the slow part of a load (copies, transposes) runs in the caller's thread while batches keep
+        running, and `install` then makes it live between two forwards."""
         impl = REGISTRY.get(adapter.technique)
         if impl is None:
             raise ArtifactError(f"technique {adapter.technique.value!r} is not served by this runtime")
+        return impl.load(key, adapter, self._model)
+
+    def install(self, resident: Resident) -> int:
+        """Make a prepared adapter resident under its key (replacing one of the same key); returns its bytes."""
         with self._lock:
-            resident = impl.load(key, adapter, self._model)
             for site in resident.sites:
                 self._wrap(site)
-            if self._residents.pop(key, None) is not None:
-                self._forget_compiled(key)
-            self._residents[key] = resident
+            if self._residents.pop(resident.key, None) is not None:
+                self._forget_compiled(resident.key)
+            self._residents[resident.key] = resident
             return resident.nbytes
 
     def weights_bytes(self, adapter: Adapter) -> int:

@@ -7,9 +7,10 @@ in host memory, so bringing them back skips the disk); the host tier, bounded in
 its least recently used to disk (the registry's folder). Refs are resolved on every acquire, so a
 tag moved by a new push is served by the next request naming it (cache key = name@version).
 
-Disk reads, parsing and the base-fingerprint check run in the caller's thread (a request
-handler), never in the decode loop; only the engine's own load/unload calls go through
-`on_engine`, which the server points at the scheduler so they run between two batch steps.
+Disk reads, parsing, the base-fingerprint check and the adapter's device copies (`Engine.prepare`)
+run in the caller's thread (a request handler), never in the decode loop; only the engine's
+install/unload calls go through `on_engine`, which the server points at the scheduler so they run
+between two batch steps (a dict update and module wraps: the running batch barely pauses).
 """
 from __future__ import annotations
 
@@ -194,9 +195,10 @@ class AdapterPool:
         def hand_over() -> int:  # one call between two batch steps, however many adapters make room
             for victim in victims:
                 self.engine.unload(victim)
-            return self.engine.load(key, adapter)
+            return self.engine.install(resident)
 
         try:
+            resident = self.engine.prepare(key, adapter)  # here, not between steps: the batch keeps decoding
             used = int(self._on_engine(hand_over))
         except ArtifactError as e:
             raise ServeError(grpc.StatusCode.FAILED_PRECONDITION,

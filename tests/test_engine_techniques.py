@@ -286,6 +286,29 @@ def test_loads_keep_other_compiled_batches_and_replacing_a_key_recompiles(base, 
         eng.compile(plans)
 
 
+def test_prepare_needs_no_lock_and_install_makes_it_live(base, folders):
+    """`prepare` (the copies of a load) runs while a forward holds the engine; nothing is live until
+    `install`, which then serves exactly what `load` would."""
+    import threading
+
+    eng = Engine(copy.deepcopy(base))
+    before = engine_rows(eng, ROWS[:1], [RowPlan()])[0]
+    prepared: list = []
+    with eng._lock:  # a forward in flight holds this lock
+        worker = threading.Thread(target=lambda: prepared.append(eng.prepare("x", read_adapter(folders["lora_all"]))))
+        worker.start()
+        worker.join(timeout=60)
+        assert prepared and not worker.is_alive()
+    assert eng.resident() == {}
+    assert not any(type(m).__name__ == "AdaptedModule" for m in eng.model.modules())  # nothing wrapped yet
+    with pytest.raises(PlanError, match="not loaded"):
+        eng.compile([plan("x")])
+    assert eng.install(prepared[0]) == prepared[0].nbytes
+    got = engine_rows(eng, ROWS[:1], [plan("x")])[0]
+    assert (got - model_logits(peft_model(base, folders["lora_all"]), ROWS[0])).abs().max() <= TOL
+    assert torch.equal(engine_rows(eng, ROWS[:1], [RowPlan()])[0], before)
+
+
 def test_segments_must_cover_the_rows(engine):
     ids, mask = left_pad(ROWS[:3])
     for bad in ([1, 1], [2, 2], [3, 0]):

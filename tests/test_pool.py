@@ -169,3 +169,34 @@ def test_a_load_that_evicts_hands_over_to_the_engine_once(make_pool, registry):
     assert tiers["lora2"] is Tier.DEVICE and Tier.HOST in (tiers["lora0"], tiers["lora1"])
     assert len(calls) == 1
     assert set(pool.engine.resident()) == {f"{n}@1.0.0" for n, t in tiers.items() if t is Tier.DEVICE}
+
+
+def test_the_device_copies_of_a_load_are_made_outside_the_hand_over(make_pool, registry):
+    """A load prepares the adapter's tensors in the request's thread; the call between two batch steps
+    only installs them (so the running batch does not wait for the copies)."""
+    probe = make_pool(1 << 30)
+    inside: list[str] = []
+    engine = probe.engine
+    prepare = engine.prepare
+
+    def watched_prepare(key, adapter):
+        inside.append("prepare in hand-over" if handing_over.is_set() else "prepare outside")
+        return prepare(key, adapter)
+
+    handing_over = threading.Event()
+
+    def on_engine(fn):
+        handing_over.set()
+        try:
+            return fn()
+        finally:
+            handing_over.clear()
+
+    engine.prepare = watched_prepare
+    try:
+        pool = AdapterPool(engine, registry, device_budget=1 << 30, host_budget=1 << 30, on_engine=on_engine)
+        _use(pool, "lora0")
+    finally:
+        del engine.prepare
+    assert inside == ["prepare outside"]
+    assert "lora0@1.0.0" in engine.resident()
