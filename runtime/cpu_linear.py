@@ -3,7 +3,8 @@
 PyTorch computes a float32 `nn.Linear` on a CPU with MKL's sgemm; oneDNN's matmul on the same dense
 weight (no copy, no reorder: the weights stay the model's own tensors) measured 20-35 % faster at the
 shapes a decode step and a prefill of SmolLM2 use on this project's CPUs (AVX-512), and 2x on the
-49k-row vocabulary head, which MKL repacks on every call. bfloat16/float16 linears already run on
+49k-row vocabulary head, which MKL repacks on every call (development measurements; README has the
+`make bench` figures). bfloat16/float16 linears already run on
 oneDNN in PyTorch, and other devices have their own libraries: only float32 on a CPU is routed.
 Results differ from MKL's by accumulation order only (about 1e-6 relative).
 """
@@ -31,7 +32,8 @@ class OneDnnLinear(nn.Linear):
 
 def route_linears(model: nn.Module) -> int:
     """Make the model's float32 CPU `nn.Linear` layers `OneDnnLinear`s in place (same parameters, same
-    state dict); returns how many. Subclasses of nn.Linear (e.g. PEFT's layers) are left alone."""
+    state dict); returns how many. Subclasses of nn.Linear (quantized layers, for one) keep their own
+    forward; PEFT's LoRA layers are not nn.Linear, and the base layers inside them are routed."""
     if not available():
         return 0
     routed = 0

@@ -5,7 +5,9 @@ Base weights are never touched. Each module an adapter targets (a "site") is wra
 (see runtime/techniques/base.py). The ops reach the wrappers through a `_Context` object the engine
 owns and fills only for the duration of one forward, under the engine's lock: there is no global
 active adapter, and two requests never see each other's adapters. With no forward in flight, or
-for rows whose plan is empty, the wrapped model computes exactly the base model.
+for rows whose plan is empty, the wrapped model computes exactly the base model. The engine adapts the
+model it is given in place: those wrappers, and on a CPU in float32 its `nn.Linear` layers switched to
+oneDNN's matmul (runtime/cpu_linear.py; same weights, ~1e-6 relative from PyTorch's default path).
 """
 from __future__ import annotations
 
