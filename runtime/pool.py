@@ -69,7 +69,7 @@ class Lease:
         return tuple(e.key for e in self.entries)
 
 
-def _direct(fn: Callable[[], T]) -> T:
+def _direct(fn: Callable[[], T], *, then_submit: bool = False) -> T:
     return fn()
 
 
@@ -77,7 +77,7 @@ class AdapterPool:
     """Loads, caches and evicts adapters for one Engine within a device and a host byte budget."""
 
     def __init__(self, engine, registry, *, device_budget: int, host_budget: int,
-                 metrics: Metrics | None = None, on_engine: Callable[[Callable[[], Any]], Any] = _direct,
+                 metrics: Metrics | None = None, on_engine: Callable[..., Any] = _direct,
                  remote=None, max_entries: int = 1024) -> None:
         self.engine = engine
         self.registry = registry
@@ -117,12 +117,17 @@ class AdapterPool:
             raise ServeError(grpc.StatusCode.UNAVAILABLE, f"registry error for {ref!r}: {e}") from None
 
     # -- acquiring and releasing -------------------------------------------------------------------
-    def acquire(self, manifests: Iterable[Any], *, pin: bool = False) -> Lease:
-        """Put every adapter on the device and hold it there until `release` (all or none)."""
+    def acquire(self, manifests: Iterable[Any], *, pin: bool = False, then_submit: bool = False) -> Lease:
+        """Put every adapter on the device and hold it there until `release` (all or none).
+
+        then_submit: the caller queues a request (or a call) on the engine's thread right after; passed
+        with the last adapter's hand-over (`on_engine(fn, then_submit=True)`: see Scheduler.call) so the
+        request can join the batch step right after its adapter is installed."""
+        manifests = list(manifests)
         held: list[Entry] = []
         try:
-            for manifest in manifests:
-                held.append(self._acquire_one(manifest, pin=pin))
+            for i, manifest in enumerate(manifests):
+                held.append(self._acquire_one(manifest, pin=pin, then_submit=then_submit and i == len(manifests) - 1))
         except BaseException:
             self.release(Lease(tuple(held)))
             raise
@@ -135,7 +140,7 @@ class AdapterPool:
                 entry.in_use -= 1
                 entry.last_used, entry.last_used_unix = now, wall
 
-    def _acquire_one(self, manifest, *, pin: bool) -> Entry:
+    def _acquire_one(self, manifest, *, pin: bool, then_submit: bool = False) -> Entry:
         key = manifest.ref
         label = self.metrics.adapter_label(manifest.name)
         while True:
@@ -156,7 +161,7 @@ class AdapterPool:
                 pending.result()  # the loader's error, if it failed, is this request's error too
                 continue  # on the device now (or evicted again meanwhile: go round)
             try:
-                entry = self._load(key, manifest, pin)
+                entry = self._load(key, manifest, pin, then_submit)
                 pending.set_result(None)
             except BaseException as e:
                 pending.set_exception(e)
@@ -173,7 +178,7 @@ class AdapterPool:
         entry.pinned = entry.pinned or pin
         entry.last_used = time.monotonic()
 
-    def _load(self, key: str, manifest, pin: bool) -> Entry:
+    def _load(self, key: str, manifest, pin: bool, then_submit: bool = False) -> Entry:
         """Bring one adapter onto the device: from host memory if it is there, else from disk."""
         started = time.perf_counter()
         with self._lock:
@@ -199,7 +204,7 @@ class AdapterPool:
 
         try:
             resident = self.engine.prepare(key, adapter)  # here, not between steps: the batch keeps decoding
-            used = int(self._on_engine(hand_over))
+            used = int(self._on_engine(hand_over, then_submit=then_submit))
         except ArtifactError as e:
             raise ServeError(grpc.StatusCode.FAILED_PRECONDITION,
                              f"adapter {key} does not fit the served base: {e}") from None

@@ -24,6 +24,9 @@ from runtime.generate import Batch, Sequence
 from runtime.metrics import Metrics
 
 T = TypeVar("T")
+# How long a loop turn that ran a `call(..., then_submit=True)` waits for what its caller posts next (the
+# request whose adapter the call just installed), so that request joins this turn's step, not the next.
+JOIN_GRACE = 0.05
 
 
 @dataclass
@@ -67,7 +70,8 @@ class Scheduler:
         self._pending: deque[Request] = deque()
         self._running: dict[str, Request] = {}
         self._cancelled: list[Request] = []
-        self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
+        self._calls: deque[tuple[Callable[[], Any], Future, bool]] = deque()  # (fn, its result, then_submit)
+        self._arrivals = 0  # submits and calls so far: how a turn sees that a caller followed up
         self._cv = threading.Condition()
         self._stopping = False
         self._looping = False  # True from start() until the loop returns; guarded by _cv
@@ -96,6 +100,7 @@ class Scheduler:
                 raise ServeError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                  f"the request queue is full ({self.max_queue} waiting); retry later")
             self._pending.append(request)
+            self._arrivals += 1
             self.metrics.queue_depth.set(len(self._pending))
             self._cv.notify()
         return request
@@ -111,15 +116,21 @@ class Scheduler:
                 self._cancelled.append(request)
                 self._cv.notify()
 
-    def call(self, fn: Callable[[], T]) -> T:
-        """Run fn on the scheduler thread between two steps and return its result (or raise its error)."""
+    def call(self, fn: Callable[[], T], *, then_submit: bool = False) -> T:
+        """Run fn on the scheduler thread between two steps and return its result (or raise its error).
+
+        then_submit: the caller posts a request (or another call) as soon as this returns, e.g. a request
+        whose adapter fn installs; the turn that runs fn then waits up to JOIN_GRACE for it and takes it
+        into the same step. Without this, the turn steps on at once and the request joins one step later.
+        """
         if threading.current_thread() is self._thread:
             return fn()
         future: Future = Future()
         with self._cv:
             direct = not self._looping  # not started, or stopped: nothing else touches the engine
             if not direct:
-                self._calls.append((fn, future))
+                self._calls.append((fn, future, then_submit))
+                self._arrivals += 1
                 self._cv.notify()
         if direct:
             return fn()
@@ -140,17 +151,39 @@ class Scheduler:
                     self._looping = False
                     return
                 calls, self._calls = list(self._calls), deque()
+                arrivals = self._arrivals
                 cancelled, self._cancelled = self._cancelled, []
                 for request in cancelled:
                     self._leave(request, "cancelled")
-                while self._pending and len(self._running) < self.max_batch_size:
-                    self._join(self._pending.popleft())
-                self.metrics.queue_depth.set(len(self._pending))
-                self.metrics.batch_size.set(len(self._running))
-            for fn, future in calls:
+                self._join_pending()
+            for fn, future, _ in calls:
                 self._run_call(fn, future)
+            if any(then_submit for _, _, then_submit in calls):
+                self._take_follow_ups(arrivals)
             if self._running:
                 self._step()
+
+    def _join_pending(self) -> None:
+        """Move queued requests into the batch while it has room (lock held)."""
+        while self._pending and len(self._running) < self.max_batch_size:
+            self._join(self._pending.popleft())
+        self.metrics.queue_depth.set(len(self._pending))
+        self.metrics.batch_size.set(len(self._running))
+
+    def _take_follow_ups(self, arrivals: int) -> None:
+        """After `then_submit` calls: wait (at most JOIN_GRACE) until something new is posted, then take
+        the new requests into this turn and run the new calls, before the step."""
+        deadline = time.monotonic() + JOIN_GRACE
+        with self._cv:
+            while self._arrivals == arrivals and not self._stopping and len(self._running) < self.max_batch_size:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cv.wait(left)
+            calls, self._calls = list(self._calls), deque()
+            self._join_pending()
+        for fn, future, _ in calls:
+            self._run_call(fn, future)
 
     def _join(self, request: Request) -> None:
         """Move a queued request into the batch (lock held); a plan the engine refuses fails it alone."""

@@ -162,7 +162,7 @@ class RuntimeService(pb_grpc.RuntimeServicer):
         resolved = [_resolved(m, w) for m, w in zip(manifests, weights)]
         if mode == pb.COMPOSITION_MODE_MERGE:  # one adapter serves the request: the merge (runtime/merged.py)
             manifests, weights = [merged_manifest(manifests, weights, merge or pb.MergeOptions())], [1.0]
-        lease = self.pool.acquire(manifests)
+        lease = self.pool.acquire(manifests, then_submit=True)  # Generate submits, Score calls, next
         try:
             plan = RowPlan(tuple(AdapterUse(k, w) for k, w in zip(lease.keys, weights)), _MODES.get(mode, "stack"))
             virtual = self.pool.soft_prompt_tokens(lease)

@@ -160,7 +160,7 @@ def test_a_load_that_evicts_hands_over_to_the_engine_once(make_pool, registry):
     sizes = {n: _size(probe, n) for n in ("lora0", "lora1", "lora2")}
     calls = []
     pool = AdapterPool(probe.engine, registry, device_budget=max(sizes["lora0"] + sizes["lora1"], sizes["lora2"]),
-                       host_budget=1 << 30, on_engine=lambda fn: calls.append(fn) or fn())
+                       host_budget=1 << 30, on_engine=lambda fn, then_submit=False: calls.append(fn) or fn())
     _use(pool, "lora0")
     _use(pool, "lora1")
     calls.clear()
@@ -185,7 +185,7 @@ def test_the_device_copies_of_a_load_are_made_outside_the_hand_over(make_pool, r
 
     handing_over = threading.Event()
 
-    def on_engine(fn):
+    def on_engine(fn, then_submit=False):
         handing_over.set()
         try:
             return fn()
@@ -200,3 +200,17 @@ def test_the_device_copies_of_a_load_are_made_outside_the_hand_over(make_pool, r
         del engine.prepare
     assert inside == ["prepare outside"]
     assert "lora0@1.0.0" in engine.resident()
+
+
+def test_then_submit_goes_with_the_last_adapters_hand_over_only(make_pool, registry):
+    """A request naming several cold adapters is submitted after the last one's hand-over: only that
+    one asks the scheduler to wait for it (Scheduler.call(then_submit=True))."""
+    probe = make_pool(1 << 30)
+    flags: list[bool] = []
+    pool = AdapterPool(probe.engine, registry, device_budget=1 << 30, host_budget=1 << 30,
+                       on_engine=lambda fn, then_submit=False: flags.append(then_submit) or fn())
+    pool.release(pool.acquire([pool.resolve("lora0"), pool.resolve("lora1")], then_submit=True))
+    assert flags == [False, True]
+    flags.clear()
+    pool.release(pool.acquire([pool.resolve("lora2")]))  # LoadAdapter-style: nothing follows
+    assert flags == [False]

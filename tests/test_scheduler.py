@@ -117,3 +117,42 @@ def test_stop_finishes_queued_and_running_requests_then_refuses(served_base):
     with pytest.raises(ServeError) as caught:
         sched.submit(_seq("late", None, 2))
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def _steps_seen(scheduler) -> list[set[str]]:
+    """Record, after every batch step, the ids of the rows in the batch."""
+    seen: list[set[str]] = []
+    step = scheduler._batch.step
+
+    def recording():
+        out = step()
+        seen.append({s.id for s in scheduler._batch._rows} | {s.id for s, _ in out})
+        return out
+
+    scheduler._batch.step = recording
+    return seen
+
+
+def test_a_request_submitted_after_a_then_submit_call_joins_the_very_next_step(scheduler):
+    """A load's hand-over is a call; the request that needed the adapter is submitted right after it.
+    With then_submit the turn that ran the call takes that request into its own step (without it, the
+    turn steps on at once and the request waits for the next one)."""
+    seen = _steps_seen(scheduler)
+    long = scheduler.submit(_seq("long", "lora0", 3000))
+    long.events.get()  # decoding: every turn has a step
+    for n in range(3):
+        at_call = scheduler.call(lambda: len(seen), then_submit=True)
+        joiner = scheduler.submit(_seq(f"joiner{n}", "ia3", 2))
+        _drain(joiner)
+        first = next(i for i, ids in enumerate(seen) if f"joiner{n}" in ids)
+        assert first == at_call  # the step right after the call, not one later
+    scheduler.cancel(long)
+    assert _drain(long)[1].reason == "cancelled"
+
+
+def test_a_then_submit_call_with_no_follow_up_only_pauses_the_batch_briefly(scheduler):
+    long = scheduler.submit(_seq("long", "lora0", 40))
+    long.events.get()
+    assert scheduler.call(lambda: "installed", then_submit=True) == "installed"  # nothing is submitted after it
+    tokens, finished = _drain(long)
+    assert finished.reason == "length"  # the loop went on after the grace wait
