@@ -202,6 +202,7 @@ class AdapterPool:
                 self.engine.unload(victim)
             return self.engine.install(resident)
 
+        used: int | None = None
         try:
             resident = self.engine.prepare(key, adapter)  # here, not between steps: the batch keeps decoding
             used = int(self._on_engine(hand_over, then_submit=then_submit))
@@ -209,20 +210,20 @@ class AdapterPool:
             raise ServeError(grpc.StatusCode.FAILED_PRECONDITION,
                              f"adapter {key} does not fit the served base: {e}") from None
         finally:
-            with self._lock:
+            with self._lock:  # the reservation ends where the entry's bytes start counting: no gap between
                 self._reserved -= need
                 for victim in victims:
                     del self._loading[victim]
+                if used is not None:
+                    entry = self._entries.get(key) or Entry(key=key, manifest=manifest)
+                    self._entries[key] = entry
+                    entry.tier, entry.adapter, entry.device_bytes = Tier.DEVICE, adapter, used
+                    self._hold(entry, pin)
+                    self._trim_host_locked()
+                    self._forget_old_locked()
             for done in victims.values():
                 done.set_result(None)
             self.metrics.evictions.labels(tier=Tier.DEVICE.value).inc(len(victims))
-        with self._lock:
-            entry = self._entries.get(key) or Entry(key=key, manifest=manifest)
-            self._entries[key] = entry
-            entry.tier, entry.adapter, entry.device_bytes = Tier.DEVICE, adapter, used
-            self._hold(entry, pin)
-            self._trim_host_locked()
-            self._forget_old_locked()
         self.metrics.loads.labels(source=source.value).inc()
         self.metrics.load_seconds.labels(source=source.value).observe(time.perf_counter() - started)
         self._update_gauges()

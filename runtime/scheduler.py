@@ -5,7 +5,9 @@ joins at the next step, and leaves the moment it finishes or is cancelled, so it
 for the next step. Each request gets its new tokens through its own queue, which the gRPC
 handler thread drains (a stream sends them as they come). Anything else that must touch the
 engine (adapter loads and unloads, scoring) is posted with `call` and runs on the same thread
-between two steps: one thread owns the engine, and no step waits for a disk.
+between two steps: one thread owns the engine, and no step waits for a disk. A call marked
+`then_submit` (an adapter's install, with its request right behind it) lets that request join the
+step that follows the call rather than the one after.
 """
 from __future__ import annotations
 
