@@ -286,6 +286,25 @@ def test_loads_keep_other_compiled_batches_and_replacing_a_key_recompiles(base, 
         eng.compile(plans)
 
 
+def test_siblings_share_whatever_order_the_files_list_their_tensors_in(base, folders):
+    """The sibling A's are concatenated in one layout for every adapter: an adapter whose file lists
+    up_proj before gate_proj (safetensors' `load` of bytes gives no stable order) still shares with one
+    that lists them the other way round."""
+    from hub.artifact import Adapter
+
+    eng = Engine(copy.deepcopy(base))
+    adapter = read_adapter(folders["lora_all"])
+    reversed_order = Adapter(adapter.technique, adapter.config, dict(reversed(list(adapter.tensors.items()))))
+    eng.load("x", adapter)
+    eng.load("y", reversed_order)
+    compiled = eng.compile([plan("x"), plan("y")])
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj", "mlp.up_proj"):
+        assert compiled.ops[f"model.layers.1.{name}"][1][0].shared is not None, name
+    got = engine_rows(eng, ROWS[:2], [plan("x"), plan("y")])
+    want = model_logits(peft_model(base, folders["lora_all"]), ROWS[1])
+    assert (got[1] - want).abs().max() <= TOL
+
+
 def test_prepare_needs_no_lock_and_install_makes_it_live(base, folders):
     """`prepare` (the copies of a load) runs while a forward holds the engine; nothing is live until
     `install`, which then serves exactly what `load` would."""

@@ -241,6 +241,7 @@ def _group_siblings(sites: dict[str, LoraSite]) -> None:
     for members in groups.values():
         if len(members) < 2:
             continue
+        members.sort()  # one layout for every adapter, whatever order its file listed the tensors in
         group_a = torch.cat([sites[m].a_t for m in members], dim=1)
         offset = 0
         for m in members:
