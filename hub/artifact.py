@@ -111,15 +111,25 @@ def technique_of(config: dict[str, Any]) -> Technique:
 
 def read_tensors(path: Path) -> dict[str, Any]:
     """Load a safetensors file, turning truncation or corruption into one clear error."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     if not Path(path).is_file():
         raise ArtifactError(f"{path.parent}: no {path.name}")
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ArtifactError(f"{path}: not a valid safetensors file ({e})") from None
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ArtifactError(f"{path}: cannot be read ({e})") from None
+    return parse_tensors(data, str(path))
+
+
+def parse_tensors(data: bytes, where: str) -> dict[str, Any]:
+    """Tensors from a safetensors file's bytes; truncation or corruption is one clear error naming `where`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        tensors = load(data)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise ArtifactError(f"{where}: not a valid safetensors file ({e})") from None
+    return dict(sorted(tensors.items()))  # `load` returns keys in no stable order; a file's are sorted
 
 
 def read_adapter(folder: str | Path) -> Adapter:
@@ -132,16 +142,9 @@ def read_adapter(folder: str | Path) -> Adapter:
 
 def adapter_from_bytes(config: bytes, weights: bytes, where: str) -> Adapter:
     """An Adapter from its two files' bytes (the registry reads stored files once, checks, parses)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
     parsed = parse_config(config, f"{where}/{CONFIG_FILE}")
     technique = technique_of(parsed)
-    try:
-        tensors = load(weights)
-    except (SafetensorError, ValueError, RuntimeError) as e:
-        raise ArtifactError(f"{where}/{WEIGHTS_FILE}: not a valid safetensors file ({e})") from None
-    return _adapter(technique, parsed, tensors, f"{where}/{WEIGHTS_FILE}")
+    return _adapter(technique, parsed, parse_tensors(weights, f"{where}/{WEIGHTS_FILE}"), f"{where}/{WEIGHTS_FILE}")
 
 
 def _adapter(technique: Technique, config: dict[str, Any], tensors: dict[str, Any], weights: Path | str) -> Adapter:

@@ -100,11 +100,11 @@ class TechniqueImpl(ABC):
         """Raise ValueError when a row's combination of this technique's adapters cannot be served."""
 
 
-def to_device(tensors: dict[str, torch.Tensor], model: nn.Module,
+def to_device(tensors: dict[str, torch.Tensor], like: torch.Tensor,
               dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Tensors on the model's device, in `dtype` (default: the base's; adapters compute in it)."""
-    param = next(model.parameters())
-    return {k: t.to(device=param.device, dtype=dtype or param.dtype).contiguous() for k, t in tensors.items()}
+    """Tensors on the device of `like` (a base parameter, looked up once per load), in `dtype` (default:
+    the base's; adapters compute in it)."""
+    return {k: t.to(device=like.device, dtype=dtype or like.dtype).contiguous() for k, t in tensors.items()}
 
 
 def nbytes_of(tensors) -> int:

@@ -17,7 +17,8 @@ class BitFit(TechniqueImpl):
 
     def load(self, key: str, adapter: Adapter, model: nn.Module) -> Resident:
         check_fits(adapter, model)
-        sites = {path: to_device(t, model)["bias"].flatten() for path, t in module_tensors(adapter).items()}
+        like = next(model.parameters())
+        sites = {path: to_device(t, like)["bias"].flatten() for path, t in module_tensors(adapter).items()}
         return Resident(key, self.technique, sites, nbytes_of(sites.values()), adapter.config)
 
     def compile(self, site: str, uses: list[Use], batch: BatchInfo) -> list[SiteOp]:

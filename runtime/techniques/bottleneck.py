@@ -150,6 +150,7 @@ class Bottleneck(TechniqueImpl):
             raise ArtifactError(f"bottleneck adapter hidden_size {config.hidden_size} != base hidden size "
                                 f"{model.config.hidden_size}")
         modules = dict(model.named_modules())
+        like = next(model.parameters())
         sites: dict[str, object] = {}
         for layer, tensors in sorted(module_tensors(adapter).items()):
             by_location: dict[str, dict[str, torch.Tensor]] = {}
@@ -160,14 +161,14 @@ class Bottleneck(TechniqueImpl):
                                         f"enables ({', '.join(config.locations)})")
                 by_location.setdefault(location, {})[part] = t
             for location, parts in by_location.items():
-                sites.update(self._block_sites(layer, location, parts, config, modules, model))
+                sites.update(self._block_sites(layer, location, parts, config, modules, like))
         blocks = [b for b in sites.values() if isinstance(b, Block)]
         size = nbytes_of(t for b in blocks for t in (b.down_t, b.down_b, b.up_t, b.up_b))
         return Resident(key, self.technique, sites, size, adapter.config)
 
     @staticmethod
     def _block_sites(layer: str, location: str, parts: dict[str, torch.Tensor], config: BottleneckConfig,
-                     modules: dict[str, nn.Module], model: nn.Module) -> dict[str, object]:
+                     modules: dict[str, nn.Module], like: torch.Tensor) -> dict[str, object]:
         missing = [p for p in _PARTS if p not in parts]
         if missing:
             raise ArtifactError(f"{layer}: {location} adapter lacks {', '.join(missing)}")
@@ -188,7 +189,7 @@ class Bottleneck(TechniqueImpl):
         for site in (tap_site, out_site):
             if site not in modules:
                 raise ArtifactError(f"{site!r} does not exist in the base model: no place for the {location} adapter")
-        t = to_device(parts, model)
+        t = to_device(parts, like)
         block = Block(t["down.weight"].t().contiguous(), t["down.bias"], (t["up.weight"] * config.scaling).t()
                       .contiguous(), t["up.bias"] * config.scaling, config)
         return {tap_site: block.tap, out_site: block}

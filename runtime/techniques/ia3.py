@@ -58,7 +58,8 @@ class IA3(TechniqueImpl):
 
     def load(self, key: str, adapter: Adapter, model: nn.Module) -> Resident:
         check_fits(adapter, model)
-        sites = {path: (is_feedforward(adapter, path), to_device(t, model)["ia3_l"].flatten())
+        like = next(model.parameters())
+        sites = {path: (is_feedforward(adapter, path), to_device(t, like)["ia3_l"].flatten())
                  for path, t in module_tensors(adapter).items()}
         return Resident(key, self.technique, sites, nbytes_of(v for _, v in sites.values()), adapter.config)
 

@@ -193,7 +193,8 @@ class Lora(TechniqueImpl):
 
     def load(self, key: str, adapter: Adapter, model: nn.Module) -> Resident:
         check_fits(adapter, model)
-        model_dtype, weights_dtype = next(model.parameters()).dtype, self.weights_dtype(model)
+        like = next(model.parameters())
+        model_dtype, weights_dtype = like.dtype, self.weights_dtype(model)
         sites: dict[str, LoraSite] = {}
         for path, t in module_tensors(adapter).items():
             if "lora_A" not in t:
@@ -201,7 +202,7 @@ class Lora(TechniqueImpl):
             r, scale = scaling(adapter.config, path)
             if t["lora_A"].shape[0] != r:
                 raise ArtifactError(f"module {path!r}: lora_A has rank {t['lora_A'].shape[0]}, config says {r}")
-            t = to_device(t, model, weights_dtype)
+            t = to_device(t, like, weights_dtype)
             bias = (t["lora_bias"] * scale).to(model_dtype) if "lora_bias" in t else None
             sites[path] = LoraSite(t["lora_A"].t().contiguous(), (t["lora_B"] * scale).t().contiguous(), bias)
         _group_siblings(sites)

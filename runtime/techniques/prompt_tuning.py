@@ -17,7 +17,7 @@ class PromptTuning(TechniqueImpl):
 
     def load(self, key: str, adapter: Adapter, model: nn.Module) -> Resident:
         check_fits(adapter, model)
-        prompt = to_device(module_tensors(adapter)[PROMPT_SITE], model)["prompt_embeddings"]
+        prompt = to_device(module_tensors(adapter)[PROMPT_SITE], next(model.parameters()))["prompt_embeddings"]
         return Resident(key, self.technique, {}, nbytes_of([prompt]), adapter.config, prompt=prompt)
 
     def check_plan(self, uses_of_row: list[Use], mode: str) -> None:
