@@ -17,6 +17,8 @@ Options the runtime cannot serve are refused here, by name, so no weight is ever
 from __future__ import annotations
 
 import json
+import math
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -114,22 +116,83 @@ def read_tensors(path: Path) -> dict[str, Any]:
     if not Path(path).is_file():
         raise ArtifactError(f"{path.parent}: no {path.name}")
     try:
-        data = Path(path).read_bytes()
+        data = read_buffer(Path(path))
     except OSError as e:
         raise ArtifactError(f"{path}: cannot be read ({e})") from None
     return parse_tensors(data, str(path))
 
 
-def parse_tensors(data: bytes, where: str) -> dict[str, Any]:
-    """Tensors from a safetensors file's bytes; truncation or corruption is one clear error naming `where`."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
+def read_buffer(path: Path) -> bytearray:
+    """A file's bytes in one writable buffer, so `parse_tensors` can view tensors in it without copies."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        buf = bytearray(size)
+        got = f.readinto(buf)
+        rest = f.read()  # the file grew since fstat: keep every byte (the caller's size check sees them)
+    return buf[:got] + rest if got != size or rest else buf
 
+
+# safetensors dtype names -> torch dtypes (https://github.com/huggingface/safetensors, format section)
+_DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "F16": "float16",
+           "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32", "F64": "float64",
+           "I64": "int64", "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def parse_tensors(data: bytes | bytearray, where: str) -> dict[str, Any]:
+    """Tensors from a safetensors file's bytes, by key (sorted); any malformation is one clear error naming
+    `where`.
+
+    The tensors are views into `data` (no copy: a cold load's time went mostly to fresh memory for
+    copies), except one whose offset is not aligned to its element size, which is copied. A read-only
+    `data` (bytes) is copied once into a writable buffer first, as torch.frombuffer wants one."""
+    import torch
+
+    def bad(why: str) -> ArtifactError:
+        return ArtifactError(f"{where}: not a valid safetensors file ({why})")
+
+    if len(data) < 8:
+        raise bad(f"{len(data)} bytes, shorter than the header length field")
+    header_len = int.from_bytes(data[:8], "little")
+    if header_len > len(data) - 8:
+        raise bad(f"header of {header_len} bytes runs past the end of the file ({len(data)} bytes)")
     try:
-        tensors = load(data)
-    except (SafetensorError, ValueError, RuntimeError) as e:
-        raise ArtifactError(f"{where}: not a valid safetensors file ({e})") from None
-    return dict(sorted(tensors.items()))  # `load` returns keys in no stable order; a file's are sorted
+        header = json.loads(bytes(data[8:8 + header_len]))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad(f"header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    header.pop("__metadata__", None)
+    buf = bytearray(data) if memoryview(data).readonly else data
+    start, end = 8 + header_len, len(data)
+    tensors, spans = {}, []
+    for key, info in header.items():
+        try:
+            dtype = getattr(torch, _DTYPES[info["dtype"]])
+            shape = [int(n) for n in info["shape"]]
+            first, last = (int(n) for n in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise bad(f"tensor {key!r}: malformed entry {info!r} ({type(e).__name__}: {e})") from None
+        count = math.prod(shape)
+        if min(shape, default=0) < 0 or not 0 <= first <= last or last - first != count * dtype.itemsize:
+            raise bad(f"tensor {key!r}: {info['dtype']} {shape} does not match its data offsets {[first, last]}")
+        if start + last > end:
+            raise bad(f"tensor {key!r} ends at byte {start + last}, past the end of the file ({end} bytes; truncated?)")
+        spans.append((first, last, key))
+        offset = start + first
+        if count == 0:
+            tensors[key] = torch.empty(shape, dtype=dtype)
+        elif offset % dtype.itemsize:  # unaligned: kernels may assume alignment, so copy this one
+            tensors[key] = torch.frombuffer(bytearray(buf[offset:offset + last - first]), dtype=dtype).view(shape)
+        else:
+            tensors[key] = torch.frombuffer(buf, dtype=dtype, count=count, offset=offset).view(shape)
+    covered = 0
+    for first, last, key in sorted(spans):
+        if first != covered:
+            raise bad(f"tensor {key!r} starts at byte {first} of the data, expected {covered} (a gap or an overlap)")
+        covered = last
+    if covered != end - start:
+        raise bad(f"the tensors cover {covered} bytes of data, the file holds {end - start}")
+    return dict(sorted(tensors.items()))
 
 
 def read_adapter(folder: str | Path) -> Adapter:
@@ -140,7 +203,7 @@ def read_adapter(folder: str | Path) -> Adapter:
     return _adapter(technique, config, read_tensors(folder / WEIGHTS_FILE), folder / WEIGHTS_FILE)
 
 
-def adapter_from_bytes(config: bytes, weights: bytes, where: str) -> Adapter:
+def adapter_from_bytes(config: bytes, weights: bytes | bytearray, where: str) -> Adapter:
     """An Adapter from its two files' bytes (the registry reads stored files once, checks, parses)."""
     parsed = parse_config(config, f"{where}/{CONFIG_FILE}")
     technique = technique_of(parsed)

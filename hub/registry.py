@@ -14,7 +14,8 @@ import importlib.util
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 
 from hub import basemodel
 from hub.artifact import (CONFIG_FILE, WEIGHTS_FILE, Adapter, ArtifactError, Technique, adapter_from_bytes,
-                          read_adapter)
+                          read_adapter, read_buffer)
 from hub.errors import HubError, IntegrityError, InvalidName, NotFound
 from hub.home import hub_home
 from hub.index import Index, IndexFile
@@ -30,6 +31,8 @@ from hub.manifest import (
     BaseModelInfo, Manifest, Provenance, artifact_files, build, check_name, check_version, parse_ref, sha256_file,
 )
 from hub.store import BlobStore, Progress, check_copy, copy_hashed, fsync_dir, new_folder, temp_name
+
+_HASHING = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hub-sha256")  # read_deferred's hashes
 
 CHECKOUTS = "checkouts"
 
@@ -258,21 +261,39 @@ class Registry:
 
     def read(self, manifest: Manifest) -> Adapter:
         """The version as an Adapter, straight from its stored files: each read once, checked against the
-        manifest's size and sha256 in memory, then parsed (no checkout written; what a server's cold load
-        uses). IntegrityError for a missing or damaged file, ArtifactError for one that is not an adapter."""
-        data = {}
+        manifest's size and sha256 in memory, then parsed (no checkout written). IntegrityError for a
+        missing or damaged file, ArtifactError for one that is not an adapter."""
+        adapter, verified = self.read_deferred(manifest)
+        verified()
+        return adapter
+
+    def read_deferred(self, manifest: Manifest) -> tuple[Adapter, Callable[[], None]]:
+        """`read`, with the weights' sha256 computed in another thread while the caller goes on: returns the
+        adapter (parsed, not yet trusted) and `verified()`, which waits for the hash and raises IntegrityError
+        if the bytes are not the manifest's. A server's cold load prepares the adapter meanwhile (hashlib
+        releases the GIL) and calls `verified()` before serving it."""
+        data, pending = {}, {}
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             if name not in manifest.files:
                 raise ArtifactError(f"{manifest.ref}: no {name} in the version's files")
             path = self.file_path(manifest, name)
             try:
-                data[name] = path.read_bytes()
+                data[name] = read_buffer(path)
             except FileNotFoundError:
                 raise IntegrityError(f"{manifest.ref}: file {name} is missing ({path})") from None
-            info = manifest.files[name]
-            got = (len(data[name]), hashlib.sha256(data[name]).hexdigest())
-            check_copy(f"{manifest.ref}: {name}", got, info["size"], info["sha256"])
-        return adapter_from_bytes(data[CONFIG_FILE], data[WEIGHTS_FILE], manifest.ref)
+            pending[name] = _HASHING.submit(lambda b=data[name]: (len(b), hashlib.sha256(b).hexdigest()))
+
+        def verified() -> None:
+            for name, future in pending.items():
+                info = manifest.files[name]
+                check_copy(f"{manifest.ref}: {name}", future.result(), info["size"], info["sha256"])
+
+        try:
+            adapter = adapter_from_bytes(data[CONFIG_FILE], data[WEIGHTS_FILE], manifest.ref)
+        except ArtifactError:
+            verified()  # damaged bytes are an IntegrityError, not a malformed adapter
+            raise
+        return adapter, verified
 
     def _copy_files(self, manifest: Manifest, source, dst: Path) -> None:
         for name, info in manifest.files.items():

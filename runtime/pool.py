@@ -8,9 +8,10 @@ its least recently used to disk (the registry's folder). Refs are resolved on ev
 tag moved by a new push is served by the next request naming it (cache key = name@version).
 
 Disk reads, parsing, the base-fingerprint check and the adapter's device copies (`Engine.prepare`)
-run in the caller's thread (a request handler), never in the decode loop; only the engine's
-install/unload calls go through `on_engine`, which the server points at the scheduler so they run
-between two batch steps (a dict update and module wraps: the running batch barely pauses).
+run in the caller's thread (a request handler), never in the decode loop, while the files' sha256 runs
+in another thread (and must match before the adapter is installed); only the engine's install/unload
+calls go through `on_engine`, which the server points at the scheduler so they run between two batch
+steps (a dict update and module wraps: the running batch barely pauses).
 """
 from __future__ import annotations
 
@@ -71,6 +72,10 @@ class Lease:
 
 def _direct(fn: Callable[[], T], *, then_submit: bool = False) -> T:
     return fn()
+
+
+def _damaged(key: str, error: IntegrityError) -> ServeError:
+    return ServeError(grpc.StatusCode.DATA_LOSS, f"adapter {key}: stored files are damaged: {error}")
 
 
 class AdapterPool:
@@ -185,13 +190,15 @@ class AdapterPool:
             entry = self._entries.get(key)
             adapter = entry.adapter if entry is not None else None
         source = Tier.HOST if adapter is not None else Tier.DISK
+        verified: Callable[[], None] = lambda: None  # a host copy was verified when it was read
         if adapter is None:
             self.metrics.cache_misses.inc()
-            adapter = self._read_verified(key, manifest)
+            adapter, verified = self._read_verified(key, manifest)
         else:
             self.metrics.cache_hits.labels(tier=Tier.HOST.value).inc()
         need = self.engine.weights_bytes(adapter)
         if need > self.device_budget:
+            verified()
             raise ServeError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                              f"adapter {key} needs {need} bytes on the device, more than the whole adapter "
                              f"memory budget ({self.device_budget} bytes; raise --adapter-memory)")
@@ -205,8 +212,10 @@ class AdapterPool:
         used: int | None = None
         try:
             resident = self.engine.prepare(key, adapter)  # here, not between steps: the batch keeps decoding
+            verified()  # the file hashes ran meanwhile; a damaged adapter is never installed
             used = int(self._on_engine(hand_over, then_submit=then_submit))
         except ArtifactError as e:
+            verified()
             raise ServeError(grpc.StatusCode.FAILED_PRECONDITION,
                              f"adapter {key} does not fit the served base: {e}") from None
         finally:
@@ -229,28 +238,51 @@ class AdapterPool:
         self._update_gauges()
         return entry
 
-    def _read_verified(self, key: str, manifest) -> Adapter:
-        """Read an adapter version from the registry and refuse it if it was made for another base."""
+    def _read_verified(self, key: str, manifest) -> tuple[Adapter, Callable[[], None]]:
+        """Read an adapter version from the registry and refuse it if it was made for another base.
+
+        Returns the adapter and `verified()`, which raises DATA_LOSS if its stored bytes are damaged: their
+        sha256 runs in another thread meanwhile (Registry.read_deferred), so the caller prepares the adapter
+        and calls `verified()` before serving it. Any refusal checks the bytes first, so a damaged file is
+        reported as damaged, not as an adapter that does not fit."""
         try:
             build = getattr(manifest, "build", None)  # a per-request merge (runtime/merged.py), from verified parents
-            adapter = build(lambda m: self._read_verified(m.ref, m)) if build else self.registry.read(manifest)
+            if build:
+                adapter, check = build(lambda m: self._read_now(m.ref, m)), (lambda: None)
+            else:
+                adapter, check = self.registry.read_deferred(manifest)
         except IntegrityError as e:
-            raise ServeError(grpc.StatusCode.DATA_LOSS, f"adapter {key}: stored files are damaged: {e}") from None
+            raise _damaged(key, e) from None
         except (ArtifactError, HubError, OSError) as e:
             raise ServeError(grpc.StatusCode.FAILED_PRECONDITION, f"adapter {key} cannot be read: {e}") from None
+
+        def verified() -> None:
+            try:
+                check()
+            except IntegrityError as e:
+                raise _damaged(key, e) from None
+
         if key in self._verified:
-            return adapter
+            return adapter, verified
         try:
             touched = check_fits(adapter, self.engine.model)
         except ArtifactError as e:
+            verified()
             raise ServeError(grpc.StatusCode.FAILED_PRECONDITION,
                              f"adapter {key} was not made for the served base model: {e}") from None
         recorded = getattr(manifest.base_model, "fingerprint", None)
         if recorded and recorded != fingerprint(self.engine.model.config, touched):
+            verified()
             raise ServeError(grpc.StatusCode.FAILED_PRECONDITION,
                              f"adapter {key} was made for another base model ({manifest.base_model.id or 'unknown'}, "
                              "fingerprint differs from the served base's)")
         self._verified.add(key)
+        return adapter, verified
+
+    def _read_now(self, key: str, manifest) -> Adapter:
+        """`_read_verified`, waiting for the hash (a merge's parents are combined into a new adapter at once)."""
+        adapter, verified = self._read_verified(key, manifest)
+        verified()
         return adapter
 
     # -- eviction ----------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ certificate, and on stop refuses new RPCs while the ones in flight finish within
 from __future__ import annotations
 
 import ctypes
+import gc
 import signal
 import sys
 import threading
@@ -232,6 +233,19 @@ def keep_freed_memory() -> None:
         pass
 
 
+def freeze_startup_heap() -> None:
+    """Take everything alive now (the model, torch, transformers, gRPC: ~400k objects) out of the cyclic GC.
+
+    A full (generation 2) collection walks every tracked object with the GIL held, which stops the decode
+    loop and every request thread: measured 210-270 ms per collection in a server with the default base,
+    at moments set by allocation counts (it landed inside a cold adapter load). Frozen objects are never
+    scanned again (they are still freed by reference counting), so full collections only walk what was
+    made since: ~30 ms with 40 all-projection LoRAs resident. vLLM freezes its startup heap the same way.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def serve(config: ServerConfig, *, ready=None) -> int:
     """Run until SIGTERM or SIGINT, then stop gracefully; returns the exit status (0)."""
     keep_freed_memory()
@@ -241,6 +255,7 @@ def serve(config: ServerConfig, *, ready=None) -> int:
     except BaseException:
         server.stop(grace=0)
         raise
+    freeze_startup_heap()
     signalled = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: signalled.set())

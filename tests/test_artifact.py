@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hub.artifact import ArtifactError, Technique, read_adapter, technique_of
+from hub.artifact import ArtifactError, Technique, parse_tensors, read_adapter, technique_of
 from hub.manifest import artifact_files
 
 
@@ -84,3 +84,82 @@ def test_artifact_files_are_the_flat_non_hidden_files(technique_adapters, tmp_pa
     (folder / "bad name.txt").write_text("x")
     with pytest.raises(Exception, match="invalid artifact file name"):
         artifact_files(folder)
+
+
+# -- parse_tensors: our zero-copy reader of safetensors bytes, against the safetensors library ------------
+
+def _file(header: dict, data: bytes, pad: bool = True) -> bytearray:
+    """A safetensors file by hand: little-endian header length, JSON header (space-padded to 8 bytes as
+    writers do, unless pad=False), data."""
+    raw = json.dumps(header).encode()
+    if pad:
+        raw += b" " * (-len(raw) % 8)
+    return bytearray(len(raw).to_bytes(8, "little") + raw + data)
+
+
+def test_parse_tensors_equals_the_safetensors_library_for_every_dtype_and_shape():
+    from safetensors.torch import load, save
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(3, 5, generator=gen), "bf16": torch.randn(7, generator=gen).bfloat16(),
+        "f16": torch.randn(2, 2, 2, generator=gen).half(), "f64": torch.randn(3, generator=gen).double(),
+        "i64": torch.arange(-4, 5), "i32": torch.arange(6, dtype=torch.int32).view(2, 3),
+        "i8": torch.tensor([-1, 2], dtype=torch.int8), "u8": torch.tensor([255, 0], dtype=torch.uint8),
+        "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(1.5), "empty": torch.zeros(0, 4),
+    }
+    data = save(tensors, metadata={"format": "pt"})
+    ours, theirs = parse_tensors(data, "mem"), load(data)
+    assert list(ours) == sorted(theirs)
+    for key, tensor in theirs.items():
+        assert ours[key].dtype == tensor.dtype and ours[key].shape == tensor.shape and torch.equal(ours[key], tensor)
+
+
+def test_parse_tensors_views_the_buffer_without_copying():
+    from safetensors.torch import save
+
+    buf = bytearray(save({"a": torch.ones(4, 4), "b": torch.zeros(8)}))
+    ours = parse_tensors(buf, "mem")
+    base = torch.frombuffer(buf, dtype=torch.uint8).data_ptr()
+    assert all(base <= t.data_ptr() < base + len(buf) for t in ours.values())  # inside the file's buffer
+    buf[-32:] = torch.full((8,), 2.0).numpy().tobytes()  # writing the buffer shows through: same memory
+    assert torch.equal(ours["b"], torch.full((8,), 2.0))
+
+
+def test_parse_tensors_copies_a_tensor_at_an_unaligned_offset():
+    header = {"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8 + 2)  # the data starts 2 bytes past an 8-byte boundary
+    values = torch.tensor([1.25, -3.0])
+    buf = bytearray(len(raw).to_bytes(8, "little") + raw + values.numpy().tobytes())
+    x = parse_tensors(buf, "mem")["x"]
+    assert torch.equal(x, values) and x.data_ptr() % 4 == 0
+
+
+def _f32(offsets, shape=(2,)) -> dict:
+    return {"dtype": "F32", "shape": list(shape), "data_offsets": list(offsets)}
+
+
+@pytest.mark.parametrize("buf, message", [
+    (bytearray(b"\x01\x02"), "shorter than the header length field"),
+    (bytearray((1000).to_bytes(8, "little") + b"{}"), "runs past the end of the file"),
+    (_file({}, b"")[:8] + b"{not json}", "header is not JSON"),
+    (_file({"x": {"dtype": "Q9", "shape": [1], "data_offsets": [0, 4]}}, bytes(4)), "malformed entry"),
+    (_file({"x": {"shape": [1], "data_offsets": [0, 4]}}, bytes(4)), "malformed entry"),
+    (_file({"x": _f32([0, 4])}, bytes(4)), "does not match its data offsets"),
+    (_file({"x": _f32([0, 8])}, bytes(4)), "past the end of the file"),
+    (_file({"x": _f32([0, 8]), "y": _f32([4, 12])}, bytes(12)), "a gap or an overlap"),
+    (_file({"x": _f32([0, 8]), "y": _f32([12, 20])}, bytes(20)), "a gap or an overlap"),
+    (_file({"x": _f32([0, 8])}, bytes(12)), "cover 8 bytes of data, the file holds 12"),
+    (_file([1, 2], b""), "not a JSON object"),
+])
+def test_parse_tensors_refuses_malformed_files_clearly(buf, message):
+    with pytest.raises(ArtifactError, match=f"mem: not a valid safetensors file .*{message}"):
+        parse_tensors(buf, "mem")
+
+
+def test_parse_tensors_takes_read_only_bytes_too():
+    from safetensors.torch import save
+
+    data = save({"w": torch.arange(6.0)})
+    assert torch.equal(parse_tensors(bytes(data), "mem")["w"], torch.arange(6.0))

@@ -249,6 +249,37 @@ def test_tampered_blob_fails_verify_and_materialize(technique_adapters, hub_home
     assert reg.read(reg.resolve("ia3@1.0.0")).technique.value == "ia3"
 
 
+def test_read_deferred_hashes_in_another_thread_and_verified_refuses_damaged_bytes(technique_adapters, hub_home,
+                                                                                   monkeypatch):
+    """The server's cold load parses and prepares while the sha256 runs; `verified()` is the gate."""
+    import threading
+
+    import hub.registry as registry_module
+
+    reg = Registry()
+    m = reg.push(technique_adapters["lora"], "lora", "1.0.0")
+    threads, real = [], hashlib.sha256
+    monkeypatch.setattr(registry_module.hashlib, "sha256",
+                        lambda data: threads.append(threading.current_thread().name) or real(data))
+    adapter, verified = reg.read_deferred(m)
+    verified()
+    assert threads and all(name.startswith("hub-sha256") for name in threads)
+    assert adapter.tensors.keys() == load_file(technique_adapters["lora"] / "adapter_model.safetensors").keys()
+    _tamper_blob(reg, "lora@1.0.0")  # still parses: only the hash can tell
+    adapter, verified = reg.read_deferred(m)
+    with pytest.raises(IntegrityError, match=r"lora@1.0.0: adapter_model.safetensors: .*\(tampered or corrupted"):
+        verified()
+
+
+def test_read_of_damaged_unparseable_bytes_is_an_integrity_error(technique_adapters, hub_home):
+    reg = Registry()
+    m = reg.push(technique_adapters["lora"], "lora", "1.0.0")
+    blob = reg.store.path(m.files["adapter_model.safetensors"]["sha256"])
+    blob.write_bytes(blob.read_bytes()[:100])  # truncated: not a safetensors file any more
+    with pytest.raises(IntegrityError, match="tampered or corrupted"):
+        reg.read_deferred(m)
+
+
 def test_read_writes_no_checkout_and_names_a_missing_blob(technique_adapters, hub_home):
     reg = Registry()
     m = reg.push(technique_adapters["lora"], "lora", "1.0.0")

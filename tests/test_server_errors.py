@@ -106,6 +106,21 @@ def test_damaged_stored_adapter_is_data_loss_and_others_still_serve(start_server
     assert client.generate(PROMPT, adapters=["lora1"], max_new_tokens=3).token_ids
 
 
+def test_damaged_bytes_that_parse_as_another_adapter_are_data_loss_not_a_misfit(start_server, registry, tmp_path):
+    """The hash runs while the adapter is parsed and checked; a refusal waits for it, so a blob replaced by a
+    valid file of other shapes is reported as damaged, not as an adapter for another base."""
+    import torch
+    from safetensors.torch import save_file
+
+    server, client = start_server()
+    blob = registry.store.path(registry.resolve("lora0").files["adapter_model.safetensors"]["sha256"])
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_{}.weight"
+    save_file({key.format("A"): torch.zeros(4, 3), key.format("B"): torch.zeros(5, 4)}, str(blob))
+    error = _refused(client.generate, PROMPT, adapters=["lora0"])
+    assert error.code() == CODE.DATA_LOSS and "lora0@1.0.0: adapter_model.safetensors" in error.details()
+    assert "lora0" not in str(server.engine.resident())
+
+
 def test_adapter_that_does_not_fit_is_failed_precondition(start_server, registry, served_adapters):
     """Pushed with no base to check against, an adapter for other shapes is caught at load, naming the module."""
     import json

@@ -204,8 +204,13 @@ class Lora(TechniqueImpl):
                 raise ArtifactError(f"module {path!r}: lora_A has rank {t['lora_A'].shape[0]}, config says {r}")
             t = to_device(t, like, weights_dtype)
             bias = (t["lora_bias"] * scale).to(model_dtype) if "lora_bias" in t else None
-            sites[path] = LoraSite(t["lora_A"].t().contiguous(), (t["lora_B"] * scale).t().contiguous(), bias)
+            b = t["lora_B"]  # (out, r) -> (r, out) with the scaling folded in: one pass, one new tensor
+            b_t = torch.mul(b.t(), scale, out=b.new_empty(b.shape[1], b.shape[0]))
+            sites[path] = LoraSite(t["lora_A"].t(), b_t, bias)  # A^T a view until laid out below
         _group_siblings(sites)
+        for site in sites.values():
+            if site.group_a is None:
+                site.a_t = site.a_t.contiguous()
         size = sum(nbytes_of([s.a_t, s.b_t] + ([s.bias] if s.bias is not None else [])) for s in sites.values())
         return Resident(key, self.technique, sites, size, adapter.config)
 
@@ -243,7 +248,7 @@ def _group_siblings(sites: dict[str, LoraSite]) -> None:
         if len(members) < 2:
             continue
         members.sort()  # one layout for every adapter, whatever order its file listed the tensors in
-        group_a = torch.cat([sites[m].a_t for m in members], dim=1)
+        group_a = torch.cat([sites[m].a_t for m in members], dim=1)  # views in, one contiguous copy out
         offset = 0
         for m in members:
             rank = sites[m].rank
