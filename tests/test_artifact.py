@@ -163,3 +163,23 @@ def test_parse_tensors_takes_read_only_bytes_too():
 
     data = save({"w": torch.arange(6.0)})
     assert torch.equal(parse_tensors(bytes(data), "mem")["w"], torch.arange(6.0))
+
+
+@pytest.mark.parametrize("reported", [-10, 10])
+def test_read_buffer_returns_the_file_bytes_when_its_size_changes_under_the_read(tmp_path, monkeypatch, reported):
+    """fstat and the read disagree (the file shrank or grew in between): every byte read is returned, so
+    the caller's size and sha256 check sees the file as it was read, never a zero-padded or cut buffer."""
+    import os
+
+    import hub.artifact as artifact
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(bytes(range(256)) * 4)
+    real = os.fstat
+
+    def fstat(fd):
+        st = real(fd)
+        return os.stat_result((*st[:6], st.st_size + reported, *st[7:]))
+
+    monkeypatch.setattr(artifact.os, "fstat", fstat)
+    assert artifact.read_buffer(path) == path.read_bytes()
