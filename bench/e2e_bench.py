@@ -212,12 +212,12 @@ def _run(config: E2EConfig, workdir: Path, log) -> dict[str, Any]:
                 lambda peft_model=peft_model: peft_batch(peft_model, tokenizer, ids, names, config.new_tokens)
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
         for name, fn in configs.items():  # warm-up, not measured
-            fn()
+            log(f"e2e: warm-up, {name}: {fn()['tokens_per_s']:.1f} tok/s")
         order = list(configs)
         for r in range(config.repeats):
             for name in order[r % len(order):] + order[:r % len(order)]:
                 runs[name].append(configs[name]())
-            log(f"e2e: repeat {r + 1}/{config.repeats} done")
+                log(f"e2e: repeat {r + 1}/{config.repeats}, {name}: {runs[name][-1]['tokens_per_s']:.1f} tok/s")
         cold = {shape: cold_and_warm(server.address, ids[0], cold_refs) for shape, (_, cold_refs, _) in sets.items()}
     finally:
         exit_code = server.stop()

@@ -2,9 +2,11 @@
 PEFT adapters made for it and pushed into a temp registry, and a real server on a free localhost port.
 
 Import the fixtures into a test module with `from server_support import *  # noqa: F401,F403`.
+HUB_TEST_DEVICE=cuda runs these servers (and the peers they are compared with) on a GPU; default cpu.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -17,11 +19,12 @@ import torch
 from conftest import save_bitfit_adapter, save_bottleneck_adapter, save_peft_adapter, tiny_llama
 
 CONTEXT = 4096  # long enough that a request can outlive others without a timing assumption
+DEVICE = os.environ.get("HUB_TEST_DEVICE", "cpu")  # where the served base (and each test's peer) runs
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
                  "{% if add_generation_prompt %}>{% endif %}")
 
 __all__ = ["served_base", "served_adapters", "registry", "start_server", "frozen", "wait_until", "served_model",
-           "char_tokenizer", "CONTEXT"]
+           "char_tokenizer", "CONTEXT", "DEVICE"]
 
 
 def char_tokenizer():
@@ -54,7 +57,7 @@ def served_model(base: Path):
     """(model, tokenizer) loaded from the served base folder, as `hub serve --base-model FOLDER` loads them."""
     from hub import basemodel
 
-    return basemodel.load(str(base))
+    return basemodel.load(str(base), device=DEVICE)
 
 
 @pytest.fixture(scope="session")
@@ -109,6 +112,7 @@ def start_server(served_base, registry) -> Iterator[Callable]:
 
     def start(token: str | None = None, tls_ca: Path | None = None, **fields):
         fields.setdefault("port", 0)
+        fields.setdefault("device", DEVICE)
         model, tokenizer = served_model(served_base)
         config = ServerConfig(base_model=str(served_base), **fields)
         server = RuntimeServer(config, model=model, tokenizer=tokenizer, registry=registry).start()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from server_support import *  # noqa: F401,F403
-from server_support import frozen, served_model, wait_until
+from server_support import DEVICE, frozen, served_model, wait_until
 
 from hub.artifact import read_adapter
 from hub.merge import merge
@@ -39,7 +39,7 @@ def peft_merged_generate(served_base, served_adapters, names, weights, tokens, *
         peft.load_adapter(str(served_adapters[name]), adapter_name=name)
     peft.add_weighted_adapter(names, weights, "merged", **kwargs)
     peft.set_adapter("merged")
-    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"].to(DEVICE)
     with torch.inference_mode():
         out = peft.eval().generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
                                    do_sample=False, pad_token_id=0, eos_token_id=2)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from server_support import *  # noqa: F401,F403
-from server_support import frozen, served_model, wait_until
+from server_support import DEVICE, frozen, served_model, wait_until
 
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 
@@ -29,7 +29,8 @@ def _peft_greedy(model, ids: torch.Tensor, n: int) -> list[int]:
     out: list[int] = []
     with torch.inference_mode():
         for _ in range(n):
-            token = int(model(input_ids=torch.cat([ids, torch.tensor([out], dtype=ids.dtype)], 1)).logits[0, -1].argmax())
+            tail = torch.tensor([out], dtype=ids.dtype, device=ids.device)
+            token = int(model(input_ids=torch.cat([ids, tail], 1)).logits[0, -1].argmax())
             if token == 2:  # EOS: the server stops and does not report it
                 break
             out.append(token)
@@ -42,7 +43,7 @@ def test_greedy_generation_equals_peft(start_server, served_base, served_adapter
     _, client = start_server()
     reply = client.generate(PROMPT, adapters=[technique.replace("_", "-")], max_new_tokens=12)
     peft_model, tokenizer = _peft(served_base, served_adapters[technique])
-    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"].to(DEVICE)
     expected = _peft_greedy(peft_model, ids, 12)
     assert list(reply.token_ids) == expected
     assert reply.finish_reason == ("length" if len(expected) == 12 else "stop")
@@ -55,7 +56,7 @@ def test_score_equals_peft_logprobs(start_server, served_base, served_adapters):
     peft_model, tokenizer = _peft(served_base, served_adapters["lora1"])
     ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
     with torch.inference_mode():
-        logits = peft_model(input_ids=ids).logits[0, :-1]
+        logits = peft_model(input_ids=ids.to(DEVICE)).logits[0, :-1].cpu()
     expected = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
     assert list(reply.token_ids) == ids[0].tolist()
     assert torch.allclose(torch.tensor(list(reply.logprobs)), expected, atol=1e-4)
@@ -181,7 +182,7 @@ def test_list_adapters_and_info(start_server):
 
     assert info.fingerprint == fingerprint(server.engine.model.config, {})
     assert info.limits.max_batch_size == 4 and info.limits.adapter_memory_bytes == 1 << 20
-    assert info.limits.context_length == 4096 and info.dtype == "float32" and info.device == "cpu"
+    assert info.limits.context_length == 4096 and info.dtype == "float32" and info.device.startswith(DEVICE)
     assert set(info.techniques) == {"lora", "ia3", "prompt_tuning", "bitfit", "bottleneck"}
 
 
