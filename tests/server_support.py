@@ -53,11 +53,11 @@ def served_base(tmp_path_factory) -> Path:
     return folder
 
 
-def served_model(base: Path):
+def served_model(base: Path, device: str = DEVICE):
     """(model, tokenizer) loaded from the served base folder, as `hub serve --base-model FOLDER` loads them."""
     from hub import basemodel
 
-    return basemodel.load(str(base), device=DEVICE)
+    return basemodel.load(str(base), device=device)
 
 
 @pytest.fixture(scope="session")

@@ -33,12 +33,15 @@ def ask(client, request):
 def peft_merged_generate(served_base, served_adapters, names, weights, tokens, **kwargs) -> list[int]:
     from peft import PeftModel
 
-    model, tokenizer = served_model(served_base)
+    # Merged on the CPU, as the server merges: svd_clamp's quantile depends on the signs the SVD gives its
+    # singular vectors, and cuSOLVER's differ from LAPACK's (PEFT's merge on a GPU is another adapter).
+    model, tokenizer = served_model(served_base, device="cpu")
     peft = PeftModel.from_pretrained(model, str(served_adapters[names[0]]), adapter_name=names[0])
     for name in names[1:]:
         peft.load_adapter(str(served_adapters[name]), adapter_name=name)
     peft.add_weighted_adapter(names, weights, "merged", **kwargs)
     peft.set_adapter("merged")
+    peft.to(DEVICE)
     ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"].to(DEVICE)
     with torch.inference_mode():
         out = peft.eval().generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
