@@ -197,12 +197,11 @@ class AdapterPool:
         else:
             self.metrics.cache_hits.labels(tier=Tier.HOST.value).inc()
         need = self.engine.weights_bytes(adapter)
-        if need > self.device_budget:
-            verified()
-            raise ServeError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                             f"adapter {key} needs {need} bytes on the device, more than the whole adapter "
-                             f"memory budget ({self.device_budget} bytes; raise --adapter-memory)")
-        victims = self._make_room(need, key)
+        try:
+            victims = self._make_room(need, key)
+        except ServeError:
+            verified()  # a damaged file is reported as damaged, not as one that finds no room
+            raise
 
         def hand_over() -> int:  # one call between two batch steps, however many adapters make room
             for victim in victims:
@@ -227,6 +226,7 @@ class AdapterPool:
                     entry = self._entries.get(key) or Entry(key=key, manifest=manifest)
                     self._entries[key] = entry
                     entry.tier, entry.adapter, entry.device_bytes = Tier.DEVICE, adapter, used
+                    self._verified.add(key)  # hashed right and fits: its next read from disk skips the fit check
                     self._hold(entry, pin)
                     self._trim_host_locked()
                     self._forget_old_locked()
@@ -243,8 +243,8 @@ class AdapterPool:
 
         Returns the adapter and `verified()`, which raises DATA_LOSS if its stored bytes are damaged: their
         sha256 runs in another thread meanwhile (Registry.read_deferred), so the caller prepares the adapter
-        and calls `verified()` before serving it. Any refusal checks the bytes first, so a damaged file is
-        reported as damaged, not as an adapter that does not fit."""
+        and calls `verified()` before serving it, and before any refusal, so a damaged file is reported as
+        damaged, not as an adapter that does not fit."""
         try:
             build = getattr(manifest, "build", None)  # a per-request merge (runtime/merged.py), from verified parents
             if build:
@@ -262,27 +262,32 @@ class AdapterPool:
             except IntegrityError as e:
                 raise _damaged(key, e) from None
 
-        if key in self._verified:
-            return adapter, verified
+        if key not in self._verified:  # checked once per version while it stays known (see `_forget_old_locked`)
+            try:
+                self._check_base(key, adapter, manifest)
+            except ServeError:
+                verified()
+                raise
+        return adapter, verified
+
+    def _check_base(self, key: str, adapter: Adapter, manifest) -> None:
+        """FAILED_PRECONDITION unless the adapter fits the served base and was made for it (fingerprint)."""
         try:
             touched = check_fits(adapter, self.engine.model)
         except ArtifactError as e:
-            verified()
             raise ServeError(grpc.StatusCode.FAILED_PRECONDITION,
                              f"adapter {key} was not made for the served base model: {e}") from None
         recorded = getattr(manifest.base_model, "fingerprint", None)
         if recorded and recorded != fingerprint(self.engine.model.config, touched):
-            verified()
             raise ServeError(grpc.StatusCode.FAILED_PRECONDITION,
                              f"adapter {key} was made for another base model ({manifest.base_model.id or 'unknown'}, "
                              "fingerprint differs from the served base's)")
-        self._verified.add(key)
-        return adapter, verified
 
     def _read_now(self, key: str, manifest) -> Adapter:
         """`_read_verified`, waiting for the hash (a merge's parents are combined into a new adapter at once)."""
         adapter, verified = self._read_verified(key, manifest)
         verified()
+        self._verified.add(key)
         return adapter
 
     # -- eviction ----------------------------------------------------------------------------------
@@ -292,6 +297,10 @@ class AdapterPool:
         Returns the adapters moved, for the caller to take off the engine in the same hand-over as its
         load (a hand-over waits for the step in flight: one wait per load, not one per adapter); until
         then, a request for one of them waits on its future."""
+        if need > self.device_budget:
+            raise ServeError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"adapter {key} needs {need} bytes on the device, more than the whole adapter "
+                             f"memory budget ({self.device_budget} bytes; raise --adapter-memory)")
         with self._lock:
             victims: list[Entry] = []
             used = self._device_used_locked() + self._reserved

@@ -103,6 +103,7 @@ def test_damaged_stored_adapter_is_data_loss_and_others_still_serve(start_server
     for error in (_refused(client.generate, PROMPT, adapters=["lora0"]), _refused(client.load_adapter, "lora0")):
         assert error.code() == CODE.DATA_LOSS and "lora0@1.0.0: adapter_model.safetensors" in error.details()
     assert "lora0" not in str(server.engine.resident())
+    assert "lora0@1.0.0" not in server.pool._verified  # damaged bytes never spare a later read its fit check
     assert client.generate(PROMPT, adapters=["lora1"], max_new_tokens=3).token_ids
 
 
@@ -119,6 +120,22 @@ def test_damaged_bytes_that_parse_as_another_adapter_are_data_loss_not_a_misfit(
     error = _refused(client.generate, PROMPT, adapters=["lora0"])
     assert error.code() == CODE.DATA_LOSS and "lora0@1.0.0: adapter_model.safetensors" in error.details()
     assert "lora0" not in str(server.engine.resident())
+
+
+def test_damaged_adapter_with_no_room_is_data_loss_not_resource_exhausted(start_server, registry):
+    """Every refusal waits for the hash: with the whole budget held by a pinned adapter, a damaged one is
+    still reported as damaged (the same request for it intact is RESOURCE_EXHAUSTED)."""
+    _, probe = start_server()
+    size = probe.load_adapter("lora3").adapter.size_bytes
+    _, client = start_server(adapter_memory=size)
+    client.load_adapter("lora3", pin=True)
+    assert _refused(client.generate, PROMPT, adapters=["lora1"]).code() == CODE.RESOURCE_EXHAUSTED
+    blob = registry.store.path(registry.resolve("lora1").files["adapter_model.safetensors"]["sha256"])
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    error = _refused(client.generate, PROMPT, adapters=["lora1"])
+    assert error.code() == CODE.DATA_LOSS and "lora1@1.0.0: adapter_model.safetensors" in error.details()
 
 
 def test_adapter_that_does_not_fit_is_failed_precondition(start_server, registry, served_adapters):
