@@ -161,7 +161,10 @@ def parse_tensors(data: bytes | bytearray, where: str) -> dict[str, Any]:
         raise bad(f"header is not JSON: {e}") from None
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None)  # optional; when there, a map of strings (as the library checks)
+    if metadata is not None and not (isinstance(metadata, dict)
+                                     and all(isinstance(v, str) for v in metadata.values())):
+        raise bad(f"__metadata__ is not a map of strings: {metadata!r}")
     buf = bytearray(data) if memoryview(data).readonly else data
     start, end = 8 + header_len, len(data)
     tensors, spans = {}, []

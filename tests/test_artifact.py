@@ -152,10 +152,18 @@ def _f32(offsets, shape=(2,)) -> dict:
     (_file({"x": _f32([0, 8]), "y": _f32([12, 20])}, bytes(20)), "a gap or an overlap"),
     (_file({"x": _f32([0, 8])}, bytes(12)), "cover 8 bytes of data, the file holds 12"),
     (_file([1, 2], b""), "not a JSON object"),
+    (_file({"__metadata__": {"format": 1}, "x": _f32([0, 8])}, bytes(8)), "__metadata__ is not a map of strings"),
+    (_file({"__metadata__": ["pt"], "x": _f32([0, 8])}, bytes(8)), "__metadata__ is not a map of strings"),
 ])
 def test_parse_tensors_refuses_malformed_files_clearly(buf, message):
     with pytest.raises(ArtifactError, match=f"mem: not a valid safetensors file .*{message}"):
         parse_tensors(buf, "mem")
+
+
+def test_parse_tensors_takes_metadata_that_is_absent_null_or_a_map_of_strings():
+    for metadata in ({}, None, {"format": "pt"}):
+        buf = _file({"__metadata__": metadata, "x": _f32([0, 8])}, torch.tensor([1.0, 2.0]).numpy().tobytes())
+        assert torch.equal(parse_tensors(buf, "mem")["x"], torch.tensor([1.0, 2.0]))
 
 
 def test_parse_tensors_takes_read_only_bytes_too():
