@@ -160,7 +160,9 @@ class Scheduler:
                 self._join_pending()
             for fn, future, _ in calls:
                 self._run_call(fn, future)
-            if any(then_submit for _, _, then_submit in calls):
+            # a follow-up comes only after a then_submit call that succeeded (a failed install's caller
+            # reports its error and submits nothing)
+            if any(then_submit and future.exception() is None for _, future, then_submit in calls):
                 self._take_follow_ups(arrivals)
             if self._running:
                 self._step()

@@ -150,6 +150,22 @@ def test_a_request_submitted_after_a_then_submit_call_joins_the_very_next_step(s
     assert _drain(long)[1].reason == "cancelled"
 
 
+@pytest.mark.timeout(120)  # a stalled loop fails here, not at the suite's 600 s
+def test_a_failed_then_submit_call_does_not_wait_for_a_follow_up(scheduler, monkeypatch):
+    """The caller of a failed install reports its error and submits nothing: the loop steps on at once
+    (with a grace of an hour, a wait would stall the running request until the test times out)."""
+    monkeypatch.setattr("runtime.scheduler.JOIN_GRACE", 3600.0)
+    long = scheduler.submit(_seq("long", "lora0", 40))
+    long.events.get()
+
+    def install() -> None:
+        raise ValueError("does not fit")
+
+    with pytest.raises(ValueError, match="does not fit"):
+        scheduler.call(install, then_submit=True)
+    assert _drain(long)[1].reason == "length"
+
+
 def test_a_then_submit_call_with_no_follow_up_only_pauses_the_batch_briefly(scheduler):
     long = scheduler.submit(_seq("long", "lora0", 40))
     long.events.get()
