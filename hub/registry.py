@@ -81,6 +81,10 @@ def check_base(adapter: Adapter, base_model: str | None) -> BaseModelInfo:
     return BaseModelInfo(id=recorded, revision=revision, fingerprint=fingerprint(config, touched))
 
 
+def _missing(manifest: Manifest, name: str, path: Path) -> IntegrityError:
+    return IntegrityError(f"{manifest.ref}: file {name} is missing ({path})")
+
+
 @contextmanager
 def _imported(folder: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
     """The folder to push, converting an AdapterHub `adapters` library folder first (when that importer is
@@ -207,7 +211,7 @@ class Registry:
         """Store every file as a blob, appending to `created` the digests this call wrote (to undo on failure)."""
         for name, info in manifest.files.items():
             if not sources[name].is_file():
-                raise IntegrityError(f"{manifest.ref}: file {name} is missing at {sources[name]}")
+                raise _missing(manifest, name, sources[name])
             if self.store.put(sources[name], info["size"], info["sha256"], progress):
                 created.append(info["sha256"])
 
@@ -280,7 +284,7 @@ class Registry:
             try:
                 data[name] = read_buffer(path)
             except FileNotFoundError:
-                raise IntegrityError(f"{manifest.ref}: file {name} is missing ({path})") from None
+                raise _missing(manifest, name, path) from None
             pending[name] = _HASHING.submit(lambda b=data[name]: (len(b), hashlib.sha256(b).hexdigest()))
 
         def verified() -> None:
@@ -299,7 +303,7 @@ class Registry:
         for name, info in manifest.files.items():
             src = source(manifest, name)
             if not src.is_file():
-                raise IntegrityError(f"{manifest.ref}: file {name} is missing ({src})")
+                raise _missing(manifest, name, src)
             check_copy(f"{manifest.ref}: {name}", copy_hashed(src, dst / name), info["size"], info["sha256"])
 
     def export(self, ref: str, out: str | Path) -> Path:
