@@ -28,7 +28,10 @@ from runtime.techniques import REGISTRY
 from runtime.techniques.base import BatchInfo, Resident, SiteOp, Stage, Use
 
 SiteOps = tuple[list[SiteOp], list[SiteOp], list[SiteOp]]  # PRE, DELTA, POST
-_COMPILED_CACHE = 16  # compiled segments kept (a decode loop reuses the same plans every step)
+# Compiled segments kept: a decode step reuses its batch's (at most generate.MAX_SEGMENTS), a join adds one
+# (prompt_lengths, then its prefill), and one more. Few on purpose: a segment of 32 rows with all-projection
+# LoRAs stacks ~300 MB of per-row weights, and stacks freed first are memory the next compile reuses.
+_COMPILED_CACHE = 4
 
 
 class _Context:
@@ -223,10 +226,9 @@ class Engine:
             if hit is not None:
                 self._compiled.move_to_end(key)
                 return hit
-            compiled = self._compile(plans)
-            self._compiled[key] = compiled
-            if len(self._compiled) > _COMPILED_CACHE:
+            while len(self._compiled) >= _COMPILED_CACHE:  # before compiling: the new stacks reuse what this frees
                 self._compiled.popitem(last=False)
+            compiled = self._compiled[key] = self._compile(plans)
             return compiled
 
     def _uses(self, plans: list[RowPlan]) -> tuple[list[list[Use]], dict[Any, dict[str, list[Use]]]]:

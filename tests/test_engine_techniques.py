@@ -286,6 +286,31 @@ def test_loads_keep_other_compiled_batches_and_replacing_a_key_recompiles(base, 
         eng.compile(plans)
 
 
+def test_a_new_composition_frees_the_least_recently_used_one_before_it_is_built(base, folders):
+    """Compiled batches stack per-row copies of adapter weights (hundreds of MB for 32 rows of big LoRAs):
+    a few are kept, and the one to go is freed before the next is built, so its memory is reused."""
+    import weakref
+
+    from runtime.engine import _COMPILED_CACHE
+
+    eng = Engine(copy.deepcopy(base))
+    eng.load("x", read_adapter(folders["lora_all"]))
+    eng.load("y", read_adapter(folders["lora_b"]))
+    compositions = [[plan("x"), plan("y")] + [RowPlan()] * n for n in range(_COMPILED_CACHE + 2)]
+    refs = {}
+    for i in range(_COMPILED_CACHE):
+        refs[i] = weakref.ref(eng.compile(compositions[i]))
+    kept = eng.compile(compositions[1])  # used again: now the most recently used
+    alive_while_building = []
+    build = eng._compile
+    eng._compile = lambda plans: alive_while_building.append({i for i, r in refs.items() if r()}) or build(plans)
+    refs[_COMPILED_CACHE] = weakref.ref(eng.compile(compositions[_COMPILED_CACHE]))
+    eng.compile(compositions[_COMPILED_CACHE + 1])
+    everyone_else = set(range(1, _COMPILED_CACHE))
+    assert alive_while_building == [everyone_else, everyone_else - {2} | {_COMPILED_CACHE}]  # 0, then 2: gone first
+    assert eng.compile(compositions[1]) is kept
+
+
 def test_siblings_share_whatever_order_the_files_list_their_tensors_in(base, folders):
     """The sibling A's are concatenated in one layout for every adapter: an adapter whose file lists
     up_proj before gate_proj (safetensors' `load` of bytes gives no stable order) still shares with one
