@@ -10,7 +10,7 @@ from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig
 
 from hub.artifact import read_adapter
 from runtime.engine import Engine
-from runtime.generate import MAX_SEGMENTS, Batch, SamplingParams, Sequence, score, visible_text
+from runtime.generate import MAX_SEGMENTS, SETTLE_STEPS, Batch, SamplingParams, Sequence, score, visible_text
 from runtime.plan import AdapterUse, PlanError, RowPlan
 
 PROMPTS = [[5, 9, 17, 33, 4, 81, 12], [7, 7, 100, 3], [44, 12, 90, 61, 70, 8, 19, 27, 3], [15, 16], [101, 6, 55]]
@@ -117,6 +117,28 @@ def test_many_joins_and_leaves_keep_few_segments_and_every_row_its_output(engine
     for s in seqs:
         assert s.output_ids == (alone[s.id[2:]][:len(s.output_ids)] if s.id == "0-2" else alone[s.id[2:]]), s.id
     assert seqs[2].finish_reason == "cancelled"
+
+
+def test_a_steady_batch_runs_as_one_segment_and_every_row_keeps_its_output(engine):
+    """Rows that joined at different steps are separate segments until no row has joined or left for
+    SETTLE_STEPS steps; then one (each adapted module runs its ops once a step)."""
+    alone = {str(i): run(engine, [seq(i)])[str(i)] for i in range(3)}
+    batch = Batch(engine)
+    seqs = [Sequence(str(i), PROMPTS[i], PLANS[i], SamplingParams(max_new_tokens=12)) for i in range(3)]
+    assert SETTLE_STEPS + 4 < 12
+    segments = []
+    for step in range(SETTLE_STEPS + 3):  # all rows still running (12 tokens each)
+        if step < 2:
+            batch.add(seqs[step])
+        batch.step()
+        segments.append(list(batch._segments))
+    assert segments[1:SETTLE_STEPS + 1] == [[1, 1]] * SETTLE_STEPS and segments[SETTLE_STEPS + 1] == [2]
+    batch.add(seqs[2])  # a join makes a segment again
+    batch.step()
+    assert batch._segments == [2, 1]
+    while len(batch):
+        batch.step()
+    assert {s.id: s.output_ids for s in seqs} == alone
 
 
 def test_rows_wait_for_room_when_the_batch_is_full(engine):
