@@ -20,7 +20,7 @@ import torch
 
 from runtime.engine import Engine
 from runtime.plan import RowPlan
-from runtime.sampling import SamplingParams, generator_for, next_token
+from runtime.sampling import SamplingParams, generator_for, next_tokens
 
 __all__ = ["Batch", "SamplingParams", "Sequence", "score"]
 
@@ -133,7 +133,8 @@ class Batch:
     # -- internals ------------------------------------------------------------------------------
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[Sequence, int]]:
-        return [(s, next_token(logits[i], s.sampling, self._generators[s.id])) for i, s in enumerate(seqs)]
+        tokens = next_tokens(logits, [s.sampling for s in seqs], [self._generators[s.id] for s in seqs])
+        return list(zip(seqs, tokens))
 
     def _decode(self) -> list[tuple[Sequence, int]]:
         device = self.engine.device

@@ -42,11 +42,26 @@ def generator_for(params: SamplingParams) -> torch.Generator:
     return gen
 
 
-def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """One token from a row's last-position logits (vocab,)."""
-    if params.temperature == 0:
-        return int(torch.argmax(logits))
-    scores = logits.detach().float().cpu() / params.temperature
+def next_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
+    """One token per row from last-position logits (rows, vocab). The greedy rows' argmax is one op and the
+    sampled rows' logits come to the CPU in one copy: on a GPU, one transfer each instead of one per row."""
+    tokens: list[int] = [0] * len(params)
+    greedy = [i for i, p in enumerate(params) if p.temperature == 0]
+    sampled = [i for i, p in enumerate(params) if p.temperature != 0]
+    if greedy:
+        rows = logits if len(greedy) == len(params) else logits[greedy]  # all greedy (the usual case): no copy
+        for i, token in zip(greedy, rows.argmax(-1).tolist()):
+            tokens[i] = token
+    if sampled:
+        scores = logits[sampled].detach().float().cpu()
+        for row, i in enumerate(sampled):
+            tokens[i] = _sample(scores[row], params[i], generators[i])
+    return tokens
+
+
+def _sample(scores: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """One token from a row's float32 CPU logits (vocab,), at temperature > 0."""
+    scores = scores / params.temperature
     if params.top_k:
         kth = torch.topk(scores, min(params.top_k, scores.numel())).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))

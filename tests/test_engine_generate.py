@@ -146,6 +146,21 @@ def test_rows_wait_for_room_when_the_batch_is_full(engine):
     assert run(engine, [seq(i, 5) for i in range(5)], max_rows=2) == alone
 
 
+def test_next_tokens_gives_each_row_what_it_gets_alone():
+    """Greedy rows take one argmax over the batch and sampled rows one copy to the CPU: every row still gets
+    the token its own logits and generator give (argmax; a seeded draw as from that row alone)."""
+    from runtime.sampling import generator_for, next_tokens
+
+    logits = torch.randn(5, 40, generator=torch.Generator().manual_seed(3))
+    params = [SamplingParams(), SamplingParams(temperature=0.7, seed=1), SamplingParams(),
+              SamplingParams(temperature=1.3, top_k=5, seed=2), SamplingParams(temperature=0.9, top_p=0.5, seed=4)]
+    together = next_tokens(logits, params, [generator_for(p) for p in params])
+    alone = [next_tokens(logits[i:i + 1], [p], [generator_for(p)])[0] for i, p in enumerate(params)]
+    assert together == alone
+    assert together[0] == int(logits[0].argmax()) and together[2] == int(logits[2].argmax())
+    assert next_tokens(logits[:1], [params[0]], [generator_for(params[0])]) == [int(logits[0].argmax())]
+
+
 def test_seeded_sampling_is_reproducible_and_batch_independent(engine):
     params = dict(temperature=0.9, top_p=0.9, top_k=50, seed=1234)
     a = run(engine, [seq(0, **params)])["0"]
