@@ -70,3 +70,22 @@ def test_sweep_and_scale_write_results(tiny_model_dir, tmp_path):
         assert {"device_hit_ratio", "device_evictions", "disk_loads"} <= phase["cache"].keys()
     assert scale["phases"]["round-robin"]["cache"]["device_evictions"] > 0  # 8 distinct adapters, room for 3
     assert scale["tiers_at_end"]["adapters_by_tier"].get("device", 0) <= 3
+
+
+def test_random_base_keeps_shapes_and_tokenizer_and_draws_new_weights(tiny_model_dir, tmp_path):
+    """bench/random_base.py: what a GPU machine times when the real weights cannot travel."""
+    import subprocess
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "random"
+    # seed 7: tiny_model_dir's weights were drawn with seed 0 from this same config, as random_base's default would
+    subprocess.run([sys.executable, str(BENCH / "random_base.py"), str(tiny_model_dir), str(out), "--seed", "7"],
+                   check=True, capture_output=True)
+    original, drawn = (AutoModelForCausalLM.from_pretrained(p) for p in (tiny_model_dir, out))
+    assert drawn.config.to_dict() | {"_name_or_path": ""} == original.config.to_dict() | {"_name_or_path": ""}
+    pairs = list(zip(original.state_dict().items(), drawn.state_dict().items()))
+    assert all(a[0] == b[0] and a[1].shape == b[1].shape for a, b in pairs)
+    assert any(not torch.equal(a[1], b[1]) for a, b in pairs)
+    assert AutoTokenizer.from_pretrained(out)("w5 w6")["input_ids"] == AutoTokenizer.from_pretrained(tiny_model_dir)("w5 w6")["input_ids"]
