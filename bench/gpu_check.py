@@ -18,36 +18,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' tiny model and adapter helpers
+
+from conftest import save_peft_adapter as save, tiny_llama  # noqa: E402
 
 from hub.artifact import read_adapter  # noqa: E402
 from runtime.engine import Engine  # noqa: E402
 from runtime.generate import Batch, Sequence  # noqa: E402
 from runtime.plan import AdapterUse, RowPlan  # noqa: E402
 from runtime.sampling import SamplingParams  # noqa: E402
-
-
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, pad_token_id=0,
-        bos_token_id=1, eos_token_id=2)).eval()
-
-
-def save(base, config, folder: Path, seed: int) -> Path:
-    from peft import get_peft_model
-
-    model = get_peft_model(copy.deepcopy(base), config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                noise = torch.randn(p.shape, generator=gen)
-                p.copy_(1 + 0.3 * noise if "ia3_l" in name else 0.3 * noise)
-    model.save_pretrained(folder)
-    return folder
 
 
 def main() -> int:

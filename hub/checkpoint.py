@@ -149,6 +149,13 @@ _ARCH_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention
                 "intermediate_size", "vocab_size", "n_embd", "n_layer", "n_head", "n_inner")
 
 
+def fitted_fingerprint(adapter: Adapter, model_or_config: Any) -> str:
+    """The fingerprint of the base the adapter fits, after `check_fits` (its ArtifactError when it does not):
+    what a push records and what a load compares with the recorded one."""
+    touched = check_fits(adapter, model_or_config)
+    return fingerprint(getattr(model_or_config, "config", model_or_config), touched)
+
+
 def fingerprint(model_config: Any, touched: dict[str, tuple[int, ...]]) -> str:
     """sha256 over the base's architecture-defining config fields and the touched modules' shapes."""
     cfg = model_config if isinstance(model_config, dict) else model_config.to_dict()

@@ -72,13 +72,13 @@ def check_base(adapter: Adapter, base_model: str | None) -> BaseModelInfo:
     config = _base_config(base_id)
     if config is None:
         return BaseModelInfo(id=recorded, revision=revision)
-    from hub.checkpoint import check_fits, fingerprint
+    from hub.checkpoint import fitted_fingerprint
 
     try:
-        touched = check_fits(adapter, config)
+        fitted = fitted_fingerprint(adapter, config)
     except ArtifactError as e:
         raise ArtifactError(f"does not fit base model {base_id}: {e}") from None
-    return BaseModelInfo(id=recorded, revision=revision, fingerprint=fingerprint(config, touched))
+    return BaseModelInfo(id=recorded, revision=revision, fingerprint=fitted)
 
 
 def _missing(manifest: Manifest, name: str, path: Path) -> IntegrityError:

@@ -72,8 +72,7 @@ class Batch:
         self.max_rows = max_rows
         self._rows: list[Sequence] = []
         self._segments: list[int] = []  # row counts of consecutive row groups, compiled apart
-        self._steady = 0  # steps since a row last joined or left
-        self._changed = False  # a row joined or left since the last step ended
+        self._steady = 0  # steps begun since a row last joined or left (a join or leave sets 0)
         self._pending: list[Sequence] = []
         self._generators: dict[str, torch.Generator] = {}
         self._cache = None
@@ -112,6 +111,7 @@ class Batch:
     def step(self) -> list[tuple[Sequence, list[int]]]:
         """One decode step for running rows and a prefill for joining ones; new tokens per sequence."""
         produced: list[tuple[Sequence, int]] = []
+        self._steady += 1
         if self._rows:
             produced += self._decode()
         room = self.max_rows - len(self._rows)
@@ -125,7 +125,6 @@ class Batch:
         done = [i for i, seq in enumerate(self._rows) if seq.finish_reason is not None]
         if done:
             self._keep([i for i in range(len(self._rows)) if i not in done])
-        self._steady, self._changed = 0 if self._changed else self._steady + 1, False
         if len(self._segments) > 1 and self._steady >= SETTLE_STEPS:
             self._segments = [len(self._rows)]
         return results
@@ -172,7 +171,7 @@ class Batch:
             old.values = torch.cat([_pad_left(old.values, width, 2), _pad_left(new.values, width, 2)])
         self._mask = torch.cat([_pad_left(self._mask, width, 1), _pad_left(mask, width, 1)])
         self._rows += seqs
-        self._changed = True
+        self._steady = 0
         self._segments.append(len(seqs))
         while len(self._segments) > MAX_SEGMENTS:
             i = min(range(len(self._segments) - 1), key=lambda j: self._segments[j] + self._segments[j + 1])
@@ -181,7 +180,7 @@ class Batch:
     def _keep(self, keep: list[int]) -> None:
         """Keep only these rows; trim cache columns that are padding for every remaining row."""
         self._rows = [self._rows[i] for i in keep]
-        self._changed = True
+        self._steady = 0
         segment_of = [n for n, count in enumerate(self._segments) for _ in range(count)]
         kept = [segment_of[i] for i in keep]
         self._segments = [kept.count(n) for n in range(len(self._segments)) if n in kept]

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, TypeVar
 import grpc
 
 from hub.artifact import Adapter, ArtifactError, Technique
-from hub.checkpoint import PROMPT_SITE, check_fits, fingerprint, module_tensors
+from hub.checkpoint import PROMPT_SITE, fingerprint, fitted_fingerprint, module_tensors
 from hub.errors import HubError, IntegrityError, InvalidName, NotFound
 from runtime.errors import ServeError
 from runtime.metrics import Metrics
@@ -273,12 +273,12 @@ class AdapterPool:
     def _check_base(self, key: str, adapter: Adapter, manifest) -> None:
         """FAILED_PRECONDITION unless the adapter fits the served base and was made for it (fingerprint)."""
         try:
-            touched = check_fits(adapter, self.engine.model)
+            fitted = fitted_fingerprint(adapter, self.engine.model)
         except ArtifactError as e:
             raise ServeError(grpc.StatusCode.FAILED_PRECONDITION,
                              f"adapter {key} was not made for the served base model: {e}") from None
         recorded = getattr(manifest.base_model, "fingerprint", None)
-        if recorded and recorded != fingerprint(self.engine.model.config, touched):
+        if recorded and recorded != fitted:
             raise ServeError(grpc.StatusCode.FAILED_PRECONDITION,
                              f"adapter {key} was made for another base model ({manifest.base_model.id or 'unknown'}, "
                              "fingerprint differs from the served base's)")

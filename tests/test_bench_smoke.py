@@ -89,3 +89,17 @@ def test_random_base_keeps_shapes_and_tokenizer_and_draws_new_weights(tiny_model
     assert all(a[0] == b[0] and a[1].shape == b[1].shape for a, b in pairs)
     assert any(not torch.equal(a[1], b[1]) for a, b in pairs)
     assert AutoTokenizer.from_pretrained(out)("w5 w6")["input_ids"] == AutoTokenizer.from_pretrained(tiny_model_dir)("w5 w6")["input_ids"]
+
+
+def test_gpu_check_runs_its_checks_on_the_cpu():
+    """bench/gpu_check.py (what a GPU machine runs first) kept working between GPU sessions: the same
+    checks with `--device cpu` (engine vs PEFT per technique in fp32 within 1e-4, greedy alone == batched)."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--device", "cpu"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[-1] == "gpu_check: PASS"
+    assert sum(line.endswith("  ok") for line in lines) == 5  # fp32: the five rows (four techniques, one bare)
+    assert "cpu fp32 greedy: alone == batched for every row: True" in lines

@@ -66,3 +66,15 @@ def test_unexpected_tensor_key_is_refused(tmp_path):
     adapter.tensors["model.layers.0.mlp.up_proj.weight"] = torch.zeros(1)
     with pytest.raises(ArtifactError, match="unexpected tensor key 'model.layers.0.mlp.up_proj.weight'"):
         module_tensors(adapter)
+
+
+
+def test_fitted_fingerprint_is_what_a_push_records_and_refuses_a_misfit(base, tmp_path):
+    """One helper for the push (a bare config) and the load (the model): same fit check, same fingerprint."""
+    from hub.checkpoint import fitted_fingerprint
+
+    adapter = read_adapter(save_peft_adapter(base, LoraConfig(r=4, target_modules=["v_proj"]), tmp_path))
+    fp = fitted_fingerprint(adapter, base)
+    assert fp == fitted_fingerprint(adapter, base.config) == fingerprint(base.config, check_fits(adapter, base))
+    with pytest.raises(ArtifactError, match=r"model\.layers\.1\.self_attn\.v_proj.*does not exist"):
+        fitted_fingerprint(adapter, tiny_llama(num_hidden_layers=1))

@@ -141,6 +141,31 @@ def test_a_steady_batch_runs_as_one_segment_and_every_row_keeps_its_output(engin
     assert {s.id: s.output_ids for s in seqs} == alone
 
 
+def test_a_leave_between_steps_restarts_the_count_of_steady_steps(engine):
+    """A row cancelled between two steps (Batch.remove) counts like a join: the segments merge once
+    SETTLE_STEPS steps have run since, not earlier, and the remaining rows keep their outputs."""
+    alone = {str(i): run(engine, [seq(i)])[str(i)] for i in range(3)}
+    batch = Batch(engine)
+    seqs = [Sequence(str(i), PROMPTS[i], PLANS[i], SamplingParams(max_new_tokens=12)) for i in range(3)]
+    batch.add(seqs[0])
+    batch.step()
+    batch.add(seqs[1])
+    batch.add(seqs[2])
+    batch.step()
+    assert batch._segments == [1, 2]
+    batch.remove("1")
+    assert batch._segments == [1, 1]
+    for _ in range(SETTLE_STEPS - 1):
+        batch.step()
+        assert batch._segments == [1, 1]
+    batch.step()
+    assert batch._segments == [2]
+    while len(batch):
+        batch.step()
+    assert seqs[1].finish_reason == "cancelled"
+    assert {s.id: s.output_ids for s in seqs if s.id != "1"} == {k: v for k, v in alone.items() if k != "1"}
+
+
 def test_rows_wait_for_room_when_the_batch_is_full(engine):
     alone = {str(i): run(engine, [seq(i, 5)])[str(i)] for i in range(5)}
     assert run(engine, [seq(i, 5) for i in range(5)], max_rows=2) == alone
