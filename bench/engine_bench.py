@@ -108,6 +108,57 @@ def report(title: str, medians: dict[str, float], baseline: str) -> None:
         print(f"  {name:<38} {t * 1000:9.1f} ms   {t / medians[baseline]:5.2f}x")
 
 
+def kv_cache_steps(engine: Engine, rows: int, context: int, repeats: int, device: str, sync, steps: int = 16) -> None:
+    """Decode steps on a long cache with transformers' DynamicCache (each step a torch.cat of every layer's
+    whole cache) and with the engine's own (runtime/kvcache.py: written in place); the same rows, no adapters.
+    Each run starts from the same prefilled keys and values, built before the clock starts."""
+    from transformers import DynamicCache
+
+    from runtime.kvcache import new_cache
+
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(100, 40000, (rows, context + steps), generator=gen).to(device)
+    plans = [RowPlan()] * rows
+    with torch.inference_mode():
+        prefilled = engine.forward(ids[:, :context], torch.ones_like(ids[:, :context]), plans, last_only=True)[1]
+        kv = [(layer.keys.clone(), layer.values.clone()) for layer in prefilled.layers]
+    del prefilled
+
+    def fresh(kind: str):
+        if kind == "dynamic":
+            return DynamicCache(ddp_cache_data=kv)
+        cache = new_cache(engine.model)
+        for layer, (k, v) in zip(cache.layers, kv):
+            layer.update(k, v)
+        return cache
+
+    last: dict[str, torch.Tensor] = {}
+
+    def run(kind: str) -> float:
+        cache = fresh(kind)
+        sync()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for s in range(steps):
+                mask = torch.ones(rows, context + s + 1, dtype=torch.long, device=device)
+                logits, cache = engine.forward(ids[:, context + s:context + s + 1], mask, plans, cache=cache,
+                                               last_only=True)
+        sync()
+        last[kind] = logits.float()
+        return (time.perf_counter() - start) / steps
+
+    names = {"dynamic": "transformers DynamicCache (torch.cat)", "grow": "runtime/kvcache.py (in place)"}
+    for kind in names:
+        run(kind)  # warm-up
+    times: dict[str, list[float]] = {kind: [] for kind in names}
+    for _ in range(repeats):
+        for kind in names:
+            times[kind].append(run(kind))
+    report(f"KV cache: decode step ({rows} rows on a {context}-token cache, {steps} steps, no adapters)",
+           {names[k]: statistics.median(t) for k, t in times.items()}, names["dynamic"])
+    print(f"  max |logits difference| after {steps} steps: {(last['grow'] - last['dynamic']).abs().max().item():.2e}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -115,6 +166,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--kv-context", type=int, default=512, help="cached tokens per row for the KV cache steps")
     ap.add_argument("--base-model", default=basemodel.DEFAULT_BASE_MODEL, help="name or local folder")
     args = ap.parse_args()
     if args.device == "cpu":
@@ -229,6 +281,8 @@ def main() -> None:
             "rank 64 on every row": lambda: engine.forward(ids, mask, r64_plans, use_cache=False),
         }, args.repeats, sync)
         report(f"prefill, other mixes ({rows} x {tokens} tokens)", medians, "base model alone")
+
+    kv_cache_steps(engine, rows, args.kv_context, args.repeats, args.device, sync)
 
     print("\nresident bytes per adapter")
     for key, size in engine.resident().items():

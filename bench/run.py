@@ -38,7 +38,7 @@ PARTS = ("engine", "e2e", "e2e-bf16", "e2e-peft-onednn", "sweep", "scale")
 E2E_ARGS = {"e2e": [], "e2e-bf16": ["--dtype", "bfloat16"], "e2e-peft-onednn": ["--peft-linears", "onednn"]}
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
-ENGINE_QUICK = ["--repeats", "1", "--rows", "4", "--tokens", "16"]
+ENGINE_QUICK = ["--repeats", "1", "--rows", "4", "--tokens", "16", "--kv-context", "32"]
 _ROW = re.compile(r"^\s{2,}(?P<name>\S.*?)\s{2,}(?P<rest>\S.*)$")
 
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from hub.artifact import Adapter, ArtifactError
 from runtime.cpu_linear import route_linears
+from runtime.kvcache import new_cache
 from runtime.plan import PlanError, RowPlan, resolve
 from runtime.techniques import REGISTRY
 from runtime.techniques.base import BatchInfo, Resident, SiteOp, Stage, Use
@@ -304,6 +305,8 @@ class Engine:
                 # matmul over a per-row copy of the whole head (32-row SmolLM2 prefill here: +0.1 s in fp32,
                 # +2.4 s in bf16).
                 inputs["logits_to_keep"] = torch.tensor([length - 1], device=input_ids.device)
+            if cache is None and use_cache:
+                cache = new_cache(self._model)  # appends in place (runtime/kvcache.py)
             self._context.set([(start, end, c.ops) for (start, end), c in zip(bounds, compiled)])
             try:
                 out = self._model(**inputs, attention_mask=attention_mask, position_ids=position_ids,

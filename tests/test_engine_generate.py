@@ -11,6 +11,7 @@ from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig
 from hub.artifact import read_adapter
 from runtime.engine import Engine
 from runtime.generate import MAX_SEGMENTS, SETTLE_STEPS, Batch, SamplingParams, Sequence, score, visible_text
+from runtime.kvcache import HEADROOM
 from runtime.plan import AdapterUse, PlanError, RowPlan
 
 PROMPTS = [[5, 9, 17, 33, 4, 81, 12], [7, 7, 100, 3], [44, 12, 90, 61, 70, 8, 19, 27, 3], [15, 16], [101, 6, 55]]
@@ -63,7 +64,7 @@ def run(engine, seqs, joins=None, leaves=None, max_rows=32) -> dict[str, list[in
             batch.remove(seq_id)
         batch.step()
         step += 1
-        assert step < 100
+        assert step < 200
     return {s.id: s.output_ids for s in seqs + [s for v in (joins or {}).values() for s in v]}
 
 
@@ -84,6 +85,19 @@ def test_greedy_matches_peft_generate_for_a_lora_row(engine, base, folders):
     out = peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                         min_new_tokens=12, pad_token_id=0)
     assert run(engine, [seq(0)])["0"] == out[0, ids.shape[1]:].tolist()
+
+
+def test_long_generations_past_the_cache_headroom_match_peft_and_alone(engine, base, folders):
+    """Past runtime/kvcache.py's HEADROOM the cache buffers are reallocated mid-flight (and a join then
+    merges into grown buffers): greedy tokens still equal PEFT's generate and each row's own run."""
+    n = HEADROOM + 16
+    peft = PeftModel.from_pretrained(copy.deepcopy(base), folders["lora"]).eval()
+    ids = torch.tensor([PROMPTS[0]])
+    out = peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                        min_new_tokens=n, pad_token_id=0)
+    alone = {str(i): run(engine, [seq(i, n)])[str(i)] for i in range(3)}
+    assert alone["0"] == out[0, ids.shape[1]:].tolist()
+    assert run(engine, [seq(0, n), seq(1, n)], joins={HEADROOM + 2: [seq(2, n)]}) == alone
 
 
 def test_rows_join_mid_flight_and_leave_at_once(engine):

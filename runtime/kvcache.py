@@ -1,0 +1,75 @@
+"""The batch's KV cache: transformers' DynamicCache with layers that append in place.
+
+transformers' DynamicLayer appends a step's keys and values with `torch.cat`, which copies the layer's whole
+cache every decode step: per step, O(cached tokens) bytes per layer read and written again, and a fresh
+allocation each time. `GrowingLayer` keeps keys and values in buffers with room for HEADROOM more tokens and
+writes each step's token into them; the attention gets views of the filled part. Only when the room runs
+out does a layer copy into a larger buffer (once per HEADROOM steps). Anything that sets `keys`/`values`
+(runtime/generate.py's joins and leaves, transformers' own helpers) just replaces the buffer.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+HEADROOM = 64  # tokens of room a buffer gets past what it holds when it is (re)allocated
+
+
+class GrowingLayer(DynamicLayer):
+    """A DynamicLayer whose `update` writes into preallocated room instead of concatenating."""
+
+    def __init__(self, **kwargs) -> None:
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+        self._k_len = self._v_len = 0
+        super().__init__(**kwargs)
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self._k if self._k is None or self._k.dim() != 4 else self._k[:, :, :self._k_len]
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        self._k, self._k_len = value, _length(value)
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self._v if self._v is None or self._v.dim() != 4 else self._v[:, :, :self._v_len]
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        self._v, self._v_len = value, _length(value)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._k, self._k_len = _append(self._k, self._k_len, key_states)
+        self._v, self._v_len = _append(self._v, self._v_len, value_states)
+        return self.keys, self.values
+
+
+def _length(t: torch.Tensor | None) -> int:
+    return t.shape[-2] if t is not None and t.dim() == 4 else 0
+
+
+def _append(buffer: torch.Tensor, length: int, new: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(buffer, length) after writing `new` (rows, heads, tokens, dim) at position `length`."""
+    end = length + new.shape[-2]
+    if buffer.dim() != 4 or end > buffer.shape[-2]:
+        rows, heads, _, dim = new.shape
+        grown = new.new_empty(rows, heads, end + HEADROOM, dim)
+        if length:
+            grown[:, :, :length] = buffer[:, :, :length]
+        buffer = grown
+    buffer[:, :, length:end] = new
+    return buffer, end
+
+
+def new_cache(model: torch.nn.Module) -> DynamicCache:
+    """An empty cache for `model`: its own DynamicCache layout (sliding-window layers stay as they are),
+    full-attention layers growing in place."""
+    cache = DynamicCache(config=model.config)
+    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
