@@ -4,8 +4,11 @@ transformers' DynamicLayer appends a step's keys and values with `torch.cat`, wh
 cache every decode step: per step, O(cached tokens) bytes per layer read and written again, and a fresh
 allocation each time. `GrowingLayer` keeps keys and values in buffers with room for HEADROOM more tokens and
 writes each step's token into them; the attention gets views of the filled part. Only when the room runs
-out does a layer copy into a larger buffer (once per HEADROOM steps). Anything that sets `keys`/`values`
-(runtime/generate.py's joins and leaves, transformers' own helpers) just replaces the buffer.
+out does a layer copy into a larger buffer (once per HEADROOM steps). A prefill's keys and values are kept as
+the model made them (the first decode step copies them into a buffer with room, as a concatenation would),
+so a prefill allocates nothing more than before. Anything that sets `keys`/`values` (runtime/generate.py's
+joins and leaves, transformers' own helpers) just replaces the buffer; a buffer is only written past what it
+holds, so tensors handed in are never written to.
 """
 from __future__ import annotations
 
@@ -57,7 +60,9 @@ def _length(t: torch.Tensor | None) -> int:
 def _append(buffer: torch.Tensor, length: int, new: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(buffer, length) after writing `new` (rows, heads, tokens, dim) at position `length`."""
     end = length + new.shape[-2]
-    if buffer.dim() != 4 or end > buffer.shape[-2]:
+    if buffer.dim() != 4:  # the first write (a prefill): keep the model's tensor, no copy and no room yet
+        return new, end
+    if end > buffer.shape[-2]:
         rows, heads, _, dim = new.shape
         grown = new.new_empty(rows, heads, end + HEADROOM, dim)
         if length:

@@ -9,19 +9,22 @@ from runtime.kvcache import HEADROOM, GrowingLayer, new_cache
 
 
 def test_growing_layer_holds_what_dynamic_layer_holds_and_writes_in_place():
-    """Same keys and values after a prefill and HEADROOM + 6 single-token steps, with one reallocation
-    (when the room runs out) where DynamicLayer allocates and copies the whole cache every step."""
+    """Same keys and values after a prefill and HEADROOM + 6 single-token steps. The prefill's tensors are
+    kept as given, the first step copies them into a buffer with HEADROOM of room, and the next copy comes
+    when that runs out: three buffers, where DynamicLayer allocates and copies the whole cache every step."""
     gen = torch.Generator().manual_seed(0)
     ours, theirs = GrowingLayer(), DynamicLayer()
     buffers = set()
     for tokens in [5] + [1] * (HEADROOM + 6):
         k, v = (torch.randn(2, 3, tokens, 4, generator=gen) for _ in range(2))
+        given = k.clone()
         got, want = ours.update(k, v), theirs.update(k, v)
+        assert torch.equal(k, given)  # never written to
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
         assert ours.get_seq_length() == theirs.get_seq_length()
         buffers.add(got[0].untyped_storage().data_ptr())
     assert ours.get_seq_length() == 5 + HEADROOM + 6
-    assert len(buffers) == 2
+    assert len(buffers) == 3
 
 
 def test_setting_keys_and_values_replaces_them_and_updates_append_after():
