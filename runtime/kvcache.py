@@ -19,42 +19,35 @@ from transformers.cache_utils import DynamicLayer
 HEADROOM = 64  # tokens of room a buffer gets past what it holds when it is (re)allocated
 
 
+class _Filled:
+    """`keys` / `values` of a GrowingLayer: the filled part of its buffer; assigning a tensor makes it the buffer."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._slot = f"_{name}_buffer"
+
+    def __get__(self, layer, owner=None):
+        if layer is None:
+            return self
+        buffer, length = getattr(layer, self._slot)
+        return buffer if buffer is None or buffer.dim() != 4 else buffer[:, :, :length]
+
+    def __set__(self, layer, value: torch.Tensor | None) -> None:
+        setattr(layer, self._slot, (value, value.shape[-2] if value is not None and value.dim() == 4 else 0))
+
+
 class GrowingLayer(DynamicLayer):
     """A DynamicLayer whose `update` writes into preallocated room instead of concatenating."""
 
-    def __init__(self, **kwargs) -> None:
-        self._k: torch.Tensor | None = None
-        self._v: torch.Tensor | None = None
-        self._k_len = self._v_len = 0
-        super().__init__(**kwargs)
-
-    @property
-    def keys(self) -> torch.Tensor | None:
-        return self._k if self._k is None or self._k.dim() != 4 else self._k[:, :, :self._k_len]
-
-    @keys.setter
-    def keys(self, value: torch.Tensor | None) -> None:
-        self._k, self._k_len = value, _length(value)
-
-    @property
-    def values(self) -> torch.Tensor | None:
-        return self._v if self._v is None or self._v.dim() != 4 else self._v[:, :, :self._v_len]
-
-    @values.setter
-    def values(self, value: torch.Tensor | None) -> None:
-        self._v, self._v_len = value, _length(value)
+    keys = _Filled()
+    values = _Filled()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self._k, self._k_len = _append(self._k, self._k_len, key_states)
-        self._v, self._v_len = _append(self._v, self._v_len, value_states)
+        self._keys_buffer = _append(*self._keys_buffer, key_states)
+        self._values_buffer = _append(*self._values_buffer, value_states)
         return self.keys, self.values
-
-
-def _length(t: torch.Tensor | None) -> int:
-    return t.shape[-2] if t is not None and t.dim() == 4 else 0
 
 
 def _append(buffer: torch.Tensor, length: int, new: torch.Tensor) -> tuple[torch.Tensor, int]:
