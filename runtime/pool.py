@@ -287,7 +287,9 @@ class AdapterPool:
         """`_read_verified`, waiting for the hash (a merge's parents are combined into a new adapter at once)."""
         adapter, verified = self._read_verified(key, manifest)
         verified()
-        self._verified.add(key)
+        with self._lock:
+            if key in self._entries:  # marks stay bounded by the entries (`_forget_old_locked` drops both);
+                self._verified.add(key)  # a parent read only for merges is checked again at its next merge
         return adapter
 
     # -- eviction ----------------------------------------------------------------------------------

@@ -112,6 +112,18 @@ def test_merged_adapter_batches_with_other_requests(start_server):
     assert together == alone
 
 
+def test_merges_of_parents_never_loaded_leave_no_marks_beyond_the_entries(start_server):
+    """A per-request merge reads its parents without loading them: the pool's "already checked" marks stay
+    within its entries, so many distinct merges over many parents do not grow the server's state."""
+    server, client = start_server()
+    for weights in ((0.5, 0.5), (0.3, 0.7)):
+        ask(client, merge_request(client, [("lora0", weights[0]), ("lora2", weights[1])], method="cat"))
+    entries = {e.key for e in server.pool.entries()}
+    assert len([k for k in entries if k.startswith("merge:")]) == 2
+    assert not {"lora0@1.0.0", "lora2@1.0.0"} & entries
+    assert server.pool._verified <= entries
+
+
 @pytest.mark.parametrize("adapters,options,message", [
     (["lora0", "lora1"], dict(method="ties"), "needs a density"),
     (["lora0", "lora1"], dict(method="ties", density=0.5, majority_sign="median"), "majority sign"),
