@@ -21,6 +21,7 @@ import torch
 from runtime.engine import Engine
 from runtime.plan import RowPlan
 from runtime.sampling import SamplingParams, generator_for, next_tokens
+from runtime.textstream import TextStream
 
 __all__ = ["Batch", "SamplingParams", "Sequence", "score"]
 
@@ -75,6 +76,7 @@ class Batch:
         self._steady = 0  # steps begun since a row last joined or left (a join or leave sets 0)
         self._pending: list[Sequence] = []
         self._generators: dict[str, torch.Generator] = {}
+        self._texts: dict[str, TextStream] = {}  # the sequences with stop strings: their text so far
         self._cache = None
         self._mask: torch.Tensor | None = None  # (rows, cache length)
         self._eos = _eos_ids(engine)
@@ -93,6 +95,8 @@ class Batch:
             raise ValueError(f"sequence id {seq.id!r} is already in the batch")
         self.engine.check([seq.plan])  # refuse an unknown adapter or bad plan now, not mid-batch
         self._generators[seq.id] = generator_for(seq.sampling)
+        if seq.sampling.stop:  # watched a few tokens at a time, not by decoding the whole output every step
+            self._texts[seq.id] = TextStream(self.engine.tokenizer, seq.sampling.stop)
         self._pending.append(seq)
 
     def remove(self, seq_id: str) -> None:
@@ -201,9 +205,10 @@ class Batch:
             self._finish(seq, "stop")
             return []
         seq.output_ids.append(token)
-        if seq.sampling.stop and self.engine.tokenizer is not None:
-            text = self.engine.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
-            if any(s in text for s in seq.sampling.stop):
+        text = self._texts.get(seq.id)
+        if text is not None:
+            text.push([token])
+            if text.stopped:
                 self._finish(seq, "stop")
                 return [token]
         if len(seq.output_ids) >= seq.sampling.max_new_tokens:
@@ -213,6 +218,7 @@ class Batch:
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
         self._generators.pop(seq.id, None)
+        self._texts.pop(seq.id, None)
 
 
 def score(engine: Engine, token_ids: list[int], plan: RowPlan) -> list[float]:

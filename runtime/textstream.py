@@ -1,9 +1,16 @@
 """Token ids -> text, incrementally, for streaming: never a broken character, never part of a stop string.
 
-Decoding a token at a time is wrong for byte-level tokenizers (one character can span tokens),
-so the whole output is decoded each time and only the new, settled suffix is released: text that
-ends in an incomplete character, or that could still grow into a stop string, is held back until
-the next tokens settle it. When a stop string appears, the text ends right before it.
+Decoding a token at a time is wrong for byte-level tokenizers (one character can span tokens), and
+decoding the whole output at every token costs O(output) per token (a 1,000-token answer: ~0.2 ms a
+token with SmolLM2's tokenizer, per stream, on the threads the decode loop shares the GIL with). So the
+new tokens are decoded with a few tokens of context before them, as vLLM's incremental detokenizer
+does: the text of ids[prefix:] minus the text of ids[prefix:read], where `read` is where the text
+was last complete and `prefix` the read point before that (a decoder that treats a sequence's first
+token specially, e.g. SentencePiece's leading space, sees the same first token in both). Should the
+longer window not extend the shorter one, the whole output is decoded instead. Only the new, settled
+suffix is released: text that ends in an incomplete character, or that could still grow into a stop
+string, is held back until the next tokens settle it. When a stop string appears, the text ends
+right before it.
 """
 from __future__ import annotations
 
@@ -20,6 +27,8 @@ class TextStream:
         self._stop = tuple(s for s in stop if s)
         self._ids: list[int] = []
         self._text = ""
+        self._complete = ""  # the text of ids[:self._read], which ended in a complete character
+        self._prefix = self._read = 0  # see the module docstring
         self._released = 0
         self.stopped = False  # a stop string appeared: the text is final
 
@@ -35,7 +44,7 @@ class TextStream:
         self._ids.extend(ids)
         if self._tokenizer is None:
             return ""
-        text = self._tokenizer.decode(self._ids, skip_special_tokens=True)
+        text = self._decode()
         cut = min((i for i in (text.find(s) for s in self._stop) if i >= 0), default=-1)
         if cut >= 0:
             self.stopped = True
@@ -43,6 +52,15 @@ class TextStream:
             return self._release(len(self._text))
         self._text = text
         return self._release(len(text) - self._held_back(text))
+
+    def _decode(self) -> str:
+        """The text of all ids so far, decoding only the tokens since the last complete text (and a few before)."""
+        decode = lambda ids: self._tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        known, window = decode(self._ids[self._prefix:self._read]), decode(self._ids[self._prefix:])
+        text = self._complete + window[len(known):] if window.startswith(known) else decode(self._ids)
+        if not text.endswith(_INCOMPLETE):
+            self._complete, self._prefix, self._read = text, self._read, len(self._ids)
+        return text
 
     def finish(self) -> str:
         """The text not yet released (at the end of the request, nothing is held back)."""

@@ -240,6 +240,27 @@ def test_stop_string_ends_the_sequence_and_is_cut_from_the_text(base, engine, fo
     assert visible_text(_CharTokenizer(), s) == _CharTokenizer().decode(greedy[:6]).split(stop)[0]
 
 
+def test_stop_strings_are_watched_without_decoding_the_whole_output_every_step(base, engine, folders):
+    """A sequence with stop strings is checked a few tokens at a time (runtime/textstream.py), not by decoding
+    its whole output at every step on the decode loop's thread; it still ends where the text shows the stop."""
+    n = 60
+    greedy = run(engine, [seq(0, n)])["0"]
+    tokenizer = _CharTokenizer()
+    spans: list[int] = []
+    decode = tokenizer.decode
+    tokenizer.decode = lambda ids, **kwargs: spans.append(len(ids)) or decode(ids, **kwargs)
+    eng = make_engine(base, folders, tokenizer=tokenizer)
+    never = Sequence("never", PROMPTS[0], PLANS[0], SamplingParams(max_new_tokens=n, stop=("\x00\x00\x00",)))
+    stop = decode(greedy[50:52])
+    late = Sequence("late", PROMPTS[0], PLANS[0], SamplingParams(max_new_tokens=n, stop=(stop,)))
+    run(eng, [never, late])
+    assert never.finish_reason == "length" and never.output_ids == greedy
+    first = decode(greedy).find(stop)
+    assert late.finish_reason == "stop" and decode(late.output_ids).find(stop) == first
+    assert len(late.output_ids) == first + len(stop)  # one character per token: ends on the stop's last token
+    assert max(spans) <= 4
+
+
 def test_score_equals_the_forward_logprobs(engine, base, folders):
     peft = PeftModel.from_pretrained(copy.deepcopy(base), folders["lora"]).eval()
     tokens = PROMPTS[2]
