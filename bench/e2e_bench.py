@@ -28,6 +28,7 @@ overlaps that request's last decode step (cold loads share the cores with it, wa
     .venv/bin/python bench/e2e_bench.py --dtype bfloat16   # both sides in bf16 (make bench's e2e-bf16 part)
     .venv/bin/python bench/e2e_bench.py --peft-linears onednn   # PEFT's base on the server's fp32 CPU kernels
     python bench/e2e_bench.py --device cuda --dtype bfloat16 --base-model DIR   # on a GPU machine
+    python bench/e2e_bench.py ... --no-peft        # the server alone (PEFT's mixed batch took 40-57 s a run on an H200)
 """
 from __future__ import annotations
 
@@ -74,6 +75,7 @@ class E2EConfig:
     dtype: str = "float32"  # of the base, in the server and in PEFT alike
     device: str = "cpu"  # likewise ("cuda" on a GPU machine)
     peft_linears: str = "torch"  # PEFT's base linears: "torch" as shipped, or "onednn" as the server runs its base
+    peft: bool = True  # False: the server's configurations only (no PEFT models built, no ratio to PEFT)
 
 
 def prompts(tokenizer, n: int) -> list[list[int]]:
@@ -207,7 +209,7 @@ def _run(config: E2EConfig, workdir: Path, log) -> dict[str, Any]:
                 lambda served=served: run_clients(server.address, list(zip(ids, served)), config.new_tokens)
         configs["server, no adapters"] = lambda: run_clients(server.address, [(r, None) for r in ids],
                                                              config.new_tokens)
-        for shape, (_, _, peft_model) in sets.items():
+        for shape, (_, _, peft_model) in sets.items() if config.peft else ():
             configs[f"PEFT, one batch, adapter_names ({shape})"] = \
                 lambda peft_model=peft_model: peft_batch(peft_model, tokenizer, ids, names, config.new_tokens)
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
@@ -241,6 +243,8 @@ def _lora_set(model, registry, folder: Path, shape: str, config: E2EConfig, log)
     tag = shape.replace(",", "")
     refs = [registry.push(f, f"e2e-{tag}-{i:02d}", "1.0.0", base_model=config.base_model).ref
             for i, f in enumerate(folders)]
+    if not config.peft:
+        return refs[:config.clients], refs[config.clients:], None
     peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(folders[0]), adapter_name="a00")
     for i in range(1, config.clients):
         peft_model.load_adapter(str(folders[i]), adapter_name=f"a{i:02d}")
@@ -266,16 +270,16 @@ def render(config: E2EConfig, result: dict[str, Any]) -> str:
                      f"{rate[name] / base:.2f}x", str(errors)])
     title = (f"End to end: {config.clients} concurrent gRPC clients, {config.new_tokens} new tokens each, "
              f"{config.base_model} {config.dtype} on {config.device} (median of {config.repeats}, interleaved; "
-             f"PEFT's base linears: {PEFT_LINEARS[config.peft_linears]})")
+             + (f"PEFT's base linears: {PEFT_LINEARS[config.peft_linears]})" if config.peft else "PEFT not run)"))
     lines = [title] + ["  " + line for line in table(["configuration", "throughput", "tokens", "TTFT p50",
                                                       "TTFT p95", "vs no adapters", "errors"], rows).splitlines()]
     for shape in config.shapes:
         mixed = runs[f"server, {config.clients} distinct LoRAs ({shape})"]
         vs_base = paired(mixed, runs["server, no adapters"])
-        vs_peft = paired(mixed, runs[f"PEFT, one batch, adapter_names ({shape})"])
+        peft = runs.get(f"PEFT, one batch, adapter_names ({shape})")
+        vs_peft = f"{paired(mixed, peft)} PEFT's mixed batch (target >= 3x)" if peft else "PEFT not run (--no-peft)"
         lines += ["", f"LoRAs {shape} ({SHAPE_NAMES[shape]}), per-repeat ratios, median [min-max]: mixed-adapter "
-                      f"throughput {vs_base} the no-adapter server (target >= 0.85x), {vs_peft} PEFT's mixed batch "
-                      f"(target >= 3x)"]
+                      f"throughput {vs_base} the no-adapter server (target >= 0.85x), {vs_peft}"]
     cold_rows, verdicts = [], []
     for shape, measured in result["cold_warm"].items():
         cold, warm = median(measured["cold"]), median(measured["warm"])
@@ -300,12 +304,13 @@ def main() -> None:
         ap.add_argument("--device", default=defaults.device, help="cpu or cuda, in the server and in PEFT")
         ap.add_argument("--peft-linears", choices=tuple(PEFT_LINEARS), default=defaults.peft_linears,
                         help="PEFT's base linear layers: torch's own (as users run PEFT) or oneDNN like the server's")
+        ap.add_argument("--no-peft", action="store_true", help="the server's configurations only (no PEFT batch)")
 
     args = script_parser(__doc__, add).parse_args()
     setup_logging()
     config = E2EConfig(base_model=args.base_model, clients=args.clients, new_tokens=args.new_tokens,
                        repeats=args.repeats, cold=args.cold, rank=args.rank, dtype=args.dtype,
-                       device=args.device, peft_linears=args.peft_linears)
+                       device=args.device, peft_linears=args.peft_linears, peft=not args.no_peft)
     if args.quick:
         config.clients, config.new_tokens, config.repeats, config.cold, config.shapes = 4, 8, 1, 2, ("q,v",)
     run_e2e(config)

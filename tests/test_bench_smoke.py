@@ -103,3 +103,21 @@ def test_gpu_check_runs_its_checks_on_the_cpu():
     assert lines[-1] == "gpu_check: PASS"
     assert sum(line.endswith("  ok") for line in lines) == 5  # fp32: the five rows (four techniques, one bare)
     assert "cpu fp32 greedy: alone == batched for every row: True" in lines
+
+
+@pytest.mark.parametrize("no_peft", [False, True])
+def test_e2e_bench_runs_a_real_server_with_and_without_peft(tiny_model_dir, no_peft):
+    """bench/e2e_bench.py --quick on the tiny model: a real `hub serve`, mixed LoRAs and no adapters, PEFT's
+    mixed batch unless --no-peft (what a GPU session passes to save PEFT's minutes); no request fails."""
+    import subprocess
+
+    args = [sys.executable, str(BENCH / "e2e_bench.py"), "--quick", "--base-model", str(tiny_model_dir)]
+    done = subprocess.run(args + (["--no-peft"] if no_peft else []), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = {line.split("  ")[1].strip(): line for line in done.stdout.splitlines()
+            if line.startswith("  server,") or line.startswith("  PEFT,")}
+    assert set(rows) == {"server, 4 distinct LoRAs (q,v)", "server, no adapters"} | (
+        set() if no_peft else {"PEFT, one batch, adapter_names (q,v)"})
+    assert all(line.split()[-1] == "0" for line in rows.values())  # the errors column
+    ratios = next(line for line in done.stdout.splitlines() if line.startswith("LoRAs q,v"))
+    assert ("PEFT not run (--no-peft)" in ratios) == no_peft and ("PEFT's mixed batch" in ratios) != no_peft
