@@ -65,9 +65,13 @@ def _append(buffer: torch.Tensor, length: int, new: torch.Tensor) -> tuple[torch
     return buffer, end
 
 
-def new_cache(model: torch.nn.Module) -> DynamicCache:
-    """An empty cache for `model`: its own DynamicCache layout (sliding-window layers stay as they are),
-    full-attention layers growing in place."""
+def new_cache(model: torch.nn.Module) -> DynamicCache | None:
+    """An empty cache for `model`: the DynamicCache `generate()` would give it (sliding-window and other layer
+    kinds stay as they are), its full-attention layers growing in place; None for a model `generate()` would
+    not give a DynamicCache (it then builds its own)."""
+    supports = getattr(type(model), "_supports_default_dynamic_cache", None)
+    if supports is not None and not supports():
+        return None
     cache = DynamicCache(config=model.config)
     cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache

@@ -49,3 +49,13 @@ def test_new_cache_grows_full_attention_layers_and_keeps_sliding_ones():
                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                                sliding_window=8))
     assert all(type(layer) is DynamicSlidingWindowLayer for layer in new_cache(sliding).layers)
+
+
+def test_new_cache_leaves_models_with_their_own_cache_alone():
+    """Models whose generate() does not use a DynamicCache (transformers' own test) build theirs as before."""
+    class CustomCacheModel(torch.nn.Module):
+        @classmethod
+        def _supports_default_dynamic_cache(cls) -> bool:
+            return False
+
+    assert new_cache(CustomCacheModel()) is None
