@@ -8,6 +8,7 @@ so the same files give the same digest whatever the name, version or push time.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -166,7 +167,8 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
-        fields = dict(data)
+        """A manifest of its own: nothing in it is shared with `data` (e.g. the index readers share)."""
+        fields = copy.deepcopy(data)
         fields["base_model"] = BaseModelInfo(**fields["base_model"])
         fields.setdefault("path", None)
         return cls(**fields)

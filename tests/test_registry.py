@@ -373,6 +373,58 @@ def test_index_entry_whose_digest_does_not_match_files_is_refused(technique_adap
         reg.resolve("lora")
 
 
+def test_readers_share_one_index_that_refuses_changes_and_hand_out_copies(technique_adapters, hub_home):
+    reg = Registry()
+    reg.push(technique_adapters["lora"], "lora", "1.0.0")
+    index = reg.index()
+    assert reg.index() is index  # parsed once, not once per request
+    with pytest.raises(RuntimeError, match="IndexFile.update"):
+        index.set_tag("lora", "prod", "1.0.0")
+    manifest = reg.resolve("lora")
+    manifest.files["README.md"]["sha256"] = "0" * 64  # a caller changing its manifest ...
+    manifest.tags.append("mine")
+    again = reg.resolve("lora")  # ... changes nobody else's
+    assert again.files["README.md"]["sha256"] != "0" * 64 and "mine" not in again.tags
+    reg.tag("lora@1.0.0", "prod")
+    assert reg.resolve("lora@prod").version == "1.0.0" and "prod" not in index.tags("lora")
+
+
+def test_reader_checks_only_the_entries_another_process_changed(technique_adapters, hub_home, monkeypatch):
+    server, pusher = Registry(), Registry()  # two processes' views of one registry folder
+    for name in ("a", "b", "c"):
+        pusher.push(technique_adapters["ia3"], name, "1.0.0")
+    checked: list[list[str]] = []
+    check = Index._check
+    monkeypatch.setattr(Index, "_check", lambda self, source: (checked.append(sorted(self.data["adapters"])),
+                                                               check(self, source))[1])
+    server.resolve("a")
+    assert checked == [["a", "b", "c"]]  # the first read checks everything
+    pusher.tag("b@1.0.0", "prod")
+    checked.clear()
+    assert server.resolve("b@prod").version == "1.0.0"
+    assert checked == [["b"]]  # after a push, only what changed
+
+    good = (hub_home / "registry.json").read_text()
+    data = json.loads(good)
+    data["adapters"]["c"]["versions"]["1.0.0"]["sha256"] = "0" * 64  # a changed entry is still checked
+    (hub_home / "registry.json").write_text(json.dumps(data))
+    with pytest.raises(IndexCorrupt, match="c@1.0.0: digest does not match"):
+        server.resolve("a")
+    (hub_home / "registry.json").write_text(json.dumps({**json.loads(good), "schema_version": 2}))
+    with pytest.raises(IndexCorrupt, match="schema"):
+        server.resolve("a")
+
+
+def test_an_update_that_changes_nothing_writes_nothing(technique_adapters, hub_home):
+    reg = Registry()
+    reg.push(technique_adapters["ia3"], "ia3", "1.0.0")
+    reg.tag("ia3@1.0.0", "prod")
+    before = (hub_home / "registry.json").stat().st_ino
+    reg.tag("ia3@1.0.0", "prod")
+    reg.push(technique_adapters["ia3"], "ia3", "1.0.0")
+    assert (hub_home / "registry.json").stat().st_ino == before
+
+
 def test_export_refuses_a_non_empty_folder(technique_adapters, hub_home, tmp_path):
     reg = Registry()
     reg.push(technique_adapters["lora"], "lora", "1.0.0")
