@@ -84,15 +84,16 @@ def bottleneck_folder(base, folder: Path) -> Path | None:
 
 
 def timed(fn, sync) -> float:
+    """Seconds `fn` took, or the seconds it returns: one that times itself keeps its set-up off the clock."""
     sync()
     start = time.perf_counter()
-    fn()
+    result = fn()
     sync()
-    return time.perf_counter() - start
+    return result if isinstance(result, float) else time.perf_counter() - start
 
 
 def interleaved(configs: dict[str, callable], repeats: int, sync) -> dict[str, float]:
-    """Median seconds per configuration, running them A B C A B C ... after one warm-up each."""
+    """Median seconds per configuration (see `timed`), running them A B C A B C ... after one warm-up each."""
     for fn in configs.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in configs}
@@ -148,14 +149,9 @@ def kv_cache_steps(engine: Engine, rows: int, context: int, repeats: int, device
         return (time.perf_counter() - start) / steps
 
     names = {"dynamic": "transformers DynamicCache (torch.cat)", "grow": "runtime/kvcache.py (in place)"}
-    for kind in names:
-        run(kind)  # warm-up
-    times: dict[str, list[float]] = {kind: [] for kind in names}
-    for _ in range(repeats):
-        for kind in names:
-            times[kind].append(run(kind))
+    medians = interleaved({names[kind]: (lambda kind=kind: run(kind)) for kind in names}, repeats, sync)
     report(f"KV cache: decode step ({rows} rows on a {context}-token cache, {steps} steps, no adapters)",
-           {names[k]: statistics.median(t) for k, t in times.items()}, names["dynamic"])
+           medians, names["dynamic"])
     print(f"  max |logits difference| after {steps} steps: {(last['grow'] - last['dynamic']).abs().max().item():.2e}")
 
 
