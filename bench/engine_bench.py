@@ -112,17 +112,23 @@ def report(title: str, medians: dict[str, float], baseline: str) -> None:
 def kv_cache_steps(engine: Engine, rows: int, context: int, repeats: int, device: str, sync, steps: int = 16) -> None:
     """Decode steps on a long cache with transformers' DynamicCache (each step a torch.cat of every layer's
     whole cache) and with the engine's own (runtime/kvcache.py: written in place); the same rows, no adapters.
-    Each run starts from the same prefilled keys and values, built before the clock starts."""
+    Then the same steps with continuous batching's churn: a row leaves (a quarter in) and a row with an 8-token
+    prompt joins (half-way), through runtime/kvcache.py's keep_rows/join_rows, which concatenate and index for
+    transformers' layers, as runtime/generate.py did before, and move rows inside the buffers for the engine's.
+    Each run starts from the same prefilled keys and values, and the joining row's prefill, built before the
+    clock starts."""
     from transformers import DynamicCache
 
-    from runtime.kvcache import new_cache
+    from runtime.kvcache import join_rows, keep_rows, new_cache, pad_left
 
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(100, 40000, (rows, context + steps), generator=gen).to(device)
-    plans = [RowPlan()] * rows
+    prompt = ids[:1, :8]
     with torch.inference_mode():
-        prefilled = engine.forward(ids[:, :context], torch.ones_like(ids[:, :context]), plans, last_only=True)[1]
+        prefilled = engine.forward(ids[:, :context], torch.ones_like(ids[:, :context]), [RowPlan()] * rows,
+                                   last_only=True)[1]
         kv = [(layer.keys.clone(), layer.values.clone()) for layer in prefilled.layers]
+        joining = engine.forward(prompt, torch.ones_like(prompt), [RowPlan()], last_only=True)[1]
     del prefilled
 
     def fresh(kind: str):
@@ -135,24 +141,40 @@ def kv_cache_steps(engine: Engine, rows: int, context: int, repeats: int, device
 
     last: dict[str, torch.Tensor] = {}
 
-    def run(kind: str) -> float:
+    def run(kind: str, churn: bool) -> float:
         cache = fresh(kind)
+        mask = torch.ones(rows, context, dtype=torch.long, device=device)
         sync()
         start = time.perf_counter()
         with torch.inference_mode():
             for s in range(steps):
-                mask = torch.ones(rows, context + s + 1, dtype=torch.long, device=device)
-                logits, cache = engine.forward(ids[:, context + s:context + s + 1], mask, plans, cache=cache,
-                                               last_only=True)
+                if churn and s == steps // 4:
+                    keep = [r for r in range(mask.shape[0]) if r != 1]
+                    mask = mask[keep]
+                    for layer in cache.layers:
+                        keep_rows(layer, keep, 0)
+                if churn and s == steps // 2:
+                    width = mask.shape[1]
+                    for layer, new in zip(cache.layers, joining.layers):
+                        join_rows(layer, new, width, rows)
+                    mask = torch.cat([mask, pad_left(torch.ones_like(prompt), width, 1)])
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+                n = mask.shape[0]
+                logits, cache = engine.forward(ids[:n, context + s:context + s + 1], mask, [RowPlan()] * n,
+                                               cache=cache, last_only=True)
         sync()
         last[kind] = logits.float()
         return (time.perf_counter() - start) / steps
 
     names = {"dynamic": "transformers DynamicCache (torch.cat)", "grow": "runtime/kvcache.py (in place)"}
-    medians = interleaved({names[kind]: (lambda kind=kind: run(kind)) for kind in names}, repeats, sync)
-    report(f"KV cache: decode step ({rows} rows on a {context}-token cache, {steps} steps, no adapters)",
-           medians, names["dynamic"])
-    print(f"  max |logits difference| after {steps} steps: {(last['grow'] - last['dynamic']).abs().max().item():.2e}")
+    for churn, title in ((False, f"KV cache: decode step ({rows} rows on a {context}-token cache, {steps} steps, "
+                                 "no adapters)"),
+                         (True, f"KV cache, churn: the same {steps} steps, a row leaving after {steps // 4} and "
+                                f"one joining after {steps // 2} (8-token prompt, prefilled off the clock)")):
+        medians = interleaved({names[kind]: (lambda kind=kind: run(kind, churn)) for kind in names}, repeats, sync)
+        report(title, medians, names["dynamic"])
+        print(f"  max |logits difference| after {steps} steps: "
+              f"{(last['grow'] - last['dynamic']).abs().max().item():.2e}")
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from runtime.engine import Engine
+from runtime.kvcache import join_rows, keep_rows, pad_left
 from runtime.plan import RowPlan
 from runtime.sampling import SamplingParams, generator_for, next_tokens
 from runtime.textstream import TextStream
@@ -56,15 +57,6 @@ def _eos_ids(engine: Engine) -> set[int]:
     return ids
 
 
-def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    missing = width - t.shape[dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-
 class Batch:
     """Continuous-batching state: sequences join at the next step and leave at once."""
 
@@ -99,6 +91,7 @@ class Batch:
             self._texts[seq.id] = TextStream(self.engine.tokenizer, seq.sampling.stop)
         self._pending.append(seq)
 
+    @torch.inference_mode()  # the cache's tensors are inference tensors (Engine.forward), changed in place
     def remove(self, seq_id: str) -> None:
         """Drop a sequence now (finish_reason "cancelled"); unknown ids are ignored."""
         for seq in self._pending:
@@ -112,6 +105,7 @@ class Batch:
                 self._keep([j for j in range(len(self._rows)) if j != i])
                 return
 
+    @torch.inference_mode()
     def step(self) -> list[tuple[Sequence, list[int]]]:
         """One decode step for running rows and a prefill for joining ones; new tokens per sequence."""
         produced: list[tuple[Sequence, int]] = []
@@ -171,9 +165,8 @@ class Batch:
         for old, new in zip(self._cache.layers, cache.layers):
             if old.is_sliding:
                 raise NotImplementedError("continuous batching over sliding-window caches is not supported")
-            old.keys = torch.cat([_pad_left(old.keys, width, 2), _pad_left(new.keys, width, 2)])
-            old.values = torch.cat([_pad_left(old.values, width, 2), _pad_left(new.values, width, 2)])
-        self._mask = torch.cat([_pad_left(self._mask, width, 1), _pad_left(mask, width, 1)])
+            join_rows(old, new, width, self.max_rows)
+        self._mask = torch.cat([pad_left(self._mask, width, 1), pad_left(mask, width, 1)])
         self._rows += seqs
         self._steady = 0
         self._segments.append(len(seqs))
@@ -191,13 +184,11 @@ class Batch:
         if not keep:
             self._cache = self._mask = None
             return
-        index = torch.tensor(keep, device=self._mask.device)
-        self._mask = self._mask[index]
-        start = int((self._mask.sum(0) > 0).nonzero()[0])
+        self._mask = self._mask[torch.tensor(keep, device=self._mask.device)]
+        start = int((self._mask.sum(0) > 0).nonzero()[0])  # columns that are padding for every remaining row
         self._mask = self._mask[:, start:]
         for layer in self._cache.layers:
-            layer.keys = layer.keys[index, :, start:]
-            layer.values = layer.values[index, :, start:]
+            keep_rows(layer, keep, start)
 
     def _accept(self, seq: Sequence, token: int) -> list[int]:
         """Record a sampled token; set finish_reason. Returns the tokens to report (EOS is not one)."""

@@ -1,68 +1,169 @@
-"""The batch's KV cache: transformers' DynamicCache with layers that append in place.
+"""The batch's KV cache: transformers' DynamicCache with layers that append, join and drop rows in place.
 
 transformers' DynamicLayer appends a step's keys and values with `torch.cat`, which copies the layer's whole
 cache every decode step: per step, O(cached tokens) bytes per layer read and written again, and a fresh
 allocation each time. `GrowingLayer` keeps keys and values in buffers with room for HEADROOM more tokens and
-writes each step's token into them; the attention gets views of the filled part. Only when the room runs
+writes each step's token into them; the attention gets views of the live part. Only when the room runs
 out does a layer copy into a larger buffer (once per HEADROOM steps). A prefill's keys and values are kept as
 the model made them (the first decode step copies them into a buffer with room, as a concatenation would),
-so a prefill allocates nothing more than before. Anything that sets `keys`/`values` (runtime/generate.py's
-joins and leaves, transformers' own helpers) just replaces the buffer; a buffer is only written past what it
-holds, so tensors handed in are never written to.
+so a prefill allocates nothing more than before.
+
+Continuous batching changes the rows: `join_rows` writes a prefill's rows after the running ones and
+`keep_rows` moves the remaining rows up over the ones that left, both inside the buffer when it has the
+room (a buffer made by a join has rows for the whole batch), so a join copies only the joining rows and a
+leave only the rows after the one that left, where concatenating and indexing copied the whole cache and
+the next step copied it again into a buffer with room. Anything that sets `keys`/`values` (transformers'
+own helpers) just replaces the buffer; only buffers made here are written, so tensors handed in never are.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
 HEADROOM = 64  # tokens of room a buffer gets past what it holds when it is (re)allocated
 
 
-class _Filled:
-    """`keys` / `values` of a GrowingLayer: the filled part of its buffer; assigning a tensor makes it the buffer."""
+@dataclass
+class _Span:
+    """The live part of a buffer: buffer[:rows, :, start:end]. `owned`: made here, so it may be written."""
+
+    buffer: torch.Tensor | None
+    rows: int = 0
+    start: int = 0
+    end: int = 0
+    owned: bool = False
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor | None) -> _Span:
+        """A tensor handed in: all of it live, never written."""
+        if tensor is None or tensor.dim() != 4:
+            return cls(tensor)
+        return cls(tensor, tensor.shape[0], 0, tensor.shape[-2])
+
+    @property
+    def live(self) -> torch.Tensor | None:
+        if self.buffer is None or self.buffer.dim() != 4:
+            return self.buffer
+        return self.buffer[:self.rows, :, self.start:self.end]
+
+    def moved(self, row_capacity: int, width: int) -> _Span:
+        """The live part in a new buffer of `row_capacity` rows, right-aligned in `width` columns (zeros to
+        its left) with HEADROOM columns of room after them."""
+        live = self.live
+        rows, heads, filled, dim = live.shape
+        buffer = live.new_empty(row_capacity, heads, width + HEADROOM, dim)
+        buffer[:rows, :, :width - filled] = 0
+        buffer[:rows, :, width - filled:width] = live
+        return _Span(buffer, rows, 0, width, owned=True)
+
+
+class _Live:
+    """`keys` / `values` of a GrowingLayer: the live part of its span; assigning a tensor replaces the span."""
 
     def __set_name__(self, owner: type, name: str) -> None:
-        self._slot = f"_{name}_buffer"
+        self._slot = f"_{name}_span"
 
     def __get__(self, layer, owner=None):
-        if layer is None:
-            return self
-        buffer, length = getattr(layer, self._slot)
-        return buffer if buffer is None or buffer.dim() != 4 else buffer[:, :, :length]
+        return self if layer is None else getattr(layer, self._slot).live
 
     def __set__(self, layer, value: torch.Tensor | None) -> None:
-        setattr(layer, self._slot, (value, value.shape[-2] if value is not None and value.dim() == 4 else 0))
+        setattr(layer, self._slot, _Span.of(value))
 
 
 class GrowingLayer(DynamicLayer):
     """A DynamicLayer whose `update` writes into preallocated room instead of concatenating."""
 
-    keys = _Filled()
-    values = _Filled()
+    keys = _Live()
+    values = _Live()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self._keys_buffer = _append(*self._keys_buffer, key_states)
-        self._values_buffer = _append(*self._values_buffer, value_states)
+        self._keys_span = _append(self._keys_span, key_states)
+        self._values_span = _append(self._values_span, value_states)
         return self.keys, self.values
 
 
-def _append(buffer: torch.Tensor, length: int, new: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(buffer, length) after writing `new` (rows, heads, tokens, dim) at position `length`."""
-    end = length + new.shape[-2]
-    if buffer.dim() != 4:  # the first write (a prefill): keep the model's tensor, no copy and no room yet
-        return new, end
-    if end > buffer.shape[-2]:
-        rows, heads, _, dim = new.shape
-        grown = new.new_empty(rows, heads, end + HEADROOM, dim)
-        if length:
-            grown[:, :, :length] = buffer[:, :, :length]
-        buffer = grown
-    buffer[:, :, length:end] = new
-    return buffer, end
+def _append(span: _Span, new: torch.Tensor) -> _Span:
+    """`span` after writing `new` (rows, heads, tokens, dim) after its live part."""
+    if span.buffer is None or span.buffer.dim() != 4:  # the first write (a prefill): keep the model's tensor
+        return _Span.of(new)
+    tokens = new.shape[-2]
+    if not span.owned or span.end + tokens > span.buffer.shape[-2]:
+        span = span.moved(span.buffer.shape[0], span.end - span.start)
+    span.buffer[:span.rows, :, span.end:span.end + tokens] = new
+    span.end += tokens
+    return span
+
+
+def join_rows(layer: CacheLayerMixin, joining: CacheLayerMixin, width: int, max_rows: int) -> None:
+    """Put `joining`'s rows (a prefill's cache layer) after `layer`'s, both left-padded with zeros to `width`
+    columns. A GrowingLayer writes them into its buffer when it has the rows and columns, else moves once
+    into a buffer of `max_rows` rows; other layers concatenate."""
+    if not isinstance(layer, GrowingLayer):
+        layer.keys = torch.cat([pad_left(layer.keys, width, 2), pad_left(joining.keys, width, 2)])
+        layer.values = torch.cat([pad_left(layer.values, width, 2), pad_left(joining.values, width, 2)])
+        return
+    layer._keys_span = _join(layer._keys_span, joining.keys, width, max_rows)
+    layer._values_span = _join(layer._values_span, joining.values, width, max_rows)
+
+
+def _join(span: _Span, new: torch.Tensor, width: int, max_rows: int) -> _Span:
+    rows = span.rows + new.shape[0]
+    start = span.end - width
+    if not span.owned or rows > span.buffer.shape[0] or start < 0:
+        span = span.moved(max(rows, max_rows), width)
+        start = 0
+    elif start < span.start:  # the running rows get zero padding in the columns they gain on the left
+        span.buffer[:span.rows, :, start:span.start] = 0
+    joined = span.end - new.shape[-2]
+    span.buffer[span.rows:rows, :, start:joined] = 0
+    span.buffer[span.rows:rows, :, joined:span.end] = new
+    span.rows, span.start = rows, start
+    return span
+
+
+def keep_rows(layer: CacheLayerMixin, keep: list[int], drop: int) -> None:
+    """Keep only the rows `keep` (ascending) and drop the first `drop` columns. A GrowingLayer moves the kept
+    rows up over the others inside its buffer; other layers index."""
+    if not isinstance(layer, GrowingLayer) or not layer._keys_span.owned or not layer._values_span.owned:
+        index = torch.tensor(keep, device=layer.keys.device)
+        layer.keys = layer.keys[index, :, drop:]
+        layer.values = layer.values[index, :, drop:]
+        return
+    for span in (layer._keys_span, layer._values_span):
+        live = span.buffer[:, :, span.start + drop:span.end]
+        move_rows(live, keep, one_by_one=live.device.type == "cpu")
+        span.rows, span.start = len(keep), span.start + drop
+
+
+def move_rows(t: torch.Tensor, keep: list[int], one_by_one: bool) -> None:
+    """Rows `keep` (ascending) of `t` moved to its first len(keep) rows, in place. One by one, each moved row is
+    copied once (a CPU is bound by memory bandwidth); else in two kernels through a temporary (a GPU is bound
+    by kernel launches, one per row per layer otherwise)."""
+    moves = [(to, row) for to, row in enumerate(keep) if to != row]
+    if not moves:
+        return
+    if one_by_one:
+        for to, row in moves:  # to < row, in order: a row is read before anything overwrites it
+            t[to].copy_(t[row])
+        return
+    to, rows = (torch.tensor(side, device=t.device) for side in zip(*moves))
+    t.index_copy_(0, to, t.index_select(0, rows))
+
+
+def pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """`t` with zeros prepended along `dim` up to `width` (itself when already that wide)."""
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
 def new_cache(model: torch.nn.Module) -> DynamicCache | None:

@@ -109,6 +109,16 @@ def test_rows_join_mid_flight_and_leave_at_once(engine):
     assert first[1].finish_reason == "cancelled" and first[0].finish_reason == "length"
 
 
+def test_a_row_leaving_from_the_front_moves_the_others_up_in_the_cache(engine):
+    """The first row finishes first: the rows behind it move up inside the cache's buffers (made by
+    Engine.forward, so inference tensors: Batch changes them under inference mode, whatever the caller's)."""
+    assert not torch.is_inference_mode_enabled()
+    alone = {str(i): run(engine, [seq(i)])[str(i)] for i in (1, 2, 3)}
+    short = seq(0, 3)
+    got = run(engine, [short, seq(1), seq(2), seq(3)])
+    assert len(got["0"]) == 3 and all(got[k] == alone[k] for k in alone)
+
+
 def test_many_joins_and_leaves_keep_few_segments_and_every_row_its_output(engine):
     """One join per step (each a new segment, merged past MAX_SEGMENTS) and rows leaving from the
     middle: every row still generates what it generates alone."""

@@ -1,11 +1,12 @@
 """runtime/kvcache.py: the KV cache layer that appends in place, against transformers' own DynamicLayer."""
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import tiny_llama
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from runtime.kvcache import HEADROOM, GrowingLayer, new_cache
+from runtime.kvcache import HEADROOM, GrowingLayer, join_rows, keep_rows, move_rows, new_cache
 
 
 def test_growing_layer_holds_what_dynamic_layer_holds_and_writes_in_place():
@@ -39,6 +40,74 @@ def test_setting_keys_and_values_replaces_them_and_updates_append_after():
     assert v[0, 0, :, 0].tolist() == [2, 2, 2, 2, 4]
     layer.reset()
     assert layer.keys is None and layer.get_seq_length() == 0
+
+
+def test_joins_and_leaves_hold_what_concatenation_and_indexing_hold_and_stay_in_the_buffer():
+    """A batch's rows joining (prefills of other widths, left-padded with zeros) and leaving (rows from the
+    middle, columns of padding dropped), with single-token steps between: a GrowingLayer holds exactly what a
+    DynamicLayer holds through the same calls (concatenating and indexing). A join that fits the buffer's rows
+    and columns and every leave stay in the buffer; tensors handed in are never written."""
+    gen = torch.Generator().manual_seed(0)
+    ours, theirs = GrowingLayer(), DynamicLayer()
+    handed: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def kv(rows: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = (torch.randn(rows, 2, tokens, 4, generator=gen) for _ in range(2))
+        handed.append((k, k.clone()))
+        return k, v
+
+    def prefill(rows: int, tokens: int) -> GrowingLayer:
+        layer = GrowingLayer()
+        layer.update(*kv(rows, tokens))
+        return layer
+
+    def same() -> int:
+        assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+        return ours.keys.untyped_storage().data_ptr()
+
+    def step(n: int = 1) -> None:
+        for _ in range(n):
+            k, v = kv(ours.keys.shape[0], 1)
+            ours.update(k, v), theirs.update(k, v)
+        same()
+
+    def join(rows: int, tokens: int) -> int:
+        joining = prefill(rows, tokens)
+        width = max(ours.keys.shape[-2], tokens)
+        join_rows(ours, joining, width, max_rows=8), join_rows(theirs, joining, width, max_rows=8)
+        return same()
+
+    def keep(rows: list[int], drop: int) -> int:
+        keep_rows(ours, rows, drop), keep_rows(theirs, rows, drop)
+        return same()
+
+    k, v = kv(3, 5)
+    ours.update(k, v), theirs.update(k, v)
+    step(2)  # 3 rows x 7 tokens, in a buffer of 3 rows
+    buffer = join(2, 4)  # more rows than the buffer has: moved once, into a buffer of max_rows
+    step()
+    assert keep([0, 2, 3], drop=2) == buffer  # a leave from the middle and 2 columns of padding dropped
+    assert join(2, 5) == buffer  # fits: written into the buffer
+    assert join(1, 8) == buffer  # wider than the batch: the running rows gain zero columns on the left
+    step()
+    assert keep([1, 3, 4, 5], drop=0) == buffer
+    assert join(1, 12) != buffer  # wider than the columns in front: moved once
+    step(HEADROOM)  # past the room: moved into a larger buffer, rows for joins kept
+    buffer = same()
+    assert join(2, 3) == buffer
+    assert keep([5], drop=0) == buffer
+    assert all(torch.equal(t, copy) for t, copy in handed)
+
+
+@pytest.mark.parametrize("one_by_one", [True, False])
+def test_move_rows_moves_the_kept_rows_up_in_place(one_by_one):
+    """Both ways of a leave's row moves (one copy per row on a CPU, two kernels on a GPU), on a strided view."""
+    buffer = torch.randn(9, 2, 12, 3)
+    view = buffer[:, :, 2:10]  # the live columns of a buffer
+    for keep in ([0, 1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 8], [0, 2, 5, 8], [8], [0, 1, 7]):
+        want = view[keep].clone()
+        move_rows(view, keep, one_by_one)
+        assert torch.equal(view[:len(keep)], want)
 
 
 def test_new_cache_grows_full_attention_layers_and_keeps_sliding_ones():
