@@ -10,9 +10,9 @@ so a prefill allocates nothing more than before.
 
 Continuous batching changes the rows: `join_rows` writes a prefill's rows after the running ones and
 `keep_rows` moves the remaining rows up over the ones that left, both inside the buffer when it has the
-room (a buffer made by a join has rows for the whole batch), so a join copies only the joining rows and a
-leave only the rows after the one that left, where concatenating and indexing copied the whole cache and
-the next step copied it again into a buffer with room. Anything that sets `keys`/`values` (transformers'
+room (a join that outgrows it moves into one with twice the rows, up to the batch's maximum), so a join
+copies only the joining rows and a leave only the rows after the one that left, where concatenating and
+indexing copied the whole cache and the next step copied it again into a buffer with room. Anything that sets `keys`/`values` (transformers'
 own helpers) just replaces the buffer; only buffers made here are written, so tensors handed in never are.
 """
 from __future__ import annotations
@@ -103,7 +103,8 @@ def _append(span: _Span, new: torch.Tensor) -> _Span:
 def join_rows(layer: CacheLayerMixin, joining: CacheLayerMixin, width: int, max_rows: int) -> None:
     """Put `joining`'s rows (a prefill's cache layer) after `layer`'s, both left-padded with zeros to `width`
     columns. A GrowingLayer writes them into its buffer when it has the rows and columns, else moves once
-    into a buffer of `max_rows` rows; other layers concatenate."""
+    into a buffer with rows to spare (twice the rows, at most `max_rows`: rows x width is the memory, so a
+    few long rows do not reserve a whole batch); other layers concatenate."""
     if not isinstance(layer, GrowingLayer):
         layer.keys = torch.cat([pad_left(layer.keys, width, 2), pad_left(joining.keys, width, 2)])
         layer.values = torch.cat([pad_left(layer.values, width, 2), pad_left(joining.values, width, 2)])
@@ -116,7 +117,7 @@ def _join(span: _Span, new: torch.Tensor, width: int, max_rows: int) -> _Span:
     rows = span.rows + new.shape[0]
     start = span.end - width
     if not span.owned or rows > span.buffer.shape[0] or start < 0:
-        span = span.moved(max(rows, max_rows), width)
+        span = span.moved(max(rows, min(2 * rows, max_rows)), width)
         start = 0
     elif start < span.start:  # the running rows get zero padding in the columns they gain on the left
         span.buffer[:span.rows, :, start:span.start] = 0

@@ -84,7 +84,8 @@ def test_joins_and_leaves_hold_what_concatenation_and_indexing_hold_and_stay_in_
     k, v = kv(3, 5)
     ours.update(k, v), theirs.update(k, v)
     step(2)  # 3 rows x 7 tokens, in a buffer of 3 rows
-    buffer = join(2, 4)  # more rows than the buffer has: moved once, into a buffer of max_rows
+    buffer = join(2, 4)  # more rows than the buffer has: moved once, into one of twice the rows (<= max_rows)
+    assert ours._keys_span.buffer.shape[0] == 8
     step()
     assert keep([0, 2, 3], drop=2) == buffer  # a leave from the middle and 2 columns of padding dropped
     assert join(2, 5) == buffer  # fits: written into the buffer
@@ -97,6 +98,17 @@ def test_joins_and_leaves_hold_what_concatenation_and_indexing_hold_and_stay_in_
     assert join(2, 3) == buffer
     assert keep([5], drop=0) == buffer
     assert all(torch.equal(t, copy) for t, copy in handed)
+
+
+def test_a_join_reserves_twice_the_rows_not_the_whole_batch():
+    """Memory is rows x width: a few long rows joined by one more must not reserve a buffer for the whole batch."""
+    layer = GrowingLayer()
+    layer.update(torch.zeros(2, 1, 300, 4), torch.zeros(2, 1, 300, 4))
+    layer.update(torch.zeros(2, 1, 1, 4), torch.zeros(2, 1, 1, 4))
+    joining = GrowingLayer()
+    joining.update(torch.ones(1, 1, 5, 4), torch.ones(1, 1, 5, 4))
+    join_rows(layer, joining, 301, max_rows=32)
+    assert layer.keys.shape == (3, 1, 301, 4) and layer._keys_span.buffer.shape[0] == 6
 
 
 @pytest.mark.parametrize("one_by_one", [True, False])
