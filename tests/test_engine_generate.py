@@ -119,6 +119,32 @@ def test_a_row_leaving_from_the_front_moves_the_others_up_in_the_cache(engine):
     assert len(got["0"]) == 3 and all(got[k] == alone[k] for k in alone)
 
 
+def test_a_join_wider_than_the_cache_pads_the_running_rows_in_place(engine):
+    """The longest row leaves (its padding columns dropped from the others), then a prompt wider than the rest
+    of the cache joins: the running rows gain zero columns on the left inside the same buffers, and every
+    row still generates what it generates alone."""
+    def make(name: str, prompt: list[int], n: int, plan: RowPlan) -> Sequence:
+        return Sequence(name, prompt, plan, SamplingParams(max_new_tokens=n))
+
+    specs = [("long", list(range(20, 30)), 3, PLANS[0]), ("a", [5, 9, 17, 33], 12, PLANS[1]),
+             ("b", [7, 7, 100, 3], 12, PLANS[3]), ("wide", list(range(40, 51)), 6, PLANS[4])]
+    alone = {name: run(engine, [make(name, *rest)])[name] for name, *rest in specs}
+    batch = Batch(engine)
+    seqs = {name: make(name, *rest) for name, *rest in specs}
+    for name in ("long", "a", "b"):
+        batch.add(seqs[name])
+    for _ in range(5):
+        batch.step()
+    assert len(batch._rows) == 2 and batch._mask.shape[1] == 8  # "long" left; the 6 columns only it used dropped
+    buffer = batch._cache.layers[0].keys.untyped_storage().data_ptr()
+    batch.add(seqs["wide"])
+    batch.step()
+    assert batch._mask.shape[1] == 11 and batch._cache.layers[0].keys.untyped_storage().data_ptr() == buffer
+    while len(batch):
+        batch.step()
+    assert {name: seq.output_ids for name, seq in seqs.items()} == alone
+
+
 def test_many_joins_and_leaves_keep_few_segments_and_every_row_its_output(engine):
     """One join per step (each a new segment, merged past MAX_SEGMENTS) and rows leaving from the
     middle: every row still generates what it generates alone."""
