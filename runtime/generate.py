@@ -163,8 +163,6 @@ class Batch:
             return
         width = max(self._mask.shape[1], mask.shape[1])
         for old, new in zip(self._cache.layers, cache.layers):
-            if old.is_sliding:
-                raise NotImplementedError("continuous batching over sliding-window caches is not supported")
             join_rows(old, new, width, self.max_rows)
         self._mask = torch.cat([pad_left(self._mask, width, 1), pad_left(mask, width, 1)])
         self._rows += seqs

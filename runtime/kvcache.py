@@ -12,8 +12,11 @@ Continuous batching changes the rows: `join_rows` writes a prefill's rows after 
 `keep_rows` moves the remaining rows up over the ones that left, both inside the buffer when it has the
 room (a join that outgrows it moves into one with twice the rows, up to the batch's maximum), so a join
 copies only the joining rows and a leave only the rows after the one that left, where concatenating and
-indexing copied the whole cache and the next step copied it again into a buffer with room. Anything that sets `keys`/`values` (transformers'
-own helpers) just replaces the buffer; only buffers made here are written, so tensors handed in never are.
+indexing copied the whole cache and the next step copied it again into a buffer with room. Anything that
+sets `keys`/`values` (transformers' own helpers) just replaces the buffer; only buffers made here are
+written, so tensors handed in never are.
+Sliding-window layers stay transformers' own (they hold the last window - 1 tokens); joins and leaves pad,
+concatenate and index the columns they hold and set their `cumulative_length` to the batch's width.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import CacheLayerMixin, DynamicLayer
+from transformers.cache_utils import CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
 HEADROOM = 64  # tokens of room a buffer gets past what it holds when it is (re)allocated
 
@@ -106,8 +109,11 @@ def join_rows(layer: CacheLayerMixin, joining: CacheLayerMixin, width: int, max_
     into a buffer with rows to spare (twice the rows, at most `max_rows`: rows x width is the memory, so a
     few long rows do not reserve a whole batch); other layers concatenate."""
     if not isinstance(layer, GrowingLayer):
-        layer.keys = torch.cat([pad_left(layer.keys, width, 2), pad_left(joining.keys, width, 2)])
-        layer.values = torch.cat([pad_left(layer.values, width, 2), pad_left(joining.values, width, 2)])
+        held = _columns(layer, width)
+        layer.keys = torch.cat([pad_left(layer.keys, held, 2), pad_left(joining.keys, held, 2)])
+        layer.values = torch.cat([pad_left(layer.values, held, 2), pad_left(joining.values, held, 2)])
+        if layer.is_sliding:
+            layer.cumulative_length = width
         return
     layer._keys_span = _join(layer._keys_span, joining.keys, width, max_rows)
     layer._values_span = _join(layer._values_span, joining.values, width, max_rows)
@@ -133,8 +139,12 @@ def keep_rows(layer: CacheLayerMixin, keep: list[int], drop: int) -> None:
     rows up over the others inside its buffer; other layers index."""
     if not isinstance(layer, GrowingLayer) or not layer._keys_span.owned or not layer._values_span.owned:
         index = torch.tensor(keep, device=layer.keys.device)
-        layer.keys = layer.keys[index, :, drop:]
-        layer.values = layer.values[index, :, drop:]
+        width = layer.get_seq_length() - drop
+        first = layer.keys.shape[-2] - _columns(layer, width)
+        layer.keys = layer.keys[index, :, first:]
+        layer.values = layer.values[index, :, first:]
+        if layer.is_sliding:
+            layer.cumulative_length = width
         return
     for span in (layer._keys_span, layer._values_span):
         live = span.buffer[:, :, span.start + drop:span.end]
@@ -155,6 +165,17 @@ def move_rows(t: torch.Tensor, keep: list[int], one_by_one: bool) -> None:
         return
     to, rows = (torch.tensor(side, device=t.device) for side in zip(*moves))
     t.index_copy_(0, to, t.index_select(0, rows))
+
+
+def _columns(layer: CacheLayerMixin, width: int) -> int:
+    """The columns `layer` holds for a batch `width` tokens wide: all of them, or for a sliding-window layer
+    (transformers' DynamicSlidingWindowLayer, whose `cumulative_length` is the batch's width) the last
+    window - 1."""
+    if not layer.is_sliding:
+        return width
+    if not isinstance(layer, DynamicSlidingWindowLayer) or layer.record_past:
+        raise NotImplementedError(f"continuous batching over a {type(layer).__name__} is not supported")
+    return min(width, layer.sliding_window - 1)
 
 
 def pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:

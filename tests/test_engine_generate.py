@@ -216,6 +216,34 @@ def test_a_leave_between_steps_restarts_the_count_of_steady_steps(engine):
     assert {s.id: s.output_ids for s in seqs if s.id != "1"} == {k: v for k, v in alone.items() if k != "1"}
 
 
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_sliding_window_models_batch_continuously(arch):
+    """Sliding-window layers (Mistral: every layer; Qwen2 here: alternating with full ones, as Gemma 2/3 do): rows
+    join and leave past the window and each generates what it generates alone, which is what transformers'
+    own generate() gives."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    shape = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, sliding_window=6, eos_token_id=127, pad_token_id=0)
+    torch.manual_seed(0)
+    if arch == "mistral":
+        model = MistralForCausalLM(MistralConfig(**shape)).eval()
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**shape, use_sliding_window=True,
+                                             layer_types=["sliding_attention", "full_attention"])).eval()
+    sliding = Engine(copy.deepcopy(model))
+    prompts = [PROMPTS[2], PROMPTS[3], PROMPTS[0], PROMPTS[1], list(range(30, 45))]
+    seqs = [Sequence(str(i), p, RowPlan(), SamplingParams(max_new_tokens=10 + i)) for i, p in enumerate(prompts)]
+    alone = {s.id: run(sliding, [Sequence(s.id, s.prompt_ids, s.plan, s.sampling)])[s.id] for s in seqs}
+    ids = torch.tensor([prompts[4]])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=14, do_sample=False,
+                         min_new_tokens=14, pad_token_id=0)
+    assert alone["4"] == out[0, ids.shape[1]:].tolist()
+    got = run(sliding, seqs[:2], joins={3: seqs[2:4], 9: seqs[4:]}, leaves={7: ["1"]})
+    assert got["1"] == alone["1"][:7]
+    assert {k: v for k, v in got.items() if k != "1"} == {k: v for k, v in alone.items() if k != "1"}
+
+
 def test_rows_wait_for_room_when_the_batch_is_full(engine):
     alone = {str(i): run(engine, [seq(i, 5)])[str(i)] for i in range(5)}
     assert run(engine, [seq(i, 5) for i in range(5)], max_rows=2) == alone
