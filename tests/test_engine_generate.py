@@ -216,18 +216,21 @@ def test_a_leave_between_steps_restarts_the_count_of_steady_steps(engine):
     assert {s.id: s.output_ids for s in seqs if s.id != "1"} == {k: v for k, v in alone.items() if k != "1"}
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "gemma2"])
 def test_sliding_window_models_batch_continuously(arch):
-    """Sliding-window layers (Mistral: every layer; Qwen2 here: alternating with full ones, as Gemma 2/3 do): rows
+    """Sliding-window layers (Mistral: every layer; Qwen2 here and Gemma 2: alternating with full ones): rows
     join and leave past the window and each generates what it generates alone, which is what transformers'
     own generate() gives."""
-    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
 
     shape = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, sliding_window=6, eos_token_id=127, pad_token_id=0)
     torch.manual_seed(0)
     if arch == "mistral":
         model = MistralForCausalLM(MistralConfig(**shape)).eval()
+    elif arch == "gemma2":
+        model = Gemma2ForCausalLM(Gemma2Config(**shape, head_dim=16)).eval()
     else:
         model = Qwen2ForCausalLM(Qwen2Config(**shape, use_sliding_window=True,
                                              layer_types=["sliding_attention", "full_attention"])).eval()
