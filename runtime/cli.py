@@ -76,6 +76,8 @@ def serve(
     adapter_memory: str = typer.Option("1GiB", "--adapter-memory", help="Device budget for adapters, bytes (512MiB...)."),
     host_adapter_memory: Optional[str] = typer.Option(None, "--host-adapter-memory",
                                                       help="Host-memory tier budget (default 4x --adapter-memory)."),
+    adapter_wait: float = typer.Option(30.0, "--adapter-wait",
+                                       help="Seconds a request may wait for adapters in use to free device memory."),
     max_batch_size: int = typer.Option(32, "--max-batch-size"),
     max_queue: int = typer.Option(128, "--max-queue"),
     max_new_tokens: int = typer.Option(1024, "--max-new-tokens", help="Largest max_new_tokens a request may ask."),
@@ -101,7 +103,7 @@ def serve(
         preload=tuple(r.strip() for item in preload for r in item.split(",") if r.strip()),
         adapter_memory=parse_bytes("--adapter-memory", adapter_memory),
         host_adapter_memory=parse_bytes("--host-adapter-memory", host_adapter_memory) if host_adapter_memory else None,
-        max_batch_size=max_batch_size, max_queue=max_queue, max_new_tokens=max_new_tokens, dtype=dtype, device=device,
+        adapter_wait_seconds=adapter_wait, max_batch_size=max_batch_size, max_queue=max_queue, max_new_tokens=max_new_tokens, dtype=dtype, device=device,
         metrics_port=metrics_port, auth_token_file=auth_token_file, auth_admin_only=auth_admin_only,
         tls_cert=tls_cert, tls_key=tls_key, remote=remote, grace_seconds=grace,
     )

@@ -50,6 +50,10 @@ class Metrics:
                                       ["source"], buckets=_LATENCY_BUCKETS, registry=r)
         self.evictions = Counter("adapterhub_adapter_evictions", "Adapters evicted, by the tier they left",
                                  ["tier"], registry=r)
+        self.adapter_waits = Counter("adapterhub_adapter_memory_waits",
+                                     "Times a request waited for adapters in use to free device memory", registry=r)
+        self.adapters_waiting = Gauge("adapterhub_adapter_memory_waiting",
+                                      "Requests waiting now for device memory for an adapter", registry=r)
         self.resident_bytes = Gauge("adapterhub_adapter_resident_bytes", "Adapter bytes held, by tier", ["tier"],
                                     registry=r)
 

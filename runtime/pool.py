@@ -12,6 +12,12 @@ run in the caller's thread (a request handler), never in the decode loop, while 
 in another thread (and must match before the adapter is installed); only the engine's install/unload
 calls go through `on_engine`, which the server points at the scheduler so they run between two batch
 steps (a dict update and module wraps: the running batch barely pauses).
+
+When the device budget is held by adapters that running or queued requests use, a request for another
+adapter waits (up to `wait_seconds`, or until its caller gives up) for them to finish, as a request waits for
+a free row, instead of being refused. Waiters queue in arrival order and hold none of their adapters while
+they wait, so two requests that each need room never wait for each other. Only an adapter that cannot fit
+beside the pinned ones is refused at once.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from runtime.errors import ServeError
 from runtime.metrics import Metrics
 
 T = TypeVar("T")
+_POLL = 0.1  # seconds between checks that a request waiting for device room still has a client
 
 
 class Tier(str, Enum):
@@ -74,6 +81,22 @@ def _direct(fn: Callable[[], T], *, then_submit: bool = False) -> T:
     return fn()
 
 
+@dataclass(eq=False)
+class _Waiter:
+    """A request waiting for device room: whether its client is still there, and until when it may wait."""
+
+    alive: Callable[[], bool]
+    deadline: float
+
+
+class _NoRoomYet(Exception):
+    """Internal: the device budget is held by adapters in use; room comes as their requests finish."""
+
+    def __init__(self, key: str, need: int, freed: int):
+        super().__init__(key)
+        self.key, self.need, self.freed = key, need, freed  # freed: the pool's count of frees when refused
+
+
 def _damaged(key: str, error: IntegrityError) -> ServeError:
     return ServeError(grpc.StatusCode.DATA_LOSS, f"adapter {key}: stored files are damaged: {error}")
 
@@ -83,7 +106,7 @@ class AdapterPool:
 
     def __init__(self, engine, registry, *, device_budget: int, host_budget: int,
                  metrics: Metrics | None = None, on_engine: Callable[..., Any] = _direct,
-                 remote=None, max_entries: int = 1024) -> None:
+                 remote=None, max_entries: int = 1024, wait_seconds: float = 30.0) -> None:
         self.engine = engine
         self.registry = registry
         self.remote = remote  # a hub.remotes.Remote to pull refs the local registry lacks
@@ -92,11 +115,15 @@ class AdapterPool:
         self.metrics = metrics or Metrics()
         self._on_engine = on_engine
         self._max_entries = max_entries
+        self.wait_seconds = float(wait_seconds)  # how long a request may wait for device room
         self._entries: dict[str, Entry] = {}
         self._loading: dict[str, Future] = {}  # key -> done when its load or eviction ends
         self._reserved = 0  # device bytes promised to loads in progress
         self._verified: set[str] = set()
         self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)  # notified when device room may have been freed
+        self._freed = 0  # times device room may have been freed (a waiter sleeps while this is unchanged)
+        self._waiters: list[_Waiter] = []  # requests waiting for device room, in arrival order
         self.base_fingerprint = fingerprint(engine.model.config, {})
 
     # -- resolving ---------------------------------------------------------------------------------
@@ -122,21 +149,38 @@ class AdapterPool:
             raise ServeError(grpc.StatusCode.UNAVAILABLE, f"registry error for {ref!r}: {e}") from None
 
     # -- acquiring and releasing -------------------------------------------------------------------
-    def acquire(self, manifests: Iterable[Any], *, pin: bool = False, then_submit: bool = False) -> Lease:
+    def acquire(self, manifests: Iterable[Any], *, pin: bool = False, then_submit: bool = False,
+                alive: Callable[[], bool] = lambda: True) -> Lease:
         """Put every adapter on the device and hold it there until `release` (all or none).
 
-        then_submit: the caller queues a request (or a call) on the engine's thread right after; passed
-        with the last adapter's hand-over (`on_engine(fn, then_submit=True)`: see Scheduler.call) so the
-        request can join the batch step right after its adapter is installed."""
+        When the budget is held by adapters in use, wait for room (see `_wait_for_room`) up to `wait_seconds`,
+        then RESOURCE_EXHAUSTED; `alive() == False` (the client went away) ends the wait with CANCELLED.
+        then_submit: the caller queues a request (or a call) on the engine's thread right after; passed with the
+        last adapter's hand-over (`on_engine(fn, then_submit=True)`: see Scheduler.call) so the request can
+        join the batch step right after its adapter is installed."""
         manifests = list(manifests)
-        held: list[Entry] = []
+        waiter: _Waiter | None = None
         try:
-            for i, manifest in enumerate(manifests):
-                held.append(self._acquire_one(manifest, pin=pin, then_submit=then_submit and i == len(manifests) - 1))
-        except BaseException:
-            self.release(Lease(tuple(held)))
-            raise
-        return Lease(tuple(held))
+            while True:
+                held: list[Entry] = []
+                try:
+                    for i, manifest in enumerate(manifests):
+                        held.append(self._acquire_one(manifest, pin=pin,
+                                                      then_submit=then_submit and i == len(manifests) - 1))
+                except _NoRoomYet as no_room:
+                    mark = self._let_go(held, no_room)
+                    waiter = waiter or self._queue_waiter(alive)
+                    self._wait_for_room(waiter, no_room, mark)
+                    continue
+                except BaseException:
+                    self.release(Lease(tuple(held)))
+                    raise
+                for entry in held:
+                    self.metrics.adapter_requests.labels(adapter=self.metrics.adapter_label(entry.manifest.name)).inc()
+                return Lease(tuple(held))
+        finally:
+            if waiter is not None:
+                self._dequeue_waiter(waiter)
 
     def release(self, lease: Lease) -> None:
         now, wall = time.monotonic(), time.time()
@@ -144,17 +188,68 @@ class AdapterPool:
             for entry in lease.entries:
                 entry.in_use -= 1
                 entry.last_used, entry.last_used_unix = now, wall
+            self._room_freed_locked()
+
+    def _room_freed_locked(self) -> None:
+        self._freed += 1
+        self._room.notify_all()
+
+    # -- waiting for device room -------------------------------------------------------------------
+    def _let_go(self, held: list[Entry], no_room: _NoRoomYet) -> int | None:
+        """Undo the holds of an acquire that has to wait (they count no request); returns the count of frees
+        to wait past, or None when room was freed since the refusal (try again at once)."""
+        with self._lock:
+            for entry in held:
+                entry.in_use -= 1
+                entry.requests -= 1
+            return None if self._freed != no_room.freed else self._freed
+
+    def _queue_waiter(self, alive: Callable[[], bool]) -> _Waiter:
+        waiter = _Waiter(alive, time.monotonic() + self.wait_seconds)
+        with self._lock:
+            self._waiters.append(waiter)
+            self.metrics.adapters_waiting.set(len(self._waiters))
+        self.metrics.adapter_waits.inc()
+        return waiter
+
+    def _dequeue_waiter(self, waiter: _Waiter) -> None:
+        with self._lock:
+            self._waiters.remove(waiter)
+            self.metrics.adapters_waiting.set(len(self._waiters))
+            self._room.notify_all()  # the next in line
+
+    def _wait_for_room(self, waiter: _Waiter, no_room: _NoRoomYet, mark: int | None) -> None:
+        """Return when `waiter` should try again: it is first in line and device room may have been freed
+        since `mark`. Requests wait for room in arrival order and hold none of their adapters meanwhile, so two
+        requests that each need room never wait for each other, and only the first in line retries (a release
+        wakes one retry, not every waiter). Raises past the deadline, or when the client is gone (checked every
+        _POLL seconds: a client leaving notifies nothing)."""
+        with self._room:
+            while True:
+                if not waiter.alive():
+                    raise ServeError(grpc.StatusCode.CANCELLED,
+                                     f"the request ended while adapter {no_room.key} waited for device memory")
+                left = waiter.deadline - time.monotonic()
+                if left <= 0:
+                    raise ServeError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                     f"no room for adapter {no_room.key} ({no_room.need} bytes) within "
+                                     f"{self.wait_seconds:g} s: the adapter memory budget ({self.device_budget} "
+                                     "bytes) is held by adapters that running requests use; retry later or raise "
+                                     "--adapter-memory")
+                if self._waiters[0] is not waiter:
+                    mark = None  # room freed while others went first is room this one has not tried
+                elif mark is None or self._freed != mark:
+                    return
+                self._room.wait(min(left, _POLL))
 
     def _acquire_one(self, manifest, *, pin: bool, then_submit: bool = False) -> Entry:
         key = manifest.ref
-        label = self.metrics.adapter_label(manifest.name)
         while True:
             with self._lock:
                 entry = self._entries.get(key)
                 if entry is not None and entry.tier is Tier.DEVICE:
                     self._hold(entry, pin)
                     self.metrics.cache_hits.labels(tier=Tier.DEVICE.value).inc()
-                    self.metrics.adapter_requests.labels(adapter=label).inc()
                     return entry
                 pending = self._loading.get(key)
                 if pending is None:
@@ -174,7 +269,6 @@ class AdapterPool:
             finally:
                 with self._lock:
                     del self._loading[key]
-            self.metrics.adapter_requests.labels(adapter=label).inc()
             return entry
 
     def _hold(self, entry: Entry, pin: bool) -> None:
@@ -199,8 +293,13 @@ class AdapterPool:
         need = self.engine.weights_bytes(adapter)
         try:
             victims = self._make_room(need, key)
-        except ServeError:
+        except _NoRoomYet:
             verified()  # a damaged file is reported as damaged, not as one that finds no room
+            if source is Tier.DISK:
+                self._keep_on_host(key, manifest, adapter)  # read once, however long it waits
+            raise
+        except ServeError:
+            verified()
             raise
 
         def hand_over() -> int:  # one call between two batch steps, however many adapters make room
@@ -230,6 +329,7 @@ class AdapterPool:
                     self._hold(entry, pin)
                     self._trim_host_locked()
                     self._forget_old_locked()
+                self._room_freed_locked()  # a failed load's reservation is free again
             for done in victims.values():
                 done.set_result(None)
             self.metrics.evictions.labels(tier=Tier.DEVICE.value).inc(len(victims))
@@ -237,6 +337,16 @@ class AdapterPool:
         self.metrics.load_seconds.labels(source=source.value).observe(time.perf_counter() - started)
         self._update_gauges()
         return entry
+
+    def _keep_on_host(self, key: str, manifest, adapter: Adapter) -> None:
+        """Keep an adapter read from disk (hashed right, fits) in the host tier while its request waits."""
+        with self._lock:
+            entry = self._entries.setdefault(key, Entry(key=key, manifest=manifest))
+            if entry.tier is Tier.DISK:
+                entry.tier, entry.adapter = Tier.HOST, adapter
+                self._verified.add(key)
+                self._trim_host_locked()
+                self._forget_old_locked()
 
     def _read_verified(self, key: str, manifest) -> tuple[Adapter, Callable[[], None]]:
         """Read an adapter version from the registry and refuse it if it was made for another base.
@@ -316,9 +426,13 @@ class AdapterPool:
                 victims.append(entry)
                 used -= entry.device_bytes
             if used + need > self.device_budget:
-                raise ServeError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                 f"no room for adapter {key} ({need} bytes): the adapter memory budget "
-                                 f"({self.device_budget} bytes) is held by pinned or running adapters; retry later")
+                pinned = sum(e.device_bytes for e in self._entries.values() if e.tier is Tier.DEVICE and e.pinned)
+                if pinned + need > self.device_budget:
+                    raise ServeError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                     f"no room for adapter {key} ({need} bytes): pinned adapters hold {pinned} bytes "
+                                     f"of the adapter memory budget ({self.device_budget} bytes); unload one or "
+                                     "raise --adapter-memory")
+                raise _NoRoomYet(key, need, self._freed)  # the adapters in use will be let go
             self._reserved += need
             moving = {}
             for entry in victims:
@@ -348,14 +462,14 @@ class AdapterPool:
             self._verified.discard(entry.key)  # checked again if it ever comes back
 
     # -- admin -------------------------------------------------------------------------------------
-    def load(self, ref: str, *, pin: bool) -> tuple[Entry, float]:
+    def load(self, ref: str, *, pin: bool, alive: Callable[[], bool] = lambda: True) -> tuple[Entry, float]:
         """LoadAdapter: make a ref resident (optionally pinned); (entry, seconds spent loading)."""
         manifest = self.resolve(ref)
         started = time.perf_counter()
         with self._lock:
             entry = self._entries.get(manifest.ref)
             was_resident = entry is not None and entry.tier is Tier.DEVICE
-        lease = self.acquire([manifest], pin=pin)
+        lease = self.acquire([manifest], pin=pin, alive=alive)
         self.release(lease)
         with self._lock:
             entry = lease.entries[0]
@@ -377,6 +491,8 @@ class AdapterPool:
             entry.tier, entry.adapter, entry.device_bytes, entry.pinned = Tier.DISK, None, 0, False
         if on_device:
             self._on_engine(lambda: self.engine.unload(key))
+        with self._lock:
+            self._room_freed_locked()
         self._update_gauges()
         return entry
 

@@ -52,6 +52,7 @@ class ServerConfig:
     preload: tuple[str, ...] = ()  # loaded and pinned at start
     adapter_memory: int = 1024 * MiB  # device tier, bytes
     host_adapter_memory: int | None = None  # host tier, bytes; default 4x adapter_memory
+    adapter_wait_seconds: float = 30.0  # how long a request may wait for adapters in use to free device memory
     max_batch_size: int = 32
     max_queue: int = 128
     max_new_tokens: int = 1024
@@ -75,6 +76,7 @@ class ServerConfig:
                   ("max_adapters_per_request", self.max_adapters_per_request, 1, None),
                   ("--adapter-memory", self.adapter_memory, 0, None),
                   ("--host-adapter-memory", self.host_adapter_memory, 0, None),
+                  ("--adapter-wait", self.adapter_wait_seconds, 0, None),
                   ("--grace", self.grace_seconds, 0, None), ("max_message_bytes", self.max_message_bytes, 1, None),
                   ("max_adapter_labels", self.max_adapter_labels, 0, None))
         if self.dtype not in basemodel.DTYPES:
@@ -124,7 +126,8 @@ class RuntimeServer:
                                    metrics=self.metrics, label=self._seq_label)
         host_budget = config.host_adapter_memory if config.host_adapter_memory is not None else 4 * config.adapter_memory
         self.pool = AdapterPool(self.engine, registry, device_budget=config.adapter_memory, host_budget=host_budget,
-                                metrics=self.metrics, on_engine=self.scheduler.call, remote=self._remote(registry))
+                                metrics=self.metrics, on_engine=self.scheduler.call, remote=self._remote(registry),
+                                wait_seconds=config.adapter_wait_seconds)
         limits = Limits(max_new_tokens=config.max_new_tokens, max_adapters_per_request=config.max_adapters_per_request,
                         context_length=int(getattr(model.config, "max_position_embeddings", 2048)))
         self.service = RuntimeService(self.engine, self.pool, self.scheduler, limits, self._info(limits))

@@ -146,7 +146,7 @@ class RuntimeService(pb_grpc.RuntimeServicer):
         _ok(bool(out), f"the {what} is empty after tokenization")
         return out
 
-    def _prepare(self, ids: list[int], specs, mode: int, context_needed: int,
+    def _prepare(self, ids: list[int], specs, mode: int, context_needed: int, context: grpc.ServicerContext,
                  merge: pb.MergeOptions | None = None) -> Prepared:
         """Resolve the adapters, hold them on the device, and check the context fits."""
         _ok(mode in _MODES or mode == pb.COMPOSITION_MODE_MERGE, f"unknown composition mode {mode}")
@@ -162,7 +162,8 @@ class RuntimeService(pb_grpc.RuntimeServicer):
         resolved = [_resolved(m, w) for m, w in zip(manifests, weights)]
         if mode == pb.COMPOSITION_MODE_MERGE:  # one adapter serves the request: the merge (runtime/merged.py)
             manifests, weights = [merged_manifest(manifests, weights, merge or pb.MergeOptions())], [1.0]
-        lease = self.pool.acquire(manifests, then_submit=True)  # Generate submits, Score calls, next
+        # Generate submits, Score calls, next; waiting for device room ends when the client goes
+        lease = self.pool.acquire(manifests, then_submit=True, alive=context.is_active)
         try:
             plan = RowPlan(tuple(AdapterUse(k, w) for k, w in zip(lease.keys, weights)), _MODES.get(mode, "stack"))
             virtual = self.pool.soft_prompt_tokens(lease)
@@ -180,7 +181,7 @@ class RuntimeService(pb_grpc.RuntimeServicer):
         """Check, hold adapters, queue; cancellation and deadlines take the request out at once."""
         sampling = sampling_params(request.sampling, self.limits)
         ids = self._token_ids(request.prompt, request.prompt_token_ids, chat=request.chat, what="prompt")
-        prepared = self._prepare(ids, request.adapters, request.mode, 1, request.merge)
+        prepared = self._prepare(ids, request.adapters, request.mode, 1, context, request.merge)
         room = self.limits.context_length - len(ids) - prepared.virtual_tokens
         sampling.max_new_tokens = min(sampling.max_new_tokens, room)
         seq = Sequence(id=uuid.uuid4().hex, prompt_ids=ids, plan=prepared.plan, sampling=sampling)
@@ -248,7 +249,7 @@ class RuntimeService(pb_grpc.RuntimeServicer):
         with self._rpc("Score", context):
             ids = self._token_ids(request.text, request.token_ids, chat=False, what="text")
             _ok(len(ids) >= 2, "scoring needs at least 2 tokens (the first has no context)")
-            prepared = self._prepare(ids, request.adapters, request.mode, 0, request.merge)
+            prepared = self._prepare(ids, request.adapters, request.mode, 0, context, request.merge)
             try:
                 logprobs = self.scheduler.call(lambda: score(self.engine, ids, prepared.plan))
             except PlanError as e:
@@ -261,7 +262,7 @@ class RuntimeService(pb_grpc.RuntimeServicer):
 
     def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.ServicerContext) -> pb.LoadAdapterResponse:
         with self._rpc("LoadAdapter", context):
-            entry, seconds = self.pool.load(request.ref, pin=request.pin)
+            entry, seconds = self.pool.load(request.ref, pin=request.pin, alive=context.is_active)
             return pb.LoadAdapterResponse(adapter=adapter_info(entry), load_seconds=seconds)
 
     def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context: grpc.ServicerContext

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from server_support import *  # noqa: F401,F403
-from server_support import served_model
+from server_support import served_model, wait_until
 
 from hub.artifact import read_adapter
 from runtime.engine import Engine
@@ -79,18 +79,102 @@ def test_host_tier_is_bounded_too(make_pool):
     assert pool.metrics.evictions.labels(tier="host")._value.get() >= 2
 
 
-def test_adapters_in_use_are_never_evicted(make_pool):
+def _waiting(pool: AdapterPool) -> int:
+    return int(pool.metrics.adapters_waiting._value.get())
+
+
+def _in_thread(fn) -> tuple[threading.Thread, dict]:
+    """Run fn in a thread; its result or error lands in the dict."""
+    out: dict = {}
+
+    def run():
+        try:
+            out["result"] = fn()
+        except BaseException as e:  # noqa: BLE001 - the test inspects it
+            out["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_adapters_in_use_are_never_evicted_and_a_request_for_another_waits_for_them(make_pool):
+    """With the budget held by adapters in use, a request for another adapter waits (read once, kept in host
+    memory meanwhile) until they are let go, then loads: it is not refused."""
+    probe = make_pool(1 << 30)
+    pool = make_pool(_size(probe, "lora0") + _size(probe, "lora1"))  # lora2 (r=12) = lora0 (r=4) + lora1 (r=8)
+    lease = pool.acquire([pool.resolve("lora0"), pool.resolve("lora1")])
+    thread, out = _in_thread(lambda: pool.acquire([pool.resolve("lora2")]))
+    wait_until(lambda: _waiting(pool) == 1, "the request for lora2 waits for room")
+    assert _tiers(pool) == {"lora0": Tier.DEVICE, "lora1": Tier.DEVICE, "lora2": Tier.HOST}
+    pool.release(lease)
+    thread.join(60)
+    assert "error" not in out and [e.key for e in out["result"].entries] == ["lora2@1.0.0"]
+    assert _tiers(pool) == {"lora0": Tier.HOST, "lora1": Tier.HOST, "lora2": Tier.DEVICE}
+    loads = {tier: pool.metrics.loads.labels(source=tier)._value.get() for tier in ("disk", "host")}
+    assert loads == {"disk": 2, "host": 1}  # read from disk once; the load after the wait took the host copy
+    assert pool.metrics.adapter_waits._value.get() >= 1 and _waiting(pool) == 0
+    lora2 = next(e for e in pool.entries() if e.key == "lora2@1.0.0")
+    assert (lora2.in_use, lora2.requests) == (1, 1)
+    pool.release(out["result"])
+
+
+def test_pinned_adapters_that_hold_the_budget_refuse_at_once(make_pool):
     probe = make_pool(1 << 30)
     pool = make_pool(_size(probe, "lora0") + _size(probe, "lora1"))
-    lease = pool.acquire([pool.resolve("lora0"), pool.resolve("lora1")])
+    pool.load("lora0", pin=True)
+    pool.load("lora1", pin=True)
     with pytest.raises(ServeError) as caught:
         _use(pool, "lora2")
     assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "held by pinned or running adapters" in caught.value.message
-    assert _tiers(pool) == {"lora0": Tier.DEVICE, "lora1": Tier.DEVICE}
+    assert "pinned adapters hold" in caught.value.message and "unload one" in caught.value.message
+    assert pool.metrics.adapter_waits._value.get() == 0
+
+
+def test_the_wait_for_room_is_bounded_and_holds_nothing(make_pool, registry):
+    probe = make_pool(1 << 30)
+    pool = AdapterPool(probe.engine, registry, device_budget=_size(probe, "lora0") + _size(probe, "lora1"),
+                       host_budget=1 << 30, wait_seconds=0.2)
+    lease = pool.acquire([pool.resolve("lora1")])
+    with pytest.raises(ServeError) as caught:  # lora0 fits beside lora1; lora2 then does not
+        pool.acquire([pool.resolve("lora0"), pool.resolve("lora2")])
+    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "within 0.2 s" in caught.value.message and "held by adapters that running requests use" in caught.value.message
+    assert {e.key: (e.in_use, e.requests) for e in pool.entries()} == {
+        "lora1@1.0.0": (1, 1), "lora0@1.0.0": (0, 0), "lora2@1.0.0": (0, 0)}
     pool.release(lease)
-    _use(pool, "lora2")
-    assert _tiers(pool)["lora2"] is Tier.DEVICE
+
+
+def test_a_request_whose_client_left_stops_waiting(make_pool):
+    probe = make_pool(1 << 30)
+    pool = make_pool(_size(probe, "lora0") + _size(probe, "lora1"))
+    lease = pool.acquire([pool.resolve("lora0"), pool.resolve("lora1")])
+    gone = threading.Event()
+    thread, out = _in_thread(lambda: pool.acquire([pool.resolve("lora2")], alive=lambda: not gone.is_set()))
+    wait_until(lambda: _waiting(pool) == 1, "the request for lora2 waits for room")
+    gone.set()
+    thread.join(60)
+    assert out["error"].code == grpc.StatusCode.CANCELLED and "lora2" in out["error"].message
+    assert _waiting(pool) == 0
+    pool.release(lease)
+
+
+def test_requests_that_each_need_room_for_a_second_adapter_do_not_wait_for_each_other(make_pool):
+    """A holds lora1 and needs room for lora2, B holds lora0 and needs room for lora3, and neither fits beside
+    the other's: holding while waiting would deadlock them. A waiting request holds nothing, so both finish."""
+    probe = make_pool(1 << 30)
+    sizes = {n: _size(probe, n) for n in ("lora0", "lora1", "lora2", "lora3")}
+    assert sizes["lora1"] + sizes["lora2"] == sizes["lora0"] + sizes["lora3"]  # r 8+12 == 4+16
+    pool = make_pool(sizes["lora1"] + sizes["lora2"])
+    first = pool.acquire([pool.resolve("lora1"), pool.resolve("lora0")])  # both on the device, in use
+    threads = [_in_thread(lambda names=names: _use(pool, *names))
+               for names in (("lora1", "lora2"), ("lora0", "lora3"))]
+    wait_until(lambda: _waiting(pool) == 2, "both requests wait for room")
+    pool.release(first)
+    for thread, out in threads:
+        thread.join(60)
+        assert not thread.is_alive() and "error" not in out
+    assert all(e.in_use == 0 for e in pool.entries())
 
 
 def test_pinned_adapters_stay_until_unloaded(make_pool):

@@ -169,6 +169,63 @@ def test_hot_load_while_another_request_decodes(start_server):
     assert server.metrics.loads.labels(source="disk")._value.get() == 2
 
 
+def _device_bytes(server, registry, name: str) -> int:
+    from hub.artifact import read_adapter
+
+    return server.engine.weights_bytes(read_adapter(registry.materialize(registry.resolve(name))))
+
+
+def _hold_lora0_and_lora1(client):
+    """Two long streams running with lora0 and lora1 (r=4, r=8): they hold those adapters on the device."""
+    streams = [client.generate_stream(PROMPT, adapters=[name], max_new_tokens=4000) for name in ("lora0", "lora1")]
+    for stream in streams:
+        next(stream), next(stream)  # adapters chunk, then a token: decoding
+    return streams
+
+
+def _waiting(server) -> int:
+    return int(server.metrics.adapters_waiting._value.get())
+
+
+def test_requests_for_more_adapters_than_the_budget_holds_wait_for_room(start_server, registry):
+    """The budget holds lora3 (r=16) alone, or lora0 + lora1; both are in use by running requests. Requests
+    for lora2 and lora3 wait until those finish, in arrival order, then load and answer as alone: none is
+    refused for lack of room."""
+    server, client = start_server(max_new_tokens=4000)
+    budget = _device_bytes(server, registry, "lora3")
+    alone = {name: list(client.generate(PROMPT, adapters=[name], max_new_tokens=6).token_ids)
+             for name in ("lora2", "lora3")}
+    server, client = start_server(max_new_tokens=4000, adapter_memory=budget)
+    streams = _hold_lora0_and_lora1(client)
+    replies: dict[str, object] = {}
+    threads = [threading.Thread(target=lambda n=name: replies.__setitem__(
+        n, client.generate(PROMPT, adapters=[n], max_new_tokens=6))) for name in ("lora2", "lora3")]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: _waiting(server) == 2, "both requests wait for device room")
+    assert {a.ref: a.tier for a in client.list_adapters().adapters}["lora3@1.0.0"] == pb.TIER_HOST  # read, waiting
+    for stream in streams:
+        stream.cancel()
+    for thread in threads:
+        thread.join()
+    assert {name: list(reply.token_ids) for name, reply in replies.items()} == alone
+    assert server.metrics.adapter_waits._value.get() == 2 and _waiting(server) == 0
+    assert server.metrics.requests.labels(method="Generate", code="RESOURCE_EXHAUSTED")._value.get() == 0
+
+
+def test_a_deadline_ends_the_wait_for_room(start_server, registry):
+    server, client = start_server(max_new_tokens=4000)
+    server, client = start_server(max_new_tokens=4000, adapter_memory=_device_bytes(server, registry, "lora3"))
+    streams = _hold_lora0_and_lora1(client)
+    with pytest.raises(grpc.RpcError) as caught:
+        client.generate(PROMPT, adapters=["lora3"], max_new_tokens=2, timeout=0.5)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_until(lambda: _waiting(server) == 0, "the expired request stopped waiting")
+    for stream in streams:
+        stream.cancel()
+    assert client.generate(PROMPT, adapters=["lora3"], max_new_tokens=2).finish_reason == "length"
+
+
 def test_list_adapters_and_info(start_server):
     server, client = start_server(adapter_memory=1 << 20, max_batch_size=4)
     client.generate(PROMPT, adapters=["lora0"], max_new_tokens=2)

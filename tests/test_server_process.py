@@ -124,6 +124,7 @@ def test_serve_refuses_bad_options_with_one_line(served_base, registry):
         (["--port", "99999"], "--port must be in 0..65535, got 99999"),
         (["--metrics-port", "70000"], "--metrics-port must be in 0..65535, got 70000"),
         (["--grace", "-1"], "--grace must be >= 0, got -1.0"),
+        (["--adapter-wait", "-2"], "--adapter-wait must be >= 0, got -2.0"),
         (["--max-batch-size", "0"], "--max-batch-size must be >= 1, got 0"),
         *([(["--device", "cuda"], "--device 'cuda' cannot be used here")] if not torch.cuda.is_available() else []),
     ):
