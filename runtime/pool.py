@@ -17,7 +17,7 @@ When the device budget is held by adapters that running or queued requests use, 
 adapter waits (up to `wait_seconds`, or until its caller gives up) for them to finish, as a request waits for
 a free row, instead of being refused. Waiters queue in arrival order and hold none of their adapters while
 they wait, so two requests that each need room never wait for each other. Only an adapter that cannot fit
-beside the pinned ones is refused at once.
+beside the pinned ones (or a request whose adapters together exceed the budget) is refused at once.
 """
 from __future__ import annotations
 
@@ -196,12 +196,22 @@ class AdapterPool:
 
     # -- waiting for device room -------------------------------------------------------------------
     def _let_go(self, held: list[Entry], no_room: _NoRoomYet) -> int | None:
-        """Undo the holds of an acquire that has to wait (they count no request); returns the count of frees
-        to wait past, or None when room was freed since the refusal (try again at once)."""
+        """Undo the holds of an acquire that found no room (they count no request). RESOURCE_EXHAUSTED if room
+        can never come: this request's adapters so far and the pinned ones do not fit the budget together.
+        Else the count of frees to wait past, or None when room was freed since the refusal (try at once)."""
         with self._lock:
             for entry in held:
                 entry.in_use -= 1
                 entry.requests -= 1
+            together = no_room.need + sum(e.device_bytes for e in held)
+            pinned = sum(e.device_bytes for e in self._entries.values()
+                         if e.tier is Tier.DEVICE and e.pinned and e not in held)
+            if together + pinned > self.device_budget:
+                raise ServeError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 f"no room for adapter {no_room.key}: this request's adapters need {together} bytes "
+                                 f"on the device together and pinned adapters hold {pinned} bytes of the adapter "
+                                 f"memory budget ({self.device_budget} bytes); unload a pinned adapter or raise "
+                                 "--adapter-memory")
             return None if self._freed != no_room.freed else self._freed
 
     def _queue_waiter(self, alive: Callable[[], bool]) -> _Waiter:
@@ -426,13 +436,7 @@ class AdapterPool:
                 victims.append(entry)
                 used -= entry.device_bytes
             if used + need > self.device_budget:
-                pinned = sum(e.device_bytes for e in self._entries.values() if e.tier is Tier.DEVICE and e.pinned)
-                if pinned + need > self.device_budget:
-                    raise ServeError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                     f"no room for adapter {key} ({need} bytes): pinned adapters hold {pinned} bytes "
-                                     f"of the adapter memory budget ({self.device_budget} bytes); unload one or "
-                                     "raise --adapter-memory")
-                raise _NoRoomYet(key, need, self._freed)  # the adapters in use will be let go
+                raise _NoRoomYet(key, need, self._freed)  # the acquire waits, or refuses if room can never come
             self._reserved += need
             moving = {}
             for entry in victims:

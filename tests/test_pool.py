@@ -127,16 +127,29 @@ def test_pinned_adapters_that_hold_the_budget_refuse_at_once(make_pool):
     with pytest.raises(ServeError) as caught:
         _use(pool, "lora2")
     assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "pinned adapters hold" in caught.value.message and "unload one" in caught.value.message
+    assert "pinned adapters hold" in caught.value.message and "unload a pinned adapter" in caught.value.message
     assert pool.metrics.adapter_waits._value.get() == 0
+
+
+def test_a_request_whose_adapters_together_exceed_the_budget_is_refused_at_once(make_pool):
+    probe = make_pool(1 << 30)
+    pool = make_pool(_size(probe, "lora3"))  # r=16: lora1 (r=8) and lora2 (r=12) each fit, not both
+    with pytest.raises(ServeError) as caught:
+        _use(pool, "lora1", "lora2")
+    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    need = _size(probe, "lora1") + _size(probe, "lora2")
+    assert f"this request's adapters need {need} bytes on the device together" in caught.value.message
+    assert pool.metrics.adapter_waits._value.get() == 0
+    assert all(e.in_use == 0 and e.requests == 0 for e in pool.entries())
+    _use(pool, "lora2")  # alone it fits
 
 
 def test_the_wait_for_room_is_bounded_and_holds_nothing(make_pool, registry):
     probe = make_pool(1 << 30)
-    pool = AdapterPool(probe.engine, registry, device_budget=_size(probe, "lora0") + _size(probe, "lora1"),
+    pool = AdapterPool(probe.engine, registry, device_budget=_size(probe, "lora0") + _size(probe, "lora2"),
                        host_budget=1 << 30, wait_seconds=0.2)
     lease = pool.acquire([pool.resolve("lora1")])
-    with pytest.raises(ServeError) as caught:  # lora0 fits beside lora1; lora2 then does not
+    with pytest.raises(ServeError) as caught:  # lora0 fits beside lora1 (in use); lora2 then does not
         pool.acquire([pool.resolve("lora0"), pool.resolve("lora2")])
     assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "within 0.2 s" in caught.value.message and "held by adapters that running requests use" in caught.value.message
