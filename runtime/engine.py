@@ -197,8 +197,8 @@ class Engine:
 
     def _forget_compiled(self, key: str) -> None:
         """Drop the compiled segments that use `key` (the others, e.g. the running batch's, stay)."""
-        for plans in [k for k in self._compiled if any(u.key == key for plan in k for u in plan.adapters)]:
-            del self._compiled[plans]
+        for k in [k for k in self._compiled if any(u.key == key for plan in k[0] for u in plan.adapters)]:
+            del self._compiled[k]
 
     def resident(self) -> dict[str, int]:
         with self._lock:
@@ -219,10 +219,12 @@ class Engine:
         with self._lock:
             self._uses(plans)
 
-    def compile(self, plans: list[RowPlan]) -> Compiled:
-        """The ops for one segment's plans, cached so a decode loop compiles once."""
+    def compile(self, plans: list[RowPlan], copy: int = 0) -> Compiled:
+        """The ops for one segment's plans, cached so a decode loop compiles once. `copy` > 0: another set of
+        ops for the same plans, for a second segment of one forward with the same plans (ops keep state for
+        the forward in flight, e.g. a bottleneck block's residual, so no two segments share them)."""
         with self._lock:
-            key = tuple(plans)
+            key = (tuple(plans), copy)
             hit = self._compiled.get(key)
             if hit is not None:
                 self._compiled.move_to_end(key)
@@ -287,7 +289,12 @@ class Engine:
             raise PlanError(f"{input_ids.shape[0]} rows but {len(plans)} plans")
         bounds = _bounds(len(plans), segments)
         with self._lock, torch.inference_mode():
-            compiled = [self.compile(plans[start:end]) for start, end in bounds]
+            seen: list[tuple[RowPlan, ...]] = []  # each segment's plans, so equal segments get their own ops
+            compiled = []
+            for start, end in bounds:
+                segment = tuple(plans[start:end])
+                compiled.append(self.compile(list(segment), copy=seen.count(segment)))
+                seen.append(segment)
             prompts = [p for c in compiled for p in c.prompts]
             tokens = input_ids.shape[1]
             inputs: dict[str, Any] = {"input_ids": input_ids}

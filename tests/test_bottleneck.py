@@ -91,6 +91,21 @@ def test_segmented_batch_equals_adapters_library(engine, segments):
         assert diff <= TOL, f"row {i} ({INDEX['cases'][case]['description']}): max diff {diff}"
 
 
+@pytest.mark.parametrize("segments", [[1, 2], [2, 1], [1, 1, 1]])
+def test_segments_with_the_same_adapter_keep_their_own_residuals(engine, segments):
+    """Two requests with one bottleneck adapter that joined at different steps are two segments of a batch;
+    each segment records its own residual at the norm taps (one shared recording made the step fail)."""
+    case = next(c for c, v in INDEX["cases"].items() if len(v["adapters"]) == 1)
+    ids = torch.tensor(INDEX["input_ids"])
+    rows = [i % ids.shape[0] for i in range(sum(segments))]
+    batch = torch.stack([ids[r] for r in rows])
+    logits, _ = engine.forward(batch, torch.ones_like(batch), [plan_of(INDEX["cases"][case])] * len(rows),
+                               use_cache=False, segments=segments)
+    for i, row in enumerate(rows):
+        diff = (logits[i] - reference(case, row)).abs().max().item()
+        assert diff <= TOL, f"row {i}: max diff {diff}"
+
+
 def test_left_padded_rows_equal_reference(engine):
     """Rows padded to a longer row of the batch still give the reference at their real tokens."""
     ids = torch.tensor(INDEX["input_ids"])

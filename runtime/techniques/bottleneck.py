@@ -23,9 +23,10 @@ At a location some of a row's adapters lack (a Pfeiffer adapter has none after a
 Hooks, without engine changes: the block outputs are the outputs of `self_attn.o_proj` and
 `mlp.down_proj` (POST ops there; any LoRA delta on them applies first), and the residuals are the
 inputs of `input_layernorm` and `post_attention_layernorm` (PRE ops there record them). The
-decoder layer then adds r itself, so the op returns s - r. The recording lives in the first use's
-resident and is read back by the op compiled for the same uses, within one forward under the
-engine's lock.
+decoder layer then adds r itself, so the op returns s - r. Each compile makes its own recording per
+block (`compile_all`: one Tap shared by the TapOp and the BlockOp it compiles), read back within one
+forward under the engine's lock: a batch's row segments (runtime/generate.py) each run their PRE ops
+before the block's POST ops, and two segments with the same adapter never read each other's residual.
 """
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ _PARTS = ("down.weight", "down.bias", "up.weight", "up.bias")
 
 @dataclass(eq=False)
 class Tap:
-    """The residual of one block in the forward in flight (written by TapOp, consumed by BlockOp)."""
+    """The residual of one block in the forward in flight (written by TapOp, consumed by BlockOp). A resident's
+    own Tap (Block.tap, at its tap site) only pairs its two sites; the recordings are made per compile."""
 
     x: torch.Tensor | None = None
 
@@ -195,10 +197,23 @@ class Bottleneck(TechniqueImpl):
         return {tap_site: block.tap, out_site: block}
 
     def compile(self, site: str, uses: list[Use], batch: BatchInfo) -> list[SiteOp]:
+        return self.compile_all({site: uses}, batch)[site]
+
+    def compile_all(self, site_uses: dict[str, list[Use]], batch: BatchInfo) -> dict[str, list[SiteOp]]:
+        """Per site its op; a block's TapOp and BlockOp share a recording made here, not the resident's."""
+        recordings: dict[int, Tap] = {}  # id of the resident's Tap -> this compile's
+
+        def recording(tap: Tap) -> Tap:
+            return recordings.setdefault(id(tap), Tap())
+
+        return {site: self._compile_site(site, uses, batch, recording) for site, uses in site_uses.items()}
+
+    @staticmethod
+    def _compile_site(site: str, uses: list[Use], batch: BatchInfo, recording) -> list[SiteOp]:
         # Every resident with a block here has its tap site too, so both sites see these same uses.
         first = uses[0].resident.sites[site]
         if isinstance(first, Tap):
-            return [TapOp(first)]
+            return [TapOp(recording(first))]
         by_row: dict[int, list[Use]] = {}
         for use in uses:
             by_row.setdefault(use.row, []).append(use)
@@ -213,7 +228,7 @@ class Bottleneck(TechniqueImpl):
             group = groups.setdefault(program, ([], mode, [(u.resident.sites[site], w)
                                                             for u, w in zip(row_uses, weights)]))
             group[0].append(row)
-        return [BlockOp(first.tap, list(groups.values()))]
+        return [BlockOp(recording(first.tap), list(groups.values()))]
 
     def check_plan(self, uses_of_row: list[Use], mode: str) -> None:
         if mode != "average":
