@@ -24,7 +24,20 @@ CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
                  "{% if add_generation_prompt %}>{% endif %}")
 
 __all__ = ["served_base", "served_adapters", "registry", "start_server", "frozen", "wait_until", "served_model",
-           "char_tokenizer", "CONTEXT", "DEVICE"]
+           "char_tokenizer", "CONTEXT", "DEVICE", "ADAPTER_MIXES"]
+
+# Requests' adapter arguments over every served technique and both composition modes, by name.
+ADAPTER_MIXES = {
+    "base": dict(adapters=[]),
+    "lora0": dict(adapters=["lora0"]),
+    "lora3": dict(adapters=["lora3"]),
+    "ia3": dict(adapters=["ia3"]),
+    "prompt_tuning": dict(adapters=["prompt-tuning"]),
+    "bitfit": dict(adapters=["bitfit"]),
+    "bottleneck": dict(adapters=["bottleneck"]),
+    "stack": dict(adapters=[("lora0", 0.5), "ia3", "bitfit"]),
+    "average": dict(adapters=["lora1", ("lora2", 3.0)], mode="average"),
+}
 
 
 def char_tokenizer():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from server_support import *  # noqa: F401,F403
-from server_support import DEVICE, frozen, served_model, wait_until
+from server_support import ADAPTER_MIXES, DEVICE, frozen, served_model, wait_until
 
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 
@@ -64,18 +64,7 @@ def test_score_equals_peft_logprobs(start_server, served_base, served_adapters):
     assert [a.ref for a in reply.adapters] == ["lora1@1.0.0"]
 
 
-REQUESTS = {
-    "base": dict(adapters=[]),
-    "lora0": dict(adapters=["lora0"]),
-    "lora3": dict(adapters=["lora3"]),
-    "ia3": dict(adapters=["ia3"]),
-    "prompt_tuning": dict(adapters=["prompt-tuning"]),
-    "bitfit": dict(adapters=["bitfit"]),
-    "bottleneck": dict(adapters=["bottleneck"]),
-    "stack": dict(adapters=[("lora0", 0.5), "ia3", "bitfit"]),
-    "average": dict(adapters=["lora1", ("lora2", 3.0)], mode="average"),
-    "by_ids": dict(adapters=["lora2"], token_ids=list(range(3, 40))),
-}
+REQUESTS = {**ADAPTER_MIXES, "by_ids": dict(adapters=["lora2"], token_ids=list(range(3, 40)))}
 
 
 def test_concurrent_clients_get_what_each_gets_alone(start_server):

@@ -15,24 +15,12 @@ import threading
 import grpc
 
 from server_support import *  # noqa: F401,F403
-from server_support import wait_until
+from server_support import ADAPTER_MIXES, wait_until
 
 from hub.artifact import read_adapter
 
 PROMPTS = ("Hi", "Hello there, adapters!", "A longer prompt, wider than the others in the batch: it pads them.")
-KINDS = {
-    "base": dict(adapters=[]),
-    "lora0": dict(adapters=["lora0"]),
-    "lora1": dict(adapters=["lora1"]),
-    "lora2": dict(adapters=["lora2"]),
-    "lora3": dict(adapters=["lora3"]),
-    "ia3": dict(adapters=["ia3"]),
-    "prompt_tuning": dict(adapters=["prompt-tuning"]),
-    "bitfit": dict(adapters=["bitfit"]),
-    "bottleneck": dict(adapters=["bottleneck"]),
-    "stack": dict(adapters=[("lora0", 0.5), "ia3", "bitfit"]),
-    "average": dict(adapters=["lora1", ("lora2", 3.0)], mode="average"),
-}
+KINDS = {**ADAPTER_MIXES, "lora1": dict(adapters=["lora1"]), "lora2": dict(adapters=["lora2"])}
 LONGEST = 16  # new tokens of the reference answers
 CLIENTS, REQUESTS_EACH = 8, 8
 ENDED = (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED)
