@@ -95,6 +95,7 @@ class _NoRoomYet(Exception):
     def __init__(self, key: str, need: int, freed: int):
         super().__init__(key)
         self.key, self.need, self.freed = key, need, freed  # freed: the pool's count of frees when refused
+        self.read: tuple[Any, Adapter] | None = None  # (manifest, adapter) when it was read from disk for this
 
 
 def _damaged(key: str, error: IntegrityError) -> ServeError:
@@ -169,6 +170,8 @@ class AdapterPool:
                                                       then_submit=then_submit and i == len(manifests) - 1))
                 except _NoRoomYet as no_room:
                     mark = self._let_go(held, no_room)
+                    if no_room.read is not None:  # it will wait: read once, however long that takes
+                        self._keep_on_host(no_room.key, *no_room.read)
                     waiter = waiter or self._queue_waiter(alive)
                     self._wait_for_room(waiter, no_room, mark)
                     continue
@@ -303,10 +306,10 @@ class AdapterPool:
         need = self.engine.weights_bytes(adapter)
         try:
             victims = self._make_room(need, key)
-        except _NoRoomYet:
+        except _NoRoomYet as no_room:
             verified()  # a damaged file is reported as damaged, not as one that finds no room
             if source is Tier.DISK:
-                self._keep_on_host(key, manifest, adapter)  # read once, however long it waits
+                no_room.read = (manifest, adapter)
             raise
         except ServeError:
             verified()
@@ -349,7 +352,7 @@ class AdapterPool:
         return entry
 
     def _keep_on_host(self, key: str, manifest, adapter: Adapter) -> None:
-        """Keep an adapter read from disk (hashed right, fits) in the host tier while its request waits."""
+        """Keep an adapter read from disk (hashed right, fits) in the host tier while its request waits for room."""
         with self._lock:
             entry = self._entries.setdefault(key, Entry(key=key, manifest=manifest))
             if entry.tier is Tier.DISK:

@@ -129,6 +129,7 @@ def test_pinned_adapters_that_hold_the_budget_refuse_at_once(make_pool):
     assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "pinned adapters hold" in caught.value.message and "unload a pinned adapter" in caught.value.message
     assert pool.metrics.adapter_waits._value.get() == 0
+    assert _tiers(pool).get("lora2", Tier.DISK) is Tier.DISK  # kept in host memory only by a request that waits
 
 
 def test_a_request_whose_adapters_together_exceed_the_budget_is_refused_at_once(make_pool):
