@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
@@ -207,10 +208,23 @@ def _list_adapters(as_json: bool, server: str, token_file: Optional[Path], tls_c
         typer.echo(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
         return
     typer.echo(f"device memory: {reply.device_used_bytes} / {reply.device_budget_bytes} bytes")
+    now = time.time()
     for a in reply.adapters:
         tier = pb.Tier.Name(a.tier).removeprefix("TIER_").lower()
-        typer.echo(f"{a.ref:40} {a.technique:13} {tier:6} {a.size_bytes:>12} B  "
-                   f"{'pinned ' if a.pinned else ''}served {a.requests_served}")
+        typer.echo(f"{a.ref:40} {a.technique:13} {tier:6} {a.size_bytes:>12} B  in use {a.in_use:<3} "
+                   f"served {a.requests_served:<5} last used {_ago(a.last_used_unix, now):9}"
+                   f"{'  pinned' if a.pinned else ''}")
+
+
+def _ago(unix: float, now: float) -> str:
+    """'never', or how long ago in the largest whole unit (s, min, h, d)."""
+    if not unix:
+        return "never"
+    seconds = max(0.0, now - unix)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)} {unit} ago"
+    return f"{int(seconds)} s ago"
 
 
 @adapters_app.callback(invoke_without_command=True)
@@ -228,7 +242,7 @@ def adapters_list(
     as_json: bool = typer.Option(False, "--json"),
     server: str = SERVER_OPT, token_file: Optional[Path] = TOKEN_OPT, tls_ca: Optional[Path] = CA_OPT,
 ) -> None:
-    """What the server holds: tier, size, pinned, requests served."""
+    """What the server holds: tier, size, requests running with it, requests served, last use, pinned."""
     _list_adapters(as_json, server, token_file, tls_ca)
 
 

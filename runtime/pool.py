@@ -185,12 +185,18 @@ class AdapterPool:
             if waiter is not None:
                 self._dequeue_waiter(waiter)
 
-    def release(self, lease: Lease) -> None:
+    def release(self, lease: Lease, *, served: bool = True) -> None:
+        """Let go of a lease; `served=False` for one that served no request (an admin load): it counts no
+        request and leaves the last request's time as it was (for LRU it still counts as a use)."""
         now, wall = time.monotonic(), time.time()
         with self._lock:
             for entry in lease.entries:
                 entry.in_use -= 1
-                entry.last_used, entry.last_used_unix = now, wall
+                entry.last_used = now
+                if served:
+                    entry.last_used_unix = wall
+                else:
+                    entry.requests -= 1
             self._room_freed_locked()
 
     def _room_freed_locked(self) -> None:
@@ -477,11 +483,8 @@ class AdapterPool:
             entry = self._entries.get(manifest.ref)
             was_resident = entry is not None and entry.tier is Tier.DEVICE
         lease = self.acquire([manifest], pin=pin, alive=alive)
-        self.release(lease)
-        with self._lock:
-            entry = lease.entries[0]
-            entry.requests -= 1  # an admin load serves no request
-        return entry, 0.0 if was_resident else time.perf_counter() - started
+        self.release(lease, served=False)
+        return lease.entries[0], 0.0 if was_resident else time.perf_counter() - started
 
     def unload(self, ref: str) -> Entry:
         """UnloadAdapter: unpin and drop from memory; FAILED_PRECONDITION while requests use it."""

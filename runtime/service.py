@@ -168,9 +168,11 @@ class RuntimeService(pb_grpc.RuntimeServicer):
             plan = RowPlan(tuple(AdapterUse(k, w) for k, w in zip(lease.keys, weights)), _MODES.get(mode, "stack"))
             virtual = self.pool.soft_prompt_tokens(lease)
             total = len(ids) + virtual
+            soft = f" ({virtual} of them soft prompt)" if virtual else ""
             _ok(total + context_needed <= self.limits.context_length,
-                f"the prompt is {total} tokens ({virtual} of them soft prompt); with {context_needed} new tokens "
-                f"that is past the context length {self.limits.context_length}")
+                f"the prompt is {total} tokens{soft}: "
+                + ("no room is left for a new token within" if context_needed else "that is past")
+                + f" the context length {self.limits.context_length}")
         except BaseException:
             self.pool.release(lease)
             raise

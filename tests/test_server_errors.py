@@ -36,8 +36,10 @@ BAD_REQUESTS = [
     ("top_p over 1", dict(prompt=PROMPT, top_p=1.5), "top_p"),
     ("empty stop string", dict(prompt=PROMPT, stop=[""]), "stop"),
     ("too many stop strings", dict(prompt=PROMPT, stop=[str(i) for i in range(9)]), "stop"),
-    ("prompt past the context", dict(token_ids=[5] * 4096), "context length"),
-    ("soft prompt pushes past the context", dict(token_ids=[5] * 4093, adapters=["prompt-tuning"]), "soft prompt"),
+    ("prompt past the context", dict(token_ids=[5] * 4096),
+     "the prompt is 4096 tokens: no room is left for a new token within the context length 4096"),
+    ("soft prompt pushes past the context", dict(token_ids=[5] * 4093, adapters=["prompt-tuning"]),
+     "the prompt is 4097 tokens (4 of them soft prompt): no room"),
     ("too many adapters", dict(prompt=PROMPT, adapters=["lora0", "lora1", "lora2"]), "at most 2"),
     ("same adapter twice", dict(prompt=PROMPT, adapters=["lora0", "lora0@1.0.0"]), "named twice"),
     ("empty ref", dict(prompt=PROMPT, adapters=[""]), "empty"),
@@ -66,7 +68,8 @@ def test_invalid_argument(start_server, name, kwargs, message):
 def test_score_invalid_argument(start_server):
     _, client = start_server()
     for kwargs, message in ((dict(text=""), "empty"), (dict(token_ids=[5]), "at least 2 tokens"),
-                            (dict(text="hi", token_ids=[5, 6]), "not both")):
+                            (dict(text="hi", token_ids=[5, 6]), "not both"),
+                            (dict(token_ids=[5] * 4097), "the prompt is 4097 tokens: that is past the context length")):
         error = _refused(client.score, **kwargs)
         assert error.code() == CODE.INVALID_ARGUMENT and message in error.details()
 

@@ -90,6 +90,7 @@ def test_client_commands(start_server, tmp_path):
     listed = _hub("adapters", *auth)
     assert listed.exit_code == 0, listed.output
     assert "ia3@1.0.0" in listed.output and "pinned" in listed.output
+    assert listed.output.count("last used never") == 2  # preloaded, no request yet
     assert _hub("adapters", "list", "--json", *auth).output.count('"pinned": true') == 2
     loaded = _hub("adapters", "load", "lora1", *auth)
     assert loaded.exit_code == 0 and "loaded lora1@1.0.0" in loaded.output
@@ -104,6 +105,8 @@ def test_client_commands(start_server, tmp_path):
     scored = _hub("score", "Hello", "-a", "lora1", *auth)
     assert scored.exit_code == 0 and scored.output.splitlines()[-1].startswith("total\t-")
     assert len(scored.output.splitlines()) == len("Hello")  # one line per scored token + the total
+    used = next(line for line in _hub("adapters", *auth).output.splitlines() if line.startswith("lora1@1.0.0"))
+    assert re.search(r"in use 0 +served 4 +last used \d+ s ago", used), used  # generate x3 and score
     unloaded = _hub("adapters", "unload", "lora1", *auth)
     assert unloaded.exit_code == 0 and "unloaded lora1@1.0.0" in unloaded.output
     refused = _hub("generate", "Hello", "-a", "nobody", *auth)
@@ -164,3 +167,12 @@ def test_default_base_model_serves_two_adapters_that_answer_differently(tmp_path
         assert serve.terminate() == 0
     finally:
         serve.kill()
+
+
+@pytest.mark.parametrize("seconds,shown", [(0.4, "0 s ago"), (59, "59 s ago"), (60, "1 min ago"), (3599, "59 min ago"),
+                                           (7200, "2 h ago"), (3 * 86400 + 5, "3 d ago")])
+def test_adapters_listing_shows_last_use_in_the_largest_whole_unit(seconds, shown):
+    from runtime.cli import _ago
+
+    assert _ago(1_000_000.0, 1_000_000.0 + seconds) == shown
+    assert _ago(0.0, 1_000_000.0) == "never"
