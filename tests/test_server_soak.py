@@ -1,10 +1,12 @@
 """Soak: many clients at once over every technique against a small batch and a small adapter budget.
 
 Rows join and leave every few steps (prompts of different widths, soft prompts), adapters are evicted to host
-memory and to disk and loaded again, requests wait for device room, streams are cancelled mid-way and short
-deadlines pass. Greedy decoding makes every answer checkable: a request that completes gets the first
-`max_new_tokens` of what the same prompt and adapters generate alone; every other request ends CANCELLED or
-DEADLINE_EXCEEDED; afterwards nothing is held, nothing waits and the budget holds. The random choices are
+memory and to disk and loaded again, requests wait for device room, streams are cancelled mid-way, short
+deadlines pass, Score and per-request merges run between decode steps, and an admin client loads and unloads
+adapters throughout. Greedy decoding makes every answer checkable: a request that completes gets the first
+`max_new_tokens` of what the same prompt and adapters generate alone, and a score equals the score alone;
+every other request ends CANCELLED or DEADLINE_EXCEEDED; the admin calls end OK or with the refusal their
+moment explains. Afterwards nothing is held, nothing waits and the budget holds. The random choices are
 seeded; which requests meet which in a batch is up to the machine, and every outcome above is checked.
 """
 from __future__ import annotations
@@ -13,33 +15,49 @@ import random
 import threading
 
 import grpc
+import pytest
 
 from server_support import *  # noqa: F401,F403
 from server_support import ADAPTER_MIXES, wait_until
 
 from hub.artifact import read_adapter
+from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 
 PROMPTS = ("Hi", "Hello there, adapters!", "A longer prompt, wider than the others in the batch: it pads them.")
-KINDS = {**ADAPTER_MIXES, "lora1": dict(adapters=["lora1"]), "lora2": dict(adapters=["lora2"])}
+KINDS = {**ADAPTER_MIXES, "lora1": dict(adapters=["lora1"]), "lora2": dict(adapters=["lora2"]),
+         "merge": dict(adapters=["lora0", ("lora1", 0.5)], mode="merge",
+                       merge=pb.MergeOptions(method="ties_svd", density=0.5, svd_rank=8))}
 LONGEST = 16  # new tokens of the reference answers
 CLIENTS, REQUESTS_EACH = 8, 8
 ENDED = (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED)
+# What an admin call may meet mid-traffic: the adapter in use (unload) or not loaded (unload).
+ADMIN_REFUSALS = {"unload": (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND), "load": ()}
 
 
 def _bytes(server, registry, name: str) -> int:
     return server.engine.weights_bytes(read_adapter(registry.materialize(registry.resolve(name))))
 
 
-def _client_run(client, references: dict, seed: int, failures: list, outcomes: list) -> None:
+def _scores(client, prompt: str, kwargs: dict) -> list[float]:
+    return list(client.score(prompt, **kwargs).logprobs)
+
+
+def _client_run(client, references: dict, scores: dict, seed: int, failures: list, outcomes: list) -> None:
     """One client's requests, one after another; a wrong answer or an unexpected error lands in `failures`."""
     rng = random.Random(seed)
     for _ in range(REQUESTS_EACH):
         kind, prompt = rng.choice(sorted(KINDS)), rng.choice(PROMPTS)
         expected = references[kind, prompt]
         n = rng.randint(1, LONGEST)
-        how = rng.choice(("unary", "stream", "stream", "cancel", "deadline"))
+        how = rng.choice(("unary", "stream", "stream", "cancel", "deadline", "score"))
         label = f"{kind} / {prompt[:12]!r} / {how} / max_new_tokens={n}"
         try:
+            if how == "score":
+                got = _scores(client, prompt, KINDS[kind])
+                outcomes.append("OK")
+                if max(abs(a - b) for a, b in zip(got, scores[kind, prompt], strict=True)) > 1e-5:
+                    failures.append(f"{label}: scores {got} differ from alone {scores[kind, prompt]}")
+                continue
             if how == "unary":
                 got = list(client.generate(prompt, max_new_tokens=n, **KINDS[kind]).token_ids)
             elif how == "deadline":  # may finish first or expire while queued, loading, waiting or decoding
@@ -67,10 +85,26 @@ def _client_run(client, references: dict, seed: int, failures: list, outcomes: l
             failures.append(f"{label}: got {got}, alone it is {expected[:n]}")
 
 
+def _admin_run(client, seed: int, stop: threading.Event, failures: list, outcomes: list) -> None:
+    """Loads and unloads LoRAs while the clients run (each call a moment's snapshot: any refusal it may meet)."""
+    rng = random.Random(seed)
+    while not stop.is_set():
+        action, name = rng.choice(sorted(ADMIN_REFUSALS)), rng.choice(("lora0", "lora1", "lora2", "lora3"))
+        try:
+            (client.unload_adapter if action == "unload" else client.load_adapter)(name)
+            outcomes.append(f"admin {action} OK")
+        except grpc.RpcError as e:
+            if e.code() not in ADMIN_REFUSALS[action]:
+                failures.append(f"admin {action} {name}: {e.code().name}: {e.details()}")
+            else:
+                outcomes.append(f"admin {action} {e.code().name}")
+
+
 def test_many_clients_every_technique_small_batch_small_budget(start_server, registry):
     server, client = start_server(max_new_tokens=64)
     references = {(kind, prompt): list(client.generate(prompt, max_new_tokens=LONGEST, **kwargs).token_ids)
                   for kind, kwargs in KINDS.items() for prompt in PROMPTS}
+    scores = {(kind, prompt): _scores(client, prompt, kwargs) for kind, kwargs in KINDS.items() for prompt in PROMPTS}
     assert len({tuple(v) for v in references.values()}) > len(references) // 2  # the adapters change the answers
     # The largest request (lora1 + lora2) fits the budget alone; the host tier holds about one LoRA more.
     budget = _bytes(server, registry, "lora1") + _bytes(server, registry, "lora2")
@@ -78,18 +112,24 @@ def test_many_clients_every_technique_small_batch_small_budget(start_server, reg
                                   host_adapter_memory=_bytes(server, registry, "lora3"))
     failures: list[str] = []
     outcomes: list[str] = []
-    threads = [threading.Thread(target=_client_run, args=(client, references, seed, failures, outcomes))
+    threads = [threading.Thread(target=_client_run, args=(client, references, scores, seed, failures, outcomes))
                for seed in range(CLIENTS)]
-    for thread in threads:
+    stop, admin_outcomes = threading.Event(), []
+    admin = threading.Thread(target=_admin_run, args=(client, CLIENTS, stop, failures, admin_outcomes))
+    for thread in threads + [admin]:
         thread.start()
     for thread in threads:
         thread.join()
+    stop.set()
+    admin.join()
     assert not failures, "\n".join(failures)
-    assert len(outcomes) == CLIENTS * REQUESTS_EACH and "OK" in outcomes
+    assert len(outcomes) == CLIENTS * REQUESTS_EACH and "OK" in outcomes and admin_outcomes
     wait_until(lambda: server.scheduler.load() == (0, 0), "the batch and the queue emptied")
     wait_until(lambda: all(e.in_use == 0 for e in server.pool.entries()), "every adapter let go")
     assert server.metrics.adapters_waiting._value.get() == 0
     assert server.pool.device_used() <= budget
     assert server.metrics.evictions.labels(tier="device")._value.get() > 0  # the budget was really small
     for kind, kwargs in KINDS.items():  # still serving, still right
-        assert list(client.generate(PROMPTS[1], max_new_tokens=LONGEST, **kwargs).token_ids) == references[kind, PROMPTS[1]]
+        reply = client.generate(PROMPTS[1], max_new_tokens=LONGEST, **kwargs)
+        assert list(reply.token_ids) == references[kind, PROMPTS[1]]
+        assert _scores(client, PROMPTS[1], kwargs) == pytest.approx(scores[kind, PROMPTS[1]], abs=1e-5)
