@@ -104,7 +104,8 @@ def serve(
         preload=tuple(r.strip() for item in preload for r in item.split(",") if r.strip()),
         adapter_memory=parse_bytes("--adapter-memory", adapter_memory),
         host_adapter_memory=parse_bytes("--host-adapter-memory", host_adapter_memory) if host_adapter_memory else None,
-        adapter_wait_seconds=adapter_wait, max_batch_size=max_batch_size, max_queue=max_queue, max_new_tokens=max_new_tokens, dtype=dtype, device=device,
+        adapter_wait_seconds=adapter_wait, max_batch_size=max_batch_size, max_queue=max_queue,
+        max_new_tokens=max_new_tokens, dtype=dtype, device=device,
         metrics_port=metrics_port, auth_token_file=auth_token_file, auth_admin_only=auth_admin_only,
         tls_cert=tls_cert, tls_key=tls_key, remote=remote, grace_seconds=grace,
     )
@@ -211,9 +212,10 @@ def _list_adapters(as_json: bool, server: str, token_file: Optional[Path], tls_c
     now = time.time()
     for a in reply.adapters:
         tier = pb.Tier.Name(a.tier).removeprefix("TIER_").lower()
-        typer.echo(f"{a.ref:40} {a.technique:13} {tier:6} {a.size_bytes:>12} B  in use {a.in_use:<3} "
-                   f"served {a.requests_served:<5} last used {_ago(a.last_used_unix, now):9}"
-                   f"{'  pinned' if a.pinned else ''}")
+        line = (f"{a.ref:40} {a.technique:13} {tier:6} {a.size_bytes:>12} B  in use {a.in_use:<3} "
+                f"served {a.requests_served:<5} last used {_ago(a.last_used_unix, now):9}  "
+                f"{'pinned' if a.pinned else ''}")
+        typer.echo(line.rstrip())
 
 
 def _ago(unix: float, now: float) -> str:
