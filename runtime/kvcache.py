@@ -20,6 +20,7 @@ concatenate and index the columns they hold and set their `cumulative_length` to
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -138,7 +139,7 @@ def keep_rows(layer: CacheLayerMixin, keep: list[int], drop: int) -> None:
     """Keep only the rows `keep` (ascending) and drop the first `drop` columns. A GrowingLayer moves the kept
     rows up over the others inside its buffer; other layers index."""
     if not isinstance(layer, GrowingLayer) or not layer._keys_span.owned or not layer._values_span.owned:
-        index = torch.tensor(keep, device=layer.keys.device)
+        index = _index(tuple(keep), layer.keys.device)
         width = layer.get_seq_length() - drop
         first = layer.keys.shape[-2] - _columns(layer, width)
         layer.keys = layer.keys[index, :, first:]
@@ -163,8 +164,15 @@ def move_rows(t: torch.Tensor, keep: list[int], one_by_one: bool) -> None:
         for to, row in moves:  # to < row, in order: a row is read before anything overwrites it
             t[to].copy_(t[row])
         return
-    to, rows = (torch.tensor(side, device=t.device) for side in zip(*moves))
-    t.index_copy_(0, to, t.index_select(0, rows))
+    to, rows = zip(*moves)
+    t.index_copy_(0, _index(to, t.device), t.index_select(0, _index(rows, t.device)))
+
+
+@functools.lru_cache(maxsize=8)
+def _index(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """An index tensor on `device`, made once per leave rather than per layer and tensor (on a GPU each one is
+    a host-to-device copy)."""
+    return torch.tensor(values, device=device)
 
 
 def _columns(layer: CacheLayerMixin, width: int) -> int:

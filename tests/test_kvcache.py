@@ -122,6 +122,19 @@ def test_move_rows_moves_the_kept_rows_up_in_place(one_by_one):
         assert torch.equal(view[:len(keep)], want)
 
 
+def test_a_leave_makes_its_move_indices_once_for_all_layers():
+    """The kernel way (a GPU's) moves rows with index tensors; a leave makes them once, not per layer and tensor."""
+    from runtime import kvcache
+
+    kvcache._index.cache_clear()
+    views = [torch.randn(5, 2, 8, 3) for _ in range(8)]  # 4 layers x keys, values
+    wants = [v[[0, 2, 4]].clone() for v in views]
+    for view in views:
+        move_rows(view, [0, 2, 4], one_by_one=False)
+    assert all(torch.equal(v[:3], w) for v, w in zip(views, wants))
+    assert kvcache._index.cache_info().misses == 2  # rows moved to, rows moved from
+
+
 def test_new_cache_grows_full_attention_layers_and_keeps_sliding_ones():
     assert all(type(layer) is GrowingLayer for layer in new_cache(tiny_llama()).layers)
     from transformers import MistralConfig, MistralForCausalLM
