@@ -2,12 +2,13 @@
 
 Rows join and leave every few steps (prompts of different widths, soft prompts), adapters are evicted to host
 memory and to disk and loaded again, requests wait for device room, streams are cancelled mid-way, short
-deadlines pass, Score and per-request merges run between decode steps, and an admin client loads and unloads
-adapters throughout. Greedy decoding makes every answer checkable: a request that completes gets the first
-`max_new_tokens` of what the same prompt and adapters generate alone, and a score equals the score alone;
-every other request ends CANCELLED or DEADLINE_EXCEEDED; the admin calls end OK or with the refusal their
-moment explains. Afterwards nothing is held, nothing waits and the budget holds. The random choices are
-seeded; which requests meet which in a batch is up to the machine, and every outcome above is checked.
+deadlines pass, stop strings end answers mid-way, Score and per-request merges run between decode steps, and an
+admin client loads and unloads adapters throughout. Greedy decoding makes every answer checkable: a request
+that completes gets the first `max_new_tokens` of what the same prompt and adapters generate alone (with a stop
+string: the same tokens and text as alone), and a score equals the score alone; every other request ends
+CANCELLED or DEADLINE_EXCEEDED; the admin calls end OK or with the refusal their moment explains. Afterwards
+nothing is held, nothing waits and the budget holds. The random choices are seeded; which requests meet which
+in a batch is up to the machine, and every outcome above is checked.
 """
 from __future__ import annotations
 
@@ -42,16 +43,30 @@ def _scores(client, prompt: str, kwargs: dict) -> list[float]:
     return list(client.score(prompt, **kwargs).logprobs)
 
 
-def _client_run(client, references: dict, scores: dict, seed: int, failures: list, outcomes: list) -> None:
+def _stopped(client, prompt: str, kwargs: dict, stop: str) -> tuple[list[int], str, str]:
+    reply = client.generate(prompt, max_new_tokens=LONGEST, stop=[stop], **kwargs)
+    return list(reply.token_ids), reply.text, reply.finish_reason
+
+
+def _client_run(client, references: dict, scores: dict, stops: dict, seed: int, failures: list,
+                outcomes: list) -> None:
     """One client's requests, one after another; a wrong answer or an unexpected error lands in `failures`."""
     rng = random.Random(seed)
     for _ in range(REQUESTS_EACH):
         kind, prompt = rng.choice(sorted(KINDS)), rng.choice(PROMPTS)
         expected = references[kind, prompt]
         n = rng.randint(1, LONGEST)
-        how = rng.choice(("unary", "stream", "stream", "cancel", "deadline", "score"))
+        how = rng.choice(("unary", "stream", "stream", "cancel", "deadline", "score", "stop"))
+        how = "unary" if how == "stop" and (kind, prompt) not in stops else how
         label = f"{kind} / {prompt[:12]!r} / {how} / max_new_tokens={n}"
         try:
+            if how == "stop":  # a stop string the answer reaches mid-way: the same cut as alone
+                stop, alone = stops[kind, prompt]
+                got = _stopped(client, prompt, KINDS[kind], stop)
+                outcomes.append("OK")
+                if got != alone:
+                    failures.append(f"{label}: stop {stop!r}: got {got}, alone it is {alone}")
+                continue
             if how == "score":
                 got = _scores(client, prompt, KINDS[kind])
                 outcomes.append("OK")
@@ -105,6 +120,13 @@ def test_many_clients_every_technique_small_batch_small_budget(start_server, reg
     references = {(kind, prompt): list(client.generate(prompt, max_new_tokens=LONGEST, **kwargs).token_ids)
                   for kind, kwargs in KINDS.items() for prompt in PROMPTS}
     scores = {(kind, prompt): _scores(client, prompt, kwargs) for kind, kwargs in KINDS.items() for prompt in PROMPTS}
+    stops = {}  # a stop string from the middle of each answer, and what the request with it gets alone
+    for (kind, prompt), tokens in references.items():
+        stop = server.engine.tokenizer.decode(tokens, skip_special_tokens=True)[3:5]
+        if stop:  # (an answer of 3 visible characters or fewer gets no stop request)
+            stops[kind, prompt] = stop, _stopped(client, prompt, KINDS[kind], stop)
+            assert stops[kind, prompt][1][2] == "stop", (kind, prompt, stop)
+    assert len(stops) > len(references) // 2
     assert len({tuple(v) for v in references.values()}) > len(references) // 2  # the adapters change the answers
     # The largest request (lora1 + lora2) fits the budget alone; the host tier holds about one LoRA more.
     budget = _bytes(server, registry, "lora1") + _bytes(server, registry, "lora2")
@@ -112,7 +134,7 @@ def test_many_clients_every_technique_small_batch_small_budget(start_server, reg
                                   host_adapter_memory=_bytes(server, registry, "lora3"))
     failures: list[str] = []
     outcomes: list[str] = []
-    threads = [threading.Thread(target=_client_run, args=(client, references, scores, seed, failures, outcomes))
+    threads = [threading.Thread(target=_client_run, args=(client, references, scores, stops, seed, failures, outcomes))
                for seed in range(CLIENTS)]
     stop, admin_outcomes = threading.Event(), []
     admin = threading.Thread(target=_admin_run, args=(client, CLIENTS, stop, failures, admin_outcomes))
