@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import random
 
 import pytest
 import torch
@@ -216,11 +217,9 @@ def test_a_leave_between_steps_restarts_the_count_of_steady_steps(engine):
     assert {s.id: s.output_ids for s in seqs if s.id != "1"} == {k: v for k, v in alone.items() if k != "1"}
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen2", "gemma2"])
-def test_sliding_window_models_batch_continuously(arch):
-    """Sliding-window layers (Mistral: every layer; Qwen2 here and Gemma 2: alternating with full ones): rows
-    join and leave past the window and each generates what it generates alone, which is what transformers'
-    own generate() gives."""
+def sliding_model(arch: str):
+    """A tiny model with sliding-window layers (window 6): Mistral (every layer), Qwen2 and Gemma 2 (alternating
+    with full-attention ones)."""
     from transformers import (Gemma2Config, Gemma2ForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                               Qwen2ForCausalLM)
 
@@ -228,12 +227,19 @@ def test_sliding_window_models_batch_continuously(arch):
                  num_key_value_heads=2, sliding_window=6, eos_token_id=127, pad_token_id=0)
     torch.manual_seed(0)
     if arch == "mistral":
-        model = MistralForCausalLM(MistralConfig(**shape)).eval()
-    elif arch == "gemma2":
-        model = Gemma2ForCausalLM(Gemma2Config(**shape, head_dim=16)).eval()
-    else:
-        model = Qwen2ForCausalLM(Qwen2Config(**shape, use_sliding_window=True,
-                                             layer_types=["sliding_attention", "full_attention"])).eval()
+        return MistralForCausalLM(MistralConfig(**shape)).eval()
+    if arch == "gemma2":
+        return Gemma2ForCausalLM(Gemma2Config(**shape, head_dim=16)).eval()
+    return Qwen2ForCausalLM(Qwen2Config(**shape, use_sliding_window=True,
+                                        layer_types=["sliding_attention", "full_attention"])).eval()
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "gemma2"])
+def test_sliding_window_models_batch_continuously(arch):
+    """Sliding-window layers (Mistral: every layer; Qwen2 here and Gemma 2: alternating with full ones): rows
+    join and leave past the window and each generates what it generates alone, which is what transformers'
+    own generate() gives."""
+    model = sliding_model(arch)
     sliding = Engine(copy.deepcopy(model))
     prompts = [PROMPTS[2], PROMPTS[3], PROMPTS[0], PROMPTS[1], list(range(30, 45))]
     seqs = [Sequence(str(i), p, RowPlan(), SamplingParams(max_new_tokens=10 + i)) for i, p in enumerate(prompts)]
@@ -245,6 +251,38 @@ def test_sliding_window_models_batch_continuously(arch):
     got = run(sliding, seqs[:2], joins={3: seqs[2:4], 9: seqs[4:]}, leaves={7: ["1"]})
     assert got["1"] == alone["1"][:7]
     assert {k: v for k, v in got.items() if k != "1"} == {k: v for k, v in alone.items() if k != "1"}
+
+
+@pytest.mark.parametrize("arch,seed", [("llama", 0), ("llama", 1), ("mistral", 2), ("gemma2", 3)])
+def test_random_joins_leaves_and_cancels_give_each_row_what_it_gets_alone(engine, arch, seed):
+    """A seeded random schedule over a 3-row batch: prompts of 1-12 tokens join at random steps (more than fit,
+    so they also wait for rows), run 1-80 new tokens (past the cache's HEADROOM), and some are cancelled
+    mid-way. Every row gets what it gets alone (a cancelled one: a prefix of it). On the Llama, rows mix every
+    technique; the sliding-window models run past their window of 6."""
+    rng = random.Random(seed)
+    eng, plans = (engine, PLANS) if arch == "llama" else (Engine(sliding_model(arch)), [RowPlan()])
+    seqs = [Sequence(str(i), [rng.randrange(1, 120) for _ in range(rng.randint(1, 12))], rng.choice(plans),
+                     SamplingParams(max_new_tokens=rng.randint(1, 80))) for i in range(12)]
+    alone = {s.id: run(eng, [Sequence(s.id, s.prompt_ids, s.plan, s.sampling)])[s.id] for s in seqs}
+    batch, waiting, cancelled = Batch(eng, max_rows=3), list(seqs), set()
+    for _ in range(5000):
+        if not (waiting or len(batch)):
+            break
+        while waiting and rng.random() < 0.3:
+            batch.add(waiting.pop(0))
+        running = [s for s in seqs if s.output_ids and s.finish_reason is None]
+        if running and rng.random() < 0.05:
+            victim = rng.choice(running)
+            batch.remove(victim.id)
+            cancelled.add(victim.id)
+        batch.step()
+    assert not waiting and not len(batch)
+    for s in seqs:
+        if s.id in cancelled:
+            assert s.finish_reason == "cancelled" and s.output_ids == alone[s.id][:len(s.output_ids)], s.id
+        else:
+            assert s.output_ids == alone[s.id], s.id
+    assert cancelled and len(cancelled) < len(seqs)
 
 
 def test_rows_wait_for_room_when_the_batch_is_full(engine):
