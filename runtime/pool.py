@@ -142,6 +142,9 @@ class AdapterPool:
                     return self.remote.fetch(ref, self.registry)
                 except NotFound as e:
                     raise NotFound(f"{local}; remote {self.remote.url}: {e}") from None
+                except IntegrityError as e:  # its bytes are not what the remote's manifest says: nothing was kept
+                    raise ServeError(grpc.StatusCode.DATA_LOSS,
+                                     f"adapter {ref!r} from remote {self.remote.url}: {e}") from None
         except InvalidName as e:
             raise ServeError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         except NotFound as e:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from server_support import *  # noqa: F401,F403
-from server_support import ADAPTER_MIXES, DEVICE, frozen, served_model, wait_until
+from server_support import ADAPTER_MIXES, CONTEXT, DEVICE, frozen, served_model, wait_until
 
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 
@@ -213,6 +213,56 @@ def test_a_deadline_ends_the_wait_for_room(start_server, registry):
     for stream in streams:
         stream.cancel()
     assert client.generate(PROMPT, adapters=["lora3"], max_new_tokens=2).finish_reason == "length"
+
+
+def test_an_adapter_only_on_the_remote_is_pulled_checked_and_served(start_server, registry, served_base,
+                                                                   served_adapters, tmp_path):
+    """`hub serve --remote`: a ref the local registry lacks is pulled (every file's sha256 checked) by the
+    request that names it, even by several at once, and served; one on neither is NOT_FOUND naming both."""
+    from hub.registry import Registry
+
+    shared = Registry(tmp_path / "shared")
+    shared.push(served_adapters["lora1"], "team/shared", "1.0.0", base_model=str(served_base))
+    server, client = start_server(remote=str(shared.root))
+    expected = list(client.generate(PROMPT, adapters=["lora1"], max_new_tokens=8).token_ids)
+    replies: list = []
+    threads = [threading.Thread(target=lambda: replies.append(
+        client.generate(PROMPT, adapters=["team/shared"], max_new_tokens=8))) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [list(r.token_ids) for r in replies] == [expected] * 3
+    assert {a.ref for r in replies for a in r.adapters} == {"team/shared@1.0.0"}
+    assert registry.resolve("team/shared").files == shared.resolve("team/shared").files  # now a local version
+    with pytest.raises(grpc.RpcError) as caught:
+        client.generate(PROMPT, adapters=["team/nowhere"])
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND and "remote" in caught.value.details()
+
+
+def test_a_damaged_file_on_the_remote_is_data_loss_and_nothing_is_kept(start_server, registry, served_base, tmp_path):
+    from conftest import save_peft_adapter, tiny_llama
+    from peft import LoraConfig
+
+    from hub.errors import NotFound
+    from hub.registry import Registry
+
+    fresh = save_peft_adapter(tiny_llama(max_position_embeddings=CONTEXT),  # bytes the local store lacks
+                              LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]), tmp_path / "fresh", seed=99)
+    shared = Registry(tmp_path / "shared")
+    manifest = shared.push(fresh, "team/broken", "1.0.0", base_model=str(served_base))
+    blob = shared.store.path(manifest.files["adapter_model.safetensors"]["sha256"])
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    _, client = start_server(remote=str(shared.root))
+    with pytest.raises(grpc.RpcError) as caught:
+        client.generate(PROMPT, adapters=["team/broken"])
+    assert caught.value.code() == grpc.StatusCode.DATA_LOSS, caught.value.details()
+    assert "team/broken" in caught.value.details()
+    with pytest.raises(NotFound):
+        registry.resolve("team/broken")
+    assert client.generate(PROMPT, adapters=["lora0"], max_new_tokens=2).finish_reason == "length"
 
 
 def test_list_adapters_and_info(start_server):
