@@ -31,6 +31,7 @@ before the block's POST ops, and two segments with the same adapter never read e
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -209,7 +210,7 @@ class Bottleneck(TechniqueImpl):
         return {site: self._compile_site(site, uses, batch, recording) for site, uses in site_uses.items()}
 
     @staticmethod
-    def _compile_site(site: str, uses: list[Use], batch: BatchInfo, recording) -> list[SiteOp]:
+    def _compile_site(site: str, uses: list[Use], batch: BatchInfo, recording: Callable[[Tap], Tap]) -> list[SiteOp]:
         # Every resident with a block here has its tap site too, so both sites see these same uses.
         first = uses[0].resident.sites[site]
         if isinstance(first, Tap):
