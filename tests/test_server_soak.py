@@ -2,13 +2,14 @@
 
 Rows join and leave every few steps (prompts of different widths, soft prompts), adapters are evicted to host
 memory and to disk and loaded again, requests wait for device room, streams are cancelled mid-way, short
-deadlines pass, stop strings end answers mid-way, Score and per-request merges run between decode steps, and an
-admin client loads and unloads adapters throughout. Greedy decoding makes every answer checkable: a request
-that completes gets the first `max_new_tokens` of what the same prompt and adapters generate alone (with a stop
-string: the same tokens and text as alone), and a score equals the score alone; every other request ends
-CANCELLED or DEADLINE_EXCEEDED; the admin calls end OK or with the refusal their moment explains. Afterwards
-nothing is held, nothing waits and the budget holds. The random choices are seeded; which requests meet which
-in a batch is up to the machine, and every outcome above is checked.
+deadlines pass, stop strings end answers mid-way, Score and per-request merges run between decode steps, an
+admin client loads and unloads adapters, and another writer pushes new versions under a tag that requests name.
+Greedy decoding makes every answer checkable: a request that completes gets the first `max_new_tokens` of what
+the same prompt and adapters generate alone (with a stop string: the same tokens and text as alone; under the
+moving tag: what the version it reports generates alone), and a score equals the score alone; every other
+request ends CANCELLED or DEADLINE_EXCEEDED; the admin calls end OK or with the refusal their moment explains.
+Afterwards nothing is held, nothing waits and the budget holds. The random choices are seeded; which requests
+meet which in a batch is up to the machine, and every outcome above is checked.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from server_support import *  # noqa: F401,F403
 from server_support import ADAPTER_MIXES, wait_until
 
 from hub.artifact import read_adapter
+from hub.registry import Registry
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 
 PROMPTS = ("Hi", "Hello there, adapters!", "A longer prompt, wider than the others in the batch: it pads them.")
@@ -30,6 +32,7 @@ KINDS = {**ADAPTER_MIXES, "lora1": dict(adapters=["lora1"]), "lora2": dict(adapt
                        merge=pb.MergeOptions(method="ties_svd", density=0.5, svd_rank=8))}
 LONGEST = 16  # new tokens of the reference answers
 CLIENTS, REQUESTS_EACH = 8, 8
+PUSHES = 12  # new versions of `tagged` pushed during the run
 ENDED = (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED)
 # What an admin call may meet mid-traffic: the adapter in use (unload) or not loaded (unload).
 ADMIN_REFUSALS = {"unload": (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND), "load": ()}
@@ -115,7 +118,50 @@ def _admin_run(client, seed: int, stop: threading.Event, failures: list, outcome
                 outcomes.append(f"admin {action} {e.code().name}")
 
 
-def test_many_clients_every_technique_small_batch_small_budget(start_server, registry):
+def _content(version: str) -> str:
+    """Which adapter's files the pusher put under `tagged@<version>`: lora0 and lora3 by turns."""
+    return ("lora0", "lora3")[int(version.split(".")[0]) % 2]
+
+
+def _push_version(registry, served_adapters, served_base, number: int) -> None:
+    version = f"{number}.0.0"
+    registry.push(served_adapters[_content(version)], "tagged", version, base_model=str(served_base))
+    registry.tag(f"tagged@{version}", "prod")
+
+
+def _pusher_run(registry, served_adapters, served_base, stop: threading.Event, failures: list, pushed: list) -> None:
+    """Pushes new versions of `tagged` and moves its `prod` tag while the server serves it (another writer): up to
+    PUSHES, one every 0.2 s, so the registry stays small and the clients meet several versions."""
+    try:
+        while len(pushed) < PUSHES and not stop.wait(0.2):
+            _push_version(registry, served_adapters, served_base, len(pushed) + 2)
+            pushed.append(len(pushed) + 2)
+    except Exception as e:  # noqa: BLE001 - reported as a failure of the test
+        failures.append(f"pusher: {e!r}")
+
+
+def _tagged_run(client, references: dict, seed: int, failures: list, outcomes: list) -> None:
+    """Requests naming `tagged@prod` while it moves: each answer is that of the version it reports."""
+    rng = random.Random(seed)
+    for _ in range(REQUESTS_EACH):
+        prompt, n, stream = rng.choice(PROMPTS), rng.randint(1, LONGEST), rng.random() < 0.5
+        try:
+            if stream:
+                chunks = list(client.generate_stream(prompt, max_new_tokens=n, adapters=["tagged@prod"]))
+                ref, got = chunks[0].adapters[0].ref, [t for c in chunks for t in c.token_ids]
+            else:
+                reply = client.generate(prompt, max_new_tokens=n, adapters=["tagged@prod"])
+                ref, got = reply.adapters[0].ref, list(reply.token_ids)
+        except grpc.RpcError as e:
+            failures.append(f"tagged@prod / {prompt[:12]!r}: {e.code().name}: {e.details()}")
+            continue
+        outcomes.append(ref)
+        expected = references[_content(ref.split("@")[1]), prompt][:n]
+        if got != expected:
+            failures.append(f"{ref} / {prompt[:12]!r}: got {got}, alone its files give {expected}")
+
+
+def test_many_clients_every_technique_small_batch_small_budget(start_server, registry, served_adapters, served_base):
     server, client = start_server(max_new_tokens=64)
     references = {(kind, prompt): list(client.generate(prompt, max_new_tokens=LONGEST, **kwargs).token_ids)
                   for kind, kwargs in KINDS.items() for prompt in PROMPTS}
@@ -134,18 +180,25 @@ def test_many_clients_every_technique_small_batch_small_budget(start_server, reg
                                   host_adapter_memory=_bytes(server, registry, "lora3"))
     failures: list[str] = []
     outcomes: list[str] = []
+    _push_version(registry, served_adapters, served_base, 1)
     threads = [threading.Thread(target=_client_run, args=(client, references, scores, stops, seed, failures, outcomes))
                for seed in range(CLIENTS)]
-    stop, admin_outcomes = threading.Event(), []
-    admin = threading.Thread(target=_admin_run, args=(client, CLIENTS, stop, failures, admin_outcomes))
-    for thread in threads + [admin]:
+    tagged_outcomes: list[str] = []
+    threads.append(threading.Thread(target=_tagged_run, args=(client, references, CLIENTS, failures, tagged_outcomes)))
+    stop, admin_outcomes, pushed = threading.Event(), [], []
+    others = [threading.Thread(target=_admin_run, args=(client, CLIENTS, stop, failures, admin_outcomes)),
+              threading.Thread(target=_pusher_run, args=(Registry(registry.root), served_adapters, served_base, stop,
+                                                         failures, pushed))]
+    for thread in threads + others:
         thread.start()
     for thread in threads:
         thread.join()
     stop.set()
-    admin.join()
+    for thread in others:
+        thread.join()
     assert not failures, "\n".join(failures)
-    assert len(outcomes) == CLIENTS * REQUESTS_EACH and "OK" in outcomes and admin_outcomes
+    assert len(outcomes) == CLIENTS * REQUESTS_EACH and "OK" in outcomes and admin_outcomes and pushed
+    assert len(tagged_outcomes) == REQUESTS_EACH
     wait_until(lambda: server.scheduler.load() == (0, 0), "the batch and the queue emptied")
     wait_until(lambda: all(e.in_use == 0 for e in server.pool.entries()), "every adapter let go")
     assert server.metrics.adapters_waiting._value.get() == 0
