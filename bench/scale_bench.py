@@ -12,6 +12,9 @@ server:
   adapters stay resident, the tail is loaded from host memory or disk);
 - "round-robin": every request a different adapter, in a shuffled order (the worst case: no
   adapter is ever reused, every request loads one).
+Then a second server, whose budget holds only TIGHT adapters (fewer than the CONCURRENCY clients),
+runs round-robin again ("round-robin, TIGHT fit"): requests wait for the adapters of running ones to
+free device memory instead of failing, and the table counts those waits.
 TTFT is measured at the client (request sent -> first streamed token). Cache hits, loads and
 evictions are the server's own Prometheus counters (per phase: the difference across it), and
 ListAdapters shows the tiers at the end.
@@ -51,6 +54,7 @@ class ScaleConfig:
     base_model: str = basemodel.DEFAULT_BASE_MODEL
     adapters: int = 1000
     fit: int = 50
+    tight: int = 4  # adapters the second server's budget holds (fewer than the concurrent clients)
     requests: int = 128
     concurrency: int = 16
     new_tokens: int = 8
@@ -65,12 +69,13 @@ class ScaleConfig:
     def describe(self, adapter_bytes: int | None = None) -> str:
         size = f" ({adapter_bytes / 2**20:.2f} MiB each on the device)" if adapter_bytes else ""
         return (f"{self.adapters} LoRA adapters r={self.rank} on {','.join(self.targets)}{size}, "
-                f"device budget = {self.fit} of them (host tier: the default 4x); {self.base_model}, fp32 CPU; "
+                f"device budget = {self.fit} of them, then {self.tight} (host tier: the default 4x); "
+                f"{self.base_model}, fp32 CPU; "
                 f"{self.concurrency} concurrent streaming clients, {self.requests} requests per phase, "
                 f"{self.prompt_tokens}-token prompts, {self.new_tokens} new tokens each (greedy)")
 
 
-QUICK = dict(adapters=60, fit=10, requests=24, concurrency=4, new_tokens=4, prompt_tokens=8)
+QUICK = dict(adapters=60, fit=10, tight=2, requests=24, concurrency=4, new_tokens=4, prompt_tokens=8)
 
 
 # -- registry --------------------------------------------------------------------------------------
@@ -246,6 +251,7 @@ _COUNTERS = {
     "host_evictions": "adapterhub_adapter_evictions_total{tier=host}",
     "load_seconds_sum": "adapterhub_adapter_load_seconds_sum{source=disk}",
     "load_seconds_host_sum": "adapterhub_adapter_load_seconds_sum{source=host}",
+    "waits": "adapterhub_adapter_memory_waits_total",
 }
 
 
@@ -285,21 +291,31 @@ def _run_scale(config: ScaleConfig, workdir: Path, log: Callable[[str], None]) -
     push = push_adapters(config, registry_root, log)
     log(f"scale: pushed {push['count']} adapters in {push['total_s']:.1f} s "
         f"({push['pushes_per_s']:.1f} pushes/s of registry time)")
+    def serve(fit: int, name: str) -> Server:
+        budget = fit * push["adapter_bytes"] + push["adapter_bytes"] // 2
+        return Server(["--base-model", config.base_model, "--port", "0", "--registry", str(registry_root),
+                       "--adapter-memory", str(budget), "--max-batch-size", str(config.concurrency),
+                       "--max-queue", str(max(128, config.requests)), "--metrics-port", "0", "--grace", "10"],
+                      workdir / f"{name}.log", config.startup_timeout)
+
+    def run_phase(server: Server, phase: str, refs: str) -> None:
+        before = server.scrape()
+        phases[phase] = run_clients(server.address, request_refs(config, refs), config, vocab)
+        phases[phase]["cache"] = cache_delta(before, server.scrape())
+        log(f"scale: phase {phase} done in {phases[phase]['wall_s']:.1f} s")
+
+    def warm_up(client) -> None:
+        client.generate(token_ids=[min(100, vocab // 2)] * config.prompt_tokens, max_new_tokens=2)
+
     budget = config.fit * push["adapter_bytes"] + push["adapter_bytes"] // 2
-    server = Server(["--base-model", config.base_model, "--port", "0", "--registry", str(registry_root),
-                     "--adapter-memory", str(budget), "--max-batch-size", str(config.concurrency),
-                     "--max-queue", str(max(128, config.requests)), "--metrics-port", "0", "--grace", "10"],
-                    workdir / "server.log", config.startup_timeout)
+    server = serve(config.fit, "server")
     vocab = AutoConfig.from_pretrained(basemodel.resolve(config.base_model)).vocab_size
     phases: dict[str, Any] = {}
     try:
         with RuntimeClient(server.address, timeout=600) as client:
-            client.generate(token_ids=[min(100, vocab // 2)] * config.prompt_tokens, max_new_tokens=2)  # warm-up
+            warm_up(client)
             for phase in PHASES:
-                before = server.scrape()
-                phases[phase] = run_clients(server.address, request_refs(config, phase), config, vocab)
-                phases[phase]["cache"] = cache_delta(before, server.scrape())
-                log(f"scale: phase {phase} done in {phases[phase]['wall_s']:.1f} s")
+                run_phase(server, phase, phase)
             listing = client.list_adapters()
         tiers: dict[str, int] = {}
         for a in listing.adapters:
@@ -309,6 +325,14 @@ def _run_scale(config: ScaleConfig, workdir: Path, log: Callable[[str], None]) -
                       "device_budget_bytes": listing.device_budget_bytes}
     finally:
         code = server.stop()
+    tight = serve(config.tight, "server-tight")  # a budget smaller than the clients: requests wait for room
+    try:
+        with RuntimeClient(tight.address, timeout=600) as client:
+            warm_up(client)
+        run_phase(tight, f"round-robin, {config.tight} fit", "round-robin")
+    finally:
+        tight_code = tight.stop()
+    code = code or tight_code
     result = {"config": jsonable(asdict(config)), "description": config.describe(push["adapter_bytes"]),
               "push": push, "device_budget_bytes": budget, "phases": phases, "tiers_at_end": tiers_info,
               "server_exit_code": code}
@@ -329,9 +353,9 @@ def render(result: dict[str, Any]) -> str:
                      f"{p['tokens_per_s'] / base_rate:.2f}x",
                      "-" if name == "base" else f"{c['device_hit_ratio']:.2f}",
                      f"{c['host_hits']:.0f}", f"{c['disk_loads']:.0f}",
-                     f"{c['device_evictions']:.0f}/{c['host_evictions']:.0f}"])
+                     f"{c['device_evictions']:.0f}/{c['host_evictions']:.0f}", f"{c['waits']:.0f}"])
     head = ["phase", "requests", "adapters", "errors", "TTFT p50 ms", "TTFT p95 ms", "tok/s", "vs base",
-            "device hit ratio", "host hits", "disk loads", "evictions dev/host"]
+            "device hit ratio", "host hits", "disk loads", "evictions dev/host", "waits for room"]
     tiers = result["tiers_at_end"]
     return "\n".join([
         "scale: cycling through many registered adapters with few fitting the adapter memory budget",
@@ -340,16 +364,19 @@ def render(result: dict[str, Any]) -> str:
         f"({push['pushes_per_s']:.1f}/s; median push {push['first_tenth_s_per_push'] * 1000:.0f} ms in the first "
         f"tenth, {push['last_tenth_s_per_push'] * 1000:.0f} ms in the last)",
         table(head, rows),
-        f"at the end: adapters by tier {tiers['adapters_by_tier']}, device {tiers['device_used_bytes']} of "
-        f"{tiers['device_budget_bytes']} bytes",
+        f"at the end of round-robin: adapters by tier {tiers['adapters_by_tier']}, device "
+        f"{tiers['device_used_bytes']} of {tiers['device_budget_bytes']} bytes; the last row is a second server "
+        f"whose budget holds {result['config']['tight']} adapters for {result['config']['concurrency']} clients "
+        f"(vs base: the first server's base phase)",
     ])
 
 
-OPTIONS = ("adapters", "fit", "requests", "concurrency", "new_tokens", "prompt_tokens", "zipf_s")
+OPTIONS = ("adapters", "fit", "tight", "requests", "concurrency", "new_tokens", "prompt_tokens", "zipf_s")
 
 
 def add_arguments(ap: argparse.ArgumentParser, prefix: str = "") -> None:
-    add_options(ap, ScaleConfig(), OPTIONS, prefix, {"fit": "adapters the device budget holds"})
+    add_options(ap, ScaleConfig(), OPTIONS, prefix, {"fit": "adapters the device budget holds",
+                                                     "tight": "adapters the second server's budget holds"})
 
 
 def config_from(args: argparse.Namespace, base_model: str, quick: bool = False, prefix: str = "") -> ScaleConfig:

@@ -95,7 +95,7 @@ class _NoRoomYet(Exception):
     def __init__(self, key: str, need: int, freed: int):
         super().__init__(key)
         self.key, self.need, self.freed = key, need, freed  # freed: the pool's count of frees when refused
-        self.read: tuple[Any, Adapter] | None = None  # (manifest, adapter) when it was read from disk for this
+        self.read: tuple[Any, Adapter] | None = None  # (manifest, adapter) when it was read from disk for this load
 
 
 def _damaged(key: str, error: IntegrityError) -> ServeError:
@@ -164,17 +164,19 @@ class AdapterPool:
         join the batch step right after its adapter is installed."""
         manifests = list(manifests)
         waiter: _Waiter | None = None
+        read: dict[str, Adapter] = {}  # adapters this request read from disk and waits to load: read once
         try:
             while True:
                 held: list[Entry] = []
                 try:
                     for i, manifest in enumerate(manifests):
-                        held.append(self._acquire_one(manifest, pin=pin,
+                        held.append(self._acquire_one(manifest, pin=pin, read=read.get(manifest.ref),
                                                       then_submit=then_submit and i == len(manifests) - 1))
                 except _NoRoomYet as no_room:
                     mark = self._let_go(held, no_room)
-                    if no_room.read is not None:  # it will wait: read once, however long that takes
-                        self._keep_on_host(no_room.key, *no_room.read)
+                    if no_room.read is not None:  # it will wait: keep what it read, however long that takes
+                        read[no_room.key] = no_room.read[1]
+                        self._offer_to_host(no_room.key, *no_room.read)
                     waiter = waiter or self._queue_waiter(alive)
                     self._wait_for_room(waiter, no_room, mark)
                     continue
@@ -264,7 +266,7 @@ class AdapterPool:
                     return
                 self._room.wait(min(left, _POLL))
 
-    def _acquire_one(self, manifest, *, pin: bool, then_submit: bool = False) -> Entry:
+    def _acquire_one(self, manifest, *, pin: bool, read: Adapter | None = None, then_submit: bool = False) -> Entry:
         key = manifest.ref
         while True:
             with self._lock:
@@ -283,7 +285,7 @@ class AdapterPool:
                 pending.result()  # the loader's error, if it failed, is this request's error too
                 continue  # on the device now (or evicted again meanwhile: go round)
             try:
-                entry = self._load(key, manifest, pin, then_submit)
+                entry = self._load(key, manifest, pin, then_submit, read)
                 pending.set_result(None)
             except BaseException as e:
                 pending.set_exception(e)
@@ -299,12 +301,13 @@ class AdapterPool:
         entry.pinned = entry.pinned or pin
         entry.last_used = time.monotonic()
 
-    def _load(self, key: str, manifest, pin: bool, then_submit: bool = False) -> Entry:
-        """Bring one adapter onto the device: from host memory if it is there, else from disk."""
+    def _load(self, key: str, manifest, pin: bool, then_submit: bool = False, read: Adapter | None = None) -> Entry:
+        """Bring one adapter onto the device: from host memory if it is there (or `read`: the copy its request
+        read from disk before waiting for room, checked then), else from disk."""
         started = time.perf_counter()
         with self._lock:
             entry = self._entries.get(key)
-            adapter = entry.adapter if entry is not None else None
+            adapter = entry.adapter if entry is not None and entry.adapter is not None else read
         source = Tier.HOST if adapter is not None else Tier.DISK
         verified: Callable[[], None] = lambda: None  # a host copy was verified when it was read
         if adapter is None:
@@ -360,15 +363,16 @@ class AdapterPool:
         self._update_gauges()
         return entry
 
-    def _keep_on_host(self, key: str, manifest, adapter: Adapter) -> None:
-        """Keep an adapter read from disk (hashed right, fits) in the host tier while its request waits for room."""
+    def _offer_to_host(self, key: str, manifest, adapter: Adapter) -> None:
+        """Put an adapter a waiting request read (hashed right, fits) in the host tier if it has free room, for
+        other requests naming it; never evicting for it (waiters would churn the tier; each keeps its copy)."""
         with self._lock:
             entry = self._entries.setdefault(key, Entry(key=key, manifest=manifest))
-            if entry.tier is Tier.DISK:
+            host = sum(e.host_bytes for e in self._entries.values() if e.tier is Tier.HOST)
+            if entry.tier is Tier.DISK and host + adapter.nbytes <= self.host_budget:
                 entry.tier, entry.adapter = Tier.HOST, adapter
                 self._verified.add(key)
-                self._trim_host_locked()
-                self._forget_old_locked()
+            self._forget_old_locked()
 
     def _read_verified(self, key: str, manifest) -> tuple[Adapter, Callable[[], None]]:
         """Read an adapter version from the registry and refuse it if it was made for another base.

@@ -42,8 +42,8 @@ def test_sweep_and_scale_write_results(tiny_model_dir, tmp_path):
         "--only", "sweep", "--only", "scale", "--out", str(out), "--base-model", str(tiny_model_dir),
         "--sweep-rows", "4", "--sweep-prompt-tokens", "4", "--sweep-steps", "2", "--sweep-counts", "1,4",
         "--sweep-repeats", "1",
-        "--scale-adapters", "12", "--scale-fit", "3", "--scale-requests", "8", "--scale-concurrency", "2",
-        "--scale-new-tokens", "2", "--scale-prompt-tokens", "4",
+        "--scale-adapters", "12", "--scale-fit", "3", "--scale-tight", "1", "--scale-requests", "8",
+        "--scale-concurrency", "2", "--scale-new-tokens", "2", "--scale-prompt-tokens", "4",
     ])
     bench_run.run(args.only, args)
 
@@ -63,13 +63,14 @@ def test_sweep_and_scale_write_results(tiny_model_dir, tmp_path):
 
     scale = results["scale"]
     assert scale["push"]["count"] == 12 and scale["server_exit_code"] == 0
-    assert set(scale["phases"]) == {"base", "zipf", "round-robin"}
+    assert set(scale["phases"]) == {"base", "zipf", "round-robin", "round-robin, 1 fit"}
     for name, phase in scale["phases"].items():
         assert phase["requests"] == 8 and phase["errors"] == 0, phase["error_examples"]
         assert {"ttft_p50_s", "ttft_p95_s", "tokens_per_s"} <= phase.keys()
         assert {"device_hit_ratio", "device_evictions", "disk_loads"} <= phase["cache"].keys()
     assert scale["phases"]["round-robin"]["cache"]["device_evictions"] > 0  # 8 distinct adapters, room for 3
     assert scale["tiers_at_end"]["adapters_by_tier"].get("device", 0) <= 3
+    assert "waits" in scale["phases"]["round-robin, 1 fit"]["cache"]  # 2 clients, room for 1: none fails (above)
 
 
 def test_random_base_keeps_shapes_and_tokenizer_and_draws_new_weights(tiny_model_dir, tmp_path):

@@ -119,6 +119,22 @@ def test_adapters_in_use_are_never_evicted_and_a_request_for_another_waits_for_t
     pool.release(out["result"])
 
 
+def test_a_waiting_request_keeps_what_it_read_when_the_host_tier_has_no_room(make_pool):
+    """With no host tier, the copy a waiting request read is its own: loaded after the wait, not read again."""
+    probe = make_pool(1 << 30)
+    pool = make_pool(_size(probe, "lora0") + _size(probe, "lora1"), host_budget=0)
+    lease = pool.acquire([pool.resolve("lora0"), pool.resolve("lora1")])
+    thread, out = _in_thread(lambda: pool.acquire([pool.resolve("lora2")]))
+    wait_until(lambda: _waiting(pool) == 1, "the request for lora2 waits for room")
+    assert _tiers(pool)["lora2"] is Tier.DISK  # not offered to a host tier without room
+    pool.release(lease)
+    thread.join(60)
+    assert _tiers(pool)["lora2"] is Tier.DEVICE
+    assert pool.metrics.cache_misses._value.get() == 3  # lora0, lora1, lora2: each read from disk once
+    assert pool.metrics.loads.labels(source="host")._value.get() == 1  # lora2, from the copy it kept
+    pool.release(out["result"])
+
+
 def test_pinned_adapters_that_hold_the_budget_refuse_at_once(make_pool):
     probe = make_pool(1 << 30)
     pool = make_pool(_size(probe, "lora0") + _size(probe, "lora1"))
