@@ -425,6 +425,40 @@ def test_an_update_that_changes_nothing_writes_nothing(technique_adapters, hub_h
     assert (hub_home / "registry.json").stat().st_ino == before
 
 
+def test_registry_json_is_written_as_json_dumps_indent_1_would(technique_adapters, hub_home):
+    """The index is written from per-adapter texts (unchanged entries' reused): byte for byte what
+    json.dumps(index, indent=1, sort_keys=True) writes, through pushes, tags, removals and non-ASCII text."""
+    reg = Registry()
+    path = hub_home / "registry.json"
+
+    def as_json_dumps() -> str:
+        return json.dumps(json.loads(path.read_text()), indent=1, sort_keys=True) + "\n"
+
+    reg.push(technique_adapters["ia3"], "team/ia3", "1.0.0", description="réglé — ✓")
+    assert path.read_text() == as_json_dumps()
+    reg.push(technique_adapters["lora"], "team/lora", "1.0.0")
+    reg.push(technique_adapters["lora"], "team/lora", "1.1.0")
+    reg.tag("team/lora@1.1.0", "prod")
+    assert path.read_text() == as_json_dumps()
+    reg.remove("team/lora@1.0.0")
+    reg.remove("team/ia3@1.0.0")
+    assert path.read_text() == as_json_dumps() and "team/ia3" not in path.read_text()
+
+
+def test_index_text_reuses_the_text_of_entries_it_serialized_before():
+    from hub.index import index_text
+
+    kept, changed = {"versions": {}, "tags": {"a": "1.0.0"}}, {"versions": {}, "tags": {}}
+    texts = {"kept": (kept, "KEPT-TEXT"), "changed": ({"versions": {}, "tags": {}}, "STALE")}
+    text = index_text({"schema_version": 1, "adapters": {"kept": kept, "changed": changed}}, texts)
+    assert '"kept": KEPT-TEXT' in text and "STALE" not in text  # the same object: reused; another: serialized
+    assert texts["changed"] == (changed, json.dumps(changed, indent=1, sort_keys=True).replace("\n", "\n  "))
+    fresh = {"schema_version": 1, "adapters": {"kept": kept, "changed": changed}}
+    assert index_text(fresh, {}) == json.dumps(fresh, indent=1, sort_keys=True)
+    assert index_text({"schema_version": 1, "adapters": {}}, texts) == json.dumps(
+        {"schema_version": 1, "adapters": {}}, indent=1, sort_keys=True)
+
+
 def test_export_refuses_a_non_empty_folder(technique_adapters, hub_home, tmp_path):
     reg = Registry()
     reg.push(technique_adapters["lora"], "lora", "1.0.0")
