@@ -165,19 +165,24 @@ class AdapterPool:
         manifests = list(manifests)
         waiter: _Waiter | None = None
         read: dict[str, Adapter] = {}  # adapters this request read from disk and waits to load: read once
+
+        def got_room() -> None:  # once a waiter has its room reserved, the next in line may try while it loads
+            if waiter is not None:
+                self._dequeue_waiter(waiter)
+
         try:
             while True:
                 held: list[Entry] = []
                 try:
                     for i, manifest in enumerate(manifests):
-                        held.append(self._acquire_one(manifest, pin=pin, read=read.get(manifest.ref),
+                        held.append(self._acquire_one(manifest, pin=pin, read=read.get(manifest.ref), got_room=got_room,
                                                       then_submit=then_submit and i == len(manifests) - 1))
                 except _NoRoomYet as no_room:
                     mark = self._let_go(held, no_room)
                     if no_room.read is not None:  # it will wait: keep what it read, however long that takes
                         read[no_room.key] = no_room.read[1]
                         self._offer_to_host(no_room.key, *no_room.read)
-                    waiter = waiter or self._queue_waiter(alive)
+                    waiter = self._queue_waiter(alive, waiter)
                     self._wait_for_room(waiter, no_room, mark)
                     continue
                 except BaseException:
@@ -228,19 +233,25 @@ class AdapterPool:
                                  "--adapter-memory")
             return None if self._freed != no_room.freed else self._freed
 
-    def _queue_waiter(self, alive: Callable[[], bool]) -> _Waiter:
-        waiter = _Waiter(alive, time.monotonic() + self.wait_seconds)
+    def _queue_waiter(self, alive: Callable[[], bool], waiter: _Waiter | None) -> _Waiter:
+        """Put a request in line for room: a new one last; one that had stepped aside after getting room for an
+        adapter and now needs room for another, first again (it keeps its place and its deadline)."""
         with self._lock:
-            self._waiters.append(waiter)
+            if waiter is None:
+                waiter = _Waiter(alive, time.monotonic() + self.wait_seconds)
+                self._waiters.append(waiter)
+                self.metrics.adapter_waits.inc()
+            elif waiter not in self._waiters:
+                self._waiters.insert(0, waiter)
             self.metrics.adapters_waiting.set(len(self._waiters))
-        self.metrics.adapter_waits.inc()
         return waiter
 
     def _dequeue_waiter(self, waiter: _Waiter) -> None:
         with self._lock:
-            self._waiters.remove(waiter)
-            self.metrics.adapters_waiting.set(len(self._waiters))
-            self._room.notify_all()  # the next in line
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+                self.metrics.adapters_waiting.set(len(self._waiters))
+                self._room.notify_all()  # the next in line
 
     def _wait_for_room(self, waiter: _Waiter, no_room: _NoRoomYet, mark: int | None) -> None:
         """Return when `waiter` should try again: it is first in line and device room may have been freed
@@ -266,7 +277,8 @@ class AdapterPool:
                     return
                 self._room.wait(min(left, _POLL))
 
-    def _acquire_one(self, manifest, *, pin: bool, read: Adapter | None = None, then_submit: bool = False) -> Entry:
+    def _acquire_one(self, manifest, *, pin: bool, read: Adapter | None = None,
+                     got_room: Callable[[], None] = lambda: None, then_submit: bool = False) -> Entry:
         key = manifest.ref
         while True:
             with self._lock:
@@ -285,7 +297,7 @@ class AdapterPool:
                 pending.result()  # the loader's error, if it failed, is this request's error too
                 continue  # on the device now (or evicted again meanwhile: go round)
             try:
-                entry = self._load(key, manifest, pin, then_submit, read)
+                entry = self._load(key, manifest, pin, then_submit, read, got_room)
                 pending.set_result(None)
             except BaseException as e:
                 pending.set_exception(e)
@@ -301,9 +313,11 @@ class AdapterPool:
         entry.pinned = entry.pinned or pin
         entry.last_used = time.monotonic()
 
-    def _load(self, key: str, manifest, pin: bool, then_submit: bool = False, read: Adapter | None = None) -> Entry:
+    def _load(self, key: str, manifest, pin: bool, then_submit: bool = False, read: Adapter | None = None,
+              got_room: Callable[[], None] = lambda: None) -> Entry:
         """Bring one adapter onto the device: from host memory if it is there (or `read`: the copy its request
-        read from disk before waiting for room, checked then), else from disk."""
+        read from disk before waiting for room, checked then), else from disk. `got_room` runs once the device
+        bytes are reserved, before the slow part (the device copies, the hand-over between two batch steps)."""
         started = time.perf_counter()
         with self._lock:
             entry = self._entries.get(key)
@@ -326,6 +340,7 @@ class AdapterPool:
         except ServeError:
             verified()
             raise
+        got_room()
 
         def hand_over() -> int:  # one call between two batch steps, however many adapters make room
             for victim in victims:

@@ -135,6 +135,38 @@ def test_a_waiting_request_keeps_what_it_read_when_the_host_tier_has_no_room(mak
     pool.release(out["result"])
 
 
+def test_a_waiter_with_its_room_reserved_lets_the_next_one_try_while_it_loads(make_pool, registry):
+    """lora2 (in use) fills the budget; requests for lora0 and lora1 wait, in that order. When lora2 is let go
+    there is room for both: the first in line, once its bytes are reserved, steps aside, so the second gets its
+    room while the first's hand-over (between two batch steps, here held until the second's arrives) is pending."""
+    probe = make_pool(1 << 30)
+    handovers: list = []
+    second_came = threading.Event()
+
+    def on_engine(fn, then_submit=False):
+        handovers.append(fn)
+        if len(handovers) == 2:  # the first waiter's hand-over: held until the second's comes
+            assert second_came.wait(10), "the second waiter never got its room while the first loaded"
+        elif len(handovers) == 3:
+            second_came.set()
+        return fn()
+
+    pool = AdapterPool(probe.engine, registry, device_budget=_size(probe, "lora0") + _size(probe, "lora1"),
+                       host_budget=1 << 30, on_engine=on_engine)
+    lease = pool.acquire([pool.resolve("lora2")])  # hand-over 1
+    first, out_first = _in_thread(lambda: pool.acquire([pool.resolve("lora0")]))
+    wait_until(lambda: _waiting(pool) == 1, "the request for lora0 waits")
+    second, out_second = _in_thread(lambda: pool.acquire([pool.resolve("lora1")]))
+    wait_until(lambda: _waiting(pool) == 2, "the request for lora1 waits behind it")
+    pool.release(lease)
+    for thread in (first, second):
+        thread.join(60)
+    assert "error" not in out_first and "error" not in out_second, (out_first, out_second)
+    assert _tiers(pool) == {"lora0": Tier.DEVICE, "lora1": Tier.DEVICE, "lora2": Tier.HOST}
+    pool.release(out_first["result"])
+    pool.release(out_second["result"])
+
+
 def test_pinned_adapters_that_hold_the_budget_refuse_at_once(make_pool):
     probe = make_pool(1 << 30)
     pool = make_pool(_size(probe, "lora0") + _size(probe, "lora1"))
