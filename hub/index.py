@@ -102,7 +102,7 @@ class Index:
         if (known is not None and isinstance(data, dict) and isinstance(data.get("adapters"), dict)
                 and _outside_adapters(data) == _outside_adapters(known.data)):
             before = known.data["adapters"]
-            Index({**data, "adapters": {n: e for n, e in data["adapters"].items() if before.get(n) != e}}, source)
+            _check_adapters(data, [n for n, e in data["adapters"].items() if before.get(n) != e], source)
             return cls(data, source, checked=True)
         return cls(data, source)
 
@@ -210,8 +210,13 @@ class Index:
 
     def check_changed(self, source: str) -> None:
         """Validate the changed entries (every rule is per adapter)."""
-        adapters = self.data["adapters"]
-        Index({**self.data, "adapters": {n: adapters[n] for n in self.changed if n in adapters}}, source)
+        _check_adapters(self.data, self.changed, source)
+
+
+def _check_adapters(data: dict[str, Any], names, source: str) -> None:
+    """Validate `data` with only these adapters' entries (the ones still there): every rule is per adapter."""
+    adapters = data["adapters"]
+    Index({**data, "adapters": {n: adapters[n] for n in names if n in adapters}}, source)
 
 
 def _outside_adapters(data: dict[str, Any]) -> dict[str, Any]:

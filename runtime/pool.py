@@ -383,8 +383,7 @@ class AdapterPool:
         other requests naming it; never evicting for it (waiters would churn the tier; each keeps its copy)."""
         with self._lock:
             entry = self._entries.setdefault(key, Entry(key=key, manifest=manifest))
-            host = sum(e.host_bytes for e in self._entries.values() if e.tier is Tier.HOST)
-            if entry.tier is Tier.DISK and host + adapter.nbytes <= self.host_budget:
+            if entry.tier is Tier.DISK and self._host_used_locked() + adapter.nbytes <= self.host_budget:
                 entry.tier, entry.adapter = Tier.HOST, adapter
                 self._verified.add(key)
             self._forget_old_locked()
@@ -478,6 +477,9 @@ class AdapterPool:
     def _device_used_locked(self) -> int:
         return sum(e.device_bytes for e in self._entries.values() if e.tier is Tier.DEVICE)
 
+    def _host_used_locked(self) -> int:
+        return sum(e.host_bytes for e in self._entries.values() if e.tier is Tier.HOST)
+
     def _trim_host_locked(self) -> None:
         """Drop host copies of adapters that are not on the device, LRU first, to the host budget."""
         host = sorted((e for e in self._entries.values() if e.tier is Tier.HOST), key=lambda e: e.last_used)
@@ -547,6 +549,6 @@ class AdapterPool:
     def _update_gauges(self) -> None:
         with self._lock:
             device = self._device_used_locked()
-            host = sum(e.host_bytes for e in self._entries.values() if e.tier is Tier.HOST)
+            host = self._host_used_locked()
         self.metrics.resident_bytes.labels(tier=Tier.DEVICE.value).set(device)
         self.metrics.resident_bytes.labels(tier=Tier.HOST.value).set(host)

@@ -24,7 +24,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
                  "{% if add_generation_prompt %}>{% endif %}")
 
 __all__ = ["served_base", "served_adapters", "registry", "start_server", "frozen", "wait_until", "served_model",
-           "char_tokenizer", "CONTEXT", "DEVICE", "ADAPTER_MIXES"]
+           "char_tokenizer", "CONTEXT", "DEVICE", "ADAPTER_MIXES", "device_bytes"]
 
 # Requests' adapter arguments over every served technique and both composition modes, by name.
 ADAPTER_MIXES = {
@@ -55,6 +55,13 @@ def char_tokenizer():
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+def device_bytes(engine, registry, name: str) -> int:
+    """The bytes `name`'s current version takes on `engine`'s device: what an adapter memory budget counts."""
+    from hub.artifact import read_adapter
+
+    return engine.weights_bytes(read_adapter(registry.materialize(registry.resolve(name))))
 
 
 @pytest.fixture(scope="session")

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from server_support import *  # noqa: F401,F403
-from server_support import served_model, wait_until
+from server_support import device_bytes, served_model, wait_until
 
-from hub.artifact import read_adapter
 from runtime.engine import Engine
 from runtime.errors import ServeError
 from runtime.plan import AdapterUse, RowPlan
@@ -29,7 +28,7 @@ def make_pool(served_base, registry):
 
 
 def _size(pool: AdapterPool, name: str) -> int:
-    return pool.engine.weights_bytes(read_adapter(pool.registry.materialize(pool.resolve(name))))
+    return device_bytes(pool.engine, pool.registry, name)
 
 
 def _use(pool: AdapterPool, *names: str) -> None:

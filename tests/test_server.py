@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from server_support import *  # noqa: F401,F403
-from server_support import ADAPTER_MIXES, CONTEXT, DEVICE, frozen, served_model, wait_until
+from server_support import ADAPTER_MIXES, CONTEXT, DEVICE, device_bytes, frozen, served_model, wait_until
 
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 
@@ -158,12 +158,6 @@ def test_hot_load_while_another_request_decodes(start_server):
     assert server.metrics.loads.labels(source="disk")._value.get() == 2
 
 
-def _device_bytes(server, registry, name: str) -> int:
-    from hub.artifact import read_adapter
-
-    return server.engine.weights_bytes(read_adapter(registry.materialize(registry.resolve(name))))
-
-
 def _hold_lora0_and_lora1(client):
     """Two long streams running with lora0 and lora1 (r=4, r=8): they hold those adapters on the device."""
     streams = [client.generate_stream(PROMPT, adapters=[name], max_new_tokens=4000) for name in ("lora0", "lora1")]
@@ -181,7 +175,7 @@ def test_requests_for_more_adapters_than_the_budget_holds_wait_for_room(start_se
     for lora2 and lora3 wait until those finish, in arrival order, then load and answer as alone: none is
     refused for lack of room."""
     server, client = start_server(max_new_tokens=4000)
-    budget = _device_bytes(server, registry, "lora3")
+    budget = device_bytes(server.engine, registry, "lora3")
     alone = {name: list(client.generate(PROMPT, adapters=[name], max_new_tokens=6).token_ids)
              for name in ("lora2", "lora3")}
     server, client = start_server(max_new_tokens=4000, adapter_memory=budget)
@@ -204,7 +198,7 @@ def test_requests_for_more_adapters_than_the_budget_holds_wait_for_room(start_se
 
 def test_a_deadline_ends_the_wait_for_room(start_server, registry):
     server, client = start_server(max_new_tokens=4000)
-    server, client = start_server(max_new_tokens=4000, adapter_memory=_device_bytes(server, registry, "lora3"))
+    server, client = start_server(max_new_tokens=4000, adapter_memory=device_bytes(server.engine, registry, "lora3"))
     streams = _hold_lora0_and_lora1(client)
     with pytest.raises(grpc.RpcError) as caught:
         client.generate(PROMPT, adapters=["lora3"], max_new_tokens=2, timeout=0.5)

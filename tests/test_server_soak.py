@@ -20,9 +20,8 @@ import grpc
 import pytest
 
 from server_support import *  # noqa: F401,F403
-from server_support import ADAPTER_MIXES, wait_until
+from server_support import ADAPTER_MIXES, device_bytes, wait_until
 
-from hub.artifact import read_adapter
 from hub.registry import Registry
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 
@@ -36,10 +35,6 @@ PUSHES = 12  # new versions of `tagged` pushed during the run
 ENDED = (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED)
 # What an admin call may meet mid-traffic: the adapter in use (unload) or not loaded (unload).
 ADMIN_REFUSALS = {"unload": (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND), "load": ()}
-
-
-def _bytes(server, registry, name: str) -> int:
-    return server.engine.weights_bytes(read_adapter(registry.materialize(registry.resolve(name))))
 
 
 def _scores(client, prompt: str, kwargs: dict) -> list[float]:
@@ -175,9 +170,9 @@ def test_many_clients_every_technique_small_batch_small_budget(start_server, reg
     assert len(stops) > len(references) // 2
     assert len({tuple(v) for v in references.values()}) > len(references) // 2  # the adapters change the answers
     # The largest request (lora1 + lora2) fits the budget alone; the host tier holds about one LoRA more.
-    budget = _bytes(server, registry, "lora1") + _bytes(server, registry, "lora2")
+    budget = device_bytes(server.engine, registry, "lora1") + device_bytes(server.engine, registry, "lora2")
     server, client = start_server(max_new_tokens=64, max_batch_size=3, adapter_memory=budget,
-                                  host_adapter_memory=_bytes(server, registry, "lora3"))
+                                  host_adapter_memory=device_bytes(server.engine, registry, "lora3"))
     failures: list[str] = []
     outcomes: list[str] = []
     _push_version(registry, served_adapters, served_base, 1)
