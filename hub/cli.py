@@ -116,6 +116,7 @@ def push(
     """Validate an adapter folder and add it to the registry as NAME@VERSION."""
     with _clear_errors():
         reg = Registry(registry)
+        remote = _remote(reg, to) if to is not None else None  # a bad remote fails before any work
         existed = reg.index().get(name, version) is not None
         with _progress(f"push {name}@{version}", _folder_size(path)) as advance:
             manifest = reg.push(
@@ -126,9 +127,8 @@ def push(
         note = "" if manifest.base_model.fingerprint else (
             " (no base model named: fit not checked)" if manifest.base_model.id is None
             else " (base model not at hand: fit not checked)")
-        if to is not None:
+        if remote is not None:
             try:
-                remote = _remote(reg, to)
                 with _progress(f"push {manifest.ref} -> {remote.url}", manifest.size) as advance:
                     where = remote.publish(manifest, reg, advance)
             except BaseException:
@@ -136,7 +136,7 @@ def push(
                     reg.discard(manifest)
                 raise
         typer.echo(f"pushed {manifest.ref} {manifest.technique} sha256:{manifest.sha256[:12]}{note}")
-        if to is not None:
+        if remote is not None:
             typer.echo(f"pushed {manifest.ref} to {where}")
 
 

@@ -106,6 +106,18 @@ class Remotes:
         self._write(change)
 
     def open(self, spec: str) -> Remote:
-        """A configured remote by name, else `spec` read as a URL or path."""
+        """A configured remote by name, else `spec` read as a URL or path. A bare word that is neither a
+        known name nor an existing path is a mistyped name: reading it as a folder would report a
+        missing registry (or, on push, create one) under the current directory."""
         remotes = self.all()
-        return parse_url(remotes.get(spec, spec))
+        if spec in remotes:
+            return parse_url(remotes[spec])
+        if not _looks_like_path(spec):
+            known = ", ".join(sorted(remotes)) or "none (add one with `hub remote add NAME URL`)"
+            raise NotFound(f"no remote named {spec!r}; known remotes: {known}")
+        return parse_url(spec)
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A URL (`scheme://`), a path with a separator or a leading `.`/`~`, or something that exists."""
+    return "://" in spec or "/" in spec or "\\" in spec or spec.startswith((".", "~")) or Path(spec).exists()
