@@ -135,7 +135,8 @@ def push(
                 if not existed:  # the command failed: leave the local registry as it was too
                     reg.discard(manifest)
                 raise
-        typer.echo(f"pushed {manifest.ref} {manifest.technique} sha256:{manifest.sha256[:12]}{note}")
+        verb = "unchanged" if existed else "pushed"  # the same files and metadata again: nothing to do
+        typer.echo(f"{verb} {manifest.ref} {manifest.technique} sha256:{manifest.sha256[:12]}{note}")
         if remote is not None:
             typer.echo(f"pushed {manifest.ref} to {where}")
 

@@ -24,7 +24,7 @@ from typing import Any
 from hub import basemodel
 from hub.artifact import (CONFIG_FILE, WEIGHTS_FILE, Adapter, ArtifactError, Technique, adapter_from_bytes,
                           read_adapter, read_buffer)
-from hub.errors import HubError, IntegrityError, InvalidName, NotFound
+from hub.errors import Conflict, HubError, IntegrityError, InvalidName, NotFound
 from hub.home import hub_home
 from hub.index import Index, IndexFile
 from hub.manifest import (
@@ -83,6 +83,16 @@ def check_base(adapter: Adapter, base_model: str | None) -> BaseModelInfo:
 
 def _missing(manifest: Manifest, name: str, path: Path) -> IntegrityError:
     return IntegrityError(f"{manifest.ref}: file {name} is missing ({path})")
+
+
+def _check_same_metadata(existing: Manifest, manifest: Manifest) -> None:
+    """Refuse a re-push of a version's files with other metadata: versions are immutable, and taking it
+    as a no-op would drop the new description (or base, tags, license) without a word."""
+    old, new = existing.to_dict(), manifest.to_dict()
+    differ = [k for k in new if k != "created" and old.get(k) != new.get(k)]
+    if differ:
+        raise Conflict(f"{existing.ref} already exists with the same files but a different {', '.join(differ)}; "
+                       "versions are immutable: push a new version")
 
 
 @contextmanager
@@ -168,6 +178,9 @@ class Registry:
             manifest = build(name, version, adapter, files, base, provenance)
             if in_place:
                 manifest.path = self._relative(folder)
+            existing = self.index().get(name, version)
+            if existing is not None and existing.sha256 == manifest.sha256:
+                _check_same_metadata(existing, manifest)
             return self.add_files(src, manifest, progress)
 
     def _relative(self, folder: Path) -> str:

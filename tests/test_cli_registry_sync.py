@@ -23,3 +23,16 @@ def test_unknown_remote_name_is_not_taken_as_a_path(technique_adapters, tmp_path
     assert snapshot(home) == before and not (tmp_path / "shraed").exists()
     assert f"to {(tmp_path / 'plain').resolve()}" in hub(*push, "--to", "./plain", home=home).stdout
     assert "pulled x@1.0.0" in hub("pull", "x", "--from", "plain", home=tmp_path / "other").stdout  # exists
+
+
+def test_repush_says_unchanged_or_refuses_other_metadata(technique_adapters, tmp_path):
+    home = tmp_path / "home"
+    push = ("push", technique_adapters["lora"], "--name", "x", "--version", "1.0.0", "--description", "first")
+    assert hub(*push, home=home).stdout.startswith("pushed x@1.0.0 lora")
+    before = snapshot(home)
+    assert hub(*push, home=home).stdout.startswith("unchanged x@1.0.0 lora")
+    one_line_error(hub(*push[:-1], "other", home=home, ok=False),
+                   "x@1.0.0 already exists with the same files but a different description; versions are immutable")
+    one_line_error(hub(*push, "--license", "mit", "--tags", "demo", home=home, ok=False), "different tags, license")
+    assert snapshot(home) == before
+    assert "description: first" in hub("show", "x", home=home).stdout
