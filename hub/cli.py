@@ -100,11 +100,20 @@ def _remote(registry: Registry, spec: str | None) -> Remote:
     return remotes.open(spec)
 
 
+def _publish(reg: Registry, manifest: Manifest, remote: Remote) -> str:
+    """Send one registry version (and the tags that point at it) to a remote; returns the line that says so."""
+    with _progress(f"push {manifest.ref} -> {remote.url}", manifest.size) as advance:
+        where = remote.publish(manifest, reg, advance)
+    tags = reg.version_tags(manifest)
+    return f"pushed {manifest.ref} to {where}" + (f" with tags: {', '.join(tags)}" if tags else "")
+
+
 @app.command()
 def push(
-    path: Path = typer.Argument(..., help="Adapter folder (PEFT format, ours, or an AdapterHub `adapters` folder)."),
-    name: str = typer.Option(..., "--name", help="Adapter name, optionally org/name."),
-    version: str = typer.Option(..., "--version", help="Semantic version, e.g. 1.2.0."),
+    path: str = typer.Argument(..., help="Adapter folder (PEFT format, ours, or an AdapterHub `adapters` folder); "
+                                         "or, with --to and no --name/--version, a version already in the registry."),
+    name: str | None = typer.Option(None, "--name", help="Adapter name, optionally org/name."),
+    version: str | None = typer.Option(None, "--version", help="Semantic version, e.g. 1.2.0."),
     base_model: str | None = typer.Option(None, "--base-model", help="Base model to check against and record."),
     to: str | None = typer.Option(None, "--to", help="Also push to this remote (name, path, file:// or hf://)."),
     description: str = typer.Option("", "--description"),
@@ -113,12 +122,24 @@ def push(
     in_place: bool = typer.Option(False, "--in-place", help="Record a folder inside the registry by relative path."),
     registry: Path | None = REGISTRY_OPT,
 ) -> None:
-    """Validate an adapter folder and add it to the registry as NAME@VERSION."""
+    """Validate an adapter folder and add it to the registry as NAME@VERSION; or publish a registry version."""
     with _clear_errors():
         reg = Registry(registry)
         remote = _remote(reg, to) if to is not None else None  # a bad remote fails before any work
+        if name is None and version is None:
+            if Path(path).is_dir():
+                raise HubError(f"give --name and --version to push the folder {path}")
+            if remote is None:
+                raise HubError(f"{path} is no folder; to publish a registry version give --to REMOTE")
+            if base_model or description or tags or license or in_place:
+                raise HubError("--base-model, --description, --tags, --license and --in-place apply to folders: "
+                               "a registry version is published as it is")
+            typer.echo(_publish(reg, reg.resolve(path), remote))
+            return
+        if name is None or version is None:
+            raise HubError("give both --name and --version to push a folder")
         existed = reg.index().get(name, version) is not None
-        with _progress(f"push {name}@{version}", _folder_size(path)) as advance:
+        with _progress(f"push {name}@{version}", _folder_size(Path(path))) as advance:
             manifest = reg.push(
                 path, name, version, base_model=base_model, description=description,
                 tags=[t.strip() for t in tags.split(",") if t.strip()], license=license, in_place=in_place,
@@ -127,18 +148,18 @@ def push(
         note = "" if manifest.base_model.fingerprint else (
             " (no base model named: fit not checked)" if manifest.base_model.id is None
             else " (base model not at hand: fit not checked)")
+        published = None
         if remote is not None:
             try:
-                with _progress(f"push {manifest.ref} -> {remote.url}", manifest.size) as advance:
-                    where = remote.publish(manifest, reg, advance)
+                published = _publish(reg, manifest, remote)
             except BaseException:
                 if not existed:  # the command failed: leave the local registry as it was too
                     reg.discard(manifest)
                 raise
         verb = "unchanged" if existed else "pushed"  # the same files and metadata again: nothing to do
         typer.echo(f"{verb} {manifest.ref} {manifest.technique} sha256:{manifest.sha256[:12]}{note}")
-        if remote is not None:
-            typer.echo(f"pushed {manifest.ref} to {where}")
+        if published:
+            typer.echo(published)
 
 
 @app.command()
@@ -200,7 +221,7 @@ def show(
         reg = open_registry(registry)
         manifest = reg.resolve(ref)
         data = manifest.to_dict()
-        data["ref_tags"] = sorted(t for t, v in reg.tags(manifest.name).items() if v == manifest.version)
+        data["ref_tags"] = reg.version_tags(manifest)
         if as_json:
             typer.echo(json.dumps(data, indent=1))
             return
@@ -218,11 +239,19 @@ def tag(ref: str, tag_name: str = typer.Argument(..., metavar="TAG"), registry: 
 
 
 @app.command()
-def rm(ref: str, registry: Path | None = REGISTRY_OPT) -> None:
-    """Remove one version (name@1.2.0 or name@tag); `hub gc` then frees its blobs."""
+def untag(ref: str = typer.Argument(..., metavar="NAME@TAG"), registry: Path | None = REGISTRY_OPT) -> None:
+    """Delete a tag; the version it points at stays."""
     with _clear_errors():
-        manifest = open_registry(registry).remove(ref)
-        typer.echo(f"removed {manifest.ref}")
+        manifest = open_registry(registry).untag(ref)
+        typer.echo(f"deleted tag {ref} (was {manifest.version})")
+
+
+@app.command()
+def rm(ref: str = typer.Argument(..., metavar="NAME@VERSION"), registry: Path | None = REGISTRY_OPT) -> None:
+    """Remove one version and the tags that point at it; `hub gc` then frees its blobs."""
+    with _clear_errors():
+        manifest, tags = open_registry(registry).remove(ref)
+        typer.echo(f"removed {manifest.ref}" + (f" and its tags: {', '.join(tags)}" if tags else ""))
 
 
 @app.command()

@@ -193,6 +193,9 @@ class Index:
         if self.data["adapters"][name]["tags"].get(check_tag(tag)) != version:
             self._entry(name)["tags"][tag] = version
 
+    def delete_tag(self, name: str, tag: str) -> None:
+        del self._entry(name)["tags"][tag]
+
     def _entry(self, name: str, create: bool = False) -> dict[str, Any]:
         """The entry of `name` to change: copied on first change, so the index it came from keeps its own."""
         if self.shared:

@@ -335,15 +335,36 @@ class Registry:
             index.set_tag(manifest.name, tag, manifest.version)
         return manifest
 
-    def remove(self, ref: str) -> Manifest:
-        """Remove one version (and its tags); its blobs are freed by the next gc."""
-        name, version, tag = parse_ref(ref)
-        if version is None and tag is None:
-            raise InvalidName(f"give the version to remove ({name}@1.2.0) or a tag ({name}@stable)")
+    def untag(self, ref: str) -> Manifest:
+        """Delete the tag `name@tag` alone; returns the version it pointed at."""
+        name, _, tag = parse_ref(ref)
+        if tag is None:
+            raise InvalidName(f"give the tag to delete, e.g. {name}@stable")
         with self.index_file.update() as index:
             manifest = index.resolve(ref)
-            index.remove(manifest.name, manifest.version)
+            index.delete_tag(name, tag)
         return manifest
+
+    def version_tags(self, manifest: Manifest) -> list[str]:
+        """The tags that point at this version."""
+        return sorted(t for t, v in self.tags(manifest.name).items() if v == manifest.version)
+
+    def remove(self, ref: str) -> tuple[Manifest, list[str]]:
+        """Remove one version and the tags that point at it; returns both. Its blobs are freed by the next gc.
+
+        The version must be named: removing through a tag would take the version and its other tags
+        along when the tag alone may have been meant."""
+        name, version, tag = parse_ref(ref)
+        with self.index_file.update() as index:
+            manifest = index.resolve(ref)
+            tags = sorted(t for t, v in index.tags(name).items() if v == manifest.version)
+            if version is None:
+                also = f" (and its tags: {', '.join(tags)})" if tags else ""
+                raise InvalidName(
+                    f"give the version to remove: `hub rm {manifest.ref}` removes it{also}"
+                    + (f"; `hub untag {ref}` deletes the tag alone" if tag else ""))
+            index.remove(manifest.name, manifest.version)
+        return manifest, tags
 
     # -- maintenance
 

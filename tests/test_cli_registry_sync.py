@@ -36,3 +36,52 @@ def test_repush_says_unchanged_or_refuses_other_metadata(technique_adapters, tmp
     one_line_error(hub(*push, "--license", "mit", "--tags", "demo", home=home, ok=False), "different tags, license")
     assert snapshot(home) == before
     assert "description: first" in hub("show", "x", home=home).stdout
+
+
+def test_tags_travel_with_push_and_pull_and_can_be_deleted_alone(technique_adapters, tmp_path):
+    alice, bob, shared = tmp_path / "alice", tmp_path / "bob", tmp_path / "shared"
+    hub("remote", "add", "shared", shared, home=alice)
+    hub("push", technique_adapters["ia3"], "--name", "ia3", "--version", "1.0.0", home=alice)
+    hub("tag", "ia3@1.0.0", "stable", home=alice)
+    hub("tag", "ia3@1.0.0", "prod", home=alice)
+    hub("push", technique_adapters["lora"], "--name", "ia3", "--version", "1.1.0", home=alice)
+    hub("tag", "ia3@1.1.0", "stable", home=alice)  # moves stable
+    hub("push", "ia3@1.0.0", "--to", "shared", home=alice)
+    hub("push", "ia3@1.1.0", "--to", "shared", home=alice)
+    assert "ref_tags: [\"prod\"]" in hub("show", "ia3@1.0.0", "--registry", shared, home=alice).stdout
+    out = hub("pull", "ia3@stable", "--from", shared, home=bob).stdout
+    assert "pulled ia3@1.1.0" in out and "tagged ia3@stable -> 1.1.0" in out
+
+    assert hub("untag", "ia3@prod", home=alice).stdout.strip() == "deleted tag ia3@prod (was 1.0.0)"
+    assert "ia3@1.0.0" in hub("list", home=alice).stdout
+    one_line_error(hub("untag", "ia3@prod", home=alice, ok=False), "ia3 has no tag 'prod'")
+    one_line_error(hub("untag", "ia3@1.0.0", home=alice, ok=False), "give the tag to delete")
+    before = snapshot(alice)
+    one_line_error(hub("rm", "ia3@stable", home=alice, ok=False),
+                   "give the version to remove: `hub rm ia3@1.1.0` removes it (and its tags: stable); "
+                   "`hub untag ia3@stable` deletes the tag alone")
+    assert snapshot(alice) == before
+    assert hub("rm", "ia3@1.1.0", home=alice).stdout.strip() == "removed ia3@1.1.0 and its tags: stable"
+
+
+def test_a_registry_version_without_a_folder_is_published(technique_adapters, tmp_path):
+    """A merge result exists only in the registry; `hub push REF --to REMOTE` publishes it as it is."""
+    home, shared = tmp_path / "home", tmp_path / "shared"
+    hub("remote", "add", "shared", shared, home=home)
+    for name in ("a", "b"):
+        hub("push", technique_adapters["lora"], "--name", f"me/{name}", "--version", "1.0.0", home=home)
+    hub("merge", "me/a", "me/b", "--method", "ties", "--density", "0.5", "--name", "me/m-ties", "--version", "1.0.0",
+        home=home)
+    assert hub("push", "me/m-ties@1.0.0", "--to", "shared", home=home).stdout.strip() == \
+        f"pushed me/m-ties@1.0.0 to {shared.resolve()}"
+    local = hub("show", "me/m-ties", "--json", home=home).stdout
+    assert hub("show", "me/m-ties@1.0.0", "--json", "--registry", shared, home=home).stdout == local
+    assert hub("verify", "--registry", shared, home=home).stdout.startswith("ok: ")
+    before = snapshot(home)
+    one_line_error(hub("push", "me/m-ties@1.0.0", home=home, ok=False), "give --to REMOTE")
+    one_line_error(hub("push", "me/m-ties@1.0.0", "--to", "shared", "--description", "x", home=home, ok=False),
+                   "apply to folders")
+    one_line_error(hub("push", technique_adapters["lora"], "--to", "shared", home=home, ok=False),
+                   "give --name and --version")
+    one_line_error(hub("push", "me/nope@1.0.0", "--to", "shared", home=home, ok=False), "no adapter named 'me/nope'")
+    assert snapshot(home) == before

@@ -309,7 +309,9 @@ def test_rm_then_gc_frees_only_unreferenced_blobs(technique_adapters, hub_home):
     reg.tag("ia3@1.0.0", "stable")
     with pytest.raises(InvalidName, match="give the version"):
         reg.remove("ia3")
-    reg.remove("ia3@stable")
+    with pytest.raises(InvalidName, match="untag ia3@stable"):
+        reg.remove("ia3@stable")
+    assert reg.remove("ia3@1.0.0")[1] == ["stable"]
     assert reg.tags("ia3") == {} and [m.ref for m in reg.list()] == ["lora@1.0.0", "lora-copy@1.0.0"]
     report = reg.gc()
     assert (report.blobs, report.checkouts) == (3, 1)

@@ -35,7 +35,7 @@ class Remote(ABC):
 
     @abstractmethod
     def publish(self, manifest: Manifest, local: Registry, progress: Progress | None = None) -> str:
-        """Push one local version here; returns where it went, for the user."""
+        """Push one local version here with the tags that point at it; returns where it went, for the user."""
 
 
 def parse_url(url: str) -> Remote:

@@ -28,5 +28,9 @@ class DirectoryRemote(Remote):
         return local.add_from(self._registry(must_exist=True), ref, progress)
 
     def publish(self, manifest: Manifest, local: Registry, progress: Progress | None = None) -> str:
-        self._registry(must_exist=False).add_from(local, manifest.ref, progress)
+        """Copy the version, then point its local tags at it here too (moving them if they exist)."""
+        remote = self._registry(must_exist=False)
+        remote.add_from(local, manifest.ref, progress)
+        for tag in local.version_tags(manifest):
+            remote.tag(manifest.ref, tag)
         return self.url

@@ -101,6 +101,7 @@ class HFRemote(Remote):
 
     def publish(self, manifest: Manifest, local: Registry, progress: Progress | None = None) -> str:
         from huggingface_hub import HfApi
+        from huggingface_hub.errors import RevisionNotFoundError
 
         api = HfApi()
         with tempfile.TemporaryDirectory(prefix="hub-hf-") as tmp:
@@ -112,6 +113,12 @@ class HFRemote(Remote):
                     commit_message=f"{manifest.ref} ({manifest.technique})",
                 )
                 api.create_tag(self.repo_id, tag=f"v{manifest.version}", revision=commit.oid)
+                for tag in local.version_tags(manifest):  # a git tag cannot be moved: delete, then create
+                    try:
+                        api.delete_tag(self.repo_id, tag=tag)
+                    except RevisionNotFoundError:
+                        pass
+                    api.create_tag(self.repo_id, tag=tag, revision=commit.oid)
             except Exception as e:  # network boundary: the client raises many kinds; report one line
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 raise RemoteError(f"{self.url}: push failed ({e.__class__.__name__}: {reason})") from None
