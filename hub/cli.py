@@ -255,15 +255,43 @@ def rm(ref: str = typer.Argument(..., metavar="NAME@VERSION"), registry: Path | 
 
 
 @app.command()
-def verify(ref: str | None = typer.Argument(None), registry: Path | None = REGISTRY_OPT) -> None:
-    """Re-hash every file of every version (or of REF); exit 1 on any mismatch."""
+def verify(
+    ref: str | None = typer.Argument(None),
+    repair: bool = typer.Option(False, "--repair", help="Re-fetch damaged or missing files from the remote."),
+    source: str | None = typer.Option(None, "--from", help="With --repair: the remote (default: the only one)."),
+    registry: Path | None = REGISTRY_OPT,
+) -> None:
+    """Re-hash every file of every version (or of REF); exit 1 on any mismatch left."""
     with _clear_errors():
-        checked, problems = open_registry(registry).verify(ref)
+        if source is not None and not repair:
+            fail("--from applies to --repair")
+        reg = open_registry(registry)
+        remote = _remote(reg, source) if repair else None
+        checked, problems = reg.verify(ref)
+        if remote is not None and problems:
+            problems = _repair(reg, remote, ref)
     for problem in problems:
         typer.echo(f"error: {problem}", err=True)
     if problems:
         raise typer.Exit(1)
     typer.echo(f"ok: {checked} files verified")
+
+
+def _repair(reg: Registry, remote: Remote, ref: str | None) -> list[str]:
+    """Pull every damaged version again from `remote` (which replaces its damaged blobs); says what it
+    repaired and returns the problems left."""
+    left: list[str] = []
+    for manifest, problems in reg.damaged([reg.resolve(ref)] if ref else list(reg.index().manifests())):
+        if manifest.path is not None:
+            left += [f"{p}: not repaired: the version lives in a folder of the registry" for p in problems]
+            continue
+        try:
+            remote.fetch(manifest.ref, reg)
+        except HubError as e:
+            left += [f"{p}: not repaired from {remote.url}: {e}" for p in problems]
+            continue
+        typer.echo(f"repaired {manifest.ref} from {remote.url} ({len(problems)} files)")
+    return left
 
 
 @app.command()

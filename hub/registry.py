@@ -202,8 +202,11 @@ class Registry:
         return self._commit(manifest, sources, progress)
 
     def _commit(self, manifest: Manifest, sources: dict[str, Path], progress: Progress | None) -> Manifest:
+        """Add a version from `sources`; the same version again re-fetches those of its blobs that are damaged."""
         existing = self.index().get(manifest.name, manifest.version)
         if existing is not None:
+            if existing.sha256 == manifest.sha256 and existing.path is None:
+                self._put_blobs(existing, sources, progress, [])  # intact blobs are kept, damaged ones replaced
             return self.index().add(manifest)  # the no-op, or Conflict before any byte is written
         created: list[str] = []
         try:
@@ -212,20 +215,23 @@ class Registry:
             else:
                 self._check_files(manifest)
             with self.index_file.update() as index:
-                if manifest.path is None:
-                    self._put_blobs(manifest, sources, None, created)  # a concurrent gc may have taken some
+                if manifest.path is None:  # a concurrent gc may have taken some
+                    self._put_blobs(manifest, sources, None, created, trust_existing=True)
                 return index.add(manifest)
         except BaseException:
             self._drop_unreferenced(created)
             raise
 
     def _put_blobs(self, manifest: Manifest, sources: dict[str, Path], progress: Progress | None,
-                   created: list[str]) -> None:
+                   created: list[str], trust_existing: bool = False) -> None:
         """Store every file as a blob, appending to `created` the digests this call wrote (to undo on failure)."""
         for name, info in manifest.files.items():
-            if not sources[name].is_file():
-                raise _missing(manifest, name, sources[name])
-            if self.store.put(sources[name], info["size"], info["sha256"], progress):
+            try:  # a source is read only for a blob that is not here intact
+                written = self.store.put(sources[name], info["size"], info["sha256"], progress,
+                                         trust_existing=trust_existing)
+            except FileNotFoundError:
+                raise _missing(manifest, name, sources[name]) from None
+            if written:
                 created.append(info["sha256"])
 
     def _drop_unreferenced(self, digests: list[str]) -> None:
@@ -387,10 +393,12 @@ class Registry:
     def verify(self, ref: str | None = None) -> tuple[int, list[str]]:
         """Re-hash every file of one version (or of all); returns (files checked, problems)."""
         manifests = [self.resolve(ref)] if ref else list(self.index().manifests())
-        problems: list[str] = []
-        for m in manifests:
-            problems += self._problems(m, lambda name, m=m: self.file_path(m, name))
-        return sum(len(m.files) for m in manifests), problems
+        return sum(len(m.files) for m in manifests), [p for _, found in self.damaged(manifests) for p in found]
+
+    def damaged(self, manifests: list[Manifest]) -> list[tuple[Manifest, list[str]]]:
+        """The versions among `manifests` with a missing or damaged file, each with its problems."""
+        found = [(m, self._problems(m, lambda name, m=m: self.file_path(m, name))) for m in manifests]
+        return [(m, problems) for m, problems in found if problems]
 
     def gc(self) -> GcReport:
         """Remove blobs and checkouts no version refers to, and temp files of processes that are gone."""

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from hub.errors import HubError, IntegrityError
+from hub.manifest import sha256_file
 
 Progress = Callable[[int], None]  # called with the number of bytes just copied
 _SHA_LEN = 64
@@ -130,11 +131,18 @@ class BlobStore:
     def has(self, sha256: str) -> bool:
         return self.path(sha256).is_file()
 
-    def put(self, src: Path, size: int, sha256: str, progress: Progress | None = None) -> bool:
-        """Store a file's bytes under their sha256, checking they are what the manifest says.
-        Returns whether a new blob was written."""
+    def intact(self, sha256: str, size: int) -> bool:
+        """Whether the blob exists and holds the bytes its name says (re-hashed: disks and people damage files)."""
+        path = self.path(sha256)
+        return path.is_file() and path.stat().st_size == size and sha256_file(path) == (size, sha256)
+
+    def put(self, src: Path, size: int, sha256: str, progress: Progress | None = None, *,
+            trust_existing: bool = False) -> bool:
+        """Store a file's bytes under their sha256, checking they are what the manifest says; a damaged blob
+        already there is replaced (`trust_existing`: one this process just wrote is not hashed again).
+        Returns whether a blob was written."""
         final = self.path(sha256)
-        if final.is_file():
+        if final.is_file() if trust_existing else self.intact(sha256, size):
             if progress:
                 progress(size)
             return False

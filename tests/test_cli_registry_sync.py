@@ -85,3 +85,38 @@ def test_a_registry_version_without_a_folder_is_published(technique_adapters, tm
                    "give --name and --version")
     one_line_error(hub("push", "me/nope@1.0.0", "--to", "shared", home=home, ok=False), "no adapter named 'me/nope'")
     assert snapshot(home) == before
+
+
+def _damage(home: Path, ref: str) -> None:
+    """Flip one byte of the version's weights blob."""
+    from hub.registry import Registry
+
+    reg = Registry(home)
+    blob = reg.store.path(reg.resolve(ref).files["adapter_model.safetensors"]["sha256"])
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    blob.write_bytes(bytes(data))
+
+
+def test_pull_and_verify_repair_replace_damaged_blobs(technique_adapters, tmp_path):
+    home, shared = tmp_path / "home", tmp_path / "shared"
+    hub("remote", "add", "shared", shared, home=home)
+    hub("push", technique_adapters["lora"], "--name", "x", "--version", "1.0.0", "--to", "shared", home=home)
+    hub("push", technique_adapters["ia3"], "--name", "y", "--version", "1.0.0", "--to", "shared", home=home)
+    hub("push", technique_adapters["bitfit"], "--name", "z", "--version", "1.0.0", home=home)  # local only
+
+    _damage(home, "x@1.0.0")
+    assert "x@1.0.0: adapter_model.safetensors does not match" in hub("verify", home=home, ok=False).stderr
+    assert "pulled x@1.0.0" in hub("pull", "x@1.0.0", "--from", "shared", home=home).stdout
+    assert hub("verify", home=home).stdout.startswith("ok: ")
+
+    for ref in ("x@1.0.0", "y@1.0.0", "z@1.0.0"):
+        _damage(home, ref)
+    result = hub("verify", "--repair", "--from", "shared", home=home, ok=False)
+    assert result.exit_code == 1
+    assert "repaired x@1.0.0 from" in result.stdout and "repaired y@1.0.0 from" in result.stdout
+    assert result.stderr.count("\n") == 1 and "error: z@1.0.0: adapter_model.safetensors does not match" in \
+        result.stderr and "not repaired from" in result.stderr and "no adapter named 'z'" in result.stderr
+    assert hub("verify", "x", home=home).stdout.startswith("ok: ") and hub("verify", "y", home=home)
+    hub("rm", "z@1.0.0", home=home)
+    assert hub("verify", "--repair", home=home).stdout.startswith("ok: ")
