@@ -160,6 +160,44 @@ def hf_id(base_model: str) -> str:
     return EMBEDDED[base_model].hf_id if base_model in EMBEDDED else base_model
 
 
+def embedded_name(base_id: str) -> str:
+    """The embedded model's name for its recorded HF id (its local copy is prepared from the package); else as is."""
+    return next((name for name, spec in EMBEDDED.items() if spec.hf_id == base_id), base_id)
+
+
+def canonical_id(base_model: str) -> str:
+    """The id a manifest records for a base model: an embedded model's HF id, also for its prepared folder
+    (the path `hub base prepare` prints, which PEFT writes into an adapter trained on it) and for any folder
+    with the same fingerprint as a prepared one; else a folder's absolute path, or the name as given."""
+    folder = Path(base_model).expanduser()
+    if base_model in EMBEDDED or not folder.is_dir():
+        return hf_id(base_model)
+    folder = folder.resolve()
+    if (folder / CHECKSUM_FILE).is_file() and folder.name in EMBEDDED:  # prepared, in any hub home
+        return EMBEDDED[folder.name].hf_id
+    own = architecture_fingerprint(folder)
+    for name, spec in EMBEDDED.items():
+        if own is not None and prepared_dir(name).is_dir() and architecture_fingerprint(prepared_dir(name)) == own:
+            return spec.hf_id
+    return str(folder)
+
+
+def architecture_fingerprint(base: str | Path) -> str | None:
+    """The fingerprint of a base model's architecture (hub.checkpoint.fingerprint, no modules): what "the same
+    base" means for the runtime and for merges. `base`: a folder, an embedded model's name or HF id (if
+    prepared), or an HF id in the local cache; None when it is not at hand (nothing is downloaded)."""
+    from transformers import AutoConfig
+
+    from hub.checkpoint import fingerprint
+
+    name = embedded_name(str(base))
+    try:
+        return fingerprint(AutoConfig.from_pretrained(prepared_dir(name) if name in EMBEDDED else name,
+                                                      local_files_only=True), {})
+    except (OSError, ValueError):
+        return None
+
+
 DTYPES = ("float32", "bfloat16", "float16")  # the dtypes a base model is served or exported in
 
 

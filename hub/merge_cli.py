@@ -42,11 +42,14 @@ def merge_versions(registry: Registry, refs: list[str], spec: MergeSpec, name: s
     """Resolve, merge and push: the new version's manifest."""
     from hub.merge import merge  # torch: imported when a merge runs, not when `hub` starts
 
+    from hub.basemodel import architecture_fingerprint
+
     parents = [registry.resolve(ref) for ref in refs]
-    bases = {m.base_model.id for m in parents} - {None}
-    revisions = {m.base_model.revision for m in parents} - {None}
-    if len(bases) > 1 or len(revisions) > 1:
-        raise MergeError(f"adapters were pushed for different base models: {', '.join(sorted(bases | revisions))}")
+    bases = sorted({m.base_model.id for m in parents} - {None})
+    # The same base means the same architecture fingerprint, as for a per-request merge on the server; the
+    # recorded ids decide only where a base is not at hand.
+    if len({architecture_fingerprint(base) or base for base in bases}) > 1:
+        raise MergeError(f"adapters were pushed for different base models: {', '.join(bases)}")
     adapters = [registry.read(m) for m in parents]
     merged = merge(adapters, spec)
     checked = spec.checked(merged.technique, len(parents))  # the lineage records defaults as applied
@@ -70,8 +73,7 @@ def export_merged_version(registry: Registry, ref: str, base_model: str | None, 
     base = base_model or manifest.base_model.id or adapter.config.get("base_model_name_or_path")
     if not base:
         raise MergeError(f"{manifest.ref} records no base model: give --base-model")
-    embedded = {spec.hf_id: name for name, spec in basemodel.EMBEDDED.items()}  # recorded ids -> local copies
-    return export_merged(adapter, embedded.get(base, base), out, dtype=getattr(torch, dtype) if dtype else None)
+    return export_merged(adapter, basemodel.embedded_name(base), out, dtype=getattr(torch, dtype) if dtype else None)
 
 
 def merge_command(

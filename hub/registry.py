@@ -49,8 +49,7 @@ def _base_config(base_id: str) -> Any | None:
     """The transformers config of a base model if it is at hand (embedded, local folder or cached); else None."""
     from transformers import AutoConfig
 
-    embedded = {spec.hf_id: name for name, spec in basemodel.EMBEDDED.items()}
-    base_id = embedded.get(base_id, base_id)
+    base_id = basemodel.embedded_name(base_id)
     try:
         if base_id in basemodel.EMBEDDED or Path(base_id).expanduser().is_dir():
             return AutoConfig.from_pretrained(basemodel.resolve(base_id))
@@ -67,8 +66,7 @@ def check_base(adapter: Adapter, base_model: str | None) -> BaseModelInfo:
     if not base_id:
         return BaseModelInfo()
     revision = adapter.config.get("revision")
-    is_folder = Path(base_id).expanduser().is_dir()
-    recorded = str(Path(base_id).expanduser().resolve()) if is_folder else basemodel.hf_id(base_id)
+    recorded = basemodel.canonical_id(base_id)
     config = _base_config(base_id)
     if config is None:
         return BaseModelInfo(id=recorded, revision=revision)
@@ -138,8 +136,8 @@ class Registry:
         if technique is not None and technique not in known:  # a typo would list nothing, silently
             raise InvalidName(f"unknown technique {technique!r}; one of: {', '.join(known)}")
         bases = None
-        if base_model:  # as named, as its HF id, or as the absolute folder push records for a local base
-            bases = {base_model, basemodel.hf_id(base_model), str(Path(base_model).expanduser().resolve())}
+        if base_model:  # as named, as the id push records for it, or as a folder an older push recorded
+            bases = {base_model, basemodel.canonical_id(base_model), str(Path(base_model).expanduser().resolve())}
         return [
             m for m in self.index().manifests()
             if (bases is None or m.base_model.id in bases) and (technique is None or m.technique == technique)
