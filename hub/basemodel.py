@@ -9,16 +9,19 @@ folder is never used.
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 from hub.home import hub_home
 
@@ -147,12 +150,50 @@ def prepare_embedded(name: str = DEFAULT_BASE_MODEL, *, verify: bool = True) -> 
 
 
 def resolve(base_model: str = DEFAULT_BASE_MODEL) -> str:
-    """A name the transformers loaders take: a prepared embedded folder, a local folder, or a hub id."""
+    """A name the transformers loaders take: a prepared embedded folder, a local folder, or a hub id.
+
+    A hub id that is not in the local HF cache while the Hub cannot be reached fails here at once (the
+    loaders would retry for most of a minute), suggesting the closest known name."""
     if base_model in EMBEDDED:
         return str(prepare_embedded(base_model))
     if Path(base_model).expanduser().is_dir():
         return str(Path(base_model).expanduser())
+    if not _in_hf_cache(base_model) and _hub_unreachable():
+        raise BaseModelError(
+            f"unknown base model {base_model!r}: not an embedded model ({', '.join(EMBEDDED)}), not a local folder, "
+            f"not in the Hugging Face cache, and the Hub is not reachable (offline){did_you_mean(base_model)}")
     return base_model
+
+
+def did_you_mean(base_model: str, *, hf_ids: bool = True) -> str:
+    """'; did you mean X?' for the known base name (embedded names, and their HF ids) closest to a mistyped
+    one, case ignored; '' when none is close or the name is a known one."""
+    known = {k.lower(): k for name, spec in EMBEDDED.items() for k in ((name, spec.hf_id) if hf_ids else (name,))}
+    close = difflib.get_close_matches(base_model.lower(), known, n=1, cutoff=0.75)
+    return f"; did you mean {known[close[0]]!r}?" if close and known[close[0]] != base_model else ""
+
+
+def _in_hf_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def _hub_unreachable() -> bool:
+    """HF_HUB_OFFLINE, or no connection to the Hub's endpoint within a few seconds."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return True
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except OSError:
+        return True
+    return False
 
 
 def hf_id(base_model: str) -> str:
@@ -214,7 +255,7 @@ def load(base_model: str = DEFAULT_BASE_MODEL, *, dtype: str = "float32", device
         raise BaseModelError(
             f"cannot load base model {base_model!r}: it is not an embedded model ({', '.join(EMBEDDED)}), "
             f"not a local folder, and the Hugging Face Hub did not provide it ({e.__class__.__name__}). "
-            "Where no hub is reachable, pass a local folder."
+            f"Where no hub is reachable, pass a local folder.{did_you_mean(base_model)}"
         ) from None
     model.to(device).eval().requires_grad_(False)
     return model, tokenizer

@@ -69,6 +69,10 @@ def check_base(adapter: Adapter, base_model: str | None) -> BaseModelInfo:
     recorded = basemodel.canonical_id(base_id)
     config = _base_config(base_id)
     if config is None:
+        # A named base not at hand is recorded unchecked, but a bare name close to an embedded one is a typo.
+        hint = basemodel.did_you_mean(base_model, hf_ids=False) if base_model and "/" not in base_model else ""
+        if hint:
+            raise InvalidName(f"unknown base model {base_model!r}{hint}")
         return BaseModelInfo(id=recorded, revision=revision)
     from hub.checkpoint import fitted_fingerprint
 

@@ -66,3 +66,38 @@ def test_prepared_folder_and_same_fingerprint_record_the_canonical_id(home, tmp_
     assert out.startswith("merged a@1.0.0 + b@1.0.0 -> ab@1.0.0") and _base_id(home, "ab") == TINY_ID
     one_line_error(hub("merge", "a", "d", "--method", "linear", "--name", "ad", "--version", "1.0.0", home=home,
                        ok=False), "pushed for different base models")
+
+
+def _run_hub(*args: str, **env: str):
+    """The real CLI in a fresh process (huggingface_hub reads HF_HUB_OFFLINE and HF_ENDPOINT at import)."""
+    import os
+    import subprocess
+    import sys
+
+    clean = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_ENDPOINT")}
+    return subprocess.run([sys.executable, "-m", "hub", *args], env={**clean, **env}, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}],
+                         ids=["HF_HUB_OFFLINE", "hub-unreachable"])
+def test_mistyped_base_model_fails_at_once_offline_with_the_closest_name(env, tmp_path):
+    """Not embedded, not a folder, not cached, and no Hub: one line suggesting the known name (the loaders
+    would otherwise retry a missing hub for most of a minute)."""
+    result = _run_hub("base", "generate", "hi", "--base-model", "smollm2-135M", HUB_HOME=str(tmp_path), **env)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: unknown base model 'smollm2-135M'") and "not reachable" in result.stderr
+    assert result.stderr.rstrip().endswith("did you mean 'smollm2-135m'?")
+    result = _run_hub("base", "generate", "hi", "--base-model", "nonexistent/model", HUB_HOME=str(tmp_path), **env)
+    assert result.returncode == 1 and "unknown base model 'nonexistent/model'" in result.stderr
+    assert "did you mean" not in result.stderr
+
+
+def test_push_refuses_a_mistyped_embedded_name(technique_adapters, tmp_path):
+    home = tmp_path / "home"
+    one_line_error(hub("push", technique_adapters["lora"], "--name", "x", "--version", "1.0.0", "--base-model",
+                       "smollm2-135M", home=home, ok=False), "unknown base model 'smollm2-135M'; did you mean 'smollm2-135m'?")
+    assert not (home / "registry.json").exists()
+    out = hub("push", technique_adapters["lora"], "--name", "x", "--version", "1.0.0", "--base-model",
+              "someorg/smollm2-135M", home=home).stdout  # an HF id not at hand is recorded unchecked
+    assert "base model not at hand" in out
