@@ -186,9 +186,16 @@ def pull(
             typer.echo(f"tagged {manifest.name}@{tag} -> {manifest.version}")
 
 
+def printable(text: str) -> str:
+    """Text from a manifest (which may come from anyone's remote) with control and format characters escaped
+    (`\\x1b`, `\\u202e`), so no escape sequence in a description or base model id reaches the terminal."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
 def _row(m: Manifest, tags: dict[str, str]) -> list[str]:
     labels = ",".join(t for t, v in sorted(tags.items()) if v == m.version)
-    return [m.ref, m.technique, m.base_model.id or "-", f"{m.params:,}", labels or "-", m.created]
+    cells = [m.ref, m.technique, m.base_model.id or "-", f"{m.params:,}", labels or "-", m.created]
+    return [printable(c) for c in cells]
 
 
 @app.command("list")
@@ -226,7 +233,7 @@ def show(
             typer.echo(json.dumps(data, indent=1))
             return
         for key, value in data.items():
-            shown = value if isinstance(value, str) else json.dumps(value, default=str)
+            shown = printable(value) if isinstance(value, str) else json.dumps(value, default=str)  # JSON escapes
             typer.echo(f"{key}: {shown}")
 
 

@@ -120,3 +120,24 @@ def test_pull_and_verify_repair_replace_damaged_blobs(technique_adapters, tmp_pa
     assert hub("verify", "x", home=home).stdout.startswith("ok: ") and hub("verify", "y", home=home)
     hub("rm", "z@1.0.0", home=home)
     assert hub("verify", "--repair", home=home).stdout.startswith("ok: ")
+
+
+def test_escape_sequences_from_a_remote_manifest_never_reach_the_terminal(technique_adapters, tmp_path):
+    """A description and base model id published with terminal escapes (set the title, clear the screen,
+    reverse the text) are shown escaped by `hub show` and `hub list`."""
+    import json
+    import shutil
+
+    alice, bob, shared = tmp_path / "alice", tmp_path / "bob", tmp_path / "shared"
+    folder = Path(shutil.copytree(technique_adapters["ia3"], tmp_path / "evil"))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "org/m\x1b[2J"}))
+    description = "ok\x1b]0;pwned\x07\x1b[31mred\u202eevil\r\nsecond"
+    hub("push", folder, "--name", "x", "--version", "1.0.0", "--description", description, "--to", shared, home=alice)
+    hub("pull", "x", "--from", shared, home=bob)
+    shown, listed = hub("show", "x", home=bob).stdout, hub("list", home=bob).stdout
+    for out in (shown, listed):
+        assert not any(ch in out for ch in "\x1b\x07\r\u202e"), out
+    assert "description: ok\\x1b]0;pwned\\x07\\x1b[31mred\\u202eevil\\r\\nsecond\n" in shown
+    assert "org/m\\u001b[2J" in shown and "org/m\\x1b[2J" in listed  # show prints it inside JSON
+    assert json.loads(hub("show", "x", "--json", home=bob).stdout)["description"] == description  # data unchanged
