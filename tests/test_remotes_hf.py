@@ -175,3 +175,38 @@ def test_push_is_a_thin_use_of_the_client(technique_adapters, tmp_path, monkeypa
                                         "hub-manifest.json"], "acme/lora@1.2.0 (lora)"),
         ("create_tag", "acme/lora", "v1.2.0", "c0ffee"),
     ]
+
+
+def test_push_carries_the_versions_tags_as_git_tags(technique_adapters, tmp_path, monkeypatch):
+    """Each tag of the version becomes a git tag on the pushed commit; one that exists is deleted first
+    (git tags do not move), one that does not is simply created."""
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub.errors import RevisionNotFoundError
+
+    calls, existing = [], {"stable"}
+
+    class RecordingApi:
+        def create_repo(self, repo_id, exist_ok):
+            pass
+
+        def upload_folder(self, repo_id, folder_path, delete_patterns, commit_message):
+            return type("Commit", (), {"oid": "c0ffee"})()
+
+        def delete_tag(self, repo_id, tag):
+            if tag not in existing:
+                raise RevisionNotFoundError(f"no tag {tag}", response=httpx2.Response(404, request=httpx2.Request(
+                    "DELETE", f"https://huggingface.co/api/models/{repo_id}/tag/{tag}")))
+            calls.append(("delete_tag", tag))
+
+        def create_tag(self, repo_id, tag, revision):
+            calls.append(("create_tag", tag, revision))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    local = Registry(tmp_path / "home")
+    manifest = local.push(technique_adapters["lora"], "acme/lora", "1.2.0")
+    local.tag("acme/lora@1.2.0", "stable")
+    local.tag("acme/lora@1.2.0", "prod")
+    HFRemote("acme/lora").publish(manifest, local)
+    assert calls == [("create_tag", "v1.2.0", "c0ffee"), ("create_tag", "prod", "c0ffee"),
+                     ("delete_tag", "stable"), ("create_tag", "stable", "c0ffee")]
