@@ -210,3 +210,13 @@ def test_push_carries_the_versions_tags_as_git_tags(technique_adapters, tmp_path
     HFRemote("acme/lora").publish(manifest, local)
     assert calls == [("create_tag", "v1.2.0", "c0ffee"), ("create_tag", "prod", "c0ffee"),
                      ("delete_tag", "stable"), ("create_tag", "stable", "c0ffee")]
+
+
+def test_pull_by_tag_from_hf_downloads_that_revision_and_sets_the_tag(technique_adapters, tmp_path,
+                                                                      offline_hf_cache):
+    folder, _ = staged(technique_adapters, tmp_path, "ia3")
+    populate_hf_cache(offline_hf_cache, "acme/ia3", folder, ["v1.0.0", "stable"])
+    result = run_hub("pull", "acme/ia3@stable", "--from", "hf://acme/ia3", hub_home=tmp_path / "bob",
+                     hf_home=offline_hf_cache)
+    assert result.returncode == 0, result.stderr
+    assert "pulled acme/ia3@1.0.0" in result.stdout and "tagged acme/ia3@stable -> 1.0.0" in result.stdout
