@@ -40,9 +40,8 @@ def merge_lineage(parents: list[Manifest], spec: MergeSpec) -> dict[str, Any]:
 def merge_versions(registry: Registry, refs: list[str], spec: MergeSpec, name: str, version: str,
                    description: str = "") -> Manifest:
     """Resolve, merge and push: the new version's manifest."""
-    from hub.merge import merge  # torch: imported when a merge runs, not when `hub` starts
-
     from hub.basemodel import architecture_fingerprint
+    from hub.merge import merge  # torch: imported when a merge runs, not when `hub` starts
 
     parents = [registry.resolve(ref) for ref in refs]
     bases = sorted({m.base_model.id for m in parents} - {None})
