@@ -2,8 +2,11 @@
 publishing versions already in the registry, re-pushes, and repairing damaged blobs from a remote."""
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
+from hub.registry import Registry
 from tests.test_cli_registry import hub, one_line_error
 from tests.test_registry import snapshot
 
@@ -89,8 +92,6 @@ def test_a_registry_version_without_a_folder_is_published(technique_adapters, tm
 
 def _damage(home: Path, ref: str) -> None:
     """Flip one byte of the version's weights blob."""
-    from hub.registry import Registry
-
     reg = Registry(home)
     blob = reg.store.path(reg.resolve(ref).files["adapter_model.safetensors"]["sha256"])
     data = bytearray(blob.read_bytes())
@@ -125,9 +126,6 @@ def test_pull_and_verify_repair_replace_damaged_blobs(technique_adapters, tmp_pa
 def test_escape_sequences_from_a_remote_manifest_never_reach_the_terminal(technique_adapters, tmp_path):
     """A description and base model id published with terminal escapes (set the title, clear the screen,
     reverse the text) are shown escaped by `hub show` and `hub list`."""
-    import json
-    import shutil
-
     alice, bob, shared = tmp_path / "alice", tmp_path / "bob", tmp_path / "shared"
     folder = Path(shutil.copytree(technique_adapters["ia3"], tmp_path / "evil"))
     config = json.loads((folder / "adapter_config.json").read_text())
