@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from importlib.metadata import version as package_version
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,16 +13,29 @@ import typer
 
 from hub import basemodel
 from hub.artifact import ArtifactError
+from hub.clikit import REF_ARG, HubGroup
 from hub.errors import HubError
 from hub.manifest import Manifest, parse_ref
 from hub.registry import Registry, open_registry
 from hub.remotes import Remote, Remotes
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Adapter Hub: registry and runtime for PEFT adapters.")
+app = typer.Typer(cls=HubGroup, no_args_is_help=True, help="Adapter Hub: registry and runtime for PEFT adapters.")
 base_app = typer.Typer(no_args_is_help=True, help="The base models the hub serves adapters on.")
 app.add_typer(base_app, name="base")
 remote_app = typer.Typer(no_args_is_help=True, help="Named remotes: directory registries and hf://org/repo.")
 app.add_typer(remote_app, name="remote")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"hub {package_version('adapterhub-serve')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(_: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit.")) -> None:
+    """Options that apply before any command."""
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -31,7 +45,7 @@ def fail(message: str, code: int = 1) -> None:
 
 
 @base_app.command("prepare")
-def base_prepare(name: str = typer.Argument(basemodel.DEFAULT_BASE_MODEL)) -> None:
+def base_prepare(name: str = typer.Argument(basemodel.DEFAULT_BASE_MODEL, help="Embedded base model name.")) -> None:
     """Convert an embedded base model into a cached HF folder (once) and print its path."""
     if name not in basemodel.EMBEDDED:
         fail(f"unknown embedded base model {name!r}; known: {', '.join(basemodel.EMBEDDED)}")
@@ -43,9 +57,9 @@ def base_prepare(name: str = typer.Argument(basemodel.DEFAULT_BASE_MODEL)) -> No
 
 @base_app.command("generate")
 def base_generate(
-    prompt: str,
-    base_model: str = typer.Option(basemodel.DEFAULT_BASE_MODEL, "--base-model"),
-    max_new_tokens: int = typer.Option(48, "--max-new-tokens"),
+    prompt: str = typer.Argument(..., help="The user message."),
+    base_model: str = typer.Option(basemodel.DEFAULT_BASE_MODEL, "--base-model", help="Embedded name, folder or HF id."),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1, help="Most tokens to generate."),
 ) -> None:
     """Greedy chat reply from the base model alone, in-process (no server, no adapters)."""
     try:
@@ -107,9 +121,9 @@ def push(
     version: str = typer.Option(..., "--version", help="Semantic version, e.g. 1.2.0."),
     base_model: str | None = typer.Option(None, "--base-model", help="Base model to check against and record."),
     to: str | None = typer.Option(None, "--to", help="Also push to this remote (name, path, file:// or hf://)."),
-    description: str = typer.Option("", "--description"),
+    description: str = typer.Option("", "--description", help="One line for `hub show` and `hub list --json`."),
     tags: str = typer.Option("", "--tags", help="Comma-separated descriptive tags for the manifest."),
-    license: str | None = typer.Option(None, "--license"),
+    license: str | None = typer.Option(None, "--license", help="SPDX id, e.g. apache-2.0 (default: none)."),
     in_place: bool = typer.Option(False, "--in-place", help="Record a folder inside the registry by relative path."),
     registry: Path | None = REGISTRY_OPT,
 ) -> None:
@@ -142,7 +156,7 @@ def push(
 
 @app.command()
 def pull(
-    ref: str = typer.Argument(..., help="name, name@1.2.0 or name@tag"),
+    ref: str = REF_ARG,
     source: str | None = typer.Option(None, "--from", help="Remote name, path, file:// or hf://org/repo."),
     revision: str | None = typer.Option(None, "--revision", help="HF remotes: the git revision to download."),
     registry: Path | None = REGISTRY_OPT,
@@ -171,9 +185,9 @@ def _row(m: Manifest, tags: dict[str, str]) -> list[str]:
 
 @app.command("list")
 def list_(
-    base_model: str | None = typer.Option(None, "--base-model"),
-    technique: str | None = typer.Option(None, "--technique"),
-    as_json: bool = typer.Option(False, "--json"),
+    base_model: str | None = typer.Option(None, "--base-model", help="Only versions pushed for this base model."),
+    technique: str | None = typer.Option(None, "--technique", help="Only this technique (lora, ia3, ...)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifests as JSON."),
     registry: Path | None = REGISTRY_OPT,
 ) -> None:
     """List every version (optionally for one base model or technique)."""
@@ -192,7 +206,8 @@ def list_(
 
 @app.command()
 def show(
-    ref: str, as_json: bool = typer.Option(False, "--json"), registry: Path | None = REGISTRY_OPT,
+    ref: str = REF_ARG, as_json: bool = typer.Option(False, "--json", help="Print it as JSON."),
+    registry: Path | None = REGISTRY_OPT,
 ) -> None:
     """Print one version's manifest."""
     with _clear_errors():
@@ -209,7 +224,8 @@ def show(
 
 
 @app.command()
-def tag(ref: str, tag_name: str = typer.Argument(..., metavar="TAG"), registry: Path | None = REGISTRY_OPT) -> None:
+def tag(ref: str = REF_ARG, tag_name: str = typer.Argument(..., metavar="TAG", help="Tag name, e.g. stable."),
+        registry: Path | None = REGISTRY_OPT) -> None:
     """Point NAME@TAG at the version REF resolves to."""
     with _clear_errors():
         manifest = open_registry(registry).tag(ref, tag_name)
@@ -217,7 +233,7 @@ def tag(ref: str, tag_name: str = typer.Argument(..., metavar="TAG"), registry: 
 
 
 @app.command()
-def rm(ref: str, registry: Path | None = REGISTRY_OPT) -> None:
+def rm(ref: str = REF_ARG, registry: Path | None = REGISTRY_OPT) -> None:
     """Remove one version (name@1.2.0 or name@tag); `hub gc` then frees its blobs."""
     with _clear_errors():
         manifest = open_registry(registry).remove(ref)
@@ -225,7 +241,7 @@ def rm(ref: str, registry: Path | None = REGISTRY_OPT) -> None:
 
 
 @app.command()
-def verify(ref: str | None = typer.Argument(None), registry: Path | None = REGISTRY_OPT) -> None:
+def verify(ref: str | None = typer.Argument(None, help="name, name@1.2.0 or name@tag (default: all)."), registry: Path | None = REGISTRY_OPT) -> None:
     """Re-hash every file of every version (or of REF); exit 1 on any mismatch."""
     with _clear_errors():
         checked, problems = open_registry(registry).verify(ref)
@@ -247,7 +263,7 @@ def gc(registry: Path | None = REGISTRY_OPT) -> None:
 
 @app.command()
 def export(
-    ref: str, out: Path = typer.Option(..., "--out", help="New folder to write."), registry: Path | None = REGISTRY_OPT,
+    ref: str = REF_ARG, out: Path = typer.Option(..., "--out", help="New folder to write."), registry: Path | None = REGISTRY_OPT,
     merged: bool = typer.Option(False, "--merged", help="Write a full HF model: the adapter folded into the base."),
     base_model: str | None = typer.Option(None, "--base-model", help="With --merged: the base (default: as pushed)."),
     dtype: str | None = typer.Option(None, "--dtype", help="With --merged: float32, bfloat16 or float16 "
@@ -268,7 +284,8 @@ def export(
 
 
 @remote_app.command("add")
-def remote_add(name: str, url: str, registry: Path | None = REGISTRY_OPT) -> None:
+def remote_add(name: str = typer.Argument(..., help="Remote name, e.g. origin."),
+               url: str = typer.Argument(..., help="Folder path, file:///path or hf://org/repo."), registry: Path | None = REGISTRY_OPT) -> None:
     """Name a remote: a folder path, file:///path, or hf://org/repo."""
     with _clear_errors():
         typer.echo(f"{name} -> {Remotes(Registry(registry).root).add(name, url)}")
@@ -276,13 +293,15 @@ def remote_add(name: str, url: str, registry: Path | None = REGISTRY_OPT) -> Non
 
 @remote_app.command("list")
 def remote_list(registry: Path | None = REGISTRY_OPT) -> None:
+    """Print each remote's name and URL."""
     with _clear_errors():
         for name, url in sorted(Remotes(Registry(registry).root).all().items()):
             typer.echo(f"{name}\t{url}")
 
 
 @remote_app.command("rm")
-def remote_rm(name: str, registry: Path | None = REGISTRY_OPT) -> None:
+def remote_rm(name: str = typer.Argument(..., help="Remote name."), registry: Path | None = REGISTRY_OPT) -> None:
+    """Forget a remote (its contents are untouched)."""
     with _clear_errors():
         Remotes(Registry(registry).root).remove(name)
         typer.echo(f"removed remote {name}")
