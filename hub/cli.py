@@ -13,7 +13,7 @@ import typer
 
 from hub import basemodel
 from hub.artifact import ArtifactError
-from hub.clikit import REF_ARG, HubGroup
+from hub.clikit import REF_ARG, HubGroup, one_line
 from hub.errors import HubError
 from hub.manifest import Manifest, parse_ref
 from hub.registry import Registry, open_registry
@@ -40,7 +40,7 @@ def _main(_: bool = typer.Option(False, "--version", callback=_print_version, is
 
 def fail(message: str, code: int = 1) -> None:
     """Print one clear line and exit non-zero."""
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {one_line(message)}", err=True)
     raise typer.Exit(code)
 
 

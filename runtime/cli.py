@@ -20,6 +20,7 @@ SERVER_OPT = typer.Option("127.0.0.1:50051", "--server", envvar="HUB_SERVER", sh
 TOKEN_OPT = typer.Option(None, "--token-file", help="File whose first token is sent as `Bearer <token>`.")
 CA_OPT = typer.Option(None, "--tls-ca", help="PEM certificate that signs the server's TLS certificate.")
 JSON_OPT = typer.Option(False, "--json", help="Print the whole response as JSON.")
+CHAT_OPT = typer.Option(False, "--chat", help="Wrap the text as a user message in the base model's chat template.")
 ADAPTER_OPT = typer.Option([], "--adapter", "-a", callback=lambda values: [parse_adapter(v) for v in values],
                            help="REF or REF:WEIGHT (repeat for a stack; default: the base model alone).")
 MODE_OPT = typer.Option("stack", "--mode", help="How several adapters combine: stack or average.")
@@ -76,15 +77,39 @@ def read_text(text: str) -> str:
 
 @contextmanager
 def _rpc_errors() -> Iterator[None]:
-    """A failed RPC is one line: its status code and the server's message."""
-    import grpc
+    """A failed RPC is one line: its status code and the server's message (or that no server answered)."""
+    from runtime.errors import RequestFailed
 
     try:
         yield
-    except grpc.RpcError as e:
-        _fail(f"{e.code().name}: {e.details()}")
+    except RequestFailed as e:
+        _fail(str(e))
     except (OSError, ValueError) as e:
         _fail(str(e))
+
+
+def _numbers(descriptor, data: dict) -> dict:
+    """Proto3 JSON writes 64-bit integers as strings; a CLI's JSON gives them as the numbers they are."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    for field in descriptor.fields:
+        if field.name not in data:
+            continue
+        value = data[field.name]
+        if field.message_type is not None and not field.message_type.GetOptions().map_entry:
+            convert = lambda v, m=field.message_type: _numbers(m, v)  # noqa: E731
+        elif field.cpp_type in (FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT64):
+            convert = int
+        else:
+            continue
+        data[field.name] = [convert(v) for v in value] if isinstance(value, list) else convert(value)
+    return data
+
+
+def _json(message) -> str:
+    from google.protobuf.json_format import MessageToDict
+
+    return json.dumps(_numbers(message.DESCRIPTOR, MessageToDict(message, preserving_proto_field_name=True)), indent=2)
 
 
 def _client(server: str, token_file: Optional[Path], tls_ca: Optional[Path]):
@@ -169,7 +194,7 @@ def generate(
     adapter: list[str] = ADAPTER_OPT,
     mode: str = MODE_OPT,
     merge: Optional[str] = MERGE_OPT,
-    chat: bool = typer.Option(False, "--chat", help="Apply the base model's chat template."),
+    chat: bool = CHAT_OPT,
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1,
                                                  help="Most tokens to generate (server default: 64)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", callback=_temperature,
@@ -186,8 +211,6 @@ def generate(
     server: str = SERVER_OPT, token_file: Optional[Path] = TOKEN_OPT, tls_ca: Optional[Path] = CA_OPT,
 ) -> None:
     """Generate with a running server, applying the named adapters."""
-    from google.protobuf.json_format import MessageToDict
-
     kwargs = dict(adapters=adapter, chat=chat, max_new_tokens=max_new_tokens,
                   temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop, **_mode_kwargs(mode, merge))
     with _rpc_errors(), _client(server, token_file, tls_ca) as client:
@@ -198,7 +221,7 @@ def generate(
             return
         reply = client.generate(read_text(prompt), **kwargs)
         if as_json:
-            typer.echo(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
+            typer.echo(_json(reply))
         else:
             typer.echo(reply.text)
 
@@ -208,20 +231,21 @@ def score(
     adapter: list[str] = ADAPTER_OPT,
     mode: str = MODE_OPT,
     merge: Optional[str] = MERGE_OPT,
+    chat: bool = CHAT_OPT,
     as_json: bool = JSON_OPT,
     server: str = SERVER_OPT, token_file: Optional[Path] = TOKEN_OPT, tls_ca: Optional[Path] = CA_OPT,
 ) -> None:
-    """Per-token log-probabilities of TEXT under the named adapters (total on the last line)."""
-    from google.protobuf.json_format import MessageToDict
-
+    """Per-token log-probabilities of TEXT under the named adapters: id, log-probability and the token's
+    text (as a JSON string, so spaces and newlines show) per line; the total on the last line."""
     modes = _mode_kwargs(mode, merge)
     with _rpc_errors(), _client(server, token_file, tls_ca) as client:
-        reply = client.score(read_text(text), adapters=adapter, **modes)
+        reply = client.score(read_text(text), adapters=adapter, chat=chat, **modes)
         if as_json:
-            typer.echo(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
+            typer.echo(_json(reply))
             return
-        for token, logprob in zip(reply.token_ids[1:], reply.logprobs):
-            typer.echo(f"{token}\t{logprob:.4f}")
+        texts = list(reply.tokens) or [""] * len(reply.token_ids)
+        for token, logprob, piece in zip(reply.token_ids[1:], reply.logprobs, texts[1:]):
+            typer.echo(f"{token}\t{logprob:.4f}\t{json.dumps(piece, ensure_ascii=False)}")
         typer.echo(f"total\t{reply.total_logprob:.4f}")
 
 
@@ -229,14 +253,12 @@ adapters_app = typer.Typer(help="Adapters held by a running server: list (the de
 
 
 def _list_adapters(as_json: bool, server: str, token_file: Optional[Path], tls_ca: Optional[Path]) -> None:
-    from google.protobuf.json_format import MessageToDict
-
     from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 
     with _rpc_errors(), _client(server, token_file, tls_ca) as client:
         reply = client.list_adapters()
     if as_json:
-        typer.echo(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
+        typer.echo(_json(reply))
         return
     typer.echo(f"device memory: {reply.device_used_bytes} / {reply.device_budget_bytes} bytes")
     now = time.time()
@@ -244,7 +266,7 @@ def _list_adapters(as_json: bool, server: str, token_file: Optional[Path], tls_c
         tier = pb.Tier.Name(a.tier).removeprefix("TIER_").lower()
         line = (f"{a.ref:40} {a.technique:13} {tier:6} {a.size_bytes:>12} B  in use {a.in_use:<3} "
                 f"served {a.requests_served:<5} last used {_ago(a.last_used_unix, now):9}  "
-                f"{'pinned' if a.pinned else ''}")
+                f"{'pinned' if a.pinned else ''}{'  merge of ' + ' + '.join(a.parents) if a.parents else ''}")
         typer.echo(line.rstrip())
 
 

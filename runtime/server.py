@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import signal
+import socket
 import sys
 import threading
 from concurrent import futures
@@ -99,6 +100,20 @@ def check_device(device: str) -> None:
         raise ServerConfigError(f"--device {device!r} cannot be used here: {reason}") from None
 
 
+def check_port(host: str, port: int) -> None:
+    """ServerConfigError if host:port cannot be bound: checked before the base model loads, so a port in
+    use is one line at once, not after the load."""
+    if port == 0:
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: TIME_WAIT is no conflict
+            probe.bind(address)
+    except OSError as e:
+        raise ServerConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 class RuntimeServer:
     """One running runtime. `model`/`tokenizer`/`registry` may be passed in (tests); else loaded from config."""
 
@@ -113,6 +128,7 @@ class RuntimeServer:
                 raise ServerConfigError(str(e)) from None
             interceptors.append(TokenAuthInterceptor(tokens, admin_only=config.auth_admin_only))
         credentials = self._tls_credentials()
+        check_port(config.host, config.port)
         if model is None:
             check_device(config.device)
             model, tokenizer = basemodel.load(config.base_model, dtype=config.dtype, device=config.device)
@@ -173,7 +189,8 @@ class RuntimeServer:
     def _info(self, limits: Limits) -> pb.GetInfoResponse:
         c = self.config
         return pb.GetInfoResponse(
-            base_model=c.base_model, base_model_id=basemodel.hf_id(c.base_model), fingerprint=self.pool.base_fingerprint,
+            base_model=c.base_model, base_model_id=basemodel.hf_id(c.base_model),
+            architecture_fingerprint=self.pool.base_fingerprint,
             dtype=str(self.engine.dtype).removeprefix("torch."), device=str(self.engine.device),
             limits=pb.Limits(max_batch_size=c.max_batch_size, max_queue=c.max_queue,
                              max_new_tokens=limits.max_new_tokens, context_length=limits.context_length,

@@ -89,7 +89,7 @@ def adapter_info(entry: Entry) -> pb.AdapterInfo:
     return pb.AdapterInfo(ref=m.ref, name=m.name, version=m.version, sha256=m.sha256, technique=m.technique,
                           tier=_TIERS[entry.tier], size_bytes=entry.device_bytes or entry.host_bytes or m.size,
                           pinned=entry.pinned, last_used_unix=entry.last_used_unix, requests_served=entry.requests,
-                          in_use=entry.in_use)
+                          in_use=entry.in_use, parents=[p.ref for p in getattr(m, "parents", ())])
 
 
 class RuntimeService(pb_grpc.RuntimeServicer):
@@ -249,7 +249,7 @@ class RuntimeService(pb_grpc.RuntimeServicer):
 
     def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreResponse:
         with self._rpc("Score", context):
-            ids = self._token_ids(request.text, request.token_ids, chat=False, what="text")
+            ids = self._token_ids(request.text, request.token_ids, chat=request.chat, what="text")
             _ok(len(ids) >= 2, "scoring needs at least 2 tokens (the first has no context)")
             prepared = self._prepare(ids, request.adapters, request.mode, 0, context, request.merge)
             try:
@@ -259,8 +259,10 @@ class RuntimeService(pb_grpc.RuntimeServicer):
             finally:
                 self.pool.release(prepared.lease)
             logprobs = [float(x) for x in logprobs if x is not None]
+            tokenizer = self.engine.tokenizer
+            tokens = [tokenizer.decode([i]) for i in ids] if tokenizer is not None else []
             return pb.ScoreResponse(token_ids=ids, logprobs=logprobs, total_logprob=sum(logprobs),
-                                    usage=self._usage(prepared, 0), adapters=prepared.resolved)
+                                    usage=self._usage(prepared, 0), adapters=prepared.resolved, tokens=tokens)
 
     def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.ServicerContext) -> pb.LoadAdapterResponse:
         with self._rpc("LoadAdapter", context):
