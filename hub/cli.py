@@ -58,7 +58,8 @@ def base_prepare(name: str = typer.Argument(basemodel.DEFAULT_BASE_MODEL, help="
 @base_app.command("generate")
 def base_generate(
     prompt: str = typer.Argument(..., help="The user message."),
-    base_model: str = typer.Option(basemodel.DEFAULT_BASE_MODEL, "--base-model", help="Embedded name, folder or HF id."),
+    base_model: str = typer.Option(basemodel.DEFAULT_BASE_MODEL, "--base-model",
+                                   help="Embedded name, folder or HF id."),
     max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1, help="Most tokens to generate."),
 ) -> None:
     """Greedy chat reply from the base model alone, in-process (no server, no adapters)."""
@@ -241,7 +242,8 @@ def rm(ref: str = REF_ARG, registry: Path | None = REGISTRY_OPT) -> None:
 
 
 @app.command()
-def verify(ref: str | None = typer.Argument(None, help="name, name@1.2.0 or name@tag (default: all)."), registry: Path | None = REGISTRY_OPT) -> None:
+def verify(ref: str | None = typer.Argument(None, help="name, name@1.2.0 or name@tag (default: all)."),
+           registry: Path | None = REGISTRY_OPT) -> None:
     """Re-hash every file of every version (or of REF); exit 1 on any mismatch."""
     with _clear_errors():
         checked, problems = open_registry(registry).verify(ref)
@@ -263,7 +265,8 @@ def gc(registry: Path | None = REGISTRY_OPT) -> None:
 
 @app.command()
 def export(
-    ref: str = REF_ARG, out: Path = typer.Option(..., "--out", help="New folder to write."), registry: Path | None = REGISTRY_OPT,
+    ref: str = REF_ARG, out: Path = typer.Option(..., "--out", help="New folder to write."),
+    registry: Path | None = REGISTRY_OPT,
     merged: bool = typer.Option(False, "--merged", help="Write a full HF model: the adapter folded into the base."),
     base_model: str | None = typer.Option(None, "--base-model", help="With --merged: the base (default: as pushed)."),
     dtype: str | None = typer.Option(None, "--dtype", help="With --merged: float32, bfloat16 or float16 "
@@ -285,7 +288,8 @@ def export(
 
 @remote_app.command("add")
 def remote_add(name: str = typer.Argument(..., help="Remote name, e.g. origin."),
-               url: str = typer.Argument(..., help="Folder path, file:///path or hf://org/repo."), registry: Path | None = REGISTRY_OPT) -> None:
+               url: str = typer.Argument(..., help="Folder path, file:///path or hf://org/repo."),
+               registry: Path | None = REGISTRY_OPT) -> None:
     """Name a remote: a folder path, file:///path, or hf://org/repo."""
     with _clear_errors():
         typer.echo(f"{name} -> {Remotes(Registry(registry).root).add(name, url)}")

@@ -14,6 +14,7 @@ import typer
 
 from hub import basemodel
 from hub.clikit import REF_ARG, finite
+from runtime.requestlog import LogFormat
 
 SERVER_OPT = typer.Option("127.0.0.1:50051", "--server", envvar="HUB_SERVER", show_envvar=True,
                           help="host:port of a running `hub serve`.")
@@ -134,7 +135,8 @@ def serve(
     max_new_tokens: int = typer.Option(1024, "--max-new-tokens", min=1, help="Largest max_new_tokens a request may ask."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1..."),
-    metrics_port: Optional[int] = typer.Option(None, "--metrics-port", min=0, max=65535, help="Serve Prometheus /metrics on this port."),
+    metrics_port: Optional[int] = typer.Option(None, "--metrics-port", min=0, max=65535,
+                                               help="Serve Prometheus /metrics on this port."),
     auth_token_file: Optional[Path] = typer.Option(None, "--auth-token-file",
                                                    help="Tokens, one per line: TOKEN, optionally followed by admin or user."),
     auth_admin_only: bool = typer.Option(False, "--auth-admin-only", help="Only Load/UnloadAdapter need a token."),
@@ -142,7 +144,10 @@ def serve(
     tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert."),
     registry: Optional[Path] = typer.Option(None, "--registry", help="Registry folder (default: $HUB_HOME)."),
     remote: Optional[str] = typer.Option(None, "--remote", help="Remote to pull adapters the registry lacks."),
-    grace: float = typer.Option(30.0, "--grace", min=0, callback=finite, help="Seconds in-flight requests get to finish on SIGTERM."),
+    log_format: LogFormat = typer.Option(LogFormat.text, "--log-format",
+                                         help="One line per request on stderr: text, json, or off."),
+    grace: float = typer.Option(30.0, "--grace", min=0, callback=finite,
+                                help="Seconds in-flight requests get to finish on SIGTERM."),
 ) -> None:
     """Serve adapters over gRPC on one resident base model, until SIGTERM/SIGINT."""
     from hub.errors import HubError
@@ -157,7 +162,7 @@ def serve(
         adapter_wait_seconds=adapter_wait, max_batch_size=max_batch_size, max_queue=max_queue,
         max_new_tokens=max_new_tokens, dtype=dtype, device=device,
         metrics_port=metrics_port, auth_token_file=auth_token_file, auth_admin_only=auth_admin_only,
-        tls_cert=tls_cert, tls_key=tls_key, remote=remote, grace_seconds=grace,
+        tls_cert=tls_cert, tls_key=tls_key, remote=remote, grace_seconds=grace, log_format=log_format.value,
     )
 
     def ready(server: RuntimeServer) -> None:

@@ -28,6 +28,7 @@ from runtime.metrics import Metrics
 from runtime.pool import AdapterPool
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 from runtime.proto.adapterhub.v1 import runtime_pb2_grpc as pb_grpc
+from runtime.requestlog import RequestLog
 from runtime.scheduler import Scheduler
 from runtime.service import Limits, RuntimeService
 from runtime.techniques import REGISTRY
@@ -68,6 +69,7 @@ class ServerConfig:
     max_message_bytes: int = 4 * MiB
     grace_seconds: float = 30.0
     max_adapter_labels: int = 32
+    log_format: str = "off"  # one line per request on stderr: text, json or off (`hub serve` default: text)
 
     def check(self) -> None:
         """ServerConfigError naming the first option out of its range (before anything loads or binds)."""
@@ -146,7 +148,8 @@ class RuntimeServer:
                                 wait_seconds=config.adapter_wait_seconds)
         limits = Limits(max_new_tokens=config.max_new_tokens, max_adapters_per_request=config.max_adapters_per_request,
                         context_length=int(getattr(model.config, "max_position_embeddings", 2048)))
-        self.service = RuntimeService(self.engine, self.pool, self.scheduler, limits, self._info(limits))
+        self.service = RuntimeService(self.engine, self.pool, self.scheduler, limits, self._info(limits),
+                                      RequestLog(config.log_format))
         workers = config.max_batch_size + config.max_queue + 16
         options = [("grpc.max_receive_message_length", config.max_message_bytes),
                    ("grpc.max_send_message_length", config.max_message_bytes),

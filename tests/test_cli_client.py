@@ -104,4 +104,35 @@ def test_adapters_list_shows_a_merges_parents(start_server, tmp_path):
     (row,) = [line for line in done.stdout.splitlines() if line.startswith("merge:")]
     assert row.endswith("merge of lora0@1.0.0 + lora1@1.0.0"), row
     listed = json.loads(run_hub("adapters", "--json", "--server", server.address, home=tmp_path).stdout)
-    assert [a["parents"] for a in listed["adapters"] if a["ref"].startswith("merge:")] == [["lora0@1.0.0", "lora1@1.0.0"]]
+    parents = [a["parents"] for a in listed["adapters"] if a["ref"].startswith("merge:")]
+    assert parents == [["lora0@1.0.0", "lora1@1.0.0"]]
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_serve_logs_one_line_per_request(served_base, registry, log_format):
+    from tests.test_server_process import ServeProcess
+
+    serve = ServeProcess("--base-model", str(served_base), "--registry", str(registry.root), "--log-format", log_format)
+    try:
+        with RuntimeClient(serve.address, timeout=120) as client:
+            reply = client.generate("Hello", adapters=["lora1", ("ia3", 0.5)], max_new_tokens=3)
+            with pytest.raises(RequestFailed):
+                client.generate("Hello", adapters=["nobody"])
+            scored = client.score("Hi there", adapters=["lora0"])
+        wait_until(lambda: any("Score" in line for line in serve.lines), "the Score request's line")
+    finally:
+        assert serve.terminate() == 0
+    lines = [line for line in serve.lines if line.startswith("{" if log_format == "json" else "request ")]
+    if log_format == "json":
+        records = [json.loads(line) for line in lines]
+    else:
+        records = [dict(field.split("=", 1) for field in line.split()[1:]) for line in lines]
+        for r in records:
+            r["adapters"] = [] if r["adapters"] == "-" else r["adapters"].split(",")
+            r.update({k: int(r[k]) for k in ("tokens_in", "tokens_out")}, latency_ms=float(r["latency_ms"]))
+    assert [(r["method"], r["status"], r["adapters"], r["tokens_in"], r["tokens_out"]) for r in records] == [
+        ("Generate", "OK", ["lora1@1.0.0", "ia3@1.0.0"], reply.usage.prompt_tokens, 3),
+        ("Generate", "NOT_FOUND", [], 0, 0),
+        ("Score", "OK", ["lora0@1.0.0"], len(scored.token_ids), 0),
+    ]
+    assert len({r["id"] for r in records}) == 3 and all(r["latency_ms"] > 0 for r in records)
