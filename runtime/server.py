@@ -102,10 +102,10 @@ def check_device(device: str) -> None:
         raise ServerConfigError(f"--device {device!r} cannot be used here: {reason}") from None
 
 
-def check_port(host: str, port: int) -> None:
+def check_port(host: str, port: int | None) -> None:
     """ServerConfigError if host:port cannot be bound: checked before the base model loads, so a port in
     use is one line at once, not after the load."""
-    if port == 0:
+    if not port:  # 0 picks a free one; None: not asked for
         return
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
@@ -130,7 +130,8 @@ class RuntimeServer:
                 raise ServerConfigError(str(e)) from None
             interceptors.append(TokenAuthInterceptor(tokens, admin_only=config.auth_admin_only))
         credentials = self._tls_credentials()
-        check_port(config.host, config.port)
+        for port in (config.port, config.metrics_port):
+            check_port(config.host, port)
         if model is None:
             check_device(config.device)
             model, tokenizer = basemodel.load(config.base_model, dtype=config.dtype, device=config.device)

@@ -42,13 +42,16 @@ def test_unreachable_server_is_its_own_error_and_one_line(tmp_path):
     assert done.stderr == f"error: cannot reach server at 127.0.0.1:{port}\n"
 
 
-def test_serve_reports_a_port_in_use_before_loading_the_model(tmp_path):
+@pytest.mark.parametrize("option", ["--port", "--metrics-port"])
+def test_serve_reports_a_port_in_use_before_loading_the_model(option, tmp_path):
     """The base model named does not exist: had the model loaded first, that would be the error."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        done = run_hub("serve", "--port", str(port), "--base-model", str(tmp_path / "no-such-model"), home=tmp_path)
+        args = ["--port", "0"] if option == "--metrics-port" else []
+        done = run_hub("serve", *args, option, str(port), "--base-model", str(tmp_path / "no-such-model"),
+                       home=tmp_path)
     assert_one_error_line(done, f"cannot listen on 127.0.0.1:{port}")
 
 
