@@ -83,9 +83,7 @@ def _rpc_errors() -> Iterator[None]:
 
     try:
         yield
-    except RequestFailed as e:
-        _fail(str(e))
-    except (OSError, ValueError) as e:
+    except (RequestFailed, OSError, ValueError) as e:  # OSError/ValueError: e.g. an unreadable token file
         _fail(str(e))
 
 
