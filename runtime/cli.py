@@ -129,7 +129,7 @@ def serve(
     adapter_wait: float = typer.Option(30.0, "--adapter-wait", min=0, callback=finite,
                                        help="Seconds a request may wait for adapters in use to free device memory."),
     max_batch_size: int = typer.Option(32, "--max-batch-size", min=1, help="Most requests decoded together."),
-    max_queue: int = typer.Option(128, "--max-queue", min=1, help="Most requests waiting; more get RESOURCE_EXHAUSTED."),
+    max_queue: int = typer.Option(128, "--max-queue", min=0, help="Most requests waiting; more get RESOURCE_EXHAUSTED."),
     max_new_tokens: int = typer.Option(1024, "--max-new-tokens", min=1, help="Largest max_new_tokens a request may ask."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1..."),
