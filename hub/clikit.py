@@ -42,7 +42,8 @@ class HubGroup(TyperGroup):
 
         polish_help(self)
         try:
-            rv = super().main(args, prog_name or PROG_NAME, complete_var, standalone_mode=False, **extra)
+            # named `hub` however it was started (python -m hub, a test runner): help, errors, completion
+            rv = super().main(args, PROG_NAME, complete_var, standalone_mode=False, **extra)
             code = rv if isinstance(rv, int) else 0
         except NoArgsIsHelpError as e:  # the help was printed already: no error line to add
             code = e.exit_code
