@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import json
 import os
-from importlib.metadata import version as package_version
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib.metadata import version as package_version
 from pathlib import Path
 
 import typer

@@ -18,8 +18,8 @@ from typing import Iterable, Iterator, TypeVar, Union
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 from runtime.errors import RequestFailed, ServerUnreachable
+from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 from runtime.proto.adapterhub.v1 import runtime_pb2_grpc as pb_grpc
 
 AdapterArg = Union[str, tuple[str, float], pb.AdapterSpec]
