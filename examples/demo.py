@@ -66,7 +66,8 @@ def main() -> None:
 
     port = free_port()
     say(f"start `hub serve` on 127.0.0.1:{port} (default base model, fp32, CPU)")
-    server = subprocess.Popen([*HUB, "serve", "--port", str(port), "--max-batch-size", "32"], cwd=REPO)
+    server = subprocess.Popen([*HUB, "serve", "--port", str(port), "--max-batch-size", "32", "--log-format", "off"],
+                              cwd=REPO)  # the demo prints its own account of each request
     try:
         with RuntimeClient(f"127.0.0.1:{port}", timeout=600) as client:
             client.wait_ready(timeout=300)

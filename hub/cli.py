@@ -6,32 +6,46 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib.metadata import version as package_version
 from pathlib import Path
 
 import typer
 
 from hub import basemodel
 from hub.artifact import ArtifactError
+from hub.clikit import REF_ARG, HubGroup, one_line
 from hub.errors import HubError
 from hub.manifest import Manifest, parse_ref
 from hub.registry import Registry, open_registry
 from hub.remotes import Remote, Remotes
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Adapter Hub: registry and runtime for PEFT adapters.")
+app = typer.Typer(cls=HubGroup, no_args_is_help=True, help="Adapter Hub: registry and runtime for PEFT adapters.")
 base_app = typer.Typer(no_args_is_help=True, help="The base models the hub serves adapters on.")
 app.add_typer(base_app, name="base")
 remote_app = typer.Typer(no_args_is_help=True, help="Named remotes: directory registries and hf://org/repo.")
 app.add_typer(remote_app, name="remote")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"hub {package_version('adapterhub-serve')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(_: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit.")) -> None:
+    """Options that apply before any command."""
+
+
 def fail(message: str, code: int = 1) -> None:
     """Print one clear line and exit non-zero."""
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {one_line(message)}", err=True)
     raise typer.Exit(code)
 
 
 @base_app.command("prepare")
-def base_prepare(name: str = typer.Argument(basemodel.DEFAULT_BASE_MODEL)) -> None:
+def base_prepare(name: str = typer.Argument(basemodel.DEFAULT_BASE_MODEL, help="Embedded base model name.")) -> None:
     """Convert an embedded base model into a cached HF folder (once) and print its path."""
     if name not in basemodel.EMBEDDED:
         fail(f"unknown embedded base model {name!r}; known: {', '.join(basemodel.EMBEDDED)}")
@@ -43,9 +57,10 @@ def base_prepare(name: str = typer.Argument(basemodel.DEFAULT_BASE_MODEL)) -> No
 
 @base_app.command("generate")
 def base_generate(
-    prompt: str,
-    base_model: str = typer.Option(basemodel.DEFAULT_BASE_MODEL, "--base-model"),
-    max_new_tokens: int = typer.Option(48, "--max-new-tokens"),
+    prompt: str = typer.Argument(..., help="The user message."),
+    base_model: str = typer.Option(basemodel.DEFAULT_BASE_MODEL, "--base-model",
+                                   help="Embedded name, folder or HF id."),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1, help="Most tokens to generate."),
 ) -> None:
     """Greedy chat reply from the base model alone, in-process (no server, no adapters)."""
     try:
@@ -116,9 +131,9 @@ def push(
     version: str | None = typer.Option(None, "--version", help="Semantic version, e.g. 1.2.0."),
     base_model: str | None = typer.Option(None, "--base-model", help="Base model to check against and record."),
     to: str | None = typer.Option(None, "--to", help="Also push to this remote (name, path, file:// or hf://)."),
-    description: str = typer.Option("", "--description"),
+    description: str = typer.Option("", "--description", help="One line for `hub show` and `hub list --json`."),
     tags: str = typer.Option("", "--tags", help="Comma-separated descriptive tags for the manifest."),
-    license: str | None = typer.Option(None, "--license"),
+    license: str | None = typer.Option(None, "--license", help="SPDX id, e.g. apache-2.0 (default: none)."),
     in_place: bool = typer.Option(False, "--in-place", help="Record a folder inside the registry by relative path."),
     registry: Path | None = REGISTRY_OPT,
 ) -> None:
@@ -164,7 +179,7 @@ def push(
 
 @app.command()
 def pull(
-    ref: str = typer.Argument(..., help="name, name@1.2.0 or name@tag"),
+    ref: str = REF_ARG,
     source: str | None = typer.Option(None, "--from", help="Remote name, path, file:// or hf://org/repo."),
     revision: str | None = typer.Option(None, "--revision", help="HF remotes: the git revision to download."),
     registry: Path | None = REGISTRY_OPT,
@@ -200,9 +215,9 @@ def _row(m: Manifest, tags: dict[str, str]) -> list[str]:
 
 @app.command("list")
 def list_(
-    base_model: str | None = typer.Option(None, "--base-model"),
-    technique: str | None = typer.Option(None, "--technique"),
-    as_json: bool = typer.Option(False, "--json"),
+    base_model: str | None = typer.Option(None, "--base-model", help="Only versions pushed for this base model."),
+    technique: str | None = typer.Option(None, "--technique", help="Only this technique (lora, ia3, ...)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifests as JSON."),
     registry: Path | None = REGISTRY_OPT,
 ) -> None:
     """List every version (optionally for one base model or technique)."""
@@ -221,7 +236,8 @@ def list_(
 
 @app.command()
 def show(
-    ref: str, as_json: bool = typer.Option(False, "--json"), registry: Path | None = REGISTRY_OPT,
+    ref: str = REF_ARG, as_json: bool = typer.Option(False, "--json", help="Print it as JSON."),
+    registry: Path | None = REGISTRY_OPT,
 ) -> None:
     """Print one version's manifest."""
     with _clear_errors():
@@ -238,7 +254,8 @@ def show(
 
 
 @app.command()
-def tag(ref: str, tag_name: str = typer.Argument(..., metavar="TAG"), registry: Path | None = REGISTRY_OPT) -> None:
+def tag(ref: str = REF_ARG, tag_name: str = typer.Argument(..., metavar="TAG", help="Tag name, e.g. stable."),
+        registry: Path | None = REGISTRY_OPT) -> None:
     """Point NAME@TAG at the version REF resolves to."""
     with _clear_errors():
         manifest = open_registry(registry).tag(ref, tag_name)
@@ -246,7 +263,8 @@ def tag(ref: str, tag_name: str = typer.Argument(..., metavar="TAG"), registry: 
 
 
 @app.command()
-def untag(ref: str = typer.Argument(..., metavar="NAME@TAG"), registry: Path | None = REGISTRY_OPT) -> None:
+def untag(ref: str = typer.Argument(..., metavar="NAME@TAG", help="The tag to delete, e.g. team/bot@stable."),
+          registry: Path | None = REGISTRY_OPT) -> None:
     """Delete a tag; the version it points at stays."""
     with _clear_errors():
         manifest = open_registry(registry).untag(ref)
@@ -254,7 +272,8 @@ def untag(ref: str = typer.Argument(..., metavar="NAME@TAG"), registry: Path | N
 
 
 @app.command()
-def rm(ref: str = typer.Argument(..., metavar="NAME@VERSION"), registry: Path | None = REGISTRY_OPT) -> None:
+def rm(ref: str = typer.Argument(..., metavar="NAME@VERSION", help="The version to remove, e.g. team/bot@1.2.0."),
+       registry: Path | None = REGISTRY_OPT) -> None:
     """Remove one version and the tags that point at it; `hub gc` then frees its blobs."""
     with _clear_errors():
         manifest, tags = open_registry(registry).remove(ref)
@@ -263,7 +282,7 @@ def rm(ref: str = typer.Argument(..., metavar="NAME@VERSION"), registry: Path | 
 
 @app.command()
 def verify(
-    ref: str | None = typer.Argument(None),
+    ref: str | None = typer.Argument(None, metavar="REF", help="name, name@1.2.0 or name@tag (default: all)."),
     repair: bool = typer.Option(False, "--repair", help="Re-fetch damaged or missing files from the remote."),
     source: str | None = typer.Option(None, "--from", help="With --repair: the remote (default: the only one)."),
     registry: Path | None = REGISTRY_OPT,
@@ -312,7 +331,8 @@ def gc(registry: Path | None = REGISTRY_OPT) -> None:
 
 @app.command()
 def export(
-    ref: str, out: Path = typer.Option(..., "--out", help="New folder to write."), registry: Path | None = REGISTRY_OPT,
+    ref: str = REF_ARG, out: Path = typer.Option(..., "--out", help="New folder to write."),
+    registry: Path | None = REGISTRY_OPT,
     merged: bool = typer.Option(False, "--merged", help="Write a full HF model: the adapter folded into the base."),
     base_model: str | None = typer.Option(None, "--base-model", help="With --merged: the base (default: as pushed)."),
     dtype: str | None = typer.Option(None, "--dtype", help="With --merged: float32, bfloat16 or float16 "
@@ -333,7 +353,9 @@ def export(
 
 
 @remote_app.command("add")
-def remote_add(name: str, url: str, registry: Path | None = REGISTRY_OPT) -> None:
+def remote_add(name: str = typer.Argument(..., help="Remote name, e.g. origin."),
+               url: str = typer.Argument(..., help="Folder path, file:///path or hf://org/repo."),
+               registry: Path | None = REGISTRY_OPT) -> None:
     """Name a remote: a folder path, file:///path, or hf://org/repo."""
     with _clear_errors():
         typer.echo(f"{name} -> {Remotes(Registry(registry).root).add(name, url)}")
@@ -341,13 +363,15 @@ def remote_add(name: str, url: str, registry: Path | None = REGISTRY_OPT) -> Non
 
 @remote_app.command("list")
 def remote_list(registry: Path | None = REGISTRY_OPT) -> None:
+    """Print each remote's name and URL."""
     with _clear_errors():
         for name, url in sorted(Remotes(Registry(registry).root).all().items()):
             typer.echo(f"{name}\t{url}")
 
 
 @remote_app.command("rm")
-def remote_rm(name: str, registry: Path | None = REGISTRY_OPT) -> None:
+def remote_rm(name: str = typer.Argument(..., help="Remote name."), registry: Path | None = REGISTRY_OPT) -> None:
+    """Forget a remote (its contents are untouched)."""
     with _clear_errors():
         Remotes(Registry(registry).root).remove(name)
         typer.echo(f"removed remote {name}")

@@ -83,12 +83,12 @@ def merge_command(
                                        "negative subtracts a task. Use --weights=-1,1 when the first is negative."),
     density: float | None = typer.Option(None, "--density", help="ties/dare/magnitude_prune: fraction kept."),
     majority_sign: str | None = typer.Option(None, "--majority-sign", help="ties forms: total (default) or frequency."),
-    svd_rank: int | None = typer.Option(None, "--svd-rank", help="svd forms: rank of the result."),
+    svd_rank: int | None = typer.Option(None, "--svd-rank", min=1, help="svd forms: rank of the result."),
     svd_clamp: float | None = typer.Option(None, "--svd-clamp", help="svd forms: clamp the factors at this quantile."),
-    seed: int | None = typer.Option(None, "--seed", help="dare forms: seed of the random pruning (default 0)."),
+    seed: int | None = typer.Option(None, "--seed", min=0, help="dare forms: seed of the random pruning (default 0)."),
     name: str = typer.Option(..., "--name", help="Name of the merged adapter."),
     version: str = typer.Option(..., "--version", help="Its version."),
-    description: str = typer.Option("", "--description"),
+    description: str = typer.Option("", "--description", help="One line for `hub show`."),
     registry: Path | None = typer.Option(None, "--registry", help="Registry folder (default: $HUB_HOME)."),
 ) -> None:
     """Merge adapters into a new registry version; its manifest records parents, method and parameters."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 import time
@@ -12,11 +13,17 @@ from typing import Iterator, Optional
 import typer
 
 from hub import basemodel
+from hub.clikit import REF_ARG, finite
+from runtime.requestlog import LogFormat
 
-SERVER_OPT = typer.Option("127.0.0.1:50051", "--server", help="host:port of a running `hub serve`.")
+SERVER_OPT = typer.Option("127.0.0.1:50051", "--server", envvar="HUB_SERVER", show_envvar=True,
+                          help="host:port of a running `hub serve`.")
 TOKEN_OPT = typer.Option(None, "--token-file", help="File whose first token is sent as `Bearer <token>`.")
 CA_OPT = typer.Option(None, "--tls-ca", help="PEM certificate that signs the server's TLS certificate.")
-ADAPTER_OPT = typer.Option([], "--adapter", "-a", help="REF or REF:WEIGHT (repeat for a stack).")
+JSON_OPT = typer.Option(False, "--json", help="Print the whole response as JSON.")
+CHAT_OPT = typer.Option(False, "--chat", help="Wrap the text as a user message in the base model's chat template.")
+ADAPTER_OPT = typer.Option([], "--adapter", "-a", callback=lambda values: [parse_adapter(v) for v in values],
+                           help="REF or REF:WEIGHT (repeat for a stack; default: the base model alone).")
 MODE_OPT = typer.Option("stack", "--mode", help="How several adapters combine: stack or average.")
 MERGE_OPT = typer.Option(None, "--merge", help="Merge the adapters into one: METHOD[,density=D][,majority_sign=S]"
                          "[,svd_rank=R][,svd_clamp=Q][,seed=N], e.g. ties,density=0.5 (weights from -a REF:WEIGHT).")
@@ -44,22 +51,64 @@ def parse_adapter(text: str) -> tuple[str, float] | str:
     if not sep:
         return text
     try:
-        return ref, float(weight)
+        value = float(weight)
     except ValueError:
-        raise typer.BadParameter(f"{text!r}: the weight after ':' must be a number") from None
+        value = math.nan
+    if not math.isfinite(value):
+        raise typer.BadParameter(f"{text!r}: the weight after ':' must be a finite number")
+    return ref, value
+
+
+def _top_p(value: float | None) -> float | None:
+    if finite(value) is not None and not 0 < value <= 1:
+        raise typer.BadParameter(f"{value} is not in (0, 1]")
+    return value
+
+
+def _temperature(value: float | None) -> float | None:
+    if finite(value) is not None and value < 0:
+        raise typer.BadParameter(f"{value} is negative")
+    return value
+
+
+def read_text(text: str) -> str:
+    """`-` stands for standard input (a prompt too long or awkward for the command line)."""
+    return sys.stdin.read() if text == "-" else text
 
 
 @contextmanager
 def _rpc_errors() -> Iterator[None]:
-    """A failed RPC is one line: its status code and the server's message."""
-    import grpc
+    """A failed RPC is one line: its status code and the server's message (or that no server answered)."""
+    from runtime.errors import RequestFailed
 
     try:
         yield
-    except grpc.RpcError as e:
-        _fail(f"{e.code().name}: {e.details()}")
-    except (OSError, ValueError) as e:
+    except (RequestFailed, OSError, ValueError) as e:  # OSError/ValueError: e.g. an unreadable token file
         _fail(str(e))
+
+
+def _numbers(descriptor, data: dict) -> dict:
+    """Proto3 JSON writes 64-bit integers as strings; a CLI's JSON gives them as the numbers they are."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    for field in descriptor.fields:
+        if field.name not in data:
+            continue
+        value = data[field.name]
+        if field.message_type is not None and not field.message_type.GetOptions().map_entry:
+            convert = lambda v, m=field.message_type: _numbers(m, v)  # noqa: E731
+        elif field.cpp_type in (FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT64):
+            convert = int
+        else:
+            continue
+        data[field.name] = [convert(v) for v in value] if isinstance(value, list) else convert(value)
+    return data
+
+
+def _json(message) -> str:
+    from google.protobuf.json_format import MessageToDict
+
+    return json.dumps(_numbers(message.DESCRIPTOR, MessageToDict(message, preserving_proto_field_name=True)), indent=2)
 
 
 def _client(server: str, token_file: Optional[Path], tls_ca: Optional[Path]):
@@ -72,27 +121,31 @@ def _client(server: str, token_file: Optional[Path], tls_ca: Optional[Path]):
 def serve(
     base_model: str = typer.Option(basemodel.DEFAULT_BASE_MODEL, "--base-model", help="Embedded name, folder or HF id."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (0.0.0.0 to accept remote clients)."),
-    port: int = typer.Option(50051, "--port", help="gRPC port (0 picks a free one)."),
+    port: int = typer.Option(50051, "--port", min=0, max=65535, help="gRPC port (0 picks a free one)."),
     preload: list[str] = typer.Option([], "--preload", help="REF to load and pin at start (repeat, or comma-separate)."),
     adapter_memory: str = typer.Option("1GiB", "--adapter-memory", help="Device budget for adapters, bytes (512MiB...)."),
     host_adapter_memory: Optional[str] = typer.Option(None, "--host-adapter-memory",
                                                       help="Host-memory tier budget (default 4x --adapter-memory)."),
-    adapter_wait: float = typer.Option(30.0, "--adapter-wait",
+    adapter_wait: float = typer.Option(30.0, "--adapter-wait", min=0, callback=finite,
                                        help="Seconds a request may wait for adapters in use to free device memory."),
-    max_batch_size: int = typer.Option(32, "--max-batch-size"),
-    max_queue: int = typer.Option(128, "--max-queue"),
-    max_new_tokens: int = typer.Option(1024, "--max-new-tokens", help="Largest max_new_tokens a request may ask."),
+    max_batch_size: int = typer.Option(32, "--max-batch-size", min=1, help="Most requests decoded together."),
+    max_queue: int = typer.Option(128, "--max-queue", min=0, help="Most requests waiting; more get RESOURCE_EXHAUSTED."),
+    max_new_tokens: int = typer.Option(1024, "--max-new-tokens", min=1, help="Largest max_new_tokens a request may ask."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1..."),
-    metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="Serve Prometheus /metrics on this port."),
+    metrics_port: Optional[int] = typer.Option(None, "--metrics-port", min=0, max=65535,
+                                               help="Serve Prometheus /metrics on this port."),
     auth_token_file: Optional[Path] = typer.Option(None, "--auth-token-file",
                                                    help="Tokens, one per line: TOKEN, optionally followed by admin or user."),
     auth_admin_only: bool = typer.Option(False, "--auth-admin-only", help="Only Load/UnloadAdapter need a token."),
-    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert"),
-    tls_key: Optional[Path] = typer.Option(None, "--tls-key"),
+    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="PEM certificate: serve TLS (with --tls-key)."),
+    tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert."),
     registry: Optional[Path] = typer.Option(None, "--registry", help="Registry folder (default: $HUB_HOME)."),
     remote: Optional[str] = typer.Option(None, "--remote", help="Remote to pull adapters the registry lacks."),
-    grace: float = typer.Option(30.0, "--grace", help="Seconds in-flight requests get to finish on SIGTERM."),
+    log_format: LogFormat = typer.Option(LogFormat.text, "--log-format",
+                                         help="One line per request on stderr: text, json, or off."),
+    grace: float = typer.Option(30.0, "--grace", min=0, callback=finite,
+                                help="Seconds in-flight requests get to finish on SIGTERM."),
 ) -> None:
     """Serve adapters over gRPC on one resident base model, until SIGTERM/SIGINT."""
     from hub.errors import HubError
@@ -107,7 +160,7 @@ def serve(
         adapter_wait_seconds=adapter_wait, max_batch_size=max_batch_size, max_queue=max_queue,
         max_new_tokens=max_new_tokens, dtype=dtype, device=device,
         metrics_port=metrics_port, auth_token_file=auth_token_file, auth_admin_only=auth_admin_only,
-        tls_cert=tls_cert, tls_key=tls_key, remote=remote, grace_seconds=grace,
+        tls_cert=tls_cert, tls_key=tls_key, remote=remote, grace_seconds=grace, log_format=log_format.value,
     )
 
     def ready(server: RuntimeServer) -> None:
@@ -140,58 +193,62 @@ def _mode_kwargs(mode: str, merge: str | None) -> dict:
 
 
 def generate(
-    prompt: str = typer.Argument(..., help="Prompt text."),
+    prompt: str = typer.Argument(..., help="Prompt text; - reads it from standard input."),
     adapter: list[str] = ADAPTER_OPT,
     mode: str = MODE_OPT,
     merge: Optional[str] = MERGE_OPT,
-    chat: bool = typer.Option(False, "--chat", help="Apply the base model's chat template."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens"),
-    temperature: Optional[float] = typer.Option(None, "--temperature"),
-    top_p: Optional[float] = typer.Option(None, "--top-p"),
-    top_k: Optional[int] = typer.Option(None, "--top-k"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    chat: bool = CHAT_OPT,
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1,
+                                                 help="Most tokens to generate (server default: 64)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", callback=_temperature,
+                                                help="Sampling temperature >= 0 (server default: 0, greedy)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", callback=_top_p,
+                                          help="Nucleus sampling mass in (0, 1] (server default: 1, off)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=0, help="Sample from the k likeliest tokens "
+                                        "(server default: 0, off)."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0,
+                                       help="Sampling seed, for repeatable samples (default: random)."),
     stop: list[str] = typer.Option([], "--stop", help="Stop string (repeat for several)."),
     stream: bool = typer.Option(False, "--stream", help="Print text as it is generated."),
-    as_json: bool = typer.Option(False, "--json", help="Print the whole response as JSON."),
+    as_json: bool = JSON_OPT,
     server: str = SERVER_OPT, token_file: Optional[Path] = TOKEN_OPT, tls_ca: Optional[Path] = CA_OPT,
 ) -> None:
     """Generate with a running server, applying the named adapters."""
-    from google.protobuf.json_format import MessageToDict
-
-    kwargs = dict(adapters=[parse_adapter(a) for a in adapter], chat=chat, max_new_tokens=max_new_tokens,
+    kwargs = dict(adapters=adapter, chat=chat, max_new_tokens=max_new_tokens,
                   temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop, **_mode_kwargs(mode, merge))
     with _rpc_errors(), _client(server, token_file, tls_ca) as client:
         if stream and not as_json:
-            for chunk in client.generate_stream(prompt, **kwargs):
+            for chunk in client.generate_stream(read_text(prompt), **kwargs):
                 typer.echo(chunk.text, nl=False)
             typer.echo()
             return
-        reply = client.generate(prompt, **kwargs)
+        reply = client.generate(read_text(prompt), **kwargs)
         if as_json:
-            typer.echo(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
+            typer.echo(_json(reply))
         else:
             typer.echo(reply.text)
 
 
 def score(
-    text: str = typer.Argument(..., help="Text to score."),
+    text: str = typer.Argument(..., help="Text to score; - reads it from standard input."),
     adapter: list[str] = ADAPTER_OPT,
     mode: str = MODE_OPT,
     merge: Optional[str] = MERGE_OPT,
-    as_json: bool = typer.Option(False, "--json"),
+    chat: bool = CHAT_OPT,
+    as_json: bool = JSON_OPT,
     server: str = SERVER_OPT, token_file: Optional[Path] = TOKEN_OPT, tls_ca: Optional[Path] = CA_OPT,
 ) -> None:
-    """Per-token log-probabilities of TEXT under the named adapters (total on the last line)."""
-    from google.protobuf.json_format import MessageToDict
-
+    """Per-token log-probabilities of TEXT under the named adapters: id, log-probability and the token's
+    text (as a JSON string, so spaces and newlines show) per line; the total on the last line."""
     modes = _mode_kwargs(mode, merge)
     with _rpc_errors(), _client(server, token_file, tls_ca) as client:
-        reply = client.score(text, adapters=[parse_adapter(a) for a in adapter], **modes)
+        reply = client.score(read_text(text), adapters=adapter, chat=chat, **modes)
         if as_json:
-            typer.echo(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
+            typer.echo(_json(reply))
             return
-        for token, logprob in zip(reply.token_ids[1:], reply.logprobs):
-            typer.echo(f"{token}\t{logprob:.4f}")
+        texts = list(reply.tokens) or [""] * len(reply.token_ids)
+        for token, logprob, piece in zip(reply.token_ids[1:], reply.logprobs, texts[1:]):
+            typer.echo(f"{token}\t{logprob:.4f}\t{json.dumps(piece, ensure_ascii=False)}")
         typer.echo(f"total\t{reply.total_logprob:.4f}")
 
 
@@ -199,14 +256,12 @@ adapters_app = typer.Typer(help="Adapters held by a running server: list (the de
 
 
 def _list_adapters(as_json: bool, server: str, token_file: Optional[Path], tls_ca: Optional[Path]) -> None:
-    from google.protobuf.json_format import MessageToDict
-
     from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 
     with _rpc_errors(), _client(server, token_file, tls_ca) as client:
         reply = client.list_adapters()
     if as_json:
-        typer.echo(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
+        typer.echo(_json(reply))
         return
     typer.echo(f"device memory: {reply.device_used_bytes} / {reply.device_budget_bytes} bytes")
     now = time.time()
@@ -214,7 +269,7 @@ def _list_adapters(as_json: bool, server: str, token_file: Optional[Path], tls_c
         tier = pb.Tier.Name(a.tier).removeprefix("TIER_").lower()
         line = (f"{a.ref:40} {a.technique:13} {tier:6} {a.size_bytes:>12} B  in use {a.in_use:<3} "
                 f"served {a.requests_served:<5} last used {_ago(a.last_used_unix, now):9}  "
-                f"{'pinned' if a.pinned else ''}")
+                f"{'pinned' if a.pinned else ''}{'  merge of ' + ' + '.join(a.parents) if a.parents else ''}")
         typer.echo(line.rstrip())
 
 
@@ -231,7 +286,7 @@ def _ago(unix: float, now: float) -> str:
 
 @adapters_app.callback(invoke_without_command=True)
 def adapters_default(
-    ctx: typer.Context, as_json: bool = typer.Option(False, "--json"),
+    ctx: typer.Context, as_json: bool = JSON_OPT,
     server: str = SERVER_OPT, token_file: Optional[Path] = TOKEN_OPT, tls_ca: Optional[Path] = CA_OPT,
 ) -> None:
     """With no subcommand: list what the server holds."""
@@ -241,7 +296,7 @@ def adapters_default(
 
 @adapters_app.command("list")
 def adapters_list(
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = JSON_OPT,
     server: str = SERVER_OPT, token_file: Optional[Path] = TOKEN_OPT, tls_ca: Optional[Path] = CA_OPT,
 ) -> None:
     """What the server holds: tier, size, requests running with it, requests served, last use, pinned."""
@@ -250,7 +305,7 @@ def adapters_list(
 
 @adapters_app.command("load")
 def adapters_load(
-    ref: str, pin: bool = typer.Option(False, "--pin", help="Never evict it until unloaded."),
+    ref: str = REF_ARG, pin: bool = typer.Option(False, "--pin", help="Never evict it until unloaded."),
     server: str = SERVER_OPT, token_file: Optional[Path] = TOKEN_OPT, tls_ca: Optional[Path] = CA_OPT,
 ) -> None:
     """Load REF onto the server's device now (an admin RPC)."""
@@ -262,7 +317,8 @@ def adapters_load(
 
 @adapters_app.command("unload")
 def adapters_unload(
-    ref: str, server: str = SERVER_OPT, token_file: Optional[Path] = TOKEN_OPT, tls_ca: Optional[Path] = CA_OPT,
+    ref: str = REF_ARG,
+    server: str = SERVER_OPT, token_file: Optional[Path] = TOKEN_OPT, tls_ca: Optional[Path] = CA_OPT,
 ) -> None:
     """Unpin REF and drop it from the server's memory; it stays in the registry (an admin RPC)."""
     with _rpc_errors(), _client(server, token_file, tls_ca) as client:

@@ -5,20 +5,27 @@
         reply = client.generate("Hello", adapters=["support-bot@prod", ("sql", 0.5)], max_new_tokens=32)
         print(reply.text, reply.finish_reason, [a.ref for a in reply.adapters])
 
-Errors come back as `grpc.RpcError` with the server's status code and message.
+Errors come back as `runtime.errors.RequestFailed` (a `grpc.RpcError`) with the status code and the
+server's message; `ServerUnreachable`, a kind of it, when nothing answers at the target.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Union
+from typing import Iterable, Iterator, TypeVar, Union
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from runtime.errors import RequestFailed, ServerUnreachable
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 from runtime.proto.adapterhub.v1 import runtime_pb2_grpc as pb_grpc
 
 AdapterArg = Union[str, tuple[str, float], pb.AdapterSpec]
+T = TypeVar("T")
+# How gRPC words an UNAVAILABLE that never reached a server (the server's own UNAVAILABLE says otherwise).
+_UNREACHED = ("failed to connect to all addresses", "errors resolving", "DNS resolution failed")
 MODES = {"stack": pb.COMPOSITION_MODE_STACK, "average": pb.COMPOSITION_MODE_AVERAGE, "merge": pb.COMPOSITION_MODE_MERGE}
 
 
@@ -34,6 +41,37 @@ def adapter_specs(adapters: Iterable[AdapterArg]) -> list[pb.AdapterSpec]:
             ref, weight = a
             specs.append(pb.AdapterSpec(ref=ref, weight=float(weight)))
     return specs
+
+
+@contextmanager
+def _translated(target: str) -> Iterator[None]:
+    """grpc.RpcError -> RequestFailed (ServerUnreachable when no server answered)."""
+    try:
+        yield
+    except RequestFailed:
+        raise
+    except grpc.RpcError as e:
+        code, details = e.code(), e.details() or ""
+        if code == grpc.StatusCode.UNAVAILABLE and any(s in details for s in _UNREACHED):
+            raise ServerUnreachable(target, details) from None
+        raise RequestFailed(code, details) from None
+
+
+class Stream:
+    """The chunks of a GenerateStream call as they arrive, errors as RequestFailed; `cancel()` ends it."""
+
+    def __init__(self, call: grpc.Call, target: str) -> None:
+        self._call, self._target = call, target
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> pb.GenerateChunk:
+        with _translated(self._target):
+            return next(self._call)
+
+    def cancel(self) -> bool:
+        return self._call.cancel()
 
 
 def read_token(path: str | Path) -> str:
@@ -64,6 +102,7 @@ class RuntimeClient:
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout = timeout
+        self.target = target
 
     def __enter__(self) -> RuntimeClient:
         return self
@@ -74,8 +113,10 @@ class RuntimeClient:
     def close(self) -> None:
         self.channel.close()
 
-    def _kw(self, timeout: float | None) -> dict:
-        return {"metadata": self._metadata, "timeout": timeout if timeout is not None else self.timeout}
+    def _call(self, rpc: Callable[..., T], request, timeout: float | None) -> T:
+        """One unary RPC with this client's token and timeout, its failure as RequestFailed."""
+        with _translated(self.target):
+            return rpc(request, metadata=self._metadata, timeout=timeout if timeout is not None else self.timeout)
 
     @staticmethod
     def generate_request(prompt: str | None = None, *, token_ids: Iterable[int] = (),
@@ -97,35 +138,38 @@ class RuntimeClient:
 
     def generate(self, prompt: str | None = None, *, timeout: float | None = None, **kwargs) -> pb.GenerateResponse:
         """The whole completion; kwargs as `generate_request`."""
-        return self.stub.Generate(self.generate_request(prompt, **kwargs), **self._kw(timeout))
+        return self._call(self.stub.Generate, self.generate_request(prompt, **kwargs), timeout)
 
     def generate_stream(self, prompt: str | None = None, *, timeout: float | None = None,
-                        **kwargs) -> Iterator[pb.GenerateChunk]:
-        """Chunks as they are generated; the returned call also has `.cancel()`."""
-        return self.stub.GenerateStream(self.generate_request(prompt, **kwargs), **self._kw(timeout))
+                        **kwargs) -> Stream:
+        """Chunks as they are generated; the returned stream also has `.cancel()`."""
+        return Stream(self._call(self.stub.GenerateStream, self.generate_request(prompt, **kwargs), timeout),
+                      self.target)
 
     def score(self, text: str | None = None, *, token_ids: Iterable[int] = (), adapters: Iterable[AdapterArg] = (),
-              mode: str = "stack", merge: pb.MergeOptions | None = None,
+              mode: str = "stack", merge: pb.MergeOptions | None = None, chat: bool = False,
               timeout: float | None = None) -> pb.ScoreResponse:
+        """log P of each token given the ones before; `chat` wraps the text in the chat template first."""
         request = pb.ScoreRequest(text=text or "", token_ids=list(token_ids), adapters=adapter_specs(adapters),
-                                  mode=MODES[mode], merge=merge)
-        return self.stub.Score(request, **self._kw(timeout))
+                                  mode=MODES[mode], merge=merge, chat=chat)
+        return self._call(self.stub.Score, request, timeout)
 
     def load_adapter(self, ref: str, *, pin: bool = False, timeout: float | None = None) -> pb.LoadAdapterResponse:
-        return self.stub.LoadAdapter(pb.LoadAdapterRequest(ref=ref, pin=pin), **self._kw(timeout))
+        return self._call(self.stub.LoadAdapter, pb.LoadAdapterRequest(ref=ref, pin=pin), timeout)
 
     def unload_adapter(self, ref: str, *, timeout: float | None = None) -> pb.UnloadAdapterResponse:
-        return self.stub.UnloadAdapter(pb.UnloadAdapterRequest(ref=ref), **self._kw(timeout))
+        return self._call(self.stub.UnloadAdapter, pb.UnloadAdapterRequest(ref=ref), timeout)
 
     def list_adapters(self, *, timeout: float | None = None) -> pb.ListAdaptersResponse:
-        return self.stub.ListAdapters(pb.ListAdaptersRequest(), **self._kw(timeout))
+        return self._call(self.stub.ListAdapters, pb.ListAdaptersRequest(), timeout)
 
     def info(self, *, timeout: float | None = None) -> pb.GetInfoResponse:
-        return self.stub.GetInfo(pb.GetInfoRequest(), **self._kw(timeout))
+        return self._call(self.stub.GetInfo, pb.GetInfoRequest(), timeout)
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """"SERVING", "NOT_SERVING", ... from the standard health service (needs no token)."""
-        reply = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout or self.timeout)
+        with _translated(self.target):
+            reply = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout or self.timeout)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     def wait_ready(self, timeout: float = 60.0) -> None:

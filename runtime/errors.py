@@ -15,3 +15,34 @@ class ServeError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class RequestFailed(grpc.RpcError):
+    """A failed RPC as `RuntimeClient` raises it: the status code and the server's message.
+
+    It is a `grpc.RpcError` (with `code()` and `details()`), so code written against plain gRPC
+    errors keeps working; `str()` is the one line the CLI prints.
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.status_code = code
+        self.message = message
+
+    def code(self) -> grpc.StatusCode:
+        return self.status_code
+
+    def details(self) -> str:
+        return self.message
+
+
+class ServerUnreachable(RequestFailed):
+    """No server answered at the target (nothing listens there, or the name does not resolve)."""
+
+    def __init__(self, target: str, reason: str) -> None:
+        super().__init__(grpc.StatusCode.UNAVAILABLE, f"cannot reach server at {target}")
+        self.target = target
+        self.reason = reason  # gRPC's own words, e.g. "Connection refused"
+
+    def __str__(self) -> str:
+        return self.message

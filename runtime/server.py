@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import signal
+import socket
 import sys
 import threading
 from concurrent import futures
@@ -27,6 +28,7 @@ from runtime.metrics import Metrics
 from runtime.pool import AdapterPool
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 from runtime.proto.adapterhub.v1 import runtime_pb2_grpc as pb_grpc
+from runtime.requestlog import RequestLog
 from runtime.scheduler import Scheduler
 from runtime.service import Limits, RuntimeService
 from runtime.techniques import REGISTRY
@@ -67,6 +69,7 @@ class ServerConfig:
     max_message_bytes: int = 4 * MiB
     grace_seconds: float = 30.0
     max_adapter_labels: int = 32
+    log_format: str = "off"  # one line per request on stderr: text, json or off (`hub serve` default: text)
 
     def check(self) -> None:
         """ServerConfigError naming the first option out of its range (before anything loads or binds)."""
@@ -99,6 +102,20 @@ def check_device(device: str) -> None:
         raise ServerConfigError(f"--device {device!r} cannot be used here: {reason}") from None
 
 
+def check_port(host: str, port: int | None) -> None:
+    """ServerConfigError if host:port cannot be bound: checked before the base model loads, so a port in
+    use is one line at once, not after the load."""
+    if not port:  # 0 picks a free one; None: not asked for
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: TIME_WAIT is no conflict
+            probe.bind(address)
+    except OSError as e:
+        raise ServerConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 class RuntimeServer:
     """One running runtime. `model`/`tokenizer`/`registry` may be passed in (tests); else loaded from config."""
 
@@ -113,6 +130,8 @@ class RuntimeServer:
                 raise ServerConfigError(str(e)) from None
             interceptors.append(TokenAuthInterceptor(tokens, admin_only=config.auth_admin_only))
         credentials = self._tls_credentials()
+        for port in (config.port, config.metrics_port):
+            check_port(config.host, port)
         if model is None:
             check_device(config.device)
             model, tokenizer = basemodel.load(config.base_model, dtype=config.dtype, device=config.device)
@@ -130,7 +149,8 @@ class RuntimeServer:
                                 wait_seconds=config.adapter_wait_seconds)
         limits = Limits(max_new_tokens=config.max_new_tokens, max_adapters_per_request=config.max_adapters_per_request,
                         context_length=int(getattr(model.config, "max_position_embeddings", 2048)))
-        self.service = RuntimeService(self.engine, self.pool, self.scheduler, limits, self._info(limits))
+        self.service = RuntimeService(self.engine, self.pool, self.scheduler, limits, self._info(limits),
+                                      RequestLog(config.log_format))
         workers = config.max_batch_size + config.max_queue + 16
         options = [("grpc.max_receive_message_length", config.max_message_bytes),
                    ("grpc.max_send_message_length", config.max_message_bytes),
@@ -173,7 +193,8 @@ class RuntimeServer:
     def _info(self, limits: Limits) -> pb.GetInfoResponse:
         c = self.config
         return pb.GetInfoResponse(
-            base_model=c.base_model, base_model_id=basemodel.hf_id(c.base_model), fingerprint=self.pool.base_fingerprint,
+            base_model=c.base_model, base_model_id=basemodel.hf_id(c.base_model),
+            architecture_fingerprint=self.pool.base_fingerprint,
             dtype=str(self.engine.dtype).removeprefix("torch."), device=str(self.engine.device),
             limits=pb.Limits(max_batch_size=c.max_batch_size, max_queue=c.max_queue,
                              max_new_tokens=limits.max_new_tokens, context_length=limits.context_length,

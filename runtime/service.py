@@ -25,6 +25,7 @@ from runtime.plan import AdapterUse, PlanError, RowPlan
 from runtime.pool import AdapterPool, Entry, Lease, Tier
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 from runtime.proto.adapterhub.v1 import runtime_pb2_grpc as pb_grpc
+from runtime.requestlog import RequestLog, RequestRecord
 from runtime.scheduler import Finished, Request, Scheduler
 from runtime.textstream import TextStream
 
@@ -89,14 +90,22 @@ def adapter_info(entry: Entry) -> pb.AdapterInfo:
     return pb.AdapterInfo(ref=m.ref, name=m.name, version=m.version, sha256=m.sha256, technique=m.technique,
                           tier=_TIERS[entry.tier], size_bytes=entry.device_bytes or entry.host_bytes or m.size,
                           pinned=entry.pinned, last_used_unix=entry.last_used_unix, requests_served=entry.requests,
-                          in_use=entry.in_use)
+                          in_use=entry.in_use, parents=[p.ref for p in getattr(m, "parents", ())])
+
+
+def _note(record: RequestRecord, prepared: Prepared) -> None:
+    """What the request log reports of a prepared request: its adapters as resolved and its prompt size."""
+    record.adapters = [a.ref for a in prepared.resolved]
+    record.tokens_in = len(prepared.ids)
 
 
 class RuntimeService(pb_grpc.RuntimeServicer):
     """The servicer; `info` is the GetInfo answer, built once by the server."""
 
-    def __init__(self, engine, pool: AdapterPool, scheduler: Scheduler, limits: Limits, info: pb.GetInfoResponse):
+    def __init__(self, engine, pool: AdapterPool, scheduler: Scheduler, limits: Limits, info: pb.GetInfoResponse,
+                 request_log: RequestLog | None = None):
         self.engine = engine
+        self.request_log = request_log
         self.pool = pool
         self.scheduler = scheduler
         self.limits = limits
@@ -105,12 +114,14 @@ class RuntimeService(pb_grpc.RuntimeServicer):
 
     # -- plumbing ----------------------------------------------------------------------------------
     @contextmanager
-    def _rpc(self, method: str, context: grpc.ServicerContext) -> Iterator[None]:
-        """Time the RPC, count it by status code, and turn a ServeError into the RPC's status."""
+    def _rpc(self, method: str, context: grpc.ServicerContext) -> Iterator[RequestRecord]:
+        """Time the RPC, count it by status code, turn a ServeError into the RPC's status, and log it
+        (the handler fills in the record it is given)."""
         started = time.perf_counter()
         code = grpc.StatusCode.OK
+        record = RequestRecord(method)
         try:
-            yield
+            yield record
         except ServeError as e:
             code = e.code
             context.abort(e.code, e.message)
@@ -124,6 +135,8 @@ class RuntimeService(pb_grpc.RuntimeServicer):
                 code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
             self.metrics.requests.labels(method=method, code=code.name).inc()
             self.metrics.latency.labels(method=method).observe(time.perf_counter() - started)
+            if self.request_log is not None:
+                self.request_log.write(record, code.name, time.perf_counter() - started)
 
     def _token_ids(self, text: str, ids, *, chat: bool, what: str) -> list[int]:
         """The prompt as token ids: exactly one of text or ids, every id in the vocabulary."""
@@ -217,8 +230,9 @@ class RuntimeService(pb_grpc.RuntimeServicer):
 
     # -- RPCs --------------------------------------------------------------------------------------
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
-        with self._rpc("Generate", context):
+        with self._rpc("Generate", context) as record:
             prepared, queued, text = self._run(request, context)
+            _note(record, prepared)
             try:
                 ids: list[int] = []
                 reason = None
@@ -227,17 +241,20 @@ class RuntimeService(pb_grpc.RuntimeServicer):
                     reason = finished.reason if finished else None
             finally:
                 self.pool.release(prepared.lease)
+            record.tokens_out = len(ids)
             return pb.GenerateResponse(text=text.text, token_ids=ids, finish_reason=reason or "",
                                        usage=self._usage(prepared, len(ids)), adapters=prepared.resolved)
 
     def GenerateStream(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateChunk]:
-        with self._rpc("GenerateStream", context):
+        with self._rpc("GenerateStream", context) as record:
             prepared, queued, text = self._run(request, context)
+            _note(record, prepared)
             try:
                 yield pb.GenerateChunk(adapters=prepared.resolved)
                 count = 0
                 for tokens, piece, finished in self._events(queued, text):
                     count += len(tokens)
+                    record.tokens_out = count
                     if finished is None:
                         yield pb.GenerateChunk(text=piece, token_ids=tokens)
                     else:
@@ -248,10 +265,11 @@ class RuntimeService(pb_grpc.RuntimeServicer):
                 self.pool.release(prepared.lease)
 
     def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreResponse:
-        with self._rpc("Score", context):
-            ids = self._token_ids(request.text, request.token_ids, chat=False, what="text")
+        with self._rpc("Score", context) as record:
+            ids = self._token_ids(request.text, request.token_ids, chat=request.chat, what="text")
             _ok(len(ids) >= 2, "scoring needs at least 2 tokens (the first has no context)")
             prepared = self._prepare(ids, request.adapters, request.mode, 0, context, request.merge)
+            _note(record, prepared)
             try:
                 logprobs = self.scheduler.call(lambda: score(self.engine, ids, prepared.plan))
             except PlanError as e:
@@ -259,8 +277,10 @@ class RuntimeService(pb_grpc.RuntimeServicer):
             finally:
                 self.pool.release(prepared.lease)
             logprobs = [float(x) for x in logprobs if x is not None]
+            tokenizer = self.engine.tokenizer
+            tokens = [tokenizer.decode([i]) for i in ids] if tokenizer is not None else []
             return pb.ScoreResponse(token_ids=ids, logprobs=logprobs, total_logprob=sum(logprobs),
-                                    usage=self._usage(prepared, 0), adapters=prepared.resolved)
+                                    usage=self._usage(prepared, 0), adapters=prepared.resolved, tokens=tokens)
 
     def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.ServicerContext) -> pb.LoadAdapterResponse:
         with self._rpc("LoadAdapter", context):

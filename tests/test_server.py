@@ -270,7 +270,7 @@ def test_list_adapters_and_info(start_server):
     info = client.info()
     from hub.checkpoint import fingerprint
 
-    assert info.fingerprint == fingerprint(server.engine.model.config, {})
+    assert info.architecture_fingerprint == fingerprint(server.engine.model.config, {})
     assert info.limits.max_batch_size == 4 and info.limits.adapter_memory_bytes == 1 << 20
     assert info.limits.context_length == 4096 and info.dtype == "float32" and info.device.startswith(DEVICE)
     assert set(info.techniques) == {"lora", "ia3", "prompt_tuning", "bitfit", "bottleneck"}

@@ -142,35 +142,39 @@ class GenerateChunk(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., adapters: _Optional[_Iterable[_Union[ResolvedAdapter, _Mapping]]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("text", "token_ids", "adapters", "mode", "merge")
+    __slots__ = ("text", "token_ids", "adapters", "mode", "merge", "chat")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     MERGE_FIELD_NUMBER: _ClassVar[int]
+    CHAT_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     adapters: _containers.RepeatedCompositeFieldContainer[AdapterSpec]
     mode: CompositionMode
     merge: MergeOptions
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., adapters: _Optional[_Iterable[_Union[AdapterSpec, _Mapping]]] = ..., mode: _Optional[_Union[CompositionMode, str]] = ..., merge: _Optional[_Union[MergeOptions, _Mapping]] = ...) -> None: ...
+    chat: bool
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., adapters: _Optional[_Iterable[_Union[AdapterSpec, _Mapping]]] = ..., mode: _Optional[_Union[CompositionMode, str]] = ..., merge: _Optional[_Union[MergeOptions, _Mapping]] = ..., chat: _Optional[bool] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("token_ids", "logprobs", "total_logprob", "usage", "adapters")
+    __slots__ = ("token_ids", "logprobs", "total_logprob", "usage", "adapters", "tokens")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     logprobs: _containers.RepeatedScalarFieldContainer[float]
     total_logprob: float
     usage: Usage
     adapters: _containers.RepeatedCompositeFieldContainer[ResolvedAdapter]
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., total_logprob: _Optional[float] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., adapters: _Optional[_Iterable[_Union[ResolvedAdapter, _Mapping]]] = ...) -> None: ...
+    tokens: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., total_logprob: _Optional[float] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., adapters: _Optional[_Iterable[_Union[ResolvedAdapter, _Mapping]]] = ..., tokens: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("ref", "name", "version", "sha256", "technique", "tier", "size_bytes", "pinned", "last_used_unix", "requests_served", "in_use")
+    __slots__ = ("ref", "name", "version", "sha256", "technique", "tier", "size_bytes", "pinned", "last_used_unix", "requests_served", "in_use", "parents")
     REF_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +186,7 @@ class AdapterInfo(_message.Message):
     LAST_USED_UNIX_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_SERVED_FIELD_NUMBER: _ClassVar[int]
     IN_USE_FIELD_NUMBER: _ClassVar[int]
+    PARENTS_FIELD_NUMBER: _ClassVar[int]
     ref: str
     name: str
     version: str
@@ -193,7 +198,8 @@ class AdapterInfo(_message.Message):
     last_used_unix: float
     requests_served: int
     in_use: int
-    def __init__(self, ref: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., sha256: _Optional[str] = ..., technique: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., size_bytes: _Optional[int] = ..., pinned: _Optional[bool] = ..., last_used_unix: _Optional[float] = ..., requests_served: _Optional[int] = ..., in_use: _Optional[int] = ...) -> None: ...
+    parents: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ref: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., sha256: _Optional[str] = ..., technique: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., size_bytes: _Optional[int] = ..., pinned: _Optional[bool] = ..., last_used_unix: _Optional[float] = ..., requests_served: _Optional[int] = ..., in_use: _Optional[int] = ..., parents: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LoadAdapterRequest(_message.Message):
     __slots__ = ("ref", "pin")
@@ -260,10 +266,10 @@ class Limits(_message.Message):
     def __init__(self, max_batch_size: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., context_length: _Optional[int] = ..., max_adapters_per_request: _Optional[int] = ..., adapter_memory_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("base_model", "base_model_id", "fingerprint", "dtype", "device", "limits", "techniques", "composition_modes", "server_version")
+    __slots__ = ("base_model", "base_model_id", "architecture_fingerprint", "dtype", "device", "limits", "techniques", "composition_modes", "server_version")
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
-    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
@@ -272,11 +278,11 @@ class GetInfoResponse(_message.Message):
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     base_model: str
     base_model_id: str
-    fingerprint: str
+    architecture_fingerprint: str
     dtype: str
     device: str
     limits: Limits
     techniques: _containers.RepeatedScalarFieldContainer[str]
     composition_modes: _containers.RepeatedScalarFieldContainer[str]
     server_version: str
-    def __init__(self, base_model: _Optional[str] = ..., base_model_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., techniques: _Optional[_Iterable[str]] = ..., composition_modes: _Optional[_Iterable[str]] = ..., server_version: _Optional[str] = ...) -> None: ...
+    def __init__(self, base_model: _Optional[str] = ..., base_model_id: _Optional[str] = ..., architecture_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., techniques: _Optional[_Iterable[str]] = ..., composition_modes: _Optional[_Iterable[str]] = ..., server_version: _Optional[str] = ...) -> None: ...

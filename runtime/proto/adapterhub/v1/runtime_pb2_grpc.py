@@ -118,7 +118,7 @@ class RuntimeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetInfo(self, request, context):
-        """The served base model, its fingerprint, dtype, device, limits and techniques.
+        """The served base model, its architecture fingerprint, dtype, device, limits and techniques.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

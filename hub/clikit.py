@@ -1,0 +1,67 @@
+"""The `hub` command's click plumbing, in one place for every subcommand: a usage error (bad value,
+unknown option, extra argument) is one `error: ...` line and exit 2 instead of Typer's boxed panel,
+and help renders flags as flags and argument placeholders in capitals."""
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import typer
+from typer.core import TyperArgument, TyperGroup, TyperOption
+
+PROG_NAME = "hub"
+REF_ARG = typer.Argument(..., help="name, name@1.2.0 or name@tag.")
+
+
+def one_line(text: str) -> str:
+    """Messages from click or the server can span lines; the CLI's errors never do."""
+    return " ".join(text.split())
+
+
+def polish_help(command: Any) -> None:
+    """Every argument's placeholder is its name in capitals (`PATH`, `REF`, `TAG`) and a flag shows no
+    `<bool>` value, on this command and all its subcommands."""
+    params = [*command.params, command.get_help_option(typer.Context(command))]  # --help is made lazily
+    for param in params:
+        if isinstance(param, TyperArgument) and param.metavar is None:
+            param.metavar = param.name.upper()
+        elif isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+            param.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        polish_help(sub)
+
+
+class HubGroup(TyperGroup):
+    """The top-level `hub` group: click's own exceptions end as one `error:` line and their exit code."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        from typer._click.exceptions import ClickException, NoArgsIsHelpError  # Typer vendors click
+
+        polish_help(self)
+        try:
+            # named `hub` however it was started (python -m hub, a test runner): help, errors, completion
+            rv = super().main(args, PROG_NAME, complete_var, standalone_mode=False, **extra)
+            code = rv if isinstance(rv, int) else 0
+        except NoArgsIsHelpError as e:  # the help was printed already: no error line to add
+            code = e.exit_code
+        except ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None and e.exit_code == 2 else ""
+            typer.echo(f"error: {one_line(e.format_message())}{hint}", err=True)
+            code = e.exit_code
+        except typer.Abort:
+            typer.echo("error: aborted", err=True)
+            code = 1
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def finite(value: float | None) -> float | None:
+    """Option callback: refuse inf and nan, which no sampling or merge parameter can mean."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
