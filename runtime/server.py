@@ -34,6 +34,8 @@ from runtime.techniques import REGISTRY
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Runtime"].full_name
 SERVER_VERSION = "0.1.0"
 MiB = 1 << 20
+ADMIN_RPCS = 4  # LoadAdapter/UnloadAdapter in progress at once (a load may wait for adapter memory)
+SPARE_THREADS = 8  # beyond those: Health, GetInfo, ListAdapters and reflection always find a thread
 
 
 class ServerConfigError(ValueError):
@@ -130,8 +132,10 @@ class RuntimeServer:
                                 wait_seconds=config.adapter_wait_seconds)
         limits = Limits(max_new_tokens=config.max_new_tokens, max_adapters_per_request=config.max_adapters_per_request,
                         context_length=int(getattr(model.config, "max_position_embeddings", 2048)))
-        self.service = RuntimeService(self.engine, self.pool, self.scheduler, limits, self._info(limits))
-        workers = config.max_batch_size + config.max_queue + 16
+        requests = config.max_batch_size + config.max_queue  # waiting for adapter memory counts against the queue
+        self.service = RuntimeService(self.engine, self.pool, self.scheduler, limits, self._info(limits),
+                                      max_requests=requests, max_admin=ADMIN_RPCS)
+        workers = requests + ADMIN_RPCS + SPARE_THREADS
         options = [("grpc.max_receive_message_length", config.max_message_bytes),
                    ("grpc.max_send_message_length", config.max_message_bytes),
                    ("grpc.so_reuseport", 0)]

@@ -10,6 +10,7 @@ is queued until it leaves the batch, so an adapter in use is never evicted.
 from __future__ import annotations
 
 import math
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -44,6 +45,33 @@ class Limits:
     max_new_tokens: int
     max_adapters_per_request: int
     context_length: int
+
+
+class Slots:
+    """A bound on the RPCs of one kind in flight; past it, RESOURCE_EXHAUSTED at once.
+
+    Requests that wait (for a row, for adapter memory, for a load) hold an RPC thread meanwhile; bounding
+    each kind below the server's thread count leaves threads for the others, so waiting requests can never
+    crowd out Health, GetInfo or the admin RPCs."""
+
+    def __init__(self, limit: int, what: str) -> None:
+        self.limit = limit
+        self._what = what
+        self._used = 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        with self._lock:
+            if self._used >= self.limit:
+                raise ServeError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 f"the server is at capacity: {self.limit} {self._what}; retry later")
+            self._used += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._used -= 1
 
 
 @dataclass
@@ -95,22 +123,31 @@ def adapter_info(entry: Entry) -> pb.AdapterInfo:
 class RuntimeService(pb_grpc.RuntimeServicer):
     """The servicer; `info` is the GetInfo answer, built once by the server."""
 
-    def __init__(self, engine, pool: AdapterPool, scheduler: Scheduler, limits: Limits, info: pb.GetInfoResponse):
+    def __init__(self, engine, pool: AdapterPool, scheduler: Scheduler, limits: Limits, info: pb.GetInfoResponse,
+                 *, max_requests: int, max_admin: int):
         self.engine = engine
         self.pool = pool
         self.scheduler = scheduler
         self.limits = limits
         self.info = info
         self.metrics = pool.metrics
+        # inference RPCs running, queued or waiting for adapter memory; admin loads waiting for room
+        self.requests = Slots(max_requests, "requests are running, queued or waiting for adapter memory")
+        self.admin = Slots(max_admin, "adapter loads and unloads are in progress")
 
     # -- plumbing ----------------------------------------------------------------------------------
     @contextmanager
-    def _rpc(self, method: str, context: grpc.ServicerContext) -> Iterator[None]:
-        """Time the RPC, count it by status code, and turn a ServeError into the RPC's status."""
+    def _rpc(self, method: str, context: grpc.ServicerContext, slots: Slots | None = None) -> Iterator[None]:
+        """Time the RPC, count it by status code, and turn a ServeError into the RPC's status; with
+        `slots`, the RPC holds one of them throughout (refused at once when none is free)."""
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
-            yield
+            if slots is None:
+                yield
+            else:
+                with slots.held():
+                    yield
         except ServeError as e:
             code = e.code
             context.abort(e.code, e.message)
@@ -217,7 +254,7 @@ class RuntimeService(pb_grpc.RuntimeServicer):
 
     # -- RPCs --------------------------------------------------------------------------------------
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
-        with self._rpc("Generate", context):
+        with self._rpc("Generate", context, self.requests):
             prepared, queued, text = self._run(request, context)
             try:
                 ids: list[int] = []
@@ -231,7 +268,7 @@ class RuntimeService(pb_grpc.RuntimeServicer):
                                        usage=self._usage(prepared, len(ids)), adapters=prepared.resolved)
 
     def GenerateStream(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateChunk]:
-        with self._rpc("GenerateStream", context):
+        with self._rpc("GenerateStream", context, self.requests):
             prepared, queued, text = self._run(request, context)
             try:
                 yield pb.GenerateChunk(adapters=prepared.resolved)
@@ -248,7 +285,7 @@ class RuntimeService(pb_grpc.RuntimeServicer):
                 self.pool.release(prepared.lease)
 
     def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreResponse:
-        with self._rpc("Score", context):
+        with self._rpc("Score", context, self.requests):
             ids = self._token_ids(request.text, request.token_ids, chat=False, what="text")
             _ok(len(ids) >= 2, "scoring needs at least 2 tokens (the first has no context)")
             prepared = self._prepare(ids, request.adapters, request.mode, 0, context, request.merge)
@@ -263,13 +300,13 @@ class RuntimeService(pb_grpc.RuntimeServicer):
                                     usage=self._usage(prepared, 0), adapters=prepared.resolved)
 
     def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.ServicerContext) -> pb.LoadAdapterResponse:
-        with self._rpc("LoadAdapter", context):
+        with self._rpc("LoadAdapter", context, self.admin):
             entry, seconds = self.pool.load(request.ref, pin=request.pin, alive=context.is_active)
             return pb.LoadAdapterResponse(adapter=adapter_info(entry), load_seconds=seconds)
 
     def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context: grpc.ServicerContext
                       ) -> pb.UnloadAdapterResponse:
-        with self._rpc("UnloadAdapter", context):
+        with self._rpc("UnloadAdapter", context, self.admin):
             return pb.UnloadAdapterResponse(adapter=adapter_info(self.pool.unload(request.ref)))
 
     def ListAdapters(self, request: pb.ListAdaptersRequest, context: grpc.ServicerContext
