@@ -89,6 +89,17 @@ class _Waiter:
     deadline: float
 
 
+@dataclass(eq=False)
+class _Evicting:
+    """An adapter a load moves off the device to make room, until the load's hand-over takes it off the engine:
+    its device bytes, to put back if the load fails first (the engine still holds it then)."""
+
+    entry: Entry
+    device_bytes: int
+    done: Future = field(default_factory=Future)  # a request for it waits on this until the load ends
+    unloaded: bool = False
+
+
 class _NoRoomYet(Exception):
     """Internal: the device budget is held by adapters in use; room comes as their requests finish."""
 
@@ -344,7 +355,8 @@ class AdapterPool:
 
         def hand_over() -> int:  # one call between two batch steps, however many adapters make room
             for victim in victims:
-                self.engine.unload(victim)
+                self.engine.unload(victim.entry.key)
+                victim.unloaded = True
             return self.engine.install(resident)
 
         used: int | None = None
@@ -360,7 +372,9 @@ class AdapterPool:
             with self._lock:  # the reservation ends where the entry's bytes start counting: no gap between
                 self._reserved -= need
                 for victim in victims:
-                    del self._loading[victim]
+                    del self._loading[victim.entry.key]
+                    if not victim.unloaded:  # the load failed before its hand-over: the engine still holds it
+                        victim.entry.tier, victim.entry.device_bytes = Tier.DEVICE, victim.device_bytes
                 if used is not None:
                     entry = self._entries.get(key) or Entry(key=key, manifest=manifest)
                     self._entries[key] = entry
@@ -370,9 +384,9 @@ class AdapterPool:
                     self._trim_host_locked()
                     self._forget_old_locked()
                 self._room_freed_locked()  # a failed load's reservation is free again
-            for done in victims.values():
-                done.set_result(None)
-            self.metrics.evictions.labels(tier=Tier.DEVICE.value).inc(len(victims))
+            for victim in victims:
+                victim.done.set_result(None)
+            self.metrics.evictions.labels(tier=Tier.DEVICE.value).inc(sum(v.unloaded for v in victims))
         self.metrics.loads.labels(source=source.value).inc()
         self.metrics.load_seconds.labels(source=source.value).observe(time.perf_counter() - started)
         self._update_gauges()
@@ -443,12 +457,13 @@ class AdapterPool:
         return adapter
 
     # -- eviction ----------------------------------------------------------------------------------
-    def _make_room(self, need: int, key: str) -> dict[str, Future]:
+    def _make_room(self, need: int, key: str) -> list[_Evicting]:
         """Reserve `need` device bytes, moving LRU idle unpinned adapters to the host tier, or refuse.
 
         Returns the adapters moved, for the caller to take off the engine in the same hand-over as its
-        load (a hand-over waits for the step in flight: one wait per load, not one per adapter); until
-        then, a request for one of them waits on its future."""
+        load (a hand-over waits for the step in flight: one wait per load, not one per adapter), or to put
+        back on the device tier if the load fails before it; until then, a request for one of them waits
+        on its future."""
         if need > self.device_budget:
             raise ServeError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                              f"adapter {key} needs {need} bytes on the device, more than the whole adapter "
@@ -468,10 +483,10 @@ class AdapterPool:
             if used + need > self.device_budget:
                 raise _NoRoomYet(key, need, self._freed)  # the acquire waits, or refuses if room can never come
             self._reserved += need
-            moving = {}
-            for entry in victims:
-                entry.tier, entry.device_bytes = Tier.HOST, 0
-                moving[entry.key] = self._loading[entry.key] = Future()
+            moving = [_Evicting(entry, entry.device_bytes) for entry in victims]
+            for victim in moving:
+                victim.entry.tier, victim.entry.device_bytes = Tier.HOST, 0
+                self._loading[victim.entry.key] = victim.done
             return moving
 
     def _device_used_locked(self) -> int:
@@ -481,8 +496,10 @@ class AdapterPool:
         return sum(e.host_bytes for e in self._entries.values() if e.tier is Tier.HOST)
 
     def _trim_host_locked(self) -> None:
-        """Drop host copies of adapters that are not on the device, LRU first, to the host budget."""
-        host = sorted((e for e in self._entries.values() if e.tier is Tier.HOST), key=lambda e: e.last_used)
+        """Drop host copies of adapters that are not on the device, LRU first, to the host budget (not those
+        a load in progress is moving: a failed load puts them back on the device, with their host copy)."""
+        host = sorted((e for e in self._entries.values() if e.tier is Tier.HOST and e.key not in self._loading),
+                      key=lambda e: e.last_used)
         used = sum(e.host_bytes for e in host)
         for entry in host:
             if used <= self.host_budget:

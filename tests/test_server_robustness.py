@@ -1,0 +1,123 @@
+"""What one client or one broken artifact must not take from the others: RPC capacity, adapter memory accounting,
+parsing and tokenizing time. Through the real server on a localhost port, with real PEFT adapters."""
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+
+import grpc
+import pytest
+
+from server_support import *  # noqa: F401,F403
+from server_support import device_bytes, wait_until
+
+from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
+
+PROMPT = "Hello there, adapters!"
+
+
+def _waiting(server) -> int:
+    return int(server.metrics.adapters_waiting._value.get())
+
+
+def test_requests_waiting_for_adapter_memory_leave_health_info_and_admin_answering(start_server, registry):
+    """lora0 and lora1 decode and hold the adapter budget; a burst of requests for lora2/lora3 must wait for
+    room. Only batch + queue of them are admitted (waiting counts against the queue), the rest are refused at
+    once, and Health, GetInfo, ListAdapters, LoadAdapter and UnloadAdapter still answer."""
+    server, client = start_server(max_new_tokens=4000)
+    budget = device_bytes(server.engine, registry, "lora3")
+    server, client = start_server(max_new_tokens=4000, adapter_memory=budget, adapter_wait_seconds=600,
+                                  max_batch_size=2, max_queue=2)
+    streams = [client.generate_stream(PROMPT, adapters=[name], max_new_tokens=4000) for name in ("lora0", "lora1")]
+    for stream in streams:
+        next(stream), next(stream)  # adapters chunk, then a token: decoding, holding the budget
+    burst = 30  # more than the old thread count (batch + queue + 16) less the two streams
+    answers, refusals = [], []
+
+    def ask(name: str) -> None:
+        try:
+            answers.append(client.generate(PROMPT, adapters=[name], max_new_tokens=2))
+        except grpc.RpcError as e:
+            refusals.append((e.code(), e.details()))
+
+    threads = [threading.Thread(target=ask, args=(f"lora{2 + i % 2}",)) for i in range(burst)]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: _waiting(server) + len(refusals) == burst, "every request of the burst waits or is refused")
+    assert client.health() == "SERVING"
+    assert client.info().limits.max_queue == 2
+    assert "lora0@1.0.0" in {a.ref for a in client.list_adapters().adapters}
+    assert client.load_adapter("bitfit").adapter.ref == "bitfit@1.0.0"
+    assert client.unload_adapter("bitfit").adapter.ref == "bitfit@1.0.0"
+    assert _waiting(server) == 2  # the queue's two places; the batch's rows are the streams'
+    assert {code for code, _ in refusals} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert all("at capacity" in details for _, details in refusals), refusals[:1]
+    for stream in streams:
+        stream.cancel()
+    for thread in threads:
+        thread.join()
+    assert len(answers) == 2 and all(a.finish_reason == "length" for a in answers)
+
+
+def _store_unchecked(registry, folder, name: str, like: str):
+    """Add `folder` as `name@1.0.0` with `like`'s base info, without push's checks (push refuses what these
+    tests need: an artifact the runtime fails on)."""
+    from hub.artifact import read_adapter
+    from hub.manifest import Provenance, artifact_files, build, sha256_file
+
+    files = {p.name: dict(zip(("size", "sha256"), sha256_file(p))) for p in artifact_files(folder)}
+    manifest = build(name, "1.0.0", read_adapter(folder), files, registry.resolve(like).base_model,
+                     Provenance("", (), None, {"parents": []}))
+    return registry.add_files(folder, manifest)
+
+
+def _rank_disagrees(registry, served_adapters, tmp_path) -> str:
+    """lora0 (r=4) with a config that says r=8: parsed and fitted, refused by the engine's prepare."""
+    folder = tmp_path / "rank-disagrees"
+    shutil.copytree(served_adapters["lora0"], folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
+    _store_unchecked(registry, folder, "rank-disagrees", "lora0")
+    return "rank-disagrees"
+
+
+def _flip_low_byte(path) -> None:
+    """Change the lowest byte of the file's last float32: other bytes, still a finite number."""
+    data = bytearray(path.read_bytes())
+    data[-4] ^= 0x01
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
+
+
+def _damaged(registry, served_adapters, tmp_path) -> str:
+    """A LoRA of lora0's size whose stored weights were changed after push: parses, prepares, fails its sha256."""
+    folder = tmp_path / "damaged"
+    shutil.copytree(served_adapters["lora0"], folder)
+    _flip_low_byte(folder / "adapter_model.safetensors")  # its own blob, not lora0's
+    manifest = registry.push(folder, "damaged", "1.0.0", base_model=registry.resolve("lora0").base_model.id)
+    _flip_low_byte(registry.store.path(manifest.files["adapter_model.safetensors"]["sha256"]))
+    return "damaged"
+
+
+@pytest.mark.parametrize("broken,code", [(_rank_disagrees, grpc.StatusCode.FAILED_PRECONDITION),
+                                         (_damaged, grpc.StatusCode.DATA_LOSS)])
+def test_a_load_that_fails_after_making_room_gives_the_room_back(start_server, registry, served_adapters, tmp_path,
+                                                                 broken, code):
+    """The budget holds lora0 and lora1; a broken adapter of lora0's size makes room by moving lora0 off, then
+    fails. lora0 stays on the device and counted (the pool's device bytes are the engine's) and serves
+    from there, with no new load."""
+    server, client = start_server()
+    budget = device_bytes(server.engine, registry, "lora0") + device_bytes(server.engine, registry, "lora1")
+    name = broken(registry, served_adapters, tmp_path)
+    server, client = start_server(adapter_memory=budget)
+    before = {n: list(client.generate(PROMPT, adapters=[n], max_new_tokens=4).token_ids) for n in ("lora0", "lora1")}
+    with pytest.raises(grpc.RpcError) as caught:
+        client.generate(PROMPT, adapters=[name], max_new_tokens=4)
+    assert caught.value.code() == code, caught.value.details()
+    listed = {a.ref: a for a in client.list_adapters().adapters if a.tier == pb.TIER_DEVICE}
+    assert {ref: a.size_bytes for ref, a in listed.items()} == server.engine.resident()
+    assert client.list_adapters().device_used_bytes == sum(server.engine.resident().values()) == budget
+    loads = server.metrics.loads.labels(source="disk")._value.get()
+    assert {n: list(client.generate(PROMPT, adapters=[n], max_new_tokens=4).token_ids) for n in before} == before
+    assert server.metrics.loads.labels(source="disk")._value.get() == loads  # served from the device
