@@ -36,6 +36,9 @@ SERVER_VERSION = "0.1.0"
 MiB = 1 << 20
 ADMIN_RPCS = 4  # LoadAdapter/UnloadAdapter in progress at once (a load may wait for adapter memory)
 SPARE_THREADS = 8  # beyond those: Health, GetInfo, ListAdapters and reflection always find a thread
+# RPCs accepted at once, per thread: past the threads they queue for one (those over a limit are refused as
+# soon as a thread takes them), so a burst is answered, a probe in it included, rather than refused by gRPC
+ACCEPTED_PER_THREAD = 4
 
 
 class ServerConfigError(ValueError):
@@ -140,7 +143,8 @@ class RuntimeServer:
                    ("grpc.max_send_message_length", config.max_message_bytes),
                    ("grpc.so_reuseport", 0)]
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapterhub-rpc"),
-                                interceptors=interceptors, options=options, maximum_concurrent_rpcs=workers)
+                                interceptors=interceptors, options=options,
+                                maximum_concurrent_rpcs=workers * ACCEPTED_PER_THREAD)
         pb_grpc.add_RuntimeServicer_to_server(self.service, self.grpc)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
