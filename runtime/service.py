@@ -33,6 +33,7 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 DEFAULT_MAX_NEW_TOKENS = 64
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 256
+TOKENIZING_AT_ONCE = 4  # prompts tokenized at once: a tokenizer's working memory is many times its text's
 _MODES = {pb.COMPOSITION_MODE_UNSPECIFIED: "stack", pb.COMPOSITION_MODE_STACK: "stack",
           pb.COMPOSITION_MODE_AVERAGE: "average"}
 _TIERS = {Tier.DEVICE: pb.TIER_DEVICE, Tier.HOST: pb.TIER_HOST, Tier.DISK: pb.TIER_DISK}
@@ -106,6 +107,13 @@ def sampling_params(msg: pb.SamplingParams, limits: Limits) -> SamplingParams:
                           seed=msg.seed if msg.HasField("seed") else None, stop=stop)
 
 
+def longest_token(tokenizer) -> int:
+    """The most characters one vocabulary entry spells, so no prompt of more than context x this characters
+    can fit the context: each token covers at most that many characters of the text (byte-level and
+    SentencePiece vocabularies spell each byte or character of what they cover with one character)."""
+    return max((len(token) for token in tokenizer.get_vocab()), default=1)
+
+
 def _resolved(m, weight: float) -> pb.ResolvedAdapter:
     """An adapter as a response reports it (a per-request merge reports its parents)."""
     return pb.ResolvedAdapter(ref=m.ref, name=m.name, version=m.version, sha256=m.sha256, technique=m.technique,
@@ -134,6 +142,9 @@ class RuntimeService(pb_grpc.RuntimeServicer):
         # inference RPCs running, queued or waiting for adapter memory; admin loads waiting for room
         self.requests = Slots(max_requests, "requests are running, queued or waiting for adapter memory")
         self.admin = Slots(max_admin, "adapter loads and unloads are in progress")
+        tokenizer = engine.tokenizer
+        self._max_text_chars = limits.context_length * (longest_token(tokenizer) if tokenizer is not None else 1)
+        self._tokenizing = threading.BoundedSemaphore(TOKENIZING_AT_ONCE)
 
     # -- plumbing ----------------------------------------------------------------------------------
     @contextmanager
@@ -163,9 +174,12 @@ class RuntimeService(pb_grpc.RuntimeServicer):
             self.metrics.latency.labels(method=method).observe(time.perf_counter() - started)
 
     def _token_ids(self, text: str, ids, *, chat: bool, what: str) -> list[int]:
-        """The prompt as token ids: exactly one of text or ids, every id in the vocabulary."""
+        """The prompt as token ids: exactly one of text or ids, every id in the vocabulary. A text too long
+        for the context whatever its tokens is refused before it is tokenized, and a few texts at most are
+        tokenized at once (a multi-megabyte prompt took gigabytes of tokenizer memory)."""
         _ok(not (text and ids), f"give the {what} as text or as token ids, not both")
         tokenizer = self.engine.tokenizer
+        context = self.limits.context_length
         if ids:
             _ok(not chat, "chat applies the chat template to text: send the prompt as text")
             vocab = self.engine.model.config.vocab_size
@@ -174,12 +188,16 @@ class RuntimeService(pb_grpc.RuntimeServicer):
             return list(ids)
         _ok(bool(text), f"the {what} is empty")
         _ok(tokenizer is not None, "this server's base model has no tokenizer: send token ids")
+        _ok(len(text) <= self._max_text_chars, f"the {what} is {len(text)} characters: more than the context "
+            f"length {context} can hold in any tokens (at most {self._max_text_chars} characters)")
         if chat:
             _ok(getattr(tokenizer, "chat_template", None) is not None, "the base model has no chat template")
-            out = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                tokenize=True, return_dict=True)
+            with self._tokenizing:
+                out = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                    tokenize=True, return_dict=True)
             return list(out["input_ids"])
-        out = list(tokenizer(text)["input_ids"])
+        with self._tokenizing:
+            out = list(tokenizer(text)["input_ids"])
         _ok(bool(out), f"the {what} is empty after tokenization")
         return out
 

@@ -121,3 +121,39 @@ def test_a_load_that_fails_after_making_room_gives_the_room_back(start_server, r
     loads = server.metrics.loads.labels(source="disk")._value.get()
     assert {n: list(client.generate(PROMPT, adapters=[n], max_new_tokens=4).token_ids) for n in before} == before
     assert server.metrics.loads.labels(source="disk")._value.get() == loads  # served from the device
+
+
+def _count_tokenizer_calls(server) -> list[str]:
+    """Every text the server's real tokenizer is asked to tokenize (or to wrap in the chat template), from now."""
+    tokenizer = server.engine.tokenizer
+    asked: list[str] = []
+    real = type(tokenizer)
+
+    class Counting(real):
+        def __call__(self, text, *args, **kwargs):
+            asked.append(text)
+            return super().__call__(text, *args, **kwargs)
+
+        def apply_chat_template(self, conversation, *args, **kwargs):
+            asked.append(conversation[-1]["content"])
+            return super().apply_chat_template(conversation, *args, **kwargs)
+
+    tokenizer.__class__ = Counting
+    return asked
+
+
+def test_a_prompt_no_context_could_hold_is_refused_before_it_is_tokenized(start_server):
+    """3 MB of text (under the 4 MiB message cap) cannot fit a 4096-token context in any tokens: Generate, its
+    chat form and Score refuse it at once with INVALID_ARGUMENT, and the tokenizer never sees it."""
+    server, client = start_server()
+    asked = _count_tokenizer_calls(server)
+    assert client.generate(PROMPT, max_new_tokens=2).finish_reason == "length"
+    assert asked == [PROMPT]  # the counter sees what the server tokenizes
+    huge = "a" * (3 << 20)
+    for call in (lambda: client.generate(huge, max_new_tokens=2), lambda: client.generate(huge, chat=True),
+                 lambda: client.score(huge)):
+        with pytest.raises(grpc.RpcError) as caught:
+            call()
+        assert asked == [PROMPT]  # refused without tokenizing
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "more than the context length 4096 can hold" in caught.value.details()
