@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import Enum
@@ -132,6 +133,7 @@ class AdapterPool:
         self._loading: dict[str, Future] = {}  # key -> done when its load or eviction ends
         self._reserved = 0  # device bytes promised to loads in progress
         self._verified: set[str] = set()
+        self._refused: OrderedDict[str, tuple[str, str]] = OrderedDict()  # key -> (sha256, why), newest last
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)  # notified when device room may have been freed
         self._freed = 0  # times device room may have been freed (a waiter sleeps while this is unchanged)
@@ -366,8 +368,7 @@ class AdapterPool:
             used = int(self._on_engine(hand_over, then_submit=then_submit))
         except ArtifactError as e:
             verified()
-            raise ServeError(grpc.StatusCode.FAILED_PRECONDITION,
-                             f"adapter {key} does not fit the served base: {e}") from None
+            raise self._refuse(key, manifest, f"adapter {key} does not fit the served base: {e}") from None
         finally:
             with self._lock:  # the reservation ends where the entry's bytes start counting: no gap between
                 self._reserved -= need
@@ -409,6 +410,10 @@ class AdapterPool:
         sha256 runs in another thread meanwhile (Registry.read_deferred), so the caller prepares the adapter
         and calls `verified()` before serving it, and before any refusal, so a damaged file is reported as
         damaged, not as an adapter that does not fit."""
+        with self._lock:
+            refused = self._refused.get(key)
+        if refused is not None and refused[0] == manifest.sha256:  # these very bytes were refused: not parsed again
+            raise ServeError(grpc.StatusCode.FAILED_PRECONDITION, refused[1])
         try:
             build = getattr(manifest, "build", None)  # a per-request merge (runtime/merged.py), from verified parents
             if build:
@@ -417,7 +422,9 @@ class AdapterPool:
                 adapter, check = self.registry.read_deferred(manifest)
         except IntegrityError as e:
             raise _damaged(key, e) from None
-        except (ArtifactError, HubError, OSError) as e:
+        except ArtifactError as e:  # intact bytes (read_deferred checks them first) that are no adapter
+            raise self._refuse(key, manifest, f"adapter {key} cannot be read: {e}") from None
+        except (HubError, OSError) as e:
             raise ServeError(grpc.StatusCode.FAILED_PRECONDITION, f"adapter {key} cannot be read: {e}") from None
 
         def verified() -> None:
@@ -429,10 +436,21 @@ class AdapterPool:
         if key not in self._verified:  # checked once per version while it stays known (see `_forget_old_locked`)
             try:
                 self._check_base(key, adapter, manifest)
-            except ServeError:
+            except ServeError as e:
                 verified()
-                raise
+                raise self._refuse(key, manifest, e.message) from None
         return adapter, verified
+
+    def _refuse(self, key: str, manifest, message: str) -> ServeError:
+        """FAILED_PRECONDITION for an adapter whose intact bytes cannot serve here, remembered by its sha256 so
+        requests naming it again are refused without reading and parsing it again (a 500k-tensor artifact
+        took seconds of the GIL per request); a new push under the same version has another sha256."""
+        with self._lock:
+            self._refused[key] = (manifest.sha256, message)
+            self._refused.move_to_end(key)
+            while len(self._refused) > self._max_entries:
+                self._refused.popitem(last=False)
+        return ServeError(grpc.StatusCode.FAILED_PRECONDITION, message)
 
     def _check_base(self, key: str, adapter: Adapter, manifest) -> None:
         """FAILED_PRECONDITION unless the adapter fits the served base and was made for it (fingerprint)."""

@@ -157,3 +157,32 @@ def test_a_prompt_no_context_could_hold_is_refused_before_it_is_tokenized(start_
         assert asked == [PROMPT]  # refused without tokenizing
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "more than the context length 4096 can hold" in caught.value.details()
+
+
+def test_an_adapter_refused_for_its_content_is_not_read_again_until_its_bytes_change(start_server, registry,
+                                                                                      served_adapters, tmp_path):
+    """An artifact the runtime refuses (here: its config's rank disagrees with its tensors; and a LoRA made for
+    another base) is read and parsed once: the next requests naming it get the same refusal without a read.
+    A new artifact under the same version (other sha256) is read again, and served."""
+    name = _rank_disagrees(registry, served_adapters, tmp_path)
+    _, client = start_server()
+    reads: list[str] = []
+    read_deferred = registry.read_deferred
+
+    def counting(manifest):
+        reads.append(manifest.ref)
+        return read_deferred(manifest)
+
+    registry.read_deferred = counting
+    for ref in (name, "foreign"):
+        refusals = []
+        for _ in range(3):
+            with pytest.raises(grpc.RpcError) as caught:
+                client.generate(PROMPT, adapters=[ref], max_new_tokens=2)
+            refusals.append((caught.value.code(), caught.value.details()))
+        assert refusals == [refusals[0]] * 3 and refusals[0][0] == grpc.StatusCode.FAILED_PRECONDITION
+    assert reads == [f"{name}@1.0.0", "foreign@1.0.0"]
+    registry.remove(f"{name}@1.0.0")
+    registry.push(served_adapters["lora1"], name, "1.0.0")
+    assert client.generate(PROMPT, adapters=[name], max_new_tokens=2).finish_reason == "length"
+    assert reads == [f"{name}@1.0.0", "foreign@1.0.0", f"{name}@1.0.0"]
