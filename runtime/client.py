@@ -117,8 +117,11 @@ class RuntimeClient:
     def unload_adapter(self, ref: str, *, timeout: float | None = None) -> pb.UnloadAdapterResponse:
         return self.stub.UnloadAdapter(pb.UnloadAdapterRequest(ref=ref), **self._kw(timeout))
 
-    def list_adapters(self, *, timeout: float | None = None) -> pb.ListAdaptersResponse:
-        return self.stub.ListAdapters(pb.ListAdaptersRequest(), **self._kw(timeout))
+    def list_adapters(self, *, page_size: int = 0, page_token: str = "",
+                      timeout: float | None = None) -> pb.ListAdaptersResponse:
+        """One page (up to 1000 adapters, in ref order); `next_page_token` asks for the next."""
+        return self.stub.ListAdapters(pb.ListAdaptersRequest(page_size=page_size, page_token=page_token),
+                                      **self._kw(timeout))
 
     def info(self, *, timeout: float | None = None) -> pb.GetInfoResponse:
         return self.stub.GetInfo(pb.GetInfoRequest(), **self._kw(timeout))

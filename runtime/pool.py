@@ -47,6 +47,10 @@ class Tier(str, Enum):
     DISK = "disk"
 
 
+def _built(manifest) -> bool:
+    return getattr(manifest, "build", None) is not None
+
+
 @dataclass
 class Entry:
     """What the pool knows about one adapter version."""
@@ -65,6 +69,11 @@ class Entry:
     @property
     def host_bytes(self) -> int:
         return self.adapter.nbytes if self.adapter is not None else 0
+
+    @property
+    def built(self) -> bool:
+        """A per-request merge (runtime/merged.py): built from its parents, not read from the registry."""
+        return _built(self.manifest)
 
 
 @dataclass(frozen=True)
@@ -119,7 +128,7 @@ class AdapterPool:
 
     def __init__(self, engine, registry, *, device_budget: int, host_budget: int,
                  metrics: Metrics | None = None, on_engine: Callable[..., Any] = _direct,
-                 remote=None, max_entries: int = 1024, wait_seconds: float = 30.0) -> None:
+                 remote=None, max_entries: int = 1024, wait_seconds: float = 30.0, max_merged: int = 64) -> None:
         self.engine = engine
         self.registry = registry
         self.remote = remote  # a hub.remotes.Remote to pull refs the local registry lacks
@@ -128,6 +137,9 @@ class AdapterPool:
         self.metrics = metrics or Metrics()
         self._on_engine = on_engine
         self._max_entries = max_entries
+        # per-request merges each tier holds, in use or not: every distinct merge parameter set makes one, so
+        # bytes alone would let one client fill the tiers with merges nobody asks for again
+        self._max_merged = max_merged
         self.wait_seconds = float(wait_seconds)  # how long a request may wait for device room
         self._entries: dict[str, Entry] = {}
         self._loading: dict[str, Future] = {}  # key -> done when its load or eviction ends
@@ -344,7 +356,7 @@ class AdapterPool:
             self.metrics.cache_hits.labels(tier=Tier.HOST.value).inc()
         need = self.engine.weights_bytes(adapter)
         try:
-            victims = self._make_room(need, key)
+            victims = self._make_room(need, key, _built(manifest))
         except _NoRoomYet as no_room:
             verified()  # a damaged file is reported as damaged, not as one that finds no room
             if source is Tier.DISK:
@@ -475,8 +487,9 @@ class AdapterPool:
         return adapter
 
     # -- eviction ----------------------------------------------------------------------------------
-    def _make_room(self, need: int, key: str) -> list[_Evicting]:
-        """Reserve `need` device bytes, moving LRU idle unpinned adapters to the host tier, or refuse.
+    def _make_room(self, need: int, key: str, merged: bool = False) -> list[_Evicting]:
+        """Reserve `need` device bytes, moving LRU idle unpinned adapters to the host tier, or refuse; for a
+        `merged` adapter, also move LRU idle merges until fewer than max_merged are on the device.
 
         Returns the adapters moved, for the caller to take off the engine in the same hand-over as its
         load (a hand-over waits for the step in flight: one wait per load, not one per adapter), or to put
@@ -489,15 +502,18 @@ class AdapterPool:
         with self._lock:
             victims: list[Entry] = []
             used = self._device_used_locked() + self._reserved
-            candidates = sorted((e for e in self._entries.values()
-                                 if e.tier is Tier.DEVICE and not e.pinned and e.in_use == 0
-                                 and e.key not in self._loading),
+            on_device = [e for e in self._entries.values() if e.tier is Tier.DEVICE]
+            candidates = sorted((e for e in on_device if not e.pinned and e.in_use == 0 and e.key not in self._loading),
                                 key=lambda e: e.last_used)
+            extra_merges = sum(e.built for e in on_device) + 1 - self._max_merged if merged else 0
             for entry in candidates:
-                if used + need <= self.device_budget:
+                short = used + need > self.device_budget
+                if not short and extra_merges <= 0:
                     break
-                victims.append(entry)
-                used -= entry.device_bytes
+                if short or entry.built:  # room enough in bytes: only merges go, for the count
+                    victims.append(entry)
+                    used -= entry.device_bytes
+                    extra_merges -= entry.built
             if used + need > self.device_budget:
                 raise _NoRoomYet(key, need, self._freed)  # the acquire waits, or refuses if room can never come
             self._reserved += need
@@ -514,17 +530,22 @@ class AdapterPool:
         return sum(e.host_bytes for e in self._entries.values() if e.tier is Tier.HOST)
 
     def _trim_host_locked(self) -> None:
-        """Drop host copies of adapters that are not on the device, LRU first, to the host budget (not those
-        a load in progress is moving: a failed load puts them back on the device, with their host copy)."""
+        """Drop host copies of adapters that are not on the device, LRU first, to the host budget and to
+        max_merged merges (not those a load in progress is moving: a failed load puts them back on the
+        device, with their host copy)."""
         host = sorted((e for e in self._entries.values() if e.tier is Tier.HOST and e.key not in self._loading),
                       key=lambda e: e.last_used)
         used = sum(e.host_bytes for e in host)
+        extra_merges = sum(e.built for e in host) - self._max_merged
         for entry in host:
-            if used <= self.host_budget:
+            over = used > self.host_budget
+            if not over and extra_merges <= 0:
                 break
-            used -= entry.host_bytes
-            entry.tier, entry.adapter = Tier.DISK, None
-            self.metrics.evictions.labels(tier=Tier.HOST.value).inc()
+            if over or entry.built:  # within the budget: only merges go, for the count
+                used -= entry.host_bytes
+                extra_merges -= entry.built
+                entry.tier, entry.adapter = Tier.DISK, None
+                self.metrics.evictions.labels(tier=Tier.HOST.value).inc()
 
     def _forget_old_locked(self) -> None:
         """Bound the bookkeeping: forget the least recently used disk-tier entries past max_entries."""
@@ -572,10 +593,11 @@ class AdapterPool:
         return sum(int(module_tensors(e.adapter)[PROMPT_SITE]["prompt_embeddings"].shape[0])
                    for e in lease.entries if e.adapter.technique is Technique.PROMPT_TUNING)
 
-    def entries(self) -> list[Entry]:
-        """A snapshot of every adapter the pool knows, most recently used first."""
+    def entries(self, after: str = "") -> list[Entry]:
+        """A snapshot of every adapter the pool knows whose key sorts after `after`, in key order (stable
+        across pages while adapters are used)."""
         with self._lock:
-            return sorted(self._entries.values(), key=lambda e: -e.last_used)
+            return sorted((e for e in self._entries.values() if e.key > after), key=lambda e: e.key)
 
     def device_used(self) -> int:
         with self._lock:

@@ -72,6 +72,7 @@ class ServerConfig:
     max_message_bytes: int = 4 * MiB
     grace_seconds: float = 30.0
     max_adapter_labels: int = 32
+    max_merged_adapters: int = 64  # per-request merges held on each tier (device, host), besides those in use
 
     def check(self) -> None:
         """ServerConfigError naming the first option out of its range (before anything loads or binds)."""
@@ -83,7 +84,8 @@ class ServerConfig:
                   ("--host-adapter-memory", self.host_adapter_memory, 0, None),
                   ("--adapter-wait", self.adapter_wait_seconds, 0, None),
                   ("--grace", self.grace_seconds, 0, None), ("max_message_bytes", self.max_message_bytes, 1, None),
-                  ("max_adapter_labels", self.max_adapter_labels, 0, None))
+                  ("max_adapter_labels", self.max_adapter_labels, 0, None),
+                  ("max_merged_adapters", self.max_merged_adapters, 1, None))
         if self.dtype not in basemodel.DTYPES:
             raise ServerConfigError(f"--dtype must be one of {', '.join(basemodel.DTYPES)}, got {self.dtype!r}")
         for name, value, low, high in ranges:
@@ -132,7 +134,7 @@ class RuntimeServer:
         host_budget = config.host_adapter_memory if config.host_adapter_memory is not None else 4 * config.adapter_memory
         self.pool = AdapterPool(self.engine, registry, device_budget=config.adapter_memory, host_budget=host_budget,
                                 metrics=self.metrics, on_engine=self.scheduler.call, remote=self._remote(registry),
-                                wait_seconds=config.adapter_wait_seconds)
+                                wait_seconds=config.adapter_wait_seconds, max_merged=config.max_merged_adapters)
         limits = Limits(max_new_tokens=config.max_new_tokens, max_adapters_per_request=config.max_adapters_per_request,
                         context_length=int(getattr(model.config, "max_position_embeddings", 2048)))
         requests = config.max_batch_size + config.max_queue  # waiting for adapter memory counts against the queue

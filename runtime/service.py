@@ -33,6 +33,7 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 DEFAULT_MAX_NEW_TOKENS = 64
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 256
+MAX_PAGE_SIZE = 1000  # ListAdapters entries per reply (and with no page_size): ~200 KB, far below the message cap
 TOKENIZING_AT_ONCE = 4  # prompts tokenized at once: a tokenizer's working memory is many times its text's
 _MODES = {pb.COMPOSITION_MODE_UNSPECIFIED: "stack", pb.COMPOSITION_MODE_STACK: "stack",
           pb.COMPOSITION_MODE_AVERAGE: "average"}
@@ -330,9 +331,13 @@ class RuntimeService(pb_grpc.RuntimeServicer):
     def ListAdapters(self, request: pb.ListAdaptersRequest, context: grpc.ServicerContext
                      ) -> pb.ListAdaptersResponse:
         with self._rpc("ListAdapters", context):
-            return pb.ListAdaptersResponse(adapters=[adapter_info(e) for e in self.pool.entries()],
+            size = request.page_size if 0 < request.page_size <= MAX_PAGE_SIZE else MAX_PAGE_SIZE
+            entries = self.pool.entries(after=request.page_token)
+            page = entries[:size]
+            return pb.ListAdaptersResponse(adapters=[adapter_info(e) for e in page],
                                            device_budget_bytes=self.pool.device_budget,
-                                           device_used_bytes=self.pool.device_used())
+                                           device_used_bytes=self.pool.device_used(),
+                                           next_page_token=page[-1].key if len(entries) > size else "")
 
     def GetInfo(self, request: pb.GetInfoRequest, context: grpc.ServicerContext) -> pb.GetInfoResponse:
         with self._rpc("GetInfo", context):

@@ -186,3 +186,44 @@ def test_an_adapter_refused_for_its_content_is_not_read_again_until_its_bytes_ch
     registry.push(served_adapters["lora1"], name, "1.0.0")
     assert client.generate(PROMPT, adapters=[name], max_new_tokens=2).finish_reason == "length"
     assert reads == [f"{name}@1.0.0", "foreign@1.0.0", f"{name}@1.0.0"]
+
+
+def _merge(client, weight: float):
+    return client.generate(PROMPT, adapters=[("lora0", weight), "lora1"], mode="merge",
+                           merge=pb.MergeOptions(method="cat"), max_new_tokens=4)
+
+
+def test_per_request_merges_are_bounded_in_count_on_each_tier(start_server):
+    """Every new set of merge weights builds another merge: with max_merged_adapters=2 and room for many more
+    in bytes, five merges leave the two most recent on the device, the two before on the host, the first
+    dropped; an evicted merge answers as before (brought back, or built again)."""
+    server, client = start_server(max_merged_adapters=2)
+    first = [list(_merge(client, 0.5 + i).token_ids) for i in range(5)]
+    merges = [a for a in client.list_adapters().adapters if a.ref.startswith("merge:")]
+    tiers = sorted((a.last_used_unix, a.tier) for a in merges)
+    assert [tier for _, tier in tiers] == [pb.TIER_DISK, pb.TIER_HOST, pb.TIER_HOST, pb.TIER_DEVICE, pb.TIER_DEVICE]
+    assert sum(1 for key in server.engine.resident() if key.startswith("merge:")) == 2
+    assert [list(_merge(client, 0.5 + i).token_ids) for i in range(5)] == first
+
+
+def test_list_adapters_pages_in_ref_order(start_server, monkeypatch):
+    """page_size/page_token walk every adapter once, in ref order; a client that sends no page_size (as old
+    clients do) gets the first page of the default size, with the token for the next."""
+    import runtime.service
+
+    server, client = start_server()
+    for name in ("lora0", "lora1", "lora2", "lora3", "ia3", "bitfit", "bottleneck"):
+        client.load_adapter(name)
+    refs, token, sizes = [], "", []
+    while True:
+        page = client.list_adapters(page_size=3, page_token=token)
+        refs += [a.ref for a in page.adapters]
+        sizes.append(len(page.adapters))
+        token = page.next_page_token
+        if not token:
+            break
+    assert refs == sorted(e.key for e in server.pool.entries()) and len(refs) == 7 and sizes == [3, 3, 1]
+    monkeypatch.setattr(runtime.service, "MAX_PAGE_SIZE", 4)
+    for page_size in (0, 5):  # unset, or more than the largest page
+        page = client.list_adapters(page_size=page_size)
+        assert [a.ref for a in page.adapters] == refs[:4] and page.next_page_token == refs[3]
