@@ -65,6 +65,7 @@ class ServerConfig:
     dtype: str = "float32"
     device: str = "cpu"
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"  # /metrics has no auth or TLS: loopback whatever `host` is, unless told
     auth_token_file: Path | None = None
     auth_admin_only: bool = False  # with a token file: only LoadAdapter/UnloadAdapter need a token
     tls_cert: Path | None = None
@@ -207,7 +208,7 @@ class RuntimeServer:
             self.pool.load(ref, pin=True)
         self.scheduler.start()
         if self.config.metrics_port is not None:
-            self.metrics_port = self.metrics.serve_http(self.config.metrics_port, self.config.host)
+            self.metrics_port = self.metrics.serve_http(self.config.metrics_port, self.config.metrics_host)
         self.grpc.start()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 
 import grpc
 import pytest
@@ -176,3 +177,16 @@ def test_adapters_listing_shows_last_use_in_the_largest_whole_unit(seconds, show
 
     assert _ago(1_000_000.0, 1_000_000.0 + seconds) == shown
     assert _ago(0.0, 1_000_000.0) == "never"
+
+
+def test_metrics_host_flag(served_base, registry):
+    """`--metrics-host` is where /metrics binds (default 127.0.0.1 whatever --host is); the start line says so."""
+    serve = ServeProcess("--base-model", str(served_base), "--registry", str(registry.root), "--host", "0.0.0.0",
+                         "--metrics-port", "0", "--metrics-host", "localhost")
+    try:
+        found = re.search(r"metrics on http://localhost:(\d+)/metrics", "".join(serve.lines))
+        assert found, serve.lines
+        assert b"adapterhub_requests_total" in urllib.request.urlopen(f"http://localhost:{found[1]}/metrics").read()
+        assert serve.terminate() == 0
+    finally:
+        serve.kill()

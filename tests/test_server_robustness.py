@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import urllib.request
 
 import grpc
 import pytest
@@ -227,3 +228,15 @@ def test_list_adapters_pages_in_ref_order(start_server, monkeypatch):
     for page_size in (0, 5):  # unset, or more than the largest page
         page = client.list_adapters(page_size=page_size)
         assert [a.ref for a in page.adapters] == refs[:4] and page.next_page_token == refs[3]
+
+
+def test_metrics_bind_loopback_whatever_the_grpc_host(start_server):
+    """/metrics has no auth or TLS: with gRPC on every interface it still binds 127.0.0.1, unless
+    metrics_host (`hub serve --metrics-host`) says otherwise."""
+    server, client = start_server(host="0.0.0.0", metrics_port=0)
+    assert client.health() == "SERVING"
+    assert server.metrics._http.server_address[0] == "127.0.0.1"
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
+    assert "adapterhub_requests_total" in text
+    server, _ = start_server(metrics_port=0, metrics_host="0.0.0.0")
+    assert server.metrics._http.server_address[0] == "0.0.0.0"
