@@ -190,3 +190,17 @@ def test_metrics_host_flag(served_base, registry):
         assert serve.terminate() == 0
     finally:
         serve.kill()
+
+
+def test_adapters_command_lists_every_page(start_server, monkeypatch):
+    import runtime.service
+
+    monkeypatch.setattr(runtime.service, "MAX_PAGE_SIZE", 2)  # ListAdapters pages of 2
+    server, client = start_server(preload=("lora0", "lora1", "ia3", "bitfit", "bottleneck"))
+    assert len(client.list_adapters().adapters) == 2
+    listed = _hub("adapters", "--server", server.address)
+    assert listed.exit_code == 0, listed.output
+    assert [line.split()[0] for line in listed.output.splitlines()[1:]] == [
+        "bitfit@1.0.0", "bottleneck@1.0.0", "ia3@1.0.0", "lora0@1.0.0", "lora1@1.0.0"]
+    as_json = json.loads(_hub("adapters", "--json", "--server", server.address).output)
+    assert len(as_json["adapters"]) == 5 and "next_page_token" not in as_json
