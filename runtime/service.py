@@ -180,7 +180,6 @@ class RuntimeService(pb_grpc.RuntimeServicer):
         tokenized at once (a multi-megabyte prompt took gigabytes of tokenizer memory)."""
         _ok(not (text and ids), f"give the {what} as text or as token ids, not both")
         tokenizer = self.engine.tokenizer
-        context = self.limits.context_length
         if ids:
             _ok(not chat, "chat applies the chat template to text: send the prompt as text")
             vocab = self.engine.model.config.vocab_size
@@ -190,7 +189,7 @@ class RuntimeService(pb_grpc.RuntimeServicer):
         _ok(bool(text), f"the {what} is empty")
         _ok(tokenizer is not None, "this server's base model has no tokenizer: send token ids")
         _ok(len(text) <= self._max_text_chars, f"the {what} is {len(text)} characters: more than the context "
-            f"length {context} can hold in any tokens (at most {self._max_text_chars} characters)")
+            f"length {self.limits.context_length} can hold in any tokens (at most {self._max_text_chars} characters)")
         if chat:
             _ok(getattr(tokenizer, "chat_template", None) is not None, "the base model has no chat template")
             with self._tokenizing:
