@@ -206,11 +206,7 @@ def _list_adapters(as_json: bool, server: str, token_file: Optional[Path], tls_c
     from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 
     with _rpc_errors(), _client(server, token_file, tls_ca) as client:
-        reply = client.list_adapters()
-        while reply.next_page_token:  # every page, into one reply
-            page = client.list_adapters(page_token=reply.next_page_token)
-            reply.adapters.extend(page.adapters)
-            reply.next_page_token = page.next_page_token
+        reply = client.list_all_adapters()
     if as_json:
         typer.echo(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
         return

@@ -123,6 +123,15 @@ class RuntimeClient:
         return self.stub.ListAdapters(pb.ListAdaptersRequest(page_size=page_size, page_token=page_token),
                                       **self._kw(timeout))
 
+    def list_all_adapters(self, *, timeout: float | None = None) -> pb.ListAdaptersResponse:
+        """Every page of ListAdapters as one reply (each page's call gets `timeout`)."""
+        reply = self.list_adapters(timeout=timeout)
+        while reply.next_page_token:
+            page = self.list_adapters(page_token=reply.next_page_token, timeout=timeout)
+            reply.adapters.extend(page.adapters)
+            reply.next_page_token = page.next_page_token
+        return reply
+
     def info(self, *, timeout: float | None = None) -> pb.GetInfoResponse:
         return self.stub.GetInfo(pb.GetInfoRequest(), **self._kw(timeout))
 
