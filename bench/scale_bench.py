@@ -316,7 +316,7 @@ def _run_scale(config: ScaleConfig, workdir: Path, log: Callable[[str], None]) -
             warm_up(client)
             for phase in PHASES:
                 run_phase(server, phase, phase)
-            listing = client.list_adapters()
+            listing = client.list_all_adapters()
         tiers: dict[str, int] = {}
         for a in listing.adapters:
             tier = pb.Tier.Name(a.tier).removeprefix("TIER_").lower()

@@ -135,6 +135,8 @@ def serve(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1..."),
     metrics_port: Optional[int] = typer.Option(None, "--metrics-port", min=0, max=65535,
                                                help="Serve Prometheus /metrics on this port."),
+    metrics_host: str = typer.Option("127.0.0.1", "--metrics-host",
+                                     help="Address /metrics binds (no auth or TLS: loopback whatever --host is)."),
     auth_token_file: Optional[Path] = typer.Option(None, "--auth-token-file",
                                                    help="Tokens, one per line: TOKEN, optionally followed by admin or user."),
     auth_admin_only: bool = typer.Option(False, "--auth-admin-only", help="Only Load/UnloadAdapter need a token."),
@@ -159,12 +161,13 @@ def serve(
         host_adapter_memory=parse_bytes("--host-adapter-memory", host_adapter_memory) if host_adapter_memory else None,
         adapter_wait_seconds=adapter_wait, max_batch_size=max_batch_size, max_queue=max_queue,
         max_new_tokens=max_new_tokens, dtype=dtype, device=device,
-        metrics_port=metrics_port, auth_token_file=auth_token_file, auth_admin_only=auth_admin_only,
-        tls_cert=tls_cert, tls_key=tls_key, remote=remote, grace_seconds=grace, log_format=log_format.value,
+        metrics_port=metrics_port, metrics_host=metrics_host, auth_token_file=auth_token_file,
+        auth_admin_only=auth_admin_only, tls_cert=tls_cert, tls_key=tls_key, remote=remote, grace_seconds=grace,
+        log_format=log_format.value,
     )
 
     def ready(server: RuntimeServer) -> None:
-        metrics = f", metrics on http://{host}:{server.metrics_port}/metrics" if server.metrics_port else ""
+        metrics = f", metrics on http://{metrics_host}:{server.metrics_port}/metrics" if server.metrics_port else ""
         print(f"hub serve: {base_model} listening on {server.address}{metrics}", file=sys.stderr, flush=True)
 
     try:
@@ -259,7 +262,7 @@ def _list_adapters(as_json: bool, server: str, token_file: Optional[Path], tls_c
     from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 
     with _rpc_errors(), _client(server, token_file, tls_ca) as client:
-        reply = client.list_adapters()
+        reply = client.list_all_adapters()
     if as_json:
         typer.echo(_json(reply))
         return

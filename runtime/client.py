@@ -160,8 +160,20 @@ class RuntimeClient:
     def unload_adapter(self, ref: str, *, timeout: float | None = None) -> pb.UnloadAdapterResponse:
         return self._call(self.stub.UnloadAdapter, pb.UnloadAdapterRequest(ref=ref), timeout)
 
-    def list_adapters(self, *, timeout: float | None = None) -> pb.ListAdaptersResponse:
-        return self._call(self.stub.ListAdapters, pb.ListAdaptersRequest(), timeout)
+    def list_adapters(self, *, page_size: int = 0, page_token: str = "",
+                      timeout: float | None = None) -> pb.ListAdaptersResponse:
+        """One page (up to 1000 adapters, in ref order); `next_page_token` asks for the next."""
+        return self._call(self.stub.ListAdapters, pb.ListAdaptersRequest(page_size=page_size, page_token=page_token),
+                          timeout)
+
+    def list_all_adapters(self, *, timeout: float | None = None) -> pb.ListAdaptersResponse:
+        """Every page of ListAdapters as one reply (each page's call gets `timeout`)."""
+        reply = self.list_adapters(timeout=timeout)
+        while reply.next_page_token:
+            page = self.list_adapters(page_token=reply.next_page_token, timeout=timeout)
+            reply.adapters.extend(page.adapters)
+            reply.next_page_token = page.next_page_token
+        return reply
 
     def info(self, *, timeout: float | None = None) -> pb.GetInfoResponse:
         return self._call(self.stub.GetInfo, pb.GetInfoRequest(), timeout)

@@ -7,7 +7,8 @@ moved tag gives a new key) and of every merge parameter, so two requests share a
 exactly when they would build the same one. The pool builds it on first use (`build`, from parents
 it reads and checks against the served base as it reads any adapter), counts its device bytes
 against the adapter memory budget, evicts it like any other, and rebuilds it if it ever was
-dropped from host memory too. DARE merges are deterministic: the seed (default 0) is in the key.
+dropped from host memory too; besides the bytes, each tier holds at most `max_merged` idle merges
+(LRU), since every new set of merge parameters makes another. DARE merges are deterministic: the seed (default 0) is in the key.
 """
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import Enum
@@ -46,6 +47,10 @@ class Tier(str, Enum):
     DISK = "disk"
 
 
+def _built(manifest) -> bool:
+    return getattr(manifest, "build", None) is not None
+
+
 @dataclass
 class Entry:
     """What the pool knows about one adapter version."""
@@ -64,6 +69,11 @@ class Entry:
     @property
     def host_bytes(self) -> int:
         return self.adapter.nbytes if self.adapter is not None else 0
+
+    @property
+    def built(self) -> bool:
+        """A per-request merge (runtime/merged.py): built from its parents, not read from the registry."""
+        return _built(self.manifest)
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,17 @@ class _Waiter:
     deadline: float
 
 
+@dataclass(eq=False)
+class _Evicting:
+    """An adapter a load moves off the device to make room, until the load's hand-over takes it off the engine:
+    its device bytes, to put back if the load fails first (the engine still holds it then)."""
+
+    entry: Entry
+    device_bytes: int
+    done: Future = field(default_factory=Future)  # a request for it waits on this until the load ends
+    unloaded: bool = False
+
+
 class _NoRoomYet(Exception):
     """Internal: the device budget is held by adapters in use; room comes as their requests finish."""
 
@@ -107,7 +128,7 @@ class AdapterPool:
 
     def __init__(self, engine, registry, *, device_budget: int, host_budget: int,
                  metrics: Metrics | None = None, on_engine: Callable[..., Any] = _direct,
-                 remote=None, max_entries: int = 1024, wait_seconds: float = 30.0) -> None:
+                 remote=None, max_entries: int = 1024, wait_seconds: float = 30.0, max_merged: int = 64) -> None:
         self.engine = engine
         self.registry = registry
         self.remote = remote  # a hub.remotes.Remote to pull refs the local registry lacks
@@ -116,11 +137,15 @@ class AdapterPool:
         self.metrics = metrics or Metrics()
         self._on_engine = on_engine
         self._max_entries = max_entries
+        # per-request merges each tier holds, in use or not: every distinct merge parameter set makes one, so
+        # bytes alone would let one client fill the tiers with merges nobody asks for again
+        self._max_merged = max_merged
         self.wait_seconds = float(wait_seconds)  # how long a request may wait for device room
         self._entries: dict[str, Entry] = {}
         self._loading: dict[str, Future] = {}  # key -> done when its load or eviction ends
         self._reserved = 0  # device bytes promised to loads in progress
         self._verified: set[str] = set()
+        self._refused: OrderedDict[str, tuple[str, str]] = OrderedDict()  # key -> (sha256, why), newest last
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)  # notified when device room may have been freed
         self._freed = 0  # times device room may have been freed (a waiter sleeps while this is unchanged)
@@ -331,7 +356,7 @@ class AdapterPool:
             self.metrics.cache_hits.labels(tier=Tier.HOST.value).inc()
         need = self.engine.weights_bytes(adapter)
         try:
-            victims = self._make_room(need, key)
+            victims = self._make_room(need, key, _built(manifest))
         except _NoRoomYet as no_room:
             verified()  # a damaged file is reported as damaged, not as one that finds no room
             if source is Tier.DISK:
@@ -344,7 +369,8 @@ class AdapterPool:
 
         def hand_over() -> int:  # one call between two batch steps, however many adapters make room
             for victim in victims:
-                self.engine.unload(victim)
+                self.engine.unload(victim.entry.key)
+                victim.unloaded = True
             return self.engine.install(resident)
 
         used: int | None = None
@@ -354,13 +380,14 @@ class AdapterPool:
             used = int(self._on_engine(hand_over, then_submit=then_submit))
         except ArtifactError as e:
             verified()
-            raise ServeError(grpc.StatusCode.FAILED_PRECONDITION,
-                             f"adapter {key} does not fit the served base: {e}") from None
+            raise self._refuse(key, manifest, f"adapter {key} does not fit the served base: {e}") from None
         finally:
             with self._lock:  # the reservation ends where the entry's bytes start counting: no gap between
                 self._reserved -= need
                 for victim in victims:
-                    del self._loading[victim]
+                    del self._loading[victim.entry.key]
+                    if not victim.unloaded:  # the load failed before its hand-over: the engine still holds it
+                        victim.entry.tier, victim.entry.device_bytes = Tier.DEVICE, victim.device_bytes
                 if used is not None:
                     entry = self._entries.get(key) or Entry(key=key, manifest=manifest)
                     self._entries[key] = entry
@@ -370,9 +397,9 @@ class AdapterPool:
                     self._trim_host_locked()
                     self._forget_old_locked()
                 self._room_freed_locked()  # a failed load's reservation is free again
-            for done in victims.values():
-                done.set_result(None)
-            self.metrics.evictions.labels(tier=Tier.DEVICE.value).inc(len(victims))
+            for victim in victims:
+                victim.done.set_result(None)
+            self.metrics.evictions.labels(tier=Tier.DEVICE.value).inc(sum(v.unloaded for v in victims))
         self.metrics.loads.labels(source=source.value).inc()
         self.metrics.load_seconds.labels(source=source.value).observe(time.perf_counter() - started)
         self._update_gauges()
@@ -395,6 +422,10 @@ class AdapterPool:
         sha256 runs in another thread meanwhile (Registry.read_deferred), so the caller prepares the adapter
         and calls `verified()` before serving it, and before any refusal, so a damaged file is reported as
         damaged, not as an adapter that does not fit."""
+        with self._lock:
+            refused = self._refused.get(key)
+        if refused is not None and refused[0] == manifest.sha256:  # these very bytes were refused: not parsed again
+            raise ServeError(grpc.StatusCode.FAILED_PRECONDITION, refused[1])
         try:
             build = getattr(manifest, "build", None)  # a per-request merge (runtime/merged.py), from verified parents
             if build:
@@ -403,7 +434,9 @@ class AdapterPool:
                 adapter, check = self.registry.read_deferred(manifest)
         except IntegrityError as e:
             raise _damaged(key, e) from None
-        except (ArtifactError, HubError, OSError) as e:
+        except ArtifactError as e:  # intact bytes (read_deferred checks them first) that are no adapter
+            raise self._refuse(key, manifest, f"adapter {key} cannot be read: {e}") from None
+        except (HubError, OSError) as e:
             raise ServeError(grpc.StatusCode.FAILED_PRECONDITION, f"adapter {key} cannot be read: {e}") from None
 
         def verified() -> None:
@@ -415,10 +448,21 @@ class AdapterPool:
         if key not in self._verified:  # checked once per version while it stays known (see `_forget_old_locked`)
             try:
                 self._check_base(key, adapter, manifest)
-            except ServeError:
+            except ServeError as e:
                 verified()
-                raise
+                raise self._refuse(key, manifest, e.message) from None
         return adapter, verified
+
+    def _refuse(self, key: str, manifest, message: str) -> ServeError:
+        """FAILED_PRECONDITION for an adapter whose intact bytes cannot serve here, remembered by its sha256 so
+        requests naming it again are refused without reading and parsing it again (a 500k-tensor artifact
+        took seconds of the GIL per request); a new push under the same version has another sha256."""
+        with self._lock:
+            self._refused[key] = (manifest.sha256, message)
+            self._refused.move_to_end(key)
+            while len(self._refused) > self._max_entries:
+                self._refused.popitem(last=False)
+        return ServeError(grpc.StatusCode.FAILED_PRECONDITION, message)
 
     def _check_base(self, key: str, adapter: Adapter, manifest) -> None:
         """FAILED_PRECONDITION unless the adapter fits the served base and was made for it (fingerprint)."""
@@ -443,12 +487,14 @@ class AdapterPool:
         return adapter
 
     # -- eviction ----------------------------------------------------------------------------------
-    def _make_room(self, need: int, key: str) -> dict[str, Future]:
-        """Reserve `need` device bytes, moving LRU idle unpinned adapters to the host tier, or refuse.
+    def _make_room(self, need: int, key: str, merged: bool = False) -> list[_Evicting]:
+        """Reserve `need` device bytes, moving LRU idle unpinned adapters to the host tier, or refuse; for a
+        `merged` adapter, also move LRU idle merges until fewer than max_merged are on the device.
 
         Returns the adapters moved, for the caller to take off the engine in the same hand-over as its
-        load (a hand-over waits for the step in flight: one wait per load, not one per adapter); until
-        then, a request for one of them waits on its future."""
+        load (a hand-over waits for the step in flight: one wait per load, not one per adapter), or to put
+        back on the device tier if the load fails before it; until then, a request for one of them waits
+        on its future."""
         if need > self.device_budget:
             raise ServeError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                              f"adapter {key} needs {need} bytes on the device, more than the whole adapter "
@@ -456,22 +502,25 @@ class AdapterPool:
         with self._lock:
             victims: list[Entry] = []
             used = self._device_used_locked() + self._reserved
-            candidates = sorted((e for e in self._entries.values()
-                                 if e.tier is Tier.DEVICE and not e.pinned and e.in_use == 0
-                                 and e.key not in self._loading),
+            on_device = [e for e in self._entries.values() if e.tier is Tier.DEVICE]
+            candidates = sorted((e for e in on_device if not e.pinned and e.in_use == 0 and e.key not in self._loading),
                                 key=lambda e: e.last_used)
+            extra_merges = sum(e.built for e in on_device) + 1 - self._max_merged if merged else 0
             for entry in candidates:
-                if used + need <= self.device_budget:
+                short = used + need > self.device_budget
+                if not short and extra_merges <= 0:
                     break
-                victims.append(entry)
-                used -= entry.device_bytes
+                if short or entry.built:  # room enough in bytes: only merges go, for the count
+                    victims.append(entry)
+                    used -= entry.device_bytes
+                    extra_merges -= entry.built
             if used + need > self.device_budget:
                 raise _NoRoomYet(key, need, self._freed)  # the acquire waits, or refuses if room can never come
             self._reserved += need
-            moving = {}
-            for entry in victims:
-                entry.tier, entry.device_bytes = Tier.HOST, 0
-                moving[entry.key] = self._loading[entry.key] = Future()
+            moving = [_Evicting(entry, entry.device_bytes) for entry in victims]
+            for victim in moving:
+                victim.entry.tier, victim.entry.device_bytes = Tier.HOST, 0
+                self._loading[victim.entry.key] = victim.done
             return moving
 
     def _device_used_locked(self) -> int:
@@ -481,15 +530,22 @@ class AdapterPool:
         return sum(e.host_bytes for e in self._entries.values() if e.tier is Tier.HOST)
 
     def _trim_host_locked(self) -> None:
-        """Drop host copies of adapters that are not on the device, LRU first, to the host budget."""
-        host = sorted((e for e in self._entries.values() if e.tier is Tier.HOST), key=lambda e: e.last_used)
+        """Drop host copies of adapters that are not on the device, LRU first, to the host budget and to
+        max_merged merges (not those a load in progress is moving: a failed load puts them back on the
+        device, with their host copy)."""
+        host = sorted((e for e in self._entries.values() if e.tier is Tier.HOST and e.key not in self._loading),
+                      key=lambda e: e.last_used)
         used = sum(e.host_bytes for e in host)
+        extra_merges = sum(e.built for e in host) - self._max_merged
         for entry in host:
-            if used <= self.host_budget:
+            over = used > self.host_budget
+            if not over and extra_merges <= 0:
                 break
-            used -= entry.host_bytes
-            entry.tier, entry.adapter = Tier.DISK, None
-            self.metrics.evictions.labels(tier=Tier.HOST.value).inc()
+            if over or entry.built:  # within the budget: only merges go, for the count
+                used -= entry.host_bytes
+                extra_merges -= entry.built
+                entry.tier, entry.adapter = Tier.DISK, None
+                self.metrics.evictions.labels(tier=Tier.HOST.value).inc()
 
     def _forget_old_locked(self) -> None:
         """Bound the bookkeeping: forget the least recently used disk-tier entries past max_entries."""
@@ -537,10 +593,11 @@ class AdapterPool:
         return sum(int(module_tensors(e.adapter)[PROMPT_SITE]["prompt_embeddings"].shape[0])
                    for e in lease.entries if e.adapter.technique is Technique.PROMPT_TUNING)
 
-    def entries(self) -> list[Entry]:
-        """A snapshot of every adapter the pool knows, most recently used first."""
+    def entries(self, after: str = "") -> list[Entry]:
+        """A snapshot of every adapter the pool knows whose key sorts after `after`, in key order (stable
+        across pages while adapters are used)."""
         with self._lock:
-            return sorted(self._entries.values(), key=lambda e: -e.last_used)
+            return sorted((e for e in self._entries.values() if e.key > after), key=lambda e: e.key)
 
     def device_used(self) -> int:
         with self._lock:

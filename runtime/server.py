@@ -36,6 +36,11 @@ from runtime.techniques import REGISTRY
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Runtime"].full_name
 SERVER_VERSION = "0.1.0"
 MiB = 1 << 20
+ADMIN_RPCS = 4  # LoadAdapter/UnloadAdapter in progress at once (a load may wait for adapter memory)
+SPARE_THREADS = 8  # beyond those: Health, GetInfo, ListAdapters and reflection always find a thread
+# RPCs accepted at once, per thread: past the threads they queue for one (those over a limit are refused as
+# soon as a thread takes them), so a burst is answered, a probe in it included, rather than refused by gRPC
+ACCEPTED_PER_THREAD = 4
 
 
 class ServerConfigError(ValueError):
@@ -62,6 +67,7 @@ class ServerConfig:
     dtype: str = "float32"
     device: str = "cpu"
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"  # /metrics has no auth or TLS: loopback whatever `host` is, unless told
     auth_token_file: Path | None = None
     auth_admin_only: bool = False  # with a token file: only LoadAdapter/UnloadAdapter need a token
     tls_cert: Path | None = None
@@ -70,6 +76,7 @@ class ServerConfig:
     grace_seconds: float = 30.0
     max_adapter_labels: int = 32
     log_format: str = "off"  # one line per request on stderr: text, json or off (`hub serve` default: text)
+    max_merged_adapters: int = 64  # per-request merges held on each tier (device, host), besides those in use
 
     def check(self) -> None:
         """ServerConfigError naming the first option out of its range (before anything loads or binds)."""
@@ -81,7 +88,8 @@ class ServerConfig:
                   ("--host-adapter-memory", self.host_adapter_memory, 0, None),
                   ("--adapter-wait", self.adapter_wait_seconds, 0, None),
                   ("--grace", self.grace_seconds, 0, None), ("max_message_bytes", self.max_message_bytes, 1, None),
-                  ("max_adapter_labels", self.max_adapter_labels, 0, None))
+                  ("max_adapter_labels", self.max_adapter_labels, 0, None),
+                  ("max_merged_adapters", self.max_merged_adapters, 1, None))
         if self.dtype not in basemodel.DTYPES:
             raise ServerConfigError(f"--dtype must be one of {', '.join(basemodel.DTYPES)}, got {self.dtype!r}")
         for name, value, low, high in ranges:
@@ -146,17 +154,20 @@ class RuntimeServer:
         host_budget = config.host_adapter_memory if config.host_adapter_memory is not None else 4 * config.adapter_memory
         self.pool = AdapterPool(self.engine, registry, device_budget=config.adapter_memory, host_budget=host_budget,
                                 metrics=self.metrics, on_engine=self.scheduler.call, remote=self._remote(registry),
-                                wait_seconds=config.adapter_wait_seconds)
+                                wait_seconds=config.adapter_wait_seconds, max_merged=config.max_merged_adapters)
         limits = Limits(max_new_tokens=config.max_new_tokens, max_adapters_per_request=config.max_adapters_per_request,
                         context_length=int(getattr(model.config, "max_position_embeddings", 2048)))
+        requests = config.max_batch_size + config.max_queue  # waiting for adapter memory counts against the queue
         self.service = RuntimeService(self.engine, self.pool, self.scheduler, limits, self._info(limits),
-                                      RequestLog(config.log_format))
-        workers = config.max_batch_size + config.max_queue + 16
+                                      max_requests=requests, max_admin=ADMIN_RPCS,
+                                      request_log=RequestLog(config.log_format))
+        workers = requests + ADMIN_RPCS + SPARE_THREADS
         options = [("grpc.max_receive_message_length", config.max_message_bytes),
                    ("grpc.max_send_message_length", config.max_message_bytes),
                    ("grpc.so_reuseport", 0)]
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapterhub-rpc"),
-                                interceptors=interceptors, options=options, maximum_concurrent_rpcs=workers)
+                                interceptors=interceptors, options=options,
+                                maximum_concurrent_rpcs=workers * ACCEPTED_PER_THREAD)
         pb_grpc.add_RuntimeServicer_to_server(self.service, self.grpc)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -218,7 +229,7 @@ class RuntimeServer:
             self.pool.load(ref, pin=True)
         self.scheduler.start()
         if self.config.metrics_port is not None:
-            self.metrics_port = self.metrics.serve_http(self.config.metrics_port, self.config.host)
+            self.metrics_port = self.metrics.serve_http(self.config.metrics_port, self.config.metrics_host)
         self.grpc.start()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)

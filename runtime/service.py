@@ -10,6 +10,7 @@ is queued until it leaves the batch, so an adapter in use is never evicted.
 from __future__ import annotations
 
 import math
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -33,6 +34,8 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 DEFAULT_MAX_NEW_TOKENS = 64
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 256
+MAX_PAGE_SIZE = 1000  # ListAdapters entries per reply (and with no page_size): ~200 KB, far below the message cap
+TOKENIZING_AT_ONCE = 4  # prompts tokenized at once: a tokenizer's working memory is many times its text's
 _MODES = {pb.COMPOSITION_MODE_UNSPECIFIED: "stack", pb.COMPOSITION_MODE_STACK: "stack",
           pb.COMPOSITION_MODE_AVERAGE: "average"}
 _TIERS = {Tier.DEVICE: pb.TIER_DEVICE, Tier.HOST: pb.TIER_HOST, Tier.DISK: pb.TIER_DISK}
@@ -45,6 +48,33 @@ class Limits:
     max_new_tokens: int
     max_adapters_per_request: int
     context_length: int
+
+
+class Slots:
+    """A bound on the RPCs of one kind in flight; past it, RESOURCE_EXHAUSTED at once.
+
+    Requests that wait (for a row, for adapter memory, for a load) hold an RPC thread meanwhile; bounding
+    each kind below the server's thread count leaves threads for the others, so waiting requests can never
+    crowd out Health, GetInfo or the admin RPCs."""
+
+    def __init__(self, limit: int, what: str) -> None:
+        self.limit = limit
+        self._what = what
+        self._used = 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        with self._lock:
+            if self._used >= self.limit:
+                raise ServeError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 f"the server is at capacity: {self.limit} {self._what}; retry later")
+            self._used += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._used -= 1
 
 
 @dataclass
@@ -79,6 +109,13 @@ def sampling_params(msg: pb.SamplingParams, limits: Limits) -> SamplingParams:
                           seed=msg.seed if msg.HasField("seed") else None, stop=stop)
 
 
+def longest_token(tokenizer) -> int:
+    """The most characters one vocabulary entry spells, so no prompt of more than context x this characters
+    can fit the context: each token covers at most that many characters of the text (byte-level and
+    SentencePiece vocabularies spell each byte or character of what they cover with one character)."""
+    return max((len(token) for token in tokenizer.get_vocab()), default=1)
+
+
 def _resolved(m, weight: float) -> pb.ResolvedAdapter:
     """An adapter as a response reports it (a per-request merge reports its parents)."""
     return pb.ResolvedAdapter(ref=m.ref, name=m.name, version=m.version, sha256=m.sha256, technique=m.technique,
@@ -103,7 +140,7 @@ class RuntimeService(pb_grpc.RuntimeServicer):
     """The servicer; `info` is the GetInfo answer, built once by the server."""
 
     def __init__(self, engine, pool: AdapterPool, scheduler: Scheduler, limits: Limits, info: pb.GetInfoResponse,
-                 request_log: RequestLog | None = None):
+                 *, max_requests: int, max_admin: int, request_log: RequestLog | None = None):
         self.engine = engine
         self.request_log = request_log
         self.pool = pool
@@ -111,17 +148,29 @@ class RuntimeService(pb_grpc.RuntimeServicer):
         self.limits = limits
         self.info = info
         self.metrics = pool.metrics
+        # inference RPCs running, queued or waiting for adapter memory; admin loads waiting for room
+        self.requests = Slots(max_requests, "requests are running, queued or waiting for adapter memory")
+        self.admin = Slots(max_admin, "adapter loads and unloads are in progress")
+        tokenizer = engine.tokenizer
+        self._max_text_chars = limits.context_length * (longest_token(tokenizer) if tokenizer is not None else 1)
+        self._tokenizing = threading.BoundedSemaphore(TOKENIZING_AT_ONCE)
 
     # -- plumbing ----------------------------------------------------------------------------------
     @contextmanager
-    def _rpc(self, method: str, context: grpc.ServicerContext) -> Iterator[RequestRecord]:
+    def _rpc(self, method: str, context: grpc.ServicerContext,
+             slots: Slots | None = None) -> Iterator[RequestRecord]:
         """Time the RPC, count it by status code, turn a ServeError into the RPC's status, and log it
-        (the handler fills in the record it is given)."""
+        (the handler fills in the record it is given); with `slots`, the RPC holds one of them
+        throughout (refused at once when none is free)."""
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         record = RequestRecord(method)
         try:
-            yield record
+            if slots is None:
+                yield record
+            else:
+                with slots.held():
+                    yield record
         except ServeError as e:
             code = e.code
             context.abort(e.code, e.message)
@@ -139,7 +188,9 @@ class RuntimeService(pb_grpc.RuntimeServicer):
                 self.request_log.write(record, code.name, time.perf_counter() - started)
 
     def _token_ids(self, text: str, ids, *, chat: bool, what: str) -> list[int]:
-        """The prompt as token ids: exactly one of text or ids, every id in the vocabulary."""
+        """The prompt as token ids: exactly one of text or ids, every id in the vocabulary. A text too long
+        for the context whatever its tokens is refused before it is tokenized, and a few texts at most are
+        tokenized at once (a multi-megabyte prompt took gigabytes of tokenizer memory)."""
         _ok(not (text and ids), f"give the {what} as text or as token ids, not both")
         tokenizer = self.engine.tokenizer
         if ids:
@@ -150,12 +201,16 @@ class RuntimeService(pb_grpc.RuntimeServicer):
             return list(ids)
         _ok(bool(text), f"the {what} is empty")
         _ok(tokenizer is not None, "this server's base model has no tokenizer: send token ids")
+        _ok(len(text) <= self._max_text_chars, f"the {what} is {len(text)} characters: more than the context "
+            f"length {self.limits.context_length} can hold in any tokens (at most {self._max_text_chars} characters)")
         if chat:
             _ok(getattr(tokenizer, "chat_template", None) is not None, "the base model has no chat template")
-            out = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                tokenize=True, return_dict=True)
+            with self._tokenizing:
+                out = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                    tokenize=True, return_dict=True)
             return list(out["input_ids"])
-        out = list(tokenizer(text)["input_ids"])
+        with self._tokenizing:
+            out = list(tokenizer(text)["input_ids"])
         _ok(bool(out), f"the {what} is empty after tokenization")
         return out
 
@@ -230,7 +285,7 @@ class RuntimeService(pb_grpc.RuntimeServicer):
 
     # -- RPCs --------------------------------------------------------------------------------------
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
-        with self._rpc("Generate", context) as record:
+        with self._rpc("Generate", context, self.requests) as record:
             prepared, queued, text = self._run(request, context)
             _note(record, prepared)
             try:
@@ -246,7 +301,7 @@ class RuntimeService(pb_grpc.RuntimeServicer):
                                        usage=self._usage(prepared, len(ids)), adapters=prepared.resolved)
 
     def GenerateStream(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateChunk]:
-        with self._rpc("GenerateStream", context) as record:
+        with self._rpc("GenerateStream", context, self.requests) as record:
             prepared, queued, text = self._run(request, context)
             _note(record, prepared)
             try:
@@ -265,7 +320,7 @@ class RuntimeService(pb_grpc.RuntimeServicer):
                 self.pool.release(prepared.lease)
 
     def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreResponse:
-        with self._rpc("Score", context) as record:
+        with self._rpc("Score", context, self.requests) as record:
             ids = self._token_ids(request.text, request.token_ids, chat=request.chat, what="text")
             _ok(len(ids) >= 2, "scoring needs at least 2 tokens (the first has no context)")
             prepared = self._prepare(ids, request.adapters, request.mode, 0, context, request.merge)
@@ -283,21 +338,25 @@ class RuntimeService(pb_grpc.RuntimeServicer):
                                     usage=self._usage(prepared, 0), adapters=prepared.resolved, tokens=tokens)
 
     def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.ServicerContext) -> pb.LoadAdapterResponse:
-        with self._rpc("LoadAdapter", context):
+        with self._rpc("LoadAdapter", context, self.admin):
             entry, seconds = self.pool.load(request.ref, pin=request.pin, alive=context.is_active)
             return pb.LoadAdapterResponse(adapter=adapter_info(entry), load_seconds=seconds)
 
     def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context: grpc.ServicerContext
                       ) -> pb.UnloadAdapterResponse:
-        with self._rpc("UnloadAdapter", context):
+        with self._rpc("UnloadAdapter", context, self.admin):
             return pb.UnloadAdapterResponse(adapter=adapter_info(self.pool.unload(request.ref)))
 
     def ListAdapters(self, request: pb.ListAdaptersRequest, context: grpc.ServicerContext
                      ) -> pb.ListAdaptersResponse:
         with self._rpc("ListAdapters", context):
-            return pb.ListAdaptersResponse(adapters=[adapter_info(e) for e in self.pool.entries()],
+            size = request.page_size if 0 < request.page_size <= MAX_PAGE_SIZE else MAX_PAGE_SIZE
+            entries = self.pool.entries(after=request.page_token)
+            page = entries[:size]
+            return pb.ListAdaptersResponse(adapters=[adapter_info(e) for e in page],
                                            device_budget_bytes=self.pool.device_budget,
-                                           device_used_bytes=self.pool.device_used())
+                                           device_used_bytes=self.pool.device_used(),
+                                           next_page_token=page[-1].key if len(entries) > size else "")
 
     def GetInfo(self, request: pb.GetInfoRequest, context: grpc.ServicerContext) -> pb.GetInfoResponse:
         with self._rpc("GetInfo", context):

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 
 import grpc
 import pytest
@@ -178,3 +179,30 @@ def test_adapters_listing_shows_last_use_in_the_largest_whole_unit(seconds, show
 
     assert _ago(1_000_000.0, 1_000_000.0 + seconds) == shown
     assert _ago(0.0, 1_000_000.0) == "never"
+
+
+def test_metrics_host_flag(served_base, registry):
+    """`--metrics-host` is where /metrics binds (default 127.0.0.1 whatever --host is); the start line says so."""
+    serve = ServeProcess("--base-model", str(served_base), "--registry", str(registry.root), "--host", "0.0.0.0",
+                         "--metrics-port", "0", "--metrics-host", "localhost")
+    try:
+        found = re.search(r"metrics on http://localhost:(\d+)/metrics", "".join(serve.lines))
+        assert found, serve.lines
+        assert b"adapterhub_requests_total" in urllib.request.urlopen(f"http://localhost:{found[1]}/metrics").read()
+        assert serve.terminate() == 0
+    finally:
+        serve.kill()
+
+
+def test_adapters_command_lists_every_page(start_server, monkeypatch):
+    import runtime.service
+
+    monkeypatch.setattr(runtime.service, "MAX_PAGE_SIZE", 2)  # ListAdapters pages of 2
+    server, client = start_server(preload=("lora0", "lora1", "ia3", "bitfit", "bottleneck"))
+    assert len(client.list_adapters().adapters) == 2
+    listed = _hub("adapters", "--server", server.address)
+    assert listed.exit_code == 0, listed.output
+    assert [line.split()[0] for line in listed.output.splitlines()[1:]] == [
+        "bitfit@1.0.0", "bottleneck@1.0.0", "ia3@1.0.0", "lora0@1.0.0", "lora1@1.0.0"]
+    as_json = json.loads(_hub("adapters", "--json", "--server", server.address).output)
+    assert len(as_json["adapters"]) == 5 and "next_page_token" not in as_json
