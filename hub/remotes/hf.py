@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from hub.artifact import Technique
 from hub.errors import RemoteError
+from hub.files import check_regular, resolve_within
 from hub.index import load_manifest
 from hub.manifest import Manifest, parse_ref
 from hub.registry import Registry
@@ -54,6 +58,22 @@ def stage(manifest: Manifest, local: Registry, dst: Path) -> None:
         (dst / CARD_FILE).write_text(model_card(manifest))
 
 
+@contextmanager
+def _regular_files(snapshot: Path) -> Iterator[Path]:
+    """A snapshot of the Hugging Face cache as a folder of regular files: the cache links each file to its
+    blob inside the repo's cache folder; a link leading anywhere else is refused (hub.files)."""
+    repo_cache = snapshot.parent.parent  # models--org--repo/snapshots/<commit>
+    with tempfile.TemporaryDirectory(prefix="hub-hf-") as tmp:
+        for p in snapshot.iterdir():
+            if p.is_dir() and not p.is_symlink():
+                (Path(tmp) / p.name).mkdir()  # kept, so push refuses a sub-folder as for a local folder
+            else:
+                source = resolve_within(p, repo_cache) if p.is_symlink() else p
+                check_regular(source)
+                shutil.copyfile(source, Path(tmp) / p.name)
+        yield Path(tmp)
+
+
 class HFRemote(Remote):
     def __init__(self, repo_id: str):
         if not _REPO_ID.match(repo_id) or ".." in repo_id:
@@ -77,11 +97,16 @@ class HFRemote(Remote):
         explicit = revision is not None
         revision = revision or (f"v{version}" if version else tag or "main")
         try:
-            folder = self._download(revision)
+            snapshot = self._download(revision)
         except RemoteError as e:
             if explicit or version is None:
                 raise
             raise RemoteError(f"{e}; a plain PEFT repo has no version tags: add --revision main") from None
+        with _regular_files(snapshot) as folder:
+            return self._add(folder, name, version, revision, local, progress)
+
+    def _add(self, folder: Path, name: str, version: str | None, revision: str, local: Registry,
+             progress: Progress | None) -> Manifest:
         manifest_path = folder / MANIFEST_FILE
         if manifest_path.is_file():
             try:
