@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from server_support import served_base, served_model  # noqa: F401  (served_base: a fixture)
+from test_remotes_hf import offline_hf_cache, populate_hf_cache  # noqa: F401  (offline_hf_cache: a fixture)
 
 from hub import patterns
 from hub.artifact import CONFIG_FILE, WEIGHTS_FILE, Adapter, parse_config, parse_tensors, read_buffer, technique_of
@@ -344,3 +345,32 @@ def test_the_index_schema_refuses_a_trailing_newline(technique_adapters, tmp_pat
         Registry(registry.root).index()
     with pytest.raises(IndexCorrupt):
         load_manifest({**manifest.to_dict(), "name": "team/bot\n"}, "remote")
+
+
+def test_a_deeply_nested_registry_json_is_one_error_line(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "registry.json").write_text("[" * 100_000 + "]" * 100_000)
+    one_line_error(hub("list", "--registry", shared, home=tmp_path / "home", ok=False), "nested too deeply")
+
+
+def test_a_remote_name_with_a_trailing_newline_is_refused(tmp_path):
+    one_line_error(hub("remote", "add", "shared\n", tmp_path, home=tmp_path / "home", ok=False), "invalid remote name")
+
+
+def test_a_hugging_face_snapshot_link_leading_outside_its_repo_is_refused(technique_adapters, tmp_path,
+                                                                          offline_hf_cache):
+    """The cache links snapshot files to the repo's own blobs (followed); a link to anything else is refused."""
+    from hub.errors import HubError
+    from hub.remotes.hf import HFRemote
+
+    storage = populate_hf_cache(offline_hf_cache, "someone/plain", technique_adapters["lora"], ["main"])
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the registry")
+    snapshot = next((storage / "snapshots").iterdir())
+    (snapshot / "notes.txt").symlink_to(secret)
+    local = Registry(tmp_path / "home")
+    with pytest.raises(HubError, match="notes.txt is a symbolic link leading outside"):
+        HFRemote("someone/plain").fetch("plain@1.0.0", local, revision="main")
+    (snapshot / "notes.txt").unlink()
+    assert HFRemote("someone/plain").fetch("plain@1.0.0", local, revision="main").technique == "lora"

@@ -37,7 +37,7 @@ def model_card(manifest: Manifest) -> str:
 
     base = manifest.base_model.id
     data = ModelCardData(
-        base_model=base if base and _REPO_ID.match(base) else None,
+        base_model=base if base and _REPO_ID.fullmatch(base) else None,
         library_name="peft" if manifest.technique in _PEFT_TECHNIQUES else None,
         license=manifest.license,
         tags=[manifest.technique, *manifest.tags],
@@ -76,7 +76,7 @@ def _regular_files(snapshot: Path) -> Iterator[Path]:
 
 class HFRemote(Remote):
     def __init__(self, repo_id: str):
-        if not _REPO_ID.match(repo_id) or ".." in repo_id:
+        if not _REPO_ID.fullmatch(repo_id) or ".." in repo_id:
             raise RemoteError(f"invalid Hugging Face repo {repo_id!r}: use hf://org/repo")
         self.repo_id = repo_id
         self.url = f"hf://{repo_id}"
@@ -111,8 +111,9 @@ class HFRemote(Remote):
         if manifest_path.is_file():
             try:
                 data = json.loads(manifest_path.read_text())
-            except json.JSONDecodeError as e:
-                raise RemoteError(f"{self.url}@{revision}: {MANIFEST_FILE} is not valid JSON ({e})") from None
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+                reason = str(e) or "nested too deeply"
+                raise RemoteError(f"{self.url}@{revision}: {MANIFEST_FILE} is not valid JSON ({reason})") from None
             manifest = load_manifest(data, f"{self.url}@{revision}/{MANIFEST_FILE}")
             if version is not None and manifest.version != version:
                 raise RemoteError(f"{self.url}@{revision} holds version {manifest.version}, not {version}")
