@@ -166,7 +166,7 @@ class Pattern:
         compiler.add(_MATCH)
         self.program = compiler.program
         self._steps: dict[tuple[frozenset[int], str], frozenset[int]] = {}
-        self._reached: dict[tuple[frozenset[int], bool, bool, bool], frozenset[int]] = {}
+        self._reached: dict[tuple[frozenset[int], bool, bool, bool], tuple[frozenset[int], bool]] = {}
         self._start = self._closure((0,), start=True, end=False, dollar=False)
 
     def _closure(self, pcs: Iterable[int], start: bool, end: bool, dollar: bool) -> frozenset[int]:
@@ -204,36 +204,30 @@ class Pattern:
             self._steps[key] = found
         return found
 
-    def _reach(self, state: frozenset[int], start: bool, end: bool, dollar: bool) -> frozenset[int]:
-        """`state` with the anchors that hold at this position passed (cached like the steps)."""
+    def _reach(self, state: frozenset[int], start: bool, end: bool, dollar: bool) -> tuple[frozenset[int], bool]:
+        """`state` with the anchors that hold at this position passed, and whether it has matched (cached)."""
         key = (state, start, end, dollar)
         found = self._reached.get(key)
         if found is None:
-            found = self._closure(state, start=start, end=end, dollar=dollar)
+            reach = self._closure(state, start=start, end=end, dollar=dollar)
+            found = reach, any(self.program[pc][0] == _MATCH for pc in reach)
             if len(self._reached) >= _MAX_CACHED:
                 self._reached.clear()
             self._reached[key] = found
         return found
 
-    def _matches_here(self, state: frozenset[int], pos: int, text: str) -> bool:
-        reach = self._reach(state, pos == 0, pos == len(text), self._before_final_newline(pos, text))
-        return any(self.program[pc][0] == _MATCH for pc in reach)
-
-    @staticmethod
-    def _before_final_newline(pos: int, text: str) -> bool:
-        return pos == len(text) - 1 and text[pos] == "\n"  # where `$` holds too
-
     def _run(self, text: str, prefix: bool) -> bool:
-        state = self._start
+        state, last = self._start, len(text) - 1
         for pos, ch in enumerate(text):
-            if prefix and self._matches_here(state, pos, text):
+            before_final_newline = pos == last and ch == "\n"  # where `$` holds too
+            if prefix and self._reach(state, pos == 0, False, before_final_newline)[1]:
                 return True
-            if self._before_final_newline(pos, text):
-                state = self._reach(state, pos == 0, False, True)
+            if before_final_newline:
+                state = self._reach(state, pos == 0, False, True)[0]
             state = self._step(state, ch)
             if not state:
                 return False
-        return self._matches_here(state, len(text), text)
+        return self._reach(state, not text, True, True)[1]
 
     def match(self, text: str) -> bool:
         """`re.match(pattern, text) is not None`."""
@@ -244,9 +238,10 @@ class Pattern:
         return self._run(text, prefix=False)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=1024)
 def compile(pattern: str) -> Pattern:  # noqa: A001  (mirrors re.compile)
-    """A compiled pattern (cached: a load matches the same few patterns against every module)."""
+    """A compiled pattern (cached: a load matches the same patterns against every module; a merge's rank_pattern
+    may hold one key per module)."""
     return Pattern(pattern)
 
 
@@ -259,9 +254,36 @@ def _key_pattern(key: str) -> str:
     return rf"(.*\.)?({key})$"
 
 
+@functools.lru_cache(maxsize=4096)
+def _fixed(key: str) -> tuple[str | None, ...] | None:
+    """A key of plain characters and `.` only (a module path, as merges write them): per position the character,
+    or None for `.`; None for any other key."""
+    try:
+        nodes = sre_parse.parse(key)
+    except re.error:
+        return None  # `compile` says why
+    if not all(op is sre.LITERAL or op is sre.ANY for op, _ in nodes):
+        return None
+    return tuple(chr(av) if op is sre.LITERAL else None for op, av in nodes)
+
+
+def _key_matches(key: str, name: str) -> bool:
+    """`re.match(rf"(.*\.)?({key})$", name)`: by string comparison for a fixed key (the common case: thousands
+    of module-path keys times modules stay cheap), else by the compiled pattern."""
+    fixed = _fixed(key)
+    if fixed is None:
+        return compile(_key_pattern(key)).match(name)
+    for text in (name, name[:-1]) if name.endswith("\n") else (name,):  # `$`: the end, or before a final newline
+        head, tail = text[:len(text) - len(fixed)], text[len(text) - len(fixed):]
+        if len(tail) == len(fixed) and (not head or head[-1] == "." and "\n" not in head) and all(
+                ch == want if want is not None else ch != "\n" for ch, want in zip(tail, fixed)):
+            return True
+    return False
+
+
 def pattern_key(keys: Iterable[str], name: str) -> str | None:
     """The first `rank_pattern`/`alpha_pattern` key that names this module, as PEFT's `get_pattern_key` picks it."""
-    return next((key for key in keys if compile(_key_pattern(key)).match(name)), None)
+    return next((key for key in keys if _key_matches(key, name)), None)
 
 
 def check(pattern: str) -> None:

@@ -16,7 +16,8 @@ import grpc
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from server_support import served_base, served_model  # noqa: F401  (served_base: a fixture)
+from server_support import *  # noqa: F401,F403  (fixtures)
+from server_support import served_model
 from test_remotes_hf import offline_hf_cache, populate_hf_cache  # noqa: F401  (offline_hf_cache: a fixture)
 
 from hub import patterns
@@ -46,6 +47,18 @@ def test_patterns_answer_as_python_re_does(pattern):
         assert patterns.compile(pattern).match(name) == (re.match(pattern, name) is not None), (pattern, name)
         peft = re.match(rf"(.*\.)?({pattern})$", name) is not None  # peft.utils.other.get_pattern_key
         assert (patterns.pattern_key([pattern], name) == pattern) == peft, (pattern, name)
+
+
+def test_module_path_keys_answer_as_python_re_does():
+    """Keys of plain characters and `.` (what merges write, one per module) take a string-comparison path."""
+    import itertools
+
+    names = ["", "a", "a.b", "x.a.b", "ab\n", "a.b\n", "x\na.b", "a\n.b", ".a", "a.", "x.ab", "b"]
+    for length in (1, 2, 3):
+        for key in map("".join, itertools.product(["a", ".", r"\.", "b"], repeat=length)):
+            for name in names:
+                want = re.match(rf"(.*\.)?({key})$", name) is not None
+                assert (patterns.pattern_key([key], name) == key) == want, (key, name)
 
 
 @pytest.mark.parametrize("pattern, message", [
@@ -130,6 +143,7 @@ BAD_LORAS = {  # name -> (change to the PEFT-saved rank-4 LoRA, the error line s
                "is float8_e4m3fn"),
     "deep_json": (_deep_config, "malformed JSON (nested too deeply)"),
     "infinite_shape": (_infinite_shape, "not a valid safetensors file"),
+    "bad_regex": (lambda f: _config(f, rank_pattern={"q_proj(": 4}), "not a valid regular expression"),
 }
 
 
@@ -310,6 +324,19 @@ def test_the_runtime_refuses_to_load_what_push_refuses(name, message, technique_
     assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
     assert message in str(caught.value) and "\n" not in str(caught.value)
     pool.release(pool.acquire([pool.resolve("good")]))  # the pool goes on serving others
+
+
+def test_the_server_refuses_a_pattern_that_would_freeze_it_and_keeps_answering(start_server, registry,
+                                                                               technique_adapters, tmp_path):
+    """Python's re holding the GIL on `(.*.*)*X` stopped Health, GetInfo and Generate alike."""
+    plant(registry, _bad(technique_adapters, tmp_path, "rank_pattern"), "redos")
+    _, client = start_server()
+    with pytest.raises(grpc.RpcError) as caught:
+        client.generate("Hello", adapters=["redos"], max_new_tokens=2)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "rank_pattern key '(.*.*)*X' is refused" in caught.value.details()
+    assert client.health() == "SERVING"
+    assert len(client.generate("Hello", adapters=["lora0"], max_new_tokens=2).token_ids) == 2
 
 
 # --- names, versions, tags: the whole string, trailing newline included ---
