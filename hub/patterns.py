@@ -24,6 +24,7 @@ from re import _parser as sre_parse  # type: ignore[attr-defined]  # Python's ow
 
 MAX_LENGTH = 256  # characters of one pattern as written in a config
 MAX_REPEATS = 6  # repetitions (`*`, `+`, `{m,n}` with n > 1) in one pattern: PEFT's `re` is polynomial in their number
+MAX_CHOICES = 4096  # ways the alternations of one pattern multiply to: PEFT's `re` may try each of them
 _MAX_PROGRAM = 4096  # instructions after expanding counted repetitions
 _MAX_CACHED = 65536  # DFA transitions kept per pattern (the cache is dropped and rebuilt past this)
 
@@ -66,13 +67,10 @@ def _char_test(op, av) -> Callable[[str], bool]:
 
 
 def _repeats_or_branches(nodes) -> bool:
-    """Whether a sub-pattern holds a repetition or an alternation (what makes a repetition of it ambiguous)."""
-    for op, av in nodes:
-        if op in _REPEATS and av[1] > 1 or op is sre.BRANCH:
-            return True
-        if op in _REPEATS and _repeats_or_branches(av[2]) or op is sre.SUBPATTERN and _repeats_or_branches(av[3]):
-            return True
-    return False
+    """Whether a sub-pattern holds a repetition (`?` too) or an alternation: what makes a repetition of it
+    ambiguous, e.g. (a?a?)* splits a run of a's in exponentially many ways."""
+    return any(op in _REPEATS or op is sre.BRANCH or op is sre.SUBPATTERN and _repeats_or_branches(av[3])
+               for op, av in nodes)
 
 
 class _Compiler:
@@ -81,6 +79,7 @@ class _Compiler:
     def __init__(self) -> None:
         self.program: list[list] = []
         self.repeats = 0
+        self.choices = 1
 
     def add(self, *instruction) -> int:
         if len(self.program) >= _MAX_PROGRAM:
@@ -109,6 +108,9 @@ class _Compiler:
                 raise PatternError(f"{name} are not supported")
 
     def branch(self, alternatives) -> None:
+        self.choices *= len(alternatives)
+        if self.choices > MAX_CHOICES:
+            raise PatternError(f"its alternations multiply to more than {MAX_CHOICES} ways")
         ends = []
         for alternative in alternatives[:-1]:
             split = self.add(_SPLIT, None, None)

@@ -63,7 +63,8 @@ def test_module_path_keys_answer_as_python_re_does():
 
 @pytest.mark.parametrize("pattern, message", [
     ("(.*.*)*X", "repeats or branches"), ("(a|a)*X", "repeats or branches"), ("(a+)+$", "repeats or branches"),
-    ("(.*){2,}X", "repeats or branches"), (".*" * 7 + "X", "more than 6 repetitions"),
+    ("(.*){2,}X", "repeats or branches"), ("(a?a?)*X", "repeats or branches"),
+    (".*" * 7 + "X", "more than 6 repetitions"), ("(a|a)" * 13 + "X", "multiply to more than 4096 ways"),
     (r"(q)\1", "back-references"), ("(?=q)q_proj", "lookarounds"), ("(?<!x)q", "lookarounds"),
     ("(?i)Q_PROJ", "inline flags"), (r"\bq_proj", r"\b"), ("a{1000}" * 5, "expands to more than"),
     ("q_proj(", "not a valid regular expression"), ("x" * 300, "longer than 256"),
