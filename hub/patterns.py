@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from re import _constants as sre  # type: ignore[attr-defined]  # the parser's node kinds
 from re import _parser as sre_parse  # type: ignore[attr-defined]  # Python's own regex parser
 
-MAX_LENGTH = 256  # characters of one pattern as written in a config
+MAX_LENGTH = 1024  # characters of one pattern as written in a config (hub.train lists layers: ~4 per layer)
 MAX_REPEATS = 6  # repetitions (`*`, `+`, `{m,n}` with n > 1) in one pattern: PEFT's `re` is polynomial in their number
 MAX_CHOICES = 4096  # ways the alternations of one pattern multiply to: PEFT's `re` may try each of them
 _MAX_PROGRAM = 4096  # instructions after expanding counted repetitions
