@@ -402,3 +402,17 @@ def test_a_hugging_face_snapshot_link_leading_outside_its_repo_is_refused(techni
         HFRemote("someone/plain").fetch("plain@1.0.0", local, revision="main")
     (snapshot / "notes.txt").unlink()
     assert HFRemote("someone/plain").fetch("plain@1.0.0", local, revision="main").technique == "lora"
+
+
+@pytest.mark.parametrize("make", [lambda p, real: p.symlink_to(real), lambda p, real: os.mkfifo(p)],
+                         ids=["symlink", "fifo"])
+def test_push_refuses_an_adapterhub_weights_file_that_is_a_link_or_fifo(make, tmp_path):
+    """An `adapters` library folder is converted on push: its weights are read as carefully as a PEFT folder's."""
+    src = Path(__file__).parent / "fixtures" / "bottleneck" / "adapters" / "houlsby"
+    folder = shutil.copytree(src, tmp_path / "houlsby")
+    weights = next(p for p in folder.iterdir() if p.name in ("pytorch_adapter.bin", "adapter.safetensors"))
+    real = tmp_path / weights.name
+    weights.rename(real)
+    make(weights, real)
+    one_line_error(hub("push", folder, "--name", "h", "--version", "1.0.0", home=tmp_path / "home", ok=False),
+                   f"{weights.name} is a")
