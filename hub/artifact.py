@@ -211,6 +211,11 @@ _DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "
            "I64": "int64", "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
+# An adapter for a 48-layer, 64-expert MoE model holds ~20k tensors; 500k cost seconds of parsing per load.
+MAX_TENSORS = 100_000
+MAX_HEADER = 16 << 20  # bytes of a safetensors header (~150 bytes a tensor)
+
+
 def _whole(value: Any) -> int:
     """A header's shape or offset entry: a JSON integer (not a float such as 2.5, Infinity or NaN)."""
     if not isinstance(value, int) or isinstance(value, bool):
@@ -235,6 +240,8 @@ def parse_tensors(data: bytes | bytearray, where: str) -> dict[str, Any]:
     header_len = int.from_bytes(data[:8], "little")
     if header_len > len(data) - 8:
         raise bad(f"header of {header_len} bytes runs past the end of the file ({len(data)} bytes)")
+    if header_len > MAX_HEADER:
+        raise bad(f"header of {header_len} bytes, more than {MAX_HEADER}")
     try:
         header = json.loads(bytes(data[8:8 + header_len]))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -247,6 +254,8 @@ def parse_tensors(data: bytes | bytearray, where: str) -> dict[str, Any]:
     if metadata is not None and not (isinstance(metadata, dict)
                                      and all(isinstance(v, str) for v in metadata.values())):
         raise bad(f"__metadata__ is not a map of strings: {metadata!r}")
+    if len(header) > MAX_TENSORS:
+        raise bad(f"{len(header)} tensors, more than {MAX_TENSORS}")
     buf = bytearray(data) if memoryview(data).readonly else data
     start, end = 8 + header_len, len(data)
     tensors, spans = {}, []

@@ -21,7 +21,8 @@ from server_support import served_model
 from test_remotes_hf import offline_hf_cache, populate_hf_cache  # noqa: F401  (offline_hf_cache: a fixture)
 
 from hub import patterns
-from hub.artifact import CONFIG_FILE, WEIGHTS_FILE, Adapter, parse_config, parse_tensors, read_buffer, technique_of
+from hub.artifact import (CONFIG_FILE, WEIGHTS_FILE, Adapter, ArtifactError, parse_config, parse_tensors, read_buffer,
+                          technique_of)
 from hub.errors import IndexCorrupt
 from hub.index import load_manifest
 from hub.manifest import BaseModelInfo, Provenance, artifact_digest, build, check_version, sha256_file
@@ -416,3 +417,16 @@ def test_push_refuses_an_adapterhub_weights_file_that_is_a_link_or_fifo(make, tm
     make(weights, real)
     one_line_error(hub("push", folder, "--name", "h", "--version", "1.0.0", home=tmp_path / "home", ok=False),
                    f"{weights.name} is a")
+
+
+def test_a_safetensors_file_with_too_many_tensors_is_refused_before_parsing_them():
+    """500k tensors cost seconds of parsing per load; past MAX_TENSORS the file is refused in one line."""
+    from hub.artifact import MAX_TENSORS
+
+    header = {f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(MAX_TENSORS + 1)}
+    raw = json.dumps(header).encode()
+    with pytest.raises(ArtifactError, match=f"{MAX_TENSORS + 1} tensors, more than {MAX_TENSORS}"):
+        parse_tensors(len(raw).to_bytes(8, "little") + raw, "big.safetensors")
+    raw = b" " * ((16 << 20) + 1)
+    with pytest.raises(ArtifactError, match="more than 16777216"):
+        parse_tensors(len(raw).to_bytes(8, "little") + raw, "big.safetensors")
