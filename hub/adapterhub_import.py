@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from hub.artifact import CONFIG_FILE, WEIGHTS_FILE, ArtifactError, read_config, read_tensors
+from hub.files import open_regular
 
 SAFE_WEIGHTS = "adapter.safetensors"  # the `adapters` library's file names
 TORCH_WEIGHTS = "pytorch_adapter.bin"
@@ -201,13 +202,14 @@ def _convert_config(saved: dict[str, Any], path: Path) -> tuple[BottleneckConfig
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     """The saved weights: safetensors if present, else the torch file, read weights-only (no code runs)."""
-    if (folder / SAFE_WEIGHTS).is_file():
+    if (folder / SAFE_WEIGHTS).exists() or (folder / SAFE_WEIGHTS).is_symlink():
         return read_tensors(folder / SAFE_WEIGHTS)
     path = folder / TORCH_WEIGHTS
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise ArtifactError(f"{folder}: no {SAFE_WEIGHTS} or {TORCH_WEIGHTS}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with open_regular(path) as f:  # a link or FIFO is refused, never followed or waited on
+            state = torch.load(f, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ArtifactError(f"{path}: not a weights-only PyTorch file ({first})") from None

@@ -24,6 +24,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from hub import patterns
+from hub.files import open_regular
+
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
@@ -66,11 +69,76 @@ class Adapter:
         return sum(int(t.numel()) * t.element_size() for t in self.tensors.values())
 
 
+MAX_RANK = 65536  # a LoRA rank past this is a mistake or an attack (PEFT's largest common ranks are 256-1024)
+# Weight dtypes the runtime serves; an integer, bool or float8 tensor would be cast silently or fail only at serve time.
+SERVED_DTYPES = ("float16", "bfloat16", "float32", "float64")
+# Config keys PEFT reads as regular expressions when they are strings (lists are matched by name suffix).
+_PATTERN_KEYS = ("target_modules", "exclude_modules", "feedforward_modules", "layers_pattern")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_rank(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_RANK
+
+
+def check_config(technique: Technique, config: dict[str, Any], where: str) -> None:
+    """Refuse (ArtifactError naming the key) hyper-parameters the runtime would fail on or misread only at
+    serve time, and regular expressions that are malformed or not matched in bounded time (hub/patterns.py)."""
+    def bad(key: str, why: str) -> ArtifactError:
+        return ArtifactError(f"{where}: {key}={config[key]!r} {why}")
+
+    for key in _PATTERN_KEYS:
+        values = config.get(key)
+        for value in [values] if isinstance(values, str) else values if isinstance(values, list) else []:
+            if not isinstance(value, str):
+                raise bad(key, "holds a non-string")
+            if isinstance(values, str) or key == "layers_pattern":
+                try:
+                    patterns.check(value)
+                except patterns.PatternError as e:
+                    raise bad(key, f"is refused as a regular expression: {e}") from None
+    if technique is not Technique.LORA:
+        return
+    if "r" in config and not _is_rank(config["r"]):
+        raise bad("r", f"is not a whole number from 1 to {MAX_RANK}")
+    if "lora_alpha" in config and not _is_number(config["lora_alpha"]):
+        raise bad("lora_alpha", "is not a finite number")
+    for key, valid, what in (("rank_pattern", _is_rank, f"a whole number from 1 to {MAX_RANK}"),
+                             ("alpha_pattern", _is_number, "a finite number")):
+        table = config.get(key) or {}
+        if not isinstance(table, dict):
+            raise bad(key, "is not a map of module pattern -> value")
+        for pattern, value in table.items():
+            if not valid(value):
+                raise ArtifactError(f"{where}: {key}[{pattern!r}]={value!r} is not {what}")
+            try:
+                patterns.check_key(pattern)
+            except patterns.PatternError as e:
+                raise ArtifactError(f"{where}: {key} key {pattern!r} is refused as a regular expression: {e}") from None
+
+
+def check_tensors(tensors: dict[str, Any], where: str) -> None:
+    """Refuse a tensor of a dtype the runtime does not serve, or holding NaN or inf (one such value in one
+    row's adapter must never reach the batch it shares)."""
+    import torch
+
+    for key, tensor in tensors.items():
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if dtype not in SERVED_DTYPES:
+            raise ArtifactError(f"{where}: tensor {key!r} is {dtype}; adapter weights must be one of "
+                                f"{', '.join(SERVED_DTYPES)}")
+        if not bool(torch.isfinite(tensor).all()):
+            raise ArtifactError(f"{where}: tensor {key!r} holds non-finite values (NaN or inf)")
+
+
 def read_config(folder: Path) -> dict[str, Any]:
     path = Path(folder) / CONFIG_FILE
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise ArtifactError(f"{folder}: no {CONFIG_FILE}")
-    return parse_config(path.read_bytes(), str(path))
+    return parse_config(read_buffer(path), str(path))
 
 
 def parse_config(data: bytes, where: str) -> dict[str, Any]:
@@ -79,6 +147,8 @@ def parse_config(data: bytes, where: str) -> dict[str, Any]:
         config = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{where}: malformed JSON ({e})") from None
+    except RecursionError:
+        raise ArtifactError(f"{where}: malformed JSON (nested too deeply)") from None
     if not isinstance(config, dict):
         raise ArtifactError(f"{where}: expected a JSON object")
     return config
@@ -113,7 +183,7 @@ def technique_of(config: dict[str, Any]) -> Technique:
 
 def read_tensors(path: Path) -> dict[str, Any]:
     """Load a safetensors file, turning truncation or corruption into one clear error."""
-    if not Path(path).is_file():
+    if not path.exists() and not path.is_symlink():
         raise ArtifactError(f"{path.parent}: no {path.name}")
     try:
         data = read_buffer(Path(path))
@@ -122,13 +192,16 @@ def read_tensors(path: Path) -> dict[str, Any]:
     return parse_tensors(data, str(path))
 
 
-def read_buffer(path: Path) -> bytearray:
-    """A file's bytes in one writable buffer, so `parse_tensors` can view tensors in it without copies."""
-    with open(path, "rb") as f:
+def read_buffer(path: Path, limit: int | None = None) -> bytearray:
+    """A regular file's bytes in one writable buffer, so `parse_tensors` can view tensors in it without copies;
+    with `limit`, at most limit + 1 bytes (enough for the caller's size check to see a file that is too long)."""
+    with open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
+        size = size if limit is None else min(size, limit + 1)
         buf = bytearray(size)
         got = f.readinto(buf)
-        rest = f.read()  # the file grew since fstat: keep every byte (the caller's size check sees them)
+        # the file grew since fstat: keep every byte (up to the limit; the caller's size check sees them)
+        rest = f.read() if limit is None else f.read(max(0, limit + 1 - got))
     return buf[:got] + rest if got != size or rest else buf
 
 
@@ -136,6 +209,18 @@ def read_buffer(path: Path) -> bytearray:
 _DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "F16": "float16",
            "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32", "F64": "float64",
            "I64": "int64", "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+# An adapter for a 48-layer, 64-expert MoE model holds ~20k tensors; 500k cost seconds of parsing per load.
+MAX_TENSORS = 100_000
+MAX_HEADER = 16 << 20  # bytes of a safetensors header (~150 bytes a tensor)
+
+
+def _whole(value: Any) -> int:
+    """A header's shape or offset entry: a JSON integer (not a float such as 2.5, Infinity or NaN)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{value!r} is not a whole number")
+    return value
 
 
 def parse_tensors(data: bytes | bytearray, where: str) -> dict[str, Any]:
@@ -155,24 +240,30 @@ def parse_tensors(data: bytes | bytearray, where: str) -> dict[str, Any]:
     header_len = int.from_bytes(data[:8], "little")
     if header_len > len(data) - 8:
         raise bad(f"header of {header_len} bytes runs past the end of the file ({len(data)} bytes)")
+    if header_len > MAX_HEADER:
+        raise bad(f"header of {header_len} bytes, more than {MAX_HEADER}")
     try:
         header = json.loads(bytes(data[8:8 + header_len]))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise bad(f"header is not JSON: {e}") from None
+    except RecursionError:
+        raise bad("header is JSON nested too deeply") from None
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
     metadata = header.pop("__metadata__", None)  # optional; when there, a map of strings (as the library checks)
     if metadata is not None and not (isinstance(metadata, dict)
                                      and all(isinstance(v, str) for v in metadata.values())):
         raise bad(f"__metadata__ is not a map of strings: {metadata!r}")
+    if len(header) > MAX_TENSORS:
+        raise bad(f"{len(header)} tensors, more than {MAX_TENSORS}")
     buf = bytearray(data) if memoryview(data).readonly else data
     start, end = 8 + header_len, len(data)
     tensors, spans = {}, []
     for key, info in header.items():
         try:
             dtype = getattr(torch, _DTYPES[info["dtype"]])
-            shape = [int(n) for n in info["shape"]]
-            first, last = (int(n) for n in info["data_offsets"])
+            shape = [_whole(n) for n in info["shape"]]
+            first, last = (_whole(n) for n in info["data_offsets"])
         except (KeyError, TypeError, ValueError) as e:
             raise bad(f"tensor {key!r}: malformed entry {info!r} ({type(e).__name__}: {e})") from None
         count = math.prod(shape)
@@ -214,9 +305,16 @@ def adapter_from_bytes(config: bytes, weights: bytes | bytearray, where: str) ->
 
 
 def _adapter(technique: Technique, config: dict[str, Any], tensors: dict[str, Any], weights: Path | str) -> Adapter:
+    """Every check that needs no base model, so push, pull and load refuse the same artifacts."""
+    from hub.checkpoint import check_structure  # checkpoint builds on this module
+
+    check_config(technique, config, str(Path(weights).parent / CONFIG_FILE))
     if not tensors:
         raise ArtifactError(f"{weights}: holds no tensors")
-    return Adapter(technique=technique, config=config, tensors=tensors)
+    check_tensors(tensors, str(weights))
+    adapter = Adapter(technique=technique, config=config, tensors=tensors)
+    check_structure(adapter)
+    return adapter
 
 
 def write_adapter(adapter: Adapter, folder: Path) -> Path:

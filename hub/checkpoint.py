@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hub import patterns
 from hub.artifact import Adapter, ArtifactError, Technique
 
 PEFT_PREFIX = "base_model.model."
@@ -104,16 +105,47 @@ def _check_linear(path: str, module: nn.Module, tensors: dict[str, torch.Tensor]
 
 def is_feedforward(adapter: Adapter, path: str) -> bool:
     """IA3: does this module scale its input (PEFT's `feedforward_modules`) rather than its output?"""
-    import re
-
     ff = adapter.config.get("feedforward_modules") or []
     if isinstance(ff, str):
-        return re.fullmatch(ff, path) is not None
+        return patterns.fullmatch(ff, path)  # PEFT's re.fullmatch, without backtracking
     return any(path.endswith(name) for name in ff)  # PEFT's own rule
+
+
+def lora_rank_alpha(config: dict[str, Any], path: str) -> tuple[int, float]:
+    """(rank, alpha) of the LoRA module at `path`: `r`/`lora_alpha`, or the first `rank_pattern`/`alpha_pattern`
+    key naming it, picked as PEFT's `get_pattern_key` does (and, as there, a key equal to `path`)."""
+    def lookup(table: dict[str, Any] | None, default: Any) -> Any:
+        table = table or {}
+        key = patterns.pattern_key(table, path)
+        return table.get(path if key is None else key, default)
+
+    return (int(lookup(config.get("rank_pattern"), config.get("r", 8))),
+            float(lookup(config.get("alpha_pattern"), config.get("lora_alpha", 8))))
+
+
+# LoRA tensor name -> which axis holds the rank
+_RANK_AXIS = {"lora_A": 0, "lora_B": 1, "lora_embedding_A": 0, "lora_embedding_B": 1}
+
+
+def check_structure(adapter: Adapter) -> None:
+    """What needs no base model: every tensor key names a module, and each LoRA module's tensors have the
+    rank its config gives it (else the runtime would refuse it at load, after eviction decisions, or PEFT
+    would fail to load it)."""
+    sites = module_tensors(adapter)
+    if adapter.technique is not Technique.LORA:
+        return
+    for path, tensors in sorted(sites.items()):
+        r, _ = lora_rank_alpha(adapter.config, path)
+        for name, axis in _RANK_AXIS.items():
+            t = tensors.get(name)
+            if t is not None and (t.dim() != 2 or t.shape[axis] != r):
+                raise ArtifactError(f"module {path!r}: {name} has shape {tuple(t.shape)}, "
+                                    f"but the config gives this module rank {r}")
 
 
 def check_fits(adapter: Adapter, model_or_config: Any) -> dict[str, tuple[int, ...]]:
     """Refuse (ArtifactError naming the module) an adapter that does not fit; else {module: weight shape}."""
+    check_structure(adapter)  # again for adapters built in memory (merges, tests), not read through hub.artifact
     model = _as_model(model_or_config)
     modules = dict(model.named_modules())
     hidden = model.get_input_embeddings().weight.shape[1]

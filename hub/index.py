@@ -278,6 +278,8 @@ class IndexFile:
             data = json.loads(self.path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise IndexCorrupt(f"{self.path}: not valid JSON ({e})") from None
+        except RecursionError:
+            raise IndexCorrupt(f"{self.path}: not valid JSON (nested too deeply)") from None
         known = self._validated[1] if self._validated is not None else None
         index = Index.validated(data, str(self.path), known)
         index.shared = True

@@ -19,12 +19,18 @@ from typing import Any
 
 from hub.artifact import Adapter, ArtifactError, Technique
 from hub.errors import InvalidName
+from hub.files import check_regular, open_regular
 
+# Matched with fullmatch (`$` would let a final newline through: `1.0.0\n` beside `1.0.0`); the JSON schema
+# (hub/registry.schema.json) says the same with `$(?!\n)`.
 _SEGMENT = r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,62}[A-Za-z0-9])?"
-NAME_RE = re.compile(rf"^{_SEGMENT}(?:/{_SEGMENT})?$")
-VERSION_RE = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?$")
-TAG_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
-FILE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+NAME_RE = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})?")
+_NUMBER = r"(0|[1-9][0-9]{0,19})"
+MAX_PRERELEASE = 64  # characters of a pre-release suffix (`1.0.0-<suffix>`)
+VERSION_RE = re.compile(rf"{_NUMBER}\.{_NUMBER}\.{_NUMBER}"
+                        rf"(?:-(?=[0-9A-Za-z.-]{{1,{MAX_PRERELEASE}}}\Z)([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?")
+TAG_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
+FILE_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 # Config keys worth showing per technique ("rank/alpha or size"); copied as saved when present.
 _HYPERPARAMS: dict[Technique, tuple[str, ...]] = {
@@ -41,7 +47,7 @@ _UNSET = (None, False, {}, [])  # defaults not worth listing
 
 def check_name(name: str) -> str:
     """An adapter name, optionally `org/name`; refuses anything that could escape the store."""
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
         raise InvalidName(
             f"invalid adapter name {name!r}: use letters, digits, '.', '_', '-', optionally one 'org/' "
             "namespace; no '..', no leading '/' or other characters"
@@ -50,19 +56,20 @@ def check_name(name: str) -> str:
 
 
 def check_version(version: str) -> str:
-    if not isinstance(version, str) or not VERSION_RE.match(version):
-        raise InvalidName(f"invalid version {version!r}: use semantic versioning, e.g. 1.2.0 or 1.2.0-rc.1")
+    if not isinstance(version, str) or not VERSION_RE.fullmatch(version):
+        raise InvalidName(f"invalid version {version!r}: use semantic versioning, e.g. 1.2.0 or 1.2.0-rc.1 "
+                          f"(numbers of at most 20 digits, a pre-release suffix of at most {MAX_PRERELEASE} characters)")
     return version
 
 
 def check_tag(tag: str) -> str:
-    if not isinstance(tag, str) or not TAG_RE.match(tag):
+    if not isinstance(tag, str) or not TAG_RE.fullmatch(tag):
         raise InvalidName(f"invalid tag {tag!r}: start with a letter; letters, digits, '.', '_', '-' (at most 64)")
     return tag
 
 
 def check_filename(filename: str) -> str:
-    if not FILE_RE.match(filename) or ".." in filename:
+    if not isinstance(filename, str) or not FILE_RE.fullmatch(filename) or ".." in filename:
         raise InvalidName(f"invalid artifact file name {filename!r}")
     return filename
 
@@ -80,7 +87,7 @@ def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
 
 def version_key(version: str) -> tuple:
     """Semantic-versioning precedence: 1.10.0 > 1.9.0, and a pre-release sorts before its release."""
-    m = VERSION_RE.match(version)
+    m = VERSION_RE.fullmatch(version)
     if m is None:
         raise InvalidName(f"invalid version {version!r}")
     major, minor, patch, pre = m.groups()
@@ -98,7 +105,7 @@ def sha256_file(path: Path) -> tuple[int, str]:
     """(size, sha256 hex) of a file, streamed."""
     h = hashlib.sha256()
     size = 0
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
             size += len(chunk)
@@ -106,17 +113,19 @@ def sha256_file(path: Path) -> tuple[int, str]:
 
 
 def artifact_files(folder: Path) -> list[Path]:
-    """The files of an artifact folder: its top-level regular files (dot files, e.g. .gitattributes, excluded)."""
+    """The files of an artifact folder: its top-level regular files (dot files, e.g. .gitattributes, excluded).
+    A symbolic link, FIFO or device is refused (NotRegularFile): it is never followed or opened."""
     files = []
     for p in sorted(Path(folder).iterdir()):
         if p.name.startswith("."):
             continue
-        if p.is_dir():
+        if p.is_dir() and not p.is_symlink():
             raise ArtifactError(
                 f"{folder}: holds a sub-folder {p.name!r}; an artifact is one flat folder "
                 "(PEFT saves a non-default adapter in a sub-folder: push that folder)"
             )
         check_filename(p.name)
+        check_regular(p)
         files.append(p)
     return files
 
@@ -201,13 +210,26 @@ def target_modules(adapter: Adapter) -> list[str]:
     return sorted(names)
 
 
+def _dtypes(adapter: Adapter) -> str:
+    return ",".join(sorted({str(t.dtype).removeprefix("torch.") for t in adapter.tensors.values()}))
+
+
+def check_claims(manifest: Manifest, adapter: Adapter) -> None:
+    """ArtifactError unless a manifest from elsewhere (a remote) says what its files hold, as `build` would."""
+    claims = {"technique": (manifest.technique, adapter.technique.value),
+              "target_modules": (manifest.target_modules, target_modules(adapter)),
+              "params": (manifest.params, adapter.num_parameters), "dtype": (manifest.dtype, _dtypes(adapter))}
+    for key, (claimed, held) in claims.items():
+        if claimed != held:
+            raise ArtifactError(f"{manifest.ref}: the manifest says {key} {claimed!r}, its files hold {held!r}")
+
+
 def build(
     name: str, version: str, adapter: Adapter, files: dict[str, dict[str, Any]], base: BaseModelInfo,
     provenance: Provenance,
 ) -> Manifest:
     """The manifest of an artifact read from disk (`files` as hashed by `sha256_file`)."""
     technique = adapter.technique
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in adapter.tensors.values()})
     return Manifest(
         name=check_name(name),
         version=check_version(version),
@@ -216,7 +238,7 @@ def build(
         target_modules=target_modules(adapter),
         hyperparams={k: adapter.config[k] for k in _HYPERPARAMS[technique] if adapter.config.get(k) not in _UNSET},
         params=adapter.num_parameters,
-        dtype=",".join(dtypes),
+        dtype=_dtypes(adapter),
         description=provenance.description,
         tags=sorted(set(provenance.tags)),
         license=provenance.license,

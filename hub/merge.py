@@ -28,7 +28,7 @@ import torch
 
 from hub.adapterhub_import import BottleneckConfig
 from hub.artifact import Adapter, Technique
-from hub.checkpoint import PEFT_PREFIX, module_tensors
+from hub.checkpoint import PEFT_PREFIX, lora_rank_alpha, module_tensors
 from hub.merge_spec import MergeError, MergeSpec, method_family, uses_svd
 
 
@@ -124,9 +124,7 @@ def lora_modules(adapter: Adapter) -> dict[str, LoraModule]:
     Scaling is lora_alpha / r (or / sqrt(r) with use_rslora), with `rank_pattern` / `alpha_pattern`
     resolved per module exactly as PEFT does (`get_pattern_key`).
     """
-    from peft.utils.other import get_pattern_key
     config = adapter.config
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     modules = {}
     for name, parts in sorted(module_tensors(adapter).items()):
         embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
@@ -134,8 +132,7 @@ def lora_modules(adapter: Adapter) -> dict[str, LoraModule]:
             else (parts.get("lora_A"), parts.get("lora_B"))
         if a is None or b is None:
             raise MergeError(f"LoRA module {name!r} lacks its {'lora_B' if b is None else 'lora_A'} tensor")
-        r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), name), config["r"])
-        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), config["lora_alpha"])
+        r, alpha = lora_rank_alpha(config, name)
         scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         modules[name] = LoraModule(a, b, scaling, embedding, parts.get("lora_bias"))
     return modules

@@ -25,10 +25,12 @@ from hub import basemodel
 from hub.artifact import (CONFIG_FILE, WEIGHTS_FILE, Adapter, ArtifactError, Technique, adapter_from_bytes,
                           read_adapter, read_buffer)
 from hub.errors import Conflict, HubError, IntegrityError, InvalidName, NotFound
+from hub.files import NotRegularFile, check_below
 from hub.home import hub_home
 from hub.index import Index, IndexFile
 from hub.manifest import (
-    BaseModelInfo, Manifest, Provenance, artifact_files, build, check_name, check_version, parse_ref, sha256_file,
+    BaseModelInfo, Manifest, Provenance, artifact_files, build, check_claims, check_name, check_version, parse_ref,
+    sha256_file,
 )
 from hub.store import BlobStore, Progress, check_copy, copy_hashed, fsync_dir, new_folder, temp_name
 
@@ -97,6 +99,42 @@ def _check_same_metadata(existing: Manifest, manifest: Manifest) -> None:
                        "versions are immutable: push a new version")
 
 
+def _read_deferred(manifest: Manifest, locate: Callable[[str], Path]) -> tuple[Adapter, Callable[[], None]]:
+    """Registry.read_deferred for files wherever `locate` finds them; a file is read only up to one byte past
+    its recorded size, so an oversized one is refused without reading it all."""
+    data, pending = {}, {}
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if name not in manifest.files:
+            raise ArtifactError(f"{manifest.ref}: no {name} in the version's files")
+        path = locate(name)
+        try:
+            data[name] = read_buffer(path, limit=int(manifest.files[name]["size"]))
+        except FileNotFoundError:
+            raise _missing(manifest, name, path) from None
+        pending[name] = _HASHING.submit(lambda b=data[name]: (len(b), hashlib.sha256(b).hexdigest()))
+
+    def verified() -> None:
+        for name, future in pending.items():
+            info = manifest.files[name]
+            check_copy(f"{manifest.ref}: {name}", future.result(), info["size"], info["sha256"])
+
+    try:
+        adapter = adapter_from_bytes(data[CONFIG_FILE], data[WEIGHTS_FILE], manifest.ref)
+    except ArtifactError:
+        verified()  # damaged bytes are an IntegrityError, not a malformed adapter
+        raise
+    return adapter, verified
+
+
+def _check_incoming(manifest: Manifest, sources: dict[str, Path]) -> None:
+    """Refuse a version from elsewhere unless push would take its files and its manifest says what they hold:
+    the config and safetensors weights read (bounded by their recorded sizes) and checked by sha256, every
+    check of `hub.artifact` (config, patterns, dtypes, finite values, ranks), then the manifest's claims."""
+    adapter, verified = _read_deferred(manifest, sources.__getitem__)
+    verified()
+    check_claims(manifest, adapter)
+
+
 @contextmanager
 def _imported(folder: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
     """The folder to push, converting an AdapterHub `adapters` library folder first (when that importer is
@@ -149,8 +187,8 @@ class Registry:
 
     def file_path(self, manifest: Manifest, filename: str) -> Path:
         """Where one file of a version lies: its blob, or its registry folder for `path` versions."""
-        if manifest.path is not None:
-            return self.root / manifest.path / filename
+        if manifest.path is not None:  # a folder named by the index: it may not lead through links
+            return check_below(self.root, self.root / manifest.path / filename)
         return self.store.path(manifest.files[filename]["sha256"])
 
     # -- adding versions
@@ -183,7 +221,7 @@ class Registry:
             existing = self.index().get(name, version)
             if existing is not None and existing.sha256 == manifest.sha256:
                 _check_same_metadata(existing, manifest)
-            return self.add_files(src, manifest, progress)
+            return self._commit(manifest, {n: src / n for n in manifest.files}, progress)
 
     def _relative(self, folder: Path) -> str:
         try:
@@ -193,13 +231,18 @@ class Registry:
         return rel.as_posix()
 
     def add_files(self, folder: Path, manifest: Manifest, progress: Progress | None = None) -> Manifest:
-        """Add a version whose files lie in `folder`, checking each against the manifest's size and sha256."""
-        return self._commit(manifest, {name: Path(folder) / name for name in manifest.files}, progress)
+        """Add a version from elsewhere (e.g. downloaded) whose files lie in `folder`: validated as a push
+        validates them (`_check_incoming`), each file checked against the manifest's size and sha256."""
+        sources = {name: Path(folder) / name for name in manifest.files}
+        _check_incoming(manifest, sources)
+        return self._commit(manifest, sources, progress)
 
     def add_from(self, source: Registry, ref: str, progress: Progress | None = None) -> Manifest:
-        """Copy one version from another registry (pull from / push to a directory remote), verifying every file."""
+        """Copy one version from another registry (pull from / push to a directory remote), validated as a
+        push validates it and verifying every file."""
         manifest = source.resolve(ref)
         sources = {name: source.file_path(manifest, name) for name in manifest.files}
+        _check_incoming(manifest, sources)
         manifest.path = None
         return self._commit(manifest, sources, progress)
 
@@ -297,35 +340,15 @@ class Registry:
         adapter (parsed, not yet trusted) and `verified()`, which waits for the hash and raises IntegrityError
         if the bytes are not the manifest's. A server's cold load prepares the adapter meanwhile (hashlib
         releases the GIL) and calls `verified()` before serving it."""
-        data, pending = {}, {}
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            if name not in manifest.files:
-                raise ArtifactError(f"{manifest.ref}: no {name} in the version's files")
-            path = self.file_path(manifest, name)
-            try:
-                data[name] = read_buffer(path)
-            except FileNotFoundError:
-                raise _missing(manifest, name, path) from None
-            pending[name] = _HASHING.submit(lambda b=data[name]: (len(b), hashlib.sha256(b).hexdigest()))
-
-        def verified() -> None:
-            for name, future in pending.items():
-                info = manifest.files[name]
-                check_copy(f"{manifest.ref}: {name}", future.result(), info["size"], info["sha256"])
-
-        try:
-            adapter = adapter_from_bytes(data[CONFIG_FILE], data[WEIGHTS_FILE], manifest.ref)
-        except ArtifactError:
-            verified()  # damaged bytes are an IntegrityError, not a malformed adapter
-            raise
-        return adapter, verified
+        return _read_deferred(manifest, lambda name: self.file_path(manifest, name))
 
     def _copy_files(self, manifest: Manifest, source, dst: Path) -> None:
         for name, info in manifest.files.items():
             src = source(manifest, name)
             if not src.is_file():
                 raise _missing(manifest, name, src)
-            check_copy(f"{manifest.ref}: {name}", copy_hashed(src, dst / name), info["size"], info["sha256"])
+            check_copy(f"{manifest.ref}: {name}", copy_hashed(src, dst / name, limit=info["size"]), info["size"],
+                       info["sha256"])
 
     def export(self, ref: str, out: str | Path) -> Path:
         """Write a version's files to a new folder `out` (PEFT's `from_pretrained` loads PEFT techniques)."""
@@ -379,12 +402,14 @@ class Registry:
     def _problems(self, manifest: Manifest, locate) -> list[str]:
         problems = []
         for name, info in sorted(manifest.files.items()):
-            path = locate(name)
-            if not path.is_file():
-                problems.append(f"{manifest.ref}: {name} is missing ({path})")
-                continue
-            if sha256_file(path) != (info["size"], info["sha256"]):
-                problems.append(f"{manifest.ref}: {name} does not match its sha256 ({path})")
+            try:
+                path = locate(name)
+                if not path.is_file():
+                    problems.append(f"{manifest.ref}: {name} is missing ({path})")
+                elif sha256_file(path) != (info["size"], info["sha256"]):
+                    problems.append(f"{manifest.ref}: {name} does not match its sha256 ({path})")
+            except (NotRegularFile, FileNotFoundError) as e:
+                problems.append(f"{manifest.ref}: {name}: {e}")
         return problems
 
     def _check_files(self, manifest: Manifest) -> None:

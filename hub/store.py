@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from hub.errors import HubError, IntegrityError
+from hub.files import open_regular
 from hub.manifest import sha256_file
 
 Progress = Callable[[int], None]  # called with the number of bytes just copied
@@ -93,12 +94,14 @@ def new_folder(out: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def copy_hashed(src: Path, dst: Path, progress: Progress | None = None) -> tuple[int, str]:
-    """Copy a file, fsync it, and return (size, sha256) of the bytes copied."""
+def copy_hashed(src: Path, dst: Path, progress: Progress | None = None, limit: int | None = None) -> tuple[int, str]:
+    """Copy a regular file, fsync it, and return (size, sha256) of the bytes copied; with `limit`, stop after
+    limit + 1 bytes (a file longer than its manifest says is refused without copying it all)."""
     h = hashlib.sha256()
     size = 0
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        for chunk in iter(lambda: fin.read(1 << 20), b""):
+    left = -1 if limit is None else limit + 1
+    with open_regular(src) as fin, open(dst, "wb") as fout:
+        for chunk in iter(lambda: fin.read(1 << 20 if left < 0 else min(1 << 20, left - size)), b""):
             h.update(chunk)
             fout.write(chunk)
             size += len(chunk)
@@ -148,7 +151,7 @@ class BlobStore:
             return False
         tmp = temp_name(self.tmp)
         try:
-            check_copy(str(src), copy_hashed(src, tmp, progress), size, sha256)
+            check_copy(str(src), copy_hashed(src, tmp, progress, limit=size), size, sha256)
             pause_point("blob-written")
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, final)

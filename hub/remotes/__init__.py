@@ -85,7 +85,7 @@ class Remotes:
             atomic_write_json(self.path, remotes)
 
     def add(self, name: str, url: str) -> str:
-        if not _REMOTE_NAME.match(name):
+        if not _REMOTE_NAME.fullmatch(name):
             raise InvalidName(f"invalid remote name {name!r}: start with a letter; letters, digits, '_', '-'")
         url = canonical_url(url)
 

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from hub.artifact import Technique
 from hub.errors import RemoteError
+from hub.files import check_regular, resolve_within
 from hub.index import load_manifest
 from hub.manifest import Manifest, parse_ref
 from hub.registry import Registry
@@ -33,7 +37,7 @@ def model_card(manifest: Manifest) -> str:
 
     base = manifest.base_model.id
     data = ModelCardData(
-        base_model=base if base and _REPO_ID.match(base) else None,
+        base_model=base if base and _REPO_ID.fullmatch(base) else None,
         library_name="peft" if manifest.technique in _PEFT_TECHNIQUES else None,
         license=manifest.license,
         tags=[manifest.technique, *manifest.tags],
@@ -54,9 +58,25 @@ def stage(manifest: Manifest, local: Registry, dst: Path) -> None:
         (dst / CARD_FILE).write_text(model_card(manifest))
 
 
+@contextmanager
+def _regular_files(snapshot: Path) -> Iterator[Path]:
+    """A snapshot of the Hugging Face cache as a folder of regular files: the cache links each file to its
+    blob inside the repo's cache folder; a link leading anywhere else is refused (hub.files)."""
+    repo_cache = snapshot.parent.parent  # models--org--repo/snapshots/<commit>
+    with tempfile.TemporaryDirectory(prefix="hub-hf-") as tmp:
+        for p in snapshot.iterdir():
+            if p.is_dir() and not p.is_symlink():
+                (Path(tmp) / p.name).mkdir()  # kept, so push refuses a sub-folder as for a local folder
+            else:
+                source = resolve_within(p, repo_cache) if p.is_symlink() else p
+                check_regular(source)
+                shutil.copyfile(source, Path(tmp) / p.name)
+        yield Path(tmp)
+
+
 class HFRemote(Remote):
     def __init__(self, repo_id: str):
-        if not _REPO_ID.match(repo_id) or ".." in repo_id:
+        if not _REPO_ID.fullmatch(repo_id) or ".." in repo_id:
             raise RemoteError(f"invalid Hugging Face repo {repo_id!r}: use hf://org/repo")
         self.repo_id = repo_id
         self.url = f"hf://{repo_id}"
@@ -77,17 +97,23 @@ class HFRemote(Remote):
         explicit = revision is not None
         revision = revision or (f"v{version}" if version else tag or "main")
         try:
-            folder = self._download(revision)
+            snapshot = self._download(revision)
         except RemoteError as e:
             if explicit or version is None:
                 raise
             raise RemoteError(f"{e}; a plain PEFT repo has no version tags: add --revision main") from None
+        with _regular_files(snapshot) as folder:
+            return self._add(folder, name, version, revision, local, progress)
+
+    def _add(self, folder: Path, name: str, version: str | None, revision: str, local: Registry,
+             progress: Progress | None) -> Manifest:
         manifest_path = folder / MANIFEST_FILE
         if manifest_path.is_file():
             try:
                 data = json.loads(manifest_path.read_text())
-            except json.JSONDecodeError as e:
-                raise RemoteError(f"{self.url}@{revision}: {MANIFEST_FILE} is not valid JSON ({e})") from None
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+                reason = str(e) or "nested too deeply"
+                raise RemoteError(f"{self.url}@{revision}: {MANIFEST_FILE} is not valid JSON ({reason})") from None
             manifest = load_manifest(data, f"{self.url}@{revision}/{MANIFEST_FILE}")
             if version is not None and manifest.version != version:
                 raise RemoteError(f"{self.url}@{revision} holds version {manifest.version}, not {version}")

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from hub.artifact import Adapter, ArtifactError, Technique
-from hub.checkpoint import check_fits, module_tensors
+from hub.checkpoint import check_fits, lora_rank_alpha, module_tensors
 from runtime.techniques.base import (BatchInfo, Resident, RowBiasOp, SiteOp, Stage, TechniqueImpl, Use,
                                      nbytes_of, row_vectors, to_device)
 
@@ -43,20 +43,9 @@ class LoraSite:
         return self.a_t.shape[1]
 
 
-def _pattern_value(pattern: dict, path: str, default):
-    """PEFT's rank_pattern/alpha_pattern lookup (peft.utils.other.get_pattern_key)."""
-    import re
-
-    for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", path):
-            return value
-    return default
-
-
 def scaling(config: dict, path: str) -> tuple[int, float]:
     """(rank, scaling) PEFT uses for the module at `path`."""
-    r = int(_pattern_value(config.get("rank_pattern"), path, config.get("r", 8)))
-    alpha = float(_pattern_value(config.get("alpha_pattern"), path, config.get("lora_alpha", 8)))
+    r, alpha = lora_rank_alpha(config, path)
     return r, alpha / (math.sqrt(r) if config.get("use_rslora") else r)
 
 
@@ -199,9 +188,7 @@ class Lora(TechniqueImpl):
         for path, t in module_tensors(adapter).items():
             if "lora_A" not in t:
                 raise ArtifactError(f"module {path!r}: LoRA on embeddings is not served")
-            r, scale = scaling(adapter.config, path)
-            if t["lora_A"].shape[0] != r:
-                raise ArtifactError(f"module {path!r}: lora_A has rank {t['lora_A'].shape[0]}, config says {r}")
+            _, scale = scaling(adapter.config, path)  # check_fits has checked the rank against the tensors
             t = to_device(t, like, weights_dtype)
             bias = (t["lora_bias"] * scale).to(model_dtype) if "lora_bias" in t else None
             b = t["lora_B"]  # (out, r) -> (r, out) with the scaling folded in: one pass, one new tensor
