@@ -9,18 +9,25 @@ these tests do not depend on the finiteness checks artifacts get at push, pull a
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
+import shutil
+import threading
 from typing import Any, Iterator
 
+import grpc
 import pytest
 import torch
 from conftest import save_peft_adapter, tiny_llama
 from peft import LoraConfig
+from safetensors.torch import load_file, save_file
+from server_support import *  # noqa: F401,F403
+from server_support import frozen, wait_until
 
 from hub.artifact import read_adapter
 from runtime.engine import Engine
+from runtime.generate import Batch, NonFiniteLogits, SamplingParams, Sequence
 from runtime.plan import AdapterUse, RowPlan
+from runtime.sampling import next_tokens
 
 ROWS = [[5, 9, 17, 33, 4, 81, 12], [7, 7, 100, 3], [44, 12, 90, 61, 70, 8, 19], [15, 16], [101, 6, 55]]
 # finite but overflowing: 1e30 overflows a row's activations past its own x @ A, 3e38 already there
@@ -120,8 +127,155 @@ def test_a_row_alone_equals_its_row_beside_a_broken_adapter(folders):
     """The same rows without the broken row's company (a separate forward): equal to float rounding."""
     served = Poisonable(folders, "lora")
     served.poison(float("nan"))
-    together = served.logits([plan(), plan("bad"), plan("good")])
-    for row, p in [(0, plan()), (2, plan("good"))]:
+    together = served.logits([plan(), plan("bad"), plan()])
+    for row, p in [(0, plan()), (2, plan())]:
         alone, _ = served.engine.forward(torch.tensor([ROWS[row]]), torch.ones(1, len(ROWS[row]), dtype=torch.long),
                                          [p])
         assert (together[row] - alone[0]).abs().max() <= 1e-5
+
+
+# -- generation: the broken row ends with an error, the others go on -----------------------------------------
+
+def generate(engine: Engine, seqs: list[Sequence]) -> dict[str, Sequence]:
+    batch = Batch(engine)
+    for s in seqs:
+        batch.add(s)
+    while any(s.finish_reason is None for s in seqs):
+        batch.step()
+    return {s.id: s for s in seqs}
+
+
+def seqs(*plans: RowPlan, **sampling: Any) -> list[Sequence]:
+    return [Sequence(str(i), ROWS[i], p, SamplingParams(max_new_tokens=6, **sampling)) for i, p in enumerate(plans)]
+
+
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.8, seed=3)], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("poison", sorted(POISONS))
+def test_a_row_with_non_finite_logits_fails_alone(folders, poison, sampling):
+    served = Poisonable(folders, "lora")
+    alone = [generate(served.engine, [s])[s.id] for s in seqs(plan(), plan("good"), **sampling)]
+    served.poison(POISONS[poison])
+    done = generate(served.engine, seqs(plan(), plan("good"), plan("bad"), **sampling))
+    for s in alone:
+        assert (done[s.id].output_ids, done[s.id].finish_reason) == (s.output_ids, s.finish_reason)
+    bad = done["2"]
+    assert bad.finish_reason == "error" and isinstance(bad.error, NonFiniteLogits)
+    assert "adapter bad produced non-finite logits" in str(bad.error) and bad.output_ids == []
+
+
+def test_sampling_is_safe_for_any_temperature_and_any_logits():
+    logits = torch.tensor([[0.5, 3.0, 1.0, 2.9], [float("nan"), 1.0, 0.0, 0.0], [0.0, float("inf"), 0.0, 0.0],
+                           [1.0, 2.0, 0.0, 4.0]])
+    params = [SamplingParams(temperature=1e-45), SamplingParams(temperature=0.7, seed=1),
+              SamplingParams(temperature=1.0, top_p=0.5, seed=1), SamplingParams(temperature=5e-324, top_k=2)]
+    gens = [torch.Generator().manual_seed(0) for _ in params]
+    assert next_tokens(logits, params, gens) == [1, None, None, 3]
+    greedy = [SamplingParams(), SamplingParams(), SamplingParams(), SamplingParams()]
+    assert next_tokens(logits, greedy, gens) == [1, None, None, 3]
+
+
+def test_a_failed_prefill_ends_only_the_joining_rows(folders):
+    """Rows that join in a prefill that raises (here a soft prompt of the wrong width) end with its error;
+    the rows already running go on with the tokens they get alone."""
+    served = Poisonable(folders, "prompt_tuning")
+    alone = generate(served.engine, seqs(plan()))["0"]
+    served.bad.prompt = served.bad.prompt[:, :-1].contiguous()
+    served.engine.install(served.bad)
+    running, joining = seqs(plan(), plan("bad"))
+    batch = Batch(served.engine)
+    batch.add(running)
+    batch.step()
+    batch.add(joining)
+    while running.finish_reason is None:
+        batch.step()
+    assert (running.output_ids, running.finish_reason) == (alone.output_ids, alone.finish_reason)
+    assert joining.finish_reason == "error" and joining.output_ids == [] and "size" in str(joining.error)
+
+
+def test_a_failed_decode_ends_the_running_rows_and_the_joining_ones_still_join(folders):
+    """A decode forward that raises (an adapter replaced by a broken one mid-generation) ends the rows of
+    that forward, which share one cache; a row joining in the same step is prefilled and runs on."""
+    served = Poisonable(folders, "lora")
+    alone = generate(served.engine, seqs(plan(), plan(), plan("good")))["2"]
+    first, second, late = seqs(plan("bad"), plan(), plan("good"))
+    batch = Batch(served.engine)
+    batch.add(first)
+    batch.add(second)
+    batch.step()
+    site = next(iter(served.bad.sites.values()))
+    site.b_t = site.b_t[:-1]  # (r - 1, out): x @ A no longer fits
+    served.engine.install(served.bad)
+    batch.add(late)
+    while late.finish_reason is None:
+        batch.step()
+    for s in (first, second):
+        assert s.finish_reason == "error" and len(s.output_ids) == 1 and "cannot be multiplied" in str(s.error)
+    assert (late.output_ids, late.finish_reason) == (alone.output_ids, alone.finish_reason)
+
+
+# -- through the real server --------------------------------------------------------------------------------
+
+PROMPT = "Hello"
+
+
+@pytest.fixture
+def huge(registry, served_adapters, tmp_path) -> str:
+    """`huge@1.0.0`: lora0 with every weight 3e38, finite (so any finiteness check passes it) but overflowing
+    to inf in the activations of any row that uses it."""
+    folder = tmp_path / "huge"
+    shutil.copytree(served_adapters["lora0"], folder)
+    weights = folder / "adapter_model.safetensors"
+    save_file({k: torch.full_like(t, 3e38) for k, t in load_file(weights).items()}, str(weights))
+    registry.push(folder, "huge", "1.0.0")
+    return "huge"
+
+
+def together(server, client, requests: dict[str, dict]) -> dict[str, Any]:
+    """Each request's reply (or its RpcError), all queued while the scheduler is held, so they join one step."""
+    results: dict[str, Any] = {}
+
+    def call(name: str, kwargs: dict) -> None:
+        try:
+            results[name] = client.generate(PROMPT, **kwargs)
+        except grpc.RpcError as e:
+            results[name] = e
+
+    threads = [threading.Thread(target=call, args=item) for item in requests.items()]
+    with frozen(server):
+        for t in threads:
+            t.start()
+        wait_until(lambda: server.scheduler.load() == (0, len(requests)), "every request queued")
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_a_broken_adapter_fails_its_request_alone_through_the_server(start_server, huge):
+    server, client = start_server()
+    for ref in (huge, "lora0"):
+        client.load_adapter(ref)  # resident before the scheduler is held (a load runs on its thread)
+    greedy = dict(max_new_tokens=8)
+    requests = {"base": greedy, "lora0": dict(greedy, adapters=["lora0"]), "huge": dict(greedy, adapters=[huge])}
+    alone = {name: list(client.generate(PROMPT, **kwargs).token_ids)
+             for name, kwargs in requests.items() if name != "huge"}
+    results = together(server, client, requests)
+    for name, tokens in alone.items():
+        assert list(results[name].token_ids) == tokens, name
+    error = results["huge"]
+    assert isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.DATA_LOSS
+    assert error.details() == "adapter huge@1.0.0 produced non-finite logits at output token 1"
+    assert list(client.generate(PROMPT, **greedy).token_ids) == alone["base"]  # and the server goes on
+
+
+def test_a_tiny_temperature_is_greedy_and_harms_no_one(start_server):
+    server, client = start_server()
+    client.load_adapter("lora0")
+    greedy = dict(max_new_tokens=8)
+    requests = {"base": greedy, "lora0": dict(greedy, adapters=["lora0"]),
+                "tiny": dict(greedy, temperature=1e-45, seed=1)}
+    alone = {name: list(client.generate(PROMPT, **dict(kwargs, temperature=0.0)).token_ids)
+             for name, kwargs in requests.items()}
+    results = together(server, client, requests)
+    for name, tokens in alone.items():
+        assert not isinstance(results[name], grpc.RpcError), results[name]
+        assert list(results[name].token_ids) == tokens, name
