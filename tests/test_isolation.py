@@ -27,6 +27,7 @@ from hub.artifact import read_adapter
 from runtime.engine import Engine
 from runtime.generate import Batch, NonFiniteLogits, SamplingParams, Sequence
 from runtime.plan import AdapterUse, RowPlan
+from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 from runtime.sampling import next_tokens
 
 ROWS = [[5, 9, 17, 33, 4, 81, 12], [7, 7, 100, 3], [44, 12, 90, 61, 70, 8, 19], [15, 16], [101, 6, 55]]
@@ -218,16 +219,21 @@ def test_a_failed_decode_ends_the_running_rows_and_the_joining_ones_still_join(f
 PROMPT = "Hello"
 
 
+HUGE = 3e38  # finite (so any finiteness check passes it) but overflowing to inf in the activations of its rows
+
+
 @pytest.fixture
-def huge(registry, served_adapters, tmp_path) -> str:
-    """`huge@1.0.0`: lora0 with every weight 3e38, finite (so any finiteness check passes it) but overflowing
-    to inf in the activations of any row that uses it."""
-    folder = tmp_path / "huge"
-    shutil.copytree(served_adapters["lora0"], folder)
-    weights = folder / "adapter_model.safetensors"
-    save_file({k: torch.full_like(t, 3e38) for k, t in load_file(weights).items()}, str(weights))
-    registry.push(folder, "huge", "1.0.0")
-    return "huge"
+def huge(registry, served_base, served_adapters, tmp_path) -> dict[str, str]:
+    """Per technique, an adapter of it with every weight HUGE, pushed as `huge-<technique>@1.0.0`."""
+    refs = {}
+    for technique in ("lora0", "ia3", "bitfit", "prompt_tuning", "bottleneck"):
+        folder = tmp_path / technique
+        shutil.copytree(served_adapters[technique], folder)
+        weights = folder / "adapter_model.safetensors"
+        save_file({k: torch.full_like(t, HUGE) for k, t in load_file(weights).items()}, str(weights))
+        refs[technique] = f"huge-{technique.replace('_', '-')}"
+        registry.push(folder, refs[technique], "1.0.0", base_model=str(served_base))
+    return refs
 
 
 def together(server, client, requests: dict[str, dict]) -> dict[str, Any]:
@@ -250,20 +256,29 @@ def together(server, client, requests: dict[str, dict]) -> dict[str, Any]:
     return results
 
 
-def test_a_broken_adapter_fails_its_request_alone_through_the_server(start_server, huge):
+@pytest.mark.parametrize("technique", ["lora0", "ia3", "bitfit", "prompt_tuning", "bottleneck", "merge"])
+def test_a_broken_adapter_fails_its_request_alone_through_the_server(start_server, huge, technique):
+    """Requests beside one whose adapter overflows, all in one step: theirs are the tokens they get alone."""
     server, client = start_server()
-    for ref in (huge, "lora0"):
+    poisoned = dict(adapters=[huge[technique]]) if technique != "merge" else dict(
+        adapters=[huge["lora0"], "lora1"], mode="merge", merge=pb.MergeOptions(method="cat"))
+    for ref in {huge.get(technique, huge["lora0"]), "lora0", "lora1"}:
         client.load_adapter(ref)  # resident before the scheduler is held (a load runs on its thread)
     greedy = dict(max_new_tokens=8)
-    requests = {"base": greedy, "lora0": dict(greedy, adapters=["lora0"]), "huge": dict(greedy, adapters=[huge])}
+    requests = {"base": greedy, "lora0": dict(greedy, adapters=["lora0"]), "ia3": dict(greedy, adapters=["ia3"]),
+                "poisoned": dict(greedy, **poisoned)}
+    if technique == "merge":  # built and resident before the scheduler is held
+        with pytest.raises(grpc.RpcError):
+            client.generate(PROMPT, max_new_tokens=1, **poisoned)
     alone = {name: list(client.generate(PROMPT, **kwargs).token_ids)
-             for name, kwargs in requests.items() if name != "huge"}
+             for name, kwargs in requests.items() if name != "poisoned"}
     results = together(server, client, requests)
     for name, tokens in alone.items():
         assert list(results[name].token_ids) == tokens, name
-    error = results["huge"]
-    assert isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.DATA_LOSS
-    assert error.details() == "adapter huge@1.0.0 produced non-finite logits at output token 1"
+    poisoned = results["poisoned"]
+    if isinstance(poisoned, grpc.RpcError) or technique in ("lora0", "merge"):  # a LoRA at HUGE always overflows
+        assert poisoned.code() == grpc.StatusCode.DATA_LOSS
+        assert poisoned.details().endswith("produced non-finite logits at output token 1"), poisoned.details()
     assert list(client.generate(PROMPT, **greedy).token_ids) == alone["base"]  # and the server goes on
 
 
