@@ -22,9 +22,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import torch
 
 from runtime.engine import Engine
+from runtime.errors import ServeError
 from runtime.kvcache import join_rows, keep_rows, pad_left
 from runtime.plan import RowPlan
 from runtime.sampling import SamplingParams, generator_for, next_tokens
@@ -49,13 +51,14 @@ class Sequence:
     error: Exception | None = None  # why it ended, when finish_reason is "error"
 
 
-class NonFiniteLogits(Exception):
-    """A row's logits hold NaN or inf (its adapters' weights are broken or overflow): it has no next token."""
+class NonFiniteLogits(ServeError):
+    """A row's logits hold NaN or inf (its adapters' weights are broken or overflow): there is no token to
+    choose or score from them. DATA_LOSS: the numbers the request asked for are lost."""
 
-    def __init__(self, seq: Sequence):
-        keys = [a.key for a in seq.plan.adapters]
+    def __init__(self, plan: RowPlan, where: str):
+        keys = [a.key for a in plan.adapters]
         who = f"adapter{'s' if len(keys) > 1 else ''} {', '.join(keys)}" if keys else "the base model"
-        super().__init__(f"{who} produced non-finite logits at output token {len(seq.output_ids) + 1}")
+        super().__init__(grpc.StatusCode.DATA_LOSS, f"{who} produced non-finite logits {where}")
 
 
 def visible_text(tokenizer, seq: Sequence) -> str:
@@ -228,7 +231,7 @@ class Batch:
         """Record a sampled token (None: the row's logits were not finite, it fails); set finish_reason.
         Returns the tokens to report (EOS is not one)."""
         if token is None:
-            raise NonFiniteLogits(seq)
+            raise NonFiniteLogits(seq.plan, f"at output token {len(seq.output_ids) + 1}")
         if token in self._eos:
             self._finish(seq, "stop")
             return []
@@ -256,5 +259,8 @@ def score(engine: Engine, token_ids: list[int], plan: RowPlan) -> list[float]:
         raise ValueError("score needs at least two tokens")
     ids = torch.tensor([token_ids], device=engine.device)
     logits, _ = engine.forward(ids, torch.ones_like(ids), [plan], use_cache=False)
+    finite = torch.isfinite(logits[0, :-1]).all(-1)
+    if not finite.all():
+        raise NonFiniteLogits(plan, f"scoring token {int((~finite).nonzero()[0]) + 2}")
     logprobs = torch.log_softmax(logits[0, :-1].float(), -1)
     return logprobs.gather(-1, ids[0, 1:, None]).squeeze(-1).tolist()

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import grpc
 
 from runtime.errors import ServeError
-from runtime.generate import Batch, NonFiniteLogits, Sequence
+from runtime.generate import Batch, Sequence
 from runtime.metrics import Metrics
 
 T = TypeVar("T")
@@ -257,8 +257,8 @@ class Scheduler:
 
 
 def _row_error(error: Exception | None) -> ServeError:
-    """The status of a request whose step failed: DATA_LOSS when its row's logits were not finite (its
-    adapter's numbers are unusable), else INTERNAL."""
-    if isinstance(error, NonFiniteLogits):
-        return ServeError(grpc.StatusCode.DATA_LOSS, str(error))
+    """The status of a request whose step failed: the error's own when it has one (e.g. DATA_LOSS for
+    non-finite logits, runtime/generate.py), else INTERNAL."""
+    if isinstance(error, ServeError):
+        return error
     return ServeError(grpc.StatusCode.INTERNAL, f"batch step failed: {error}")

@@ -10,6 +10,7 @@ these tests do not depend on the finiteness checks artifacts get at push, pull a
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 import threading
 from typing import Any, Iterator
@@ -25,7 +26,7 @@ from server_support import frozen, wait_until
 
 from hub.artifact import read_adapter
 from runtime.engine import Engine
-from runtime.generate import Batch, NonFiniteLogits, SamplingParams, Sequence
+from runtime.generate import Batch, NonFiniteLogits, SamplingParams, Sequence, score
 from runtime.plan import AdapterUse, RowPlan
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 from runtime.sampling import next_tokens
@@ -161,7 +162,15 @@ def test_a_row_with_non_finite_logits_fails_alone(folders, poison, sampling):
         assert (done[s.id].output_ids, done[s.id].finish_reason) == (s.output_ids, s.finish_reason)
     bad = done["2"]
     assert bad.finish_reason == "error" and isinstance(bad.error, NonFiniteLogits)
-    assert "adapter bad produced non-finite logits" in str(bad.error) and bad.output_ids == []
+    assert str(bad.error) == "adapter bad produced non-finite logits at output token 1" and bad.output_ids == []
+
+
+def test_scoring_with_non_finite_logits_is_an_error_not_nan(folders):
+    served = Poisonable(folders, "lora")
+    served.poison(float("nan"))
+    with pytest.raises(NonFiniteLogits, match="adapter bad produced non-finite logits scoring token 2"):
+        score(served.engine, ROWS[0], plan("bad"))
+    assert all(math.isfinite(x) for x in score(served.engine, ROWS[0], plan("good")))
 
 
 def test_sampling_is_safe_for_any_temperature_and_any_logits():
@@ -280,6 +289,15 @@ def test_a_broken_adapter_fails_its_request_alone_through_the_server(start_serve
         assert poisoned.code() == grpc.StatusCode.DATA_LOSS
         assert poisoned.details().endswith("produced non-finite logits at output token 1"), poisoned.details()
     assert list(client.generate(PROMPT, **greedy).token_ids) == alone["base"]  # and the server goes on
+
+
+def test_score_of_a_broken_adapter_is_data_loss(start_server, huge):
+    _, client = start_server()
+    with pytest.raises(grpc.RpcError) as caught:
+        client.score(PROMPT, adapters=[huge["lora0"]])
+    assert caught.value.code() == grpc.StatusCode.DATA_LOSS
+    assert caught.value.details() == "adapter huge-lora0@1.0.0 produced non-finite logits scoring token 2"
+    assert all(math.isfinite(x) for x in client.score(PROMPT, adapters=["lora0"]).logprobs)
 
 
 def test_a_tiny_temperature_is_greedy_and_harms_no_one(start_server):
