@@ -318,3 +318,36 @@ def test_a_tiny_temperature_is_greedy_and_harms_no_one(start_server):
     for name, tokens in alone.items():
         assert not isinstance(results[name], grpc.RpcError), results[name]
         assert list(results[name].token_ids) == tokens, name
+
+
+def test_streams_mid_answer_outlive_a_broken_request_and_a_tiny_temperature(start_server, huge):
+    """The attack as reported: requests that used to fail the whole step join streams that are mid-answer;
+    the streams go on to the tokens they get alone."""
+    server, client = start_server()
+    client.load_adapter(huge["lora0"])
+    long = dict(max_new_tokens=400)
+    alone = [list(client.generate(PROMPT, **long).token_ids),
+             list(client.generate(PROMPT, adapters=["lora0"], **long).token_ids)]
+    streams = [client.generate_stream(PROMPT, **long), client.generate_stream(PROMPT, adapters=["lora0"], **long)]
+    got = [list(next(s).token_ids) for s in streams]  # both running
+    results: dict[str, Any] = {}
+
+    def call(name: str, **kwargs: Any) -> None:
+        try:
+            results[name] = client.generate(PROMPT, max_new_tokens=4, **kwargs)
+        except grpc.RpcError as e:
+            results[name] = e
+
+    threads = [threading.Thread(target=call, args=("broken",), kwargs=dict(adapters=[huge["lora0"]])),
+               threading.Thread(target=call, args=("tiny",), kwargs=dict(temperature=1e-45, seed=2))]
+    with frozen(server):
+        for t in threads:
+            t.start()
+        wait_until(lambda: server.scheduler.load() == (2, 2), "both joining while both streams run")
+    for t in threads:
+        t.join()
+    assert results["broken"].code() == grpc.StatusCode.DATA_LOSS
+    assert list(results["tiny"].token_ids) == alone[0][:4]
+    for stream, tokens, expected in zip(streams, got, alone):
+        tokens += [t for chunk in stream for t in chunk.token_ids]
+        assert tokens == expected
