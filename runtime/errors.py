@@ -1,6 +1,6 @@
 """The one error type the serving layers raise: a gRPC status code and one clear message.
 
-The pool and scheduler raise it; the server turns it into the RPC's status, so each failure is
+The pool, the scheduler and its batch (runtime/generate.py) raise it; the server turns it into the RPC's status, so each failure is
 mapped to its code exactly once, where it is detected.
 """
 from __future__ import annotations

@@ -11,20 +11,28 @@ a join compiles only the joiners (their prefill's compile, reused by every decod
 leaving re-compiles only its segment. Past MAX_SEGMENTS, the two smallest neighbours are merged; once
 no row has joined or left for SETTLE_STEPS steps, the batch becomes one segment (one compile, then
 each adapted module runs its ops once per step, not once per segment).
+
+A failure ends only the rows it touches (finish_reason "error", the exception in `Sequence.error`): a
+row whose logits are not finite, or whose token cannot be taken, ends alone; a failed prefill ends only
+the rows joining in it (their cache was never merged); a failed decode ends the running rows (they
+share one cache), and the joining rows still join.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
+import grpc
 import torch
 
 from runtime.engine import Engine
+from runtime.errors import ServeError
 from runtime.kvcache import join_rows, keep_rows, pad_left
 from runtime.plan import RowPlan
 from runtime.sampling import SamplingParams, generator_for, next_tokens
 from runtime.textstream import TextStream
 
-__all__ = ["Batch", "SamplingParams", "Sequence", "score"]
+__all__ = ["Batch", "NonFiniteLogits", "SamplingParams", "Sequence", "score"]
 
 MAX_SEGMENTS = 2  # each extra segment costs every adapted module its own ops: ~6 ms a step on SmolLM2/CPU
 # A steady batch's segments merge after this many steps: the merge re-stacks every row's LoRA weights once
@@ -39,7 +47,18 @@ class Sequence:
     plan: RowPlan = field(default_factory=RowPlan)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     output_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | None
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" | None
+    error: Exception | None = None  # why it ended, when finish_reason is "error"
+
+
+class NonFiniteLogits(ServeError):
+    """A row's logits hold NaN or inf (its adapters' weights are broken or overflow): there is no token to
+    choose or score from them. DATA_LOSS: the numbers the request asked for are lost."""
+
+    def __init__(self, plan: RowPlan, where: str):
+        keys = [a.key for a in plan.adapters]
+        who = f"adapter{'s' if len(keys) > 1 else ''} {', '.join(keys)}" if keys else "the base model"
+        super().__init__(grpc.StatusCode.DATA_LOSS, f"{who} produced non-finite logits {where}")
 
 
 def visible_text(tokenizer, seq: Sequence) -> str:
@@ -107,19 +126,32 @@ class Batch:
 
     @torch.inference_mode()
     def step(self) -> list[tuple[Sequence, list[int]]]:
-        """One decode step for running rows and a prefill for joining ones; new tokens per sequence."""
-        produced: list[tuple[Sequence, int]] = []
+        """One decode step for running rows and a prefill for joining ones; new tokens per sequence (a
+        sequence that failed comes with no tokens and finish_reason "error", see the module docstring)."""
+        produced: list[tuple[Sequence, int | None]] = []
+        results: list[tuple[Sequence, list[int]]] = []
         self._steady += 1
         if self._rows:
-            produced += self._decode()
+            try:
+                produced += self._decode()
+            except Exception as e:  # the cache may hold part of this step: every running row ends
+                results += self._fail(self._rows, e)
+                self._keep([])
         room = self.max_rows - len(self._rows)
         joining, self._pending = self._pending[:room], self._pending[room:]
         if joining:
-            produced += self._prefill(joining)
-        results = []
+            try:
+                logits, cache, mask = self._prefill(joining)
+            except Exception as e:  # nothing of theirs is in the batch yet: the running rows go on
+                results += self._fail(joining, e)
+            else:
+                self._merge(joining, cache, mask)
+                produced += self._sample(joining, logits)
         for seq, token in produced:
-            new = self._accept(seq, token)
-            results.append((seq, new))
+            try:
+                results.append((seq, self._accept(seq, token)))
+            except Exception as e:  # e.g. its stop-string check: this row alone
+                results += self._fail([seq], e)
         done = [i for i, seq in enumerate(self._rows) if seq.finish_reason is not None]
         if done:
             self._keep([i for i in range(len(self._rows)) if i not in done])
@@ -129,11 +161,18 @@ class Batch:
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[Sequence, int]]:
+    def _fail(self, seqs: list[Sequence], error: Exception) -> list[tuple[Sequence, list[int]]]:
+        """End these sequences with `error`; each with no new tokens, as `step` reports them."""
+        for seq in seqs:
+            self._finish(seq, "error")
+            seq.error = error
+        return [(seq, []) for seq in seqs]
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[Sequence, int | None]]:
         tokens = next_tokens(logits, [s.sampling for s in seqs], [self._generators[s.id] for s in seqs])
         return list(zip(seqs, tokens))
 
-    def _decode(self) -> list[tuple[Sequence, int]]:
+    def _decode(self) -> list[tuple[Sequence, int | None]]:
         device = self.engine.device
         ids = torch.tensor([[s.output_ids[-1]] for s in self._rows], device=device)
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(self._rows), 1)], dim=1)
@@ -141,7 +180,8 @@ class Batch:
                                                   segments=self._segments, last_only=True)
         return self._sample(self._rows, logits[:, -1])
 
-    def _prefill(self, seqs: list[Sequence]) -> list[tuple[Sequence, int]]:
+    def _prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        """The joining rows' forward: their last logits, their cache and its attention mask (not merged yet)."""
         device = self.engine.device
         plans = [s.plan for s in seqs]
         width = max(len(s.prompt_ids) for s in seqs)
@@ -154,8 +194,7 @@ class Batch:
         mask = torch.zeros(len(seqs), length, dtype=torch.long, device=device)
         for i, s in enumerate(seqs):
             mask[i, length - len(s.prompt_ids) - prompts[i]:] = 1
-        self._merge(seqs, cache, mask)
-        return self._sample(seqs, logits[:, -1])
+        return logits[:, -1], cache, mask
 
     def _merge(self, seqs: list[Sequence], cache, mask: torch.Tensor) -> None:
         if self._cache is None:
@@ -188,8 +227,11 @@ class Batch:
         for layer in self._cache.layers:
             keep_rows(layer, keep, start)
 
-    def _accept(self, seq: Sequence, token: int) -> list[int]:
-        """Record a sampled token; set finish_reason. Returns the tokens to report (EOS is not one)."""
+    def _accept(self, seq: Sequence, token: int | None) -> list[int]:
+        """Record a sampled token (None: the row's logits were not finite, it fails); set finish_reason.
+        Returns the tokens to report (EOS is not one)."""
+        if token is None:
+            raise NonFiniteLogits(seq.plan, f"at output token {len(seq.output_ids) + 1}")
         if token in self._eos:
             self._finish(seq, "stop")
             return []
@@ -217,5 +259,8 @@ def score(engine: Engine, token_ids: list[int], plan: RowPlan) -> list[float]:
         raise ValueError("score needs at least two tokens")
     ids = torch.tensor([token_ids], device=engine.device)
     logits, _ = engine.forward(ids, torch.ones_like(ids), [plan], use_cache=False)
+    finite = torch.isfinite(logits[0, :-1]).all(-1)
+    if not finite.all():
+        raise NonFiniteLogits(plan, f"scoring token {int((~finite).nonzero()[0]) + 2}")
     logprobs = torch.log_softmax(logits[0, :-1].float(), -1)
     return logprobs.gather(-1, ids[0, 1:, None]).squeeze(-1).tolist()

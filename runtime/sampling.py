@@ -42,26 +42,35 @@ def generator_for(params: SamplingParams) -> torch.Generator:
     return gen
 
 
-def next_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
-    """One token per row from last-position logits (rows, vocab). The greedy rows' argmax is one op and the
-    sampled rows' logits come to the CPU in one copy: on a GPU, one transfer each instead of one per row."""
-    tokens: list[int] = [0] * len(params)
+def next_tokens(logits: torch.Tensor, params: list[SamplingParams],
+                generators: list[torch.Generator]) -> list[int | None]:
+    """One token per row from last-position logits (rows, vocab); None for a row whose logits are not all
+    finite (no token can be chosen from them: argmax of NaN is token 0, and multinomial raises). The greedy
+    rows' argmax is one op and the sampled rows' logits come to the CPU in one copy: on a GPU, one transfer
+    each instead of one per row."""
+    tokens: list[int | None] = [None] * len(params)
     greedy = [i for i, p in enumerate(params) if p.temperature == 0]
     sampled = [i for i, p in enumerate(params) if p.temperature != 0]
     if greedy:
         rows = logits if len(greedy) == len(params) else logits[greedy]  # all greedy (the usual case): no copy
-        for i, token in zip(greedy, rows.argmax(-1).tolist()):
-            tokens[i] = token
+        picks = torch.where(torch.isfinite(rows).all(-1), rows.argmax(-1), -1)
+        for i, token in zip(greedy, picks.tolist()):
+            tokens[i] = token if token >= 0 else None
     if sampled:
         scores = logits[sampled].detach().float().cpu()
+        finite = torch.isfinite(scores).all(-1).tolist()
         for row, i in enumerate(sampled):
-            tokens[i] = _sample(scores[row], params[i], generators[i])
+            if finite[row]:
+                tokens[i] = _sample(scores[row], params[i], generators[i])
     return tokens
 
 
 def _sample(scores: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """One token from a row's float32 CPU logits (vocab,), at temperature > 0."""
-    scores = scores / params.temperature
+    """One token from a row's finite float32 CPU logits (vocab,), at temperature > 0. The largest score is
+    subtracted before dividing by the temperature, so the best token scores 0 and the others at most 0 (or
+    -inf) at any temperature; in float64, where every positive Python float is a positive temperature
+    (5e-324 is 0 in float32). At such tiny temperatures only the best tokens keep any probability."""
+    scores = (scores.double() - scores.max()) / params.temperature
     if params.top_k:
         kth = torch.topk(scores, min(params.top_k, scores.numel())).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))

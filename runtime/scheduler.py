@@ -214,10 +214,10 @@ class Scheduler:
         started = time.perf_counter()
         try:
             produced = self._batch.step()
-        except Exception as e:  # a failed step fails its rows, never the server
+        except Exception as e:  # a step that failed outside any row's own work fails every row, never the server
             with self._cv:
                 for request in list(self._running.values()):
-                    self._leave(request, None, ServeError(grpc.StatusCode.INTERNAL, f"batch step failed: {e}"))
+                    self._leave(request, None, _row_error(e))
             return
         elapsed = time.perf_counter() - started
         now = time.perf_counter()
@@ -234,7 +234,9 @@ class Scheduler:
                         self.metrics.ttft.observe(now - request.arrived)
                     self.metrics.generated_tokens.labels(adapter=self._label(seq)).inc(len(tokens))
                     request.events.put(list(tokens))
-                if seq.finish_reason is not None:
+                if seq.finish_reason == "error":  # a failure of this row alone (runtime/generate.py)
+                    self._leave(request, None, _row_error(seq.error))
+                elif seq.finish_reason is not None:
                     self._leave(request, seq.finish_reason)
             self.metrics.batch_size.set(len(self._running))
         self.metrics.step_rows.observe(rows)
@@ -252,3 +254,11 @@ class Scheduler:
     def _finish(request: Request, reason: str | None, error: ServeError | None = None) -> None:
         request.state = "done"
         request.events.put(Finished(reason, error))
+
+
+def _row_error(error: Exception | None) -> ServeError:
+    """The status of a request whose step failed: the error's own when it has one (e.g. DATA_LOSS for
+    non-finite logits, runtime/generate.py), else INTERNAL."""
+    if isinstance(error, ServeError):
+        return error
+    return ServeError(grpc.StatusCode.INTERNAL, f"batch step failed: {error}")
