@@ -61,25 +61,26 @@ def test_requests_waiting_for_adapter_memory_leave_health_info_and_admin_answeri
     assert len(answers) == 2 and all(a.finish_reason == "length" for a in answers)
 
 
-def _store_unchecked(registry, folder, name: str, like: str):
-    """Add `folder` as `name@1.0.0` with `like`'s base info, without push's checks (push refuses what these
-    tests need: an artifact the runtime fails on)."""
+def _store_unchecked(registry, folder, name: str, like: str, parsed_from):
+    """Add `folder` as `name@1.0.0` with `like`'s base info and the manifest of the intact adapter in
+    `parsed_from`, bypassing every check of push and of `add_files` (which refuse what these tests need: an
+    artifact the runtime fails on, as a registry written before those checks may hold)."""
     from hub.artifact import read_adapter
     from hub.manifest import Provenance, artifact_files, build, sha256_file
 
     files = {p.name: dict(zip(("size", "sha256"), sha256_file(p))) for p in artifact_files(folder)}
-    manifest = build(name, "1.0.0", read_adapter(folder), files, registry.resolve(like).base_model,
+    manifest = build(name, "1.0.0", read_adapter(parsed_from), files, registry.resolve(like).base_model,
                      Provenance("", (), None, {"parents": []}))
-    return registry.add_files(folder, manifest)
+    return registry._commit(manifest, {n: folder / n for n in manifest.files}, None)
 
 
 def _rank_disagrees(registry, served_adapters, tmp_path) -> str:
-    """lora0 (r=4) with a config that says r=8: parsed and fitted, refused by the engine's prepare."""
+    """lora0 (r=4) with a config that says r=8, stored bypassing the checks: refused when the runtime reads it."""
     folder = tmp_path / "rank-disagrees"
     shutil.copytree(served_adapters["lora0"], folder)
     config = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
-    _store_unchecked(registry, folder, "rank-disagrees", "lora0")
+    _store_unchecked(registry, folder, "rank-disagrees", "lora0", served_adapters["lora0"])
     return "rank-disagrees"
 
 
