@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hub.errors import RemoteError
+from hub.errors import IntegrityError, RemoteError
 from hub.registry import Registry
 from hub.remotes import Remotes
 from hub.remotes.hf import HFRemote, model_card, stage
@@ -132,7 +132,7 @@ def test_tampered_hf_cache_is_refused_and_nothing_changes(technique_adapters, tm
     local = Registry(tmp_path / "home")
     local.push(technique_adapters["bitfit"], "keep", "1.0.0")
     before = snapshot(local.root)
-    with pytest.raises(Exception, match="tampered or corrupted"):
+    with pytest.raises(IntegrityError, match="tampered or corrupted"):
         HFRemote("acme/ia3").fetch("acme/ia3@1.0.0", local)
     assert snapshot(local.root) == before
 
