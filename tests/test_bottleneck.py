@@ -203,7 +203,8 @@ def test_refuses_size_disagreeing_with_config(imported, tmp_path):
 
 
 def test_bf16_base_serves_the_same_adapters(imported):
-    """In bf16 the adapters compute in the base's dtype; rounding stays far below any adapter's effect (~0.6)."""
+    """In bf16 the adapters compute in the base's dtype; rounding stays below 2 % of each row's adapter effect (an
+    adapter applied 15 % too weakly fails)."""
     from transformers import AutoModelForCausalLM
 
     eng = Engine(AutoModelForCausalLM.from_pretrained(FIXTURES / "base", dtype=torch.bfloat16))
@@ -213,8 +214,12 @@ def test_bf16_base_serves_the_same_adapters(imported):
     cases = ["stack_pfeiffer_houlsby", "average_pfeiffer_parallel"]
     logits, _ = eng.forward(ids, torch.ones_like(ids), [plan_of(INDEX["cases"][c]) for c in cases], use_cache=False)
     assert logits.dtype == torch.bfloat16
+    with torch.no_grad():  # the base alone, in float32: each row's adapter effect is its reference minus this
+        plain = AutoModelForCausalLM.from_pretrained(FIXTURES / "base", dtype=torch.float32)(ids).logits
     for row, case in enumerate(cases):
-        assert (logits[row].float() - reference(case, row)).abs().max().item() <= 0.05
+        error = (logits[row].float() - reference(case, row)).abs().max().item()
+        effect = (reference(case, row) - plain[row]).abs().max().item()
+        assert error <= 0.02 * effect, (case, error, effect)
 
 
 def test_refuses_base_missing_a_layer_naming_it(imported):
