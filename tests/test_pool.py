@@ -166,6 +166,26 @@ def test_a_waiter_with_its_room_reserved_lets_the_next_one_try_while_it_loads(ma
     pool.release(out_second["result"])
 
 
+def test_waiters_are_served_in_arrival_order(make_pool):
+    """lora3 (16 units) fills the budget; a request for lora2 (12) arrives, then one for lora1 (8). When lora3 is
+    let go only one of them fits: the first to arrive gets it, the second waits on until that one is let go."""
+    probe = make_pool(1 << 30)
+    pool = make_pool(_size(probe, "lora3"))
+    lease = pool.acquire([pool.resolve("lora3")])
+    first, out_first = _in_thread(lambda: pool.acquire([pool.resolve("lora2")]))
+    wait_until(lambda: _waiting(pool) == 1, "the request for lora2 waits")
+    second, out_second = _in_thread(lambda: pool.acquire([pool.resolve("lora1")]))
+    wait_until(lambda: _waiting(pool) == 2, "the request for lora1 waits behind it")
+    pool.release(lease)
+    first.join(60)
+    assert [e.key for e in out_first["result"].entries] == ["lora2@1.0.0"], out_first
+    assert second.is_alive() and not out_second and _waiting(pool) == 1  # still waiting: no room beside lora2
+    pool.release(out_first["result"])
+    second.join(60)
+    assert [e.key for e in out_second["result"].entries] == ["lora1@1.0.0"], out_second
+    pool.release(out_second["result"])
+
+
 def test_pinned_adapters_that_hold_the_budget_refuse_at_once(make_pool):
     probe = make_pool(1 << 30)
     pool = make_pool(_size(probe, "lora0") + _size(probe, "lora1"))
