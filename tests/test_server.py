@@ -59,7 +59,7 @@ def test_score_equals_peft_logprobs(start_server, served_base, served_adapters):
         logits = peft_model(input_ids=ids.to(DEVICE)).logits[0, :-1].cpu()
     expected = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
     assert list(reply.token_ids) == ids[0].tolist()
-    assert torch.allclose(torch.tensor(list(reply.logprobs)), expected, atol=1e-4)
+    assert torch.allclose(torch.tensor(list(reply.logprobs)), expected, atol=1e-5, rtol=0)
     assert reply.total_logprob == pytest.approx(float(expected.sum()), abs=1e-3)
     assert [a.ref for a in reply.adapters] == ["lora1@1.0.0"]
 
