@@ -21,7 +21,7 @@ python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 
 echo "== server tests on CUDA"
 HUB_TEST_DEVICE=cuda timeout 240 python3 -m pytest -q -p no:cacheprovider -W ignore tests/test_server.py \
   tests/test_server_errors.py tests/test_server_textstream.py tests/test_merge_server.py tests/test_server_security.py \
-  tests/test_server_soak.py > "$out/server_tests_cuda.txt" 2>&1
+  tests/test_server_soak.py tests/test_server_promises.py > "$out/server_tests_cuda.txt" 2>&1
 tail -3 "$out/server_tests_cuda.txt"
 echo "== engine vs PEFT on CUDA"
 timeout 120 python3 bench/gpu_check.py > "$out/gpu_check.txt" 2>&1; tail -1 "$out/gpu_check.txt"

@@ -55,9 +55,10 @@ def tiny_llama_dir(tmp_path) -> Path:
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def save_peft_adapter(base, config, folder: Path, seed: int = 1) -> Path:
+def save_peft_adapter(base, config, folder: Path, seed: int = 1, scale: float = 0.2) -> Path:
     """Wrap a copy of `base` with PEFT, randomise every adapter weight (PEFT inits LoRA B to zero and
-    IA3 to ones, which would make any test pass), save with save_pretrained; return the folder."""
+    IA3 to ones, which would make any test pass) as `scale`·randn (IA3: 1 + 0.3·randn), save with
+    save_pretrained; return the folder."""
     import copy
 
     from peft import get_peft_model
@@ -68,7 +69,7 @@ def save_peft_adapter(base, config, folder: Path, seed: int = 1) -> Path:
         for name, p in peft_model.named_parameters():
             if p.requires_grad:
                 noise = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype)
-                p.copy_(1 + 0.3 * noise if "ia3_l" in name else 0.2 * noise)
+                p.copy_(1 + 0.3 * noise if "ia3_l" in name else scale * noise)
     peft_model.save_pretrained(folder)
     return Path(folder)
 
@@ -89,8 +90,10 @@ def save_bitfit_adapter(folder: Path, biases: dict[str, torch.Tensor]) -> Path:
 
 # --- registry tests (REGISTRY helper): one small adapter per technique, for tiny_llama() ---
 
-def save_bottleneck_adapter(folder: Path, layers: int = 2, hidden: int = 64, size: int = 8, seed: int = 3) -> Path:
-    """Our bottleneck format (hub/artifact.py): a Pfeiffer-style adapter after each layer's feed-forward block."""
+def save_bottleneck_adapter(folder: Path, layers: int = 2, hidden: int = 64, size: int = 8, seed: int = 3,
+                            scale: float = 0.01) -> Path:
+    """Our bottleneck format (hub/artifact.py): a Pfeiffer-style adapter after each layer's feed-forward block,
+    weights `scale`·randn (std 1 drowned the tiny base: one token whatever the prompt)."""
     import json
 
     from safetensors.torch import save_file
@@ -100,8 +103,10 @@ def save_bottleneck_adapter(folder: Path, layers: int = 2, hidden: int = 64, siz
     for i in range(layers):
         p = f"model.layers.{i}.ffn_adapter"
         tensors.update({
-            f"{p}.down.weight": torch.randn(size, hidden, generator=gen), f"{p}.down.bias": torch.randn(size, generator=gen),
-            f"{p}.up.weight": torch.randn(hidden, size, generator=gen), f"{p}.up.bias": torch.randn(hidden, generator=gen),
+            f"{p}.down.weight": scale * torch.randn(size, hidden, generator=gen),
+            f"{p}.down.bias": scale * torch.randn(size, generator=gen),
+            f"{p}.up.weight": scale * torch.randn(hidden, size, generator=gen),
+            f"{p}.up.bias": scale * torch.randn(hidden, generator=gen),
         })
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -130,6 +135,6 @@ def technique_adapters(tmp_path_factory) -> dict[str, Path]:
         "prompt_tuning": save_peft_adapter(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
                                            root / "prompt_tuning"),
         "bitfit": save_bitfit_adapter(root / "bitfit", {
-            f"model.layers.{i}.mlp.down_proj": torch.randn(64, generator=gen) for i in range(2)}),
+            f"model.layers.{i}.mlp.down_proj": 0.005 * torch.randn(64, generator=gen) for i in range(2)}),
         "bottleneck": save_bottleneck_adapter(root / "bottleneck"),
     }

@@ -18,6 +18,7 @@ import torch
 
 from conftest import save_bitfit_adapter, save_bottleneck_adapter, save_peft_adapter, tiny_llama
 
+LORA_SCALE, BITFIT_SCALE = 0.06, 0.005
 CONTEXT = 4096  # long enough that a request can outlive others without a timing assumption
 DEVICE = os.environ.get("HUB_TEST_DEVICE", "cpu")  # where the served base (and each test's peer) runs
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
@@ -66,9 +67,14 @@ def device_bytes(engine, registry, name: str) -> int:
 
 @pytest.fixture(scope="session")
 def served_base(tmp_path_factory) -> Path:
-    """A tiny Llama (context 4096) and its tokenizer, saved as a local model folder."""
+    """A tiny Llama (context 4096) and its tokenizer, saved as a local model folder. EOS's output row is zero:
+    its logit is 0 where 127 random others compete, so greedy never ends a long stream early (the tests that
+    hold adapters with one count on that)."""
     folder = tmp_path_factory.mktemp("served") / "base"
-    tiny_llama(max_position_embeddings=CONTEXT).save_pretrained(folder)
+    model = tiny_llama(max_position_embeddings=CONTEXT)
+    with torch.no_grad():
+        model.lm_head.weight[model.config.eos_token_id] = 0
+    model.save_pretrained(folder)
     char_tokenizer().save_pretrained(folder)
     return folder
 
@@ -92,20 +98,51 @@ def served_adapters(served_base, tmp_path_factory) -> dict[str, Path]:
     for i in range(4):
         out[f"lora{i}"] = save_peft_adapter(
             base, LoraConfig(r=4 * (i + 1), lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
-            root / f"lora{i}", seed=10 + i)
+            root / f"lora{i}", seed=10 + i, scale=LORA_SCALE)
     out["ia3"] = save_peft_adapter(base, IA3Config(target_modules=["k_proj", "down_proj"],
                                                    feedforward_modules=["down_proj"]), root / "ia3")
     out["prompt_tuning"] = save_peft_adapter(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
                                              root / "prompt_tuning")
     gen = torch.Generator().manual_seed(5)
     out["bitfit"] = save_bitfit_adapter(root / "bitfit", {
-        f"model.layers.{i}.mlp.down_proj": torch.randn(64, generator=gen) for i in range(2)})
+        f"model.layers.{i}.mlp.down_proj": BITFIT_SCALE * torch.randn(64, generator=gen) for i in range(2)})
     out["bottleneck"] = save_bottleneck_adapter(root / "bottleneck")
     other = tiny_llama(vocab_size=256)
     other.save_pretrained(root / "other-base")
     out["other_base"] = root / "other-base"
     out["foreign"] = save_peft_adapter(other, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]), root / "foreign")
+    _check_each_adapter_matters(base, {k: v for k, v in out.items() if k not in ("other_base", "foreign")})
     return out
+
+
+def _check_each_adapter_matters(base, adapters: dict[str, Path]) -> None:
+    """Each adapter's greedy tokens differ from the base's and between prompts, and are not one token repeated:
+    an adapter that drowns the base emits the same token whatever the context, and then no test of context,
+    position or KV cache can see an error in its rows."""
+    import copy
+
+    from hub.artifact import read_adapter
+    from runtime.engine import Engine
+    from runtime.plan import AdapterUse, RowPlan
+
+    engine = Engine(copy.deepcopy(base), None)
+    prompts = [[1, 40, 72, 77, 80, 15], [1, 55, 68, 70, 71, 33, 81, 90], [1, 45, 88, 13]]
+
+    def greedy(plan: RowPlan, prompt: list[int], n: int = 8) -> list[int]:
+        out: list[int] = []
+        for _ in range(n):
+            ids = torch.tensor([prompt + out])
+            out.append(int(engine.forward(ids, torch.ones_like(ids), [plan], use_cache=False, last_only=True)[0]
+                           .reshape(-1, base.config.vocab_size)[-1].argmax()))
+        return out
+
+    plain = [greedy(RowPlan(), p) for p in prompts]
+    for key, folder in adapters.items():
+        engine.load(key, read_adapter(folder))
+        outs = [greedy(RowPlan((AdapterUse(key),)), p) for p in prompts]
+        assert all(o != b for o, b in zip(outs, plain)), f"{key}: greedy output equals the base's: {outs}"
+        assert len({tuple(o) for o in outs}) == len(prompts), f"{key}: greedy output ignores the prompt: {outs}"
+        assert all(len(set(o)) > 1 for o in outs), f"{key}: greedy output is one token repeated: {outs}"
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hub.artifact import ArtifactError, Technique, parse_tensors, read_adapter, technique_of
+from hub.errors import InvalidName
 from hub.manifest import artifact_files
 
 
@@ -82,7 +83,7 @@ def test_artifact_files_are_the_flat_non_hidden_files(technique_adapters, tmp_pa
     (folder / ".gitattributes").write_text("*.safetensors filter=lfs\n")
     assert [p.name for p in artifact_files(folder)] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     (folder / "bad name.txt").write_text("x")
-    with pytest.raises(Exception, match="invalid artifact file name"):
+    with pytest.raises(InvalidName, match="invalid artifact file name"):
         artifact_files(folder)
 
 

@@ -1,4 +1,4 @@
-"""Bottleneck adapters in the runtime equal the AdapterHub `adapters` library's output (1e-4, fp32).
+"""Bottleneck adapters in the runtime equal the AdapterHub `adapters` library's output (1e-5, fp32).
 
 The references (tests/fixtures/bottleneck/, made by make_fixtures.py there with adapters 1.3.0 and
 transformers 4.57) are logits for fixed input ids; here the same base loads with transformers 5 and
@@ -22,7 +22,7 @@ from conftest import tiny_llama
 
 FIXTURES = Path(__file__).parent / "fixtures" / "bottleneck"
 INDEX = json.loads((FIXTURES / "index.json").read_text())
-TOL = 1e-4
+TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +203,8 @@ def test_refuses_size_disagreeing_with_config(imported, tmp_path):
 
 
 def test_bf16_base_serves_the_same_adapters(imported):
-    """In bf16 the adapters compute in the base's dtype; rounding stays far below any adapter's effect (~0.6)."""
+    """In bf16 the adapters compute in the base's dtype; rounding stays below 2 % of each row's adapter effect (an
+    adapter applied 15 % too weakly fails)."""
     from transformers import AutoModelForCausalLM
 
     eng = Engine(AutoModelForCausalLM.from_pretrained(FIXTURES / "base", dtype=torch.bfloat16))
@@ -213,8 +214,12 @@ def test_bf16_base_serves_the_same_adapters(imported):
     cases = ["stack_pfeiffer_houlsby", "average_pfeiffer_parallel"]
     logits, _ = eng.forward(ids, torch.ones_like(ids), [plan_of(INDEX["cases"][c]) for c in cases], use_cache=False)
     assert logits.dtype == torch.bfloat16
+    with torch.no_grad():  # the base alone, in float32: each row's adapter effect is its reference minus this
+        plain = AutoModelForCausalLM.from_pretrained(FIXTURES / "base", dtype=torch.float32)(ids).logits
     for row, case in enumerate(cases):
-        assert (logits[row].float() - reference(case, row)).abs().max().item() <= 0.05
+        error = (logits[row].float() - reference(case, row)).abs().max().item()
+        effect = (reference(case, row) - plain[row]).abs().max().item()
+        assert error <= 0.02 * effect, (case, error, effect)
 
 
 def test_refuses_base_missing_a_layer_naming_it(imported):

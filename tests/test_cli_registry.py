@@ -108,6 +108,23 @@ def test_pull_by_tag_sets_the_local_tag(technique_adapters, tmp_path):
     assert "version: 1.1.0" in hub("show", "ia3@stable", home=bob).stdout
 
 
+def test_pull_without_from_uses_the_only_remote_else_origin(technique_adapters, tmp_path):
+    """Without --from, `hub pull` takes the one configured remote, or `origin` among several; with several and
+    no origin it asks for --from in one line and changes nothing."""
+    alice, bob, team, shared = tmp_path / "alice", tmp_path / "bob", tmp_path / "team", tmp_path / "shared"
+    hub("push", technique_adapters["ia3"], "--name", "ia3", "--version", "1.0.0", "--to", team, home=alice)
+    hub("push", technique_adapters["ia3"], "--name", "ia3", "--version", "2.0.0", "--to", shared, home=alice)
+    hub("remote", "add", "a-team", team, home=bob)  # sorts and was added before origin
+    assert "pulled ia3@1.0.0" in hub("pull", "ia3", home=bob).stdout
+    hub("remote", "add", "origin", shared, home=bob)
+    assert "pulled ia3@2.0.0" in hub("pull", "ia3", home=bob).stdout
+    hub("remote", "rm", "origin", home=bob)
+    hub("remote", "add", "b-team", shared, home=bob)
+    before = snapshot(bob)
+    one_line_error(hub("pull", "ia3", home=bob, ok=False), "name a remote with --from (configured: a-team, b-team)")
+    assert snapshot(bob) == before
+
+
 def test_remote_add_list_rm(tmp_path):
     home = tmp_path / "home"
     hub("remote", "add", "shared", tmp_path / "shared", home=home)

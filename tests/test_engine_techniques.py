@@ -12,7 +12,7 @@ from hub.artifact import read_adapter
 from runtime.engine import Engine
 from runtime.plan import AdapterUse, PlanError, RowPlan
 
-TOL = 1e-4
+TOL = 1e-5
 
 
 def plan(*keys: str, weights=None, mode: str = "stack") -> RowPlan:

@@ -46,6 +46,8 @@ def loras(tmp_path_factory) -> dict[str, Path]:
         "r2": lora(d / "r2", 5, r=2, alpha=4, targets=ATTN),
         "pat": lora(d / "pat", 6, r=4, alpha=8, targets=ALL, rank_pattern={"v_proj": 6},
                     alpha_pattern={"layers.1.self_attn.q_proj": 3}),
+        "rs": lora(d / "rs", 7, r=4, alpha=8, use_rslora=True),
+        "rs8": lora(d / "rs8", 8, r=8, alpha=4, use_rslora=True),
     }
 
 
@@ -104,6 +106,10 @@ SVD_CASES = [  # different ranks: only cat and the full-delta forms apply
     (["r8", "r2"], [0.6, 0.5], "dare_linear_svd", {"density": 1.0}),
     (["r8", "pat"], [0.6, 0.5], "svd", {}),
     (["a", "pat"], [0.6, 0.5], "cat", {}),
+    # rsLoRA parents (scaling alpha / sqrt(r)); not first: PEFT's merge takes use_rslora from the first parent
+    (["a", "rs"], [0.6, -0.5], "svd", {"svd_rank": 6}),
+    (["a", "rs8", "rs"], [0.6, 0.5, 0.7], "ties_svd", {"density": 0.5}),
+    (["a", "rs8"], [0.6, -0.8], "cat", {}),
 ]
 
 
@@ -139,15 +145,15 @@ def test_merged_lora_config(loras):
     assert lora_modules(merged)[mlp].rank == 12 and lora_modules(merged)["model.layers.0.self_attn.q_proj"].rank == 14
 
 
-def test_cat_is_exact_for_rslora(tmp_path, loras):
-    """cat is the exact weighted sum of deltas, also for rsLoRA parents (PEFT keeps use_rslora on the merge
-    and would rescale it by sqrt(r); ours has scaling 1)."""
-    rs = read_adapter(lora(tmp_path / "rs", 9, r=4, alpha=8, use_rslora=True))
-    a = read_adapter(loras["a"])
-    merged = our_deltas(merge([rs, a], MergeSpec("cat", (0.3, -1.2))))
-    for path, delta in our_deltas(rs).items():
-        expected = 0.3 * delta + -1.2 * our_deltas(a)[path]
-        torch.testing.assert_close(merged[path], expected, atol=1e-5, rtol=0)
+def test_cat_is_exact_for_rslora(loras):
+    """cat is the exact weighted sum of the parents' deltas as PEFT computes them, also with an rsLoRA parent
+    first (PEFT's own merge keeps use_rslora then and would rescale by sqrt(r); ours has scaling 1)."""
+    deltas = [_peft_deltas(PeftModel.from_pretrained(tiny_llama(), str(loras[p]), adapter_name="p"), "p")
+              for p in ("rs", "a")]
+    merged = our_deltas(merge([read_adapter(loras[p]) for p in ("rs", "a")], MergeSpec("cat", (0.3, -1.2))))
+    expected = {path: 0.3 * deltas[0].get(path, 0) + -1.2 * deltas[1][path] for path in deltas[1]}  # a: + embed_tokens
+    assert set(deltas[0]) < set(deltas[1])
+    assert_deltas_equal(merged, expected)
 
 
 # ---------------------------------------------------------------------------------------------- DARE

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from conftest import save_peft_adapter, tiny_llama
 from hub.artifact import read_adapter
 from hub.cli import app
-from hub.merge import merge
+from hub.merge import lora_modules, merge
 from hub.merge_spec import MergeSpec
 from hub.registry import Registry
 
@@ -63,8 +63,9 @@ def test_merge_writes_version_with_lineage(registry):
 
 def test_merge_is_reproducible_from_its_lineage(registry):
     args = ["task-a@1.0.0", "task-b@1.0.0", "--method", "dare_ties", "--density", "0.3", "--seed", "5"]
-    assert hub("merge", *args, "--name", "dare", "--version", "1.0.0").exit_code == 0
-    assert hub("merge", *args, "--name", "dare", "--version", "1.0.1").exit_code == 0
+    for version in ("1.0.0", "1.0.1"):
+        result = hub("merge", *args, "--name", "dare", "--version", version)
+        assert result.exit_code == 0 and f"dare@{version}" in result.output, result.output
     first, second = manifest("dare@1.0.0"), manifest("dare@1.0.1")
     assert first["sha256"] == second["sha256"]  # same parents + parameters + seed -> same files
     assert first["lineage"]["merge"]["seed"] == 5
@@ -80,6 +81,11 @@ def test_task_negation_and_svd_rank(registry):
     assert merged["hyperparams"]["r"] == 2 and merged["lineage"]["merge"]["weights"] == [-1.0, 1.0]
     single = hub("merge", "task-a", "--method", "linear", "--weights=-1", "--name", "not-a", "--version", "1.0.0")
     assert single.exit_code == 0, single.output
+    negated = lora_modules(read_adapter(registry.materialize(registry.resolve("not-a@1.0.0"))))
+    original = lora_modules(read_adapter(registry.materialize(registry.resolve("task-a@1.0.0"))))
+    assert sorted(negated) == sorted(original)
+    for path, module in original.items():  # task negation: the delta, sign flipped
+        torch.testing.assert_close(negated[path].delta(), -module.delta(), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -103,7 +109,8 @@ def test_refuses_adapters_for_different_bases(registry, tmp_path):
                                tmp_path / "wide")
     assert hub("push", str(folder), "--name", "wide", "--version", "1.0.0", "--base-model", str(other_base)).exit_code == 0
     result = hub("merge", "task-a", "wide", "--method", "cat", "--name", "bad", "--version", "1.0.0")
-    assert result.exit_code == 1 and "different base models" in result.output
+    assert result.exit_code == 1 and result.output.startswith("error: ") and "different base models" in result.output
+    assert "bad" not in {m.name for m in registry.list()}
 
 
 def test_adapters_touching_different_modules_merge(registry, tmp_path, tiny_llama_dir):
@@ -117,5 +124,7 @@ def test_adapters_touching_different_modules_merge(registry, tmp_path, tiny_llam
 
 
 def test_existing_version_is_not_overwritten(registry):
-    assert hub("merge", "task-a", "task-b", "--method", "cat", "--name", "task-a", "--version", "1.0.0").exit_code == 1
-    assert manifest("task-a@1.0.0")["lineage"]["parents"] == []
+    before = manifest("task-a@1.0.0")
+    result = hub("merge", "task-a", "task-b", "--method", "cat", "--name", "task-a", "--version", "1.0.0")
+    assert result.exit_code == 1 and result.output.startswith("error: ") and "already exists" in result.output
+    assert manifest("task-a@1.0.0") == before and before["lineage"]["parents"] == []

@@ -30,7 +30,8 @@ def ask(client, request):
     return client.stub.Generate(request, timeout=120)
 
 
-def peft_merged_generate(served_base, served_adapters, names, weights, tokens, **kwargs) -> list[int]:
+def peft_merged(served_base, served_adapters, names, weights, **kwargs):
+    """(PEFT model with the weighted merge of `names` active, tokenizer)."""
     from peft import PeftModel
 
     # Merged on the CPU, as the server merges: svd_clamp's quantile depends on the signs the SVD gives its
@@ -41,12 +42,32 @@ def peft_merged_generate(served_base, served_adapters, names, weights, tokens, *
         peft.load_adapter(str(served_adapters[name]), adapter_name=name)
     peft.add_weighted_adapter(names, weights, "merged", **kwargs)
     peft.set_adapter("merged")
-    peft.to(DEVICE)
+    return peft.to(DEVICE).eval(), tokenizer
+
+
+def peft_merged_generate(peft, tokenizer, tokens: int) -> list[int]:
     ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"].to(DEVICE)
     with torch.inference_mode():
-        out = peft.eval().generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
-                                   do_sample=False, pad_token_id=0, eos_token_id=2)
+        out = peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                            do_sample=False, pad_token_id=0, eos_token_id=2)
     return [t for t in out[0, ids.shape[1]:].tolist() if t != 2]
+
+
+def peft_logprobs(peft, tokenizer) -> torch.Tensor:
+    """log P(token i | tokens before it) for PROMPT's tokens after the first, as Score reports them."""
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"].to(DEVICE)
+    with torch.inference_mode():
+        logits = peft(input_ids=ids).logits[0, :-1].float().cpu()
+    return torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None].cpu()).squeeze(-1)
+
+
+def merge_logprobs(client, adapters, **options) -> torch.Tensor:
+    """Score's log-probabilities of PROMPT under the per-request merge of `adapters`."""
+    return logprobs(client.score(PROMPT, adapters=adapters, mode="merge", merge=pb.MergeOptions(**options)))
+
+
+def logprobs(reply) -> torch.Tensor:
+    return torch.tensor(list(reply.logprobs))
 
 
 @pytest.mark.parametrize("options,peft_kwargs", [
@@ -57,8 +78,10 @@ def peft_merged_generate(served_base, served_adapters, names, weights, tokens, *
 def test_merge_mode_generates_as_peft_merged_adapter(start_server, served_base, served_adapters, options, peft_kwargs):
     _, client = start_server()
     reply = ask(client, merge_request(client, [("lora0", 0.7), ("lora1", -0.4)], 12, **options))
-    expected = peft_merged_generate(served_base, served_adapters, ["lora0", "lora1"], [0.7, -0.4], 12, **peft_kwargs)
-    assert list(reply.token_ids) == expected
+    peft, tokenizer = peft_merged(served_base, served_adapters, ["lora0", "lora1"], [0.7, -0.4], **peft_kwargs)
+    assert list(reply.token_ids) == peft_merged_generate(peft, tokenizer, 12)
+    scored = merge_logprobs(client, [("lora0", 0.7), ("lora1", -0.4)], **options)
+    assert torch.allclose(scored, peft_logprobs(peft, tokenizer), atol=1e-5, rtol=0)
     assert [(a.ref, round(a.weight, 4)) for a in reply.adapters] == [("lora0@1.0.0", 0.7), ("lora1@1.0.0", -0.4)]
     assert all(a.sha256 for a in reply.adapters)  # the exact parents are reported
 
@@ -197,8 +220,8 @@ def _second_adapter(technique: str, folder):
     if technique == "prompt_tuning":
         return save_peft_adapter(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3), folder, seed=22)
     if technique == "bitfit":
-        return save_bitfit_adapter(folder, {"model.layers.0.self_attn.o_proj": torch.randn(64),
-                                            "model.layers.1.mlp.down_proj": torch.randn(64)})
+        return save_bitfit_adapter(folder, {"model.layers.0.self_attn.o_proj": 0.005 * torch.randn(64),
+                                            "model.layers.1.mlp.down_proj": 0.005 * torch.randn(64)})
     return save_bottleneck_adapter(folder, seed=23)
 
 
@@ -222,6 +245,8 @@ def test_other_techniques_merge_as_the_offline_merge(start_server, registry, ser
     base = client.generate(PROMPT, max_new_tokens=10)
     assert list(reply.token_ids) == list(served.token_ids)
     assert reply.token_ids != base.token_ids
+    scored = merge_logprobs(client, [(first, weights[0]), ("second", weights[1])], method=method)
+    assert torch.allclose(scored, logprobs(client.score(PROMPT, adapters=["offline"])), atol=1e-5, rtol=0)
 
 
 def test_cat_of_adapters_touching_different_modules(start_server, registry, served_base, served_adapters, tmp_path):
@@ -235,6 +260,8 @@ def test_cat_of_adapters_touching_different_modules(start_server, registry, serv
     registry.push(folder, "qo", "1.0.0", base_model=str(served_base))
     _, client = start_server()
     reply = ask(client, merge_request(client, [("lora0", 0.8), ("qo", 1.5)], 12, method="cat"))
-    adapters = {**served_adapters, "qo": folder}
-    expected = peft_merged_generate(served_base, adapters, ["lora0", "qo"], [0.8, 1.5], 12, combination_type="cat")
-    assert list(reply.token_ids) == expected
+    peft, tokenizer = peft_merged(served_base, {**served_adapters, "qo": folder}, ["lora0", "qo"], [0.8, 1.5],
+                                  combination_type="cat")
+    assert list(reply.token_ids) == peft_merged_generate(peft, tokenizer, 12)
+    scored = merge_logprobs(client, [("lora0", 0.8), ("qo", 1.5)], method="cat")
+    assert torch.allclose(scored, peft_logprobs(peft, tokenizer), atol=1e-5, rtol=0)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hub.artifact import ArtifactError, read_adapter
-from hub.errors import Conflict, IndexCorrupt, IntegrityError, InvalidName, NotFound
+from hub.errors import Conflict, HubError, IndexCorrupt, IntegrityError, InvalidName, NotFound
 from hub.index import Index
 from hub.registry import Registry
 
@@ -328,7 +328,7 @@ def test_in_place_versions_live_in_a_folder_of_the_registry(technique_adapters, 
     reg = Registry(repo)
     m = reg.push(repo / "adapters" / "bn", "demo/bn", "1.0.0", in_place=True)
     assert m.path == "adapters/bn" and not (repo / "blobs").exists()
-    with pytest.raises(Exception, match="not inside the registry"):
+    with pytest.raises(HubError, match="not inside the registry"):
         reg.push(technique_adapters["lora"], "demo/lora", "1.0.0", in_place=True)
 
     moved = tmp_path / "fresh-checkout"  # paths are relative: a copy of the repo works as is
@@ -466,7 +466,7 @@ def test_export_refuses_a_non_empty_folder(technique_adapters, hub_home, tmp_pat
     reg.push(technique_adapters["lora"], "lora", "1.0.0")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    with pytest.raises(Exception, match="not an empty folder"):
+    with pytest.raises(HubError, match="not an empty folder"):
         reg.export("lora", tmp_path / "out")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
 
@@ -487,7 +487,7 @@ def test_adapterhub_folder_is_imported_on_push(fixture, hub_home, tmp_path):
     direct = read_adapter(tmp_path / "direct")
     assert pushed.tensors.keys() == direct.tensors.keys()
     assert all(torch.equal(pushed.tensors[k], direct.tensors[k]) for k in direct.tensors)
-    with pytest.raises(Exception, match="cannot be recorded in place"):
+    with pytest.raises(HubError, match="cannot be recorded in place"):
         Registry(ADAPTERHUB).push(ADAPTERHUB / "adapters" / fixture, "x", "1.0.0", in_place=True)
 
 

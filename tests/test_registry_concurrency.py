@@ -142,13 +142,24 @@ def test_threads_reading_a_new_index_validate_it_once(technique_adapters, hub_ho
         registry.push(technique_adapters["lora"], f"burst-{n}", "1.0.0")
     fresh = Registry(hub_home)  # a new process's view: nothing validated yet
     checks = []
-    real_check = index_module.Index._check
+    missed: set[int] = set()  # threads that found no validated index: all are in read() while one validates
+    real_check, real_cached = index_module.Index._check, index_module.IndexFile._cached
+
+    def counting_cached(self):
+        cached = real_cached(self)
+        if cached is None:
+            missed.add(threading.get_ident())
+        return cached
 
     def counting_check(self, source):
         checks.append(source)
-        time.sleep(0.05)  # a slow validation, so the threads really overlap
+        end = time.monotonic() + 60  # a hang guard, not a timing check
+        while len(missed) < 16:  # the validation lasts until every thread has asked for the index
+            assert time.monotonic() < end, f"only {len(missed)} of 16 threads overlapped the validation"
+            time.sleep(0.001)
         real_check(self, source)
 
+    monkeypatch.setattr(index_module.IndexFile, "_cached", counting_cached)
     monkeypatch.setattr(index_module.Index, "_check", counting_check)
     go = threading.Barrier(16)
     got: list[str] = []
@@ -163,4 +174,4 @@ def test_threads_reading_a_new_index_validate_it_once(technique_adapters, hub_ho
     for t in threads:
         t.join()
     assert sorted(got) == sorted(f"burst-{n % 3}@1.0.0" for n in range(16))
-    assert len(checks) == 1
+    assert len(missed) == 16 and len(checks) == 1

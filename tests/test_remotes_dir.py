@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hub.errors import Conflict, NotFound, RemoteError
+from hub.errors import Conflict, IntegrityError, NotFound, RemoteError
 from hub.registry import Registry
 from hub.remotes import Remotes, parse_url
 from hub.remotes.directory import DirectoryRemote
@@ -64,7 +64,7 @@ def test_tampered_in_repo_adapter_is_refused(technique_adapters, tmp_path):
     weights = repo / "adapters" / "bitfit" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4] + b"\x00\x00\x00\x01")
     local = Registry(tmp_path / "home")
-    with pytest.raises(Exception, match="tampered or corrupted"):
+    with pytest.raises(IntegrityError, match="tampered or corrupted"):
         DirectoryRemote(repo).fetch("demo/bitfit", local)
     assert local.list() == [] and list(local.store.stored()) == []
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hub.errors import RemoteError
+from hub.errors import IntegrityError, RemoteError
 from hub.registry import Registry
 from hub.remotes import Remotes
 from hub.remotes.hf import HFRemote, model_card, stage
@@ -132,7 +132,7 @@ def test_tampered_hf_cache_is_refused_and_nothing_changes(technique_adapters, tm
     local = Registry(tmp_path / "home")
     local.push(technique_adapters["bitfit"], "keep", "1.0.0")
     before = snapshot(local.root)
-    with pytest.raises(Exception, match="tampered or corrupted"):
+    with pytest.raises(IntegrityError, match="tampered or corrupted"):
         HFRemote("acme/ia3").fetch("acme/ia3@1.0.0", local)
     assert snapshot(local.root) == before
 
@@ -149,31 +149,41 @@ def test_missing_revision_and_wrong_version_are_clear_errors(technique_adapters,
 
 
 def test_push_is_a_thin_use_of_the_client(technique_adapters, tmp_path, monkeypatch):
-    """The hub is unreachable here: record what the real client is asked to do (repo, files, tag)."""
+    """The hub is unreachable here: record what the real client is asked to do (repo, files, tag). Every call is
+    bound to the real HfApi method's signature, so a renamed or misplaced argument fails here as it would there."""
+    import inspect
+
     import huggingface_hub
 
+    real_api = huggingface_hub.HfApi
     calls = []
 
     class RecordingApi:
-        def create_repo(self, repo_id, exist_ok):
-            calls.append(("create_repo", repo_id, exist_ok))
+        def __getattr__(self, name: str):
+            real = getattr(real_api, name)  # AttributeError for a method the client lacks
 
-        def upload_folder(self, repo_id, folder_path, delete_patterns, commit_message):
-            calls.append(("upload_folder", repo_id, sorted(p.name for p in Path(folder_path).iterdir()), commit_message))
-            return type("Commit", (), {"oid": "c0ffee"})()
+            def record(*args, **kwargs):
+                bound = inspect.signature(real).bind(self, *args, **kwargs)  # TypeError on a drifted call
+                arguments = {k: v for k, v in bound.arguments.items() if k != "self"}
+                if name == "upload_folder":
+                    arguments["folder_path"] = sorted(p.name for p in Path(arguments["folder_path"]).iterdir())
+                    calls.append((name, arguments))
+                    return huggingface_hub.CommitInfo(commit_url="https://huggingface.co/acme/lora/commit/c0ffee",
+                                                      commit_message="", commit_description="", oid="c0ffee")
+                calls.append((name, arguments))
 
-        def create_tag(self, repo_id, tag, revision):
-            calls.append(("create_tag", repo_id, tag, revision))
+            return record
 
     monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
     local = Registry(tmp_path / "home")
     manifest = local.push(technique_adapters["lora"], "acme/lora", "1.2.0")
     assert Remotes(local.root).open("hf://acme/lora").publish(manifest, local) == "hf://acme/lora@v1.2.0"
     assert calls == [
-        ("create_repo", "acme/lora", True),
-        ("upload_folder", "acme/lora", ["README.md", "adapter_config.json", "adapter_model.safetensors",
-                                        "hub-manifest.json"], "acme/lora@1.2.0 (lora)"),
-        ("create_tag", "acme/lora", "v1.2.0", "c0ffee"),
+        ("create_repo", dict(repo_id="acme/lora", exist_ok=True)),
+        ("upload_folder", dict(repo_id="acme/lora", folder_path=["README.md", "adapter_config.json",
+                                                                  "adapter_model.safetensors", "hub-manifest.json"],
+                               delete_patterns="*", commit_message="acme/lora@1.2.0 (lora)")),
+        ("create_tag", dict(repo_id="acme/lora", tag="v1.2.0", revision="c0ffee")),
     ]
 
 

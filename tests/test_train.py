@@ -98,7 +98,7 @@ def test_bitfit_artifact_is_served_as_trained(tmp_path):
     engine.load("b", adapter)
     logits, _ = engine.forward(ids, torch.ones_like(ids), [RowPlan((AdapterUse("b"),))])
     assert not torch.allclose(expected, logits_of(model, ids), atol=1e-3)  # the adapter matters
-    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("spec, match", [
