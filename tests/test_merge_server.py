@@ -238,3 +238,19 @@ def test_cat_of_adapters_touching_different_modules(start_server, registry, serv
     adapters = {**served_adapters, "qo": folder}
     expected = peft_merged_generate(served_base, adapters, ["lora0", "qo"], [0.8, 1.5], 12, combination_type="cat")
     assert list(reply.token_ids) == expected
+
+
+def test_parents_naming_one_base_by_other_ids_merge(start_server, registry, served_base, served_adapters, tmp_path):
+    """The served base's fingerprint decides, as for `hub merge`: not the ids in the parents' configs."""
+    import json
+    import shutil
+
+    for name, base_id in (("lora0", "/home/me/.cache/hub/bases/tiny"), ("lora1", "org/tiny")):
+        folder = shutil.copytree(served_adapters[name], tmp_path / name)
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": base_id}))
+        registry.push(folder, f"{name}-renamed", "1.0.0", base_model=str(served_base))
+    _, client = start_server()
+    renamed = ask(client, merge_request(client, [("lora0-renamed", 0.7), ("lora1-renamed", -0.4)], 12, method="cat"))
+    same = ask(client, merge_request(client, [("lora0", 0.7), ("lora1", -0.4)], 12, method="cat"))
+    assert list(renamed.token_ids) == list(same.token_ids)
