@@ -118,7 +118,8 @@ def test_one_base_under_two_names_is_the_same_base(registry, tmp_path, tiny_llam
         model = AutoModelForCausalLM.from_pretrained(base)
         folder = save_peft_adapter(model, LoraConfig(r=4, target_modules=["q_proj"]), tmp_path / name)
         assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
-        assert hub("push", str(folder), "--name", name, "--version", "1.0.0", "--base-model", str(base)).exit_code == 0
+        pushed = hub("push", str(folder), "--name", name, "--version", "1.0.0", "--base-model", str(base))
+        assert pushed.exit_code == 0, pushed.output
     result = hub("merge", "here", "there", "--method", "linear", "--name", "both-ids", "--version", "1.0.0")
     assert result.exit_code == 0, result.output
 
