@@ -192,13 +192,38 @@ def pull(
     with _clear_errors():
         reg = Registry(registry)
         remote = _remote(reg, source)
+        name, _, tag = parse_ref(ref)
+        index = reg.index()
+        before = _blob_ids(reg, [index.get(name, v) for v in index.versions(name)])
         with _progress(f"pull {ref} <- {remote.url}", None) as advance:
             manifest = remote.fetch(ref, reg, advance, revision=revision)
         typer.echo(f"pulled {manifest.ref} {manifest.technique} sha256:{manifest.sha256[:12]}")
-        tag = parse_ref(ref)[2]
+        after = _blob_ids(reg, [manifest])
+        replaced = sum(before[d] != after[d] for d in after if d in before)
+        if replaced:
+            _say_repaired(manifest, remote, replaced)
         if tag is not None:
             reg.tag(manifest.ref, tag)
             typer.echo(f"tagged {manifest.name}@{tag} -> {manifest.version}")
+
+
+def _blob_ids(reg: Registry, manifests: list[Manifest]) -> dict[str, tuple[int, int] | None]:
+    """Digest -> (inode, mtime) of each stored blob of these versions (None: missing). The store replaces a
+    damaged or missing blob by renaming a new file over it and leaves an intact one alone, so a blob whose
+    identity changed across a pull was repaired by it."""
+    ids: dict[str, tuple[int, int] | None] = {}
+    for m in manifests:
+        for info in m.files.values() if m.path is None else ():
+            try:
+                st = reg.store.path(info["sha256"]).stat()
+                ids[info["sha256"]] = (st.st_ino, st.st_mtime_ns)
+            except FileNotFoundError:
+                ids[info["sha256"]] = None
+    return ids
+
+
+def _say_repaired(manifest: Manifest, remote: Remote, files: int) -> None:
+    typer.echo(f"repaired {manifest.ref} from {remote.url} ({files} file{'s' if files != 1 else ''})")
 
 
 def printable(text: str) -> str:
@@ -292,10 +317,11 @@ def verify(
         if source is not None and not repair:
             fail("--from applies to --repair")
         reg = open_registry(registry)
-        remote = _remote(reg, source) if repair else None
         checked, problems = reg.verify(ref)
-        if remote is not None and problems:
-            problems = _repair(reg, remote, ref)
+        if repair and (problems or source is not None):  # no remote is asked for when nothing needs repair
+            remote = _remote(reg, source)  # a named one is checked either way
+            if problems:
+                problems = _repair(reg, remote, ref)
     for problem in problems:
         typer.echo(f"error: {problem}", err=True)
     if problems:
@@ -316,7 +342,7 @@ def _repair(reg: Registry, remote: Remote, ref: str | None) -> list[str]:
         except HubError as e:
             left += [f"{p}: not repaired from {remote.url}: {e}" for p in problems]
             continue
-        typer.echo(f"repaired {manifest.ref} from {remote.url} ({len(problems)} files)")
+        _say_repaired(manifest, remote, len(problems))
     return left
 
 

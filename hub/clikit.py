@@ -1,9 +1,11 @@
 """The `hub` command's click plumbing, in one place for every subcommand: a usage error (bad value,
-unknown option, extra argument) is one `error: ...` line and exit 2 instead of Typer's boxed panel,
+unknown option, extra argument) is one `error: ...` line and exit 2 instead of Typer's boxed panel, an
+unexpected exception one `error: unexpected ...` line and exit 1 (the traceback with HUB_DEBUG=1),
 and help renders flags as flags and argument placeholders in capitals."""
 from __future__ import annotations
 
 import math
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -12,6 +14,7 @@ import typer
 from typer.core import TyperArgument, TyperGroup, TyperOption
 
 PROG_NAME = "hub"
+DEBUG_VAR = "HUB_DEBUG"  # set (not 0): an unexpected exception shows its traceback
 REF_ARG = typer.Argument(..., help="name, name@1.2.0 or name@tag.")
 
 
@@ -54,6 +57,12 @@ class HubGroup(TyperGroup):
             code = e.exit_code
         except typer.Abort:
             typer.echo("error: aborted", err=True)
+            code = 1
+        except Exception as e:  # a bug, or a case no command foresaw: one line; the traceback on request
+            if os.environ.get(DEBUG_VAR, "0") not in ("", "0"):
+                raise
+            typer.echo(f"error: unexpected {type(e).__name__}: {one_line(str(e))} "
+                       f"(rerun with {DEBUG_VAR}=1 for the traceback)", err=True)
             code = 1
         if standalone_mode:
             sys.exit(code)

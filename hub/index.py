@@ -200,12 +200,12 @@ class Index:
         """The entry of `name` to change: copied on first change, so the index it came from keeps its own."""
         if self.shared:
             raise RuntimeError("a registry index handed to readers cannot change: use IndexFile.update()")
-        if name not in self.changed:
-            adapters = self.data["adapters"]
+        adapters = self.data["adapters"]
+        if name not in self.changed or (create and name not in adapters):  # or removed in this change
             entry = adapters.get(name, {"versions": {}, "tags": {}}) if create else adapters[name]
             adapters[name] = copy.deepcopy(entry)
             self.changed.add(name)
-        return self.data["adapters"][name]
+        return adapters[name]
 
     def private_copy(self) -> Index:
         """An index to change that shares the unchanged entries with this one (they are copied on change)."""

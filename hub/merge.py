@@ -20,7 +20,7 @@ adapter, and no global RNG state is touched.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -58,9 +58,9 @@ def combine(tensors: Sequence[torch.Tensor], weights: torch.Tensor, spec: MergeS
 def merge(adapters: Sequence[Adapter], spec: MergeSpec) -> Adapter:
     """Merge adapters of one technique made for one base model into a new Adapter.
 
-    The base is compared by the configs' `base_model_name_or_path` / `revision`. (Registry fingerprints
-    cannot be compared between adapters: they cover the modules each adapter touches, so the callers
-    check each parent against the base instead: the registry's ids, the runtime's served base.)
+    The base is not compared here: the ids in the adapters' configs are no test of it (a local folder and a
+    hub id name one base). The callers check it by architecture fingerprint: `hub merge` with
+    `check_same_base`, the runtime by checking each parent against the served base's fingerprint.
     """
     if not adapters:
         raise MergeError("nothing to merge: give at least one adapter")
@@ -79,11 +79,17 @@ def merge(adapters: Sequence[Adapter], spec: MergeSpec) -> Adapter:
     return _merge_sum(adapters, spec)
 
 
+def check_same_base(bases: Mapping[str, str | None]) -> None:
+    """Refuse parents made for different base models. `bases`: each parent's ref -> what identifies its base:
+    the base's architecture fingerprint (hub.basemodel.architecture_fingerprint, what the runtime compares),
+    or its recorded id where the base is not at hand; None (no base recorded) matches any."""
+    known = {key: ref for ref, key in bases.items() if key}
+    if len(known) > 1:
+        raise MergeError(f"adapters were made for different base models ({', '.join(sorted(known.values()))} "
+                         "have different architecture fingerprints)")
+
+
 def _check_compatible(adapters: Sequence[Adapter]) -> None:
-    for field in ("base_model_name_or_path", "revision"):
-        values = {a.config.get(field) for a in adapters} - {None, ""}
-        if len(values) > 1:
-            raise MergeError(f"adapters were made for different base models ({field}: {', '.join(sorted(values))})")
     task_types = {a.config.get("task_type") for a in adapters} - {None}
     if len(task_types) > 1:
         raise MergeError(f"cannot merge adapters with different task_type: {', '.join(sorted(task_types))}")

@@ -41,14 +41,12 @@ def merge_versions(registry: Registry, refs: list[str], spec: MergeSpec, name: s
                    description: str = "") -> Manifest:
     """Resolve, merge and push: the new version's manifest."""
     from hub.basemodel import architecture_fingerprint
-    from hub.merge import merge  # torch: imported when a merge runs, not when `hub` starts
+    from hub.merge import check_same_base, merge  # torch: imported when a merge runs, not when `hub` starts
 
     parents = [registry.resolve(ref) for ref in refs]
     bases = sorted({m.base_model.id for m in parents} - {None})
-    # The same base means the same architecture fingerprint, as for a per-request merge on the server; the
-    # recorded ids decide only where a base is not at hand.
-    if len({architecture_fingerprint(base) or base for base in bases}) > 1:
-        raise MergeError(f"adapters were pushed for different base models: {', '.join(bases)}")
+    fingerprints = {base: architecture_fingerprint(base) or base for base in bases}
+    check_same_base({m.ref: fingerprints.get(m.base_model.id) for m in parents})
     adapters = [registry.read(m) for m in parents]
     merged = merge(adapters, spec)
     checked = spec.checked(merged.technique, len(parents))  # the lineage records defaults as applied

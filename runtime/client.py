@@ -5,8 +5,9 @@
         reply = client.generate("Hello", adapters=["support-bot@prod", ("sql", 0.5)], max_new_tokens=32)
         print(reply.text, reply.finish_reason, [a.ref for a in reply.adapters])
 
-Errors come back as `runtime.errors.RequestFailed` (a `grpc.RpcError`) with the status code and the
-server's message; `ServerUnreachable`, a kind of it, when nothing answers at the target.
+Errors come back as `runtime.errors.RequestFailed` (a `grpc.RpcError`) with the status code, the
+server's message and its request id (`x-request-id` metadata, as the server's request log names it);
+`ServerUnreachable`, a kind of it, when nothing answers at the target.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from runtime.errors import RequestFailed, ServerUnreachable
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 from runtime.proto.adapterhub.v1 import runtime_pb2_grpc as pb_grpc
+from runtime.requestlog import REQUEST_ID_KEY
 
 AdapterArg = Union[str, tuple[str, float], pb.AdapterSpec]
 T = TypeVar("T")
@@ -54,7 +56,13 @@ def _translated(target: str) -> Iterator[None]:
         code, details = e.code(), e.details() or ""
         if code == grpc.StatusCode.UNAVAILABLE and any(s in details for s in _UNREACHED):
             raise ServerUnreachable(target, details) from None
-        raise RequestFailed(code, details) from None
+        raise RequestFailed(code, details, request_id(e)) from None
+
+
+def request_id(error: grpc.RpcError) -> str:
+    """The server's id of a failed call (`x-request-id` in its trailing metadata); "" when it sent none."""
+    trailing = error.trailing_metadata() if isinstance(error, grpc.Call) else None
+    return next((value for key, value in trailing or () if key == REQUEST_ID_KEY), "")
 
 
 class Stream:

@@ -21,13 +21,15 @@ class RequestFailed(grpc.RpcError):
     """A failed RPC as `RuntimeClient` raises it: the status code and the server's message.
 
     It is a `grpc.RpcError` (with `code()` and `details()`), so code written against plain gRPC
-    errors keeps working; `str()` is the one line the CLI prints.
+    errors keeps working; `str()` is the one line the CLI prints, with the server's request id (the one
+    its request log names) when it sent one.
     """
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(f"{code.name}: {message}")
+    def __init__(self, code: grpc.StatusCode, message: str, request_id: str = "") -> None:
+        super().__init__(f"{code.name}: {message}" + (f" (request id {request_id})" if request_id else ""))
         self.status_code = code
         self.message = message
+        self.request_id = request_id
 
     def code(self) -> grpc.StatusCode:
         return self.status_code

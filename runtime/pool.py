@@ -5,7 +5,8 @@ tier is bounded in BYTES, not in adapters. When a load needs room, the least rec
 adapters that no running request holds and nobody pinned move device -> host (their tensors stay
 in host memory, so bringing them back skips the disk); the host tier, bounded in bytes too, drops
 its least recently used to disk (the registry's folder). Refs are resolved on every acquire, so a
-tag moved by a new push is served by the next request naming it (cache key = name@version).
+tag moved by a new push is served by the next request naming it (cache key = name@version; an entry whose
+sha256 is not the resolved manifest's, a version removed and pushed again with other content, is replaced).
 
 Disk reads, parsing, the base-fingerprint check and the adapter's device copies (`Engine.prepare`)
 run in the caller's thread (a request handler), never in the decode loop, while the files' sha256 runs
@@ -144,7 +145,7 @@ class AdapterPool:
         self._entries: dict[str, Entry] = {}
         self._loading: dict[str, Future] = {}  # key -> done when its load or eviction ends
         self._reserved = 0  # device bytes promised to loads in progress
-        self._verified: set[str] = set()
+        self._verified: set[tuple[str, str]] = set()  # (key, sha256) read, hashed right and fitting the base
         self._refused: OrderedDict[str, tuple[str, str]] = OrderedDict()  # key -> (sha256, why), newest last
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)  # notified when device room may have been freed
@@ -308,12 +309,17 @@ class AdapterPool:
         while True:
             with self._lock:
                 entry = self._entries.get(key)
-                if entry is not None and entry.tier is Tier.DEVICE:
+                current = entry is not None and entry.manifest.sha256 == manifest.sha256
+                if current and entry.tier is Tier.DEVICE:
                     self._hold(entry, pin)
                     self.metrics.cache_hits.labels(tier=Tier.DEVICE.value).inc()
                     return entry
                 pending = self._loading.get(key)
                 if pending is None:
+                    if entry is not None and not current and entry.in_use:
+                        raise ServeError(grpc.StatusCode.UNAVAILABLE,
+                                         f"adapter {key} was pushed again with other content while {entry.in_use} "
+                                         "running request(s) use its old content; retry when they end")
                     pending = self._loading[key] = Future()
                     owner = True
                 else:
@@ -322,6 +328,8 @@ class AdapterPool:
                 pending.result()  # the loader's error, if it failed, is this request's error too
                 continue  # on the device now (or evicted again meanwhile: go round)
             try:
+                if entry is not None and not current:
+                    self._forget_stale(entry)
                 entry = self._load(key, manifest, pin, then_submit, read, got_room)
                 pending.set_result(None)
             except BaseException as e:
@@ -331,6 +339,18 @@ class AdapterPool:
                 with self._lock:
                     del self._loading[key]
             return entry
+
+    def _forget_stale(self, entry: Entry) -> None:
+        """Drop an idle entry whose content is no longer its version's (removed and pushed again), off the
+        engine first, so the new content is read from disk and checked like any other (the caller holds the
+        key's load future: nobody acquires it meanwhile)."""
+        if entry.tier is Tier.DEVICE:
+            self._on_engine(lambda: self.engine.unload(entry.key))
+        with self._lock:
+            if self._entries.get(entry.key) is entry:
+                del self._entries[entry.key]
+            self._verified.discard((entry.key, entry.manifest.sha256))
+            self._room_freed_locked()
 
     def _hold(self, entry: Entry, pin: bool) -> None:
         entry.in_use += 1
@@ -391,8 +411,9 @@ class AdapterPool:
                 if used is not None:
                     entry = self._entries.get(key) or Entry(key=key, manifest=manifest)
                     self._entries[key] = entry
-                    entry.tier, entry.adapter, entry.device_bytes = Tier.DEVICE, adapter, used
-                    self._verified.add(key)  # hashed right and fits: its next read from disk skips the fit check
+                    entry.manifest, entry.tier, entry.adapter, entry.device_bytes = manifest, Tier.DEVICE, adapter, used
+                    # hashed right and fits: its next read from disk skips the fit check
+                    self._verified.add((key, manifest.sha256))
                     self._hold(entry, pin)
                     self._trim_host_locked()
                     self._forget_old_locked()
@@ -412,7 +433,7 @@ class AdapterPool:
             entry = self._entries.setdefault(key, Entry(key=key, manifest=manifest))
             if entry.tier is Tier.DISK and self._host_used_locked() + adapter.nbytes <= self.host_budget:
                 entry.tier, entry.adapter = Tier.HOST, adapter
-                self._verified.add(key)
+                self._verified.add((key, manifest.sha256))
             self._forget_old_locked()
 
     def _read_verified(self, key: str, manifest) -> tuple[Adapter, Callable[[], None]]:
@@ -445,7 +466,8 @@ class AdapterPool:
             except IntegrityError as e:
                 raise _damaged(key, e) from None
 
-        if key not in self._verified:  # checked once per version while it stays known (see `_forget_old_locked`)
+        # checked once per version's content while it stays known (see `_forget_old_locked`)
+        if (key, manifest.sha256) not in self._verified:
             try:
                 self._check_base(key, adapter, manifest)
             except ServeError as e:
@@ -483,7 +505,7 @@ class AdapterPool:
         verified()
         with self._lock:
             if key in self._entries:  # marks stay bounded by the entries (`_forget_old_locked` drops both);
-                self._verified.add(key)  # a parent read only for merges is checked again at its next merge
+                self._verified.add((key, manifest.sha256))  # a parent read only for merges: checked again next time
         return adapter
 
     # -- eviction ----------------------------------------------------------------------------------
@@ -552,7 +574,7 @@ class AdapterPool:
         disk = sorted((e for e in self._entries.values() if e.tier is Tier.DISK), key=lambda e: e.last_used)
         for entry in disk[: max(0, len(self._entries) - self._max_entries)]:
             del self._entries[entry.key]
-            self._verified.discard(entry.key)  # checked again if it ever comes back
+            self._verified.discard((entry.key, entry.manifest.sha256))  # checked again if it ever comes back
 
     # -- admin -------------------------------------------------------------------------------------
     def load(self, ref: str, *, pin: bool, alive: Callable[[], bool] = lambda: True) -> tuple[Entry, float]:

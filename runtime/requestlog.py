@@ -12,6 +12,9 @@ from enum import Enum
 from typing import TextIO
 
 
+REQUEST_ID_KEY = "x-request-id"  # the gRPC metadata key (initial and trailing) that tells a client its request's id
+
+
 class LogFormat(str, Enum):
     text = "text"
     json = "json"

@@ -26,7 +26,7 @@ from runtime.plan import AdapterUse, PlanError, RowPlan
 from runtime.pool import AdapterPool, Entry, Lease, Tier
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 from runtime.proto.adapterhub.v1 import runtime_pb2_grpc as pb_grpc
-from runtime.requestlog import RequestLog, RequestRecord
+from runtime.requestlog import REQUEST_ID_KEY, RequestLog, RequestRecord
 from runtime.scheduler import Finished, Request, Scheduler
 from runtime.textstream import TextStream
 
@@ -161,10 +161,13 @@ class RuntimeService(pb_grpc.RuntimeServicer):
              slots: Slots | None = None) -> Iterator[RequestRecord]:
         """Time the RPC, count it by status code, turn a ServeError into the RPC's status, and log it
         (the handler fills in the record it is given); with `slots`, the RPC holds one of them
-        throughout (refused at once when none is free)."""
+        throughout (refused at once when none is free). The client gets the log's request id as metadata
+        (`x-request-id`, initial and trailing: an error carries it too), to quote to the operator."""
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         record = RequestRecord(method)
+        context.send_initial_metadata(((REQUEST_ID_KEY, record.id),))
+        context.set_trailing_metadata(((REQUEST_ID_KEY, record.id),))
         try:
             if slots is None:
                 yield record

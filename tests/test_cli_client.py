@@ -12,6 +12,7 @@ from server_support import *  # noqa: F401,F403
 
 from runtime.client import RuntimeClient
 from runtime.errors import RequestFailed, ServerUnreachable
+from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 from tests.test_cli_errors import assert_one_error_line, run_hub
 
 
@@ -20,10 +21,11 @@ def test_client_raises_its_own_errors_with_code_and_message(start_server):
     with pytest.raises(RequestFailed) as caught:
         client.generate("Hello", adapters=["nobody"])
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND and "no adapter named 'nobody'" in caught.value.message
-    assert str(caught.value) == f"NOT_FOUND: {caught.value.message}"
+    assert str(caught.value) == f"NOT_FOUND: {caught.value.message} (request id {caught.value.request_id})"
     with pytest.raises(RequestFailed) as streamed:
         list(client.generate_stream("Hello", adapters=["nobody"]))
     assert streamed.value.code() == grpc.StatusCode.NOT_FOUND
+    assert len({caught.value.request_id, streamed.value.request_id} - {""}) == 2  # a stream's error carries it too
     with pytest.raises(RequestFailed) as scored:
         client.score("H")
     assert scored.value.code() == grpc.StatusCode.INVALID_ARGUMENT and not isinstance(scored.value, ServerUnreachable)
@@ -112,17 +114,19 @@ def test_adapters_list_shows_a_merges_parents(start_server, tmp_path):
 
 
 @pytest.mark.parametrize("log_format", ["json", "text"])
-def test_serve_logs_one_line_per_request(served_base, registry, log_format):
+def test_serve_logs_one_line_per_request(served_base, registry, log_format, tmp_path):
     from tests.test_server_process import ServeProcess
 
     serve = ServeProcess("--base-model", str(served_base), "--registry", str(registry.root), "--log-format", log_format)
     try:
         with RuntimeClient(serve.address, timeout=120) as client:
             reply = client.generate("Hello", adapters=["lora1", ("ia3", 0.5)], max_new_tokens=3)
-            with pytest.raises(RequestFailed):
+            with pytest.raises(RequestFailed) as failed:
                 client.generate("Hello", adapters=["nobody"])
-            scored = client.score("Hi there", adapters=["lora0"])
-        wait_until(lambda: any("Score" in line for line in serve.lines), "the Score request's line")
+            scored, call = client.stub.Score.with_call(pb.ScoreRequest(text="Hi there", adapters=[
+                pb.AdapterSpec(ref="lora0")]), timeout=120)
+            shown = run_hub("generate", "Hello", "-a", "nobody", "--server", serve.address, home=tmp_path)
+        wait_until(lambda: sum("Generate" in line for line in serve.lines) == 3, "the CLI's request line")
     finally:
         assert serve.terminate() == 0
     lines = [line for line in serve.lines if line.startswith("{" if log_format == "json" else "request ")]
@@ -137,5 +141,11 @@ def test_serve_logs_one_line_per_request(served_base, registry, log_format):
         ("Generate", "OK", ["lora1@1.0.0", "ia3@1.0.0"], reply.usage.prompt_tokens, 3),
         ("Generate", "NOT_FOUND", [], 0, 0),
         ("Score", "OK", ["lora0@1.0.0"], len(scored.token_ids), 0),
+        ("Generate", "NOT_FOUND", [], 0, 0),
     ]
-    assert len({r["id"] for r in records}) == 3 and all(r["latency_ms"] > 0 for r in records)
+    assert len({r["id"] for r in records}) == 4 and all(r["latency_ms"] > 0 for r in records)
+    # each client learns its request's id, as the log names it: an error carries it (trailing metadata) and
+    # shows it, a reply has it from the start (initial metadata)
+    assert failed.value.request_id == records[1]["id"] and f"(request id {records[1]['id']})" in str(failed.value)
+    assert ("x-request-id", records[2]["id"]) in call.initial_metadata()
+    assert_one_error_line(shown, "NOT_FOUND", f"(request id {records[3]['id']})")

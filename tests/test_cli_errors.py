@@ -105,3 +105,16 @@ def test_shell_completion_script_and_completions(tmp_path):
     assert script.returncode == 0 and "_HUB_COMPLETE" in script.stdout
     done = run_hub(home=tmp_path, env={"_HUB_COMPLETE": "complete_bash", "COMP_WORDS": "hub gene", "COMP_CWORD": "1"})
     assert done.returncode == 0 and done.stdout.split() == ["generate"]
+
+
+def test_an_unexpected_exception_is_one_line_with_the_traceback_on_request(tmp_path):
+    """A remotes.json that is not UTF-8 raises UnicodeDecodeError, which no command expects: one line and a
+    hint, not Typer's boxed traceback; HUB_DEBUG=1 shows the traceback."""
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "remotes.json").write_bytes(b"\xff\xfe{")
+    done = run_hub("remote", "list", home=tmp_path, env={"HUB_DEBUG": "0"})
+    assert done.returncode == 1
+    assert_one_error_line(done, "error: unexpected UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff",
+                          "rerun with HUB_DEBUG=1 for the traceback")
+    debug = run_hub("remote", "list", home=tmp_path, env={"HUB_DEBUG": "1"})
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "UnicodeDecodeError" in debug.stderr

@@ -108,8 +108,10 @@ def test_pull_and_verify_repair_replace_damaged_blobs(technique_adapters, tmp_pa
 
     _damage(home, "x@1.0.0")
     assert "x@1.0.0: adapter_model.safetensors does not match" in hub("verify", home=home, ok=False).stderr
-    assert "pulled x@1.0.0" in hub("pull", "x@1.0.0", "--from", "shared", home=home).stdout
+    out = hub("pull", "x@1.0.0", "--from", "shared", home=home).stdout
+    assert "pulled x@1.0.0" in out and f"repaired x@1.0.0 from {shared.resolve()} (1 file)" in out
     assert hub("verify", home=home).stdout.startswith("ok: ")
+    assert "repaired" not in hub("pull", "x@1.0.0", "--from", "shared", home=home).stdout  # nothing was damaged
 
     for ref in ("x@1.0.0", "y@1.0.0", "z@1.0.0"):
         _damage(home, ref)
@@ -139,3 +141,12 @@ def test_escape_sequences_from_a_remote_manifest_never_reach_the_terminal(techni
     assert "description: ok\\x1b]0;pwned\\x07\\x1b[31mred\\u202eevil\\r\\nsecond\n" in shown
     assert "org/m\\u001b[2J" in shown and "org/m\\x1b[2J" in listed  # show prints it inside JSON
     assert json.loads(hub("show", "x", "--json", home=bob).stdout)["description"] == description  # data unchanged
+
+
+def test_verify_repair_asks_for_a_remote_only_when_something_needs_repair(technique_adapters, tmp_path):
+    home = tmp_path / "home"  # no remotes configured
+    hub("push", technique_adapters["lora"], "--name", "x", "--version", "1.0.0", home=home)
+    assert hub("verify", "--repair", home=home).stdout.startswith("ok: ")
+    one_line_error(hub("verify", "--repair", "--from", "nowhere", home=home, ok=False), "nowhere")
+    _damage(home, "x@1.0.0")
+    one_line_error(hub("verify", "--repair", home=home, ok=False), "name a remote with --from (configured: none)")

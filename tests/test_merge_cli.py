@@ -113,6 +113,24 @@ def test_refuses_adapters_for_different_bases(registry, tmp_path):
     assert "bad" not in {m.name for m in registry.list()}
 
 
+def test_one_base_under_two_names_is_the_same_base(registry, tmp_path, tiny_llama_dir):
+    """Adapters trained the ordinary way on two copies of one base (PEFT records each folder's path in
+    base_model_name_or_path): one architecture fingerprint, so they merge, whatever the id strings say."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    copy = shutil.copytree(tiny_llama_dir, tmp_path / "same-llama-elsewhere")
+    for name, base in (("here", tiny_llama_dir), ("there", copy)):
+        model = AutoModelForCausalLM.from_pretrained(base)
+        folder = save_peft_adapter(model, LoraConfig(r=4, target_modules=["q_proj"]), tmp_path / name)
+        assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
+        pushed = hub("push", str(folder), "--name", name, "--version", "1.0.0", "--base-model", str(base))
+        assert pushed.exit_code == 0, pushed.output
+    result = hub("merge", "here", "there", "--method", "linear", "--name", "both-ids", "--version", "1.0.0")
+    assert result.exit_code == 0, result.output
+
+
 def test_adapters_touching_different_modules_merge(registry, tmp_path, tiny_llama_dir):
     """Their registry fingerprints differ (they cover the touched modules), yet they share the base."""
     folder = save_peft_adapter(tiny_llama(), LoraConfig(r=2, target_modules=["k_proj", "o_proj"]), tmp_path / "c")

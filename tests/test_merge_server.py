@@ -144,7 +144,7 @@ def test_merges_of_parents_never_loaded_leave_no_marks_beyond_the_entries(start_
     entries = {e.key for e in server.pool.entries()}
     assert len([k for k in entries if k.startswith("merge:")]) == 2
     assert not {"lora0@1.0.0", "lora2@1.0.0"} & entries
-    assert server.pool._verified <= entries
+    assert {key for key, _sha256 in server.pool._verified} <= entries
 
 
 @pytest.mark.parametrize("adapters,options,message", [
@@ -265,3 +265,21 @@ def test_cat_of_adapters_touching_different_modules(start_server, registry, serv
     assert list(reply.token_ids) == peft_merged_generate(peft, tokenizer, 12)
     scored = merge_logprobs(client, [("lora0", 0.8), ("qo", 1.5)], method="cat")
     assert torch.allclose(scored, peft_logprobs(peft, tokenizer), atol=1e-5, rtol=0)
+
+
+def test_parents_naming_one_base_by_other_ids_merge(start_server, registry, served_base, served_adapters, tmp_path):
+    """The served base's fingerprint decides, as for `hub merge`: not the ids in the parents' configs."""
+    import json
+    import shutil
+
+    for name, base_id in (("lora0", "/home/me/.cache/hub/bases/tiny"), ("lora1", "org/tiny")):
+        folder = shutil.copytree(served_adapters[name], tmp_path / name)
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": base_id}))
+        registry.push(folder, f"{name}-renamed", "1.0.0", base_model=str(served_base))
+    _, client = start_server()
+    renamed = ask(client, merge_request(client, [("lora0-renamed", 0.7), ("lora1-renamed", -0.4)], 12, method="cat"))
+    same = ask(client, merge_request(client, [("lora0", 0.7), ("lora1", -0.4)], 12, method="cat"))
+    assert list(renamed.token_ids) == list(same.token_ids)
+    assert torch.equal(merge_logprobs(client, [("lora0-renamed", 0.7), ("lora1-renamed", -0.4)], method="cat"),
+                       merge_logprobs(client, [("lora0", 0.7), ("lora1", -0.4)], method="cat"))

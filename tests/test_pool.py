@@ -400,3 +400,26 @@ def test_every_resident_byte_is_counted_while_a_load_settles(make_pool, registry
     for name in ("lora0", "lora1", "ia3"):
         _use(pool, name)
     assert sum(pool.engine.resident().values()) > 0 and gaps == []
+
+
+def test_a_version_pushed_again_with_other_content_serves_the_new_content(make_pool, registry, served_adapters,
+                                                                          served_base):
+    """The pool's entries are keyed by name@version: one removed and pushed again while it is resident must not
+    keep serving its old content, nor skip the base check its old content passed."""
+    pool = make_pool(1 << 30)
+    _use(pool, "lora0")
+    _use(pool, "lora1")
+    registry.push(served_adapters["lora0"], "re", "1.0.0", base_model=str(served_base))
+    _use(pool, "re")
+    assert torch.equal(_logits(pool, "re"), _logits(pool, "lora0"))
+    registry.remove("re@1.0.0")
+    registry.push(served_adapters["lora1"], "re", "1.0.0", base_model=str(served_base))
+    _use(pool, "re")
+    assert torch.equal(_logits(pool, "re"), _logits(pool, "lora1"))
+    assert pool.device_used() == sum(_size(pool, n) for n in ("lora0", "lora1", "re"))
+    registry.remove("re@1.0.0")
+    registry.push(served_adapters["foreign"], "re", "1.0.0", base_model=str(served_adapters["other_base"]))
+    with pytest.raises(ServeError, match="made for another base model") as refused:
+        _use(pool, "re")
+    assert refused.value.code is grpc.StatusCode.FAILED_PRECONDITION
+    assert "re@1.0.0" not in pool.engine.resident()

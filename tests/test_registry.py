@@ -512,3 +512,15 @@ def test_real_default_base_refuses_an_adapter_for_another_shape(technique_adapte
         with pytest.raises(ArtifactError, match=r"does not fit base model .*lora_A has shape \(4, 64\), expected \(r, 576\)"):
             reg.push(technique_adapters["lora"], "lora", "1.0.0", base_model=base)
     assert reg.list() == []
+
+
+def test_one_update_can_remove_the_last_version_of_a_name_and_add_another(technique_adapters, hub_home):
+    """The name's entry is dropped and then made anew inside one locked change (it used to raise KeyError)."""
+    reg = Registry()
+    old = reg.push(technique_adapters["ia3"], "ia3", "1.0.0")
+    other = reg.push(technique_adapters["lora"], "lora", "1.0.0")
+    moved = other.to_dict() | {"name": "ia3", "version": "2.0.0"}
+    with reg.index_file.update() as index:
+        index.remove("ia3", old.version)
+        index.add(type(other).from_dict(moved))
+    assert reg.index().versions("ia3") == ["2.0.0"] and reg.resolve("ia3").sha256 == other.sha256

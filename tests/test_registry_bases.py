@@ -65,7 +65,7 @@ def test_prepared_folder_and_same_fingerprint_record_the_canonical_id(home, tmp_
     out = hub("merge", "a", "b", "--method", "linear", "--name", "ab", "--version", "1.0.0", home=home).stdout
     assert out.startswith("merged a@1.0.0 + b@1.0.0 -> ab@1.0.0") and _base_id(home, "ab") == TINY_ID
     one_line_error(hub("merge", "a", "d", "--method", "linear", "--name", "ad", "--version", "1.0.0", home=home,
-                       ok=False), "pushed for different base models")
+                       ok=False), "made for different base models (a@1.0.0, d@1.0.0")
 
 
 def _run_hub(*args: str, **env: str):
