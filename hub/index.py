@@ -116,9 +116,10 @@ class Index:
     def names(self) -> list[str]:
         return sorted(self.data["adapters"])
 
-    def manifests(self) -> Iterator[Manifest]:
-        """Every version, each entry checked (so listing or verifying finds damage anywhere)."""
-        for name in self.names():
+    def manifests(self, names: Iterable[str] | None = None) -> Iterator[Manifest]:
+        """Every version (of these adapters), each entry checked as it is reached: listing or verifying
+        everything finds damage anywhere."""
+        for name in self.names() if names is None else names:
             for version in self.versions(name):
                 yield self.get(name, version)
 
