@@ -60,3 +60,18 @@ def test_registry_commands_do_not_import_the_ml_stack(technique_adapters, hub_ho
                               capture_output=True, text=True)
         assert done.returncode == 0, (args, done.stderr)
         assert done.stdout.splitlines()[-1] == "ML stack: []", (args, done.stdout)
+
+
+def test_pull_from_a_directory_remote_checks_only_the_version_it_takes(technique_adapters, hub_home, tmp_path):
+    """A damaged entry elsewhere in a remote's index does not stop a pull of another adapter (the old reader
+    validated the whole remote index first); pulling the damaged one is refused in one line, nothing written."""
+    remote = tmp_path / "remote"
+    Registry(remote).push(technique_adapters["lora"], "good", "1.0.0")
+    Registry(remote).push(technique_adapters["ia3"], "bad", "1.0.0")
+    data = json.loads((remote / "registry.json").read_text())
+    data["adapters"]["bad"]["versions"]["1.0.0"]["sha256"] = "0" * 64
+    (remote / "registry.json").write_text(json.dumps(data))
+
+    assert "pulled good@1.0.0" in hub("pull", "good", "--from", remote, home=hub_home).output
+    one_line_error(hub("pull", "bad", "--from", remote, home=hub_home, ok=False), "bad@1.0.0: digest does not match")
+    assert [m.ref for m in Registry().list()] == ["good@1.0.0"]
