@@ -242,13 +242,32 @@ def _row(m: Manifest, tags: dict[str, str]) -> list[str]:
 def list_(
     base_model: str | None = typer.Option(None, "--base-model", help="Only versions pushed for this base model."),
     technique: str | None = typer.Option(None, "--technique", help="Only this technique (lora, ia3, ...)."),
+    name: str | None = typer.Option(None, "--name", help="Only adapters whose name starts with this."),
+    tag: str | None = typer.Option(None, "--tag", help="Only versions a tag points at, or with this descriptive tag."),
+    limit: int | None = typer.Option(None, "--limit", help="At most this many versions."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifests as JSON."),
     registry: Path | None = REGISTRY_OPT,
 ) -> None:
-    """List every version (optionally for one base model or technique)."""
+    """List every version (optionally filtered), in name and version order."""
+    _print_versions(registry, as_json, base_model=base_model, technique=technique, name=name, tag=tag, limit=limit)
+
+
+@app.command()
+def search(
+    text: str = typer.Argument(..., metavar="TEXT", help="Text to look for, in any case."),
+    limit: int | None = typer.Option(None, "--limit", help="At most this many versions."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifests as JSON."),
+    registry: Path | None = REGISTRY_OPT,
+) -> None:
+    """List the versions whose name, description or a descriptive tag contains TEXT (any case)."""
+    _print_versions(registry, as_json, text=text, limit=limit)
+
+
+def _print_versions(registry: Path | None, as_json: bool, **filters) -> None:
+    """`hub list` and `hub search`: the versions `Registry.list(**filters)` returns, as a table or JSON."""
     with _clear_errors():
         reg = open_registry(registry)
-        manifests = reg.list(base_model=base_model, technique=technique)
+        manifests = reg.list(**filters)
         if as_json:
             typer.echo(json.dumps([m.to_dict() for m in manifests], indent=1))
             return

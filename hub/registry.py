@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -172,18 +173,31 @@ class Registry:
     def tags(self, name: str) -> dict[str, str]:
         return self.index().tags(name)
 
-    def list(self, *, base_model: str | None = None, technique: str | None = None) -> list[Manifest]:
-        """All versions, optionally those pushed against one base model or of one technique."""
+    def list(self, *, base_model: str | None = None, technique: str | None = None, name: str | None = None,
+             tag: str | None = None, text: str | None = None, limit: int | None = None) -> list[Manifest]:
+        """Versions in name and version order, filtered: pushed against one base model, of one technique,
+        named with a prefix, carrying a tag (a tag pointing at it or a descriptive one), or containing `text`
+        (case-insensitive) in the name, description or a descriptive tag; the first `limit` of them.
+
+        Only the entries of the names that match the prefix are read, and reading stops at `limit`."""
         known = [t.value for t in Technique]
         if technique is not None and technique not in known:  # a typo would list nothing, silently
             raise InvalidName(f"unknown technique {technique!r}; one of: {', '.join(known)}")
+        if limit is not None and limit < 1:
+            raise InvalidName(f"--limit must be at least 1, not {limit}")
         bases = None
         if base_model:  # as named, as the id push records for it, or as a folder an older push recorded
             bases = {base_model, basemodel.canonical_id(base_model), str(Path(base_model).expanduser().resolve())}
-        return [
-            m for m in self.index().manifests()
-            if (bases is None or m.base_model.id in bases) and (technique is None or m.technique == technique)
-        ]
+        index = self.index()
+        needle = text.casefold() if text is not None else None
+
+        def wanted(m: Manifest) -> bool:
+            return ((bases is None or m.base_model.id in bases) and (technique is None or m.technique == technique)
+                    and (tag is None or tag in m.tags or index.tags(m.name).get(tag) == m.version)
+                    and (needle is None or any(needle in s.casefold() for s in (m.name, m.description, *m.tags))))
+
+        names = [n for n in index.names() if name is None or n.startswith(name)]
+        return list(islice(filter(wanted, index.manifests(names)), limit))
 
     def file_path(self, manifest: Manifest, filename: str) -> Path:
         """Where one file of a version lies: its blob, or its registry folder for `path` versions."""

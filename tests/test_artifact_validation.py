@@ -370,8 +370,8 @@ def test_the_index_schema_refuses_a_trailing_newline(technique_adapters, tmp_pat
     entry = data["adapters"]["team/bot"]
     entry["versions"]["1.0.0\n"] = {**entry["versions"]["1.0.0"], "version": "1.0.0\n"}
     (registry.root / "registry.json").write_text(json.dumps(data))
-    with pytest.raises(IndexCorrupt):
-        Registry(registry.root).index()
+    with pytest.raises(IndexCorrupt):  # a reader checks the entry it uses
+        Registry(registry.root).resolve("team/bot@1.0.0")
     with pytest.raises(IndexCorrupt):
         load_manifest({**manifest.to_dict(), "name": "team/bot\n"}, "remote")
 

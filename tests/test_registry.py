@@ -391,27 +391,32 @@ def test_readers_share_one_index_that_refuses_changes_and_hand_out_copies(techni
     assert reg.resolve("lora@prod").version == "1.0.0" and "prod" not in index.tags("lora")
 
 
-def test_reader_checks_only_the_entries_another_process_changed(technique_adapters, hub_home, monkeypatch):
+def test_reader_checks_only_the_entries_it_uses(technique_adapters, hub_home, monkeypatch):
+    """A lookup validates the entry it resolves, not the whole index (that cost O(versions) per new process);
+    damage elsewhere is still found by what reads it: resolving it, listing, `verify`."""
     server, pusher = Registry(), Registry()  # two processes' views of one registry folder
     for name in ("a", "b", "c"):
         pusher.push(technique_adapters["ia3"], name, "1.0.0")
     checked: list[list[str]] = []
     check = Index._check
-    monkeypatch.setattr(Index, "_check", lambda self, source: (checked.append(sorted(self.data["adapters"])),
-                                                               check(self, source))[1])
+    monkeypatch.setattr(Index, "_check", lambda self, names: (checked.append(sorted(names)), check(self, names))[1])
     server.resolve("a")
-    assert checked == [["a", "b", "c"]]  # the first read checks everything
+    server.resolve("a@1.0.0")
+    assert checked == [["a"]]  # the entry used, once
     pusher.tag("b@1.0.0", "prod")
+    assert checked == [["a"], ["b"]]  # the writer checks what it changes
     checked.clear()
     assert server.resolve("b@prod").version == "1.0.0"
-    assert checked == [["b"]]  # after a push, only what changed
+    assert checked == [["b"]]  # a new index: again only the entry used
 
     good = (hub_home / "registry.json").read_text()
     data = json.loads(good)
-    data["adapters"]["c"]["versions"]["1.0.0"]["sha256"] = "0" * 64  # a changed entry is still checked
+    data["adapters"]["c"]["versions"]["1.0.0"]["sha256"] = "0" * 64
     (hub_home / "registry.json").write_text(json.dumps(data))
-    with pytest.raises(IndexCorrupt, match="c@1.0.0: digest does not match"):
-        server.resolve("a")
+    assert server.resolve("a").ref == "a@1.0.0"
+    for read in (lambda: server.resolve("c"), server.list, server.verify):
+        with pytest.raises(IndexCorrupt, match="c@1.0.0: digest does not match"):
+            read()
     (hub_home / "registry.json").write_text(json.dumps({**json.loads(good), "schema_version": 2}))
     with pytest.raises(IndexCorrupt, match="schema"):
         server.resolve("a")

@@ -130,9 +130,10 @@ def test_gc_during_a_push_does_not_lose_its_blobs(technique_adapters, hub_home, 
     assert reg.verify() == (3, []) and reg.materialize(reg.resolve("raced@1.0.0")).is_dir()
 
 
-def test_threads_reading_a_new_index_validate_it_once(technique_adapters, hub_home, monkeypatch):
-    """A server's first burst of requests resolves refs from many threads at once: one of them validates
-    the index (O(versions)), the others wait for it and share the result, and all resolve correctly."""
+def test_threads_reading_a_new_index_parse_it_once(technique_adapters, hub_home, monkeypatch):
+    """A server's first burst of requests resolves refs from many threads at once: one of them parses the
+    index (O(versions)), the others wait for it and share the result, and all resolve correctly, each
+    lookup checking only the entry it uses."""
     import threading
 
     from hub import index as index_module
@@ -140,10 +141,11 @@ def test_threads_reading_a_new_index_validate_it_once(technique_adapters, hub_ho
     registry = Registry(hub_home)
     for n in range(3):
         registry.push(technique_adapters["lora"], f"burst-{n}", "1.0.0")
-    fresh = Registry(hub_home)  # a new process's view: nothing validated yet
-    checks = []
-    missed: set[int] = set()  # threads that found no validated index: all are in read() while one validates
-    real_check, real_cached = index_module.Index._check, index_module.IndexFile._cached
+    fresh = Registry(hub_home)  # a new process's view: nothing read yet
+    parses, checks = [], []
+    missed: set[int] = set()  # threads that found no parsed index: all are in read() while one parses
+    real_parse, real_check = index_module.IndexFile._parse, index_module.Index._check
+    real_cached = index_module.IndexFile._cached
 
     def counting_cached(self):
         cached = real_cached(self)
@@ -151,27 +153,33 @@ def test_threads_reading_a_new_index_validate_it_once(technique_adapters, hub_ho
             missed.add(threading.get_ident())
         return cached
 
-    def counting_check(self, source):
-        checks.append(source)
+    def counting_parse(self):
+        parses.append(self.path)
         end = time.monotonic() + 60  # a hang guard, not a timing check
-        while len(missed) < 16:  # the validation lasts until every thread has asked for the index
-            assert time.monotonic() < end, f"only {len(missed)} of 16 threads overlapped the validation"
+        while len(missed) < 16:  # the parse lasts until every thread has asked for the index
+            assert time.monotonic() < end, f"only {len(missed)} of 16 threads overlapped the parse"
             time.sleep(0.001)
-        real_check(self, source)
+        return real_parse(self)
+
+    def counting_check(self, names):
+        checks.append(sorted(names))
+        real_check(self, names)
 
     monkeypatch.setattr(index_module.IndexFile, "_cached", counting_cached)
+    monkeypatch.setattr(index_module.IndexFile, "_parse", counting_parse)
     monkeypatch.setattr(index_module.Index, "_check", counting_check)
     go = threading.Barrier(16)
     got: list[str] = []
 
     def resolve(n: int) -> None:
         go.wait()
-        got.append(fresh.resolve(f"burst-{n % 3}").ref)
+        got.append(fresh.resolve(f"burst-{n % 2}").ref)
 
     threads = [threading.Thread(target=resolve, args=(n,)) for n in range(16)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert sorted(got) == sorted(f"burst-{n % 3}@1.0.0" for n in range(16))
-    assert len(missed) == 16 and len(checks) == 1
+    assert sorted(got) == sorted(f"burst-{n % 2}@1.0.0" for n in range(16))
+    assert len(missed) == 16 and len(parses) == 1
+    assert checks and all(names in (["burst-0"], ["burst-1"]) for names in checks)  # never burst-2

@@ -1,0 +1,79 @@
+"""The registry at scale: listing that reads only what it lists, and a CLI that leaves the ML stack
+unloaded for registry-only commands."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hub.index import Index
+from hub.registry import Registry
+from tests.test_cli_registry import hub, one_line_error
+
+
+def refs(result) -> list[str]:
+    return [m["name"] + "@" + m["version"] for m in json.loads(result.output)]
+
+
+def test_list_filters_limit_and_search(technique_adapters, hub_home, monkeypatch):
+    reg = Registry()
+    reg.push(technique_adapters["lora"], "team/chat", "1.0.0", description="A Friendly assistant", tags=["chat"])
+    reg.push(technique_adapters["lora"], "team/chat", "1.1.0", description="friendlier")
+    reg.push(technique_adapters["ia3"], "team/sql", "1.0.0", description="text to SQL")
+    reg.push(technique_adapters["ia3"], "other/sum", "2.0.0", description="summaries", tags=["friendly"])
+    reg.tag("team/sql@1.0.0", "stable")
+
+    assert refs(hub("list", "--json", "--name", "team/", home=hub_home)) == [
+        "team/chat@1.0.0", "team/chat@1.1.0", "team/sql@1.0.0"]
+    assert refs(hub("list", "--json", "--name", "team/", "--limit", "2", home=hub_home)) == [
+        "team/chat@1.0.0", "team/chat@1.1.0"]
+    assert refs(hub("list", "--json", "--technique", "ia3", "--name", "team", home=hub_home)) == ["team/sql@1.0.0"]
+    assert refs(hub("list", "--json", "--tag", "stable", home=hub_home)) == ["team/sql@1.0.0"]  # a tag pointing at it
+    assert refs(hub("list", "--json", "--tag", "chat", home=hub_home)) == ["team/chat@1.0.0"]  # a descriptive tag
+    assert refs(hub("search", "FRIENDL", "--json", home=hub_home)) == [  # description or descriptive tag, any case
+        "other/sum@2.0.0", "team/chat@1.0.0", "team/chat@1.1.0"]
+    assert refs(hub("search", "sql", "--json", "--limit", "1", home=hub_home)) == ["team/sql@1.0.0"]  # the name
+    assert "team/chat@1.1.0" in hub("search", "friendlier", home=hub_home).output  # the table
+    one_line_error(hub("list", "--limit", "0", home=hub_home, ok=False), "--limit must be at least 1")
+
+    checked: list[str] = []  # a prefix reads only the entries it names, and reading stops at the limit
+    check = Index._check
+    monkeypatch.setattr(Index, "_check", lambda self, names: (checked.extend(names), check(self, names))[1])
+    assert [m.ref for m in Registry().list(name="team/", limit=1)] == ["team/chat@1.0.0"]
+    assert checked == ["team/chat"]
+
+
+def test_registry_commands_do_not_import_the_ml_stack(technique_adapters, hub_home, tmp_path):
+    """`hub list/search/show/tag` run in a process that never imports torch or transformers (importing them
+    costs seconds; none of these touches a tensor). `hub pull` is not among them: it checks the pulled
+    tensors as push does (finite values, dtypes, ranks), which needs torch."""
+    remote = tmp_path / "remote"
+    Registry(remote).push(technique_adapters["lora"], "demo", "1.0.0", description="demo adapter")
+    script = ("import sys\nfrom hub.cli import app\ntry:\n    app(sys.argv[1:])\nexcept SystemExit as e:\n"
+              "    assert not e.code, e.code\nloaded = sorted({m.split('.')[0] for m in sys.modules} & "
+              "{'torch', 'transformers', 'peft', 'safetensors'})\nprint('ML stack:', loaded)\n")
+    env = {**os.environ, "HUB_HOME": str(hub_home)}
+    assert "pulled demo@1.0.0" in hub("pull", "demo@1.0.0", "--from", remote, home=hub_home).output
+    for args in (["list"], ["list", "--name", "de", "--limit", "5"],
+                 ["search", "adapter"], ["show", "demo"], ["tag", "demo@1.0.0", "stable"], ["show", "demo@stable"]):
+        done = subprocess.run([sys.executable, "-c", script, *args], env=env, cwd=Path(__file__).parent.parent,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, (args, done.stderr)
+        assert done.stdout.splitlines()[-1] == "ML stack: []", (args, done.stdout)
+
+
+def test_pull_from_a_directory_remote_checks_only_the_version_it_takes(technique_adapters, hub_home, tmp_path):
+    """A damaged entry elsewhere in a remote's index does not stop a pull of another adapter (the old reader
+    validated the whole remote index first); pulling the damaged one is refused in one line, nothing written."""
+    remote = tmp_path / "remote"
+    Registry(remote).push(technique_adapters["lora"], "good", "1.0.0")
+    Registry(remote).push(technique_adapters["ia3"], "bad", "1.0.0")
+    data = json.loads((remote / "registry.json").read_text())
+    data["adapters"]["bad"]["versions"]["1.0.0"]["sha256"] = "0" * 64
+    (remote / "registry.json").write_text(json.dumps(data))
+
+    assert "pulled good@1.0.0" in hub("pull", "good", "--from", remote, home=hub_home).output
+    one_line_error(hub("pull", "bad", "--from", remote, home=hub_home, ok=False), "bad@1.0.0: digest does not match")
+    assert [m.ref for m in Registry().list()] == ["good@1.0.0"]
