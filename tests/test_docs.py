@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -142,10 +143,18 @@ def command_path(group: Any, words: list[str]) -> tuple[str, ...] | None:
     return tuple(path) or None
 
 
-def shown_commands() -> set[tuple[str, ...]]:
+def shown_commands() -> dict[tuple[str, ...], set[str]]:
+    """Each command path the pages show, with the options (`--name`) shown with it."""
     group = cli()
-    found = {command_path(group, words) for page in PAGES for words in hub_mentions(page)}
-    return {p for p in found if p}
+    found: dict[tuple[str, ...], set[str]] = {}
+    for page in PAGES:
+        for words in hub_mentions(page):
+            path = command_path(group, words)
+            if path:
+                shown_words = words[:words.index("#")] if "#" in words else words
+                options = (w.strip("[]").split("=")[0] for w in shown_words)  # `[--seed S]`, `--weights=-1,1`
+                found.setdefault(path, set()).update(o for o in options if re.fullmatch(r"--[a-z][a-z0-9-]*", o))
+    return found
 
 
 def test_readme_shows_commands() -> None:
@@ -153,14 +162,18 @@ def test_readme_shows_commands() -> None:
     assert {("push",), ("serve",), ("generate",), ("base", "prepare")} <= readme
 
 
-def test_every_shown_hub_command_exists() -> None:
-    def run(path: tuple[str, ...]) -> tuple[tuple[str, ...], int, str]:
+def test_every_shown_hub_command_and_option_exists() -> None:
+    def run(item: tuple[tuple[str, ...], set[str]]) -> tuple[str, str] | None:
+        path, options = item
         proc = subprocess.run([sys.executable, "-m", "hub", *path, "--help"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=120)
-        return path, proc.returncode, proc.stderr.strip()[-300:]
+                              text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+        if proc.returncode != 0:
+            return " ".join(path), f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}"
+        missing = sorted(o for o in options if not re.search(rf"{re.escape(o)}(?![a-z0-9-])", proc.stdout))
+        return (" ".join(path), f"options not in --help: {missing}") if missing else None
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        failed = [r for r in pool.map(run, sorted(shown_commands())) if r[1] != 0]
+        failed = [r for r in pool.map(run, sorted(shown_commands().items())) if r]
     assert failed == []
 
 
