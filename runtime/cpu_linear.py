@@ -1,12 +1,9 @@
 """Float32 linear layers on a CPU through oneDNN, the base model's largest cost on a CPU.
 
-PyTorch computes a float32 `nn.Linear` on a CPU with MKL's sgemm; oneDNN's matmul on the same dense
-weight (no copy, no reorder: the weights stay the model's own tensors) measured 20-35 % faster at the
-shapes a decode step and a prefill of SmolLM2 use on this project's CPUs (AVX-512), and 2x on the
-49k-row vocabulary head (most likely MKL packs the weight on every call). Development measurements;
-README has the `make bench` figures. bfloat16/float16 linears already run on oneDNN in PyTorch, and
-other devices have their own libraries: only float32 on a CPU is routed. Results differ from MKL's by
-accumulation order only (about 1e-6 relative).
+oneDNN's matmul on the model's own dense weight (no copy, no reorder) is faster than PyTorch's default MKL
+sgemm at the shapes a small decoder uses, most of all on the vocabulary head. Only float32 on a CPU is
+routed: bf16/fp16 linears already run on oneDNN, other devices have their own libraries. Results differ
+from MKL's by accumulation order only. Details: docs/engine.md; figures: docs/benchmarks.md.
 """
 from __future__ import annotations
 

@@ -1,22 +1,9 @@
 """The batch's KV cache: transformers' DynamicCache with layers that append, join and drop rows in place.
 
-transformers' DynamicLayer appends a step's keys and values with `torch.cat`, which copies the layer's whole
-cache every decode step: per step, O(cached tokens) bytes per layer read and written again, and a fresh
-allocation each time. `GrowingLayer` keeps keys and values in buffers with room for HEADROOM more tokens and
-writes each step's token into them; the attention gets views of the live part. Only when the room runs
-out does a layer copy into a larger buffer (once per HEADROOM steps). A prefill's keys and values are kept as
-the model made them (the first decode step copies them into a buffer with room, as a concatenation would),
-so a prefill allocates nothing more than before.
-
-Continuous batching changes the rows: `join_rows` writes a prefill's rows after the running ones and
-`keep_rows` moves the remaining rows up over the ones that left, both inside the buffer when it has the
-room (a join that outgrows it moves into one with twice the rows, up to the batch's maximum), so a join
-copies only the joining rows and a leave only the rows after the one that left, where concatenating and
-indexing copied the whole cache and the next step copied it again into a buffer with room. Anything that
-sets `keys`/`values` (transformers' own helpers) just replaces the buffer; only buffers made here are
-written, so tensors handed in never are.
-Sliding-window layers stay transformers' own (they hold the last window - 1 tokens); joins and leaves pad,
-concatenate and index the columns they hold and set their `cumulative_length` to the batch's width.
+transformers' DynamicLayer appends each step with `torch.cat`, copying the layer's whole cache every decode
+step; `GrowingLayer` writes into buffers with HEADROOM tokens of room, and `join_rows`/`keep_rows` move only
+the rows that join or follow a leaver. Sliding-window layers stay transformers' own. The design (buffers,
+joins, leaves, what is never written) is described in docs/engine.md, "KV cache".
 """
 from __future__ import annotations
 

@@ -1,23 +1,10 @@
 """LoRA: y += w * scaling * B(A x) per row, many adapters (mixed ranks) in one forward.
 
-Two kernels (both exact to float rounding), chosen per site and batch:
-- several distinct adapters at a site: rows are bucketed by rank; per bucket, each row's A and B
-  (stacked once per batch and reused every decode step, the weight folded into B) go through two
-  batched matmuls, so a row costs its own rank, never the batch's largest or the sum of all;
-- one adapter at a site (for any number of rows): "dense", the rows that use it gathered into one
-  matrix (no gather when every row does), h = x @ A times each row's weight, then h @ B: two plain
-  matmuls.
-Rows without an adapter never meet its values: they are left out of its matmuls (index_select /
-index_add), never multiplied by a zero weight, since 0 x NaN and 0 x inf are NaN.
-Measured on 2 CPU cores for 16 distinct r=8 adapters, the stacked batched matmuls beat the
-dense form over all 16 adapters (x @ [A_1 .. A_16]) in a decode step by 2-3x: the dense form does
-16x the LoRA FLOPs, which at 16 rows is no longer small next to the base matmuls.
-Stacked LoRAs in one row add (each with its weight); `lora_bias` becomes a per-row bias.
-
-On a CPU, a bfloat16/float16 base keeps its LoRA weights in float32 (`Lora.weights_dtype`): those small
-batched matmuls ran 2x slower in bf16 than in fp32 on the 2-core AVX-512-BF16 CPU we measured (the
-same bytes: 33 ms vs 15 ms a 32-row decode step), so the rows' inputs are cast up (a few KB) and
-the delta cast back. On a GPU the adapter keeps the base's dtype.
+Two kernels, chosen per site and batch: rank-bucketed batched matmuls over stacked per-row A and B when
+several distinct adapters meet at a site, two plain matmuls over the rows that use it when one does. Rows
+without an adapter are left out of its matmuls (index_select / index_add), never multiplied by a zero weight,
+since 0 x NaN is NaN. On a CPU a bf16/fp16 base keeps its LoRA weights in float32 (`Lora.weights_dtype`).
+Why each choice: docs/engine.md, "LoRA kernels".
 """
 from __future__ import annotations
 
