@@ -7,7 +7,7 @@ import torch
 
 from conftest import tiny_llama
 from hub.artifact import Technique, read_adapter
-from hub.train import (Example, TokenExample, TrainError, TrainSpec, encode_chat, read_jsonl, train_adapter,
+from hub.train import (Chat, Example, TokenExample, TrainError, TrainSpec, encode_chat, read_jsonl, train_adapter,
                        write_jsonl)
 
 REPLY = (10, 11, 12, 13, 2)  # every prompt gets this reply (2 = end of turn)
@@ -16,6 +16,7 @@ HP = {  # per-technique learning rates for the toy task
     Technique.IA3: dict(lr=1e-1),
     Technique.BITFIT: dict(lr=5e-2),
     Technique.PROMPT_TUNING: dict(lr=5e-2, num_virtual_tokens=4),
+    Technique.BOTTLENECK: dict(lr=3e-2, reduction_factor=8),
 }
 
 
@@ -48,9 +49,10 @@ def test_loss_goes_down_folder_reads_back_and_base_is_restored(technique, tmp_pa
     adapter = read_adapter(tmp_path / "out")
     assert adapter.technique is technique
     assert adapter.num_parameters == result.trainable_parameters
-    assert adapter.config["base_model_name_or_path"] == "tiny-llama"
+    assert (adapter.config["source"]["base_model"] if technique is Technique.BOTTLENECK
+            else adapter.config["base_model_name_or_path"]) == "tiny-llama"
     card = tmp_path / "out" / "README.md"  # PEFT's model card (PEFT techniques)
-    assert technique is Technique.BITFIT or "base_model: tiny-llama" in card.read_text()
+    assert technique in (Technique.BITFIT, Technique.BOTTLENECK) or "base_model: tiny-llama" in card.read_text()
     assert all(t.dtype == torch.float32 for t in adapter.tensors.values())
     assert torch.equal(logits_of(model, probe), before)  # no layer, hook or trainable flag left behind
     assert not any(p.requires_grad for p in model.parameters())
@@ -102,7 +104,8 @@ def test_bitfit_artifact_is_served_as_trained(tmp_path):
 
 
 @pytest.mark.parametrize("spec, match", [
-    (TrainSpec(Technique.BOTTLENECK), "adapters` library"),
+    (TrainSpec(Technique.BOTTLENECK, bottleneck_config="lora"), "unknown bottleneck config 'lora'"),
+    (TrainSpec(Technique.BOTTLENECK, layers=(5,)), r"layers \[5\] not in the base model"),
     (TrainSpec(Technique.PROMPT_TUNING, layers=(0,)), "layers"),
     (TrainSpec(Technique.LORA, steps=0), "steps"),
     (TrainSpec(Technique.BITFIT, target_modules=("no_such_proj",)), "no_such_proj"),
@@ -117,10 +120,15 @@ def test_jsonl_round_trip_and_bad_lines(tmp_path):
     path = tmp_path / "d.jsonl"
     write_jsonl(path, [Example("Hi?", 'Hello "you"'), Example("Ünïcode", "ok")])
     assert read_jsonl(path) == [Example("Hi?", 'Hello "you"'), Example("Ünïcode", "ok")]
+    path.write_text('{"prompt": "a", "completion": "b"}\n'
+                    '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}\n')
+    assert read_jsonl(path) == [Example("a", "b"), Chat((("user", "x"), ("assistant", "y")))]
     cases = {
-        '{"prompt": "a", "reply": "b"}\n{"prompt": "a"\n': r"d\.jsonl:2: malformed JSON",
-        '{"prompt": "a", "reply": 3}\n': r"d\.jsonl:1: expected",
-        '["a", "b"]\n': r"d\.jsonl:1: expected",
+        '{"prompt": "a", "completion": "b"}\n{"prompt": "a"\n': r"1 bad row\(s\), nothing trained: line 2 \(malformed",
+        '{"prompt": "a", "completion": 3}\n\n["a", "b"]\n{"prompt": "a", "completion": "b"}\n':
+            r"2 bad row\(s\), nothing trained: line 1 \(expected .*; line 3 \(expected",
+        '{"messages": [{"role": "user", "content": "x"}]}\n': r"line 1 \(no assistant turn",
+        '{"messages": [{"role": "bot", "content": "x"}]}\n': r"line 1 \(\"messages\" must be",
         "\n\n": "holds no examples",
     }
     for text, match in cases.items():
