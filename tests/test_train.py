@@ -154,3 +154,53 @@ def test_encode_chat_uses_the_chat_template_and_drops_long_examples(real_hub_hom
     assert tokenizer.decode(encoded.reply_ids) == "Paris.<|im_end|>"
     with pytest.raises(TrainError, match="no example fits in 8 tokens"):
         encode_chat(tokenizer, [short], max_len=8)
+
+
+@pytest.mark.parametrize("config, locations", [("pfeiffer", ["ffn"]), ("houlsby", ["attention", "ffn"])])
+def test_bottleneck_is_served_as_trained(config, locations, tmp_path):
+    """The runtime engine, serving the saved bottleneck adapter, gives the logits of the trained modules."""
+    from runtime.engine import Engine
+    from runtime.plan import AdapterUse, RowPlan
+
+    model, ids, trained = toy_model(), torch.tensor([[1, 5, 9, 33, 7]]), {}
+    spec = TrainSpec(Technique.BOTTLENECK, steps=20, lr=3e-2, reduction_factor=8, bottleneck_config=config)
+
+    def capture(step: int) -> None:  # the trained modules are in place until train_adapter returns
+        if step == spec.steps:
+            trained["logits"] = logits_of(model, ids)
+
+    result = train_adapter(model, toy_examples(), spec, tmp_path / "b", base_model_id="t", on_step=capture)
+    assert sum(result.losses[-5:]) / 5 < 0.5 * result.losses[0]
+    adapter = read_adapter(tmp_path / "b")
+    assert adapter.config["locations"] == locations and adapter.config["bottleneck_size"] == 8
+    assert len(adapter.tensors) == 4 * 2 * len(locations)  # down/up weight/bias, 2 layers
+    engine = Engine(toy_model())
+    engine.load("b", adapter)
+    served, _ = engine.forward(ids, torch.ones_like(ids), [RowPlan((AdapterUse("b"),))])
+    assert not torch.allclose(trained["logits"], logits_of(model, ids), atol=1e-3)  # the adapter matters
+    torch.testing.assert_close(served, trained["logits"], atol=1e-4, rtol=0)
+
+
+def stop_at(n: int):
+    """An on_step callback that acts as Ctrl-C after step n."""
+    def on_step(step: int) -> None:
+        if step == n:
+            raise KeyboardInterrupt
+    return on_step
+
+
+def test_ctrl_c_keeps_the_best_checkpoint_so_far(tmp_path):
+    spec = TrainSpec(Technique.LORA, steps=20, lr=3e-2, eval_every=3)
+    val = toy_examples(4)
+    runs = {n: train_adapter(toy_model(), toy_examples(), spec, tmp_path / str(n), base_model_id="t", val=val,
+                             on_step=stop_at(n)) for n in (6, 8, 100)}
+    late, early, full = runs[8].fit, runs[6].fit, runs[100].fit
+    assert late.interrupted and len(late.losses) == 8 and [s for s, _ in late.val_losses] == [3, 6]
+    assert late.best_step == early.best_step == min(late.val_losses, key=lambda sv: sv[1])[0]
+    assert not full.interrupted and len(full.losses) == 20
+    tensors = {n: read_adapter(tmp_path / str(n)).tensors for n in runs}
+    assert all(torch.equal(tensors[8][k], tensors[6][k]) for k in tensors[6])  # steps 7 and 8 were dropped
+    assert not all(torch.equal(tensors[100][k], tensors[6][k]) for k in tensors[6])
+    with pytest.raises(TrainError, match=r"interrupted after 2 steps, before the first checkpoint \(step 3\)"):
+        train_adapter(toy_model(), toy_examples(), spec, tmp_path / "none", base_model_id="t", on_step=stop_at(2))
+    assert not (tmp_path / "none").exists()
