@@ -133,7 +133,7 @@ def train_command(
     description: str = typer.Option("", "--description", help="With --push: one line for `hub show`."),
     registry: Path | None = typer.Option(None, "--registry", help="Registry folder (default: $HUB_HOME)."),
 ) -> None:
-    """Fine-tune an adapter on a JSONL file; saves the best checkpoint (Ctrl-C: the best so far)."""
+    """Fine-tune an adapter on a JSONL file; saves the best checkpoint (Ctrl-C: the best so far, exit 130)."""
     try:
         run(locals())
     except (TrainError, HubError, ArtifactError, BaseModelError, OSError) as e:
@@ -200,6 +200,8 @@ def run(o: dict[str, Any]) -> None:
         manifest = registry.push(out / "adapter", o["name"], o["version"], base_model=o["base_model"],
                                  description=o["description"], lineage={"train": record})
         typer.echo(f"pushed {manifest.ref} {manifest.technique} sha256:{manifest.sha256[:12]}")
+    if result.fit.interrupted:  # saved (and pushed) as asked; the exit status still says Ctrl-C stopped the run
+        raise typer.Exit(130)
 
 
 def register(app: typer.Typer) -> None:

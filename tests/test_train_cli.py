@@ -133,3 +133,28 @@ def test_bad_options_fail_in_one_line(base, data, tmp_path, args, message):
                  "--base-model", str(base), "--out", str(tmp_path / "run"), *args)
     assert result.exit_code == 1 and result.output.startswith("error: ") and message in result.output
     assert len(result.output.splitlines()) == 1
+
+
+def test_sigint_stops_the_run_and_keeps_the_best_checkpoint(base, data, tmp_path, hub_home):
+    """A real Ctrl-C (SIGINT) to a `hub train` process, sent once it has validated a checkpoint: the process
+    saves and pushes the best checkpoint so far, records the interruption, and exits 130."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hub", "train", "--technique", "bitfit", "--data", str(data), "--eval-data", str(data),
+         "--name", "stopped", "--version", "1.0.0", "--base-model", str(base), "--steps", "1000000",
+         "--eval-every", "2", "--out", str(out), "--push"], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # wait for the first validated checkpoint, then press Ctrl-C
+        if " val " in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "interrupted after" in stderr and "pushed stopped@1.0.0" in stdout
+    record = Registry().resolve("stopped@1.0.0").lineage["train"]
+    assert record["interrupted"] and record["steps_done"] < 1000000
+    assert record["kept_step"] % 2 == 0 and record["final_val_loss"] is not None
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
