@@ -21,6 +21,7 @@ import typer
 
 from hub.artifact import ArtifactError, Technique
 from hub.basemodel import DEFAULT_BASE_MODEL, BaseModelError
+from hub.clikit import finite
 from hub.errors import HubError
 from hub.registry import open_registry
 from hub.train import BOTTLENECK_PRESETS, Chat, Example, Fit, TrainError, TrainSpec
@@ -110,13 +111,14 @@ def train_command(
     technique: Technique = typer.Option(..., "--technique", help="lora, ia3, prompt_tuning, bitfit or bottleneck."),
     data: Path = typer.Option(..., "--data", help='JSONL: {"prompt", "completion"} or {"messages": [...]} rows.'),
     eval_data: Path | None = typer.Option(None, "--eval-data", help="Validation JSONL (same formats)."),
-    eval_split: float | None = typer.Option(None, "--eval-split", help="Hold out this fraction of --data instead."),
+    eval_split: float | None = typer.Option(None, "--eval-split", callback=finite,
+                                            help="Hold out this fraction of --data instead."),
     name: str = typer.Option(..., "--name", help="Adapter name (optionally org/name)."),
     version: str = typer.Option(..., "--version", help="Its version, e.g. 1.0.0."),
     base_model: str = typer.Option(DEFAULT_BASE_MODEL, "--base-model", help="Embedded name, folder or HF id."),
     steps: int | None = typer.Option(None, "--steps", min=1, help="Optimizer steps (default 100)."),
-    epochs: float | None = typer.Option(None, "--epochs", min=0.01, help="Passes over the data, instead of --steps."),
-    lr: float = typer.Option(1e-3, "--lr", min=0, help="AdamW learning rate (after a 10% linear warm-up)."),
+    epochs: float | None = typer.Option(None, "--epochs", min=0.01, callback=finite, help="Passes over the data, instead of --steps."),
+    lr: float = typer.Option(1e-3, "--lr", min=0, callback=finite, help="AdamW learning rate (after a 10% linear warm-up)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1),
     seed: int = typer.Option(0, "--seed", min=0, help="Seeds initialisation, batches and --eval-split."),
     max_len: int = typer.Option(256, "--max-len", min=2, help="Longer examples are dropped (and counted)."),

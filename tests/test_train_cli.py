@@ -100,12 +100,12 @@ def test_train_learns_records_the_run_and_pushes_what_the_engine_serves(base, da
 
 
 def test_seeded_runs_are_reproducible(base, data, tmp_path):
-    a = train(base, data, tmp_path / "a", "--steps", "6", "--seed", "2", "--eval-data", str(data))
-    b = train(base, data, tmp_path / "b", "--steps", "6", "--seed", "2", "--eval-data", str(data))
+    a = train(base, data, tmp_path / "a", "--steps", "6", "--seed", "2", "--eval-every", "3", "--eval-data", str(data))
+    b = train(base, data, tmp_path / "b", "--steps", "6", "--seed", "2", "--eval-every", "3", "--eval-data", str(data))
     assert a["train_losses"] == b["train_losses"] and a["val_losses"] == b["val_losses"]
     weights = [(tmp_path / run / "adapter" / "adapter_model.safetensors").read_bytes() for run in "ab"]
     assert weights[0] == weights[1]
-    c = train(base, data, tmp_path / "c", "--steps", "6", "--seed", "3", "--eval-data", str(data))
+    c = train(base, data, tmp_path / "c", "--steps", "6", "--seed", "3", "--eval-every", "3", "--eval-data", str(data))
     assert c["train_losses"] != a["train_losses"]  # the seed does choose the batches
 
 
