@@ -1,0 +1,59 @@
+"""`hub eval`: the completion loss of several versions of mixed techniques and the bare base, from one
+batched pass through the engine, equals PEFT's loss for each adapter evaluated alone."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import torch
+from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig
+
+from conftest import save_peft_adapter, tiny_llama
+from hub.registry import Registry
+from hub.train import encode_chat, read_jsonl
+from test_train_cli import base, data, hub  # noqa: F401  (fixtures: a tiny base with a tokenizer, a JSONL file)
+
+
+def peft_loss(model, examples) -> tuple[float, int]:
+    """(summed reply-token NLL, reply tokens) with HF's own loss, one example at a time."""
+    total, n = 0.0, 0
+    for e in examples:
+        ids = torch.tensor([list(e.prompt_ids) + list(e.reply_ids)])
+        labels = torch.tensor([[-100] * len(e.prompt_ids) + list(e.reply_ids)])
+        with torch.no_grad():
+            total += model(input_ids=ids, labels=labels).loss.item() * len(e.reply_ids)
+        n += len(e.reply_ids)
+    return total, n
+
+
+def test_eval_matches_peft_for_each_adapter_and_the_base(base, data, tmp_path, hub_home):  # noqa: F811
+    from hub import basemodel
+
+    model = tiny_llama(initializer_range=0.2)
+    configs = {"lora": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+               "ia3": IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+               "prompt": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)}
+    for i, (name, config) in enumerate(configs.items()):
+        folder = save_peft_adapter(model, config, tmp_path / name, seed=i + 1)
+        assert hub("push", str(folder), "--name", name, "--version", "1.0.0", "--base-model", str(base)).exit_code == 0
+
+    result = hub("eval", "lora", "ia3@1.0.0", "prompt", "--data", str(data), "--batch-size", "5", "--json")
+    assert result.exit_code == 0, result.output
+    got = {r["ref"]: r for r in json.loads(result.stdout)}
+    assert list(got) == ["(base)", "lora@1.0.0", "ia3@1.0.0", "prompt@1.0.0"]
+
+    _, tokenizer = basemodel.load(str(base))
+    examples = encode_chat(tokenizer, read_jsonl(data), 256)
+    for ref, r in got.items():
+        peer = model if ref == "(base)" else PeftModel.from_pretrained(copy.deepcopy(model),
+                                                                        tmp_path / ref.split("@")[0]).eval()
+        nll, n = peft_loss(peer, examples)
+        assert r["n"] == n and r["metric"] == "loss"
+        assert math.isclose(r["value"], nll / n, rel_tol=1e-4), (ref, r["value"], nll / n)
+    assert len({round(r["value"], 4) for r in got.values()}) == 4  # every adapter changes the loss
+
+    perplexity = hub("eval", "lora", "--data", str(data), "--metric", "perplexity", "--no-base", "--json")
+    [p] = json.loads(perplexity.stdout)
+    assert math.isclose(p["value"], math.exp(got["lora@1.0.0"]["value"]), rel_tol=1e-5)
+    assert Registry().resolve("lora").sha256 == Registry().resolve("lora@1.0.0").sha256
