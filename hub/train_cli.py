@@ -108,7 +108,7 @@ def save_loss_curve(fit: Fit, path: Path) -> bool:
 
 
 def train_command(
-    technique: Technique = typer.Option(..., "--technique", help="lora, ia3, prompt_tuning, bitfit or bottleneck."),
+    technique: str = typer.Option(..., "--technique", help="lora, ia3, prompt_tuning, bitfit or bottleneck."),
     data: Path = typer.Option(..., "--data", help='JSONL: {"prompt", "completion"} or {"messages": [...]} rows.'),
     eval_data: Path | None = typer.Option(None, "--eval-data", help="Validation JSONL (same formats)."),
     eval_split: float | None = typer.Option(None, "--eval-split", callback=finite,
@@ -119,7 +119,7 @@ def train_command(
     steps: int | None = typer.Option(None, "--steps", min=1, help="Optimizer steps (default 100)."),
     epochs: float | None = typer.Option(None, "--epochs", min=0.01, callback=finite, help="Passes over the data, instead of --steps."),
     lr: float = typer.Option(1e-3, "--lr", min=0, callback=finite, help="AdamW learning rate (after a 10% linear warm-up)."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Examples per step (and per validation batch)."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seeds initialisation, batches and --eval-split."),
     max_len: int = typer.Option(256, "--max-len", min=2, help="Longer examples are dropped (and counted)."),
     eval_every: int = typer.Option(0, "--eval-every", min=0, help="Steps between checkpoints (default: steps/10)."),
@@ -154,6 +154,8 @@ def run(o: dict[str, Any]) -> None:
     from hub.manifest import check_name, check_version
     from hub.train import bottleneck_preset, encode_chat, read_jsonl, train_adapter
 
+    if o["technique"] not in {t.value for t in Technique}:
+        raise TrainError(f"--technique must be one of {', '.join(t.value for t in Technique)}, got {o['technique']!r}")
     check_name(o["name"])
     check_version(o["version"])
     if o["eval_data"] is not None and o["eval_split"] is not None:

@@ -127,6 +127,7 @@ def test_bad_rows_are_listed_in_one_line_and_nothing_is_written(base, tmp_path, 
     (["--steps", "3", "--epochs", "1"], "--steps or --epochs, not both"),
     (["--eval-split", "1.5"], "--eval-split must be between 0 and 1"),
     (["--technique", "bottleneck", "--config", "adapterfusion"], "unknown bottleneck config 'adapterfusion'"),
+    (["--technique", "lorax"], "--technique must be one of lora, ia3, prompt_tuning, bitfit, bottleneck"),
 ])
 def test_bad_options_fail_in_one_line(base, data, tmp_path, args, message):
     result = hub("train", "--technique", "lora", "--data", str(data), "--name", "x", "--version", "1.0.0",
