@@ -1,5 +1,5 @@
-"""`hub eval`: the completion loss (or perplexity) of several registry versions and the bare base on one
-JSONL file, in one batched pass through the multi-adapter engine (in-process).
+"""`hub eval`: the completion loss (or perplexity, or multiple-choice accuracy) of several registry versions and
+the bare base on one JSONL file, in one batched pass through the multi-adapter engine (in-process).
 
 The data is read and tokenized as `hub train` reads it (hub/train.py), so a validation file scores the same
 tokens here as during training.
@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -16,19 +18,40 @@ from hub.artifact import ArtifactError
 from hub.basemodel import BaseModelError
 from hub.errors import HubError
 from hub.registry import Registry, open_registry
-from hub.train import TrainError
 
-METRICS = ("loss", "perplexity")
+if TYPE_CHECKING:  # hub.train imports torch: loaded when an evaluation starts, not when `hub` starts
+    from hub.train import TokenExample
+
+METRICS = ("loss", "perplexity", "accuracy")
 BASE = "(base)"
+
+
+@dataclass(frozen=True)
+class Question:
+    """A multiple-choice row: the prompt, the candidate replies, the index of the right one."""
+
+    prompt: str
+    choices: tuple[str, ...]
+    answer: int
+
+
+def parse_question(row: object) -> Question:
+    """One `--metric accuracy` row; ValueError says what is wrong with it."""
+    if isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("choices"), list):
+        choices, answer = row["choices"], row.get("answer")
+        if len(choices) >= 2 and all(isinstance(c, str) and c for c in choices) and isinstance(answer, int) \
+                and not isinstance(answer, bool) and 0 <= answer < len(choices):
+            return Question(row["prompt"], tuple(choices), answer)
+    raise ValueError('expected {"prompt": str, "choices": [two or more non-empty str], "answer": index of the right one}')
 
 
 def evaluate(registry: Registry, refs: list[str], data: Path, metric: str, base_model: str | None,
              with_base: bool = True, batch_size: int = 16, max_len: int = 256) -> list[dict]:
-    """One result per version (and the base first, unless `with_base` is off): ref, metric, value, n (tokens)."""
+    """One result per version (and the base first, unless `with_base` is off): ref, metric, value and n
+    (reply tokens for loss and perplexity, questions for accuracy)."""
     from hub import basemodel
-    from hub.train import encode_chat, read_jsonl
+    from hub.train import TrainError, encode_chat, parse_row, read_jsonl
     from runtime.engine import Engine
-    from runtime.evaluate import Item, completion_nll
     from runtime.plan import AdapterUse, RowPlan
 
     if metric not in METRICS:
@@ -37,29 +60,54 @@ def evaluate(registry: Registry, refs: list[str], data: Path, metric: str, base_
     bases = sorted({m.base_model.id for m in manifests} - {None})
     if base_model is None and len(bases) != 1:
         raise HubError(f"the versions were pushed for {', '.join(bases) or 'no named base model'}: give --base-model")
-    rows = read_jsonl(data)
+    rows = read_jsonl(data, parse_question if metric == "accuracy" else parse_row)
     model, tokenizer = basemodel.load(base_model or basemodel.embedded_name(bases[0]))
-    examples = encode_chat(tokenizer, rows, max_len)
     engine = Engine(model, tokenizer)
     plans = {BASE: RowPlan()} if with_base else {}
     for m in manifests:
         engine.load(m.ref, registry.read(m))
         plans[m.ref] = RowPlan((AdapterUse(m.ref),))
-    # example-major order: each batch holds the rows of every version for a few examples
-    items = [Item(plan, e.prompt_ids, e.reply_ids) for e in examples for plan in plans.values()]
+    if metric == "accuracy":
+        values = _accuracy(engine, tokenizer, rows, list(plans.values()), batch_size)
+    else:
+        values = _loss(engine, encode_chat(tokenizer, rows, max_len), list(plans.values()), batch_size)
+        values = [(loss if metric == "loss" else math.exp(loss), n) for loss, n in values]
+    return [{"ref": ref, "metric": metric, "value": value, "n": n} for ref, (value, n) in zip(plans, values)]
+
+
+def _loss(engine, examples: list[TokenExample], plans: list, batch_size: int) -> list[tuple[float, int]]:
+    """Per plan: (mean NLL of the reply tokens, their count). Example-major order: each batch holds the rows
+    of every plan for a few examples."""
+    from runtime.evaluate import Item, completion_nll
+
+    items = [Item(plan, e.prompt_ids, e.reply_ids) for e in examples for plan in plans]
     scores = completion_nll(engine, items, batch_size)
-    results = []
-    for k, ref in enumerate(plans):
-        nll, n = (sum(x) for x in zip(*scores[k::len(plans)]))
-        loss = nll / n
-        results.append({"ref": ref, "metric": metric, "value": loss if metric == "loss" else math.exp(loss), "n": n})
-    return results
+    sums = [tuple(sum(x) for x in zip(*scores[k::len(plans)])) for k in range(len(plans))]
+    return [(nll / n, n) for nll, n in sums]
+
+
+def _accuracy(engine, tokenizer, questions: list[Question], plans: list, batch_size: int) -> list[tuple[float, int]]:
+    """Per plan: (the share of questions whose right choice has the highest log-likelihood, questions), as
+    evaluation harnesses score multiple choice (summed log-likelihood of each choice's tokens)."""
+    from hub.train import chat_context, text_ids
+    from runtime.evaluate import Item, completion_nll
+
+    items = [Item(plan, chat_context(tokenizer, [{"role": "user", "content": q.prompt}]), text_ids(tokenizer, c))
+             for q in questions for plan in plans for c in q.choices]
+    nll = iter(completion_nll(engine, items, batch_size))
+    right = [0] * len(plans)
+    for q in questions:
+        for k in range(len(plans)):
+            scores = [next(nll)[0] for _ in q.choices]
+            right[k] += scores.index(min(scores)) == q.answer
+    return [(r / len(questions), len(questions)) for r in right]
 
 
 def eval_command(
     refs: list[str] = typer.Argument(..., help="Versions to evaluate (name, name@1.2.0, name@tag)."),
     data: Path = typer.Option(..., "--data", help='JSONL: {"prompt", "completion"} or {"messages": [...]} rows.'),
-    metric: str = typer.Option("loss", "--metric", help="loss or perplexity (on the completions)."),
+    metric: str = typer.Option("loss", "--metric", help="loss or perplexity (on the completions), or accuracy "
+                               '(rows {"prompt", "choices": [...], "answer": index}: the likeliest choice).'),
     base_model: str | None = typer.Option(None, "--base-model", help="Default: the base the versions were pushed for."),
     no_base: bool = typer.Option(False, "--no-base", help="Leave the bare base model out."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Rows per forward (of mixed versions)."),
@@ -68,6 +116,8 @@ def eval_command(
     registry: Path | None = typer.Option(None, "--registry", help="Registry folder (default: $HUB_HOME)."),
 ) -> None:
     """Evaluate versions (and the bare base) on a JSONL file in one batched pass."""
+    from hub.train import TrainError
+
     try:
         results = evaluate(open_registry(registry), refs, data, metric, base_model, not no_base, batch_size, max_len)
     except (TrainError, HubError, ArtifactError, BaseModelError, OSError) as e:

@@ -20,7 +20,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -128,7 +128,7 @@ class TrainResult:
     fit: Fit | None = field(default=None, repr=False)
 
 
-def _parse_row(row: object) -> Example | Chat:
+def parse_row(row: object) -> Example | Chat:
     """One JSONL row as an example; ValueError says what is wrong with it."""
     if isinstance(row, dict) and "messages" in row:
         messages = row["messages"]
@@ -146,26 +146,27 @@ def _parse_row(row: object) -> Example | Chat:
     raise ValueError('expected {"prompt": str, "completion": str} or {"messages": [...]}')
 
 
-def read_jsonl(path: str | Path) -> list[Example | Chat]:
-    """Examples from a JSONL file: one {"prompt", "completion"} or {"messages": [...]} object per line.
-    Every bad row is reported (by line number, in one error), none is skipped."""
+def read_jsonl(path: str | Path, parse: Callable[[object], Any] = parse_row) -> list:
+    """Examples from a JSONL file: one {"prompt", "completion"} or {"messages": [...]} object per line (or what
+    `parse` takes; it raises ValueError for a bad row). Every bad row is reported (by line number, in one
+    error), none is skipped."""
     path = Path(path)
     if not path.is_file():
         raise TrainError(f"{path}: no such file")
-    examples: list[Example | Chat] = []
+    examples: list = []
     bad: list[str] = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            examples.append(_parse_row(json.loads(line)))
+            examples.append(parse(json.loads(line)))
         except json.JSONDecodeError as e:
             bad.append(f"line {n} (malformed JSON: {e.msg})")
         except ValueError as e:
             bad.append(f"line {n} ({e})")
     if bad:
         shown = "; ".join(bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
-        raise TrainError(f"{path}: {len(bad)} bad row(s), nothing trained: {shown}")
+        raise TrainError(f"{path}: {len(bad)} bad row(s), none used: {shown}")
     if not examples:
         raise TrainError(f"{path}: holds no examples")
     return examples
@@ -183,13 +184,19 @@ def _turns(tokenizer, example: Example | Chat) -> list[TokenExample]:
         messages = [{"role": "user", "content": example.prompt}, {"role": "assistant", "content": example.reply}]
     else:
         messages = [{"role": role, "content": content} for role, content in example.messages]
-    out = []
-    for i, m in enumerate(messages):
-        if m["role"] == "assistant" and i > 0:
-            context = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, return_dict=True)
-            reply = tokenizer(m["content"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            out.append(TokenExample(tuple(context["input_ids"]), tuple(reply)))
-    return out
+    eos = (tokenizer.eos_token_id,)
+    return [TokenExample(chat_context(tokenizer, messages[:i]), text_ids(tokenizer, m["content"]) + eos)
+            for i, m in enumerate(messages) if m["role"] == "assistant" and i > 0]
+
+
+def chat_context(tokenizer, messages: list[dict[str, str]]) -> tuple[int, ...]:
+    """The conversation so far with the chat template and the generation prompt, as the server renders it."""
+    return tuple(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
+
+
+def text_ids(tokenizer, text: str) -> tuple[int, ...]:
+    """A reply's own tokens (no special tokens added)."""
+    return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def encode_chat(tokenizer, examples: Sequence[Example | Chat], max_len: int = 64,

@@ -15,7 +15,7 @@ import platform
 import time
 from importlib.metadata import PackageNotFoundError, version as package_version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -24,7 +24,9 @@ from hub.basemodel import DEFAULT_BASE_MODEL, BaseModelError
 from hub.clikit import finite
 from hub.errors import HubError
 from hub.registry import open_registry
-from hub.train import BOTTLENECK_PRESETS, Chat, Example, Fit, TrainError, TrainSpec
+
+if TYPE_CHECKING:  # hub.train imports torch: loaded when a run starts, not when `hub` starts
+    from hub.train import Chat, Example, Fit, TrainSpec
 
 LIBRARIES = ("torch", "transformers", "peft", "safetensors", "adapterhub-serve")
 
@@ -34,6 +36,8 @@ def _csv(text: str | None) -> tuple[str, ...]:
 
 
 def _layers(text: str | None) -> tuple[int, ...]:
+    from hub.train import TrainError
+
     try:
         return tuple(int(t) for t in _csv(text))
     except ValueError:
@@ -48,6 +52,8 @@ def dataset_info(path: Path, rows: int) -> dict[str, Any]:
 def split_rows(rows: list[Example | Chat], fraction: float, seed: int) -> tuple[list, list]:
     """(train, validation): a seeded random `fraction` of the rows (at least one) is held out."""
     import torch
+
+    from hub.train import TrainError
 
     if not 0 < fraction < 1:
         raise TrainError(f"--eval-split must be between 0 and 1 (exclusive), got {fraction}")
@@ -128,7 +134,7 @@ def train_command(
     target_modules: str | None = typer.Option(None, "--target-modules", help="Comma-separated module names."),
     layers: str | None = typer.Option(None, "--layers", help="Comma-separated layer indices (default: all)."),
     num_virtual_tokens: int = typer.Option(8, "--num-virtual-tokens", min=1, help="Prompt tuning length."),
-    config: str = typer.Option("pfeiffer", "--config", help=f"Bottleneck: {' or '.join(BOTTLENECK_PRESETS)}."),
+    config: str = typer.Option("pfeiffer", "--config", help="Bottleneck: pfeiffer or houlsby."),
     reduction_factor: int = typer.Option(16, "--reduction-factor", min=1, help="Bottleneck: hidden / size."),
     out: Path | None = typer.Option(None, "--out", help="New folder for the run (default: ./NAME-VERSION)."),
     push: bool = typer.Option(False, "--push", help="Add the adapter to the registry as NAME@VERSION."),
@@ -136,6 +142,8 @@ def train_command(
     registry: Path | None = typer.Option(None, "--registry", help="Registry folder (default: $HUB_HOME)."),
 ) -> None:
     """Fine-tune an adapter on a JSONL file; saves the best checkpoint (Ctrl-C: the best so far, exit 130)."""
+    from hub.train import TrainError
+
     try:
         run(locals())
     except (TrainError, HubError, ArtifactError, BaseModelError, OSError) as e:
@@ -152,10 +160,11 @@ def run(o: dict[str, Any]) -> None:
     """`hub train` with its options `o`: every input is checked before the base model loads."""
     from hub import basemodel
     from hub.manifest import check_name, check_version
-    from hub.train import bottleneck_preset, encode_chat, read_jsonl, train_adapter
+    from hub.train import TrainError, TrainSpec, bottleneck_preset, encode_chat, read_jsonl, train_adapter
 
     if o["technique"] not in {t.value for t in Technique}:
-        raise TrainError(f"--technique must be one of {', '.join(t.value for t in Technique)}, got {o['technique']!r}")
+        known = ", ".join(t.value for t in Technique)
+        raise TrainError(f"--technique must be one of {known}, got {o['technique']!r}")
     check_name(o["name"])
     check_version(o["version"])
     if o["eval_data"] is not None and o["eval_split"] is not None:

@@ -124,9 +124,9 @@ def test_jsonl_round_trip_and_bad_lines(tmp_path):
                     '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}\n')
     assert read_jsonl(path) == [Example("a", "b"), Chat((("user", "x"), ("assistant", "y")))]
     cases = {
-        '{"prompt": "a", "completion": "b"}\n{"prompt": "a"\n': r"1 bad row\(s\), nothing trained: line 2 \(malformed",
+        '{"prompt": "a", "completion": "b"}\n{"prompt": "a"\n': r"1 bad row\(s\), none used: line 2 \(malformed",
         '{"prompt": "a", "completion": 3}\n\n["a", "b"]\n{"prompt": "a", "completion": "b"}\n':
-            r"2 bad row\(s\), nothing trained: line 1 \(expected .*; line 3 \(expected",
+            r"2 bad row\(s\), none used: line 1 \(expected .*; line 3 \(expected",
         '{"messages": [{"role": "user", "content": "x"}]}\n': r"line 1 \(no assistant turn",
         '{"messages": [{"role": "bot", "content": "x"}]}\n': r"line 1 \(\"messages\" must be",
         "\n\n": "holds no examples",

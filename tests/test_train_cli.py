@@ -159,3 +159,13 @@ def test_sigint_stops_the_run_and_keeps_the_best_checkpoint(base, data, tmp_path
     assert record["interrupted"] and record["steps_done"] < 1000000
     assert record["kept_step"] % 2 == 0 and record["final_val_loss"] is not None
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_hub_starts_without_torch():
+    """`hub train` and `hub eval` are mounted on the hub CLI without importing torch (hub.train does)."""
+    import subprocess
+    import sys
+
+    code = "import sys, hub.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

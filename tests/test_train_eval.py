@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import random
 
+import pytest
 import torch
 from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig
 
@@ -27,9 +29,9 @@ def peft_loss(model, examples) -> tuple[float, int]:
     return total, n
 
 
-def test_eval_matches_peft_for_each_adapter_and_the_base(base, data, tmp_path, hub_home):  # noqa: F811
-    from hub import basemodel
-
+@pytest.fixture
+def pushed(base, tmp_path, hub_home):  # noqa: F811
+    """(the base model, {name: adapter folder}): a LoRA, an IA3 and a prompt tuning adapter pushed as NAME@1.0.0."""
     model = tiny_llama(initializer_range=0.2)
     configs = {"lora": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
                "ia3": IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
@@ -37,6 +39,18 @@ def test_eval_matches_peft_for_each_adapter_and_the_base(base, data, tmp_path, h
     for i, (name, config) in enumerate(configs.items()):
         folder = save_peft_adapter(model, config, tmp_path / name, seed=i + 1)
         assert hub("push", str(folder), "--name", name, "--version", "1.0.0", "--base-model", str(base)).exit_code == 0
+    return model, {name: tmp_path / name for name in configs}
+
+
+def peer(model, folders, ref: str):
+    """The PEFT model that evaluates `ref` alone (the base itself for the base)."""
+    return model if ref == "(base)" else PeftModel.from_pretrained(copy.deepcopy(model), folders[ref.split("@")[0]])
+
+
+def test_eval_matches_peft_for_each_adapter_and_the_base(base, data, pushed):  # noqa: F811
+    from hub import basemodel
+
+    model, folders = pushed
 
     result = hub("eval", "lora", "ia3@1.0.0", "prompt", "--data", str(data), "--batch-size", "5", "--json")
     assert result.exit_code == 0, result.output
@@ -46,9 +60,7 @@ def test_eval_matches_peft_for_each_adapter_and_the_base(base, data, tmp_path, h
     _, tokenizer = basemodel.load(str(base))
     examples = encode_chat(tokenizer, read_jsonl(data), 256)
     for ref, r in got.items():
-        peer = model if ref == "(base)" else PeftModel.from_pretrained(copy.deepcopy(model),
-                                                                        tmp_path / ref.split("@")[0]).eval()
-        nll, n = peft_loss(peer, examples)
+        nll, n = peft_loss(peer(model, folders, ref), examples)
         assert r["n"] == n and r["metric"] == "loss"
         assert math.isclose(r["value"], nll / n, rel_tol=1e-4), (ref, r["value"], nll / n)
     assert len({round(r["value"], 4) for r in got.values()}) == 4  # every adapter changes the loss
@@ -57,3 +69,37 @@ def test_eval_matches_peft_for_each_adapter_and_the_base(base, data, tmp_path, h
     [p] = json.loads(perplexity.stdout)
     assert math.isclose(p["value"], math.exp(got["lora@1.0.0"]["value"]), rel_tol=1e-5)
     assert Registry().resolve("lora").sha256 == Registry().resolve("lora@1.0.0").sha256
+
+
+def test_accuracy_picks_the_likeliest_choice_as_peft_scores_it(base, pushed, tmp_path):  # noqa: F811
+    from hub import basemodel
+    from hub.train import chat_context, text_ids
+
+    model, folders = pushed
+    rng = random.Random(1)
+    questions = [{"prompt": "".join(rng.choice("abcdef") for _ in range(4)),
+                  "choices": ["".join(rng.choice("ghijk") for _ in range(rng.randint(1, 3))) for _ in range(3)],
+                  "answer": rng.randrange(3)} for _ in range(12)]
+    path = tmp_path / "mc.jsonl"
+    path.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    result = hub("eval", "lora", "ia3", "prompt", "--data", str(path), "--metric", "accuracy", "--batch-size", "7",
+                 "--json")
+    assert result.exit_code == 0, result.output
+    _, tokenizer = basemodel.load(str(base))
+    for r in json.loads(result.stdout):
+        m = peer(model, folders, r["ref"])
+        right = 0
+        for q in questions:
+            context = list(chat_context(tokenizer, [{"role": "user", "content": q["prompt"]}]))
+            scores = []
+            for choice in q["choices"]:
+                ids = text_ids(tokenizer, choice)
+                with torch.no_grad():
+                    logits = m(input_ids=torch.tensor([context + list(ids)])).logits[0, -len(ids) - 1: -1]
+                scores.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids)[:, None]).sum().item())
+            right += scores.index(max(scores)) == q["answer"]
+        assert (r["metric"], r["n"], r["value"]) == ("accuracy", 12, right / 12), r["ref"]
+
+    path.write_text('{"prompt": "a", "choices": ["x"], "answer": 0}\n{"prompt": "a", "choices": ["x", "y"], "answer": 2}\n')
+    bad = hub("eval", "lora", "--data", str(path), "--metric", "accuracy")
+    assert bad.exit_code == 1 and "2 bad row(s), none used: line 1 (expected" in bad.output and "line 2 (" in bad.output
