@@ -20,9 +20,10 @@ from hub.errors import HubError
 from hub.registry import Registry, open_registry
 
 if TYPE_CHECKING:  # hub.train imports torch: loaded when an evaluation starts, not when `hub` starts
-    from hub.train import TokenExample
+    from hub.train import Example, TokenExample
 
-METRICS = ("loss", "perplexity", "accuracy")
+METRICS = ("loss", "perplexity", "accuracy", "exact_match", "contains")
+GENERATED = ("exact_match", "contains")  # metrics on greedy replies
 BASE = "(base)"
 
 
@@ -42,13 +43,24 @@ def parse_question(row: object) -> Question:
         if len(choices) >= 2 and all(isinstance(c, str) and c for c in choices) and isinstance(answer, int) \
                 and not isinstance(answer, bool) and 0 <= answer < len(choices):
             return Question(row["prompt"], tuple(choices), answer)
-    raise ValueError('expected {"prompt": str, "choices": [two or more non-empty str], "answer": index of the right one}')
+    raise ValueError('expected {"prompt": str, "choices": [two or more non-empty str], '
+                     '"answer": index of the right one}')
+
+
+def parse_completion(row: object) -> Example:
+    """One row for a metric on generations: a prompt and the reply expected."""
+    from hub.train import Example, parse_row
+
+    example = parse_row(row)
+    if not isinstance(example, Example):
+        raise ValueError('exact_match and contains take {"prompt": str, "completion": str} rows')
+    return example
 
 
 def evaluate(registry: Registry, refs: list[str], data: Path, metric: str, base_model: str | None,
-             with_base: bool = True, batch_size: int = 16, max_len: int = 256) -> list[dict]:
+             with_base: bool = True, batch_size: int = 16, max_len: int = 256, max_new_tokens: int = 48) -> list[dict]:
     """One result per version (and the base first, unless `with_base` is off): ref, metric, value and n
-    (reply tokens for loss and perplexity, questions for accuracy)."""
+    (reply tokens for loss and perplexity, rows otherwise)."""
     from hub import basemodel
     from hub.train import TrainError, encode_chat, parse_row, read_jsonl
     from runtime.engine import Engine
@@ -60,7 +72,8 @@ def evaluate(registry: Registry, refs: list[str], data: Path, metric: str, base_
     bases = sorted({m.base_model.id for m in manifests} - {None})
     if base_model is None and len(bases) != 1:
         raise HubError(f"the versions were pushed for {', '.join(bases) or 'no named base model'}: give --base-model")
-    rows = read_jsonl(data, parse_question if metric == "accuracy" else parse_row)
+    parser = {"accuracy": parse_question, "exact_match": parse_completion, "contains": parse_completion}
+    rows = read_jsonl(data, parser.get(metric, parse_row))
     model, tokenizer = basemodel.load(base_model or basemodel.embedded_name(bases[0]))
     engine = Engine(model, tokenizer)
     plans = {BASE: RowPlan()} if with_base else {}
@@ -69,6 +82,8 @@ def evaluate(registry: Registry, refs: list[str], data: Path, metric: str, base_
         plans[m.ref] = RowPlan((AdapterUse(m.ref),))
     if metric == "accuracy":
         values = _accuracy(engine, tokenizer, rows, list(plans.values()), batch_size)
+    elif metric in GENERATED:
+        values = _generated(engine, tokenizer, rows, list(plans.values()), metric, batch_size, max_new_tokens)
     else:
         values = _loss(engine, encode_chat(tokenizer, rows, max_len), list(plans.values()), batch_size)
         values = [(loss if metric == "loss" else math.exp(loss), n) for loss, n in values]
@@ -103,15 +118,33 @@ def _accuracy(engine, tokenizer, questions: list[Question], plans: list, batch_s
     return [(r / len(questions), len(questions)) for r in right]
 
 
+def _generated(engine, tokenizer, rows: list[Example], plans: list, metric: str, batch_size: int,
+               max_new_tokens: int) -> list[tuple[float, int]]:
+    """Per plan: (the share of greedy replies equal to / containing the expected one, stripped; rows)."""
+    from hub.train import chat_context
+    from runtime.evaluate import greedy_replies
+
+    prompts = [(plan, chat_context(tokenizer, [{"role": "user", "content": e.prompt}])) for e in rows for plan in plans]
+    replies = iter(greedy_replies(engine, prompts, max_new_tokens, batch_size))
+    hits = [0] * len(plans)
+    for e in rows:
+        for k in range(len(plans)):
+            reply, want = next(replies).strip(), e.reply.strip()
+            hits[k] += reply == want if metric == "exact_match" else want in reply
+    return [(h / len(rows), len(rows)) for h in hits]
+
+
 def eval_command(
     refs: list[str] = typer.Argument(..., help="Versions to evaluate (name, name@1.2.0, name@tag)."),
     data: Path = typer.Option(..., "--data", help='JSONL: {"prompt", "completion"} or {"messages": [...]} rows.'),
-    metric: str = typer.Option("loss", "--metric", help="loss or perplexity (on the completions), or accuracy "
-                               '(rows {"prompt", "choices": [...], "answer": index}: the likeliest choice).'),
+    metric: str = typer.Option("loss", "--metric", help=(
+        'loss or perplexity (on the completions); accuracy (rows {"prompt", "choices": [...], "answer": index}: '
+        "the likeliest choice); exact_match or contains (greedy replies against the completion).")),
     base_model: str | None = typer.Option(None, "--base-model", help="Default: the base the versions were pushed for."),
     no_base: bool = typer.Option(False, "--no-base", help="Leave the bare base model out."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Rows per forward (of mixed versions)."),
     max_len: int = typer.Option(256, "--max-len", min=2, help="Longer examples are dropped."),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1, help="exact_match, contains: reply length."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     registry: Path | None = typer.Option(None, "--registry", help="Registry folder (default: $HUB_HOME)."),
 ) -> None:
@@ -119,7 +152,8 @@ def eval_command(
     from hub.train import TrainError
 
     try:
-        results = evaluate(open_registry(registry), refs, data, metric, base_model, not no_base, batch_size, max_len)
+        results = evaluate(open_registry(registry), refs, data, metric, base_model, not no_base, batch_size, max_len,
+                           max_new_tokens)
     except (TrainError, HubError, ArtifactError, BaseModelError, OSError) as e:
         typer.echo(f"error: {' '.join(str(e).split())}", err=True)
         raise typer.Exit(1) from None

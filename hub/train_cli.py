@@ -123,8 +123,10 @@ def train_command(
     version: str = typer.Option(..., "--version", help="Its version, e.g. 1.0.0."),
     base_model: str = typer.Option(DEFAULT_BASE_MODEL, "--base-model", help="Embedded name, folder or HF id."),
     steps: int | None = typer.Option(None, "--steps", min=1, help="Optimizer steps (default 100)."),
-    epochs: float | None = typer.Option(None, "--epochs", min=0.01, callback=finite, help="Passes over the data, instead of --steps."),
-    lr: float = typer.Option(1e-3, "--lr", min=0, callback=finite, help="AdamW learning rate (after a 10% linear warm-up)."),
+    epochs: float | None = typer.Option(None, "--epochs", min=0.01, callback=finite,
+                                        help="Passes over the data, instead of --steps."),
+    lr: float = typer.Option(1e-3, "--lr", min=0, callback=finite,
+                             help="AdamW learning rate (after a 10% linear warm-up)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Examples per step (and per validation batch)."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seeds initialisation, batches and --eval-split."),
     max_len: int = typer.Option(256, "--max-len", min=2, help="Longer examples are dropped (and counted)."),
@@ -207,7 +209,8 @@ def run(o: dict[str, Any]) -> None:
     if not save_loss_curve(result.fit, out / "loss_curve.png"):
         log("matplotlib is not installed: no loss_curve.png")
     typer.echo(f"trained {spec.technique.value} in {len(result.fit.losses)} steps: train loss "
-               f"{record['final_train_loss']}, validation loss {record['final_val_loss']} (step {result.fit.best_step}) "
+               f"{record['final_train_loss']}, validation loss {record['final_val_loss']} "
+               f"(step {result.fit.best_step}) "
                f"-> {out / 'adapter'}")
     if registry is not None:
         manifest = registry.push(out / "adapter", o["name"], o["version"], base_model=o["base_model"],

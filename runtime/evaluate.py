@@ -1,4 +1,5 @@
-"""Completion log-likelihoods of many (plan, example) pairs, batched through the multi-adapter engine.
+"""Completion log-likelihoods and greedy replies of many (plan, example) pairs, batched through the
+multi-adapter engine.
 
 Why: evaluating several adapters (and the bare base) on one data set is one pass here: the rows of one
 batch may each apply a different adapter, where PEFT would evaluate the adapters one after another.
@@ -10,6 +11,7 @@ from typing import Sequence
 
 import torch
 
+from runtime import generate
 from runtime.engine import Engine
 from runtime.plan import RowPlan
 
@@ -39,3 +41,17 @@ def completion_nll(engine: Engine, items: Sequence[Item], batch_size: int = 16) 
             logprobs = torch.log_softmax(logits[row, width - n - 1: width - 1].float(), -1)
             out.append((-logprobs.gather(-1, ids[row, width - n:, None]).sum().item(), n))
     return out
+
+
+def greedy_replies(engine: Engine, prompts: Sequence[tuple[RowPlan, Sequence[int]]], max_new_tokens: int,
+                   max_rows: int = 32) -> list[str]:
+    """Each prompt's greedy reply text (special tokens skipped), continuously batched: rows of different plans
+    share every step."""
+    batch = generate.Batch(engine, max_rows)
+    seqs = [generate.Sequence(str(i), list(ids), plan, generate.SamplingParams(max_new_tokens=max_new_tokens))
+            for i, (plan, ids) in enumerate(prompts)]
+    for seq in seqs:
+        batch.add(seq)
+    while len(batch):
+        batch.step()
+    return [generate.visible_text(engine.tokenizer, seq) for seq in seqs]

@@ -100,6 +100,45 @@ def test_accuracy_picks_the_likeliest_choice_as_peft_scores_it(base, pushed, tmp
             right += scores.index(max(scores)) == q["answer"]
         assert (r["metric"], r["n"], r["value"]) == ("accuracy", 12, right / 12), r["ref"]
 
-    path.write_text('{"prompt": "a", "choices": ["x"], "answer": 0}\n{"prompt": "a", "choices": ["x", "y"], "answer": 2}\n')
+    path.write_text('{"prompt": "a", "choices": ["x"], "answer": 0}\n'
+                    '{"prompt": "a", "choices": ["x", "y"], "answer": 2}\n')
     bad = hub("eval", "lora", "--data", str(path), "--metric", "accuracy")
     assert bad.exit_code == 1 and "2 bad row(s), none used: line 1 (expected" in bad.output and "line 2 (" in bad.output
+
+
+def test_generation_metrics_check_greedy_replies_as_peft_generates_them(base, pushed, tmp_path):  # noqa: F811
+    """exact_match and contains on the engine's batched greedy replies equal plain string checks on PEFT's
+    own greedy generations; half the expected replies are the base model's own, so the metrics are not all 0."""
+    from hub import basemodel
+    from hub.train import chat_context
+
+    model, folders = pushed
+    _, tokenizer = basemodel.load(str(base))
+    rng = random.Random(2)
+    prompts = ["".join(rng.choice("abcdef") for _ in range(rng.randint(2, 5))) for _ in range(6)]
+
+    def replies(m) -> list[str]:
+        out = []
+        for prompt in prompts:
+            ids = torch.tensor([chat_context(tokenizer, [{"role": "user", "content": prompt}])])
+            with torch.no_grad():
+                new = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                 do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
+            out.append(tokenizer.decode(new, skip_special_tokens=True).strip())
+        return out
+
+    base_replies = replies(model)
+    rows = [{"prompt": p, "completion": r if i % 2 else "zz"} for i, (p, r) in enumerate(zip(prompts, base_replies))]
+    path = tmp_path / "gen.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for metric in ("exact_match", "contains"):
+        result = hub("eval", "lora", "ia3", "prompt", "--data", str(path), "--metric", metric, "--max-new-tokens", "6",
+                     "--batch-size", "5", "--json")
+        assert result.exit_code == 0, result.output
+        for r in json.loads(result.stdout):
+            got = base_replies if r["ref"] == "(base)" else replies(peer(model, folders, r["ref"]))
+            want = [(g == row["completion"]) if metric == "exact_match" else (row["completion"] in g)
+                    for g, row in zip(got, rows)]
+            assert (r["n"], r["value"]) == (6, sum(want) / 6), (metric, r["ref"])
+            if r["ref"] == "(base)":
+                assert r["value"] >= 0.5
