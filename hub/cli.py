@@ -427,3 +427,9 @@ _register_merge(app)
 
 from runtime.cli import register as _register_runtime  # noqa: E402  (SERVER helper: serve/generate/score/adapters)
 _register_runtime(app)
+
+from hub.train_cli import register as _register_train  # noqa: E402  (TRAIN helper: mounts `hub train`)
+_register_train(app)
+
+from hub.eval_cli import register as _register_eval  # noqa: E402  (TRAIN helper: mounts `hub eval`)
+_register_eval(app)

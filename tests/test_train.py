@@ -7,7 +7,7 @@ import torch
 
 from conftest import tiny_llama
 from hub.artifact import Technique, read_adapter
-from hub.train import (Example, TokenExample, TrainError, TrainSpec, encode_chat, read_jsonl, train_adapter,
+from hub.train import (Chat, Example, TokenExample, TrainError, TrainSpec, encode_chat, read_jsonl, train_adapter,
                        write_jsonl)
 
 REPLY = (10, 11, 12, 13, 2)  # every prompt gets this reply (2 = end of turn)
@@ -16,6 +16,7 @@ HP = {  # per-technique learning rates for the toy task
     Technique.IA3: dict(lr=1e-1),
     Technique.BITFIT: dict(lr=5e-2),
     Technique.PROMPT_TUNING: dict(lr=5e-2, num_virtual_tokens=4),
+    Technique.BOTTLENECK: dict(lr=3e-2, reduction_factor=8),
 }
 
 
@@ -48,9 +49,10 @@ def test_loss_goes_down_folder_reads_back_and_base_is_restored(technique, tmp_pa
     adapter = read_adapter(tmp_path / "out")
     assert adapter.technique is technique
     assert adapter.num_parameters == result.trainable_parameters
-    assert adapter.config["base_model_name_or_path"] == "tiny-llama"
+    assert (adapter.config["source"]["base_model"] if technique is Technique.BOTTLENECK
+            else adapter.config["base_model_name_or_path"]) == "tiny-llama"
     card = tmp_path / "out" / "README.md"  # PEFT's model card (PEFT techniques)
-    assert technique is Technique.BITFIT or "base_model: tiny-llama" in card.read_text()
+    assert technique in (Technique.BITFIT, Technique.BOTTLENECK) or "base_model: tiny-llama" in card.read_text()
     assert all(t.dtype == torch.float32 for t in adapter.tensors.values())
     assert torch.equal(logits_of(model, probe), before)  # no layer, hook or trainable flag left behind
     assert not any(p.requires_grad for p in model.parameters())
@@ -102,7 +104,8 @@ def test_bitfit_artifact_is_served_as_trained(tmp_path):
 
 
 @pytest.mark.parametrize("spec, match", [
-    (TrainSpec(Technique.BOTTLENECK), "adapters` library"),
+    (TrainSpec(Technique.BOTTLENECK, bottleneck_config="lora"), "unknown bottleneck config 'lora'"),
+    (TrainSpec(Technique.BOTTLENECK, layers=(5,)), r"layers \[5\] not in the base model"),
     (TrainSpec(Technique.PROMPT_TUNING, layers=(0,)), "layers"),
     (TrainSpec(Technique.LORA, steps=0), "steps"),
     (TrainSpec(Technique.BITFIT, target_modules=("no_such_proj",)), "no_such_proj"),
@@ -117,10 +120,15 @@ def test_jsonl_round_trip_and_bad_lines(tmp_path):
     path = tmp_path / "d.jsonl"
     write_jsonl(path, [Example("Hi?", 'Hello "you"'), Example("Ünïcode", "ok")])
     assert read_jsonl(path) == [Example("Hi?", 'Hello "you"'), Example("Ünïcode", "ok")]
+    path.write_text('{"prompt": "a", "completion": "b"}\n'
+                    '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}\n')
+    assert read_jsonl(path) == [Example("a", "b"), Chat((("user", "x"), ("assistant", "y")))]
     cases = {
-        '{"prompt": "a", "reply": "b"}\n{"prompt": "a"\n': r"d\.jsonl:2: malformed JSON",
-        '{"prompt": "a", "reply": 3}\n': r"d\.jsonl:1: expected",
-        '["a", "b"]\n': r"d\.jsonl:1: expected",
+        '{"prompt": "a", "completion": "b"}\n{"prompt": "a"\n': r"1 bad row\(s\), none used: line 2 \(malformed",
+        '{"prompt": "a", "completion": 3}\n\n["a", "b"]\n{"prompt": "a", "completion": "b"}\n':
+            r"2 bad row\(s\), none used: line 1 \(expected .*; line 3 \(expected",
+        '{"messages": [{"role": "user", "content": "x"}]}\n': r"line 1 \(no assistant turn",
+        '{"messages": [{"role": "bot", "content": "x"}]}\n': r"line 1 \(\"messages\" must be",
         "\n\n": "holds no examples",
     }
     for text, match in cases.items():
@@ -146,3 +154,53 @@ def test_encode_chat_uses_the_chat_template_and_drops_long_examples(real_hub_hom
     assert tokenizer.decode(encoded.reply_ids) == "Paris.<|im_end|>"
     with pytest.raises(TrainError, match="no example fits in 8 tokens"):
         encode_chat(tokenizer, [short], max_len=8)
+
+
+@pytest.mark.parametrize("config, locations", [("pfeiffer", ["ffn"]), ("houlsby", ["attention", "ffn"])])
+def test_bottleneck_is_served_as_trained(config, locations, tmp_path):
+    """The runtime engine, serving the saved bottleneck adapter, gives the logits of the trained modules."""
+    from runtime.engine import Engine
+    from runtime.plan import AdapterUse, RowPlan
+
+    model, ids, trained = toy_model(), torch.tensor([[1, 5, 9, 33, 7]]), {}
+    spec = TrainSpec(Technique.BOTTLENECK, steps=20, lr=3e-2, reduction_factor=8, bottleneck_config=config)
+
+    def capture(step: int) -> None:  # the trained modules are in place until train_adapter returns
+        if step == spec.steps:
+            trained["logits"] = logits_of(model, ids)
+
+    result = train_adapter(model, toy_examples(), spec, tmp_path / "b", base_model_id="t", on_step=capture)
+    assert sum(result.losses[-5:]) / 5 < 0.5 * result.losses[0]
+    adapter = read_adapter(tmp_path / "b")
+    assert adapter.config["locations"] == locations and adapter.config["bottleneck_size"] == 8
+    assert len(adapter.tensors) == 4 * 2 * len(locations)  # down/up weight/bias, 2 layers
+    engine = Engine(toy_model())
+    engine.load("b", adapter)
+    served, _ = engine.forward(ids, torch.ones_like(ids), [RowPlan((AdapterUse("b"),))])
+    assert not torch.allclose(trained["logits"], logits_of(model, ids), atol=1e-3)  # the adapter matters
+    torch.testing.assert_close(served, trained["logits"], atol=1e-4, rtol=0)
+
+
+def stop_at(n: int):
+    """An on_step callback that acts as Ctrl-C after step n."""
+    def on_step(step: int) -> None:
+        if step == n:
+            raise KeyboardInterrupt
+    return on_step
+
+
+def test_ctrl_c_keeps_the_best_checkpoint_so_far(tmp_path):
+    spec = TrainSpec(Technique.LORA, steps=20, lr=3e-2, eval_every=3)
+    val = toy_examples(4)
+    runs = {n: train_adapter(toy_model(), toy_examples(), spec, tmp_path / str(n), base_model_id="t", val=val,
+                             on_step=stop_at(n)) for n in (6, 8, 100)}
+    late, early, full = runs[8].fit, runs[6].fit, runs[100].fit
+    assert late.interrupted and len(late.losses) == 8 and [s for s, _ in late.val_losses] == [3, 6]
+    assert late.best_step == early.best_step == min(late.val_losses, key=lambda sv: sv[1])[0]
+    assert not full.interrupted and len(full.losses) == 20
+    tensors = {n: read_adapter(tmp_path / str(n)).tensors for n in runs}
+    assert all(torch.equal(tensors[8][k], tensors[6][k]) for k in tensors[6])  # steps 7 and 8 were dropped
+    assert not all(torch.equal(tensors[100][k], tensors[6][k]) for k in tensors[6])
+    with pytest.raises(TrainError, match=r"interrupted after 2 steps, before the first checkpoint \(step 3\)"):
+        train_adapter(toy_model(), toy_examples(), spec, tmp_path / "none", base_model_id="t", on_step=stop_at(2))
+    assert not (tmp_path / "none").exists()
