@@ -79,7 +79,7 @@ def read_text(text: str) -> str:
 @contextmanager
 def _rpc_errors() -> Iterator[None]:
     """A failed RPC is one line: its status code and the server's message (or that no server answered)."""
-    from runtime.errors import RequestFailed
+    from runtime.client import RequestFailed
 
     try:
         yield
@@ -152,6 +152,7 @@ def serve(
     """Serve adapters over gRPC on one resident base model, until SIGTERM/SIGINT."""
     from hub.errors import HubError
     from runtime.errors import ServeError
+    from runtime.service import grpc_code
     from runtime.server import RuntimeServer, ServerConfig, ServerConfigError, serve as run
 
     config = ServerConfig(
@@ -173,10 +174,32 @@ def serve(
     try:
         code = run(config, ready=ready)
     except ServeError as e:
-        _fail(f"{e.code.name}: {e.message}")
+        _fail(f"{grpc_code(e).name}: {e.message}")
     except (ServerConfigError, basemodel.BaseModelError, HubError) as e:
         _fail(str(e))
     raise typer.Exit(code)
+
+
+_OPTION_TYPES = {"density": float, "majority_sign": str, "svd_rank": int, "svd_clamp": float, "seed": int}
+
+
+def parse_merge_options(text: str):
+    """The CLI's --merge, `METHOD[,density=D][,majority_sign=S][,svd_rank=R][,svd_clamp=Q][,seed=N]`, as MergeOptions."""
+    method, *pairs = [p.strip() for p in text.split(",")]
+    if not method or "=" in method:
+        raise ValueError(f"--merge starts with the method (e.g. ties,density=0.5), got {text!r}")
+    from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
+
+    options = pb.MergeOptions(method=method)
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in _OPTION_TYPES:
+            raise ValueError(f"--merge option {pair!r}: expected one of {', '.join(f'{k}=...' for k in _OPTION_TYPES)}")
+        try:
+            setattr(options, key, _OPTION_TYPES[key](value))
+        except ValueError:
+            raise ValueError(f"--merge option {key} takes a {_OPTION_TYPES[key].__name__}, got {value!r}") from None
+    return options
 
 
 def _mode_kwargs(mode: str, merge: str | None) -> dict:
@@ -187,8 +210,6 @@ def _mode_kwargs(mode: str, merge: str | None) -> dict:
         return {"mode": mode}
     if mode != "stack":
         _fail("--merge replaces --mode: give one of them")
-    from runtime.merged import parse_merge_options
-
     try:
         return {"mode": "merge", "merge": parse_merge_options(merge)}
     except ValueError as e:

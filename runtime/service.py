@@ -3,8 +3,8 @@
 Every check that can refuse a request runs before the request takes anything (a queue place,
 an adapter hold), except the engine's own check of a plan (e.g. a weighted soft prompt), which runs
 when the request joins the batch (the engine's lock is held for a whole step, and a request handler
-must not wait a step for it). Every refusal is one ServeError with its status code, turned into the
-RPC's status here, in one place (`_rpc`). A request holds its adapters (a pool Lease) from before it
+must not wait a step for it). Every refusal is one runtime.errors exception, turned into the RPC's
+status here, in one place (`_rpc`, by the GRPC_CODES table). A request holds its adapters (a pool Lease) from before it
 is queued until it leaves the batch, so an adapter in use is never evicted.
 """
 from __future__ import annotations
@@ -19,9 +19,10 @@ from typing import Iterator
 
 import grpc
 
-from runtime.errors import ServeError
+from runtime import errors
+from runtime.errors import InvalidArgument, QueueFull, ServeError
 from runtime.generate import SamplingParams, Sequence, score
-from runtime.merged import merged_manifest
+from runtime.merged import MergeOptions, merged_manifest
 from runtime.plan import AdapterUse, PlanError, RowPlan
 from runtime.pool import AdapterPool, Entry, Lease, Tier
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
@@ -30,7 +31,6 @@ from runtime.requestlog import RequestLog, RequestRecord
 from runtime.scheduler import Finished, Request, Scheduler
 from runtime.textstream import TextStream
 
-INVALID = grpc.StatusCode.INVALID_ARGUMENT
 DEFAULT_MAX_NEW_TOKENS = 64
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 256
@@ -39,6 +39,32 @@ TOKENIZING_AT_ONCE = 4  # prompts tokenized at once: a tokenizer's working memor
 _MODES = {pb.COMPOSITION_MODE_UNSPECIFIED: "stack", pb.COMPOSITION_MODE_STACK: "stack",
           pb.COMPOSITION_MODE_AVERAGE: "average"}
 _TIERS = {Tier.DEVICE: pb.TIER_DEVICE, Tier.HOST: pb.TIER_HOST, Tier.DISK: pb.TIER_DISK}
+# Each kind of refusal as the status code a gRPC client gets (a subclass maps as its nearest listed class).
+GRPC_CODES: dict[type[ServeError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.Unusable: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.NoRoom: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.DamagedData: grpc.StatusCode.DATA_LOSS,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.Cancelled: grpc.StatusCode.CANCELLED,
+    errors.Internal: grpc.StatusCode.INTERNAL,
+}
+
+
+def grpc_code(error: ServeError) -> grpc.StatusCode:
+    """The status code of a refusal, by the nearest class GRPC_CODES lists."""
+    return next((GRPC_CODES[c] for c in type(error).__mro__ if c in GRPC_CODES), grpc.StatusCode.INTERNAL)
+
+
+def merge_options(msg: pb.MergeOptions) -> MergeOptions:
+    """A request's MergeOptions message as the core's plain options (unset fields: the defaults)."""
+    return MergeOptions(method=msg.method, density=msg.density if msg.HasField("density") else None,
+                        majority_sign=msg.majority_sign or None,
+                        svd_rank=msg.svd_rank if msg.HasField("svd_rank") else None,
+                        svd_clamp=msg.svd_clamp if msg.HasField("svd_clamp") else None,
+                        seed=msg.seed if msg.HasField("seed") else None)
 
 
 @dataclass(frozen=True)
@@ -67,8 +93,7 @@ class Slots:
     def held(self) -> Iterator[None]:
         with self._lock:
             if self._used >= self.limit:
-                raise ServeError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                 f"the server is at capacity: {self.limit} {self._what}; retry later")
+                raise QueueFull(f"the server is at capacity: {self.limit} {self._what}; retry later")
             self._used += 1
         try:
             yield
@@ -90,7 +115,7 @@ class Prepared:
 
 def _ok(condition: bool, message: str) -> None:
     if not condition:
-        raise ServeError(INVALID, message)
+        raise InvalidArgument(message)
 
 
 def sampling_params(msg: pb.SamplingParams, limits: Limits) -> SamplingParams:
@@ -172,8 +197,8 @@ class RuntimeService(pb_grpc.RuntimeServicer):
                 with slots.held():
                     yield record
         except ServeError as e:
-            code = e.code
-            context.abort(e.code, e.message)
+            code = grpc_code(e)
+            context.abort(code, e.message)
         except Exception:
             code = grpc.StatusCode.INTERNAL
             raise
@@ -229,7 +254,7 @@ class RuntimeService(pb_grpc.RuntimeServicer):
         _ok(len(set(refs)) == len(refs), f"an adapter is named twice: {', '.join(refs)}")
         resolved = [_resolved(m, w) for m, w in zip(manifests, weights)]
         if mode == pb.COMPOSITION_MODE_MERGE:  # one adapter serves the request: the merge (runtime/merged.py)
-            manifests, weights = [merged_manifest(manifests, weights, merge or pb.MergeOptions())], [1.0]
+            manifests, weights = [merged_manifest(manifests, weights, merge_options(merge or pb.MergeOptions()))], [1.0]
         # Generate submits, Score calls, next; waiting for device room ends when the client goes
         lease = self.pool.acquire(manifests, then_submit=True, alive=context.is_active)
         try:
@@ -328,7 +353,7 @@ class RuntimeService(pb_grpc.RuntimeServicer):
             try:
                 logprobs = self.scheduler.call(lambda: score(self.engine, ids, prepared.plan))
             except PlanError as e:
-                raise ServeError(INVALID, str(e)) from None
+                raise InvalidArgument(str(e)) from None
             finally:
                 self.pool.release(prepared.lease)
             logprobs = [float(x) for x in logprobs if x is not None]
