@@ -8,7 +8,7 @@ import sys
 from runtime import errors
 
 CORE = ["runtime.errors", "runtime.pool", "runtime.scheduler", "runtime.engine", "runtime.generate",
-        "runtime.merged", "runtime.plan"]
+        "runtime.merged", "runtime.plan", "runtime.core"]
 
 
 def test_the_core_imports_no_grpc():
