@@ -134,13 +134,15 @@ def _resolved(m, weight: float) -> Resolved:
 class Serving:
     """One engine, pool and scheduler as requests of any frontend use them."""
 
-    def __init__(self, engine, pool: AdapterPool, scheduler: Scheduler, limits: Limits, *, max_requests: int) -> None:
+    def __init__(self, engine, pool: AdapterPool, scheduler: Scheduler, limits: Limits, *, max_requests: int,
+                 max_admin: int) -> None:
         self.engine = engine
         self.pool = pool
         self.scheduler = scheduler
         self.limits = limits
         # inference requests running, queued or waiting for adapter memory, whichever frontend they came by
         self.requests = Slots(max_requests, "requests are running, queued or waiting for adapter memory")
+        self.admin = Slots(max_admin, "adapter loads and unloads are in progress")  # loads may wait for room
         tokenizer = engine.tokenizer
         self._max_text_chars = limits.context_length * (longest_token(tokenizer) if tokenizer is not None else 1)
         self._tokenizing = threading.BoundedSemaphore(TOKENIZING_AT_ONCE)

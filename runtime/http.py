@@ -4,6 +4,8 @@
 what serves a request: the base (its id, its folder as served, `base` or "") or an adapter ref; the extra
 body fields `adapters: [{ref, weight}]`, `mode` (stack/average/merge) and `merge` ({method, density, ...})
 compose several, as gRPC's GenerateRequest does. Each answer names its adapters as resolved (`adapters`).
+Beside them, LoRAX/TGI's `/generate` and `/generate_stream` and vLLM's `/v1/load_lora_adapter` and
+`/v1/unload_lora_adapter`, so tooling written for those servers works by changing the URL.
 Requests go through the shared request path (runtime/core.py); its refusals become OpenAI error objects
 with the HTTP status of HTTP_STATUS. Starlette + uvicorn serve it in a thread of the server process.
 """
@@ -22,7 +24,7 @@ import anyio
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request as HttpRequest
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from runtime import errors
@@ -131,6 +133,11 @@ class HttpFrontend:
             Route("/v1/completions", self._completions, methods=["POST"]),
             Route("/v1/chat/completions", self._chat, methods=["POST"]),
             Route("/v1/models", self._models, methods=["GET"]),
+            Route("/v1/load_lora_adapter", self._load, methods=["POST"]),
+            Route("/v1/unload_lora_adapter", self._unload, methods=["POST"]),
+            Route("/generate", self._lorax_whole, methods=["POST"]),
+            Route("/generate_stream", self._lorax_stream, methods=["POST"]),
+            Route("/", self._lorax, methods=["POST"]),
         ])
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -220,15 +227,60 @@ class HttpFrontend:
         mode = _typed(body, "mode", str, "stack")
         return self.core.start(ids, sampling, self._adapters(body), mode, _merge(body), alive)
 
+    def _start_lorax(self, body: dict, alive: Callable[[], bool]):
+        """A LoRAX request (`inputs`, `parameters`), checked and queued: (prepared, queued, text stream)."""
+        p = _typed(body, "parameters", dict, {})
+        sample = _typed(p, "do_sample", bool, False)
+        sampling = sampling_params(self.core.limits, max_new_tokens=_typed(p, "max_new_tokens", int),
+                                   temperature=_typed(p, "temperature", float, 1.0 if sample else 0.0),
+                                   top_p=_typed(p, "top_p", float), top_k=_typed(p, "top_k", int, 0),
+                                   seed=_typed(p, "seed", int), stop=_stop(p))
+        adapter_id = _typed(p, "adapter_id", str, "")
+        merged = _typed(p, "merged_adapters", dict)
+        mode, merge = "stack", None
+        if merged is None:
+            adapters = [] if adapter_id in self._base_names else [AdapterRequest(adapter_id)]
+        else:
+            ok(adapter_id in self._base_names, "give `adapter_id` or `merged_adapters`, not both")
+            refs, weights = _typed(merged, "ids", list, []), _typed(merged, "weights", list, [])
+            ok(all(isinstance(r, str) for r in refs), "`merged_adapters.ids` must be adapter refs")
+            weights = weights or [1.0] * len(refs)
+            ok(len(weights) == len(refs) and all(isinstance(w, (int, float)) for w in weights),
+               "`merged_adapters.weights` must be one number per id")
+            adapters = [AdapterRequest(r, float(w)) for r, w in zip(refs, weights)]
+            mode = "merge"
+            merge = MergeOptions(method=_typed(merged, "merge_strategy", str, "linear"),
+                                 density=_typed(merged, "density", float),
+                                 majority_sign=_typed(merged, "majority_sign_method", str))
+        ids = self.core.token_ids(_typed(body, "inputs", str, ""), None, chat=False, what="inputs")
+        return self.core.start(ids, sampling, adapters, mode, merge, alive)
+
     # -- routes --------------------------------------------------------------------------------------
     async def _completions(self, request: HttpRequest) -> Response:
-        return await self._generate(request, chat=False)
+        return await self._generate(request, "Completions", lambda body, alive: self._start(body, False, alive),
+                                    lambda body, prepared: _OpenAIAnswer(False, body, prepared))
 
     async def _chat(self, request: HttpRequest) -> Response:
-        return await self._generate(request, chat=True)
+        return await self._generate(request, "ChatCompletions", lambda body, alive: self._start(body, True, alive),
+                                    lambda body, prepared: _OpenAIAnswer(True, body, prepared))
 
-    async def _generate(self, request: HttpRequest, *, chat: bool) -> Response:
-        method = "ChatCompletions" if chat else "Completions"
+    async def _lorax(self, request: HttpRequest, stream: bool | None = None) -> Response:
+        """LoRAX/TGI `/generate`, `/generate_stream` and `/` (where the body's `stream` decides)."""
+        def answer(body: dict, prepared: Prepared) -> _LoraxAnswer:
+            return _LoraxAnswer(prepared, bool(body.get("stream")) if stream is None else stream)
+
+        return await self._generate(request, "Generate", self._start_lorax, answer)
+
+    async def _lorax_stream(self, request: HttpRequest) -> Response:
+        return await self._lorax(request, stream=True)
+
+    async def _lorax_whole(self, request: HttpRequest) -> Response:
+        return await self._lorax(request, stream=False)
+
+    async def _generate(self, request: HttpRequest, method: str, start: Callable[[dict, Callable[[], bool]], tuple],
+                        answer_for: Callable[[dict, Prepared], _Answer]) -> Response:
+        """Auth, body, a request slot, then `start` (checks, adapters held, queued) off the event loop; the answer
+        whole or streamed. Whatever happens, the request leaves the batch and lets go of its adapters."""
         started, record = time.perf_counter(), RequestRecord(method)
         denied = self._denied(request)
         if denied is not None:
@@ -239,7 +291,7 @@ class HttpFrontend:
             body = await self._body(request)
             held.enter_context(self.core.requests.held())
             gone = threading.Event()
-            prepared, queued, text = await anyio.to_thread.run_sync(self._start, body, chat, lambda: not gone.is_set())
+            prepared, queued, text = await anyio.to_thread.run_sync(start, body, lambda: not gone.is_set())
         except ServeError as e:
             held.close()
             self._record(record, method, http_status(e), started)
@@ -248,12 +300,12 @@ class HttpFrontend:
             held.close()
             raise
         held.callback(self.core.pool.release, prepared.lease)
-        held.callback(self.core.scheduler.cancel, queued)  # runs first: a client gone leaves the batch at once
+        held.callback(self.core.scheduler.cancel, queued)  # before the release: a client gone leaves the batch
         held.callback(gone.set)
         record.adapters, record.tokens_in = [a.ref for a in prepared.resolved], len(prepared.ids)
-        answer = _Answer(chat, _typed(body, "model", str, ""), prepared)
+        answer = answer_for(body, prepared)
         chunks = self.core.events(queued, text)
-        if not body.get("stream"):
+        if not answer.stream:
             try:
                 await anyio.to_thread.run_sync(answer.take_all, chunks)
             except ServeError as e:
@@ -264,24 +316,24 @@ class HttpFrontend:
             record.tokens_out = answer.tokens
             self._record(record, method, 200, started)
             return JSONResponse(answer.whole())
-        usage = bool((_typed(body, "stream_options", dict, {}) or {}).get("include_usage"))
-        return StreamingResponse(self._stream(answer, chunks, usage, held, record, started),
+        return StreamingResponse(self._stream(answer, chunks, held, record, method, started),
                                  media_type="text/event-stream")
 
-    async def _stream(self, answer: _Answer, chunks: Iterator, usage: bool, held: ExitStack,
-                      record: RequestRecord, started: float) -> AsyncIterator[str]:
-        """SSE chunks, then `[DONE]`; an error mid-stream is an error object before `[DONE]`. However the stream
+    async def _stream(self, answer: _Answer, chunks: Iterator, held: ExitStack, record: RequestRecord, method: str,
+                      started: float) -> AsyncIterator[str]:
+        """SSE events (OpenAI's end with `[DONE]`); an error mid-stream is an error object. However the stream
         ends (the client gone included), the request leaves the batch and lets go of its adapters."""
         status = 499  # unless it gets to the end
         try:
-            yield _sse(answer.first())
+            for event in answer.opening():
+                yield _sse(event)
             while True:
                 event = await anyio.to_thread.run_sync(next, chunks, None, abandon_on_cancel=True)
                 if event is None:
                     break
                 yield _sse(answer.chunk(*event))
-            if usage:
-                yield _sse(answer.usage_chunk())
+            for event in answer.closing():
+                yield _sse(event)
             status = 200
         except ServeError as e:
             status = http_status(e)
@@ -289,8 +341,40 @@ class HttpFrontend:
         finally:
             held.close()
             record.tokens_out = answer.tokens
-            self._record(record, answer.method, status, started)
-        yield _DONE
+            self._record(record, method, status, started)
+        if answer.done_line:
+            yield _DONE
+
+    async def _load(self, request: HttpRequest) -> Response:
+        """vLLM's `load_lora_adapter`: `lora_name` is a registry ref, loaded (not pinned) onto the device."""
+        return await self._admin(request, "LoadAdapter", lambda ref: self.core.pool.load(ref, pin=False),
+                                 "Success: LoRA adapter '{}' added successfully.")
+
+    async def _unload(self, request: HttpRequest) -> Response:
+        """vLLM's `unload_lora_adapter`: `lora_name` leaves device and host memory (it stays in the registry)."""
+        return await self._admin(request, "UnloadAdapter", self.core.pool.unload,
+                                 "Success: LoRA adapter '{}' removed successfully.")
+
+    async def _admin(self, request: HttpRequest, method: str, act: Callable[[str], Any], done: str) -> Response:
+        started, record = time.perf_counter(), RequestRecord(method)
+        denied = self._denied(request, admin=True)
+        if denied is not None:
+            self._record(record, method, denied.status_code, started)
+            return denied
+        try:
+            body = await self._body(request)
+            name = _typed(body, "lora_name", str, "")
+            ok(bool(name), "`lora_name` is required: an adapter ref in the registry")
+            ok(not body.get("lora_path"), "`lora_path` is not served: push the folder into the registry "
+               "(`hub push`) and load it by its ref")
+            record.adapters = [name]
+            with self.core.admin.held():
+                await anyio.to_thread.run_sync(act, name)
+        except ServeError as e:
+            self._record(record, method, http_status(e), started)
+            return _error(http_status(e), e.message)
+        self._record(record, method, 200, started)
+        return PlainTextResponse(done.format(name))
 
     async def _models(self, request: HttpRequest) -> Response:
         denied = self._denied(request)
@@ -317,35 +401,18 @@ def _sse(data: dict) -> str:
 
 
 class _Answer:
-    """One completion's OpenAI answer (whole, or as stream chunks), built from the core's events."""
+    """One completion as the core's events build it; subclasses word it (whole, or as stream events)."""
 
-    def __init__(self, chat: bool, model: str, prepared: Prepared) -> None:
-        self.chat = chat
-        self.method = "ChatCompletions" if chat else "Completions"
-        self.model = model
+    stream = False
+    done_line = False  # OpenAI streams end with `data: [DONE]`
+
+    def __init__(self, prepared: Prepared) -> None:
         self.prepared = prepared
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        self.created = int(time.time())
         self.text = ""
         self.tokens = 0
         self.reason: str | None = None
 
-    def _envelope(self, choices: list, stream: bool) -> dict[str, Any]:
-        kind = "chat.completion" if self.chat else "text_completion"
-        return {"id": self.id, "object": kind + (".chunk" if stream and self.chat else ""), "created": self.created,
-                "model": self.model, "choices": choices}
-
-    def _choice(self, text: str, reason: str | None, stream: bool) -> dict[str, Any]:
-        if not self.chat:
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
-        key = "delta" if stream else "message"
-        return {"index": 0, key: {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
-
-    def _usage(self) -> dict[str, int]:
-        prompt = len(self.prepared.ids)
-        return {"prompt_tokens": prompt, "completion_tokens": self.tokens, "total_tokens": prompt + self.tokens}
-
-    def _take(self, tokens: list[int], piece: str, finished) -> None:
+    def take(self, tokens: list[int], piece: str, finished) -> None:
         self.tokens += len(tokens)
         self.text += piece
         if finished is not None:
@@ -353,28 +420,98 @@ class _Answer:
 
     def take_all(self, events: Iterator) -> None:
         for event in events:
-            self._take(*event)
+            self.take(*event)
+
+    def adapters(self) -> list[dict[str, Any]]:
+        return [asdict(a) for a in self.prepared.resolved]
 
     def whole(self) -> dict[str, Any]:
-        out = self._envelope([self._choice(self.text, self.reason, False)], False)
-        out["usage"] = self._usage()
-        out["adapters"] = [asdict(a) for a in self.prepared.resolved]
-        return out
+        raise NotImplementedError
 
-    def first(self) -> dict[str, Any]:
-        """The first chunk: no text yet, the adapters as resolved."""
-        out = self._envelope([self._choice("", None, True)], True)
-        out["adapters"] = [asdict(a) for a in self.prepared.resolved]
-        return out
+    def opening(self) -> list[dict[str, Any]]:
+        return []
 
     def chunk(self, tokens: list[int], piece: str, finished) -> dict[str, Any]:
-        self._take(tokens, piece, finished)
-        choice = self._choice(piece, self.reason, True)
+        raise NotImplementedError
+
+    def closing(self) -> list[dict[str, Any]]:
+        return []
+
+
+class _OpenAIAnswer(_Answer):
+    """A completion or chat completion as OpenAI words it."""
+
+    done_line = True
+
+    def __init__(self, chat: bool, body: dict, prepared: Prepared) -> None:
+        super().__init__(prepared)
+        self.chat = chat
+        self.model = _typed(body, "model", str, "")
+        self.stream = bool(body.get("stream"))
+        self.usage = bool((_typed(body, "stream_options", dict, {}) or {}).get("include_usage"))
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+
+    def _envelope(self, choices: list) -> dict[str, Any]:
+        kind = "chat.completion" if self.chat else "text_completion"
+        return {"id": self.id, "object": kind + (".chunk" if self.stream and self.chat else ""),
+                "created": self.created, "model": self.model, "choices": choices}
+
+    def _choice(self, text: str, reason: str | None) -> dict[str, Any]:
+        if not self.chat:
+            return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+        key = "delta" if self.stream else "message"
+        return {"index": 0, key: {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
+
+    def _usage(self) -> dict[str, int]:
+        prompt = len(self.prepared.ids)
+        return {"prompt_tokens": prompt, "completion_tokens": self.tokens, "total_tokens": prompt + self.tokens}
+
+    def whole(self) -> dict[str, Any]:
+        out = self._envelope([self._choice(self.text, self.reason)])
+        out["usage"] = self._usage()
+        out["adapters"] = self.adapters()
+        return out
+
+    def opening(self) -> list[dict[str, Any]]:
+        """The first chunk: no text yet, the adapters as resolved."""
+        out = self._envelope([self._choice("", None)])
+        out["adapters"] = self.adapters()
+        return [out]
+
+    def chunk(self, tokens: list[int], piece: str, finished) -> dict[str, Any]:
+        self.take(tokens, piece, finished)
+        choice = self._choice(piece, self.reason)
         if self.chat:
             choice["delta"].pop("role")
-        return self._envelope([choice], True)
+        return self._envelope([choice])
 
-    def usage_chunk(self) -> dict[str, Any]:
-        out = self._envelope([], True)
+    def closing(self) -> list[dict[str, Any]]:
+        """With stream_options.include_usage: a last chunk with no choices and the usage."""
+        if not self.usage:
+            return []
+        out = self._envelope([])
         out["usage"] = self._usage()
-        return out
+        return [out]
+
+
+class _LoraxAnswer(_Answer):
+    """A generation as LoRAX (and TGI) word it: `generated_text` and `details`; stream events per token."""
+
+    def __init__(self, prepared: Prepared, stream: bool) -> None:
+        super().__init__(prepared)
+        self.stream = stream
+
+    def _details(self) -> dict[str, Any]:
+        reason = "length" if self.reason == "length" else "eos_token"
+        return {"finish_reason": reason, "prompt_tokens": len(self.prepared.ids), "generated_tokens": self.tokens,
+                "seed": None, "prefill": [], "tokens": [], "adapters": self.adapters()}
+
+    def whole(self) -> dict[str, Any]:
+        return {"generated_text": self.text, "details": self._details()}
+
+    def chunk(self, tokens: list[int], piece: str, finished) -> dict[str, Any]:
+        self.take(tokens, piece, finished)
+        last = finished is not None
+        return {"token": {"id": tokens[-1] if tokens else 0, "text": piece, "logprob": None, "special": False},
+                "generated_text": self.text if last else None, "details": self._details() if last else None}

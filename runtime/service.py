@@ -95,8 +95,7 @@ def note(record: RequestRecord, prepared: Prepared) -> None:
 class RuntimeService(pb_grpc.RuntimeServicer):
     """The servicer; `info` is the GetInfo answer, built once by the server."""
 
-    def __init__(self, core: Serving, info: pb.GetInfoResponse, *, max_admin: int,
-                 request_log: RequestLog | None = None):
+    def __init__(self, core: Serving, info: pb.GetInfoResponse, *, request_log: RequestLog | None = None):
         self.core = core
         self.engine = core.engine
         self.pool = core.pool
@@ -106,7 +105,7 @@ class RuntimeService(pb_grpc.RuntimeServicer):
         self.info = info
         self.metrics = core.pool.metrics
         self.requests = core.requests  # inference requests, whichever frontend they came by
-        self.admin = Slots(max_admin, "adapter loads and unloads are in progress")  # loads waiting for room
+        self.admin = core.admin
 
     # -- plumbing ----------------------------------------------------------------------------------
     @contextmanager

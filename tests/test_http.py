@@ -12,6 +12,8 @@ import pytest
 from server_support import *  # noqa: F401,F403
 from server_support import wait_until
 
+from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
+
 PROMPT = "Hello there"
 
 
@@ -169,3 +171,44 @@ def test_http_and_grpc_clients_together_get_what_they_get_alone(http_server):
     for t in threads:
         t.join()
     assert results == {f"{kind}:{m}": alone[m] for m in mixes for kind in ("http", "grpc")}
+
+
+def test_lorax_generate_and_stream(http_server):
+    server, client, sdk, url = http_server
+    root = url.removesuffix("/v1")
+    body = {"inputs": PROMPT, "parameters": {"adapter_id": "lora2", "max_new_tokens": 7, "details": True}}
+    reply = httpx.post(f"{root}/generate", json=body, timeout=60).json()
+    expected = client.generate(PROMPT, adapters=["lora2"], max_new_tokens=7, temperature=0.0)  # greedy, as TGI
+    assert reply["generated_text"] == expected.text
+    assert reply["details"]["generated_tokens"] == len(expected.token_ids)
+    assert reply["details"]["adapters"][0]["ref"] == "lora2@1.0.0"
+    with httpx.stream("POST", f"{root}/generate_stream", json=body, timeout=60) as r:
+        events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
+    assert "".join(e["token"]["text"] for e in events) == expected.text
+    assert events[-1]["generated_text"] == expected.text and events[-1]["details"]["finish_reason"] == "length"
+    merged = {"inputs": PROMPT, "parameters": {"max_new_tokens": 5, "merged_adapters": {
+        "ids": ["lora0", "lora1"], "weights": [0.5, 0.5], "merge_strategy": "ties_svd", "density": 0.5}}}  # ranks 4 and 8: LoRAX's ties needs one rank
+    got = httpx.post(f"{root}/generate", json=merged, timeout=60)
+    assert got.status_code == 200, got.text
+
+    same = client.generate(PROMPT, adapters=[("lora0", 0.5), ("lora1", 0.5)], mode="merge", max_new_tokens=5,
+                           temperature=0.0, merge=pb.MergeOptions(method="ties_svd", density=0.5))
+    assert got.json()["generated_text"] == same.text
+    unknown = httpx.post(f"{root}/generate", json={"inputs": PROMPT, "parameters": {"adapter_id": "nope"}},
+                         timeout=60)
+    assert unknown.status_code == 404  # never silently the base model
+
+
+def test_vllm_load_and_unload(http_server):
+    server, client, sdk, url = http_server
+    r = httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "lora3"}, timeout=60)
+    assert r.status_code == 200 and "lora3" in r.text
+    assert {a.ref for a in client.list_adapters().adapters} == {"lora3@1.0.0"}
+    r = httpx.post(f"{url}/unload_lora_adapter", json={"lora_name": "lora3"}, timeout=60)
+    assert r.status_code == 200
+    assert all(a.tier == pb.TIER_DISK for a in client.list_adapters().adapters)  # off the device and host
+    assert httpx.post(f"{url}/unload_lora_adapter", json={"lora_name": "lora3"}, timeout=60).status_code == 404
+    assert httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "nope"}, timeout=60).status_code == 404
+    r = httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "x", "lora_path": "/tmp/x"}, timeout=60)
+    assert r.status_code == 400 and "hub push" in r.json()["error"]["message"]
+
