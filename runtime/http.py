@@ -257,11 +257,11 @@ class HttpFrontend:
 
     # -- routes --------------------------------------------------------------------------------------
     async def _completions(self, request: HttpRequest) -> Response:
-        return await self._generate(request, "Completions", lambda body, alive: self._start(body, False, alive),
+        return await self._generate(request, lambda body, alive: self._start(body, False, alive),
                                     lambda body, prepared: _OpenAIAnswer(False, body, prepared))
 
     async def _chat(self, request: HttpRequest) -> Response:
-        return await self._generate(request, "ChatCompletions", lambda body, alive: self._start(body, True, alive),
+        return await self._generate(request, lambda body, alive: self._start(body, True, alive),
                                     lambda body, prepared: _OpenAIAnswer(True, body, prepared))
 
     async def _lorax(self, request: HttpRequest, stream: bool | None = None) -> Response:
@@ -269,7 +269,7 @@ class HttpFrontend:
         def answer(body: dict, prepared: Prepared) -> _LoraxAnswer:
             return _LoraxAnswer(prepared, bool(body.get("stream")) if stream is None else stream)
 
-        return await self._generate(request, "Generate", self._start_lorax, answer)
+        return await self._generate(request, self._start_lorax, answer)
 
     async def _lorax_stream(self, request: HttpRequest) -> Response:
         return await self._lorax(request, stream=True)
@@ -277,10 +277,11 @@ class HttpFrontend:
     async def _lorax_whole(self, request: HttpRequest) -> Response:
         return await self._lorax(request, stream=False)
 
-    async def _generate(self, request: HttpRequest, method: str, start: Callable[[dict, Callable[[], bool]], tuple],
+    async def _generate(self, request: HttpRequest, start: Callable[[dict, Callable[[], bool]], tuple],
                         answer_for: Callable[[dict, Prepared], _Answer]) -> Response:
         """Auth, body, a request slot, then `start` (checks, adapters held, queued) off the event loop; the answer
         whole or streamed. Whatever happens, the request leaves the batch and lets go of its adapters."""
+        method = request.url.path  # the metrics' and request log's method: one of the routes
         started, record = time.perf_counter(), RequestRecord(method)
         denied = self._denied(request)
         if denied is not None:
@@ -347,15 +348,16 @@ class HttpFrontend:
 
     async def _load(self, request: HttpRequest) -> Response:
         """vLLM's `load_lora_adapter`: `lora_name` is a registry ref, loaded (not pinned) onto the device."""
-        return await self._admin(request, "LoadAdapter", lambda ref: self.core.pool.load(ref, pin=False),
+        return await self._admin(request, lambda ref: self.core.pool.load(ref, pin=False),
                                  "Success: LoRA adapter '{}' added successfully.")
 
     async def _unload(self, request: HttpRequest) -> Response:
         """vLLM's `unload_lora_adapter`: `lora_name` leaves device and host memory (it stays in the registry)."""
-        return await self._admin(request, "UnloadAdapter", self.core.pool.unload,
+        return await self._admin(request, self.core.pool.unload,
                                  "Success: LoRA adapter '{}' removed successfully.")
 
-    async def _admin(self, request: HttpRequest, method: str, act: Callable[[str], Any], done: str) -> Response:
+    async def _admin(self, request: HttpRequest, act: Callable[[str], Any], done: str) -> Response:
+        method = request.url.path
         started, record = time.perf_counter(), RequestRecord(method)
         denied = self._denied(request, admin=True)
         if denied is not None:
