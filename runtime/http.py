@@ -27,6 +27,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from hub.merge_spec import uses_density, uses_sign
 from runtime import errors
 from runtime.auth import ADMIN, token_role
 from runtime.core import AdapterRequest, Prepared, Serving, ok, sampling_params
@@ -249,9 +250,12 @@ class HttpFrontend:
                "`merged_adapters.weights` must be one number per id")
             adapters = [AdapterRequest(r, float(w)) for r, w in zip(refs, weights)]
             mode = "merge"
-            merge = MergeOptions(method=_typed(merged, "merge_strategy", str, "linear"),
-                                 density=_typed(merged, "density", float),
-                                 majority_sign=_typed(merged, "majority_sign_method", str))
+            method = _typed(merged, "merge_strategy", str, "linear")
+            # lorax-client always sends a density and a sign method; LoRAX uses them only where the method does
+            merge = MergeOptions(method=method,
+                                 density=_typed(merged, "density", float) if uses_density(method) else None,
+                                 majority_sign=_typed(merged, "majority_sign_method", str) if uses_sign(method)
+                                 else None)
         ids = self.core.token_ids(_typed(body, "inputs", str, ""), None, chat=False, what="inputs")
         return self.core.start(ids, sampling, adapters, mode, merge, alive)
 
@@ -266,8 +270,8 @@ class HttpFrontend:
 
     async def _lorax(self, request: HttpRequest, stream: bool | None = None) -> Response:
         """LoRAX/TGI `/generate`, `/generate_stream` and `/` (where the body's `stream` decides)."""
-        def answer(body: dict, prepared: Prepared) -> _LoraxAnswer:
-            return _LoraxAnswer(prepared, bool(body.get("stream")) if stream is None else stream)
+        def answer(body: dict, prepared: Prepared) -> _LoraxAnswer:  # `/` answers a list of one, as LoRAX's
+            return _LoraxAnswer(prepared, bool(body.get("stream")) if stream is None else stream, stream is None)
 
         return await self._generate(request, self._start_lorax, answer)
 
@@ -500,20 +504,23 @@ class _OpenAIAnswer(_Answer):
 class _LoraxAnswer(_Answer):
     """A generation as LoRAX (and TGI) word it: `generated_text` and `details`; stream events per token."""
 
-    def __init__(self, prepared: Prepared, stream: bool) -> None:
+    def __init__(self, prepared: Prepared, stream: bool, listed: bool) -> None:
         super().__init__(prepared)
         self.stream = stream
+        self.listed = listed
 
     def _details(self) -> dict[str, Any]:
         reason = "length" if self.reason == "length" else "eos_token"
         return {"finish_reason": reason, "prompt_tokens": len(self.prepared.ids), "generated_tokens": self.tokens,
                 "seed": None, "prefill": [], "tokens": [], "adapters": self.adapters()}
 
-    def whole(self) -> dict[str, Any]:
-        return {"generated_text": self.text, "details": self._details()}
+    def whole(self) -> dict[str, Any] | list[dict[str, Any]]:
+        out = {"generated_text": self.text, "details": self._details()}
+        return [out] if self.listed else out
 
     def chunk(self, tokens: list[int], piece: str, finished) -> dict[str, Any]:
         self.take(tokens, piece, finished)
         last = finished is not None
-        return {"token": {"id": tokens[-1] if tokens else 0, "text": piece, "logprob": None, "special": False},
+        # token logprobs are not computed: 0.0, since lorax-client requires a number there
+        return {"token": {"id": tokens[-1] if tokens else 0, "text": piece, "logprob": 0.0, "special": False},
                 "generated_text": self.text if last else None, "details": self._details() if last else None}

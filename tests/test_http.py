@@ -213,3 +213,20 @@ def test_vllm_load_and_unload(http_server):
     r = httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "x", "lora_path": "/tmp/x"}, timeout=60)
     assert r.status_code == 400 and "hub push" in r.json()["error"]["message"]
 
+
+
+def test_lorax_client(http_server):
+    """`lorax-client` works by changing its URL (it declares huggingface-hub<1, so it is not a dev dependency)."""
+    lorax = pytest.importorskip("lorax")
+    server, client, sdk, url = http_server
+    lc = lorax.Client(url.removesuffix("/v1"), timeout=60)
+    expected = client.generate(PROMPT, adapters=["lora1"], max_new_tokens=6, temperature=0.0)
+    reply = lc.generate(PROMPT, adapter_id="lora1", max_new_tokens=6)
+    assert reply.generated_text == expected.text and reply.details.generated_tokens == len(expected.token_ids)
+    streamed = [r.token.text for r in lc.generate_stream(PROMPT, adapter_id="lora1", max_new_tokens=6)]
+    assert "".join(streamed) == expected.text
+    merged = lorax.MergedAdapters(ids=["lora1"], weights=[0.5], merge_strategy="linear", density=1.0,
+                                  majority_sign_method="total")  # the client sends both: linear uses neither
+    same = client.generate(PROMPT, adapters=[("lora1", 0.5)], mode="merge", max_new_tokens=6,
+                           temperature=0.0, merge=pb.MergeOptions(method="linear"))
+    assert lc.generate(PROMPT, merged_adapters=merged, max_new_tokens=6).generated_text == same.text
