@@ -230,3 +230,27 @@ def test_lorax_client(http_server):
     same = client.generate(PROMPT, adapters=[("lora1", 0.5)], mode="merge", max_new_tokens=6,
                            temperature=0.0, merge=pb.MergeOptions(method="linear"))
     assert lc.generate(PROMPT, merged_adapters=merged, max_new_tokens=6).generated_text == same.text
+
+
+def test_tls_and_admin_token(start_server, tmp_path):
+    """The HTTP API speaks TLS with the server's certificate, and load/unload need an admin token."""
+    from test_server_security import _self_signed
+
+    cert, key = _self_signed(tmp_path)
+    tokens = tmp_path / "tokens"
+    tokens.write_text("boss admin\nuser1 user\n")
+    server, _ = start_server(http_port=0, tls_cert=cert, tls_key=key, tls_ca=cert, token="boss",
+                             auth_token_file=tokens)
+    url = f"https://localhost:{server.http_port}/v1"
+    with openai.OpenAI(base_url=url, api_key="user1", max_retries=0,
+                       http_client=httpx.Client(verify=str(cert))) as sdk:
+        assert sdk.completions.create(model="base", prompt=PROMPT, max_tokens=2).usage.completion_tokens >= 1
+    load = {"lora_name": "lora0"}
+    user = httpx.post(f"{url}/load_lora_adapter", json=load, headers={"Authorization": "Bearer user1"},
+                      verify=str(cert), timeout=60)
+    assert user.status_code == 403
+    admin = httpx.post(f"{url}/load_lora_adapter", json=load, headers={"Authorization": "Bearer boss"},
+                       verify=str(cert), timeout=60)
+    assert admin.status_code == 200
+    with pytest.raises(httpx.HTTPError):  # plaintext HTTP cannot talk to the TLS port
+        httpx.get(f"http://localhost:{server.http_port}/v1/models", timeout=10).raise_for_status()
