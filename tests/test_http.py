@@ -254,3 +254,23 @@ def test_tls_and_admin_token(start_server, tmp_path):
     assert admin.status_code == 200
     with pytest.raises(httpx.HTTPError):  # plaintext HTTP cannot talk to the TLS port
         httpx.get(f"http://localhost:{server.http_port}/v1/models", timeout=10).raise_for_status()
+
+
+def test_stop_lets_an_http_request_in_flight_finish(start_server):
+    """SIGTERM's graceful stop: a request already queued over HTTP still gets its whole answer."""
+    from server_support import frozen
+
+    server, client = start_server(http_port=0)
+    url = f"http://127.0.0.1:{server.http_port}/v1"
+    out: dict[str, httpx.Response] = {}
+    request = threading.Thread(target=lambda: out.setdefault("r", httpx.post(
+        f"{url}/completions", json={"model": "base", "prompt": PROMPT, "max_tokens": 5, "temperature": 0},
+        timeout=120)))
+    with frozen(server):
+        request.start()
+        wait_until(lambda: server.scheduler.load() == (0, 1), "the HTTP request is queued")
+        stopping = threading.Thread(target=server.stop, kwargs={"grace": 60})
+        stopping.start()
+    request.join()
+    stopping.join()
+    assert out["r"].status_code == 200 and out["r"].json()["usage"]["completion_tokens"] == 5
