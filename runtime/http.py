@@ -183,9 +183,16 @@ class HttpFrontend:
         return None
 
     async def _body(self, request: HttpRequest) -> dict:
-        raw = await request.body()
-        if len(raw) > self._max_body:
-            raise errors.TooLarge(f"the request body is {len(raw)} bytes: more than {self._max_body}")
+        """The JSON object the body holds; TooLarge past the size limit, before more than it is read."""
+        too_large = errors.TooLarge(f"the request body is more than {self._max_body} bytes")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self._max_body:
+            raise too_large
+        raw = bytearray()
+        async for part in request.stream():
+            raw += part
+            if len(raw) > self._max_body:
+                raise too_large
         try:
             body = json.loads(raw)
         except ValueError as e:

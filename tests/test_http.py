@@ -114,6 +114,8 @@ def test_errors_are_openai_error_objects(http_server):
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     r = httpx.post(f"{url}/completions", content=b" " * (5 << 20), timeout=60)
     assert r.status_code == 413
+    chunked = httpx.post(f"{url}/completions", content=iter([b" " * (1 << 20)] * 5), timeout=60)  # no length
+    assert chunked.status_code == 413 and "4194304 bytes" in chunked.json()["error"]["message"]
 
 
 def test_full_queue_is_429(start_server):
