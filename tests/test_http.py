@@ -276,3 +276,30 @@ def test_stop_lets_an_http_request_in_flight_finish(start_server):
     request.join()
     stopping.join()
     assert out["r"].status_code == 200 and out["r"].json()["usage"]["completion_tokens"] == 5
+
+
+def test_hub_serve_http_port_and_sigterm(served_base, registry):
+    """`hub serve --http-port 0` names its HTTP URL on the start line; SIGTERM lets an HTTP stream run to its end."""
+    import re
+    import signal
+
+    from test_server_process import ServeProcess
+
+    serve = ServeProcess("--base-model", str(served_base), "--registry", str(registry.root), "--http-port", "0",
+                         "--grace", "300")
+    try:
+        found = re.search(r"HTTP API on (http://127\.0\.0\.1:\d+/v1)", "".join(serve.lines))
+        assert found, serve.lines
+        body = {"model": "lora0", "prompt": PROMPT, "max_tokens": 300, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{found[1]}/completions", json=body, timeout=300) as r:
+            lines = r.iter_lines()
+            head = [next(lines), next(lines)]
+            serve.proc.send_signal(signal.SIGTERM)  # while the stream runs
+            events = [line for line in [*head, *lines] if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        chunks = [json.loads(e[6:]) for e in events[:-1]]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert serve.proc.wait(timeout=300) == 0
+        assert "Traceback" not in "".join(serve.lines)
+    finally:
+        serve.kill()
