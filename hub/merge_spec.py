@@ -32,11 +32,11 @@ def method_family(method: str) -> str:
     return "linear" if method == "svd" else method.removesuffix("_svd")
 
 
-def _uses_density(method: str) -> bool:
+def uses_density(method: str) -> bool:
     return method_family(method) in ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 
 
-def _uses_sign(method: str) -> bool:
+def uses_sign(method: str) -> bool:
     return method_family(method) in ("ties", "dare_ties")
 
 
@@ -73,8 +73,8 @@ class MergeSpec:
             raise MergeError(f"weights must be finite numbers, got {list(weights)}")
         method = self.method
         for name, value, used in (
-            ("density", self.density, _uses_density(method)),
-            ("majority_sign", self.majority_sign, _uses_sign(method)),
+            ("density", self.density, uses_density(method)),
+            ("majority_sign", self.majority_sign, uses_sign(method)),
             ("svd_rank", self.svd_rank, uses_svd(method)),
             ("svd_clamp", self.svd_clamp, uses_svd(method)),
             ("seed", self.seed, _uses_seed(method)),
@@ -82,9 +82,9 @@ class MergeSpec:
             if value is not None and not used:
                 raise MergeError(f"{name} does not apply to method {method!r}")
         density = self.density
-        if _uses_density(method) and (density is None or not 0.0 < density <= 1.0):
+        if uses_density(method) and (density is None or not 0.0 < density <= 1.0):
             raise MergeError(f"method {method!r} needs a density in (0, 1], got {density}")
-        sign = self.majority_sign or ("total" if _uses_sign(method) else None)
+        sign = self.majority_sign or ("total" if uses_sign(method) else None)
         if sign is not None and sign not in MAJORITY_SIGNS:
             raise MergeError(f"majority sign must be one of {', '.join(MAJORITY_SIGNS)}, got {sign!r}")
         if self.svd_rank is not None and self.svd_rank < 1:

@@ -45,6 +45,17 @@ def read_token_file(path: str | Path) -> dict[str, str]:
     return tokens
 
 
+def token_role(tokens: dict[str, str], token: str | None) -> str | None:
+    """The role of `token` in `tokens` (None: no token, or an unknown one), compared in constant time per token."""
+    if token is None:
+        return None
+    role = None
+    for known, known_role in tokens.items():
+        if hmac.compare_digest(known.encode(), token.encode()):
+            role = known_role
+    return role
+
+
 def _bearer(metadata) -> str | None:
     for key, value in metadata or ():
         if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
@@ -78,15 +89,6 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         self._tokens = dict(tokens)
         self._admin_only = admin_only
 
-    def _role(self, token: str | None) -> str | None:
-        if token is None:
-            return None
-        role = None
-        for known, known_role in self._tokens.items():  # compare with every token: constant time per token
-            if hmac.compare_digest(known.encode(), token.encode()):
-                role = known_role
-        return role
-
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
         is_admin = method in ADMIN_METHODS
@@ -95,7 +97,7 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        role = self._role(_bearer(handler_call_details.invocation_metadata))
+        role = token_role(self._tokens, _bearer(handler_call_details.invocation_metadata))
         if role is None:
             return _denying(handler, grpc.StatusCode.UNAUTHENTICATED,
                             "missing or unknown token: send `authorization: Bearer <token>`")

@@ -79,7 +79,7 @@ def read_text(text: str) -> str:
 @contextmanager
 def _rpc_errors() -> Iterator[None]:
     """A failed RPC is one line: its status code and the server's message (or that no server answered)."""
-    from runtime.errors import RequestFailed
+    from runtime.client import RequestFailed
 
     try:
         yield
@@ -135,6 +135,9 @@ def serve(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1..."),
     metrics_port: Optional[int] = typer.Option(None, "--metrics-port", min=0, max=65535,
                                                help="Serve Prometheus /metrics on this port."),
+    http_port: Optional[int] = typer.Option(None, "--http-port", min=0, max=65535,
+                                            help="Also serve the OpenAI-compatible HTTP API on this port."),
+    http_host: str = typer.Option("127.0.0.1", "--http-host", help="Address the HTTP API binds."),
     metrics_host: str = typer.Option("127.0.0.1", "--metrics-host",
                                      help="Address /metrics binds (no auth or TLS: loopback whatever --host is)."),
     auth_token_file: Optional[Path] = typer.Option(None, "--auth-token-file",
@@ -149,9 +152,10 @@ def serve(
     grace: float = typer.Option(30.0, "--grace", min=0, callback=finite,
                                 help="Seconds in-flight requests get to finish on SIGTERM."),
 ) -> None:
-    """Serve adapters over gRPC on one resident base model, until SIGTERM/SIGINT."""
+    """Serve adapters over gRPC (and HTTP with --http-port) on one resident base model, until SIGTERM/SIGINT."""
     from hub.errors import HubError
     from runtime.errors import ServeError
+    from runtime.service import grpc_code
     from runtime.server import RuntimeServer, ServerConfig, ServerConfigError, serve as run
 
     config = ServerConfig(
@@ -161,22 +165,46 @@ def serve(
         host_adapter_memory=parse_bytes("--host-adapter-memory", host_adapter_memory) if host_adapter_memory else None,
         adapter_wait_seconds=adapter_wait, max_batch_size=max_batch_size, max_queue=max_queue,
         max_new_tokens=max_new_tokens, dtype=dtype, device=device,
-        metrics_port=metrics_port, metrics_host=metrics_host, auth_token_file=auth_token_file,
+        metrics_port=metrics_port, metrics_host=metrics_host, http_port=http_port, http_host=http_host,
+        auth_token_file=auth_token_file,
         auth_admin_only=auth_admin_only, tls_cert=tls_cert, tls_key=tls_key, remote=remote, grace_seconds=grace,
         log_format=log_format.value,
     )
 
     def ready(server: RuntimeServer) -> None:
         metrics = f", metrics on http://{metrics_host}:{server.metrics_port}/metrics" if server.metrics_port else ""
-        print(f"hub serve: {base_model} listening on {server.address}{metrics}", file=sys.stderr, flush=True)
+        http = f", HTTP API on http://{http_host}:{server.http_port}/v1" if server.http_port is not None else ""
+        print(f"hub serve: {base_model} listening on {server.address}{http}{metrics}", file=sys.stderr, flush=True)
 
     try:
         code = run(config, ready=ready)
     except ServeError as e:
-        _fail(f"{e.code.name}: {e.message}")
+        _fail(f"{grpc_code(e).name}: {e.message}")
     except (ServerConfigError, basemodel.BaseModelError, HubError) as e:
         _fail(str(e))
     raise typer.Exit(code)
+
+
+_OPTION_TYPES = {"density": float, "majority_sign": str, "svd_rank": int, "svd_clamp": float, "seed": int}
+
+
+def parse_merge_options(text: str):
+    """The CLI's --merge, `METHOD[,density=D][,majority_sign=S][,svd_rank=R][,svd_clamp=Q][,seed=N]`, as MergeOptions."""
+    method, *pairs = [p.strip() for p in text.split(",")]
+    if not method or "=" in method:
+        raise ValueError(f"--merge starts with the method (e.g. ties,density=0.5), got {text!r}")
+    from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
+
+    options = pb.MergeOptions(method=method)
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in _OPTION_TYPES:
+            raise ValueError(f"--merge option {pair!r}: expected one of {', '.join(f'{k}=...' for k in _OPTION_TYPES)}")
+        try:
+            setattr(options, key, _OPTION_TYPES[key](value))
+        except ValueError:
+            raise ValueError(f"--merge option {key} takes a {_OPTION_TYPES[key].__name__}, got {value!r}") from None
+    return options
 
 
 def _mode_kwargs(mode: str, merge: str | None) -> dict:
@@ -187,8 +215,6 @@ def _mode_kwargs(mode: str, merge: str | None) -> dict:
         return {"mode": mode}
     if mode != "stack":
         _fail("--merge replaces --mode: give one of them")
-    from runtime.merged import parse_merge_options
-
     try:
         return {"mode": "merge", "merge": parse_merge_options(merge)}
     except ValueError as e:

@@ -5,9 +5,9 @@
         reply = client.generate("Hello", adapters=["support-bot@prod", ("sql", 0.5)], max_new_tokens=32)
         print(reply.text, reply.finish_reason, [a.ref for a in reply.adapters])
 
-Errors come back as `runtime.errors.RequestFailed` (a `grpc.RpcError`) with the status code, the
-server's message and its request id (`x-request-id` metadata, as the server's request log names it);
-`ServerUnreachable`, a kind of it, when nothing answers at the target.
+Errors come back as `RequestFailed` (a `grpc.RpcError`) with the status code, the server's message and
+its request id (`x-request-id` metadata, as the server's request log names it); `ServerUnreachable`, a
+kind of it, when nothing answers at the target.
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from typing import Iterable, Iterator, TypeVar, Union
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from runtime.errors import RequestFailed, ServerUnreachable
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 from runtime.proto.adapterhub.v1 import runtime_pb2_grpc as pb_grpc
 from runtime.requestlog import REQUEST_ID_KEY
@@ -29,6 +28,39 @@ T = TypeVar("T")
 # How gRPC words an UNAVAILABLE that never reached a server (the server's own UNAVAILABLE says otherwise).
 _UNREACHED = ("failed to connect to all addresses", "errors resolving", "DNS resolution failed")
 MODES = {"stack": pb.COMPOSITION_MODE_STACK, "average": pb.COMPOSITION_MODE_AVERAGE, "merge": pb.COMPOSITION_MODE_MERGE}
+
+
+class RequestFailed(grpc.RpcError):
+    """A failed RPC as `RuntimeClient` raises it: the status code and the server's message.
+
+    It is a `grpc.RpcError` (with `code()` and `details()`), so code written against plain gRPC
+    errors keeps working; `str()` is the one line the CLI prints, with the server's request id (the one
+    its request log names) when it sent one.
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str, request_id: str = "") -> None:
+        super().__init__(f"{code.name}: {message}" + (f" (request id {request_id})" if request_id else ""))
+        self.status_code = code
+        self.message = message
+        self.request_id = request_id
+
+    def code(self) -> grpc.StatusCode:
+        return self.status_code
+
+    def details(self) -> str:
+        return self.message
+
+
+class ServerUnreachable(RequestFailed):
+    """No server answered at the target (nothing listens there, or the name does not resolve)."""
+
+    def __init__(self, target: str, reason: str) -> None:
+        super().__init__(grpc.StatusCode.UNAVAILABLE, f"cannot reach server at {target}")
+        self.target = target
+        self.reason = reason  # gRPC's own words, e.g. "Connection refused"
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def adapter_specs(adapters: Iterable[AdapterArg]) -> list[pb.AdapterSpec]:

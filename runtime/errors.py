@@ -1,50 +1,60 @@
-"""The one error type the serving layers raise: a gRPC status code and one clear message.
+"""The serving core's refusals: one exception type per kind of failure, with one clear message.
 
-The pool, the scheduler and its batch (runtime/generate.py) raise it; the server turns it into the RPC's status, so each failure is
-mapped to its code exactly once, where it is detected.
+The pool, the scheduler, the engine's batch (runtime/generate.py) and the request path (runtime/core.py)
+raise these where a failure is detected; each frontend maps the kind to its own status in one table
+(gRPC status codes in runtime/service.py, HTTP statuses in runtime/http.py), so the core names no
+transport.
 """
 from __future__ import annotations
 
-import grpc
-
 
 class ServeError(Exception):
-    """A request that cannot be served; `code` is the gRPC status the client gets."""
+    """A request that cannot be served; the subclass says why, `message` says it to the client."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, message: str) -> None:
         super().__init__(message)
-        self.code = code
         self.message = message
 
 
-class RequestFailed(grpc.RpcError):
-    """A failed RPC as `RuntimeClient` raises it: the status code and the server's message.
-
-    It is a `grpc.RpcError` (with `code()` and `details()`), so code written against plain gRPC
-    errors keeps working; `str()` is the one line the CLI prints, with the server's request id (the one
-    its request log names) when it sent one.
-    """
-
-    def __init__(self, code: grpc.StatusCode, message: str, request_id: str = "") -> None:
-        super().__init__(f"{code.name}: {message}" + (f" (request id {request_id})" if request_id else ""))
-        self.status_code = code
-        self.message = message
-        self.request_id = request_id
-
-    def code(self) -> grpc.StatusCode:
-        return self.status_code
-
-    def details(self) -> str:
-        return self.message
+class InvalidArgument(ServeError):
+    """The request itself is wrong (a value out of range, a malformed ref, a merge that cannot be made)."""
 
 
-class ServerUnreachable(RequestFailed):
-    """No server answered at the target (nothing listens there, or the name does not resolve)."""
+class NotFound(ServeError):
+    """A named adapter does not exist (or, for unload, is not loaded)."""
 
-    def __init__(self, target: str, reason: str) -> None:
-        super().__init__(grpc.StatusCode.UNAVAILABLE, f"cannot reach server at {target}")
-        self.target = target
-        self.reason = reason  # gRPC's own words, e.g. "Connection refused"
 
-    def __str__(self) -> str:
-        return self.message
+class Unusable(ServeError):
+    """The adapter exists but cannot serve here now (unreadable, refused, in use by running requests)."""
+
+
+class WrongBase(Unusable):
+    """The adapter was made for another base model than the one served."""
+
+
+class NoRoom(ServeError):
+    """The adapter memory budget has no room for the request's adapters (now or within the wait)."""
+
+
+class TooLarge(NoRoom):
+    """One adapter needs more device memory than the whole adapter budget: no wait can help."""
+
+
+class QueueFull(ServeError):
+    """The request queue or the in-flight request slots are full; retry later."""
+
+
+class DamagedData(ServeError):
+    """Stored bytes are damaged, or an adapter produced non-finite numbers: the answer is lost."""
+
+
+class Unavailable(ServeError):
+    """The server is shutting down, or the registry cannot be read."""
+
+
+class Cancelled(ServeError):
+    """The client went away while the request waited."""
+
+
+class Internal(ServeError):
+    """A failure that is the server's fault (a batch step that raised)."""

@@ -22,11 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
 import torch
 
 from runtime.engine import Engine
-from runtime.errors import ServeError
+from runtime.errors import DamagedData
 from runtime.kvcache import join_rows, keep_rows, pad_left
 from runtime.plan import RowPlan
 from runtime.sampling import SamplingParams, generator_for, next_tokens
@@ -51,14 +50,14 @@ class Sequence:
     error: Exception | None = None  # why it ended, when finish_reason is "error"
 
 
-class NonFiniteLogits(ServeError):
+class NonFiniteLogits(DamagedData):
     """A row's logits hold NaN or inf (its adapters' weights are broken or overflow): there is no token to
-    choose or score from them. DATA_LOSS: the numbers the request asked for are lost."""
+    choose or score from them. DamagedData: the numbers the request asked for are lost."""
 
     def __init__(self, plan: RowPlan, where: str):
         keys = [a.key for a in plan.adapters]
         who = f"adapter{'s' if len(keys) > 1 else ''} {', '.join(keys)}" if keys else "the base model"
-        super().__init__(grpc.StatusCode.DATA_LOSS, f"{who} produced non-finite logits {where}")
+        super().__init__(f"{who} produced non-finite logits {where}")
 
 
 def visible_text(tokenizer, seq: Sequence) -> str:

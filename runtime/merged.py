@@ -17,21 +17,26 @@ import json
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-import grpc
-
 from hub.artifact import Adapter, Technique
 from hub.manifest import BaseModelInfo
 from hub.merge import merge
 from hub.merge_spec import MergeError, MergeSpec
-from runtime.errors import ServeError
-from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
+from runtime.errors import InvalidArgument
 
 KEY_PREFIX = "merge:"
 NAME = "merge"  # the metrics label and AdapterInfo name of every merged adapter (bounded cardinality)
 
 
-def _invalid(message: str) -> ServeError:
-    return ServeError(grpc.StatusCode.INVALID_ARGUMENT, message)
+@dataclass(frozen=True)
+class MergeOptions:
+    """A request's merge parameters as each frontend reads them (gRPC MergeOptions, HTTP `merge`); None = default."""
+
+    method: str = ""
+    density: float | None = None
+    majority_sign: str | None = None
+    svd_rank: int | None = None
+    svd_clamp: float | None = None
+    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -72,20 +77,14 @@ class MergedManifest:
             return merge(adapters, self.spec)
         except MergeError as e:
             refs = ", ".join(m.ref for m in self.parents)
-            raise _invalid(f"cannot merge {refs}: {e}") from None
+            raise InvalidArgument(f"cannot merge {refs}: {e}") from None
 
 
-def merge_spec(options: pb.MergeOptions, weights: Sequence[float]) -> MergeSpec:
-    """The hub.merge spec a request's MergeOptions and adapter weights ask for (unchecked)."""
-    return MergeSpec(
-        method=options.method,
-        weights=tuple(float(w) for w in weights),
-        density=options.density if options.HasField("density") else None,
-        majority_sign=options.majority_sign or None,
-        svd_rank=options.svd_rank if options.HasField("svd_rank") else None,
-        svd_clamp=options.svd_clamp if options.HasField("svd_clamp") else None,
-        seed=options.seed if options.HasField("seed") else None,
-    )
+def merge_spec(options: MergeOptions, weights: Sequence[float]) -> MergeSpec:
+    """The hub.merge spec a request's merge options and adapter weights ask for (unchecked)."""
+    return MergeSpec(method=options.method, weights=tuple(float(w) for w in weights), density=options.density,
+                     majority_sign=options.majority_sign or None, svd_rank=options.svd_rank,
+                     svd_clamp=options.svd_clamp, seed=options.seed)
 
 
 def merge_key(parents: Sequence[Any], spec: MergeSpec) -> str:
@@ -94,37 +93,17 @@ def merge_key(parents: Sequence[Any], spec: MergeSpec) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def merged_manifest(parents: Sequence[Any], weights: Sequence[float], options: pb.MergeOptions) -> MergedManifest:
-    """Check a merge request (INVALID_ARGUMENT on any problem) and name the adapter that serves it."""
+def merged_manifest(parents: Sequence[Any], weights: Sequence[float], options: MergeOptions) -> MergedManifest:
+    """Check a merge request (InvalidArgument on any problem) and name the adapter that serves it."""
     if not parents:
-        raise _invalid("merge mode needs at least one adapter")
+        raise InvalidArgument("merge mode needs at least one adapter")
     if not options.method:
-        raise _invalid("merge mode needs merge.method")
+        raise InvalidArgument("merge mode needs merge.method")
     techniques = sorted({m.technique for m in parents})
     if len(techniques) > 1:
-        raise _invalid(f"cannot merge adapters of different techniques: {', '.join(techniques)}")
+        raise InvalidArgument(f"cannot merge adapters of different techniques: {', '.join(techniques)}")
     try:
         spec = merge_spec(options, weights).checked(Technique(techniques[0]), len(parents))
     except MergeError as e:
-        raise _invalid(str(e)) from None
+        raise InvalidArgument(str(e)) from None
     return MergedManifest(tuple(parents), spec, techniques[0], merge_key(parents, spec))
-
-
-_OPTION_TYPES = {"density": float, "majority_sign": str, "svd_rank": int, "svd_clamp": float, "seed": int}
-
-
-def parse_merge_options(text: str) -> pb.MergeOptions:
-    """The CLI's --merge, `METHOD[,density=D][,majority_sign=S][,svd_rank=R][,svd_clamp=Q][,seed=N]`, as MergeOptions."""
-    method, *pairs = [p.strip() for p in text.split(",")]
-    if not method or "=" in method:
-        raise ValueError(f"--merge starts with the method (e.g. ties,density=0.5), got {text!r}")
-    options = pb.MergeOptions(method=method)
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or key not in _OPTION_TYPES:
-            raise ValueError(f"--merge option {pair!r}: expected one of {', '.join(f'{k}=...' for k in _OPTION_TYPES)}")
-        try:
-            setattr(options, key, _OPTION_TYPES[key](value))
-        except ValueError:
-            raise ValueError(f"--merge option {key} takes a {_OPTION_TYPES[key].__name__}, got {value!r}") from None
-    return options

@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable, Iterable, TypeVar
 
-import grpc
-
 from hub.artifact import Adapter, ArtifactError, Technique
 from hub.checkpoint import PROMPT_SITE, fingerprint, fitted_fingerprint, module_tensors
 from hub.errors import HubError, IntegrityError, InvalidName, NotFound
-from runtime.errors import ServeError
+from runtime import errors
+from runtime.errors import (Cancelled, DamagedData, InvalidArgument, NoRoom, ServeError, TooLarge, Unavailable,
+                            Unusable, WrongBase)
 from runtime.metrics import Metrics
 
 T = TypeVar("T")
@@ -120,8 +120,8 @@ class _NoRoomYet(Exception):
         self.read: tuple[Any, Adapter] | None = None  # (manifest, adapter) when it was read from disk for this load
 
 
-def _damaged(key: str, error: IntegrityError) -> ServeError:
-    return ServeError(grpc.StatusCode.DATA_LOSS, f"adapter {key}: stored files are damaged: {error}")
+def _damaged(key: str, error: IntegrityError) -> DamagedData:
+    return DamagedData(f"adapter {key}: stored files are damaged: {error}")
 
 
 class AdapterPool:
@@ -146,7 +146,7 @@ class AdapterPool:
         self._loading: dict[str, Future] = {}  # key -> done when its load or eviction ends
         self._reserved = 0  # device bytes promised to loads in progress
         self._verified: set[tuple[str, str]] = set()  # (key, sha256) read, hashed right and fitting the base
-        self._refused: OrderedDict[str, tuple[str, str]] = OrderedDict()  # key -> (sha256, why), newest last
+        self._refused: OrderedDict[str, tuple[str, str, type[Unusable]]] = OrderedDict()  # key -> (sha256, why, kind), newest last
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)  # notified when device room may have been freed
         self._freed = 0  # times device room may have been freed (a waiter sleeps while this is unchanged)
@@ -157,7 +157,7 @@ class AdapterPool:
     def resolve(self, ref: str):
         """The manifest a ref names now; a ref missing locally is pulled from the remote, if one is set."""
         if not ref:
-            raise ServeError(grpc.StatusCode.INVALID_ARGUMENT, "adapter ref is empty")
+            raise InvalidArgument("adapter ref is empty")
         try:
             try:
                 return self.registry.resolve(ref)
@@ -169,14 +169,14 @@ class AdapterPool:
                 except NotFound as e:
                     raise NotFound(f"{local}; remote {self.remote.url}: {e}") from None
                 except IntegrityError as e:  # its bytes are not what the remote's manifest says: nothing was kept
-                    raise ServeError(grpc.StatusCode.DATA_LOSS,
+                    raise DamagedData(
                                      f"adapter {ref!r} from remote {self.remote.url}: {e}") from None
         except InvalidName as e:
-            raise ServeError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+            raise InvalidArgument(str(e)) from None
         except NotFound as e:
-            raise ServeError(grpc.StatusCode.NOT_FOUND, str(e)) from None
+            raise errors.NotFound(str(e)) from None
         except HubError as e:
-            raise ServeError(grpc.StatusCode.UNAVAILABLE, f"registry error for {ref!r}: {e}") from None
+            raise Unavailable(f"registry error for {ref!r}: {e}") from None
 
     # -- acquiring and releasing -------------------------------------------------------------------
     def acquire(self, manifests: Iterable[Any], *, pin: bool = False, then_submit: bool = False,
@@ -184,7 +184,7 @@ class AdapterPool:
         """Put every adapter on the device and hold it there until `release` (all or none).
 
         When the budget is held by adapters in use, wait for room (see `_wait_for_room`) up to `wait_seconds`,
-        then RESOURCE_EXHAUSTED; `alive() == False` (the client went away) ends the wait with CANCELLED.
+        then NoRoom; `alive() == False` (the client went away) ends the wait with Cancelled.
         then_submit: the caller queues a request (or a call) on the engine's thread right after; passed with the
         last adapter's hand-over (`on_engine(fn, then_submit=True)`: see Scheduler.call) so the request can
         join the batch step right after its adapter is installed."""
@@ -241,7 +241,7 @@ class AdapterPool:
 
     # -- waiting for device room -------------------------------------------------------------------
     def _let_go(self, held: list[Entry], no_room: _NoRoomYet) -> int | None:
-        """Undo the holds of an acquire that found no room (they count no request). RESOURCE_EXHAUSTED if room
+        """Undo the holds of an acquire that found no room (they count no request). NoRoom if room
         can never come: this request's adapters so far and the pinned ones do not fit the budget together.
         Else the count of frees to wait past, or None when room was freed since the refusal (try at once)."""
         with self._lock:
@@ -252,11 +252,10 @@ class AdapterPool:
             pinned = sum(e.device_bytes for e in self._entries.values()
                          if e.tier is Tier.DEVICE and e.pinned and e not in held)
             if together + pinned > self.device_budget:
-                raise ServeError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                 f"no room for adapter {no_room.key}: this request's adapters need {together} bytes "
-                                 f"on the device together and pinned adapters hold {pinned} bytes of the adapter "
-                                 f"memory budget ({self.device_budget} bytes); unload a pinned adapter or raise "
-                                 "--adapter-memory")
+                raise NoRoom(f"no room for adapter {no_room.key}: this request's adapters need {together} bytes "
+                             f"on the device together and pinned adapters hold {pinned} bytes of the adapter "
+                             f"memory budget ({self.device_budget} bytes); unload a pinned adapter or raise "
+                             "--adapter-memory")
             return None if self._freed != no_room.freed else self._freed
 
     def _queue_waiter(self, alive: Callable[[], bool], waiter: _Waiter | None) -> _Waiter:
@@ -288,15 +287,13 @@ class AdapterPool:
         with self._room:
             while True:
                 if not waiter.alive():
-                    raise ServeError(grpc.StatusCode.CANCELLED,
-                                     f"the request ended while adapter {no_room.key} waited for device memory")
+                    raise Cancelled(f"the request ended while adapter {no_room.key} waited for device memory")
                 left = waiter.deadline - time.monotonic()
                 if left <= 0:
-                    raise ServeError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                     f"no room for adapter {no_room.key} ({no_room.need} bytes) within "
-                                     f"{self.wait_seconds:g} s: the adapter memory budget ({self.device_budget} "
-                                     "bytes) is held by adapters that running requests use; retry later or raise "
-                                     "--adapter-memory")
+                    raise NoRoom(f"no room for adapter {no_room.key} ({no_room.need} bytes) within "
+                                 f"{self.wait_seconds:g} s: the adapter memory budget ({self.device_budget} "
+                                 "bytes) is held by adapters that running requests use; retry later or raise "
+                                 "--adapter-memory")
                 if self._waiters[0] is not waiter:
                     mark = None  # room freed while others went first is room this one has not tried
                 elif mark is None or self._freed != mark:
@@ -317,9 +314,8 @@ class AdapterPool:
                 pending = self._loading.get(key)
                 if pending is None:
                     if entry is not None and not current and entry.in_use:
-                        raise ServeError(grpc.StatusCode.UNAVAILABLE,
-                                         f"adapter {key} was pushed again with other content while {entry.in_use} "
-                                         "running request(s) use its old content; retry when they end")
+                        raise Unavailable(f"adapter {key} was pushed again with other content while {entry.in_use} "
+                                          "running request(s) use its old content; retry when they end")
                     pending = self._loading[key] = Future()
                     owner = True
                 else:
@@ -439,14 +435,14 @@ class AdapterPool:
     def _read_verified(self, key: str, manifest) -> tuple[Adapter, Callable[[], None]]:
         """Read an adapter version from the registry and refuse it if it was made for another base.
 
-        Returns the adapter and `verified()`, which raises DATA_LOSS if its stored bytes are damaged: their
+        Returns the adapter and `verified()`, which raises DamagedData if its stored bytes are damaged: their
         sha256 runs in another thread meanwhile (Registry.read_deferred), so the caller prepares the adapter
         and calls `verified()` before serving it, and before any refusal, so a damaged file is reported as
         damaged, not as an adapter that does not fit."""
         with self._lock:
             refused = self._refused.get(key)
         if refused is not None and refused[0] == manifest.sha256:  # these very bytes were refused: not parsed again
-            raise ServeError(grpc.StatusCode.FAILED_PRECONDITION, refused[1])
+            raise refused[2](refused[1])
         try:
             build = getattr(manifest, "build", None)  # a per-request merge (runtime/merged.py), from verified parents
             if build:
@@ -458,7 +454,7 @@ class AdapterPool:
         except ArtifactError as e:  # intact bytes (read_deferred checks them first) that are no adapter
             raise self._refuse(key, manifest, f"adapter {key} cannot be read: {e}") from None
         except (HubError, OSError) as e:
-            raise ServeError(grpc.StatusCode.FAILED_PRECONDITION, f"adapter {key} cannot be read: {e}") from None
+            raise Unusable(f"adapter {key} cannot be read: {e}") from None
 
         def verified() -> None:
             try:
@@ -470,33 +466,31 @@ class AdapterPool:
         if (key, manifest.sha256) not in self._verified:
             try:
                 self._check_base(key, adapter, manifest)
-            except ServeError as e:
+            except WrongBase as e:
                 verified()
-                raise self._refuse(key, manifest, e.message) from None
+                raise self._refuse(key, manifest, e.message, WrongBase) from None
         return adapter, verified
 
-    def _refuse(self, key: str, manifest, message: str) -> ServeError:
-        """FAILED_PRECONDITION for an adapter whose intact bytes cannot serve here, remembered by its sha256 so
+    def _refuse(self, key: str, manifest, message: str, kind: type[Unusable] = Unusable) -> Unusable:
+        """Unusable (or `kind`) for an adapter whose intact bytes cannot serve here, remembered by its sha256 so
         requests naming it again are refused without reading and parsing it again (a 500k-tensor artifact
         took seconds of the GIL per request); a new push under the same version has another sha256."""
         with self._lock:
-            self._refused[key] = (manifest.sha256, message)
+            self._refused[key] = (manifest.sha256, message, kind)
             self._refused.move_to_end(key)
             while len(self._refused) > self._max_entries:
                 self._refused.popitem(last=False)
-        return ServeError(grpc.StatusCode.FAILED_PRECONDITION, message)
+        return kind(message)
 
     def _check_base(self, key: str, adapter: Adapter, manifest) -> None:
-        """FAILED_PRECONDITION unless the adapter fits the served base and was made for it (fingerprint)."""
+        """WrongBase unless the adapter fits the served base and was made for it (fingerprint)."""
         try:
             fitted = fitted_fingerprint(adapter, self.engine.model)
         except ArtifactError as e:
-            raise ServeError(grpc.StatusCode.FAILED_PRECONDITION,
-                             f"adapter {key} was not made for the served base model: {e}") from None
+            raise WrongBase(f"adapter {key} was not made for the served base model: {e}") from None
         recorded = getattr(manifest.base_model, "fingerprint", None)
         if recorded and recorded != fitted:
-            raise ServeError(grpc.StatusCode.FAILED_PRECONDITION,
-                             f"adapter {key} was made for another base model ({manifest.base_model.id or 'unknown'}, "
+            raise WrongBase(f"adapter {key} was made for another base model ({manifest.base_model.id or 'unknown'}, "
                              "fingerprint differs from the served base's)")
 
     def _read_now(self, key: str, manifest) -> Adapter:
@@ -518,9 +512,8 @@ class AdapterPool:
         back on the device tier if the load fails before it; until then, a request for one of them waits
         on its future."""
         if need > self.device_budget:
-            raise ServeError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                             f"adapter {key} needs {need} bytes on the device, more than the whole adapter "
-                             f"memory budget ({self.device_budget} bytes; raise --adapter-memory)")
+            raise TooLarge(f"adapter {key} needs {need} bytes on the device, more than the whole adapter "
+                           f"memory budget ({self.device_budget} bytes; raise --adapter-memory)")
         with self._lock:
             victims: list[Entry] = []
             used = self._device_used_locked() + self._reserved
@@ -589,16 +582,15 @@ class AdapterPool:
         return lease.entries[0], 0.0 if was_resident else time.perf_counter() - started
 
     def unload(self, ref: str) -> Entry:
-        """UnloadAdapter: unpin and drop from memory; FAILED_PRECONDITION while requests use it."""
+        """UnloadAdapter: unpin and drop from memory; Unusable while requests use it."""
         manifest = self.resolve(ref)
         key = manifest.ref
         with self._lock:
             entry = self._entries.get(key)
             if entry is None or entry.tier is Tier.DISK:
-                raise ServeError(grpc.StatusCode.NOT_FOUND, f"adapter {key} is not loaded")
+                raise errors.NotFound(f"adapter {key} is not loaded")
             if entry.in_use or key in self._loading:
-                raise ServeError(grpc.StatusCode.FAILED_PRECONDITION,
-                                 f"adapter {key} is in use by {entry.in_use} running request(s); retry when they end")
+                raise Unusable(f"adapter {key} is in use by {entry.in_use} running request(s); retry when they end")
             on_device = entry.tier is Tier.DEVICE
             entry.tier, entry.adapter, entry.device_bytes, entry.pinned = Tier.DISK, None, 0, False
         if on_device:

@@ -1,6 +1,6 @@
 """Continuous batching: one background thread steps the engine's Batch; requests come and go.
 
-A request waits in a bounded queue (full -> RESOURCE_EXHAUSTED) until the batch has a free row,
+A request waits in a bounded queue (full -> QueueFull) until the batch has a free row,
 joins at the next step, and leaves the moment it finishes or is cancelled, so its row is free
 for the next step. Each request gets its new tokens through its own queue, which the gRPC
 handler thread drains (a stream sends them as they come). Anything else that must touch the
@@ -19,9 +19,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, TypeVar
 
-import grpc
-
-from runtime.errors import ServeError
+from runtime.errors import Internal, InvalidArgument, QueueFull, ServeError, Unavailable
 from runtime.generate import Batch, Sequence
 from runtime.metrics import Metrics
 
@@ -93,14 +91,13 @@ class Scheduler:
 
     # -- requests ----------------------------------------------------------------------------------
     def submit(self, seq: Sequence) -> Request:
-        """Queue a sequence for the batch; RESOURCE_EXHAUSTED when the queue is full."""
+        """Queue a sequence for the batch; QueueFull when the queue is full."""
         request = Request(seq)
         with self._cv:
             if self._stopping:
-                raise ServeError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+                raise Unavailable("the server is shutting down")
             if len(self._pending) >= self.max_queue:
-                raise ServeError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                 f"the request queue is full ({self.max_queue} waiting); retry later")
+                raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later")
             self._pending.append(request)
             self._arrivals += 1
             self.metrics.queue_depth.set(len(self._pending))
@@ -194,10 +191,10 @@ class Scheduler:
         try:
             self._batch.add(request.seq)
         except ValueError as e:  # PlanError included: e.g. an adapter unloaded since the request was checked
-            self._finish(request, None, ServeError(grpc.StatusCode.INVALID_ARGUMENT, str(e)))
+            self._finish(request, None, InvalidArgument(str(e)))
             return
         except Exception as e:  # anything else fails this request, never the loop
-            self._finish(request, None, ServeError(grpc.StatusCode.INTERNAL, f"cannot join the batch: {e}"))
+            self._finish(request, None, Internal(f"cannot join the batch: {e}"))
             return
         request.state = "running"
         self._running[request.seq.id] = request
@@ -257,8 +254,8 @@ class Scheduler:
 
 
 def _row_error(error: Exception | None) -> ServeError:
-    """The status of a request whose step failed: the error's own when it has one (e.g. DATA_LOSS for
-    non-finite logits, runtime/generate.py), else INTERNAL."""
+    """The status of a request whose step failed: the error's own when it has one (e.g. DamagedData for
+    non-finite logits, runtime/generate.py), else Internal."""
     if isinstance(error, ServeError):
         return error
-    return ServeError(grpc.StatusCode.INTERNAL, f"batch step failed: {error}")
+    return Internal(f"batch step failed: {error}")

@@ -30,7 +30,8 @@ from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 from runtime.proto.adapterhub.v1 import runtime_pb2_grpc as pb_grpc
 from runtime.requestlog import RequestLog
 from runtime.scheduler import Scheduler
-from runtime.service import Limits, RuntimeService
+from runtime.core import Limits, Serving
+from runtime.service import RuntimeService
 from runtime.techniques import REGISTRY
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Runtime"].full_name
@@ -67,6 +68,8 @@ class ServerConfig:
     dtype: str = "float32"
     device: str = "cpu"
     metrics_port: int | None = None
+    http_port: int | None = None  # the OpenAI-compatible HTTP API (runtime/http.py); None: gRPC only
+    http_host: str = "127.0.0.1"
     metrics_host: str = "127.0.0.1"  # /metrics has no auth or TLS: loopback whatever `host` is, unless told
     auth_token_file: Path | None = None
     auth_admin_only: bool = False  # with a token file: only LoadAdapter/UnloadAdapter need a token
@@ -80,7 +83,8 @@ class ServerConfig:
 
     def check(self) -> None:
         """ServerConfigError naming the first option out of its range (before anything loads or binds)."""
-        ranges = (("--port", self.port, 0, 65535), ("--metrics-port", self.metrics_port, 0, 65535),
+        ranges = (("--port", self.port, 0, 65535), ("--http-port", self.http_port, 0, 65535),
+                  ("--metrics-port", self.metrics_port, 0, 65535),
                   ("--max-batch-size", self.max_batch_size, 1, None), ("--max-queue", self.max_queue, 0, None),
                   ("--max-new-tokens", self.max_new_tokens, 1, None),
                   ("max_adapters_per_request", self.max_adapters_per_request, 1, None),
@@ -131,6 +135,7 @@ class RuntimeServer:
         config.check()
         self.config = config
         interceptors = []
+        tokens = None
         if config.auth_token_file is not None:
             try:
                 tokens = read_token_file(config.auth_token_file)
@@ -140,6 +145,7 @@ class RuntimeServer:
         credentials = self._tls_credentials()
         for port in (config.port, config.metrics_port):
             check_port(config.host, port)
+        check_port(config.http_host, config.http_port)
         if model is None:
             check_device(config.device)
             model, tokenizer = basemodel.load(config.base_model, dtype=config.dtype, device=config.device)
@@ -158,9 +164,9 @@ class RuntimeServer:
         limits = Limits(max_new_tokens=config.max_new_tokens, max_adapters_per_request=config.max_adapters_per_request,
                         context_length=int(getattr(model.config, "max_position_embeddings", 2048)))
         requests = config.max_batch_size + config.max_queue  # waiting for adapter memory counts against the queue
-        self.service = RuntimeService(self.engine, self.pool, self.scheduler, limits, self._info(limits),
-                                      max_requests=requests, max_admin=ADMIN_RPCS,
-                                      request_log=RequestLog(config.log_format))
+        self.core = Serving(self.engine, self.pool, self.scheduler, limits, max_requests=requests, max_admin=ADMIN_RPCS)
+        self.request_log = RequestLog(config.log_format)
+        self.service = RuntimeService(self.core, self._info(limits), request_log=self.request_log)
         workers = requests + ADMIN_RPCS + SPARE_THREADS
         options = [("grpc.max_receive_message_length", config.max_message_bytes),
                    ("grpc.max_send_message_length", config.max_message_bytes),
@@ -181,7 +187,18 @@ class RuntimeServer:
         if not self.port:
             raise ServerConfigError(f"cannot listen on {address} (in use?)")
         self.metrics_port: int | None = None
+        self.http = self._http_frontend(tokens) if config.http_port is not None else None
+        self.http_port: int | None = None
         self._stopped = threading.Event()
+
+    def _http_frontend(self, tokens: dict[str, str] | None):
+        from runtime.http import HttpFrontend
+
+        c = self.config
+        names = (basemodel.hf_id(c.base_model) or c.base_model, c.base_model)
+        return HttpFrontend(self.core, base_names=names, tokens=tokens, admin_only=c.auth_admin_only,
+                            request_log=self.request_log, max_body_bytes=c.max_message_bytes,
+                            tls=(str(c.tls_cert), str(c.tls_key)) if c.tls_cert and c.tls_key else None)
 
     def _remote(self, registry):
         if self.config.remote is None:
@@ -231,6 +248,8 @@ class RuntimeServer:
         if self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve_http(self.config.metrics_port, self.config.metrics_host)
         self.grpc.start()
+        if self.http is not None:
+            self.http_port = self.http.start(self.config.http_host, self.config.http_port)
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         return self
@@ -241,7 +260,10 @@ class RuntimeServer:
             return
         self.health.enter_graceful_shutdown()
         grace = self.config.grace_seconds if grace is None else grace
-        self.grpc.stop(grace).wait()
+        stopping = self.grpc.stop(grace)
+        if self.http is not None:
+            self.http.stop(grace)
+        stopping.wait()
         self.scheduler.stop(timeout=grace)
         self.metrics.close()
         self._stopped.set()

@@ -314,6 +314,7 @@ def test_pull_refuses_a_registry_path_that_leads_through_a_symlink(technique_ada
 ])
 def test_the_runtime_refuses_to_load_what_push_refuses(name, message, technique_adapters, tmp_path, served_base):
     from runtime.engine import Engine
+    from runtime import errors
     from runtime.errors import ServeError
     from runtime.pool import AdapterPool
 
@@ -323,7 +324,7 @@ def test_the_runtime_refuses_to_load_what_push_refuses(name, message, technique_
     pool = AdapterPool(Engine(*served_model(served_base)), registry, device_budget=1 << 30, host_budget=1 << 30)
     with pytest.raises(ServeError) as caught:
         pool.acquire([pool.resolve("bad")])
-    assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert isinstance(caught.value, errors.Unusable)
     assert message in str(caught.value) and "\n" not in str(caught.value)
     pool.release(pool.acquire([pool.resolve("good")]))  # the pool goes on serving others
 

@@ -11,7 +11,7 @@ import pytest
 from server_support import *  # noqa: F401,F403
 
 from runtime.client import RuntimeClient
-from runtime.errors import RequestFailed, ServerUnreachable
+from runtime.client import RequestFailed, ServerUnreachable
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 from tests.test_cli_errors import assert_one_error_line, run_hub
 

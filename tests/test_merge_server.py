@@ -199,7 +199,7 @@ def test_cli_generate_and_score_with_merge(start_server):
 
 
 def test_parse_merge_options():
-    from runtime.merged import parse_merge_options
+    from runtime.cli import parse_merge_options
 
     options = parse_merge_options("dare_ties_svd, density=0.25, majority_sign=frequency, svd_rank=4, svd_clamp=0.5, seed=9")
     assert options == pb.MergeOptions(method="dare_ties_svd", density=0.25, majority_sign="frequency", svd_rank=4,

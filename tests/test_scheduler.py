@@ -1,7 +1,6 @@
 """The scheduler: continuous batching over the real engine, cancellation, calls between steps, failures."""
 from __future__ import annotations
 
-import grpc
 import pytest
 
 from server_support import *  # noqa: F401,F403
@@ -9,6 +8,7 @@ from server_support import served_model, wait_until
 
 from hub.artifact import read_adapter
 from runtime.engine import Engine
+from runtime import errors
 from runtime.errors import ServeError
 from runtime.generate import SamplingParams, Sequence
 from runtime.plan import AdapterUse, RowPlan
@@ -77,7 +77,7 @@ def test_queue_bound(scheduler):
     scheduler.max_queue = 0
     with pytest.raises(ServeError) as caught:
         scheduler.submit(_seq("x", None, 2))
-    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert isinstance(caught.value, errors.QueueFull)
 
 
 def test_calls_run_on_the_loop_thread_and_return_or_raise(scheduler):
@@ -96,7 +96,7 @@ def test_a_failing_step_fails_its_rows_not_the_server(scheduler):
     doomed.events.get()
     scheduler.call(lambda: scheduler.engine.unload("lora0"))
     _, finished = _drain(doomed)
-    assert finished.error is not None and finished.error.code == grpc.StatusCode.INTERNAL
+    assert finished.error is not None and isinstance(finished.error, errors.Internal)
     assert scheduler.load() == (0, 0)
     assert _drain(scheduler.submit(_seq("next", "ia3", 3)))[1].reason == "length"
 
@@ -104,7 +104,7 @@ def test_a_failing_step_fails_its_rows_not_the_server(scheduler):
 def test_a_plan_the_engine_refuses_fails_only_that_request(scheduler):
     bad = scheduler.submit(_seq("bad", "not-loaded", 3))
     _, finished = _drain(bad)
-    assert finished.error.code == grpc.StatusCode.INVALID_ARGUMENT and "not loaded" in finished.error.message
+    assert isinstance(finished.error, errors.InvalidArgument) and "not loaded" in finished.error.message
 
 
 def test_stop_finishes_queued_and_running_requests_then_refuses(served_base):
@@ -116,7 +116,7 @@ def test_stop_finishes_queued_and_running_requests_then_refuses(served_base):
     assert [_drain(r)[1].reason for r in requests] == ["length"] * 3
     with pytest.raises(ServeError) as caught:
         sched.submit(_seq("late", None, 2))
-    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert isinstance(caught.value, errors.Unavailable)
 
 
 def _steps_seen(scheduler) -> list[set[str]]:

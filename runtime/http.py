@@ -1,0 +1,533 @@
+"""The OpenAI-compatible HTTP API, beside gRPC on the same engine, pool, scheduler, auth and metrics.
+
+`POST /v1/completions`, `POST /v1/chat/completions` (SSE with `stream`), `GET /v1/models`. `model` names
+what serves a request: the base (its id, its folder as served, `base` or "") or an adapter ref; the extra
+body fields `adapters: [{ref, weight}]`, `mode` (stack/average/merge) and `merge` ({method, density, ...})
+compose several, as gRPC's GenerateRequest does. Each answer names its adapters as resolved (`adapters`).
+Beside them, LoRAX/TGI's `/generate` and `/generate_stream` and vLLM's `/v1/load_lora_adapter` and
+`/v1/unload_lora_adapter`, so tooling written for those servers works by changing the URL.
+Requests go through the shared request path (runtime/core.py); its refusals become OpenAI error objects
+with the HTTP status of HTTP_STATUS. Starlette + uvicorn serve it in a thread of the server process.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import uuid
+from contextlib import ExitStack
+from dataclasses import asdict
+from typing import Any, AsyncIterator, Callable, Iterator
+
+import anyio
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from hub.merge_spec import uses_density, uses_sign
+from runtime import errors
+from runtime.auth import ADMIN, token_role
+from runtime.core import AdapterRequest, Prepared, Serving, ok, sampling_params
+from runtime.errors import InvalidArgument, ServeError
+from runtime.merged import MergeOptions
+from runtime.requestlog import RequestLog, RequestRecord
+
+# Each kind of refusal as the HTTP status a client gets (a subclass maps as its nearest listed class).
+HTTP_STATUS: dict[type[ServeError], int] = {
+    errors.InvalidArgument: 400,
+    errors.NotFound: 404,
+    errors.Unusable: 409,
+    errors.TooLarge: 413,
+    errors.NoRoom: 503,
+    errors.QueueFull: 429,
+    errors.DamagedData: 500,
+    errors.Unavailable: 503,
+    errors.Cancelled: 499,
+    errors.Internal: 500,
+}
+_ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
+                404: "NotFoundError", 409: "ConflictError", 413: "RequestTooLargeError", 429: "RateLimitError",
+                499: "CancelledError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
+BASE_NAMES = ("", "base")  # besides the base's own ids, what names the base model
+_DONE = "data: [DONE]\n\n"
+_MERGE_FIELDS = {"method": str, "density": float, "majority_sign": str, "svd_rank": int, "svd_clamp": float,
+                 "seed": int}
+
+
+def http_status(error: ServeError) -> int:
+    """The HTTP status of a refusal, by the nearest class HTTP_STATUS lists."""
+    return next((HTTP_STATUS[c] for c in type(error).__mro__ if c in HTTP_STATUS), 500)
+
+
+def error_body(status: int, message: str) -> dict[str, Any]:
+    """OpenAI's error object (as vLLM words it)."""
+    return {"error": {"message": message, "type": _ERROR_TYPES.get(status, "Error"), "param": None, "code": status}}
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse(error_body(status, message), status_code=status)
+
+
+def _typed(body: dict, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+    """body[key] if it is of `kind` (ints count as floats), `default` when absent or null; else InvalidArgument."""
+    value = body.get(key)
+    if value is None:
+        return default
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    ok(isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds),
+       f"`{key}` must be {' or '.join(k.__name__ for k in kinds)}, got {json.dumps(value)[:40]}")
+    return value
+
+
+def _merge(body: dict) -> MergeOptions | None:
+    merge = _typed(body, "merge", dict)
+    if merge is None:
+        return None
+    unknown = sorted(set(merge) - set(_MERGE_FIELDS))
+    ok(not unknown, f"unknown `merge` field {', '.join(unknown)}: expected {', '.join(_MERGE_FIELDS)}")
+    return MergeOptions(**{k: _typed(merge, k, t) for k, t in _MERGE_FIELDS.items() if merge.get(k) is not None})
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    stop = _typed(body, "stop", (str, list), [])
+    stop = [stop] if isinstance(stop, str) else stop
+    ok(all(isinstance(s, str) for s in stop), "`stop` must be a string or a list of strings")
+    return tuple(stop)
+
+
+def _chat_messages(body: dict) -> list[dict[str, str]]:
+    """`messages` as the chat template takes them: content as text (text parts joined)."""
+    messages = _typed(body, "messages", list, [])
+    out = []
+    for m in messages:
+        ok(isinstance(m, dict) and isinstance(m.get("role"), str), "each message needs a `role` and a `content`")
+        content = m.get("content") or ""
+        if isinstance(content, list):
+            ok(all(isinstance(p, dict) and p.get("type") == "text" for p in content), "only text content is served")
+            content = "".join(str(p.get("text", "")) for p in content)
+        ok(isinstance(content, str), "a message's `content` must be text")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+class HttpFrontend:
+    """The ASGI app over one Serving core, and the uvicorn server that runs it in a thread."""
+
+    def __init__(self, core: Serving, *, base_names: tuple[str, ...], tokens: dict[str, str] | None = None,
+                 admin_only: bool = False, request_log: RequestLog | None = None,
+                 max_body_bytes: int = 4 << 20, tls: tuple[str, str] | None = None) -> None:
+        self.core = core
+        self.base_id = base_names[0]
+        self._base_names = set(base_names) | set(BASE_NAMES)
+        self._tokens = tokens
+        self._admin_only = admin_only
+        self._log = request_log
+        self._max_body = max_body_bytes
+        self._tls = tls  # (certificate, key) PEM files
+        self._created = int(time.time())
+        self.app = Starlette(routes=[
+            Route("/v1/completions", self._completions, methods=["POST"]),
+            Route("/v1/chat/completions", self._chat, methods=["POST"]),
+            Route("/v1/models", self._models, methods=["GET"]),
+            Route("/v1/load_lora_adapter", self._load, methods=["POST"]),
+            Route("/v1/unload_lora_adapter", self._unload, methods=["POST"]),
+            Route("/generate", self._lorax_whole, methods=["POST"]),
+            Route("/generate_stream", self._lorax_stream, methods=["POST"]),
+            Route("/", self._lorax, methods=["POST"]),
+        ])
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- serving -------------------------------------------------------------------------------------
+    def start(self, host: str, port: int) -> int:
+        """Bind host:port (0: a free port) and serve in a thread; returns the bound port."""
+        family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host.strip("[]"), port))
+        cert, key = self._tls or (None, None)
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="off", access_log=False, ssl_certfile=cert,
+                                ssl_keyfile=key)
+        self._server = uvicorn.Server(config)
+        sock.listen(1024)  # connections wait in the backlog until the loop accepts them
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="adapterhub-http",
+                                        daemon=True)
+        self._thread.start()
+        return int(sock.getsockname()[1])
+
+    def stop(self, grace: float) -> None:
+        """Stop accepting; requests in flight get `grace` seconds to finish."""
+        if self._server is not None and self._thread is not None:
+            self._server.config.timeout_graceful_shutdown = grace
+            self._server.should_exit = True
+            self._thread.join()
+            self._server = None
+
+    # -- plumbing ------------------------------------------------------------------------------------
+    def _denied(self, request: HttpRequest, admin: bool = False) -> JSONResponse | None:
+        """401 without a known bearer token (runtime/auth.py's rules), 403 for a user token on admin calls."""
+        if self._tokens is None or (self._admin_only and not admin):
+            return None
+        header = request.headers.get("authorization", "")
+        token = header[len("Bearer "):].strip() if header.startswith("Bearer ") else None
+        role = token_role(self._tokens, token)
+        if role is None:
+            return _error(401, "missing or unknown token: send `Authorization: Bearer <token>`")
+        if admin and role != ADMIN:
+            return _error(403, "this call needs an admin token")
+        return None
+
+    async def _body(self, request: HttpRequest) -> dict:
+        """The JSON object the body holds; TooLarge past the size limit, before more than it is read."""
+        too_large = errors.TooLarge(f"the request body is more than {self._max_body} bytes")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self._max_body:
+            raise too_large
+        raw = bytearray()
+        async for part in request.stream():
+            raw += part
+            if len(raw) > self._max_body:
+                raise too_large
+        try:
+            body = json.loads(raw)
+        except ValueError as e:
+            raise InvalidArgument(f"the body is not JSON: {e}") from None
+        ok(isinstance(body, dict), "the body must be a JSON object")
+        return body
+
+    def _record(self, record: RequestRecord, method: str, status: int, started: float) -> None:
+        metrics = self.core.pool.metrics
+        metrics.requests.labels(method=method, code=str(status)).inc()
+        metrics.latency.labels(method=method).observe(time.perf_counter() - started)
+        if self._log is not None:
+            self._log.write(record, str(status), time.perf_counter() - started)
+
+    def _adapters(self, body: dict) -> list[AdapterRequest]:
+        """What `model` names (unless the base), then the `adapters` list."""
+        model = _typed(body, "model", str, "")
+        named = [] if model in self._base_names else [AdapterRequest(model)]
+        for a in _typed(body, "adapters", list, []):
+            ok(isinstance(a, dict) and isinstance(a.get("ref"), str), "each of `adapters` needs a `ref`")
+            named.append(AdapterRequest(a["ref"], _typed(a, "weight", float, 1.0)))
+        return named
+
+    def _start(self, body: dict, chat: bool, alive: Callable[[], bool]):
+        """The checked request, queued: (prepared, queued, text stream)."""
+        ok(_typed(body, "n", int, 1) == 1, "only n = 1 is served")
+        sampling = sampling_params(self.core.limits, max_new_tokens=_typed(body, "max_tokens", int),
+                                   temperature=_typed(body, "temperature", float, 1.0),
+                                   top_p=_typed(body, "top_p", float), top_k=_typed(body, "top_k", int, 0),
+                                   seed=_typed(body, "seed", int), stop=_stop(body))
+        if chat:
+            ids = self.core.chat_ids(_chat_messages(body))
+        else:
+            prompt = _typed(body, "prompt", (str, list), "")
+            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+                prompt = prompt[0]  # the SDK's one-prompt batch
+            text, ids = (prompt, None) if isinstance(prompt, str) else ("", prompt)
+            ok(ids is None or all(isinstance(i, int) for i in ids), "`prompt` must be text or a list of token ids")
+            ids = self.core.token_ids(text, ids, chat=False, what="prompt")
+        mode = _typed(body, "mode", str, "stack")
+        return self.core.start(ids, sampling, self._adapters(body), mode, _merge(body), alive)
+
+    def _start_lorax(self, body: dict, alive: Callable[[], bool]):
+        """A LoRAX request (`inputs`, `parameters`), checked and queued: (prepared, queued, text stream)."""
+        p = _typed(body, "parameters", dict, {})
+        sample = _typed(p, "do_sample", bool, False)
+        sampling = sampling_params(self.core.limits, max_new_tokens=_typed(p, "max_new_tokens", int),
+                                   temperature=_typed(p, "temperature", float, 1.0 if sample else 0.0),
+                                   top_p=_typed(p, "top_p", float), top_k=_typed(p, "top_k", int, 0),
+                                   seed=_typed(p, "seed", int), stop=_stop(p))
+        adapter_id = _typed(p, "adapter_id", str, "")
+        merged = _typed(p, "merged_adapters", dict)
+        mode, merge = "stack", None
+        if merged is None:
+            adapters = [] if adapter_id in self._base_names else [AdapterRequest(adapter_id)]
+        else:
+            ok(adapter_id in self._base_names, "give `adapter_id` or `merged_adapters`, not both")
+            refs, weights = _typed(merged, "ids", list, []), _typed(merged, "weights", list, [])
+            ok(all(isinstance(r, str) for r in refs), "`merged_adapters.ids` must be adapter refs")
+            weights = weights or [1.0] * len(refs)
+            ok(len(weights) == len(refs) and all(isinstance(w, (int, float)) for w in weights),
+               "`merged_adapters.weights` must be one number per id")
+            adapters = [AdapterRequest(r, float(w)) for r, w in zip(refs, weights)]
+            mode = "merge"
+            method = _typed(merged, "merge_strategy", str, "linear")
+            # lorax-client always sends a density and a sign method; LoRAX uses them only where the method does
+            merge = MergeOptions(method=method,
+                                 density=_typed(merged, "density", float) if uses_density(method) else None,
+                                 majority_sign=_typed(merged, "majority_sign_method", str) if uses_sign(method)
+                                 else None)
+        ids = self.core.token_ids(_typed(body, "inputs", str, ""), None, chat=False, what="inputs")
+        return self.core.start(ids, sampling, adapters, mode, merge, alive)
+
+    # -- routes --------------------------------------------------------------------------------------
+    async def _completions(self, request: HttpRequest) -> Response:
+        return await self._generate(request, lambda body, alive: self._start(body, False, alive),
+                                    lambda body, prepared: _OpenAIAnswer(False, body, prepared))
+
+    async def _chat(self, request: HttpRequest) -> Response:
+        return await self._generate(request, lambda body, alive: self._start(body, True, alive),
+                                    lambda body, prepared: _OpenAIAnswer(True, body, prepared))
+
+    async def _lorax(self, request: HttpRequest, stream: bool | None = None) -> Response:
+        """LoRAX/TGI `/generate`, `/generate_stream` and `/` (where the body's `stream` decides)."""
+        def answer(body: dict, prepared: Prepared) -> _LoraxAnswer:  # `/` answers a list of one, as LoRAX's
+            return _LoraxAnswer(prepared, bool(body.get("stream")) if stream is None else stream, stream is None)
+
+        return await self._generate(request, self._start_lorax, answer)
+
+    async def _lorax_stream(self, request: HttpRequest) -> Response:
+        return await self._lorax(request, stream=True)
+
+    async def _lorax_whole(self, request: HttpRequest) -> Response:
+        return await self._lorax(request, stream=False)
+
+    async def _generate(self, request: HttpRequest, start: Callable[[dict, Callable[[], bool]], tuple],
+                        answer_for: Callable[[dict, Prepared], _Answer]) -> Response:
+        """Auth, body, a request slot, then `start` (checks, adapters held, queued) off the event loop; the answer
+        whole or streamed. Whatever happens, the request leaves the batch and lets go of its adapters."""
+        method = request.url.path  # the metrics' and request log's method: one of the routes
+        started, record = time.perf_counter(), RequestRecord(method)
+        denied = self._denied(request)
+        if denied is not None:
+            self._record(record, method, denied.status_code, started)
+            return denied
+        held = ExitStack()
+        try:
+            body = await self._body(request)
+            held.enter_context(self.core.requests.held())
+            gone = threading.Event()
+            prepared, queued, text = await anyio.to_thread.run_sync(start, body, lambda: not gone.is_set())
+        except ServeError as e:
+            held.close()
+            self._record(record, method, http_status(e), started)
+            return _error(http_status(e), e.message)
+        except BaseException:
+            held.close()
+            raise
+        held.callback(self.core.pool.release, prepared.lease)
+        held.callback(self.core.scheduler.cancel, queued)  # before the release: a client gone leaves the batch
+        held.callback(gone.set)
+        record.adapters, record.tokens_in = [a.ref for a in prepared.resolved], len(prepared.ids)
+        answer = answer_for(body, prepared)
+        chunks = self.core.events(queued, text)
+        if not answer.stream:
+            try:
+                await anyio.to_thread.run_sync(answer.take_all, chunks)
+            except ServeError as e:
+                self._record(record, method, http_status(e), started)
+                return _error(http_status(e), e.message)
+            finally:
+                held.close()
+            record.tokens_out = answer.tokens
+            self._record(record, method, 200, started)
+            return JSONResponse(answer.whole())
+        return StreamingResponse(self._stream(answer, chunks, held, record, method, started),
+                                 media_type="text/event-stream")
+
+    async def _stream(self, answer: _Answer, chunks: Iterator, held: ExitStack, record: RequestRecord, method: str,
+                      started: float) -> AsyncIterator[str]:
+        """SSE events (OpenAI's end with `[DONE]`); an error mid-stream is an error object. However the stream
+        ends (the client gone included), the request leaves the batch and lets go of its adapters."""
+        status = 499  # unless it gets to the end
+        try:
+            for event in answer.opening():
+                yield _sse(event)
+            while True:
+                event = await anyio.to_thread.run_sync(next, chunks, None, abandon_on_cancel=True)
+                if event is None:
+                    break
+                yield _sse(answer.chunk(*event))
+            for event in answer.closing():
+                yield _sse(event)
+            status = 200
+        except ServeError as e:
+            status = http_status(e)
+            yield _sse(error_body(status, e.message))
+        finally:
+            held.close()
+            record.tokens_out = answer.tokens
+            self._record(record, method, status, started)
+        if answer.done_line:
+            yield _DONE
+
+    async def _load(self, request: HttpRequest) -> Response:
+        """vLLM's `load_lora_adapter`: `lora_name` is a registry ref, loaded (not pinned) onto the device."""
+        return await self._admin(request, lambda ref: self.core.pool.load(ref, pin=False),
+                                 "Success: LoRA adapter '{}' added successfully.")
+
+    async def _unload(self, request: HttpRequest) -> Response:
+        """vLLM's `unload_lora_adapter`: `lora_name` leaves device and host memory (it stays in the registry)."""
+        return await self._admin(request, self.core.pool.unload,
+                                 "Success: LoRA adapter '{}' removed successfully.")
+
+    async def _admin(self, request: HttpRequest, act: Callable[[str], Any], done: str) -> Response:
+        method = request.url.path
+        started, record = time.perf_counter(), RequestRecord(method)
+        denied = self._denied(request, admin=True)
+        if denied is not None:
+            self._record(record, method, denied.status_code, started)
+            return denied
+        try:
+            body = await self._body(request)
+            name = _typed(body, "lora_name", str, "")
+            ok(bool(name), "`lora_name` is required: an adapter ref in the registry")
+            ok(not body.get("lora_path"), "`lora_path` is not served: push the folder into the registry "
+               "(`hub push`) and load it by its ref")
+            record.adapters = [name]
+            with self.core.admin.held():
+                await anyio.to_thread.run_sync(act, name)
+        except ServeError as e:
+            self._record(record, method, http_status(e), started)
+            return _error(http_status(e), e.message)
+        self._record(record, method, 200, started)
+        return PlainTextResponse(done.format(name))
+
+    async def _models(self, request: HttpRequest) -> Response:
+        denied = self._denied(request)
+        if denied is not None:
+            return denied
+        cards = await anyio.to_thread.run_sync(self._model_cards)
+        return JSONResponse({"object": "list", "data": cards})
+
+    def _model_cards(self) -> list[dict[str, Any]]:
+        """The base, then every adapter in the registry (named `name`, each version as `name@version`)."""
+        base = {"id": self.base_id, "object": "model", "created": self._created, "owned_by": "adapterhub",
+                "root": self.base_id, "parent": None, "max_model_len": self.core.limits.context_length,
+                "permission": []}
+        cards = [base]
+        for m in self.core.pool.registry.list():
+            cards.append({"id": m.ref, "object": "model", "created": self._created, "owned_by": "adapterhub",
+                          "root": m.ref, "parent": self.base_id, "permission": [], "name": m.name,
+                          "version": m.version, "technique": m.technique, "sha256": m.sha256})
+        return cards
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+class _Answer:
+    """One completion as the core's events build it; subclasses word it (whole, or as stream events)."""
+
+    stream = False
+    done_line = False  # OpenAI streams end with `data: [DONE]`
+
+    def __init__(self, prepared: Prepared) -> None:
+        self.prepared = prepared
+        self.text = ""
+        self.tokens = 0
+        self.reason: str | None = None
+
+    def take(self, tokens: list[int], piece: str, finished) -> None:
+        self.tokens += len(tokens)
+        self.text += piece
+        if finished is not None:
+            self.reason = "length" if finished.reason == "length" else "stop"
+
+    def take_all(self, events: Iterator) -> None:
+        for event in events:
+            self.take(*event)
+
+    def adapters(self) -> list[dict[str, Any]]:
+        return [asdict(a) for a in self.prepared.resolved]
+
+    def whole(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def opening(self) -> list[dict[str, Any]]:
+        return []
+
+    def chunk(self, tokens: list[int], piece: str, finished) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def closing(self) -> list[dict[str, Any]]:
+        return []
+
+
+class _OpenAIAnswer(_Answer):
+    """A completion or chat completion as OpenAI words it."""
+
+    done_line = True
+
+    def __init__(self, chat: bool, body: dict, prepared: Prepared) -> None:
+        super().__init__(prepared)
+        self.chat = chat
+        self.model = _typed(body, "model", str, "")
+        self.stream = bool(body.get("stream"))
+        self.usage = bool((_typed(body, "stream_options", dict, {}) or {}).get("include_usage"))
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+
+    def _envelope(self, choices: list) -> dict[str, Any]:
+        kind = "chat.completion" if self.chat else "text_completion"
+        return {"id": self.id, "object": kind + (".chunk" if self.stream and self.chat else ""),
+                "created": self.created, "model": self.model, "choices": choices}
+
+    def _choice(self, text: str, reason: str | None) -> dict[str, Any]:
+        if not self.chat:
+            return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+        key = "delta" if self.stream else "message"
+        return {"index": 0, key: {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
+
+    def _usage(self) -> dict[str, int]:
+        prompt = len(self.prepared.ids)
+        return {"prompt_tokens": prompt, "completion_tokens": self.tokens, "total_tokens": prompt + self.tokens}
+
+    def whole(self) -> dict[str, Any]:
+        out = self._envelope([self._choice(self.text, self.reason)])
+        out["usage"] = self._usage()
+        out["adapters"] = self.adapters()
+        return out
+
+    def opening(self) -> list[dict[str, Any]]:
+        """The first chunk: no text yet, the adapters as resolved."""
+        out = self._envelope([self._choice("", None)])
+        out["adapters"] = self.adapters()
+        return [out]
+
+    def chunk(self, tokens: list[int], piece: str, finished) -> dict[str, Any]:
+        self.take(tokens, piece, finished)
+        choice = self._choice(piece, self.reason)
+        if self.chat:
+            choice["delta"].pop("role")
+        return self._envelope([choice])
+
+    def closing(self) -> list[dict[str, Any]]:
+        """With stream_options.include_usage: a last chunk with no choices and the usage."""
+        if not self.usage:
+            return []
+        out = self._envelope([])
+        out["usage"] = self._usage()
+        return [out]
+
+
+class _LoraxAnswer(_Answer):
+    """A generation as LoRAX (and TGI) word it: `generated_text` and `details`; stream events per token."""
+
+    def __init__(self, prepared: Prepared, stream: bool, listed: bool) -> None:
+        super().__init__(prepared)
+        self.stream = stream
+        self.listed = listed
+
+    def _details(self) -> dict[str, Any]:
+        reason = "length" if self.reason == "length" else "eos_token"
+        return {"finish_reason": reason, "prompt_tokens": len(self.prepared.ids), "generated_tokens": self.tokens,
+                "seed": None, "prefill": [], "tokens": [], "adapters": self.adapters()}
+
+    def whole(self) -> dict[str, Any] | list[dict[str, Any]]:
+        out = {"generated_text": self.text, "details": self._details()}
+        return [out] if self.listed else out
+
+    def chunk(self, tokens: list[int], piece: str, finished) -> dict[str, Any]:
+        self.take(tokens, piece, finished)
+        last = finished is not None
+        # token logprobs are not computed: 0.0, since lorax-client requires a number there
+        return {"token": {"id": tokens[-1] if tokens else 0, "text": piece, "logprob": 0.0, "special": False},
+                "generated_text": self.text if last else None, "details": self._details() if last else None}

@@ -1,0 +1,305 @@
+"""The OpenAI-compatible HTTP API (runtime/http.py) on a real server, through the `openai` SDK and plain httpx,
+beside gRPC on the same engine."""
+from __future__ import annotations
+
+import json
+import threading
+
+import httpx2 as httpx  # the HTTP client the openai SDK itself uses
+import openai
+import pytest
+
+from server_support import *  # noqa: F401,F403
+from server_support import wait_until
+
+from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
+
+PROMPT = "Hello there"
+
+
+@pytest.fixture
+def http_server(start_server):
+    """(server, gRPC client, openai client, base url) with the HTTP API on a free port."""
+    server, client = start_server(http_port=0)
+    url = f"http://127.0.0.1:{server.http_port}/v1"
+    sdk = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+    yield server, client, sdk, url
+    sdk.close()
+
+
+def test_completion_matches_grpc_and_names_its_adapter(http_server):
+    server, client, sdk, _ = http_server
+    reply = sdk.completions.create(model="lora0", prompt=PROMPT, max_tokens=8, temperature=0)
+    grpc_reply = client.generate(PROMPT, adapters=["lora0"], max_new_tokens=8, temperature=0.0)
+    assert reply.choices[0].text == grpc_reply.text
+    assert reply.model == "lora0"
+    assert reply.usage.completion_tokens == len(grpc_reply.token_ids)
+    assert reply.usage.prompt_tokens == grpc_reply.usage.prompt_tokens
+    adapters = reply.model_extra["adapters"]
+    assert [(a["ref"], a["sha256"]) for a in adapters] == [(a.ref, a.sha256) for a in grpc_reply.adapters]
+    assert adapters[0]["ref"] == "lora0@1.0.0"
+    assert server.metrics.requests.labels(method="/v1/completions", code="200")._value.get() == 1
+
+
+def test_base_and_composed_adapters_through_extra_body(http_server):
+    server, client, sdk, _ = http_server
+    base = sdk.completions.create(model="base", prompt=PROMPT, max_tokens=6, temperature=0)
+    assert base.choices[0].text == client.generate(PROMPT, max_new_tokens=6, temperature=0.0).text
+    assert base.model_extra["adapters"] == []
+    stacked = sdk.completions.create(model="base", prompt=PROMPT, max_tokens=6, temperature=0, extra_body={
+        "adapters": [{"ref": "lora1", "weight": 1.0}, {"ref": "lora2", "weight": 3.0}], "mode": "average"})
+    expected = client.generate(PROMPT, adapters=["lora1", ("lora2", 3.0)], mode="average", max_new_tokens=6,
+                               temperature=0.0)
+    assert stacked.choices[0].text == expected.text
+    merged = sdk.completions.create(model="lora0", prompt=PROMPT, max_tokens=6, temperature=0, extra_body={
+        "adapters": [{"ref": "lora1"}], "mode": "merge", "merge": {"method": "cat"}})
+    assert [a["ref"] for a in merged.model_extra["adapters"]] == ["lora0@1.0.0", "lora1@1.0.0"]
+
+
+def test_chat_uses_the_chat_template(http_server):
+    server, client, sdk, _ = http_server
+    reply = sdk.chat.completions.create(model="lora3", messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                                        temperature=0)
+    expected = client.generate("hi", chat=True, adapters=["lora3"], max_new_tokens=6, temperature=0.0)
+    assert reply.choices[0].message.content == expected.text
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.usage.prompt_tokens == expected.usage.prompt_tokens
+
+
+def test_streaming_with_usage_ends_with_done(http_server):
+    server, client, sdk, url = http_server
+    whole = sdk.completions.create(model="lora0", prompt=PROMPT, max_tokens=10, temperature=0)
+    chunks = list(sdk.completions.create(model="lora0", prompt=PROMPT, max_tokens=10, temperature=0, stream=True,
+                                         stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    chat = list(sdk.chat.completions.create(model="lora0", messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=5, temperature=0, stream=True))
+    expected = client.generate("hi", chat=True, adapters=["lora0"], max_new_tokens=5, temperature=0.0)
+    assert "".join(c.choices[0].delta.content or "" for c in chat) == expected.text
+    with httpx.stream("POST", f"{url}/completions", json={"model": "base", "prompt": PROMPT, "max_tokens": 3,
+                                                           "stream": True}, timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+
+
+def test_models_lists_the_base_and_the_registry(http_server, served_base):
+    server, client, sdk, _ = http_server
+    models = {m.id: m for m in sdk.models.list()}
+    base = str(served_base)
+    assert models[base].model_extra["parent"] is None
+    for ref in ("lora0@1.0.0", "ia3@1.0.0", "prompt-tuning@1.0.0"):  # none of them loaded
+        assert models[ref].model_extra["parent"] == base
+    assert models["ia3@1.0.0"].model_extra["technique"] == "ia3"
+
+
+def test_errors_are_openai_error_objects(http_server):
+    server, client, sdk, url = http_server
+    with pytest.raises(openai.NotFoundError) as missing:
+        sdk.completions.create(model="nope", prompt=PROMPT, max_tokens=2)
+    assert "nope" in missing.value.message
+    with pytest.raises(openai.BadRequestError):
+        sdk.completions.create(model="lora0", prompt=PROMPT, max_tokens=2, temperature=-1)
+    cases = [({"model": "lora0", "prompt": PROMPT, "top_p": 0}, 400, "top_p"),
+             ({"model": "lora0", "prompt": PROMPT, "max_tokens": "x"}, 400, "max_tokens"),
+             ({"model": "foreign", "prompt": PROMPT}, 409, "another base model"),
+             ({"model": "lora0", "prompt": PROMPT, "mode": "sideways"}, 400, "composition mode")]
+    for body, status, words in cases:
+        r = httpx.post(f"{url}/completions", json=body, timeout=60)
+        assert r.status_code == status, (body, r.text)
+        error = r.json()["error"]
+        assert words in error["message"] and error["code"] == status
+    r = httpx.post(f"{url}/completions", content=b"{not json", timeout=60)
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    r = httpx.post(f"{url}/completions", content=b" " * (5 << 20), timeout=60)
+    assert r.status_code == 413
+    chunked = httpx.post(f"{url}/completions", content=iter([b" " * (1 << 20)] * 5), timeout=60)  # no length
+    assert chunked.status_code == 413 and "4194304 bytes" in chunked.json()["error"]["message"]
+
+
+def test_full_queue_is_429(start_server):
+    server, _ = start_server(http_port=0, max_queue=0)
+    r = httpx.post(f"http://127.0.0.1:{server.http_port}/v1/completions",
+                   json={"model": "base", "prompt": PROMPT, "max_tokens": 2}, timeout=60)
+    assert r.status_code == 429 and r.json()["error"]["type"] == "RateLimitError"
+
+
+def test_bearer_token_from_the_token_file(start_server, tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("s3cret user\n")
+    server, _ = start_server(http_port=0, auth_token_file=tokens, token="s3cret")
+    url = f"http://127.0.0.1:{server.http_port}/v1"
+    body = {"model": "base", "prompt": PROMPT, "max_tokens": 2}
+    assert httpx.post(f"{url}/completions", json=body, timeout=60).status_code == 401
+    wrong = httpx.post(f"{url}/completions", json=body, headers={"Authorization": "Bearer nope"}, timeout=60)
+    assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "AuthenticationError"
+    assert httpx.get(f"{url}/models", timeout=60).status_code == 401
+    with openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0) as sdk:
+        assert sdk.completions.create(model="base", prompt=PROMPT, max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_client_gone_mid_stream_frees_its_row(http_server):
+    server, client, sdk, url = http_server
+    body = {"model": "lora0", "prompt": PROMPT, "max_tokens": 1000, "stream": True, "temperature": 0}
+    with httpx.stream("POST", f"{url}/completions", json=body, timeout=60) as r:
+        texts = 0
+        for line in r.iter_lines():
+            if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["text"]:
+                texts += 1
+            if texts == 2:
+                break
+        assert server.scheduler.load() == (1, 0)  # still generating: 1000 tokens take many steps
+    wait_until(lambda: server.scheduler.load() == (0, 0), "the row of the client that left is freed")
+    assert server.metrics.generated_tokens.labels(adapter="lora0")._value.get() < 1000  # it left, not finished
+    wait_until(lambda: all(e.in_use == 0 for e in server.pool.entries()), "its adapter hold is released")
+
+
+def test_http_and_grpc_clients_together_get_what_they_get_alone(http_server):
+    server, client, sdk, _ = http_server
+    mixes = ["lora0", "lora1", "ia3", "bitfit"]
+    alone = {m: client.generate(PROMPT, adapters=[m], max_new_tokens=12, temperature=0.0).text for m in mixes}
+    results: dict[str, str] = {}
+
+    def over_http(m: str) -> None:
+        results["http:" + m] = sdk.completions.create(model=m, prompt=PROMPT, max_tokens=12,
+                                                      temperature=0).choices[0].text
+
+    def over_grpc(m: str) -> None:
+        results["grpc:" + m] = client.generate(PROMPT, adapters=[m], max_new_tokens=12, temperature=0.0).text
+
+    threads = [threading.Thread(target=f, args=(m,)) for m in mixes for f in (over_http, over_grpc)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {f"{kind}:{m}": alone[m] for m in mixes for kind in ("http", "grpc")}
+
+
+def test_lorax_generate_and_stream(http_server):
+    server, client, sdk, url = http_server
+    root = url.removesuffix("/v1")
+    body = {"inputs": PROMPT, "parameters": {"adapter_id": "lora2", "max_new_tokens": 7, "details": True}}
+    reply = httpx.post(f"{root}/generate", json=body, timeout=60).json()
+    expected = client.generate(PROMPT, adapters=["lora2"], max_new_tokens=7, temperature=0.0)  # greedy, as TGI
+    assert reply["generated_text"] == expected.text
+    assert reply["details"]["generated_tokens"] == len(expected.token_ids)
+    assert reply["details"]["adapters"][0]["ref"] == "lora2@1.0.0"
+    with httpx.stream("POST", f"{root}/generate_stream", json=body, timeout=60) as r:
+        events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
+    assert "".join(e["token"]["text"] for e in events) == expected.text
+    assert events[-1]["generated_text"] == expected.text and events[-1]["details"]["finish_reason"] == "length"
+    merged = {"inputs": PROMPT, "parameters": {"max_new_tokens": 5, "merged_adapters": {
+        "ids": ["lora0", "lora1"], "weights": [0.5, 0.5], "merge_strategy": "ties_svd", "density": 0.5}}}  # ranks 4 and 8: LoRAX's ties needs one rank
+    got = httpx.post(f"{root}/generate", json=merged, timeout=60)
+    assert got.status_code == 200, got.text
+
+    same = client.generate(PROMPT, adapters=[("lora0", 0.5), ("lora1", 0.5)], mode="merge", max_new_tokens=5,
+                           temperature=0.0, merge=pb.MergeOptions(method="ties_svd", density=0.5))
+    assert got.json()["generated_text"] == same.text
+    unknown = httpx.post(f"{root}/generate", json={"inputs": PROMPT, "parameters": {"adapter_id": "nope"}},
+                         timeout=60)
+    assert unknown.status_code == 404  # never silently the base model
+
+
+def test_vllm_load_and_unload(http_server):
+    server, client, sdk, url = http_server
+    r = httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "lora3"}, timeout=60)
+    assert r.status_code == 200 and "lora3" in r.text
+    assert {a.ref for a in client.list_adapters().adapters} == {"lora3@1.0.0"}
+    r = httpx.post(f"{url}/unload_lora_adapter", json={"lora_name": "lora3"}, timeout=60)
+    assert r.status_code == 200
+    assert all(a.tier == pb.TIER_DISK for a in client.list_adapters().adapters)  # off the device and host
+    assert httpx.post(f"{url}/unload_lora_adapter", json={"lora_name": "lora3"}, timeout=60).status_code == 404
+    assert httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "nope"}, timeout=60).status_code == 404
+    r = httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "x", "lora_path": "/tmp/x"}, timeout=60)
+    assert r.status_code == 400 and "hub push" in r.json()["error"]["message"]
+
+
+
+def test_lorax_client(http_server):
+    """`lorax-client` works by changing its URL (it declares huggingface-hub<1, so it is not a dev dependency)."""
+    lorax = pytest.importorskip("lorax")
+    server, client, sdk, url = http_server
+    lc = lorax.Client(url.removesuffix("/v1"), timeout=60)
+    expected = client.generate(PROMPT, adapters=["lora1"], max_new_tokens=6, temperature=0.0)
+    reply = lc.generate(PROMPT, adapter_id="lora1", max_new_tokens=6)
+    assert reply.generated_text == expected.text and reply.details.generated_tokens == len(expected.token_ids)
+    streamed = [r.token.text for r in lc.generate_stream(PROMPT, adapter_id="lora1", max_new_tokens=6)]
+    assert "".join(streamed) == expected.text
+    merged = lorax.MergedAdapters(ids=["lora1"], weights=[0.5], merge_strategy="linear", density=1.0,
+                                  majority_sign_method="total")  # the client sends both: linear uses neither
+    same = client.generate(PROMPT, adapters=[("lora1", 0.5)], mode="merge", max_new_tokens=6,
+                           temperature=0.0, merge=pb.MergeOptions(method="linear"))
+    assert lc.generate(PROMPT, merged_adapters=merged, max_new_tokens=6).generated_text == same.text
+
+
+def test_tls_and_admin_token(start_server, tmp_path):
+    """The HTTP API speaks TLS with the server's certificate, and load/unload need an admin token."""
+    from test_server_security import _self_signed
+
+    cert, key = _self_signed(tmp_path)
+    tokens = tmp_path / "tokens"
+    tokens.write_text("boss admin\nuser1 user\n")
+    server, _ = start_server(http_port=0, tls_cert=cert, tls_key=key, tls_ca=cert, token="boss",
+                             auth_token_file=tokens)
+    url = f"https://localhost:{server.http_port}/v1"
+    with openai.OpenAI(base_url=url, api_key="user1", max_retries=0,
+                       http_client=httpx.Client(verify=str(cert))) as sdk:
+        assert sdk.completions.create(model="base", prompt=PROMPT, max_tokens=2).usage.completion_tokens >= 1
+    load = {"lora_name": "lora0"}
+    user = httpx.post(f"{url}/load_lora_adapter", json=load, headers={"Authorization": "Bearer user1"},
+                      verify=str(cert), timeout=60)
+    assert user.status_code == 403
+    admin = httpx.post(f"{url}/load_lora_adapter", json=load, headers={"Authorization": "Bearer boss"},
+                       verify=str(cert), timeout=60)
+    assert admin.status_code == 200
+    with pytest.raises(httpx.HTTPError):  # plaintext HTTP cannot talk to the TLS port
+        httpx.get(f"http://localhost:{server.http_port}/v1/models", timeout=10).raise_for_status()
+
+
+def test_stop_lets_an_http_request_in_flight_finish(start_server):
+    """SIGTERM's graceful stop: a request already queued over HTTP still gets its whole answer."""
+    from server_support import frozen
+
+    server, client = start_server(http_port=0)
+    url = f"http://127.0.0.1:{server.http_port}/v1"
+    out: dict[str, httpx.Response] = {}
+    request = threading.Thread(target=lambda: out.setdefault("r", httpx.post(
+        f"{url}/completions", json={"model": "base", "prompt": PROMPT, "max_tokens": 5, "temperature": 0},
+        timeout=120)))
+    with frozen(server):
+        request.start()
+        wait_until(lambda: server.scheduler.load() == (0, 1), "the HTTP request is queued")
+        stopping = threading.Thread(target=server.stop, kwargs={"grace": 60})
+        stopping.start()
+    request.join()
+    stopping.join()
+    assert out["r"].status_code == 200 and out["r"].json()["usage"]["completion_tokens"] == 5
+
+
+def test_hub_serve_http_port_and_sigterm(served_base, registry):
+    """`hub serve --http-port 0` names its HTTP URL on the start line; SIGTERM lets an HTTP stream run to its end."""
+    import re
+    import signal
+
+    from test_server_process import ServeProcess
+
+    serve = ServeProcess("--base-model", str(served_base), "--registry", str(registry.root), "--http-port", "0",
+                         "--grace", "300")
+    try:
+        found = re.search(r"HTTP API on (http://127\.0\.0\.1:\d+/v1)", "".join(serve.lines))
+        assert found, serve.lines
+        body = {"model": "lora0", "prompt": PROMPT, "max_tokens": 300, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{found[1]}/completions", json=body, timeout=300) as r:
+            lines = r.iter_lines()
+            head = [next(lines), next(lines)]
+            serve.proc.send_signal(signal.SIGTERM)  # while the stream runs
+            events = [line for line in [*head, *lines] if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        chunks = [json.loads(e[6:]) for e in events[:-1]]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert serve.proc.wait(timeout=300) == 0
+        assert "Traceback" not in "".join(serve.lines)
+    finally:
+        serve.kill()
