@@ -22,6 +22,7 @@ demo: setup
 	$(BIN)/python examples/demo.py
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/hub base prepare
 	$(BIN)/python -m pytest -q
 

@@ -389,7 +389,7 @@ def test_a_remote_name_with_a_trailing_newline_is_refused(tmp_path):
 
 
 def test_a_hugging_face_snapshot_link_leading_outside_its_repo_is_refused(technique_adapters, tmp_path,
-                                                                          offline_hf_cache):
+                                                                          offline_hf_cache):  # noqa: F811  (the fixture imported above)
     """The cache links snapshot files to the repo's own blobs (followed); a link to anything else is refused."""
     from hub.errors import HubError
     from hub.remotes.hf import HFRemote

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from server_support import *  # noqa: F401,F403
-from server_support import DEVICE, frozen, served_model, wait_until
+from server_support import CONTEXT, DEVICE, frozen, served_model, wait_until
 
 from hub.artifact import read_adapter
 from hub.merge import merge
