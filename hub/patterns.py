@@ -270,7 +270,7 @@ def _fixed(key: str) -> tuple[str | None, ...] | None:
 
 
 def _key_matches(key: str, name: str) -> bool:
-    """`re.match(rf"(.*\.)?({key})$", name)`: by string comparison for a fixed key (the common case: thousands
+    r"""`re.match(rf"(.*\.)?({key})$", name)`: by string comparison for a fixed key (the common case: thousands
     of module-path keys times modules stay cheap), else by the compiled pattern."""
     fixed = _fixed(key)
     if fixed is None:

@@ -1,7 +1,7 @@
 """Fixtures and helpers for the server tests: a tiny Llama with a real (character-level) tokenizer,
 PEFT adapters made for it and pushed into a temp registry, and a real server on a free localhost port.
 
-Import the fixtures into a test module with `from server_support import *  # noqa: F401,F403`.
+The fixtures reach every test module through `pytest_plugins` in conftest.py; import the helpers by name.
 HUB_TEST_DEVICE=cuda runs these servers (and the peers they are compared with) on a GPU; default cpu.
 """
 from __future__ import annotations
@@ -16,16 +16,13 @@ from typing import Callable, Iterator
 import pytest
 import torch
 
-from conftest import save_bitfit_adapter, save_bottleneck_adapter, save_peft_adapter, tiny_llama
+from helpers import save_bitfit_adapter, save_bottleneck_adapter, save_peft_adapter, tiny_llama
 
 LORA_SCALE, BITFIT_SCALE = 0.06, 0.005
 CONTEXT = 4096  # long enough that a request can outlive others without a timing assumption
 DEVICE = os.environ.get("HUB_TEST_DEVICE", "cpu")  # where the served base (and each test's peer) runs
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
                  "{% if add_generation_prompt %}>{% endif %}")
-
-__all__ = ["served_base", "served_adapters", "registry", "start_server", "frozen", "wait_until", "served_model",
-           "char_tokenizer", "CONTEXT", "DEVICE", "ADAPTER_MIXES", "device_bytes"]
 
 # Requests' adapter arguments over every served technique and both composition modes, by name.
 ADAPTER_MIXES = {

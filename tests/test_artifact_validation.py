@@ -16,7 +16,6 @@ import grpc
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from server_support import *  # noqa: F401,F403  (fixtures)
 from server_support import served_model
 from test_remotes_hf import offline_hf_cache, populate_hf_cache  # noqa: F401  (offline_hf_cache: a fixture)
 

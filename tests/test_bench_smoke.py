@@ -24,7 +24,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from conftest import tiny_llama
+    from helpers import tiny_llama
 
     folder = tmp_path_factory.mktemp("bench-tiny")
     tiny_llama().save_pretrained(folder)

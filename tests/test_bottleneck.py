@@ -18,7 +18,7 @@ from hub.adapterhub_import import import_adapterhub
 from hub.artifact import ArtifactError, read_adapter
 from runtime.engine import Engine
 from runtime.plan import AdapterUse, PlanError, RowPlan
-from conftest import tiny_llama
+from helpers import tiny_llama
 
 FIXTURES = Path(__file__).parent / "fixtures" / "bottleneck"
 INDEX = json.loads((FIXTURES / "index.json").read_text())

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import save_bitfit_adapter, save_peft_adapter, tiny_llama
+from helpers import save_bitfit_adapter, save_peft_adapter, tiny_llama
 from peft import IA3Config, LoraConfig, PromptTuningConfig
 
 from hub.artifact import ArtifactError, read_adapter

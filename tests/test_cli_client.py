@@ -8,7 +8,6 @@ import socket
 import grpc
 import pytest
 
-from server_support import *  # noqa: F401,F403
 from server_support import served_model, wait_until
 
 from runtime.client import RuntimeClient

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from hub.cli import app
-from tests.conftest import tiny_llama
+from helpers import tiny_llama
 from tests.test_registry import TECHNIQUES, snapshot
 
 runner = CliRunner()

@@ -11,7 +11,7 @@ from torch import nn
 from runtime import cpu_linear
 from runtime.cpu_linear import OneDnnLinear, route_linears
 from runtime.engine import Engine
-from tests.conftest import tiny_llama
+from helpers import tiny_llama
 
 pytestmark = pytest.mark.skipif(not cpu_linear.available(), reason="this torch build has no oneDNN")
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, save_peft_adapter, tiny_llama
+from helpers import LLAMA_TARGETS, save_peft_adapter, tiny_llama
 from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig
 
 from hub.artifact import read_adapter

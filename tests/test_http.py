@@ -9,7 +9,6 @@ import httpx2 as httpx  # the HTTP client the openai SDK itself uses
 import openai
 import pytest
 
-from server_support import *  # noqa: F401,F403
 from server_support import wait_until
 
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb

@@ -18,10 +18,9 @@ from typing import Any, Iterator
 import grpc
 import pytest
 import torch
-from conftest import save_peft_adapter, tiny_llama
+from helpers import save_peft_adapter, tiny_llama
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
-from server_support import *  # noqa: F401,F403
 from server_support import frozen, wait_until
 
 from hub.artifact import read_adapter

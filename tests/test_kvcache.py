@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
+from helpers import tiny_llama
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from runtime.kvcache import HEADROOM, GrowingLayer, join_rows, keep_rows, move_rows, new_cache

@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
 
-from conftest import tiny_llama
+from helpers import tiny_llama
 from hub.artifact import Adapter, Technique, read_adapter
 from hub.merge import check_same_base, combine, lora_modules, merge
 from hub.merge_spec import MergeError, MergeSpec

@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig
 from typer.testing import CliRunner
 
-from conftest import save_peft_adapter, tiny_llama
+from helpers import save_peft_adapter, tiny_llama
 from hub.artifact import read_adapter
 from hub.cli import app
 from hub.merge import lora_modules, merge

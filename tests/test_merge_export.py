@@ -8,7 +8,7 @@ from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from conftest import LLAMA_TARGETS, save_bitfit_adapter, save_bottleneck_adapter, save_peft_adapter, tiny_llama
+from helpers import LLAMA_TARGETS, save_bitfit_adapter, save_bottleneck_adapter, save_peft_adapter, tiny_llama
 from hub.artifact import ArtifactError, read_adapter
 from hub.cli import app
 from hub.errors import HubError

@@ -8,7 +8,6 @@ import grpc
 import pytest
 import torch
 
-from server_support import *  # noqa: F401,F403
 from server_support import CONTEXT, DEVICE, frozen, served_model, wait_until
 
 from hub.artifact import read_adapter
@@ -211,7 +210,7 @@ def _second_adapter(technique: str, folder):
     """Another adapter of the technique, for the served tiny base (different weights)."""
     from peft import IA3Config, PromptTuningConfig
 
-    from conftest import save_bitfit_adapter, save_bottleneck_adapter, save_peft_adapter, tiny_llama
+    from helpers import save_bitfit_adapter, save_bottleneck_adapter, save_peft_adapter, tiny_llama
 
     base = tiny_llama(max_position_embeddings=CONTEXT)
     if technique == "ia3":
@@ -253,7 +252,7 @@ def test_cat_of_adapters_touching_different_modules(start_server, registry, serv
     """Modules only some parents touch get a smaller rank (rank_pattern/alpha_pattern): served as PEFT merges."""
     from peft import LoraConfig
 
-    from conftest import save_peft_adapter, tiny_llama
+    from helpers import save_peft_adapter, tiny_llama
 
     folder = save_peft_adapter(tiny_llama(max_position_embeddings=CONTEXT),
                                LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"]), tmp_path / "q", seed=31)

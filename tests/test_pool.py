@@ -6,7 +6,6 @@ import threading
 import pytest
 import torch
 
-from server_support import *  # noqa: F401,F403
 from server_support import device_bytes, served_model, wait_until
 
 from runtime.engine import Engine

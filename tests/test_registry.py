@@ -204,7 +204,7 @@ def test_bad_artifact_is_refused_and_registry_unchanged(damage, message, techniq
 
 
 def test_shapes_that_do_not_fit_the_base_are_refused(technique_adapters, hub_home, tmp_path):
-    from tests.conftest import tiny_llama
+    from helpers import tiny_llama
 
     wider = tmp_path / "wider-base"
     tiny_llama(hidden_size=96, num_attention_heads=4, num_key_value_heads=2).save_pretrained(wider)

@@ -11,7 +11,7 @@ import pytest
 from peft import LoraConfig
 
 from hub import basemodel
-from tests.conftest import save_peft_adapter, tiny_llama
+from helpers import save_peft_adapter, tiny_llama
 from tests.test_cli_registry import hub, one_line_error
 
 TINY = "tiny-base"

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 
-from server_support import *  # noqa: F401,F403
 from server_support import served_model, wait_until
 
 from hub.artifact import read_adapter

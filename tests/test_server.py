@@ -8,7 +8,6 @@ import grpc
 import pytest
 import torch
 
-from server_support import *  # noqa: F401,F403
 from server_support import ADAPTER_MIXES, CONTEXT, DEVICE, device_bytes, frozen, served_model, wait_until
 
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
@@ -244,7 +243,7 @@ def test_an_adapter_only_on_the_remote_is_pulled_checked_and_served(start_server
 
 
 def test_a_damaged_file_on_the_remote_is_data_loss_and_nothing_is_kept(start_server, registry, served_base, tmp_path):
-    from conftest import save_peft_adapter, tiny_llama
+    from helpers import save_peft_adapter, tiny_llama
     from peft import LoraConfig
 
     from hub.errors import NotFound

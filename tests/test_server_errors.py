@@ -6,7 +6,6 @@ import threading
 import grpc
 import pytest
 
-from server_support import *  # noqa: F401,F403
 from server_support import frozen, wait_until
 
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
@@ -147,7 +146,7 @@ def test_adapter_that_does_not_fit_is_failed_precondition(start_server, registry
     import json
     import shutil
 
-    from conftest import save_peft_adapter, tiny_llama
+    from helpers import save_peft_adapter, tiny_llama
     from peft import LoraConfig
 
     wide = save_peft_adapter(tiny_llama(hidden_size=32, num_attention_heads=2, num_key_value_heads=1),

@@ -15,7 +15,6 @@ import grpc
 import pytest
 import torch
 
-from server_support import *  # noqa: F401,F403
 
 from runtime.client import RuntimeClient
 
@@ -144,7 +143,7 @@ def test_default_base_model_serves_two_adapters_that_answer_differently(tmp_path
     """The real SmolLM2-135M behind `hub serve`: two LoRAs, same prompt, different answers; no adapter = the base."""
     from peft import LoraConfig
 
-    from conftest import save_peft_adapter
+    from helpers import save_peft_adapter
     from hub import basemodel
     from hub.registry import Registry
 

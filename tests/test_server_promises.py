@@ -9,7 +9,6 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server_support import *  # noqa: F401,F403
 from server_support import DEVICE, served_model, wait_until
 
 PROMPT = "Hello there, adapters!"

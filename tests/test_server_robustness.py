@@ -10,7 +10,6 @@ import urllib.request
 import grpc
 import pytest
 
-from server_support import *  # noqa: F401,F403
 from server_support import device_bytes, wait_until
 
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb

@@ -6,7 +6,6 @@ import subprocess
 import grpc
 import pytest
 
-from server_support import *  # noqa: F401,F403
 
 from runtime.auth import AuthConfigError, read_token_file
 from runtime.client import RuntimeClient

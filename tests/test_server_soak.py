@@ -19,7 +19,6 @@ import threading
 import grpc
 import pytest
 
-from server_support import *  # noqa: F401,F403
 from server_support import ADAPTER_MIXES, device_bytes, wait_until
 
 from hub.registry import Registry

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_llama
+from helpers import tiny_llama
 from hub.artifact import Technique, read_adapter
 from hub.train import (Chat, Example, TokenExample, TrainError, TrainSpec, encode_chat, read_jsonl, train_adapter,
                        write_jsonl)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import tiny_llama
+from helpers import tiny_llama
 from hub.cli import app
 from hub.registry import Registry
 from server_support import char_tokenizer

@@ -11,7 +11,7 @@ import pytest
 import torch
 from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig
 
-from conftest import save_peft_adapter, tiny_llama
+from helpers import save_peft_adapter, tiny_llama
 from hub.registry import Registry
 from hub.train import encode_chat, read_jsonl
 from test_train_cli import base, data, hub  # noqa: F401  (fixtures: a tiny base with a tokenizer, a JSONL file)
