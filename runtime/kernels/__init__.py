@@ -1,0 +1,80 @@
+"""The kernel seam: the four ops the techniques apply adapters with, reading each adapter in place from
+a slot buffer, dispatched to a backend by device.
+
+Every op takes "uses": parallel 1-D int64 tensors `rows` (index into the token rows of x/y: for decode one
+token per sequence, for prefill every token position flattened) and `slots` (index into the slot buffer,
+dim 0 of a/b/v), and where it scales, a float `scale` of the same length. A row may appear in several uses
+(stacked adapters); rows in no use are never read from a slot and come out bit for bit unchanged, whatever
+the unused slots hold (NaN, inf). Callers give uses sorted by (slot, row) where they can: a run of one slot
+is a segment a backend may run as one GEMM.
+
+- `lora_shrink(x [T, d_in], a [S, r, d_in], rows, slots) -> h [U, r]` float32: h[u] = a[slots[u]] @ x[rows[u]].
+- `lora_expand(y [T, d_out], h [U, r], b [S, d_out, r], rows, slots, scale)`, in place:
+  y[rows[u]] += scale[u] * (b[slots[u]] @ h[u]), summed over u.
+- `gather_add(y [T, d], v [S, d], rows, slots, scale)`, in place: y[rows[u]] += scale[u] * v[slots[u]].
+- `gather_mul(y [T, d], v [S, d], rows, slots)`, in place: y[rows[u]] *= v[slots[u]] (a row in several uses
+  takes the product).
+
+x/y and the slot buffers may be float32, bfloat16 or float16, independently (a half-precision model with
+float32 slots is fine); products accumulate in float32 and round once into y's dtype. Mixed ranks go in
+separate calls (one slot buffer per rank class). Semantics: `reference.py`; design: docs/engine.md.
+"""
+from __future__ import annotations
+
+import torch
+
+from runtime.kernels import reference
+
+
+def _check(y: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+    """One clear error for malformed uses (the backends index with them)."""
+    if y.dim() != 2:
+        raise ValueError(f"kernels: expected a 2-D [tokens, features] tensor, got shape {tuple(y.shape)}")
+    if rows.dim() != 1 or rows.shape != slots.shape or (scale is not None and scale.shape != rows.shape):
+        got = [tuple(t.shape) for t in (rows, slots, scale) if t is not None]
+        raise ValueError(f"kernels: rows, slots (and scale) must be 1-D of one length, got {got}")
+    if rows.dtype != torch.int64 or slots.dtype != torch.int64:
+        raise ValueError(f"kernels: rows and slots must be int64, got {rows.dtype} and {slots.dtype}")
+
+
+def lora_shrink(x: torch.Tensor, a: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """h[u] = a[slots[u]] @ x[rows[u]] as float32 [U, r]."""
+    _check(x, rows, slots)
+    if a.dim() != 3 or a.shape[2] != x.shape[1]:
+        raise ValueError(f"kernels: a must be [slots, r, {x.shape[1]}], got {tuple(a.shape)}")
+    return reference.lora_shrink(x, a, rows, slots)
+
+
+def lora_expand(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
+                scale: torch.Tensor) -> None:
+    """y[rows[u]] += scale[u] * (b[slots[u]] @ h[u]), in place."""
+    _check(y, rows, slots, scale)
+    if b.dim() != 3 or b.shape[1] != y.shape[1] or h.shape != (rows.shape[0], b.shape[2]):
+        raise ValueError(f"kernels: expected h [{rows.shape[0]}, r] and b [slots, {y.shape[1]}, r], "
+                         f"got {tuple(h.shape)} and {tuple(b.shape)}")
+    reference.lora_expand(y, h, b, rows, slots, scale)
+
+
+def gather_add(y: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
+               scale: torch.Tensor) -> None:
+    """y[rows[u]] += scale[u] * v[slots[u]], in place."""
+    _check(y, rows, slots, scale)
+    _check_vectors(y, v)
+    reference.gather_add(y, v, rows, slots, scale)
+
+
+def gather_mul(y: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> None:
+    """y[rows[u]] *= v[slots[u]], in place."""
+    _check(y, rows, slots)
+    _check_vectors(y, v)
+    reference.gather_mul(y, v, rows, slots)
+
+
+def _check_vectors(y: torch.Tensor, v: torch.Tensor) -> None:
+    if v.dim() != 2 or v.shape[1] != y.shape[1]:
+        raise ValueError(f"kernels: v must be [slots, {y.shape[1]}], got {tuple(v.shape)}")
+
+
+def backend_name(device: torch.device | str) -> str:
+    """The backend the ops take for tensors on `device` (for logs and metrics)."""
+    return "reference"

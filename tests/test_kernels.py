@@ -1,0 +1,194 @@
+"""The kernel seam (runtime/kernels): every backend against a per-use loop in float64, isolation of rows
+and slots outside the uses, and the refusals.
+
+Tolerances (relative to the largest magnitude in the result): float32 1e-5; float16 2e-3 and bfloat16 2e-2,
+about four roundings of their 11- and 8-bit mantissas (inputs are rounded to the dtype before the oracle
+sees them, so only the products' and the sums' roundings count).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runtime import kernels
+from runtime.kernels import reference
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def backends() -> dict[str, object]:
+    """Every backend this machine has: the reference always."""
+    return {"reference": reference}
+
+
+@pytest.fixture(params=sorted(backends()))
+def backend(request):
+    return backends()[request.param]
+
+
+# --- the oracle: one use at a time, in float64 ---
+
+def oracle_shrink(x, a, rows, slots):
+    h = torch.zeros(rows.shape[0], a.shape[1], dtype=torch.float64)
+    for u, (row, slot) in enumerate(zip(rows.tolist(), slots.tolist())):
+        h[u] = a[slot].double() @ x[row].double()
+    return h
+
+
+def oracle_expand(y, h, b, rows, slots, scale):
+    out = y.double()
+    for u, (row, slot) in enumerate(zip(rows.tolist(), slots.tolist())):
+        out[row] += scale[u].double() * (b[slot].double() @ h[u].double())
+    return out
+
+
+def oracle_add(y, v, rows, slots, scale):
+    out = y.double()
+    for u, (row, slot) in enumerate(zip(rows.tolist(), slots.tolist())):
+        out[row] += scale[u].double() * v[slot].double()
+    return out
+
+
+def oracle_mul(y, v, rows, slots):
+    out = y.double()
+    for row, slot in zip(rows.tolist(), slots.tolist()):
+        out[row] *= v[slot].double()
+    return out
+
+
+def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    tol = TOL[dtype]
+    atol = tol * max(1.0, want.abs().max().item()) if want.numel() else 0.0
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=atol)
+
+
+def uses(g: torch.Generator, tokens: int, n_slots: int, n_uses: int, order: str):
+    """Random uses: rows repeat (stacks), slots sorted by (slot, row) ("runs") or as drawn ("scattered")."""
+    rows = torch.randint(0, tokens, (n_uses,), generator=g)
+    slots = torch.randint(0, n_slots, (n_uses,), generator=g)
+    if order == "runs":
+        perm = torch.argsort(slots * tokens + rows, stable=True)
+        rows, slots = rows[perm], slots[perm]
+    scale = torch.rand(n_uses, generator=g) * 4 - 2
+    return rows, slots, scale
+
+
+# (tokens, d_in, d_out, r, slots, uses): decode, stacked rows, rank 1 and 256, no uses, prefill-shaped runs,
+# a width that is no multiple of a vector, one token
+SHAPES = [(8, 64, 48, 8, 5, 8), (6, 40, 72, 4, 3, 15), (5, 24, 16, 1, 2, 9), (4, 32, 24, 256, 3, 6),
+          (7, 16, 16, 8, 4, 0), (200, 64, 96, 16, 3, 260), (6, 1100, 1030, 4, 3, 10), (1, 8, 8, 2, 1, 1)]
+DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+          (torch.bfloat16, torch.float32)]  # (activations, slots): a half model may keep float32 slots
+
+
+def case(seed, shape, order, act, wt):
+    tokens, d_in, d_out, r, n_slots, n_uses = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, d_in, generator=g).to(act)
+    y = torch.randn(tokens, d_out, generator=g).to(act)
+    a = (torch.randn(n_slots, r, d_in, generator=g) / d_in ** 0.5).to(wt)
+    b = (torch.randn(n_slots, d_out, r, generator=g) / r ** 0.5).to(wt)
+    v = (torch.rand(n_slots, d_out, generator=g) + 0.5).to(wt)
+    return x, y, a, b, v, *uses(g, tokens, n_slots, n_uses, order)
+
+
+@pytest.mark.parametrize("order", ["runs", "scattered"])
+@pytest.mark.parametrize("act,wt", DTYPES, ids=lambda t: str(t).removeprefix("torch."))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_ops_equal_a_per_use_loop(backend, shape, act, wt, order):
+    x, y, a, b, v, rows, slots, scale = case(hash(shape) % 1000, shape, order, act, wt)
+    h = backend.lora_shrink(x, a, rows, slots)
+    assert h.dtype == torch.float32 and h.shape == (rows.shape[0], a.shape[1])
+    close(h, oracle_shrink(x, a, rows, slots), act if wt == act else torch.float32)
+    for op, want in [(lambda t: backend.lora_expand(t, h, b, rows, slots, scale),
+                      oracle_expand(y, h, b, rows, slots, scale)),
+                     (lambda t: backend.gather_add(t, v, rows, slots, scale), oracle_add(y, v, rows, slots, scale)),
+                     (lambda t: backend.gather_mul(t, v, rows, slots), oracle_mul(y, v, rows, slots))]:
+        out = y.clone()
+        assert op(out) is None
+        assert out.dtype == act
+        close(out, want, act)
+
+
+def test_reference_by_runs_equals_gathered(monkeypatch):
+    """Past GATHER_ELEMENTS the reference goes by runs of one slot; both ways give the per-use results."""
+    x, y, a, b, _, rows, slots, scale = case(3, (30, 32, 40, 8, 4, 50), "runs", torch.float32, torch.float32)
+    gathered = reference.lora_shrink(x, a, rows, slots)
+    monkeypatch.setattr(reference, "GATHER_ELEMENTS", 0)
+    by_runs = reference.lora_shrink(x, a, rows, slots)
+    close(by_runs, oracle_shrink(x, a, rows, slots), torch.float32)
+    close(gathered, oracle_shrink(x, a, rows, slots), torch.float32)
+    out = y.clone()
+    reference.lora_expand(out, by_runs, b, rows, slots, scale)
+    close(out, oracle_expand(y, by_runs, b, rows, slots, scale), torch.float32)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits, so that NaN compares equal to itself."""
+    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+@pytest.mark.parametrize("act,wt", DTYPES, ids=lambda t: str(t).removeprefix("torch."))
+def test_unused_slots_and_rows_stay_out(backend, act, wt):
+    """NaN and inf in slots no use names reach no row; rows in no use keep their bits (NaN included)."""
+    x, y, a, b, v, _, _, _ = case(5, (12, 48, 40, 8, 6, 0), "runs", act, wt)
+    rows = torch.tensor([0, 3, 3, 7, 9])
+    slots = torch.tensor([1, 1, 4, 4, 4])
+    scale = torch.tensor([1.0, 0.5, 2.0, 1.0, -1.0])
+    for buf in (a, b, v):
+        for bad in (0, 2, 3, 5):
+            buf[bad].fill_(float("nan") if bad % 2 else float("inf"))
+    unused = [i for i in range(12) if i not in rows.tolist()]
+    y[unused[0], 0], y[unused[1], 1] = float("nan"), float("inf")
+    h = backend.lora_shrink(x, a, rows, slots)
+    assert torch.isfinite(h).all()
+    for op in (lambda t: backend.lora_expand(t, h, b, rows, slots, scale),
+               lambda t: backend.gather_add(t, v, rows, slots, scale),
+               lambda t: backend.gather_mul(t, v, rows, slots)):
+        out = y.clone()
+        op(out)
+        assert torch.isfinite(out[rows]).all()
+        assert torch.equal(bits(out[unused]), bits(y[unused]))
+
+
+def strided(t: torch.Tensor, how: str) -> torch.Tensor:
+    """The same values laid out differently: a column slice of a wider tensor, every other element, or the
+    transpose of the last two dims' storage."""
+    if how == "slice":
+        wide = torch.zeros(*t.shape[:-1], t.shape[-1] + 7, dtype=t.dtype)
+        wide[..., 3:3 + t.shape[-1]] = t
+        return wide[..., 3:3 + t.shape[-1]]
+    if how == "every-other":
+        wide = torch.zeros(*t.shape[:-1], t.shape[-1] * 2, dtype=t.dtype)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+@pytest.mark.parametrize("how", ["slice", "every-other", "transposed"])
+def test_non_contiguous_inputs_are_handled(backend, how):
+    x, y, a, b, v, rows, slots, scale = case(9, (10, 36, 28, 8, 4, 14), "scattered", torch.float32, torch.float32)
+    h = backend.lora_shrink(strided(x, how), strided(a, how), rows, slots)
+    close(h, oracle_shrink(x, a, rows, slots), torch.float32)
+    for op, want in [(lambda t: backend.lora_expand(t, strided(h, how), strided(b, how), rows, slots, scale),
+                      oracle_expand(y, h, b, rows, slots, scale)),
+                     (lambda t: backend.gather_add(t, strided(v, how), rows, slots, scale),
+                      oracle_add(y, v, rows, slots, scale)),
+                     (lambda t: backend.gather_mul(t, strided(v, how), rows, slots), oracle_mul(y, v, rows, slots))]:
+        out = strided(y.clone(), how)
+        op(out)
+        close(out, want, torch.float32)
+
+
+def test_malformed_uses_are_refused_with_one_line():
+    x, y, a, b, v, rows, slots, scale = case(2, (6, 16, 12, 4, 3, 5), "runs", torch.float32, torch.float32)
+    bad = [(lambda: kernels.lora_shrink(x, a[:, :, :8], rows, slots), "a must be"),
+           (lambda: kernels.lora_shrink(x, a, rows, slots[:3]), "one length"),
+           (lambda: kernels.lora_shrink(x, a, rows.int(), slots), "int64"),
+           (lambda: kernels.lora_expand(y, torch.zeros(5, 3), b, rows, slots, scale), "expected h"),
+           (lambda: kernels.gather_add(y, v[:, :4], rows, slots, scale), "v must be"),
+           (lambda: kernels.gather_mul(y[0], v, rows, slots), "2-D")]
+    for call, words in bad:
+        with pytest.raises(ValueError, match=words) as info:
+            call()
+        assert "\n" not in str(info.value)
