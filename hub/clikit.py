@@ -74,3 +74,15 @@ def finite(value: float | None) -> float | None:
     if value is not None and not math.isfinite(value):
         raise typer.BadParameter(f"{value} is not a finite number")
     return value
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Print one clear line and exit non-zero."""
+    typer.echo(f"error: {one_line(message)}", err=True)
+    raise typer.Exit(code)
+
+
+def printable(text: str) -> str:
+    """Text from a manifest (which may come from anyone's remote) with control and format characters escaped
+    (`\\x1b`, `\\u202e`), so no escape sequence in a description or base model id reaches the terminal."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)

@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 import typer
 
 from hub import basemodel
-from hub.clikit import REF_ARG, finite
+from hub.clikit import REF_ARG, fail, finite
 from runtime.requestlog import LogFormat
 
 SERVER_OPT = typer.Option("127.0.0.1:50051", "--server", envvar="HUB_SERVER", show_envvar=True,
@@ -31,17 +31,11 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g"
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
 
 
-def _fail(message: str) -> None:
-    from hub.cli import fail
-
-    fail(message)
-
-
 def parse_bytes(option: str, text: str) -> int:
     """`1073741824`, `512MiB`, `1GB`... -> bytes; one error line naming the option otherwise."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
     if not m or m.group(2).lower() not in _UNITS:
-        _fail(f"{option}: {text!r} is not a size (e.g. 1073741824, 512MiB, 1GB)")
+        fail(f"{option}: {text!r} is not a size (e.g. 1073741824, 512MiB, 1GB)")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
@@ -84,7 +78,7 @@ def _rpc_errors() -> Iterator[None]:
     try:
         yield
     except (RequestFailed, OSError, ValueError) as e:  # OSError/ValueError: e.g. an unreadable token file
-        _fail(str(e))
+        fail(str(e))
 
 
 def _numbers(descriptor, data: dict) -> dict:
@@ -179,9 +173,9 @@ def serve(
     try:
         code = run(config, ready=ready)
     except ServeError as e:
-        _fail(f"{grpc_code(e).name}: {e.message}")
+        fail(f"{grpc_code(e).name}: {e.message}")
     except (ServerConfigError, basemodel.BaseModelError, HubError) as e:
-        _fail(str(e))
+        fail(str(e))
     raise typer.Exit(code)
 
 
@@ -210,15 +204,15 @@ def parse_merge_options(text: str):
 def _mode_kwargs(mode: str, merge: str | None) -> dict:
     """--mode / --merge TEXT -> the client's mode (and merge options); one clear error for bad input."""
     if mode not in ("stack", "average"):
-        _fail(f"--mode must be stack or average, got {mode!r}")
+        fail(f"--mode must be stack or average, got {mode!r}")
     if merge is None:
         return {"mode": mode}
     if mode != "stack":
-        _fail("--merge replaces --mode: give one of them")
+        fail("--merge replaces --mode: give one of them")
     try:
         return {"mode": "merge", "merge": parse_merge_options(merge)}
     except ValueError as e:
-        _fail(str(e))
+        fail(str(e))
 
 
 def generate(

@@ -1,0 +1,399 @@
+"""The registry commands of `hub` (push, pull, list, show, tags, verify, gc, export, base, remote).
+
+The entry module `hub.cli` mounts them beside the merge, train, eval and runtime groups."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+
+from hub import basemodel
+from hub.artifact import ArtifactError
+from hub.clikit import REF_ARG, fail, printable
+from hub.errors import HubError
+from hub.manifest import Manifest, parse_ref
+from hub.registry import Registry, open_registry
+from hub.remotes import Remote, Remotes
+
+app = typer.Typer()
+base_app = typer.Typer(no_args_is_help=True, help="The base models the hub serves adapters on.")
+app.add_typer(base_app, name="base")
+remote_app = typer.Typer(no_args_is_help=True, help="Named remotes: directory registries and hf://org/repo.")
+app.add_typer(remote_app, name="remote")
+
+
+@base_app.command("prepare")
+def base_prepare(name: str = typer.Argument(basemodel.DEFAULT_BASE_MODEL, help="Embedded base model name.")) -> None:
+    """Convert an embedded base model into a cached HF folder (once) and print its path."""
+    if name not in basemodel.EMBEDDED:
+        fail(f"unknown embedded base model {name!r}; known: {', '.join(basemodel.EMBEDDED)}")
+    try:
+        typer.echo(basemodel.prepare_embedded(name))
+    except basemodel.BaseModelError as e:
+        fail(str(e))
+
+
+@base_app.command("generate")
+def base_generate(
+    prompt: str = typer.Argument(..., help="The user message."),
+    base_model: str = typer.Option(basemodel.DEFAULT_BASE_MODEL, "--base-model",
+                                   help="Embedded name, folder or HF id."),
+    max_new_tokens: int = typer.Option(48, "--max-new-tokens", min=1, help="Most tokens to generate."),
+) -> None:
+    """Greedy chat reply from the base model alone, in-process (no server, no adapters)."""
+    try:
+        model, tokenizer = basemodel.load(base_model)
+    except basemodel.BaseModelError as e:
+        fail(str(e))
+    typer.echo(basemodel.chat_reply(model, tokenizer, prompt, max_new_tokens=max_new_tokens))
+
+
+
+# ---------------------------------------------------------------- registry commands
+
+REGISTRY_OPT = typer.Option(None, "--registry", help="Registry folder (default: $HUB_HOME).")
+
+
+@contextmanager
+def _clear_errors() -> Iterator[None]:
+    """Turn every expected failure into one line and a non-zero exit."""
+    try:
+        yield
+    except BrokenPipeError:  # e.g. `hub show X | head`: the reader left, which is no error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(0) from None
+    except (HubError, ArtifactError, OSError) as e:
+        fail(str(e))
+
+
+@contextmanager
+def _progress(description: str, total: int | None) -> Iterator:
+    """A byte progress bar on stderr; yields the callback the registry advances."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    console = Console(stderr=True)
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) if folder.is_dir() else 0
+
+
+def _remote(registry: Registry, spec: str | None) -> Remote:
+    remotes = Remotes(registry.root)
+    if spec is None:
+        configured = remotes.all()
+        if len(configured) != 1 and "origin" not in configured:
+            raise HubError(f"name a remote with --from (configured: {', '.join(configured) or 'none'})")
+        spec = "origin" if "origin" in configured else next(iter(configured))
+    return remotes.open(spec)
+
+
+def _publish(reg: Registry, manifest: Manifest, remote: Remote) -> str:
+    """Send one registry version (and the tags that point at it) to a remote; returns the line that says so."""
+    with _progress(f"push {manifest.ref} -> {remote.url}", manifest.size) as advance:
+        where = remote.publish(manifest, reg, advance)
+    tags = reg.version_tags(manifest)
+    return f"pushed {manifest.ref} to {where}" + (f" with tags: {', '.join(tags)}" if tags else "")
+
+
+@app.command()
+def push(
+    path: str = typer.Argument(..., help="Adapter folder (PEFT format, ours, or an AdapterHub `adapters` folder); "
+                                         "or, with --to and no --name/--version, a version already in the registry."),
+    name: str | None = typer.Option(None, "--name", help="Adapter name, optionally org/name."),
+    version: str | None = typer.Option(None, "--version", help="Semantic version, e.g. 1.2.0."),
+    base_model: str | None = typer.Option(None, "--base-model", help="Base model to check against and record."),
+    to: str | None = typer.Option(None, "--to", help="Also push to this remote (name, path, file:// or hf://)."),
+    description: str = typer.Option("", "--description", help="One line for `hub show` and `hub list --json`."),
+    tags: str = typer.Option("", "--tags", help="Comma-separated descriptive tags for the manifest."),
+    license: str | None = typer.Option(None, "--license", help="SPDX id, e.g. apache-2.0 (default: none)."),
+    in_place: bool = typer.Option(False, "--in-place", help="Record a folder inside the registry by relative path."),
+    registry: Path | None = REGISTRY_OPT,
+) -> None:
+    """Validate an adapter folder and add it to the registry as NAME@VERSION; or publish a registry version."""
+    with _clear_errors():
+        reg = Registry(registry)
+        remote = _remote(reg, to) if to is not None else None  # a bad remote fails before any work
+        if name is None and version is None:
+            if Path(path).is_dir():
+                raise HubError(f"give --name and --version to push the folder {path}")
+            if remote is None:
+                raise HubError(f"{path} is no folder; to publish a registry version give --to REMOTE")
+            if base_model or description or tags or license or in_place:
+                raise HubError("--base-model, --description, --tags, --license and --in-place apply to folders: "
+                               "a registry version is published as it is")
+            typer.echo(_publish(reg, reg.resolve(path), remote))
+            return
+        if name is None or version is None:
+            raise HubError("give both --name and --version to push a folder")
+        existed = reg.index().get(name, version) is not None
+        with _progress(f"push {name}@{version}", _folder_size(Path(path))) as advance:
+            manifest = reg.push(
+                path, name, version, base_model=base_model, description=description,
+                tags=[t.strip() for t in tags.split(",") if t.strip()], license=license, in_place=in_place,
+                progress=advance,
+            )
+        note = "" if manifest.base_model.fingerprint else (
+            " (no base model named: fit not checked)" if manifest.base_model.id is None
+            else " (base model not at hand: fit not checked)")
+        published = None
+        if remote is not None:
+            try:
+                published = _publish(reg, manifest, remote)
+            except BaseException:
+                if not existed:  # the command failed: leave the local registry as it was too
+                    reg.discard(manifest)
+                raise
+        verb = "unchanged" if existed else "pushed"  # the same files and metadata again: nothing to do
+        typer.echo(f"{verb} {manifest.ref} {manifest.technique} sha256:{manifest.sha256[:12]}{note}")
+        if published:
+            typer.echo(published)
+
+
+@app.command()
+def pull(
+    ref: str = REF_ARG,
+    source: str | None = typer.Option(None, "--from", help="Remote name, path, file:// or hf://org/repo."),
+    revision: str | None = typer.Option(None, "--revision", help="HF remotes: the git revision to download."),
+    registry: Path | None = REGISTRY_OPT,
+) -> None:
+    """Copy a version from a remote into the registry, verifying every file's sha256.
+
+    Pulling `name@tag` also points the local tag at the pulled version (moving it if it exists), so
+    the same ref resolves here as it did on the remote.
+    """
+    with _clear_errors():
+        reg = Registry(registry)
+        remote = _remote(reg, source)
+        name, _, tag = parse_ref(ref)
+        index = reg.index()
+        before = _blob_ids(reg, [index.get(name, v) for v in index.versions(name)])
+        with _progress(f"pull {ref} <- {remote.url}", None) as advance:
+            manifest = remote.fetch(ref, reg, advance, revision=revision)
+        typer.echo(f"pulled {manifest.ref} {manifest.technique} sha256:{manifest.sha256[:12]}")
+        after = _blob_ids(reg, [manifest])
+        replaced = sum(before[d] != after[d] for d in after if d in before)
+        if replaced:
+            _say_repaired(manifest, remote, replaced)
+        if tag is not None:
+            reg.tag(manifest.ref, tag)
+            typer.echo(f"tagged {manifest.name}@{tag} -> {manifest.version}")
+
+
+def _blob_ids(reg: Registry, manifests: list[Manifest]) -> dict[str, tuple[int, int] | None]:
+    """Digest -> (inode, mtime) of each stored blob of these versions (None: missing). The store replaces a
+    damaged or missing blob by renaming a new file over it and leaves an intact one alone, so a blob whose
+    identity changed across a pull was repaired by it."""
+    ids: dict[str, tuple[int, int] | None] = {}
+    for m in manifests:
+        for info in m.files.values() if m.path is None else ():
+            try:
+                st = reg.store.path(info["sha256"]).stat()
+                ids[info["sha256"]] = (st.st_ino, st.st_mtime_ns)
+            except FileNotFoundError:
+                ids[info["sha256"]] = None
+    return ids
+
+
+def _say_repaired(manifest: Manifest, remote: Remote, files: int) -> None:
+    typer.echo(f"repaired {manifest.ref} from {remote.url} ({files} file{'s' if files != 1 else ''})")
+
+
+def _row(m: Manifest, tags: dict[str, str]) -> list[str]:
+    labels = ",".join(t for t, v in sorted(tags.items()) if v == m.version)
+    cells = [m.ref, m.technique, m.base_model.id or "-", f"{m.params:,}", labels or "-", m.created]
+    return [printable(c) for c in cells]
+
+
+@app.command("list")
+def list_(
+    base_model: str | None = typer.Option(None, "--base-model", help="Only versions pushed for this base model."),
+    technique: str | None = typer.Option(None, "--technique", help="Only this technique (lora, ia3, ...)."),
+    name: str | None = typer.Option(None, "--name", help="Only adapters whose name starts with this."),
+    tag: str | None = typer.Option(None, "--tag", help="Only versions a tag points at, or with this descriptive tag."),
+    limit: int | None = typer.Option(None, "--limit", help="At most this many versions."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifests as JSON."),
+    registry: Path | None = REGISTRY_OPT,
+) -> None:
+    """List every version (optionally filtered), in name and version order."""
+    _print_versions(registry, as_json, base_model=base_model, technique=technique, name=name, tag=tag, limit=limit)
+
+
+@app.command()
+def search(
+    text: str = typer.Argument(..., metavar="TEXT", help="Text to look for, in any case."),
+    limit: int | None = typer.Option(None, "--limit", help="At most this many versions."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifests as JSON."),
+    registry: Path | None = REGISTRY_OPT,
+) -> None:
+    """List the versions whose name, description or a descriptive tag contains TEXT (any case)."""
+    _print_versions(registry, as_json, text=text, limit=limit)
+
+
+def _print_versions(registry: Path | None, as_json: bool, **filters) -> None:
+    """`hub list` and `hub search`: the versions `Registry.list(**filters)` returns, as a table or JSON."""
+    with _clear_errors():
+        reg = open_registry(registry)
+        manifests = reg.list(**filters)
+        if as_json:
+            typer.echo(json.dumps([m.to_dict() for m in manifests], indent=1))
+            return
+        rows = [["REF", "TECHNIQUE", "BASE MODEL", "PARAMS", "TAGS", "CREATED"]]
+        rows += [_row(m, reg.tags(m.name)) for m in manifests]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+@app.command()
+def show(
+    ref: str = REF_ARG, as_json: bool = typer.Option(False, "--json", help="Print it as JSON."),
+    registry: Path | None = REGISTRY_OPT,
+) -> None:
+    """Print one version's manifest."""
+    with _clear_errors():
+        reg = open_registry(registry)
+        manifest = reg.resolve(ref)
+        data = manifest.to_dict()
+        data["ref_tags"] = reg.version_tags(manifest)
+        if as_json:
+            typer.echo(json.dumps(data, indent=1))
+            return
+        for key, value in data.items():
+            shown = printable(value) if isinstance(value, str) else json.dumps(value, default=str)  # JSON escapes
+            typer.echo(f"{key}: {shown}")
+
+
+@app.command()
+def tag(ref: str = REF_ARG, tag_name: str = typer.Argument(..., metavar="TAG", help="Tag name, e.g. stable."),
+        registry: Path | None = REGISTRY_OPT) -> None:
+    """Point NAME@TAG at the version REF resolves to."""
+    with _clear_errors():
+        manifest = open_registry(registry).tag(ref, tag_name)
+        typer.echo(f"{manifest.name}@{tag_name} -> {manifest.version}")
+
+
+@app.command()
+def untag(ref: str = typer.Argument(..., metavar="NAME@TAG", help="The tag to delete, e.g. team/bot@stable."),
+          registry: Path | None = REGISTRY_OPT) -> None:
+    """Delete a tag; the version it points at stays."""
+    with _clear_errors():
+        manifest = open_registry(registry).untag(ref)
+        typer.echo(f"deleted tag {ref} (was {manifest.version})")
+
+
+@app.command()
+def rm(ref: str = typer.Argument(..., metavar="NAME@VERSION", help="The version to remove, e.g. team/bot@1.2.0."),
+       registry: Path | None = REGISTRY_OPT) -> None:
+    """Remove one version and the tags that point at it; `hub gc` then frees its blobs."""
+    with _clear_errors():
+        manifest, tags = open_registry(registry).remove(ref)
+        typer.echo(f"removed {manifest.ref}" + (f" and its tags: {', '.join(tags)}" if tags else ""))
+
+
+@app.command()
+def verify(
+    ref: str | None = typer.Argument(None, metavar="REF", help="name, name@1.2.0 or name@tag (default: all)."),
+    repair: bool = typer.Option(False, "--repair", help="Re-fetch damaged or missing files from the remote."),
+    source: str | None = typer.Option(None, "--from", help="With --repair: the remote (default: the only one)."),
+    registry: Path | None = REGISTRY_OPT,
+) -> None:
+    """Re-hash every file of every version (or of REF); exit 1 on any mismatch left."""
+    with _clear_errors():
+        if source is not None and not repair:
+            fail("--from applies to --repair")
+        reg = open_registry(registry)
+        checked, problems = reg.verify(ref)
+        if repair and (problems or source is not None):  # no remote is asked for when nothing needs repair
+            remote = _remote(reg, source)  # a named one is checked either way
+            if problems:
+                problems = _repair(reg, remote, ref)
+    for problem in problems:
+        typer.echo(f"error: {problem}", err=True)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo(f"ok: {checked} files verified")
+
+
+def _repair(reg: Registry, remote: Remote, ref: str | None) -> list[str]:
+    """Pull every damaged version again from `remote` (which replaces its damaged blobs); says what it
+    repaired and returns the problems left."""
+    left: list[str] = []
+    for manifest, problems in reg.damaged([reg.resolve(ref)] if ref else list(reg.index().manifests())):
+        if manifest.path is not None:
+            left += [f"{p}: not repaired: the version lives in a folder of the registry" for p in problems]
+            continue
+        try:
+            remote.fetch(manifest.ref, reg)
+        except HubError as e:
+            left += [f"{p}: not repaired from {remote.url}: {e}" for p in problems]
+            continue
+        _say_repaired(manifest, remote, len(problems))
+    return left
+
+
+@app.command()
+def gc(registry: Path | None = REGISTRY_OPT) -> None:
+    """Remove blobs and checkouts no version refers to, and temp files of dead processes."""
+    with _clear_errors():
+        report = open_registry(registry).gc()
+        typer.echo(f"removed {report.blobs} blobs ({report.bytes:,} bytes), {report.checkouts} checkouts, "
+                   f"{report.temps} temp files")
+
+
+@app.command()
+def export(
+    ref: str = REF_ARG, out: Path = typer.Option(..., "--out", help="New folder to write."),
+    registry: Path | None = REGISTRY_OPT,
+    merged: bool = typer.Option(False, "--merged", help="Write a full HF model: the adapter folded into the base."),
+    base_model: str | None = typer.Option(None, "--base-model", help="With --merged: the base (default: as pushed)."),
+    dtype: str | None = typer.Option(None, "--dtype", help="With --merged: float32, bfloat16 or float16 "
+                                                           "(default: the base's own)."),
+) -> None:
+    """Write a version's files to a folder (PEFT's `PeftModel.from_pretrained` loads PEFT techniques)."""
+    with _clear_errors():
+        if dtype is not None and not merged:
+            fail("--dtype applies to --merged exports only (an adapter's files are copied as they are)")
+        if dtype not in (None, *basemodel.DTYPES):
+            fail(f"--dtype must be one of {', '.join(basemodel.DTYPES)}, got {dtype!r}")
+        if merged:
+            from hub.merge_cli import export_merged_version
+
+            typer.echo(export_merged_version(open_registry(registry), ref, base_model, out, dtype))
+            return
+        typer.echo(open_registry(registry).export(ref, out))
+
+
+@remote_app.command("add")
+def remote_add(name: str = typer.Argument(..., help="Remote name, e.g. origin."),
+               url: str = typer.Argument(..., help="Folder path, file:///path or hf://org/repo."),
+               registry: Path | None = REGISTRY_OPT) -> None:
+    """Name a remote: a folder path, file:///path, or hf://org/repo."""
+    with _clear_errors():
+        typer.echo(f"{name} -> {Remotes(Registry(registry).root).add(name, url)}")
+
+
+@remote_app.command("list")
+def remote_list(registry: Path | None = REGISTRY_OPT) -> None:
+    """Print each remote's name and URL."""
+    with _clear_errors():
+        for name, url in sorted(Remotes(Registry(registry).root).all().items()):
+            typer.echo(f"{name}\t{url}")
+
+
+@remote_app.command("rm")
+def remote_rm(name: str = typer.Argument(..., help="Remote name."), registry: Path | None = REGISTRY_OPT) -> None:
+    """Forget a remote (its contents are untouched)."""
+    with _clear_errors():
+        Remotes(Registry(registry).root).remove(name)
+        typer.echo(f"removed remote {name}")
