@@ -30,7 +30,7 @@ bench: setup
 	$(BIN)/python bench/run.py
 
 proto: setup
-	$(BIN)/python -m runtime.proto.generate
+	$(BIN)/python -m runtime.proto.build_stubs
 
 clean:
 	rm -rf $(VENV) build *.egg-info

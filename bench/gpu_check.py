@@ -24,7 +24,7 @@ from conftest import save_peft_adapter as save, tiny_llama  # noqa: E402
 
 from hub.artifact import read_adapter  # noqa: E402
 from runtime.engine import Engine  # noqa: E402
-from runtime.generate import Batch, Sequence  # noqa: E402
+from runtime.generate import Batch, Row  # noqa: E402
 from runtime.plan import AdapterUse, RowPlan  # noqa: E402
 from runtime.sampling import SamplingParams  # noqa: E402
 
@@ -69,7 +69,7 @@ def main() -> int:
         if dtype is torch.float32:
             def greedy(which: list[int]) -> dict[int, list[int]]:
                 batch = Batch(engine, max_rows=8)
-                seqs = {i: Sequence(str(i), rows[i], plans[i], SamplingParams(max_new_tokens=12)) for i in which}
+                seqs = {i: Row(str(i), rows[i], plans[i], SamplingParams(max_new_tokens=12)) for i in which}
                 for s in seqs.values():
                     batch.add(s)
                 while len(batch):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from runtime.errors import InvalidArgument, QueueFull
-from runtime.generate import SamplingParams, Sequence
+from runtime.generate import SamplingParams, Row
 from runtime.merged import MergeOptions, merged_manifest
 from runtime.plan import AdapterUse, RowPlan
 from runtime.pool import AdapterPool, Lease
@@ -223,7 +223,7 @@ class Serving:
         prepared = self.prepare(ids, adapters, mode, merge, 1, alive)
         room = self.limits.context_length - len(ids) - prepared.virtual_tokens
         sampling.max_new_tokens = min(sampling.max_new_tokens, room)
-        seq = Sequence(id=uuid.uuid4().hex, prompt_ids=ids, plan=prepared.plan, sampling=sampling)
+        seq = Row(id=uuid.uuid4().hex, prompt_ids=ids, plan=prepared.plan, sampling=sampling)
         try:
             queued = self.scheduler.submit(seq)
         except BaseException:

@@ -48,7 +48,7 @@ def greedy_replies(engine: Engine, prompts: Sequence[tuple[RowPlan, Sequence[int
     """Each prompt's greedy reply text (special tokens skipped), continuously batched: rows of different plans
     share every step."""
     batch = generate.Batch(engine, max_rows)
-    seqs = [generate.Sequence(str(i), list(ids), plan, generate.SamplingParams(max_new_tokens=max_new_tokens))
+    seqs = [generate.Row(str(i), list(ids), plan, generate.SamplingParams(max_new_tokens=max_new_tokens))
             for i, (plan, ids) in enumerate(prompts)]
     for seq in seqs:
         batch.add(seq)

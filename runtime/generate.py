@@ -12,7 +12,7 @@ leaving re-compiles only its segment. Past MAX_SEGMENTS, the two smallest neighb
 no row has joined or left for SETTLE_STEPS steps, the batch becomes one segment (one compile, then
 each adapted module runs its ops once per step, not once per segment).
 
-A failure ends only the rows it touches (finish_reason "error", the exception in `Sequence.error`): a
+A failure ends only the rows it touches (finish_reason "error", the exception in `Row.error`): a
 row whose logits are not finite, or whose token cannot be taken, ends alone; a failed prefill ends only
 the rows joining in it (their cache was never merged); a failed decode ends the running rows (they
 share one cache), and the joining rows still join.
@@ -31,7 +31,7 @@ from runtime.plan import RowPlan
 from runtime.sampling import SamplingParams, generator_for, next_tokens
 from runtime.textstream import TextStream
 
-__all__ = ["Batch", "NonFiniteLogits", "SamplingParams", "Sequence", "score"]
+__all__ = ["Batch", "NonFiniteLogits", "SamplingParams", "Row", "score"]
 
 MAX_SEGMENTS = 2  # each extra segment costs every adapted module its own ops: ~6 ms a step on SmolLM2/CPU
 # A steady batch's segments merge after this many steps: the merge re-stacks every row's LoRA weights once
@@ -40,7 +40,7 @@ SETTLE_STEPS = 4
 
 
 @dataclass
-class Sequence:
+class Row:
     id: str
     prompt_ids: list[int]
     plan: RowPlan = field(default_factory=RowPlan)
@@ -60,7 +60,7 @@ class NonFiniteLogits(DamagedData):
         super().__init__(f"{who} produced non-finite logits {where}")
 
 
-def visible_text(tokenizer, seq: Sequence) -> str:
+def visible_text(tokenizer, seq: Row) -> str:
     """The sequence's output text, cut before the first stop string it contains."""
     text = tokenizer.decode(seq.output_ids, skip_special_tokens=True)
     cuts = [text.find(s) for s in seq.sampling.stop if s in text]
@@ -81,10 +81,10 @@ class Batch:
     def __init__(self, engine: Engine, max_rows: int = 32):
         self.engine = engine
         self.max_rows = max_rows
-        self._rows: list[Sequence] = []
+        self._rows: list[Row] = []
         self._segments: list[int] = []  # row counts of consecutive row groups, compiled apart
         self._steady = 0  # steps begun since a row last joined or left (a join or leave sets 0)
-        self._pending: list[Sequence] = []
+        self._pending: list[Row] = []
         self._generators: dict[str, torch.Generator] = {}
         self._texts: dict[str, TextStream] = {}  # the sequences with stop strings: their text so far
         self._cache = None
@@ -94,7 +94,7 @@ class Batch:
     def __len__(self) -> int:
         return len(self._rows) + len(self._pending)
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Row) -> None:
         """Queue a sequence; it is prefilled at the next step that has room."""
         if not seq.prompt_ids:
             raise ValueError(f"sequence {seq.id!r} has an empty prompt")
@@ -124,11 +124,11 @@ class Batch:
                 return
 
     @torch.inference_mode()
-    def step(self) -> list[tuple[Sequence, list[int]]]:
+    def step(self) -> list[tuple[Row, list[int]]]:
         """One decode step for running rows and a prefill for joining ones; new tokens per sequence (a
         sequence that failed comes with no tokens and finish_reason "error", see the module docstring)."""
-        produced: list[tuple[Sequence, int | None]] = []
-        results: list[tuple[Sequence, list[int]]] = []
+        produced: list[tuple[Row, int | None]] = []
+        results: list[tuple[Row, list[int]]] = []
         self._steady += 1
         if self._rows:
             try:
@@ -160,18 +160,18 @@ class Batch:
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _fail(self, seqs: list[Sequence], error: Exception) -> list[tuple[Sequence, list[int]]]:
+    def _fail(self, seqs: list[Row], error: Exception) -> list[tuple[Row, list[int]]]:
         """End these sequences with `error`; each with no new tokens, as `step` reports them."""
         for seq in seqs:
             self._finish(seq, "error")
             seq.error = error
         return [(seq, []) for seq in seqs]
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[Sequence, int | None]]:
+    def _sample(self, seqs: list[Row], logits: torch.Tensor) -> list[tuple[Row, int | None]]:
         tokens = next_tokens(logits, [s.sampling for s in seqs], [self._generators[s.id] for s in seqs])
         return list(zip(seqs, tokens))
 
-    def _decode(self) -> list[tuple[Sequence, int | None]]:
+    def _decode(self) -> list[tuple[Row, int | None]]:
         device = self.engine.device
         ids = torch.tensor([[s.output_ids[-1]] for s in self._rows], device=device)
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(self._rows), 1)], dim=1)
@@ -179,7 +179,7 @@ class Batch:
                                                   segments=self._segments, last_only=True)
         return self._sample(self._rows, logits[:, -1])
 
-    def _prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    def _prefill(self, seqs: list[Row]) -> tuple[torch.Tensor, Any, torch.Tensor]:
         """The joining rows' forward: their last logits, their cache and its attention mask (not merged yet)."""
         device = self.engine.device
         plans = [s.plan for s in seqs]
@@ -195,7 +195,7 @@ class Batch:
             mask[i, length - len(s.prompt_ids) - prompts[i]:] = 1
         return logits[:, -1], cache, mask
 
-    def _merge(self, seqs: list[Sequence], cache, mask: torch.Tensor) -> None:
+    def _merge(self, seqs: list[Row], cache, mask: torch.Tensor) -> None:
         if self._cache is None:
             self._rows, self._cache, self._mask, self._segments = list(seqs), cache, mask, [len(seqs)]
             return
@@ -226,7 +226,7 @@ class Batch:
         for layer in self._cache.layers:
             keep_rows(layer, keep, start)
 
-    def _accept(self, seq: Sequence, token: int | None) -> list[int]:
+    def _accept(self, seq: Row, token: int | None) -> list[int]:
         """Record a sampled token (None: the row's logits were not finite, it fails); set finish_reason.
         Returns the tokens to report (EOS is not one)."""
         if token is None:
@@ -245,7 +245,7 @@ class Batch:
             self._finish(seq, "length")
         return [token]
 
-    def _finish(self, seq: Sequence, reason: str) -> None:
+    def _finish(self, seq: Row, reason: str) -> None:
         seq.finish_reason = reason
         self._generators.pop(seq.id, None)
         self._texts.pop(seq.id, None)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, TypeVar
 
 from runtime.errors import Internal, InvalidArgument, QueueFull, ServeError, Unavailable
-from runtime.generate import Batch, Sequence
+from runtime.generate import Batch, Row
 from runtime.metrics import Metrics
 
 T = TypeVar("T")
@@ -41,7 +41,7 @@ class Finished:
 class Request:
     """One sequence on its way through the scheduler, and the queue its tokens arrive on."""
 
-    seq: Sequence
+    seq: Row
     arrived: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     events: queue.Queue = field(default_factory=queue.Queue)  # list[int] per step, then one Finished
@@ -60,7 +60,7 @@ class Scheduler:
     """Owns the engine's Batch and the thread that steps it."""
 
     def __init__(self, engine, *, max_batch_size: int, max_queue: int, metrics: Metrics | None = None,
-                 label: Callable[[Sequence], str] = lambda seq: "base") -> None:
+                 label: Callable[[Row], str] = lambda seq: "base") -> None:
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
@@ -90,7 +90,7 @@ class Scheduler:
             self._thread.join(timeout)
 
     # -- requests ----------------------------------------------------------------------------------
-    def submit(self, seq: Sequence) -> Request:
+    def submit(self, seq: Row) -> Request:
         """Queue a sequence for the batch; QueueFull when the queue is full."""
         request = Request(seq)
         with self._cv:
@@ -135,7 +135,7 @@ class Scheduler:
             return fn()
         return future.result()
 
-    def load(self) -> tuple[int, int]:
+    def queue_depths(self) -> tuple[int, int]:
         """(rows running, requests queued)."""
         with self._cv:
             return len(self._running), len(self._pending)

@@ -324,7 +324,7 @@ def serve(config: ServerConfig, *, ready=None) -> int:
         ready(server)
     while not signalled.wait(0.1):
         pass
-    running, queued = server.scheduler.load()
+    running, queued = server.scheduler.queue_depths()
     print(f"hub serve: stopping: {running} running and {queued} queued request(s) get up to "
           f"{config.grace_seconds:g} s to finish", file=sys.stderr, flush=True)
     server.stop()

@@ -11,7 +11,7 @@ from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig
 
 from hub.artifact import read_adapter
 from runtime.engine import Engine
-from runtime.generate import MAX_SEGMENTS, SETTLE_STEPS, Batch, SamplingParams, Sequence, score, visible_text
+from runtime.generate import MAX_SEGMENTS, SETTLE_STEPS, Batch, SamplingParams, Row, score, visible_text
 from runtime.kvcache import HEADROOM
 from runtime.plan import AdapterUse, PlanError, RowPlan
 
@@ -69,8 +69,8 @@ def run(engine, seqs, joins=None, leaves=None, max_rows=32) -> dict[str, list[in
     return {s.id: s.output_ids for s in seqs + [s for v in (joins or {}).values() for s in v]}
 
 
-def seq(i: int, n: int = 12, **sampling) -> Sequence:
-    return Sequence(str(i), PROMPTS[i], PLANS[i], SamplingParams(max_new_tokens=n, **sampling))
+def seq(i: int, n: int = 12, **sampling) -> Row:
+    return Row(str(i), PROMPTS[i], PLANS[i], SamplingParams(max_new_tokens=n, **sampling))
 
 
 def test_greedy_output_is_identical_alone_or_batched(engine):
@@ -124,8 +124,8 @@ def test_a_join_wider_than_the_cache_pads_the_running_rows_in_place(engine):
     """The longest row leaves (its padding columns dropped from the others), then a prompt wider than the rest
     of the cache joins: the running rows gain zero columns on the left inside the same buffers, and every
     row still generates what it generates alone."""
-    def make(name: str, prompt: list[int], n: int, plan: RowPlan) -> Sequence:
-        return Sequence(name, prompt, plan, SamplingParams(max_new_tokens=n))
+    def make(name: str, prompt: list[int], n: int, plan: RowPlan) -> Row:
+        return Row(name, prompt, plan, SamplingParams(max_new_tokens=n))
 
     specs = [("long", list(range(20, 30)), 3, PLANS[0]), ("a", [5, 9, 17, 33], 12, PLANS[1]),
              ("b", [7, 7, 100, 3], 12, PLANS[3]), ("wide", list(range(40, 51)), 6, PLANS[4])]
@@ -151,7 +151,7 @@ def test_many_joins_and_leaves_keep_few_segments_and_every_row_its_output(engine
     middle: every row still generates what it generates alone."""
     alone = {str(i): run(engine, [seq(i)])[str(i)] for i in range(5)}
     batch = Batch(engine)
-    seqs = [Sequence(f"{j}-{i}", PROMPTS[i], PLANS[i], SamplingParams(max_new_tokens=12))
+    seqs = [Row(f"{j}-{i}", PROMPTS[i], PLANS[i], SamplingParams(max_new_tokens=12))
             for j in range(2) for i in range(5)]
     counts = []
     for step in range(40):
@@ -175,7 +175,7 @@ def test_a_steady_batch_runs_as_one_segment_and_every_row_keeps_its_output(engin
     SETTLE_STEPS steps; then one (each adapted module runs its ops once a step)."""
     alone = {str(i): run(engine, [seq(i)])[str(i)] for i in range(3)}
     batch = Batch(engine)
-    seqs = [Sequence(str(i), PROMPTS[i], PLANS[i], SamplingParams(max_new_tokens=12)) for i in range(3)]
+    seqs = [Row(str(i), PROMPTS[i], PLANS[i], SamplingParams(max_new_tokens=12)) for i in range(3)]
     assert SETTLE_STEPS + 4 < 12
     segments = []
     for step in range(SETTLE_STEPS + 3):  # all rows still running (12 tokens each)
@@ -197,7 +197,7 @@ def test_a_leave_between_steps_restarts_the_count_of_steady_steps(engine):
     SETTLE_STEPS steps have run since, not earlier, and the remaining rows keep their outputs."""
     alone = {str(i): run(engine, [seq(i)])[str(i)] for i in range(3)}
     batch = Batch(engine)
-    seqs = [Sequence(str(i), PROMPTS[i], PLANS[i], SamplingParams(max_new_tokens=12)) for i in range(3)]
+    seqs = [Row(str(i), PROMPTS[i], PLANS[i], SamplingParams(max_new_tokens=12)) for i in range(3)]
     batch.add(seqs[0])
     batch.step()
     batch.add(seqs[1])
@@ -242,8 +242,8 @@ def test_sliding_window_models_batch_continuously(arch):
     model = sliding_model(arch)
     sliding = Engine(copy.deepcopy(model))
     prompts = [PROMPTS[2], PROMPTS[3], PROMPTS[0], PROMPTS[1], list(range(30, 45))]
-    seqs = [Sequence(str(i), p, RowPlan(), SamplingParams(max_new_tokens=10 + i)) for i, p in enumerate(prompts)]
-    alone = {s.id: run(sliding, [Sequence(s.id, s.prompt_ids, s.plan, s.sampling)])[s.id] for s in seqs}
+    seqs = [Row(str(i), p, RowPlan(), SamplingParams(max_new_tokens=10 + i)) for i, p in enumerate(prompts)]
+    alone = {s.id: run(sliding, [Row(s.id, s.prompt_ids, s.plan, s.sampling)])[s.id] for s in seqs}
     ids = torch.tensor([prompts[4]])
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=14, do_sample=False,
                          min_new_tokens=14, pad_token_id=0)
@@ -261,9 +261,9 @@ def test_random_joins_leaves_and_cancels_give_each_row_what_it_gets_alone(engine
     technique; the sliding-window models run past their window of 6."""
     rng = random.Random(seed)
     eng, plans = (engine, PLANS) if arch == "llama" else (Engine(sliding_model(arch)), [RowPlan()])
-    seqs = [Sequence(str(i), [rng.randrange(1, 120) for _ in range(rng.randint(1, 12))], rng.choice(plans),
+    seqs = [Row(str(i), [rng.randrange(1, 120) for _ in range(rng.randint(1, 12))], rng.choice(plans),
                      SamplingParams(max_new_tokens=rng.randint(1, 80))) for i in range(12)]
-    alone = {s.id: run(eng, [Sequence(s.id, s.prompt_ids, s.plan, s.sampling)])[s.id] for s in seqs}
+    alone = {s.id: run(eng, [Row(s.id, s.prompt_ids, s.plan, s.sampling)])[s.id] for s in seqs}
     batch, waiting, cancelled = Batch(eng, max_rows=3), list(seqs), set()
     for _ in range(5000):
         if not (waiting or len(batch)):
@@ -321,7 +321,7 @@ def test_eos_finishes_a_sequence_without_reporting_it(engine, base, folders):
     greedy = run(engine, [seq(1)])["1"]
     eng = make_engine(base, folders)
     eng.model.generation_config.eos_token_id = greedy[3]  # this engine's eos: the 4th greedy token
-    s = Sequence("e", PROMPTS[1], PLANS[1], SamplingParams(max_new_tokens=12))
+    s = Row("e", PROMPTS[1], PLANS[1], SamplingParams(max_new_tokens=12))
     run(eng, [s])
     assert s.output_ids == greedy[:3] and s.finish_reason == "stop"
 
@@ -339,7 +339,7 @@ def test_stop_string_ends_the_sequence_and_is_cut_from_the_text(base, engine, fo
     eng = make_engine(base, folders, tokenizer=_CharTokenizer())
     greedy = run(engine, [seq(0)])["0"]
     stop = _CharTokenizer().decode(greedy[4:6])
-    s = Sequence("s", PROMPTS[0], PLANS[0], SamplingParams(max_new_tokens=12, stop=(stop,)))
+    s = Row("s", PROMPTS[0], PLANS[0], SamplingParams(max_new_tokens=12, stop=(stop,)))
     run(eng, [s])
     assert s.finish_reason == "stop" and s.output_ids == greedy[:6]
     assert visible_text(_CharTokenizer(), s) == _CharTokenizer().decode(greedy[:6]).split(stop)[0]
@@ -355,9 +355,9 @@ def test_stop_strings_are_watched_without_decoding_the_whole_output_every_step(b
     decode = tokenizer.decode
     tokenizer.decode = lambda ids, **kwargs: spans.append(len(ids)) or decode(ids, **kwargs)
     eng = make_engine(base, folders, tokenizer=tokenizer)
-    never = Sequence("never", PROMPTS[0], PLANS[0], SamplingParams(max_new_tokens=n, stop=("\x00\x00\x00",)))
+    never = Row("never", PROMPTS[0], PLANS[0], SamplingParams(max_new_tokens=n, stop=("\x00\x00\x00",)))
     stop = decode(greedy[50:52])
-    late = Sequence("late", PROMPTS[0], PLANS[0], SamplingParams(max_new_tokens=n, stop=(stop,)))
+    late = Row("late", PROMPTS[0], PLANS[0], SamplingParams(max_new_tokens=n, stop=(stop,)))
     run(eng, [never, late])
     assert never.finish_reason == "length" and never.output_ids == greedy
     first = decode(greedy).find(stop)
@@ -379,14 +379,14 @@ def test_score_equals_the_forward_logprobs(engine, base, folders):
 def test_bad_requests_are_refused_at_add(engine):
     batch = Batch(engine)
     with pytest.raises(PlanError, match="'nope'"):
-        batch.add(Sequence("x", [1, 2], RowPlan((AdapterUse("nope"),))))
+        batch.add(Row("x", [1, 2], RowPlan((AdapterUse("nope"),))))
     with pytest.raises(ValueError, match="empty prompt"):
-        batch.add(Sequence("y", [], RowPlan()))
+        batch.add(Row("y", [], RowPlan()))
     with pytest.raises(ValueError, match="top_p"):
-        batch.add(Sequence("z", [1], RowPlan(), SamplingParams(top_p=0)))
+        batch.add(Row("z", [1], RowPlan(), SamplingParams(top_p=0)))
     with pytest.raises(ValueError, match="tokenizer"):
-        batch.add(Sequence("s", [1], RowPlan(), SamplingParams(stop=("x",))))
-    batch.add(Sequence("w", [1], RowPlan()))
+        batch.add(Row("s", [1], RowPlan(), SamplingParams(stop=("x",))))
+    batch.add(Row("w", [1], RowPlan()))
     with pytest.raises(ValueError, match="already"):
-        batch.add(Sequence("w", [2], RowPlan()))
+        batch.add(Row("w", [2], RowPlan()))
     assert len(batch) == 1

@@ -148,8 +148,8 @@ def test_client_gone_mid_stream_frees_its_row(http_server):
                 texts += 1
             if texts == 2:
                 break
-        assert server.scheduler.load() == (1, 0)  # still generating: 1000 tokens take many steps
-    wait_until(lambda: server.scheduler.load() == (0, 0), "the row of the client that left is freed")
+        assert server.scheduler.queue_depths() == (1, 0)  # still generating: 1000 tokens take many steps
+    wait_until(lambda: server.scheduler.queue_depths() == (0, 0), "the row of the client that left is freed")
     assert server.metrics.generated_tokens.labels(adapter="lora0")._value.get() < 1000  # it left, not finished
     wait_until(lambda: all(e.in_use == 0 for e in server.pool.entries()), "its adapter hold is released")
 
@@ -269,7 +269,7 @@ def test_stop_lets_an_http_request_in_flight_finish(start_server):
         timeout=120)))
     with frozen(server):
         request.start()
-        wait_until(lambda: server.scheduler.load() == (0, 1), "the HTTP request is queued")
+        wait_until(lambda: server.scheduler.queue_depths() == (0, 1), "the HTTP request is queued")
         stopping = threading.Thread(target=server.stop, kwargs={"grace": 60})
         stopping.start()
     request.join()

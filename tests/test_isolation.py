@@ -25,7 +25,7 @@ from server_support import frozen, wait_until
 
 from hub.artifact import read_adapter
 from runtime.engine import Engine
-from runtime.generate import Batch, NonFiniteLogits, SamplingParams, Sequence, score
+from runtime.generate import Batch, NonFiniteLogits, SamplingParams, Row, score
 from runtime.plan import AdapterUse, RowPlan
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 from runtime.sampling import next_tokens
@@ -139,7 +139,7 @@ def test_a_row_alone_equals_its_row_beside_a_broken_adapter(folders):
 
 # -- generation: the broken row ends with an error, the others go on -----------------------------------------
 
-def generate(engine: Engine, seqs: list[Sequence]) -> dict[str, Sequence]:
+def generate(engine: Engine, seqs: list[Row]) -> dict[str, Row]:
     batch = Batch(engine)
     for s in seqs:
         batch.add(s)
@@ -148,8 +148,8 @@ def generate(engine: Engine, seqs: list[Sequence]) -> dict[str, Sequence]:
     return {s.id: s for s in seqs}
 
 
-def seqs(*plans: RowPlan, **sampling: Any) -> list[Sequence]:
-    return [Sequence(str(i), ROWS[i], p, SamplingParams(max_new_tokens=6, **sampling)) for i, p in enumerate(plans)]
+def seqs(*plans: RowPlan, **sampling: Any) -> list[Row]:
+    return [Row(str(i), ROWS[i], p, SamplingParams(max_new_tokens=6, **sampling)) for i, p in enumerate(plans)]
 
 
 @pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.8, seed=3)], ids=["greedy", "sampled"])
@@ -264,7 +264,7 @@ def together(server, client, requests: dict[str, dict]) -> dict[str, Any]:
     with frozen(server):
         for t in threads:
             t.start()
-        wait_until(lambda: server.scheduler.load() == (0, len(requests)), "every request queued")
+        wait_until(lambda: server.scheduler.queue_depths() == (0, len(requests)), "every request queued")
     for t in threads:
         t.join()
     return results
@@ -342,7 +342,7 @@ def test_streams_mid_answer_outlive_a_broken_request_and_a_tiny_temperature(star
     with frozen(server):
         for t in threads:
             t.start()
-        wait_until(lambda: server.scheduler.load() == (2, 2), "both joining while both streams run")
+        wait_until(lambda: server.scheduler.queue_depths() == (2, 2), "both joining while both streams run")
     for t in threads:
         t.join()
     assert results["broken"].code() == grpc.StatusCode.DATA_LOSS

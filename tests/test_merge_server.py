@@ -128,7 +128,7 @@ def test_merged_adapter_batches_with_other_requests(start_server):
     with frozen(server):
         for t in threads:
             t.start()
-        wait_until(lambda: server.scheduler.load()[1] == len(requests), "all requests queued")
+        wait_until(lambda: server.scheduler.queue_depths()[1] == len(requests), "all requests queued")
     for t in threads:
         t.join()
     assert together == alone

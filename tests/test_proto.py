@@ -1,15 +1,15 @@
 """The committed gRPC stubs are exactly what grpcio-tools builds from proto/ now."""
 from __future__ import annotations
 
-from runtime.proto import generate
+from runtime.proto import build_stubs
 
 
 def test_committed_stubs_match_the_proto(tmp_path):
-    generate.generate(tmp_path)
-    for rel in generate.generated_files():
+    build_stubs.generate(tmp_path)
+    for rel in build_stubs.generated_files():
         built = (tmp_path / rel).read_text()
-        committed = (generate.STUB_ROOT / rel).read_text()
-        assert built == committed, f"runtime/proto/{rel} is stale: run `python -m runtime.proto.generate`"
+        committed = (build_stubs.STUB_ROOT / rel).read_text()
+        assert built == committed, f"runtime/proto/{rel} is stale: run `python -m runtime.proto.build_stubs`"
 
 
 def test_stubs_import_as_a_package():

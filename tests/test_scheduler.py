@@ -9,7 +9,7 @@ from hub.artifact import read_adapter
 from runtime.engine import Engine
 from runtime import errors
 from runtime.errors import ServeError
-from runtime.generate import SamplingParams, Sequence
+from runtime.generate import SamplingParams, Row
 from runtime.plan import AdapterUse, RowPlan
 from runtime.scheduler import Finished, Scheduler
 
@@ -28,9 +28,9 @@ def scheduler(served_base, served_adapters):
     sched.stop(timeout=60)
 
 
-def _seq(name: str, adapter: str | None, tokens: int, prompt=PROMPT) -> Sequence:
+def _seq(name: str, adapter: str | None, tokens: int, prompt=PROMPT) -> Row:
     plan = RowPlan((AdapterUse(adapter),)) if adapter else RowPlan()
-    return Sequence(id=name, prompt_ids=list(prompt), plan=plan, sampling=SamplingParams(max_new_tokens=tokens))
+    return Row(id=name, prompt_ids=list(prompt), plan=plan, sampling=SamplingParams(max_new_tokens=tokens))
 
 
 def _drain(request) -> tuple[list[int], Finished]:
@@ -50,11 +50,11 @@ def test_a_request_joins_a_running_batch_and_leaves_when_done(scheduler):
     tokens, finished = _drain(short)
     assert tokens == alone_short and finished.reason == "length"
     assert long.state == "running"  # it kept its row while the short one came and went
-    wait_until(lambda: scheduler.load() == (1, 0), "the short request left the batch")
+    wait_until(lambda: scheduler.queue_depths() == (1, 0), "the short request left the batch")
     scheduler.cancel(long)
     rest, finished = _drain(long)
     assert finished.reason == "cancelled" and len(first + rest) < 3000
-    assert scheduler.load() == (0, 0)
+    assert scheduler.queue_depths() == (0, 0)
     again = _drain(scheduler.submit(_seq("again", "lora0", len(first + rest))))[0]
     assert again == first + rest  # the cancelled request's tokens were those it gets alone
 
@@ -64,9 +64,9 @@ def test_cancel_a_queued_request_frees_its_place_at_once(scheduler):
     running = scheduler.submit(_seq("run", None, 3000))
     running.events.get()
     queued = scheduler.submit(_seq("wait", None, 4))
-    assert scheduler.load() == (1, 1)
+    assert scheduler.queue_depths() == (1, 1)
     scheduler.cancel(queued)
-    assert scheduler.load() == (1, 0)
+    assert scheduler.queue_depths() == (1, 0)
     assert queued.events.get_nowait() == Finished("cancelled")
     scheduler.cancel(running)
     assert _drain(running)[1].reason == "cancelled"
@@ -96,7 +96,7 @@ def test_a_failing_step_fails_its_rows_not_the_server(scheduler):
     scheduler.call(lambda: scheduler.engine.unload("lora0"))
     _, finished = _drain(doomed)
     assert finished.error is not None and isinstance(finished.error, errors.Internal)
-    assert scheduler.load() == (0, 0)
+    assert scheduler.queue_depths() == (0, 0)
     assert _drain(scheduler.submit(_seq("next", "ia3", 3)))[1].reason == "length"
 
 

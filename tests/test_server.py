@@ -82,7 +82,7 @@ def test_concurrent_clients_get_what_each_gets_alone(start_server):
     with frozen(server):  # every request queues before any joins: they share their steps
         for t in threads:
             t.start()
-        wait_until(lambda: server.scheduler.load()[1] == len(REQUESTS), "all requests queued")
+        wait_until(lambda: server.scheduler.queue_depths()[1] == len(REQUESTS), "all requests queued")
     for t in threads:
         t.join()
     assert together == alone

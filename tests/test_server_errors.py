@@ -59,7 +59,7 @@ def test_invalid_argument(start_server, name, kwargs, message):
         error = _refused(call, prompt, **kwargs)
         assert error.code() == CODE.INVALID_ARGUMENT, error.details()
         assert message in error.details()
-    assert server.scheduler.load() == (0, 0)
+    assert server.scheduler.queue_depths() == (0, 0)
     assert all(e.in_use == 0 for e in server.pool.entries())  # a refused request holds nothing
     assert client.generate(PROMPT, max_new_tokens=2).finish_reason  # the server still answers
 
@@ -175,7 +175,7 @@ def test_full_queue_is_resource_exhausted(start_server):
     with frozen(server):
         first = threading.Thread(target=lambda: results.setdefault("first", client.generate(PROMPT, max_new_tokens=3)))
         first.start()
-        wait_until(lambda: server.scheduler.load() == (0, 1), "the first request queued")
+        wait_until(lambda: server.scheduler.queue_depths() == (0, 1), "the first request queued")
         error = _refused(client.generate, PROMPT, max_new_tokens=3)
         assert error.code() == CODE.RESOURCE_EXHAUSTED and "queue is full (1 waiting)" in error.details()
     first.join()
@@ -187,7 +187,7 @@ def test_deadline_exceeded_frees_the_place(start_server):
     with frozen(server):
         error = _refused(client.generate, PROMPT, max_new_tokens=3, timeout=0.3)
         assert error.code() == CODE.DEADLINE_EXCEEDED
-        wait_until(lambda: server.scheduler.load() == (0, 0), "the expired request left the queue")
+        wait_until(lambda: server.scheduler.queue_depths() == (0, 0), "the expired request left the queue")
     assert client.generate(PROMPT, max_new_tokens=3).finish_reason == "length"
 
 
@@ -201,7 +201,7 @@ def test_cancelled_stream_frees_its_row(start_server):
     with frozen(server):
         second = threading.Thread(target=lambda: waiting.setdefault("reply", client.generate(PROMPT, max_new_tokens=4)))
         second.start()
-        wait_until(lambda: server.scheduler.load() == (1, 1), "the second request queued behind the first")
+        wait_until(lambda: server.scheduler.queue_depths() == (1, 1), "the second request queued behind the first")
         stream.cancel()
     second.join()
     assert waiting["reply"].finish_reason == "length"

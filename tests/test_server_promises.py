@@ -85,7 +85,7 @@ def test_a_deadline_passing_while_decoding_frees_the_row_and_the_adapter(start_s
     server, client = start_server(max_new_tokens=4000)
     error = _refused(lambda: client.generate(PROMPT, adapters=["lora0"], max_new_tokens=4000, timeout=1.0))
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    wait_until(lambda: server.scheduler.load() == (0, 0), "the expired request left the batch")
+    wait_until(lambda: server.scheduler.queue_depths() == (0, 0), "the expired request left the batch")
     assert 0 < _generated(server) < 4000  # it was decoding, and left because of the deadline, not at its end
     assert all(a.in_use == 0 for a in client.list_adapters().adapters)
     assert client.generate(PROMPT, adapters=["lora0"], max_new_tokens=2).finish_reason == "length"

@@ -193,7 +193,7 @@ def test_many_clients_every_technique_small_batch_small_budget(start_server, reg
     assert not failures, "\n".join(failures)
     assert len(outcomes) == CLIENTS * REQUESTS_EACH and "OK" in outcomes and admin_outcomes and pushed
     assert len(tagged_outcomes) == REQUESTS_EACH
-    wait_until(lambda: server.scheduler.load() == (0, 0), "the batch and the queue emptied")
+    wait_until(lambda: server.scheduler.queue_depths() == (0, 0), "the batch and the queue emptied")
     wait_until(lambda: all(e.in_use == 0 for e in server.pool.entries()), "every adapter let go")
     assert server.metrics.adapters_waiting._value.get() == 0
     assert server.pool.device_used() <= budget
