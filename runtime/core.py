@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 
 from runtime.errors import InvalidArgument, QueueFull
 from runtime.generate import SamplingParams, Row
+from runtime.sampling import MAX_TOP_LOGPROBS
 from runtime.merged import MergeOptions, merged_manifest
 from runtime.plan import AdapterUse, RowPlan
 from runtime.pool import AdapterPool, Lease
@@ -105,7 +106,7 @@ def ok(condition: bool, message: str) -> None:
 
 def sampling_params(limits: Limits, *, max_new_tokens: int | None = None, temperature: float | None = None,
                     top_p: float | None = None, top_k: int = 0, seed: int | None = None,
-                    stop: tuple[str, ...] = ()) -> SamplingParams:
+                    stop: tuple[str, ...] = (), logprobs: int | None = None) -> SamplingParams:
     """The engine's sampling parameters from a request's (None: the default), each value checked."""
     max_new = max_new_tokens if max_new_tokens is not None else min(DEFAULT_MAX_NEW_TOKENS, limits.max_new_tokens)
     ok(1 <= max_new <= limits.max_new_tokens, f"max_new_tokens must be in 1..{limits.max_new_tokens}, got {max_new}")
@@ -116,8 +117,10 @@ def sampling_params(limits: Limits, *, max_new_tokens: int | None = None, temper
     ok(top_k >= 0, f"top_k must be >= 0, got {top_k}")
     ok(len(stop) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
     ok(all(0 < len(s) <= MAX_STOP_CHARS for s in stop), f"stop strings must be 1..{MAX_STOP_CHARS} characters")
+    ok(logprobs is None or 0 <= logprobs <= MAX_TOP_LOGPROBS,
+       f"top logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {logprobs}")
     return SamplingParams(max_new_tokens=max_new, temperature=temperature, top_p=top_p, top_k=top_k,
-                          seed=seed, stop=tuple(stop))
+                          seed=seed, stop=tuple(stop), logprobs=logprobs)
 
 
 def longest_token(tokenizer) -> int:

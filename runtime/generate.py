@@ -28,7 +28,7 @@ from runtime.engine import Engine
 from runtime.errors import DamagedData
 from runtime.kvcache import join_rows, keep_rows, pad_left
 from runtime.plan import RowPlan
-from runtime.sampling import SamplingParams, generator_for, next_tokens
+from runtime.sampling import SamplingParams, TokenLogprob, generator_for, next_tokens, token_logprobs
 from runtime.textstream import TextStream
 
 __all__ = ["Batch", "NonFiniteLogits", "SamplingParams", "Row", "score"]
@@ -46,6 +46,7 @@ class Row:
     plan: RowPlan = field(default_factory=RowPlan)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     output_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output id, when sampling.logprobs asks
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" | None
     error: Exception | None = None  # why it ended, when finish_reason is "error"
 
@@ -127,7 +128,7 @@ class Batch:
     def step(self) -> list[tuple[Row, list[int]]]:
         """One decode step for running rows and a prefill for joining ones; new tokens per sequence (a
         sequence that failed comes with no tokens and finish_reason "error", see the module docstring)."""
-        produced: list[tuple[Row, int | None]] = []
+        produced: list[tuple[Row, int | None, TokenLogprob | None]] = []
         results: list[tuple[Row, list[int]]] = []
         self._steady += 1
         if self._rows:
@@ -146,9 +147,9 @@ class Batch:
             else:
                 self._merge(joining, cache, mask)
                 produced += self._sample(joining, logits)
-        for seq, token in produced:
+        for seq, token, logprob in produced:
             try:
-                results.append((seq, self._accept(seq, token)))
+                results.append((seq, self._accept(seq, token, logprob)))
             except Exception as e:  # e.g. its stop-string check: this row alone
                 results += self._fail([seq], e)
         done = [i for i, seq in enumerate(self._rows) if seq.finish_reason is not None]
@@ -167,11 +168,12 @@ class Batch:
             seq.error = error
         return [(seq, []) for seq in seqs]
 
-    def _sample(self, seqs: list[Row], logits: torch.Tensor) -> list[tuple[Row, int | None]]:
-        tokens = next_tokens(logits, [s.sampling for s in seqs], [self._generators[s.id] for s in seqs])
-        return list(zip(seqs, tokens))
+    def _sample(self, seqs: list[Row], logits: torch.Tensor) -> list[tuple[Row, int | None, TokenLogprob | None]]:
+        params = [s.sampling for s in seqs]
+        tokens = next_tokens(logits, params, [self._generators[s.id] for s in seqs])
+        return list(zip(seqs, tokens, token_logprobs(logits, tokens, params)))
 
-    def _decode(self) -> list[tuple[Row, int | None]]:
+    def _decode(self) -> list[tuple[Row, int | None, TokenLogprob | None]]:
         device = self.engine.device
         ids = torch.tensor([[s.output_ids[-1]] for s in self._rows], device=device)
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(self._rows), 1)], dim=1)
@@ -226,15 +228,17 @@ class Batch:
         for layer in self._cache.layers:
             keep_rows(layer, keep, start)
 
-    def _accept(self, seq: Row, token: int | None) -> list[int]:
-        """Record a sampled token (None: the row's logits were not finite, it fails); set finish_reason.
-        Returns the tokens to report (EOS is not one)."""
+    def _accept(self, seq: Row, token: int | None, logprob: TokenLogprob | None = None) -> list[int]:
+        """Record a sampled token (None: the row's logits were not finite, it fails) and its logprob when
+        asked; set finish_reason. Returns the tokens to report (EOS is not one)."""
         if token is None:
             raise NonFiniteLogits(seq.plan, f"at output token {len(seq.output_ids) + 1}")
         if token in self._eos:
             self._finish(seq, "stop")
             return []
         seq.output_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
         text = self._texts.get(seq.id)
         if text is not None:
             text.push([token])

@@ -390,3 +390,20 @@ def test_bad_requests_are_refused_at_add(engine):
     with pytest.raises(ValueError, match="already"):
         batch.add(Row("w", [2], RowPlan()))
     assert len(batch) == 1
+
+
+def test_token_logprobs_are_the_distribution_each_token_was_chosen_from(engine):
+    """A row that asks gets each output token's logprob as Score gives it and its top k, greedy and sampled,
+    batched beside rows that do not ask (which get none)."""
+    asking = [seq(0, 6, logprobs=3), seq(3, 6, logprobs=0, temperature=0.8, seed=1), seq(1, 6)]
+    run(engine, asking)
+    for row in asking[:2]:
+        assert len(row.logprobs) == len(row.output_ids) == 6
+        scored = score(engine, row.prompt_ids + row.output_ids, row.plan)[len(row.prompt_ids) - 1:]
+        assert max(abs(lp.logprob - s) for lp, s in zip(row.logprobs, scored)) <= 1e-5
+    greedy = asking[0].logprobs
+    assert all(len(lp.top) == 3 and lp.top[0] == (t, pytest.approx(lp.logprob)) for lp, t
+               in zip(greedy, asking[0].output_ids))  # greedy: the chosen token is the likeliest
+    assert all(lp.top == () for lp in asking[1].logprobs) and asking[2].logprobs == []
+    with pytest.raises(ValueError, match="logprobs"):
+        Batch(engine).add(seq(0, 2, logprobs=21))
