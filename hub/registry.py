@@ -10,7 +10,6 @@ the root): that is how a git checkout ships its demo adapters in its own `regist
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -138,16 +137,15 @@ def _check_incoming(manifest: Manifest, sources: dict[str, Path]) -> None:
 
 @contextmanager
 def _imported(folder: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
-    """The folder to push, converting an AdapterHub `adapters` library folder first (when that importer is
-    installed); yields (folder, lineage additions)."""
-    if importlib.util.find_spec("hub.adapterhub_import") is not None:
-        from hub.adapterhub_import import import_adapterhub, is_adapterhub_folder
+    """The folder to push, converting an AdapterHub `adapters` library folder first; yields (folder, lineage
+    additions). Imported here, not at the top: the importer loads torch, which reading the registry never needs."""
+    from hub.adapterhub_import import import_adapterhub, is_adapterhub_folder
 
-        if is_adapterhub_folder(folder):
-            with tempfile.TemporaryDirectory(prefix="hub-import-") as tmp:
-                import_adapterhub(folder, Path(tmp))
-                yield Path(tmp), {"imported_from": "adapterhub"}
-            return
+    if is_adapterhub_folder(folder):
+        with tempfile.TemporaryDirectory(prefix="hub-import-") as tmp:
+            import_adapterhub(folder, Path(tmp))
+            yield Path(tmp), {"imported_from": "adapterhub"}
+        return
     yield folder, {}
 
 

@@ -5,7 +5,7 @@ the demo adapters are rebuilt with it. LoRA, IA3 and prompt tuning are trained w
 PEFT, so the folders are PEFT's own format; BitFit (no PEFT method) is trained as a bias delta added by a
 forward hook to each target linear module, and bottleneck adapters (Pfeiffer, Houlsby) as hooked
 down/up projections at the places the runtime serves them; both are saved in our format (see
-hub/artifact.py and hub/adapterhub_import.py).
+hub/artifact.py and hub/bottleneck_format.py).
 
 The loss covers the reply (assistant) tokens only (the prompt is context), the base weights stay frozen,
 and the base model is returned to its exact base state afterwards, so one loaded model can
@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from hub.adapterhub_import import ACTIVATIONS, BottleneckConfig
+from hub.bottleneck_format import ACTIVATIONS, BottleneckConfig
 from hub.artifact import CONFIG_FILE, WEIGHTS_FILE, Technique
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

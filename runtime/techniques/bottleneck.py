@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from hub.adapterhub_import import ACTIVATIONS, MODEL_TYPES, BottleneckConfig
+from hub.bottleneck_format import ACTIVATIONS, MODEL_TYPES, BottleneckConfig
 from hub.artifact import Adapter, ArtifactError, Technique
 from hub.checkpoint import check_fits, module_tensors
 from runtime.techniques.base import BatchInfo, Resident, SiteOp, Stage, TechniqueImpl, Use, nbytes_of, to_device
