@@ -16,6 +16,9 @@ pytest_plugins = ["server_support"]  # the server fixtures, for every module tha
 REAL_HUB_HOME = os.environ.get("HUB_HOME") or str(Path.home() / ".cache" / "adapterhub")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The kernel seam runs its torch reference unless a test asks for a backend (tests/test_kernels.py), so the
+# suite pays the fused kernels' first build only there.
+os.environ.setdefault("HUB_KERNELS", "reference")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

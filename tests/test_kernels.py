@@ -1,5 +1,6 @@
 """The kernel seam (runtime/kernels): every backend against a per-use loop in float64, isolation of rows
-and slots outside the uses, and the refusals.
+and slots outside the uses, the refusals, the choice of backend and the fallback when the fused CPU kernels
+cannot be built. The fused backend builds once per machine into the per-user cache (runtime/kernels/cpu.py).
 
 Tolerances (relative to the largest magnitude in the result): float32 1e-5; float16 2e-3 and bfloat16 2e-2,
 about four roundings of their 11- and 8-bit mantissas (inputs are rounded to the dtype before the oracle
@@ -7,23 +8,36 @@ sees them, so only the products' and the sums' roundings count).
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from runtime import kernels
-from runtime.kernels import reference
+from runtime.kernels import cpu, reference
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
-def backends() -> dict[str, object]:
-    """Every backend this machine has: the reference always."""
-    return {"reference": reference}
+BACKENDS = ["reference", "cpu"]
 
 
-@pytest.fixture(params=sorted(backends()))
+def load_backend(name: str):
+    """The backend's ops, or a skip saying why this machine lacks it."""
+    if name == "reference":
+        return reference
+    module = cpu.load()
+    if module is None:
+        pytest.skip("the fused CPU kernels could not be built here (see the warning)")
+    return module
+
+
+@pytest.fixture(params=BACKENDS)
 def backend(request):
-    return backends()[request.param]
+    return load_backend(request.param)
 
 
 # --- the oracle: one use at a time, in float64 ---
@@ -192,3 +206,82 @@ def test_malformed_uses_are_refused_with_one_line():
         with pytest.raises(ValueError, match=words) as info:
             call()
         assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("act,wt", DTYPES, ids=lambda t: str(t).removeprefix("torch."))
+def test_mixed_ranks_go_in_one_call_per_rank_class(backend, act, wt):
+    """Two slot buffers of ranks 4 and 16 (no padding) applied to one batch: each row costs its own rank and
+    gets its own adapter's delta; rows of neither class keep their values."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(9, 40, generator=g).to(act)
+    y = torch.randn(9, 24, generator=g).to(act)
+    want = y.double()
+    out = y.clone()
+    for r, rows, slots in [(4, [0, 2, 5], [1, 0, 1]), (16, [1, 5, 7], [2, 2, 0])]:
+        a = (torch.randn(3, r, 40, generator=g) / 40 ** 0.5).to(wt)
+        b = (torch.randn(3, 24, r, generator=g) / r ** 0.5).to(wt)
+        rows, slots, scale = torch.tensor(rows), torch.tensor(slots), torch.rand(3, generator=g) + 0.5
+        h = backend.lora_shrink(x, a, rows, slots)
+        backend.lora_expand(out, h, b, rows, slots, scale)
+        want = oracle_expand(want, oracle_shrink(x, a, rows, slots), b, rows, slots, scale)
+    close(out, want, act)
+    assert torch.equal(out[[3, 4, 6, 8]], y[[3, 4, 6, 8]])
+
+
+def test_empty_batch(backend):
+    """No tokens and no uses: empty results, nothing read."""
+    x, y, a, b, v = torch.zeros(0, 16), torch.zeros(0, 12), torch.randn(2, 4, 16), torch.randn(2, 12, 4), torch.ones(2, 12)
+    none, scale = torch.zeros(0, dtype=torch.int64), torch.zeros(0)
+    assert backend.lora_shrink(x, a, none, none).shape == (0, 4)
+    backend.lora_expand(y, torch.zeros(0, 4), b, none, none, scale)
+    backend.gather_add(y, v, none, none, scale)
+    backend.gather_mul(y, v, none, none)
+    assert y.shape == (0, 12)
+
+
+def test_out_of_range_uses_raise_instead_of_reading_memory(backend):
+    x, y, a, b, v, rows, slots, scale = case(4, (6, 16, 12, 4, 3, 5), "runs", torch.float32, torch.float32)
+    with pytest.raises((IndexError, RuntimeError), match="out of (range|bounds)"):
+        backend.lora_shrink(x, a, rows, slots + 3)
+    with pytest.raises((IndexError, RuntimeError), match="out of (range|bounds)"):
+        backend.gather_add(y, v, rows + 6, slots, scale)
+
+
+def test_hub_kernels_chooses_the_backend(monkeypatch):
+    monkeypatch.setenv("HUB_KERNELS", "reference")
+    assert kernels.backend_name("cpu") == "reference"
+    monkeypatch.setenv("HUB_KERNELS", "cpu")
+    assert kernels.backend_name("cpu") == ("cpu" if cpu.load() is not None else "reference")
+    assert kernels.backend_name("meta") == "reference"  # other devices keep the reference
+    monkeypatch.setenv("HUB_KERNELS", "fast")
+    with pytest.raises(ValueError, match="HUB_KERNELS must be one of auto, reference, cpu") as info:
+        kernels.backend_name("cpu")
+    assert "\n" not in str(info.value)
+
+
+FALLBACK = """
+import warnings, torch
+from runtime import kernels
+from runtime.kernels import reference
+x, a = torch.randn(5, 16), torch.randn(3, 4, 16)
+rows, slots = torch.tensor([0, 2, 4]), torch.tensor([2, 0, 2])
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    results = [kernels.lora_shrink(x, a, rows, slots) for _ in range(3)]
+    name = kernels.backend_name("cpu")
+ours = [str(w.message) for w in caught if str(w.message).startswith("kernels:")]
+assert all(torch.equal(r, reference.lora_shrink(x, a, rows, slots)) for r in results)
+print(name, len(ours), len(caught), ours)
+"""
+
+
+def test_a_failed_build_falls_back_to_the_reference_with_one_warning(tmp_path):
+    """No compiler (CXX names a missing one, in a fresh cache): the ops give the reference's results, and the
+    process warns once, however many calls follow."""
+    env = {**os.environ, "CXX": "/nonexistent/c++", "HUB_KERNELS_DIR": str(tmp_path), "HUB_KERNELS": "cpu",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", FALLBACK], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    name, ours, caught, messages = done.stdout.split(" ", 3)
+    assert (name, ours, caught) == ("reference", "1", "1"), done.stdout
+    assert "could not be built" in messages and "using the reference ops" in messages

@@ -18,12 +18,33 @@ is a segment a backend may run as one GEMM.
 x/y and the slot buffers may be float32, bfloat16 or float16, independently (a half-precision model with
 float32 slots is fine); products accumulate in float32 and round once into y's dtype. Mixed ranks go in
 separate calls (one slot buffer per rank class). Semantics: `reference.py`; design: docs/engine.md.
+
+Backends, chosen per call by the tensors' device and `HUB_KERNELS`: `auto` (default) takes the fused C++
+kernels on a CPU (`cpu.py`, built at first use; the reference if they cannot be built); `reference` forces
+the torch ops everywhere; `cpu` names the fused backend (other devices keep the reference).
 """
 from __future__ import annotations
+
+import os
+from types import ModuleType
 
 import torch
 
 from runtime.kernels import reference
+
+CHOICES = ("auto", "reference", "cpu")
+
+
+def backend(device: torch.device | str) -> ModuleType:
+    """The module whose ops run tensors on `device` under the current `HUB_KERNELS`."""
+    choice = os.environ.get("HUB_KERNELS", "auto")
+    if choice not in CHOICES:
+        raise ValueError(f"kernels: HUB_KERNELS must be one of {', '.join(CHOICES)}, got {choice!r}")
+    kind = torch.device(device).type
+    if kind == "cpu" and choice in ("auto", "cpu"):
+        from runtime.kernels import cpu
+        return cpu.load() or reference
+    return reference
 
 
 def _check(y: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, scale: torch.Tensor | None = None) -> None:
@@ -42,7 +63,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, rows: torch.Tensor, slots: tor
     _check(x, rows, slots)
     if a.dim() != 3 or a.shape[2] != x.shape[1]:
         raise ValueError(f"kernels: a must be [slots, r, {x.shape[1]}], got {tuple(a.shape)}")
-    return reference.lora_shrink(x, a, rows, slots)
+    return backend(x.device).lora_shrink(x, a, rows, slots)
 
 
 def lora_expand(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
@@ -52,7 +73,7 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, rows: torch.T
     if b.dim() != 3 or b.shape[1] != y.shape[1] or h.shape != (rows.shape[0], b.shape[2]):
         raise ValueError(f"kernels: expected h [{rows.shape[0]}, r] and b [slots, {y.shape[1]}, r], "
                          f"got {tuple(h.shape)} and {tuple(b.shape)}")
-    reference.lora_expand(y, h, b, rows, slots, scale)
+    backend(y.device).lora_expand(y, h, b, rows, slots, scale)
 
 
 def gather_add(y: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
@@ -60,14 +81,14 @@ def gather_add(y: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, slots: torc
     """y[rows[u]] += scale[u] * v[slots[u]], in place."""
     _check(y, rows, slots, scale)
     _check_vectors(y, v)
-    reference.gather_add(y, v, rows, slots, scale)
+    backend(y.device).gather_add(y, v, rows, slots, scale)
 
 
 def gather_mul(y: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> None:
     """y[rows[u]] *= v[slots[u]], in place."""
     _check(y, rows, slots)
     _check_vectors(y, v)
-    reference.gather_mul(y, v, rows, slots)
+    backend(y.device).gather_mul(y, v, rows, slots)
 
 
 def _check_vectors(y: torch.Tensor, v: torch.Tensor) -> None:
@@ -77,4 +98,5 @@ def _check_vectors(y: torch.Tensor, v: torch.Tensor) -> None:
 
 def backend_name(device: torch.device | str) -> str:
     """The backend the ops take for tensors on `device` (for logs and metrics)."""
-    return "reference"
+    chosen = backend(device)
+    return "reference" if chosen is reference else "cpu"
