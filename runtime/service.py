@@ -13,10 +13,8 @@ import grpc
 
 from runtime import errors
 from runtime.core import AdapterRequest, Limits, Prepared, Resolved, Serving, Slots, ok, sampling_params
-from runtime.errors import InvalidArgument, ServeError
-from runtime.generate import score
+from runtime.errors import ServeError
 from runtime.merged import MergeOptions
-from runtime.plan import PlanError
 from runtime.pool import Entry, Tier
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 from runtime.proto.adapterhub.v1 import runtime_pb2_grpc as pb_grpc
@@ -202,9 +200,7 @@ class RuntimeService(pb_grpc.RuntimeServicer):
                                          merge_options(request.merge), 0, context.is_active)
             note(record, prepared)
             try:
-                logprobs = self.scheduler.call(lambda: score(self.engine, ids, prepared.plan))
-            except PlanError as e:
-                raise InvalidArgument(str(e)) from None
+                logprobs = self.core.score(prepared)
             finally:
                 self.pool.release(prepared.lease)
             logprobs = [float(x) for x in logprobs if x is not None]
