@@ -152,9 +152,9 @@ class Serving:
         self._tokenizing = threading.BoundedSemaphore(TOKENIZING_AT_ONCE)
         self._templates: dict[str, str | None] = {}  # adapter version (sha256) -> its own chat template
 
-    def token_ids(self, text: str, ids, *, chat: bool, what: str) -> list[int]:
+    def token_ids(self, text: str, ids, *, chat: bool, what: str, adapter: str | None = None) -> list[int]:
         """The prompt as token ids: exactly one of text or ids, every id in the vocabulary; `chat` applies the
-        chat template to `text` as one user message."""
+        chat template (`adapter`'s own where it ships one) to `text` as one user message."""
         ok(not (text and ids), f"give the {what} as text or as token ids, not both")
         if ids:
             ok(not chat, "chat applies the chat template to text: send the prompt as text")
@@ -164,7 +164,7 @@ class Serving:
             return list(ids)
         ok(bool(text), f"the {what} is empty")
         if chat:
-            return self.chat_ids([{"role": "user", "content": text}])
+            return self.chat_ids([{"role": "user", "content": text}], adapter)
         self._check_text(len(text), what)
         with self._tokenizing:
             out = list(self.engine.tokenizer(text)["input_ids"])

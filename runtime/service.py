@@ -144,7 +144,8 @@ class RuntimeService(pb_grpc.RuntimeServicer):
              ) -> tuple[Prepared, Request, TextStream]:
         """Check, hold adapters, queue; cancellation and deadlines take the request out at once."""
         sampling = _sampling(request.sampling, self.limits)
-        ids = self.core.token_ids(request.prompt, request.prompt_token_ids, chat=request.chat, what="prompt")
+        ids = self.core.token_ids(request.prompt, request.prompt_token_ids, chat=request.chat, what="prompt",
+                                   adapter=_chat_adapter(request))
         prepared, queued, text = self.core.start(ids, sampling, _adapters(request.adapters), _mode(request.mode),
                                                  merge_options(request.merge), context.is_active)
         if not context.add_callback(lambda: self.scheduler.cancel(queued)):
@@ -194,7 +195,8 @@ class RuntimeService(pb_grpc.RuntimeServicer):
 
     def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreResponse:
         with self._rpc("Score", context, self.requests) as record:
-            ids = self.core.token_ids(request.text, request.token_ids, chat=request.chat, what="text")
+            ids = self.core.token_ids(request.text, request.token_ids, chat=request.chat, what="text",
+                                      adapter=_chat_adapter(request))
             ok(len(ids) >= 2, "scoring needs at least 2 tokens (the first has no context)")
             prepared = self.core.prepare(ids, _adapters(request.adapters), _mode(request.mode),
                                          merge_options(request.merge), 0, context.is_active)
@@ -235,3 +237,7 @@ class RuntimeService(pb_grpc.RuntimeServicer):
         with self._rpc("GetInfo", context):
             return self.info
 
+
+def _chat_adapter(request) -> str | None:
+    """The adapter whose own chat template a chat request gets: the one it names, if it names one."""
+    return request.adapters[0].ref if len(request.adapters) == 1 else None

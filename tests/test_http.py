@@ -403,6 +403,8 @@ def test_an_adapters_own_chat_template(http_server, served_adapters, served_base
     expected = client.generate(rendered, adapters=["templated"], max_new_tokens=4, temperature=0.0)
     assert reply.choices[0].message.content == expected.text
     assert reply.usage.prompt_tokens == expected.usage.prompt_tokens
+    over_grpc = client.generate("hi", chat=True, adapters=["templated"], max_new_tokens=4, temperature=0.0)
+    assert over_grpc.text == expected.text and over_grpc.usage.prompt_tokens == expected.usage.prompt_tokens
     base_template = sdk.chat.completions.create(model="lora0", messages=messages, max_tokens=4, temperature=0)
     assert base_template.usage.prompt_tokens != reply.usage.prompt_tokens
     (folder / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content | nosuchfilter }}{% endfor %}")
