@@ -24,6 +24,7 @@ from typing import Any
 from hub import basemodel
 from hub.artifact import (CONFIG_FILE, WEIGHTS_FILE, Adapter, ArtifactError, Technique, adapter_from_bytes,
                           read_adapter, read_buffer)
+from hub.chat_template import chat_template, check_template
 from hub.errors import Conflict, HubError, IntegrityError, InvalidName, NotFound
 from hub.files import NotRegularFile, check_below
 from hub.home import hub_home
@@ -226,6 +227,9 @@ class Registry:
             for p in artifact_files(src):
                 size, digest = sha256_file(p)
                 files[p.name] = {"size": size, "sha256": digest}
+            template = chat_template(set(files), lambda n: (src / n).read_bytes())
+            if template is not None:  # refused now, not by every chat request that names the adapter
+                check_template(template)
             provenance = Provenance(description, tuple(tags), license, {"parents": [], **(lineage or {}), **imported})
             manifest = build(name, version, adapter, files, base, provenance)
             if in_place:

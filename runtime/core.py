@@ -16,11 +16,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from hub.chat_template import chat_template
 from runtime.errors import InvalidArgument, QueueFull
-from runtime.generate import SamplingParams, Row
+from runtime.generate import Row, SamplingParams, score
 from runtime.sampling import MAX_TOP_LOGPROBS
 from runtime.merged import MergeOptions, merged_manifest
-from runtime.plan import AdapterUse, RowPlan
+from runtime.plan import AdapterUse, PlanError, RowPlan
 from runtime.pool import AdapterPool, Lease
 from runtime.scheduler import Finished, Request, Scheduler
 from runtime.textstream import TextStream
@@ -149,10 +150,11 @@ class Serving:
         tokenizer = engine.tokenizer
         self._max_text_chars = limits.context_length * (longest_token(tokenizer) if tokenizer is not None else 1)
         self._tokenizing = threading.BoundedSemaphore(TOKENIZING_AT_ONCE)
+        self._templates: dict[str, str | None] = {}  # adapter version (sha256) -> its own chat template
 
-    def token_ids(self, text: str, ids, *, chat: bool, what: str) -> list[int]:
+    def token_ids(self, text: str, ids, *, chat: bool, what: str, adapter: str | None = None) -> list[int]:
         """The prompt as token ids: exactly one of text or ids, every id in the vocabulary; `chat` applies the
-        chat template to `text` as one user message."""
+        chat template (`adapter`'s own where it ships one) to `text` as one user message."""
         ok(not (text and ids), f"give the {what} as text or as token ids, not both")
         if ids:
             ok(not chat, "chat applies the chat template to text: send the prompt as text")
@@ -162,22 +164,34 @@ class Serving:
             return list(ids)
         ok(bool(text), f"the {what} is empty")
         if chat:
-            return self.chat_ids([{"role": "user", "content": text}])
+            return self.chat_ids([{"role": "user", "content": text}], adapter)
         self._check_text(len(text), what)
         with self._tokenizing:
             out = list(self.engine.tokenizer(text)["input_ids"])
         ok(bool(out), f"the {what} is empty after tokenization")
         return out
 
-    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """A conversation through the base model's chat template, ready for the assistant's turn."""
+    def chat_ids(self, messages: list[dict[str, str]], adapter: str | None = None) -> list[int]:
+        """A conversation through the chat template of `adapter` (a ref) where it ships one, else the base
+        model's, ready for the assistant's turn."""
         ok(bool(messages), "the conversation has no messages")
         self._check_text(sum(len(m["content"]) for m in messages), "conversation")
-        ok(getattr(self.engine.tokenizer, "chat_template", None) is not None, "the base model has no chat template")
+        template = self.adapter_template(adapter) if adapter else None
+        ok(template is not None or getattr(self.engine.tokenizer, "chat_template", None) is not None,
+           "the base model has no chat template")
         with self._tokenizing:
             out = self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                            return_dict=True)
+                                                            return_dict=True, chat_template=template)
         return list(out["input_ids"])
+
+    def adapter_template(self, ref: str) -> str | None:
+        """The chat template an adapter version ships (hub/chat_template.py), read once per version."""
+        manifest = self.pool.resolve(ref)
+        if manifest.sha256 not in self._templates:
+            registry = self.pool.registry
+            self._templates[manifest.sha256] = chat_template(
+                set(manifest.files), lambda name: registry.file_path(manifest, name).read_bytes())
+        return self._templates[manifest.sha256]
 
     def _check_text(self, chars: int, what: str) -> None:
         """A text too long for the context whatever its tokens is refused before it is tokenized (a
@@ -233,6 +247,13 @@ class Serving:
             self.pool.release(prepared.lease)
             raise
         return prepared, queued, TextStream(self.engine.tokenizer, sampling.stop)
+
+    def score(self, prepared: Prepared) -> list[float]:
+        """log P(token i+1 | tokens 0..i) of the prepared ids under its plan, on the scheduler's thread."""
+        try:
+            return self.scheduler.call(lambda: score(self.engine, prepared.ids, prepared.plan))
+        except PlanError as e:
+            raise InvalidArgument(str(e)) from None
 
     def events(self, queued: Request, text: TextStream) -> Iterator[tuple[list[int], str, Finished | None]]:
         """(new tokens, new text, Finished on the last) per scheduler event; a stop string ends it."""
