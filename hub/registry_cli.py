@@ -353,15 +353,25 @@ def gc(registry: Path | None = REGISTRY_OPT) -> None:
 
 @app.command()
 def export(
-    ref: str = REF_ARG, out: Path = typer.Option(..., "--out", help="New folder to write."),
+    ref: str | None = typer.Argument(None, metavar="REF", help="name, name@1.2.0 or name@tag; none: the whole "
+                                                               "index as one registry.json."),
+    out: Path | None = typer.Option(None, "--out", help="New folder to write (the index: a file; default stdout)."),
     registry: Path | None = REGISTRY_OPT,
     merged: bool = typer.Option(False, "--merged", help="Write a full HF model: the adapter folded into the base."),
     base_model: str | None = typer.Option(None, "--base-model", help="With --merged: the base (default: as pushed)."),
     dtype: str | None = typer.Option(None, "--dtype", help="With --merged: float32, bfloat16 or float16 "
                                                            "(default: the base's own)."),
 ) -> None:
-    """Write a version's files to a folder (PEFT's `PeftModel.from_pretrained` loads PEFT techniques)."""
+    """Write a version's files to a folder (PEFT's `PeftModel.from_pretrained` loads PEFT techniques); without
+    REF, every version and tag as one registry.json (hub/registry.schema.json), the listing a repository ships."""
     with _clear_errors():
+        if ref is None:
+            if merged or base_model or dtype:
+                fail("--merged, --base-model and --dtype apply to one version: give its REF")
+            _export_listing(open_registry(registry), out)
+            return
+        if out is None:
+            fail("give --out DIR: the new folder for the version's files")
         if dtype is not None and not merged:
             fail("--dtype applies to --merged exports only (an adapter's files are copied as they are)")
         if dtype not in (None, *basemodel.DTYPES):
@@ -372,6 +382,27 @@ def export(
             typer.echo(export_merged_version(open_registry(registry), ref, base_model, out, dtype))
             return
         typer.echo(open_registry(registry).export(ref, out))
+
+
+def _export_listing(reg: Registry, out: Path | None) -> None:
+    from hub.index import atomic_write_json
+
+    data = reg.listing()
+    if out is None:
+        typer.echo(json.dumps(data, indent=1, sort_keys=True))
+        return
+    atomic_write_json(out, data, tmp_dir=out.parent)
+    versions = sum(len(entry["versions"]) for entry in data["adapters"].values())
+    typer.echo(f"wrote {out} ({versions} versions)")
+
+
+@app.command()
+def migrate(registry: Path | None = REGISTRY_OPT) -> None:
+    """Convert a registry.json registry to the refs/ layout (one file per version), atomically."""
+    with _clear_errors():
+        reg = open_registry(registry)
+        count = reg.migrate()
+        typer.echo(f"migrated {count} versions to {reg.root / 'refs'} (the old index is registry.json.migrated)")
 
 
 @remote_app.command("add")

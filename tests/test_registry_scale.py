@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hub.index import Index
+from hub.refs import RefStore
 from hub.registry import Registry
 from tests.test_cli_registry import hub, one_line_error
 
@@ -38,11 +38,12 @@ def test_list_filters_limit_and_search(technique_adapters, hub_home, monkeypatch
     assert "team/chat@1.1.0" in hub("search", "friendlier", home=hub_home).output  # the table
     one_line_error(hub("list", "--limit", "0", home=hub_home, ok=False), "--limit must be at least 1")
 
-    checked: list[str] = []  # a prefix reads only the entries it names, and reading stops at the limit
-    check = Index._check
-    monkeypatch.setattr(Index, "_check", lambda self, names: (checked.extend(names), check(self, names))[1])
+    read: list[str] = []  # a prefix reads only the versions it names, and reading stops at the limit
+    get = RefStore.get
+    monkeypatch.setattr(RefStore, "get", lambda self, name, version: (read.append(f"{name}@{version}"),
+                                                                      get(self, name, version))[1])
     assert [m.ref for m in Registry().list(name="team/", limit=1)] == ["team/chat@1.0.0"]
-    assert checked == ["team/chat"]
+    assert read == ["team/chat@1.0.0"]
 
 
 def test_registry_commands_do_not_import_the_ml_stack(technique_adapters, hub_home, tmp_path):
@@ -70,9 +71,8 @@ def test_pull_from_a_directory_remote_checks_only_the_version_it_takes(technique
     remote = tmp_path / "remote"
     Registry(remote).push(technique_adapters["lora"], "good", "1.0.0")
     Registry(remote).push(technique_adapters["ia3"], "bad", "1.0.0")
-    data = json.loads((remote / "registry.json").read_text())
-    data["adapters"]["bad"]["versions"]["1.0.0"]["sha256"] = "0" * 64
-    (remote / "registry.json").write_text(json.dumps(data))
+    path = remote / "refs" / "_" / "bad" / "versions" / "1.0.0.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "sha256": "0" * 64}))
 
     assert "pulled good@1.0.0" in hub("pull", "good", "--from", remote, home=hub_home).output
     one_line_error(hub("pull", "bad", "--from", remote, home=hub_home, ok=False), "bad@1.0.0: digest does not match")

@@ -1,10 +1,15 @@
-"""A directory remote: another registry folder (shared file system, or a checkout's registry.json)."""
+"""A directory remote: another registry folder (shared file system, or a checkout's registry.json).
+
+It is read and written as any registry is (hub/refs.py): a pull reads the files of the adapter it takes, and a
+push writes one version file and one tags file by atomic rename, which is safe on a network file system."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from hub.errors import NotFound, RemoteError
+from hub.index import INDEX_FILE
 from hub.manifest import Manifest
+from hub.refs import REFS_DIR
 from hub.registry import Registry
 from hub.remotes import Remote
 from hub.store import Progress
@@ -18,8 +23,8 @@ class DirectoryRemote(Remote):
     def _registry(self, must_exist: bool) -> Registry:
         if self.path.exists() and not self.path.is_dir():
             raise RemoteError(f"{self.path} is not a folder")
-        if must_exist and not (self.path / "registry.json").is_file():
-            raise NotFound(f"{self.path} is not a registry (no registry.json)")
+        if must_exist and not ((self.path / REFS_DIR).is_dir() or (self.path / INDEX_FILE).is_file()):
+            raise NotFound(f"{self.path} is not a registry (no {REFS_DIR}/ or {INDEX_FILE})")
         return Registry(self.path)
 
     def fetch(self, ref: str, local: Registry, progress: Progress | None = None, revision: str | None = None) -> Manifest:
