@@ -161,7 +161,8 @@ def read_jsonl(path: str | Path, parse: Callable[[object], Any] = parse_row) -> 
 
 def read_dataset_folder(path: str | Path, parse: Callable[[object], Any] = parse_row) -> list:
     """Examples from a Hugging Face `datasets` folder written by `save_to_disk` (one split), as `read_jsonl`
-    reads a file; bad rows are reported by row number (from 1)."""
+    reads a file; bad rows are reported by row number (from 1). The `datasets` library is optional
+    (the `data` extra): only this reader needs it."""
     path = Path(path)
     try:
         from datasets import Dataset, load_from_disk
@@ -174,7 +175,9 @@ def read_dataset_folder(path: str | Path, parse: Callable[[object], Any] = parse
         raise TrainError(f"{path}: not a folder written by datasets' save_to_disk ({e})") from None
     if not isinstance(data, Dataset):
         raise TrainError(f"{path} holds the splits {', '.join(data)}: give one split's folder, e.g. {path / 'train'}")
-    return _parsed(path, ((f"row {n}", row) for n, row in enumerate(data, start=1)), parse, lambda row: row)
+    # A table has every column in every row: a column a row does not use (e.g. "messages" in a prompt row) is None.
+    rows = ((f"row {n}", {k: v for k, v in row.items() if v is not None}) for n, row in enumerate(data, start=1))
+    return _parsed(path, rows, parse, lambda row: row)
 
 
 def read_rows(path: str | Path, parse: Callable[[object], Any] = parse_row) -> list:

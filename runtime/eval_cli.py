@@ -48,6 +48,17 @@ def parse_question(row: object) -> Question:
                      '"answer": index of the right one}')
 
 
+def choice_parser(choices: tuple[str, ...]):
+    """`--choices A,B,...`: each {"prompt", "completion"} row is a question over these choices, its completion
+    the right one."""
+    def parse(row: object) -> Question:
+        example = parse_completion(row)
+        if example.reply not in choices:
+            raise ValueError(f"the completion {example.reply!r} is none of --choices {', '.join(choices)}")
+        return Question(example.prompt, choices, choices.index(example.reply))
+    return parse
+
+
 def parse_completion(row: object) -> Example:
     """One row for a metric on generations: a prompt and the reply expected."""
     from hub.train import Example, parse_row
@@ -124,13 +135,18 @@ class Evaluation:
         self.scorer = ServerScorer(client, batch_size, {m.ref: m.sha256 for m in self.manifests})
         self.base = {"id": info.base_model_id, "fingerprint": info.architecture_fingerprint}
 
-    def run(self, data: Path, metric: str, max_len: int = 256, max_new_tokens: int = 48) -> list[Outcome]:
-        """One Outcome per key (the base first), from one pass over `data` that mixes every version per batch."""
+    def run(self, data: Path, metric: str, max_len: int = 256, max_new_tokens: int = 48,
+            choices: tuple[str, ...] = ()) -> list[Outcome]:
+        """One Outcome per key (the base first), from one pass over `data` that mixes every version per batch.
+        `choices`: for accuracy, the choices of every question (rows then name the right one as completion)."""
         from hub.train import TrainError, encode_chat, parse_row, read_rows
 
         if metric not in METRICS:
             raise TrainError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
-        parser = {"accuracy": parse_question, "exact_match": parse_completion, "contains": parse_completion}
+        if choices and (metric != "accuracy" or len(choices) < 2 or not all(choices)):
+            raise TrainError("--choices takes two or more non-empty choices, with --metric accuracy")
+        accuracy = choice_parser(choices) if choices else parse_question
+        parser = {"accuracy": accuracy, "exact_match": parse_completion, "contains": parse_completion}
         rows = read_rows(data, parser.get(metric, parse_row))
         keys = list(self.keys.values())
         if metric == "accuracy":
@@ -259,6 +275,8 @@ def eval_command(
     batch_size: int = BATCH_OPT,
     max_len: int = MAX_LEN_OPT,
     max_new_tokens: int = NEW_TOKENS_OPT,
+    choices: str | None = typer.Option(None, "--choices", help='accuracy: comma-separated choices shared by every '
+                                                               'row; rows {"prompt", "completion": the right one}.'),
     server: str | None = SERVER_OPT,
     token_file: Path | None = TOKEN_OPT,
     no_record: bool = typer.Option(False, "--no-record", help="Do not append the results to the versions' "
@@ -273,9 +291,11 @@ def eval_command(
         raise typer.Exit(1)
     with _one_line_errors():
         run = Evaluation(open_registry(registry), refs, base_model, not no_base, batch_size, server, token_file)
-        outcomes = run.run(data, metric, max_len, max_new_tokens)
+        shared = tuple(c.strip() for c in choices.split(",")) if choices is not None else ()
+        outcomes = run.run(data, metric, max_len, max_new_tokens, shared)
         if not no_record:
-            run.record(outcomes, data, {"max_len": max_len, "max_new_tokens": max_new_tokens})
+            run.record(outcomes, data, {"max_len": max_len, "max_new_tokens": max_new_tokens,
+                                        "choices": list(shared)})
     if as_json:
         typer.echo(json.dumps([o.to_dict() for o in outcomes], indent=1))
         return

@@ -197,3 +197,33 @@ def test_eval_on_a_running_server_gives_the_in_process_numbers(registry, start_s
     result = hub("eval", "lora0", "--data", str(path), "--server", server.address, "--registry", str(other.root))
     assert result.exit_code == 1 and "the server serves lora0@1.0.0 with sha256" in result.output
     assert evals.read(other.root, other.resolve("lora0")) == []
+
+
+def test_a_datasets_folder_evaluates_as_its_jsonl(data, pushed, tmp_path):  # noqa: F811
+    datasets = pytest.importorskip("datasets")
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    folder = tmp_path / "val-ds"
+    datasets.Dataset.from_dict({k: [r.get(k) for r in rows] for k in ("prompt", "completion", "messages")}) \
+        .save_to_disk(str(folder))
+    assert evaluated("lora", "--data", str(folder)) == evaluated("lora", "--data", str(data))
+    [on_folder, on_file] = show("lora")["evaluations"]
+    assert on_folder["dataset"]["file"] == "val-ds" and on_folder["dataset"]["rows"] == on_file["dataset"]["rows"]
+
+
+def test_shared_choices_score_as_the_same_questions_written_out(pushed, tmp_path):  # noqa: F811
+    rng = random.Random(5)
+    choices = ["gh", "ij", "k"]
+    rows = [{"prompt": "".join(rng.choice("abcdef") for _ in range(4)), "completion": rng.choice(choices)}
+            for _ in range(10)]
+    short, full = tmp_path / "short.jsonl", tmp_path / "full.jsonl"
+    short.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    full.write_text("".join(json.dumps({"prompt": r["prompt"], "choices": choices,
+                                        "answer": choices.index(r["completion"])}) + "\n" for r in rows))
+    assert evaluated("lora", "ia3", "--data", str(short), "--metric", "accuracy", "--choices", "gh, ij,k") == \
+        evaluated("lora", "ia3", "--data", str(full), "--metric", "accuracy")
+
+    short.write_text(short.read_text() + json.dumps({"prompt": "a", "completion": "zz"}) + "\n")
+    bad = hub("eval", "lora", "--data", str(short), "--metric", "accuracy", "--choices", "gh,ij,k")
+    assert bad.exit_code == 1 and "line 11 (the completion 'zz' is none of --choices gh, ij, k)" in bad.output
+    bad = hub("eval", "lora", "--data", str(full), "--metric", "loss", "--choices", "gh,ij")
+    assert bad.exit_code == 1 and "--choices takes two or more" in bad.output
