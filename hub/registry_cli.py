@@ -12,9 +12,9 @@ from pathlib import Path
 
 import typer
 
-from hub import basemodel
+from hub import basemodel, evals
 from hub.artifact import ArtifactError
-from hub.clikit import REF_ARG, fail, printable
+from hub.clikit import REF_ARG, fail, printable, table
 from hub.errors import HubError
 from hub.manifest import Manifest, parse_ref
 from hub.registry import Registry, open_registry
@@ -222,11 +222,31 @@ def list_(
     name: str | None = typer.Option(None, "--name", help="Only adapters whose name starts with this."),
     tag: str | None = typer.Option(None, "--tag", help="Only versions a tag points at, or with this descriptive tag."),
     limit: int | None = typer.Option(None, "--limit", help="At most this many versions."),
+    sort: str | None = typer.Option(None, "--sort", help="Rank by this evaluation metric (loss, accuracy, ...)."),
+    dataset: str | None = typer.Option(None, "--dataset", help="With --sort: the data set's sha256 (or a prefix)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifests as JSON."),
     registry: Path | None = REGISTRY_OPT,
 ) -> None:
-    """List every version (optionally filtered), in name and version order."""
+    """List every version (optionally filtered), in name and version order; or ranked by an evaluation metric."""
+    if sort is not None or dataset is not None:
+        with _clear_errors():
+            _print_ranked(registry, sort, dataset, as_json, base_model=base_model, technique=technique, name=name,
+                          tag=tag, limit=limit)
+        return
     _print_versions(registry, as_json, base_model=base_model, technique=technique, name=name, tag=tag, limit=limit)
+
+
+def _print_ranked(registry: Path | None, metric: str | None, dataset: str | None, as_json: bool, **filters) -> None:
+    """`hub list --sort`: the versions best first by their newest evaluation record of `metric`."""
+    if metric is None:
+        raise HubError("--dataset applies with --sort METRIC")
+    reg = open_registry(registry)
+    limit = filters.pop("limit")  # the best ones, not the first ones by name
+    ranked = evals.rank(reg.root, reg.list(**filters), metric, dataset)[:limit]
+    if as_json:
+        typer.echo(json.dumps([{"ref": m.ref, "evaluation": r} for m, r in ranked], indent=1))
+        return
+    typer.echo(table(evals.ranked_rows(ranked, metric)))
 
 
 @app.command()
@@ -266,10 +286,14 @@ def show(
         manifest = reg.resolve(ref)
         data = manifest.to_dict()
         data["ref_tags"] = reg.version_tags(manifest)
+        data["evaluations"] = evals.read(reg.root, manifest)
         if as_json:
             typer.echo(json.dumps(data, indent=1))
             return
         for key, value in data.items():
+            if key == "evaluations":
+                typer.echo(f"{key}: {len(value)}" + "".join(f"\n  {printable(evals.describe(r))}" for r in value))
+                continue
             shown = printable(value) if isinstance(value, str) else json.dumps(value, default=str)  # JSON escapes
             typer.echo(f"{key}: {shown}")
 

@@ -14,6 +14,7 @@ loss, or the latest without validation data) is what is saved, also when Ctrl-C 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -153,23 +154,69 @@ def read_jsonl(path: str | Path, parse: Callable[[object], Any] = parse_row) -> 
     path = Path(path)
     if not path.is_file():
         raise TrainError(f"{path}: no such file")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return _parsed(path, ((f"line {n}", line) for n, line in enumerate(lines, start=1) if line.strip()), parse,
+                   json.loads)
+
+
+def read_dataset_folder(path: str | Path, parse: Callable[[object], Any] = parse_row) -> list:
+    """Examples from a Hugging Face `datasets` folder written by `save_to_disk` (one split), as `read_jsonl`
+    reads a file; bad rows are reported by row number (from 1). The `datasets` library is optional
+    (the `data` extra): only this reader needs it."""
+    path = Path(path)
+    try:
+        from datasets import Dataset, load_from_disk
+    except ImportError:
+        raise TrainError(f"{path} is a folder: reading a `datasets` folder needs the datasets library "
+                         "(pip install datasets)") from None
+    try:
+        data = load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as e:
+        raise TrainError(f"{path}: not a folder written by datasets' save_to_disk ({e})") from None
+    if not isinstance(data, Dataset):
+        raise TrainError(f"{path} holds the splits {', '.join(data)}: give one split's folder, e.g. {path / 'train'}")
+    # A table has every column in every row: a column a row does not use (e.g. "messages" in a prompt row) is None.
+    rows = ((f"row {n}", {k: v for k, v in row.items() if v is not None}) for n, row in enumerate(data, start=1))
+    return _parsed(path, rows, parse, lambda row: row)
+
+
+def read_rows(path: str | Path, parse: Callable[[object], Any] = parse_row) -> list:
+    """Examples from a JSONL file or a `datasets` save_to_disk folder."""
+    return read_dataset_folder(path, parse) if Path(path).is_dir() else read_jsonl(path, parse)
+
+
+def _parsed(path: Path, rows: Iterator[tuple[str, Any]], parse: Callable[[object], Any],
+            decode: Callable[[Any], object]) -> list:
+    """Every row parsed, or one TrainError naming each bad row (`where` it is, and why)."""
     examples: list = []
     bad: list[str] = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for where, raw in rows:
         try:
-            examples.append(parse(json.loads(line)))
+            examples.append(parse(decode(raw)))
         except json.JSONDecodeError as e:
-            bad.append(f"line {n} (malformed JSON: {e.msg})")
+            bad.append(f"{where} (malformed JSON: {e.msg})")
         except ValueError as e:
-            bad.append(f"line {n} ({e})")
+            bad.append(f"{where} ({e})")
     if bad:
         shown = "; ".join(bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
         raise TrainError(f"{path}: {len(bad)} bad row(s), none used: {shown}")
     if not examples:
         raise TrainError(f"{path}: holds no examples")
     return examples
+
+
+def dataset_info(path: Path, rows: int) -> dict[str, Any]:
+    """What identifies a data set in a record: its name, sha256 (of a folder: of its files' names and
+    contents, in order) and row count."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    if path.is_dir():
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(f"{file.relative_to(path).as_posix()}\0".encode())
+            digest.update(hashlib.sha256(file.read_bytes()).digest())
+    else:
+        digest.update(path.read_bytes())
+    return {"file": path.name, "sha256": digest.hexdigest(), "rows": rows}
 
 
 def write_jsonl(path: str | Path, examples: Sequence[Example]) -> None:

@@ -8,7 +8,6 @@ what final losses.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import platform
@@ -42,11 +41,6 @@ def _layers(text: str | None) -> tuple[int, ...]:
         return tuple(int(t) for t in _csv(text))
     except ValueError:
         raise TrainError(f"--layers takes comma-separated layer indices, got {text!r}") from None
-
-
-def dataset_info(path: Path, rows: int) -> dict[str, Any]:
-    """What identifies a data file in the record: its name, sha256 and row count."""
-    return {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "rows": rows}
 
 
 def split_rows(rows: list[Example | Chat], fraction: float, seed: int) -> tuple[list, list]:
@@ -115,7 +109,8 @@ def save_loss_curve(fit: Fit, path: Path) -> bool:
 
 def train_command(
     technique: str = typer.Option(..., "--technique", help="lora, ia3, prompt_tuning, bitfit or bottleneck."),
-    data: Path = typer.Option(..., "--data", help='JSONL: {"prompt", "completion"} or {"messages": [...]} rows.'),
+    data: Path = typer.Option(..., "--data", help='JSONL or a `datasets` save_to_disk folder: {"prompt", "completion"} or '
+                                                      '{"messages": [...]} rows.'),
     eval_data: Path | None = typer.Option(None, "--eval-data", help="Validation JSONL (same formats)."),
     eval_split: float | None = typer.Option(None, "--eval-split", callback=finite,
                                             help="Hold out this fraction of --data instead."),
@@ -162,7 +157,8 @@ def run(o: dict[str, Any]) -> None:
     """`hub train` with its options `o`: every input is checked before the base model loads."""
     from hub import basemodel
     from hub.manifest import check_name, check_version
-    from hub.train import TrainError, TrainSpec, bottleneck_preset, encode_chat, read_jsonl, train_adapter
+    from hub.train import (TrainError, TrainSpec, bottleneck_preset, dataset_info, encode_chat, read_rows,
+                           train_adapter)
 
     if o["technique"] not in {t.value for t in Technique}:
         known = ", ".join(t.value for t in Technique)
@@ -180,11 +176,11 @@ def run(o: dict[str, Any]) -> None:
     registry = open_registry(o["registry"]) if o["push"] else None
     if registry is not None and registry.index().get(o["name"], o["version"]) is not None:
         raise TrainError(f"{o['name']}@{o['version']} is in the registry already")
-    rows = read_jsonl(o["data"])
+    rows = read_rows(o["data"])
     train_rows, val_rows = rows, []
     validation = None
     if o["eval_data"] is not None:
-        val_rows = read_jsonl(o["eval_data"])
+        val_rows = read_rows(o["eval_data"])
         validation = dataset_info(o["eval_data"], len(val_rows))
     elif o["eval_split"] is not None:
         train_rows, val_rows = split_rows(rows, o["eval_split"], o["seed"])

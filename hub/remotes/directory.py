@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hub import evals
 from hub.errors import NotFound, RemoteError
 from hub.index import INDEX_FILE
 from hub.manifest import Manifest
@@ -30,12 +31,16 @@ class DirectoryRemote(Remote):
     def fetch(self, ref: str, local: Registry, progress: Progress | None = None, revision: str | None = None) -> Manifest:
         if revision is not None:
             raise RemoteError("--revision applies to Hugging Face remotes only")
-        return local.add_from(self._registry(must_exist=True), ref, progress)
+        remote = self._registry(must_exist=True)
+        manifest = local.add_from(remote, ref, progress)
+        evals.copy(remote.root, local.root, manifest)
+        return manifest
 
     def publish(self, manifest: Manifest, local: Registry, progress: Progress | None = None) -> str:
-        """Copy the version, then point its local tags at it here too (moving them if they exist)."""
+        """Copy the version and its evaluation records, then point its local tags at it here too (moving them if they exist)."""
         remote = self._registry(must_exist=False)
         remote.add_from(local, manifest.ref, progress)
+        evals.copy(local.root, remote.root, manifest)
         for tag in local.version_tags(manifest):
             remote.tag(manifest.ref, tag)
         return self.url
