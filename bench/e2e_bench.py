@@ -42,11 +42,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import (ALL_PROJECTIONS, lora_template, median, percentile, script_parser, setup_logging, table,
-                    write_random_lora)
+from common import lora_template, median, percentile, script_parser, setup_logging, table, write_random_lora
 from scale_bench import Server
 
 from hub import basemodel  # noqa: E402  (common puts the repo on sys.path)
+from hub.architectures import PROJECTIONS  # noqa: E402
 from runtime.cpu_linear import route_linears  # noqa: E402
 
 TOPICS = ("a lighthouse", "a robot", "the sea", "a city at night", "a dragon", "a garden", "a train", "the moon",
@@ -58,7 +58,7 @@ TOPICS = ("a lighthouse", "a robot", "the sea", "a city at night", "a dragon", "
 # enough that some prompts end at once (EOS); 0.005 keeps every request generating all its tokens, so
 # every configuration produces the same token count. The cost of a LoRA does not depend on its values.
 LORA_SCALE = 0.005
-LORA_SHAPES = {"q,v": ("q_proj", "v_proj"), "all": ALL_PROJECTIONS}
+LORA_SHAPES = {"q,v": ("q_proj", "v_proj"), "all": PROJECTIONS}
 SHAPE_NAMES = {"q,v": "r=8 on q_proj, v_proj", "all": "r=8 on all 7 projections"}
 PEFT_LINEARS = {"torch": "torch's own, as shipped", "onednn": "oneDNN, as the server's (runtime/cpu_linear.py)"}
 
