@@ -15,7 +15,7 @@ from runtime import errors
 from runtime.core import AdapterRequest, Limits, Prepared, Resolved, Serving, Slots, ok, sampling_params
 from runtime.errors import InvalidArgument, ServeError
 from runtime.generate import score
-from runtime.merged import MergeOptions
+from runtime.merged import MergedManifest, MergeOptions
 from runtime.plan import PlanError
 from runtime.pool import Entry, Tier
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
@@ -83,7 +83,7 @@ def adapter_info(entry: Entry) -> pb.AdapterInfo:
     return pb.AdapterInfo(ref=m.ref, name=m.name, version=m.version, sha256=m.sha256, technique=m.technique,
                           tier=_TIERS[entry.tier], size_bytes=entry.device_bytes or entry.host_bytes or m.size,
                           pinned=entry.pinned, last_used_unix=entry.last_used_unix, requests_served=entry.requests,
-                          in_use=entry.in_use, parents=[p.ref for p in getattr(m, "parents", ())])
+                          in_use=entry.in_use, parents=[p.ref for p in m.parents] if isinstance(m, MergedManifest) else [])
 
 
 def note(record: RequestRecord, prepared: Prepared) -> None:
