@@ -28,7 +28,7 @@ overlaps that request's last decode step (cold loads share the cores with it, wa
     .venv/bin/python bench/e2e_bench.py --dtype bfloat16   # both sides in bf16 (make bench's e2e-bf16 part)
     .venv/bin/python bench/e2e_bench.py --peft-linears onednn   # PEFT's base on the server's fp32 CPU kernels
     python bench/e2e_bench.py --device cuda --dtype bfloat16 --base-model DIR   # on a GPU machine
-    python bench/e2e_bench.py ... --no-peft        # the server alone (PEFT's mixed batch took 40-57 s a run on an H200)
+    python bench/e2e_bench.py ... --no-peft        # the server alone (PEFT's mixed batch is most of a run's time)
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ class E2EConfig:
     clients: int = 32
     new_tokens: int = 32
     repeats: int = 5
-    cold: int = 12  # cold/warm pairs; with 6 the all-projection ratio moved 1.26-1.65x between runs
+    cold: int = 12  # cold/warm pairs; with half as many the all-projection ratio moved a lot between runs
     rank: int = 8
     shapes: tuple[str, ...] = tuple(LORA_SHAPES)
     dtype: str = "float32"  # of the base, in the server and in PEFT alike

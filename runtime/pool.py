@@ -472,8 +472,8 @@ class AdapterPool:
 
     def _refuse(self, key: str, manifest: ServedManifest, message: str, kind: type[Unusable] = Unusable) -> Unusable:
         """Unusable (or `kind`) for an adapter whose intact bytes cannot serve here, remembered by its sha256 so
-        requests naming it again are refused without reading and parsing it again (a 500k-tensor artifact
-        took seconds of the GIL per request); a new push under the same version has another sha256."""
+        requests naming it again are refused without reading and parsing it again (parsing a large artifact
+        holds the GIL); a new push under the same version has another sha256."""
         with self._lock:
             self._refused[key] = (manifest.sha256, message, kind)
             self._refused.move_to_end(key)
