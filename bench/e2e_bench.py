@@ -28,7 +28,7 @@ overlaps that request's last decode step (cold loads share the cores with it, wa
     .venv/bin/python bench/e2e_bench.py --dtype bfloat16   # both sides in bf16 (make bench's e2e-bf16 part)
     .venv/bin/python bench/e2e_bench.py --peft-linears onednn   # PEFT's base on the server's fp32 CPU kernels
     python bench/e2e_bench.py --device cuda --dtype bfloat16 --base-model DIR   # on a GPU machine
-    python bench/e2e_bench.py ... --no-peft        # the server alone (PEFT's mixed batch took 40-57 s a run on an H200)
+    python bench/e2e_bench.py ... --no-peft        # the server alone (PEFT's mixed batch is most of a run's time)
 """
 from __future__ import annotations
 
@@ -42,11 +42,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import (ALL_PROJECTIONS, lora_template, median, percentile, script_parser, setup_logging, table,
-                    write_random_lora)
+from common import lora_template, median, percentile, script_parser, setup_logging, table, write_random_lora
 from scale_bench import Server
 
 from hub import basemodel  # noqa: E402  (common puts the repo on sys.path)
+from hub.architectures import PROJECTIONS  # noqa: E402
 from runtime.cpu_linear import route_linears  # noqa: E402
 
 TOPICS = ("a lighthouse", "a robot", "the sea", "a city at night", "a dragon", "a garden", "a train", "the moon",
@@ -58,7 +58,7 @@ TOPICS = ("a lighthouse", "a robot", "the sea", "a city at night", "a dragon", "
 # enough that some prompts end at once (EOS); 0.005 keeps every request generating all its tokens, so
 # every configuration produces the same token count. The cost of a LoRA does not depend on its values.
 LORA_SCALE = 0.005
-LORA_SHAPES = {"q,v": ("q_proj", "v_proj"), "all": ALL_PROJECTIONS}
+LORA_SHAPES = {"q,v": ("q_proj", "v_proj"), "all": PROJECTIONS}
 SHAPE_NAMES = {"q,v": "r=8 on q_proj, v_proj", "all": "r=8 on all 7 projections"}
 PEFT_LINEARS = {"torch": "torch's own, as shipped", "onednn": "oneDNN, as the server's (runtime/cpu_linear.py)"}
 
@@ -69,7 +69,7 @@ class E2EConfig:
     clients: int = 32
     new_tokens: int = 32
     repeats: int = 5
-    cold: int = 12  # cold/warm pairs; with 6 the all-projection ratio moved 1.26-1.65x between runs
+    cold: int = 12  # cold/warm pairs; with half as many the all-projection ratio moved a lot between runs
     rank: int = 8
     shapes: tuple[str, ...] = tuple(LORA_SHAPES)
     dtype: str = "float32"  # of the base, in the server and in PEFT alike

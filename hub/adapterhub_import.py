@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
+from hub.architectures import BOTTLENECK_MODEL_TYPES
 from hub.artifact import CONFIG_FILE, WEIGHTS_FILE, ArtifactError, read_config, read_tensors
-from hub.bottleneck_format import (LOCATIONS, MODEL_TYPES, BottleneckConfig, check_non_linearity, check_scaling,
-                                   positive_int)
+from hub.bottleneck_format import LOCATIONS, BottleneckConfig, check_non_linearity, check_scaling, positive_int
 from hub.files import open_regular
 
 SAFE_WEIGHTS = "adapter.safetensors"  # the `adapters` library's file names
@@ -55,9 +55,9 @@ def _convert_config(saved: dict[str, Any], path: Path) -> tuple[BottleneckConfig
         raise ArtifactError(f"{path}: AdapterHub architecture {architecture!r} is not a bottleneck adapter "
                             "(only bottleneck adapters are imported)")
     model_type = saved.get("model_type")
-    if model_type not in MODEL_TYPES:
+    if model_type not in BOTTLENECK_MODEL_TYPES:
         raise ArtifactError(f"{path}: model_type {model_type!r} is not served for bottleneck adapters "
-                            f"(served: {', '.join(MODEL_TYPES)})")
+                            f"(served: {', '.join(BOTTLENECK_MODEL_TYPES)})")
     for key, what in _REFUSED_TRUE.items():
         if cfg.get(key):
             raise ArtifactError(f"{path}: option {key}=true ({what}) is not served")

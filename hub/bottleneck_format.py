@@ -30,10 +30,7 @@ import torch.nn.functional as F
 
 from hub.artifact import ArtifactError
 
-LOCATIONS = ("attention", "ffn")
-# `adapters` library: model types whose decoder layers call the adapter layer without a LayerNorm
-# (pre-norm: residual + block output), the only placement the runtime computes.
-MODEL_TYPES = ("llama", "mistral")
+LOCATIONS = ("attention", "ffn")  # the places hub/architectures.py BOTTLENECK_SITES names modules for
 
 
 def _gelu_new(x: torch.Tensor) -> torch.Tensor:

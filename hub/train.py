@@ -25,11 +25,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from hub.bottleneck_format import ACTIVATIONS, BottleneckConfig
+from hub.architectures import BOTTLENECK_SITES, FEEDFORWARD, IA3_TARGETS, LORA_TARGETS, PROJECTIONS
 from hub.artifact import CONFIG_FILE, WEIGHTS_FILE, Technique
-
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-FEEDFORWARD = ("down_proj",)  # IA3 scales these modules' input (PEFT's feedforward_modules), the others' output
+from hub.bottleneck_format import ACTIVATIONS, BottleneckConfig
 
 
 class TrainError(ValueError):
@@ -281,11 +279,11 @@ def _peft_config(spec: TrainSpec):
 
     if spec.technique is Technique.LORA:
         return LoraConfig(r=spec.r, lora_alpha=spec.lora_alpha, lora_dropout=0.0,
-                          target_modules=list(spec.target_modules or ("q_proj", "v_proj")),
+                          target_modules=list(spec.target_modules or LORA_TARGETS),
                           layers_to_transform=list(spec.layers) or None,
                           task_type=TaskType.CAUSAL_LM)
     if spec.technique is Technique.IA3:
-        names = list(spec.target_modules or ("k_proj", "v_proj", "down_proj"))
+        names = list(spec.target_modules or IA3_TARGETS)
         # IA3Config has no layers_to_transform: a layer subset is a full-match regex over module paths.
         targets = (rf".*\.layers\.({'|'.join(map(str, spec.layers))})\.(.*\.)?({'|'.join(map(re.escape, names))})"
                    if spec.layers else names)
@@ -416,11 +414,6 @@ def optimize(forward: Callable[[dict[str, torch.Tensor]], torch.Tensor], params:
     return fit(forward, params, examples, spec, pad_id, log).losses
 
 
-# location -> (module whose input is the block's residual, module whose output is the block's output), as served
-_BOTTLENECK_SITES = {"attention": ("input_layernorm", "self_attn.o_proj"),
-                     "ffn": ("post_attention_layernorm", "mlp.down_proj")}
-
-
 class _Bottleneck:
     """Trainable bottleneck layers (AdapterHub math for pre-norm decoders), hooked in where the runtime serves
     them: the residual is the input of the block's norm, the block's output that of its output projection."""
@@ -451,7 +444,7 @@ class _Bottleneck:
                 }
                 block = {k: torch.nn.Parameter(t.to(like.dtype)) for k, t in weights.items()}
                 self.params.update({f"{prefix}.{k}": p for k, p in block.items()})
-                norm, out = (modules[f"model.layers.{i}.{name}"] for name in _BOTTLENECK_SITES[location])
+                norm, out = (modules[f"model.layers.{i}.{name}"] for name in BOTTLENECK_SITES[location])
                 residual: list[torch.Tensor] = []
                 self._handles.append(norm.register_forward_pre_hook(lambda _m, args, r=residual: r.append(args[0])))
                 self._handles.append(out.register_forward_hook(
@@ -504,7 +497,7 @@ def train_adapter(model, examples: Sequence[TokenExample], spec: TrainSpec, out:
         return fit(forward, params, examples, spec, pad_id, log, val=val, on_step=on_step)
 
     if spec.technique in (Technique.BITFIT, Technique.BOTTLENECK):
-        hooked = (_BitFit(model, spec.target_modules or ALL_LINEAR, spec.layers) if spec.technique is Technique.BITFIT
+        hooked = (_BitFit(model, spec.target_modules or PROJECTIONS, spec.layers) if spec.technique is Technique.BITFIT
                   else _Bottleneck(model, spec))
         try:
             params = hooked.parameters()

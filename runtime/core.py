@@ -195,7 +195,7 @@ class Serving:
 
     def _check_text(self, chars: int, what: str) -> None:
         """A text too long for the context whatever its tokens is refused before it is tokenized (a
-        multi-megabyte prompt took gigabytes of tokenizer memory)."""
+        huge prompt takes the tokenizer many times its size in memory)."""
         ok(self.engine.tokenizer is not None, "this server's base model has no tokenizer: send token ids")
         ok(chars <= self._max_text_chars, f"the {what} is {chars} characters: more than the context "
            f"length {self.limits.context_length} can hold in any tokens (at most {self._max_text_chars} characters)")

@@ -33,9 +33,9 @@ from runtime.textstream import TextStream
 
 __all__ = ["Batch", "NonFiniteLogits", "SamplingParams", "Row", "score"]
 
-MAX_SEGMENTS = 2  # each extra segment costs every adapted module its own ops: ~6 ms a step on SmolLM2/CPU
-# A steady batch's segments merge after this many steps: the merge re-stacks every row's LoRA weights once
-# (~60 ms for 32 all-projection LoRAs on 2 cores), a second segment costs ~10-20 ms a step there.
+MAX_SEGMENTS = 2  # each extra segment costs every adapted module its own ops, every step
+# A steady batch's segments merge after this many steps: the merge re-stacks every row's LoRA weights once,
+# which costs about what a few steps with a second segment cost.
 SETTLE_STEPS = 4
 
 

@@ -277,13 +277,12 @@ def keep_freed_memory() -> None:
 
     By default glibc hands big freed blocks back to the kernel, so every new batch composition (its
     stacked adapter weights, megabytes per adapter) and every step's activations fault their pages
-    back in; measured on 2 CPU cores, a 32-adapter compile took 145 ms that way and 37 ms without.
+    back in, which makes a batch's compile several times slower.
     PyTorch's CPU performance guide suggests jemalloc/tcmalloc for the same reason; this is the
     dependency-free form: allocations up to 32 MiB come from the heap, and up to 512 MiB of free
     heap stays mapped for the next batch. One arena: glibc otherwise gives threads heaps of their own,
     so a cold load (in whichever RPC thread) rarely reused what the decode loop or other loads had freed
-    and faulted in fresh pages instead, ~5,000 per 9.3 MiB LoRA, slow in a VM (measurements in the
-    commit message).
+    and faulted in fresh pages instead, thousands per LoRA, slow in a VM.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -295,13 +294,14 @@ def keep_freed_memory() -> None:
 
 
 def freeze_startup_heap() -> None:
-    """Take everything alive now (the model, torch, transformers, gRPC: ~400k objects) out of the cyclic GC.
+    """Take everything alive now (the model, torch, transformers, gRPC: hundreds of thousands of objects) out of
+    the cyclic GC.
 
     A full (generation 2) collection walks every tracked object with the GIL held, which stops the decode
-    loop and every request thread: measured 210-270 ms per collection in a server with the default base,
-    at moments set by allocation counts (it landed inside a cold adapter load). Frozen objects are never
-    scanned again (they are still freed by reference counting), so full collections only walk what was
-    made since: ~30 ms with 40 all-projection LoRAs resident. vLLM freezes its startup heap the same way.
+    loop and every request thread for a long pause, at moments set by allocation counts (one landed inside a
+    cold adapter load). Frozen objects are never scanned again (they are still freed by reference counting),
+    so full collections only walk what was made since, a small part. vLLM freezes its startup heap the same
+    way.
     """
     gc.collect()
     gc.freeze()

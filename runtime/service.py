@@ -14,7 +14,7 @@ import grpc
 from runtime import errors
 from runtime.core import AdapterRequest, Limits, Prepared, Resolved, Serving, Slots, ok, sampling_params
 from runtime.errors import ServeError
-from runtime.merged import MergeOptions
+from runtime.merged import MergedManifest, MergeOptions
 from runtime.pool import Entry, Tier
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 from runtime.proto.adapterhub.v1 import runtime_pb2_grpc as pb_grpc
@@ -22,7 +22,7 @@ from runtime.requestlog import REQUEST_ID_KEY, RequestLog, RequestRecord
 from runtime.scheduler import Request
 from runtime.textstream import TextStream
 
-MAX_PAGE_SIZE = 1000  # ListAdapters entries per reply (and with no page_size): ~200 KB, far below the message cap
+MAX_PAGE_SIZE = 1000  # ListAdapters entries per reply (and with no page_size): a reply far below the message cap
 _MODES = {pb.COMPOSITION_MODE_UNSPECIFIED: "stack", pb.COMPOSITION_MODE_STACK: "stack",
           pb.COMPOSITION_MODE_AVERAGE: "average", pb.COMPOSITION_MODE_MERGE: "merge"}
 _TIERS = {Tier.DEVICE: pb.TIER_DEVICE, Tier.HOST: pb.TIER_HOST, Tier.DISK: pb.TIER_DISK}
@@ -81,7 +81,7 @@ def adapter_info(entry: Entry) -> pb.AdapterInfo:
     return pb.AdapterInfo(ref=m.ref, name=m.name, version=m.version, sha256=m.sha256, technique=m.technique,
                           tier=_TIERS[entry.tier], size_bytes=entry.device_bytes or entry.host_bytes or m.size,
                           pinned=entry.pinned, last_used_unix=entry.last_used_unix, requests_served=entry.requests,
-                          in_use=entry.in_use, parents=[p.ref for p in getattr(m, "parents", ())])
+                          in_use=entry.in_use, parents=[p.ref for p in m.parents] if isinstance(m, MergedManifest) else [])
 
 
 def note(record: RequestRecord, prepared: Prepared) -> None:

@@ -20,7 +20,7 @@ Composition per row (the library's Stack / Average, weights from the row's plan)
 At a location some of a row's adapters lack (a Pfeiffer adapter has none after attention, or
 `leave_out`), only the present ones compose there; average weights are renormalised over them.
 
-Hooks, without engine changes: the block outputs are the outputs of `self_attn.o_proj` and
+Hooks (hub/architectures.py), without engine changes: the block outputs are the outputs of `self_attn.o_proj` and
 `mlp.down_proj` (POST ops there; any LoRA delta on them applies first), and the residuals are the
 inputs of `input_layernorm` and `post_attention_layernorm` (PRE ops there record them). The
 decoder layer then adds r itself, so the op returns s - r. Each compile makes its own recording per
@@ -36,13 +36,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from hub.bottleneck_format import ACTIVATIONS, MODEL_TYPES, BottleneckConfig
+from hub.architectures import BOTTLENECK_MODEL_TYPES, BOTTLENECK_SITES
+from hub.bottleneck_format import ACTIVATIONS, BottleneckConfig
 from hub.artifact import Adapter, ArtifactError, Technique
 from hub.checkpoint import check_fits, module_tensors
 from runtime.techniques.base import BatchInfo, Resident, SiteOp, Stage, TechniqueImpl, Use, nbytes_of, to_device
 
-# location -> (module whose input is the block's residual, module whose output is the block's output)
-HOOKS = {"attention": ("input_layernorm", "self_attn.o_proj"), "ffn": ("post_attention_layernorm", "mlp.down_proj")}
 _PARTS = ("down.weight", "down.bias", "up.weight", "up.bias")
 
 
@@ -145,8 +144,8 @@ class Bottleneck(TechniqueImpl):
     def load(self, key: str, adapter: Adapter, model: nn.Module) -> Resident:
         config = BottleneckConfig.from_dict(adapter.config)
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in MODEL_TYPES:
-            raise ArtifactError(f"bottleneck adapters are served on {', '.join(MODEL_TYPES)} bases, "
+        if model_type not in BOTTLENECK_MODEL_TYPES:
+            raise ArtifactError(f"bottleneck adapters are served on {', '.join(BOTTLENECK_MODEL_TYPES)} bases, "
                                 f"not {model_type!r} (its decoder layer places norms differently)")
         check_fits(adapter, model)
         if config.hidden_size is not None and config.hidden_size != model.config.hidden_size:
@@ -188,7 +187,7 @@ class Bottleneck(TechniqueImpl):
             if tuple(parts[part].shape) != shape:
                 raise ArtifactError(f"{layer}: {location}_adapter.{part} has shape {tuple(parts[part].shape)}, "
                                     f"expected {shape}")
-        tap_site, out_site = (f"{layer}.{name}" for name in HOOKS[location])
+        tap_site, out_site = (f"{layer}.{name}" for name in BOTTLENECK_SITES[location])
         for site in (tap_site, out_site):
             if site not in modules:
                 raise ArtifactError(f"{site!r} does not exist in the base model: no place for the {location} adapter")

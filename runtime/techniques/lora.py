@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hub.architectures import SHARED_INPUT
 from hub.artifact import Adapter, ArtifactError, Technique
 from hub.checkpoint import check_fits, lora_rank_alpha, module_tensors
 from runtime.techniques.base import (BatchInfo, Resident, RowBiasOp, SiteOp, Stage, TechniqueImpl, Use,
@@ -37,10 +38,6 @@ def scaling(config: dict, path: str) -> tuple[int, float]:
     """(rank, scaling) PEFT uses for the module at `path`."""
     r, alpha = lora_rank_alpha(config, path)
     return r, alpha / (math.sqrt(r) if config.get("use_rslora") else r)
-
-
-# Sibling modules that models call with the same input tensor: their A projections can run as one.
-SHARED_INPUT = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"w1", "w3"})
 
 
 def _sibling_group(site: str) -> tuple[str, int] | None:
