@@ -20,8 +20,10 @@ float32 slots is fine); products accumulate in float32 and round once into y's d
 separate calls (one slot buffer per rank class). Semantics: `reference.py`; design: docs/engine.md.
 
 Backends, chosen per call by the tensors' device and `HUB_KERNELS`: `auto` (default) takes the fused C++
-kernels on a CPU (`cpu.py`, built at first use; the reference if they cannot be built); `reference` forces
-the torch ops everywhere; `cpu` names the fused backend (other devices keep the reference).
+kernels on a CPU (`cpu.py`, built at first use; the reference if they cannot be built) and the reference on
+other devices; `reference` forces the torch ops everywhere; `cpu` names the fused CPU backend and `triton` the
+Triton kernels for CUDA tensors (`triton_ops.py`; the reference where triton is not installed). `auto` takes
+Triton on CUDA once a GPU run has checked it (bench/cuda_checks.sh); until then it is opt-in.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ import torch
 
 from runtime.kernels import reference
 
-CHOICES = ("auto", "reference", "cpu")
+CHOICES = ("auto", "reference", "cpu", "triton")
 
 
 def backend(device: torch.device | str) -> ModuleType:
@@ -44,6 +46,9 @@ def backend(device: torch.device | str) -> ModuleType:
     if kind == "cpu" and choice in ("auto", "cpu"):
         from runtime.kernels import cpu
         return cpu.load() or reference
+    if kind == "cuda" and choice == "triton":
+        from runtime.kernels import triton_ops
+        return triton_ops if triton_ops.available() else reference
     return reference
 
 
@@ -99,4 +104,6 @@ def _check_vectors(y: torch.Tensor, v: torch.Tensor) -> None:
 def backend_name(device: torch.device | str) -> str:
     """The backend the ops take for tensors on `device` (for logs and metrics)."""
     chosen = backend(device)
-    return "reference" if chosen is reference else "cpu"
+    if chosen is reference:
+        return "reference"
+    return "triton" if chosen.__name__ == "runtime.kernels.triton_ops" else "cpu"
