@@ -247,7 +247,8 @@ def test_malformed_uses_are_refused_with_one_line():
 @pytest.mark.parametrize("act,wt", DTYPES, ids=lambda t: str(t).removeprefix("torch."))
 def test_mixed_ranks_go_in_one_call_per_rank_class(backend, act, wt):
     """Two slot buffers of ranks 4 and 16 (no padding) applied to one batch: each row costs its own rank and
-    gets its own adapter's delta; rows of neither class keep their values."""
+    gets its own adapter's delta; rows of neither class keep their values. B is stored [S, r, d_out] and
+    passed transposed, the layout the fused kernels add by columns."""
     g = torch.Generator().manual_seed(11)
     x = torch.randn(9, 40, generator=g).to(act)
     y = torch.randn(9, 24, generator=g).to(act)
@@ -255,7 +256,7 @@ def test_mixed_ranks_go_in_one_call_per_rank_class(backend, act, wt):
     out = y.clone()
     for r, rows, slots in [(4, [0, 2, 5], [1, 0, 1]), (16, [1, 5, 7], [2, 2, 0])]:
         a = (torch.randn(3, r, 40, generator=g) / 40 ** 0.5).to(wt)
-        b = (torch.randn(3, 24, r, generator=g) / r ** 0.5).to(wt)
+        b = (torch.randn(3, r, 24, generator=g) / r ** 0.5).to(wt).transpose(1, 2)  # the fast layout
         rows, slots, scale = torch.tensor(rows), torch.tensor(slots), torch.rand(3, generator=g) + 0.5
         h = backend.lora_shrink(x, a, rows, slots)
         backend.lora_expand(out, h, b, rows, slots, scale)

@@ -15,6 +15,11 @@ is a segment a backend may run as one GEMM.
 - `gather_mul(y [T, d], v [S, d], rows, slots)`, in place: y[rows[u]] *= v[slots[u]] (a row in several uses
   takes the product).
 
+Layout: any strides work; the fast one for `b` is a transposed view of [S, r, d_out] storage
+(`b_storage.transpose(1, 2)`, as the LoRA technique keeps B^T today): the fused CPU kernel then adds r
+contiguous columns per use, and the Triton kernel reads them coalesced. Row-major [S, d_out, r] costs a dot of
+length r per output (several times slower on a CPU).
+
 x/y and the slot buffers may be float32, bfloat16 or float16, independently (a half-precision model with
 float32 slots is fine); products accumulate in float32 and round once into y's dtype. Mixed ranks go in
 separate calls (one slot buffer per rank class). Semantics: `reference.py`; design: docs/engine.md.
