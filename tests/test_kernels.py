@@ -17,18 +17,51 @@ import pytest
 import torch
 
 from runtime import kernels
-from runtime.kernels import cpu, reference
+from runtime.kernels import cpu, reference, triton_ops
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
-BACKENDS = ["reference", "cpu"]
+BACKENDS = ["reference", "cpu", "triton"]
+
+
+class OnDevice:
+    """A backend's ops run on `device`: inputs copied there, results (and in-place outputs) copied back."""
+
+    def __init__(self, ops, device: str):
+        self.ops, self.device = ops, device
+
+    def lora_shrink(self, x, *args):
+        return self.ops.lora_shrink(*(t.to(self.device) for t in (x, *args))).cpu()
+
+    def _in_place(self, name, y, *args):
+        out = y.to(self.device)
+        getattr(self.ops, name)(out, *(t.to(self.device) for t in args))
+        y.copy_(out.cpu())
+
+    def lora_expand(self, y, *args):
+        self._in_place("lora_expand", y, *args)
+
+    def gather_add(self, y, *args):
+        self._in_place("gather_add", y, *args)
+
+    def gather_mul(self, y, *args):
+        self._in_place("gather_mul", y, *args)
 
 
 def load_backend(name: str):
-    """The backend's ops, or a skip saying why this machine lacks it."""
+    """The backend's ops, or a skip saying why this machine lacks it. Triton runs on a GPU where there is
+    one, else in its interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported)."""
     if name == "reference":
         return reference
+    if name == "triton":
+        if triton_ops.triton is None:
+            pytest.skip("triton is not installed (pip install '.[cuda]', or the Makefile's TRITON)")
+        if triton_ops.available():
+            return OnDevice(triton_ops, "cuda")
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("no GPU and TRITON_INTERPRET is not 1: the Triton kernels cannot run here")
+        return triton_ops
     module = cpu.load()
     if module is None:
         pytest.skip("the fused CPU kernels could not be built here (see the warning)")
@@ -110,6 +143,9 @@ def case(seed, shape, order, act, wt):
 @pytest.mark.parametrize("act,wt", DTYPES, ids=lambda t: str(t).removeprefix("torch."))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_ops_equal_a_per_use_loop(backend, shape, act, wt, order):
+    _, d_in, d_out, _, _, n_uses = shape
+    if backend is triton_ops and not triton_ops.available() and (n_uses > 100 or d_in * d_out > 100_000):
+        pytest.skip("Triton's interpreter runs one program at a time: shapes this large run on a GPU")
     x, y, a, b, v, rows, slots, scale = case(hash(shape) % 1000, shape, order, act, wt)
     h = backend.lora_shrink(x, a, rows, slots)
     assert h.dtype == torch.float32 and h.shape == (rows.shape[0], a.shape[1])
@@ -211,7 +247,8 @@ def test_malformed_uses_are_refused_with_one_line():
 @pytest.mark.parametrize("act,wt", DTYPES, ids=lambda t: str(t).removeprefix("torch."))
 def test_mixed_ranks_go_in_one_call_per_rank_class(backend, act, wt):
     """Two slot buffers of ranks 4 and 16 (no padding) applied to one batch: each row costs its own rank and
-    gets its own adapter's delta; rows of neither class keep their values."""
+    gets its own adapter's delta; rows of neither class keep their values. B is stored [S, r, d_out] and
+    passed transposed, the layout the fused kernels add by columns."""
     g = torch.Generator().manual_seed(11)
     x = torch.randn(9, 40, generator=g).to(act)
     y = torch.randn(9, 24, generator=g).to(act)
@@ -219,7 +256,7 @@ def test_mixed_ranks_go_in_one_call_per_rank_class(backend, act, wt):
     out = y.clone()
     for r, rows, slots in [(4, [0, 2, 5], [1, 0, 1]), (16, [1, 5, 7], [2, 2, 0])]:
         a = (torch.randn(3, r, 40, generator=g) / 40 ** 0.5).to(wt)
-        b = (torch.randn(3, 24, r, generator=g) / r ** 0.5).to(wt)
+        b = (torch.randn(3, r, 24, generator=g) / r ** 0.5).to(wt).transpose(1, 2)  # the fast layout
         rows, slots, scale = torch.tensor(rows), torch.tensor(slots), torch.rand(3, generator=g) + 0.5
         h = backend.lora_shrink(x, a, rows, slots)
         backend.lora_expand(out, h, b, rows, slots, scale)
@@ -240,6 +277,10 @@ def test_empty_batch(backend):
 
 
 def test_out_of_range_uses_raise_instead_of_reading_memory(backend):
+    """The host backends check every use; the Triton kernels do not (a check is a device-to-host sync per
+    call), so on CUDA the engine's slot tables are what keep indices in range."""
+    if backend is triton_ops or isinstance(backend, OnDevice):
+        pytest.skip("the Triton kernels do not check ranges (see the docstring)")
     x, y, a, b, v, rows, slots, scale = case(4, (6, 16, 12, 4, 3, 5), "runs", torch.float32, torch.float32)
     with pytest.raises((IndexError, RuntimeError), match="out of (range|bounds)"):
         backend.lora_shrink(x, a, rows, slots + 3)
@@ -253,8 +294,10 @@ def test_hub_kernels_chooses_the_backend(monkeypatch):
     monkeypatch.setenv("HUB_KERNELS", "cpu")
     assert kernels.backend_name("cpu") == ("cpu" if cpu.load() is not None else "reference")
     assert kernels.backend_name("meta") == "reference"  # other devices keep the reference
+    monkeypatch.setenv("HUB_KERNELS", "triton")
+    assert kernels.backend_name("cpu") == "reference"  # triton serves CUDA tensors only
     monkeypatch.setenv("HUB_KERNELS", "fast")
-    with pytest.raises(ValueError, match="HUB_KERNELS must be one of auto, reference, cpu") as info:
+    with pytest.raises(ValueError, match="HUB_KERNELS must be one of auto, reference, cpu, triton") as info:
         kernels.backend_name("cpu")
     assert "\n" not in str(info.value)
 

@@ -15,13 +15,20 @@ is a segment a backend may run as one GEMM.
 - `gather_mul(y [T, d], v [S, d], rows, slots)`, in place: y[rows[u]] *= v[slots[u]] (a row in several uses
   takes the product).
 
+Layout: any strides work; the fast one for `b` is a transposed view of [S, r, d_out] storage
+(`b_storage.transpose(1, 2)`, as the LoRA technique keeps B^T today): the fused CPU kernel then adds r
+contiguous columns per use, and the Triton kernel reads them coalesced. Row-major [S, d_out, r] costs a dot of
+length r per output (several times slower on a CPU).
+
 x/y and the slot buffers may be float32, bfloat16 or float16, independently (a half-precision model with
 float32 slots is fine); products accumulate in float32 and round once into y's dtype. Mixed ranks go in
 separate calls (one slot buffer per rank class). Semantics: `reference.py`; design: docs/engine.md.
 
 Backends, chosen per call by the tensors' device and `HUB_KERNELS`: `auto` (default) takes the fused C++
-kernels on a CPU (`cpu.py`, built at first use; the reference if they cannot be built); `reference` forces
-the torch ops everywhere; `cpu` names the fused backend (other devices keep the reference).
+kernels on a CPU (`cpu.py`, built at first use; the reference if they cannot be built) and the reference on
+other devices; `reference` forces the torch ops everywhere; `cpu` names the fused CPU backend and `triton` the
+Triton kernels for CUDA tensors (`triton_ops.py`; the reference where triton is not installed). `auto` takes
+Triton on CUDA once a GPU run has checked it (bench/cuda_checks.sh); until then it is opt-in.
 """
 from __future__ import annotations
 
@@ -32,7 +39,7 @@ import torch
 
 from runtime.kernels import reference
 
-CHOICES = ("auto", "reference", "cpu")
+CHOICES = ("auto", "reference", "cpu", "triton")
 
 
 def backend(device: torch.device | str) -> ModuleType:
@@ -44,6 +51,9 @@ def backend(device: torch.device | str) -> ModuleType:
     if kind == "cpu" and choice in ("auto", "cpu"):
         from runtime.kernels import cpu
         return cpu.load() or reference
+    if kind == "cuda" and choice == "triton":
+        from runtime.kernels import triton_ops
+        return triton_ops if triton_ops.available() else reference
     return reference
 
 
@@ -99,4 +109,6 @@ def _check_vectors(y: torch.Tensor, v: torch.Tensor) -> None:
 def backend_name(device: torch.device | str) -> str:
     """The backend the ops take for tensors on `device` (for logs and metrics)."""
     chosen = backend(device)
-    return "reference" if chosen is reference else "cpu"
+    if chosen is reference:
+        return "reference"
+    return "triton" if chosen.__name__ == "runtime.kernels.triton_ops" else "cpu"

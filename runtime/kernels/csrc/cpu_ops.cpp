@@ -212,13 +212,20 @@ void lora_expand(at::Tensor y, const at::Tensor& h, const at::Tensor& b, const a
     with_type(b.scalar_type(), "b", [&](auto* bt) {
       using B = std::remove_pointer_t<decltype(bt)>;
       const B* bp = b.data_ptr<B>();
+      // b as a transposed view of [S, r, d_out] storage (stride 1 along d_out): r contiguous axpys per use,
+      // no reductions; any other layout: one dot of length r per output column.
+      const bool by_columns = b.stride(1) == 1;
       per_row_block<Y>(y, u, r, false, [&](int64_t first, int64_t last, int64_t c0, int64_t c1, float* acc) {
         std::vector<float> hs(r), part(c1 - c0), scratch;
         for (int64_t k = first; k < last; ++k) {
           const int64_t i = u.order[k];
+          const B* block = bp + u.slots[i] * b.stride(0) + c0 * b.stride(1);
           for (int64_t j = 0; j < r; ++j) hs[j] = u.scale[i] * hp[i * r + j];
-          gemv(bp + u.slots[i] * b.stride(0) + c0 * b.stride(1), c1 - c0, r, b.stride(1), b.stride(2), hs.data(),
-               part.data(), scratch);
+          if (by_columns) {
+            for (int64_t j = 0; j < r; ++j) axpy(hs[j], block + j * b.stride(2), 1, c1 - c0, acc);
+            continue;
+          }
+          gemv(block, c1 - c0, r, b.stride(1), b.stride(2), hs.data(), part.data(), scratch);
           for (int64_t j = 0; j < c1 - c0; ++j) acc[j] += part[j];
         }
       });
