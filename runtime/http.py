@@ -209,8 +209,8 @@ class HttpFrontend:
 
     def _record(self, record: RequestRecord, method: str, status: int, started: float) -> None:
         metrics = self.core.pool.metrics
-        metrics.requests.labels(method=method, code=str(status)).inc()
-        metrics.latency.labels(method=method).observe(time.perf_counter() - started)
+        metrics.requests.labels(frontend="http", method=method, code=str(status)).inc()
+        metrics.latency.labels(frontend="http", method=method).observe(time.perf_counter() - started)
         if self._log is not None:
             self._log.write(record, str(status), time.perf_counter() - started)
 
