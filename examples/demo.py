@@ -5,6 +5,7 @@
 2. `hub serve` on a free localhost port (the default base model, fp32, CPU).
 3. The same prompt answered by the base and by each adapter (sent together: they share batch steps).
 4. One request stacking two adapters; one per-request TIES merge of two LoRAs.
+   One adapter asked through the OpenAI-compatible HTTP API with the `openai` SDK (`--http-port`).
 5. One batch in which every row uses a different adapter, timed beside the same batch on the base alone.
 6. SIGTERM: the server finishes what is in flight and exits 0.
 """
@@ -51,6 +52,19 @@ def show(label: str, reply) -> None:
     print("   " + reply.text.strip().replace("\n", "\n   "), flush=True)
 
 
+def openai_sdk(port: int, ref: str) -> None:
+    """One adapter through the OpenAI-compatible HTTP API, as any `openai` SDK user would ask it."""
+    from openai import OpenAI
+
+    say(f"the same server over HTTP with the `openai` SDK: model={ref!r}")
+    with OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600) as sdk:
+        reply = sdk.chat.completions.create(model=ref, messages=[{"role": "user", "content": PROMPT}],
+                                            max_tokens=MAX_NEW_TOKENS, temperature=0)
+    used = ", ".join(f"{a['ref']} ({a['sha256'][:10]})" for a in reply.model_extra["adapters"])
+    print(f"-- {reply.model} over HTTP   [adapters: {used}; {reply.usage.completion_tokens} tokens]")
+    print("   " + (reply.choices[0].message.content or "").strip().replace("\n", "\n   "), flush=True)
+
+
 def main() -> None:
     from runtime.client import RuntimeClient
     from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
@@ -64,10 +78,10 @@ def main() -> None:
         hub("pull", ref, "--from", str(REPO))
     techniques = {f"{m['name']}@{m['version']}": m["technique"] for m in demo}
 
-    port = free_port()
-    say(f"start `hub serve` on 127.0.0.1:{port} (default base model, fp32, CPU)")
-    server = subprocess.Popen([*HUB, "serve", "--port", str(port), "--max-batch-size", "32", "--log-format", "off"],
-                              cwd=REPO)  # the demo prints its own account of each request
+    port, http_port = free_port(), free_port()
+    say(f"start `hub serve` on 127.0.0.1:{port}, HTTP API on 127.0.0.1:{http_port} (default base model, fp32, CPU)")
+    server = subprocess.Popen([*HUB, "serve", "--port", str(port), "--http-port", str(http_port), "--max-batch-size",
+                               "32", "--log-format", "off"], cwd=REPO)  # the demo prints its own account of each request
     try:
         with RuntimeClient(f"127.0.0.1:{port}", timeout=600) as client:
             client.wait_ready(timeout=300)
@@ -98,6 +112,8 @@ def main() -> None:
                     " (built once, cached, served)")
                 merge = pb.MergeOptions(method="ties_svd", density=0.5, majority_sign="total")
                 show("ties_svd merge", ask([(loras[0], 1.0), (loras[1], 1.0)], mode="merge", merge=merge))
+
+            openai_sdk(http_port, refs[0])
 
             prompts = ["Name a primary colour.", "What is 2 + 2?", "Say hello to a friend.", "Name a fruit.",
                        "What do bees make?", "Name a planet.", "What is ice made of?", "Name a big animal."]

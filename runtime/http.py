@@ -4,6 +4,7 @@
 what serves a request: the base (its id, its folder as served, `base` or "") or an adapter ref; the extra
 body fields `adapters: [{ref, weight}]`, `mode` (stack/average/merge) and `merge` ({method, density, ...})
 compose several, as gRPC's GenerateRequest does. Each answer names its adapters as resolved (`adapters`).
+`n` queues n rows of one request; `logprobs` come from the engine (runtime/sampling.py's token_logprobs).
 Beside them, LoRAX/TGI's `/generate` and `/generate_stream` and vLLM's `/v1/load_lora_adapter` and
 `/v1/unload_lora_adapter`, so tooling written for those servers works by changing the URL.
 Requests go through the shared request path (runtime/core.py); its refusals become OpenAI error objects
@@ -208,8 +209,8 @@ class HttpFrontend:
 
     def _record(self, record: RequestRecord, method: str, status: int, started: float) -> None:
         metrics = self.core.pool.metrics
-        metrics.requests.labels(method=method, code=str(status)).inc()
-        metrics.latency.labels(method=method).observe(time.perf_counter() - started)
+        metrics.requests.labels(frontend="http", method=method, code=str(status)).inc()
+        metrics.latency.labels(frontend="http", method=method).observe(time.perf_counter() - started)
         if self._log is not None:
             self._log.write(record, str(status), time.perf_counter() - started)
 

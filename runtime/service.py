@@ -135,8 +135,8 @@ class RuntimeService(pb_grpc.RuntimeServicer):
                 remaining = context.time_remaining()
                 expired = remaining is not None and remaining <= 0
                 code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-            self.metrics.requests.labels(method=method, code=code.name).inc()
-            self.metrics.latency.labels(method=method).observe(time.perf_counter() - started)
+            self.metrics.requests.labels(frontend="grpc", method=method, code=code.name).inc()
+            self.metrics.latency.labels(frontend="grpc", method=method).observe(time.perf_counter() - started)
             if self.request_log is not None:
                 self.request_log.write(record, code.name, time.perf_counter() - started)
 

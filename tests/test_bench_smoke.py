@@ -124,6 +124,20 @@ def test_e2e_bench_runs_a_real_server_with_and_without_peft(tiny_model_dir, no_p
     assert ("PEFT not run (--no-peft)" in ratios) == no_peft and ("PEFT's mixed batch" in ratios) != no_peft
 
 
+def test_e2e_bench_http_mode_compares_the_frontends(tiny_model_dir):
+    """bench/e2e_bench.py --http --quick on the tiny model: the same streaming clients over HTTP and gRPC
+    against one real `hub serve`, every token counted on both, no request failing, and the ratio line."""
+    import subprocess
+
+    args = [sys.executable, str(BENCH / "e2e_bench.py"), "--http", "--quick", "--base-model", str(tiny_model_dir)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines() if line.startswith(("  gRPC", "  HTTP"))}
+    assert set(rows) == {"gRPC", "HTTP"} and rows["gRPC"][3] == rows["HTTP"][3] == "32"  # 4 clients x 8 tokens
+    assert all(r[-1] == "0" for r in rows.values())  # the errors column
+    assert any(line.startswith("HTTP / gRPC, per-repeat ratios") for line in done.stdout.splitlines())
+
+
 def test_registry_scale_bench_runs_and_reports_each_size():
     """bench/registry_scale.py at toy sizes: each size is reached exactly and gets its row of figures."""
     import subprocess

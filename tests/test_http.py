@@ -37,7 +37,7 @@ def test_completion_matches_grpc_and_names_its_adapter(http_server):
     adapters = reply.model_extra["adapters"]
     assert [(a["ref"], a["sha256"]) for a in adapters] == [(a.ref, a.sha256) for a in grpc_reply.adapters]
     assert adapters[0]["ref"] == "lora0@1.0.0"
-    assert server.metrics.requests.labels(method="/v1/completions", code="200")._value.get() == 1
+    assert server.metrics.requests.labels(frontend="http", method="/v1/completions", code="200")._value.get() == 1
 
 
 def test_base_and_composed_adapters_through_extra_body(http_server):

@@ -192,7 +192,7 @@ def test_requests_for_more_adapters_than_the_budget_holds_wait_for_room(start_se
         thread.join()
     assert {name: list(reply.token_ids) for name, reply in replies.items()} == alone
     assert server.metrics.adapter_waits._value.get() == 2 and _waiting(server) == 0
-    assert server.metrics.requests.labels(method="Generate", code="RESOURCE_EXHAUSTED")._value.get() == 0
+    assert server.metrics.requests.labels(frontend="grpc", method="Generate", code="RESOURCE_EXHAUSTED")._value.get() == 0
 
 
 def test_a_deadline_ends_the_wait_for_room(start_server, registry):
@@ -305,8 +305,8 @@ def test_metrics_endpoint_with_bounded_adapter_labels(start_server):
     with pytest.raises(grpc.RpcError):
         client.generate("", max_new_tokens=3)
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
-    assert 'adapterhub_requests_total{code="OK",method="Generate"} 4.0' in text
-    assert 'adapterhub_requests_total{code="INVALID_ARGUMENT",method="Generate"} 1.0' in text
+    assert 'adapterhub_requests_total{code="OK",frontend="grpc",method="Generate"} 4.0' in text
+    assert 'adapterhub_requests_total{code="INVALID_ARGUMENT",frontend="grpc",method="Generate"} 1.0' in text
     assert 'adapterhub_adapter_requests_total{adapter="lora0"} 1.0' in text
     assert 'adapterhub_adapter_requests_total{adapter="other"} 2.0' in text
     assert 'adapterhub_adapter_requests_total{adapter="lora2"}' not in text
