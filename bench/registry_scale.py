@@ -1,20 +1,24 @@
-"""Registry at scale: push and resolve cost at 10 / 1,000 / 10,000 versions.
+"""Registry at scale: push, tag, resolve, `hub show` and `hub list --limit 20` at 10 / 1,000 / 10,000 versions,
+and the rate of a bulk `hub push` of many folders.
 
-Set-up: one random LoRA (r=8 on q_proj,v_proj of a tiny random Llama, saved in PEFT's format) in a
-fresh registry in a temp folder. At each size the registry is first filled up to it by adding
-versions of that manifest under new names through the index API (`IndexFile.update()` +
-`Index.add`, one write per batch: pushing 10,000 one by one would take minutes and is not what is
-measured), then PUSHES versions are pushed one at a time with `Registry.push` (the median is
-reported), and `Registry(root).resolve(ref)` runs in a new Python process RESOLVES times (every
-`hub` command and every server start is a new process): the median of the resolve call itself and
-of the whole process (interpreter start and imports included).
+Set-up: one random LoRA (r=8 on q_proj,v_proj of a tiny random Llama, saved in PEFT's format) in a fresh
+registry (the refs/ layout) in a temp folder. At each size the registry is first filled up to it with
+versions of that manifest under new names, written as the refs/ files a push writes but without a push's
+fsyncs and checks (pushing 10,000 one by one would take minutes and is not what is measured). Then, at that
+size: PUSHES versions pushed one at a time with `Registry.push` (median), as many `Registry.tag` calls
+(median), `Registry(root).resolve(ref)` in a new Python process RESOLVES times (median of the call itself
+and of the whole process: every `hub` command and every server start is a new process), and `hub show REF`
+and `hub list --limit 20` as whole processes (median wall time). Last, `hub push` of BULK copies of the
+adapter folder in one call (`--name 'bulk/{dir}'`) into the largest registry: folders per second.
 
     .venv/bin/python bench/registry_scale.py
-    .venv/bin/python bench/registry_scale.py --sizes 10 1000
+    .venv/bin/python bench/registry_scale.py --sizes 10 1000 --bulk 100
 """
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,24 +37,25 @@ print(time.perf_counter() - imported)
 """
 
 
-def grow(root: Path, template: dict, count: int) -> None:
-    """Add `count` versions (copies of `template` under new names) in one index write."""
-    from hub.index import IndexFile
-    from hub.manifest import Manifest
-
-    index_file = IndexFile(root)
-    with index_file.update() as index:
-        start = len(index.data["adapters"])
-        for i in range(start, start + count):
-            index.add(Manifest.from_dict({**template, "name": f"bulk/a{i:06d}"}))
+def grow(root: Path, template: dict, start: int, count: int) -> None:
+    """Add `count` versions (copies of `template` under new names) as the refs/ files a push writes."""
+    folder = root / "refs" / "fill"
+    for i in range(start, start + count):
+        versions = folder / f"a{i:06d}" / "versions"
+        versions.mkdir(parents=True)
+        manifest = {**template, "name": f"fill/a{i:06d}"}
+        (versions / f"{template['version']}.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
 
 
-def resolve_in_new_process(root: Path, ref: str) -> tuple[float, float]:
-    """(seconds in resolve, seconds of the whole process)."""
+def timed(fn) -> float:
     begin = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", _RESOLVE, str(root), ref], capture_output=True, text=True,
-                          check=True, cwd=root)  # not the checkout's folder: `hub` comes from PYTHONPATH or the venv
-    return float(done.stdout.strip()), time.perf_counter() - begin
+    fn()
+    return time.perf_counter() - begin
+
+
+def run(*args: str, cwd: Path) -> str:
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, check=True, cwd=cwd)
+    return done.stdout  # cwd is not the checkout's folder: `hub` comes from the venv
 
 
 def main() -> None:
@@ -58,6 +63,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[10, 1000, 10000])
     ap.add_argument("--pushes", type=int, default=10)
     ap.add_argument("--resolves", type=int, default=3)
+    ap.add_argument("--bulk", type=int, default=1000, help="folders in the bulk push (0: skip it)")
     args = ap.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -73,24 +79,42 @@ def main() -> None:
         folder = write_random_lora(scratch / "lora", config, shapes, seed=1)
         registry = Registry(root)
         template = registry.push(folder, "template", "1.0.0").to_dict()
-        pushed = 1
+        versions, pushed = 1, 0
         for size in sorted(args.sizes):
-            have = len(Registry(root).index().data["adapters"])
-            if size - args.pushes > have:
-                grow(root, template, size - args.pushes - have)
-            seconds = []
+            if size - args.pushes > versions:
+                grow(root, template, versions, size - args.pushes - versions)
+                versions = size - args.pushes
+            push, tag = [], []
             for _ in range(args.pushes):
-                begin = time.perf_counter()
-                registry.push(folder, f"pushed/p{pushed:06d}", "1.0.0")
-                seconds.append(time.perf_counter() - begin)
                 pushed += 1
-            versions = sum(len(e["versions"]) for e in Registry(root).index().data["adapters"].values())
-            timings = [resolve_in_new_process(root, "template@1.0.0") for _ in range(args.resolves)]
-            rows.append([f"{versions:,}", f"{median(seconds) * 1000:.0f} ms",
-                         f"{median(t[0] for t in timings) * 1000:.0f} ms",
-                         f"{median(t[1] for t in timings) * 1000:.0f} ms"])
+                push.append(timed(lambda: registry.push(folder, f"pushed/p{pushed:06d}", "1.0.0")))
+                tag.append(timed(lambda: registry.tag(f"pushed/p{pushed:06d}@1.0.0", "stable")))
+            versions += args.pushes
+            assert sum(1 for _ in Registry(root).index().manifests()) == versions
+            resolves = []
+            for _ in range(args.resolves):
+                begin = time.perf_counter()
+                call = float(run("-c", _RESOLVE, str(root), "template@1.0.0", cwd=root))
+                resolves.append((call, time.perf_counter() - begin))
+            show = [timed(lambda: run("-m", "hub", "show", "pushed/p000001@stable", "--registry", str(root), cwd=root))
+                    for _ in range(args.resolves)]
+            listed = [timed(lambda: run("-m", "hub", "list", "--limit", "20", "--registry", str(root), cwd=root))
+                      for _ in range(args.resolves)]
+            rows.append([f"{versions:,}", f"{median(push) * 1000:.1f} ms", f"{median(tag) * 1000:.1f} ms",
+                         f"{median(r[0] for r in resolves) * 1000:.1f} ms",
+                         f"{median(r[1] for r in resolves) * 1000:.0f} ms",
+                         f"{median(show) * 1000:.0f} ms", f"{median(listed) * 1000:.0f} ms"])
             print(f"registry_scale: {versions} versions done", file=sys.stderr, flush=True)
-    print(table(["versions", "push (median)", "resolve in a new process", "whole process"], rows))
+        print(table(["versions", "push", "tag", "resolve (call, new process)", "resolve (whole process)",
+                     "hub show", "hub list --limit 20"], rows))
+        if args.bulk:
+            folders = scratch / "bulk"
+            for i in range(args.bulk):
+                shutil.copytree(folder, folders / f"b{i:05d}")
+            seconds = timed(lambda: run("-m", "hub", "push", *sorted(map(str, folders.iterdir())), "--name",
+                                        "bulk/{dir}", "--version", "1.0.0", "--registry", str(root), cwd=root))
+            print(f"\nbulk hub push of {args.bulk:,} folders into {versions:,} versions: {seconds:.1f} s, "
+                  f"{args.bulk / seconds:.0f} folders/s (one process, imports included)")
 
 
 if __name__ == "__main__":

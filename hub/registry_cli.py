@@ -16,7 +16,7 @@ from hub import basemodel, evals
 from hub.artifact import ArtifactError
 from hub.clikit import REF_ARG, fail, printable, table
 from hub.errors import HubError
-from hub.manifest import Manifest, parse_ref
+from hub.manifest import Manifest, check_name, check_version, parse_ref
 from hub.registry import Registry, open_registry
 from hub.remotes import Remote, Remotes
 
@@ -108,10 +108,12 @@ def _publish(reg: Registry, manifest: Manifest, remote: Remote) -> str:
 
 @app.command()
 def push(
-    path: str = typer.Argument(..., help="Adapter folder (PEFT format, ours, or an AdapterHub `adapters` folder); "
-                                         "or, with --to and no --name/--version, a version already in the registry."),
-    name: str | None = typer.Option(None, "--name", help="Adapter name, optionally org/name."),
-    version: str | None = typer.Option(None, "--version", help="Semantic version, e.g. 1.2.0."),
+    paths: list[str] = typer.Argument(..., metavar="PATH...", help="Adapter folder(s) (PEFT format, ours, or an "
+                                      "AdapterHub `adapters` folder); or, with --to and no --name/--version, a version "
+                                      "already in the registry."),
+    name: str | None = typer.Option(None, "--name", help="Adapter name, optionally org/name; {dir} stands for each "
+                                                         "folder's own name (e.g. team/{dir})."),
+    version: str | None = typer.Option(None, "--version", help="Semantic version, e.g. 1.2.0; may use {dir} too."),
     base_model: str | None = typer.Option(None, "--base-model", help="Base model to check against and record."),
     to: str | None = typer.Option(None, "--to", help="Also push to this remote (name, path, file:// or hf://)."),
     description: str = typer.Option("", "--description", help="One line for `hub show` and `hub list --json`."),
@@ -120,11 +122,14 @@ def push(
     in_place: bool = typer.Option(False, "--in-place", help="Record a folder inside the registry by relative path."),
     registry: Path | None = REGISTRY_OPT,
 ) -> None:
-    """Validate an adapter folder and add it to the registry as NAME@VERSION; or publish a registry version."""
+    """Validate adapter folders and add each to the registry as NAME@VERSION; or publish a registry version."""
     with _clear_errors():
         reg = Registry(registry)
         remote = _remote(reg, to) if to is not None else None  # a bad remote fails before any work
+        path = paths[0]
         if name is None and version is None:
+            if len(paths) > 1:
+                raise HubError("give --name and --version to push several folders, e.g. --name 'team/{dir}'")
             if Path(path).is_dir():
                 raise HubError(f"give --name and --version to push the folder {path}")
             if remote is None:
@@ -136,28 +141,57 @@ def push(
             return
         if name is None or version is None:
             raise HubError("give both --name and --version to push a folder")
-        existed = reg.index().get(name, version) is not None
-        with _progress(f"push {name}@{version}", _folder_size(Path(path))) as advance:
-            manifest = reg.push(
-                path, name, version, base_model=base_model, description=description,
-                tags=[t.strip() for t in tags.split(",") if t.strip()], license=license, in_place=in_place,
-                progress=advance,
-            )
-        note = "" if manifest.base_model.fingerprint else (
-            " (no base model named: fit not checked)" if manifest.base_model.id is None
-            else " (base model not at hand: fit not checked)")
-        published = None
-        if remote is not None:
+        jobs = _expand(paths, name, version)
+        if len(jobs) > 1 and remote is not None:
+            raise HubError("--to takes one folder: push the folders, then `hub push REF --to REMOTE` for each")
+        options = dict(base_model=base_model, description=description, license=license, in_place=in_place,
+                       tags=[t.strip() for t in tags.split(",") if t.strip()])
+        for done, (path, name, version) in enumerate(jobs):
             try:
-                published = _publish(reg, manifest, remote)
-            except BaseException:
-                if not existed:  # the command failed: leave the local registry as it was too
-                    reg.discard(manifest)
-                raise
-        verb = "unchanged" if existed else "pushed"  # the same files and metadata again: nothing to do
-        typer.echo(f"{verb} {manifest.ref} {manifest.technique} sha256:{manifest.sha256[:12]}{note}")
-        if published:
-            typer.echo(published)
+                _push_folder(reg, path, name, version, remote, options)
+            except (HubError, ArtifactError, OSError) as e:
+                if len(jobs) == 1:
+                    raise
+                raise HubError(f"{name}@{version} ({path}): {e}; {done} of {len(jobs)} folders were pushed before "
+                               "it") from None
+
+
+def _expand(paths: list[str], name: str, version: str) -> list[tuple[str, str, str]]:
+    """(folder, name, version) for each folder, `{dir}` in the name and version standing for the folder's own
+    name; all checked before anything is pushed, and no two folders may give the same version."""
+    jobs, seen = [], {}
+    for path in paths:
+        folder = Path(path).resolve().name
+        ref = (check_name(name.replace("{dir}", folder)), check_version(version.replace("{dir}", folder)))
+        if ref in seen:
+            raise HubError(f"{seen[ref]} and {path} would both be {ref[0]}@{ref[1]}: "
+                           "put {dir} in --name or --version")
+        seen[ref] = path
+        jobs.append((path, *ref))
+    return jobs
+
+
+def _push_folder(reg: Registry, path: str, name: str, version: str, remote: Remote | None,
+                 options: dict) -> None:
+    """Push one folder (and send it to `remote`), printing what happened."""
+    existed = reg.index().get(name, version) is not None
+    with _progress(f"push {name}@{version}", _folder_size(Path(path))) as advance:
+        manifest = reg.push(path, name, version, progress=advance, **options)
+    note = "" if manifest.base_model.fingerprint else (
+        " (no base model named: fit not checked)" if manifest.base_model.id is None
+        else " (base model not at hand: fit not checked)")
+    published = None
+    if remote is not None:
+        try:
+            published = _publish(reg, manifest, remote)
+        except BaseException:
+            if not existed:  # the command failed: leave the local registry as it was too
+                reg.discard(manifest)
+            raise
+    verb = "unchanged" if existed else "pushed"  # the same files and metadata again: nothing to do
+    typer.echo(f"{verb} {manifest.ref} {manifest.technique} sha256:{manifest.sha256[:12]}{note}")
+    if published:
+        typer.echo(published)
 
 
 @app.command()

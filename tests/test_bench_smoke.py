@@ -139,11 +139,14 @@ def test_e2e_bench_http_mode_compares_the_frontends(tiny_model_dir):
 
 
 def test_registry_scale_bench_runs_and_reports_each_size():
-    """bench/registry_scale.py at toy sizes: each size is reached exactly and gets its row of figures."""
+    """bench/registry_scale.py at toy sizes: each size is reached exactly and gets its row of figures, and the
+    bulk push its line."""
     import subprocess
 
     done = subprocess.run([sys.executable, str(BENCH / "registry_scale.py"), "--sizes", "12", "20", "--pushes", "2",
-                           "--resolves", "1"], capture_output=True, text=True, timeout=600)
+                           "--resolves", "1", "--bulk", "2"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    rows = [line.split() for line in done.stdout.splitlines()[2:]]
+    table, bulk = done.stdout.split("\n\n")
+    rows = [line.split() for line in table.splitlines()[2:]]
     assert [r[0] for r in rows] == ["12", "20"] and all(r[1:] and r[-1] == "ms" for r in rows), done.stdout
+    assert bulk.startswith("bulk hub push of 2 folders into 20 versions") and "folders/s" in bulk, done.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,26 @@ def test_pull_from_a_directory_remote_checks_only_the_version_it_takes(technique
     assert "pulled good@1.0.0" in hub("pull", "good", "--from", remote, home=hub_home).output
     one_line_error(hub("pull", "bad", "--from", remote, home=hub_home, ok=False), "bad@1.0.0: digest does not match")
     assert [m.ref for m in Registry().list()] == ["good@1.0.0"]
+
+
+def test_push_takes_several_folders_with_name_templates(technique_adapters, hub_home, tmp_path):
+    """A bulk import: `{dir}` in --name/--version stands for each folder's name; every name is checked before
+    anything is pushed, and a folder that fails stops the run with one line saying which, keeping those before."""
+    folders = [shutil.copytree(technique_adapters[t], tmp_path / "in" / t) for t in ("lora", "ia3", "bitfit")]
+    out = hub("push", *folders, "--name", "team/{dir}", "--version", "1.0.0", home=hub_home).stdout
+    assert [line.split()[1] for line in out.splitlines()] == ["team/lora@1.0.0", "team/ia3@1.0.0", "team/bitfit@1.0.0"]
+    assert [m.ref for m in Registry().list()] == ["team/bitfit@1.0.0", "team/ia3@1.0.0", "team/lora@1.0.0"]
+
+    one_line_error(hub("push", *folders, "--name", "x", "--version", "1.0.0", home=hub_home, ok=False),
+                   "would both be x@1.0.0: put {dir} in --name or --version")
+    one_line_error(hub("push", *folders, "--name", "a b/{dir}", "--version", "1.0.0", home=hub_home, ok=False),
+                   "invalid adapter name 'a b/lora'")
+    one_line_error(hub("push", *folders, home=hub_home, ok=False), "give --name and --version to push several folders")
+    one_line_error(hub("push", *folders, "--name", "y/{dir}", "--version", "1.0.0", "--to", tmp_path / "remote",
+                       home=hub_home, ok=False), "--to takes one folder")
+    bad = tmp_path / "in" / "notes"
+    bad.mkdir()
+    (bad / "notes.txt").write_text("not an adapter")
+    one_line_error(hub("push", folders[0], bad, folders[1], "--name", "more/{dir}", "--version", "1.0.0",
+                       home=hub_home, ok=False), "1 of 3 folders were pushed before it")
+    assert [m.ref for m in Registry().list(name="more/")] == ["more/lora@1.0.0"]
