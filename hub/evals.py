@@ -64,7 +64,21 @@ def _read_all(path: Path) -> list[dict[str, Any]]:
 
 def read(root: Path, manifest: Manifest) -> list[dict[str, Any]]:
     """The version's records, oldest first (only those made for its current content)."""
-    return [r for r in _read_all(records_path(root, manifest)) if r["sha256"] == manifest.sha256]
+    return read_file(records_path(root, manifest), manifest)
+
+
+def read_file(path: Path, manifest: Manifest) -> list[dict[str, Any]]:
+    """The records in a records file (e.g. one a remote shipped) made for `manifest`'s content."""
+    return [r for r in _read_all(path) if r["sha256"] == manifest.sha256]
+
+
+def write_file(path: Path, records: list[dict[str, Any]]) -> None:
+    """Records as a records file of their own (what a remote ships beside an artifact)."""
+    path.write_text(_lines(records), encoding="utf-8")
+
+
+def _lines(records: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
 
 
 def append(root: Path, manifest: Manifest, records: list[dict[str, Any]]) -> int:
@@ -77,7 +91,7 @@ def append(root: Path, manifest: Manifest, records: list[dict[str, Any]]) -> int
         new = [r for r in records if r["id"] not in held and r["sha256"] == manifest.sha256]
         if new:
             with open(path, "a", encoding="utf-8") as f:
-                f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in new))
+                f.write(_lines(new))
                 f.flush()
                 os.fsync(f.fileno())
     return len(new)
