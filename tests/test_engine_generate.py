@@ -15,6 +15,8 @@ from runtime.generate import MAX_SEGMENTS, SETTLE_STEPS, Batch, SamplingParams, 
 from runtime.kvcache import HEADROOM
 from runtime.plan import AdapterUse, PlanError, RowPlan
 
+pytestmark = pytest.mark.slow  # generation with tiny models, compared with PEFT and with each row alone
+
 PROMPTS = [[5, 9, 17, 33, 4, 81, 12], [7, 7, 100, 3], [44, 12, 90, 61, 70, 8, 19, 27, 3], [15, 16], [101, 6, 55]]
 
 

@@ -8,9 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from hub.index import Index
 from hub.registry import Registry
 from tests.test_cli_registry import hub, one_line_error
+
+pytestmark = pytest.mark.slow  # registries of many versions, the bench script as a process
 
 
 def refs(result) -> list[str]:
