@@ -223,25 +223,27 @@ class Serving:
         prepared = self.prepare(ids, adapters, mode, merge, 1, alive)
         room = self.limits.context_length - len(ids) - prepared.virtual_tokens
         sampling.max_new_tokens = min(sampling.max_new_tokens, room)
-        seq = Row(id=uuid.uuid4().hex, prompt_ids=ids, plan=prepared.plan, sampling=sampling)
+        # the batch decodes into it when there are stop strings; `events` decodes into it otherwise
+        text = TextStream(self.engine.tokenizer, sampling.stop)
+        seq = Row(id=uuid.uuid4().hex, prompt_ids=ids, plan=prepared.plan, sampling=sampling, text=text)
         try:
             queued = self.scheduler.submit(seq)
         except BaseException:
             self.pool.release(prepared.lease)
             raise
-        return prepared, queued, TextStream(self.engine.tokenizer, sampling.stop)
+        return prepared, queued, text
 
     def events(self, queued: Request, text: TextStream) -> Iterator[tuple[list[int], str, Finished | None]]:
-        """(new tokens, new text, Finished on the last) per scheduler event; a stop string ends it."""
+        """(new tokens, new text, Finished on the last) per scheduler event; a stop string ends it. Each token is
+        decoded once: by the batch for a request with stop strings (it watches for them), else here."""
         for event in queued.stream():
             if isinstance(event, Finished):
                 if event.error is not None:
                     raise event.error
                 yield [], text.finish(), event
                 return
-            piece = text.push(event)
-            if text.stopped:
-                self.scheduler.cancel(queued)
-                yield event, piece + text.finish(), Finished("stop")
+            piece = text.push(event.ids) if event.text is None else event.text
+            if event.stop:
+                yield event.ids, piece + text.finish(), Finished("stop")
                 return
-            yield event, piece, None
+            yield event.ids, piece, None
