@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from hub.manifest import Manifest
+from runtime.contracts import ServedManifest
 from runtime.errors import InvalidArgument, QueueFull
 from runtime.generate import SamplingParams, Row
 from runtime.merged import MergeOptions, merged_manifest
@@ -127,7 +129,7 @@ def longest_token(tokenizer) -> int:
     return max((len(token) for token in tokenizer.get_vocab()), default=1)
 
 
-def _resolved(m, weight: float) -> Resolved:
+def _resolved(m: Manifest, weight: float) -> Resolved:
     return Resolved(ref=m.ref, name=m.name, version=m.version, sha256=m.sha256, technique=m.technique, weight=weight)
 
 
@@ -193,12 +195,13 @@ class Serving:
         ok(all(math.isfinite(w) for w in weights), "adapter weights must be finite numbers")
         if mode == "average" and adapters:
             ok(sum(weights) != 0, "average mode needs weights that do not sum to 0")
-        manifests = [self.pool.resolve(a.ref) for a in adapters]
-        refs = [m.ref for m in manifests]
+        named = [self.pool.resolve(a.ref) for a in adapters]
+        refs = [m.ref for m in named]
         ok(len(set(refs)) == len(refs), f"an adapter is named twice: {', '.join(refs)}")
-        resolved = [_resolved(m, w) for m, w in zip(manifests, weights)]
+        resolved = [_resolved(m, w) for m, w in zip(named, weights)]
+        manifests: list[ServedManifest] = list(named)
         if mode == "merge":  # one adapter serves the request: the merge (runtime/merged.py)
-            manifests, weights = [merged_manifest(manifests, weights, merge or MergeOptions())], [1.0]
+            manifests, weights = [merged_manifest(named, weights, merge or MergeOptions())], [1.0]
         # generation submits, scoring calls, next; waiting for device room ends when the client goes
         lease = self.pool.acquire(manifests, then_submit=True, alive=alive)
         try:
