@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from hub.chat_template import chat_template
+from hub.manifest import Manifest
+from runtime.contracts import ServedManifest
 from runtime.errors import InvalidArgument, QueueFull
 from runtime.generate import Row, SamplingParams, score
 from runtime.sampling import MAX_TOP_LOGPROBS
@@ -131,7 +133,7 @@ def longest_token(tokenizer) -> int:
     return max((len(token) for token in tokenizer.get_vocab()), default=1)
 
 
-def _resolved(m, weight: float) -> Resolved:
+def _resolved(m: Manifest, weight: float) -> Resolved:
     return Resolved(ref=m.ref, name=m.name, version=m.version, sha256=m.sha256, technique=m.technique, weight=weight)
 
 
@@ -210,12 +212,13 @@ class Serving:
         ok(all(math.isfinite(w) for w in weights), "adapter weights must be finite numbers")
         if mode == "average" and adapters:
             ok(sum(weights) != 0, "average mode needs weights that do not sum to 0")
-        manifests = [self.pool.resolve(a.ref) for a in adapters]
-        refs = [m.ref for m in manifests]
+        named = [self.pool.resolve(a.ref) for a in adapters]
+        refs = [m.ref for m in named]
         ok(len(set(refs)) == len(refs), f"an adapter is named twice: {', '.join(refs)}")
-        resolved = [_resolved(m, w) for m, w in zip(manifests, weights)]
+        resolved = [_resolved(m, w) for m, w in zip(named, weights)]
+        manifests: list[ServedManifest] = list(named)
         if mode == "merge":  # one adapter serves the request: the merge (runtime/merged.py)
-            manifests, weights = [merged_manifest(manifests, weights, merge or MergeOptions())], [1.0]
+            manifests, weights = [merged_manifest(named, weights, merge or MergeOptions())], [1.0]
         # generation submits, scoring calls, next; waiting for device room ends when the client goes
         lease = self.pool.acquire(manifests, then_submit=True, alive=alive)
         try:
@@ -240,13 +243,15 @@ class Serving:
         prepared = self.prepare(ids, adapters, mode, merge, 1, alive)
         room = self.limits.context_length - len(ids) - prepared.virtual_tokens
         sampling.max_new_tokens = min(sampling.max_new_tokens, room)
-        seq = Row(id=uuid.uuid4().hex, prompt_ids=ids, plan=prepared.plan, sampling=sampling)
+        # the batch decodes into it when there are stop strings; `events` decodes into it otherwise
+        text = TextStream(self.engine.tokenizer, sampling.stop)
+        seq = Row(id=uuid.uuid4().hex, prompt_ids=ids, plan=prepared.plan, sampling=sampling, text=text)
         try:
             queued = self.scheduler.submit(seq)
         except BaseException:
             self.pool.release(prepared.lease)
             raise
-        return prepared, queued, TextStream(self.engine.tokenizer, sampling.stop)
+        return prepared, queued, text
 
     def score(self, prepared: Prepared) -> list[float]:
         """log P(token i+1 | tokens 0..i) of the prepared ids under its plan, on the scheduler's thread."""
@@ -256,16 +261,16 @@ class Serving:
             raise InvalidArgument(str(e)) from None
 
     def events(self, queued: Request, text: TextStream) -> Iterator[tuple[list[int], str, Finished | None]]:
-        """(new tokens, new text, Finished on the last) per scheduler event; a stop string ends it."""
+        """(new tokens, new text, Finished on the last) per scheduler event; a stop string ends it. Each token is
+        decoded once: by the batch for a request with stop strings (it watches for them), else here."""
         for event in queued.stream():
             if isinstance(event, Finished):
                 if event.error is not None:
                     raise event.error
                 yield [], text.finish(), event
                 return
-            piece = text.push(event)
-            if text.stopped:
-                self.scheduler.cancel(queued)
-                yield event, piece + text.finish(), Finished("stop")
+            piece = text.push(event.ids) if event.text is None else event.text
+            if event.stop:
+                yield event.ids, piece + text.finish(), Finished("stop")
                 return
-            yield event, piece, None
+            yield event.ids, piece, None

@@ -49,6 +49,10 @@ class Row:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output id, when sampling.logprobs asks
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" | None
     error: Exception | None = None  # why it ended, when finish_reason is "error"
+    # A row with stop strings: where the batch decodes its output (one is made when None) to watch for them, so a
+    # caller that streams the text takes the pieces `Batch.step` returns instead of decoding every token again.
+    # The batch alone touches it until the row has finished.
+    text: TextStream | None = None
 
 
 class NonFiniteLogits(DamagedData):
@@ -87,7 +91,7 @@ class Batch:
         self._steady = 0  # steps begun since a row last joined or left (a join or leave sets 0)
         self._pending: list[Row] = []
         self._generators: dict[str, torch.Generator] = {}
-        self._texts: dict[str, TextStream] = {}  # the sequences with stop strings: their text so far
+        self._texts: dict[str, TextStream] = {}  # the sequences with stop strings: their Row.text
         self._cache = None
         self._mask: torch.Tensor | None = None  # (rows, cache length)
         self._eos = _eos_ids(engine)
@@ -107,7 +111,9 @@ class Batch:
         self.engine.check([seq.plan])  # refuse an unknown adapter or bad plan now, not mid-batch
         self._generators[seq.id] = generator_for(seq.sampling)
         if seq.sampling.stop:  # watched a few tokens at a time, not by decoding the whole output every step
-            self._texts[seq.id] = TextStream(self.engine.tokenizer, seq.sampling.stop)
+            if seq.text is None:
+                seq.text = TextStream(self.engine.tokenizer, seq.sampling.stop)
+            self._texts[seq.id] = seq.text
         self._pending.append(seq)
 
     @torch.inference_mode()  # the cache's tensors are inference tensors (Engine.forward), changed in place
@@ -125,11 +131,12 @@ class Batch:
                 return
 
     @torch.inference_mode()
-    def step(self) -> list[tuple[Row, list[int]]]:
-        """One decode step for running rows and a prefill for joining ones; new tokens per sequence (a
-        sequence that failed comes with no tokens and finish_reason "error", see the module docstring)."""
+    def step(self) -> list[tuple[Row, list[int], str | None]]:
+        """One decode step for running rows and a prefill for joining ones: per sequence, its new tokens and, for
+        one with stop strings, the text they settled (else None: nothing was decoded). A sequence that failed
+        comes with no tokens and finish_reason "error", see the module docstring."""
         produced: list[tuple[Row, int | None, TokenLogprob | None]] = []
-        results: list[tuple[Row, list[int]]] = []
+        results: list[tuple[Row, list[int], str | None]] = []
         self._steady += 1
         if self._rows:
             try:
@@ -149,7 +156,7 @@ class Batch:
                 produced += self._sample(joining, logits)
         for seq, token, logprob in produced:
             try:
-                results.append((seq, self._accept(seq, token, logprob)))
+                results.append((seq, *self._accept(seq, token, logprob)))
             except Exception as e:  # e.g. its stop-string check: this row alone
                 results += self._fail([seq], e)
         done = [i for i, seq in enumerate(self._rows) if seq.finish_reason is not None]
@@ -161,12 +168,12 @@ class Batch:
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _fail(self, seqs: list[Row], error: Exception) -> list[tuple[Row, list[int]]]:
+    def _fail(self, seqs: list[Row], error: Exception) -> list[tuple[Row, list[int], str | None]]:
         """End these sequences with `error`; each with no new tokens, as `step` reports them."""
         for seq in seqs:
             self._finish(seq, "error")
             seq.error = error
-        return [(seq, []) for seq in seqs]
+        return [(seq, [], None) for seq in seqs]
 
     def _sample(self, seqs: list[Row], logits: torch.Tensor) -> list[tuple[Row, int | None, TokenLogprob | None]]:
         params = [s.sampling for s in seqs]
@@ -228,26 +235,29 @@ class Batch:
         for layer in self._cache.layers:
             keep_rows(layer, keep, start)
 
-    def _accept(self, seq: Row, token: int | None, logprob: TokenLogprob | None = None) -> list[int]:
+    def _accept(self, seq: Row, token: int | None, logprob: TokenLogprob | None = None
+                ) -> tuple[list[int], str | None]:
         """Record a sampled token (None: the row's logits were not finite, it fails) and its logprob when
-        asked; set finish_reason. Returns the tokens to report (EOS is not one)."""
+        asked; set finish_reason. Returns the tokens to report (EOS is not one) and, for a row with stop strings,
+        the text they settled."""
         if token is None:
             raise NonFiniteLogits(seq.plan, f"at output token {len(seq.output_ids) + 1}")
+        text = self._texts.get(seq.id)
         if token in self._eos:
             self._finish(seq, "stop")
-            return []
+            return [], None
         seq.output_ids.append(token)
         if logprob is not None:
             seq.logprobs.append(logprob)
-        text = self._texts.get(seq.id)
+        piece = None
         if text is not None:
-            text.push([token])
+            piece = text.push([token])
             if text.stopped:
                 self._finish(seq, "stop")
-                return [token]
+                return [token], piece
         if len(seq.output_ids) >= seq.sampling.max_new_tokens:
             self._finish(seq, "length")
-        return [token]
+        return [token], piece
 
     def _finish(self, seq: Row, reason: str) -> None:
         seq.finish_reason = reason

@@ -419,6 +419,7 @@ def test_push_refuses_an_adapterhub_weights_file_that_is_a_link_or_fifo(make, tm
                    f"{weights.name} is a")
 
 
+@pytest.mark.slow  # writes and reads a file of very many tensors
 def test_a_safetensors_file_with_too_many_tensors_is_refused_before_parsing_them():
     """500k tensors cost seconds of parsing per load; past MAX_TENSORS the file is refused in one line."""
     from hub.artifact import MAX_TENSORS

@@ -16,6 +16,8 @@ sys.path.insert(0, str(BENCH))
 
 import run as bench_run  # noqa: E402
 
+pytestmark = pytest.mark.slow  # runs the bench scripts, some as processes with a real server
+
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:

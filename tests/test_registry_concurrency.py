@@ -16,6 +16,8 @@ from helpers import legacy_registry
 from hub.registry import Registry
 from hub.store import TMP_DIR
 
+pytestmark = pytest.mark.slow  # registry writers in several processes
+
 
 def hub_push(folder: Path, name: str, version: str, home: Path, pause: float | None = None,
              pause_at: str | None = None, resume: Path | None = None) -> subprocess.Popen:

@@ -9,9 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from hub.refs import RefStore
 from hub.registry import Registry
 from tests.test_cli_registry import hub, one_line_error
+
+pytestmark = pytest.mark.slow  # registries of many versions, the bench script as a process
 
 
 def refs(result) -> list[str]:

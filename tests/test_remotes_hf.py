@@ -89,6 +89,7 @@ def test_model_card_carries_base_model_and_peft_library(technique_adapters, tmp_
     assert "- ia3" in card and "- demo" in card
 
 
+@pytest.mark.slow  # `hub pull` as a process
 def test_pull_from_hf_cache_offline_is_bit_identical(technique_adapters, tmp_path):
     folder, local = staged(technique_adapters, tmp_path, "lora")
     hf_home = tmp_path / "hf"
@@ -222,6 +223,7 @@ def test_push_carries_the_versions_tags_as_git_tags(technique_adapters, tmp_path
                      ("delete_tag", "stable"), ("create_tag", "stable", "c0ffee")]
 
 
+@pytest.mark.slow  # pulls through huggingface_hub
 def test_pull_by_tag_from_hf_downloads_that_revision_and_sets_the_tag(technique_adapters, tmp_path,
                                                                       offline_hf_cache):
     folder, _ = staged(technique_adapters, tmp_path, "ia3")

@@ -114,6 +114,24 @@ def test_stop_string_ends_the_text_before_it(start_server):
     assert "".join(c.text for c in streamed) == full.text[:cut] and streamed[-1].finish_reason == "stop"
 
 
+def test_a_request_with_stop_strings_decodes_each_token_once(start_server):
+    """The batch decodes a request with stop strings (it watches for them) and the server streams that text:
+    such a request makes no more decode calls than one without stop strings (it once made twice as many)."""
+    server, client = start_server()
+    tokenizer = server.engine.tokenizer
+    calls: list[int] = []
+    decode = tokenizer.decode
+    tokenizer.decode = lambda *args, **kwargs: calls.append(1) or decode(*args, **kwargs)
+    try:
+        plain = client.generate(PROMPT, adapters=["lora0"], max_new_tokens=20)
+        alone, calls[:] = len(calls), []
+        watched = list(client.generate_stream(PROMPT, adapters=["lora0"], max_new_tokens=20, stop=["\x00never"]))
+    finally:
+        del tokenizer.decode
+    assert "".join(c.text for c in watched) == plain.text and alone > 0
+    assert len(calls) == alone
+
+
 def test_chat_flag_applies_the_chat_template(start_server, served_base):
     _, client = start_server()
     _, tokenizer = served_model(served_base)

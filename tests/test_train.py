@@ -10,6 +10,8 @@ from hub.artifact import Technique, read_adapter
 from hub.train import (Chat, Example, TokenExample, TrainError, TrainSpec, encode_chat, read_jsonl, train_adapter,
                        write_jsonl)
 
+pytestmark = pytest.mark.slow  # training loops
+
 REPLY = (10, 11, 12, 13, 2)  # every prompt gets this reply (2 = end of turn)
 HP = {  # per-technique learning rates for the toy task
     Technique.LORA: dict(lr=3e-2),

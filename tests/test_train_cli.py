@@ -16,6 +16,8 @@ from hub.cli import app
 from hub.registry import Registry
 from server_support import char_tokenizer
 
+pytestmark = pytest.mark.slow  # `hub train` runs, training loops
+
 runner = CliRunner()
 REPLY = "ok!"
 

@@ -114,12 +114,21 @@ class TapOp(SiteOp):
         return x
 
 
+@dataclass(eq=False)
+class RowGroup:
+    """Rows of a batch that apply the same adapters with the same weights at one block."""
+
+    rows: list[int]
+    mode: str  # "stack" | "average"
+    blocks: list[tuple[Block, float]]  # (adapter's block, its weight), in stack order
+
+
 class BlockOp(SiteOp):
     """POST op at a block's output projection: each group of rows with the same adapters, in one go."""
 
     stage = Stage.POST
 
-    def __init__(self, tap: Tap, groups: list[tuple[list[int], str, list[tuple[Block, float]]]]):
+    def __init__(self, tap: Tap, groups: list[RowGroup]):
         self.tap = tap
         self.groups = groups
         self._index: dict[int, torch.Tensor] = {}
@@ -128,12 +137,12 @@ class BlockOp(SiteOp):
         r, self.tap.x = self.tap.x, None
         if r is None:
             raise RuntimeError("bottleneck adapter: the block's residual was not recorded (unsupported layer layout)")
-        for n, (rows, mode, blocks) in enumerate(self.groups):
+        for n, group in enumerate(self.groups):
             idx = self._index.get(n)
             if idx is None:
-                idx = self._index[n] = torch.tensor(rows, device=y.device)
+                idx = self._index[n] = torch.tensor(group.rows, device=y.device)
             h, res = y.index_select(0, idx), r.index_select(0, idx)
-            out = (stack if mode == "stack" else average)(blocks, h, res)
+            out = (stack if group.mode == "stack" else average)(group.blocks, h, res)
             y = y.index_copy(0, idx, out - res)  # the decoder layer adds the residual back
         return y
 
@@ -217,7 +226,7 @@ class Bottleneck(TechniqueImpl):
         by_row: dict[int, list[Use]] = {}
         for use in uses:
             by_row.setdefault(use.row, []).append(use)
-        groups: dict[tuple, tuple[list[int], str, list[tuple[Block, float]]]] = {}
+        groups: dict[tuple, RowGroup] = {}
         for row, row_uses in by_row.items():
             mode = batch.mode[row]
             weights = [u.weight for u in row_uses]
@@ -225,9 +234,9 @@ class Bottleneck(TechniqueImpl):
                 total = sum(weights)
                 weights = [w / total for w in weights]
             program = (mode, tuple((u.resident.key, w) for u, w in zip(row_uses, weights)))
-            group = groups.setdefault(program, ([], mode, [(u.resident.sites[site], w)
-                                                            for u, w in zip(row_uses, weights)]))
-            group[0].append(row)
+            group = groups.setdefault(program, RowGroup([], mode, [(u.resident.sites[site], w)
+                                                                    for u, w in zip(row_uses, weights)]))
+            group.rows.append(row)
         return [BlockOp(recording(first.tap), list(groups.values()))]
 
     def check_plan(self, uses_of_row: list[Use], mode: str) -> None:

@@ -34,6 +34,25 @@ class LoraSite:
         return self.a_t.shape[1]
 
 
+@dataclass(eq=False)
+class Dense:
+    """The kernel for a site where one adapter serves the batch: two plain matmuls over the rows using it."""
+
+    a: torch.Tensor  # (in, r)
+    b: torch.Tensor  # (r, out)
+    idx: torch.Tensor | None  # the rows using it; None: every row once, in order (no gather/scatter)
+    scale: torch.Tensor | None  # (rows using it, 1, 1) summed weights; None: every weight 1 (no multiply)
+
+
+@dataclass(eq=False)
+class Bucket:
+    """The adapters of one rank at a site, stacked per row for batched matmuls."""
+
+    idx: torch.Tensor | None  # the rows; None: every row once, in order (no gather/scatter)
+    a: torch.Tensor | None  # (rows, in, r); None until `LoraOp.stack_a`, or when a SharedInput projects
+    b: torch.Tensor  # (rows, r, out), weights folded in
+
+
 def scaling(config: dict, path: str) -> tuple[int, float]:
     """(rank, scaling) PEFT uses for the module at `path`."""
     r, alpha = lora_rank_alpha(config, path)
@@ -63,8 +82,8 @@ class LoraOp(SiteOp):
         first = next(iter(slots.values()))
         device, dtype = first.a_t.device, first.a_t.dtype
         self.shared: tuple[SharedInput, int] | None = None  # set by SharedInput
-        self.dense: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
-        self.buckets: list[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]] = []  # (rows, A, B)
+        self.dense: Dense | None = None
+        self.buckets: list[Bucket] = []
         self.bucket_slots: list[list[LoraSite]] = []
         self.signature: tuple = ()
         if len(slots) == 1:
@@ -76,7 +95,7 @@ class LoraOp(SiteOp):
             idx = None if order == list(range(rows)) else torch.tensor(order, device=device)
             scale = None if all(w == 1.0 for w in weight.values()) else torch.tensor(
                 list(weight.values()), device=device, dtype=dtype).view(-1, 1, 1)
-            self.dense = (first.a_t, first.b_t, idx, scale)
+            self.dense = Dense(first.a_t, first.b_t, idx, scale)
             return
         by_rank: dict[int, list[Use]] = {}
         for use in uses:
@@ -89,19 +108,19 @@ class LoraOp(SiteOp):
             b = torch.stack([slot.b_t for slot in bucket])
             if any(u.weight != 1.0 for u in group):
                 b.mul_(torch.tensor([u.weight for u in group], device=device, dtype=dtype).view(-1, 1, 1))
-            self.buckets.append((idx, None, b))
+            self.buckets.append(Bucket(idx, None, b))
             self.bucket_slots.append(bucket)
             self.signature += ((rank, tuple((u.row, u.resident.key) for u in group)),)
 
     def stack_a(self) -> None:
         """Stack each bucket's A's (skipped for a site whose A projection a SharedInput computes)."""
         if self.shared is None:
-            self.buckets = [(idx, torch.stack([s.a_t for s in slots]), b)
-                            for (idx, _, b), slots in zip(self.buckets, self.bucket_slots)]
+            for bucket, slots in zip(self.buckets, self.bucket_slots):
+                bucket.a = torch.stack([s.a_t for s in slots])
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         if self.dense is not None:
-            a, b, idx, scale = self.dense
+            a, b, idx, scale = self.dense.a, self.dense.b, self.dense.idx, self.dense.scale
             used = x if idx is None else x.index_select(0, idx)
             rows, tokens = used.shape[0], used.shape[1]
             h = torch.mm(used.reshape(rows * tokens, -1).to(a.dtype), a)
@@ -113,7 +132,8 @@ class LoraOp(SiteOp):
                 return torch.addmm(y.reshape(rows * tokens, -1), h, b).view(y.shape)
             return _add_into(y, torch.mm(h, b).view(y.shape))
         projected = self.shared[0].project(x) if self.shared else None
-        for k, (idx, a, b) in enumerate(self.buckets):
+        for k, bucket in enumerate(self.buckets):
+            idx, a, b = bucket.idx, bucket.a, bucket.b
             if projected is not None:
                 start = self.shared[1] * b.shape[1]
                 h = projected[k][..., start:start + b.shape[1]]
@@ -140,7 +160,7 @@ class SharedInput:
     def __init__(self, members: list[LoraOp]):
         self.members = len(members)
         self.a = [torch.stack([slot.group_a for slot in slots]) for slots in members[0].bucket_slots]
-        self.idx = [bucket[0] for bucket in members[0].buckets]
+        self.idx = [bucket.idx for bucket in members[0].buckets]
         self._x: torch.Tensor | None = None
         self._h: list[torch.Tensor] = []
         self._served = 0
