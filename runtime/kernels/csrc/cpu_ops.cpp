@@ -21,7 +21,10 @@
 
 namespace {
 
-constexpr int64_t kWork = 1 << 15;  // multiply-adds below which a task is not split across threads
+// Multiply-adds below which a call stays on the calling thread: a decode step's op is tens of microseconds,
+// less than what an OpenMP fork/join costs when the cores are shared (on a busy machine a parallel region
+// waits for a descheduled thread and ran ten times slower than one thread); prefill-sized calls still split.
+constexpr int64_t kWork = 1 << 20;
 constexpr int64_t kBlock = 256;      // output columns per expand/gather task
 
 // out[i] = sum_k w[i * ld + k] * x[k] for i < n: the weight rows are read where they lie.
