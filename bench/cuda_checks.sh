@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The checks that need a GPU, in one go (what a lent GPU machine runs in a few minutes):
-#   1. the server tests with the served base and their PEFT peers on CUDA (HUB_TEST_DEVICE=cuda);
-#   2. bench/gpu_check.py: the engine against PEFT on CUDA, fp32 and bf16;
-#   3. bench/e2e_bench.py on CUDA in bf16, on a base with the default model's shapes and random weights
+# The checks that need a GPU, in one go (what a lent GPU machine runs in about ten minutes):
+#   1. the kernel seam: tests/test_kernels.py (the Triton kernels on CUDA against the reference) and
+#      bench/kernel_bench.py on CUDA (reference vs Triton per op, the stacked LoRA path vs slots + Triton);
+#      triton comes with a CUDA torch, or from .whl/ (its wheel: triton==3.7.1);
+#   2. the server tests with the served base and their PEFT peers on CUDA (HUB_TEST_DEVICE=cuda);
+#   3. bench/gpu_check.py: the engine against PEFT on CUDA, fp32 and bf16;
+#   4. bench/e2e_bench.py on CUDA in bf16, on a base with the default model's shapes and random weights
 #      (bench/random_base.py), each configuration's tokens/s printed as it finishes.
 # Usage: bash bench/cuda_checks.sh MODEL_DIR [E2E_ARGS...]   (MODEL_DIR: config.json + tokenizer suffice)
 # Writes its logs to $OUT (default ./cuda-checks). Wheels in .whl/ (for a machine without an index) are
@@ -18,6 +21,12 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=f
 stamp() { while IFS= read -r line; do echo "$(date +%T) $line"; done; }
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__,
 'peft', peft.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA DEVICE')" 2>&1 | tee "$out/env.txt"
+echo "== kernel tests on CUDA (Triton vs the reference)"
+timeout 180 python3 -m pytest -q -p no:cacheprovider -W ignore tests/test_kernels.py > "$out/kernel_tests_cuda.txt" 2>&1
+tail -3 "$out/kernel_tests_cuda.txt"
+echo "== kernel bench on CUDA (bf16 and fp32)"
+timeout 180 python3 bench/kernel_bench.py --device cuda --no-loop > "$out/kernel_bench_cuda.txt" 2>&1
+grep -v "|" "$out/kernel_bench_cuda.txt" | tail -40
 echo "== server tests on CUDA"
 HUB_TEST_DEVICE=cuda timeout 240 python3 -m pytest -q -p no:cacheprovider -W ignore tests/test_server.py \
   tests/test_server_errors.py tests/test_server_textstream.py tests/test_merge_server.py tests/test_server_security.py \

@@ -10,8 +10,9 @@ q/k/v/o/gate/up/down), 32 rows.
    32 distinct adapters; fp32 and bf16. Ratios against the fused backend.
 3. Step: today's path (runtime/techniques/lora.py: `Lora.compile_all` stacks each row's A and B, then the
    ops run each step) against slots + the fused kernel (weights installed once; a batch change rebuilds
-   two small index tensors); the base's own linears of the step for scale; and a join's cost against the
-   adapter's bytes (a one-row segment's stacks vs an index update), beside the one-time install copy.
+   two small index tensors); the base's own linears of the step for scale.
+4. Join: a batch change against the adapter's bytes (today's one-row segment and the smallest segment merge,
+   which stacks, vs an index update), beside the one-time copy into slots at install.
 
 Configurations are interleaved (A B C A B C ...) and each figure is the median of --repeats.
 
@@ -264,16 +265,19 @@ def step_level(args) -> None:
     print(f"\nStep: LoRA on all 7 projections, r=8, {args.rows} rows, float32, ms per decode step "
           f"({args.layers} layers)\n")
     print(table(head, lines))
-    joins(args, dtype)
 
 
-def joins(args, dtype) -> None:
-    """A row joining: today a one-row segment compiles (stacks its adapter's weights); with slots the
-    adapter was copied into its slot once at install and a join writes the index tensors."""
-    head = ["rank", "adapter MB", "join, stacked ms", "join, indices ms", "install into slots ms (once)"]
+def joins(args) -> None:
+    """A batch change against the adapters' bytes. Today a joining row compiles its own segment (one adapter
+    at a site takes plain matmuls, no stacks) and segments later merge, stacking every row's weights: the
+    smallest merge, two rows with distinct adapters, copies both. With slots an adapter is copied into its
+    slot once, at install, and every batch change writes the index tensors."""
+    dtype = torch.float32
+    head = ["rank", "adapter MB", "one-row segment, stacked ms", "2-row merge, stacked ms", "indices ms",
+            "install into slots ms (once)"]
     lines = []
     for r in args.join_ranks:
-        residents = stacked_residents(1, r, args.layers, dtype, args.device, seed=7)
+        residents = stacked_residents(2, r, args.layers, dtype, args.device, seed=7)
         size = sum((s.a_t.numel() + s.b_t.numel()) * s.b_t.element_size() for s in residents[0].sites.values())
         slots = {site: (torch.zeros(4, *s.a_t.t().shape, device=args.device, dtype=dtype),
                         torch.zeros(4, *s.b_t.shape, device=args.device, dtype=dtype))
@@ -286,13 +290,15 @@ def joins(args, dtype) -> None:
                 b[1].copy_(s.b_t)
         rows_list = list(range(args.rows))
         ms = timed({"stacked": lambda: compile_stacked(residents, range(1), args.layers, dtype, args.device),
+                    "merge": lambda: compile_stacked(residents, range(2), args.layers, dtype, args.device),
                     "indices": lambda: (torch.tensor(rows_list, device=args.device),
                                         torch.tensor([1] * args.rows, device=args.device)),
                     "install": install}, args.repeats, args.device)
-        lines.append([str(r), f"{size / 1e6:.1f}", f"{ms['stacked']:.2f}", f"{ms['indices']:.3f}",
-                      f"{ms['install']:.1f}"])
+        lines.append([str(r), f"{size / 1e6:.1f}", f"{ms['stacked']:.2f}", f"{ms['merge']:.1f}",
+                      f"{ms['indices']:.3f}", f"{ms['install']:.1f}"])
         print(" | ".join(lines[-1]), flush=True)
-    print(f"\nJoin of one row (all 7 projections, {args.layers} layers, float32), against the adapter's bytes\n")
+    print(f"\nBatch changes against the adapter's bytes (all 7 projections, {args.layers} layers, float32, "
+          f"{args.rows} rows' indices)\n")
     print(table(head, lines))
 
 
@@ -306,8 +312,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--join-ranks", nargs="+", type=int, default=[8, 32, 128])
     ap.add_argument("--no-loop", dest="loop", action="store_false", help="leave out the per-row Python loop")
-    ap.add_argument("--only", choices=["ops", "step"], help="run one part")
+    ap.add_argument("--only", choices=["ops", "step", "join"], help="run one part")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
@@ -316,6 +325,8 @@ def main() -> None:
         per_op(args)
     if args.only in (None, "step"):
         step_level(args)
+    if args.only in (None, "join"):
+        joins(args)
 
 
 if __name__ == "__main__":

@@ -152,3 +152,18 @@ def test_registry_scale_bench_runs_and_reports_each_size():
     rows = [line.split() for line in table.splitlines()[2:]]
     assert [r[0] for r in rows] == ["12", "20"] and all(r[1:] and r[-1] == "ms" for r in rows), done.stdout
     assert bulk.startswith("bulk hub push of 2 folders into 20 versions") and "folders/s" in bulk, done.stdout
+
+
+def test_kernel_bench_runs_every_part():
+    """bench/kernel_bench.py at tiny sizes: the per-op, step and join tables print (figures: docs/benchmarks.md)."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(BENCH / "kernel_bench.py"), "--layers", "1", "--repeats", "1",
+                           "--rows", "4", "--adapters", "2", "--dtypes", "float32", "--join-ranks", "4",
+                           "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    from runtime.kernels import cpu
+
+    fused = cpu.load() is not None  # without a compiler the step part says it has no fast backend
+    for title in ("Per op:", "Batch changes", "indices ms", "stacked / fused" if fused else "no fast backend"):
+        assert title in done.stdout

@@ -328,3 +328,22 @@ def test_a_failed_build_falls_back_to_the_reference_with_one_warning(tmp_path):
     name, ours, caught, messages = done.stdout.split(" ", 3)
     assert (name, ours, caught) == ("reference", "1", "1"), done.stdout
     assert "could not be built" in messages and "using the reference ops" in messages
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_cpu_splits_large_calls_over_threads_exactly(dtype):
+    """Calls past the fused kernel's single-thread bound (prefill-sized) run in parallel tasks: the same results,
+    with rows in several uses (written by one task each) and rows in none."""
+    module = load_backend("cpu")
+    x, y, a, b, v, rows, slots, scale = case(8, (200, 768, 1100, 16, 3, 300), "runs", dtype, dtype)
+    b = b.transpose(1, 2).contiguous().transpose(1, 2)
+    h = module.lora_shrink(x, a, rows, slots)
+    close(h, oracle_shrink(x, a, rows, slots), dtype)
+    for op, want in [(lambda t: module.lora_expand(t, h, b, rows, slots, scale),
+                      oracle_expand(y, h, b, rows, slots, scale)),
+                     (lambda t: module.gather_add(t, v, rows, slots, scale), oracle_add(y, v, rows, slots, scale))]:
+        out = y.clone()
+        op(out)
+        close(out, want, dtype)
+    unused = sorted(set(range(200)) - set(rows.tolist()))
+    assert unused and torch.equal(out[unused], y[unused])

@@ -5,7 +5,8 @@
 // uses (shrink) or over (row, column block) pairs (expand, gathers), so no two threads write one element.
 // The hot loops are compiled for AVX-512, AVX2 and plain x86-64 and picked at load (target_clones), so a
 // cached binary runs on any x86-64 CPU.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/csrc/utils/pybind.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -21,7 +22,10 @@
 
 namespace {
 
-constexpr int64_t kWork = 1 << 15;  // multiply-adds below which a task is not split across threads
+// Multiply-adds below which a call stays on the calling thread: a decode step's op is tens of microseconds,
+// less than what an OpenMP fork/join costs when the cores are shared (on a busy machine a parallel region
+// waits for a descheduled thread and ran ten times slower than one thread); prefill-sized calls still split.
+constexpr int64_t kWork = 1 << 20;
 constexpr int64_t kBlock = 256;      // output columns per expand/gather task
 
 // out[i] = sum_k w[i * ld + k] * x[k] for i < n: the weight rows are read where they lie.
