@@ -225,10 +225,10 @@ class HttpFrontend:
             named.append(AdapterRequest(a["ref"], _typed(a, "weight", float, 1.0)))
         return named
 
-    def _sampling(self, fields: dict, *, temperature: float, seed: int | None, logprobs: int | None
-                  ) -> SamplingParams:
-        return sampling_params(self.core.limits, max_new_tokens=_typed(fields, "max_tokens", int)
-                               if "max_tokens" in fields else _typed(fields, "max_new_tokens", int),
+    def _sampling(self, fields: dict, *, max_new_tokens: int | None, temperature: float, seed: int | None,
+                  logprobs: int | None) -> SamplingParams:
+        """The sampling fields OpenAI and LoRAX name alike (top_p, top_k, stop), with those they name apart."""
+        return sampling_params(self.core.limits, max_new_tokens=max_new_tokens,
                                temperature=temperature, top_p=_typed(fields, "top_p", float),
                                top_k=_typed(fields, "top_k", int, 0), seed=seed, stop=_stop(fields),
                                logprobs=logprobs)
@@ -240,8 +240,9 @@ class HttpFrontend:
         seed = _typed(body, "seed", int)
         logprobs = _logprobs_asked(body, chat)
         temperature = _typed(body, "temperature", float, 1.0)
-        samplings = [self._sampling(body, temperature=temperature, seed=None if seed is None else seed + i,
-                                    logprobs=logprobs) for i in range(n)]
+        max_new = _typed(body, "max_completion_tokens", int, _typed(body, "max_tokens", int))  # chat's newer name
+        samplings = [self._sampling(body, max_new_tokens=max_new, temperature=temperature,
+                                    seed=None if seed is None else seed + i, logprobs=logprobs) for i in range(n)]
         adapters = self._adapters(body)
         if chat:
             ids = self.core.chat_ids(_chat_messages(body), adapters[0].ref if len(adapters) == 1 else None)
@@ -280,7 +281,8 @@ class HttpFrontend:
         top_n = _typed(p, "top_n_tokens", int) or _typed(p, "return_k_alternatives", int) or 0
         # a stream's every event carries its token's logprob; a whole answer's only with `details`
         asked = stream or top_n or _typed(p, "details", bool, False)
-        sampling = self._sampling(p, temperature=_typed(p, "temperature", float, 1.0 if sample else 0.0),
+        sampling = self._sampling(p, max_new_tokens=_typed(p, "max_new_tokens", int),
+                                  temperature=_typed(p, "temperature", float, 1.0 if sample else 0.0),
                                   seed=_typed(p, "seed", int), logprobs=top_n if asked else None)
         adapter_id = _typed(p, "adapter_id", str, "")
         merged = _typed(p, "merged_adapters", dict)

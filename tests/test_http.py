@@ -63,6 +63,9 @@ def test_chat_uses_the_chat_template(http_server):
     assert reply.choices[0].message.content == expected.text
     assert reply.choices[0].message.role == "assistant"
     assert reply.usage.prompt_tokens == expected.usage.prompt_tokens
+    newer = sdk.chat.completions.create(model="lora3", messages=[{"role": "user", "content": "hi"}],
+                                        max_completion_tokens=3, temperature=0)  # chat's newer name for max_tokens
+    assert newer.usage.completion_tokens == len(expected.token_ids[:3])
 
 
 def test_streaming_with_usage_ends_with_done(http_server):
