@@ -1,7 +1,7 @@
 """An adapter's own chat template: PEFT folders trained on a chat format may ship `chat_template.jinja` or a
 `tokenizer_config.json` with `chat_template`; chat requests naming that adapter are rendered with it.
 
-A template is checked when it is pushed (it must compile and render a short conversation), so a broken
+A template is checked when it is pushed (it must compile and render one user message), so a broken
 one is refused at the registry with one line instead of failing every chat request that names it.
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ from hub.artifact import ArtifactError
 
 TEMPLATE_FILE = "chat_template.jinja"
 TOKENIZER_CONFIG = "tokenizer_config.json"
-_PROBE = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Hi"},
-          {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "How are you?"}]
+# one user message: what every chat template takes (some refuse a system turn or turns that do not alternate)
+_PROBE = [{"role": "user", "content": "Hi"}]
 
 
 def chat_template(files: set[str], read: Callable[[str], bytes]) -> str | None:
@@ -37,19 +37,13 @@ def chat_template(files: set[str], read: Callable[[str], bytes]) -> str | None:
 
 
 def check_template(template: str) -> None:
-    """ArtifactError (one line) unless the template compiles and renders a short conversation, in the
-    sandboxed Jinja environment transformers renders chat templates in."""
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    """ArtifactError (one line) unless the template compiles and renders one user message, with the
+    renderer transformers' apply_chat_template uses (its sandbox, globals and extensions)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
 
-    def raise_exception(message: str) -> None:
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
     try:
-        env.from_string(template).render(messages=_PROBE, add_generation_prompt=True, bos_token="<s>",
-                                         eos_token="</s>")
-    except Exception as e:  # a syntax error, an undefined call, the template's own raise_exception
+        render_jinja_template([_PROBE], chat_template=template, add_generation_prompt=True, bos_token="<s>",
+                              eos_token="</s>")
+    except Exception as e:  # a syntax error, an undefined filter, the template's own raise_exception
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ArtifactError(f"the adapter's chat template does not render: {first}") from None

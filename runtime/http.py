@@ -29,6 +29,8 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from hub.artifact import ArtifactError
+from hub.errors import HubError
 from hub.merge_spec import uses_density, uses_sign
 from runtime import errors
 from runtime.auth import ADMIN, token_role
@@ -223,10 +225,10 @@ class HttpFrontend:
             named.append(AdapterRequest(a["ref"], _typed(a, "weight", float, 1.0)))
         return named
 
-    def _sampling(self, fields: dict, *, temperature: float, seed: int | None, logprobs: int | None
-                  ) -> SamplingParams:
-        return sampling_params(self.core.limits, max_new_tokens=_typed(fields, "max_tokens", int)
-                               if "max_tokens" in fields else _typed(fields, "max_new_tokens", int),
+    def _sampling(self, fields: dict, *, max_new_tokens: int | None, temperature: float, seed: int | None,
+                  logprobs: int | None) -> SamplingParams:
+        """The sampling fields OpenAI and LoRAX name alike (top_p, top_k, stop), with those they name apart."""
+        return sampling_params(self.core.limits, max_new_tokens=max_new_tokens,
                                temperature=temperature, top_p=_typed(fields, "top_p", float),
                                top_k=_typed(fields, "top_k", int, 0), seed=seed, stop=_stop(fields),
                                logprobs=logprobs)
@@ -238,8 +240,9 @@ class HttpFrontend:
         seed = _typed(body, "seed", int)
         logprobs = _logprobs_asked(body, chat)
         temperature = _typed(body, "temperature", float, 1.0)
-        samplings = [self._sampling(body, temperature=temperature, seed=None if seed is None else seed + i,
-                                    logprobs=logprobs) for i in range(n)]
+        max_new = _typed(body, "max_completion_tokens", int, _typed(body, "max_tokens", int))  # chat's newer name
+        samplings = [self._sampling(body, max_new_tokens=max_new, temperature=temperature,
+                                    seed=None if seed is None else seed + i, logprobs=logprobs) for i in range(n)]
         adapters = self._adapters(body)
         if chat:
             ids = self.core.chat_ids(_chat_messages(body), adapters[0].ref if len(adapters) == 1 else None)
@@ -278,7 +281,8 @@ class HttpFrontend:
         top_n = _typed(p, "top_n_tokens", int) or _typed(p, "return_k_alternatives", int) or 0
         # a stream's every event carries its token's logprob; a whole answer's only with `details`
         asked = stream or top_n or _typed(p, "details", bool, False)
-        sampling = self._sampling(p, temperature=_typed(p, "temperature", float, 1.0 if sample else 0.0),
+        sampling = self._sampling(p, max_new_tokens=_typed(p, "max_new_tokens", int),
+                                  temperature=_typed(p, "temperature", float, 1.0 if sample else 0.0),
                                   seed=_typed(p, "seed", int), logprobs=top_n if asked else None)
         adapter_id = _typed(p, "adapter_id", str, "")
         merged = _typed(p, "merged_adapters", dict)
@@ -446,16 +450,41 @@ class HttpFrontend:
             yield _DONE
 
     async def _load(self, request: HttpRequest) -> Response:
-        """vLLM's `load_lora_adapter`: `lora_name` is a registry ref, loaded (not pinned) onto the device."""
-        return await self._admin(request, lambda ref: self.core.pool.load(ref, pin=False),
-                                 "Success: LoRA adapter '{}' added successfully.")
+        """vLLM's `load_lora_adapter`: `lora_name` is a registry ref, loaded (not pinned) onto the device; with
+        `lora_path`, that folder (on the server's machine) is pushed into the registry first (see `_push`)."""
+        def load(body: dict, name: str) -> str:
+            path = _typed(body, "lora_path", str, "")
+            ref = self._push(name, path) if path else name
+            self.core.pool.load(ref, pin=False)
+            pushed = f" (pushed {path} into the registry as {ref}, then loaded)" if path else ""
+            return f"Success: LoRA adapter '{name}' added successfully.{pushed}"
+
+        return await self._admin(request, load)
 
     async def _unload(self, request: HttpRequest) -> Response:
         """vLLM's `unload_lora_adapter`: `lora_name` leaves device and host memory (it stays in the registry)."""
-        return await self._admin(request, self.core.pool.unload,
-                                 "Success: LoRA adapter '{}' removed successfully.")
+        def unload(body: dict, name: str) -> str:
+            self.core.pool.unload(name)
+            return f"Success: LoRA adapter '{name}' removed successfully."
 
-    async def _admin(self, request: HttpRequest, act: Callable[[str], Any], done: str) -> Response:
+        return await self._admin(request, unload)
+
+    def _push(self, name: str, path: str) -> str:
+        """vLLM's `lora_path`: the folder pushed as `lora_name` (`name@version`, or a new name as 1.0.0) against
+        the served base, so it is then named like any registry adapter; its ref."""
+        registry = self.core.pool.registry
+        name, _, version = name.partition("@")
+        if not version:
+            ok(not registry.index().versions(name), f"adapter {name!r} already has versions in the registry: give "
+               f"`lora_name` as name@version to push {path} as a new one")
+            version = "1.0.0"
+        try:
+            return registry.push(path, name, version, base_model=self._served_as).ref
+        except (HubError, ArtifactError, OSError) as e:
+            raise InvalidArgument(f"cannot push `lora_path` {path}: {e}") from None
+
+    async def _admin(self, request: HttpRequest, act: Callable[[dict, str], str]) -> Response:
+        """An admin call (admin token) on `lora_name`: act(body, name) off the event loop gives the answer."""
         method = request.url.path
         started, record = time.perf_counter(), RequestRecord(method)
         denied = self._denied(request, admin=True)
@@ -466,16 +495,14 @@ class HttpFrontend:
             body = await self._body(request)
             name = _typed(body, "lora_name", str, "")
             ok(bool(name), "`lora_name` is required: an adapter ref in the registry")
-            ok(not body.get("lora_path"), "`lora_path` is not served: push the folder into the registry "
-               "(`hub push`) and load it by its ref")
             record.adapters = [name]
             with self.core.admin.held():
-                await anyio.to_thread.run_sync(act, name)
+                done = await anyio.to_thread.run_sync(act, body, name)
         except ServeError as e:
             self._record(record, method, http_status(e), started)
             return _error(http_status(e), e.message)
         self._record(record, method, 200, started)
-        return PlainTextResponse(done.format(name))
+        return PlainTextResponse(done)
 
     async def _models(self, request: HttpRequest) -> Response:
         denied = self._denied(request)

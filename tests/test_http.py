@@ -63,6 +63,9 @@ def test_chat_uses_the_chat_template(http_server):
     assert reply.choices[0].message.content == expected.text
     assert reply.choices[0].message.role == "assistant"
     assert reply.usage.prompt_tokens == expected.usage.prompt_tokens
+    newer = sdk.chat.completions.create(model="lora3", messages=[{"role": "user", "content": "hi"}],
+                                        max_completion_tokens=3, temperature=0)  # chat's newer name for max_tokens
+    assert newer.usage.completion_tokens == len(expected.token_ids[:3])
 
 
 def test_streaming_with_usage_ends_with_done(http_server):
@@ -213,8 +216,26 @@ def test_vllm_load_and_unload(http_server):
     assert all(a.tier == pb.TIER_DISK for a in client.list_adapters().adapters)  # off the device and host
     assert httpx.post(f"{url}/unload_lora_adapter", json={"lora_name": "lora3"}, timeout=60).status_code == 404
     assert httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "nope"}, timeout=60).status_code == 404
-    r = httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "x", "lora_path": "/tmp/x"}, timeout=60)
-    assert r.status_code == 400 and "hub push" in r.json()["error"]["message"]
+    r = httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "x", "lora_path": "/nonexistent/x"}, timeout=60)
+    assert r.status_code == 400 and "cannot push `lora_path` /nonexistent/x" in r.json()["error"]["message"]
+
+
+def test_vllm_load_with_a_path_pushes_it_first(http_server, served_adapters):
+    """vLLM's `lora_path`: the folder is pushed into the registry as `lora_name` and loaded; then it is named
+    like any adapter. A name that has versions needs one given."""
+    server, client, sdk, url = http_server
+    folder = str(served_adapters["lora2"])
+    r = httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "from-path", "lora_path": folder}, timeout=60)
+    assert r.status_code == 200 and "as from-path@1.0.0" in r.text, r.text
+    assert {a.ref for a in client.list_adapters().adapters} == {"from-path@1.0.0"}
+    reply = sdk.completions.create(model="from-path", prompt=PROMPT, max_tokens=5, temperature=0)
+    assert reply.choices[0].text == client.generate(PROMPT, adapters=["lora2"], max_new_tokens=5,
+                                                    temperature=0.0).text
+    again = httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "from-path", "lora_path": folder}, timeout=60)
+    assert again.status_code == 400 and "name@version" in again.json()["error"]["message"]
+    r = httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "from-path@2.0.0", "lora_path": folder},
+                   timeout=60)
+    assert r.status_code == 200 and "from-path@2.0.0" in r.text
 
 
 
