@@ -145,13 +145,14 @@ def test_registry_scale_bench_runs_and_reports_each_size():
     bulk push its line."""
     import subprocess
 
-    done = subprocess.run([sys.executable, str(BENCH / "registry_scale.py"), "--sizes", "12", "20", "--pushes", "2",
-                           "--resolves", "1", "--bulk", "2"], capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, str(BENCH / "registry_scale.py"), "--sizes", "12", "20", "--rounds", "1",
+                           "--bulk", "2"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     table, bulk = done.stdout.split("\n\n")
     rows = [line.split() for line in table.splitlines()[2:]]
-    assert [r[0] for r in rows] == ["12", "20"] and all(r[1:] and r[-1] == "ms" for r in rows), done.stdout
-    assert bulk.startswith("bulk hub push of 2 folders into 20 versions") and "folders/s" in bulk, done.stdout
+    assert [r[0] for r in rows] == ["12", "20", "ratio"] and all(r[-1] == "ms" for r in rows[:2]), done.stdout
+    assert rows[2][-1].endswith("x") and bulk.startswith("bulk hub push of 2 folders"), done.stdout
+    assert "folders/s into 12 versions" in bulk and "folders/s into 20 versions" in bulk, done.stdout
 
 
 def test_kernel_bench_runs_every_part():

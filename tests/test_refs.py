@@ -181,3 +181,33 @@ def test_a_directory_remote_uses_the_refs_layout(technique_adapters, hub_home, t
     assert json.loads((shared / "refs/team/x/tags.json").read_text()) == {"stable": "1.0.0"}
     other = tmp_path / "other"
     assert "tagged team/x@stable -> 1.0.0" in hub("pull", "team/x@stable", "--from", shared, home=other).stdout
+
+
+def test_lookups_and_listing_read_only_what_they_need_in_a_large_registry(technique_adapters, hub_home, monkeypatch):
+    """At 300 adapters: resolving reads the named adapter's files alone, and `list --limit 3` reads three version
+    files, whatever the registry holds; every command still works on it."""
+    from hub.refs import RefStore
+
+    reg = Registry()
+    template = reg.push(technique_adapters["ia3"], "org/a000", "1.0.0")
+    for i in range(1, 300):
+        reg.refs.add(template.renamed(f"org/a{i:03d}" if i % 2 else f"a{i:03d}", "1.0.0"))
+    reg.tag("org/a151@1.0.0", "stable")
+    read: list[str] = []
+    for method in ("get", "versions", "tags"):
+        real = getattr(RefStore, method)
+        monkeypatch.setattr(RefStore, method, lambda self, name, *rest, real=real, method=method: (
+            read.append(f"{method} {name}"), real(self, name, *rest))[1])
+    fresh = Registry()
+    assert fresh.resolve("org/a151@stable").ref == "org/a151@1.0.0" and fresh.resolve("a150").ref == "a150@1.0.0"
+    assert read == ["tags org/a151", "get org/a151", "versions a150", "get a150"]
+    read.clear()
+    assert [m.ref for m in fresh.list(limit=3)] == ["a002@1.0.0", "a004@1.0.0", "a006@1.0.0"]
+    assert [r for r in read if r.startswith("get")] == ["get a002", "get a004", "get a006"]
+    monkeypatch.undo()
+    assert len(json.loads(hub("list", "--json", home=hub_home).stdout)) == 300
+    assert "ref_tags: [\"stable\"]" in hub("show", "org/a151@stable", home=hub_home).stdout
+    assert hub("search", "a29", "--json", home=hub_home).stdout.count('"name"') == 10  # a290 .. a299
+    assert "removed a150@1.0.0" in hub("rm", "a150@1.0.0", home=hub_home).stdout
+    assert len(json.loads(hub("export", home=hub_home).stdout)["adapters"]) == 299
+    assert "ok: 3 files verified" in hub("verify", "org/a151", home=hub_home).stdout

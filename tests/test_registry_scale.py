@@ -52,7 +52,7 @@ def test_list_filters_limit_and_search(technique_adapters, hub_home, monkeypatch
 
 
 def test_registry_commands_do_not_import_the_ml_stack(technique_adapters, hub_home, tmp_path):
-    """`hub list/search/show/tag` run in a process that never imports torch or transformers (importing them
+    """`hub list/search/show/tag/untag/export` run in a process that never imports torch or transformers (importing them
     costs seconds; none of these touches a tensor). `hub pull` is not among them: it checks the pulled
     tensors as push does (finite values, dtypes, ranks), which needs torch."""
     remote = tmp_path / "remote"
@@ -63,7 +63,8 @@ def test_registry_commands_do_not_import_the_ml_stack(technique_adapters, hub_ho
     env = {**os.environ, "HUB_HOME": str(hub_home)}
     assert "pulled demo@1.0.0" in hub("pull", "demo@1.0.0", "--from", remote, home=hub_home).output
     for args in (["list"], ["list", "--name", "de", "--limit", "5"],
-                 ["search", "adapter"], ["show", "demo"], ["tag", "demo@1.0.0", "stable"], ["show", "demo@stable"]):
+                 ["search", "adapter"], ["show", "demo"], ["tag", "demo@1.0.0", "stable"], ["show", "demo@stable"],
+                 ["export"], ["untag", "demo@stable"]):
         done = subprocess.run([sys.executable, "-c", script, *args], env=env, cwd=Path(__file__).parent.parent,
                               capture_output=True, text=True)
         assert done.returncode == 0, (args, done.stderr)
