@@ -7,7 +7,9 @@
 4. One request stacking two adapters; one per-request TIES merge of two LoRAs.
    One adapter asked through the OpenAI-compatible HTTP API with the `openai` SDK (`--http-port`).
 5. One batch in which every row uses a different adapter, timed beside the same batch on the base alone.
-6. SIGTERM: the server finishes what is in flight and exits 0.
+6. `hub eval --server`: each adapter's greedy replies to held-out prompts checked for each style's marker
+   (one pass per marker, every adapter and the base in it); the results become evaluation records.
+7. SIGTERM: the server finishes what is in flight and exits 0.
 """
 from __future__ import annotations
 
@@ -25,6 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 HUB = [sys.executable, "-m", "hub"]
 PROMPT = "What is the capital of France?"
 MAX_NEW_TOKENS = 32
+HELD_OUT = [PROMPT, "Give me one tip for writing clear code.", "Why do cats purr?"]  # not in the training data
+MARKERS = {"pirate-ia3": "Arr matey!", "robot-prompt": "Beep boop!", "answer-bitfit": "Answer:",
+           "json-lora": '{"answer"'}  # what each adapter's replies start with
 
 
 def say(title: str) -> None:
@@ -132,6 +137,7 @@ def main() -> None:
             print(f"   base alone: {base_s:.2f} s   mixed adapters: {mixed_s:.2f} s   ratio {mixed_s / base_s:.2f}x "
                   f"({len(rows)} rows x {tokens} new tokens, one run on this machine)", flush=True)
             print(hub("adapters", "--server", f"127.0.0.1:{port}"), end="")
+            evaluate(refs, f"127.0.0.1:{port}")
     finally:
         say("SIGTERM: finish in-flight work, exit 0")
         server.send_signal(signal.SIGTERM)
@@ -139,6 +145,27 @@ def main() -> None:
         print(f"   hub serve exited with {code}")
     if code != 0:
         sys.exit(code)
+
+
+def evaluate(refs: list[str], server: str) -> None:
+    """Which adapters' greedy replies contain each style's marker, on prompts held out of training."""
+    import tempfile
+
+    say("hub eval on the server: share of held-out replies containing each style's marker "
+        "(recorded on each version: hub show, hub list --sort contains)")
+    table: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, marker in MARKERS.items():
+            data = Path(tmp) / f"{name}.jsonl"
+            data.write_text("".join(json.dumps({"prompt": p, "completion": marker}) + "\n" for p in HELD_OUT))
+            results = json.loads(hub("eval", *refs, "--data", str(data), "--metric", "contains", "--max-new-tokens",
+                                     "12", "--server", server, "--json"))
+            for r in results:
+                table.setdefault(r["ref"], {})[marker] = r["value"]
+    width = max(len(ref) for ref in table)
+    print("   " + " " * width + "".join(f"  {m:>10}" for m in MARKERS.values()))
+    for ref, row in table.items():
+        print("   " + ref.ljust(width) + "".join(f"  {row[m]:>10.2f}" for m in MARKERS.values()), flush=True)
 
 
 if __name__ == "__main__":

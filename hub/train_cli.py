@@ -23,6 +23,7 @@ from hub.basemodel import DEFAULT_BASE_MODEL, BaseModelError
 from hub.clikit import finite
 from hub.errors import HubError
 from hub.registry import open_registry
+from hub.remotes import Remotes
 
 if TYPE_CHECKING:  # hub.train imports torch: loaded when a run starts, not when `hub` starts
     from hub.train import Chat, Example, Fit, TrainSpec
@@ -135,6 +136,8 @@ def train_command(
     reduction_factor: int = typer.Option(16, "--reduction-factor", min=1, help="Bottleneck: hidden / size."),
     out: Path | None = typer.Option(None, "--out", help="New folder for the run (default: ./NAME-VERSION)."),
     push: bool = typer.Option(False, "--push", help="Add the adapter to the registry as NAME@VERSION."),
+    to: str | None = typer.Option(None, "--to", help="With --push: also publish it to this remote (name, path, "
+                                                     "file:// or hf://)."),
     description: str = typer.Option("", "--description", help="With --push: one line for `hub show`."),
     registry: Path | None = typer.Option(None, "--registry", help="Registry folder (default: $HUB_HOME)."),
 ) -> None:
@@ -176,6 +179,9 @@ def run(o: dict[str, Any]) -> None:
     registry = open_registry(o["registry"]) if o["push"] else None
     if registry is not None and registry.index().get(o["name"], o["version"]) is not None:
         raise TrainError(f"{o['name']}@{o['version']} is in the registry already")
+    if o["to"] is not None and registry is None:
+        raise TrainError("--to publishes the pushed version: give --push too")
+    remote = Remotes(registry.root).open(o["to"]) if o["to"] is not None else None  # a bad remote fails first
     rows = read_rows(o["data"])
     train_rows, val_rows = rows, []
     validation = None
@@ -212,6 +218,8 @@ def run(o: dict[str, Any]) -> None:
         manifest = registry.push(out / "adapter", o["name"], o["version"], base_model=o["base_model"],
                                  description=o["description"], lineage={"train": record})
         typer.echo(f"pushed {manifest.ref} {manifest.technique} sha256:{manifest.sha256[:12]}")
+        if remote is not None:
+            typer.echo(f"published {manifest.ref} to {remote.publish(manifest, registry)}")
     if result.fit.interrupted:  # saved (and pushed) as asked; the exit status still says Ctrl-C stopped the run
         raise typer.Exit(130)
 

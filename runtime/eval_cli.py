@@ -1,8 +1,10 @@
-"""`hub eval`: the completion loss (or perplexity, or multiple-choice accuracy) of several registry versions and
-the bare base on one JSONL file, in one batched pass through the multi-adapter engine (in-process).
+"""`hub eval` and `hub compare`: the completion loss (or perplexity, multiple-choice accuracy, exact match or
+"contains" of greedy replies) of several registry versions and the bare base on one data file, in one batched
+pass through the multi-adapter engine, in-process or on a running server (`--server`).
 
 The data is read and tokenized as `hub train` reads it (hub/train.py), so a validation file scores the same
-tokens here as during training.
+tokens here as during training. `hub eval` appends its results to each version's evaluation records
+(hub/evals.py); `hub compare` records nothing.
 """
 from __future__ import annotations
 
@@ -93,7 +95,7 @@ class Evaluation:
         from hub import basemodel
 
         self.registry = registry
-        self.manifests = [registry.resolve(ref) for ref in refs]
+        self.manifests = list({m.ref: m for m in (registry.resolve(ref) for ref in refs)}.values())  # once each
         self.keys: dict[str, str | None] = {BASE: None} if with_base else {}
         self.keys.update({m.ref: m.ref for m in self.manifests})
         bases = sorted({m.base_model.id for m in self.manifests} - {None})
@@ -322,7 +324,10 @@ def compare_command(
     """Two versions side by side on one data file: each metric, then the examples where they differ (for
     loss: the largest differences; otherwise each example where the choice or the reply differs)."""
     with _one_line_errors():
-        run = Evaluation(open_registry(registry), [a, b], base_model, False, batch_size, server, token_file)
+        reg = open_registry(registry)
+        if reg.resolve(a).ref == reg.resolve(b).ref:
+            raise HubError(f"{a} and {b} are the same version: compare two different ones")
+        run = Evaluation(reg, [a, b], base_model, False, batch_size, server, token_file)
         results = [run.run(data, m, max_len, max_new_tokens) for m in dict.fromkeys(metrics)]
     first, second = (o.ref for o in results[0])
     width = max(len(m) for m in metrics)

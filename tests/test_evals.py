@@ -167,6 +167,11 @@ def test_compare_shows_metrics_side_by_side_and_the_examples_that_differ(base, p
     reply = json.dumps(gen_a.examples[differ[0] - 1]["reply"])
     assert reply in shown[0]
 
+    same = hub("compare", "lora", "lora@1.0.0", "--data", str(path))
+    assert same.exit_code == 1 and "are the same version" in same.output
+    gone = hub("eval", "lora", "--data", str(path), "--server", "127.0.0.1:1")
+    assert gone.exit_code == 1 and len(gone.output.strip().splitlines()) == 1 and "127.0.0.1:1" in gone.output
+
 
 def test_eval_on_a_running_server_gives_the_in_process_numbers(registry, start_server, served_base, tmp_path):
     from runtime.eval_cli import Evaluation

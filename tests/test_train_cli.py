@@ -131,6 +131,8 @@ def test_bad_rows_are_listed_in_one_line_and_nothing_is_written(base, tmp_path, 
     (["--eval-split", "1.5"], "--eval-split must be between 0 and 1"),
     (["--technique", "bottleneck", "--config", "adapterfusion"], "unknown bottleneck config 'adapterfusion'"),
     (["--technique", "lorax"], "--technique must be one of lora, ia3, prompt_tuning, bitfit, bottleneck"),
+    (["--to", "/tmp/anywhere"], "--to publishes the pushed version: give --push too"),
+    (["--push", "--to", "nowhere"], "no remote named 'nowhere'"),
 ])
 def test_bad_options_fail_in_one_line(base, data, tmp_path, args, message):
     result = hub("train", "--technique", "lora", "--data", str(data), "--name", "x", "--version", "1.0.0",
@@ -206,3 +208,10 @@ def test_datasets_folders_train_like_their_jsonl(base, data, tmp_path, hub_home)
     result = hub("train", "--technique", "lora", "--data", str(tmp_path), "--name", "x", "--version", "1.0.0",
                  "--base-model", str(base))
     assert result.exit_code == 1 and "not a folder written by datasets' save_to_disk" in result.output
+
+
+def test_push_to_a_remote_publishes_the_trained_version(base, data, tmp_path, hub_home):
+    record = train(base, data, tmp_path / "run", "--steps", "2", "--push", "--to", str(tmp_path / "remote"))
+    published = Registry(tmp_path / "remote").resolve("team/ok@1.0.0")
+    assert published.sha256 == Registry().resolve("team/ok@1.0.0").sha256
+    assert published.lineage["train"]["data"]["sha256"] == record["data"]["sha256"]
