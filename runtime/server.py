@@ -307,6 +307,17 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
+def until_signalled(ready) -> None:
+    """Take SIGTERM and SIGINT, call `ready()`, and return once either came (so the caller stops gracefully);
+    the handlers are in place before `ready` announces the server."""
+    signalled = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: signalled.set())
+    ready()
+    while not signalled.wait(0.1):
+        pass
+
+
 def serve(config: ServerConfig, *, ready=None) -> int:
     """Run until SIGTERM or SIGINT, then stop gracefully; returns the exit status (0)."""
     keep_freed_memory()
@@ -317,13 +328,7 @@ def serve(config: ServerConfig, *, ready=None) -> int:
         server.stop(grace=0)
         raise
     freeze_startup_heap()
-    signalled = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: signalled.set())
-    if ready is not None:
-        ready(server)
-    while not signalled.wait(0.1):
-        pass
+    until_signalled(lambda: ready(server) if ready is not None else None)
     running, queued = server.scheduler.queue_depths()
     print(f"hub serve: stopping: {running} running and {queued} queued request(s) get up to "
           f"{config.grace_seconds:g} s to finish", file=sys.stderr, flush=True)
