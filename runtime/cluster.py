@@ -37,9 +37,9 @@ from typing import AsyncIterator, Callable, Iterator
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from runtime.auth import TokenAuthInterceptor, read_token_file
+from runtime.auth import TokenAuthInterceptor
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
-from runtime.server import SERVICE_NAME, ServerConfig, ServerConfigError, check_port, until_signalled
+from runtime.server import SERVICE_NAME, ServerConfig, ServerConfigError, check_port, read_tokens, until_signalled
 
 APP_NAME = "adapterhub"
 DEPLOYMENT = "runtime"
@@ -337,15 +337,9 @@ class Cluster:
         config.check()
         self.config = config
         s = config.server
-        interceptors = []
-        if s.auth_token_file is not None:
-            try:
-                tokens = read_token_file(s.auth_token_file)
-            except ValueError as e:
-                raise ServerConfigError(str(e)) from None
-            interceptors.append(TokenAuthInterceptor(tokens, admin_only=s.auth_admin_only))
+        tokens = read_tokens(s)
         check_port(s.host, s.port)
-        self._interceptors = interceptors
+        self._interceptors = [TokenAuthInterceptor(tokens, admin_only=s.auth_admin_only)] if tokens else []
         self._started_ray = False
         self.grpc: grpc.Server | None = None
         self.handle = None  # the deployment handle the endpoint forwards through

@@ -128,20 +128,24 @@ def check_port(host: str, port: int | None) -> None:
         raise ServerConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
+def read_tokens(config: ServerConfig) -> dict[str, str] | None:
+    """The tokens of --auth-token-file (None without one); a bad file is a ServerConfigError."""
+    if config.auth_token_file is None:
+        return None
+    try:
+        return read_token_file(config.auth_token_file)
+    except ValueError as e:
+        raise ServerConfigError(str(e)) from None
+
+
 class RuntimeServer:
     """One running runtime. `model`/`tokenizer`/`registry` may be passed in (tests); else loaded from config."""
 
     def __init__(self, config: ServerConfig, *, model=None, tokenizer=None, registry=None) -> None:
         config.check()
         self.config = config
-        interceptors = []
-        tokens = None
-        if config.auth_token_file is not None:
-            try:
-                tokens = read_token_file(config.auth_token_file)
-            except ValueError as e:
-                raise ServerConfigError(str(e)) from None
-            interceptors.append(TokenAuthInterceptor(tokens, admin_only=config.auth_admin_only))
+        tokens = read_tokens(config)
+        interceptors = [TokenAuthInterceptor(tokens, admin_only=config.auth_admin_only)] if tokens else []
         credentials = self._tls_credentials()
         for port in (config.port, config.metrics_port):
             check_port(config.host, port)
