@@ -21,6 +21,7 @@ first try would have. A stream whose replica dies ends with UNAVAILABLE; Serve s
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import secrets
@@ -357,9 +358,14 @@ class Cluster:
         # A replica takes what its own server admits; past that Serve's router holds requests back or
         # sends them elsewhere, and a multiplexed request waits for a replica that holds its set only so long.
         ongoing = c.server.max_batch_size + c.server.max_queue
+        # A version of our own: Serve gives a `serve.run` deployment a new one each time, which would replace
+        # every replica on a change of num_replicas alone. Serve takes `version` only from its internal callers
+        # (hence `_internal`, with ray pinned); it names what the replicas run, so equal configs keep replicas.
+        version = hashlib.sha256(repr((c.server, c.affinity_slots, c.replica_cpus, c.replica_gpus)).encode())
         return replica_deployment(c.affinity_slots).options(
             num_replicas=replicas, ray_actor_options=options, max_ongoing_requests=ongoing,
             graceful_shutdown_timeout_s=5, health_check_period_s=2, health_check_timeout_s=30,
+            version=version.hexdigest()[:16], _internal=True,
         ).bind(c.server)
 
     def start(self) -> Cluster:
@@ -405,10 +411,8 @@ class Cluster:
         return self.frontend.retries if self.frontend is not None else 0
 
     def scale(self, replicas: int) -> None:
-        """Change the number of replicas while serving; returns when Serve has that many running.
-        This re-deploys the application (Serve versions a `serve.run` deployment anew each time), so Serve rolls
-        every replica over to a new one, a few at a time: calls keep being served throughout, and the new
-        replicas start with no adapter loaded."""
+        """Change the number of replicas while serving; returns when Serve has that many running. The replicas
+        that stay keep running (and keep their adapters); Serve drains those it stops."""
         from ray import serve
 
         if replicas < 1:

@@ -312,8 +312,10 @@ def test_scale_up_and_down_while_serving(cluster, client):
         cluster.scale(3)
         assert running() == 3
         wait_until(lambda: len(replica_ids(cluster)) == 3, "the router sends to 3 replicas")
+        assert before < replica_ids(cluster)  # the replicas that were there kept running
         cluster.scale(1)
         wait_until(lambda: len(replica_ids(cluster)) == 1 and running() == 1, "Serve stopped two replicas", limit=120)
+        assert replica_ids(cluster) < before | replicas
     finally:
         stop.set()
         load.join(timeout=120)
