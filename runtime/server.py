@@ -128,20 +128,24 @@ def check_port(host: str, port: int | None) -> None:
         raise ServerConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
+def read_tokens(config: ServerConfig) -> dict[str, str] | None:
+    """The tokens of --auth-token-file (None without one); a bad file is a ServerConfigError."""
+    if config.auth_token_file is None:
+        return None
+    try:
+        return read_token_file(config.auth_token_file)
+    except ValueError as e:
+        raise ServerConfigError(str(e)) from None
+
+
 class RuntimeServer:
     """One running runtime. `model`/`tokenizer`/`registry` may be passed in (tests); else loaded from config."""
 
     def __init__(self, config: ServerConfig, *, model=None, tokenizer=None, registry=None) -> None:
         config.check()
         self.config = config
-        interceptors = []
-        tokens = None
-        if config.auth_token_file is not None:
-            try:
-                tokens = read_token_file(config.auth_token_file)
-            except ValueError as e:
-                raise ServerConfigError(str(e)) from None
-            interceptors.append(TokenAuthInterceptor(tokens, admin_only=config.auth_admin_only))
+        tokens = read_tokens(config)
+        interceptors = [TokenAuthInterceptor(tokens, admin_only=config.auth_admin_only)] if tokens else []
         credentials = self._tls_credentials()
         for port in (config.port, config.metrics_port):
             check_port(config.host, port)
@@ -307,6 +311,17 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
+def until_signalled(ready) -> None:
+    """Take SIGTERM and SIGINT, call `ready()`, and return once either came (so the caller stops gracefully);
+    the handlers are in place before `ready` announces the server."""
+    signalled = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: signalled.set())
+    ready()
+    while not signalled.wait(0.1):
+        pass
+
+
 def serve(config: ServerConfig, *, ready=None) -> int:
     """Run until SIGTERM or SIGINT, then stop gracefully; returns the exit status (0)."""
     keep_freed_memory()
@@ -317,13 +332,7 @@ def serve(config: ServerConfig, *, ready=None) -> int:
         server.stop(grace=0)
         raise
     freeze_startup_heap()
-    signalled = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: signalled.set())
-    if ready is not None:
-        ready(server)
-    while not signalled.wait(0.1):
-        pass
+    until_signalled(lambda: ready(server) if ready is not None else None)
     running, queued = server.scheduler.queue_depths()
     print(f"hub serve: stopping: {running} running and {queued} queued request(s) get up to "
           f"{config.grace_seconds:g} s to finish", file=sys.stderr, flush=True)
