@@ -79,6 +79,19 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse(error_body(status, message), status_code=status)
 
 
+# OpenAI fields this server does not implement, with the value that asks for nothing: any other value is refused
+# (a 400 naming the field) rather than silently ignored.
+_UNSUPPORTED = {"echo": (False,), "suffix": (None, ""), "presence_penalty": (None, 0, 0.0),
+                "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {})}
+
+
+def _refuse_unsupported(body: dict, n: int) -> None:
+    for key, neutral in _UNSUPPORTED.items():
+        ok(body.get(key, neutral[0]) in neutral, f"`{key}` is not supported by this server (leave it out)")
+    best_of = body.get("best_of")
+    ok(best_of in (None, n), f"`best_of` is not supported by this server except equal to `n` ({n}), got {best_of!r}")
+
+
 def _typed(body: dict, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
     """body[key] if it is of `kind` (ints count as floats), `default` when absent or null; else InvalidArgument."""
     value = body.get(key)
@@ -237,6 +250,7 @@ class HttpFrontend:
         """The checked request, queued as `n` rows, row i seeded `seed + i` (its own stream)."""
         n = _typed(body, "n", int, 1)
         ok(1 <= n <= MAX_N, f"`n` must be in 1..{MAX_N}, got {n}")
+        _refuse_unsupported(body, n)
         seed = _typed(body, "seed", int)
         logprobs = _logprobs_asked(body, chat)
         temperature = _typed(body, "temperature", float, 1.0)

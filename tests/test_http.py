@@ -108,12 +108,20 @@ def test_errors_are_openai_error_objects(http_server):
     cases = [({"model": "lora0", "prompt": PROMPT, "top_p": 0}, 400, "top_p"),
              ({"model": "lora0", "prompt": PROMPT, "max_tokens": "x"}, 400, "max_tokens"),
              ({"model": "foreign", "prompt": PROMPT}, 409, "another base model"),
-             ({"model": "lora0", "prompt": PROMPT, "mode": "sideways"}, 400, "composition mode")]
+             ({"model": "lora0", "prompt": PROMPT, "mode": "sideways"}, 400, "composition mode"),
+             # fields the server does not implement are refused, never silently ignored
+             ({"model": "lora0", "prompt": PROMPT, "echo": True}, 400, "`echo` is not supported"),
+             ({"model": "lora0", "prompt": PROMPT, "best_of": 3}, 400, "`best_of` is not supported"),
+             ({"model": "lora0", "prompt": PROMPT, "presence_penalty": 0.5}, 400, "`presence_penalty`"),
+             ({"model": "lora0", "prompt": PROMPT, "logit_bias": {"5": 10}}, 400, "`logit_bias`")]
     for body, status, words in cases:
         r = httpx.post(f"{url}/completions", json=body, timeout=60)
         assert r.status_code == status, (body, r.text)
         error = r.json()["error"]
         assert words in error["message"] and error["code"] == status
+    neutral = {"model": "lora0", "prompt": PROMPT, "max_tokens": 2, "echo": False, "best_of": 1,
+               "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "suffix": None}
+    assert httpx.post(f"{url}/completions", json=neutral, timeout=60).status_code == 200  # asks for nothing extra
     r = httpx.post(f"{url}/completions", content=b"{not json", timeout=60)
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     r = httpx.post(f"{url}/completions", content=b" " * (5 << 20), timeout=60)
