@@ -34,17 +34,6 @@ _REFUSED_TRUE = {
 }
 
 
-def is_adapterhub_folder(folder: str | Path) -> bool:
-    """Does `folder` look like `model.save_adapter` output (its config nests the adapter config)?"""
-    folder = Path(folder)
-    try:
-        config = read_config(folder)
-    except ArtifactError:
-        return False
-    return isinstance(config.get("config"), (dict, str)) and "peft_type" not in config \
-        and "adapter_type" not in config and "hidden_size" in config
-
-
 def _convert_config(saved: dict[str, Any], path: Path) -> tuple[BottleneckConfig, str]:
     """(our config without sizes yet, the adapter's name) from an `adapters` adapter_config.json."""
     cfg = saved.get("config")

@@ -226,15 +226,20 @@ def canonical_id(base_model: str) -> str:
 def architecture_fingerprint(base: str | Path) -> str | None:
     """The fingerprint of a base model's architecture (hub.checkpoint.fingerprint, no modules): what "the same
     base" means for the runtime and for merges. `base`: a folder, an embedded model's name or HF id (if
-    prepared), or an HF id in the local cache; None when it is not at hand (nothing is downloaded)."""
-    from transformers import AutoConfig
-
+    prepared), or an HF id in the local cache; None when it is not at hand (nothing is downloaded). Read from
+    config.json where hub.base_layout reads it (no transformers import), else by transformers."""
+    from hub import base_layout
     from hub.checkpoint import fingerprint
 
     name = embedded_name(str(base))
+    where = prepared_dir(name) if name in EMBEDDED else name
+    layout = base_layout.read(where) if Path(where).is_dir() else None
+    if layout is not None:
+        return fingerprint(layout.config, {})
+    from transformers import AutoConfig
+
     try:
-        return fingerprint(AutoConfig.from_pretrained(prepared_dir(name) if name in EMBEDDED else name,
-                                                      local_files_only=True), {})
+        return fingerprint(AutoConfig.from_pretrained(where, local_files_only=True), {})
     except (OSError, ValueError):
         return None
 

@@ -23,9 +23,9 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from hub import basemodel
+from hub import base_layout, basemodel
 from hub.artifact import (CONFIG_FILE, WEIGHTS_FILE, Adapter, ArtifactError, Technique, adapter_from_bytes,
-                          read_adapter, read_buffer)
+                          is_adapterhub_folder, read_adapter, read_buffer)
 from hub.chat_template import chat_template, check_template
 from hub.errors import Conflict, HubError, IntegrityError, InvalidName, NotFound
 from hub.files import NotRegularFile, check_below
@@ -64,6 +64,18 @@ def _base_config(base_id: str) -> Any | None:
         return None
 
 
+def _base_layout(base_id: str) -> base_layout.ConfigLayout | None:
+    """The base's module shapes from its config.json where hub.base_layout reads them (found as `_base_config`
+    finds the config), which spares a push the import of transformers and torch; else None."""
+    base_id = basemodel.embedded_name(base_id)
+    try:
+        if base_id in basemodel.EMBEDDED or Path(base_id).expanduser().is_dir():
+            return base_layout.read(basemodel.resolve(base_id))
+    except basemodel.BaseModelError:
+        return None
+    return base_layout.cached(base_id)
+
+
 def check_base(adapter: Adapter, base_model: str | None) -> BaseModelInfo:
     """Check the adapter against its base model (when at hand) and return what the manifest records.
 
@@ -73,7 +85,7 @@ def check_base(adapter: Adapter, base_model: str | None) -> BaseModelInfo:
         return BaseModelInfo()
     revision = adapter.config.get("revision")
     recorded = basemodel.canonical_id(base_id)
-    config = _base_config(base_id)
+    config = _base_layout(base_id) or _base_config(base_id)
     if config is None:
         # A named base not at hand is recorded unchecked, but a bare name close to an embedded one is a typo.
         hint = basemodel.did_you_mean(base_model, hf_ids=False) if base_model and "/" not in base_model else ""
@@ -83,7 +95,10 @@ def check_base(adapter: Adapter, base_model: str | None) -> BaseModelInfo:
     from hub.checkpoint import fitted_fingerprint
 
     try:
-        fitted = fitted_fingerprint(adapter, config)
+        try:
+            fitted = fitted_fingerprint(adapter, config)
+        except base_layout.Unmapped:  # a module the config's layout does not list: transformers' model answers
+            fitted = fitted_fingerprint(adapter, _base_config(base_id))
     except ArtifactError as e:
         raise ArtifactError(f"does not fit base model {base_id}: {e}") from None
     return BaseModelInfo(id=recorded, revision=revision, fingerprint=fitted)
@@ -103,9 +118,11 @@ def _check_same_metadata(existing: Manifest, manifest: Manifest) -> None:
                        "versions are immutable: push a new version")
 
 
-def _read_deferred(manifest: Manifest, locate: Callable[[str], Path]) -> tuple[Adapter, Callable[[], None]]:
+def _read_deferred(manifest: Manifest, locate: Callable[[str], Path],
+                   shapes_only: bool = False) -> tuple[Adapter, Callable[[], None]]:
     """Registry.read_deferred for files wherever `locate` finds them; a file is read only up to one byte past
-    its recorded size, so an oversized one is refused without reading it all."""
+    its recorded size, so an oversized one is refused without reading it all. `shapes_only`: as
+    hub.artifact.read_adapter takes it."""
     data, pending = {}, {}
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if name not in manifest.files:
@@ -123,7 +140,7 @@ def _read_deferred(manifest: Manifest, locate: Callable[[str], Path]) -> tuple[A
             check_copy(f"{manifest.ref}: {name}", future.result(), info["size"], info["sha256"])
 
     try:
-        adapter = adapter_from_bytes(data[CONFIG_FILE], data[WEIGHTS_FILE], manifest.ref)
+        adapter = adapter_from_bytes(data[CONFIG_FILE], data[WEIGHTS_FILE], manifest.ref, shapes_only=shapes_only)
     except ArtifactError:
         verified()  # damaged bytes are an IntegrityError, not a malformed adapter
         raise
@@ -133,8 +150,9 @@ def _read_deferred(manifest: Manifest, locate: Callable[[str], Path]) -> tuple[A
 def _check_incoming(manifest: Manifest, sources: dict[str, Path]) -> None:
     """Refuse a version from elsewhere unless push would take its files and its manifest says what they hold:
     the config and safetensors weights read (bounded by their recorded sizes) and checked by sha256, every
-    check of `hub.artifact` (config, patterns, dtypes, finite values, ranks), then the manifest's claims."""
-    adapter, verified = _read_deferred(manifest, sources.__getitem__)
+    check of `hub.artifact` (config, patterns, dtypes, finite values, ranks), then the manifest's claims; torch is
+    never imported."""
+    adapter, verified = _read_deferred(manifest, sources.__getitem__, shapes_only=True)
     verified()
     check_claims(manifest, adapter)
 
@@ -142,10 +160,10 @@ def _check_incoming(manifest: Manifest, sources: dict[str, Path]) -> None:
 @contextmanager
 def _imported(folder: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
     """The folder to push, converting an AdapterHub `adapters` library folder first; yields (folder, lineage
-    additions). Imported here, not at the top: the importer loads torch, which reading the registry never needs."""
-    from hub.adapterhub_import import import_adapterhub, is_adapterhub_folder
-
+    additions). The importer is imported only for such a folder: it loads torch, which a push never needs."""
     if is_adapterhub_folder(folder):
+        from hub.adapterhub_import import import_adapterhub
+
         with tempfile.TemporaryDirectory(prefix="hub-import-") as tmp:
             import_adapterhub(folder, Path(tmp))
             yield Path(tmp), {"imported_from": "adapterhub"}
@@ -238,7 +256,7 @@ class Registry:
         with _imported(folder) as (src, imported):
             if in_place and src != folder:
                 raise HubError("an AdapterHub folder is converted on push, so it cannot be recorded in place")
-            adapter = read_adapter(src)
+            adapter = read_adapter(src, shapes_only=True)  # a push reads shapes and checks values: no torch
             base = check_base(adapter, base_model)
             files = {}
             for p in artifact_files(src):
