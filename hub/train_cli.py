@@ -12,7 +12,6 @@ import json
 import math
 import platform
 import time
-from importlib.metadata import PackageNotFoundError, version as package_version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +59,8 @@ def split_rows(rows: list[Example | Chat], fraction: float, seed: int) -> tuple[
 
 
 def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version as package_version  # not on every `hub` start
+
     found = {"python": platform.python_version()}
     for name in LIBRARIES:
         try:

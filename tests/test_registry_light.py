@@ -1,6 +1,7 @@
 """Registry commands without the ML stack: `hub push` and `hub pull` check tensors from their safetensors bytes
 (hub.artifact.TensorInfo) and an adapter's fit from the base's config.json (hub/base_layout.py), importing
-neither torch nor transformers, and record and refuse exactly what transformers' meta model would."""
+neither torch nor transformers, and record and refuse exactly what transformers' meta model would; and the
+registry commands convert their arguments without pydantic (hub.clikit.PlainValues), as Typer would."""
 from __future__ import annotations
 
 import json
@@ -31,7 +32,7 @@ try:
     app(sys.argv[1:])
 except SystemExit as e:
     code = e.code
-print("imported:", sorted(m for m in ("torch", "transformers") if m in sys.modules))
+print("imported:", sorted(m for m in ("torch", "transformers", "pydantic") if m in sys.modules))
 sys.exit(code)
 """
 
@@ -145,3 +146,11 @@ def test_finite_values_are_told_from_the_bytes_as_torch_tells_them(dtype, tmp_pa
         assert (info.dtype, info.shape, info.numel()) == (str(dtype).removeprefix("torch."), (1, 2), 2)
         unaligned = TensorInfo(info.dtype, info.shape, memoryview(b"\0" + bytes(info.data))[1:])
         assert info.finite() == unaligned.finite() == bool(torch.isfinite(loaded).all()), (dtype, value)
+
+
+def test_registry_commands_start_without_pydantic(technique_adapters, tmp_path):
+    home = tmp_path / "home"
+    Registry(home).push(technique_adapters["lora"], "team/lora", "1.0.0")
+    for args in (["show", "team/lora@1.0.0"], ["list", "--limit", "20"], ["tag", "team/lora@1.0.0", "stable"]):
+        out = _hub_process(*args, "--registry", home, home=home)
+        assert "team/lora" in out and out.rstrip().endswith("imported: []"), (args, out)
