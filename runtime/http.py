@@ -601,8 +601,22 @@ class _Choice:
 
     text: str = ""
     tokens: int = 0
-    reason: str | None = None
+    finished: Finished | None = None
     logprobs: list[_TokenLogprob] = field(default_factory=list)
+
+    @property
+    def reason(self) -> str | None:
+        """OpenAI's finish_reason: "length", else "stop" (EOS or a stop string alike); None until it ends."""
+        if self.finished is None:
+            return None
+        return "length" if self.finished.reason == "length" else "stop"
+
+    @property
+    def lorax_reason(self) -> str:
+        """LoRAX's (TGI's) finish_reason, which tells a stop string from EOS."""
+        if self.finished is not None and self.finished.reason == "length":
+            return "length"
+        return "stop_sequence" if self.finished is not None and self.finished.stop_string else "eos_token"
 
 
 class _Answer:
@@ -626,7 +640,7 @@ class _Answer:
         choice.text += event.piece
         choice.logprobs += event.logprobs
         if event.finished is not None:
-            choice.reason = "length" if event.finished.reason == "length" else "stop"
+            choice.finished = event.finished
         return choice
 
     def adapters(self) -> list[dict[str, Any]]:
@@ -745,7 +759,7 @@ class _LoraxAnswer(_Answer):
 
     def _details(self) -> dict[str, Any]:
         choice = self.choices[0]
-        out = {"finish_reason": "length" if choice.reason == "length" else "eos_token",
+        out = {"finish_reason": choice.lorax_reason,
                "prompt_tokens": len(self.prepared.ids), "generated_tokens": choice.tokens,
                "seed": self.rows[0].queued.seq.sampling.seed, "prefill": self._prefill(),
                "tokens": [self._token(t) for t in choice.logprobs], "adapters": self.adapters()}

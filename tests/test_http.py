@@ -9,7 +9,7 @@ import httpx2 as httpx  # the HTTP client the openai SDK itself uses
 import openai
 import pytest
 
-from server_support import wait_until
+from server_support import served_model, wait_until
 
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 
@@ -212,6 +212,56 @@ def test_lorax_generate_and_stream(http_server):
     unknown = httpx.post(f"{root}/generate", json={"inputs": PROMPT, "parameters": {"adapter_id": "nope"}},
                          timeout=60)
     assert unknown.status_code == 404  # never silently the base model
+
+
+def _lorax_reasons(root: str, parameters: dict) -> tuple[dict, list[dict]]:
+    """(the whole /generate answer, the /generate_stream events) for PROMPT with these parameters."""
+    body = {"inputs": PROMPT, "parameters": {"details": True, **parameters}}
+    whole = httpx.post(f"{root}/generate", json=body, timeout=120).json()
+    with httpx.stream("POST", f"{root}/generate_stream", json=body, timeout=120) as r:
+        events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
+    return whole, events
+
+
+def _openai_reasons(sdk, **asked) -> tuple[str, str, str, str]:
+    """(text, finish_reason) of a completion, whole then streamed."""
+    whole = sdk.completions.create(prompt=PROMPT, temperature=0, **asked).choices[0]
+    chunks = [c.choices[0] for c in sdk.completions.create(prompt=PROMPT, temperature=0, stream=True, **asked)
+              if c.choices]
+    return whole.text, whole.finish_reason, "".join(c.text for c in chunks), chunks[-1].finish_reason
+
+
+def test_finish_reasons_tell_a_stop_string_from_eos_and_length(http_server, start_server, served_base):
+    """LoRAX's finish_reason, whole and streamed: `stop_sequence` for a stop string, `eos_token` for EOS,
+    `length` for max_new_tokens; OpenAI's says `stop` for the first two, as OpenAI and vLLM do."""
+    server, client, sdk, url = http_server
+    root = url.removesuffix("/v1")
+    full = client.generate(PROMPT, adapters=["lora0"], max_new_tokens=30)
+    stop = full.text[8:10]
+    assert len(full.text) > 10 and stop
+    cut = full.text[:full.text.index(stop)]
+    whole, events = _lorax_reasons(root, {"adapter_id": "lora0", "max_new_tokens": 30, "stop": [stop]})
+    assert whole["generated_text"] == cut and whole["details"]["finish_reason"] == "stop_sequence"
+    assert "".join(e["token"]["text"] for e in events) == cut
+    assert events[-1]["details"]["finish_reason"] == "stop_sequence"
+    assert _openai_reasons(sdk, model="lora0", max_tokens=30, stop=[stop]) == (cut, "stop", cut, "stop")
+    whole, events = _lorax_reasons(root, {"adapter_id": "lora0", "max_new_tokens": 3})
+    assert whole["details"]["finish_reason"] == events[-1]["details"]["finish_reason"] == "length"
+
+    # a server whose EOS is the base's 4th greedy token (the served base never picks its own EOS)
+    greedy = list(client.generate(PROMPT, max_new_tokens=8, temperature=0.0).token_ids)
+    model, tokenizer = served_model(served_base)
+    model.generation_config.eos_token_id = [model.config.eos_token_id, greedy[3]]
+    eos_server, eos_client = start_server(http_port=0, model=(model, tokenizer))
+    ended = eos_client.generate(PROMPT, max_new_tokens=8, temperature=0.0)
+    assert list(ended.token_ids) == greedy[:greedy.index(greedy[3])] and ended.finish_reason == "stop"
+    eos_root = f"http://127.0.0.1:{eos_server.http_port}"
+    whole, events = _lorax_reasons(eos_root, {"max_new_tokens": 8})
+    assert whole["generated_text"] == ended.text and whole["details"]["finish_reason"] == "eos_token"
+    assert "".join(e["token"]["text"] for e in events) == ended.text
+    assert events[-1]["details"]["finish_reason"] == "eos_token"
+    with openai.OpenAI(base_url=f"{eos_root}/v1", api_key="unused", max_retries=0, timeout=120) as eos_sdk:
+        assert _openai_reasons(eos_sdk, model="base", max_tokens=8) == (ended.text, "stop", ended.text, "stop")
 
 
 def test_vllm_load_and_unload(http_server):
