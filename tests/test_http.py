@@ -274,14 +274,29 @@ def test_vllm_load_and_unload(http_server):
     assert all(a.tier == pb.TIER_DISK for a in client.list_adapters().adapters)  # off the device and host
     assert httpx.post(f"{url}/unload_lora_adapter", json={"lora_name": "lora3"}, timeout=60).status_code == 404
     assert httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "nope"}, timeout=60).status_code == 404
-    r = httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "x", "lora_path": "/nonexistent/x"}, timeout=60)
-    assert r.status_code == 400 and "cannot push `lora_path` /nonexistent/x" in r.json()["error"]["message"]
 
 
-def test_vllm_load_with_a_path_pushes_it_first(http_server, served_adapters):
-    """vLLM's `lora_path`: the folder is pushed into the registry as `lora_name` and loaded; then it is named
-    like any adapter. A name that has versions needs one given."""
+def test_vllm_load_with_a_path_needs_allow_runtime_lora(http_server, served_adapters):
+    """A `lora_path` makes the server read a folder on its machine: without --allow-runtime-lora it is a 403
+    naming the flag (as vLLM refuses runtime loads without VLLM_ALLOW_RUNTIME_LORA_UPDATING), and nothing is
+    pushed or loaded."""
     server, client, sdk, url = http_server
+    for path in (str(served_adapters["lora2"]), "/etc"):
+        r = httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "from-path", "lora_path": path}, timeout=60)
+        assert r.status_code == 403 and "--allow-runtime-lora" in r.json()["error"]["message"], r.text
+        assert r.json()["error"]["type"] == "PermissionDeniedError"
+    assert server.pool.registry.index().versions("from-path") == [] and client.list_adapters().adapters == []
+    with pytest.raises(openai.PermissionDeniedError, match="--allow-runtime-lora"):
+        sdk.post("/load_lora_adapter", body={"lora_name": "x", "lora_path": "/etc"}, cast_to=str)
+    assert httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "lora3"}, timeout=60).status_code == 200
+
+
+def test_vllm_load_with_a_path_pushes_it_first(start_server, served_adapters):
+    """With --allow-runtime-lora, vLLM's `lora_path`: the folder is pushed into the registry as `lora_name` and
+    loaded; then it is named like any adapter. A name that has versions needs one given."""
+    server, client = start_server(http_port=0, allow_runtime_lora=True)
+    url = f"http://127.0.0.1:{server.http_port}/v1"
+    sdk = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
     folder = str(served_adapters["lora2"])
     r = httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "from-path", "lora_path": folder}, timeout=60)
     assert r.status_code == 200 and "as from-path@1.0.0" in r.text, r.text
@@ -294,6 +309,9 @@ def test_vllm_load_with_a_path_pushes_it_first(http_server, served_adapters):
     r = httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "from-path@2.0.0", "lora_path": folder},
                    timeout=60)
     assert r.status_code == 200 and "from-path@2.0.0" in r.text
+    r = httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "x", "lora_path": "/nonexistent/x"}, timeout=60)
+    assert r.status_code == 400 and "cannot push `lora_path` /nonexistent/x" in r.json()["error"]["message"]
+    sdk.close()
 
 
 
@@ -319,6 +337,13 @@ def test_lorax_client(http_server):
     same = client.generate(PROMPT, adapters=[("lora1", 0.5)], mode="merge", max_new_tokens=6,
                            temperature=0.0, merge=pb.MergeOptions(method="linear"))
     assert lc.generate(PROMPT, merged_adapters=merged, max_new_tokens=6).generated_text == same.text
+
+
+def test_allow_runtime_lora_needs_the_http_api(start_server):
+    from runtime.server import ServerConfigError
+
+    with pytest.raises(ServerConfigError, match="--allow-runtime-lora needs --http-port"):
+        start_server(allow_runtime_lora=True)
 
 
 def test_tls_and_admin_token(start_server, tmp_path):
@@ -373,10 +398,13 @@ def test_hub_serve_http_port_and_sigterm(served_base, registry):
     from test_server_process import ServeProcess
 
     serve = ServeProcess("--base-model", str(served_base), "--registry", str(registry.root), "--http-port", "0",
-                         "--grace", "300")
+                         "--grace", "300", "--allow-runtime-lora")
     try:
         found = re.search(r"HTTP API on (http://127\.0\.0\.1:\d+/v1)", "".join(serve.lines))
         assert found, serve.lines
+        pushed = httpx.post(f"{found[1]}/load_lora_adapter", json={"lora_name": "x", "lora_path": "/nonexistent/x"},
+                            timeout=60)  # --allow-runtime-lora reached the HTTP API: the push is tried
+        assert pushed.status_code == 400 and "cannot push `lora_path`" in pushed.text, pushed.text
         body = {"model": "lora0", "prompt": PROMPT, "max_tokens": 300, "temperature": 0, "stream": True}
         with httpx.stream("POST", f"{found[1]}/completions", json=body, timeout=300) as r:
             lines = r.iter_lines()
