@@ -132,6 +132,9 @@ def serve(
     http_port: Optional[int] = typer.Option(None, "--http-port", min=0, max=65535,
                                             help="Also serve the OpenAI-compatible HTTP API on this port."),
     http_host: str = typer.Option("127.0.0.1", "--http-host", help="Address the HTTP API binds."),
+    allow_runtime_lora: bool = typer.Option(False, "--allow-runtime-lora", help="Let the HTTP API's "
+                                            "/v1/load_lora_adapter push a `lora_path` folder of this machine into "
+                                            "the registry (as vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING)."),
     metrics_host: str = typer.Option("127.0.0.1", "--metrics-host",
                                      help="Address /metrics binds (no auth or TLS: loopback whatever --host is)."),
     auth_token_file: Optional[Path] = typer.Option(None, "--auth-token-file",
@@ -166,6 +169,7 @@ def serve(
         adapter_wait_seconds=adapter_wait, max_batch_size=max_batch_size, max_queue=max_queue,
         max_new_tokens=max_new_tokens, dtype=dtype, device=device,
         metrics_port=metrics_port, metrics_host=metrics_host, http_port=http_port, http_host=http_host,
+        allow_runtime_lora=allow_runtime_lora,
         auth_token_file=auth_token_file,
         auth_admin_only=auth_admin_only, tls_cert=tls_cert, tls_key=tls_key, remote=remote, grace_seconds=grace,
         log_format=log_format.value,

@@ -271,6 +271,6 @@ class Serving:
                 return
             piece = text.push(event.ids) if event.text is None else event.text
             if event.stop:
-                yield event.ids, piece + text.finish(), Finished("stop")
+                yield event.ids, piece + text.finish(), Finished("stop", stop_string=True)
                 return
             yield event.ids, piece, None

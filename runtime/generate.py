@@ -49,6 +49,7 @@ class Row:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output id, when sampling.logprobs asks
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" | None
     error: Exception | None = None  # why it ended, when finish_reason is "error"
+    stop_string: bool = False  # finish_reason "stop" came from a stop string (False: from EOS)
     # A row with stop strings: where the batch decodes its output (one is made when None) to watch for them, so a
     # caller that streams the text takes the pieces `Batch.step` returns instead of decoding every token again.
     # The batch alone touches it until the row has finished.
@@ -253,6 +254,7 @@ class Batch:
         if text is not None:
             piece = text.push([token])
             if text.stopped:
+                seq.stop_string = True
                 self._finish(seq, "stop")
                 return [token], piece
         if len(seq.output_ids) >= seq.sampling.max_new_tokens:

@@ -42,8 +42,14 @@ from runtime.sampling import SamplingParams, TokenLogprob
 from runtime.scheduler import Finished, Request
 from runtime.textstream import TextStream
 
+class Forbidden(ServeError):
+    """A call this server's options do not allow, whatever the token (e.g. `lora_path` loads without
+    --allow-runtime-lora): a frontend's policy, not a core refusal."""
+
+
 # Each kind of refusal as the HTTP status a client gets (a subclass maps as its nearest listed class).
 HTTP_STATUS: dict[type[ServeError], int] = {
+    Forbidden: 403,
     errors.InvalidArgument: 400,
     errors.NotFound: 404,
     errors.Unusable: 409,
@@ -141,7 +147,8 @@ class HttpFrontend:
 
     def __init__(self, core: Serving, *, base_names: tuple[str, ...], tokens: dict[str, str] | None = None,
                  admin_only: bool = False, request_log: RequestLog | None = None,
-                 max_body_bytes: int = 4 << 20, tls: tuple[str, str] | None = None) -> None:
+                 max_body_bytes: int = 4 << 20, tls: tuple[str, str] | None = None,
+                 allow_lora_path: bool = False) -> None:
         self.core = core
         self.base_id = base_names[0]
         self._served_as = base_names[-1]  # the base as the server was given it, as the registry filters by
@@ -151,6 +158,8 @@ class HttpFrontend:
         self._log = request_log
         self._max_body = max_body_bytes
         self._tls = tls  # (certificate, key) PEM files
+        # vLLM's `lora_path` makes the server read a folder on its own machine: only when the operator allows it
+        self._allow_lora_path = allow_lora_path
         self._created = int(time.time())
         self.app = Starlette(routes=[
             Route("/v1/completions", self._completions, methods=["POST"]),
@@ -465,7 +474,14 @@ class HttpFrontend:
 
     async def _load(self, request: HttpRequest) -> Response:
         """vLLM's `load_lora_adapter`: `lora_name` is a registry ref, loaded (not pinned) onto the device; with
-        `lora_path`, that folder (on the server's machine) is pushed into the registry first (see `_push`)."""
+        `lora_path`, that folder (on the server's machine) is pushed into the registry first (see `_push`), where
+        the server was started with --allow-runtime-lora (as vLLM needs VLLM_ALLOW_RUNTIME_LORA_UPDATING)."""
+        def allowed(body: dict) -> None:
+            if _typed(body, "lora_path", str, "") and not self._allow_lora_path:
+                raise Forbidden("`lora_path` loads are off on this server (they make it read a folder on its own "
+                                "machine): start `hub serve` with --allow-runtime-lora to allow them, or `hub push` "
+                                "the folder and load it by `lora_name` alone")
+
         def load(body: dict, name: str) -> str:
             path = _typed(body, "lora_path", str, "")
             ref = self._push(name, path) if path else name
@@ -473,7 +489,7 @@ class HttpFrontend:
             pushed = f" (pushed {path} into the registry as {ref}, then loaded)" if path else ""
             return f"Success: LoRA adapter '{name}' added successfully.{pushed}"
 
-        return await self._admin(request, load)
+        return await self._admin(request, load, allowed)
 
     async def _unload(self, request: HttpRequest) -> Response:
         """vLLM's `unload_lora_adapter`: `lora_name` leaves device and host memory (it stays in the registry)."""
@@ -497,8 +513,10 @@ class HttpFrontend:
         except (HubError, ArtifactError, OSError) as e:
             raise InvalidArgument(f"cannot push `lora_path` {path}: {e}") from None
 
-    async def _admin(self, request: HttpRequest, act: Callable[[dict, str], str]) -> Response:
-        """An admin call (admin token) on `lora_name`: act(body, name) off the event loop gives the answer."""
+    async def _admin(self, request: HttpRequest, act: Callable[[dict, str], str],
+                     check: Callable[[dict], None] | None = None) -> Response:
+        """An admin call (admin token) on `lora_name`: check(body) may refuse it before it takes an admin slot;
+        act(body, name) off the event loop gives the answer."""
         method = request.url.path
         started, record = time.perf_counter(), RequestRecord(method)
         denied = self._denied(request, admin=True)
@@ -510,6 +528,8 @@ class HttpFrontend:
             name = _typed(body, "lora_name", str, "")
             ok(bool(name), "`lora_name` is required: an adapter ref in the registry")
             record.adapters = [name]
+            if check is not None:
+                check(body)
             with self.core.admin.held():
                 done = await anyio.to_thread.run_sync(act, body, name)
         except ServeError as e:
@@ -601,8 +621,22 @@ class _Choice:
 
     text: str = ""
     tokens: int = 0
-    reason: str | None = None
+    finished: Finished | None = None
     logprobs: list[_TokenLogprob] = field(default_factory=list)
+
+    @property
+    def reason(self) -> str | None:
+        """OpenAI's finish_reason: "length", else "stop" (EOS or a stop string alike); None until it ends."""
+        if self.finished is None:
+            return None
+        return "length" if self.finished.reason == "length" else "stop"
+
+    @property
+    def lorax_reason(self) -> str:
+        """LoRAX's (TGI's) finish_reason, which tells a stop string from EOS."""
+        if self.finished is not None and self.finished.reason == "length":
+            return "length"
+        return "stop_sequence" if self.finished is not None and self.finished.stop_string else "eos_token"
 
 
 class _Answer:
@@ -626,7 +660,7 @@ class _Answer:
         choice.text += event.piece
         choice.logprobs += event.logprobs
         if event.finished is not None:
-            choice.reason = "length" if event.finished.reason == "length" else "stop"
+            choice.finished = event.finished
         return choice
 
     def adapters(self) -> list[dict[str, Any]]:
@@ -745,7 +779,7 @@ class _LoraxAnswer(_Answer):
 
     def _details(self) -> dict[str, Any]:
         choice = self.choices[0]
-        out = {"finish_reason": "length" if choice.reason == "length" else "eos_token",
+        out = {"finish_reason": choice.lorax_reason,
                "prompt_tokens": len(self.prepared.ids), "generated_tokens": choice.tokens,
                "seed": self.rows[0].queued.seq.sampling.seed, "prefill": self._prefill(),
                "tokens": [self._token(t) for t in choice.logprobs], "adapters": self.adapters()}

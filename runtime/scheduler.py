@@ -42,10 +42,12 @@ class Tokens:
 
 @dataclass
 class Finished:
-    """The last event of a request: why it ended ("stop", "length", "cancelled") or the error."""
+    """The last event of a request: why it ended ("stop", "length", "cancelled") or the error. A "stop" says
+    whether a stop string or EOS ended it: OpenAI calls both "stop", LoRAX and TGI tell them apart."""
 
     reason: str | None
     error: ServeError | None = None
+    stop_string: bool = False
 
 
 @dataclass(eq=False)
@@ -241,8 +243,7 @@ class Scheduler:
                         request.first_token_at = now
                         self.metrics.ttft.observe(now - request.arrived)
                     self.metrics.generated_tokens.labels(adapter=self._label(seq)).inc(len(tokens))
-                    # "stop" with tokens is a stop string (EOS brings none)
-                    request.events.put(Tokens(list(tokens), text, stop=seq.finish_reason == "stop"))
+                    request.events.put(Tokens(list(tokens), text, stop=seq.stop_string))
                 if seq.finish_reason == "error":  # a failure of this row alone (runtime/generate.py)
                     self._leave(request, None, _row_error(seq.error))
                 elif seq.finish_reason is not None:
