@@ -15,6 +15,9 @@ adapter is not pinned to one replica. Serve's per-replica id cache only steers r
 replica's own ref-counted pool, so Serve's LRU eviction (which runs `__del__` on a model still in use) frees
 nothing a request holds.
 
+LoadAdapter and UnloadAdapter go to every replica, and ListAdapters gathers every replica's list
+(runtime/fanout.py combines the replies); GetInfo is answered by one replica (all serve the same base).
+
 Faults: a unary call whose replica dies (or is found unavailable) is sent once more, to a replica Serve
 still has; a Generate that samples without a seed is given one first, so the retry gives the answer the
 first try would have. A stream whose replica dies ends with UNAVAILABLE; Serve starts a replacement.
@@ -39,6 +42,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from runtime.auth import TokenAuthInterceptor
+from runtime.fanout import Part, Reply, combine
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 from runtime.server import SERVICE_NAME, ServerConfig, ServerConfigError, check_port, read_tokens, until_signalled
 
@@ -48,9 +52,9 @@ REPLICA_KEY = "x-replica-id"  # trailing metadata: the Serve replica that answer
 REPLICA_PID_KEY = "x-replica-pid"  # ... and its process id
 DEVICE_HITS_KEY = "x-replica-device-hits"  # ... its adapter uses served from the device, since it started
 DEVICE_MISSES_KEY = "x-replica-device-misses"  # ... and those that had to load (from host memory or disk)
-UNARY = ("Generate", "Score", "LoadAdapter", "UnloadAdapter", "ListAdapters", "GetInfo")
-REQUESTS = {"Generate": pb.GenerateRequest, "GenerateStream": pb.GenerateRequest, "Score": pb.ScoreRequest,
-            "LoadAdapter": pb.LoadAdapterRequest, "UnloadAdapter": pb.UnloadAdapterRequest}
+UNARY = ("Generate", "Score", "GetInfo")  # each to one replica
+EVERY_REPLICA = ("LoadAdapter", "UnloadAdapter", "ListAdapters")  # to all of them, one answer (runtime/fanout.py)
+REQUESTS = {"Generate": pb.GenerateRequest, "GenerateStream": pb.GenerateRequest, "Score": pb.ScoreRequest}
 FRONTEND_THREADS = 64  # calls forwarded at once; each waits on a replica, the work is there
 DRAIN_SECONDS = 30.0
 
@@ -84,8 +88,8 @@ class ClusterConfig:
 
 def routing_key(method: str, request: bytes) -> str:
     """The canonical adapter set a request names: sorted refs with weights, the mode and the merge spec
-    ("" for none, and for the calls that name no adapter); LoadAdapter/UnloadAdapter route as a request
-    for that one adapter would. Bytes that do not parse route by load, and the replica refuses them."""
+    ("" for none, and for the calls that name no adapter). Bytes that do not parse route by load, and the
+    replica refuses them."""
     kind = REQUESTS.get(method)
     if kind is None:
         return ""
@@ -93,8 +97,6 @@ def routing_key(method: str, request: bytes) -> str:
         msg = kind.FromString(request)
     except Exception:  # the replica's server gives the client its own error for them
         return ""
-    if method in ("LoadAdapter", "UnloadAdapter"):
-        return f"stack|{msg.ref}:1" if msg.ref else ""
     if not msg.adapters:
         return ""
     mode = pb.CompositionMode.Name(msg.mode or pb.COMPOSITION_MODE_STACK).removeprefix("COMPOSITION_MODE_").lower()
@@ -142,16 +144,6 @@ class Router:
                 self._in_flight[key] -= 1
                 if not self._in_flight[key]:
                     del self._in_flight[key]
-
-
-@dataclass(frozen=True)
-class Reply:
-    """A replica's answer to one call (or one chunk of a stream): the response bytes, or a status."""
-
-    payload: bytes | None
-    code: str = "OK"
-    details: str = ""
-    metadata: tuple[tuple[str, str], ...] = ()
 
 
 class Affinity:
@@ -235,6 +227,10 @@ def replica_deployment(affinity_slots: int):
                 call.cancel()  # the caller went away: the local request leaves the batch too
             yield Reply(None, metadata=self._metadata(await call.trailing_metadata()))
 
+        def identity(self) -> tuple[str, str]:
+            """This replica's Serve id and process id (what its answers' metadata names)."""
+            return self._id
+
         def __del__(self) -> None:  # Serve stops the replica: finish what runs, briefly
             self.server.stop(grace=5)
 
@@ -260,11 +256,31 @@ class Frontend:
 
     def handler(self) -> grpc.GenericRpcHandler:
         methods = {m: grpc.unary_unary_rpc_method_handler(self._unary_of(m)) for m in UNARY}
+        methods.update({m: grpc.unary_unary_rpc_method_handler(self._everywhere_of(m)) for m in EVERY_REPLICA})
         methods["GenerateStream"] = grpc.unary_stream_rpc_method_handler(self.generate_stream)
         return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
 
     def _unary_of(self, method: str) -> Callable[[bytes, grpc.ServicerContext], bytes]:
         return lambda request, context: self.unary(method, request, context)
+
+    def _everywhere_of(self, method: str) -> Callable[[bytes, grpc.ServicerContext], bytes]:
+        return lambda request, context: self.everywhere(method, request, context)
+
+    def everywhere(self, method: str, request: bytes, context: grpc.ServicerContext) -> bytes:
+        """Send a call to every replica Serve routes to now, and answer with their replies combined."""
+        from ray.serve.exceptions import DeploymentUnavailableError
+
+        try:
+            replies = self.handle.broadcast("unary", method, request).results(timeout_s=_remaining(context),
+                                                                               return_exceptions=True)
+        except TimeoutError:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        except DeploymentUnavailableError as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"no replica to send {method} to ({_why(e)})")
+        parts = [Part(dict(r.metadata).get(REPLICA_KEY, ""), r.payload, r.code, r.details) if isinstance(r, Reply)
+                 else Part("", None, "UNAVAILABLE", f"the replica stopped during the call ({_why(r)})")
+                 for r in replies]
+        return _answer(combine(method, request, parts), context)
 
     def unary(self, method: str, request: bytes, context: grpc.ServicerContext) -> bytes:
         """Forward one call; sent once more when its replica dies under it."""
@@ -404,6 +420,10 @@ class Cluster:
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         return self
+
+    def replica_ids(self) -> set[str]:
+        """The Serve ids of the replicas the endpoint routes to now (each answers for itself)."""
+        return {replica for replica, _pid in self.handle.broadcast("identity").results(timeout_s=60)}
 
     @property
     def retries(self) -> int:

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -32,6 +33,7 @@ PROMPT = "Hello there, cluster"
 MIXES = dict(ADAPTER_MIXES, merge=dict(adapters=[("lora0", 0.5), ("lora1", 0.5)], mode="merge",
                                        merge=pb.MergeOptions(method="cat")))
 MAX_MESSAGE = 1 << 20
+ADAPTER_MEMORY = 1 << 30  # each replica's (the default)
 
 
 @pytest.fixture(scope="module")
@@ -94,15 +96,21 @@ def generate_on(client: RuntimeClient, prompt: str = PROMPT, **kwargs) -> tuple[
     return reply, dict(call.trailing_metadata())
 
 
-def request_router(cluster):
-    """Serve's router in this process (the endpoint's handle). Serve has no public view of what it routes by;
-    the tests read it to wait for an update rather than sleep."""
-    return cluster.handle._router._asyncio_router.request_router
+def settled(client: RuntimeClient, fresh, tries: int = 6) -> tuple[dict, dict]:
+    """Request kwargs for an adapter set that one replica alone holds, and that replica's metadata.
 
-
-def replica_ids(cluster) -> set[str]:
-    """The replicas the router sends to now."""
-    return {replica.unique_id for replica in request_router(cluster).curr_replicas}
+    The first request for a new set lands on some replica, which reports the set to Serve's router; a request
+    sent before the report arrives may land on another replica, which then holds the set too. Serve shows
+    no public view of what the router knows, so this waits for what clients see: after a pause, the next
+    requests all land on the first one's replica. Otherwise it tries a fresh set (`fresh(i)`), pausing longer."""
+    for i in range(tries):
+        kwargs = fresh(i)
+        _, first = generate_on(client, max_new_tokens=1, **kwargs)
+        time.sleep(0.25 * 2 ** i)  # the replica's report reaches the router (pushed every 0.1 s)
+        if all(generate_on(client, max_new_tokens=1, **kwargs)[1][REPLICA_KEY] == first[REPLICA_KEY]
+               for _ in range(3)):
+            return kwargs, first
+    raise AssertionError(f"no adapter set settled on one replica in {tries} tries")
 
 
 def running() -> int:
@@ -122,7 +130,7 @@ def test_routing_key_is_the_canonical_adapter_set():
     assert key(adapters=["a"]) != key(adapters=[("a", 2.0)]) != key(adapters=[("a", 2.0)], mode="average")
     linear, ties = (dict(adapters=["a", "b"], mode="merge", merge=pb.MergeOptions(method=m)) for m in ("linear", "ties"))
     assert key(**linear) != key(**ties) and key(**linear).startswith("merge|a:1,b:1|")
-    assert routing_key("LoadAdapter", pb.LoadAdapterRequest(ref="a").SerializeToString()) == key(adapters=["a"])
+    assert routing_key("LoadAdapter", pb.LoadAdapterRequest(ref="a").SerializeToString()) == ""  # to every replica
     assert routing_key("Generate", b"\xff\xff not a message") == ""
     assert routing_key("GetInfo", b"") == ""
 
@@ -178,19 +186,12 @@ def test_sampling_with_a_seed_equals_a_single_servers(client, single):
     assert client.generate(PROMPT, **kwargs).text == single.generate(PROMPT, **kwargs).text
 
 
-def routed_to(cluster, key: str) -> set[str]:
-    """The replicas the router knows to hold `key` (a replica reports a new one within a push interval)."""
-    return {replica.unique_id for replica in request_router(cluster)._multiplexed_model_id_to_replica_ids.get(key, ())}
-
-
-def test_repeated_requests_for_an_adapter_land_on_the_replica_that_loaded_it(cluster, client):
-    adapters = ["lora3", ("ia3", 0.5)]
-    _, first = generate_on(client, adapters=adapters, max_new_tokens=4)
-    key = routing_key("Generate", client.generate_request(PROMPT, adapters=adapters).SerializeToString())
-    wait_until(lambda: routed_to(cluster, key) == {first[REPLICA_KEY]}, "Serve's router heard of the set")
-    later = [generate_on(client, adapters=[("ia3", 0.5), "lora3"], max_new_tokens=4)[1] for _ in range(6)]
+def test_repeated_requests_for_an_adapter_land_on_the_replica_that_loaded_it(client):
+    kwargs, first = settled(client, lambda i: dict(adapters=[("lora3", 1 + i / 8), ("ia3", 0.5)]))
+    swapped = dict(adapters=list(reversed(kwargs["adapters"])))  # the same set named in another order
+    later = [generate_on(client, max_new_tokens=4, **swapped)[1] for _ in range(6)]
     assert {m[REPLICA_KEY] for m in later} == {first[REPLICA_KEY]}, (first[REPLICA_KEY], [m[REPLICA_KEY] for m in later])
-    # ... where it is now a device hit: the replica's hit count grew by one per request
+    # ... where it is now a device hit: the replica's hit count grew by one per adapter and request
     assert int(later[-1]["x-replica-device-hits"]) >= int(first["x-replica-device-hits"]) + 2 * 6
 
 
@@ -231,6 +232,60 @@ def test_auth_and_size_limits_as_hub_serve(cluster):
     assert cluster.address.startswith("127.0.0.1:")
 
 
+def by_load(cluster, client: RuntimeClient, **kwargs) -> dict[str, dict]:
+    """The metadata of one request on each replica, sent by load until every replica has answered one."""
+    wanted, seen = cluster.replica_ids(), {}
+    cluster.router.affinity = False
+    try:
+        for _ in range(60):  # with equal queues Serve picks at random: 60 tries miss one of 2 at 2**-59
+            _, metadata = generate_on(client, max_new_tokens=1, **kwargs)
+            seen[metadata[REPLICA_KEY]] = metadata
+            if set(seen) == wanted:
+                break
+    finally:
+        cluster.router.affinity = True
+    assert set(seen) == wanted
+    return seen
+
+
+def test_load_and_unload_reach_every_replica(cluster, client, single):
+    """LoadAdapter goes to every replica (the answer names them all); each then serves the adapter from the
+    device (a hit, no miss); ListAdapters gathers the replicas' lists; UnloadAdapter takes it off every one."""
+    replicas = cluster.replica_ids()
+    reply, call = client.stub.LoadAdapter.with_call(pb.LoadAdapterRequest(ref="bottleneck", pin=True),
+                                                    metadata=client._metadata, timeout=120)
+    assert reply.adapter.ref == "bottleneck@1.0.0" and reply.adapter.pinned
+    assert set(dict(call.trailing_metadata())["x-replica-ids"].split(",")) == replicas
+    before = by_load(cluster, client)
+    after = by_load(cluster, client, adapters=["bottleneck"])
+    for replica in replicas:
+        assert after[replica]["x-replica-device-misses"] == before[replica]["x-replica-device-misses"]
+    listed = {a.ref: a for a in client.list_all_adapters().adapters}["bottleneck@1.0.0"]
+    assert listed.pinned and listed.tier == pb.TIER_DEVICE and listed.requests_served >= len(replicas)
+    assert client.list_adapters().device_budget_bytes == len(replicas) * ADAPTER_MEMORY
+    assert client.unload_adapter("bottleneck").adapter.tier == pb.TIER_DISK
+    listed = {a.ref: a for a in client.list_all_adapters().adapters}["bottleneck@1.0.0"]
+    assert not listed.pinned and listed.tier == pb.TIER_DISK  # the nearest tier any replica has it on
+    with pytest.raises(RequestFailed) as cluster_error:  # every replica refuses alike: one server's refusal
+        client.load_adapter("no-such-adapter")
+    with pytest.raises(RequestFailed) as single_error:
+        single.load_adapter("no-such-adapter")
+    assert (cluster_error.value.code(), cluster_error.value.details()) == \
+        (single_error.value.code(), single_error.value.details())
+
+
+def test_list_adapters_pages_through_every_replicas_adapters(client):
+    whole = [a.ref for a in client.list_all_adapters().adapters]
+    paged, token = [], ""
+    while True:
+        page = client.list_adapters(page_size=2, page_token=token)
+        paged += [a.ref for a in page.adapters]
+        token = page.next_page_token
+        if not token:
+            break
+    assert paged == whole == sorted(set(whole)) and len(whole) >= 3
+
+
 def test_a_push_and_a_tag_move_are_seen_by_every_replica(cluster, client, shared_registry, served_adapters,
                                                          served_base):
     shared_registry.push(served_adapters["lora1"], "moving", "1.0.0", base_model=str(served_base))
@@ -259,12 +314,10 @@ def test_a_push_and_a_tag_move_are_seen_by_every_replica(cluster, client, shared
 def test_a_replica_killed_mid_traffic(cluster, client, single):
     """Its unary calls are retried on the other replica (same answers), its stream ends UNAVAILABLE, nothing
     hangs, Serve starts a replacement, and requests after it succeed."""
-    adapters = [("lora3", 0.25)]  # a set no other test sends: one replica holds it
+    kwargs, where = settled(client, lambda i: dict(adapters=[("lora3", 0.25 + i / 8)]))  # sets no other test sends
+    adapters = kwargs["adapters"]
     want = single.generate(PROMPT, adapters=adapters, max_new_tokens=300)
-    _, where = generate_on(client, adapters=adapters, max_new_tokens=2)
-    key = routing_key("Generate", client.generate_request(PROMPT, adapters=adapters).SerializeToString())
-    wait_until(lambda: routed_to(cluster, key) == {where[REPLICA_KEY]}, "Serve's router heard of the set")
-    before, retried = replica_ids(cluster), cluster.retries
+    before, retried = cluster.replica_ids(), cluster.retries
     results: list = []
     unary = threading.Thread(target=lambda: results.append(client.generate(PROMPT, adapters=adapters,
                                                                            max_new_tokens=300)))
@@ -284,9 +337,9 @@ def test_a_replica_killed_mid_traffic(cluster, client, single):
     unary.join(timeout=120)
     assert not unary.is_alive() and results and results[0].text == want.text
     assert cluster.retries == retried + 1  # the unary call, in the killed replica's batch, went once more
-    wait_until(lambda: len(replica_ids(cluster)) == 2 and where[REPLICA_KEY] not in replica_ids(cluster),
+    wait_until(lambda: len(cluster.replica_ids()) == 2 and where[REPLICA_KEY] not in cluster.replica_ids(),
                "Serve replaced the killed replica", limit=180)
-    assert len(replica_ids(cluster) - before) == 1 and running() == 2
+    assert len(cluster.replica_ids() - before) == 1 and running() == 2
     reply, metadata = generate_on(client, adapters=adapters, max_new_tokens=300)
     assert reply.text == want.text and int(metadata[REPLICA_PID_KEY]) != pid
 
@@ -306,16 +359,16 @@ def test_scale_up_and_down_while_serving(cluster, client):
 
     load = threading.Thread(target=traffic)
     generate_on(client, max_new_tokens=1)  # the handle's router starts with its first request
-    before = replica_ids(cluster)
+    before = cluster.replica_ids()
     load.start()
     try:
         cluster.scale(3)
         assert running() == 3
-        wait_until(lambda: len(replica_ids(cluster)) == 3, "the router sends to 3 replicas")
-        assert before < replica_ids(cluster)  # the replicas that were there kept running
+        wait_until(lambda: len(cluster.replica_ids()) == 3, "the router sends to 3 replicas")
+        assert before < cluster.replica_ids()  # the replicas that were there kept running
         cluster.scale(1)
-        wait_until(lambda: len(replica_ids(cluster)) == 1 and running() == 1, "Serve stopped two replicas", limit=120)
-        assert replica_ids(cluster) < before | replicas
+        wait_until(lambda: len(cluster.replica_ids()) == 1 and running() == 1, "Serve stopped two replicas", limit=120)
+        assert cluster.replica_ids() < before | replicas
     finally:
         stop.set()
         load.join(timeout=120)
