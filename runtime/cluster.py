@@ -19,8 +19,9 @@ LoadAdapter and UnloadAdapter go to every replica, and ListAdapters gathers ever
 (runtime/fanout.py combines the replies); GetInfo is answered by one replica (all serve the same base).
 
 Faults: a unary call whose replica dies (or is found unavailable) is sent once more, to a replica Serve
-still has; a Generate that samples without a seed is given one first, so the retry gives the answer the
-first try would have. A stream whose replica dies ends with UNAVAILABLE; Serve starts a replacement.
+still has, and so is a stream whose replica dies before its first chunk reached the client; a Generate that
+samples without a seed is given one first, so the retry gives the answer the first try would have. A stream
+whose replica dies after that ends with UNAVAILABLE. Serve starts a replacement.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from runtime.auth import TokenAuthInterceptor
+from runtime.cluster_metrics import ClusterMetrics
 from runtime.fanout import Part, Reply, combine
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 from runtime.server import SERVICE_NAME, ServerConfig, ServerConfigError, check_port, read_tokens, until_signalled
@@ -56,7 +58,7 @@ UNARY = ("Generate", "Score", "GetInfo")  # each to one replica
 EVERY_REPLICA = ("LoadAdapter", "UnloadAdapter", "ListAdapters")  # to all of them, one answer (runtime/fanout.py)
 REQUESTS = {"Generate": pb.GenerateRequest, "GenerateStream": pb.GenerateRequest, "Score": pb.ScoreRequest}
 FRONTEND_THREADS = 64  # calls forwarded at once; each waits on a replica, the work is there
-DRAIN_SECONDS = 30.0
+SCRAPE_SECONDS = 10.0  # a /metrics scrape waits this long for the replicas' metrics (Prometheus' default timeout)
 
 
 @dataclass
@@ -79,8 +81,7 @@ class ClusterConfig:
             raise ServerConfigError(f"--replicas must be >= 1, got {self.replicas}")
         if self.replica_cpus < 0 or self.replica_gpus < 0:
             raise ServerConfigError("--replica-cpus and --replica-gpus must be >= 0")
-        for name, value in (("--http-port", s.http_port), ("--metrics-port", s.metrics_port),
-                            ("--tls-cert", s.tls_cert), ("--tls-key", s.tls_key)):
+        for name, value in (("--http-port", s.http_port), ("--tls-cert", s.tls_cert), ("--tls-key", s.tls_key)):
             if value is not None:
                 raise ServerConfigError(f"{name} is not supported with --replicas yet (gRPC without TLS only)")
         s.check()
@@ -227,6 +228,12 @@ def replica_deployment(affinity_slots: int):
                 call.cancel()  # the caller went away: the local request leaves the batch too
             yield Reply(None, metadata=self._metadata(await call.trailing_metadata()))
 
+        def metrics_text(self) -> tuple[str, str]:
+            """This replica's id and its metrics now, in Prometheus' text format (the cluster's /metrics)."""
+            from prometheus_client import generate_latest
+
+            return self._id[0], generate_latest(self.server.metrics.registry).decode()
+
         def identity(self) -> tuple[str, str]:
             """This replica's Serve id and process id (what its answers' metadata names)."""
             return self._id
@@ -248,11 +255,11 @@ def _retryable() -> tuple[type[BaseException], ...]:
 class Frontend:
     """The one gRPC endpoint: Runtime calls in, forwarded through the deployment handle."""
 
-    def __init__(self, handle, router: Router) -> None:
+    def __init__(self, handle, router: Router, metrics: ClusterMetrics) -> None:
         self.handle = handle
         self.router = router
+        self.metrics = metrics
         self.retryable = _retryable()
-        self.retries = 0  # unary calls sent again because their replica died
 
     def handler(self) -> grpc.GenericRpcHandler:
         methods = {m: grpc.unary_unary_rpc_method_handler(self._unary_of(m)) for m in UNARY}
@@ -295,7 +302,7 @@ class Frontend:
                     reply = response.result(timeout_s=_remaining(context))
                 except self.retryable as e:
                     if attempt == 1:
-                        self.retries += 1
+                        self.metrics.retries.labels(kind="unary").inc()
                         continue
                     context.abort(grpc.StatusCode.UNAVAILABLE, f"the replicas serving this call stopped ({_why(e)}); "
                                   "retry it")
@@ -307,26 +314,35 @@ class Frontend:
         raise AssertionError("unreachable")
 
     def generate_stream(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-        """Forward a stream; its replica dying ends it with UNAVAILABLE (chunks already sent cannot be taken back)."""
+        """Forward a stream. Its replica dying before the first chunk reached the client sends it once more to
+        another replica (the same seed: the same tokens); after that, the stream ends with UNAVAILABLE (chunks
+        already sent cannot be taken back)."""
         from ray.serve.exceptions import RequestCancelledError
 
         request = seeded("GenerateStream", request)
         with self.router.route(routing_key("GenerateStream", request)) as model_id:
-            chunks = self.handle.options(multiplexed_model_id=model_id, stream=True).stream.remote(request)
-            context.add_callback(chunks.cancel)
-            try:
-                for reply in chunks:
-                    if reply.payload is not None:
+            for attempt in (1, 2):
+                chunks = self.handle.options(multiplexed_model_id=model_id, stream=True).stream.remote(request)
+                context.add_callback(chunks.cancel)
+                sent = False
+                try:
+                    for reply in chunks:
+                        if reply.payload is None:
+                            _answer(reply, context)
+                            return
                         if reply.metadata:
                             context.send_initial_metadata(reply.metadata)
+                        sent = True
                         yield reply.payload
-                    else:
-                        _answer(reply, context)
-            except self.retryable as e:
-                context.abort(grpc.StatusCode.UNAVAILABLE,
-                              f"the replica serving this stream stopped ({_why(e)}); send the request again")
-            except RequestCancelledError:
-                context.abort(grpc.StatusCode.CANCELLED, "cancelled")
+                    return
+                except self.retryable as e:
+                    if attempt == 1 and not sent:
+                        self.metrics.retries.labels(kind="stream").inc()
+                        continue
+                    context.abort(grpc.StatusCode.UNAVAILABLE,
+                                  f"the replica serving this stream stopped ({_why(e)}); send the request again")
+                except RequestCancelledError:
+                    context.abort(grpc.StatusCode.CANCELLED, "cancelled")
 
 
 def _remaining(context: grpc.ServicerContext) -> float | None:
@@ -356,12 +372,15 @@ class Cluster:
         s = config.server
         tokens = read_tokens(s)
         check_port(s.host, s.port)
+        check_port(s.metrics_host, s.metrics_port)
         self._interceptors = [TokenAuthInterceptor(tokens, admin_only=s.auth_admin_only)] if tokens else []
         self._started_ray = False
         self.grpc: grpc.Server | None = None
         self.handle = None  # the deployment handle the endpoint forwards through
         self.frontend: Frontend | None = None
         self.port = 0
+        self.metrics = ClusterMetrics(self._scrape)
+        self.metrics_port: int | None = None
         self.router = Router(config.spread_after or s.max_batch_size, affinity=not config.random_routing)
 
     @property
@@ -409,7 +428,7 @@ class Cluster:
                                                            thread_name_prefix="adapterhub-cluster"),
                                 interceptors=self._interceptors, options=options,
                                 maximum_concurrent_rpcs=FRONTEND_THREADS * 4)
-        self.frontend = Frontend(self.handle, self.router)
+        self.frontend = Frontend(self.handle, self.router, self.metrics)
         self.grpc.add_generic_rpc_handlers((self.frontend.handler(),))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -417,18 +436,27 @@ class Cluster:
         if not self.port:
             raise ServerConfigError(f"cannot listen on {s.host}:{s.port} (in use?)")
         self.grpc.start()
+        if s.metrics_port is not None:
+            self.metrics_port = self.metrics.serve_http(s.metrics_port, s.metrics_host)
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         return self
 
     def replica_ids(self) -> set[str]:
         """The Serve ids of the replicas the endpoint routes to now (each answers for itself)."""
-        return {replica for replica, _pid in self.handle.broadcast("identity").results(timeout_s=60)}
+        answers = self.handle.broadcast("identity").results(timeout_s=60, return_exceptions=True)
+        return {answer[0] for answer in answers if isinstance(answer, tuple)}  # not those that stopped meanwhile
 
-    @property
-    def retries(self) -> int:
-        """Unary calls sent a second time because the replica serving them died."""
-        return self.frontend.retries if self.frontend is not None else 0
+    def _scrape(self) -> list[tuple[str, str]]:
+        """(replica id, metrics text) of every replica that answers within the scrape's time."""
+        if self.handle is None:
+            return []
+        texts = self.handle.broadcast("metrics_text").results(timeout_s=SCRAPE_SECONDS, return_exceptions=True)
+        return [t for t in texts if isinstance(t, tuple)]
+
+    def retries(self, kind: str = "unary") -> int:
+        """Calls (`unary` or `stream`) sent a second time because the replica serving them stopped."""
+        return int(self.metrics.registry.get_sample_value("adapterhub_cluster_retries_total", {"kind": kind}) or 0)
 
     def scale(self, replicas: int) -> None:
         """Change the number of replicas while serving; returns when Serve has that many running. The replicas
@@ -450,6 +478,7 @@ class Cluster:
             self.health.enter_graceful_shutdown()
             self.grpc.stop(self.config.server.grace_seconds if grace is None else grace).wait()
             self.grpc = None
+        self.metrics.close()
         if ray.is_initialized():
             if self._started_ray:
                 serve.shutdown()

@@ -12,12 +12,13 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
 
-from server_support import ADAPTER_MIXES, served_model, wait_until
+from server_support import ADAPTER_MIXES, device_bytes, served_model, wait_until
 
 pytest.importorskip("ray.serve", reason="the cluster extra: pip install -e '.[cluster]'")
 
@@ -33,7 +34,8 @@ PROMPT = "Hello there, cluster"
 MIXES = dict(ADAPTER_MIXES, merge=dict(adapters=[("lora0", 0.5), ("lora1", 0.5)], mode="merge",
                                        merge=pb.MergeOptions(method="cat")))
 MAX_MESSAGE = 1 << 20
-ADAPTER_MEMORY = 1 << 30  # each replica's (the default)
+HOLD = ("lora2", "lora3")  # adapters two long streams hold on one replica's device ...
+WAIT = "lora1"  # ... while a request for this one waits there for room
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +58,21 @@ def token_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cluster(served_base, shared_registry, token_file):
-    """2 replicas at half a CPU each, behind one endpoint with tokens and a 1 MiB message cap."""
+def adapter_memory(served_base, shared_registry) -> int:
+    """A device budget that holds HOLD's adapters together, but not WAIT's with them (every test's set fits)."""
+    from runtime.engine import Engine
+
+    engine = Engine(*served_model(served_base))
+    held = sum(device_bytes(engine, shared_registry, name) for name in HOLD)
+    return held + device_bytes(engine, shared_registry, WAIT) // 2
+
+
+@pytest.fixture(scope="module")
+def cluster(served_base, shared_registry, token_file, adapter_memory):
+    """2 replicas at half a CPU each, behind one endpoint with tokens, a 1 MiB message cap and /metrics."""
     config = ServerConfig(base_model=str(served_base), port=0, registry=shared_registry.root,
-                          auth_token_file=token_file, max_message_bytes=MAX_MESSAGE, grace_seconds=5)
+                          auth_token_file=token_file, max_message_bytes=MAX_MESSAGE, grace_seconds=5,
+                          adapter_memory=adapter_memory, max_new_tokens=4000, metrics_port=0)
     started = Cluster(ClusterConfig(config, replicas=2, replica_cpus=0.5))
     daemons: list[int] = []
     try:
@@ -262,7 +275,7 @@ def test_load_and_unload_reach_every_replica(cluster, client, single):
         assert after[replica]["x-replica-device-misses"] == before[replica]["x-replica-device-misses"]
     listed = {a.ref: a for a in client.list_all_adapters().adapters}["bottleneck@1.0.0"]
     assert listed.pinned and listed.tier == pb.TIER_DEVICE and listed.requests_served >= len(replicas)
-    assert client.list_adapters().device_budget_bytes == len(replicas) * ADAPTER_MEMORY
+    assert client.list_adapters().device_budget_bytes == len(replicas) * cluster.config.server.adapter_memory
     assert client.unload_adapter("bottleneck").adapter.tier == pb.TIER_DISK
     listed = {a.ref: a for a in client.list_all_adapters().adapters}["bottleneck@1.0.0"]
     assert not listed.pinned and listed.tier == pb.TIER_DISK  # the nearest tier any replica has it on
@@ -311,36 +324,77 @@ def test_a_push_and_a_tag_move_are_seen_by_every_replica(cluster, client, shared
     assert len(after) == 2 and set(after.values()) == {"2.0.0"}
 
 
-def test_a_replica_killed_mid_traffic(cluster, client, single):
-    """Its unary calls are retried on the other replica (same answers), its stream ends UNAVAILABLE, nothing
-    hangs, Serve starts a replacement, and requests after it succeed."""
-    kwargs, where = settled(client, lambda i: dict(adapters=[("lora3", 0.25 + i / 8)]))  # sets no other test sends
-    adapters = kwargs["adapters"]
-    want = single.generate(PROMPT, adapters=adapters, max_new_tokens=300)
-    before, retried = cluster.replica_ids(), cluster.retries
+def replica_metric(cluster, name: str, replica: str) -> float | None:
+    """A replica's sample of `name`, as the cluster's /metrics serves it (labelled by replica)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=60) as r:
+        text = r.read().decode()
+    return next((s.value for family in text_string_to_metric_families(text) for s in family.samples
+                 if s.name == name and s.labels.get("replica") == replica), None)
+
+
+def test_metrics_serve_every_replica_labelled_by_replica(cluster, client):
+    for replica in cluster.replica_ids():
+        assert replica_metric(cluster, "adapterhub_adapter_memory_waiting", replica) == 0
+        served = replica_metric(cluster, "adapterhub_requests_total", replica)
+        assert served is not None and served > 0  # every replica has answered by now
+    assert replica_metric(cluster, "adapterhub_cluster_replicas", None) == len(cluster.replica_ids())
+
+
+def stream_of(client: RuntimeClient, **kwargs):
+    return client.stub.GenerateStream(client.generate_request(PROMPT, **kwargs), metadata=client._metadata,
+                                      timeout=120)
+
+
+def test_a_replica_killed_mid_traffic(cluster, client, single, shared_registry, served_adapters, served_base):
+    """One replica decodes two long streams (their first chunks sent) holding its device budget; a unary call
+    and a stream for an adapter that does not fit beside them wait there for room (nothing sent yet). The
+    replica is killed: the two streams end UNAVAILABLE; the call and the waiting stream are sent once more,
+    to the other replica, and answer as a single server does; Serve starts a replacement; requests after
+    it succeed. All name the adapter by one tag (one adapter set, so one replica), moved between them."""
+    for version, source in zip(("1.0.0", "2.0.0", "3.0.0"), HOLD + (WAIT,)):
+        shared_registry.push(served_adapters[source], "held", version, base_model=str(served_base))
+    want = single.generate(PROMPT, adapters=["held@3.0.0"], max_new_tokens=40)
+
+    def fresh(i: int) -> dict:
+        shared_registry.tag("held@1.0.0", f"kill{i}")
+        return dict(adapters=[f"held@kill{i}"])
+
+    kwargs, where = settled(client, fresh)
+    replica, pid = where[REPLICA_KEY], int(where[REPLICA_PID_KEY])
+    tag = kwargs["adapters"][0]
+    holding = []
+    for version in ("1.0.0", "2.0.0"):
+        shared_registry.tag(f"held@{version}", tag.split("@")[1])
+        stream = stream_of(client, max_new_tokens=4000, **kwargs)
+        next(stream), next(stream)  # the adapters, then a token: decoding, holding the adapter
+        assert int(dict(stream.initial_metadata())[REPLICA_PID_KEY]) == pid
+        holding.append(stream)
+    shared_registry.tag("held@3.0.0", tag.split("@")[1])
+    before, retried, restreamed = cluster.replica_ids(), cluster.retries(), cluster.retries("stream")
     results: list = []
-    unary = threading.Thread(target=lambda: results.append(client.generate(PROMPT, adapters=adapters,
-                                                                           max_new_tokens=300)))
+    unary = threading.Thread(target=lambda: results.append(client.generate(PROMPT, max_new_tokens=40, **kwargs)))
     unary.start()
-    stream = client.stub.GenerateStream(client.generate_request(PROMPT, adapters=adapters, max_new_tokens=1024),
-                                        metadata=client._metadata, timeout=120)
-    next(stream)
-    next(stream)  # decoding: the replica is busy with it (and, by affinity, with the unary call)
-    pid = int(dict(stream.initial_metadata())[REPLICA_PID_KEY])
-    assert pid == int(where[REPLICA_PID_KEY])
+    waiting = stream_of(client, max_new_tokens=40, **kwargs)
+    wait_until(lambda: replica_metric(cluster, "adapterhub_adapter_memory_waiting", replica) == 2,
+               "the call and the stream wait for device room on the replica")
     os.kill(pid, signal.SIGKILL)
-    with pytest.raises(grpc.RpcError) as ended:
-        for _ in stream:
-            pass
-    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "replica serving this stream stopped" in ended.value.details()
+    for stream in holding:
+        with pytest.raises(grpc.RpcError) as ended:
+            for _ in stream:
+                pass
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "replica serving this stream stopped" in ended.value.details()
+    assert "".join(chunk.text for chunk in waiting) == want.text
+    assert int(dict(waiting.initial_metadata())[REPLICA_PID_KEY]) != pid
     unary.join(timeout=120)
     assert not unary.is_alive() and results and results[0].text == want.text
-    assert cluster.retries == retried + 1  # the unary call, in the killed replica's batch, went once more
-    wait_until(lambda: len(cluster.replica_ids()) == 2 and where[REPLICA_KEY] not in cluster.replica_ids(),
+    assert (cluster.retries(), cluster.retries("stream")) == (retried + 1, restreamed + 1)  # each went once more
+    wait_until(lambda: len(cluster.replica_ids()) == 2 and replica not in cluster.replica_ids(),
                "Serve replaced the killed replica", limit=180)
     assert len(cluster.replica_ids() - before) == 1 and running() == 2
-    reply, metadata = generate_on(client, adapters=adapters, max_new_tokens=300)
+    reply, metadata = generate_on(client, max_new_tokens=40, **kwargs)
     assert reply.text == want.text and int(metadata[REPLICA_PID_KEY]) != pid
 
 
@@ -380,18 +434,21 @@ def test_hub_serve_replicas_serves_and_leaves_no_ray_process(served_base, shared
     """The CLI end to end, as a process: one replica, a request, SIGTERM; its Ray processes are gone after."""
     hub = Path(sys.executable).parent / "hub"
     args = [str(hub), "serve", "--replicas", "1", "--replica-cpus", "0.5", "--base-model", str(served_base),
-            "--registry", str(shared_registry.root), "--port", "0", "--auth-token-file", str(token_file), "--grace", "2"]
+            "--registry", str(shared_registry.root), "--port", "0", "--auth-token-file", str(token_file), "--grace", "2",
+            "--metrics-port", "0"]
     process = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
     try:
         line = ""
         while "listening on" not in line:
             line = process.stderr.readline()
             assert line or process.poll() is None, "hub serve --replicas exited before listening"
-        address = line.rsplit("listening on ", 1)[1].strip()
+        address, metrics = line.rsplit("listening on ", 1)[1].strip().split(", metrics on ")
         ray_pids = ray_children(process.pid)
         assert ray_pids, "a local Ray cluster runs under hub serve"
         with RuntimeClient(address, token=ADMIN, timeout=120) as c:
             assert c.generate(PROMPT, adapters=["lora0"], max_new_tokens=4).text
+        with urllib.request.urlopen(metrics, timeout=60) as r:
+            assert b'adapterhub_cluster_replicas 1.0' in r.read()
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=120) == 0
     finally:
