@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import Counter, Gauge
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
+
+from runtime.metrics import Exposed
 
 REPLICA_LABEL = "replica"
 
@@ -36,18 +38,17 @@ class ReplicaMetrics:
         yield from families.values()
 
 
-class ClusterMetrics:
+class ClusterMetrics(Exposed):
     """The endpoint's registry: its own series and the replicas'; served on a port of its own."""
 
     def __init__(self, scrape: Callable[[], list[tuple[str, str]]]) -> None:
-        self.registry = CollectorRegistry()
+        super().__init__()
         self.registry.register(ReplicaMetrics(self._counted(scrape)))  # first: it sets `replicas` below
         self.retries = Counter("adapterhub_cluster_retries", "Calls sent again to another replica because the "
                                "replica serving them stopped, by kind (unary, stream)", ["kind"],
                                registry=self.registry)
         self.replicas = Gauge("adapterhub_cluster_replicas", "Replicas that answered this scrape",
                               registry=self.registry)
-        self._http = None
 
     def _counted(self, scrape: Callable[[], list[tuple[str, str]]]) -> Callable[[], list[tuple[str, str]]]:
         def counted() -> list[tuple[str, str]]:
@@ -55,15 +56,3 @@ class ClusterMetrics:
             self.replicas.set(len(texts))
             return texts
         return counted
-
-    def serve_http(self, port: int, host: str) -> int:
-        """Expose /metrics on host:port (0 picks a free port); returns the bound port."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        self._http = server
-        return int(server.server_port)
-
-    def close(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
