@@ -51,6 +51,14 @@ def shared_registry(tmp_path_factory, served_base, served_adapters):
 
 
 @pytest.fixture(scope="module")
+def remote_registry(tmp_path_factory):
+    """The replicas' --remote (a directory remote): what their registry lacks is pulled from it."""
+    from hub.registry import Registry
+
+    return Registry(tmp_path_factory.mktemp("cluster-remote") / "remote")
+
+
+@pytest.fixture(scope="module")
 def token_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("cluster-auth") / "tokens"
     path.write_text(f"{ADMIN} admin\n{USER} user\n")
@@ -68,9 +76,10 @@ def adapter_memory(served_base, shared_registry) -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster(served_base, shared_registry, token_file, adapter_memory):
+def cluster(served_base, shared_registry, remote_registry, token_file, adapter_memory):
     """2 replicas at half a CPU each, behind one endpoint with tokens, a 1 MiB message cap and /metrics."""
     config = ServerConfig(base_model=str(served_base), port=0, registry=shared_registry.root,
+                          remote=str(remote_registry.root),
                           auth_token_file=token_file, max_message_bytes=MAX_MESSAGE, grace_seconds=5,
                           adapter_memory=adapter_memory, max_new_tokens=4000, metrics_port=0)
     started = Cluster(ClusterConfig(config, replicas=2, replica_cpus=0.5))
@@ -92,11 +101,11 @@ def client(cluster):
 
 
 @pytest.fixture(scope="module")
-def single(served_base, shared_registry):
-    """One in-process server on the same base and registry: what the cluster must answer."""
+def single(served_base, shared_registry, remote_registry):
+    """One in-process server on the same base, registry and remote: what the cluster must answer."""
     model, tokenizer = served_model(served_base)
-    server = RuntimeServer(ServerConfig(base_model=str(served_base), port=0), model=model, tokenizer=tokenizer,
-                           registry=shared_registry).start()
+    config = ServerConfig(base_model=str(served_base), port=0, remote=str(remote_registry.root))
+    server = RuntimeServer(config, model=model, tokenizer=tokenizer, registry=shared_registry).start()
     with RuntimeClient(server.address, timeout=120) as c:
         yield c
     server.stop(grace=0)
@@ -245,14 +254,14 @@ def test_auth_and_size_limits_as_hub_serve(cluster):
     assert cluster.address.startswith("127.0.0.1:")
 
 
-def by_load(cluster, client: RuntimeClient, **kwargs) -> dict[str, dict]:
-    """The metadata of one request on each replica, sent by load until every replica has answered one."""
+def by_load(cluster, client: RuntimeClient, **kwargs) -> dict[str, tuple[pb.GenerateResponse, dict]]:
+    """One request's reply and metadata on each replica, sent by load until every replica has answered one."""
     wanted, seen = cluster.replica_ids(), {}
     cluster.router.affinity = False
     try:
         for _ in range(60):  # with equal queues Serve picks at random: 60 tries miss one of 2 at 2**-59
-            _, metadata = generate_on(client, max_new_tokens=1, **kwargs)
-            seen[metadata[REPLICA_KEY]] = metadata
+            reply, metadata = generate_on(client, max_new_tokens=1, **kwargs)
+            seen[metadata[REPLICA_KEY]] = reply, metadata
             if set(seen) == wanted:
                 break
     finally:
@@ -272,7 +281,7 @@ def test_load_and_unload_reach_every_replica(cluster, client, single):
     before = by_load(cluster, client)
     after = by_load(cluster, client, adapters=["bottleneck"])
     for replica in replicas:
-        assert after[replica]["x-replica-device-misses"] == before[replica]["x-replica-device-misses"]
+        assert after[replica][1]["x-replica-device-misses"] == before[replica][1]["x-replica-device-misses"]
     listed = {a.ref: a for a in client.list_all_adapters().adapters}["bottleneck@1.0.0"]
     assert listed.pinned and listed.tier == pb.TIER_DEVICE and listed.requests_served >= len(replicas)
     assert client.list_adapters().device_budget_bytes == len(replicas) * cluster.config.server.adapter_memory
@@ -299,29 +308,33 @@ def test_list_adapters_pages_through_every_replicas_adapters(client):
     assert paged == whole == sorted(set(whole)) and len(whole) >= 3
 
 
+def versions(cluster, client: RuntimeClient, ref: str) -> set[str]:
+    """The versions of `ref` the replicas serve now, one request on each."""
+    return {reply.adapters[0].version for reply, _ in by_load(cluster, client, adapters=[ref]).values()}
+
+
 def test_a_push_and_a_tag_move_are_seen_by_every_replica(cluster, client, shared_registry, served_adapters,
                                                          served_base):
     shared_registry.push(served_adapters["lora1"], "moving", "1.0.0", base_model=str(served_base))
     shared_registry.tag("moving@1.0.0", "prod")
+    assert versions(cluster, client, "moving@prod") == {"1.0.0"}
+    shared_registry.push(served_adapters["lora2"], "moving", "2.0.0", base_model=str(served_base))
+    shared_registry.tag("moving@2.0.0", "prod")
+    assert versions(cluster, client, "moving@prod") == versions(cluster, client, "moving") == {"2.0.0"}
 
-    def versions_on_both() -> dict[str, str]:
-        seen: dict[str, str] = {}
-        for _ in range(40):  # by load, as above
-            reply, metadata = generate_on(client, adapters=["moving@prod"], max_new_tokens=2)
-            seen[metadata[REPLICA_KEY]] = reply.adapters[0].version
-            if len(seen) == 2:
-                break
-        return seen
 
-    cluster.router.affinity = False  # so the requests reach both replicas
-    try:
-        assert set(versions_on_both().values()) == {"1.0.0"}
-        shared_registry.push(served_adapters["lora2"], "moving", "2.0.0", base_model=str(served_base))
-        shared_registry.tag("moving@2.0.0", "prod")
-        after = versions_on_both()
-    finally:
-        cluster.router.affinity = True
-    assert len(after) == 2 and set(after.values()) == {"2.0.0"}
+def test_a_push_and_a_tag_move_on_the_remote_are_seen_by_every_replica(cluster, client, remote_registry,
+                                                                       served_adapters, served_base):
+    """The replicas pull what their registry lacks from the remote; a name or a tag names what it names on the
+    remote now, so a version pushed or a tag moved there is served by every replica's next request."""
+    remote_registry.push(served_adapters["lora1"], "far", "1.0.0", base_model=str(served_base))
+    remote_registry.tag("far@1.0.0", "prod")
+    assert versions(cluster, client, "far@prod") == versions(cluster, client, "far") == {"1.0.0"}
+    remote_registry.push(served_adapters["lora2"], "far", "2.0.0", base_model=str(served_base))
+    assert versions(cluster, client, "far") == {"2.0.0"}
+    assert versions(cluster, client, "far@prod") == {"1.0.0"}
+    remote_registry.tag("far@2.0.0", "prod")
+    assert versions(cluster, client, "far@prod") == {"2.0.0"}
 
 
 def replica_metric(cluster, name: str, replica: str) -> float | None:
