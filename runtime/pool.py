@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, TypeVar
 from hub.artifact import Adapter, ArtifactError, Technique
 from hub.checkpoint import PROMPT_SITE, fingerprint, fitted_fingerprint, module_tensors
 from hub.errors import HubError, IntegrityError, InvalidName, NotFound
-from hub.manifest import Manifest
+from hub.manifest import Manifest, parse_ref
 from hub.remotes import Remote
 from runtime import errors
 from runtime.contracts import AdapterSource, PoolEngine, ServedManifest
@@ -155,10 +155,13 @@ class AdapterPool:
 
     # -- resolving ---------------------------------------------------------------------------------
     def resolve(self, ref: str) -> Manifest:
-        """The manifest a ref names now; a ref missing locally is pulled from the remote, if one is set."""
+        """The manifest a ref names now; a ref missing locally is pulled from the remote, if one is set. With a
+        remote, a moving ref (a name or a tag) names what it names there now, so a version pushed or a tag moved
+        on the remote is served by the next request; if the remote cannot say, the local registry answers."""
         if not ref:
             raise InvalidArgument("adapter ref is empty")
         try:
+            ref = self._on_remote(ref)
             try:
                 return self.registry.resolve(ref)
             except NotFound as local:
@@ -177,6 +180,16 @@ class AdapterPool:
             raise errors.NotFound(str(e)) from None
         except HubError as e:
             raise Unavailable(f"registry error for {ref!r}: {e}") from None
+
+    def _on_remote(self, ref: str) -> str:
+        """`ref` as the exact name@version the remote's copy of it names now (a versioned ref as it is)."""
+        if self.remote is None or parse_ref(ref)[1] is not None:
+            return ref
+        try:
+            current = self.remote.current(ref)
+        except HubError:  # not there, or unreachable: the local registry's answer stands
+            return ref
+        return current.ref if current is not None else ref
 
     # -- acquiring and releasing -------------------------------------------------------------------
     def acquire(self, manifests: Iterable[ServedManifest], *, pin: bool = False, then_submit: bool = False,
