@@ -141,7 +141,7 @@ def read_config(folder: Path) -> dict[str, Any]:
     return parse_config(read_buffer(path), str(path))
 
 
-def parse_config(data: bytes, where: str) -> dict[str, Any]:
+def parse_config(data: bytes | bytearray, where: str) -> dict[str, Any]:
     """An adapter config from its file's bytes (`where` names the file in errors)."""
     try:
         config = json.loads(data)
@@ -298,7 +298,7 @@ def read_adapter(folder: str | Path) -> Adapter:
     return _adapter(technique, config, read_tensors(folder / WEIGHTS_FILE), folder / WEIGHTS_FILE)
 
 
-def adapter_from_bytes(config: bytes, weights: bytes | bytearray, where: str) -> Adapter:
+def adapter_from_bytes(config: bytes | bytearray, weights: bytes | bytearray, where: str) -> Adapter:
     """An Adapter from its two files' bytes (the registry reads stored files once, checks, parses)."""
     parsed = parse_config(config, f"{where}/{CONFIG_FILE}")
     technique = technique_of(parsed)

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from hub import patterns
 from hub.artifact import Adapter, ArtifactError, Technique
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig, PreTrainedModel
 
 PEFT_PREFIX = "base_model.model."
 PROMPT_SITE = ""  # prompt tuning touches no module; its tensors live under the empty path
@@ -57,9 +60,9 @@ def module_tensors(adapter: Adapter) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
-def _as_model(model_or_config: Any) -> nn.Module:
-    if isinstance(model_or_config, nn.Module):
-        return model_or_config
+def _as_model(model_or_config: nn.Module | PreTrainedConfig) -> PreTrainedModel:
+    if isinstance(model_or_config, nn.Module):  # a transformers model: what is read of it is get_input_embeddings
+        return cast("PreTrainedModel", model_or_config)
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -70,10 +73,19 @@ def linear_shape(module: nn.Module) -> tuple[int, int] | None:
     """(in_features, out_features) of an nn.Linear or a GPT-2 Conv1D (weight stored (in, out)); else None."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
-    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
-        fan_in, fan_out = module.weight.shape
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor):
+        fan_in, fan_out = weight.shape
         return int(fan_in), int(fan_out)
     return None
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """The weight of a layer that has one (a linear layer, an embedding): nn.Module types its attributes as
+    tensor or module, so this says which."""
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor), f"{type(module).__name__} has no weight tensor"
+    return weight
 
 
 def _check_linear(path: str, module: nn.Module, tensors: dict[str, torch.Tensor], technique: Technique,
@@ -143,12 +155,14 @@ def check_structure(adapter: Adapter) -> None:
                                     f"but the config gives this module rank {r}")
 
 
-def check_fits(adapter: Adapter, model_or_config: Any) -> dict[str, tuple[int, ...]]:
+def check_fits(adapter: Adapter, model_or_config: nn.Module | PreTrainedConfig) -> dict[str, tuple[int, ...]]:
     """Refuse (ArtifactError naming the module) an adapter that does not fit; else {module: weight shape}."""
     check_structure(adapter)  # again for adapters built in memory (merges, tests), not read through hub.artifact
     model = _as_model(model_or_config)
     modules = dict(model.named_modules())
-    hidden = model.get_input_embeddings().weight.shape[1]
+    embeddings = model.get_input_embeddings()
+    embeddings_shape = tuple(weight_of(embeddings).shape)
+    hidden = embeddings_shape[1]
     touched: dict[str, tuple[int, ...]] = {}
     for path, tensors in sorted(module_tensors(adapter).items()):
         if adapter.technique is Technique.PROMPT_TUNING:
@@ -156,8 +170,8 @@ def check_fits(adapter: Adapter, model_or_config: Any) -> dict[str, tuple[int, .
             if emb is None or emb.dim() != 2 or emb.shape[1] != hidden:
                 shape = None if emb is None else tuple(emb.shape)
                 raise ArtifactError(f"prompt_embeddings has shape {shape}, expected (tokens, {hidden})")
-            name = next(n for n, m in modules.items() if m is model.get_input_embeddings())
-            touched[name] = tuple(model.get_input_embeddings().weight.shape)
+            name = next(n for n, m in modules.items() if m is embeddings)
+            touched[name] = embeddings_shape
             continue
         module = modules.get(path)
         module = getattr(module, "base_layer", module)  # the runtime's (and PEFT's) wrappers keep the base here
@@ -173,7 +187,7 @@ def check_fits(adapter: Adapter, model_or_config: Any) -> dict[str, tuple[int, .
             touched[path] = (hidden,)
             continue
         _check_linear(path, module, tensors, adapter.technique, is_feedforward(adapter, path))
-        touched[path] = tuple(module.weight.shape)
+        touched[path] = tuple(weight_of(module).shape)
     return touched
 
 
@@ -181,7 +195,7 @@ _ARCH_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention
                 "intermediate_size", "vocab_size", "n_embd", "n_layer", "n_head", "n_inner")
 
 
-def fitted_fingerprint(adapter: Adapter, model_or_config: Any) -> str:
+def fitted_fingerprint(adapter: Adapter, model_or_config: nn.Module | PreTrainedConfig) -> str:
     """The fingerprint of the base the adapter fits, after `check_fits` (its ArtifactError when it does not):
     what a push records and what a load compares with the recorded one."""
     touched = check_fits(adapter, model_or_config)
