@@ -7,6 +7,7 @@ the metrics without limit (one series per adapter ever named), so only the first
 from __future__ import annotations
 
 import threading
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -22,7 +23,7 @@ class Metrics:
         self._max_labels = max_adapter_labels
         self._labelled: set[str] = set()
         self._lock = threading.Lock()
-        self._http = None
+        self._http: WSGIServer | None = None
         r = self.registry
         self.requests = Counter("adapterhub_requests", "Requests answered, by frontend (grpc, http), method and "
                                 "status code", ["frontend", "method", "code"], registry=r)
