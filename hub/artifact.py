@@ -147,7 +147,7 @@ def read_config(folder: Path) -> dict[str, Any]:
     return parse_config(read_buffer(path), str(path))
 
 
-def parse_config(data: bytes, where: str) -> dict[str, Any]:
+def parse_config(data: bytes | bytearray, where: str) -> dict[str, Any]:
     """An adapter config from its file's bytes (`where` names the file in errors)."""
     try:
         config = json.loads(data)

@@ -18,6 +18,7 @@ from hub.base_layout import ConfigLayout, Module
 if TYPE_CHECKING:  # torch is imported where a model is at hand: checks against a config.json never need it
     import torch
     from torch import nn
+    from transformers import PreTrainedConfig
 
 PEFT_PREFIX = "base_model.model."
 PROMPT_SITE = ""  # prompt tuning touches no module; its tensors live under the empty path
@@ -99,8 +100,9 @@ def linear_shape(module: nn.Module) -> tuple[int, int] | None:
 
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
-    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
-        fan_in, fan_out = module.weight.shape
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor):
+        fan_in, fan_out = weight.shape
         return int(fan_in), int(fan_out)
     return None
 
@@ -210,7 +212,7 @@ _ARCH_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention
                 "intermediate_size", "vocab_size", "n_embd", "n_layer", "n_head", "n_inner")
 
 
-def fitted_fingerprint(adapter: Adapter, model_or_config: Any) -> str:
+def fitted_fingerprint(adapter: Adapter, model_or_config: nn.Module | PreTrainedConfig) -> str:
     """The fingerprint of the base the adapter fits, after `check_fits` (its ArtifactError when it does not):
     what a push records and what a load compares with the recorded one."""
     touched = check_fits(adapter, model_or_config)

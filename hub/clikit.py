@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 from typer._coercion import RuntimeParam, TypeDescriptor, build_runtime_param
@@ -84,13 +84,15 @@ class HubGroup(TyperGroup):
     """The top-level `hub` group: click's own exceptions end as one `error:` line and their exit code."""
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
-             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+             complete_var: str | None = None, standalone_mode: bool = True, windows_expand_args: bool = True,
+             **extra: Any) -> Any:
         from typer._click.exceptions import ClickException, NoArgsIsHelpError  # Typer vendors click
 
         polish_help(self)
         try:
             # named `hub` however it was started (python -m hub, a test runner): help, errors, completion
-            rv = super().main(args, PROG_NAME, complete_var, standalone_mode=False, **extra)
+            rv = super().main(args, PROG_NAME, complete_var, standalone_mode=False,
+                              windows_expand_args=windows_expand_args, **extra)
             code = rv if isinstance(rv, int) else 0
         except NoArgsIsHelpError as e:  # the help was printed already: no error line to add
             code = e.exit_code
@@ -120,7 +122,7 @@ def finite(value: float | None) -> float | None:
     return value
 
 
-def fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> NoReturn:
     """Print one clear line and exit non-zero."""
     typer.echo(f"error: {one_line(message)}", err=True)
     raise typer.Exit(code)

@@ -131,7 +131,7 @@ def rank(root: Path, manifests: list[Manifest], metric: str,
         shown = ", ".join(s[:12] for s in sets)
         raise HubError(f"{metric} was measured on {len(sets)} data sets ({shown}): choose one with --dataset SHA256")
     sign = 1 if metric in LOWER_IS_BETTER else -1
-    recorded = sorted((row for row in rows if row[1] is not None), key=lambda row: sign * row[1]["value"])
+    recorded = sorted(((m, r) for m, r in rows if r is not None), key=lambda row: sign * row[1]["value"])
     return recorded + [row for row in rows if row[1] is None]
 
 

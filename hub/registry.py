@@ -11,6 +11,8 @@ how a git checkout ships its demo adapters in its own `registry.json`.
 """
 from __future__ import annotations
 
+import builtins
+import functools
 import hashlib
 import os
 import shutil
@@ -118,6 +120,10 @@ def _check_same_metadata(existing: Manifest, manifest: Manifest) -> None:
                        "versions are immutable: push a new version")
 
 
+def _size_and_digest(data: bytes | bytearray) -> tuple[int, str]:
+    return len(data), hashlib.sha256(data).hexdigest()
+
+
 def _read_deferred(manifest: Manifest, locate: Callable[[str], Path],
                    shapes_only: bool = False) -> tuple[Adapter, Callable[[], None]]:
     """Registry.read_deferred for files wherever `locate` finds them; a file is read only up to one byte past
@@ -132,7 +138,7 @@ def _read_deferred(manifest: Manifest, locate: Callable[[str], Path],
             data[name] = read_buffer(path, limit=int(manifest.files[name]["size"]))
         except FileNotFoundError:
             raise _missing(manifest, name, path) from None
-        pending[name] = _HASHING.submit(lambda b=data[name]: (len(b), hashlib.sha256(b).hexdigest()))
+        pending[name] = _HASHING.submit(_size_and_digest, data[name])
 
     def verified() -> None:
         for name, future in pending.items():
@@ -243,8 +249,8 @@ class Registry:
 
     def push(
         self, folder: str | Path, name: str, version: str, *, base_model: str | None = None, description: str = "",
-        tags: tuple[str, ...] | list[str] = (), license: str | None = None, lineage: dict[str, Any] | None = None,
-        in_place: bool = False, progress: Progress | None = None,
+        tags: tuple[str, ...] | builtins.list[str] = (), license: str | None = None,
+        lineage: dict[str, Any] | None = None, in_place: bool = False, progress: Progress | None = None,
     ) -> Manifest:
         """Validate an adapter folder and add it as `name@version`. The same content again is a no-op;
         `in_place` records a folder inside this registry by relative path instead of copying it to blobs."""
@@ -321,7 +327,7 @@ class Registry:
             raise
 
     def _put_blobs(self, manifest: Manifest, sources: dict[str, Path], progress: Progress | None,
-                   created: list[str], trust_existing: bool = False) -> None:
+                   created: builtins.list[str], trust_existing: bool = False) -> None:
         """Store every file as a blob, appending to `created` the digests this call wrote (to undo on failure)."""
         for name, info in manifest.files.items():
             try:  # a source is read only for a blob that is not here intact
@@ -337,7 +343,7 @@ class Registry:
         """Digests of the blobs these versions store in the blob store (not those in a `path` folder)."""
         return {f["sha256"] for m in manifests if m.path is None for f in m.files.values()}
 
-    def _drop_unreferenced(self, digests: list[str]) -> None:
+    def _drop_unreferenced(self, digests: builtins.list[str]) -> None:
         """Undo a failed add: remove the blobs it wrote that no version refers to."""
         if not digests:
             return
@@ -433,11 +439,11 @@ class Registry:
             raise NotFound(f"{name}@{tag} pointed at {version}, which is gone")
         return manifest
 
-    def version_tags(self, manifest: Manifest) -> list[str]:
+    def version_tags(self, manifest: Manifest) -> builtins.list[str]:
         """The tags that point at this version."""
         return sorted(t for t, v in self.tags(manifest.name).items() if v == manifest.version)
 
-    def remove(self, ref: str) -> tuple[Manifest, list[str]]:
+    def remove(self, ref: str) -> tuple[Manifest, builtins.list[str]]:
         """Remove one version and the tags that point at it; returns both. Its blobs are freed by the next gc.
 
         The version must be named: removing through a tag would take the version and its other tags
@@ -454,7 +460,7 @@ class Registry:
 
     # -- maintenance
 
-    def _problems(self, manifest: Manifest, locate) -> list[str]:
+    def _problems(self, manifest: Manifest, locate: Callable[[str], Path]) -> builtins.list[str]:
         problems = []
         for name, info in sorted(manifest.files.items()):
             try:
@@ -472,14 +478,14 @@ class Registry:
         if problems:
             raise IntegrityError(problems[0])
 
-    def verify(self, ref: str | None = None) -> tuple[int, list[str]]:
+    def verify(self, ref: str | None = None) -> tuple[int, builtins.list[str]]:
         """Re-hash every file of one version (or of all); returns (files checked, problems)."""
         manifests = [self.resolve(ref)] if ref else self.manifests()
         return sum(len(m.files) for m in manifests), [p for _, found in self.damaged(manifests) for p in found]
 
-    def damaged(self, manifests: list[Manifest]) -> list[tuple[Manifest, list[str]]]:
+    def damaged(self, manifests: builtins.list[Manifest]) -> builtins.list[tuple[Manifest, builtins.list[str]]]:
         """The versions among `manifests` with a missing or damaged file, each with its problems."""
-        found = [(m, self._problems(m, lambda name, m=m: self.file_path(m, name))) for m in manifests]
+        found = [(m, self._problems(m, functools.partial(self.file_path, m))) for m in manifests]
         return [(m, problems) for m, problems in found if problems]
 
     def gc(self) -> GcReport:

@@ -201,7 +201,8 @@ def _push_batch(registry: Path | None, file: Path, defaults: dict, refused: bool
 def _expand(paths: list[str], name: str, version: str) -> list[tuple[str, str, str]]:
     """(folder, name, version) for each folder, `{dir}` in the name and version standing for the folder's own
     name; all checked before anything is pushed, and no two folders may give the same version."""
-    jobs, seen = [], {}
+    jobs: list[tuple[str, str, str]] = []
+    seen: dict[tuple[str, str], str] = {}
     for path in paths:
         folder = Path(path).resolve().name
         ref = (check_name(name.replace("{dir}", folder)), check_version(version.replace("{dir}", folder)))
@@ -255,7 +256,7 @@ def pull(
         remote = _remote(reg, source)
         name, _, tag = parse_ref(ref)
         index = reg.index()
-        before = _blob_ids(reg, [index.get(name, v) for v in index.versions(name)])
+        before = _blob_ids(reg, list(index.manifests([name])))
         with _progress(f"pull {ref} <- {remote.url}", None) as advance:
             manifest = remote.fetch(ref, reg, advance, revision=revision)
         typer.echo(f"pulled {manifest.ref} {manifest.technique} sha256:{manifest.sha256[:12]}")

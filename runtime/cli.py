@@ -1,6 +1,7 @@
 """`hub serve` (run the runtime) and `hub generate|score|adapters` (talk to one); mounted by `register(app)`."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -8,7 +9,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import typer
 
@@ -54,13 +55,15 @@ def parse_adapter(text: str) -> tuple[str, float] | str:
 
 
 def _top_p(value: float | None) -> float | None:
-    if finite(value) is not None and not 0 < value <= 1:
+    value = finite(value)
+    if value is not None and not 0 < value <= 1:
         raise typer.BadParameter(f"{value} is not in (0, 1]")
     return value
 
 
 def _temperature(value: float | None) -> float | None:
-    if finite(value) is not None and value < 0:
+    value = finite(value)
+    if value is not None and value < 0:
         raise typer.BadParameter(f"{value} is negative")
     return value
 
@@ -89,8 +92,9 @@ def _numbers(descriptor, data: dict) -> dict:
         if field.name not in data:
             continue
         value = data[field.name]
+        convert: Callable[[Any], Any]
         if field.message_type is not None and not field.message_type.GetOptions().map_entry:
-            convert = lambda v, m=field.message_type: _numbers(m, v)  # noqa: E731
+            convert = functools.partial(_numbers, field.message_type)
         elif field.cpp_type in (FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT64):
             convert = int
         else:

@@ -93,8 +93,8 @@ class Batch:
         self._pending: list[Row] = []
         self._generators: dict[str, torch.Generator] = {}
         self._texts: dict[str, TextStream] = {}  # the sequences with stop strings: their Row.text
-        self._cache = None
-        self._mask: torch.Tensor | None = None  # (rows, cache length)
+        self._cache: Any = None  # the KV cache Engine.forward returned, while rows run
+        self._mask: torch.Tensor | None = None  # (rows, cache length), while rows run
         self._eos = _eos_ids(engine)
 
     def __len__(self) -> int:
@@ -184,7 +184,9 @@ class Batch:
     def _decode(self) -> list[tuple[Row, int | None, TokenLogprob | None]]:
         device = self.engine.device
         ids = torch.tensor([[s.output_ids[-1]] for s in self._rows], device=device)
-        self._mask = torch.cat([self._mask, self._mask.new_ones(len(self._rows), 1)], dim=1)
+        mask = self._mask
+        assert mask is not None, "running rows have a mask"
+        self._mask = torch.cat([mask, mask.new_ones(len(self._rows), 1)], dim=1)
         logits, self._cache = self.engine.forward(ids, self._mask, [s.plan for s in self._rows], cache=self._cache,
                                                   segments=self._segments, last_only=True)
         return self._sample(self._rows, logits[:, -1])
@@ -209,6 +211,7 @@ class Batch:
         if self._cache is None:
             self._rows, self._cache, self._mask, self._segments = list(seqs), cache, mask, [len(seqs)]
             return
+        assert self._mask is not None, "running rows have a mask"
         width = max(self._mask.shape[1], mask.shape[1])
         for old, new in zip(self._cache.layers, cache.layers):
             join_rows(old, new, width, self.max_rows)
@@ -230,9 +233,10 @@ class Batch:
         if not keep:
             self._cache = self._mask = None
             return
-        self._mask = self._mask[torch.tensor(keep, device=self._mask.device)]
-        start = int((self._mask.sum(0) > 0).nonzero()[0])  # columns that are padding for every remaining row
-        self._mask = self._mask[:, start:]
+        assert self._mask is not None, "running rows have a mask"
+        mask = self._mask[torch.tensor(keep, device=self._mask.device)]
+        start = int((mask.sum(0) > 0).nonzero()[0])  # columns that are padding for every remaining row
+        self._mask = mask[:, start:]
         for layer in self._cache.layers:
             keep_rows(layer, keep, start)
 

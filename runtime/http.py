@@ -87,7 +87,7 @@ def _error(status: int, message: str) -> JSONResponse:
 
 # OpenAI fields this server does not implement, with the value that asks for nothing: any other value is refused
 # (a 400 naming the field) rather than silently ignored.
-_UNSUPPORTED = {"echo": (False,), "suffix": (None, ""), "presence_penalty": (None, 0, 0.0),
+_UNSUPPORTED: dict[str, tuple[Any, ...]] = {"echo": (False,), "suffix": (None, ""), "presence_penalty": (None, 0, 0.0),
                 "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {})}
 
 
@@ -194,7 +194,8 @@ class HttpFrontend:
     def stop(self, grace: float) -> None:
         """Stop accepting; requests in flight get `grace` seconds to finish."""
         if self._server is not None and self._thread is not None:
-            self._server.config.timeout_graceful_shutdown = grace
+            # uvicorn annotates an int, and hands the value to asyncio.timeout, which takes seconds as a float
+            self._server.config.timeout_graceful_shutdown = grace  # type: ignore[assignment]
             self._server.should_exit = True
             self._thread.join()
             self._server = None
@@ -273,9 +274,9 @@ class HttpFrontend:
             prompt = _typed(body, "prompt", (str, list), "")
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
                 prompt = prompt[0]  # the SDK's one-prompt batch
-            text, ids = (prompt, None) if isinstance(prompt, str) else ("", prompt)
-            ok(ids is None or all(isinstance(i, int) for i in ids), "`prompt` must be text or a list of token ids")
-            ids = self.core.token_ids(text, ids, chat=False, what="prompt")
+            text, given = (prompt, None) if isinstance(prompt, str) else ("", prompt)
+            ok(given is None or all(isinstance(i, int) for i in given), "`prompt` must be text or a list of token ids")
+            ids = self.core.token_ids(text, given, chat=False, what="prompt")
         return self._queue(ids, samplings, adapters, _typed(body, "mode", str, "stack"), _merge(body), alive)
 
     def _queue(self, ids: list[int], samplings: list[SamplingParams], adapters: list[AdapterRequest], mode: str,
@@ -457,8 +458,8 @@ class HttpFrontend:
         try:
             for event in answer.opening():
                 yield _sse(event)
-            async for event in events:
-                yield _sse(answer.chunk(event))
+            async for produced in events:
+                yield _sse(answer.chunk(produced))
             for event in answer.closing():
                 yield _sse(event)
             status = 200
@@ -502,7 +503,7 @@ class HttpFrontend:
     def _push(self, name: str, path: str) -> str:
         """vLLM's `lora_path`: the folder pushed as `lora_name` (`name@version`, or a new name as 1.0.0) against
         the served base, so it is then named like any registry adapter; its ref."""
-        registry = self.core.pool.registry
+        registry = self.core.registry
         name, _, version = name.partition("@")
         if not version:
             ok(not registry.index().versions(name), f"adapter {name!r} already has versions in the registry: give "
@@ -552,7 +553,7 @@ class HttpFrontend:
                 "root": self.base_id, "parent": None, "max_model_len": self.core.limits.context_length,
                 "permission": []}
         cards = [base]
-        for m in self.core.pool.registry.list(base_model=self._served_as):
+        for m in self.core.registry.list(base_model=self._served_as):
             cards.append({"id": m.ref, "object": "model", "created": self._created, "owned_by": "adapterhub",
                           "root": m.ref, "parent": self.base_id, "permission": [], "name": m.name,
                           "version": m.version, "technique": m.technique, "sha256": m.sha256})
@@ -779,7 +780,7 @@ class _LoraxAnswer(_Answer):
 
     def _details(self) -> dict[str, Any]:
         choice = self.choices[0]
-        out = {"finish_reason": choice.lorax_reason,
+        out: dict[str, Any] = {"finish_reason": choice.lorax_reason,
                "prompt_tokens": len(self.prepared.ids), "generated_tokens": choice.tokens,
                "seed": self.rows[0].queued.seq.sampling.seed, "prefill": self._prefill(),
                "tokens": [self._token(t) for t in choice.logprobs], "adapters": self.adapters()}
@@ -798,8 +799,8 @@ class _LoraxAnswer(_Answer):
         token = self._token(event.logprobs[-1]) if event.logprobs else \
             {"id": event.tokens[-1] if event.tokens else 0, "text": "", "logprob": 0.0, "special": True}
         token["text"] = event.piece
-        out = {"token": token, "generated_text": choice.text if last else None,
-               "details": self._details() if last else None}
+        out: dict[str, Any] = {"token": token, "generated_text": choice.text if last else None,
+                               "details": self._details() if last else None}
         if self.top and event.logprobs:
             out["top_tokens"] = self._top_tokens(event.logprobs[-1])
         return out

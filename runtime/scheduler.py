@@ -226,8 +226,8 @@ class Scheduler:
             produced = self._batch.step()
         except Exception as e:  # a step that failed outside any row's own work fails every row, never the server
             with self._cv:
-                for request in list(self._running.values()):
-                    self._leave(request, None, _row_error(e))
+                for running in list(self._running.values()):
+                    self._leave(running, None, _row_error(e))
             return
         elapsed = time.perf_counter() - started
         now = time.perf_counter()

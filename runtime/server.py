@@ -173,7 +173,8 @@ class RuntimeServer:
         limits = Limits(max_new_tokens=config.max_new_tokens, max_adapters_per_request=config.max_adapters_per_request,
                         context_length=int(getattr(model.config, "max_position_embeddings", 2048)))
         requests = config.max_batch_size + config.max_queue  # waiting for adapter memory counts against the queue
-        self.core = Serving(self.engine, self.pool, self.scheduler, limits, max_requests=requests, max_admin=ADMIN_RPCS)
+        self.core = Serving(self.engine, self.pool, self.scheduler, limits, registry=registry, max_requests=requests,
+                            max_admin=ADMIN_RPCS)
         self.request_log = RequestLog(config.log_format)
         self.service = RuntimeService(self.core, self._info(limits), request_log=self.request_log)
         workers = requests + ADMIN_RPCS + SPARE_THREADS
