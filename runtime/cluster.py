@@ -22,6 +22,7 @@ first try would have. A stream whose replica dies ends with UNAVAILABLE; Serve s
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import random
 import secrets
@@ -33,14 +34,18 @@ from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator
 
 import grpc
+from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from runtime.auth import TokenAuthInterceptor
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 from runtime.server import SERVICE_NAME, ServerConfig, ServerConfigError, check_port, read_tokens, until_signalled
+
+if TYPE_CHECKING:
+    from ray.serve.handle import DeploymentHandle
 
 APP_NAME = "adapterhub"
 DEPLOYMENT = "runtime"
@@ -49,7 +54,7 @@ REPLICA_PID_KEY = "x-replica-pid"  # ... and its process id
 DEVICE_HITS_KEY = "x-replica-device-hits"  # ... its adapter uses served from the device, since it started
 DEVICE_MISSES_KEY = "x-replica-device-misses"  # ... and those that had to load (from host memory or disk)
 UNARY = ("Generate", "Score", "LoadAdapter", "UnloadAdapter", "ListAdapters", "GetInfo")
-REQUESTS = {"Generate": pb.GenerateRequest, "GenerateStream": pb.GenerateRequest, "Score": pb.ScoreRequest,
+REQUESTS: dict[str, type[Message]] = {"Generate": pb.GenerateRequest, "GenerateStream": pb.GenerateRequest, "Score": pb.ScoreRequest,
             "LoadAdapter": pb.LoadAdapterRequest, "UnloadAdapter": pb.UnloadAdapterRequest}
 FRONTEND_THREADS = 64  # calls forwarded at once; each waits on a replica, the work is there
 DRAIN_SECONDS = 30.0
@@ -343,7 +348,7 @@ class Cluster:
         self._interceptors = [TokenAuthInterceptor(tokens, admin_only=s.auth_admin_only)] if tokens else []
         self._started_ray = False
         self.grpc: grpc.Server | None = None
-        self.handle = None  # the deployment handle the endpoint forwards through
+        self.handle: DeploymentHandle | None = None  # the deployment handle the endpoint forwards through
         self.frontend: Frontend | None = None
         self.port = 0
         self.router = Router(config.spread_after or s.max_batch_size, affinity=not config.random_routing)
@@ -376,12 +381,14 @@ class Cluster:
         c = self.config
         if not ray.is_initialized():
             if c.ray_address:
-                ray.init(address=c.ray_address, namespace=APP_NAME, logging_level="ERROR", log_to_driver=False)
+                ray.init(address=c.ray_address, namespace=APP_NAME, logging_level=logging.ERROR, log_to_driver=False)
             else:
                 # address="local": a new cluster even where RAY_ADDRESS names one (a Ray driver sets it for its children)
-                ray.init(address="local", num_cpus=max(os.cpu_count() or 1, c.replicas * c.replica_cpus),
+                cpus = max(os.cpu_count() or 1, c.replicas * c.replica_cpus)
+                # replica_cpus may be fractional: the total is passed as it is, though Ray annotates an int
+                ray.init(address="local", num_cpus=cpus,  # type: ignore[arg-type]
                          include_dashboard=False,
-                         namespace=APP_NAME, logging_level="ERROR", log_to_driver=False)
+                         namespace=APP_NAME, logging_level=logging.ERROR, log_to_driver=False)
                 self._started_ray = True
         # No Serve proxy: this process is the ingress, so nothing listens on every interface.
         serve.start(proxy_location="Disabled")
