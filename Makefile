@@ -7,7 +7,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup demo test bench proto clean
+.PHONY: setup demo lint test bench proto clean
 
 setup: $(STAMP)
 
@@ -29,8 +29,12 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/python examples/demo.py
 
-test: setup
+# ruff on everything; mypy on hub/ and runtime/ (configured in pyproject.toml)
+lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/hub base prepare
 	$(BIN)/python -m pytest -q
 
@@ -41,4 +45,4 @@ proto: setup
 	$(BIN)/python -m runtime.proto.build_stubs
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info .mypy_cache

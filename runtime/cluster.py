@@ -26,6 +26,7 @@ whose replica dies after that ends with UNAVAILABLE. Serve starts a replacement.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import random
 import secrets
@@ -37,9 +38,10 @@ from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator
 
 import grpc
+from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from runtime.auth import TokenAuthInterceptor
@@ -47,6 +49,9 @@ from runtime.cluster_metrics import ClusterMetrics
 from runtime.fanout import Part, Reply, combine
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 from runtime.server import SERVICE_NAME, ServerConfig, ServerConfigError, check_port, read_tokens, until_signalled
+
+if TYPE_CHECKING:
+    from ray.serve.handle import DeploymentHandle
 
 APP_NAME = "adapterhub"
 DEPLOYMENT = "runtime"
@@ -56,7 +61,8 @@ DEVICE_HITS_KEY = "x-replica-device-hits"  # ... its adapter uses served from th
 DEVICE_MISSES_KEY = "x-replica-device-misses"  # ... and those that had to load (from host memory or disk)
 UNARY = ("Generate", "Score", "GetInfo")  # each to one replica
 EVERY_REPLICA = ("LoadAdapter", "UnloadAdapter", "ListAdapters")  # to all of them, one answer (runtime/fanout.py)
-REQUESTS = {"Generate": pb.GenerateRequest, "GenerateStream": pb.GenerateRequest, "Score": pb.ScoreRequest}
+REQUESTS: dict[str, type[Message]] = {"Generate": pb.GenerateRequest, "GenerateStream": pb.GenerateRequest,
+                                      "Score": pb.ScoreRequest}
 FRONTEND_THREADS = 64  # calls forwarded at once; each waits on a replica, the work is there
 SCRAPE_SECONDS = 10.0  # a /metrics scrape waits this long for the replicas' metrics (Prometheus' default timeout)
 
@@ -376,7 +382,7 @@ class Cluster:
         self._interceptors = [TokenAuthInterceptor(tokens, admin_only=s.auth_admin_only)] if tokens else []
         self._started_ray = False
         self.grpc: grpc.Server | None = None
-        self.handle = None  # the deployment handle the endpoint forwards through
+        self.handle: DeploymentHandle | None = None  # the deployment handle the endpoint forwards through
         self.frontend: Frontend | None = None
         self.port = 0
         self.metrics = ClusterMetrics(self._scrape)
@@ -411,12 +417,14 @@ class Cluster:
         c = self.config
         if not ray.is_initialized():
             if c.ray_address:
-                ray.init(address=c.ray_address, namespace=APP_NAME, logging_level="ERROR", log_to_driver=False)
+                ray.init(address=c.ray_address, namespace=APP_NAME, logging_level=logging.ERROR, log_to_driver=False)
             else:
                 # address="local": a new cluster even where RAY_ADDRESS names one (a Ray driver sets it for its children)
-                ray.init(address="local", num_cpus=max(os.cpu_count() or 1, c.replicas * c.replica_cpus),
+                cpus = max(os.cpu_count() or 1, c.replicas * c.replica_cpus)
+                # replica_cpus may be fractional: the total is passed as it is, though Ray annotates an int
+                ray.init(address="local", num_cpus=cpus,  # type: ignore[arg-type]
                          include_dashboard=False,
-                         namespace=APP_NAME, logging_level="ERROR", log_to_driver=False)
+                         namespace=APP_NAME, logging_level=logging.ERROR, log_to_driver=False)
                 self._started_ray = True
         # No Serve proxy: this process is the ingress, so nothing listens on every interface.
         serve.start(proxy_location="Disabled")

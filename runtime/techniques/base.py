@@ -20,7 +20,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generic, TypeVar
 
 import torch
 from torch import nn
@@ -37,26 +37,29 @@ class Stage(IntEnum):
     POST = 2
 
 
+SiteT = TypeVar("SiteT")  # what a technique prepares at one site: the type its TechniqueImpl names
+
+
 @dataclass
-class Resident:
+class Resident(Generic[SiteT]):
     """One loaded adapter, prepared by its technique and living on the model's device."""
 
     key: str
     technique: Technique
     # site (module path) -> the technique's prepared payload there: lora.LoraSite, ia3.IA3Site, a BitFit bias
-    # vector, a bottleneck Tap or Block
-    sites: dict[str, Any]
+    # vector, a bottleneck Tap or Block (prompt tuning has no sites)
+    sites: dict[str, SiteT]
     nbytes: int
     config: dict[str, Any] = field(default_factory=dict)
     prompt: torch.Tensor | None = None  # soft prompt (tokens, hidden): prompt tuning only
 
 
 @dataclass(frozen=True)
-class Use:
+class Use(Generic[SiteT]):
     """One adapter applied to one row, with the weight the row's mode has already resolved."""
 
     row: int
-    resident: Resident
+    resident: Resident[SiteT]
     weight: float
 
 
@@ -80,28 +83,29 @@ class SiteOp(ABC):
         """PRE: return the new input (y is None). DELTA/POST: return the new output."""
 
 
-class TechniqueImpl(ABC):
-    """How one technique loads its adapters and serves many of them per batch."""
+class TechniqueImpl(ABC, Generic[SiteT]):
+    """How one technique loads its adapters and serves many of them per batch; SiteT is what it prepares at a
+    site. The engine holds residents of every technique (Resident[Any]) and hands each technique only its own."""
 
     technique: ClassVar[Technique]
 
     @abstractmethod
-    def load(self, key: str, adapter: Adapter, model: PreTrainedModel) -> Resident:
+    def load(self, key: str, adapter: Adapter, model: PreTrainedModel) -> Resident[SiteT]:
         """Validate the adapter against the model (hub.checkpoint.check_fits) and move it to the device."""
 
     def weights_dtype(self, model: nn.Module) -> torch.dtype:
         """The dtype `load` keeps this technique's float tensors in on `model` (memory budgets count it)."""
         return next(model.parameters()).dtype
 
-    def compile(self, site: str, uses: list[Use], batch: BatchInfo) -> list[SiteOp]:
+    def compile(self, site: str, uses: list[Use[SiteT]], batch: BatchInfo) -> list[SiteOp]:
         """The ops for `uses` (all rows' uses of this technique that touch `site`, in row/stack order)."""
         return []
 
-    def compile_all(self, site_uses: dict[str, list[Use]], batch: BatchInfo) -> dict[str, list[SiteOp]]:
+    def compile_all(self, site_uses: dict[str, list[Use[SiteT]]], batch: BatchInfo) -> dict[str, list[SiteOp]]:
         """All of a batch's sites at once (override to share work between sites); default: per site."""
         return {site: self.compile(site, uses, batch) for site, uses in site_uses.items()}
 
-    def check_plan(self, uses_of_row: list[Use], mode: str) -> None:
+    def check_plan(self, uses_of_row: list[Use[SiteT]], mode: str) -> None:
         """Raise ValueError when a row's combination of this technique's adapters cannot be served."""
 
 
@@ -129,7 +133,8 @@ class RowBiasOp(SiteOp):
         return y + self.bias.view(self.bias.shape[0], *([1] * (y.dim() - 2)), self.bias.shape[1])
 
 
-def row_vectors(uses: list[Use], batch: BatchInfo, vector_of, fill: float = 0.0) -> torch.Tensor:
+def row_vectors(uses: list[Use[SiteT]], batch: BatchInfo, vector_of: Callable[[Use[SiteT]], torch.Tensor],
+                fill: float = 0.0) -> torch.Tensor:
     """(rows, dim) tensor: `fill` for untouched rows, plus each use's weighted vector summed into its row."""
     first = vector_of(uses[0])
     out = torch.full((batch.rows, first.shape[-1]), fill, device=first.device, dtype=first.dtype)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 
 from hub.artifact import Adapter, Technique
 from hub.checkpoint import check_fits, module_tensors
@@ -16,14 +17,14 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 
-class BitFit(TechniqueImpl):
+class BitFit(TechniqueImpl[torch.Tensor]):  # a site's payload: the adapter's bias delta there
     technique = Technique.BITFIT
 
-    def load(self, key: str, adapter: Adapter, model: PreTrainedModel) -> Resident:
+    def load(self, key: str, adapter: Adapter, model: PreTrainedModel) -> Resident[torch.Tensor]:
         check_fits(adapter, model)
         like = next(model.parameters())
         sites = {path: to_device(t, like)["bias"].flatten() for path, t in module_tensors(adapter).items()}
         return Resident(key, self.technique, sites, nbytes_of(sites.values()), adapter.config)
 
-    def compile(self, site: str, uses: list[Use], batch: BatchInfo) -> list[SiteOp]:
+    def compile(self, site: str, uses: list[Use[torch.Tensor]], batch: BatchInfo) -> list[SiteOp]:
         return [RowBiasOp(row_vectors(uses, batch, lambda u: u.resident.sites[site]))]

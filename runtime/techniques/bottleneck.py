@@ -118,6 +118,17 @@ class TapOp(SiteOp):
         return x
 
 
+BottleneckSite = Tap | Block  # a block's tap site records its residual, its output site runs it
+
+
+def _block_at(use: Use[BottleneckSite], site: str) -> Block:
+    """The resident's Block at an output site (every resident holds a Block there, as the model's layout makes
+    the same site a tap site or an output site for all)."""
+    block = use.resident.sites[site]
+    assert isinstance(block, Block), f"{site} is a tap site"
+    return block
+
+
 @dataclass(eq=False)
 class RowGroup:
     """Rows of a batch that apply the same adapters with the same weights at one block."""
@@ -152,10 +163,10 @@ class BlockOp(SiteOp):
         return y
 
 
-class Bottleneck(TechniqueImpl):
+class Bottleneck(TechniqueImpl[BottleneckSite]):
     technique = Technique.BOTTLENECK
 
-    def load(self, key: str, adapter: Adapter, model: PreTrainedModel) -> Resident:
+    def load(self, key: str, adapter: Adapter, model: PreTrainedModel) -> Resident[BottleneckSite]:
         config = BottleneckConfig.from_dict(adapter.config)
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in BOTTLENECK_MODEL_TYPES:
@@ -167,7 +178,7 @@ class Bottleneck(TechniqueImpl):
                                 f"{model.config.hidden_size}")
         modules = dict(model.named_modules())
         like = next(model.parameters())
-        sites: dict[str, object] = {}
+        sites: dict[str, BottleneckSite] = {}
         for layer, tensors in sorted(module_tensors(adapter).items()):
             by_location: dict[str, dict[str, torch.Tensor]] = {}
             for name, t in tensors.items():
@@ -184,7 +195,7 @@ class Bottleneck(TechniqueImpl):
 
     @staticmethod
     def _block_sites(layer: str, location: str, parts: dict[str, torch.Tensor], config: BottleneckConfig,
-                     modules: dict[str, nn.Module], like: torch.Tensor) -> dict[str, object]:
+                     modules: dict[str, nn.Module], like: torch.Tensor) -> dict[str, BottleneckSite]:
         missing = [p for p in _PARTS if p not in parts]
         if missing:
             raise ArtifactError(f"{layer}: {location} adapter lacks {', '.join(missing)}")
@@ -210,10 +221,11 @@ class Bottleneck(TechniqueImpl):
                       .contiguous(), t["up.bias"] * config.scaling, config)
         return {tap_site: block.tap, out_site: block}
 
-    def compile(self, site: str, uses: list[Use], batch: BatchInfo) -> list[SiteOp]:
+    def compile(self, site: str, uses: list[Use[BottleneckSite]], batch: BatchInfo) -> list[SiteOp]:
         return self.compile_all({site: uses}, batch)[site]
 
-    def compile_all(self, site_uses: dict[str, list[Use]], batch: BatchInfo) -> dict[str, list[SiteOp]]:
+    def compile_all(self, site_uses: dict[str, list[Use[BottleneckSite]]], batch: BatchInfo
+                    ) -> dict[str, list[SiteOp]]:
         """Per site its op; a block's TapOp and BlockOp share a recording made here, not the resident's."""
         recordings: dict[int, Tap] = {}  # id of the resident's Tap -> this compile's
 
@@ -223,12 +235,13 @@ class Bottleneck(TechniqueImpl):
         return {site: self._compile_site(site, uses, batch, recording) for site, uses in site_uses.items()}
 
     @staticmethod
-    def _compile_site(site: str, uses: list[Use], batch: BatchInfo, recording: Callable[[Tap], Tap]) -> list[SiteOp]:
+    def _compile_site(site: str, uses: list[Use[BottleneckSite]], batch: BatchInfo,
+                      recording: Callable[[Tap], Tap]) -> list[SiteOp]:
         # Every resident with a block here has its tap site too, so both sites see these same uses.
         first = uses[0].resident.sites[site]
         if isinstance(first, Tap):
             return [TapOp(recording(first))]
-        by_row: dict[int, list[Use]] = {}
+        by_row: dict[int, list[Use[BottleneckSite]]] = {}
         for use in uses:
             by_row.setdefault(use.row, []).append(use)
         groups: dict[tuple, RowGroup] = {}
@@ -239,12 +252,12 @@ class Bottleneck(TechniqueImpl):
                 total = sum(weights)
                 weights = [w / total for w in weights]
             program = (mode, tuple((u.resident.key, w) for u, w in zip(row_uses, weights)))
-            group = groups.setdefault(program, RowGroup([], mode, [(u.resident.sites[site], w)
+            group = groups.setdefault(program, RowGroup([], mode, [(_block_at(u, site), w)
                                                                     for u, w in zip(row_uses, weights)]))
             group.rows.append(row)
         return [BlockOp(recording(first.tap), list(groups.values()))]
 
-    def check_plan(self, uses_of_row: list[Use], mode: str) -> None:
+    def check_plan(self, uses_of_row: list[Use[BottleneckSite]], mode: str) -> None:
         if mode != "average":
             return
         for site in {s for u in uses_of_row for s, p in u.resident.sites.items() if isinstance(p, Block)}:

@@ -55,7 +55,7 @@ class ScaleOutput(_ScaleOp):
         return self._apply(y)
 
 
-def row_scales(uses: list[Use], batch: BatchInfo, site: str) -> torch.Tensor:
+def row_scales(uses: list[Use[IA3Site]], batch: BatchInfo, site: str) -> torch.Tensor:
     """(rows, dim) scaling per row by the composition rule above."""
     first = uses[0].resident.sites[site].scale
     scale = torch.ones(batch.rows, first.numel(), device=first.device, dtype=first.dtype)
@@ -68,17 +68,17 @@ def row_scales(uses: list[Use], batch: BatchInfo, site: str) -> torch.Tensor:
     return scale
 
 
-class IA3(TechniqueImpl):
+class IA3(TechniqueImpl[IA3Site]):
     technique = Technique.IA3
 
-    def load(self, key: str, adapter: Adapter, model: PreTrainedModel) -> Resident:
+    def load(self, key: str, adapter: Adapter, model: PreTrainedModel) -> Resident[IA3Site]:
         check_fits(adapter, model)
         like = next(model.parameters())
         sites = {path: IA3Site(is_feedforward(adapter, path), to_device(t, like)["ia3_l"].flatten())
                  for path, t in module_tensors(adapter).items()}
         return Resident(key, self.technique, sites, nbytes_of(s.scale for s in sites.values()), adapter.config)
 
-    def compile(self, site: str, uses: list[Use], batch: BatchInfo) -> list[SiteOp]:
+    def compile(self, site: str, uses: list[Use[IA3Site]], batch: BatchInfo) -> list[SiteOp]:
         feedforward = uses[0].resident.sites[site].feedforward
         mixed = [u for u in uses if u.resident.sites[site].feedforward != feedforward]
         if mixed:

@@ -5,8 +5,7 @@ be weighted, so each must apply with weight 1 after the mode's rule.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from typing import TYPE_CHECKING, Never
 
 from hub.artifact import Adapter, Technique
 from hub.checkpoint import PROMPT_SITE, check_fits, module_tensors
@@ -16,15 +15,15 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 
-class PromptTuning(TechniqueImpl):
+class PromptTuning(TechniqueImpl[Never]):  # no sites: the engine places the soft prompt (Resident.prompt)
     technique = Technique.PROMPT_TUNING
 
-    def load(self, key: str, adapter: Adapter, model: PreTrainedModel) -> Resident:
+    def load(self, key: str, adapter: Adapter, model: PreTrainedModel) -> Resident[Never]:
         check_fits(adapter, model)
         prompt = to_device(module_tensors(adapter)[PROMPT_SITE], next(model.parameters()))["prompt_embeddings"]
         return Resident(key, self.technique, {}, nbytes_of([prompt]), adapter.config, prompt=prompt)
 
-    def check_plan(self, uses_of_row: list[Use], mode: str) -> None:
+    def check_plan(self, uses_of_row: list[Use[Never]], mode: str) -> None:
         for use in uses_of_row:
             if use.weight != 1.0:
                 raise ValueError(f"prompt-tuning adapter {use.resident.key!r} applies with weight {use.weight:g} "
