@@ -20,6 +20,7 @@ from filelock import FileLock
 
 from hub.errors import HubError
 from hub.manifest import Manifest
+from hub.store import fsync_dir
 
 EVALS_DIR = "evals"
 METRICS = ("loss", "perplexity", "accuracy", "exact_match", "contains")
@@ -29,7 +30,34 @@ FIELDS = ("id", "sha256", "metric", "value", "n", "dataset", "date", "base_model
 
 def records_path(root: Path, manifest: Manifest) -> Path:
     """Where a version's records live (names are checked on push: no part escapes the folder)."""
-    return Path(root) / EVALS_DIR / manifest.name / f"{manifest.version}.jsonl"
+    return records_file(root, manifest.name, manifest.version)
+
+
+def records_file(root: Path, name: str, version: str) -> Path:
+    return Path(root) / EVALS_DIR / name / f"{version}.jsonl"
+
+
+def discard(root: Path, name: str, version: str) -> bool:
+    """Delete a version's records file (under its lock, so no append is half-way); True if there was one.
+    `hub rm` calls it once the version is gone, a push before a new version appears, and gc for files a crash
+    between the two steps of a removal left behind (`orphans`)."""
+    path = records_file(root, name, version)
+    if not path.parent.is_dir():
+        return False
+    with FileLock(str(path) + ".lock"):
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+    fsync_dir(path.parent)
+    return True
+
+
+def orphans(root: Path, versions: set[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(name, version) of the records files whose version is not among `versions`."""
+    folder = Path(root) / EVALS_DIR
+    found = ((p.parent.relative_to(folder).as_posix(), p.name.removesuffix(".jsonl")) for p in folder.rglob("*.jsonl"))
+    return sorted(key for key in found if key not in versions)
 
 
 def new_record(manifest: Manifest, metric: str, value: float, n: int, dataset: dict[str, Any],

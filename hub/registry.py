@@ -25,7 +25,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from hub import base_layout, basemodel
+from hub import base_layout, basemodel, evals
 from hub.artifact import (CONFIG_FILE, WEIGHTS_FILE, Adapter, ArtifactError, Technique, adapter_from_bytes,
                           is_adapterhub_folder, read_adapter, read_buffer)
 from hub.chat_template import chat_template, check_template
@@ -51,6 +51,7 @@ class GcReport:
     bytes: int = 0
     checkouts: int = 0
     temps: int = 0
+    records: int = 0  # records files of versions no longer there (a removal cut short)
 
 
 def _base_config(base_id: str) -> Any | None:
@@ -311,6 +312,7 @@ class Registry:
                 self._put_blobs(existing, sources, progress, [])  # intact blobs are kept, damaged ones replaced
             return self.refs.add(manifest)  # the no-op, or Conflict before any byte is written
         created: list[str] = []
+        evals.discard(self.root, manifest.name, manifest.version)  # a removed version's, left by a crash: not this one's
 
         def blobs_again() -> None:  # under the registry lock: a concurrent gc may have taken some
             if manifest.path is None:
@@ -456,7 +458,9 @@ class Registry:
             raise InvalidName(
                 f"give the version to remove: `hub rm {manifest.ref}` removes it{also}"
                 + (f"; `hub untag {ref}` deletes the tag alone" if tag else ""))
-        return manifest, self.refs.remove(manifest.name, manifest.version)
+        tags = self.refs.remove(manifest.name, manifest.version)
+        evals.discard(self.root, manifest.name, manifest.version)  # after the removal: a crash between leaves gc a file
+        return manifest, tags
 
     # -- maintenance
 
@@ -506,6 +510,8 @@ class Registry:
                         shutil.rmtree(folder)
                         report.checkouts += 1
             report.temps = self.store.clean_tmp()
+            for name, version in evals.orphans(self.root, {(m.name, m.version) for m in manifests}):
+                report.records += evals.discard(self.root, name, version)
         return report
 
     def migrate(self) -> int:

@@ -451,7 +451,7 @@ def gc(registry: Path | None = REGISTRY_OPT) -> None:
     with _clear_errors():
         report = open_registry(registry).gc()
         typer.echo(f"removed {report.blobs} blobs ({report.bytes:,} bytes), {report.checkouts} checkouts, "
-                   f"{report.temps} temp files")
+                   f"{report.temps} temp files" + (f", {report.records} records files" if report.records else ""))
 
 
 @app.command()

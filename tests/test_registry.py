@@ -322,6 +322,28 @@ def test_rm_then_gc_frees_only_unreferenced_blobs(technique_adapters, hub_home):
     assert reg.export("lora-copy", hub_home.parent / "out").is_dir() and lora.sha256 == reg.resolve("lora-copy").sha256
 
 
+def test_rm_removes_the_versions_evaluation_records_and_gc_those_a_crash_left(technique_adapters, hub_home):
+    """The records go with the version: `hub rm` deletes its records file once the version is gone; a removal
+    cut short between the two leaves a file that gc deletes and that a new push of the version never shows."""
+    from hub import evals
+
+    reg = Registry()
+    made = {name: reg.push(technique_adapters[name], name, "1.0.0") for name in ("lora", "ia3", "bitfit")}
+    for manifest in made.values():
+        evals.append(reg.root, manifest, [evals.new_record(manifest, "loss", 1.5, 3, {"sha256": "ab"}, {}, {})])
+    reg.remove("lora@1.0.0")
+    assert not evals.records_path(reg.root, made["lora"]).exists()
+    assert [len(evals.read(reg.root, made[n])) for n in ("ia3", "bitfit")] == [1, 1]
+
+    for name in ("ia3", "bitfit"):  # killed after the version went, before its records did
+        reg.refs.remove(name, "1.0.0")
+    assert reg.push(technique_adapters["bitfit"], "bitfit", "1.0.0").sha256 == made["bitfit"].sha256
+    assert evals.read(reg.root, made["bitfit"]) == []  # the same content pushed again starts without records
+    assert evals.records_path(reg.root, made["ia3"]).exists()
+    assert reg.gc().records == 1 and not evals.records_path(reg.root, made["ia3"]).exists()
+    assert reg.gc().records == 0
+
+
 def test_in_place_versions_live_in_a_folder_of_the_registry(technique_adapters, tmp_path):
     repo = tmp_path / "repo"
     (repo / "adapters").mkdir(parents=True)
