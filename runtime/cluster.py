@@ -42,9 +42,12 @@ from typing import AsyncIterator, Callable, Iterator
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from hub import basemodel
 from runtime.auth import TokenAuthInterceptor
+from runtime.cluster_http import ClusterHttp, HttpPart, asgi_call, set_key, why
 from runtime.cluster_metrics import ClusterMetrics
 from runtime.fanout import Part, Reply, combine
+from runtime.http import BASE_NAMES, Served
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 from runtime.server import SERVICE_NAME, ServerConfig, ServerConfigError, check_port, read_tokens, until_signalled
 
@@ -81,7 +84,7 @@ class ClusterConfig:
             raise ServerConfigError(f"--replicas must be >= 1, got {self.replicas}")
         if self.replica_cpus < 0 or self.replica_gpus < 0:
             raise ServerConfigError("--replica-cpus and --replica-gpus must be >= 0")
-        for name, value in (("--http-port", s.http_port), ("--tls-cert", s.tls_cert), ("--tls-key", s.tls_key)):
+        for name, value in (("--tls-cert", s.tls_cert), ("--tls-key", s.tls_key)):
             if value is not None:
                 raise ServerConfigError(f"{name} is not supported with --replicas yet (gRPC without TLS only)")
         s.check()
@@ -98,12 +101,9 @@ def routing_key(method: str, request: bytes) -> str:
         msg = kind.FromString(request)
     except Exception:  # the replica's server gives the client its own error for them
         return ""
-    if not msg.adapters:
-        return ""
     mode = pb.CompositionMode.Name(msg.mode or pb.COMPOSITION_MODE_STACK).removeprefix("COMPOSITION_MODE_").lower()
-    refs = sorted(f"{a.ref}:{a.weight if a.HasField('weight') else 1.0:g}" for a in msg.adapters)
-    merge = msg.merge.SerializeToString(deterministic=True).hex() if mode == "merge" else ""
-    return "|".join([mode, ",".join(refs)] + ([merge] if merge else []))
+    refs = [(a.ref, a.weight if a.HasField("weight") else 1.0) for a in msg.adapters]
+    return set_key(mode, refs, msg.merge.SerializeToString(deterministic=True).hex() if mode == "merge" else "")
 
 
 def seeded(method: str, request: bytes) -> bytes:
@@ -174,6 +174,7 @@ def replica_deployment(affinity_slots: int):
             local = replace(config, host="127.0.0.1", port=0, auth_token_file=token_file, auth_admin_only=False,
                             http_port=None, metrics_port=None, tls_cert=None, tls_key=None)
             self.server = RuntimeServer(local).start()
+            self._http = self.server.http_api(None)  # driven in-process (the endpoint checked the token)
             self._auth = (("authorization", f"Bearer {secret}"),)
             self._max_bytes = config.max_message_bytes
             self._channel = None
@@ -227,6 +228,20 @@ def replica_deployment(affinity_slots: int):
             finally:
                 call.cancel()  # the caller went away: the local request leaves the batch too
             yield Reply(None, metadata=self._metadata(await call.trailing_metadata()))
+
+        async def http(self, method: str, path: str, query: str, headers: list[tuple[str, str]],
+                       body: bytes) -> AsyncIterator[HttpPart]:
+            """An HTTP API call, answered by this replica's HTTP API as it comes; the first part names the replica."""
+            await self._noted()
+            named = ((REPLICA_KEY, self._id[0]), (REPLICA_PID_KEY, self._id[1]))
+            async for part in asgi_call(self._http.app, method, path, query, headers, body):
+                yield replace(part, headers=part.headers + named) if part.status is not None else part
+
+        async def http_whole(self, method: str, path: str, query: str, headers: list[tuple[str, str]],
+                             body: bytes) -> tuple[str, int, bytes]:
+            """An HTTP API call's whole answer: (this replica's id, status, body); for the calls to every replica."""
+            parts = [part async for part in asgi_call(self._http.app, method, path, query, headers, body)]
+            return self._id[0], parts[0].status or 500, b"".join(part.body for part in parts)
 
         def metrics_text(self) -> tuple[str, str]:
             """This replica's id and its metrics now, in Prometheus' text format (the cluster's /metrics)."""
@@ -283,9 +298,9 @@ class Frontend:
         except TimeoutError:
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
         except DeploymentUnavailableError as e:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"no replica to send {method} to ({_why(e)})")
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"no replica to send {method} to ({why(e)})")
         parts = [Part(dict(r.metadata).get(REPLICA_KEY, ""), r.payload, r.code, r.details) if isinstance(r, Reply)
-                 else Part("", None, "UNAVAILABLE", f"the replica stopped during the call ({_why(r)})")
+                 else Part("", None, "UNAVAILABLE", f"the replica stopped during the call ({why(r)})")
                  for r in replies]
         return _answer(combine(method, request, parts), context)
 
@@ -304,7 +319,7 @@ class Frontend:
                     if attempt == 1:
                         self.metrics.retries.labels(kind="unary").inc()
                         continue
-                    context.abort(grpc.StatusCode.UNAVAILABLE, f"the replicas serving this call stopped ({_why(e)}); "
+                    context.abort(grpc.StatusCode.UNAVAILABLE, f"the replicas serving this call stopped ({why(e)}); "
                                   "retry it")
                 except TimeoutError:
                     context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
@@ -340,7 +355,7 @@ class Frontend:
                         self.metrics.retries.labels(kind="stream").inc()
                         continue
                     context.abort(grpc.StatusCode.UNAVAILABLE,
-                                  f"the replica serving this stream stopped ({_why(e)}); send the request again")
+                                  f"the replica serving this stream stopped ({why(e)}); send the request again")
                 except RequestCancelledError:
                     context.abort(grpc.StatusCode.CANCELLED, "cancelled")
 
@@ -349,10 +364,6 @@ def _remaining(context: grpc.ServicerContext) -> float | None:
     """Seconds left of the call's deadline; None without one (gRPC then reports a far-future time)."""
     left = context.time_remaining()
     return None if left is None or left > 1e6 else max(left, 0.0)
-
-
-def _why(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 def _answer(reply: Reply, context: grpc.ServicerContext) -> bytes:
@@ -373,6 +384,8 @@ class Cluster:
         tokens = read_tokens(s)
         check_port(s.host, s.port)
         check_port(s.metrics_host, s.metrics_port)
+        check_port(s.http_host, s.http_port)
+        self._tokens = tokens
         self._interceptors = [TokenAuthInterceptor(tokens, admin_only=s.auth_admin_only)] if tokens else []
         self._started_ray = False
         self.grpc: grpc.Server | None = None
@@ -381,6 +394,8 @@ class Cluster:
         self.port = 0
         self.metrics = ClusterMetrics(self._scrape)
         self.metrics_port: int | None = None
+        self.http: Served | None = None
+        self.http_port: int | None = None
         self.router = Router(config.spread_after or s.max_batch_size, affinity=not config.random_routing)
 
     @property
@@ -438,6 +453,12 @@ class Cluster:
         self.grpc.start()
         if s.metrics_port is not None:
             self.metrics_port = self.metrics.serve_http(s.metrics_port, s.metrics_host)
+        if s.http_port is not None:
+            api = ClusterHttp(self.handle, self.router, self.metrics, self.frontend.retryable, tokens=self._tokens,
+                              admin_only=s.auth_admin_only, max_body_bytes=s.max_message_bytes,
+                              base_names={basemodel.hf_id(s.base_model) or s.base_model, s.base_model, *BASE_NAMES})
+            self.http = Served(api.app)
+            self.http_port = self.http.start(s.http_host, s.http_port)
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         return self
@@ -455,7 +476,7 @@ class Cluster:
         return [t for t in texts if isinstance(t, tuple)]
 
     def retries(self, kind: str = "unary") -> int:
-        """Calls (`unary` or `stream`) sent a second time because the replica serving them stopped."""
+        """Calls (gRPC `unary` or `stream`, or `http`) sent a second time because the replica serving them stopped."""
         return int(self.metrics.registry.get_sample_value("adapterhub_cluster_retries_total", {"kind": kind}) or 0)
 
     def scale(self, replicas: int) -> None:
@@ -478,6 +499,9 @@ class Cluster:
             self.health.enter_graceful_shutdown()
             self.grpc.stop(self.config.server.grace_seconds if grace is None else grace).wait()
             self.grpc = None
+        if self.http is not None:
+            self.http.stop(self.config.server.grace_seconds if grace is None else grace)
+            self.http = None
         self.metrics.close()
         if ray.is_initialized():
             if self._started_ray:
