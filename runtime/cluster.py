@@ -32,6 +32,7 @@ import secrets
 import sys
 import tempfile
 import threading
+import time
 from collections import Counter
 from concurrent import futures
 from contextlib import contextmanager
@@ -48,6 +49,7 @@ from runtime.cluster_http import ClusterHttp, HttpPart, asgi_call, set_key, why
 from runtime.cluster_metrics import ClusterMetrics
 from runtime.fanout import Part, Reply, combine
 from runtime.http import BASE_NAMES, Served
+from runtime.proto.adapterhub.v1 import cluster_pb2
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 from runtime.server import SERVICE_NAME, ServerConfig, ServerConfigError, check_port, read_tokens, until_signalled
 
@@ -61,6 +63,7 @@ UNARY = ("Generate", "Score", "GetInfo")  # each to one replica
 EVERY_REPLICA = ("LoadAdapter", "UnloadAdapter", "ListAdapters")  # to all of them, one answer (runtime/fanout.py)
 REQUESTS = {"Generate": pb.GenerateRequest, "GenerateStream": pb.GenerateRequest, "Score": pb.ScoreRequest}
 FRONTEND_THREADS = 64  # calls forwarded at once; each waits on a replica, the work is there
+SCALE_SETTLE_SECONDS = 60.0  # how long Scale waits for the endpoint's router to see the new replica count
 SCRAPE_SECONDS = 10.0  # a /metrics scrape waits this long for the replicas' metrics (Prometheus' default timeout)
 
 
@@ -396,6 +399,7 @@ class Cluster:
         self.metrics_port: int | None = None
         self.http: Served | None = None
         self.http_port: int | None = None
+        self._scaling = threading.Lock()  # one change of the replica count at a time
         self.router = Router(config.spread_after or s.max_batch_size, affinity=not config.random_routing)
 
     @property
@@ -444,7 +448,11 @@ class Cluster:
                                 interceptors=self._interceptors, options=options,
                                 maximum_concurrent_rpcs=FRONTEND_THREADS * 4)
         self.frontend = Frontend(self.handle, self.router, self.metrics)
-        self.grpc.add_generic_rpc_handlers((self.frontend.handler(),))
+        scale = grpc.unary_unary_rpc_method_handler(self._scale_call,
+                                                    request_deserializer=cluster_pb2.ScaleRequest.FromString,
+                                                    response_serializer=cluster_pb2.ScaleResponse.SerializeToString)
+        self.grpc.add_generic_rpc_handlers((self.frontend.handler(), grpc.method_handlers_generic_handler(
+            cluster_pb2.DESCRIPTOR.services_by_name["Cluster"].full_name, {"Scale": scale})))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         self.port = self.grpc.add_insecure_port(f"{s.host}:{s.port}")
@@ -486,8 +494,23 @@ class Cluster:
 
         if replicas < 1:
             raise ServerConfigError(f"replicas must be >= 1, got {replicas}")
-        serve.run(self._application(replicas), name=APP_NAME, route_prefix=None)
-        self.config.replicas = replicas
+        with self._scaling:
+            serve.run(self._application(replicas), name=APP_NAME, route_prefix=None)
+            self.config.replicas = replicas
+
+    def _scale_call(self, request: cluster_pb2.ScaleRequest, context: grpc.ServicerContext) -> cluster_pb2.ScaleResponse:
+        """`adapterhub.v1.Cluster/Scale` (`hub scale N`): scale, then answer once the endpoint routes to that many
+        replicas (its view follows Serve's within moments), naming them."""
+        if request.replicas < 1:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"replicas must be >= 1, got {request.replicas}")
+        self.scale(request.replicas)
+        ids = self.replica_ids()
+        for _ in range(int(SCALE_SETTLE_SECONDS / 0.1)):
+            if len(ids) == request.replicas:
+                break
+            time.sleep(0.1)
+            ids = self.replica_ids()
+        return cluster_pb2.ScaleResponse(replicas=request.replicas, replica_ids=sorted(ids))
 
     def stop(self, grace: float | None = None) -> None:
         """Close the endpoint (calls in flight get `grace` seconds), delete the application, and stop Ray if

@@ -479,7 +479,24 @@ def test_a_replica_killed_mid_traffic(cluster, client, single, shared_registry, 
     assert reply.text == want.text and int(metadata[REPLICA_PID_KEY]) != pid
 
 
-def test_scale_up_and_down_while_serving(cluster, client):
+def test_scale_is_an_admin_call_of_the_cluster_only(cluster, single, token_file):
+    with RuntimeClient(cluster.address, token=USER, timeout=60) as user:
+        with pytest.raises(RequestFailed) as e:
+            user.scale(3)
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with RuntimeClient(cluster.address, token=ADMIN, timeout=60) as admin:
+        with pytest.raises(RequestFailed) as e:
+            admin.scale(0)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "replicas must be >= 1" in e.value.details()
+    hub = Path(sys.executable).parent / "hub"
+    done = subprocess.run([str(hub), "scale", "2", "--server", single.target], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1 and "serves one runtime, not `hub serve --replicas N`" in done.stderr
+    assert len(cluster.replica_ids()) == 2
+
+
+def test_scale_up_and_down_while_serving(cluster, client, token_file):
+    """`hub scale 3`, then the Scale RPC down to 1, while requests keep coming: none fails."""
     errors: list[BaseException] = []
     replicas: set[str] = set()
     stop = threading.Event()
@@ -497,13 +514,17 @@ def test_scale_up_and_down_while_serving(cluster, client):
     before = cluster.replica_ids()
     load.start()
     try:
-        cluster.scale(3)
-        assert running() == 3
-        wait_until(lambda: len(cluster.replica_ids()) == 3, "the router sends to 3 replicas")
+        hub = Path(sys.executable).parent / "hub"
+        done = subprocess.run([str(hub), "scale", "3", "--server", cluster.address, "--token-file", str(token_file)],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert running() == 3 and len(cluster.replica_ids()) == 3
+        assert done.stdout.startswith("3 replica(s): ") and set(done.stdout.split(": ")[1].strip().split(", ")) == \
+            cluster.replica_ids()
         assert before < cluster.replica_ids()  # the replicas that were there kept running
-        cluster.scale(1)
-        wait_until(lambda: len(cluster.replica_ids()) == 1 and running() == 1, "Serve stopped two replicas", limit=120)
-        assert cluster.replica_ids() < before | replicas
+        reply = client.scale(1)
+        assert reply.replicas == 1 and len(reply.replica_ids) == 1 and set(reply.replica_ids) < before | replicas
+        wait_until(lambda: running() == 1, "Serve stopped two replicas", limit=120)
     finally:
         stop.set()
         load.join(timeout=120)
