@@ -54,6 +54,7 @@ from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 from runtime.server import SERVICE_NAME, ServerConfig, ServerConfigError, check_port, read_tokens, until_signalled
 
 APP_NAME = "adapterhub"
+PINS_ACTOR = f"{APP_NAME}-pins"  # the named actor holding the cluster's pinned adapters
 DEPLOYMENT = "runtime"
 REPLICA_KEY = "x-replica-id"  # trailing metadata: the Serve replica that answered
 REPLICA_PID_KEY = "x-replica-pid"  # ... and its process id
@@ -157,6 +158,31 @@ class Affinity:
         self.key = key
 
 
+def pins_actor(name: str):
+    """The cluster's pinned adapters (name@version), in a named Ray actor this process owns: LoadAdapter with
+    `pin` on every replica adds one, UnloadAdapter takes it away, and a replica Serve starts later (scaling up,
+    or replacing one that died) pins them before it serves, so every replica holds what the cluster pinned."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Pins:
+        def __init__(self) -> None:
+            self._refs: list[str] = []
+
+        def refs(self) -> list[str]:
+            return list(self._refs)
+
+        def pin(self, ref: str) -> None:
+            if ref not in self._refs:
+                self._refs.append(ref)
+
+        def unpin(self, ref: str) -> None:
+            if ref in self._refs:
+                self._refs.remove(ref)
+
+    return Pins.options(name=name, namespace=APP_NAME, get_if_exists=True).remote()
+
+
 def replica_deployment(affinity_slots: int):
     """The Serve deployment class; built on demand so Ray is imported only by `hub serve --replicas`, and
     so its multiplexed cache size is the configured one (Serve reads it from the decorated method)."""
@@ -166,7 +192,7 @@ def replica_deployment(affinity_slots: int):
     class RuntimeReplica:
         """One whole runtime; its loopback server takes a secret token only this replica knows."""
 
-        def __init__(self, config: ServerConfig) -> None:
+        def __init__(self, config: ServerConfig, pins: str) -> None:
             from runtime.server import RuntimeServer, keep_freed_memory
 
             keep_freed_memory()
@@ -182,6 +208,18 @@ def replica_deployment(affinity_slots: int):
             self._max_bytes = config.max_message_bytes
             self._channel = None
             self._id = (serve.get_replica_context().replica_id.unique_id, str(os.getpid()))
+            self._pin_what_the_cluster_pinned(pins)
+
+        def _pin_what_the_cluster_pinned(self, pins: str) -> None:
+            import ray
+
+            from runtime.errors import ServeError
+
+            for ref in ray.get(ray.get_actor(pins, namespace=APP_NAME).refs.remote()):
+                try:
+                    self.server.pool.load(ref, pin=True)
+                except ServeError as e:  # gone from the registry, say: the replica serves without it
+                    print(f"replica {self._id[0]}: cannot pin {ref}: {e.message}", file=sys.stderr, flush=True)
 
         def _stub(self):
             if self._channel is None:  # made on the replica's event loop, the one that uses it
@@ -273,8 +311,9 @@ def _retryable() -> tuple[type[BaseException], ...]:
 class Frontend:
     """The one gRPC endpoint: Runtime calls in, forwarded through the deployment handle."""
 
-    def __init__(self, handle, router: Router, metrics: ClusterMetrics) -> None:
+    def __init__(self, handle, router: Router, metrics: ClusterMetrics, pins) -> None:
         self.handle = handle
+        self.pins = pins
         self.router = router
         self.metrics = metrics
         self.retryable = _retryable()
@@ -305,7 +344,19 @@ class Frontend:
         parts = [Part(dict(r.metadata).get(REPLICA_KEY, ""), r.payload, r.code, r.details) if isinstance(r, Reply)
                  else Part("", None, "UNAVAILABLE", f"the replica stopped during the call ({why(r)})")
                  for r in replies]
-        return _answer(combine(method, request, parts), context)
+        answer = combine(method, request, parts)
+        if answer.code == "OK":
+            self._note_pins(method, request, answer.payload or b"")
+        return _answer(answer, context)
+
+    def _note_pins(self, method: str, request: bytes, payload: bytes) -> None:
+        """What every replica pinned or unpinned, for the replicas Serve starts later."""
+        import ray
+
+        if method == "LoadAdapter" and pb.LoadAdapterRequest.FromString(request).pin:
+            ray.get(self.pins.pin.remote(pb.LoadAdapterResponse.FromString(payload).adapter.ref))
+        elif method == "UnloadAdapter":
+            ray.get(self.pins.unpin.remote(pb.UnloadAdapterResponse.FromString(payload).adapter.ref))
 
     def unary(self, method: str, request: bytes, context: grpc.ServicerContext) -> bytes:
         """Forward one call; sent once more when its replica dies under it."""
@@ -393,6 +444,7 @@ class Cluster:
         self._started_ray = False
         self.grpc: grpc.Server | None = None
         self.handle = None  # the deployment handle the endpoint forwards through
+        self.pins = None  # the actor holding what the cluster pinned
         self.frontend: Frontend | None = None
         self.port = 0
         self.metrics = ClusterMetrics(self._scrape)
@@ -420,7 +472,7 @@ class Cluster:
             num_replicas=replicas, ray_actor_options=options, max_ongoing_requests=ongoing,
             graceful_shutdown_timeout_s=5, health_check_period_s=2, health_check_timeout_s=30,
             version=version.hexdigest()[:16], _internal=True,
-        ).bind(c.server)
+        ).bind(c.server, PINS_ACTOR)
 
     def start(self) -> Cluster:
         """Start (or join) Ray, deploy the replicas and wait for them, then open the endpoint."""
@@ -439,6 +491,7 @@ class Cluster:
                 self._started_ray = True
         # No Serve proxy: this process is the ingress, so nothing listens on every interface.
         serve.start(proxy_location="Disabled")
+        self.pins = pins_actor(PINS_ACTOR)
         self.handle = serve.run(self._application(c.replicas), name=APP_NAME, route_prefix=None)
         s = c.server
         options = [("grpc.max_receive_message_length", s.max_message_bytes),
@@ -447,7 +500,7 @@ class Cluster:
                                                            thread_name_prefix="adapterhub-cluster"),
                                 interceptors=self._interceptors, options=options,
                                 maximum_concurrent_rpcs=FRONTEND_THREADS * 4)
-        self.frontend = Frontend(self.handle, self.router, self.metrics)
+        self.frontend = Frontend(self.handle, self.router, self.metrics, self.pins)
         scale = grpc.unary_unary_rpc_method_handler(self._scale_call,
                                                     request_deserializer=cluster_pb2.ScaleRequest.FromString,
                                                     response_serializer=cluster_pb2.ScaleResponse.SerializeToString)
@@ -532,6 +585,8 @@ class Cluster:
                 ray.shutdown()
             else:  # a shared cluster: take away this application only
                 serve.delete(APP_NAME)
+                if self.pins is not None:
+                    ray.kill(self.pins)
 
 
 def serve_cluster(config: ClusterConfig, *, ready: Callable[[Cluster], None] | None = None) -> int:

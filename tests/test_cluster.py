@@ -496,7 +496,8 @@ def test_scale_is_an_admin_call_of_the_cluster_only(cluster, single, token_file)
 
 
 def test_scale_up_and_down_while_serving(cluster, client, token_file):
-    """`hub scale 3`, then the Scale RPC down to 1, while requests keep coming: none fails."""
+    """`hub scale 3`, then the Scale RPC down to 1, while requests keep coming: none fails, and the replica
+    that started holds what the cluster had pinned."""
     errors: list[BaseException] = []
     replicas: set[str] = set()
     stop = threading.Event()
@@ -511,6 +512,7 @@ def test_scale_up_and_down_while_serving(cluster, client, token_file):
 
     load = threading.Thread(target=traffic)
     generate_on(client, max_new_tokens=1)  # the handle's router starts with its first request
+    assert client.load_adapter("bitfit", pin=True).adapter.pinned
     before = cluster.replica_ids()
     load.start()
     try:
@@ -522,6 +524,7 @@ def test_scale_up_and_down_while_serving(cluster, client, token_file):
         assert done.stdout.startswith("3 replica(s): ") and set(done.stdout.split(": ")[1].strip().split(", ")) == \
             cluster.replica_ids()
         assert before < cluster.replica_ids()  # the replicas that were there kept running
+        assert client.load_adapter("bitfit", pin=True).load_seconds == 0  # the new replica pinned it as it started
         reply = client.scale(1)
         assert reply.replicas == 1 and len(reply.replica_ids) == 1 and set(reply.replica_ids) < before | replicas
         wait_until(lambda: running() == 1, "Serve stopped two replicas", limit=120)
