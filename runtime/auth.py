@@ -17,7 +17,8 @@ import grpc
 ADMIN = "admin"
 USER = "user"
 ROLES = (ADMIN, USER)
-ADMIN_METHODS = frozenset({"/adapterhub.v1.Runtime/LoadAdapter", "/adapterhub.v1.Runtime/UnloadAdapter"})
+ADMIN_METHODS = frozenset({"/adapterhub.v1.Runtime/LoadAdapter", "/adapterhub.v1.Runtime/UnloadAdapter",
+                           "/adapterhub.v1.Cluster/Scale"})  # the last: `hub serve --replicas` only
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 
 

@@ -386,9 +386,30 @@ def adapters_unload(
     typer.echo(f"unloaded {reply.adapter.ref}")
 
 
+def scale(
+    replicas: int = typer.Argument(..., min=1, help="How many replicas to run."),
+    server: str = SERVER_OPT, token_file: Optional[Path] = TOKEN_OPT, tls_ca: Optional[Path] = CA_OPT,
+) -> None:
+    """Change the number of replicas of a running `hub serve --replicas N` while it serves (an admin RPC);
+    returns once they run."""
+    import grpc
+
+    from runtime.client import RequestFailed
+
+    with _rpc_errors(), _client(server, token_file, tls_ca) as client:
+        try:
+            reply = client.scale(replicas)
+        except RequestFailed as e:
+            if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                fail(f"{server} serves one runtime, not `hub serve --replicas N`: it cannot scale")
+            raise
+    typer.echo(f"{reply.replicas} replica(s): {', '.join(reply.replica_ids)}")
+
+
 def register(app: typer.Typer) -> None:
     """Mount the runtime commands on the `hub` app."""
     app.command("serve")(serve)
     app.command("generate")(generate)
     app.command("score")(score)
+    app.command("scale")(scale)
     app.add_typer(adapters_app, name="adapters")

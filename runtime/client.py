@@ -215,6 +215,13 @@ class RuntimeClient:
             reply.next_page_token = page.next_page_token
         return reply
 
+    def scale(self, replicas: int, *, timeout: float | None = None):
+        """`hub serve --replicas` only: run this many replicas (an admin call); a ScaleResponse."""
+        from runtime.proto.adapterhub.v1 import cluster_pb2, cluster_pb2_grpc
+
+        return self._call(cluster_pb2_grpc.ClusterStub(self.channel).Scale,
+                          cluster_pb2.ScaleRequest(replicas=replicas), timeout)
+
     def info(self, *, timeout: float | None = None) -> pb.GetInfoResponse:
         return self._call(self.stub.GetInfo, pb.GetInfoRequest(), timeout)
 

@@ -33,6 +33,7 @@ import secrets
 import sys
 import tempfile
 import threading
+import time
 from collections import Counter
 from concurrent import futures
 from contextlib import contextmanager
@@ -44,9 +45,13 @@ import grpc
 from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from hub import basemodel
 from runtime.auth import TokenAuthInterceptor
+from runtime.cluster_http import ClusterHttp, HttpPart, asgi_call, set_key, why
 from runtime.cluster_metrics import ClusterMetrics
 from runtime.fanout import Part, Reply, combine
+from runtime.http import BASE_NAMES, Served
+from runtime.proto.adapterhub.v1 import cluster_pb2
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 from runtime.server import SERVICE_NAME, ServerConfig, ServerConfigError, check_port, read_tokens, until_signalled
 
@@ -54,6 +59,7 @@ if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle
 
 APP_NAME = "adapterhub"
+PINS_ACTOR = f"{APP_NAME}-pins"  # the named actor holding the cluster's pinned adapters
 DEPLOYMENT = "runtime"
 REPLICA_KEY = "x-replica-id"  # trailing metadata: the Serve replica that answered
 REPLICA_PID_KEY = "x-replica-pid"  # ... and its process id
@@ -64,6 +70,7 @@ EVERY_REPLICA = ("LoadAdapter", "UnloadAdapter", "ListAdapters")  # to all of th
 REQUESTS: dict[str, type[Message]] = {"Generate": pb.GenerateRequest, "GenerateStream": pb.GenerateRequest,
                                       "Score": pb.ScoreRequest}
 FRONTEND_THREADS = 64  # calls forwarded at once; each waits on a replica, the work is there
+SCALE_SETTLE_SECONDS = 60.0  # how long Scale waits for the endpoint's router to see the new replica count
 SCRAPE_SECONDS = 10.0  # a /metrics scrape waits this long for the replicas' metrics (Prometheus' default timeout)
 
 
@@ -87,7 +94,7 @@ class ClusterConfig:
             raise ServerConfigError(f"--replicas must be >= 1, got {self.replicas}")
         if self.replica_cpus < 0 or self.replica_gpus < 0:
             raise ServerConfigError("--replica-cpus and --replica-gpus must be >= 0")
-        for name, value in (("--http-port", s.http_port), ("--tls-cert", s.tls_cert), ("--tls-key", s.tls_key)):
+        for name, value in (("--tls-cert", s.tls_cert), ("--tls-key", s.tls_key)):
             if value is not None:
                 raise ServerConfigError(f"{name} is not supported with --replicas yet (gRPC without TLS only)")
         s.check()
@@ -104,12 +111,9 @@ def routing_key(method: str, request: bytes) -> str:
         msg = kind.FromString(request)
     except Exception:  # the replica's server gives the client its own error for them
         return ""
-    if not msg.adapters:
-        return ""
     mode = pb.CompositionMode.Name(msg.mode or pb.COMPOSITION_MODE_STACK).removeprefix("COMPOSITION_MODE_").lower()
-    refs = sorted(f"{a.ref}:{a.weight if a.HasField('weight') else 1.0:g}" for a in msg.adapters)
-    merge = msg.merge.SerializeToString(deterministic=True).hex() if mode == "merge" else ""
-    return "|".join([mode, ",".join(refs)] + ([merge] if merge else []))
+    refs = [(a.ref, a.weight if a.HasField("weight") else 1.0) for a in msg.adapters]
+    return set_key(mode, refs, msg.merge.SerializeToString(deterministic=True).hex() if mode == "merge" else "")
 
 
 def seeded(method: str, request: bytes) -> bytes:
@@ -160,6 +164,31 @@ class Affinity:
         self.key = key
 
 
+def pins_actor(name: str):
+    """The cluster's pinned adapters (name@version), in a named Ray actor this process owns: LoadAdapter with
+    `pin` on every replica adds one, UnloadAdapter takes it away, and a replica Serve starts later (scaling up,
+    or replacing one that died) pins them before it serves, so every replica holds what the cluster pinned."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Pins:
+        def __init__(self) -> None:
+            self._refs: list[str] = []
+
+        def refs(self) -> list[str]:
+            return list(self._refs)
+
+        def pin(self, ref: str) -> None:
+            if ref not in self._refs:
+                self._refs.append(ref)
+
+        def unpin(self, ref: str) -> None:
+            if ref in self._refs:
+                self._refs.remove(ref)
+
+    return Pins.options(name=name, namespace=APP_NAME, get_if_exists=True).remote()
+
+
 def replica_deployment(affinity_slots: int):
     """The Serve deployment class; built on demand so Ray is imported only by `hub serve --replicas`, and
     so its multiplexed cache size is the configured one (Serve reads it from the decorated method)."""
@@ -169,7 +198,7 @@ def replica_deployment(affinity_slots: int):
     class RuntimeReplica:
         """One whole runtime; its loopback server takes a secret token only this replica knows."""
 
-        def __init__(self, config: ServerConfig) -> None:
+        def __init__(self, config: ServerConfig, pins: str) -> None:
             from runtime.server import RuntimeServer, keep_freed_memory
 
             keep_freed_memory()
@@ -180,10 +209,23 @@ def replica_deployment(affinity_slots: int):
             local = replace(config, host="127.0.0.1", port=0, auth_token_file=token_file, auth_admin_only=False,
                             http_port=None, metrics_port=None, tls_cert=None, tls_key=None)
             self.server = RuntimeServer(local).start()
+            self._http = self.server.http_api(None)  # driven in-process (the endpoint checked the token)
             self._auth = (("authorization", f"Bearer {secret}"),)
             self._max_bytes = config.max_message_bytes
             self._channel = None
             self._id = (serve.get_replica_context().replica_id.unique_id, str(os.getpid()))
+            self._pin_what_the_cluster_pinned(pins)
+
+        def _pin_what_the_cluster_pinned(self, pins: str) -> None:
+            import ray
+
+            from runtime.errors import ServeError
+
+            for ref in ray.get(ray.get_actor(pins, namespace=APP_NAME).refs.remote()):
+                try:
+                    self.server.pool.load(ref, pin=True)
+                except ServeError as e:  # gone from the registry, say: the replica serves without it
+                    print(f"replica {self._id[0]}: cannot pin {ref}: {e.message}", file=sys.stderr, flush=True)
 
         def _stub(self):
             if self._channel is None:  # made on the replica's event loop, the one that uses it
@@ -234,6 +276,20 @@ def replica_deployment(affinity_slots: int):
                 call.cancel()  # the caller went away: the local request leaves the batch too
             yield Reply(None, metadata=self._metadata(await call.trailing_metadata()))
 
+        async def http(self, method: str, path: str, query: str, headers: list[tuple[str, str]],
+                       body: bytes) -> AsyncIterator[HttpPart]:
+            """An HTTP API call, answered by this replica's HTTP API as it comes; the first part names the replica."""
+            await self._noted()
+            named = ((REPLICA_KEY, self._id[0]), (REPLICA_PID_KEY, self._id[1]))
+            async for part in asgi_call(self._http.app, method, path, query, headers, body):
+                yield replace(part, headers=part.headers + named) if part.status is not None else part
+
+        async def http_whole(self, method: str, path: str, query: str, headers: list[tuple[str, str]],
+                             body: bytes) -> tuple[str, int, bytes]:
+            """An HTTP API call's whole answer: (this replica's id, status, body); for the calls to every replica."""
+            parts = [part async for part in asgi_call(self._http.app, method, path, query, headers, body)]
+            return self._id[0], parts[0].status or 500, b"".join(part.body for part in parts)
+
         def metrics_text(self) -> tuple[str, str]:
             """This replica's id and its metrics now, in Prometheus' text format (the cluster's /metrics)."""
             from prometheus_client import generate_latest
@@ -261,8 +317,9 @@ def _retryable() -> tuple[type[BaseException], ...]:
 class Frontend:
     """The one gRPC endpoint: Runtime calls in, forwarded through the deployment handle."""
 
-    def __init__(self, handle, router: Router, metrics: ClusterMetrics) -> None:
+    def __init__(self, handle, router: Router, metrics: ClusterMetrics, pins) -> None:
         self.handle = handle
+        self.pins = pins
         self.router = router
         self.metrics = metrics
         self.retryable = _retryable()
@@ -289,11 +346,23 @@ class Frontend:
         except TimeoutError:
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
         except DeploymentUnavailableError as e:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"no replica to send {method} to ({_why(e)})")
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"no replica to send {method} to ({why(e)})")
         parts = [Part(dict(r.metadata).get(REPLICA_KEY, ""), r.payload, r.code, r.details) if isinstance(r, Reply)
-                 else Part("", None, "UNAVAILABLE", f"the replica stopped during the call ({_why(r)})")
+                 else Part("", None, "UNAVAILABLE", f"the replica stopped during the call ({why(r)})")
                  for r in replies]
-        return _answer(combine(method, request, parts), context)
+        answer = combine(method, request, parts)
+        if answer.code == "OK":
+            self._note_pins(method, request, answer.payload or b"")
+        return _answer(answer, context)
+
+    def _note_pins(self, method: str, request: bytes, payload: bytes) -> None:
+        """What every replica pinned or unpinned, for the replicas Serve starts later."""
+        import ray
+
+        if method == "LoadAdapter" and pb.LoadAdapterRequest.FromString(request).pin:
+            ray.get(self.pins.pin.remote(pb.LoadAdapterResponse.FromString(payload).adapter.ref))
+        elif method == "UnloadAdapter":
+            ray.get(self.pins.unpin.remote(pb.UnloadAdapterResponse.FromString(payload).adapter.ref))
 
     def unary(self, method: str, request: bytes, context: grpc.ServicerContext) -> bytes:
         """Forward one call; sent once more when its replica dies under it."""
@@ -310,7 +379,7 @@ class Frontend:
                     if attempt == 1:
                         self.metrics.retries.labels(kind="unary").inc()
                         continue
-                    context.abort(grpc.StatusCode.UNAVAILABLE, f"the replicas serving this call stopped ({_why(e)}); "
+                    context.abort(grpc.StatusCode.UNAVAILABLE, f"the replicas serving this call stopped ({why(e)}); "
                                   "retry it")
                 except TimeoutError:
                     context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
@@ -346,7 +415,7 @@ class Frontend:
                         self.metrics.retries.labels(kind="stream").inc()
                         continue
                     context.abort(grpc.StatusCode.UNAVAILABLE,
-                                  f"the replica serving this stream stopped ({_why(e)}); send the request again")
+                                  f"the replica serving this stream stopped ({why(e)}); send the request again")
                 except RequestCancelledError:
                     context.abort(grpc.StatusCode.CANCELLED, "cancelled")
 
@@ -355,10 +424,6 @@ def _remaining(context: grpc.ServicerContext) -> float | None:
     """Seconds left of the call's deadline; None without one (gRPC then reports a far-future time)."""
     left = context.time_remaining()
     return None if left is None or left > 1e6 else max(left, 0.0)
-
-
-def _why(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 def _answer(reply: Reply, context: grpc.ServicerContext) -> bytes:
@@ -379,14 +444,20 @@ class Cluster:
         tokens = read_tokens(s)
         check_port(s.host, s.port)
         check_port(s.metrics_host, s.metrics_port)
+        check_port(s.http_host, s.http_port)
+        self._tokens = tokens
         self._interceptors = [TokenAuthInterceptor(tokens, admin_only=s.auth_admin_only)] if tokens else []
         self._started_ray = False
         self.grpc: grpc.Server | None = None
         self.handle: DeploymentHandle | None = None  # the deployment handle the endpoint forwards through
+        self.pins: Any = None  # the actor holding what the cluster pinned
         self.frontend: Frontend | None = None
         self.port = 0
         self.metrics = ClusterMetrics(self._scrape)
         self.metrics_port: int | None = None
+        self.http: Served | None = None
+        self.http_port: int | None = None
+        self._scaling = threading.Lock()  # one change of the replica count at a time
         self.router = Router(config.spread_after or s.max_batch_size, affinity=not config.random_routing)
 
     @property
@@ -407,7 +478,7 @@ class Cluster:
             num_replicas=replicas, ray_actor_options=options, max_ongoing_requests=ongoing,
             graceful_shutdown_timeout_s=5, health_check_period_s=2, health_check_timeout_s=30,
             version=version.hexdigest()[:16], _internal=True,
-        ).bind(c.server)
+        ).bind(c.server, PINS_ACTOR)
 
     def start(self) -> Cluster:
         """Start (or join) Ray, deploy the replicas and wait for them, then open the endpoint."""
@@ -428,6 +499,7 @@ class Cluster:
                 self._started_ray = True
         # No Serve proxy: this process is the ingress, so nothing listens on every interface.
         serve.start(proxy_location="Disabled")
+        self.pins = pins_actor(PINS_ACTOR)
         self.handle = serve.run(self._application(c.replicas), name=APP_NAME, route_prefix=None)
         s = c.server
         options = [("grpc.max_receive_message_length", s.max_message_bytes),
@@ -436,8 +508,12 @@ class Cluster:
                                                            thread_name_prefix="adapterhub-cluster"),
                                 interceptors=self._interceptors, options=options,
                                 maximum_concurrent_rpcs=FRONTEND_THREADS * 4)
-        self.frontend = Frontend(self.handle, self.router, self.metrics)
-        self.grpc.add_generic_rpc_handlers((self.frontend.handler(),))
+        self.frontend = Frontend(self.handle, self.router, self.metrics, self.pins)
+        scale = grpc.unary_unary_rpc_method_handler(self._scale_call,
+                                                    request_deserializer=cluster_pb2.ScaleRequest.FromString,
+                                                    response_serializer=cluster_pb2.ScaleResponse.SerializeToString)
+        self.grpc.add_generic_rpc_handlers((self.frontend.handler(), grpc.method_handlers_generic_handler(
+            cluster_pb2.DESCRIPTOR.services_by_name["Cluster"].full_name, {"Scale": scale})))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         self.port = self.grpc.add_insecure_port(f"{s.host}:{s.port}")
@@ -446,6 +522,12 @@ class Cluster:
         self.grpc.start()
         if s.metrics_port is not None:
             self.metrics_port = self.metrics.serve_http(s.metrics_port, s.metrics_host)
+        if s.http_port is not None:
+            api = ClusterHttp(self.handle, self.router, self.metrics, self.frontend.retryable, tokens=self._tokens,
+                              admin_only=s.auth_admin_only, max_body_bytes=s.max_message_bytes,
+                              base_names={basemodel.hf_id(s.base_model) or s.base_model, s.base_model, *BASE_NAMES})
+            self.http = Served(api.app)
+            self.http_port = self.http.start(s.http_host, s.http_port)
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         return self
@@ -463,7 +545,7 @@ class Cluster:
         return [t for t in texts if isinstance(t, tuple)]
 
     def retries(self, kind: str = "unary") -> int:
-        """Calls (`unary` or `stream`) sent a second time because the replica serving them stopped."""
+        """Calls (gRPC `unary` or `stream`, or `http`) sent a second time because the replica serving them stopped."""
         return int(self.metrics.registry.get_sample_value("adapterhub_cluster_retries_total", {"kind": kind}) or 0)
 
     def scale(self, replicas: int) -> None:
@@ -473,8 +555,23 @@ class Cluster:
 
         if replicas < 1:
             raise ServerConfigError(f"replicas must be >= 1, got {replicas}")
-        serve.run(self._application(replicas), name=APP_NAME, route_prefix=None)
-        self.config.replicas = replicas
+        with self._scaling:
+            serve.run(self._application(replicas), name=APP_NAME, route_prefix=None)
+            self.config.replicas = replicas
+
+    def _scale_call(self, request: cluster_pb2.ScaleRequest, context: grpc.ServicerContext) -> cluster_pb2.ScaleResponse:
+        """`adapterhub.v1.Cluster/Scale` (`hub scale N`): scale, then answer once the endpoint routes to that many
+        replicas (its view follows Serve's within moments), naming them."""
+        if request.replicas < 1:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"replicas must be >= 1, got {request.replicas}")
+        self.scale(request.replicas)
+        ids = self.replica_ids()
+        for _ in range(int(SCALE_SETTLE_SECONDS / 0.1)):
+            if len(ids) == request.replicas:
+                break
+            time.sleep(0.1)
+            ids = self.replica_ids()
+        return cluster_pb2.ScaleResponse(replicas=request.replicas, replica_ids=sorted(ids))
 
     def stop(self, grace: float | None = None) -> None:
         """Close the endpoint (calls in flight get `grace` seconds), delete the application, and stop Ray if
@@ -486,6 +583,9 @@ class Cluster:
             self.health.enter_graceful_shutdown()
             self.grpc.stop(self.config.server.grace_seconds if grace is None else grace).wait()
             self.grpc = None
+        if self.http is not None:
+            self.http.stop(self.config.server.grace_seconds if grace is None else grace)
+            self.http = None
         self.metrics.close()
         if ray.is_initialized():
             if self._started_ray:
@@ -493,6 +593,8 @@ class Cluster:
                 ray.shutdown()
             else:  # a shared cluster: take away this application only
                 serve.delete(APP_NAME)
+                if self.pins is not None:
+                    ray.kill(self.pins)
 
 
 def serve_cluster(config: ClusterConfig, *, ready: Callable[[Cluster], None] | None = None) -> int:

@@ -45,7 +45,7 @@ class ClusterMetrics(Exposed):
         super().__init__()
         self.registry.register(ReplicaMetrics(self._counted(scrape)))  # first: it sets `replicas` below
         self.retries = Counter("adapterhub_cluster_retries", "Calls sent again to another replica because the "
-                               "replica serving them stopped, by kind (unary, stream)", ["kind"],
+                               "replica serving them stopped, by kind (unary, stream, http)", ["kind"],
                                registry=self.registry)
         self.replicas = Gauge("adapterhub_cluster_replicas", "Replicas that answered this scrape",
                               registry=self.registry)

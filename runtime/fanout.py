@@ -40,16 +40,18 @@ def combine(method: str, request: bytes, parts: list[Part]) -> Reply:
     """The answer to `method` from every replica's part (sorted by replica, so answers do not depend on the
     order they came in)."""
     parts = sorted(parts, key=lambda p: p.replica)
-    named = ((REPLICAS_KEY, ",".join(p.replica for p in parts if p.replica)),)
-    failed = [p for p in parts if p.code != "OK"]
-    if not parts:
-        return Reply(None, "UNAVAILABLE", "no replica is running; retry when Serve has started one", named)
-    if failed:
-        return _failure(method, request, parts, failed, named)
+    named = named_replicas(parts)
+    what = method
+    if method in ("LoadAdapter", "UnloadAdapter"):
+        kind = pb.LoadAdapterRequest if method == "LoadAdapter" else pb.UnloadAdapterRequest
+        what = f"{method} {kind.FromString(request).ref!r}"
+    refused = failure(what, parts)
+    if refused is not None:
+        return refused
     if method == "ListAdapters":
         return Reply(merged_list(pb.ListAdaptersRequest.FromString(request),
-                                    [pb.ListAdaptersResponse.FromString(p.payload or b"") for p in parts]
-                                    ).SerializeToString(), metadata=named)
+                                 [pb.ListAdaptersResponse.FromString(p.payload or b"") for p in parts]
+                                 ).SerializeToString(), metadata=named)
     if method == "LoadAdapter":  # the slowest replica's load time: the call took that long
         replies = [pb.LoadAdapterResponse.FromString(p.payload or b"") for p in parts]
         slowest = max(replies, key=lambda r: r.load_seconds)
@@ -57,20 +59,28 @@ def combine(method: str, request: bytes, parts: list[Part]) -> Reply:
     return Reply(parts[0].payload, metadata=named)
 
 
-def _failure(method: str, request: bytes, parts: list[Part], failed: list[Part], named) -> Reply:
-    """All failed alike: that failure, as one server gives it. Else the first failure's code, with what each
-    replica answered, so the operator knows which replicas now differ."""
+def named_replicas(parts: list[Part]) -> tuple[tuple[str, str], ...]:
+    """The metadata naming the replicas that answered."""
+    return ((REPLICAS_KEY, ",".join(sorted(p.replica for p in parts if p.replica))),)
+
+
+def failure(what: str, parts: list[Part]) -> Reply | None:
+    """None when every replica succeeded. All failed alike: that failure, as one server gives it. Else the first
+    failure's code, with what each replica answered, so the operator knows which replicas now differ."""
+    parts = sorted(parts, key=lambda p: p.replica)
+    named = named_replicas(parts)
+    failed = [p for p in parts if p.code != "OK"]
+    if not parts:
+        return Reply(None, "UNAVAILABLE", "no replica is running; retry when Serve has started one", named)
+    if not failed:
+        return None
     if len(failed) == len(parts) and len({(p.code, p.details) for p in failed}) == 1:
         return Reply(None, failed[0].code, failed[0].details, named)
-    what = method
-    if method in ("LoadAdapter", "UnloadAdapter"):
-        kind = pb.LoadAdapterRequest if method == "LoadAdapter" else pb.UnloadAdapterRequest
-        what = f"{method} {kind.FromString(request).ref!r}"
     done = [p.replica for p in parts if p.code == "OK"]
     each = "; ".join(f"replica {p.replica or '(unknown)'}: {p.code}: {p.details}" for p in failed)
     tail = f"; it succeeded on replica(s) {', '.join(done)}" if done else ""
     return Reply(None, failed[0].code, f"{what} failed on {len(failed)} of {len(parts)} replicas: {each}{tail}",
-                    named)
+                 named)
 
 
 _TIER_ORDER = {pb.TIER_DEVICE: 0, pb.TIER_HOST: 1, pb.TIER_DISK: 2, pb.TIER_UNSPECIFIED: 3}

@@ -142,6 +142,70 @@ def _chat_messages(body: dict) -> list[dict[str, str]]:
     return out
 
 
+def refusal(tokens: dict[str, str] | None, admin_only: bool, request: HttpRequest,
+            admin: bool = False) -> JSONResponse | None:
+    """401 without a known bearer token (runtime/auth.py's rules), 403 for a user token on admin calls; None
+    when the request may go on."""
+    if tokens is None or (admin_only and not admin):
+        return None
+    header = request.headers.get("authorization", "")
+    token = header[len("Bearer "):].strip() if header.startswith("Bearer ") else None
+    role = token_role(tokens, token)
+    if role is None:
+        return _error(401, "missing or unknown token: send `Authorization: Bearer <token>`")
+    if admin and role != ADMIN:
+        return _error(403, "this call needs an admin token")
+    return None
+
+
+async def read_body(request: HttpRequest, max_bytes: int) -> bytes:
+    """The request's body; TooLarge past `max_bytes`, before more than that is read."""
+    too_large = errors.TooLarge(f"the request body is more than {max_bytes} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    raw = bytearray()
+    async for part in request.stream():
+        raw += part
+        if len(raw) > max_bytes:
+            raise too_large
+    return bytes(raw)
+
+
+class Served:
+    """An ASGI app served by uvicorn in a thread of this process."""
+
+    def __init__(self, app, tls: tuple[str, str] | None = None) -> None:
+        self.app = app
+        self._tls = tls  # (certificate, key) PEM files
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, host: str, port: int) -> int:
+        """Bind host:port (0: a free port) and serve in a thread; returns the bound port."""
+        family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host.strip("[]"), port))
+        cert, key = self._tls or (None, None)
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="off", access_log=False, ssl_certfile=cert,
+                                ssl_keyfile=key)
+        self._server = uvicorn.Server(config)
+        sock.listen(1024)  # connections wait in the backlog until the loop accepts them
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="adapterhub-http",
+                                        daemon=True)
+        self._thread.start()
+        return int(sock.getsockname()[1])
+
+    def stop(self, grace: float) -> None:
+        """Stop accepting; requests in flight get `grace` seconds to finish."""
+        if self._server is not None and self._thread is not None:
+            self._server.config.timeout_graceful_shutdown = grace
+            self._server.should_exit = True
+            self._thread.join()
+            self._server = None
+
+
 class HttpFrontend:
     """The ASGI app over one Serving core, and the uvicorn server that runs it in a thread."""
 
@@ -171,60 +235,27 @@ class HttpFrontend:
             Route("/generate_stream", self._lorax_stream, methods=["POST"]),
             Route("/", self._lorax, methods=["POST"]),
         ])
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._server: Served | None = None
 
     # -- serving -------------------------------------------------------------------------------------
     def start(self, host: str, port: int) -> int:
         """Bind host:port (0: a free port) and serve in a thread; returns the bound port."""
-        family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host.strip("[]"), port))
-        cert, key = self._tls or (None, None)
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="off", access_log=False, ssl_certfile=cert,
-                                ssl_keyfile=key)
-        self._server = uvicorn.Server(config)
-        sock.listen(1024)  # connections wait in the backlog until the loop accepts them
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="adapterhub-http",
-                                        daemon=True)
-        self._thread.start()
-        return int(sock.getsockname()[1])
+        self._server = Served(self.app, self._tls)
+        return self._server.start(host, port)
 
     def stop(self, grace: float) -> None:
         """Stop accepting; requests in flight get `grace` seconds to finish."""
-        if self._server is not None and self._thread is not None:
-            # uvicorn annotates an int, and hands the value to asyncio.timeout, which takes seconds as a float
-            self._server.config.timeout_graceful_shutdown = grace  # type: ignore[assignment]
-            self._server.should_exit = True
-            self._thread.join()
+        if self._server is not None:
+            self._server.stop(grace)
             self._server = None
 
     # -- plumbing ------------------------------------------------------------------------------------
     def _denied(self, request: HttpRequest, admin: bool = False) -> JSONResponse | None:
-        """401 without a known bearer token (runtime/auth.py's rules), 403 for a user token on admin calls."""
-        if self._tokens is None or (self._admin_only and not admin):
-            return None
-        header = request.headers.get("authorization", "")
-        token = header[len("Bearer "):].strip() if header.startswith("Bearer ") else None
-        role = token_role(self._tokens, token)
-        if role is None:
-            return _error(401, "missing or unknown token: send `Authorization: Bearer <token>`")
-        if admin and role != ADMIN:
-            return _error(403, "this call needs an admin token")
-        return None
+        return refusal(self._tokens, self._admin_only, request, admin)
 
     async def _body(self, request: HttpRequest) -> dict:
         """The JSON object the body holds; TooLarge past the size limit, before more than it is read."""
-        too_large = errors.TooLarge(f"the request body is more than {self._max_body} bytes")
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self._max_body:
-            raise too_large
-        raw = bytearray()
-        async for part in request.stream():
-            raw += part
-            if len(raw) > self._max_body:
-                raise too_large
+        raw = await read_body(request, self._max_body)
         try:
             body = json.loads(raw)
         except ValueError as e:

@@ -197,11 +197,12 @@ class RuntimeServer:
         if not self.port:
             raise ServerConfigError(f"cannot listen on {address} (in use?)")
         self.metrics_port: int | None = None
-        self.http = self._http_frontend(tokens) if config.http_port is not None else None
+        self.http = self.http_api(tokens) if config.http_port is not None else None
         self.http_port: int | None = None
         self._stopped = threading.Event()
 
-    def _http_frontend(self, tokens: dict[str, str] | None):
+    def http_api(self, tokens: dict[str, str] | None):
+        """The HTTP API over this server's core (not started): `hub serve --http-port`, and each cluster replica's."""
         from runtime.http import HttpFrontend
 
         c = self.config

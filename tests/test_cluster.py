@@ -6,12 +6,15 @@ replica). Ray is shut down at module teardown, and the last test checks no Ray p
 """
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -81,7 +84,7 @@ def cluster(served_base, shared_registry, remote_registry, token_file, adapter_m
     config = ServerConfig(base_model=str(served_base), port=0, registry=shared_registry.root,
                           remote=str(remote_registry.root),
                           auth_token_file=token_file, max_message_bytes=MAX_MESSAGE, grace_seconds=5,
-                          adapter_memory=adapter_memory, max_new_tokens=4000, metrics_port=0)
+                          adapter_memory=adapter_memory, max_new_tokens=4000, metrics_port=0, http_port=0)
     started = Cluster(ClusterConfig(config, replicas=2, replica_cpus=0.5))
     daemons: list[int] = []
     try:
@@ -171,7 +174,7 @@ def test_a_hot_set_spreads_past_its_in_flight_limit():
 
 @pytest.mark.parametrize("bad, message", [
     (dict(replicas=0), "--replicas must be >= 1"),
-    (dict(server=ServerConfig(http_port=8000)), "--http-port is not supported with --replicas"),
+    (dict(server=ServerConfig(tls_cert=Path("cert.pem"))), "--tls-cert is not supported with --replicas"),
     (dict(server=ServerConfig(max_batch_size=0)), "--max-batch-size must be >= 1"),
 ])
 def test_bad_cluster_options_are_one_line_before_ray_starts(bad, message):
@@ -181,7 +184,7 @@ def test_bad_cluster_options_are_one_line_before_ray_starts(bad, message):
 
 def test_cli_refuses_cluster_options_it_cannot_honour(tmp_path):
     hub = Path(sys.executable).parent / "hub"
-    for args, message in ((["--replicas", "2", "--http-port", "0"], "--http-port is not supported with --replicas"),
+    for args, message in ((["--replicas", "2", "--tls-cert", "c.pem"], "--tls-cert is not supported with --replicas"),
                           (["--ray-address", "auto"], "--ray-address needs --replicas N")):
         done = subprocess.run([str(hub), "serve", *args], capture_output=True, text=True, timeout=120)
         assert done.returncode != 0 and message in done.stderr, done.stderr
@@ -313,6 +316,62 @@ def versions(cluster, client: RuntimeClient, ref: str) -> set[str]:
     return {reply.adapters[0].version for reply, _ in by_load(cluster, client, adapters=[ref]).values()}
 
 
+def post(cluster, path: str, body: dict, token: str | None = ADMIN) -> tuple[int, dict, bytes]:
+    """An HTTP API call to the cluster: (status, headers, body)."""
+    headers = {"content-type": "application/json", **({"authorization": f"Bearer {token}"} if token else {})}
+    request = urllib.request.Request(f"http://127.0.0.1:{cluster.http_port}{path}", json.dumps(body).encode(),
+                                     headers)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def sse_text(raw: bytes) -> str:
+    """The text of an OpenAI completion stream's events."""
+    events = [json.loads(line[6:]) for line in raw.decode().splitlines() if line.startswith("data: {")]
+    return "".join(e["choices"][0]["text"] for e in events if e["choices"])
+
+
+def test_the_http_api_answers_as_a_single_server(cluster, single):
+    want = single.generate(PROMPT, adapters=["lora0"], max_new_tokens=8).text
+    body = {"model": "lora0", "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+    status, headers, raw = post(cluster, "/v1/completions", body)
+    assert status == 200 and json.loads(raw)["choices"][0]["text"] == want
+    assert headers.get("x-replica-id") in cluster.replica_ids()
+    status, headers, raw = post(cluster, "/v1/completions", {**body, "stream": True})
+    assert status == 200 and headers["content-type"].startswith("text/event-stream") and sse_text(raw) == want
+    assert raw.decode().rstrip().endswith("data: [DONE]")
+    status, _, raw = post(cluster, "/generate", {"inputs": PROMPT, "parameters": {"adapter_id": "lora0",
+                                                                                  "max_new_tokens": 8}})
+    assert status == 200 and json.loads(raw)["generated_text"] == want
+    status, _, raw = post(cluster, "/v1/completions", {**body, "temperature": 1.0, "n": 2})  # seeded here: retryable
+    assert status == 200 and len(json.loads(raw)["choices"]) == 2
+    status, _, raw = post(cluster, "/v1/completions", {**body, "model": "no-such-adapter"})
+    assert status == 404 and "no-such-adapter" in json.loads(raw)["error"]["message"]
+
+
+def test_the_http_api_checks_tokens_and_sizes_and_loads_on_every_replica(cluster):
+    body = {"model": "lora1", "prompt": PROMPT, "max_tokens": 2}
+    assert post(cluster, "/v1/completions", body, token=None)[0] == 401
+    assert post(cluster, "/v1/completions", body, token=USER)[0] == 200
+    assert post(cluster, "/v1/load_lora_adapter", {"lora_name": "ia3"}, token=USER)[0] == 403
+    too_large = http.client.HTTPConnection("127.0.0.1", cluster.http_port, timeout=60)  # refused on its length,
+    too_large.putrequest("POST", "/v1/completions")  # before the body is sent
+    too_large.putheader("authorization", f"Bearer {ADMIN}")
+    too_large.putheader("content-length", str(MAX_MESSAGE + 1))
+    too_large.endheaders()
+    assert too_large.getresponse().status == 413
+    too_large.close()
+    status, headers, raw = post(cluster, "/v1/load_lora_adapter", {"lora_name": "ia3"})
+    assert status == 200 and set(headers["x-replica-ids"].split(",")) == cluster.replica_ids(), raw
+    status, _, raw = post(cluster, "/v1/unload_lora_adapter", {"lora_name": "no-such-adapter"})
+    assert status == 404 and "no-such-adapter" in json.loads(raw)["error"]["message"]  # every replica's refusal
+    status, _, raw = post(cluster, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/tmp/x"})
+    assert status == 400 and "lora_path" in json.loads(raw)["error"]["message"]
+
+
 def test_a_push_and_a_tag_move_are_seen_by_every_replica(cluster, client, shared_registry, served_adapters,
                                                          served_base):
     shared_registry.push(served_adapters["lora1"], "moving", "1.0.0", base_model=str(served_base))
@@ -362,9 +421,9 @@ def stream_of(client: RuntimeClient, **kwargs):
 
 
 def test_a_replica_killed_mid_traffic(cluster, client, single, shared_registry, served_adapters, served_base):
-    """One replica decodes two long streams (their first chunks sent) holding its device budget; a unary call
-    and a stream for an adapter that does not fit beside them wait there for room (nothing sent yet). The
-    replica is killed: the two streams end UNAVAILABLE; the call and the waiting stream are sent once more,
+    """One replica decodes two long streams (their first chunks sent) holding its device budget; a unary call,
+    a stream and an HTTP call for an adapter that does not fit beside them wait there for room (nothing sent
+    yet). The replica is killed: the two streams end UNAVAILABLE; the three waiting calls are sent once more,
     to the other replica, and answer as a single server does; Serve starts a replacement; requests after
     it succeed. All name the adapter by one tag (one adapter set, so one replica), moved between them."""
     for version, source in zip(("1.0.0", "2.0.0", "3.0.0"), HOLD + (WAIT,)):
@@ -386,13 +445,18 @@ def test_a_replica_killed_mid_traffic(cluster, client, single, shared_registry, 
         assert int(dict(stream.initial_metadata())[REPLICA_PID_KEY]) == pid
         holding.append(stream)
     shared_registry.tag("held@3.0.0", tag.split("@")[1])
-    before, retried, restreamed = cluster.replica_ids(), cluster.retries(), cluster.retries("stream")
+    before = cluster.replica_ids()
+    retried = {kind: cluster.retries(kind) for kind in ("unary", "stream", "http")}
     results: list = []
     unary = threading.Thread(target=lambda: results.append(client.generate(PROMPT, max_new_tokens=40, **kwargs)))
     unary.start()
     waiting = stream_of(client, max_new_tokens=40, **kwargs)
-    wait_until(lambda: replica_metric(cluster, "adapterhub_adapter_memory_waiting", replica) == 2,
-               "the call and the stream wait for device room on the replica")
+    via_http: list = []
+    over_http = threading.Thread(target=lambda: via_http.append(post(cluster, "/v1/completions", {
+        "model": tag, "prompt": PROMPT, "max_tokens": 40, "temperature": 0})))
+    over_http.start()
+    wait_until(lambda: replica_metric(cluster, "adapterhub_adapter_memory_waiting", replica) == 3,
+               "the gRPC call, the stream and the HTTP call wait for device room on the replica")
     os.kill(pid, signal.SIGKILL)
     for stream in holding:
         with pytest.raises(grpc.RpcError) as ended:
@@ -404,7 +468,10 @@ def test_a_replica_killed_mid_traffic(cluster, client, single, shared_registry, 
     assert int(dict(waiting.initial_metadata())[REPLICA_PID_KEY]) != pid
     unary.join(timeout=120)
     assert not unary.is_alive() and results and results[0].text == want.text
-    assert (cluster.retries(), cluster.retries("stream")) == (retried + 1, restreamed + 1)  # each went once more
+    over_http.join(timeout=120)
+    assert via_http and via_http[0][0] == 200 and json.loads(via_http[0][2])["choices"][0]["text"] == want.text
+    assert int(via_http[0][1]["x-replica-pid"]) != pid
+    assert {kind: cluster.retries(kind) - n for kind, n in retried.items()} == {"unary": 1, "stream": 1, "http": 1}
     wait_until(lambda: len(cluster.replica_ids()) == 2 and replica not in cluster.replica_ids(),
                "Serve replaced the killed replica", limit=180)
     assert len(cluster.replica_ids() - before) == 1 and running() == 2
@@ -412,7 +479,25 @@ def test_a_replica_killed_mid_traffic(cluster, client, single, shared_registry, 
     assert reply.text == want.text and int(metadata[REPLICA_PID_KEY]) != pid
 
 
-def test_scale_up_and_down_while_serving(cluster, client):
+def test_scale_is_an_admin_call_of_the_cluster_only(cluster, single, token_file):
+    with RuntimeClient(cluster.address, token=USER, timeout=60) as user:
+        with pytest.raises(RequestFailed) as e:
+            user.scale(3)
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with RuntimeClient(cluster.address, token=ADMIN, timeout=60) as admin:
+        with pytest.raises(RequestFailed) as e:
+            admin.scale(0)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "replicas must be >= 1" in e.value.details()
+    hub = Path(sys.executable).parent / "hub"
+    done = subprocess.run([str(hub), "scale", "2", "--server", single.target], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1 and "serves one runtime, not `hub serve --replicas N`" in done.stderr
+    assert len(cluster.replica_ids()) == 2
+
+
+def test_scale_up_and_down_while_serving(cluster, client, token_file):
+    """`hub scale 3`, then the Scale RPC down to 1, while requests keep coming: none fails, and the replica
+    that started holds what the cluster had pinned."""
     errors: list[BaseException] = []
     replicas: set[str] = set()
     stop = threading.Event()
@@ -427,16 +512,22 @@ def test_scale_up_and_down_while_serving(cluster, client):
 
     load = threading.Thread(target=traffic)
     generate_on(client, max_new_tokens=1)  # the handle's router starts with its first request
+    assert client.load_adapter("bitfit", pin=True).adapter.pinned
     before = cluster.replica_ids()
     load.start()
     try:
-        cluster.scale(3)
-        assert running() == 3
-        wait_until(lambda: len(cluster.replica_ids()) == 3, "the router sends to 3 replicas")
+        hub = Path(sys.executable).parent / "hub"
+        done = subprocess.run([str(hub), "scale", "3", "--server", cluster.address, "--token-file", str(token_file)],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert running() == 3 and len(cluster.replica_ids()) == 3
+        assert done.stdout.startswith("3 replica(s): ") and set(done.stdout.split(": ")[1].strip().split(", ")) == \
+            cluster.replica_ids()
         assert before < cluster.replica_ids()  # the replicas that were there kept running
-        cluster.scale(1)
-        wait_until(lambda: len(cluster.replica_ids()) == 1 and running() == 1, "Serve stopped two replicas", limit=120)
-        assert cluster.replica_ids() < before | replicas
+        assert client.load_adapter("bitfit", pin=True).load_seconds == 0  # the new replica pinned it as it started
+        reply = client.scale(1)
+        assert reply.replicas == 1 and len(reply.replica_ids) == 1 and set(reply.replica_ids) < before | replicas
+        wait_until(lambda: running() == 1, "Serve stopped two replicas", limit=120)
     finally:
         stop.set()
         load.join(timeout=120)

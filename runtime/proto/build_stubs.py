@@ -12,7 +12,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 PROTO_ROOT = REPO / "proto"
-PROTO_FILES = ("adapterhub/v1/runtime.proto",)
+PROTO_FILES = ("adapterhub/v1/runtime.proto", "adapterhub/v1/cluster.proto")
 STUB_ROOT = Path(__file__).resolve().parent
 PACKAGE = "runtime.proto"
 
