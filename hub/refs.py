@@ -24,8 +24,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
-
 from hub.errors import HubError, IndexCorrupt, InvalidName, NotFound
 from hub.index import (INDEX_FILE, SCHEMA_VERSION, IndexFile, already_there, atomic_write_json, check_index,
                        load_manifest, read_json, registry_lock)
@@ -170,6 +168,8 @@ class RefStore:
     def _name_locked(self, name: str) -> Iterator[Path]:
         folder = self._folder(name)
         (folder / VERSIONS_DIR).mkdir(parents=True, exist_ok=True)
+        from filelock import FileLock  # imported by writers only: no reader locks
+
         with FileLock(folder / ".lock"):
             yield folder
 
