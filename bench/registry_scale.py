@@ -10,8 +10,9 @@ command and every server start is a new process), one `Registry.push` of a new v
 into a new empty registry (the size's registry as a directory remote, as a whole process), beside
 `python -c pass` (the floor any process pays on the machine at that moment). Each figure is the median
 of its rounds; the last row is the largest size's median over the smallest's. Last, one `hub push` of BULK
-copies of the adapter folder (`--name 'bulk/{dir}'`) into the smallest and into the largest registry:
-folders per second, the process's start and imports included.
+copies of the adapter folder (`--name 'bulk/{dir}'`) into the smallest and into the largest registry, and one
+`hub push --batch` of a list naming the same folders under other names: folders per second, the process's
+start and imports included.
 
     .venv/bin/python bench/registry_scale.py
     .venv/bin/python bench/registry_scale.py --sizes 10 1000 --rounds 3 --bulk 100
@@ -82,14 +83,20 @@ def measure(root: Path, folder: Path, n: int, scratch: Path) -> dict[str, float]
     }
 
 
-def bulk_rate(root: Path, folder: Path, scratch: Path, count: int) -> float:
-    """Folders per second of one `hub push` of `count` folders (a whole process, imports included)."""
+def bulk_rates(root: Path, folder: Path, scratch: Path, count: int) -> tuple[float, float]:
+    """Folders per second of one `hub push` of `count` folders, and of one `hub push --batch` of a list naming
+    them under other names (whole processes, imports included)."""
     folders = scratch / f"bulk-{root.name}"
     for i in range(count):
         shutil.copytree(folder, folders / f"b{i:05d}")
-    seconds = timed(lambda: run("-m", "hub", "push", *sorted(map(str, folders.iterdir())), "--name", "bulk/{dir}",
-                                "--version", "1.0.0", "--registry", str(root), cwd=root))
-    return count / seconds
+    paths = sorted(map(str, folders.iterdir()))
+    seconds = timed(lambda: run("-m", "hub", "push", *paths, "--name", "bulk/{dir}", "--version", "1.0.0",
+                                "--registry", str(root), cwd=root))
+    listing = scratch / f"list-{root.name}.jsonl"
+    listing.write_text("".join(json.dumps({"path": p, "name": f"listed/{Path(p).name}", "version": "1.0.0"}) + "\n"
+                               for p in paths))
+    listed = timed(lambda: run("-m", "hub", "push", "--batch", str(listing), "--registry", str(root), cwd=root))
+    return count / seconds, count / listed
 
 
 COLUMNS = [("push", "push"), ("tag", "tag"), ("resolve", "resolve (call, new process)"),
@@ -134,9 +141,11 @@ def main() -> None:
             for key, _ in COLUMNS])
         print(table(["versions"] + [title for _, title in COLUMNS], rows))
         if args.bulk:
-            rates = {size: bulk_rate(roots[size], folder, scratch, args.bulk) for size in (first, last)}
+            rates = {size: bulk_rates(roots[size], folder, scratch, args.bulk) for size in (first, last)}
             print(f"\nbulk hub push of {args.bulk:,} folders (one process, imports included): "
-                  + ", ".join(f"{rate:.1f} folders/s into {size:,} versions" for size, rate in rates.items()))
+                  + ", ".join(f"{rate[0]:.1f} folders/s into {size:,} versions" for size, rate in rates.items()))
+            print(f"bulk hub push --batch of {args.bulk:,} folders (one process, imports included): "
+                  + ", ".join(f"{rate[1]:.1f} folders/s into {size:,} versions" for size, rate in rates.items()))
 
 
 if __name__ == "__main__":
