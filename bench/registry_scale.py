@@ -6,11 +6,13 @@ size (the refs/ layout) in a temp folder, holding it and filled to the size with
 new names. Then ROUNDS rounds, each visiting every size in turn (so load on the machine hits all sizes alike):
 `Registry(root).resolve(ref)` in a new Python process (the call itself, and the whole process: every `hub`
 command and every server start is a new process), one `Registry.push` of a new version and one `Registry.tag`
-(in this process), and `hub show REF` and `hub list --limit 20` as whole processes, beside `python -c pass` (the floor any
-process pays on the machine at that moment). Each figure is the median
+(in this process), `hub show REF` and `hub list --limit 20` as whole processes, and `hub pull REF --from ROOT`
+into a new empty registry (the size's registry as a directory remote, as a whole process), beside
+`python -c pass` (the floor any process pays on the machine at that moment). Each figure is the median
 of its rounds; the last row is the largest size's median over the smallest's. Last, one `hub push` of BULK
-copies of the adapter folder (`--name 'bulk/{dir}'`) into the smallest and into the largest registry:
-folders per second, the process's start and imports included.
+copies of the adapter folder (`--name 'bulk/{dir}'`) into the smallest and into the largest registry, and one
+`hub push --batch` of a list naming the same folders under other names: folders per second, the process's
+start and imports included.
 
     .venv/bin/python bench/registry_scale.py
     .venv/bin/python bench/registry_scale.py --sizes 10 1000 --rounds 3 --bulk 100
@@ -60,11 +62,13 @@ def run(*args: str, cwd: Path) -> str:
     return done.stdout  # cwd is not the checkout's folder: `hub` comes from the venv
 
 
-def measure(root: Path, folder: Path, n: int) -> dict[str, float]:
-    """One round at one registry: push and tag a new version, resolve in a new process, hub show, hub list."""
+def measure(root: Path, folder: Path, n: int, scratch: Path) -> dict[str, float]:
+    """One round at one registry: push and tag a new version, resolve in a new process, hub show, hub list, and
+    hub pull with the registry as a directory remote."""
     from hub.registry import Registry
 
     registry = Registry(root)
+    local = scratch / f"pulled-{root.name}-{n}"  # a new, empty registry each round
     resolve_begin = time.perf_counter()
     call = float(run("-c", _RESOLVE, str(root), "template@1.0.0", cwd=root))
     return {
@@ -73,23 +77,31 @@ def measure(root: Path, folder: Path, n: int) -> dict[str, float]:
         "tag": timed(lambda: registry.tag(f"pushed/p{n:06d}@1.0.0", "stable")),
         "show": timed(lambda: run("-m", "hub", "show", "template@1.0.0", "--registry", str(root), cwd=root)),
         "list": timed(lambda: run("-m", "hub", "list", "--limit", "20", "--registry", str(root), cwd=root)),
+        "pull": timed(lambda: run("-m", "hub", "pull", "template@1.0.0", "--from", str(root), "--registry", str(local),
+                                  cwd=root)),
         "python": timed(lambda: run("-c", "pass", cwd=root)),
     }
 
 
-def bulk_rate(root: Path, folder: Path, scratch: Path, count: int) -> float:
-    """Folders per second of one `hub push` of `count` folders (a whole process, imports included)."""
+def bulk_rates(root: Path, folder: Path, scratch: Path, count: int) -> tuple[float, float]:
+    """Folders per second of one `hub push` of `count` folders, and of one `hub push --batch` of a list naming
+    them under other names (whole processes, imports included)."""
     folders = scratch / f"bulk-{root.name}"
     for i in range(count):
         shutil.copytree(folder, folders / f"b{i:05d}")
-    seconds = timed(lambda: run("-m", "hub", "push", *sorted(map(str, folders.iterdir())), "--name", "bulk/{dir}",
-                                "--version", "1.0.0", "--registry", str(root), cwd=root))
-    return count / seconds
+    paths = sorted(map(str, folders.iterdir()))
+    seconds = timed(lambda: run("-m", "hub", "push", *paths, "--name", "bulk/{dir}", "--version", "1.0.0",
+                                "--registry", str(root), cwd=root))
+    listing = scratch / f"list-{root.name}.jsonl"
+    listing.write_text("".join(json.dumps({"path": p, "name": f"listed/{Path(p).name}", "version": "1.0.0"}) + "\n"
+                               for p in paths))
+    listed = timed(lambda: run("-m", "hub", "push", "--batch", str(listing), "--registry", str(root), cwd=root))
+    return count / seconds, count / listed
 
 
 COLUMNS = [("push", "push"), ("tag", "tag"), ("resolve", "resolve (call, new process)"),
            ("resolve process", "resolve (whole process)"), ("show", "hub show"), ("list", "hub list --limit 20"),
-           ("python", "python -c pass")]
+           ("pull", "hub pull (directory remote)"), ("python", "python -c pass")]
 
 
 def main() -> None:
@@ -117,7 +129,7 @@ def main() -> None:
         samples: dict[int, list[dict[str, float]]] = {size: [] for size in sizes}
         for n in range(args.rounds):  # round-robin over the sizes: load on the machine hits every size alike
             for size in sizes:
-                samples[size].append(measure(roots[size], folder, n))
+                samples[size].append(measure(roots[size], folder, n, scratch))
         rows = []
         for size in sizes:
             assert sum(1 for _ in Registry(roots[size]).index().manifests()) == size + args.rounds
@@ -129,9 +141,11 @@ def main() -> None:
             for key, _ in COLUMNS])
         print(table(["versions"] + [title for _, title in COLUMNS], rows))
         if args.bulk:
-            rates = {size: bulk_rate(roots[size], folder, scratch, args.bulk) for size in (first, last)}
+            rates = {size: bulk_rates(roots[size], folder, scratch, args.bulk) for size in (first, last)}
             print(f"\nbulk hub push of {args.bulk:,} folders (one process, imports included): "
-                  + ", ".join(f"{rate:.1f} folders/s into {size:,} versions" for size, rate in rates.items()))
+                  + ", ".join(f"{rate[0]:.1f} folders/s into {size:,} versions" for size, rate in rates.items()))
+            print(f"bulk hub push --batch of {args.bulk:,} folders (one process, imports included): "
+                  + ", ".join(f"{rate[1]:.1f} folders/s into {size:,} versions" for size, rate in rates.items()))
 
 
 if __name__ == "__main__":

@@ -16,8 +16,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
-
 from hub.errors import HubError
 from hub.manifest import Manifest
 from hub.store import fsync_dir
@@ -44,6 +42,8 @@ def discard(root: Path, name: str, version: str) -> bool:
     path = records_file(root, name, version)
     if not path.parent.is_dir():
         return False
+    from filelock import FileLock  # imported by writers only: no reader locks
+
     with FileLock(str(path) + ".lock"):
         try:
             path.unlink()
@@ -115,6 +115,8 @@ def append(root: Path, manifest: Manifest, records: list[dict[str, Any]]) -> int
     concurrent appends (a lock per version file) and readers (whole lines, flushed to disk)."""
     path = records_path(root, manifest)
     path.parent.mkdir(parents=True, exist_ok=True)
+    from filelock import FileLock  # imported by writers only: no reader locks
+
     with FileLock(str(path) + ".lock"):
         held = {r["id"] for r in _read_all(path)}
         new = []

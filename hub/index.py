@@ -17,10 +17,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
-
 from hub.errors import Conflict, HubError, IndexCorrupt, NotFound
 from hub.manifest import Manifest, artifact_digest, check_name, check_tag, check_version, parse_ref, version_key
+from hub.schema_check import conforms
 from hub.store import TMP_DIR, fsync_dir, pause_point, temp_name
 
 INDEX_FILE = "registry.json"
@@ -30,11 +29,15 @@ SCHEMA_FILE = Path(__file__).with_name("registry.schema.json")
 
 
 @lru_cache(maxsize=1)
+def _schema() -> dict[str, Any]:
+    return json.loads(SCHEMA_FILE.read_text())
+
+
+@lru_cache(maxsize=1)
 def _validator():
     import jsonschema
 
-    schema = json.loads(SCHEMA_FILE.read_text())
-    return jsonschema.Draft202012Validator(schema)
+    return jsonschema.Draft202012Validator(_schema())
 
 
 def atomic_write_json(path: Path, data: Any, text: str | None = None, tmp_dir: Path | None = None) -> None:
@@ -212,7 +215,8 @@ class Index:
 
 def check_index(data: Any, source: str) -> None:
     """Validate index data against the registry schema and the rules a schema cannot say."""
-    errors = sorted(_validator().iter_errors(data), key=lambda e: list(e.absolute_path))
+    errors = [] if conforms(data, _schema()) else sorted(_validator().iter_errors(data),
+                                                         key=lambda e: list(e.absolute_path))
     if errors:
         where = "/".join(str(p) for p in errors[0].absolute_path) or "(top level)"
         raise IndexCorrupt(f"{source}: does not match the registry schema at {where}: {errors[0].message}")
@@ -250,6 +254,8 @@ def read_json(path: Path) -> Any:
 def registry_lock(root: Path) -> Iterator[None]:
     """The registry's lock (`.registry.lock` in its root): writers of registry.json, gc, and a push's last step."""
     root.mkdir(parents=True, exist_ok=True)
+    from filelock import FileLock  # imported by writers only: no reader locks
+
     with FileLock(root / LOCK_FILE):
         yield
 

@@ -24,8 +24,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
-
 from hub.errors import HubError, IndexCorrupt, InvalidName, NotFound
 from hub.index import (INDEX_FILE, SCHEMA_VERSION, IndexFile, already_there, atomic_write_json, check_index,
                        load_manifest, read_json, registry_lock)
@@ -76,17 +74,18 @@ class RefStore:
             orgs = [o for o in _entries(self.refs) if not prefix or o == NO_ORG or o.startswith(prefix)]
         found = []
         for org in orgs:
-            for base in _entries(self.refs / org):
+            folder = self.refs / org
+            for base in _entries(folder):
                 name = base if org == NO_ORG else f"{org}/{base}"
                 if prefix is None or name.startswith(prefix):
-                    found.append(_checked(check_name, name, self.refs / org / base))
+                    found.append(_checked(check_name, name, folder, base))
         return sorted(found)
 
     def versions(self, name: str) -> list[str]:
         """Versions of an adapter, oldest first (semantic-versioning order)."""
         folder = self._folder(name) / VERSIONS_DIR
         found = [f.removesuffix(".json") for f in _entries(folder) if f.endswith(".json")]
-        return sorted((_checked(check_version, v, folder / f"{v}.json") for v in found), key=version_key)
+        return sorted((_checked(check_version, v, folder, f"{v}.json") for v in found), key=version_key)
 
     def tags(self, name: str) -> dict[str, str]:
         path = self._folder(name) / TAGS_FILE
@@ -170,6 +169,8 @@ class RefStore:
     def _name_locked(self, name: str) -> Iterator[Path]:
         folder = self._folder(name)
         (folder / VERSIONS_DIR).mkdir(parents=True, exist_ok=True)
+        from filelock import FileLock  # imported by writers only: no reader locks
+
         with FileLock(folder / ".lock"):
             yield folder
 
@@ -233,11 +234,13 @@ def _entries(folder: Path) -> list[str]:
         return []
 
 
-def _checked(check: Callable[[str], str], value: str, where: Path) -> str:
+def _checked(check: Callable[[str], str], value: str, where: Path, entry: str | None = None) -> str:
+    """`check(value)`, its error an IndexCorrupt naming the file it came from (`where`, or the `entry` in that
+    folder: a path made only for the error, as a listing checks every name of a large registry)."""
     try:
         return check(value)
     except InvalidName as e:
-        raise IndexCorrupt(f"{where}: {e}") from None
+        raise IndexCorrupt(f"{where if entry is None else where / entry}: {e}") from None
 
 
 def _read_json(path: Path) -> Any | None:

@@ -18,12 +18,11 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hub import base_layout, basemodel, evals
 from hub.artifact import (CONFIG_FILE, WEIGHTS_FILE, Adapter, ArtifactError, Technique, adapter_from_bytes,
@@ -40,7 +39,16 @@ from hub.manifest import (
 from hub.refs import RefStore, is_legacy, listing, migrate
 from hub.store import BlobStore, Progress, check_copy, copy_hashed, fsync_dir, new_folder, temp_name
 
-_HASHING = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hub-sha256")  # read_deferred's hashes
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
+
+@functools.cache
+def _hashing() -> ThreadPoolExecutor:
+    """The threads read_deferred hashes in, made on first use: a command that reads no adapter pays no import."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="hub-sha256")
 
 CHECKOUTS = "checkouts"
 
@@ -139,7 +147,7 @@ def _read_deferred(manifest: Manifest, locate: Callable[[str], Path],
             data[name] = read_buffer(path, limit=int(manifest.files[name]["size"]))
         except FileNotFoundError:
             raise _missing(manifest, name, path) from None
-        pending[name] = _HASHING.submit(_size_and_digest, data[name])
+        pending[name] = _hashing().submit(_size_and_digest, data[name])
 
     def verified() -> None:
         for name, future in pending.items():

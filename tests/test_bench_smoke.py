@@ -142,7 +142,7 @@ def test_e2e_bench_http_mode_compares_the_frontends(tiny_model_dir):
 
 def test_registry_scale_bench_runs_and_reports_each_size():
     """bench/registry_scale.py at toy sizes: each size is reached exactly and gets its row of figures, and the
-    bulk push its line."""
+    bulk pushes (folders, and a --batch list) their lines."""
     import subprocess
 
     done = subprocess.run([sys.executable, str(BENCH / "registry_scale.py"), "--sizes", "12", "20", "--rounds", "1",
@@ -153,6 +153,7 @@ def test_registry_scale_bench_runs_and_reports_each_size():
     assert [r[0] for r in rows] == ["12", "20", "ratio"] and all(r[-1] == "ms" for r in rows[:2]), done.stdout
     assert rows[2][-1].endswith("x") and bulk.startswith("bulk hub push of 2 folders"), done.stdout
     assert "folders/s into 12 versions" in bulk and "folders/s into 20 versions" in bulk, done.stdout
+    assert "\nbulk hub push --batch of 2 folders" in bulk, done.stdout
 
 
 def test_kernel_bench_runs_every_part():

@@ -78,6 +78,12 @@ def test_a_lookup_reads_only_its_adapters_files(technique_adapters, hub_home):
         fresh.verify()
     (hub_home / "refs/_/good/tags.json").write_text(json.dumps({"bad tag": "1.0.0"}))
     one_line_error(hub("list", home=hub_home, ok=False), "invalid tag 'bad tag'")
+    (hub_home / "refs/_/good/tags.json").unlink()
+    (hub_home / "refs/_/good/versions/1.0.0-x!.json").write_text("{}")  # a file no version is named by
+    one_line_error(hub("list", home=hub_home, ok=False), f"{hub_home}/refs/_/good/versions/1.0.0-x!.json: invalid version")
+    (hub_home / "refs/_/good/versions/1.0.0-x!.json").unlink()
+    (hub_home / "refs/_/a..b").mkdir()  # a folder no adapter is named by
+    one_line_error(hub("list", home=hub_home, ok=False), f"{hub_home}/refs/_/a..b: invalid adapter name 'a..b'")
 
 
 def test_a_tag_killed_mid_write_leaves_the_old_tags(technique_adapters, hub_home):

@@ -12,8 +12,6 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from filelock import FileLock
-
 from hub.errors import InvalidName, NotFound, RemoteError
 from hub.index import LOCK_FILE, atomic_write_json
 from hub.manifest import Manifest
@@ -85,6 +83,8 @@ class Remotes:
 
     def _write(self, change) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
+        from filelock import FileLock  # imported by writers only: no reader locks
+
         with FileLock(self.root / LOCK_FILE):
             remotes = self.all()
             change(remotes)
