@@ -371,7 +371,7 @@ def read_adapter(folder: str | Path, *, shapes_only: bool = False) -> Adapter:
     return _adapter(technique, config, _parse(_read_weights(weights), str(weights), shapes_only), weights)
 
 
-def adapter_from_bytes(config: bytes, weights: bytes | bytearray, where: str, *, shapes_only: bool = False) -> Adapter:
+def adapter_from_bytes(config: bytes | bytearray, weights: bytes | bytearray, where: str, *, shapes_only: bool = False) -> Adapter:
     """An Adapter from its two files' bytes (the registry reads stored files once, checks, parses); with
     `shapes_only`, as `read_adapter` takes it."""
     parsed = parse_config(config, f"{where}/{CONFIG_FILE}")

@@ -47,6 +47,10 @@ class ConfigLayout:
     layers: frozenset[str]
     layer_kind: str
 
+    @property
+    def model_name(self) -> str:
+        return f"{self.config.get('model_type', 'unknown')} model"
+
     def module(self, path: str) -> Module:
         if path in self.linears:
             d_in, d_out = self.linears[path]
@@ -62,7 +66,7 @@ def _positive(value: Any) -> bool:
 
 def layout(config: dict[str, Any]) -> ConfigLayout | None:
     """The layout a config.json describes; None for a model type not listed or a config lacking a field."""
-    kind = CONFIG_LAYOUTS.get(config.get("model_type"))
+    kind = CONFIG_LAYOUTS.get(str(config.get("model_type")))
     head_dim = config.get("head_dim")
     if kind is None or not all(_positive(config.get(f)) for f in _FIELDS) or not (
             head_dim is None or _positive(head_dim)):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from hub import patterns
 from hub.artifact import Adapter, ArtifactError, Technique
@@ -18,7 +18,7 @@ from hub.base_layout import ConfigLayout, Module
 if TYPE_CHECKING:  # torch is imported where a model is at hand: checks against a config.json never need it
     import torch
     from torch import nn
-    from transformers import PreTrainedConfig
+    from transformers import PreTrainedConfig, PreTrainedModel
 
 PEFT_PREFIX = "base_model.model."
 PROMPT_SITE = ""  # prompt tuning touches no module; its tensors live under the empty path
@@ -77,13 +77,14 @@ class _ModelModules:
     def __init__(self, model: nn.Module):
         self.model_name = type(model).__name__
         self._modules = dict(model.named_modules())
-        self._embeddings = model.get_input_embeddings()
-        self.hidden = self._embeddings.weight.shape[1]
+        self._embeddings = cast("PreTrainedModel", model).get_input_embeddings()
+        self._shape: tuple[int, ...] = tuple(cast("torch.Tensor", self._embeddings.weight).shape)
+        self.hidden = self._shape[1]
 
     @property
     def embedding(self) -> tuple[str, tuple[int, ...]]:
         name = next(n for n, m in self._modules.items() if m is self._embeddings)
-        return name, tuple(self._embeddings.weight.shape)
+        return name, self._shape
 
     def module(self, path: str) -> Module | None:
         module = self._modules.get(path)
@@ -204,6 +205,7 @@ def check_fits(adapter: Adapter, model_or_config: Any) -> dict[str, tuple[int, .
             touched[path] = (hidden,)
             continue
         _check_linear(path, module, tensors, adapter.technique, is_feedforward(adapter, path))
+        assert module.weight_shape is not None  # a linear layer's (what _check_linear just checked)
         touched[path] = module.weight_shape
     return touched
 
@@ -212,7 +214,7 @@ _ARCH_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention
                 "intermediate_size", "vocab_size", "n_embd", "n_layer", "n_head", "n_inner")
 
 
-def fitted_fingerprint(adapter: Adapter, model_or_config: nn.Module | PreTrainedConfig) -> str:
+def fitted_fingerprint(adapter: Adapter, model_or_config: nn.Module | PreTrainedConfig | ConfigLayout) -> str:
     """The fingerprint of the base the adapter fits, after `check_fits` (its ArtifactError when it does not):
     what a push records and what a load compares with the recorded one."""
     touched = check_fits(adapter, model_or_config)

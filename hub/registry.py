@@ -109,7 +109,9 @@ def check_base(adapter: Adapter, base_model: str | None) -> BaseModelInfo:
         try:
             fitted = fitted_fingerprint(adapter, config)
         except base_layout.Unmapped:  # a module the config's layout does not list: transformers' model answers
-            fitted = fitted_fingerprint(adapter, _base_config(base_id))
+            whole = _base_config(base_id)
+            assert whole is not None, "a base whose config.json gave a layout has a transformers config"
+            fitted = fitted_fingerprint(adapter, whole)
     except ArtifactError as e:
         raise ArtifactError(f"does not fit base model {base_id}: {e}") from None
     return BaseModelInfo(id=recorded, revision=revision, fingerprint=fitted)

@@ -10,7 +10,7 @@ import re
 from typing import Any
 
 _ANNOTATIONS = {"$schema", "$id", "$defs", "title", "description", "format"}
-_TYPES = {"object": dict, "array": list, "string": str, "null": type(None)}
+_TYPES: dict[str, type] = {"object": dict, "array": list, "string": str, "null": type(None)}
 
 
 def conforms(instance: Any, schema: dict[str, Any], root: dict[str, Any] | None = None) -> bool:

@@ -186,7 +186,7 @@ def pins_actor(name: str):
             if ref in self._refs:
                 self._refs.remove(ref)
 
-    return Pins.options(name=name, namespace=APP_NAME, get_if_exists=True).remote()
+    return Pins.options(name=name, namespace=APP_NAME, get_if_exists=True).remote()  # type: ignore[attr-defined]  # ray.remote makes Pins an actor class
 
 
 def replica_deployment(affinity_slots: int):
@@ -221,7 +221,8 @@ def replica_deployment(affinity_slots: int):
 
             from runtime.errors import ServeError
 
-            for ref in ray.get(ray.get_actor(pins, namespace=APP_NAME).refs.remote()):
+            pinned: list[str] = ray.get(ray.get_actor(pins, namespace=APP_NAME).refs.remote())
+            for ref in pinned:
                 try:
                     self.server.pool.load(ref, pin=True)
                 except ServeError as e:  # gone from the registry, say: the replica serves without it
@@ -534,6 +535,7 @@ class Cluster:
 
     def replica_ids(self) -> set[str]:
         """The Serve ids of the replicas the endpoint routes to now (each answers for itself)."""
+        assert self.handle is not None, "the cluster is not started"
         answers = self.handle.broadcast("identity").results(timeout_s=60, return_exceptions=True)
         return {answer[0] for answer in answers if isinstance(answer, tuple)}  # not those that stopped meanwhile
 

@@ -100,12 +100,12 @@ def merged_list(request: pb.ListAdaptersRequest, pages: list[pb.ListAdaptersResp
             if cut is None or info.ref <= cut:
                 by_ref[info.ref] = _merged(by_ref[info.ref], info) if info.ref in by_ref else info
     refs = sorted(by_ref)
-    page = refs[:size]
+    kept = refs[:size]
     more = len(refs) > size or cut is not None
-    return pb.ListAdaptersResponse(adapters=[by_ref[r] for r in page],
+    return pb.ListAdaptersResponse(adapters=[by_ref[r] for r in kept],
                                    device_budget_bytes=sum(p.device_budget_bytes for p in pages),
                                    device_used_bytes=sum(p.device_used_bytes for p in pages),
-                                   next_page_token=page[-1] if more and page else "")
+                                   next_page_token=kept[-1] if more and kept else "")
 
 
 def _merged(a: pb.AdapterInfo, b: pb.AdapterInfo) -> pb.AdapterInfo:

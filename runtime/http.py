@@ -200,7 +200,8 @@ class Served:
     def stop(self, grace: float) -> None:
         """Stop accepting; requests in flight get `grace` seconds to finish."""
         if self._server is not None and self._thread is not None:
-            self._server.config.timeout_graceful_shutdown = grace
+            # uvicorn annotates an int, and hands the value to asyncio.timeout, which takes seconds as a float
+            self._server.config.timeout_graceful_shutdown = grace  # type: ignore[assignment]
             self._server.should_exit = True
             self._thread.join()
             self._server = None

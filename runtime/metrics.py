@@ -7,6 +7,7 @@ the metrics without limit (one series per adapter ever named), so only the first
 from __future__ import annotations
 
 import threading
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -19,7 +20,7 @@ class Exposed:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self._http = None
+        self._http: WSGIServer | None = None
 
     def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
         """Expose /metrics on host:port (port 0 picks a free one); returns the bound port."""
