@@ -20,7 +20,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -44,6 +44,7 @@ class Resident:
     nbytes: int
     config: dict[str, Any] = field(default_factory=dict)
     prompt: torch.Tensor | None = None  # soft prompt (tokens, hidden): prompt tuning only
+    free: Callable[[], Any] | None = None  # gives back its slots (LoRA), once it is unloaded or replaced
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,11 @@ class TechniqueImpl(ABC):
     def compile_all(self, site_uses: dict[str, list[Use]], batch: BatchInfo) -> dict[str, list[SiteOp]]:
         """All of a batch's sites at once (override to share work between sites); default: per site."""
         return {site: self.compile(site, uses, batch) for site, uses in site_uses.items()}
+
+    def compile_batch(self, site_uses: dict[str, list[Use]], batch: BatchInfo) -> dict[str, list[SiteOp]]:
+        """DELTA ops over the whole batch's rows at once, for techniques whose ops only index slot buffers (so
+        they cost small index tensors per batch change, never copies); they run before the segment's ops."""
+        return {}
 
     def check_plan(self, uses_of_row: list[Use], mode: str) -> None:
         """Raise ValueError when a row's combination of this technique's adapters cannot be served."""
