@@ -339,6 +339,25 @@ def test_prepare_needs_no_lock_and_install_makes_it_live(base, folders):
     assert torch.equal(engine_rows(eng, ROWS[:1], [RowPlan()])[0], before)
 
 
+def test_slots_go_back_on_unload_on_replace_and_when_a_prepared_adapter_is_dropped(base, folders):
+    """A LoRA's slots are occupied from `prepare` on and given back when it is unloaded, replaced under its key,
+    or prepared and then dropped without an install (a load that failed after its copies)."""
+    from runtime.techniques.slots import store_of
+
+    eng = Engine(copy.deepcopy(base))
+    store = store_of(eng.model)
+    size = eng.load("x", read_adapter(folders["lora_all"]))
+    assert store.bytes()[0] == size
+    eng.load("x", read_adapter(folders["lora_all"]))  # replaced: the old copy's slots are free again
+    assert store.bytes()[0] == size
+    dropped = eng.prepare("y", read_adapter(folders["lora_all"]))
+    assert store.bytes()[0] == 2 * size
+    del dropped
+    assert store.bytes()[0] == size
+    eng.unload("x")
+    assert store.bytes()[0] == 0
+
+
 def test_segments_must_cover_the_rows(engine):
     ids, mask = left_pad(ROWS[:3])
     for bad in ([1, 1], [2, 2], [3, 0]):
