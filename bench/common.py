@@ -24,8 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the scripts run as `python bench/x.py`
     sys.path.insert(0, str(ROOT))
 
-ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 
 def setup_logging() -> None:
     """Keep the printed tables readable: no download/progress bars or library warnings, here and in the

@@ -28,25 +28,27 @@ overlaps that request's last decode step (cold loads share the cores with it, wa
     .venv/bin/python bench/e2e_bench.py --dtype bfloat16   # both sides in bf16 (make bench's e2e-bf16 part)
     .venv/bin/python bench/e2e_bench.py --peft-linears onednn   # PEFT's base on the server's fp32 CPU kernels
     python bench/e2e_bench.py --device cuda --dtype bfloat16 --base-model DIR   # on a GPU machine
-    python bench/e2e_bench.py ... --no-peft        # the server alone (PEFT's mixed batch took 40-57 s a run on an H200)
+    python bench/e2e_bench.py ... --no-peft        # the server alone (PEFT's mixed batch is most of a run's time)
+    .venv/bin/python bench/e2e_bench.py --http     # HTTP mode: the clients over HTTP vs gRPC (see run_frontends)
 """
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
-from common import (ALL_PROJECTIONS, lora_template, median, percentile, script_parser, setup_logging, table,
-                    write_random_lora)
+from common import lora_template, median, percentile, script_parser, setup_logging, table, write_random_lora
 from scale_bench import Server
 
 from hub import basemodel  # noqa: E402  (common puts the repo on sys.path)
+from hub.architectures import PROJECTIONS  # noqa: E402
 from runtime.cpu_linear import route_linears  # noqa: E402
 
 TOPICS = ("a lighthouse", "a robot", "the sea", "a city at night", "a dragon", "a garden", "a train", "the moon",
@@ -58,7 +60,7 @@ TOPICS = ("a lighthouse", "a robot", "the sea", "a city at night", "a dragon", "
 # enough that some prompts end at once (EOS); 0.005 keeps every request generating all its tokens, so
 # every configuration produces the same token count. The cost of a LoRA does not depend on its values.
 LORA_SCALE = 0.005
-LORA_SHAPES = {"q,v": ("q_proj", "v_proj"), "all": ALL_PROJECTIONS}
+LORA_SHAPES = {"q,v": ("q_proj", "v_proj"), "all": PROJECTIONS}
 SHAPE_NAMES = {"q,v": "r=8 on q_proj, v_proj", "all": "r=8 on all 7 projections"}
 PEFT_LINEARS = {"torch": "torch's own, as shipped", "onednn": "oneDNN, as the server's (runtime/cpu_linear.py)"}
 
@@ -69,7 +71,7 @@ class E2EConfig:
     clients: int = 32
     new_tokens: int = 32
     repeats: int = 5
-    cold: int = 12  # cold/warm pairs; with 6 the all-projection ratio moved 1.26-1.65x between runs
+    cold: int = 12  # cold/warm pairs; with half as many the all-projection ratio moved a lot between runs
     rank: int = 8
     shapes: tuple[str, ...] = tuple(LORA_SHAPES)
     dtype: str = "float32"  # of the base, in the server and in PEFT alike
@@ -85,31 +87,77 @@ def prompts(tokenizer, n: int) -> list[list[int]]:
 
 
 def run_clients(address: str, jobs: list[tuple[list[int], str | None]], new_tokens: int) -> dict[str, Any]:
-    """One client thread (own channel) per job, all started together; tokens/s and per-request TTFT."""
+    """One gRPC client thread (own channel) per job, all started together; tokens/s and per-request TTFT."""
     from runtime.client import RuntimeClient
 
     clients = [RuntimeClient(address, timeout=900) for _ in jobs]
     for client in clients:
         client.wait_ready()
+
+    def stream(i: int) -> Iterator[int]:
+        ids, ref = jobs[i]
+        for chunk in clients[i].generate_stream(token_ids=ids, adapters=[ref] if ref else [],
+                                                max_new_tokens=new_tokens):
+            yield len(chunk.token_ids)
+
+    try:
+        return _concurrently(len(jobs), stream)
+    finally:
+        for client in clients:
+            client.close()
+
+
+def run_http_clients(url: str, jobs: list[tuple[list[int], str | None]], new_tokens: int) -> dict[str, Any]:
+    """As run_clients, over the OpenAI-compatible HTTP API: one HTTP client (own connection) per job streaming
+    `/v1/completions` (SSE), the same token ids, adapter (as `model`), greedy, NEW_TOKENS tokens."""
+    import httpx2 as httpx  # the HTTP client the openai SDK uses
+
+    clients = [httpx.Client(timeout=900) for _ in jobs]
+    for client in clients:  # the connection is open before the clock starts, as the gRPC channels are
+        client.get(f"{url}/models").raise_for_status()
+
+    def stream(i: int) -> Iterator[int]:
+        ids, ref = jobs[i]
+        body = {"model": ref or "base", "prompt": ids, "max_tokens": new_tokens, "temperature": 0, "stream": True}
+        with clients[i].stream("POST", f"{url}/completions", json=body) as reply:
+            reply.raise_for_status()
+            for line in reply.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    raise RuntimeError(chunk["error"]["message"])
+                if "adapters" in chunk:  # the opening chunk, sent before any token
+                    continue
+                yield 0 if chunk["choices"][0]["finish_reason"] else 1  # the closing chunk carries no token
+
+    try:
+        return _concurrently(len(jobs), stream)
+    finally:
+        for client in clients:
+            client.close()
+
+
+def _concurrently(n: int, stream: Callable[[int], Iterator[int]]) -> dict[str, Any]:
+    """n threads, all started together, each draining stream(i) (the new tokens of each chunk it receives);
+    tokens/s over the wall time (first request sent -> last token received) and per-request TTFT."""
     ttfts: list[float] = []
-    tokens = [0] * len(jobs)
+    tokens = [0] * n
     errors: list[str] = []
-    go = threading.Barrier(len(jobs) + 1)
+    go = threading.Barrier(n + 1)
 
     def one(i: int) -> None:
-        ids, ref = jobs[i]
         go.wait()
         start = time.perf_counter()
         try:
-            for chunk in clients[i].generate_stream(token_ids=ids, adapters=[ref] if ref else [],
-                                                    max_new_tokens=new_tokens):
-                if chunk.token_ids and tokens[i] == 0:
+            for count in stream(i):
+                if count and tokens[i] == 0:
                     ttfts.append(time.perf_counter() - start)
-                tokens[i] += len(chunk.token_ids)
+                tokens[i] += count
         except Exception as e:  # reported in the table, never silently dropped
             errors.append(f"{type(e).__name__}: {e}")
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     go.wait()
@@ -117,8 +165,6 @@ def run_clients(address: str, jobs: list[tuple[list[int], str | None]], new_toke
     for t in threads:
         t.join()
     wall = time.perf_counter() - started
-    for client in clients:
-        client.close()
     return {"tokens": sum(tokens), "wall_s": wall, "tokens_per_s": sum(tokens) / wall, "ttfts": ttfts,
             "errors": errors}
 
@@ -230,6 +276,67 @@ def _run(config: E2EConfig, workdir: Path, log) -> dict[str, Any]:
     return result
 
 
+def run_frontends(config: E2EConfig, log=print) -> dict[str, Any]:
+    """HTTP mode: CLIENTS concurrent streaming clients, each naming its own resident LoRA (r=8 on q_proj,
+    v_proj: the frontend's cost does not depend on the adapter's shape), over HTTP and over gRPC against one
+    server, interleaved REPEATS times (the order swapped every repeat)."""
+    from hub.registry import Registry
+    from runtime.client import RuntimeClient
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-frontends-"))
+    try:
+        model, tokenizer = basemodel.load(config.base_model, dtype=config.dtype, device=config.device)
+        registry = Registry(workdir / "registry")
+        ids = prompts(tokenizer, config.clients)
+        served, _, _ = _lora_set(model, registry, workdir / "qv", "q,v", replace(config, cold=0, peft=False), log)
+        del model
+        server = Server(["--base-model", config.base_model, "--port", "0", "--http-port", "0", "--registry",
+                         str(registry.root), "--max-batch-size", str(config.clients), "--grace", "10", "--dtype",
+                         config.dtype, "--device", config.device], workdir / "server.log", 600)
+        try:
+            with RuntimeClient(server.address, timeout=900) as client:
+                for ref in served:
+                    client.load_adapter(ref)
+            jobs = list(zip(ids, served))
+            configs = {"gRPC": lambda: run_clients(server.address, jobs, config.new_tokens),
+                       "HTTP": lambda: run_http_clients(server.http, jobs, config.new_tokens)}
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
+            for name, fn in configs.items():  # warm-up, not measured
+                log(f"frontends: warm-up, {name}: {fn()['tokens_per_s']:.1f} tok/s")
+            for r in range(config.repeats):
+                for name in (list(configs) if r % 2 == 0 else list(configs)[::-1]):
+                    runs[name].append(configs[name]())
+                    log(f"frontends: repeat {r + 1}/{config.repeats}, {name}: "
+                        f"{runs[name][-1]['tokens_per_s']:.1f} tok/s")
+        finally:
+            exit_code = server.stop()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    result = {"config": {**vars(config), "shapes": ["q,v"]}, "runs": runs, "server_exit_code": exit_code}
+    result["table"] = render_frontends(config, runs)
+    log(result["table"])
+    return result
+
+
+def render_frontends(config: E2EConfig, runs: dict[str, list[dict[str, Any]]]) -> str:
+    rows = []
+    for name, rs in runs.items():
+        ttfts = [t for r in rs for t in r["ttfts"]]
+        rows.append([name, f"{median(r['tokens_per_s'] for r in rs):.1f} tok/s", f"{median(r['tokens'] for r in rs):.0f}",
+                     f"{percentile(ttfts, 50) * 1000:.0f} ms", f"{percentile(ttfts, 95) * 1000:.0f} ms",
+                     str(sum(len(r["errors"]) for r in rs))])
+    ttft_ratios = [percentile(h["ttfts"], 50) / percentile(g["ttfts"], 50) for h, g in zip(runs["HTTP"], runs["gRPC"])]
+    title = (f"Frontends: {config.clients} concurrent streaming clients, each its own LoRA ({SHAPE_NAMES['q,v']}), "
+             f"{config.new_tokens} new tokens each, {config.base_model} {config.dtype} on {config.device} "
+             f"(median of {config.repeats}, interleaved)")
+    lines = [title] + ["  " + line for line in table(["frontend", "throughput", "tokens", "TTFT p50", "TTFT p95",
+                                                      "errors"], rows).splitlines()]
+    lines.append(f"HTTP / gRPC, per-repeat ratios, median [min-max]: throughput {paired(runs['HTTP'], runs['gRPC'])} "
+                 f"(target >= 0.95x), TTFT p50 {median(ttft_ratios):.2f}x [{min(ttft_ratios):.2f}-"
+                 f"{max(ttft_ratios):.2f}] (target <= 1.1x)")
+    return "\n".join(lines)
+
+
 def _lora_set(model, registry, folder: Path, shape: str, config: E2EConfig, log) -> tuple[list[str], list[str], Any]:
     """CLIENTS + COLD random LoRAs of one shape pushed to the registry: (served refs, cold refs, PEFT model
     holding the served ones as a00, a01, ...)."""
@@ -305,6 +412,8 @@ def main() -> None:
         ap.add_argument("--peft-linears", choices=tuple(PEFT_LINEARS), default=defaults.peft_linears,
                         help="PEFT's base linear layers: torch's own (as users run PEFT) or oneDNN like the server's")
         ap.add_argument("--no-peft", action="store_true", help="the server's configurations only (no PEFT batch)")
+        ap.add_argument("--http", action="store_true",
+                        help="HTTP mode: the same streaming clients over HTTP and over gRPC, against one server")
 
     args = script_parser(__doc__, add).parse_args()
     setup_logging()
@@ -313,7 +422,10 @@ def main() -> None:
                        device=args.device, peft_linears=args.peft_linears, peft=not args.no_peft)
     if args.quick:
         config.clients, config.new_tokens, config.repeats, config.cold, config.shapes = 4, 8, 1, 2, ("q,v",)
-    run_e2e(config)
+    if args.http:
+        run_frontends(config)
+    else:
+        run_e2e(config)
 
 
 if __name__ == "__main__":

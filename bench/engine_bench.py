@@ -65,7 +65,7 @@ def bottleneck_folder(base, folder: Path) -> Path | None:
 
     from safetensors.torch import save_file
 
-    from hub.adapterhub_import import BottleneckConfig
+    from hub.bottleneck_format import BottleneckConfig
 
     hidden, size = base.config.hidden_size, 64
     folder.mkdir(parents=True, exist_ok=True)

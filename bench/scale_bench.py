@@ -46,7 +46,7 @@ from common import (ROOT, add_options, build_config, jsonable, lora_template, me
 from hub import basemodel  # noqa: E402  (common puts the repo on sys.path)
 
 PHASES = ("base", "zipf", "round-robin")
-_LISTENING = re.compile(r"listening on (\S+?)(?:, metrics on http://([^/\s]+)/metrics)?$")
+_LISTENING = re.compile(r"listening on (\S+?)(?:, HTTP API on (http://\S+?/v1))?(?:, metrics on http://([^/\s]+)/metrics)?$")
 
 
 @dataclass
@@ -122,7 +122,8 @@ def _numel(shape: tuple[int, ...]) -> int:
 # -- server ----------------------------------------------------------------------------------------
 
 class Server:
-    """A `hub serve` subprocess; its address and metrics port come from its 'listening on' line."""
+    """A `hub serve` subprocess; its address, HTTP API URL (with --http-port) and metrics port come from its
+    'listening on' line."""
 
     def __init__(self, args: list[str], log_path: Path, timeout: float):
         self.log_path = log_path
@@ -132,7 +133,7 @@ class Server:
         self._ready: queue.Queue = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
         try:
-            self.address, self.metrics = self._ready.get(timeout=timeout)
+            self.address, self.metrics, self.http = self._ready.get(timeout=timeout)
         except queue.Empty:
             self.stop()
             raise RuntimeError(f"hub serve did not start within {timeout:.0f} s:\n{self.log_tail()}") from None
@@ -149,8 +150,8 @@ class Server:
             self._log.flush()
             m = _LISTENING.search(line.strip())
             if m:
-                self._ready.put((m.group(1), m.group(2)))
-        self._ready.put((None, None))
+                self._ready.put((m.group(1), m.group(3), m.group(2)))
+        self._ready.put((None, None, None))
 
     def scrape(self) -> dict[str, float]:
         """The server's Prometheus samples, keyed `name{label=value,...}`."""

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-
+from hub.architectures import SHARED_INPUT
 from runtime.techniques.base import (BatchInfo, RowBiasOp, SiteOp, Stage, Use,
                                      row_vectors)
 
@@ -24,10 +23,6 @@ class LoraSite:
     @property
     def rank(self) -> int:
         return self.a_t.shape[1]
-
-
-# Sibling modules that models call with the same input tensor: their A projections can run as one.
-SHARED_INPUT = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"w1", "w3"})
 
 
 def _sibling_group(site: str) -> tuple[str, int] | None:

@@ -24,10 +24,11 @@ from typing import Any, Callable
 
 import torch
 
-from common import (ALL_PROJECTIONS, add_options, build_config, interleaved, jsonable, median, random_loras,
-                    script_parser, setup_logging, table)
+from common import (add_options, build_config, interleaved, jsonable, median, random_loras, script_parser,
+                    setup_logging, table)
 
 from hub import basemodel  # noqa: E402  (common puts the repo on sys.path)
+from hub.architectures import PROJECTIONS  # noqa: E402
 from hub.artifact import read_adapter  # noqa: E402
 from runtime.cpu_linear import route_linears  # noqa: E402
 from runtime.engine import Engine  # noqa: E402
@@ -45,7 +46,7 @@ class SweepConfig:
     counts: tuple[int, ...] = (1, 4, 16, 64)
     repeats: int = 3
     rank: int = 8
-    targets: tuple[str, ...] = ALL_PROJECTIONS
+    targets: tuple[str, ...] = PROJECTIONS
     dtype: str = "float32"
     device: str = "cpu"
     seed: int = 0

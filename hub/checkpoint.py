@@ -49,7 +49,7 @@ def _split(technique: Technique, key: str) -> tuple[str, str]:
 
 
 def module_tensors(adapter: Adapter) -> dict[str, dict[str, torch.Tensor]]:
-    """Base-module path -> that module's named tensors (see interfaces.md for the names)."""
+    """Base-module path -> that module's named tensors (docs/registry.md, Artifacts, lists them per technique)."""
     out: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in adapter.tensors.items():
         module, name = _split(adapter.technique, key)

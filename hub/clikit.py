@@ -86,3 +86,10 @@ def printable(text: str) -> str:
     """Text from a manifest (which may come from anyone's remote) with control and format characters escaped
     (`\\x1b`, `\\u202e`), so no escape sequence in a description or base model id reaches the terminal."""
     return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
+def table(rows: list[list[str]]) -> str:
+    """Rows as left-aligned columns two spaces apart (cells made printable)."""
+    cells = [[printable(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)

@@ -19,7 +19,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from hub.errors import Conflict, IndexCorrupt, NotFound
+from hub.errors import Conflict, HubError, IndexCorrupt, NotFound
 from hub.manifest import Manifest, artifact_digest, check_name, check_tag, check_version, parse_ref, version_key
 from hub.store import TMP_DIR, fsync_dir, pause_point, temp_name
 
@@ -37,10 +37,11 @@ def _validator():
     return jsonschema.Draft202012Validator(schema)
 
 
-def atomic_write_json(path: Path, data: Any, text: str | None = None) -> None:
+def atomic_write_json(path: Path, data: Any, text: str | None = None, tmp_dir: Path | None = None) -> None:
     """Write JSON so that `path` holds either its old or its new content, never a mix. `text`: `data` already
-    serialized as json.dumps(data, indent=1, sort_keys=True) gives it."""
-    tmp = temp_name(path.parent / TMP_DIR, ".json")
+    serialized as json.dumps(data, indent=1, sort_keys=True) gives it; `tmp_dir`: where the temp file goes
+    (default: a temp folder beside `path`), on the same file system."""
+    tmp = temp_name(tmp_dir if tmp_dir is not None else path.parent / TMP_DIR, ".json")
     try:
         with open(tmp, "w") as f:
             f.write(text if text is not None else json.dumps(data, indent=1, sort_keys=True))
@@ -58,7 +59,7 @@ def index_text(data: dict[str, Any], texts: dict[str, tuple[Any, str]]) -> str:
     """`data` as json.dumps(data, indent=1, sort_keys=True) writes it, reusing the text of adapter entries that
     are the very objects serialized before (`texts`: name -> (entry, its text), updated here). Entries are
     copied before they change (Index._entry), so an entry object's text never goes stale; a push then
-    serializes one entry, not all (Python's indenting encoder took ~45 ms for 1,000 versions)."""
+    serializes one entry, not all (Python's indenting encoder is slow on a large index)."""
     adapters = data.get("adapters")
     parts = []
     for key in sorted(data):
@@ -80,11 +81,11 @@ def index_text(data: dict[str, Any], texts: dict[str, tuple[Any, str]]) -> str:
 class Index:
     """An in-memory registry index; `IndexFile.update()` hands out a private one for a locked change.
 
-    `IndexFile.read()` hands every reader the same `shared` index (parsing 1,000 versions cost ~8 ms of
-    GIL per request); a shared index refuses changes, and manifests are handed out as copies.
+    `IndexFile.read()` hands every reader the same `shared` index (parsing a large index on every request
+    holds the GIL); a shared index refuses changes, and manifests are handed out as copies.
 
     An adapter's entry is checked against the schema when it is first used, not when the index is read:
-    validating every entry on every read cost ~0.35 ms per version (3.5 s at 10,000 versions). Writers
+    validating every entry on every read costs time in proportion to the whole registry. Writers
     check what they change before it is written; listing (and so `hub verify`) checks every entry.
     """
 
@@ -96,7 +97,7 @@ class Index:
         self._checked: set[str] = set()  # adapters whose entries passed _check
         adapters = self.data.get("adapters") if isinstance(self.data, dict) else None
         # the top level alone (schema version, `adapters` an object): the entries are checked as used
-        _check(self.data if not isinstance(adapters, dict) else {**self.data, "adapters": {}}, source)
+        check_index(self.data if not isinstance(adapters, dict) else {**self.data, "adapters": {}}, source)
 
     def _adapter(self, name: str) -> dict[str, Any] | None:
         """The entry of `name` (None if there is none), checked against the schema the first time it is used."""
@@ -109,12 +110,12 @@ class Index:
     def _check(self, names: Iterable[str]) -> None:
         """Validate these adapters' entries (the ones still there): every rule is per adapter."""
         adapters = self.data["adapters"]
-        _check({**self.data, "adapters": {n: adapters[n] for n in names if n in adapters}}, self.source)
+        check_index({**self.data, "adapters": {n: adapters[n] for n in names if n in adapters}}, self.source)
 
     # -- reading
 
-    def names(self) -> list[str]:
-        return sorted(self.data["adapters"])
+    def names(self, prefix: str | None = None) -> list[str]:
+        return sorted(n for n in self.data["adapters"] if prefix is None or n.startswith(prefix))
 
     def manifests(self, names: Iterable[str] | None = None) -> Iterator[Manifest]:
         """Every version (of these adapters), each entry checked as it is reached: listing or verifying
@@ -155,22 +156,13 @@ class Index:
             raise NotFound(f"{name} has no version {version} (versions: {', '.join(self.versions(name))})")
         return manifest
 
-    def referenced_blobs(self) -> set[str]:
-        """Digests of the blobs some version stores in the blob store (not those in a `path` folder)."""
-        return {f["sha256"] for m in self.manifests() if m.path is None for f in m.files.values()}
-
     # -- changing (only inside IndexFile.update())
 
     def add(self, manifest: Manifest) -> Manifest:
         """Record a version; the same content again is a no-op that returns the existing manifest."""
-        existing = self.get(manifest.name, manifest.version)
+        existing = already_there(self.get(manifest.name, manifest.version), manifest)
         if existing is not None:
-            if existing.sha256 == manifest.sha256:
-                return existing
-            raise Conflict(
-                f"{manifest.ref} already exists with different content (sha256 {existing.sha256[:12]}...); "
-                "versions are immutable: push a new version"
-            )
+            return existing
         self._entry(manifest.name, create=True)["versions"][manifest.version] = manifest.to_dict()
         return manifest
 
@@ -216,7 +208,7 @@ class Index:
         self._checked |= self.changed
 
 
-def _check(data: Any, source: str) -> None:
+def check_index(data: Any, source: str) -> None:
     """Validate index data against the registry schema and the rules a schema cannot say."""
     errors = sorted(_validator().iter_errors(data), key=lambda e: list(e.absolute_path))
     if errors:
@@ -233,12 +225,39 @@ def _check(data: Any, source: str) -> None:
                 raise IndexCorrupt(f"{source}: tag {name}@{tag} points at missing version {version}")
 
 
+def already_there(existing: Manifest | None, manifest: Manifest) -> Manifest | None:
+    """The version `manifest` would add, if it exists with the same content (an add is then a no-op);
+    Conflict if it exists with other content (versions are immutable)."""
+    if existing is not None and existing.sha256 != manifest.sha256:
+        raise Conflict(f"{manifest.ref} already exists with different content (sha256 {existing.sha256[:12]}...); "
+                       "versions are immutable: push a new version")
+    return existing
+
+
+def read_json(path: Path) -> Any:
+    """A file's JSON; IndexCorrupt (one line) if it is not JSON."""
+    try:
+        return json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IndexCorrupt(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise IndexCorrupt(f"{path}: not valid JSON (nested too deeply)") from None
+
+
+@contextmanager
+def registry_lock(root: Path) -> Iterator[None]:
+    """The registry's lock (`.registry.lock` in its root): writers of registry.json, gc, and a push's last step."""
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(root / LOCK_FILE):
+        yield
+
+
 def load_manifest(data: Any, source: str) -> Manifest:
     """A manifest read from elsewhere (e.g. a Hugging Face repo), validated against the index schema."""
     if not isinstance(data, dict):
         raise IndexCorrupt(f"{source}: expected a JSON object")
     wrapped = {"adapters": {str(data.get("name")): {"versions": {str(data.get("version")): data}, "tags": {}}}}
-    _check({"schema_version": SCHEMA_VERSION, **wrapped}, source)
+    check_index({"schema_version": SCHEMA_VERSION, **wrapped}, source)
     return Manifest.from_dict(data)
 
 
@@ -249,7 +268,7 @@ class IndexFile:
         self.root = Path(root)
         self.path = self.root / INDEX_FILE
         # (file identity, index) of the last index this object read, handed to every reader until the file
-        # changes: parsing it on every read cost ~8 ms per request at 1,000 versions.
+        # changes: parsing it on every read costs every request time in proportion to the registry.
         self._last: tuple[tuple[int, int, int], Index] | None = None
         # One parse at a time: a server's first burst of requests would otherwise parse the same index
         # once per request thread, all at once.
@@ -280,27 +299,20 @@ class IndexFile:
 
     def _parse(self) -> Index:
         identity = self._identity()
-        try:
-            data = json.loads(self.path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise IndexCorrupt(f"{self.path}: not valid JSON ({e})") from None
-        except RecursionError:
-            raise IndexCorrupt(f"{self.path}: not valid JSON (nested too deeply)") from None
-        index = Index(data, str(self.path), shared=True)
+        index = Index(read_json(self.path), str(self.path), shared=True)
         if self._identity() == identity:  # not replaced while it was read
             self._last = (identity, index)
         return index
 
-    @contextmanager
-    def locked(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with FileLock(self.root / LOCK_FILE):
-            yield
+    def locked(self):
+        return registry_lock(self.root)
 
     @contextmanager
     def update(self) -> Iterator[Index]:
         """Read-modify-write under the lock; nothing is written if the block raises or changes nothing."""
         with self.locked():
+            if (self.root / "refs").is_dir():  # `hub migrate` ran since this registry was opened
+                raise HubError(f"{self.root}: {INDEX_FILE} was migrated to refs/; run the command again")
             index = self.read().private_copy()
             yield index
             if index.changed:
@@ -309,3 +321,42 @@ class IndexFile:
                 index.shared = True  # readers get it from now on
                 self._last = (self._identity(), index)
                 pause_point("index-committed")
+
+
+class JsonStore:
+    """A registry whose index is one `registry.json` (written before refs/ existed, or the listing a repository
+    ships): the same writes as `hub.refs.RefStore`, each a locked read-modify-write of the whole file."""
+
+    def __init__(self, root: Path):
+        self.index_file = IndexFile(root)
+
+    def reader(self) -> Index:
+        return self.index_file.read()
+
+    def locked(self):
+        return self.index_file.locked()
+
+    def add(self, manifest: Manifest, before=lambda: None) -> Manifest:
+        with self.index_file.update() as index:
+            if index.get(manifest.name, manifest.version) is None:
+                before()
+            return index.add(manifest)
+
+    def set_tag(self, name: str, tag: str, version: str) -> None:
+        with self.index_file.update() as index:
+            if index.get(name, version) is None:
+                raise NotFound(f"{name} has no version {version}")
+            index.set_tag(name, tag, version)
+
+    def delete_tag(self, name: str, tag: str) -> str:
+        with self.index_file.update() as index:
+            version = index.resolve(f"{name}@{tag}").version
+            index.delete_tag(name, tag)
+        return version
+
+    def remove(self, name: str, version: str) -> list[str]:
+        with self.index_file.update() as index:
+            index.resolve(f"{name}@{version}")
+            dropped = sorted(t for t, v in index.tags(name).items() if v == version)
+            index.remove(name, version)
+        return dropped

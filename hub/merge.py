@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from hub.adapterhub_import import BottleneckConfig
+from hub.bottleneck_format import BottleneckConfig
 from hub.artifact import Adapter, Technique
 from hub.checkpoint import PEFT_PREFIX, lora_rank_alpha, module_tensors
 from hub.merge_spec import MergeError, MergeSpec, method_family, uses_svd

@@ -1,20 +1,21 @@
-"""The registry facade: push, resolve, materialize, export, tag, remove, verify and gc.
+"""The registry facade: push, resolve, materialize, export, tag, remove, verify, gc and migrate.
 
-A registry is a directory: `registry.json` (the index, see hub/index.py) and content-addressed
-blobs (hub/store.py). A push validates the artifact and, when the base model is at hand, that it
-fits the base; it writes the blobs first and then adds the version to the index in one atomic
-rename, so a push killed at any moment leaves the old index and, at worst, unreferenced blobs
-that `gc` removes. A version can instead live in a folder of the registry (`path`, relative to
-the root): that is how a git checkout ships its demo adapters in its own `registry.json`.
+A registry is a directory: its index, one small file per version and per adapter's tags under `refs/`
+(hub/refs.py), and content-addressed blobs (hub/store.py). A folder whose index is one `registry.json`
+(hub/index.py: written before refs/ existed, or the listing a repository ships) is read and written as
+it is until `migrate` converts it. A push validates the artifact and, when the base model is at hand,
+that it fits the base; it writes the blobs first and then adds the version to the index in one atomic
+rename, so a push killed at any moment leaves the old index and, at worst, unreferenced blobs that `gc`
+removes. A version can instead live in a folder of the registry (`path`, relative to the root): that is
+how a git checkout ships its demo adapters in its own `registry.json`.
 """
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,14 +26,16 @@ from typing import Any
 from hub import basemodel
 from hub.artifact import (CONFIG_FILE, WEIGHTS_FILE, Adapter, ArtifactError, Technique, adapter_from_bytes,
                           read_adapter, read_buffer)
+from hub.chat_template import chat_template, check_template
 from hub.errors import Conflict, HubError, IntegrityError, InvalidName, NotFound
 from hub.files import NotRegularFile, check_below
 from hub.home import hub_home
-from hub.index import Index, IndexFile
+from hub.index import Index, JsonStore
 from hub.manifest import (
     BaseModelInfo, Manifest, Provenance, artifact_files, build, check_claims, check_name, check_version, parse_ref,
     sha256_file,
 )
+from hub.refs import RefStore, is_legacy, listing, migrate
 from hub.store import BlobStore, Progress, check_copy, copy_hashed, fsync_dir, new_folder, temp_name
 
 _HASHING = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hub-sha256")  # read_deferred's hashes
@@ -138,16 +141,15 @@ def _check_incoming(manifest: Manifest, sources: dict[str, Path]) -> None:
 
 @contextmanager
 def _imported(folder: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
-    """The folder to push, converting an AdapterHub `adapters` library folder first (when that importer is
-    installed); yields (folder, lineage additions)."""
-    if importlib.util.find_spec("hub.adapterhub_import") is not None:
-        from hub.adapterhub_import import import_adapterhub, is_adapterhub_folder
+    """The folder to push, converting an AdapterHub `adapters` library folder first; yields (folder, lineage
+    additions). Imported here, not at the top: the importer loads torch, which reading the registry never needs."""
+    from hub.adapterhub_import import import_adapterhub, is_adapterhub_folder
 
-        if is_adapterhub_folder(folder):
-            with tempfile.TemporaryDirectory(prefix="hub-import-") as tmp:
-                import_adapterhub(folder, Path(tmp))
-                yield Path(tmp), {"imported_from": "adapterhub"}
-            return
+    if is_adapterhub_folder(folder):
+        with tempfile.TemporaryDirectory(prefix="hub-import-") as tmp:
+            import_adapterhub(folder, Path(tmp))
+            yield Path(tmp), {"imported_from": "adapterhub"}
+        return
     yield folder, {}
 
 
@@ -156,16 +158,31 @@ class Registry:
 
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root is not None else hub_home()
-        self.index_file = IndexFile(self.root)
         self.store = BlobStore(self.root)
+        self._refs = self._open_refs()
 
     def __repr__(self) -> str:
         return f"Registry({str(self.root)!r})"
 
+    @property
+    def refs(self) -> RefStore | JsonStore:
+        """Where the index lives: `refs/` (every new registry), or `registry.json` where that is all the root
+        holds (until `migrate`; a registry opened before a migration follows it)."""
+        if isinstance(self._refs, JsonStore) and not is_legacy(self.root):
+            self._refs = self._open_refs()
+        return self._refs
+
+    def _open_refs(self) -> RefStore | JsonStore:
+        return JsonStore(self.root) if is_legacy(self.root) else RefStore(self.root)
+
     # -- reading
 
-    def index(self) -> Index:
-        return self.index_file.read()
+    def index(self) -> Index | RefStore:
+        """The index to read: names, versions, tags, get, resolve, manifests."""
+        return self.refs.reader()
+
+    def manifests(self) -> list[Manifest]:
+        return list(self.index().manifests())
 
     def resolve(self, ref: str) -> Manifest:
         return self.index().resolve(ref)
@@ -196,8 +213,7 @@ class Registry:
                     and (tag is None or tag in m.tags or index.tags(m.name).get(tag) == m.version)
                     and (needle is None or any(needle in s.casefold() for s in (m.name, m.description, *m.tags))))
 
-        names = [n for n in index.names() if name is None or n.startswith(name)]
-        return list(islice(filter(wanted, index.manifests(names)), limit))
+        return list(islice(filter(wanted, index.manifests(index.names(name))), limit))
 
     def file_path(self, manifest: Manifest, filename: str) -> Path:
         """Where one file of a version lies: its blob, or its registry folder for `path` versions."""
@@ -228,6 +244,9 @@ class Registry:
             for p in artifact_files(src):
                 size, digest = sha256_file(p)
                 files[p.name] = {"size": size, "sha256": digest}
+            template = chat_template(set(files), lambda n: (src / n).read_bytes())
+            if template is not None:  # refused now, not by every chat request that names the adapter
+                check_template(template)
             provenance = Provenance(description, tuple(tags), license, {"parents": [], **(lineage or {}), **imported})
             manifest = build(name, version, adapter, files, base, provenance)
             if in_place:
@@ -266,17 +285,19 @@ class Registry:
         if existing is not None:
             if existing.sha256 == manifest.sha256 and existing.path is None:
                 self._put_blobs(existing, sources, progress, [])  # intact blobs are kept, damaged ones replaced
-            return self.index().add(manifest)  # the no-op, or Conflict before any byte is written
+            return self.refs.add(manifest)  # the no-op, or Conflict before any byte is written
         created: list[str] = []
+
+        def blobs_again() -> None:  # under the registry lock: a concurrent gc may have taken some
+            if manifest.path is None:
+                self._put_blobs(manifest, sources, None, created, trust_existing=True)
+
         try:
             if manifest.path is None:
                 self._put_blobs(manifest, sources, progress, created)
             else:
                 self._check_files(manifest)
-            with self.index_file.update() as index:
-                if manifest.path is None:  # a concurrent gc may have taken some
-                    self._put_blobs(manifest, sources, None, created, trust_existing=True)
-                return index.add(manifest)
+            return self.refs.add(manifest, blobs_again)
         except BaseException:
             self._drop_unreferenced(created)
             raise
@@ -293,12 +314,17 @@ class Registry:
             if written:
                 created.append(info["sha256"])
 
+    @staticmethod
+    def _referenced_blobs(manifests: Iterable[Manifest]) -> set[str]:
+        """Digests of the blobs these versions store in the blob store (not those in a `path` folder)."""
+        return {f["sha256"] for m in manifests if m.path is None for f in m.files.values()}
+
     def _drop_unreferenced(self, digests: list[str]) -> None:
         """Undo a failed add: remove the blobs it wrote that no version refers to."""
         if not digests:
             return
-        with self.index_file.locked():
-            referenced = self.index().referenced_blobs()
+        with self.refs.locked():
+            referenced = self._referenced_blobs(self.index().manifests())
             for digest in digests:
                 if digest not in referenced and self.store.has(digest):
                     self.store.delete(digest)
@@ -306,9 +332,8 @@ class Registry:
     def discard(self, manifest: Manifest) -> None:
         """Undo an add (e.g. `push --to` whose remote failed): remove the version, and its blobs and
         checkout unless another version shares them."""
-        with self.index_file.update() as index:
-            if index.get(manifest.name, manifest.version) is not None:
-                index.remove(manifest.name, manifest.version)
+        if self.index().get(manifest.name, manifest.version) is not None:
+            self.refs.remove(manifest.name, manifest.version)
         self._drop_unreferenced([f["sha256"] for f in manifest.files.values()])
         checkout = self.root / CHECKOUTS / manifest.sha256
         if checkout.is_dir() and manifest.sha256 not in {m.sha256 for m in self.index().manifests()}:
@@ -375,9 +400,8 @@ class Registry:
 
     def tag(self, ref: str, tag: str) -> Manifest:
         """Point `name@tag` at the version `ref` resolves to (moving the tag if it exists)."""
-        with self.index_file.update() as index:
-            manifest = index.resolve(ref)
-            index.set_tag(manifest.name, tag, manifest.version)
+        manifest = self.resolve(ref)
+        self.refs.set_tag(manifest.name, tag, manifest.version)
         return manifest
 
     def untag(self, ref: str) -> Manifest:
@@ -385,9 +409,10 @@ class Registry:
         name, _, tag = parse_ref(ref)
         if tag is None:
             raise InvalidName(f"give the tag to delete, e.g. {name}@stable")
-        with self.index_file.update() as index:
-            manifest = index.resolve(ref)
-            index.delete_tag(name, tag)
+        version = self.refs.delete_tag(name, tag)
+        manifest = self.index().get(name, version)
+        if manifest is None:
+            raise NotFound(f"{name}@{tag} pointed at {version}, which is gone")
         return manifest
 
     def version_tags(self, manifest: Manifest) -> list[str]:
@@ -400,16 +425,14 @@ class Registry:
         The version must be named: removing through a tag would take the version and its other tags
         along when the tag alone may have been meant."""
         name, version, tag = parse_ref(ref)
-        with self.index_file.update() as index:
-            manifest = index.resolve(ref)
-            tags = sorted(t for t, v in index.tags(name).items() if v == manifest.version)
-            if version is None:
-                also = f" (and its tags: {', '.join(tags)})" if tags else ""
-                raise InvalidName(
-                    f"give the version to remove: `hub rm {manifest.ref}` removes it{also}"
-                    + (f"; `hub untag {ref}` deletes the tag alone" if tag else ""))
-            index.remove(manifest.name, manifest.version)
-        return manifest, tags
+        manifest = self.resolve(ref)
+        if version is None:
+            tags = self.version_tags(manifest)
+            also = f" (and its tags: {', '.join(tags)})" if tags else ""
+            raise InvalidName(
+                f"give the version to remove: `hub rm {manifest.ref}` removes it{also}"
+                + (f"; `hub untag {ref}` deletes the tag alone" if tag else ""))
+        return manifest, self.refs.remove(manifest.name, manifest.version)
 
     # -- maintenance
 
@@ -433,7 +456,7 @@ class Registry:
 
     def verify(self, ref: str | None = None) -> tuple[int, list[str]]:
         """Re-hash every file of one version (or of all); returns (files checked, problems)."""
-        manifests = [self.resolve(ref)] if ref else list(self.index().manifests())
+        manifests = [self.resolve(ref)] if ref else self.manifests()
         return sum(len(m.files) for m in manifests), [p for _, found in self.damaged(manifests) for p in found]
 
     def damaged(self, manifests: list[Manifest]) -> list[tuple[Manifest, list[str]]]:
@@ -444,14 +467,14 @@ class Registry:
     def gc(self) -> GcReport:
         """Remove blobs and checkouts no version refers to, and temp files of processes that are gone."""
         report = GcReport()
-        with self.index_file.locked():
-            index = self.index()
-            referenced = index.referenced_blobs()
+        with self.refs.locked():
+            manifests = self.manifests()
+            referenced = self._referenced_blobs(manifests)
             for digest in list(self.store.stored()):
                 if digest not in referenced:
                     report.bytes += self.store.delete(digest)
                     report.blobs += 1
-            digests = {m.sha256 for m in index.manifests()}
+            digests = {m.sha256 for m in manifests}
             checkouts = self.root / CHECKOUTS
             if checkouts.is_dir():
                 for folder in checkouts.iterdir():
@@ -460,6 +483,18 @@ class Registry:
                         report.checkouts += 1
             report.temps = self.store.clean_tmp()
         return report
+
+    def migrate(self) -> int:
+        """Convert a `registry.json` registry to the refs/ layout, atomically (hub.refs.migrate); returns
+        the number of versions."""
+        count = migrate(self.root)
+        self._refs = self._open_refs()
+        return count
+
+    def listing(self) -> dict[str, Any]:
+        """Every version and tag as one `registry.json` document (hub/registry.schema.json), checked."""
+        index = self.index()
+        return listing(index.manifests(), index.tags)
 
 
 def open_registry(root: str | Path | None) -> Registry:

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import typer
 
-from hub import basemodel
+from hub import basemodel, evals
 from hub.artifact import ArtifactError
-from hub.clikit import REF_ARG, fail, printable
+from hub.clikit import REF_ARG, fail, printable, table
 from hub.errors import HubError
-from hub.manifest import Manifest, parse_ref
+from hub.manifest import Manifest, check_name, check_version, parse_ref
 from hub.registry import Registry, open_registry
 from hub.remotes import Remote, Remotes
 
@@ -108,10 +108,12 @@ def _publish(reg: Registry, manifest: Manifest, remote: Remote) -> str:
 
 @app.command()
 def push(
-    path: str = typer.Argument(..., help="Adapter folder (PEFT format, ours, or an AdapterHub `adapters` folder); "
-                                         "or, with --to and no --name/--version, a version already in the registry."),
-    name: str | None = typer.Option(None, "--name", help="Adapter name, optionally org/name."),
-    version: str | None = typer.Option(None, "--version", help="Semantic version, e.g. 1.2.0."),
+    paths: list[str] = typer.Argument(..., metavar="PATH...", help="Adapter folder(s) (PEFT format, ours, or an "
+                                      "AdapterHub `adapters` folder); or, with --to and no --name/--version, a version "
+                                      "already in the registry."),
+    name: str | None = typer.Option(None, "--name", help="Adapter name, optionally org/name; {dir} stands for each "
+                                                         "folder's own name (e.g. team/{dir})."),
+    version: str | None = typer.Option(None, "--version", help="Semantic version, e.g. 1.2.0; may use {dir} too."),
     base_model: str | None = typer.Option(None, "--base-model", help="Base model to check against and record."),
     to: str | None = typer.Option(None, "--to", help="Also push to this remote (name, path, file:// or hf://)."),
     description: str = typer.Option("", "--description", help="One line for `hub show` and `hub list --json`."),
@@ -120,11 +122,14 @@ def push(
     in_place: bool = typer.Option(False, "--in-place", help="Record a folder inside the registry by relative path."),
     registry: Path | None = REGISTRY_OPT,
 ) -> None:
-    """Validate an adapter folder and add it to the registry as NAME@VERSION; or publish a registry version."""
+    """Validate adapter folders and add each to the registry as NAME@VERSION; or publish a registry version."""
     with _clear_errors():
         reg = Registry(registry)
         remote = _remote(reg, to) if to is not None else None  # a bad remote fails before any work
+        path = paths[0]
         if name is None and version is None:
+            if len(paths) > 1:
+                raise HubError("give --name and --version to push several folders, e.g. --name 'team/{dir}'")
             if Path(path).is_dir():
                 raise HubError(f"give --name and --version to push the folder {path}")
             if remote is None:
@@ -136,28 +141,57 @@ def push(
             return
         if name is None or version is None:
             raise HubError("give both --name and --version to push a folder")
-        existed = reg.index().get(name, version) is not None
-        with _progress(f"push {name}@{version}", _folder_size(Path(path))) as advance:
-            manifest = reg.push(
-                path, name, version, base_model=base_model, description=description,
-                tags=[t.strip() for t in tags.split(",") if t.strip()], license=license, in_place=in_place,
-                progress=advance,
-            )
-        note = "" if manifest.base_model.fingerprint else (
-            " (no base model named: fit not checked)" if manifest.base_model.id is None
-            else " (base model not at hand: fit not checked)")
-        published = None
-        if remote is not None:
+        jobs = _expand(paths, name, version)
+        if len(jobs) > 1 and remote is not None:
+            raise HubError("--to takes one folder: push the folders, then `hub push REF --to REMOTE` for each")
+        options = dict(base_model=base_model, description=description, license=license, in_place=in_place,
+                       tags=[t.strip() for t in tags.split(",") if t.strip()])
+        for done, (path, name, version) in enumerate(jobs):
             try:
-                published = _publish(reg, manifest, remote)
-            except BaseException:
-                if not existed:  # the command failed: leave the local registry as it was too
-                    reg.discard(manifest)
-                raise
-        verb = "unchanged" if existed else "pushed"  # the same files and metadata again: nothing to do
-        typer.echo(f"{verb} {manifest.ref} {manifest.technique} sha256:{manifest.sha256[:12]}{note}")
-        if published:
-            typer.echo(published)
+                _push_folder(reg, path, name, version, remote, options)
+            except (HubError, ArtifactError, OSError) as e:
+                if len(jobs) == 1:
+                    raise
+                raise HubError(f"{name}@{version} ({path}): {e}; {done} of {len(jobs)} folders were pushed before "
+                               "it") from None
+
+
+def _expand(paths: list[str], name: str, version: str) -> list[tuple[str, str, str]]:
+    """(folder, name, version) for each folder, `{dir}` in the name and version standing for the folder's own
+    name; all checked before anything is pushed, and no two folders may give the same version."""
+    jobs, seen = [], {}
+    for path in paths:
+        folder = Path(path).resolve().name
+        ref = (check_name(name.replace("{dir}", folder)), check_version(version.replace("{dir}", folder)))
+        if ref in seen:
+            raise HubError(f"{seen[ref]} and {path} would both be {ref[0]}@{ref[1]}: "
+                           "put {dir} in --name or --version")
+        seen[ref] = path
+        jobs.append((path, *ref))
+    return jobs
+
+
+def _push_folder(reg: Registry, path: str, name: str, version: str, remote: Remote | None,
+                 options: dict) -> None:
+    """Push one folder (and send it to `remote`), printing what happened."""
+    existed = reg.index().get(name, version) is not None
+    with _progress(f"push {name}@{version}", _folder_size(Path(path))) as advance:
+        manifest = reg.push(path, name, version, progress=advance, **options)
+    note = "" if manifest.base_model.fingerprint else (
+        " (no base model named: fit not checked)" if manifest.base_model.id is None
+        else " (base model not at hand: fit not checked)")
+    published = None
+    if remote is not None:
+        try:
+            published = _publish(reg, manifest, remote)
+        except BaseException:
+            if not existed:  # the command failed: leave the local registry as it was too
+                reg.discard(manifest)
+            raise
+    verb = "unchanged" if existed else "pushed"  # the same files and metadata again: nothing to do
+    typer.echo(f"{verb} {manifest.ref} {manifest.technique} sha256:{manifest.sha256[:12]}{note}")
+    if published:
+        typer.echo(published)
 
 
 @app.command()
@@ -222,11 +256,31 @@ def list_(
     name: str | None = typer.Option(None, "--name", help="Only adapters whose name starts with this."),
     tag: str | None = typer.Option(None, "--tag", help="Only versions a tag points at, or with this descriptive tag."),
     limit: int | None = typer.Option(None, "--limit", help="At most this many versions."),
+    sort: str | None = typer.Option(None, "--sort", help="Rank by this evaluation metric (loss, accuracy, ...)."),
+    dataset: str | None = typer.Option(None, "--dataset", help="With --sort: the data set's sha256 (or a prefix)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifests as JSON."),
     registry: Path | None = REGISTRY_OPT,
 ) -> None:
-    """List every version (optionally filtered), in name and version order."""
+    """List every version (optionally filtered), in name and version order; or ranked by an evaluation metric."""
+    if sort is not None or dataset is not None:
+        with _clear_errors():
+            _print_ranked(registry, sort, dataset, as_json, base_model=base_model, technique=technique, name=name,
+                          tag=tag, limit=limit)
+        return
     _print_versions(registry, as_json, base_model=base_model, technique=technique, name=name, tag=tag, limit=limit)
+
+
+def _print_ranked(registry: Path | None, metric: str | None, dataset: str | None, as_json: bool, **filters) -> None:
+    """`hub list --sort`: the versions best first by their newest evaluation record of `metric`."""
+    if metric is None:
+        raise HubError("--dataset applies with --sort METRIC")
+    reg = open_registry(registry)
+    limit = filters.pop("limit")  # the best ones, not the first ones by name
+    ranked = evals.rank(reg.root, reg.list(**filters), metric, dataset)[:limit]
+    if as_json:
+        typer.echo(json.dumps([{"ref": m.ref, "evaluation": r} for m, r in ranked], indent=1))
+        return
+    typer.echo(table(evals.ranked_rows(ranked, metric)))
 
 
 @app.command()
@@ -266,10 +320,14 @@ def show(
         manifest = reg.resolve(ref)
         data = manifest.to_dict()
         data["ref_tags"] = reg.version_tags(manifest)
+        data["evaluations"] = evals.read(reg.root, manifest)
         if as_json:
             typer.echo(json.dumps(data, indent=1))
             return
         for key, value in data.items():
+            if key == "evaluations":
+                typer.echo(f"{key}: {len(value)}" + "".join(f"\n  {printable(evals.describe(r))}" for r in value))
+                continue
             shown = printable(value) if isinstance(value, str) else json.dumps(value, default=str)  # JSON escapes
             typer.echo(f"{key}: {shown}")
 
@@ -353,15 +411,25 @@ def gc(registry: Path | None = REGISTRY_OPT) -> None:
 
 @app.command()
 def export(
-    ref: str = REF_ARG, out: Path = typer.Option(..., "--out", help="New folder to write."),
+    ref: str | None = typer.Argument(None, metavar="REF", help="name, name@1.2.0 or name@tag; none: the whole "
+                                                               "index as one registry.json."),
+    out: Path | None = typer.Option(None, "--out", help="New folder to write (the index: a file; default stdout)."),
     registry: Path | None = REGISTRY_OPT,
     merged: bool = typer.Option(False, "--merged", help="Write a full HF model: the adapter folded into the base."),
     base_model: str | None = typer.Option(None, "--base-model", help="With --merged: the base (default: as pushed)."),
     dtype: str | None = typer.Option(None, "--dtype", help="With --merged: float32, bfloat16 or float16 "
                                                            "(default: the base's own)."),
 ) -> None:
-    """Write a version's files to a folder (PEFT's `PeftModel.from_pretrained` loads PEFT techniques)."""
+    """Write a version's files to a folder (PEFT's `PeftModel.from_pretrained` loads PEFT techniques); without
+    REF, every version and tag as one registry.json (hub/registry.schema.json), the listing a repository ships."""
     with _clear_errors():
+        if ref is None:
+            if merged or base_model or dtype:
+                fail("--merged, --base-model and --dtype apply to one version: give its REF")
+            _export_listing(open_registry(registry), out)
+            return
+        if out is None:
+            fail("give --out DIR: the new folder for the version's files")
         if dtype is not None and not merged:
             fail("--dtype applies to --merged exports only (an adapter's files are copied as they are)")
         if dtype not in (None, *basemodel.DTYPES):
@@ -372,6 +440,27 @@ def export(
             typer.echo(export_merged_version(open_registry(registry), ref, base_model, out, dtype))
             return
         typer.echo(open_registry(registry).export(ref, out))
+
+
+def _export_listing(reg: Registry, out: Path | None) -> None:
+    from hub.index import atomic_write_json
+
+    data = reg.listing()
+    if out is None:
+        typer.echo(json.dumps(data, indent=1, sort_keys=True))
+        return
+    atomic_write_json(out, data, tmp_dir=out.parent)
+    versions = sum(len(entry["versions"]) for entry in data["adapters"].values())
+    typer.echo(f"wrote {out} ({versions} versions)")
+
+
+@app.command()
+def migrate(registry: Path | None = REGISTRY_OPT) -> None:
+    """Convert a registry.json registry to the refs/ layout (one file per version), atomically."""
+    with _clear_errors():
+        reg = open_registry(registry)
+        count = reg.migrate()
+        typer.echo(f"migrated {count} versions to {reg.root / 'refs'} (the old index is registry.json.migrated)")
 
 
 @remote_app.command("add")

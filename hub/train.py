@@ -5,7 +5,7 @@ the demo adapters are rebuilt with it. LoRA, IA3 and prompt tuning are trained w
 PEFT, so the folders are PEFT's own format; BitFit (no PEFT method) is trained as a bias delta added by a
 forward hook to each target linear module, and bottleneck adapters (Pfeiffer, Houlsby) as hooked
 down/up projections at the places the runtime serves them; both are saved in our format (see
-hub/artifact.py and hub/adapterhub_import.py).
+hub/artifact.py and hub/bottleneck_format.py).
 
 The loss covers the reply (assistant) tokens only (the prompt is context), the base weights stay frozen,
 and the base model is returned to its exact base state afterwards, so one loaded model can
@@ -14,6 +14,7 @@ loss, or the latest without validation data) is what is saved, also when Ctrl-C 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -24,11 +25,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from hub.adapterhub_import import ACTIVATIONS, BottleneckConfig
+from hub.architectures import BOTTLENECK_SITES, FEEDFORWARD, IA3_TARGETS, LORA_TARGETS, PROJECTIONS
 from hub.artifact import CONFIG_FILE, WEIGHTS_FILE, Technique
-
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-FEEDFORWARD = ("down_proj",)  # IA3 scales these modules' input (PEFT's feedforward_modules), the others' output
+from hub.bottleneck_format import ACTIVATIONS, BottleneckConfig
 
 
 class TrainError(ValueError):
@@ -153,23 +152,69 @@ def read_jsonl(path: str | Path, parse: Callable[[object], Any] = parse_row) -> 
     path = Path(path)
     if not path.is_file():
         raise TrainError(f"{path}: no such file")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return _parsed(path, ((f"line {n}", line) for n, line in enumerate(lines, start=1) if line.strip()), parse,
+                   json.loads)
+
+
+def read_dataset_folder(path: str | Path, parse: Callable[[object], Any] = parse_row) -> list:
+    """Examples from a Hugging Face `datasets` folder written by `save_to_disk` (one split), as `read_jsonl`
+    reads a file; bad rows are reported by row number (from 1). The `datasets` library is optional
+    (the `data` extra): only this reader needs it."""
+    path = Path(path)
+    try:
+        from datasets import Dataset, load_from_disk
+    except ImportError:
+        raise TrainError(f"{path} is a folder: reading a `datasets` folder needs the datasets library "
+                         "(pip install datasets)") from None
+    try:
+        data = load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as e:
+        raise TrainError(f"{path}: not a folder written by datasets' save_to_disk ({e})") from None
+    if not isinstance(data, Dataset):
+        raise TrainError(f"{path} holds the splits {', '.join(data)}: give one split's folder, e.g. {path / 'train'}")
+    # A table has every column in every row: a column a row does not use (e.g. "messages" in a prompt row) is None.
+    rows = ((f"row {n}", {k: v for k, v in row.items() if v is not None}) for n, row in enumerate(data, start=1))
+    return _parsed(path, rows, parse, lambda row: row)
+
+
+def read_rows(path: str | Path, parse: Callable[[object], Any] = parse_row) -> list:
+    """Examples from a JSONL file or a `datasets` save_to_disk folder."""
+    return read_dataset_folder(path, parse) if Path(path).is_dir() else read_jsonl(path, parse)
+
+
+def _parsed(path: Path, rows: Iterator[tuple[str, Any]], parse: Callable[[object], Any],
+            decode: Callable[[Any], object]) -> list:
+    """Every row parsed, or one TrainError naming each bad row (`where` it is, and why)."""
     examples: list = []
     bad: list[str] = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for where, raw in rows:
         try:
-            examples.append(parse(json.loads(line)))
+            examples.append(parse(decode(raw)))
         except json.JSONDecodeError as e:
-            bad.append(f"line {n} (malformed JSON: {e.msg})")
+            bad.append(f"{where} (malformed JSON: {e.msg})")
         except ValueError as e:
-            bad.append(f"line {n} ({e})")
+            bad.append(f"{where} ({e})")
     if bad:
         shown = "; ".join(bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
         raise TrainError(f"{path}: {len(bad)} bad row(s), none used: {shown}")
     if not examples:
         raise TrainError(f"{path}: holds no examples")
     return examples
+
+
+def dataset_info(path: Path, rows: int) -> dict[str, Any]:
+    """What identifies a data set in a record: its name, sha256 (of a folder: of its files' names and
+    contents, in order) and row count."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    if path.is_dir():
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(f"{file.relative_to(path).as_posix()}\0".encode())
+            digest.update(hashlib.sha256(file.read_bytes()).digest())
+    else:
+        digest.update(path.read_bytes())
+    return {"file": path.name, "sha256": digest.hexdigest(), "rows": rows}
 
 
 def write_jsonl(path: str | Path, examples: Sequence[Example]) -> None:
@@ -234,11 +279,11 @@ def _peft_config(spec: TrainSpec):
 
     if spec.technique is Technique.LORA:
         return LoraConfig(r=spec.r, lora_alpha=spec.lora_alpha, lora_dropout=0.0,
-                          target_modules=list(spec.target_modules or ("q_proj", "v_proj")),
+                          target_modules=list(spec.target_modules or LORA_TARGETS),
                           layers_to_transform=list(spec.layers) or None,
                           task_type=TaskType.CAUSAL_LM)
     if spec.technique is Technique.IA3:
-        names = list(spec.target_modules or ("k_proj", "v_proj", "down_proj"))
+        names = list(spec.target_modules or IA3_TARGETS)
         # IA3Config has no layers_to_transform: a layer subset is a full-match regex over module paths.
         targets = (rf".*\.layers\.({'|'.join(map(str, spec.layers))})\.(.*\.)?({'|'.join(map(re.escape, names))})"
                    if spec.layers else names)
@@ -369,11 +414,6 @@ def optimize(forward: Callable[[dict[str, torch.Tensor]], torch.Tensor], params:
     return fit(forward, params, examples, spec, pad_id, log).losses
 
 
-# location -> (module whose input is the block's residual, module whose output is the block's output), as served
-_BOTTLENECK_SITES = {"attention": ("input_layernorm", "self_attn.o_proj"),
-                     "ffn": ("post_attention_layernorm", "mlp.down_proj")}
-
-
 class _Bottleneck:
     """Trainable bottleneck layers (AdapterHub math for pre-norm decoders), hooked in where the runtime serves
     them: the residual is the input of the block's norm, the block's output that of its output projection."""
@@ -404,7 +444,7 @@ class _Bottleneck:
                 }
                 block = {k: torch.nn.Parameter(t.to(like.dtype)) for k, t in weights.items()}
                 self.params.update({f"{prefix}.{k}": p for k, p in block.items()})
-                norm, out = (modules[f"model.layers.{i}.{name}"] for name in _BOTTLENECK_SITES[location])
+                norm, out = (modules[f"model.layers.{i}.{name}"] for name in BOTTLENECK_SITES[location])
                 residual: list[torch.Tensor] = []
                 self._handles.append(norm.register_forward_pre_hook(lambda _m, args, r=residual: r.append(args[0])))
                 self._handles.append(out.register_forward_hook(
@@ -457,7 +497,7 @@ def train_adapter(model, examples: Sequence[TokenExample], spec: TrainSpec, out:
         return fit(forward, params, examples, spec, pad_id, log, val=val, on_step=on_step)
 
     if spec.technique in (Technique.BITFIT, Technique.BOTTLENECK):
-        hooked = (_BitFit(model, spec.target_modules or ALL_LINEAR, spec.layers) if spec.technique is Technique.BITFIT
+        hooked = (_BitFit(model, spec.target_modules or PROJECTIONS, spec.layers) if spec.technique is Technique.BITFIT
                   else _Bottleneck(model, spec))
         try:
             params = hooked.parameters()

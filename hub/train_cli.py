@@ -8,7 +8,6 @@ what final losses.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import platform
@@ -24,6 +23,7 @@ from hub.basemodel import DEFAULT_BASE_MODEL, BaseModelError
 from hub.clikit import finite
 from hub.errors import HubError
 from hub.registry import open_registry
+from hub.remotes import Remotes
 
 if TYPE_CHECKING:  # hub.train imports torch: loaded when a run starts, not when `hub` starts
     from hub.train import Chat, Example, Fit, TrainSpec
@@ -42,11 +42,6 @@ def _layers(text: str | None) -> tuple[int, ...]:
         return tuple(int(t) for t in _csv(text))
     except ValueError:
         raise TrainError(f"--layers takes comma-separated layer indices, got {text!r}") from None
-
-
-def dataset_info(path: Path, rows: int) -> dict[str, Any]:
-    """What identifies a data file in the record: its name, sha256 and row count."""
-    return {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "rows": rows}
 
 
 def split_rows(rows: list[Example | Chat], fraction: float, seed: int) -> tuple[list, list]:
@@ -115,7 +110,8 @@ def save_loss_curve(fit: Fit, path: Path) -> bool:
 
 def train_command(
     technique: str = typer.Option(..., "--technique", help="lora, ia3, prompt_tuning, bitfit or bottleneck."),
-    data: Path = typer.Option(..., "--data", help='JSONL: {"prompt", "completion"} or {"messages": [...]} rows.'),
+    data: Path = typer.Option(..., "--data", help='JSONL or a `datasets` save_to_disk folder: {"prompt", "completion"} or '
+                                                      '{"messages": [...]} rows.'),
     eval_data: Path | None = typer.Option(None, "--eval-data", help="Validation JSONL (same formats)."),
     eval_split: float | None = typer.Option(None, "--eval-split", callback=finite,
                                             help="Hold out this fraction of --data instead."),
@@ -140,6 +136,8 @@ def train_command(
     reduction_factor: int = typer.Option(16, "--reduction-factor", min=1, help="Bottleneck: hidden / size."),
     out: Path | None = typer.Option(None, "--out", help="New folder for the run (default: ./NAME-VERSION)."),
     push: bool = typer.Option(False, "--push", help="Add the adapter to the registry as NAME@VERSION."),
+    to: str | None = typer.Option(None, "--to", help="With --push: also publish it to this remote (name, path, "
+                                                     "file:// or hf://)."),
     description: str = typer.Option("", "--description", help="With --push: one line for `hub show`."),
     registry: Path | None = typer.Option(None, "--registry", help="Registry folder (default: $HUB_HOME)."),
 ) -> None:
@@ -162,7 +160,8 @@ def run(o: dict[str, Any]) -> None:
     """`hub train` with its options `o`: every input is checked before the base model loads."""
     from hub import basemodel
     from hub.manifest import check_name, check_version
-    from hub.train import TrainError, TrainSpec, bottleneck_preset, encode_chat, read_jsonl, train_adapter
+    from hub.train import (TrainError, TrainSpec, bottleneck_preset, dataset_info, encode_chat, read_rows,
+                           train_adapter)
 
     if o["technique"] not in {t.value for t in Technique}:
         known = ", ".join(t.value for t in Technique)
@@ -180,11 +179,14 @@ def run(o: dict[str, Any]) -> None:
     registry = open_registry(o["registry"]) if o["push"] else None
     if registry is not None and registry.index().get(o["name"], o["version"]) is not None:
         raise TrainError(f"{o['name']}@{o['version']} is in the registry already")
-    rows = read_jsonl(o["data"])
+    if o["to"] is not None and registry is None:
+        raise TrainError("--to publishes the pushed version: give --push too")
+    remote = Remotes(registry.root).open(o["to"]) if o["to"] is not None else None  # a bad remote fails first
+    rows = read_rows(o["data"])
     train_rows, val_rows = rows, []
     validation = None
     if o["eval_data"] is not None:
-        val_rows = read_jsonl(o["eval_data"])
+        val_rows = read_rows(o["eval_data"])
         validation = dataset_info(o["eval_data"], len(val_rows))
     elif o["eval_split"] is not None:
         train_rows, val_rows = split_rows(rows, o["eval_split"], o["seed"])
@@ -216,6 +218,8 @@ def run(o: dict[str, Any]) -> None:
         manifest = registry.push(out / "adapter", o["name"], o["version"], base_model=o["base_model"],
                                  description=o["description"], lineage={"train": record})
         typer.echo(f"pushed {manifest.ref} {manifest.technique} sha256:{manifest.sha256[:12]}")
+        if remote is not None:
+            typer.echo(f"published {manifest.ref} to {remote.publish(manifest, registry)}")
     if result.fit.interrupted:  # saved (and pushed) as asked; the exit status still says Ctrl-C stopped the run
         raise typer.Exit(130)
 

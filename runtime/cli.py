@@ -145,6 +145,12 @@ def serve(
                                          help="One line per request on stderr: text, json, or off."),
     grace: float = typer.Option(30.0, "--grace", min=0, callback=finite,
                                 help="Seconds in-flight requests get to finish on SIGTERM."),
+    replicas: Optional[int] = typer.Option(None, "--replicas", min=1, help="Serve N replicas on Ray Serve behind "
+                                           "this one endpoint, routed by adapter (docs/cluster.md; needs .[cluster])."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="With --replicas: join this Ray cluster "
+                                              "(default: start a local one)."),
+    replica_cpus: float = typer.Option(1.0, "--replica-cpus", min=0, callback=finite, help="CPUs per replica."),
+    replica_gpus: float = typer.Option(0.0, "--replica-gpus", min=0, callback=finite, help="GPUs per replica."),
 ) -> None:
     """Serve adapters over gRPC (and HTTP with --http-port) on one resident base model, until SIGTERM/SIGINT."""
     from hub.errors import HubError
@@ -170,13 +176,34 @@ def serve(
         http = f", HTTP API on http://{http_host}:{server.http_port}/v1" if server.http_port is not None else ""
         print(f"hub serve: {base_model} listening on {server.address}{http}{metrics}", file=sys.stderr, flush=True)
 
+    if replicas is None and ray_address is not None:
+        fail("--ray-address needs --replicas N")
     try:
-        code = run(config, ready=ready)
+        if replicas is not None:
+            code = _serve_cluster(config, replicas, ray_address, replica_cpus, replica_gpus)
+        else:
+            code = run(config, ready=ready)
     except ServeError as e:
         fail(f"{grpc_code(e).name}: {e.message}")
     except (ServerConfigError, basemodel.BaseModelError, HubError) as e:
         fail(str(e))
     raise typer.Exit(code)
+
+
+def _serve_cluster(config, replicas: int, ray_address: str | None, cpus: float, gpus: float) -> int:
+    """`hub serve --replicas N` (runtime/cluster.py)."""
+    try:
+        from runtime.cluster import ClusterConfig, serve_cluster
+    except ImportError as e:
+        fail(f"--replicas needs Ray Serve: pip install -e '.[cluster]' ({e})")
+
+    def ready(cluster) -> None:
+        where = f"Ray at {ray_address}" if ray_address else "a local Ray cluster"
+        print(f"hub serve: {config.base_model} on {replicas} replica(s) ({where}) listening on {cluster.address}",
+              file=sys.stderr, flush=True)
+
+    return serve_cluster(ClusterConfig(config, replicas=replicas, ray_address=ray_address, replica_cpus=cpus,
+                                       replica_gpus=gpus), ready=ready)
 
 
 _OPTION_TYPES = {"density": float, "majority_sign": str, "svd_rank": int, "svd_clamp": float, "seed": int}

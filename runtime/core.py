@@ -16,10 +16,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from hub.chat_template import chat_template
+from hub.manifest import Manifest
+from runtime.contracts import ServedManifest
 from runtime.errors import InvalidArgument, QueueFull
-from runtime.generate import SamplingParams, Row
+from runtime.generate import Row, SamplingParams, score
+from runtime.sampling import MAX_TOP_LOGPROBS
 from runtime.merged import MergeOptions, merged_manifest
-from runtime.plan import AdapterUse, RowPlan
+from runtime.plan import AdapterUse, PlanError, RowPlan
 from runtime.pool import AdapterPool, Lease
 from runtime.scheduler import Finished, Request, Scheduler
 from runtime.textstream import TextStream
@@ -105,7 +109,7 @@ def ok(condition: bool, message: str) -> None:
 
 def sampling_params(limits: Limits, *, max_new_tokens: int | None = None, temperature: float | None = None,
                     top_p: float | None = None, top_k: int = 0, seed: int | None = None,
-                    stop: tuple[str, ...] = ()) -> SamplingParams:
+                    stop: tuple[str, ...] = (), logprobs: int | None = None) -> SamplingParams:
     """The engine's sampling parameters from a request's (None: the default), each value checked."""
     max_new = max_new_tokens if max_new_tokens is not None else min(DEFAULT_MAX_NEW_TOKENS, limits.max_new_tokens)
     ok(1 <= max_new <= limits.max_new_tokens, f"max_new_tokens must be in 1..{limits.max_new_tokens}, got {max_new}")
@@ -116,8 +120,10 @@ def sampling_params(limits: Limits, *, max_new_tokens: int | None = None, temper
     ok(top_k >= 0, f"top_k must be >= 0, got {top_k}")
     ok(len(stop) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
     ok(all(0 < len(s) <= MAX_STOP_CHARS for s in stop), f"stop strings must be 1..{MAX_STOP_CHARS} characters")
+    ok(logprobs is None or 0 <= logprobs <= MAX_TOP_LOGPROBS,
+       f"top logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {logprobs}")
     return SamplingParams(max_new_tokens=max_new, temperature=temperature, top_p=top_p, top_k=top_k,
-                          seed=seed, stop=tuple(stop))
+                          seed=seed, stop=tuple(stop), logprobs=logprobs)
 
 
 def longest_token(tokenizer) -> int:
@@ -127,7 +133,7 @@ def longest_token(tokenizer) -> int:
     return max((len(token) for token in tokenizer.get_vocab()), default=1)
 
 
-def _resolved(m, weight: float) -> Resolved:
+def _resolved(m: Manifest, weight: float) -> Resolved:
     return Resolved(ref=m.ref, name=m.name, version=m.version, sha256=m.sha256, technique=m.technique, weight=weight)
 
 
@@ -146,10 +152,11 @@ class Serving:
         tokenizer = engine.tokenizer
         self._max_text_chars = limits.context_length * (longest_token(tokenizer) if tokenizer is not None else 1)
         self._tokenizing = threading.BoundedSemaphore(TOKENIZING_AT_ONCE)
+        self._templates: dict[str, str | None] = {}  # adapter version (sha256) -> its own chat template
 
-    def token_ids(self, text: str, ids, *, chat: bool, what: str) -> list[int]:
+    def token_ids(self, text: str, ids, *, chat: bool, what: str, adapter: str | None = None) -> list[int]:
         """The prompt as token ids: exactly one of text or ids, every id in the vocabulary; `chat` applies the
-        chat template to `text` as one user message."""
+        chat template (`adapter`'s own where it ships one) to `text` as one user message."""
         ok(not (text and ids), f"give the {what} as text or as token ids, not both")
         if ids:
             ok(not chat, "chat applies the chat template to text: send the prompt as text")
@@ -159,26 +166,38 @@ class Serving:
             return list(ids)
         ok(bool(text), f"the {what} is empty")
         if chat:
-            return self.chat_ids([{"role": "user", "content": text}])
+            return self.chat_ids([{"role": "user", "content": text}], adapter)
         self._check_text(len(text), what)
         with self._tokenizing:
             out = list(self.engine.tokenizer(text)["input_ids"])
         ok(bool(out), f"the {what} is empty after tokenization")
         return out
 
-    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """A conversation through the base model's chat template, ready for the assistant's turn."""
+    def chat_ids(self, messages: list[dict[str, str]], adapter: str | None = None) -> list[int]:
+        """A conversation through the chat template of `adapter` (a ref) where it ships one, else the base
+        model's, ready for the assistant's turn."""
         ok(bool(messages), "the conversation has no messages")
         self._check_text(sum(len(m["content"]) for m in messages), "conversation")
-        ok(getattr(self.engine.tokenizer, "chat_template", None) is not None, "the base model has no chat template")
+        template = self.adapter_template(adapter) if adapter else None
+        ok(template is not None or getattr(self.engine.tokenizer, "chat_template", None) is not None,
+           "the base model has no chat template")
         with self._tokenizing:
             out = self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                            return_dict=True)
+                                                            return_dict=True, chat_template=template)
         return list(out["input_ids"])
+
+    def adapter_template(self, ref: str) -> str | None:
+        """The chat template an adapter version ships (hub/chat_template.py), read once per version."""
+        manifest = self.pool.resolve(ref)
+        if manifest.sha256 not in self._templates:
+            registry = self.pool.registry
+            self._templates[manifest.sha256] = chat_template(
+                set(manifest.files), lambda name: registry.file_path(manifest, name).read_bytes())
+        return self._templates[manifest.sha256]
 
     def _check_text(self, chars: int, what: str) -> None:
         """A text too long for the context whatever its tokens is refused before it is tokenized (a
-        multi-megabyte prompt took gigabytes of tokenizer memory)."""
+        huge prompt takes the tokenizer many times its size in memory)."""
         ok(self.engine.tokenizer is not None, "this server's base model has no tokenizer: send token ids")
         ok(chars <= self._max_text_chars, f"the {what} is {chars} characters: more than the context "
            f"length {self.limits.context_length} can hold in any tokens (at most {self._max_text_chars} characters)")
@@ -193,12 +212,13 @@ class Serving:
         ok(all(math.isfinite(w) for w in weights), "adapter weights must be finite numbers")
         if mode == "average" and adapters:
             ok(sum(weights) != 0, "average mode needs weights that do not sum to 0")
-        manifests = [self.pool.resolve(a.ref) for a in adapters]
-        refs = [m.ref for m in manifests]
+        named = [self.pool.resolve(a.ref) for a in adapters]
+        refs = [m.ref for m in named]
         ok(len(set(refs)) == len(refs), f"an adapter is named twice: {', '.join(refs)}")
-        resolved = [_resolved(m, w) for m, w in zip(manifests, weights)]
+        resolved = [_resolved(m, w) for m, w in zip(named, weights)]
+        manifests: list[ServedManifest] = list(named)
         if mode == "merge":  # one adapter serves the request: the merge (runtime/merged.py)
-            manifests, weights = [merged_manifest(manifests, weights, merge or MergeOptions())], [1.0]
+            manifests, weights = [merged_manifest(named, weights, merge or MergeOptions())], [1.0]
         # generation submits, scoring calls, next; waiting for device room ends when the client goes
         lease = self.pool.acquire(manifests, then_submit=True, alive=alive)
         try:
@@ -223,25 +243,34 @@ class Serving:
         prepared = self.prepare(ids, adapters, mode, merge, 1, alive)
         room = self.limits.context_length - len(ids) - prepared.virtual_tokens
         sampling.max_new_tokens = min(sampling.max_new_tokens, room)
-        seq = Row(id=uuid.uuid4().hex, prompt_ids=ids, plan=prepared.plan, sampling=sampling)
+        # the batch decodes into it when there are stop strings; `events` decodes into it otherwise
+        text = TextStream(self.engine.tokenizer, sampling.stop)
+        seq = Row(id=uuid.uuid4().hex, prompt_ids=ids, plan=prepared.plan, sampling=sampling, text=text)
         try:
             queued = self.scheduler.submit(seq)
         except BaseException:
             self.pool.release(prepared.lease)
             raise
-        return prepared, queued, TextStream(self.engine.tokenizer, sampling.stop)
+        return prepared, queued, text
+
+    def score(self, prepared: Prepared) -> list[float]:
+        """log P(token i+1 | tokens 0..i) of the prepared ids under its plan, on the scheduler's thread."""
+        try:
+            return self.scheduler.call(lambda: score(self.engine, prepared.ids, prepared.plan))
+        except PlanError as e:
+            raise InvalidArgument(str(e)) from None
 
     def events(self, queued: Request, text: TextStream) -> Iterator[tuple[list[int], str, Finished | None]]:
-        """(new tokens, new text, Finished on the last) per scheduler event; a stop string ends it."""
+        """(new tokens, new text, Finished on the last) per scheduler event; a stop string ends it. Each token is
+        decoded once: by the batch for a request with stop strings (it watches for them), else here."""
         for event in queued.stream():
             if isinstance(event, Finished):
                 if event.error is not None:
                     raise event.error
                 yield [], text.finish(), event
                 return
-            piece = text.push(event)
-            if text.stopped:
-                self.scheduler.cancel(queued)
-                yield event, piece + text.finish(), Finished("stop")
+            piece = text.push(event.ids) if event.text is None else event.text
+            if event.stop:
+                yield event.ids, piece + text.finish(), Finished("stop")
                 return
-            yield event, piece, None
+            yield event.ids, piece, None

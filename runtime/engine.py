@@ -7,7 +7,7 @@ owns and fills only for the duration of one forward, under the engine's lock: th
 active adapter, and two requests never see each other's adapters. With no forward in flight, or
 for rows whose plan is empty, the wrapped model computes exactly the base model. The engine adapts the
 model it is given in place: those wrappers, and on a CPU in float32 its `nn.Linear` layers switched to
-oneDNN's matmul (runtime/cpu_linear.py; same weights, ~1e-6 relative from PyTorch's default path).
+oneDNN's matmul (runtime/cpu_linear.py; same weights, results differ by accumulation order only).
 """
 from __future__ import annotations
 
@@ -347,8 +347,7 @@ class Engine:
             if last_only and self._keeps_logits:
                 # An index tensor, not the int 1: the model's slice [:, -1:] of a prefill is not contiguous, and
                 # the vocabulary projection of a non-contiguous (rows, 1, hidden) input runs as a batched
-                # matmul over a per-row copy of the whole head (32-row SmolLM2 prefill here: +0.1 s in fp32,
-                # +2.4 s in bf16).
+                # matmul over a per-row copy of the whole head (slow in fp32, far slower in bf16).
                 inputs["logits_to_keep"] = torch.tensor([length - 1], device=input_ids.device)
             if cache is None and use_cache:
                 cache = new_cache(self._model)  # appends in place (runtime/kvcache.py)

@@ -3,6 +3,7 @@ multi-adapter engine.
 
 Why: evaluating several adapters (and the bare base) on one data set is one pass here: the rows of one
 batch may each apply a different adapter, where PEFT would evaluate the adapters one after another.
+`EngineScorer` offers these by version ref, as `runtime.eval_server.ServerScorer` does against a server.
 """
 from __future__ import annotations
 
@@ -55,3 +56,20 @@ def greedy_replies(engine: Engine, prompts: Sequence[tuple[RowPlan, Sequence[int
     while len(batch):
         batch.step()
     return [generate.visible_text(engine.tokenizer, seq) for seq in seqs]
+
+
+class EngineScorer:
+    """Scoring and greedy replies by version ref (None: the bare base) through an in-process engine."""
+
+    def __init__(self, engine: Engine, plans: dict[str | None, RowPlan], batch_size: int):
+        self.engine, self.plans, self.batch_size = engine, plans, batch_size
+
+    def nll(self, items: Sequence[tuple[str | None, Sequence[int], Sequence[int]]]) -> list[tuple[float, int]]:
+        """Per (ref, prompt ids, reply ids): the reply's summed negative log-likelihood and its length."""
+        return completion_nll(self.engine, [Item(self.plans[ref], tuple(p), tuple(r)) for ref, p, r in items],
+                              self.batch_size)
+
+    def replies(self, prompts: Sequence[tuple[str | None, Sequence[int]]], max_new_tokens: int) -> list[str]:
+        """Per (ref, prompt ids): the greedy reply text."""
+        return greedy_replies(self.engine, [(self.plans[ref], ids) for ref, ids in prompts], max_new_tokens,
+                              self.batch_size)

@@ -30,7 +30,7 @@ from runtime.engine import Engine
 from runtime.errors import DamagedData
 from runtime.kvcache import join_rows, keep_rows, pad_left
 from runtime.plan import RowPlan
-from runtime.sampling import SamplingParams, generator_for, next_tokens
+from runtime.sampling import SamplingParams, TokenLogprob, generator_for, next_tokens, token_logprobs
 from runtime.textstream import TextStream
 
 __all__ = ["Batch", "NonFiniteLogits", "SamplingParams", "Row", "score"]
@@ -50,8 +50,13 @@ class Row:
     plan: RowPlan = field(default_factory=RowPlan)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     output_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output id, when sampling.logprobs asks
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" | None
     error: Exception | None = None  # why it ended, when finish_reason is "error"
+    # A row with stop strings: where the batch decodes its output (one is made when None) to watch for them, so a
+    # caller that streams the text takes the pieces `Batch.step` returns instead of decoding every token again.
+    # The batch alone touches it until the row has finished.
+    text: TextStream | None = None
 
 
 class NonFiniteLogits(DamagedData):
@@ -90,7 +95,7 @@ class Batch:
         self._steady = 0  # steps begun since a row last joined or left (a join or leave sets 0)
         self._pending: list[Row] = []
         self._generators: dict[str, torch.Generator] = {}
-        self._texts: dict[str, TextStream] = {}  # the sequences with stop strings: their text so far
+        self._texts: dict[str, TextStream] = {}  # the sequences with stop strings: their Row.text
         self._cache = None
         self._mask: torch.Tensor | None = None  # (rows, cache length)
         self._eos = _eos_ids(engine)
@@ -110,7 +115,9 @@ class Batch:
         self.engine.check([seq.plan])  # refuse an unknown adapter or bad plan now, not mid-batch
         self._generators[seq.id] = generator_for(seq.sampling)
         if seq.sampling.stop:  # watched a few tokens at a time, not by decoding the whole output every step
-            self._texts[seq.id] = TextStream(self.engine.tokenizer, seq.sampling.stop)
+            if seq.text is None:
+                seq.text = TextStream(self.engine.tokenizer, seq.sampling.stop)
+            self._texts[seq.id] = seq.text
         self._pending.append(seq)
 
     @torch.inference_mode()  # the cache's tensors are inference tensors (Engine.forward), changed in place
@@ -128,11 +135,12 @@ class Batch:
                 return
 
     @torch.inference_mode()
-    def step(self) -> list[tuple[Row, list[int]]]:
-        """One decode step for running rows and a prefill for joining ones; new tokens per sequence (a
-        sequence that failed comes with no tokens and finish_reason "error", see the module docstring)."""
-        produced: list[tuple[Row, int | None]] = []
-        results: list[tuple[Row, list[int]]] = []
+    def step(self) -> list[tuple[Row, list[int], str | None]]:
+        """One decode step for running rows and a prefill for joining ones: per sequence, its new tokens and, for
+        one with stop strings, the text they settled (else None: nothing was decoded). A sequence that failed
+        comes with no tokens and finish_reason "error", see the module docstring."""
+        produced: list[tuple[Row, int | None, TokenLogprob | None]] = []
+        results: list[tuple[Row, list[int], str | None]] = []
         self._steady += 1
         if self._rows:
             try:
@@ -150,9 +158,9 @@ class Batch:
             else:
                 self._merge(joining, cache, mask)
                 produced += self._sample(joining, logits)
-        for seq, token in produced:
+        for seq, token, logprob in produced:
             try:
-                results.append((seq, self._accept(seq, token)))
+                results.append((seq, *self._accept(seq, token, logprob)))
             except Exception as e:  # e.g. its stop-string check: this row alone
                 results += self._fail([seq], e)
         done = [i for i, seq in enumerate(self._rows) if seq.finish_reason is not None]
@@ -164,18 +172,19 @@ class Batch:
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _fail(self, seqs: list[Row], error: Exception) -> list[tuple[Row, list[int]]]:
+    def _fail(self, seqs: list[Row], error: Exception) -> list[tuple[Row, list[int], str | None]]:
         """End these sequences with `error`; each with no new tokens, as `step` reports them."""
         for seq in seqs:
             self._finish(seq, "error")
             seq.error = error
-        return [(seq, []) for seq in seqs]
+        return [(seq, [], None) for seq in seqs]
 
-    def _sample(self, seqs: list[Row], logits: torch.Tensor) -> list[tuple[Row, int | None]]:
-        tokens = next_tokens(logits, [s.sampling for s in seqs], [self._generators[s.id] for s in seqs])
-        return list(zip(seqs, tokens))
+    def _sample(self, seqs: list[Row], logits: torch.Tensor) -> list[tuple[Row, int | None, TokenLogprob | None]]:
+        params = [s.sampling for s in seqs]
+        tokens = next_tokens(logits, params, [self._generators[s.id] for s in seqs])
+        return list(zip(seqs, tokens, token_logprobs(logits, tokens, params)))
 
-    def _decode(self) -> list[tuple[Row, int | None]]:
+    def _decode(self) -> list[tuple[Row, int | None, TokenLogprob | None]]:
         device = self.engine.device
         ids = torch.tensor([[s.output_ids[-1]] for s in self._rows], device=device)
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(self._rows), 1)], dim=1)
@@ -230,24 +239,29 @@ class Batch:
         for layer in self._cache.layers:
             keep_rows(layer, keep, start)
 
-    def _accept(self, seq: Row, token: int | None) -> list[int]:
-        """Record a sampled token (None: the row's logits were not finite, it fails); set finish_reason.
-        Returns the tokens to report (EOS is not one)."""
+    def _accept(self, seq: Row, token: int | None, logprob: TokenLogprob | None = None
+                ) -> tuple[list[int], str | None]:
+        """Record a sampled token (None: the row's logits were not finite, it fails) and its logprob when
+        asked; set finish_reason. Returns the tokens to report (EOS is not one) and, for a row with stop strings,
+        the text they settled."""
         if token is None:
             raise NonFiniteLogits(seq.plan, f"at output token {len(seq.output_ids) + 1}")
+        text = self._texts.get(seq.id)
         if token in self._eos:
             self._finish(seq, "stop")
-            return []
+            return [], None
         seq.output_ids.append(token)
-        text = self._texts.get(seq.id)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        piece = None
         if text is not None:
-            text.push([token])
+            piece = text.push([token])
             if text.stopped:
                 self._finish(seq, "stop")
-                return [token]
+                return [token], piece
         if len(seq.output_ids) >= seq.sampling.max_new_tokens:
             self._finish(seq, "length")
-        return [token]
+        return [token], piece
 
     def _finish(self, seq: Row, reason: str) -> None:
         seq.finish_reason = reason

@@ -4,6 +4,7 @@
 what serves a request: the base (its id, its folder as served, `base` or "") or an adapter ref; the extra
 body fields `adapters: [{ref, weight}]`, `mode` (stack/average/merge) and `merge` ({method, density, ...})
 compose several, as gRPC's GenerateRequest does. Each answer names its adapters as resolved (`adapters`).
+`n` queues n rows of one request; `logprobs` come from the engine (runtime/sampling.py's token_logprobs).
 Beside them, LoRAX/TGI's `/generate` and `/generate_stream` and vLLM's `/v1/load_lora_adapter` and
 `/v1/unload_lora_adapter`, so tooling written for those servers works by changing the URL.
 Requests go through the shared request path (runtime/core.py); its refusals become OpenAI error objects
@@ -11,14 +12,15 @@ with the HTTP status of HTTP_STATUS. Starlette + uvicorn serve it in a thread of
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
 import time
 import uuid
 from contextlib import ExitStack
-from dataclasses import asdict
-from typing import Any, AsyncIterator, Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, AsyncIterator, Callable
 
 import anyio
 import uvicorn
@@ -27,6 +29,8 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from hub.artifact import ArtifactError
+from hub.errors import HubError
 from hub.merge_spec import uses_density, uses_sign
 from runtime import errors
 from runtime.auth import ADMIN, token_role
@@ -34,6 +38,9 @@ from runtime.core import AdapterRequest, Prepared, Serving, ok, sampling_params
 from runtime.errors import InvalidArgument, ServeError
 from runtime.merged import MergeOptions
 from runtime.requestlog import RequestLog, RequestRecord
+from runtime.sampling import SamplingParams, TokenLogprob
+from runtime.scheduler import Finished, Request
+from runtime.textstream import TextStream
 
 # Each kind of refusal as the HTTP status a client gets (a subclass maps as its nearest listed class).
 HTTP_STATUS: dict[type[ServeError], int] = {
@@ -53,6 +60,7 @@ _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "Permis
                 499: "CancelledError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
 BASE_NAMES = ("", "base")  # besides the base's own ids, what names the base model
 _DONE = "data: [DONE]\n\n"
+MAX_N = 16  # OpenAI's `n`: rows one request may take (each a row of the batch)
 _MERGE_FIELDS = {"method": str, "density": float, "majority_sign": str, "svd_rank": int, "svd_clamp": float,
                  "seed": int}
 
@@ -69,6 +77,19 @@ def error_body(status: int, message: str) -> dict[str, Any]:
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse(error_body(status, message), status_code=status)
+
+
+# OpenAI fields this server does not implement, with the value that asks for nothing: any other value is refused
+# (a 400 naming the field) rather than silently ignored.
+_UNSUPPORTED = {"echo": (False,), "suffix": (None, ""), "presence_penalty": (None, 0, 0.0),
+                "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {})}
+
+
+def _refuse_unsupported(body: dict, n: int) -> None:
+    for key, neutral in _UNSUPPORTED.items():
+        ok(body.get(key, neutral[0]) in neutral, f"`{key}` is not supported by this server (leave it out)")
+    best_of = body.get("best_of")
+    ok(best_of in (None, n), f"`best_of` is not supported by this server except equal to `n` ({n}), got {best_of!r}")
 
 
 def _typed(body: dict, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
@@ -123,6 +144,7 @@ class HttpFrontend:
                  max_body_bytes: int = 4 << 20, tls: tuple[str, str] | None = None) -> None:
         self.core = core
         self.base_id = base_names[0]
+        self._served_as = base_names[-1]  # the base as the server was given it, as the registry filters by
         self._base_names = set(base_names) | set(BASE_NAMES)
         self._tokens = tokens
         self._admin_only = admin_only
@@ -202,8 +224,8 @@ class HttpFrontend:
 
     def _record(self, record: RequestRecord, method: str, status: int, started: float) -> None:
         metrics = self.core.pool.metrics
-        metrics.requests.labels(method=method, code=str(status)).inc()
-        metrics.latency.labels(method=method).observe(time.perf_counter() - started)
+        metrics.requests.labels(frontend="http", method=method, code=str(status)).inc()
+        metrics.latency.labels(frontend="http", method=method).observe(time.perf_counter() - started)
         if self._log is not None:
             self._log.write(record, str(status), time.perf_counter() - started)
 
@@ -216,15 +238,28 @@ class HttpFrontend:
             named.append(AdapterRequest(a["ref"], _typed(a, "weight", float, 1.0)))
         return named
 
-    def _start(self, body: dict, chat: bool, alive: Callable[[], bool]):
-        """The checked request, queued: (prepared, queued, text stream)."""
-        ok(_typed(body, "n", int, 1) == 1, "only n = 1 is served")
-        sampling = sampling_params(self.core.limits, max_new_tokens=_typed(body, "max_tokens", int),
-                                   temperature=_typed(body, "temperature", float, 1.0),
-                                   top_p=_typed(body, "top_p", float), top_k=_typed(body, "top_k", int, 0),
-                                   seed=_typed(body, "seed", int), stop=_stop(body))
+    def _sampling(self, fields: dict, *, max_new_tokens: int | None, temperature: float, seed: int | None,
+                  logprobs: int | None) -> SamplingParams:
+        """The sampling fields OpenAI and LoRAX name alike (top_p, top_k, stop), with those they name apart."""
+        return sampling_params(self.core.limits, max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_p=_typed(fields, "top_p", float),
+                               top_k=_typed(fields, "top_k", int, 0), seed=seed, stop=_stop(fields),
+                               logprobs=logprobs)
+
+    def _start(self, body: dict, chat: bool, alive: Callable[[], bool]) -> list[_Row]:
+        """The checked request, queued as `n` rows, row i seeded `seed + i` (its own stream)."""
+        n = _typed(body, "n", int, 1)
+        ok(1 <= n <= MAX_N, f"`n` must be in 1..{MAX_N}, got {n}")
+        _refuse_unsupported(body, n)
+        seed = _typed(body, "seed", int)
+        logprobs = _logprobs_asked(body, chat)
+        temperature = _typed(body, "temperature", float, 1.0)
+        max_new = _typed(body, "max_completion_tokens", int, _typed(body, "max_tokens", int))  # chat's newer name
+        samplings = [self._sampling(body, max_new_tokens=max_new, temperature=temperature,
+                                    seed=None if seed is None else seed + i, logprobs=logprobs) for i in range(n)]
+        adapters = self._adapters(body)
         if chat:
-            ids = self.core.chat_ids(_chat_messages(body))
+            ids = self.core.chat_ids(_chat_messages(body), adapters[0].ref if len(adapters) == 1 else None)
         else:
             prompt = _typed(body, "prompt", (str, list), "")
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -232,17 +267,37 @@ class HttpFrontend:
             text, ids = (prompt, None) if isinstance(prompt, str) else ("", prompt)
             ok(ids is None or all(isinstance(i, int) for i in ids), "`prompt` must be text or a list of token ids")
             ids = self.core.token_ids(text, ids, chat=False, what="prompt")
-        mode = _typed(body, "mode", str, "stack")
-        return self.core.start(ids, sampling, self._adapters(body), mode, _merge(body), alive)
+        return self._queue(ids, samplings, adapters, _typed(body, "mode", str, "stack"), _merge(body), alive)
 
-    def _start_lorax(self, body: dict, alive: Callable[[], bool]):
-        """A LoRAX request (`inputs`, `parameters`), checked and queued: (prepared, queued, text stream)."""
+    def _queue(self, ids: list[int], samplings: list[SamplingParams], adapters: list[AdapterRequest], mode: str,
+               merge: MergeOptions | None, alive: Callable[[], bool]) -> list[_Row]:
+        """One row per sampling, all or none: a refusal lets go of the rows already queued."""
+        rows: list[_Row] = []
+        try:
+            for sampling in samplings:
+                rows.append(_Row(*self.core.start(ids, sampling, adapters, mode, merge, alive)))
+        except BaseException:
+            for row in rows:
+                self._let_go(row)
+            raise
+        return rows
+
+    def _let_go(self, row: _Row) -> None:
+        """The row leaves the batch (a client gone included), then lets go of its adapters."""
+        self.core.scheduler.cancel(row.queued)
+        self.core.pool.release(row.prepared.lease)
+
+    def _start_lorax(self, body: dict, alive: Callable[[], bool], stream: bool) -> list[_Row]:
+        """A LoRAX request (`inputs`, `parameters`), checked and queued as one row; with
+        `decoder_input_details`, its prompt scored too."""
         p = _typed(body, "parameters", dict, {})
         sample = _typed(p, "do_sample", bool, False)
-        sampling = sampling_params(self.core.limits, max_new_tokens=_typed(p, "max_new_tokens", int),
-                                   temperature=_typed(p, "temperature", float, 1.0 if sample else 0.0),
-                                   top_p=_typed(p, "top_p", float), top_k=_typed(p, "top_k", int, 0),
-                                   seed=_typed(p, "seed", int), stop=_stop(p))
+        top_n = _typed(p, "top_n_tokens", int) or _typed(p, "return_k_alternatives", int) or 0
+        # a stream's every event carries its token's logprob; a whole answer's only with `details`
+        asked = stream or top_n or _typed(p, "details", bool, False)
+        sampling = self._sampling(p, max_new_tokens=_typed(p, "max_new_tokens", int),
+                                  temperature=_typed(p, "temperature", float, 1.0 if sample else 0.0),
+                                  seed=_typed(p, "seed", int), logprobs=top_n if asked else None)
         adapter_id = _typed(p, "adapter_id", str, "")
         merged = _typed(p, "merged_adapters", dict)
         mode, merge = "stack", None
@@ -264,23 +319,36 @@ class HttpFrontend:
                                  majority_sign=_typed(merged, "majority_sign_method", str) if uses_sign(method)
                                  else None)
         ids = self.core.token_ids(_typed(body, "inputs", str, ""), None, chat=False, what="inputs")
-        return self.core.start(ids, sampling, adapters, mode, merge, alive)
+        rows = self._queue(ids, [sampling], adapters, mode, merge, alive)
+        if _typed(p, "decoder_input_details", bool, False) and len(ids) > 1:
+            try:
+                logprobs = [None, *self.core.score(rows[0].prepared)]  # the first token has no context
+                texts = [self.core.engine.tokenizer.decode([i]) for i in ids]
+                rows[0].prefill = list(zip(ids, texts, logprobs))
+            except BaseException:
+                self._let_go(rows[0])
+                raise
+        return rows
 
     # -- routes --------------------------------------------------------------------------------------
     async def _completions(self, request: HttpRequest) -> Response:
         return await self._generate(request, lambda body, alive: self._start(body, False, alive),
-                                    lambda body, prepared: _OpenAIAnswer(False, body, prepared))
+                                    lambda body, rows: _OpenAIAnswer(False, body, rows))
 
     async def _chat(self, request: HttpRequest) -> Response:
         return await self._generate(request, lambda body, alive: self._start(body, True, alive),
-                                    lambda body, prepared: _OpenAIAnswer(True, body, prepared))
+                                    lambda body, rows: _OpenAIAnswer(True, body, rows))
 
     async def _lorax(self, request: HttpRequest, stream: bool | None = None) -> Response:
         """LoRAX/TGI `/generate`, `/generate_stream` and `/` (where the body's `stream` decides)."""
-        def answer(body: dict, prepared: Prepared) -> _LoraxAnswer:  # `/` answers a list of one, as LoRAX's
-            return _LoraxAnswer(prepared, bool(body.get("stream")) if stream is None else stream, stream is None)
+        def streams(body: dict) -> bool:
+            return bool(body.get("stream")) if stream is None else stream
 
-        return await self._generate(request, self._start_lorax, answer)
+        def answer(body: dict, rows: list[_Row]) -> _LoraxAnswer:  # `/` answers a list of one, as LoRAX's
+            return _LoraxAnswer(rows, streams(body), stream is None, _typed(body, "parameters", dict, {}))
+
+        return await self._generate(request, lambda body, alive: self._start_lorax(body, alive, streams(body)),
+                                    answer)
 
     async def _lorax_stream(self, request: HttpRequest) -> Response:
         return await self._lorax(request, stream=True)
@@ -288,10 +356,10 @@ class HttpFrontend:
     async def _lorax_whole(self, request: HttpRequest) -> Response:
         return await self._lorax(request, stream=False)
 
-    async def _generate(self, request: HttpRequest, start: Callable[[dict, Callable[[], bool]], tuple],
-                        answer_for: Callable[[dict, Prepared], _Answer]) -> Response:
-        """Auth, body, a request slot, then `start` (checks, adapters held, queued) off the event loop; the answer
-        whole or streamed. Whatever happens, the request leaves the batch and lets go of its adapters."""
+    async def _generate(self, request: HttpRequest, start: Callable[[dict, Callable[[], bool]], list[_Row]],
+                        answer_for: Callable[[dict, list[_Row]], _Answer]) -> Response:
+        """Auth, body, a request slot, then `start` (checks, adapters held, rows queued) off the event loop;
+        the answer whole or streamed. Whatever happens, the rows leave the batch and let go of their adapters."""
         method = request.url.path  # the metrics' and request log's method: one of the routes
         started, record = time.perf_counter(), RequestRecord(method)
         denied = self._denied(request)
@@ -303,7 +371,7 @@ class HttpFrontend:
             body = await self._body(request)
             held.enter_context(self.core.requests.held())
             gone = threading.Event()
-            prepared, queued, text = await anyio.to_thread.run_sync(start, body, lambda: not gone.is_set())
+            rows = await anyio.to_thread.run_sync(start, body, lambda: not gone.is_set())
         except ServeError as e:
             held.close()
             self._record(record, method, http_status(e), started)
@@ -311,15 +379,17 @@ class HttpFrontend:
         except BaseException:
             held.close()
             raise
-        held.callback(self.core.pool.release, prepared.lease)
-        held.callback(self.core.scheduler.cancel, queued)  # before the release: a client gone leaves the batch
+        for row in rows:
+            held.callback(self._let_go, row)
         held.callback(gone.set)
-        record.adapters, record.tokens_in = [a.ref for a in prepared.resolved], len(prepared.ids)
-        answer = answer_for(body, prepared)
-        chunks = self.core.events(queued, text)
+        record.adapters = [a.ref for a in rows[0].prepared.resolved]
+        record.tokens_in = len(rows[0].prepared.ids)
+        answer = answer_for(body, rows)
+        events = self._events(rows)
         if not answer.stream:
             try:
-                await anyio.to_thread.run_sync(answer.take_all, chunks)
+                async for event in events:
+                    answer.take(event)
             except ServeError as e:
                 self._record(record, method, http_status(e), started)
                 return _error(http_status(e), e.message)
@@ -328,22 +398,58 @@ class HttpFrontend:
             record.tokens_out = answer.tokens
             self._record(record, method, 200, started)
             return JSONResponse(answer.whole())
-        return StreamingResponse(self._stream(answer, chunks, held, record, method, started),
+        return StreamingResponse(self._stream(answer, events, held, record, method, started),
                                  media_type="text/event-stream")
 
-    async def _stream(self, answer: _Answer, chunks: Iterator, held: ExitStack, record: RequestRecord, method: str,
-                      started: float) -> AsyncIterator[str]:
+    async def _events(self, rows: list[_Row]) -> AsyncIterator[_Event]:
+        """Every row's events as they come. Each row is drained by a thread of its own (its stream blocks
+        between steps), which hands its events to this loop: no thread hop per event on the loop's side, and
+        no worker-pool limit on how many streams run at once."""
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue = asyncio.Queue()
+        for index, row in enumerate(rows):
+            threading.Thread(target=self._pump, args=(index, row, loop, inbox.put_nowait), daemon=True,
+                             name="adapterhub-http-row").start()
+        running = len(rows)
+        while running:
+            event = await inbox.get()
+            if isinstance(event, ServeError):
+                raise event
+            if event is None:
+                running -= 1
+                continue
+            yield event
+
+    def _pump(self, index: int, row: _Row, loop: asyncio.AbstractEventLoop, put: Callable[[Any], None]) -> None:
+        """Post a row's events, with its tokens' logprobs when asked, then None (or the error it ended with)."""
+        tokenizer = self.core.engine.tokenizer
+        seen = 0
+        last: ServeError | None = None
+        try:
+            for tokens, piece, finished in self.core.events(row.queued, row.text):
+                logprobs = row.queued.seq.logprobs[seen:seen + len(tokens)]
+                seen += len(tokens)
+                loop.call_soon_threadsafe(put, _Event(index, tokens, piece, finished,
+                                                      _described(tokenizer, tokens, logprobs)))
+        except ServeError as e:
+            last = e
+        except Exception as e:  # the loop closed under a client gone at shutdown, or a bug: never silent
+            last = errors.Internal(f"streaming the answer failed: {e}")
+        try:
+            loop.call_soon_threadsafe(put, last)
+        except RuntimeError:  # the server's loop has closed: nobody is waiting
+            pass
+
+    async def _stream(self, answer: _Answer, events: AsyncIterator[_Event], held: ExitStack, record: RequestRecord,
+                      method: str, started: float) -> AsyncIterator[str]:
         """SSE events (OpenAI's end with `[DONE]`); an error mid-stream is an error object. However the stream
-        ends (the client gone included), the request leaves the batch and lets go of its adapters."""
+        ends (the client gone included), the rows leave the batch and let go of their adapters."""
         status = 499  # unless it gets to the end
         try:
             for event in answer.opening():
                 yield _sse(event)
-            while True:
-                event = await anyio.to_thread.run_sync(next, chunks, None, abandon_on_cancel=True)
-                if event is None:
-                    break
-                yield _sse(answer.chunk(*event))
+            async for event in events:
+                yield _sse(answer.chunk(event))
             for event in answer.closing():
                 yield _sse(event)
             status = 200
@@ -358,16 +464,41 @@ class HttpFrontend:
             yield _DONE
 
     async def _load(self, request: HttpRequest) -> Response:
-        """vLLM's `load_lora_adapter`: `lora_name` is a registry ref, loaded (not pinned) onto the device."""
-        return await self._admin(request, lambda ref: self.core.pool.load(ref, pin=False),
-                                 "Success: LoRA adapter '{}' added successfully.")
+        """vLLM's `load_lora_adapter`: `lora_name` is a registry ref, loaded (not pinned) onto the device; with
+        `lora_path`, that folder (on the server's machine) is pushed into the registry first (see `_push`)."""
+        def load(body: dict, name: str) -> str:
+            path = _typed(body, "lora_path", str, "")
+            ref = self._push(name, path) if path else name
+            self.core.pool.load(ref, pin=False)
+            pushed = f" (pushed {path} into the registry as {ref}, then loaded)" if path else ""
+            return f"Success: LoRA adapter '{name}' added successfully.{pushed}"
+
+        return await self._admin(request, load)
 
     async def _unload(self, request: HttpRequest) -> Response:
         """vLLM's `unload_lora_adapter`: `lora_name` leaves device and host memory (it stays in the registry)."""
-        return await self._admin(request, self.core.pool.unload,
-                                 "Success: LoRA adapter '{}' removed successfully.")
+        def unload(body: dict, name: str) -> str:
+            self.core.pool.unload(name)
+            return f"Success: LoRA adapter '{name}' removed successfully."
 
-    async def _admin(self, request: HttpRequest, act: Callable[[str], Any], done: str) -> Response:
+        return await self._admin(request, unload)
+
+    def _push(self, name: str, path: str) -> str:
+        """vLLM's `lora_path`: the folder pushed as `lora_name` (`name@version`, or a new name as 1.0.0) against
+        the served base, so it is then named like any registry adapter; its ref."""
+        registry = self.core.pool.registry
+        name, _, version = name.partition("@")
+        if not version:
+            ok(not registry.index().versions(name), f"adapter {name!r} already has versions in the registry: give "
+               f"`lora_name` as name@version to push {path} as a new one")
+            version = "1.0.0"
+        try:
+            return registry.push(path, name, version, base_model=self._served_as).ref
+        except (HubError, ArtifactError, OSError) as e:
+            raise InvalidArgument(f"cannot push `lora_path` {path}: {e}") from None
+
+    async def _admin(self, request: HttpRequest, act: Callable[[dict, str], str]) -> Response:
+        """An admin call (admin token) on `lora_name`: act(body, name) off the event loop gives the answer."""
         method = request.url.path
         started, record = time.perf_counter(), RequestRecord(method)
         denied = self._denied(request, admin=True)
@@ -378,16 +509,14 @@ class HttpFrontend:
             body = await self._body(request)
             name = _typed(body, "lora_name", str, "")
             ok(bool(name), "`lora_name` is required: an adapter ref in the registry")
-            ok(not body.get("lora_path"), "`lora_path` is not served: push the folder into the registry "
-               "(`hub push`) and load it by its ref")
             record.adapters = [name]
             with self.core.admin.held():
-                await anyio.to_thread.run_sync(act, name)
+                done = await anyio.to_thread.run_sync(act, body, name)
         except ServeError as e:
             self._record(record, method, http_status(e), started)
             return _error(http_status(e), e.message)
         self._record(record, method, 200, started)
-        return PlainTextResponse(done.format(name))
+        return PlainTextResponse(done)
 
     async def _models(self, request: HttpRequest) -> Response:
         denied = self._denied(request)
@@ -397,12 +526,13 @@ class HttpFrontend:
         return JSONResponse({"object": "list", "data": cards})
 
     def _model_cards(self) -> list[dict[str, Any]]:
-        """The base, then every adapter in the registry (named `name`, each version as `name@version`)."""
+        """The base, then every adapter version in the registry pushed against the served base (as named
+        when it was pushed: its folder or its id), loaded or not."""
         base = {"id": self.base_id, "object": "model", "created": self._created, "owned_by": "adapterhub",
                 "root": self.base_id, "parent": None, "max_model_len": self.core.limits.context_length,
                 "permission": []}
         cards = [base]
-        for m in self.core.pool.registry.list():
+        for m in self.core.pool.registry.list(base_model=self._served_as):
             cards.append({"id": m.ref, "object": "model", "created": self._created, "owned_by": "adapterhub",
                           "root": m.ref, "parent": self.base_id, "permission": [], "name": m.name,
                           "version": m.version, "technique": m.technique, "sha256": m.sha256})
@@ -413,38 +543,102 @@ def _sse(data: dict) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
+def _logprobs_asked(body: dict, chat: bool) -> int | None:
+    """How many top tokens a request asks for with each token's logprob (None: no logprobs): completions'
+    `logprobs: k`; chat's `logprobs: true` with `top_logprobs: k`."""
+    if not chat:
+        return _typed(body, "logprobs", int)
+    top = _typed(body, "top_logprobs", int)
+    if not _typed(body, "logprobs", bool, False):
+        ok(top is None, "`top_logprobs` needs `logprobs: true`")
+        return None
+    return top or 0
+
+
+@dataclass
+class _Row:
+    """One queued row of a request: its held adapters, its place in the scheduler and its text so far."""
+
+    prepared: Prepared
+    queued: Request
+    text: TextStream
+    prefill: list[tuple[int, str, float | None]] | None = None  # the prompt's (id, text, logprob), when asked
+
+
+@dataclass(frozen=True)
+class _TokenLogprob:
+    """A generated token with its text and logprob, and the likeliest tokens at its place as (id, text, logprob)."""
+
+    id: int
+    text: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...]
+
+
+@dataclass(frozen=True)
+class _Event:
+    """What one row produced since its last event."""
+
+    index: int  # the row's place among the request's rows (OpenAI's choice index)
+    tokens: list[int]
+    piece: str
+    finished: Finished | None
+    logprobs: list[_TokenLogprob]  # one per token, when the request asked for logprobs
+
+
+def _described(tokenizer, tokens: list[int], logprobs: list[TokenLogprob]) -> list[_TokenLogprob]:
+    """The engine's logprobs with each token's text (decoded alone, as vLLM reports them)."""
+    if not logprobs:
+        return []
+    text = (lambda i: tokenizer.decode([i])) if tokenizer is not None else str
+    return [_TokenLogprob(t, text(t), lp.logprob, tuple((i, text(i), v) for i, v in lp.top))
+            for t, lp in zip(tokens, logprobs)]
+
+
+@dataclass
+class _Choice:
+    """One row's answer so far."""
+
+    text: str = ""
+    tokens: int = 0
+    reason: str | None = None
+    logprobs: list[_TokenLogprob] = field(default_factory=list)
+
+
 class _Answer:
-    """One completion as the core's events build it; subclasses word it (whole, or as stream events)."""
+    """A request's answer as the rows' events build it; subclasses word it (whole, or as stream events)."""
 
     stream = False
     done_line = False  # OpenAI streams end with `data: [DONE]`
 
-    def __init__(self, prepared: Prepared) -> None:
-        self.prepared = prepared
-        self.text = ""
-        self.tokens = 0
-        self.reason: str | None = None
+    def __init__(self, rows: list[_Row]) -> None:
+        self.rows = rows
+        self.prepared = rows[0].prepared  # every row holds the same adapters for the same prompt
+        self.choices = [_Choice() for _ in rows]
 
-    def take(self, tokens: list[int], piece: str, finished) -> None:
-        self.tokens += len(tokens)
-        self.text += piece
-        if finished is not None:
-            self.reason = "length" if finished.reason == "length" else "stop"
+    @property
+    def tokens(self) -> int:
+        return sum(c.tokens for c in self.choices)
 
-    def take_all(self, events: Iterator) -> None:
-        for event in events:
-            self.take(*event)
+    def take(self, event: _Event) -> _Choice:
+        choice = self.choices[event.index]
+        choice.tokens += len(event.tokens)
+        choice.text += event.piece
+        choice.logprobs += event.logprobs
+        if event.finished is not None:
+            choice.reason = "length" if event.finished.reason == "length" else "stop"
+        return choice
 
     def adapters(self) -> list[dict[str, Any]]:
         return [asdict(a) for a in self.prepared.resolved]
 
-    def whole(self) -> dict[str, Any]:
+    def whole(self) -> dict[str, Any] | list[dict[str, Any]]:
         raise NotImplementedError
 
     def opening(self) -> list[dict[str, Any]]:
         return []
 
-    def chunk(self, tokens: list[int], piece: str, finished) -> dict[str, Any]:
+    def chunk(self, event: _Event) -> dict[str, Any]:
         raise NotImplementedError
 
     def closing(self) -> list[dict[str, Any]]:
@@ -452,16 +646,18 @@ class _Answer:
 
 
 class _OpenAIAnswer(_Answer):
-    """A completion or chat completion as OpenAI words it."""
+    """A completion or chat completion as OpenAI words it, with `n` choices."""
 
     done_line = True
 
-    def __init__(self, chat: bool, body: dict, prepared: Prepared) -> None:
-        super().__init__(prepared)
+    def __init__(self, chat: bool, body: dict, rows: list[_Row]) -> None:
+        super().__init__(rows)
         self.chat = chat
         self.model = _typed(body, "model", str, "")
         self.stream = bool(body.get("stream"))
         self.usage = bool((_typed(body, "stream_options", dict, {}) or {}).get("include_usage"))
+        self.logprobs = rows[0].queued.seq.sampling.logprobs is not None
+        self.offsets = [0] * len(rows)  # per choice, the characters its token texts have taken (text_offset)
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
 
@@ -470,34 +666,50 @@ class _OpenAIAnswer(_Answer):
         return {"id": self.id, "object": kind + (".chunk" if self.stream and self.chat else ""),
                 "created": self.created, "model": self.model, "choices": choices}
 
-    def _choice(self, text: str, reason: str | None) -> dict[str, Any]:
+    def _choice(self, index: int, text: str, reason: str | None, logprobs: list[_TokenLogprob]) -> dict[str, Any]:
+        words = self._logprobs(index, logprobs) if self.logprobs else None
         if not self.chat:
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+            return {"index": index, "text": text, "logprobs": words, "finish_reason": reason}
         key = "delta" if self.stream else "message"
-        return {"index": 0, key: {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
+        return {"index": index, key: {"role": "assistant", "content": text}, "logprobs": words,
+                "finish_reason": reason}
+
+    def _logprobs(self, index: int, logprobs: list[_TokenLogprob]) -> dict[str, Any]:
+        """OpenAI's logprobs object for these tokens of choice `index`: chat's `content` list, or completions'
+        parallel lists (with each token's place in the choice's text)."""
+        if self.chat:
+            return {"content": [{"token": t.text, "logprob": t.logprob, "bytes": list(t.text.encode()),
+                                 "top_logprobs": [{"token": text, "logprob": v, "bytes": list(text.encode())}
+                                                  for _, text, v in t.top]} for t in logprobs]}
+        offsets = []
+        for t in logprobs:
+            offsets.append(self.offsets[index])
+            self.offsets[index] += len(t.text)
+        return {"tokens": [t.text for t in logprobs], "token_logprobs": [t.logprob for t in logprobs],
+                "top_logprobs": [{text: v for _, text, v in t.top} for t in logprobs], "text_offset": offsets}
 
     def _usage(self) -> dict[str, int]:
         prompt = len(self.prepared.ids)
         return {"prompt_tokens": prompt, "completion_tokens": self.tokens, "total_tokens": prompt + self.tokens}
 
     def whole(self) -> dict[str, Any]:
-        out = self._envelope([self._choice(self.text, self.reason)])
+        out = self._envelope([self._choice(i, c.text, c.reason, c.logprobs) for i, c in enumerate(self.choices)])
         out["usage"] = self._usage()
         out["adapters"] = self.adapters()
         return out
 
     def opening(self) -> list[dict[str, Any]]:
         """The first chunk: no text yet, the adapters as resolved."""
-        out = self._envelope([self._choice("", None)])
+        out = self._envelope([self._choice(i, "", None, []) for i in range(len(self.choices))])
         out["adapters"] = self.adapters()
         return [out]
 
-    def chunk(self, tokens: list[int], piece: str, finished) -> dict[str, Any]:
-        self.take(tokens, piece, finished)
-        choice = self._choice(piece, self.reason)
+    def chunk(self, event: _Event) -> dict[str, Any]:
+        choice = self.take(event)
+        out = self._choice(event.index, event.piece, choice.reason, event.logprobs)
         if self.chat:
-            choice["delta"].pop("role")
-        return self._envelope([choice])
+            out["delta"].pop("role")
+        return self._envelope([out])
 
     def closing(self) -> list[dict[str, Any]]:
         """With stream_options.include_usage: a last chunk with no choices and the usage."""
@@ -509,25 +721,51 @@ class _OpenAIAnswer(_Answer):
 
 
 class _LoraxAnswer(_Answer):
-    """A generation as LoRAX (and TGI) word it: `generated_text` and `details`; stream events per token."""
+    """A generation as LoRAX (and TGI) word it: `generated_text` and `details` (per-token logprobs, the
+    prompt's with `decoder_input_details`, the top tokens with `top_n_tokens` / `return_k_alternatives`)."""
 
-    def __init__(self, prepared: Prepared, stream: bool, listed: bool) -> None:
-        super().__init__(prepared)
+    def __init__(self, rows: list[_Row], stream: bool, listed: bool, parameters: dict) -> None:
+        super().__init__(rows)
         self.stream = stream
         self.listed = listed
+        self.details = stream or bool(parameters.get("details"))
+        self.top = bool(parameters.get("top_n_tokens") or parameters.get("return_k_alternatives"))
+
+    def _token(self, t: _TokenLogprob) -> dict[str, Any]:
+        out = {"id": t.id, "text": t.text, "logprob": t.logprob, "special": False}
+        if self.top:
+            out["alternative_tokens"] = [{"id": i, "text": text, "logprob": v} for i, text, v in t.top]
+        return out
+
+    def _top_tokens(self, t: _TokenLogprob) -> list[dict[str, Any]]:
+        return [{"id": i, "text": text, "logprob": v, "special": False} for i, text, v in t.top]
+
+    def _prefill(self) -> list[dict[str, Any]]:
+        return [{"id": i, "text": text, "logprob": lp} for i, text, lp in self.rows[0].prefill or []]
 
     def _details(self) -> dict[str, Any]:
-        reason = "length" if self.reason == "length" else "eos_token"
-        return {"finish_reason": reason, "prompt_tokens": len(self.prepared.ids), "generated_tokens": self.tokens,
-                "seed": None, "prefill": [], "tokens": [], "adapters": self.adapters()}
+        choice = self.choices[0]
+        out = {"finish_reason": "length" if choice.reason == "length" else "eos_token",
+               "prompt_tokens": len(self.prepared.ids), "generated_tokens": choice.tokens,
+               "seed": self.rows[0].queued.seq.sampling.seed, "prefill": self._prefill(),
+               "tokens": [self._token(t) for t in choice.logprobs], "adapters": self.adapters()}
+        if self.top:
+            out["top_tokens"] = [self._top_tokens(t) for t in choice.logprobs]
+        return out
 
     def whole(self) -> dict[str, Any] | list[dict[str, Any]]:
-        out = {"generated_text": self.text, "details": self._details()}
+        out = {"generated_text": self.choices[0].text, "details": self._details() if self.details else None}
         return [out] if self.listed else out
 
-    def chunk(self, tokens: list[int], piece: str, finished) -> dict[str, Any]:
-        self.take(tokens, piece, finished)
-        last = finished is not None
-        # token logprobs are not computed: 0.0, since lorax-client requires a number there
-        return {"token": {"id": tokens[-1] if tokens else 0, "text": piece, "logprob": 0.0, "special": False},
-                "generated_text": self.text if last else None, "details": self._details() if last else None}
+    def chunk(self, event: _Event) -> dict[str, Any]:
+        choice = self.take(event)
+        last = event.finished is not None
+        # an event without a token is the end (EOS, which is not reported, or a stop string's last text)
+        token = self._token(event.logprobs[-1]) if event.logprobs else \
+            {"id": event.tokens[-1] if event.tokens else 0, "text": "", "logprob": 0.0, "special": True}
+        token["text"] = event.piece
+        out = {"token": token, "generated_text": choice.text if last else None,
+               "details": self._details() if last else None}
+        if self.top and event.logprobs:
+            out["top_tokens"] = self._top_tokens(event.logprobs[-1])
+        return out

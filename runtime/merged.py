@@ -15,10 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from hub.artifact import Adapter, Technique
-from hub.manifest import BaseModelInfo
+from hub.manifest import BaseModelInfo, Manifest
 from hub.merge import merge
 from hub.merge_spec import MergeError, MergeSpec
 from runtime.errors import InvalidArgument
@@ -43,7 +43,7 @@ class MergeOptions:
 class MergedManifest:
     """What the pool needs of a manifest, for a merge of exact parent versions with exact parameters."""
 
-    parents: tuple[Any, ...]  # hub.manifest.Manifest, in request order
+    parents: tuple[Manifest, ...]  # in request order
     spec: MergeSpec  # checked: defaults filled in
     technique: str
     digest: str
@@ -70,7 +70,7 @@ class MergedManifest:
         """An estimate before it is built: the parents' sizes."""
         return sum(m.size for m in self.parents)
 
-    def build(self, read: Callable[[Any], Adapter]) -> Adapter:
+    def build(self, read: Callable[[Manifest], Adapter]) -> Adapter:
         """The merged adapter, from parents read by `read` (the pool's verified read)."""
         adapters = [read(m) for m in self.parents]
         try:
@@ -87,13 +87,13 @@ def merge_spec(options: MergeOptions, weights: Sequence[float]) -> MergeSpec:
                      svd_clamp=options.svd_clamp, seed=options.seed)
 
 
-def merge_key(parents: Sequence[Any], spec: MergeSpec) -> str:
+def merge_key(parents: Sequence[Manifest], spec: MergeSpec) -> str:
     """sha256 over the exact parents (ref + artifact sha256, in order) and the checked parameters."""
     payload = {"parents": [[m.ref, m.sha256] for m in parents], **spec.params()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def merged_manifest(parents: Sequence[Any], weights: Sequence[float], options: MergeOptions) -> MergedManifest:
+def merged_manifest(parents: Sequence[Manifest], weights: Sequence[float], options: MergeOptions) -> MergedManifest:
     """Check a merge request (InvalidArgument on any problem) and name the adapter that serves it."""
     if not parents:
         raise InvalidArgument("merge mode needs at least one adapter")

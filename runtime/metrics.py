@@ -24,10 +24,10 @@ class Metrics:
         self._lock = threading.Lock()
         self._http = None
         r = self.registry
-        self.requests = Counter("adapterhub_requests", "RPCs answered, by method and status code",
-                                ["method", "code"], registry=r)
-        self.latency = Histogram("adapterhub_request_seconds", "RPC latency, by method", ["method"],
-                                 buckets=_LATENCY_BUCKETS, registry=r)
+        self.requests = Counter("adapterhub_requests", "Requests answered, by frontend (grpc, http), method and "
+                                "status code", ["frontend", "method", "code"], registry=r)
+        self.latency = Histogram("adapterhub_request_seconds", "Request latency, by frontend and method",
+                                 ["frontend", "method"], buckets=_LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("adapterhub_time_to_first_token_seconds",
                               "From the request's arrival to its first generated token", buckets=_LATENCY_BUCKETS,
                               registry=r)

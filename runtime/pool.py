@@ -33,9 +33,13 @@ from typing import Any, Callable, Iterable, TypeVar
 from hub.artifact import Adapter, ArtifactError, Technique
 from hub.checkpoint import PROMPT_SITE, fingerprint, fitted_fingerprint, module_tensors
 from hub.errors import HubError, IntegrityError, InvalidName, NotFound
+from hub.manifest import Manifest
+from hub.remotes import Remote
 from runtime import errors
+from runtime.contracts import AdapterSource, PoolEngine, ServedManifest
 from runtime.errors import (Cancelled, DamagedData, InvalidArgument, NoRoom, ServeError, TooLarge, Unavailable,
                             Unusable, WrongBase)
+from runtime.merged import MergedManifest
 from runtime.metrics import Metrics
 
 T = TypeVar("T")
@@ -48,16 +52,12 @@ class Tier(str, Enum):
     DISK = "disk"
 
 
-def _built(manifest) -> bool:
-    return getattr(manifest, "build", None) is not None
-
-
 @dataclass
 class Entry:
     """What the pool knows about one adapter version."""
 
     key: str  # name@version
-    manifest: Any  # hub.manifest.Manifest
+    manifest: ServedManifest
     tier: Tier = Tier.DISK
     adapter: Adapter | None = field(default=None, repr=False)  # host copy (device entries keep theirs)
     device_bytes: int = 0
@@ -74,7 +74,7 @@ class Entry:
     @property
     def built(self) -> bool:
         """A per-request merge (runtime/merged.py): built from its parents, not read from the registry."""
-        return _built(self.manifest)
+        return isinstance(self.manifest, MergedManifest)
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ class _NoRoomYet(Exception):
     def __init__(self, key: str, need: int, freed: int):
         super().__init__(key)
         self.key, self.need, self.freed = key, need, freed  # freed: the pool's count of frees when refused
-        self.read: tuple[Any, Adapter] | None = None  # (manifest, adapter) when it was read from disk for this load
+        self.read: tuple[ServedManifest, Adapter] | None = None  # (manifest, adapter) when it was read from disk for this load
 
 
 def _damaged(key: str, error: IntegrityError) -> DamagedData:
@@ -127,12 +127,12 @@ def _damaged(key: str, error: IntegrityError) -> DamagedData:
 class AdapterPool:
     """Loads, caches and evicts adapters for one Engine within a device and a host byte budget."""
 
-    def __init__(self, engine, registry, *, device_budget: int, host_budget: int,
+    def __init__(self, engine: PoolEngine, registry: AdapterSource, *, device_budget: int, host_budget: int,
                  metrics: Metrics | None = None, on_engine: Callable[..., Any] = _direct,
-                 remote=None, max_entries: int = 1024, wait_seconds: float = 30.0, max_merged: int = 64) -> None:
+                 remote: Remote | None = None, max_entries: int = 1024, wait_seconds: float = 30.0, max_merged: int = 64) -> None:
         self.engine = engine
         self.registry = registry
-        self.remote = remote  # a hub.remotes.Remote to pull refs the local registry lacks
+        self.remote = remote  # to pull refs the local registry lacks
         self.device_budget = int(device_budget)
         self.host_budget = int(host_budget)
         self.metrics = metrics or Metrics()
@@ -154,7 +154,7 @@ class AdapterPool:
         self.base_fingerprint = fingerprint(engine.model.config, {})
 
     # -- resolving ---------------------------------------------------------------------------------
-    def resolve(self, ref: str):
+    def resolve(self, ref: str) -> Manifest:
         """The manifest a ref names now; a ref missing locally is pulled from the remote, if one is set."""
         if not ref:
             raise InvalidArgument("adapter ref is empty")
@@ -179,7 +179,7 @@ class AdapterPool:
             raise Unavailable(f"registry error for {ref!r}: {e}") from None
 
     # -- acquiring and releasing -------------------------------------------------------------------
-    def acquire(self, manifests: Iterable[Any], *, pin: bool = False, then_submit: bool = False,
+    def acquire(self, manifests: Iterable[ServedManifest], *, pin: bool = False, then_submit: bool = False,
                 alive: Callable[[], bool] = lambda: True) -> Lease:
         """Put every adapter on the device and hold it there until `release` (all or none).
 
@@ -300,7 +300,7 @@ class AdapterPool:
                     return
                 self._room.wait(min(left, _POLL))
 
-    def _acquire_one(self, manifest, *, pin: bool, read: Adapter | None = None,
+    def _acquire_one(self, manifest: ServedManifest, *, pin: bool, read: Adapter | None = None,
                      got_room: Callable[[], None] = lambda: None, then_submit: bool = False) -> Entry:
         key = manifest.ref
         while True:
@@ -354,7 +354,7 @@ class AdapterPool:
         entry.pinned = entry.pinned or pin
         entry.last_used = time.monotonic()
 
-    def _load(self, key: str, manifest, pin: bool, then_submit: bool = False, read: Adapter | None = None,
+    def _load(self, key: str, manifest: ServedManifest, pin: bool, then_submit: bool = False, read: Adapter | None = None,
               got_room: Callable[[], None] = lambda: None) -> Entry:
         """Bring one adapter onto the device: from host memory if it is there (or `read`: the copy its request
         read from disk before waiting for room, checked then), else from disk. `got_room` runs once the device
@@ -372,7 +372,7 @@ class AdapterPool:
             self.metrics.cache_hits.labels(tier=Tier.HOST.value).inc()
         need = self.engine.weights_bytes(adapter)
         try:
-            victims = self._make_room(need, key, _built(manifest))
+            victims = self._make_room(need, key, isinstance(manifest, MergedManifest))
         except _NoRoomYet as no_room:
             verified()  # a damaged file is reported as damaged, not as one that finds no room
             if source is Tier.DISK:
@@ -422,7 +422,7 @@ class AdapterPool:
         self._update_gauges()
         return entry
 
-    def _offer_to_host(self, key: str, manifest, adapter: Adapter) -> None:
+    def _offer_to_host(self, key: str, manifest: ServedManifest, adapter: Adapter) -> None:
         """Put an adapter a waiting request read (hashed right, fits) in the host tier if it has free room, for
         other requests naming it; never evicting for it (waiters would churn the tier; each keeps its copy)."""
         with self._lock:
@@ -432,7 +432,7 @@ class AdapterPool:
                 self._verified.add((key, manifest.sha256))
             self._forget_old_locked()
 
-    def _read_verified(self, key: str, manifest) -> tuple[Adapter, Callable[[], None]]:
+    def _read_verified(self, key: str, manifest: ServedManifest) -> tuple[Adapter, Callable[[], None]]:
         """Read an adapter version from the registry and refuse it if it was made for another base.
 
         Returns the adapter and `verified()`, which raises DamagedData if its stored bytes are damaged: their
@@ -444,9 +444,8 @@ class AdapterPool:
         if refused is not None and refused[0] == manifest.sha256:  # these very bytes were refused: not parsed again
             raise refused[2](refused[1])
         try:
-            build = getattr(manifest, "build", None)  # a per-request merge (runtime/merged.py), from verified parents
-            if build:
-                adapter, check = build(lambda m: self._read_now(m.ref, m)), (lambda: None)
+            if isinstance(manifest, MergedManifest):  # built from parents read (and verified) as any adapter
+                adapter, check = manifest.build(lambda m: self._read_now(m.ref, m)), (lambda: None)
             else:
                 adapter, check = self.registry.read_deferred(manifest)
         except IntegrityError as e:
@@ -471,10 +470,10 @@ class AdapterPool:
                 raise self._refuse(key, manifest, e.message, WrongBase) from None
         return adapter, verified
 
-    def _refuse(self, key: str, manifest, message: str, kind: type[Unusable] = Unusable) -> Unusable:
+    def _refuse(self, key: str, manifest: ServedManifest, message: str, kind: type[Unusable] = Unusable) -> Unusable:
         """Unusable (or `kind`) for an adapter whose intact bytes cannot serve here, remembered by its sha256 so
-        requests naming it again are refused without reading and parsing it again (a 500k-tensor artifact
-        took seconds of the GIL per request); a new push under the same version has another sha256."""
+        requests naming it again are refused without reading and parsing it again (parsing a large artifact
+        holds the GIL); a new push under the same version has another sha256."""
         with self._lock:
             self._refused[key] = (manifest.sha256, message, kind)
             self._refused.move_to_end(key)
@@ -482,18 +481,18 @@ class AdapterPool:
                 self._refused.popitem(last=False)
         return kind(message)
 
-    def _check_base(self, key: str, adapter: Adapter, manifest) -> None:
+    def _check_base(self, key: str, adapter: Adapter, manifest: ServedManifest) -> None:
         """WrongBase unless the adapter fits the served base and was made for it (fingerprint)."""
         try:
             fitted = fitted_fingerprint(adapter, self.engine.model)
         except ArtifactError as e:
             raise WrongBase(f"adapter {key} was not made for the served base model: {e}") from None
-        recorded = getattr(manifest.base_model, "fingerprint", None)
+        recorded = manifest.base_model.fingerprint
         if recorded and recorded != fitted:
             raise WrongBase(f"adapter {key} was made for another base model ({manifest.base_model.id or 'unknown'}, "
                              "fingerprint differs from the served base's)")
 
-    def _read_now(self, key: str, manifest) -> Adapter:
+    def _read_now(self, key: str, manifest: ServedManifest) -> Adapter:
         """`_read_verified`, waiting for the hash (a merge's parents are combined into a new adapter at once)."""
         adapter, verified = self._read_verified(key, manifest)
         verified()

@@ -9,6 +9,17 @@ from dataclasses import dataclass
 
 import torch
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A chosen token's log-probability under the model's distribution at its position (the logits it was
+    chosen from, before temperature, top-k and top-p), and the likeliest tokens there as (id, logprob)."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
 
 @dataclass
 class SamplingParams:
@@ -18,6 +29,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = no limit
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: none; k: each token's log-probability and the k likeliest tokens'
 
     def validate(self) -> None:
         """ValueError naming the first bad field."""
@@ -31,6 +43,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {self.logprobs}")
 
 
 def generator_for(params: SamplingParams) -> torch.Generator:
@@ -81,3 +95,26 @@ def _sample(scores: torch.Tensor, params: SamplingParams, generator: torch.Gener
         drop = (probs.cumsum(-1) - probs) >= params.top_p
         scores[order[drop]] = float("-inf")
     return int(torch.multinomial(torch.softmax(scores, -1), 1, generator=generator))
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int | None], params: list[SamplingParams]
+                   ) -> list[TokenLogprob | None]:
+    """Per row, the chosen token's TokenLogprob from the same last-position logits (rows, vocab) it was chosen
+    from; None for rows that did not ask (or got no token). One log_softmax and one top-k over the rows that
+    asked, so rows that did not ask cost nothing."""
+    out: list[TokenLogprob | None] = [None] * len(params)
+    asking = [i for i, p in enumerate(params) if p.logprobs is not None and tokens[i] is not None]
+    if not asking:
+        return out
+    rows = logits if len(asking) == len(params) else logits[asking]
+    logprobs = torch.log_softmax(rows.float(), -1)
+    chosen = logprobs.gather(-1, torch.tensor([[tokens[i]] for i in asking], device=rows.device)).squeeze(-1)
+    k = max(params[i].logprobs for i in asking)
+    top = logprobs.topk(k, -1) if k else None
+    chosen_values = chosen.tolist()
+    top_values, top_ids = (top.values.tolist(), top.indices.tolist()) if top is not None else ([], [])
+    for row, i in enumerate(asking):
+        kept = params[i].logprobs
+        pairs = tuple(zip(top_ids[row][:kept], top_values[row][:kept])) if kept else ()
+        out[i] = TokenLogprob(chosen_values[row], pairs)
+    return out

@@ -30,6 +30,17 @@ JOIN_GRACE = 0.05
 
 
 @dataclass
+class Tokens:
+    """A step's new tokens for one request. `text`: the text they settled when the batch decoded them (a request
+    with stop strings, runtime/generate.py Row.text), else None; `stop`: a stop string ended the request with
+    these tokens (its Finished follows)."""
+
+    ids: list[int]
+    text: str | None = None
+    stop: bool = False
+
+
+@dataclass
 class Finished:
     """The last event of a request: why it ended ("stop", "length", "cancelled") or the error."""
 
@@ -44,10 +55,10 @@ class Request:
     seq: Row
     arrived: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
-    events: queue.Queue = field(default_factory=queue.Queue)  # list[int] per step, then one Finished
+    events: queue.Queue = field(default_factory=queue.Queue)  # Tokens per step, then one Finished
     state: str = "queued"  # queued -> running -> done
 
-    def stream(self) -> Iterator[list[int] | Finished]:
+    def stream(self) -> Iterator[Tokens | Finished]:
         """The request's events in order, ending with its Finished."""
         while True:
             event = self.events.get()
@@ -220,7 +231,7 @@ class Scheduler:
         now = time.perf_counter()
         total = 0
         with self._cv:
-            for seq, tokens in produced:
+            for seq, tokens, text in produced:
                 request = self._running.get(seq.id)
                 if request is None:
                     continue
@@ -230,7 +241,8 @@ class Scheduler:
                         request.first_token_at = now
                         self.metrics.ttft.observe(now - request.arrived)
                     self.metrics.generated_tokens.labels(adapter=self._label(seq)).inc(len(tokens))
-                    request.events.put(list(tokens))
+                    # "stop" with tokens is a stop string (EOS brings none)
+                    request.events.put(Tokens(list(tokens), text, stop=seq.finish_reason == "stop"))
                 if seq.finish_reason == "error":  # a failure of this row alone (runtime/generate.py)
                     self._leave(request, None, _row_error(seq.error))
                 elif seq.finish_reason is not None:

@@ -128,20 +128,24 @@ def check_port(host: str, port: int | None) -> None:
         raise ServerConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
+def read_tokens(config: ServerConfig) -> dict[str, str] | None:
+    """The tokens of --auth-token-file (None without one); a bad file is a ServerConfigError."""
+    if config.auth_token_file is None:
+        return None
+    try:
+        return read_token_file(config.auth_token_file)
+    except ValueError as e:
+        raise ServerConfigError(str(e)) from None
+
+
 class RuntimeServer:
     """One running runtime. `model`/`tokenizer`/`registry` may be passed in (tests); else loaded from config."""
 
     def __init__(self, config: ServerConfig, *, model=None, tokenizer=None, registry=None) -> None:
         config.check()
         self.config = config
-        interceptors = []
-        tokens = None
-        if config.auth_token_file is not None:
-            try:
-                tokens = read_token_file(config.auth_token_file)
-            except ValueError as e:
-                raise ServerConfigError(str(e)) from None
-            interceptors.append(TokenAuthInterceptor(tokens, admin_only=config.auth_admin_only))
+        tokens = read_tokens(config)
+        interceptors = [TokenAuthInterceptor(tokens, admin_only=config.auth_admin_only)] if tokens else []
         credentials = self._tls_credentials()
         for port in (config.port, config.metrics_port):
             check_port(config.host, port)
@@ -277,13 +281,12 @@ def keep_freed_memory() -> None:
 
     By default glibc hands big freed blocks back to the kernel, so every new batch composition (its
     stacked adapter weights, megabytes per adapter) and every step's activations fault their pages
-    back in; measured on 2 CPU cores, a 32-adapter compile took 145 ms that way and 37 ms without.
+    back in, which makes a batch's compile several times slower.
     PyTorch's CPU performance guide suggests jemalloc/tcmalloc for the same reason; this is the
     dependency-free form: allocations up to 32 MiB come from the heap, and up to 512 MiB of free
     heap stays mapped for the next batch. One arena: glibc otherwise gives threads heaps of their own,
     so a cold load (in whichever RPC thread) rarely reused what the decode loop or other loads had freed
-    and faulted in fresh pages instead, ~5,000 per 9.3 MiB LoRA, slow in a VM (measurements in the
-    commit message).
+    and faulted in fresh pages instead, thousands per LoRA, slow in a VM.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -295,16 +298,28 @@ def keep_freed_memory() -> None:
 
 
 def freeze_startup_heap() -> None:
-    """Take everything alive now (the model, torch, transformers, gRPC: ~400k objects) out of the cyclic GC.
+    """Take everything alive now (the model, torch, transformers, gRPC: hundreds of thousands of objects) out of
+    the cyclic GC.
 
     A full (generation 2) collection walks every tracked object with the GIL held, which stops the decode
-    loop and every request thread: measured 210-270 ms per collection in a server with the default base,
-    at moments set by allocation counts (it landed inside a cold adapter load). Frozen objects are never
-    scanned again (they are still freed by reference counting), so full collections only walk what was
-    made since: ~30 ms with 40 all-projection LoRAs resident. vLLM freezes its startup heap the same way.
+    loop and every request thread for a long pause, at moments set by allocation counts (one landed inside a
+    cold adapter load). Frozen objects are never scanned again (they are still freed by reference counting),
+    so full collections only walk what was made since, a small part. vLLM freezes its startup heap the same
+    way.
     """
     gc.collect()
     gc.freeze()
+
+
+def until_signalled(ready) -> None:
+    """Take SIGTERM and SIGINT, call `ready()`, and return once either came (so the caller stops gracefully);
+    the handlers are in place before `ready` announces the server."""
+    signalled = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: signalled.set())
+    ready()
+    while not signalled.wait(0.1):
+        pass
 
 
 def serve(config: ServerConfig, *, ready=None) -> int:
@@ -317,13 +332,7 @@ def serve(config: ServerConfig, *, ready=None) -> int:
         server.stop(grace=0)
         raise
     freeze_startup_heap()
-    signalled = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: signalled.set())
-    if ready is not None:
-        ready(server)
-    while not signalled.wait(0.1):
-        pass
+    until_signalled(lambda: ready(server) if ready is not None else None)
     running, queued = server.scheduler.queue_depths()
     print(f"hub serve: stopping: {running} running and {queued} queued request(s) get up to "
           f"{config.grace_seconds:g} s to finish", file=sys.stderr, flush=True)

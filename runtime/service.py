@@ -13,10 +13,8 @@ import grpc
 
 from runtime import errors
 from runtime.core import AdapterRequest, Limits, Prepared, Resolved, Serving, Slots, ok, sampling_params
-from runtime.errors import InvalidArgument, ServeError
-from runtime.generate import score
-from runtime.merged import MergeOptions
-from runtime.plan import PlanError
+from runtime.errors import ServeError
+from runtime.merged import MergedManifest, MergeOptions
 from runtime.pool import Entry, Tier
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 from runtime.proto.adapterhub.v1 import runtime_pb2_grpc as pb_grpc
@@ -24,7 +22,7 @@ from runtime.requestlog import REQUEST_ID_KEY, RequestLog, RequestRecord
 from runtime.scheduler import Request
 from runtime.textstream import TextStream
 
-MAX_PAGE_SIZE = 1000  # ListAdapters entries per reply (and with no page_size): ~200 KB, far below the message cap
+MAX_PAGE_SIZE = 1000  # ListAdapters entries per reply (and with no page_size): a reply far below the message cap
 _MODES = {pb.COMPOSITION_MODE_UNSPECIFIED: "stack", pb.COMPOSITION_MODE_STACK: "stack",
           pb.COMPOSITION_MODE_AVERAGE: "average", pb.COMPOSITION_MODE_MERGE: "merge"}
 _TIERS = {Tier.DEVICE: pb.TIER_DEVICE, Tier.HOST: pb.TIER_HOST, Tier.DISK: pb.TIER_DISK}
@@ -83,7 +81,7 @@ def adapter_info(entry: Entry) -> pb.AdapterInfo:
     return pb.AdapterInfo(ref=m.ref, name=m.name, version=m.version, sha256=m.sha256, technique=m.technique,
                           tier=_TIERS[entry.tier], size_bytes=entry.device_bytes or entry.host_bytes or m.size,
                           pinned=entry.pinned, last_used_unix=entry.last_used_unix, requests_served=entry.requests,
-                          in_use=entry.in_use, parents=[p.ref for p in getattr(m, "parents", ())])
+                          in_use=entry.in_use, parents=[p.ref for p in m.parents] if isinstance(m, MergedManifest) else [])
 
 
 def note(record: RequestRecord, prepared: Prepared) -> None:
@@ -137,8 +135,8 @@ class RuntimeService(pb_grpc.RuntimeServicer):
                 remaining = context.time_remaining()
                 expired = remaining is not None and remaining <= 0
                 code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-            self.metrics.requests.labels(method=method, code=code.name).inc()
-            self.metrics.latency.labels(method=method).observe(time.perf_counter() - started)
+            self.metrics.requests.labels(frontend="grpc", method=method, code=code.name).inc()
+            self.metrics.latency.labels(frontend="grpc", method=method).observe(time.perf_counter() - started)
             if self.request_log is not None:
                 self.request_log.write(record, code.name, time.perf_counter() - started)
 
@@ -146,7 +144,8 @@ class RuntimeService(pb_grpc.RuntimeServicer):
              ) -> tuple[Prepared, Request, TextStream]:
         """Check, hold adapters, queue; cancellation and deadlines take the request out at once."""
         sampling = _sampling(request.sampling, self.limits)
-        ids = self.core.token_ids(request.prompt, request.prompt_token_ids, chat=request.chat, what="prompt")
+        ids = self.core.token_ids(request.prompt, request.prompt_token_ids, chat=request.chat, what="prompt",
+                                   adapter=_chat_adapter(request))
         prepared, queued, text = self.core.start(ids, sampling, _adapters(request.adapters), _mode(request.mode),
                                                  merge_options(request.merge), context.is_active)
         if not context.add_callback(lambda: self.scheduler.cancel(queued)):
@@ -196,15 +195,14 @@ class RuntimeService(pb_grpc.RuntimeServicer):
 
     def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreResponse:
         with self._rpc("Score", context, self.requests) as record:
-            ids = self.core.token_ids(request.text, request.token_ids, chat=request.chat, what="text")
+            ids = self.core.token_ids(request.text, request.token_ids, chat=request.chat, what="text",
+                                      adapter=_chat_adapter(request))
             ok(len(ids) >= 2, "scoring needs at least 2 tokens (the first has no context)")
             prepared = self.core.prepare(ids, _adapters(request.adapters), _mode(request.mode),
                                          merge_options(request.merge), 0, context.is_active)
             note(record, prepared)
             try:
-                logprobs = self.scheduler.call(lambda: score(self.engine, ids, prepared.plan))
-            except PlanError as e:
-                raise InvalidArgument(str(e)) from None
+                logprobs = self.core.score(prepared)
             finally:
                 self.pool.release(prepared.lease)
             logprobs = [float(x) for x in logprobs if x is not None]
@@ -239,3 +237,7 @@ class RuntimeService(pb_grpc.RuntimeServicer):
         with self._rpc("GetInfo", context):
             return self.info
 
+
+def _chat_adapter(request) -> str | None:
+    """The adapter whose own chat template a chat request gets: the one it names, if it names one."""
+    return request.adapters[0].ref if len(request.adapters) == 1 else None

@@ -1,8 +1,8 @@
 """Token ids -> text, incrementally, for streaming: never a broken character, never part of a stop string.
 
 Decoding a token at a time is wrong for byte-level tokenizers (one character can span tokens), and
-decoding the whole output at every token costs O(output) per token (a 1,000-token answer: ~0.2 ms a
-token with SmolLM2's tokenizer, per stream, on the threads the decode loop shares the GIL with). So the
+decoding the whole output at every token costs O(output) per token (per stream, on the threads the
+decode loop shares the GIL with). So the
 new tokens are decoded with a few tokens of context before them, as vLLM's incremental detokenizer
 does: the text of ids[prefix:] minus the text of ids[prefix:read], where `read` is where the text
 was last complete and `prefix` the read point before that (a decoder that treats a sequence's first

@@ -71,8 +71,10 @@ def technique_adapters(tmp_path_factory) -> dict[str, Path]:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark `server` every test that needs the served base (directly or through `registry`/`start_server`): those
-    build the served model and run a real server, so `pytest -m "not server"` leaves the fast unit tests."""
+    """Mark `server` (and `slow`) every test that needs the served base (directly or through `registry` /
+    `start_server`): those build the served model and run a real server, so `pytest -m "not slow"` leaves the
+    fast unit tests."""
     for item in items:
         if "served_base" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.server)
+            item.add_marker(pytest.mark.slow)

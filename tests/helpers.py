@@ -85,3 +85,13 @@ def save_bottleneck_adapter(folder: Path, layers: int = 2, hidden: int = 64, siz
         {"adapter_type": "bottleneck", "locations": ["ffn"], "bottleneck_size": size, "non_linearity": "relu"}))
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     return folder
+
+
+def legacy_registry(root: Path):
+    """A registry whose index is one registry.json (the layout before refs/; what a repository ships):
+    an empty one written first, so the registry keeps that layout."""
+    from hub.registry import Registry
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "registry.json").write_text('{"schema_version": 1, "adapters": {}}\n')
+    return Registry(root)

@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hub.adapterhub_import import BottleneckConfig, import_adapterhub, is_adapterhub_folder
+from hub.adapterhub_import import import_adapterhub, is_adapterhub_folder
+from hub.bottleneck_format import BottleneckConfig
 from hub.artifact import ArtifactError, Technique, read_adapter
 
 ADAPTERS = Path(__file__).parent / "fixtures" / "bottleneck" / "adapters"

@@ -16,6 +16,8 @@ sys.path.insert(0, str(BENCH))
 
 import run as bench_run  # noqa: E402
 
+pytestmark = pytest.mark.slow  # runs the bench scripts, some as processes with a real server
+
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
@@ -124,12 +126,45 @@ def test_e2e_bench_runs_a_real_server_with_and_without_peft(tiny_model_dir, no_p
     assert ("PEFT not run (--no-peft)" in ratios) == no_peft and ("PEFT's mixed batch" in ratios) != no_peft
 
 
-def test_registry_scale_bench_runs_and_reports_each_size():
-    """bench/registry_scale.py at toy sizes: each size is reached exactly and gets its row of figures."""
+def test_e2e_bench_http_mode_compares_the_frontends(tiny_model_dir):
+    """bench/e2e_bench.py --http --quick on the tiny model: the same streaming clients over HTTP and gRPC
+    against one real `hub serve`, every token counted on both, no request failing, and the ratio line."""
     import subprocess
 
-    done = subprocess.run([sys.executable, str(BENCH / "registry_scale.py"), "--sizes", "12", "20", "--pushes", "2",
-                           "--resolves", "1"], capture_output=True, text=True, timeout=600)
+    args = [sys.executable, str(BENCH / "e2e_bench.py"), "--http", "--quick", "--base-model", str(tiny_model_dir)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines() if line.startswith(("  gRPC", "  HTTP"))}
+    assert set(rows) == {"gRPC", "HTTP"} and rows["gRPC"][3] == rows["HTTP"][3] == "32"  # 4 clients x 8 tokens
+    assert all(r[-1] == "0" for r in rows.values())  # the errors column
+    assert any(line.startswith("HTTP / gRPC, per-repeat ratios") for line in done.stdout.splitlines())
+
+
+def test_registry_scale_bench_runs_and_reports_each_size():
+    """bench/registry_scale.py at toy sizes: each size is reached exactly and gets its row of figures, and the
+    bulk push its line."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(BENCH / "registry_scale.py"), "--sizes", "12", "20", "--rounds", "1",
+                           "--bulk", "2"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    rows = [line.split() for line in done.stdout.splitlines()[2:]]
-    assert [r[0] for r in rows] == ["12", "20"] and all(r[1:] and r[-1] == "ms" for r in rows), done.stdout
+    table, bulk = done.stdout.split("\n\n")
+    rows = [line.split() for line in table.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["12", "20", "ratio"] and all(r[-1] == "ms" for r in rows[:2]), done.stdout
+    assert rows[2][-1].endswith("x") and bulk.startswith("bulk hub push of 2 folders"), done.stdout
+    assert "folders/s into 12 versions" in bulk and "folders/s into 20 versions" in bulk, done.stdout
+
+
+def test_kernel_bench_runs_every_part():
+    """bench/kernel_bench.py at tiny sizes: the per-op, step and join tables print (figures: docs/benchmarks.md)."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(BENCH / "kernel_bench.py"), "--layers", "1", "--repeats", "1",
+                           "--rows", "4", "--adapters", "2", "--dtypes", "float32", "--join-ranks", "4",
+                           "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    from runtime.kernels import cpu
+
+    fused = cpu.load() is not None  # without a compiler the step part says it has no fast backend
+    for title in ("Per op:", "Batch changes", "indices ms", "stacked / fused" if fused else "no fast backend"):
+        assert title in done.stdout

@@ -20,6 +20,8 @@ from runtime.engine import Engine
 from runtime.plan import AdapterUse, PlanError, RowPlan
 from helpers import tiny_llama
 
+pytestmark = pytest.mark.slow  # the engine against the adapters library's recorded outputs, many mixed batches
+
 FIXTURES = Path(__file__).parent / "fixtures" / "bottleneck"
 INDEX = json.loads((FIXTURES / "index.json").read_text())
 TOL = 1e-5

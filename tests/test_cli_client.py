@@ -15,6 +15,8 @@ from runtime.client import RequestFailed, ServerUnreachable
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 from tests.test_cli_errors import assert_one_error_line, run_hub
 
+pytestmark = pytest.mark.slow  # real servers driven by the CLI
+
 
 def test_client_raises_its_own_errors_with_code_and_message(start_server):
     _, client = start_server()

@@ -85,6 +85,7 @@ def test_every_command_and_option_has_help_text():
     assert missing == []
 
 
+@pytest.mark.slow  # renders the help of every command
 def test_help_renders_flags_as_flags_and_placeholders_in_capitals(tmp_path):
     for path, command in commands():
         done = run_hub(*path, "--help", home=tmp_path)

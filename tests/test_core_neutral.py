@@ -5,12 +5,15 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from runtime import errors
 
 CORE = ["runtime.errors", "runtime.pool", "runtime.scheduler", "runtime.engine", "runtime.generate",
         "runtime.merged", "runtime.plan", "runtime.core"]
 
 
+@pytest.mark.slow  # a fresh interpreter imports the core
 def test_the_core_imports_no_grpc():
     code = (f"import sys\nfor m in {CORE!r}: __import__(m)\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'grpc_health', 'google')"

@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 import typer.main
 
+pytestmark = pytest.mark.slow  # runs `hub ... --help` as a process for every command the docs show
+
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", ROOT / "examples" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^\s*(```|~~~)")

@@ -14,6 +14,9 @@ from runtime.engine import Engine
 from runtime.generate import MAX_SEGMENTS, SETTLE_STEPS, Batch, SamplingParams, Row, score, visible_text
 from runtime.kvcache import HEADROOM
 from runtime.plan import AdapterUse, PlanError, RowPlan
+from runtime.textstream import TextStream
+
+pytestmark = pytest.mark.slow  # generation with tiny models, compared with PEFT and with each row alone
 
 PROMPTS = [[5, 9, 17, 33, 4, 81, 12], [7, 7, 100, 3], [44, 12, 90, 61, 70, 8, 19, 27, 3], [15, 16], [101, 6, 55]]
 
@@ -412,6 +415,29 @@ def test_stop_strings_are_watched_without_decoding_the_whole_output_every_step(b
     assert max(spans) <= 4
 
 
+def test_the_batch_returns_the_text_it_decoded_for_stop_strings(base, engine, folders):
+    """A row with stop strings is decoded once, by the batch, into the row's own TextStream; `step` returns the
+    text each token settled, so a server streams that instead of decoding every token again. A row without
+    stop strings is not decoded (None)."""
+    tokenizer = _CharTokenizer()
+    eng = make_engine(base, folders, tokenizer=tokenizer)
+    greedy = run(engine, [seq(0)])["0"]
+    stop = tokenizer.decode(greedy[4:6])
+    text = TextStream(tokenizer, (stop,))
+    watched = Row("w", PROMPTS[0], PLANS[0], SamplingParams(max_new_tokens=12, stop=(stop,)), text=text)
+    plain = Row("p", PROMPTS[1], PLANS[1], SamplingParams(max_new_tokens=3))
+    batch = Batch(eng)
+    batch.add(watched)
+    batch.add(plain)
+    pieces: dict[str, list] = {"w": [], "p": []}
+    while len(batch):
+        for row, tokens, piece in batch.step():
+            pieces[row.id].append(piece)
+    assert watched.text is text and text.stopped and watched.finish_reason == "stop"
+    assert "".join(pieces["w"]) + text.finish() == text.text == visible_text(tokenizer, watched)
+    assert pieces["p"] and set(pieces["p"]) == {None} and plain.text is None
+
+
 def test_score_equals_the_forward_logprobs(engine, base, folders):
     peft = PeftModel.from_pretrained(copy.deepcopy(base), folders["lora"]).eval()
     tokens = PROMPTS[2]
@@ -436,3 +462,20 @@ def test_bad_requests_are_refused_at_add(engine):
     with pytest.raises(ValueError, match="already"):
         batch.add(Row("w", [2], RowPlan()))
     assert len(batch) == 1
+
+
+def test_token_logprobs_are_the_distribution_each_token_was_chosen_from(engine):
+    """A row that asks gets each output token's logprob as Score gives it and its top k, greedy and sampled,
+    batched beside rows that do not ask (which get none)."""
+    asking = [seq(0, 6, logprobs=3), seq(3, 6, logprobs=0, temperature=0.8, seed=1), seq(1, 6)]
+    run(engine, asking)
+    for row in asking[:2]:
+        assert len(row.logprobs) == len(row.output_ids) == 6
+        scored = score(engine, row.prompt_ids + row.output_ids, row.plan)[len(row.prompt_ids) - 1:]
+        assert max(abs(lp.logprob - s) for lp, s in zip(row.logprobs, scored)) <= 1e-5
+    greedy = asking[0].logprobs
+    assert all(len(lp.top) == 3 and lp.top[0] == (t, pytest.approx(lp.logprob)) for lp, t
+               in zip(greedy, asking[0].output_ids))  # greedy: the chosen token is the likeliest
+    assert all(lp.top == () for lp in asking[1].logprobs) and asking[2].logprobs == []
+    with pytest.raises(ValueError, match="logprobs"):
+        Batch(engine).add(seq(0, 2, logprobs=21))

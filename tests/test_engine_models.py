@@ -13,6 +13,8 @@ from hub.artifact import ArtifactError, read_adapter
 from runtime.engine import Engine
 from runtime.plan import AdapterUse, PlanError, RowPlan
 
+pytestmark = pytest.mark.slow  # several model architectures built and compared with PEFT
+
 ROWS = [[5, 9, 17, 33, 4, 81, 12], [7, 7, 100, 3], [44, 12, 90, 61, 70, 8, 19, 27, 3]]
 
 

@@ -12,6 +12,8 @@ from hub.artifact import read_adapter
 from runtime.engine import Engine
 from runtime.plan import AdapterUse, PlanError, RowPlan
 
+pytestmark = pytest.mark.slow  # every technique compared with PEFT in mixed batches
+
 TOL = 1e-5
 
 

@@ -37,7 +37,7 @@ def test_completion_matches_grpc_and_names_its_adapter(http_server):
     adapters = reply.model_extra["adapters"]
     assert [(a["ref"], a["sha256"]) for a in adapters] == [(a.ref, a.sha256) for a in grpc_reply.adapters]
     assert adapters[0]["ref"] == "lora0@1.0.0"
-    assert server.metrics.requests.labels(method="/v1/completions", code="200")._value.get() == 1
+    assert server.metrics.requests.labels(frontend="http", method="/v1/completions", code="200")._value.get() == 1
 
 
 def test_base_and_composed_adapters_through_extra_body(http_server):
@@ -63,6 +63,9 @@ def test_chat_uses_the_chat_template(http_server):
     assert reply.choices[0].message.content == expected.text
     assert reply.choices[0].message.role == "assistant"
     assert reply.usage.prompt_tokens == expected.usage.prompt_tokens
+    newer = sdk.chat.completions.create(model="lora3", messages=[{"role": "user", "content": "hi"}],
+                                        max_completion_tokens=3, temperature=0)  # chat's newer name for max_tokens
+    assert newer.usage.completion_tokens == len(expected.token_ids[:3])
 
 
 def test_streaming_with_usage_ends_with_done(http_server):
@@ -91,6 +94,8 @@ def test_models_lists_the_base_and_the_registry(http_server, served_base):
     for ref in ("lora0@1.0.0", "ia3@1.0.0", "prompt-tuning@1.0.0"):  # none of them loaded
         assert models[ref].model_extra["parent"] == base
     assert models["ia3@1.0.0"].model_extra["technique"] == "ia3"
+    assert models["ia3@1.0.0"].model_extra["version"] == "1.0.0"
+    assert "foreign@1.0.0" not in models  # pushed against another base: no client can name it here
 
 
 def test_errors_are_openai_error_objects(http_server):
@@ -103,12 +108,20 @@ def test_errors_are_openai_error_objects(http_server):
     cases = [({"model": "lora0", "prompt": PROMPT, "top_p": 0}, 400, "top_p"),
              ({"model": "lora0", "prompt": PROMPT, "max_tokens": "x"}, 400, "max_tokens"),
              ({"model": "foreign", "prompt": PROMPT}, 409, "another base model"),
-             ({"model": "lora0", "prompt": PROMPT, "mode": "sideways"}, 400, "composition mode")]
+             ({"model": "lora0", "prompt": PROMPT, "mode": "sideways"}, 400, "composition mode"),
+             # fields the server does not implement are refused, never silently ignored
+             ({"model": "lora0", "prompt": PROMPT, "echo": True}, 400, "`echo` is not supported"),
+             ({"model": "lora0", "prompt": PROMPT, "best_of": 3}, 400, "`best_of` is not supported"),
+             ({"model": "lora0", "prompt": PROMPT, "presence_penalty": 0.5}, 400, "`presence_penalty`"),
+             ({"model": "lora0", "prompt": PROMPT, "logit_bias": {"5": 10}}, 400, "`logit_bias`")]
     for body, status, words in cases:
         r = httpx.post(f"{url}/completions", json=body, timeout=60)
         assert r.status_code == status, (body, r.text)
         error = r.json()["error"]
         assert words in error["message"] and error["code"] == status
+    neutral = {"model": "lora0", "prompt": PROMPT, "max_tokens": 2, "echo": False, "best_of": 1,
+               "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "suffix": None}
+    assert httpx.post(f"{url}/completions", json=neutral, timeout=60).status_code == 200  # asks for nothing extra
     r = httpx.post(f"{url}/completions", content=b"{not json", timeout=60)
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     r = httpx.post(f"{url}/completions", content=b" " * (5 << 20), timeout=60)
@@ -211,8 +224,26 @@ def test_vllm_load_and_unload(http_server):
     assert all(a.tier == pb.TIER_DISK for a in client.list_adapters().adapters)  # off the device and host
     assert httpx.post(f"{url}/unload_lora_adapter", json={"lora_name": "lora3"}, timeout=60).status_code == 404
     assert httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "nope"}, timeout=60).status_code == 404
-    r = httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "x", "lora_path": "/tmp/x"}, timeout=60)
-    assert r.status_code == 400 and "hub push" in r.json()["error"]["message"]
+    r = httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "x", "lora_path": "/nonexistent/x"}, timeout=60)
+    assert r.status_code == 400 and "cannot push `lora_path` /nonexistent/x" in r.json()["error"]["message"]
+
+
+def test_vllm_load_with_a_path_pushes_it_first(http_server, served_adapters):
+    """vLLM's `lora_path`: the folder is pushed into the registry as `lora_name` and loaded; then it is named
+    like any adapter. A name that has versions needs one given."""
+    server, client, sdk, url = http_server
+    folder = str(served_adapters["lora2"])
+    r = httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "from-path", "lora_path": folder}, timeout=60)
+    assert r.status_code == 200 and "as from-path@1.0.0" in r.text, r.text
+    assert {a.ref for a in client.list_adapters().adapters} == {"from-path@1.0.0"}
+    reply = sdk.completions.create(model="from-path", prompt=PROMPT, max_tokens=5, temperature=0)
+    assert reply.choices[0].text == client.generate(PROMPT, adapters=["lora2"], max_new_tokens=5,
+                                                    temperature=0.0).text
+    again = httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "from-path", "lora_path": folder}, timeout=60)
+    assert again.status_code == 400 and "name@version" in again.json()["error"]["message"]
+    r = httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "from-path@2.0.0", "lora_path": folder},
+                   timeout=60)
+    assert r.status_code == 200 and "from-path@2.0.0" in r.text
 
 
 
@@ -302,3 +333,109 @@ def test_hub_serve_http_port_and_sigterm(served_base, registry):
         assert "Traceback" not in "".join(serve.lines)
     finally:
         serve.kill()
+
+
+def _scored(client, prompt_ids: list[int], output_ids: list[int], adapter: str) -> list[float]:
+    """The Score RPC's logprobs of the output tokens after the prompt."""
+    return list(client.score(token_ids=prompt_ids + output_ids, adapters=[adapter]).logprobs)[len(prompt_ids) - 1:]
+
+
+def test_logprobs_are_the_engines_as_score_gives_them(http_server):
+    """Completions' `logprobs: k`, chat's `logprobs`/`top_logprobs` and LoRAX's `details` carry each generated
+    token's logprob as the Score RPC computes it on the same tokens, whole and streamed."""
+    server, client, sdk, url = http_server
+    grpc_reply = client.generate(PROMPT, adapters=["lora1"], max_new_tokens=6, temperature=0.0)
+    prompt_ids = list(client.score(PROMPT, adapters=["lora1"]).token_ids)
+    want = _scored(client, prompt_ids, list(grpc_reply.token_ids), "lora1")
+    reply = sdk.completions.create(model="lora1", prompt=prompt_ids, max_tokens=6, temperature=0, logprobs=3)
+    lp = reply.choices[0].logprobs
+    assert max(abs(a - b) for a, b in zip(lp.token_logprobs, want)) <= 1e-5 and len(lp.token_logprobs) == 6
+    assert all(len(top) == 3 and max(top.values()) == pytest.approx(chosen, abs=1e-6)  # greedy: the likeliest
+               for top, chosen in zip(lp.top_logprobs, lp.token_logprobs))
+    assert len(lp.tokens) == 6  # each token's own text (special tokens included, as vLLM reports them)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+    streamed = [c.choices[0].logprobs for c in sdk.completions.create(
+        model="lora1", prompt=prompt_ids, max_tokens=6, temperature=0, logprobs=3, stream=True) if c.choices]
+    assert [v for c in streamed if c for v in c.token_logprobs] == lp.token_logprobs
+    assert [v for c in streamed if c for v in c.text_offset] == lp.text_offset
+    assert sdk.completions.create(model="lora1", prompt=PROMPT, max_tokens=2).choices[0].logprobs is None
+
+    chat = sdk.chat.completions.create(model="lora1", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                       temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    chat_ids = list(client.score("hi", chat=True, adapters=["lora1"]).token_ids)
+    chat_out = list(client.generate("hi", chat=True, adapters=["lora1"], max_new_tokens=4, temperature=0.0).token_ids)
+    chat_want = _scored(client, chat_ids, chat_out, "lora1")
+    assert max(abs(c.logprob - w) for c, w in zip(content, chat_want)) <= 1e-5 and len(content) == len(chat_out)
+    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].token == c.token and bytes(c.bytes).decode() == c.token
+               for c in content)
+    r = httpx.post(f"{url}/chat/completions", json={"model": "lora1", "messages": [{"role": "user", "content": "hi"}],
+                                                    "top_logprobs": 2}, timeout=60)
+    assert r.status_code == 400 and "logprobs: true" in r.json()["error"]["message"]
+    r = httpx.post(f"{url}/completions", json={"model": "lora1", "prompt": PROMPT, "logprobs": 21}, timeout=60)
+    assert r.status_code == 400 and "0..20" in r.json()["error"]["message"]
+
+    root = url.removesuffix("/v1")
+    body = {"inputs": PROMPT, "parameters": {"adapter_id": "lora1", "max_new_tokens": 6, "details": True,
+                                             "decoder_input_details": True, "top_n_tokens": 2}}
+    details = httpx.post(f"{root}/generate", json=body, timeout=60).json()["details"]
+    assert [t["logprob"] for t in details["tokens"]] == pytest.approx(want, abs=1e-5)
+    assert [t["id"] for t in details["tokens"]] == list(grpc_reply.token_ids)
+    prompt_want = list(client.score(PROMPT, adapters=["lora1"]).logprobs)
+    assert [t["id"] for t in details["prefill"]] == prompt_ids and details["prefill"][0]["logprob"] is None
+    assert [t["logprob"] for t in details["prefill"][1:]] == pytest.approx(prompt_want, abs=1e-5)
+    assert all(len(top) == 2 for top in details["top_tokens"])
+    with httpx.stream("POST", f"{root}/generate_stream", json=body, timeout=60) as r:
+        events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
+    assert [e["token"]["logprob"] for e in events if not e["token"]["special"]] == pytest.approx(want, abs=1e-5)
+
+
+def test_n_choices_each_with_its_own_seed(http_server):
+    server, client, sdk, url = http_server
+    asked = dict(model="lora0", prompt=PROMPT, max_tokens=8, temperature=1.0, seed=5)
+    reply = sdk.completions.create(n=3, **asked)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    alone = [sdk.completions.create(**{**asked, "seed": 5 + i}).choices[0].text for i in range(3)]
+    assert [c.text for c in reply.choices] == alone
+    assert len(set(alone)) > 1  # three seed streams, not one answer three times
+    assert reply.usage.completion_tokens == sum(
+        sdk.completions.create(**{**asked, "seed": 5 + i}).usage.completion_tokens for i in range(3))
+    chunks = list(sdk.chat.completions.create(model="lora0", messages=[{"role": "user", "content": "hi"}], n=2,
+                                              max_tokens=4, temperature=1.0, seed=1, stream=True))
+    texts = {i: "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+             for i in (0, 1)}
+    whole = sdk.chat.completions.create(model="lora0", messages=[{"role": "user", "content": "hi"}], n=2,
+                                        max_tokens=4, temperature=1.0, seed=1)
+    assert texts == {c.index: c.message.content for c in whole.choices}
+    r = httpx.post(f"{url}/completions", json={**asked, "n": 17}, timeout=60)
+    assert r.status_code == 400 and "1..16" in r.json()["error"]["message"]
+    assert server.scheduler.queue_depths() == (0, 0)
+
+
+def test_an_adapters_own_chat_template(http_server, served_adapters, served_base, tmp_path):
+    """A chat request naming an adapter that ships a chat template is rendered with it; a template that does
+    not render is refused at push with one line."""
+    import shutil
+
+    from hub.artifact import ArtifactError
+
+    server, client, sdk, _ = http_server
+    folder = tmp_path / "templated"
+    shutil.copytree(served_adapters["lora0"], folder)
+    (folder / "chat_template.jinja").write_text(
+        "{% for m in messages %}<<{{ m.role }}>> {{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<<assistant>>{% endif %}")
+    server.pool.registry.push(folder, "templated", "1.0.0", base_model=str(served_base))
+    messages = [{"role": "user", "content": "hi"}]
+    reply = sdk.chat.completions.create(model="templated", messages=messages, max_tokens=4, temperature=0)
+    rendered = "<<user>> hi\n<<assistant>>"
+    expected = client.generate(rendered, adapters=["templated"], max_new_tokens=4, temperature=0.0)
+    assert reply.choices[0].message.content == expected.text
+    assert reply.usage.prompt_tokens == expected.usage.prompt_tokens
+    over_grpc = client.generate("hi", chat=True, adapters=["templated"], max_new_tokens=4, temperature=0.0)
+    assert over_grpc.text == expected.text and over_grpc.usage.prompt_tokens == expected.usage.prompt_tokens
+    base_template = sdk.chat.completions.create(model="lora0", messages=messages, max_tokens=4, temperature=0)
+    assert base_template.usage.prompt_tokens != reply.usage.prompt_tokens
+    (folder / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content | nosuchfilter }}{% endfor %}")
+    with pytest.raises(ArtifactError, match="chat template does not render: .*nosuchfilter"):
+        server.pool.registry.push(folder, "templated", "1.0.1", base_model=str(served_base))

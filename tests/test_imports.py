@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -37,3 +38,20 @@ def test_registry_commands_load_without_the_runtime():
             "print(sorted(m for m in sys.modules if m == 'runtime' or m.startswith('runtime.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_engine_and_registry_meet_the_pool_contracts():
+    """runtime/contracts.py names only what the real Engine and Registry have, with the same parameters."""
+    from hub.registry import Registry
+    from runtime.contracts import AdapterSource, PoolEngine
+    from runtime.engine import Engine
+
+    for protocol, real in ((PoolEngine, Engine), (AdapterSource, Registry)):
+        members = [name for name in vars(protocol) if not name.startswith("_")]
+        assert members, protocol
+        for name in members:
+            want, have = getattr(protocol, name), getattr(real, name)
+            if isinstance(want, property):
+                assert isinstance(have, property), (real, name)
+            else:
+                assert list(inspect.signature(want).parameters) == list(inspect.signature(have).parameters), name

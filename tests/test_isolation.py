@@ -31,6 +31,8 @@ from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 from runtime.sampling import next_tokens
 from runtime.techniques.lora import LoraSite
 
+pytestmark = pytest.mark.slow  # many batches checked row by row against each row alone
+
 ROWS = [[5, 9, 17, 33, 4, 81, 12], [7, 7, 100, 3], [44, 12, 90, 61, 70, 8, 19], [15, 16], [101, 6, 55]]
 # finite but overflowing: 1e30 overflows a row's activations past its own x @ A, 3e38 already there
 POISONS = {"nan": float("nan"), "huge": 1e30, "max": 3e38}

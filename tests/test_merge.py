@@ -117,7 +117,9 @@ def _peft_kwargs(extra: dict) -> dict:
     return {{"majority_sign": "majority_sign_method"}.get(k, k): v for k, v in extra.items()}
 
 
-@pytest.mark.parametrize("parents,weights,method,extra", CASES + SVD_CASES)
+# the full-delta SVD cases take seconds each: slow
+@pytest.mark.parametrize("parents,weights,method,extra",
+                         CASES + [pytest.param(*case, marks=pytest.mark.slow) for case in SVD_CASES])
 def test_lora_merge_equals_peft(loras, parents, weights, method, extra):
     adapters = [read_adapter(loras[p]) for p in parents]
     merged = merge(adapters, MergeSpec(method, tuple(weights), **extra))

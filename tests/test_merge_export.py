@@ -14,6 +14,8 @@ from hub.cli import app
 from hub.errors import HubError
 from hub.merge_base import export_merged
 
+pytestmark = pytest.mark.slow  # merges folded into base models and compared
+
 IDS = torch.tensor([[1, 5, 9, 33, 70, 4, 100, 7], [1, 64, 3, 3, 12, 90, 41, 2]])
 
 

@@ -14,16 +14,17 @@ from hub.artifact import ArtifactError, read_adapter
 from hub.errors import Conflict, HubError, IndexCorrupt, IntegrityError, InvalidName, NotFound
 from hub.index import Index
 from hub.registry import Registry
+from helpers import legacy_registry
 
 TECHNIQUES = ["lora", "ia3", "prompt_tuning", "bitfit", "bottleneck"]
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    """Every file under a registry (but the lock file) with its sha256: to prove nothing changed."""
+    """Every file under a registry (but lock files) with its sha256: to prove nothing changed."""
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".registry.lock"
+        for p in sorted(root.rglob("*")) if p.is_file() and not (p.name.startswith(".") and p.name.endswith(".lock"))
     } if root.exists() else {}
 
 
@@ -368,15 +369,16 @@ def test_corrupt_index_is_refused_clearly(content, message, hub_home):
 def test_index_entry_whose_digest_does_not_match_files_is_refused(technique_adapters, hub_home):
     reg = Registry()
     reg.push(technique_adapters["lora"], "lora", "1.0.0")
-    data = json.loads((hub_home / "registry.json").read_text())
-    data["adapters"]["lora"]["versions"]["1.0.0"]["files"]["README.md"]["sha256"] = "0" * 64
-    (hub_home / "registry.json").write_text(json.dumps(data))
+    path = hub_home / "refs" / "_" / "lora" / "versions" / "1.0.0.json"
+    data = json.loads(path.read_text())
+    data["files"]["README.md"]["sha256"] = "0" * 64
+    path.write_text(json.dumps(data))
     with pytest.raises(IndexCorrupt, match="digest does not match"):
         reg.resolve("lora")
 
 
 def test_readers_share_one_index_that_refuses_changes_and_hand_out_copies(technique_adapters, hub_home):
-    reg = Registry()
+    reg = legacy_registry(hub_home)
     reg.push(technique_adapters["lora"], "lora", "1.0.0")
     index = reg.index()
     assert reg.index() is index  # parsed once, not once per request
@@ -394,7 +396,7 @@ def test_readers_share_one_index_that_refuses_changes_and_hand_out_copies(techni
 def test_reader_checks_only_the_entries_it_uses(technique_adapters, hub_home, monkeypatch):
     """A lookup validates the entry it resolves, not the whole index (that cost O(versions) per new process);
     damage elsewhere is still found by what reads it: resolving it, listing, `verify`."""
-    server, pusher = Registry(), Registry()  # two processes' views of one registry folder
+    server, pusher = legacy_registry(hub_home), Registry()  # two processes' views of one registry folder
     for name in ("a", "b", "c"):
         pusher.push(technique_adapters["ia3"], name, "1.0.0")
     checked: list[list[str]] = []
@@ -423,7 +425,7 @@ def test_reader_checks_only_the_entries_it_uses(technique_adapters, hub_home, mo
 
 
 def test_an_update_that_changes_nothing_writes_nothing(technique_adapters, hub_home):
-    reg = Registry()
+    reg = legacy_registry(hub_home)
     reg.push(technique_adapters["ia3"], "ia3", "1.0.0")
     reg.tag("ia3@1.0.0", "prod")
     before = (hub_home / "registry.json").stat().st_ino
@@ -435,7 +437,7 @@ def test_an_update_that_changes_nothing_writes_nothing(technique_adapters, hub_h
 def test_registry_json_is_written_as_json_dumps_indent_1_would(technique_adapters, hub_home):
     """The index is written from per-adapter texts (unchanged entries' reused): byte for byte what
     json.dumps(index, indent=1, sort_keys=True) writes, through pushes, tags, removals and non-ASCII text."""
-    reg = Registry()
+    reg = legacy_registry(hub_home)
     path = hub_home / "registry.json"
 
     def as_json_dumps() -> str:
@@ -521,11 +523,11 @@ def test_real_default_base_refuses_an_adapter_for_another_shape(technique_adapte
 
 def test_one_update_can_remove_the_last_version_of_a_name_and_add_another(technique_adapters, hub_home):
     """The name's entry is dropped and then made anew inside one locked change (it used to raise KeyError)."""
-    reg = Registry()
+    reg = legacy_registry(hub_home)
     old = reg.push(technique_adapters["ia3"], "ia3", "1.0.0")
     other = reg.push(technique_adapters["lora"], "lora", "1.0.0")
     moved = other.to_dict() | {"name": "ia3", "version": "2.0.0"}
-    with reg.index_file.update() as index:
+    with reg.refs.index_file.update() as index:
         index.remove("ia3", old.version)
         index.add(type(other).from_dict(moved))
     assert reg.index().versions("ia3") == ["2.0.0"] and reg.resolve("ia3").sha256 == other.sha256

@@ -79,6 +79,7 @@ def _run_hub(*args: str, **env: str):
                           text=True, timeout=300)
 
 
+@pytest.mark.slow  # `hub push` as a process
 @pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}],
                          ids=["HF_HUB_OFFLINE", "hub-unreachable"])
 def test_mistyped_base_model_fails_at_once_offline_with_the_closest_name(env, tmp_path):

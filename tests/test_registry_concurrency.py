@@ -12,8 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers import legacy_registry
 from hub.registry import Registry
 from hub.store import TMP_DIR
+
+pytestmark = pytest.mark.slow  # registry writers in several processes
 
 
 def hub_push(folder: Path, name: str, version: str, home: Path, pause: float | None = None,
@@ -138,7 +141,7 @@ def test_threads_reading_a_new_index_parse_it_once(technique_adapters, hub_home,
 
     from hub import index as index_module
 
-    registry = Registry(hub_home)
+    registry = legacy_registry(hub_home)
     for n in range(3):
         registry.push(technique_adapters["lora"], f"burst-{n}", "1.0.0")
     fresh = Registry(hub_home)  # a new process's view: nothing read yet

@@ -89,6 +89,7 @@ def test_model_card_carries_base_model_and_peft_library(technique_adapters, tmp_
     assert "- ia3" in card and "- demo" in card
 
 
+@pytest.mark.slow  # `hub pull` as a process
 def test_pull_from_hf_cache_offline_is_bit_identical(technique_adapters, tmp_path):
     folder, local = staged(technique_adapters, tmp_path, "lora")
     hf_home = tmp_path / "hf"
@@ -222,6 +223,7 @@ def test_push_carries_the_versions_tags_as_git_tags(technique_adapters, tmp_path
                      ("delete_tag", "stable"), ("create_tag", "stable", "c0ffee")]
 
 
+@pytest.mark.slow  # pulls through huggingface_hub
 def test_pull_by_tag_from_hf_downloads_that_revision_and_sets_the_tag(technique_adapters, tmp_path,
                                                                       offline_hf_cache):
     folder, _ = staged(technique_adapters, tmp_path, "ia3")
@@ -230,3 +232,26 @@ def test_pull_by_tag_from_hf_downloads_that_revision_and_sets_the_tag(technique_
                      hf_home=offline_hf_cache)
     assert result.returncode == 0, result.stderr
     assert "pulled acme/ia3@1.0.0" in result.stdout and "tagged acme/ia3@stable -> 1.0.0" in result.stdout
+
+
+def test_evaluation_records_travel_in_the_upload(technique_adapters, tmp_path):
+    """Records a version has when it is pushed go up beside it (not into the artifact) and come down on pull."""
+    from hub import evals
+
+    local = Registry(tmp_path / "alice")
+    manifest = local.push(technique_adapters["lora"], "acme/lora", "1.0.0", base_model=str(technique_adapters["base"]))
+    records = [evals.new_record(manifest, "loss", v, 9, {"file": "val.jsonl", "sha256": "ab" * 32, "rows": 3},
+                                {"id": "b", "fingerprint": "f"}, {}) for v in (1.25, 1.5)]
+    evals.append(local.root, manifest, records)
+    folder = tmp_path / "staged"
+    folder.mkdir()
+    stage(manifest, local, folder)
+    assert json.loads((folder / "hub-manifest.json").read_text())["sha256"] == manifest.sha256
+    hf_home = tmp_path / "hf"
+    populate_hf_cache(hf_home, "acme/lora", folder, ["v1.0.0"])
+    bob = tmp_path / "bob"
+    result = run_hub("pull", "mine/lora@1.0.0", "--from", "hf://acme/lora", hub_home=bob, hf_home=hf_home)
+    assert result.returncode == 0, result.stderr
+    pulled = Registry(bob).resolve("mine/lora@1.0.0")
+    assert pulled.sha256 == manifest.sha256 and sorted(pulled.files) == sorted(manifest.files)
+    assert evals.read(bob, pulled) == records

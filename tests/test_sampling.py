@@ -28,6 +28,7 @@ def drawn(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return torch.bincount(torch.tensor(tokens), minlength=logits.numel()).double() / DRAWS
 
 
+@pytest.mark.slow  # many draws per case
 @pytest.mark.parametrize("params", [
     SamplingParams(temperature=0.5, seed=1),
     SamplingParams(temperature=0.8, top_k=6, seed=3),

@@ -38,14 +38,14 @@ def _drain(request) -> tuple[list[int], Finished]:
     for event in request.stream():
         if isinstance(event, Finished):
             return tokens, event
-        tokens += event
+        tokens += event.ids
     raise AssertionError("stream ended without Finished")
 
 
 def test_a_request_joins_a_running_batch_and_leaves_when_done(scheduler):
     alone_short = _drain(scheduler.submit(_seq("s0", "ia3", 5)))[0]
     long = scheduler.submit(_seq("long", "lora0", 3000))
-    first = long.events.get()  # the long request is decoding
+    first = long.events.get().ids  # the long request is decoding
     short = scheduler.submit(_seq("s1", "ia3", 5))
     tokens, finished = _drain(short)
     assert tokens == alone_short and finished.reason == "length"
@@ -125,7 +125,7 @@ def _steps_seen(scheduler) -> list[set[str]]:
 
     def recording():
         out = step()
-        seen.append({s.id for s in scheduler._batch._rows} | {s.id for s, _ in out})
+        seen.append({s.id for s in scheduler._batch._rows} | {s.id for s, *_ in out})
         return out
 
     scheduler._batch.step = recording

@@ -114,6 +114,24 @@ def test_stop_string_ends_the_text_before_it(start_server):
     assert "".join(c.text for c in streamed) == full.text[:cut] and streamed[-1].finish_reason == "stop"
 
 
+def test_a_request_with_stop_strings_decodes_each_token_once(start_server):
+    """The batch decodes a request with stop strings (it watches for them) and the server streams that text:
+    such a request makes no more decode calls than one without stop strings (it once made twice as many)."""
+    server, client = start_server()
+    tokenizer = server.engine.tokenizer
+    calls: list[int] = []
+    decode = tokenizer.decode
+    tokenizer.decode = lambda *args, **kwargs: calls.append(1) or decode(*args, **kwargs)
+    try:
+        plain = client.generate(PROMPT, adapters=["lora0"], max_new_tokens=20)
+        alone, calls[:] = len(calls), []
+        watched = list(client.generate_stream(PROMPT, adapters=["lora0"], max_new_tokens=20, stop=["\x00never"]))
+    finally:
+        del tokenizer.decode
+    assert "".join(c.text for c in watched) == plain.text and alone > 0
+    assert len(calls) == alone
+
+
 def test_chat_flag_applies_the_chat_template(start_server, served_base):
     _, client = start_server()
     _, tokenizer = served_model(served_base)
@@ -192,7 +210,7 @@ def test_requests_for_more_adapters_than_the_budget_holds_wait_for_room(start_se
         thread.join()
     assert {name: list(reply.token_ids) for name, reply in replies.items()} == alone
     assert server.metrics.adapter_waits._value.get() == 2 and _waiting(server) == 0
-    assert server.metrics.requests.labels(method="Generate", code="RESOURCE_EXHAUSTED")._value.get() == 0
+    assert server.metrics.requests.labels(frontend="grpc", method="Generate", code="RESOURCE_EXHAUSTED")._value.get() == 0
 
 
 def test_a_deadline_ends_the_wait_for_room(start_server, registry):
@@ -305,8 +323,8 @@ def test_metrics_endpoint_with_bounded_adapter_labels(start_server):
     with pytest.raises(grpc.RpcError):
         client.generate("", max_new_tokens=3)
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
-    assert 'adapterhub_requests_total{code="OK",method="Generate"} 4.0' in text
-    assert 'adapterhub_requests_total{code="INVALID_ARGUMENT",method="Generate"} 1.0' in text
+    assert 'adapterhub_requests_total{code="OK",frontend="grpc",method="Generate"} 4.0' in text
+    assert 'adapterhub_requests_total{code="INVALID_ARGUMENT",frontend="grpc",method="Generate"} 1.0' in text
     assert 'adapterhub_adapter_requests_total{adapter="lora0"} 1.0' in text
     assert 'adapterhub_adapter_requests_total{adapter="other"} 2.0' in text
     assert 'adapterhub_adapter_requests_total{adapter="lora2"}' not in text

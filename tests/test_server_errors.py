@@ -209,7 +209,7 @@ def test_cancelled_stream_frees_its_row(start_server):
         next(stream)
     assert caught.value.code() == CODE.CANCELLED
     wait_until(lambda: all(e.in_use == 0 for e in server.pool.entries()), "the cancelled request let go of lora0")
-    assert server.metrics.requests.labels(method="GenerateStream", code="CANCELLED")._value.get() == 1
+    assert server.metrics.requests.labels(frontend="grpc", method="GenerateStream", code="CANCELLED")._value.get() == 1
 
 
 def test_unload_of_an_adapter_in_use_is_refused(start_server):

@@ -18,6 +18,8 @@ import torch
 
 from runtime.client import RuntimeClient
 
+pytestmark = pytest.mark.slow  # `hub serve` processes
+
 HUB = [sys.executable, "-m", "hub"]
 
 

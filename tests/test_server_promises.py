@@ -64,11 +64,11 @@ def test_a_graceful_stop_cuts_what_is_still_running_at_the_grace_limit(start_ser
 
 
 def test_a_registry_error_while_serving_is_unavailable_and_clears_with_it(start_server, registry):
-    """A registry.json that turns unreadable under a running server: requests naming adapters get UNAVAILABLE
+    """An index file that turns unreadable under a running server: requests naming its adapter get UNAVAILABLE
     (one line, naming the registry), a base request is still served, and once the file is whole again
-    the adapters serve again."""
+    the adapter serves again."""
     _, client = start_server()
-    index = registry.root / "registry.json"
+    index = registry.root / "refs" / "_" / "lora2" / "versions" / "1.0.0.json"
     whole = index.read_bytes()
     index.write_bytes(whole[: len(whole) // 2])
     error = _refused(lambda: client.generate(PROMPT, adapters=["lora2"], max_new_tokens=2))

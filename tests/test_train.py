@@ -10,6 +10,8 @@ from hub.artifact import Technique, read_adapter
 from hub.train import (Chat, Example, TokenExample, TrainError, TrainSpec, encode_chat, read_jsonl, train_adapter,
                        write_jsonl)
 
+pytestmark = pytest.mark.slow  # training loops
+
 REPLY = (10, 11, 12, 13, 2)  # every prompt gets this reply (2 = end of turn)
 HP = {  # per-technique learning rates for the toy task
     Technique.LORA: dict(lr=3e-2),
@@ -58,8 +60,9 @@ def test_loss_goes_down_folder_reads_back_and_base_is_restored(technique, tmp_pa
     assert not any(p.requires_grad for p in model.parameters())
 
 
-def test_runs_are_reproducible(tmp_path):
-    spec = TrainSpec(Technique.LORA, steps=5, lr=1e-2, seed=3)
+@pytest.mark.parametrize("technique", list(HP))
+def test_runs_are_reproducible(technique, tmp_path):
+    spec = TrainSpec(technique, steps=5, seed=3, **HP[technique])
     a = train_adapter(tiny_llama(), toy_examples(), spec, tmp_path / "a", base_model_id="t")
     b = train_adapter(tiny_llama(), toy_examples(), spec, tmp_path / "b", base_model_id="t")
     assert a.losses == b.losses

@@ -16,6 +16,8 @@ from hub.cli import app
 from hub.registry import Registry
 from server_support import char_tokenizer
 
+pytestmark = pytest.mark.slow  # `hub train` runs, training loops
+
 runner = CliRunner()
 REPLY = "ok!"
 
@@ -129,6 +131,8 @@ def test_bad_rows_are_listed_in_one_line_and_nothing_is_written(base, tmp_path, 
     (["--eval-split", "1.5"], "--eval-split must be between 0 and 1"),
     (["--technique", "bottleneck", "--config", "adapterfusion"], "unknown bottleneck config 'adapterfusion'"),
     (["--technique", "lorax"], "--technique must be one of lora, ia3, prompt_tuning, bitfit, bottleneck"),
+    (["--to", "/tmp/anywhere"], "--to publishes the pushed version: give --push too"),
+    (["--push", "--to", "nowhere"], "no remote named 'nowhere'"),
 ])
 def test_bad_options_fail_in_one_line(base, data, tmp_path, args, message):
     result = hub("train", "--technique", "lora", "--data", str(data), "--name", "x", "--version", "1.0.0",
@@ -170,3 +174,44 @@ def test_hub_starts_without_torch():
     code = "import sys, hub.cli; assert 'torch' not in sys.modules, 'torch imported'"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_datasets_folders_train_like_their_jsonl(base, data, tmp_path, hub_home):
+    """A `datasets` save_to_disk folder is read as the JSONL it was made from (the record names the folder's
+    digest); bad rows are named by row number; a folder of several splits asks for one."""
+    datasets = pytest.importorskip("datasets")
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    folder = tmp_path / "train-ds"
+    columns = {key: [r.get(key) for r in rows] for key in ("prompt", "completion", "messages")}
+    datasets.Dataset.from_dict(columns).save_to_disk(str(folder))  # both row formats in one table
+
+    from_file = train(base, data, tmp_path / "file", "--steps", "3", "--seed", "0")
+    from_folder = train(base, folder, tmp_path / "folder", "--steps", "3", "--seed", "0")
+    assert from_folder["train_losses"] == from_file["train_losses"]
+    assert from_folder["data"]["file"] == "train-ds" and from_folder["data"]["rows"] == 20
+    assert len(from_folder["data"]["sha256"]) == 64 and from_folder["data"]["sha256"] != from_file["data"]["sha256"]
+
+    bad = tmp_path / "bad-ds"
+    datasets.Dataset.from_list([{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": 3 * "x"},
+                                {"prompt": None, "completion": "c"}]).save_to_disk(str(bad))
+    result = hub("train", "--technique", "lora", "--data", str(bad), "--name", "x", "--version", "1.0.0",
+                 "--base-model", str(base), "--out", str(tmp_path / "never"))
+    assert result.exit_code == 1 and "1 bad row(s), none used: row 3 (expected" in result.output
+    assert not (tmp_path / "never").exists()
+
+    splits = tmp_path / "splits"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(splits))
+    result = hub("train", "--technique", "lora", "--data", str(splits), "--name", "x", "--version", "1.0.0",
+                 "--base-model", str(base))
+    assert result.exit_code == 1 and f"give one split's folder, e.g. {splits / 'train'}" in result.output
+
+    result = hub("train", "--technique", "lora", "--data", str(tmp_path), "--name", "x", "--version", "1.0.0",
+                 "--base-model", str(base))
+    assert result.exit_code == 1 and "not a folder written by datasets' save_to_disk" in result.output
+
+
+def test_push_to_a_remote_publishes_the_trained_version(base, data, tmp_path, hub_home):
+    record = train(base, data, tmp_path / "run", "--steps", "2", "--push", "--to", str(tmp_path / "remote"))
+    published = Registry(tmp_path / "remote").resolve("team/ok@1.0.0")
+    assert published.sha256 == Registry().resolve("team/ok@1.0.0").sha256
+    assert published.lineage["train"]["data"]["sha256"] == record["data"]["sha256"]

@@ -16,6 +16,8 @@ from hub.registry import Registry
 from hub.train import encode_chat, read_jsonl
 from test_train_cli import base, data, hub  # noqa: F401  (fixtures: a tiny base with a tokenizer, a JSONL file)
 
+pytestmark = pytest.mark.slow  # training, then `hub eval` over the engine
+
 
 def peft_loss(model, examples) -> tuple[float, int]:
     """(summed reply-token NLL, reply tokens) with HF's own loss, one example at a time."""

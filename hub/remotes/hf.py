@@ -2,7 +2,8 @@
 
 Push is a thin use of the real client: upload the artifact's files plus `hub-manifest.json` (and a
 model card carrying `base_model` and, for PEFT techniques, `library_name: peft`, unless the
-artifact ships its own), then tag the commit `v<version>`. Pull downloads that revision with
+artifact ships its own; and `hub-evals.jsonl`, the version's evaluation records, if it has any),
+then tag the commit `v<version>`; a pull adds the records it finds. Pull downloads that revision with
 `snapshot_download` (which also reads a local HF cache offline) and verifies every file against
 the manifest's sha256. A plain PEFT adapter repo (no manifest) is imported like a local folder.
 """
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from hub import evals
 from hub.artifact import Technique
 from hub.errors import RemoteError
 from hub.files import check_regular, resolve_within
@@ -26,6 +28,7 @@ from hub.remotes import Remote
 from hub.store import Progress
 
 MANIFEST_FILE = "hub-manifest.json"
+EVALS_FILE = "hub-evals.jsonl"  # the version's evaluation records when it was pushed (hub/evals.py)
 CARD_FILE = "README.md"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _PEFT_TECHNIQUES = {Technique.LORA.value, Technique.IA3.value, Technique.PROMPT_TUNING.value}
@@ -56,6 +59,9 @@ def stage(manifest: Manifest, local: Registry, dst: Path) -> None:
     (dst / MANIFEST_FILE).write_text(json.dumps(published, indent=1, sort_keys=True) + "\n")
     if CARD_FILE not in manifest.files:
         (dst / CARD_FILE).write_text(model_card(manifest))
+    records = evals.read(local.root, manifest)
+    if records:
+        evals.write_file(dst / EVALS_FILE, records)
 
 
 @contextmanager
@@ -117,7 +123,9 @@ class HFRemote(Remote):
             manifest = load_manifest(data, f"{self.url}@{revision}/{MANIFEST_FILE}")
             if version is not None and manifest.version != version:
                 raise RemoteError(f"{self.url}@{revision} holds version {manifest.version}, not {version}")
-            return local.add_files(folder, manifest.renamed(name, manifest.version), progress)
+            added = local.add_files(folder, manifest.renamed(name, manifest.version), progress)
+            evals.append(local.root, added, evals.read_file(folder / EVALS_FILE, added))
+            return added
         if version is None:
             raise RemoteError(
                 f"{self.url}@{revision} is a plain adapter repo (no {MANIFEST_FILE}): give the version to record "

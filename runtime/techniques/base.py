@@ -40,7 +40,9 @@ class Resident:
 
     key: str
     technique: Technique
-    sites: dict[str, Any]  # site (module path) -> the technique's prepared payload there
+    # site (module path) -> the technique's prepared payload there: lora.LoraSite, ia3.IA3Site, a BitFit bias
+    # vector, a bottleneck Tap or Block
+    sites: dict[str, Any]
     nbytes: int
     config: dict[str, Any] = field(default_factory=dict)
     prompt: torch.Tensor | None = None  # soft prompt (tokens, hidden): prompt tuning only

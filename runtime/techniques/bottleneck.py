@@ -20,7 +20,7 @@ Composition per row (the library's Stack / Average, weights from the row's plan)
 At a location some of a row's adapters lack (a Pfeiffer adapter has none after attention, or
 `leave_out`), only the present ones compose there; average weights are renormalised over them.
 
-Hooks, without engine changes: the block outputs are the outputs of `self_attn.o_proj` and
+Hooks (hub/architectures.py), without engine changes: the block outputs are the outputs of `self_attn.o_proj` and
 `mlp.down_proj` (POST ops there; any LoRA delta on them applies first), and the residuals are the
 inputs of `input_layernorm` and `post_attention_layernorm` (PRE ops there record them). The
 decoder layer then adds r itself, so the op returns s - r. Each compile makes its own recording per
@@ -36,13 +36,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from hub.adapterhub_import import ACTIVATIONS, MODEL_TYPES, BottleneckConfig
+from hub.architectures import BOTTLENECK_MODEL_TYPES, BOTTLENECK_SITES
+from hub.bottleneck_format import ACTIVATIONS, BottleneckConfig
 from hub.artifact import Adapter, ArtifactError, Technique
 from hub.checkpoint import check_fits, module_tensors
 from runtime.techniques.base import BatchInfo, Resident, SiteOp, Stage, TechniqueImpl, Use, nbytes_of, to_device
 
-# location -> (module whose input is the block's residual, module whose output is the block's output)
-HOOKS = {"attention": ("input_layernorm", "self_attn.o_proj"), "ffn": ("post_attention_layernorm", "mlp.down_proj")}
 _PARTS = ("down.weight", "down.bias", "up.weight", "up.bias")
 
 
@@ -115,12 +114,21 @@ class TapOp(SiteOp):
         return x
 
 
+@dataclass(eq=False)
+class RowGroup:
+    """Rows of a batch that apply the same adapters with the same weights at one block."""
+
+    rows: list[int]
+    mode: str  # "stack" | "average"
+    blocks: list[tuple[Block, float]]  # (adapter's block, its weight), in stack order
+
+
 class BlockOp(SiteOp):
     """POST op at a block's output projection: each group of rows with the same adapters, in one go."""
 
     stage = Stage.POST
 
-    def __init__(self, tap: Tap, groups: list[tuple[list[int], str, list[tuple[Block, float]]]]):
+    def __init__(self, tap: Tap, groups: list[RowGroup]):
         self.tap = tap
         self.groups = groups
         self._index: dict[int, torch.Tensor] = {}
@@ -129,12 +137,12 @@ class BlockOp(SiteOp):
         r, self.tap.x = self.tap.x, None
         if r is None:
             raise RuntimeError("bottleneck adapter: the block's residual was not recorded (unsupported layer layout)")
-        for n, (rows, mode, blocks) in enumerate(self.groups):
+        for n, group in enumerate(self.groups):
             idx = self._index.get(n)
             if idx is None:
-                idx = self._index[n] = torch.tensor(rows, device=y.device)
+                idx = self._index[n] = torch.tensor(group.rows, device=y.device)
             h, res = y.index_select(0, idx), r.index_select(0, idx)
-            out = (stack if mode == "stack" else average)(blocks, h, res)
+            out = (stack if group.mode == "stack" else average)(group.blocks, h, res)
             y = y.index_copy(0, idx, out - res)  # the decoder layer adds the residual back
         return y
 
@@ -145,8 +153,8 @@ class Bottleneck(TechniqueImpl):
     def load(self, key: str, adapter: Adapter, model: nn.Module) -> Resident:
         config = BottleneckConfig.from_dict(adapter.config)
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in MODEL_TYPES:
-            raise ArtifactError(f"bottleneck adapters are served on {', '.join(MODEL_TYPES)} bases, "
+        if model_type not in BOTTLENECK_MODEL_TYPES:
+            raise ArtifactError(f"bottleneck adapters are served on {', '.join(BOTTLENECK_MODEL_TYPES)} bases, "
                                 f"not {model_type!r} (its decoder layer places norms differently)")
         check_fits(adapter, model)
         if config.hidden_size is not None and config.hidden_size != model.config.hidden_size:
@@ -188,7 +196,7 @@ class Bottleneck(TechniqueImpl):
             if tuple(parts[part].shape) != shape:
                 raise ArtifactError(f"{layer}: {location}_adapter.{part} has shape {tuple(parts[part].shape)}, "
                                     f"expected {shape}")
-        tap_site, out_site = (f"{layer}.{name}" for name in HOOKS[location])
+        tap_site, out_site = (f"{layer}.{name}" for name in BOTTLENECK_SITES[location])
         for site in (tap_site, out_site):
             if site not in modules:
                 raise ArtifactError(f"{site!r} does not exist in the base model: no place for the {location} adapter")
@@ -218,7 +226,7 @@ class Bottleneck(TechniqueImpl):
         by_row: dict[int, list[Use]] = {}
         for use in uses:
             by_row.setdefault(use.row, []).append(use)
-        groups: dict[tuple, tuple[list[int], str, list[tuple[Block, float]]]] = {}
+        groups: dict[tuple, RowGroup] = {}
         for row, row_uses in by_row.items():
             mode = batch.mode[row]
             weights = [u.weight for u in row_uses]
@@ -226,9 +234,9 @@ class Bottleneck(TechniqueImpl):
                 total = sum(weights)
                 weights = [w / total for w in weights]
             program = (mode, tuple((u.resident.key, w) for u, w in zip(row_uses, weights)))
-            group = groups.setdefault(program, ([], mode, [(u.resident.sites[site], w)
-                                                            for u, w in zip(row_uses, weights)]))
-            group[0].append(row)
+            group = groups.setdefault(program, RowGroup([], mode, [(u.resident.sites[site], w)
+                                                                    for u, w in zip(row_uses, weights)]))
+            group.rows.append(row)
         return [BlockOp(recording(first.tap), list(groups.values()))]
 
     def check_plan(self, uses_of_row: list[Use], mode: str) -> None:

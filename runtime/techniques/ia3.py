@@ -10,12 +10,23 @@ Untouched rows get exact ones, so their output is bit-for-bit the base.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from hub.artifact import Adapter, Technique
 from hub.checkpoint import is_feedforward, check_fits, module_tensors
 from runtime.techniques.base import BatchInfo, Resident, SiteOp, Stage, TechniqueImpl, Use, nbytes_of, to_device
+
+
+@dataclass(eq=False)
+class IA3Site:
+    """An adapter's IA3 vector at one module, and whether it scales that module's input (PEFT's
+    feedforward_modules) or its output."""
+
+    feedforward: bool
+    scale: torch.Tensor  # (dim,)
 
 
 class _ScaleOp(SiteOp):
@@ -42,10 +53,10 @@ class ScaleOutput(_ScaleOp):
 
 def row_scales(uses: list[Use], batch: BatchInfo, site: str) -> torch.Tensor:
     """(rows, dim) scaling per row by the composition rule above."""
-    first = uses[0].resident.sites[site][1]
+    first = uses[0].resident.sites[site].scale
     scale = torch.ones(batch.rows, first.numel(), device=first.device, dtype=first.dtype)
     for use in uses:
-        term = use.weight * (use.resident.sites[site][1] - 1)
+        term = use.weight * (use.resident.sites[site].scale - 1)
         if batch.mode[use.row] == "average":
             scale[use.row] += term
         else:
@@ -59,16 +70,16 @@ class IA3(TechniqueImpl):
     def load(self, key: str, adapter: Adapter, model: nn.Module) -> Resident:
         check_fits(adapter, model)
         like = next(model.parameters())
-        sites = {path: (is_feedforward(adapter, path), to_device(t, like)["ia3_l"].flatten())
+        sites = {path: IA3Site(is_feedforward(adapter, path), to_device(t, like)["ia3_l"].flatten())
                  for path, t in module_tensors(adapter).items()}
-        return Resident(key, self.technique, sites, nbytes_of(v for _, v in sites.values()), adapter.config)
+        return Resident(key, self.technique, sites, nbytes_of(s.scale for s in sites.values()), adapter.config)
 
     def compile(self, site: str, uses: list[Use], batch: BatchInfo) -> list[SiteOp]:
-        feedforward = uses[0].resident.sites[site][0]
-        mixed = [u for u in uses if u.resident.sites[site][0] != feedforward]
+        feedforward = uses[0].resident.sites[site].feedforward
+        mixed = [u for u in uses if u.resident.sites[site].feedforward != feedforward]
         if mixed:
             # one adapter scales this module's input, another its output: apply each where it belongs
-            same = [u for u in uses if u.resident.sites[site][0] == feedforward]
+            same = [u for u in uses if u.resident.sites[site].feedforward == feedforward]
             return self.compile(site, same, batch) + self.compile(site, mixed, batch)
         scale = row_scales(uses, batch, site)
         return [ScaleInput(scale) if feedforward else ScaleOutput(scale)]

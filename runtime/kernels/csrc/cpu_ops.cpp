@@ -5,7 +5,8 @@
 // uses (shrink) or over (row, column block) pairs (expand, gathers), so no two threads write one element.
 // The hot loops are compiled for AVX-512, AVX2 and plain x86-64 and picked at load (target_clones), so a
 // cached binary runs on any x86-64 CPU.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/csrc/utils/pybind.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
