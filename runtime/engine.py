@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from hub.artifact import Adapter, ArtifactError
+from runtime import kernels
 from runtime.cpu_linear import route_linears
 from runtime.kvcache import new_cache
 from runtime.plan import PlanError, RowPlan, resolve
@@ -147,6 +148,8 @@ class Engine:
         self._batch_ops: OrderedDict[tuple[RowPlan, ...], dict[str, list[SiteOp]]] = OrderedDict()
         self._lock = threading.RLock()
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        # the kernels' backend now (a fused CPU build or load costs seconds), not in a running batch's first step
+        self.kernels = kernels.backend_name(self.device)
 
     @property
     def model(self) -> nn.Module:
