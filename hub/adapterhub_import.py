@@ -34,17 +34,6 @@ _REFUSED_TRUE = {
 }
 
 
-def is_adapterhub_folder(folder: str | Path) -> bool:
-    """Does `folder` look like `model.save_adapter` output (its config nests the adapter config)?"""
-    folder = Path(folder)
-    try:
-        config = read_config(folder)
-    except ArtifactError:
-        return False
-    return isinstance(config.get("config"), (dict, str)) and "peft_type" not in config \
-        and "adapter_type" not in config and "hidden_size" in config
-
-
 def _convert_config(saved: dict[str, Any], path: Path) -> tuple[BottleneckConfig, str]:
     """(our config without sizes yet, the adapter's name) from an `adapters` adapter_config.json."""
     cfg = saved.get("config")
@@ -68,7 +57,7 @@ def _convert_config(saved: dict[str, Any], path: Path) -> tuple[BottleneckConfig
         raise ArtifactError(f"{path}: option residual_before_ln={cfg['residual_before_ln']!r} is not served "
                             "(the adapters library itself fails on it for pre-norm decoders)")
     non_linearity = cfg.get("non_linearity")
-    check_non_linearity(non_linearity.lower() if isinstance(non_linearity, str) else non_linearity)
+    non_linearity = check_non_linearity(non_linearity.lower() if isinstance(non_linearity, str) else non_linearity)
     check_scaling(cfg.get("scaling", 1.0))
     locations = tuple(loc for loc, key in zip(LOCATIONS, ("mh_adapter", "output_adapter")) if cfg.get(key))
     if not locations:
@@ -80,7 +69,7 @@ def _convert_config(saved: dict[str, Any], path: Path) -> tuple[BottleneckConfig
     if not isinstance(name, str) or not name:
         raise ArtifactError(f"{path}: no adapter 'name'")
     config = BottleneckConfig(
-        locations=locations, non_linearity=non_linearity.lower(), hidden_size=hidden,
+        locations=locations, non_linearity=non_linearity, hidden_size=hidden,
         parallel=bool(cfg.get("is_parallel", False)), scaling=float(cfg.get("scaling", 1.0)),
         original_ln_before=bool(cfg.get("original_ln_before", False)),
         original_ln_after=bool(cfg.get("original_ln_after", True)),
@@ -135,10 +124,11 @@ def _convert_tensors(state: dict[str, torch.Tensor], name: str, config: Bottlene
         raise ArtifactError(f"{path}: holds no tensors")
     hidden = config.hidden_size
     for prefix in sorted({k.rsplit(".", 2)[0] for k in out}):
-        parts = {p: out.get(f"{prefix}.{p}") for p in ("down.weight", "down.bias", "up.weight", "up.bias")}
-        absent = [p for p, t in parts.items() if t is None]
+        names = ("down.weight", "down.bias", "up.weight", "up.bias")
+        absent = [p for p in names if f"{prefix}.{p}" not in out]
         if absent:
             raise ArtifactError(f"{path}: {prefix} lacks {', '.join(absent)}")
+        parts = {p: out[f"{prefix}.{p}"] for p in names}
         b = parts["down.weight"].shape[0] if parts["down.weight"].dim() == 2 else -1
         want = {"down.weight": (b, hidden), "down.bias": (b,), "up.weight": (hidden, b), "up.bias": (hidden,)}
         for p, shape in want.items():

@@ -27,3 +27,9 @@ BOTTLENECK_MODEL_TYPES = ("llama", "mistral")
 # ... and per location, (module whose input is the block's residual, module whose output is the block's output).
 BOTTLENECK_SITES = {"attention": ("input_layernorm", "self_attn.o_proj"),
                     "ffn": ("post_attention_layernorm", "mlp.down_proj")}
+
+# The model types whose module shapes `hub push` reads from config.json alone (hub/base_layout.py), without
+# importing transformers: Llama-family decoders whose modules are model.embed_tokens, model.layers.<i> holding
+# self_attn.{q,k,v,o}_proj and mlp.{gate,up,down}_proj, and lm_head; each with the class of its decoder layers
+# as transformers names it. Any other model type is built by transformers on the meta device, as before.
+CONFIG_LAYOUTS = {"llama": "LlamaDecoderLayer", "mistral": "MistralDecoderLayer", "qwen2": "Qwen2DecoderLayer"}

@@ -58,7 +58,7 @@ class Adapter:
 
     technique: Technique
     config: dict[str, Any]
-    tensors: dict[str, Any] = field(repr=False)  # str -> torch.Tensor
+    tensors: dict[str, Any] = field(repr=False)  # str -> torch.Tensor, or TensorInfo (read with shapes_only)
 
     @property
     def num_parameters(self) -> int:
@@ -123,15 +123,21 @@ def check_config(technique: Technique, config: dict[str, Any], where: str) -> No
 def check_tensors(tensors: dict[str, Any], where: str) -> None:
     """Refuse a tensor of a dtype the runtime does not serve, or holding NaN or inf (one such value in one
     row's adapter must never reach the batch it shares)."""
-    import torch
-
     for key, tensor in tensors.items():
         dtype = str(tensor.dtype).removeprefix("torch.")
         if dtype not in SERVED_DTYPES:
             raise ArtifactError(f"{where}: tensor {key!r} is {dtype}; adapter weights must be one of "
                                 f"{', '.join(SERVED_DTYPES)}")
-        if not bool(torch.isfinite(tensor).all()):
+        if not _finite(tensor):
             raise ArtifactError(f"{where}: tensor {key!r} holds non-finite values (NaN or inf)")
+
+
+def _finite(tensor: Any) -> bool:
+    if isinstance(tensor, TensorInfo):
+        return tensor.finite()
+    import torch
+
+    return bool(torch.isfinite(tensor).all())
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -141,7 +147,7 @@ def read_config(folder: Path) -> dict[str, Any]:
     return parse_config(read_buffer(path), str(path))
 
 
-def parse_config(data: bytes, where: str) -> dict[str, Any]:
+def parse_config(data: bytes | bytearray, where: str) -> dict[str, Any]:
     """An adapter config from its file's bytes (`where` names the file in errors)."""
     try:
         config = json.loads(data)
@@ -152,6 +158,18 @@ def parse_config(data: bytes, where: str) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ArtifactError(f"{where}: expected a JSON object")
     return config
+
+
+def is_adapterhub_folder(folder: str | Path) -> bool:
+    """Does `folder` look like the AdapterHub `adapters` library's `model.save_adapter` output (its config nests
+    the adapter config)? Such a folder is converted (hub/adapterhub_import.py, which loads torch) before a push."""
+    folder = Path(folder)
+    try:
+        config = read_config(folder)
+    except ArtifactError:
+        return False
+    return isinstance(config.get("config"), (dict, str)) and "peft_type" not in config \
+        and "adapter_type" not in config and "hidden_size" in config
 
 
 def technique_of(config: dict[str, Any]) -> Technique:
@@ -183,13 +201,16 @@ def technique_of(config: dict[str, Any]) -> Technique:
 
 def read_tensors(path: Path) -> dict[str, Any]:
     """Load a safetensors file, turning truncation or corruption into one clear error."""
+    return parse_tensors(_read_weights(path), str(path))
+
+
+def _read_weights(path: Path) -> bytearray:
     if not path.exists() and not path.is_symlink():
         raise ArtifactError(f"{path.parent}: no {path.name}")
     try:
-        data = read_buffer(Path(path))
+        return read_buffer(Path(path))
     except OSError as e:
         raise ArtifactError(f"{path}: cannot be read ({e})") from None
-    return parse_tensors(data, str(path))
 
 
 def read_buffer(path: Path, limit: int | None = None) -> bytearray:
@@ -205,10 +226,44 @@ def read_buffer(path: Path, limit: int | None = None) -> bytearray:
     return buf[:got] + rest if got != size or rest else buf
 
 
-# safetensors dtype names -> torch dtypes (https://github.com/huggingface/safetensors, format section)
-_DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "F16": "float16",
-           "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32", "F64": "float64",
-           "I64": "int64", "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+# safetensors dtype names -> (torch dtype name, bytes per element)
+# (https://github.com/huggingface/safetensors, format section)
+_DTYPES = {"BOOL": ("bool", 1), "U8": ("uint8", 1), "I8": ("int8", 1), "I16": ("int16", 2), "U16": ("uint16", 2),
+           "F16": ("float16", 2), "BF16": ("bfloat16", 2), "I32": ("int32", 4), "U32": ("uint32", 4),
+           "F32": ("float32", 4), "F64": ("float64", 8), "I64": ("int64", 8), "U64": ("uint64", 8),
+           "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1)}
+_ITEMSIZE = dict(_DTYPES.values())
+# A served float dtype -> (the unsigned integer of its width, its exponent bits): all exponent bits set is inf or
+# NaN in every IEEE-style float, which lets the values be checked without torch (numpy has no bfloat16).
+_EXPONENT = {"float16": ("<u2", 0x7C00), "bfloat16": ("<u2", 0x7F80), "float32": ("<u4", 0x7F80_0000),
+             "float64": ("<u8", 0x7FF0_0000_0000_0000)}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor as its safetensors header describes it, over its bytes, not loaded: what the registry's checks
+    read (dtype, shape, finite values), so `hub push` and `hub pull` never import torch."""
+
+    dtype: str  # torch's name for it, e.g. "float32"
+    shape: tuple[int, ...]
+    data: memoryview = field(repr=False, compare=False)
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def element_size(self) -> int:
+        return _ITEMSIZE[self.dtype]
+
+    def finite(self) -> bool:
+        """No NaN or inf among the values (a served float dtype)."""
+        import numpy as np
+
+        kind, mask = _EXPONENT[self.dtype]
+        exponents = np.frombuffer(self.data, dtype=kind) & np.array(mask, dtype=kind)
+        return not bool((exponents == mask).any())
 
 
 # Generous beside the largest real adapters (every expert of a large MoE model: tens of thousands of tensors),
@@ -233,6 +288,28 @@ def parse_tensors(data: bytes | bytearray, where: str) -> dict[str, Any]:
     `data` (bytes) is copied once into a writable buffer first, as torch.frombuffer wants one."""
     import torch
 
+    buf = bytearray(data) if memoryview(data).readonly else data
+    tensors = {}
+    for key, (info, offset) in _parse_header(buf, where).items():
+        dtype, count = getattr(torch, info.dtype), info.numel()
+        if count == 0:
+            tensors[key] = torch.empty(info.shape, dtype=dtype)
+        elif offset % dtype.itemsize:  # unaligned: kernels may assume alignment, so copy this one
+            tensors[key] = torch.frombuffer(bytearray(info.data), dtype=dtype).view(info.shape)
+        else:
+            tensors[key] = torch.frombuffer(buf, dtype=dtype, count=count, offset=offset).view(info.shape)
+    return tensors
+
+
+def parse_tensor_infos(data: bytes | bytearray, where: str) -> dict[str, TensorInfo]:
+    """`parse_tensors` without torch: each tensor's dtype and shape over its bytes, by key (sorted), after the
+    same checks of the file, with the same errors."""
+    return {key: info for key, (info, _) in _parse_header(data, where).items()}
+
+
+def _parse_header(data: bytes | bytearray, where: str) -> dict[str, tuple[TensorInfo, int]]:
+    """Key -> (TensorInfo, the offset of its bytes in `data`), sorted by key, once the header and every
+    tensor's place in the file are checked."""
     def bad(why: str) -> ArtifactError:
         return ArtifactError(f"{where}: not a valid safetensors file ({why})")
 
@@ -257,29 +334,23 @@ def parse_tensors(data: bytes | bytearray, where: str) -> dict[str, Any]:
         raise bad(f"__metadata__ is not a map of strings: {metadata!r}")
     if len(header) > MAX_TENSORS:
         raise bad(f"{len(header)} tensors, more than {MAX_TENSORS}")
-    buf = bytearray(data) if memoryview(data).readonly else data
+    view = memoryview(data)
     start, end = 8 + header_len, len(data)
-    tensors, spans = {}, []
+    entries, spans = {}, []
     for key, info in header.items():
         try:
-            dtype = getattr(torch, _DTYPES[info["dtype"]])
-            shape = [_whole(n) for n in info["shape"]]
+            dtype, itemsize = _DTYPES[info["dtype"]]
+            shape = tuple(_whole(n) for n in info["shape"])
             first, last = (_whole(n) for n in info["data_offsets"])
         except (KeyError, TypeError, ValueError) as e:
             raise bad(f"tensor {key!r}: malformed entry {info!r} ({type(e).__name__}: {e})") from None
-        count = math.prod(shape)
-        if min(shape, default=0) < 0 or not 0 <= first <= last or last - first != count * dtype.itemsize:
-            raise bad(f"tensor {key!r}: {info['dtype']} {shape} does not match its data offsets {[first, last]}")
+        if min(shape, default=0) < 0 or not 0 <= first <= last or last - first != math.prod(shape) * itemsize:
+            raise bad(f"tensor {key!r}: {info['dtype']} {list(shape)} does not match its data offsets "
+                      f"{[first, last]}")
         if start + last > end:
             raise bad(f"tensor {key!r} ends at byte {start + last}, past the end of the file ({end} bytes; truncated?)")
         spans.append((first, last, key))
-        offset = start + first
-        if count == 0:
-            tensors[key] = torch.empty(shape, dtype=dtype)
-        elif offset % dtype.itemsize:  # unaligned: kernels may assume alignment, so copy this one
-            tensors[key] = torch.frombuffer(bytearray(buf[offset:offset + last - first]), dtype=dtype).view(shape)
-        else:
-            tensors[key] = torch.frombuffer(buf, dtype=dtype, count=count, offset=offset).view(shape)
+        entries[key] = (TensorInfo(dtype, shape, view[start + first:start + last]), start + first)
     covered = 0
     for first, last, key in sorted(spans):
         if first != covered:
@@ -287,22 +358,30 @@ def parse_tensors(data: bytes | bytearray, where: str) -> dict[str, Any]:
         covered = last
     if covered != end - start:
         raise bad(f"the tensors cover {covered} bytes of data, the file holds {end - start}")
-    return dict(sorted(tensors.items()))
+    return dict(sorted(entries.items()))
 
 
-def read_adapter(folder: str | Path) -> Adapter:
-    """Read an artifact folder (PEFT format or ours) into an Adapter."""
+def read_adapter(folder: str | Path, *, shapes_only: bool = False) -> Adapter:
+    """Read an artifact folder (PEFT format or ours) into an Adapter; with `shapes_only` its tensors are
+    TensorInfo (every check made, torch never imported: what a push needs)."""
     folder = Path(folder)
     config = read_config(folder)
     technique = technique_of(config)
-    return _adapter(technique, config, read_tensors(folder / WEIGHTS_FILE), folder / WEIGHTS_FILE)
+    weights = folder / WEIGHTS_FILE
+    return _adapter(technique, config, _parse(_read_weights(weights), str(weights), shapes_only), weights)
 
 
-def adapter_from_bytes(config: bytes, weights: bytes | bytearray, where: str) -> Adapter:
-    """An Adapter from its two files' bytes (the registry reads stored files once, checks, parses)."""
+def adapter_from_bytes(config: bytes, weights: bytes | bytearray, where: str, *, shapes_only: bool = False) -> Adapter:
+    """An Adapter from its two files' bytes (the registry reads stored files once, checks, parses); with
+    `shapes_only`, as `read_adapter` takes it."""
     parsed = parse_config(config, f"{where}/{CONFIG_FILE}")
     technique = technique_of(parsed)
-    return _adapter(technique, parsed, parse_tensors(weights, f"{where}/{WEIGHTS_FILE}"), f"{where}/{WEIGHTS_FILE}")
+    path = f"{where}/{WEIGHTS_FILE}"
+    return _adapter(technique, parsed, _parse(weights, path, shapes_only), path)
+
+
+def _parse(data: bytes | bytearray, where: str, shapes_only: bool) -> dict[str, Any]:
+    return parse_tensor_infos(data, where) if shapes_only else parse_tensors(data, where)
 
 
 def _adapter(technique: Technique, config: dict[str, Any], tensors: dict[str, Any], weights: Path | str) -> Adapter:

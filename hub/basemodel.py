@@ -123,7 +123,9 @@ def prepare_embedded(name: str = DEFAULT_BASE_MODEL, *, verify: bool = True) -> 
     if target.is_dir() and (not verify or _verified(target)):
         return target
     gguf = _gguf_path(spec)
-    print(f"hub: preparing base model {name!r} from {gguf.name} (one time, ~30 s)...", file=sys.stderr)
+    print(f"hub: preparing base model {name!r} (done once): converting {gguf.name} "
+          f"({gguf.stat().st_size / 1e6:.0f} MB, from package {spec.package}) into a model folder at {target}...",
+          file=sys.stderr)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -133,7 +135,7 @@ def prepare_embedded(name: str = DEFAULT_BASE_MODEL, *, verify: bool = True) -> 
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
         # The weights are dequantised into plain tensors; drop the GGUF marker so they save.
-        model.hf_quantizer = None
+        setattr(model, "hf_quantizer", None)  # set by the GGUF loader: not an attribute the model class declares
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.config.name_or_path = spec.hf_id
@@ -226,15 +228,20 @@ def canonical_id(base_model: str) -> str:
 def architecture_fingerprint(base: str | Path) -> str | None:
     """The fingerprint of a base model's architecture (hub.checkpoint.fingerprint, no modules): what "the same
     base" means for the runtime and for merges. `base`: a folder, an embedded model's name or HF id (if
-    prepared), or an HF id in the local cache; None when it is not at hand (nothing is downloaded)."""
-    from transformers import AutoConfig
-
+    prepared), or an HF id in the local cache; None when it is not at hand (nothing is downloaded). Read from
+    config.json where hub.base_layout reads it (no transformers import), else by transformers."""
+    from hub import base_layout
     from hub.checkpoint import fingerprint
 
     name = embedded_name(str(base))
+    where = prepared_dir(name) if name in EMBEDDED else name
+    layout = base_layout.read(where) if Path(where).is_dir() else None
+    if layout is not None:
+        return fingerprint(layout.config, {})
+    from transformers import AutoConfig
+
     try:
-        return fingerprint(AutoConfig.from_pretrained(prepared_dir(name) if name in EMBEDDED else name,
-                                                      local_files_only=True), {})
+        return fingerprint(AutoConfig.from_pretrained(where, local_files_only=True), {})
     except (OSError, ValueError):
         return None
 
@@ -257,7 +264,8 @@ def load(base_model: str = DEFAULT_BASE_MODEL, *, dtype: str = "float32", device
             f"not a local folder, and the Hugging Face Hub did not provide it ({e.__class__.__name__}). "
             f"Where no hub is reachable, pass a local folder.{did_you_mean(base_model)}"
         ) from None
-    model.to(device).eval().requires_grad_(False)
+    # transformers' wrapper around PreTrainedModel.to hides its signature from type checkers
+    model.to(device).eval().requires_grad_(False)  # type: ignore[arg-type]
     return model, tokenizer
 
 

@@ -112,11 +112,12 @@ def positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def check_non_linearity(name: Any) -> None:
-    """Refuse a non-linearity the runtime does not compute (names are lower case)."""
+def check_non_linearity(name: Any) -> str:
+    """The name of a non-linearity the runtime computes (names are lower case); ArtifactError for any other."""
     if not isinstance(name, str) or name.lower() not in ACTIVATIONS or name != name.lower():
         raise ArtifactError(f"bottleneck non_linearity {name!r} is not served "
                             f"(served: {', '.join(ACTIVATIONS)})")
+    return name
 
 
 def check_scaling(value: Any) -> None:

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from hub import patterns
 from hub.artifact import Adapter, ArtifactError, Technique
+from hub.base_layout import ConfigLayout, Module
+
+if TYPE_CHECKING:  # torch is imported where a model is at hand: checks against a config.json never need it
+    import torch
+    from torch import nn
+    from transformers import PreTrainedConfig
 
 PEFT_PREFIX = "base_model.model."
 PROMPT_SITE = ""  # prompt tuning touches no module; its tensors live under the empty path
@@ -58,7 +61,9 @@ def module_tensors(adapter: Adapter) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def _as_model(model_or_config: Any) -> nn.Module:
-    if isinstance(model_or_config, nn.Module):
+    import torch
+
+    if isinstance(model_or_config, torch.nn.Module):
         return model_or_config
     from transformers import AutoModelForCausalLM
 
@@ -66,23 +71,48 @@ def _as_model(model_or_config: Any) -> nn.Module:
         return AutoModelForCausalLM.from_config(model_or_config)
 
 
+class _ModelModules:
+    """A model's modules as `check_fits` reads them (the shape of hub.base_layout.ConfigLayout)."""
+
+    def __init__(self, model: nn.Module):
+        self.model_name = type(model).__name__
+        self._modules = dict(model.named_modules())
+        self._embeddings = model.get_input_embeddings()
+        self.hidden = self._embeddings.weight.shape[1]
+
+    @property
+    def embedding(self) -> tuple[str, tuple[int, ...]]:
+        name = next(n for n, m in self._modules.items() if m is self._embeddings)
+        return name, tuple(self._embeddings.weight.shape)
+
+    def module(self, path: str) -> Module | None:
+        module = self._modules.get(path)
+        module = getattr(module, "base_layer", module)  # the runtime's (and PEFT's) wrappers keep the base here
+        if module is None:
+            return None
+        dims = linear_shape(module)
+        return Module(type(module).__name__, dims, None if dims is None else tuple(module.weight.shape))
+
+
 def linear_shape(module: nn.Module) -> tuple[int, int] | None:
     """(in_features, out_features) of an nn.Linear or a GPT-2 Conv1D (weight stored (in, out)); else None."""
+    from torch import nn
+
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
-    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
-        fan_in, fan_out = module.weight.shape
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor):
+        fan_in, fan_out = weight.shape
         return int(fan_in), int(fan_out)
     return None
 
 
-def _check_linear(path: str, module: nn.Module, tensors: dict[str, torch.Tensor], technique: Technique,
+def _check_linear(path: str, module: Module, tensors: dict[str, torch.Tensor], technique: Technique,
                   feedforward: bool) -> None:
-    dims = linear_shape(module)
-    if dims is None:
-        raise ArtifactError(f"module {path!r} is a {type(module).__name__}, not a linear layer: "
+    if module.dims is None:
+        raise ArtifactError(f"module {path!r} is a {module.kind}, not a linear layer: "
                             f"{technique.value} on it is not served")
-    d_in, d_out = dims
+    d_in, d_out = module.dims
 
     def need(name: str, ok: bool, want: str) -> None:
         if not ok:
@@ -144,11 +174,13 @@ def check_structure(adapter: Adapter) -> None:
 
 
 def check_fits(adapter: Adapter, model_or_config: Any) -> dict[str, tuple[int, ...]]:
-    """Refuse (ArtifactError naming the module) an adapter that does not fit; else {module: weight shape}."""
+    """Refuse (ArtifactError naming the module) an adapter that does not fit; else {module: weight shape}.
+
+    `model_or_config`: a model, a transformers config (built on the meta device), or a ConfigLayout, which
+    raises hub.base_layout.Unmapped for a module it does not list."""
     check_structure(adapter)  # again for adapters built in memory (merges, tests), not read through hub.artifact
-    model = _as_model(model_or_config)
-    modules = dict(model.named_modules())
-    hidden = model.get_input_embeddings().weight.shape[1]
+    base = model_or_config if isinstance(model_or_config, ConfigLayout) else _ModelModules(_as_model(model_or_config))
+    hidden = base.hidden
     touched: dict[str, tuple[int, ...]] = {}
     for path, tensors in sorted(module_tensors(adapter).items()):
         if adapter.technique is Technique.PROMPT_TUNING:
@@ -156,14 +188,13 @@ def check_fits(adapter: Adapter, model_or_config: Any) -> dict[str, tuple[int, .
             if emb is None or emb.dim() != 2 or emb.shape[1] != hidden:
                 shape = None if emb is None else tuple(emb.shape)
                 raise ArtifactError(f"prompt_embeddings has shape {shape}, expected (tokens, {hidden})")
-            name = next(n for n, m in modules.items() if m is model.get_input_embeddings())
-            touched[name] = tuple(model.get_input_embeddings().weight.shape)
+            name, shape = base.embedding
+            touched[name] = shape
             continue
-        module = modules.get(path)
-        module = getattr(module, "base_layer", module)  # the runtime's (and PEFT's) wrappers keep the base here
+        module = base.module(path)
         if module is None:
             raise ArtifactError(f"module {path!r} named by the {adapter.technique.value} adapter "
-                                f"does not exist in the base model ({type(model).__name__})")
+                                f"does not exist in the base model ({base.model_name})")
         if adapter.technique is Technique.BOTTLENECK:
             for name, t in tensors.items():
                 if name.endswith("down.weight") and t.shape[-1] != hidden:
@@ -173,7 +204,7 @@ def check_fits(adapter: Adapter, model_or_config: Any) -> dict[str, tuple[int, .
             touched[path] = (hidden,)
             continue
         _check_linear(path, module, tensors, adapter.technique, is_feedforward(adapter, path))
-        touched[path] = tuple(module.weight.shape)
+        touched[path] = module.weight_shape
     return touched
 
 
@@ -181,7 +212,7 @@ _ARCH_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention
                 "intermediate_size", "vocab_size", "n_embd", "n_layer", "n_head", "n_inner")
 
 
-def fitted_fingerprint(adapter: Adapter, model_or_config: Any) -> str:
+def fitted_fingerprint(adapter: Adapter, model_or_config: nn.Module | PreTrainedConfig) -> str:
     """The fingerprint of the base the adapter fits, after `check_fits` (its ArtifactError when it does not):
     what a push records and what a load compares with the recorded one."""
     touched = check_fits(adapter, model_or_config)

@@ -5,8 +5,6 @@ never imports the runtime; only this entry module knows both.
 """
 from __future__ import annotations
 
-from importlib.metadata import version as package_version
-
 import typer
 
 from hub import merge_cli, registry_cli, train_cli
@@ -19,6 +17,8 @@ app = typer.Typer(cls=HubGroup, no_args_is_help=True, help="Adapter Hub: registr
 
 def _print_version(value: bool) -> None:
     if value:
+        from importlib.metadata import version as package_version  # imported here: every command start pays it
+
         typer.echo(f"hub {package_version('adapterhub-serve')}")
         raise typer.Exit()
 

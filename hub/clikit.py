@@ -4,13 +4,19 @@ unexpected exception one `error: unexpected ...` line and exit 1 (the traceback 
 and help renders flags as flags and argument placeholders in capitals."""
 from __future__ import annotations
 
+import functools
 import math
 import os
+import re
 import sys
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
 
 import typer
+from typer._coercion import RuntimeParam, TypeDescriptor, build_runtime_param
+from typer._param_types import coerce_cli_path
 from typer.core import TyperArgument, TyperGroup, TyperOption
 
 PROG_NAME = "hub"
@@ -25,28 +31,68 @@ def one_line(text: str) -> str:
 
 def polish_help(command: Any) -> None:
     """Every argument's placeholder is its name in capitals (`PATH`, `REF`, `TAG`) and a flag shows no
-    `<bool>` value, on this command and all its subcommands."""
+    `<bool>` value, on this command and all its subcommands; and each parameter's value is converted by
+    `PlainValues`."""
     params = [*command.params, command.get_help_option(typer.Context(command))]  # --help is made lazily
     for param in params:
         if isinstance(param, TyperArgument) and param.metavar is None:
             param.metavar = param.name.upper()
         elif isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
             param.metavar = ""
+        if isinstance(param, (TyperArgument, TyperOption)) and param._runtime_param is None:
+            param._runtime_param = PlainValues(param.type_descriptor.parameter_info,
+                                               param.type_descriptor.annotation, param.type_descriptor)
     for sub in getattr(command, "commands", {}).values():
         polish_help(sub)
+
+
+_PLAIN_INT = re.compile(r"-?(0|[1-9][0-9]*)")
+
+
+@functools.cache
+def _typer_coercion(descriptor: TypeDescriptor) -> RuntimeParam:
+    return build_runtime_param(descriptor)
+
+
+@dataclass(frozen=True)
+class PlainValues(RuntimeParam):
+    """Typer's conversion of one parameter's value, with the plain cases done here: a text, a path, a list
+    of texts, a whole number written plainly within the parameter's bounds, and a value not given. Typer
+    builds a pydantic TypeAdapter for every parameter it converts (the help option's absent value too), and
+    importing pydantic was a third of a registry command's start; every other value (and each error
+    message) is left to Typer's own conversion."""
+
+    descriptor: TypeDescriptor
+
+    def _coerce_value(self, value: Any, param: Any, ctx: Any) -> Any:
+        info, annotation = self.parameter_info, self.annotation
+        if info.parser is None and isinstance(value, str):
+            if annotation is str:
+                return value
+            if annotation is Path and info.path_type in (None, Path):  # its checks (exists, ...) run as Typer's
+                return coerce_cli_path(Path(value), info, path_type=Path, param=param, ctx=ctx)
+            if annotation is int and _PLAIN_INT.fullmatch(value):
+                number = int(value)
+                if (info.min is None or number >= info.min) and (info.max is None or number <= info.max):
+                    return number
+        if info.parser is None and annotation == list[str] and all(isinstance(v, str) for v in value):
+            return list(value)
+        return _typer_coercion(self.descriptor)._coerce_value(value, param=param, ctx=ctx)
 
 
 class HubGroup(TyperGroup):
     """The top-level `hub` group: click's own exceptions end as one `error:` line and their exit code."""
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
-             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+             complete_var: str | None = None, standalone_mode: bool = True, windows_expand_args: bool = True,
+             **extra: Any) -> Any:
         from typer._click.exceptions import ClickException, NoArgsIsHelpError  # Typer vendors click
 
         polish_help(self)
         try:
             # named `hub` however it was started (python -m hub, a test runner): help, errors, completion
-            rv = super().main(args, PROG_NAME, complete_var, standalone_mode=False, **extra)
+            rv = super().main(args, PROG_NAME, complete_var, standalone_mode=False,
+                              windows_expand_args=windows_expand_args, **extra)
             code = rv if isinstance(rv, int) else 0
         except NoArgsIsHelpError as e:  # the help was printed already: no error line to add
             code = e.exit_code
@@ -76,7 +122,7 @@ def finite(value: float | None) -> float | None:
     return value
 
 
-def fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> NoReturn:
     """Print one clear line and exit non-zero."""
     typer.echo(f"error: {one_line(message)}", err=True)
     raise typer.Exit(code)

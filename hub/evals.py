@@ -74,10 +74,11 @@ def read_file(path: Path, manifest: Manifest) -> list[dict[str, Any]]:
 
 def write_file(path: Path, records: list[dict[str, Any]]) -> None:
     """Records as a records file of their own (what a remote ships beside an artifact)."""
-    path.write_text(_lines(records), encoding="utf-8")
+    path.write_text(lines(records), encoding="utf-8")
 
 
-def _lines(records: list[dict[str, Any]]) -> str:
+def lines(records: list[dict[str, Any]]) -> str:
+    """Records as the text of a records file: one JSON object per line."""
     return "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
 
 
@@ -88,10 +89,14 @@ def append(root: Path, manifest: Manifest, records: list[dict[str, Any]]) -> int
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         held = {r["id"] for r in _read_all(path)}
-        new = [r for r in records if r["id"] not in held and r["sha256"] == manifest.sha256]
+        new = []
+        for r in records:  # once each, even if `records` repeats one (a pull merging two sources of them)
+            if r["id"] not in held and r["sha256"] == manifest.sha256:
+                held.add(r["id"])
+                new.append(r)
         if new:
             with open(path, "a", encoding="utf-8") as f:
-                f.write(_lines(new))
+                f.write(lines(new))
                 f.flush()
                 os.fsync(f.fileno())
     return len(new)
@@ -126,7 +131,7 @@ def rank(root: Path, manifests: list[Manifest], metric: str,
         shown = ", ".join(s[:12] for s in sets)
         raise HubError(f"{metric} was measured on {len(sets)} data sets ({shown}): choose one with --dataset SHA256")
     sign = 1 if metric in LOWER_IS_BETTER else -1
-    recorded = sorted((row for row in rows if row[1] is not None), key=lambda row: sign * row[1]["value"])
+    recorded = sorted(((m, r) for m, r in rows if r is not None), key=lambda row: sign * row[1]["value"])
     return recorded + [row for row in rows if row[1] is None]
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from io import BufferedReader
 from pathlib import Path
-from typing import BinaryIO
 
 from hub.errors import HubError
 
@@ -52,7 +52,7 @@ def check_below(root: Path, path: Path) -> Path:
     return path
 
 
-def open_regular(path: Path) -> BinaryIO:
+def open_regular(path: Path) -> BufferedReader:
     """Open a regular file for reading without following a link at its end or blocking on a FIFO."""
     check_regular(path)
     try:

@@ -90,7 +90,7 @@ class Index:
     """
 
     def __init__(self, data: dict[str, Any] | None = None, source: str = INDEX_FILE, *, shared: bool = False):
-        self.data = data if data is not None else {"schema_version": SCHEMA_VERSION, "adapters": {}}
+        self.data: dict[str, Any] = data if data is not None else {"schema_version": SCHEMA_VERSION, "adapters": {}}
         self.source = source
         self.shared = shared
         self.changed: set[str] = set()  # adapters whose entries add/remove/set_tag changed (copied first)
@@ -122,7 +122,9 @@ class Index:
         everything finds damage anywhere."""
         for name in self.names() if names is None else names:
             for version in self.versions(name):
-                yield self.get(name, version)
+                manifest = self.get(name, version)
+                if manifest is not None:  # else removed from this index while the caller held the generator
+                    yield manifest
 
     def versions(self, name: str) -> list[str]:
         """Versions of an adapter, oldest first (semantic-versioning order)."""

@@ -42,7 +42,7 @@ _HYPERPARAMS: dict[Technique, tuple[str, ...]] = {
 }
 
 
-_UNSET = (None, False, {}, [])  # defaults not worth listing
+_UNSET: tuple[Any, ...] = (None, False, {}, [])  # defaults not worth listing
 
 
 def check_name(name: str) -> str:

@@ -22,17 +22,17 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal, cast
 
 import torch
 
 from hub.bottleneck_format import BottleneckConfig
 from hub.artifact import Adapter, Technique
 from hub.checkpoint import PEFT_PREFIX, lora_rank_alpha, module_tensors
-from hub.merge_spec import MergeError, MergeSpec, method_family, uses_svd
+from hub.merge_spec import CheckedMergeSpec, MergeError, MergeSpec, method_family, uses_density, uses_svd
 
 
-def combine(tensors: Sequence[torch.Tensor], weights: torch.Tensor, spec: MergeSpec,
+def combine(tensors: Sequence[torch.Tensor], weights: torch.Tensor, spec: CheckedMergeSpec,
             generator: torch.Generator | None) -> torch.Tensor:
     """Combine task tensors of one shape by the spec's method family (PEFT's merge_utils, step by step).
 
@@ -43,15 +43,20 @@ def combine(tensors: Sequence[torch.Tensor], weights: torch.Tensor, spec: MergeS
     # peft is imported here, not at module level: it loads only when a merge runs.
     from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge, prune, reshape_weight_task_tensors
     family = method_family(spec.method)
-    if family in ("ties", "magnitude_prune"):
-        tensors = [prune(t, spec.density, method="magnitude") for t in tensors]
-    elif family.startswith("dare") and spec.density < 1.0:
-        tensors = [t * torch.bernoulli(torch.full_like(t, spec.density), generator=generator) / spec.density
-                   for t in tensors]
+    density = spec.density
+    if uses_density(spec.method):
+        assert density is not None, "checked() requires a density for this method"
+        if family in ("ties", "magnitude_prune"):
+            tensors = [prune(t, density, method="magnitude") for t in tensors]
+        elif density < 1.0:  # the dare forms
+            tensors = [t * torch.bernoulli(torch.full_like(t, density), generator=generator) / density
+                       for t in tensors]
     stacked = torch.stack(list(tensors), dim=0)
     weighted = stacked * reshape_weight_task_tensors(stacked, weights)
     if family in ("ties", "dare_ties"):
-        return disjoint_merge(weighted, calculate_majority_sign_mask(stacked, method=spec.majority_sign))
+        # checked() fills in "total" and refuses signs other than MAJORITY_SIGNS for these methods
+        sign = cast(Literal["total", "frequency"], spec.majority_sign)
+        return disjoint_merge(weighted, calculate_majority_sign_mask(stacked, method=sign))
     return weighted.sum(dim=0)
 
 
@@ -90,7 +95,7 @@ def check_same_base(bases: Mapping[str, str | None]) -> None:
 
 
 def _check_compatible(adapters: Sequence[Adapter]) -> None:
-    task_types = {a.config.get("task_type") for a in adapters} - {None}
+    task_types = {t for a in adapters if (t := a.config.get("task_type")) is not None}
     if len(task_types) > 1:
         raise MergeError(f"cannot merge adapters with different task_type: {', '.join(sorted(task_types))}")
     if len({bool(a.config.get("fan_in_fan_out")) for a in adapters}) > 1:
@@ -149,7 +154,7 @@ def _config_rank(config: dict[str, Any]) -> int:
     return max([config["r"], *(config.get("rank_pattern") or {}).values()])
 
 
-def _merge_lora(adapters: Sequence[Adapter], spec: MergeSpec) -> Adapter:
+def _merge_lora(adapters: Sequence[Adapter], spec: CheckedMergeSpec) -> Adapter:
     if len(adapters) == 1:  # PEFT merges a single adapter linearly, whatever the method
         spec = replace(spec, method="linear")
     method = spec.method
@@ -190,7 +195,7 @@ def _merge_lora(adapters: Sequence[Adapter], spec: MergeSpec) -> Adapter:
     return Adapter(Technique.LORA, config, tensors)
 
 
-def _merge_module(name: str, present: list[tuple[float, LoraModule]], spec: MergeSpec, new_rank: int,
+def _merge_module(name: str, present: list[tuple[float, LoraModule]], spec: CheckedMergeSpec, new_rank: int,
                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """One module's merged (A, B), in float32."""
     if spec.method == "cat":
@@ -219,7 +224,7 @@ def _merge_module(name: str, present: list[tuple[float, LoraModule]], spec: Merg
 
 # ------------------------------------------------------------------------------------ other techniques
 
-def _merge_sum(adapters: Sequence[Adapter], spec: MergeSpec) -> Adapter:
+def _merge_sum(adapters: Sequence[Adapter], spec: CheckedMergeSpec) -> Adapter:
     """IA3 / BitFit: sum_i w_i * tensor_i per key over the adapters that have it (PEFT's IA3 merge)."""
     dtype = _dtype(adapters)
     tensors: dict[str, torch.Tensor] = {}
@@ -245,7 +250,7 @@ def _merge_sum(adapters: Sequence[Adapter], spec: MergeSpec) -> Adapter:
     return Adapter(technique, config, tensors)
 
 
-def _merge_bottleneck(adapters: Sequence[Adapter], spec: MergeSpec) -> Adapter:
+def _merge_bottleneck(adapters: Sequence[Adapter], spec: CheckedMergeSpec) -> Adapter:
     """Weighted parameter average of same-shape bottleneck adapters, weights normalised to sum 1.
 
     Configurations must agree on everything but `source` (where an imported adapter came from, which
@@ -263,7 +268,7 @@ def _merge_bottleneck(adapters: Sequence[Adapter], spec: MergeSpec) -> Adapter:
     return Adapter(Technique.BOTTLENECK, configs[0].to_dict(), merged.tensors)
 
 
-def _merge_prompts(adapters: Sequence[Adapter], spec: MergeSpec) -> Adapter:
+def _merge_prompts(adapters: Sequence[Adapter], spec: CheckedMergeSpec) -> Adapter:
     """Concatenate soft prompts along the virtual tokens (per transformer submodule)."""
     if any(w != 1.0 for w in spec.weights):
         raise MergeError(f"soft prompts are concatenated, not weighted: weights must all be 1 (got {list(spec.weights)})")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -23,6 +23,9 @@ from hub.checkpoint import check_fits, is_feedforward, module_tensors
 from hub.merge import lora_modules
 from hub.merge_spec import MergeError
 from hub.store import new_folder
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 FOLDABLE = (Technique.LORA, Technique.IA3, Technique.BITFIT)
 BIAS_FLAGS = ("attention_bias", "mlp_bias")  # config flags that give a family's linear layers biases
@@ -49,7 +52,7 @@ def _bias_flags(config: Any, needed: set[str]) -> list[str]:
     return chosen
 
 
-def _load_copy(path: str, adapter: Adapter) -> tuple[nn.Module, torch.dtype | None]:
+def _load_copy(path: str, adapter: Adapter) -> tuple[PreTrainedModel, torch.dtype | None]:
     """A float32 copy of the base, with zero biases added (via config flags) where the adapter needs them;
     and the dtype the base is saved in."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -64,8 +67,9 @@ def _load_copy(path: str, adapter: Adapter) -> tuple[nn.Module, torch.dtype | No
     flags = _bias_flags(config, needed) if needed else []
     for flag in flags:
         setattr(config, flag, True)
-    model, info = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32,
-                                                       output_loading_info=True)
+    # with output_loading_info, from_pretrained returns (model, info): its annotations say the model alone
+    model, info = cast("tuple[PreTrainedModel, dict[str, Any]]", AutoModelForCausalLM.from_pretrained(
+        path, config=config, dtype=torch.float32, output_loading_info=True))
     new_biases = set(info["missing_keys"])
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -74,7 +78,7 @@ def _load_copy(path: str, adapter: Adapter) -> tuple[nn.Module, torch.dtype | No
     return model.eval(), saved_dtype
 
 
-def fold(model: nn.Module, adapter: Adapter) -> None:
+def fold(model: PreTrainedModel, adapter: Adapter) -> None:
     """Fold the adapter into `model`'s weights in place (give it a private copy, never a served base)."""
     if adapter.technique not in FOLDABLE:
         raise ArtifactError(f"a {adapter.technique.value} adapter adds inputs or layers and cannot be folded into "
@@ -105,9 +109,10 @@ def fold(model: nn.Module, adapter: Adapter) -> None:
 
 
 def _bias(module: nn.Module, path: str) -> torch.Tensor:
-    if getattr(module, "bias", None) is None:
+    bias = getattr(module, "bias", None)
+    if not isinstance(bias, torch.Tensor):  # None: the layer was built without one
         raise MergeError(f"module {path!r} has no bias to fold the adapter's bias into")
-    return module.bias
+    return bias
 
 
 def export_merged(adapter: Adapter, base_model: str, out_dir: str | Path, *, dtype: torch.dtype | None = None) -> Path:
@@ -124,8 +129,10 @@ def export_merged(adapter: Adapter, base_model: str, out_dir: str | Path, *, dty
         except OSError as e:
             raise ArtifactError(f"cannot load base model {base_model!r}: {e}") from None
         fold(model, adapter)
-        if (dtype or saved_dtype) is not None:
-            model.to(dtype or saved_dtype)
+        save_dtype = dtype or saved_dtype
+        if save_dtype is not None:
+            # transformers' wrapper around PreTrainedModel.to hides its signature from type checkers
+            model.to(save_dtype)  # type: ignore[arg-type]
         model.save_pretrained(tmp)
         for name in TOKENIZER_FILES:
             if (Path(path) / name).is_file():

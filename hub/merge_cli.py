@@ -44,8 +44,8 @@ def merge_versions(registry: Registry, refs: list[str], spec: MergeSpec, name: s
     from hub.merge import check_same_base, merge  # torch: imported when a merge runs, not when `hub` starts
 
     parents = [registry.resolve(ref) for ref in refs]
-    bases = sorted({m.base_model.id for m in parents} - {None})
-    fingerprints = {base: architecture_fingerprint(base) or base for base in bases}
+    bases = sorted({m.base_model.id for m in parents if m.base_model.id is not None})
+    fingerprints: dict[str | None, str] = {base: architecture_fingerprint(base) or base for base in bases}
     check_same_base({m.ref: fingerprints.get(m.base_model.id) for m in parents})
     adapters = [registry.read(m) for m in parents]
     merged = merge(adapters, spec)

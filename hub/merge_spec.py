@@ -60,7 +60,7 @@ class MergeSpec:
     svd_clamp: float | None = None  # svd forms: quantile at which PEFT clamps the factors
     seed: int | None = None  # dare forms: seed of the pruning masks (default 0)
 
-    def checked(self, technique: Technique, count: int) -> MergeSpec:
+    def checked(self, technique: Technique, count: int) -> CheckedMergeSpec:
         """This spec validated for `count` adapters of `technique`, with defaults filled in."""
         allowed = METHODS[technique]
         if self.method not in allowed:
@@ -92,8 +92,16 @@ class MergeSpec:
         if self.svd_clamp is not None and not 0.0 < self.svd_clamp <= 1.0:
             raise MergeError(f"svd_clamp is a quantile in (0, 1], got {self.svd_clamp}")
         seed = self.seed if self.seed is not None else (0 if _uses_seed(method) else None)
-        return MergeSpec(method, weights, density, sign, self.svd_rank, self.svd_clamp, seed)
+        return CheckedMergeSpec(method, weights, density, sign, self.svd_rank, self.svd_clamp, seed)
 
     def params(self) -> dict[str, Any]:
         """The parameters that determine the result, for lineage records and cache keys (unset ones omitted)."""
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class CheckedMergeSpec(MergeSpec):
+    """A MergeSpec as `MergeSpec.checked` returns it, what the merge math takes: one weight per adapter, the
+    density its method needs, the default majority sign and seed filled in."""
+
+    weights: tuple[float, ...] = ()

@@ -42,12 +42,25 @@ class PatternError(ValueError):
     """A pattern that is malformed, unsupported, or could not be matched in bounded time by PEFT."""
 
 
+def _is_char(c: str) -> Callable[[str], bool]:
+    return lambda ch: ch == c
+
+
+def _in_range(lo: int, hi: int) -> Callable[[str], bool]:
+    return lambda ch: lo <= ord(ch) <= hi
+
+
+def _in_category(category: re.Pattern[str]) -> Callable[[str], bool]:
+    return lambda ch: category.fullmatch(ch) is not None
+
+
 def _char_test(op, av) -> Callable[[str], bool]:
     """A one-character test for a LITERAL, NOT_LITERAL, ANY or IN node."""
     if op is sre.LITERAL:
-        return lambda ch, c=chr(av): ch == c
+        return _is_char(chr(av))
     if op is sre.NOT_LITERAL:
-        return lambda ch, c=chr(av): ch != c
+        c = chr(av)
+        return lambda ch: ch != c
     if op is sre.ANY:
         return lambda ch: ch != "\n"
     negate = False
@@ -56,11 +69,11 @@ def _char_test(op, av) -> Callable[[str], bool]:
         if item_op is sre.NEGATE:
             negate = True
         elif item_op is sre.LITERAL:
-            tests.append(lambda ch, c=chr(item): ch == c)
+            tests.append(_is_char(chr(item)))
         elif item_op is sre.RANGE:
-            tests.append(lambda ch, lo=item[0], hi=item[1]: lo <= ord(ch) <= hi)
+            tests.append(_in_range(item[0], item[1]))
         elif item_op is sre.CATEGORY and item in _CATEGORIES:
-            tests.append(lambda ch, r=_CATEGORIES[item]: r.fullmatch(ch) is not None)
+            tests.append(_in_category(_CATEGORIES[item]))
         else:
             raise PatternError(f"character class item {item_op} {item} is not supported")
     return lambda ch: any(t(ch) for t in tests) != negate

@@ -11,6 +11,8 @@ how a git checkout ships its demo adapters in its own `registry.json`.
 """
 from __future__ import annotations
 
+import builtins
+import functools
 import hashlib
 import os
 import shutil
@@ -23,9 +25,9 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from hub import basemodel
+from hub import base_layout, basemodel
 from hub.artifact import (CONFIG_FILE, WEIGHTS_FILE, Adapter, ArtifactError, Technique, adapter_from_bytes,
-                          read_adapter, read_buffer)
+                          is_adapterhub_folder, read_adapter, read_buffer)
 from hub.chat_template import chat_template, check_template
 from hub.errors import Conflict, HubError, IntegrityError, InvalidName, NotFound
 from hub.files import NotRegularFile, check_below
@@ -64,6 +66,18 @@ def _base_config(base_id: str) -> Any | None:
         return None
 
 
+def _base_layout(base_id: str) -> base_layout.ConfigLayout | None:
+    """The base's module shapes from its config.json where hub.base_layout reads them (found as `_base_config`
+    finds the config), which spares a push the import of transformers and torch; else None."""
+    base_id = basemodel.embedded_name(base_id)
+    try:
+        if base_id in basemodel.EMBEDDED or Path(base_id).expanduser().is_dir():
+            return base_layout.read(basemodel.resolve(base_id))
+    except basemodel.BaseModelError:
+        return None
+    return base_layout.cached(base_id)
+
+
 def check_base(adapter: Adapter, base_model: str | None) -> BaseModelInfo:
     """Check the adapter against its base model (when at hand) and return what the manifest records.
 
@@ -73,7 +87,7 @@ def check_base(adapter: Adapter, base_model: str | None) -> BaseModelInfo:
         return BaseModelInfo()
     revision = adapter.config.get("revision")
     recorded = basemodel.canonical_id(base_id)
-    config = _base_config(base_id)
+    config = _base_layout(base_id) or _base_config(base_id)
     if config is None:
         # A named base not at hand is recorded unchecked, but a bare name close to an embedded one is a typo.
         hint = basemodel.did_you_mean(base_model, hf_ids=False) if base_model and "/" not in base_model else ""
@@ -83,7 +97,10 @@ def check_base(adapter: Adapter, base_model: str | None) -> BaseModelInfo:
     from hub.checkpoint import fitted_fingerprint
 
     try:
-        fitted = fitted_fingerprint(adapter, config)
+        try:
+            fitted = fitted_fingerprint(adapter, config)
+        except base_layout.Unmapped:  # a module the config's layout does not list: transformers' model answers
+            fitted = fitted_fingerprint(adapter, _base_config(base_id))
     except ArtifactError as e:
         raise ArtifactError(f"does not fit base model {base_id}: {e}") from None
     return BaseModelInfo(id=recorded, revision=revision, fingerprint=fitted)
@@ -103,9 +120,15 @@ def _check_same_metadata(existing: Manifest, manifest: Manifest) -> None:
                        "versions are immutable: push a new version")
 
 
-def _read_deferred(manifest: Manifest, locate: Callable[[str], Path]) -> tuple[Adapter, Callable[[], None]]:
+def _size_and_digest(data: bytes | bytearray) -> tuple[int, str]:
+    return len(data), hashlib.sha256(data).hexdigest()
+
+
+def _read_deferred(manifest: Manifest, locate: Callable[[str], Path],
+                   shapes_only: bool = False) -> tuple[Adapter, Callable[[], None]]:
     """Registry.read_deferred for files wherever `locate` finds them; a file is read only up to one byte past
-    its recorded size, so an oversized one is refused without reading it all."""
+    its recorded size, so an oversized one is refused without reading it all. `shapes_only`: as
+    hub.artifact.read_adapter takes it."""
     data, pending = {}, {}
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if name not in manifest.files:
@@ -115,7 +138,7 @@ def _read_deferred(manifest: Manifest, locate: Callable[[str], Path]) -> tuple[A
             data[name] = read_buffer(path, limit=int(manifest.files[name]["size"]))
         except FileNotFoundError:
             raise _missing(manifest, name, path) from None
-        pending[name] = _HASHING.submit(lambda b=data[name]: (len(b), hashlib.sha256(b).hexdigest()))
+        pending[name] = _HASHING.submit(_size_and_digest, data[name])
 
     def verified() -> None:
         for name, future in pending.items():
@@ -123,7 +146,7 @@ def _read_deferred(manifest: Manifest, locate: Callable[[str], Path]) -> tuple[A
             check_copy(f"{manifest.ref}: {name}", future.result(), info["size"], info["sha256"])
 
     try:
-        adapter = adapter_from_bytes(data[CONFIG_FILE], data[WEIGHTS_FILE], manifest.ref)
+        adapter = adapter_from_bytes(data[CONFIG_FILE], data[WEIGHTS_FILE], manifest.ref, shapes_only=shapes_only)
     except ArtifactError:
         verified()  # damaged bytes are an IntegrityError, not a malformed adapter
         raise
@@ -133,8 +156,9 @@ def _read_deferred(manifest: Manifest, locate: Callable[[str], Path]) -> tuple[A
 def _check_incoming(manifest: Manifest, sources: dict[str, Path]) -> None:
     """Refuse a version from elsewhere unless push would take its files and its manifest says what they hold:
     the config and safetensors weights read (bounded by their recorded sizes) and checked by sha256, every
-    check of `hub.artifact` (config, patterns, dtypes, finite values, ranks), then the manifest's claims."""
-    adapter, verified = _read_deferred(manifest, sources.__getitem__)
+    check of `hub.artifact` (config, patterns, dtypes, finite values, ranks), then the manifest's claims; torch is
+    never imported."""
+    adapter, verified = _read_deferred(manifest, sources.__getitem__, shapes_only=True)
     verified()
     check_claims(manifest, adapter)
 
@@ -142,10 +166,10 @@ def _check_incoming(manifest: Manifest, sources: dict[str, Path]) -> None:
 @contextmanager
 def _imported(folder: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
     """The folder to push, converting an AdapterHub `adapters` library folder first; yields (folder, lineage
-    additions). Imported here, not at the top: the importer loads torch, which reading the registry never needs."""
-    from hub.adapterhub_import import import_adapterhub, is_adapterhub_folder
-
+    additions). The importer is imported only for such a folder: it loads torch, which a push never needs."""
     if is_adapterhub_folder(folder):
+        from hub.adapterhub_import import import_adapterhub
+
         with tempfile.TemporaryDirectory(prefix="hub-import-") as tmp:
             import_adapterhub(folder, Path(tmp))
             yield Path(tmp), {"imported_from": "adapterhub"}
@@ -225,8 +249,8 @@ class Registry:
 
     def push(
         self, folder: str | Path, name: str, version: str, *, base_model: str | None = None, description: str = "",
-        tags: tuple[str, ...] | list[str] = (), license: str | None = None, lineage: dict[str, Any] | None = None,
-        in_place: bool = False, progress: Progress | None = None,
+        tags: tuple[str, ...] | builtins.list[str] = (), license: str | None = None,
+        lineage: dict[str, Any] | None = None, in_place: bool = False, progress: Progress | None = None,
     ) -> Manifest:
         """Validate an adapter folder and add it as `name@version`. The same content again is a no-op;
         `in_place` records a folder inside this registry by relative path instead of copying it to blobs."""
@@ -238,7 +262,7 @@ class Registry:
         with _imported(folder) as (src, imported):
             if in_place and src != folder:
                 raise HubError("an AdapterHub folder is converted on push, so it cannot be recorded in place")
-            adapter = read_adapter(src)
+            adapter = read_adapter(src, shapes_only=True)  # a push reads shapes and checks values: no torch
             base = check_base(adapter, base_model)
             files = {}
             for p in artifact_files(src):
@@ -303,7 +327,7 @@ class Registry:
             raise
 
     def _put_blobs(self, manifest: Manifest, sources: dict[str, Path], progress: Progress | None,
-                   created: list[str], trust_existing: bool = False) -> None:
+                   created: builtins.list[str], trust_existing: bool = False) -> None:
         """Store every file as a blob, appending to `created` the digests this call wrote (to undo on failure)."""
         for name, info in manifest.files.items():
             try:  # a source is read only for a blob that is not here intact
@@ -319,7 +343,7 @@ class Registry:
         """Digests of the blobs these versions store in the blob store (not those in a `path` folder)."""
         return {f["sha256"] for m in manifests if m.path is None for f in m.files.values()}
 
-    def _drop_unreferenced(self, digests: list[str]) -> None:
+    def _drop_unreferenced(self, digests: builtins.list[str]) -> None:
         """Undo a failed add: remove the blobs it wrote that no version refers to."""
         if not digests:
             return
@@ -415,11 +439,11 @@ class Registry:
             raise NotFound(f"{name}@{tag} pointed at {version}, which is gone")
         return manifest
 
-    def version_tags(self, manifest: Manifest) -> list[str]:
+    def version_tags(self, manifest: Manifest) -> builtins.list[str]:
         """The tags that point at this version."""
         return sorted(t for t, v in self.tags(manifest.name).items() if v == manifest.version)
 
-    def remove(self, ref: str) -> tuple[Manifest, list[str]]:
+    def remove(self, ref: str) -> tuple[Manifest, builtins.list[str]]:
         """Remove one version and the tags that point at it; returns both. Its blobs are freed by the next gc.
 
         The version must be named: removing through a tag would take the version and its other tags
@@ -436,7 +460,7 @@ class Registry:
 
     # -- maintenance
 
-    def _problems(self, manifest: Manifest, locate) -> list[str]:
+    def _problems(self, manifest: Manifest, locate: Callable[[str], Path]) -> builtins.list[str]:
         problems = []
         for name, info in sorted(manifest.files.items()):
             try:
@@ -454,14 +478,14 @@ class Registry:
         if problems:
             raise IntegrityError(problems[0])
 
-    def verify(self, ref: str | None = None) -> tuple[int, list[str]]:
+    def verify(self, ref: str | None = None) -> tuple[int, builtins.list[str]]:
         """Re-hash every file of one version (or of all); returns (files checked, problems)."""
         manifests = [self.resolve(ref)] if ref else self.manifests()
         return sum(len(m.files) for m in manifests), [p for _, found in self.damaged(manifests) for p in found]
 
-    def damaged(self, manifests: list[Manifest]) -> list[tuple[Manifest, list[str]]]:
+    def damaged(self, manifests: builtins.list[Manifest]) -> builtins.list[tuple[Manifest, builtins.list[str]]]:
         """The versions among `manifests` with a missing or damaged file, each with its problems."""
-        found = [(m, self._problems(m, lambda name, m=m: self.file_path(m, name))) for m in manifests]
+        found = [(m, self._problems(m, functools.partial(self.file_path, m))) for m in manifests]
         return [(m, problems) for m, problems in found if problems]
 
     def gc(self) -> GcReport:

@@ -14,6 +14,7 @@ import typer
 
 from hub import basemodel, evals
 from hub.artifact import ArtifactError
+from hub.batch import BatchError, read_batch
 from hub.clikit import REF_ARG, fail, printable, table
 from hub.errors import HubError
 from hub.manifest import Manifest, check_name, check_version, parse_ref
@@ -108,9 +109,9 @@ def _publish(reg: Registry, manifest: Manifest, remote: Remote) -> str:
 
 @app.command()
 def push(
-    paths: list[str] = typer.Argument(..., metavar="PATH...", help="Adapter folder(s) (PEFT format, ours, or an "
-                                      "AdapterHub `adapters` folder); or, with --to and no --name/--version, a version "
-                                      "already in the registry."),
+    paths: list[str] | None = typer.Argument(None, metavar="PATH...", help="Adapter folder(s) (PEFT format, ours, or "
+                                             "an AdapterHub `adapters` folder); or, with --to and no --name/--version, "
+                                             "a version already in the registry."),
     name: str | None = typer.Option(None, "--name", help="Adapter name, optionally org/name; {dir} stands for each "
                                                          "folder's own name (e.g. team/{dir})."),
     version: str | None = typer.Option(None, "--version", help="Semantic version, e.g. 1.2.0; may use {dir} too."),
@@ -120,10 +121,20 @@ def push(
     tags: str = typer.Option("", "--tags", help="Comma-separated descriptive tags for the manifest."),
     license: str | None = typer.Option(None, "--license", help="SPDX id, e.g. apache-2.0 (default: none)."),
     in_place: bool = typer.Option(False, "--in-place", help="Record a folder inside the registry by relative path."),
+    batch: Path | None = typer.Option(None, "--batch", help="Push the folders a JSON Lines file lists, one "
+                                      '{"path", "name", "version"} a line (optional: base_model, description, tags, '
+                                      "license; the options above fill them); all or nothing."),
     registry: Path | None = REGISTRY_OPT,
 ) -> None:
     """Validate adapter folders and add each to the registry as NAME@VERSION; or publish a registry version."""
+    tag_list = [t.strip() for t in tags.split(",") if t.strip()]
+    if batch is not None:
+        defaults = dict(base_model=base_model, description=description, tags=tag_list, license=license)
+        _push_batch(registry, batch, defaults, refused=bool(paths or name or version or to or in_place))
+        return
     with _clear_errors():
+        if not paths:
+            raise HubError("give the adapter folder(s) to push, or --batch FILE")
         reg = Registry(registry)
         remote = _remote(reg, to) if to is not None else None  # a bad remote fails before any work
         path = paths[0]
@@ -145,7 +156,7 @@ def push(
         if len(jobs) > 1 and remote is not None:
             raise HubError("--to takes one folder: push the folders, then `hub push REF --to REMOTE` for each")
         options = dict(base_model=base_model, description=description, license=license, in_place=in_place,
-                       tags=[t.strip() for t in tags.split(",") if t.strip()])
+                       tags=tag_list)
         for done, (path, name, version) in enumerate(jobs):
             try:
                 _push_folder(reg, path, name, version, remote, options)
@@ -156,10 +167,42 @@ def push(
                                "it") from None
 
 
+def _push_batch(registry: Path | None, file: Path, defaults: dict, refused: bool) -> None:
+    """`hub push --batch FILE`: every line checked first (each bad one reported by number), then the folders
+    pushed in order; a folder that fails removes the versions this run added, so the registry is as before."""
+    with _clear_errors():
+        if refused:
+            raise HubError("--batch takes no PATH, --name, --version, --to or --in-place: the file names each "
+                           "folder, its name and version")
+        try:
+            entries = read_batch(file, defaults)
+        except BatchError as e:
+            for problem in e.problems:
+                typer.echo(f"error: {printable(problem)}", err=True)
+            raise typer.Exit(1) from None
+        reg = Registry(registry)
+        added: list[Manifest] = []
+        entry = entries[0]
+        try:
+            for entry in entries:
+                manifest = _push_folder(reg, str(entry.path), entry.name, entry.version, None,
+                                        {**entry.options, "in_place": False})
+                if manifest is not None:
+                    added.append(manifest)
+        except BaseException as e:
+            for manifest in reversed(added):
+                reg.discard(manifest)
+            if not isinstance(e, (HubError, ArtifactError, OSError)):
+                raise
+            raise HubError(f"{file}:{entry.line}: {entry.name}@{entry.version} ({entry.path}): {e}; nothing was "
+                           f"pushed (the {len(added)} versions this run had added are removed)") from None
+
+
 def _expand(paths: list[str], name: str, version: str) -> list[tuple[str, str, str]]:
     """(folder, name, version) for each folder, `{dir}` in the name and version standing for the folder's own
     name; all checked before anything is pushed, and no two folders may give the same version."""
-    jobs, seen = [], {}
+    jobs: list[tuple[str, str, str]] = []
+    seen: dict[tuple[str, str], str] = {}
     for path in paths:
         folder = Path(path).resolve().name
         ref = (check_name(name.replace("{dir}", folder)), check_version(version.replace("{dir}", folder)))
@@ -172,8 +215,9 @@ def _expand(paths: list[str], name: str, version: str) -> list[tuple[str, str, s
 
 
 def _push_folder(reg: Registry, path: str, name: str, version: str, remote: Remote | None,
-                 options: dict) -> None:
-    """Push one folder (and send it to `remote`), printing what happened."""
+                 options: dict) -> Manifest | None:
+    """Push one folder (and send it to `remote`), printing what happened; returns the version if this call
+    added it (None: it was there already)."""
     existed = reg.index().get(name, version) is not None
     with _progress(f"push {name}@{version}", _folder_size(Path(path))) as advance:
         manifest = reg.push(path, name, version, progress=advance, **options)
@@ -192,6 +236,7 @@ def _push_folder(reg: Registry, path: str, name: str, version: str, remote: Remo
     typer.echo(f"{verb} {manifest.ref} {manifest.technique} sha256:{manifest.sha256[:12]}{note}")
     if published:
         typer.echo(published)
+    return None if existed else manifest
 
 
 @app.command()
@@ -211,7 +256,7 @@ def pull(
         remote = _remote(reg, source)
         name, _, tag = parse_ref(ref)
         index = reg.index()
-        before = _blob_ids(reg, [index.get(name, v) for v in index.versions(name)])
+        before = _blob_ids(reg, list(index.manifests([name])))
         with _progress(f"pull {ref} <- {remote.url}", None) as advance:
             manifest = remote.fetch(ref, reg, advance, revision=revision)
         typer.echo(f"pulled {manifest.ref} {manifest.technique} sha256:{manifest.sha256[:12]}")

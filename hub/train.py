@@ -123,8 +123,8 @@ class Fit:
 class TrainResult:
     folder: Path
     losses: list[float] = field(repr=False)
-    trainable_parameters: int = 0
-    fit: Fit | None = field(default=None, repr=False)
+    trainable_parameters: int
+    fit: Fit = field(repr=False)
 
 
 def parse_row(row: object) -> Example | Chat:

@@ -12,7 +12,6 @@ import json
 import math
 import platform
 import time
-from importlib.metadata import PackageNotFoundError, version as package_version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +59,8 @@ def split_rows(rows: list[Example | Chat], fraction: float, seed: int) -> tuple[
 
 
 def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version as package_version  # not on every `hub` start
+
     found = {"python": platform.python_version()}
     for name in LIBRARIES:
         try:
@@ -179,9 +180,11 @@ def run(o: dict[str, Any]) -> None:
     registry = open_registry(o["registry"]) if o["push"] else None
     if registry is not None and registry.index().get(o["name"], o["version"]) is not None:
         raise TrainError(f"{o['name']}@{o['version']} is in the registry already")
-    if o["to"] is not None and registry is None:
-        raise TrainError("--to publishes the pushed version: give --push too")
-    remote = Remotes(registry.root).open(o["to"]) if o["to"] is not None else None  # a bad remote fails first
+    remote = None
+    if o["to"] is not None:
+        if registry is None:
+            raise TrainError("--to publishes the pushed version: give --push too")
+        remote = Remotes(registry.root).open(o["to"])  # a bad remote fails first
     rows = read_rows(o["data"])
     train_rows, val_rows = rows, []
     validation = None

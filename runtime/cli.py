@@ -1,6 +1,7 @@
 """`hub serve` (run the runtime) and `hub generate|score|adapters` (talk to one); mounted by `register(app)`."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -8,7 +9,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import typer
 
@@ -54,13 +55,15 @@ def parse_adapter(text: str) -> tuple[str, float] | str:
 
 
 def _top_p(value: float | None) -> float | None:
-    if finite(value) is not None and not 0 < value <= 1:
+    value = finite(value)
+    if value is not None and not 0 < value <= 1:
         raise typer.BadParameter(f"{value} is not in (0, 1]")
     return value
 
 
 def _temperature(value: float | None) -> float | None:
-    if finite(value) is not None and value < 0:
+    value = finite(value)
+    if value is not None and value < 0:
         raise typer.BadParameter(f"{value} is negative")
     return value
 
@@ -89,8 +92,9 @@ def _numbers(descriptor, data: dict) -> dict:
         if field.name not in data:
             continue
         value = data[field.name]
+        convert: Callable[[Any], Any]
         if field.message_type is not None and not field.message_type.GetOptions().map_entry:
-            convert = lambda v, m=field.message_type: _numbers(m, v)  # noqa: E731
+            convert = functools.partial(_numbers, field.message_type)
         elif field.cpp_type in (FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT64):
             convert = int
         else:
@@ -132,6 +136,9 @@ def serve(
     http_port: Optional[int] = typer.Option(None, "--http-port", min=0, max=65535,
                                             help="Also serve the OpenAI-compatible HTTP API on this port."),
     http_host: str = typer.Option("127.0.0.1", "--http-host", help="Address the HTTP API binds."),
+    allow_runtime_lora: bool = typer.Option(False, "--allow-runtime-lora", help="Let the HTTP API's "
+                                            "/v1/load_lora_adapter push a `lora_path` folder of this machine into "
+                                            "the registry (as vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING)."),
     metrics_host: str = typer.Option("127.0.0.1", "--metrics-host",
                                      help="Address /metrics binds (no auth or TLS: loopback whatever --host is)."),
     auth_token_file: Optional[Path] = typer.Option(None, "--auth-token-file",
@@ -166,6 +173,7 @@ def serve(
         adapter_wait_seconds=adapter_wait, max_batch_size=max_batch_size, max_queue=max_queue,
         max_new_tokens=max_new_tokens, dtype=dtype, device=device,
         metrics_port=metrics_port, metrics_host=metrics_host, http_port=http_port, http_host=http_host,
+        allow_runtime_lora=allow_runtime_lora,
         auth_token_file=auth_token_file,
         auth_admin_only=auth_admin_only, tls_cert=tls_cert, tls_key=tls_key, remote=remote, grace_seconds=grace,
         log_format=log_format.value,
@@ -199,8 +207,10 @@ def _serve_cluster(config, replicas: int, ray_address: str | None, cpus: float, 
 
     def ready(cluster) -> None:
         where = f"Ray at {ray_address}" if ray_address else "a local Ray cluster"
-        print(f"hub serve: {config.base_model} on {replicas} replica(s) ({where}) listening on {cluster.address}",
-              file=sys.stderr, flush=True)
+        metrics = (f", metrics on http://{config.metrics_host}:{cluster.metrics_port}/metrics"
+                   if cluster.metrics_port is not None else "")
+        print(f"hub serve: {config.base_model} on {replicas} replica(s) ({where}) listening on {cluster.address}"
+              f"{metrics}", file=sys.stderr, flush=True)
 
     return serve_cluster(ClusterConfig(config, replicas=replicas, ray_address=ray_address, replica_cpus=cpus,
                                        replica_gpus=gpus), ready=ready)

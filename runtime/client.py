@@ -129,7 +129,7 @@ class RuntimeClient:
     def __init__(self, target: str = "127.0.0.1:50051", *, token: str | None = None,
                  tls_ca: str | Path | None = None, tls_server_name: str | None = None,
                  timeout: float | None = None, max_message_bytes: int = 4 << 20) -> None:
-        options = [("grpc.max_receive_message_length", max_message_bytes),
+        options: list[tuple[str, int | str]] = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes)]
         if tls_ca is not None:
             if tls_server_name:

@@ -15,9 +15,13 @@ adapter is not pinned to one replica. Serve's per-replica id cache only steers r
 replica's own ref-counted pool, so Serve's LRU eviction (which runs `__del__` on a model still in use) frees
 nothing a request holds.
 
+LoadAdapter and UnloadAdapter go to every replica, and ListAdapters gathers every replica's list
+(runtime/fanout.py combines the replies); GetInfo is answered by one replica (all serve the same base).
+
 Faults: a unary call whose replica dies (or is found unavailable) is sent once more, to a replica Serve
-still has; a Generate that samples without a seed is given one first, so the retry gives the answer the
-first try would have. A stream whose replica dies ends with UNAVAILABLE; Serve starts a replacement.
+still has, and so is a stream whose replica dies before its first chunk reached the client; a Generate that
+samples without a seed is given one first, so the retry gives the answer the first try would have. A stream
+whose replica dies after that ends with UNAVAILABLE. Serve starts a replacement.
 """
 from __future__ import annotations
 
@@ -39,6 +43,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from runtime.auth import TokenAuthInterceptor
+from runtime.cluster_metrics import ClusterMetrics
+from runtime.fanout import Part, Reply, combine
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 from runtime.server import SERVICE_NAME, ServerConfig, ServerConfigError, check_port, read_tokens, until_signalled
 
@@ -48,11 +54,11 @@ REPLICA_KEY = "x-replica-id"  # trailing metadata: the Serve replica that answer
 REPLICA_PID_KEY = "x-replica-pid"  # ... and its process id
 DEVICE_HITS_KEY = "x-replica-device-hits"  # ... its adapter uses served from the device, since it started
 DEVICE_MISSES_KEY = "x-replica-device-misses"  # ... and those that had to load (from host memory or disk)
-UNARY = ("Generate", "Score", "LoadAdapter", "UnloadAdapter", "ListAdapters", "GetInfo")
-REQUESTS = {"Generate": pb.GenerateRequest, "GenerateStream": pb.GenerateRequest, "Score": pb.ScoreRequest,
-            "LoadAdapter": pb.LoadAdapterRequest, "UnloadAdapter": pb.UnloadAdapterRequest}
+UNARY = ("Generate", "Score", "GetInfo")  # each to one replica
+EVERY_REPLICA = ("LoadAdapter", "UnloadAdapter", "ListAdapters")  # to all of them, one answer (runtime/fanout.py)
+REQUESTS = {"Generate": pb.GenerateRequest, "GenerateStream": pb.GenerateRequest, "Score": pb.ScoreRequest}
 FRONTEND_THREADS = 64  # calls forwarded at once; each waits on a replica, the work is there
-DRAIN_SECONDS = 30.0
+SCRAPE_SECONDS = 10.0  # a /metrics scrape waits this long for the replicas' metrics (Prometheus' default timeout)
 
 
 @dataclass
@@ -75,8 +81,7 @@ class ClusterConfig:
             raise ServerConfigError(f"--replicas must be >= 1, got {self.replicas}")
         if self.replica_cpus < 0 or self.replica_gpus < 0:
             raise ServerConfigError("--replica-cpus and --replica-gpus must be >= 0")
-        for name, value in (("--http-port", s.http_port), ("--metrics-port", s.metrics_port),
-                            ("--tls-cert", s.tls_cert), ("--tls-key", s.tls_key)):
+        for name, value in (("--http-port", s.http_port), ("--tls-cert", s.tls_cert), ("--tls-key", s.tls_key)):
             if value is not None:
                 raise ServerConfigError(f"{name} is not supported with --replicas yet (gRPC without TLS only)")
         s.check()
@@ -84,8 +89,8 @@ class ClusterConfig:
 
 def routing_key(method: str, request: bytes) -> str:
     """The canonical adapter set a request names: sorted refs with weights, the mode and the merge spec
-    ("" for none, and for the calls that name no adapter); LoadAdapter/UnloadAdapter route as a request
-    for that one adapter would. Bytes that do not parse route by load, and the replica refuses them."""
+    ("" for none, and for the calls that name no adapter). Bytes that do not parse route by load, and the
+    replica refuses them."""
     kind = REQUESTS.get(method)
     if kind is None:
         return ""
@@ -93,8 +98,6 @@ def routing_key(method: str, request: bytes) -> str:
         msg = kind.FromString(request)
     except Exception:  # the replica's server gives the client its own error for them
         return ""
-    if method in ("LoadAdapter", "UnloadAdapter"):
-        return f"stack|{msg.ref}:1" if msg.ref else ""
     if not msg.adapters:
         return ""
     mode = pb.CompositionMode.Name(msg.mode or pb.COMPOSITION_MODE_STACK).removeprefix("COMPOSITION_MODE_").lower()
@@ -142,16 +145,6 @@ class Router:
                 self._in_flight[key] -= 1
                 if not self._in_flight[key]:
                     del self._in_flight[key]
-
-
-@dataclass(frozen=True)
-class Reply:
-    """A replica's answer to one call (or one chunk of a stream): the response bytes, or a status."""
-
-    payload: bytes | None
-    code: str = "OK"
-    details: str = ""
-    metadata: tuple[tuple[str, str], ...] = ()
 
 
 class Affinity:
@@ -235,6 +228,16 @@ def replica_deployment(affinity_slots: int):
                 call.cancel()  # the caller went away: the local request leaves the batch too
             yield Reply(None, metadata=self._metadata(await call.trailing_metadata()))
 
+        def metrics_text(self) -> tuple[str, str]:
+            """This replica's id and its metrics now, in Prometheus' text format (the cluster's /metrics)."""
+            from prometheus_client import generate_latest
+
+            return self._id[0], generate_latest(self.server.metrics.registry).decode()
+
+        def identity(self) -> tuple[str, str]:
+            """This replica's Serve id and process id (what its answers' metadata names)."""
+            return self._id
+
         def __del__(self) -> None:  # Serve stops the replica: finish what runs, briefly
             self.server.stop(grace=5)
 
@@ -252,19 +255,39 @@ def _retryable() -> tuple[type[BaseException], ...]:
 class Frontend:
     """The one gRPC endpoint: Runtime calls in, forwarded through the deployment handle."""
 
-    def __init__(self, handle, router: Router) -> None:
+    def __init__(self, handle, router: Router, metrics: ClusterMetrics) -> None:
         self.handle = handle
         self.router = router
+        self.metrics = metrics
         self.retryable = _retryable()
-        self.retries = 0  # unary calls sent again because their replica died
 
     def handler(self) -> grpc.GenericRpcHandler:
         methods = {m: grpc.unary_unary_rpc_method_handler(self._unary_of(m)) for m in UNARY}
+        methods.update({m: grpc.unary_unary_rpc_method_handler(self._everywhere_of(m)) for m in EVERY_REPLICA})
         methods["GenerateStream"] = grpc.unary_stream_rpc_method_handler(self.generate_stream)
         return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
 
     def _unary_of(self, method: str) -> Callable[[bytes, grpc.ServicerContext], bytes]:
         return lambda request, context: self.unary(method, request, context)
+
+    def _everywhere_of(self, method: str) -> Callable[[bytes, grpc.ServicerContext], bytes]:
+        return lambda request, context: self.everywhere(method, request, context)
+
+    def everywhere(self, method: str, request: bytes, context: grpc.ServicerContext) -> bytes:
+        """Send a call to every replica Serve routes to now, and answer with their replies combined."""
+        from ray.serve.exceptions import DeploymentUnavailableError
+
+        try:
+            replies = self.handle.broadcast("unary", method, request).results(timeout_s=_remaining(context),
+                                                                               return_exceptions=True)
+        except TimeoutError:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        except DeploymentUnavailableError as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"no replica to send {method} to ({_why(e)})")
+        parts = [Part(dict(r.metadata).get(REPLICA_KEY, ""), r.payload, r.code, r.details) if isinstance(r, Reply)
+                 else Part("", None, "UNAVAILABLE", f"the replica stopped during the call ({_why(r)})")
+                 for r in replies]
+        return _answer(combine(method, request, parts), context)
 
     def unary(self, method: str, request: bytes, context: grpc.ServicerContext) -> bytes:
         """Forward one call; sent once more when its replica dies under it."""
@@ -279,7 +302,7 @@ class Frontend:
                     reply = response.result(timeout_s=_remaining(context))
                 except self.retryable as e:
                     if attempt == 1:
-                        self.retries += 1
+                        self.metrics.retries.labels(kind="unary").inc()
                         continue
                     context.abort(grpc.StatusCode.UNAVAILABLE, f"the replicas serving this call stopped ({_why(e)}); "
                                   "retry it")
@@ -291,26 +314,35 @@ class Frontend:
         raise AssertionError("unreachable")
 
     def generate_stream(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-        """Forward a stream; its replica dying ends it with UNAVAILABLE (chunks already sent cannot be taken back)."""
+        """Forward a stream. Its replica dying before the first chunk reached the client sends it once more to
+        another replica (the same seed: the same tokens); after that, the stream ends with UNAVAILABLE (chunks
+        already sent cannot be taken back)."""
         from ray.serve.exceptions import RequestCancelledError
 
         request = seeded("GenerateStream", request)
         with self.router.route(routing_key("GenerateStream", request)) as model_id:
-            chunks = self.handle.options(multiplexed_model_id=model_id, stream=True).stream.remote(request)
-            context.add_callback(chunks.cancel)
-            try:
-                for reply in chunks:
-                    if reply.payload is not None:
+            for attempt in (1, 2):
+                chunks = self.handle.options(multiplexed_model_id=model_id, stream=True).stream.remote(request)
+                context.add_callback(chunks.cancel)
+                sent = False
+                try:
+                    for reply in chunks:
+                        if reply.payload is None:
+                            _answer(reply, context)
+                            return
                         if reply.metadata:
                             context.send_initial_metadata(reply.metadata)
+                        sent = True
                         yield reply.payload
-                    else:
-                        _answer(reply, context)
-            except self.retryable as e:
-                context.abort(grpc.StatusCode.UNAVAILABLE,
-                              f"the replica serving this stream stopped ({_why(e)}); send the request again")
-            except RequestCancelledError:
-                context.abort(grpc.StatusCode.CANCELLED, "cancelled")
+                    return
+                except self.retryable as e:
+                    if attempt == 1 and not sent:
+                        self.metrics.retries.labels(kind="stream").inc()
+                        continue
+                    context.abort(grpc.StatusCode.UNAVAILABLE,
+                                  f"the replica serving this stream stopped ({_why(e)}); send the request again")
+                except RequestCancelledError:
+                    context.abort(grpc.StatusCode.CANCELLED, "cancelled")
 
 
 def _remaining(context: grpc.ServicerContext) -> float | None:
@@ -340,12 +372,15 @@ class Cluster:
         s = config.server
         tokens = read_tokens(s)
         check_port(s.host, s.port)
+        check_port(s.metrics_host, s.metrics_port)
         self._interceptors = [TokenAuthInterceptor(tokens, admin_only=s.auth_admin_only)] if tokens else []
         self._started_ray = False
         self.grpc: grpc.Server | None = None
         self.handle = None  # the deployment handle the endpoint forwards through
         self.frontend: Frontend | None = None
         self.port = 0
+        self.metrics = ClusterMetrics(self._scrape)
+        self.metrics_port: int | None = None
         self.router = Router(config.spread_after or s.max_batch_size, affinity=not config.random_routing)
 
     @property
@@ -393,7 +428,7 @@ class Cluster:
                                                            thread_name_prefix="adapterhub-cluster"),
                                 interceptors=self._interceptors, options=options,
                                 maximum_concurrent_rpcs=FRONTEND_THREADS * 4)
-        self.frontend = Frontend(self.handle, self.router)
+        self.frontend = Frontend(self.handle, self.router, self.metrics)
         self.grpc.add_generic_rpc_handlers((self.frontend.handler(),))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -401,14 +436,27 @@ class Cluster:
         if not self.port:
             raise ServerConfigError(f"cannot listen on {s.host}:{s.port} (in use?)")
         self.grpc.start()
+        if s.metrics_port is not None:
+            self.metrics_port = self.metrics.serve_http(s.metrics_port, s.metrics_host)
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         return self
 
-    @property
-    def retries(self) -> int:
-        """Unary calls sent a second time because the replica serving them died."""
-        return self.frontend.retries if self.frontend is not None else 0
+    def replica_ids(self) -> set[str]:
+        """The Serve ids of the replicas the endpoint routes to now (each answers for itself)."""
+        answers = self.handle.broadcast("identity").results(timeout_s=60, return_exceptions=True)
+        return {answer[0] for answer in answers if isinstance(answer, tuple)}  # not those that stopped meanwhile
+
+    def _scrape(self) -> list[tuple[str, str]]:
+        """(replica id, metrics text) of every replica that answers within the scrape's time."""
+        if self.handle is None:
+            return []
+        texts = self.handle.broadcast("metrics_text").results(timeout_s=SCRAPE_SECONDS, return_exceptions=True)
+        return [t for t in texts if isinstance(t, tuple)]
+
+    def retries(self, kind: str = "unary") -> int:
+        """Calls (`unary` or `stream`) sent a second time because the replica serving them stopped."""
+        return int(self.metrics.registry.get_sample_value("adapterhub_cluster_retries_total", {"kind": kind}) or 0)
 
     def scale(self, replicas: int) -> None:
         """Change the number of replicas while serving; returns when Serve has that many running. The replicas
@@ -430,6 +478,7 @@ class Cluster:
             self.health.enter_graceful_shutdown()
             self.grpc.stop(self.config.server.grace_seconds if grace is None else grace).wait()
             self.grpc = None
+        self.metrics.close()
         if ray.is_initialized():
             if self._started_ray:
                 serve.shutdown()

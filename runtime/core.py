@@ -14,7 +14,7 @@ import threading
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from hub.chat_template import chat_template
 from hub.manifest import Manifest
@@ -27,6 +27,9 @@ from runtime.plan import AdapterUse, PlanError, RowPlan
 from runtime.pool import AdapterPool, Lease
 from runtime.scheduler import Finished, Request, Scheduler
 from runtime.textstream import TextStream
+
+if TYPE_CHECKING:
+    from hub.registry import Registry
 
 DEFAULT_MAX_NEW_TOKENS = 64
 MAX_STOP_STRINGS = 8
@@ -138,12 +141,14 @@ def _resolved(m: Manifest, weight: float) -> Resolved:
 
 
 class Serving:
-    """One engine, pool and scheduler as requests of any frontend use them."""
+    """One engine, pool and scheduler as requests of any frontend use them; `registry` is the one the pool reads
+    (files beside an adapter's weights, such as its chat template, are read from it too)."""
 
-    def __init__(self, engine, pool: AdapterPool, scheduler: Scheduler, limits: Limits, *, max_requests: int,
-                 max_admin: int) -> None:
+    def __init__(self, engine, pool: AdapterPool, scheduler: Scheduler, limits: Limits, *, registry: Registry,
+                 max_requests: int, max_admin: int) -> None:
         self.engine = engine
         self.pool = pool
+        self.registry = registry
         self.scheduler = scheduler
         self.limits = limits
         # inference requests running, queued or waiting for adapter memory, whichever frontend they came by
@@ -190,7 +195,7 @@ class Serving:
         """The chat template an adapter version ships (hub/chat_template.py), read once per version."""
         manifest = self.pool.resolve(ref)
         if manifest.sha256 not in self._templates:
-            registry = self.pool.registry
+            registry = self.registry
             self._templates[manifest.sha256] = chat_template(
                 set(manifest.files), lambda name: registry.file_path(manifest, name).read_bytes())
         return self._templates[manifest.sha256]
@@ -271,6 +276,6 @@ class Serving:
                 return
             piece = text.push(event.ids) if event.text is None else event.text
             if event.stop:
-                yield event.ids, piece + text.finish(), Finished("stop")
+                yield event.ids, piece + text.finish(), Finished("stop", stop_string=True)
                 return
             yield event.ids, piece, None

@@ -314,7 +314,7 @@ class Engine:
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, plans: list[RowPlan],
                 cache: Any = None, position_ids: torch.Tensor | None = None, use_cache: bool = True,
-                segments: Sequence[int] | None = None, last_only: bool = False):
+                segments: Sequence[int] | None = None, last_only: bool = False, keep_last: int = 0):
         """Logits (rows, tokens, vocab) for `input_ids`, each row under its own plan, and the KV cache.
 
         Left-pad rows; `attention_mask` covers the cache plus the new tokens. Position ids default to
@@ -324,7 +324,8 @@ class Engine:
         groups (row counts) compiled apart, so a batch whose rows come and go re-compiles only the
         groups that changed (runtime/generate.py keeps one group per join); default: one group.
         `last_only` returns (and computes: the vocabulary projection of a prefill is no small part of
-        it) only each row's last logits, as generation needs.
+        it) only each row's last logits, as generation needs; `keep_last` > 0 likewise the last `keep_last`
+        positions' logits (scoring a completion needs only the positions that predict it).
         """
         if input_ids.shape[0] != len(plans):
             raise PlanError(f"{input_ids.shape[0]} rows but {len(plans)} plans")
@@ -347,11 +348,12 @@ class Engine:
             length = next(iter(inputs.values())).shape[1]  # tokens fed now, soft prompts included
             if position_ids is None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
-            if last_only and self._keeps_logits:
-                # An index tensor, not the int 1: the model's slice [:, -1:] of a prefill is not contiguous, and
+            keep = min(1 if last_only else keep_last, tokens)
+            if keep and self._keeps_logits:
+                # An index tensor, not the int: the model's slice [:, -1:] of a prefill is not contiguous, and
                 # the vocabulary projection of a non-contiguous (rows, 1, hidden) input runs as a batched
                 # matmul over a per-row copy of the whole head (slow in fp32, far slower in bf16).
-                inputs["logits_to_keep"] = torch.tensor([length - 1], device=input_ids.device)
+                inputs["logits_to_keep"] = torch.arange(length - keep, length, device=input_ids.device)
             if cache is None and use_cache:
                 cache = new_cache(self._model)  # appends in place (runtime/kvcache.py)
             self._context.set([(start, end, c.ops) for (start, end), c in zip(bounds, compiled)], self.batch_ops(plans))
@@ -360,7 +362,7 @@ class Engine:
                                   cache=cache, use_cache=use_cache)
             finally:
                 self._context.set([])
-            return out.logits[:, -(1 if last_only else tokens):], out.cache
+            return out.logits[:, -(keep or tokens):], out.cache
 
     def _with_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       prompts: list[torch.Tensor | None]) -> tuple[dict[str, Any], torch.Tensor]:

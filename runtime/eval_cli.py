@@ -25,6 +25,8 @@ from hub.registry import Registry, open_registry
 
 if TYPE_CHECKING:  # hub.train imports torch: loaded when an evaluation starts, not when `hub` starts
     from hub.train import Example, TokenExample
+    from runtime.eval_server import ServerScorer
+    from runtime.evaluate import EngineScorer
 
 GENERATED = ("exact_match", "contains")  # metrics on greedy replies
 BASE = "(base)"
@@ -98,8 +100,9 @@ class Evaluation:
         self.manifests = list({m.ref: m for m in (registry.resolve(ref) for ref in refs)}.values())  # once each
         self.keys: dict[str, str | None] = {BASE: None} if with_base else {}
         self.keys.update({m.ref: m.ref for m in self.manifests})
-        bases = sorted({m.base_model.id for m in self.manifests} - {None})
+        bases = sorted({m.base_model.id for m in self.manifests if m.base_model.id is not None})
         self.server = server
+        self.scorer: EngineScorer | ServerScorer
         if server is not None:
             self._connect(server, token_file, batch_size)
             return

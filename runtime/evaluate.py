@@ -27,20 +27,30 @@ class Item:
 
 
 def completion_nll(engine: Engine, items: Sequence[Item], batch_size: int = 16) -> list[tuple[float, int]]:
-    """Per item: (the summed negative log-likelihood of its reply tokens, their count). Rows are left-padded,
-    `batch_size` items per forward, in order, whatever plans they carry."""
-    out: list[tuple[float, int]] = []
-    for start in range(0, len(items), batch_size):
-        batch = items[start: start + batch_size]
+    """Per item, in the given order: (the summed negative log-likelihood of its reply tokens, their count).
+
+    A batch costs its rows times its longest row (soft prompt included), so the items are batched longest
+    first, `batch_size` to a forward whatever plans they carry: rows of like length share a batch and little
+    is padding. Only the positions that predict a reply token go through the vocabulary projection, a fifth
+    of a small model's weights (runtime/engine.py `keep_last`).
+    """
+    plans = list(dict.fromkeys(i.plan for i in items))
+    soft = dict(zip(plans, engine.prompt_lengths(plans))) if plans else {}
+    order = sorted(range(len(items)), key=lambda k: (-(soft[items[k].plan] + len(items[k].prompt_ids)
+                                                        + len(items[k].reply_ids)), -len(items[k].reply_ids)))
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(items)
+    for start in range(0, len(order), batch_size):
+        batch = [items[k] for k in order[start: start + batch_size]]
         seqs = [list(i.prompt_ids) + list(i.reply_ids) for i in batch]
         width = max(len(s) for s in seqs)
+        keep = max(len(i.reply_ids) for i in batch) + 1  # a row's last n + 1 positions, less its last, predict its reply
         ids = torch.tensor([[0] * (width - len(s)) + s for s in seqs], device=engine.device)
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=engine.device)
-        logits, _ = engine.forward(ids, mask, [i.plan for i in batch], use_cache=False)
-        for row, item in enumerate(batch):
-            n = len(item.reply_ids)  # the logits at width-n-1 .. width-2 predict the reply's n tokens
-            logprobs = torch.log_softmax(logits[row, width - n - 1: width - 1].float(), -1)
-            out.append((-logprobs.gather(-1, ids[row, width - n:, None]).sum().item(), n))
+        logits, _ = engine.forward(ids, mask, [i.plan for i in batch], use_cache=False, keep_last=keep)
+        for row, (k, item) in enumerate(zip(order[start: start + batch_size], batch)):
+            n = len(item.reply_ids)  # the kept logits at keep-n-1 .. keep-2 predict the reply's n tokens
+            logprobs = torch.log_softmax(logits[row, keep - n - 1: keep - 1].float(), -1)
+            out[k] = (-logprobs.gather(-1, ids[row, width - n:, None]).sum().item(), n)
     return out
 
 

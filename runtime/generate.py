@@ -53,6 +53,7 @@ class Row:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output id, when sampling.logprobs asks
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" | None
     error: Exception | None = None  # why it ended, when finish_reason is "error"
+    stop_string: bool = False  # finish_reason "stop" came from a stop string (False: from EOS)
     # A row with stop strings: where the batch decodes its output (one is made when None) to watch for them, so a
     # caller that streams the text takes the pieces `Batch.step` returns instead of decoding every token again.
     # The batch alone touches it until the row has finished.
@@ -96,8 +97,8 @@ class Batch:
         self._pending: list[Row] = []
         self._generators: dict[str, torch.Generator] = {}
         self._texts: dict[str, TextStream] = {}  # the sequences with stop strings: their Row.text
-        self._cache = None
-        self._mask: torch.Tensor | None = None  # (rows, cache length)
+        self._cache: Any = None  # the KV cache Engine.forward returned, while rows run
+        self._mask: torch.Tensor | None = None  # (rows, cache length), while rows run
         self._eos = _eos_ids(engine)
 
     def __len__(self) -> int:
@@ -187,7 +188,9 @@ class Batch:
     def _decode(self) -> list[tuple[Row, int | None, TokenLogprob | None]]:
         device = self.engine.device
         ids = torch.tensor([[s.output_ids[-1]] for s in self._rows], device=device)
-        self._mask = torch.cat([self._mask, self._mask.new_ones(len(self._rows), 1)], dim=1)
+        mask = self._mask
+        assert mask is not None, "running rows have a mask"
+        self._mask = torch.cat([mask, mask.new_ones(len(self._rows), 1)], dim=1)
         logits, self._cache = self.engine.forward(ids, self._mask, [s.plan for s in self._rows], cache=self._cache,
                                                   segments=self._segments, last_only=True)
         return self._sample(self._rows, logits[:, -1])
@@ -212,6 +215,7 @@ class Batch:
         if self._cache is None:
             self._rows, self._cache, self._mask, self._segments = list(seqs), cache, mask, [len(seqs)]
             return
+        assert self._mask is not None, "running rows have a mask"
         width = max(self._mask.shape[1], mask.shape[1])
         for old, new in zip(self._cache.layers, cache.layers):
             join_rows(old, new, width, self.max_rows)
@@ -233,9 +237,10 @@ class Batch:
         if not keep:
             self._cache = self._mask = None
             return
-        self._mask = self._mask[torch.tensor(keep, device=self._mask.device)]
-        start = int((self._mask.sum(0) > 0).nonzero()[0])  # columns that are padding for every remaining row
-        self._mask = self._mask[:, start:]
+        assert self._mask is not None, "running rows have a mask"
+        mask = self._mask[torch.tensor(keep, device=self._mask.device)]
+        start = int((mask.sum(0) > 0).nonzero()[0])  # columns that are padding for every remaining row
+        self._mask = mask[:, start:]
         for layer in self._cache.layers:
             keep_rows(layer, keep, start)
 
@@ -257,6 +262,7 @@ class Batch:
         if text is not None:
             piece = text.push([token])
             if text.stopped:
+                seq.stop_string = True
                 self._finish(seq, "stop")
                 return [token], piece
         if len(seq.output_ids) >= seq.sampling.max_new_tokens:

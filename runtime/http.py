@@ -42,8 +42,14 @@ from runtime.sampling import SamplingParams, TokenLogprob
 from runtime.scheduler import Finished, Request
 from runtime.textstream import TextStream
 
+class Forbidden(ServeError):
+    """A call this server's options do not allow, whatever the token (e.g. `lora_path` loads without
+    --allow-runtime-lora): a frontend's policy, not a core refusal."""
+
+
 # Each kind of refusal as the HTTP status a client gets (a subclass maps as its nearest listed class).
 HTTP_STATUS: dict[type[ServeError], int] = {
+    Forbidden: 403,
     errors.InvalidArgument: 400,
     errors.NotFound: 404,
     errors.Unusable: 409,
@@ -81,7 +87,7 @@ def _error(status: int, message: str) -> JSONResponse:
 
 # OpenAI fields this server does not implement, with the value that asks for nothing: any other value is refused
 # (a 400 naming the field) rather than silently ignored.
-_UNSUPPORTED = {"echo": (False,), "suffix": (None, ""), "presence_penalty": (None, 0, 0.0),
+_UNSUPPORTED: dict[str, tuple[Any, ...]] = {"echo": (False,), "suffix": (None, ""), "presence_penalty": (None, 0, 0.0),
                 "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {})}
 
 
@@ -141,7 +147,8 @@ class HttpFrontend:
 
     def __init__(self, core: Serving, *, base_names: tuple[str, ...], tokens: dict[str, str] | None = None,
                  admin_only: bool = False, request_log: RequestLog | None = None,
-                 max_body_bytes: int = 4 << 20, tls: tuple[str, str] | None = None) -> None:
+                 max_body_bytes: int = 4 << 20, tls: tuple[str, str] | None = None,
+                 allow_lora_path: bool = False) -> None:
         self.core = core
         self.base_id = base_names[0]
         self._served_as = base_names[-1]  # the base as the server was given it, as the registry filters by
@@ -151,6 +158,8 @@ class HttpFrontend:
         self._log = request_log
         self._max_body = max_body_bytes
         self._tls = tls  # (certificate, key) PEM files
+        # vLLM's `lora_path` makes the server read a folder on its own machine: only when the operator allows it
+        self._allow_lora_path = allow_lora_path
         self._created = int(time.time())
         self.app = Starlette(routes=[
             Route("/v1/completions", self._completions, methods=["POST"]),
@@ -185,7 +194,8 @@ class HttpFrontend:
     def stop(self, grace: float) -> None:
         """Stop accepting; requests in flight get `grace` seconds to finish."""
         if self._server is not None and self._thread is not None:
-            self._server.config.timeout_graceful_shutdown = grace
+            # uvicorn annotates an int, and hands the value to asyncio.timeout, which takes seconds as a float
+            self._server.config.timeout_graceful_shutdown = grace  # type: ignore[assignment]
             self._server.should_exit = True
             self._thread.join()
             self._server = None
@@ -264,9 +274,9 @@ class HttpFrontend:
             prompt = _typed(body, "prompt", (str, list), "")
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
                 prompt = prompt[0]  # the SDK's one-prompt batch
-            text, ids = (prompt, None) if isinstance(prompt, str) else ("", prompt)
-            ok(ids is None or all(isinstance(i, int) for i in ids), "`prompt` must be text or a list of token ids")
-            ids = self.core.token_ids(text, ids, chat=False, what="prompt")
+            text, given = (prompt, None) if isinstance(prompt, str) else ("", prompt)
+            ok(given is None or all(isinstance(i, int) for i in given), "`prompt` must be text or a list of token ids")
+            ids = self.core.token_ids(text, given, chat=False, what="prompt")
         return self._queue(ids, samplings, adapters, _typed(body, "mode", str, "stack"), _merge(body), alive)
 
     def _queue(self, ids: list[int], samplings: list[SamplingParams], adapters: list[AdapterRequest], mode: str,
@@ -448,8 +458,8 @@ class HttpFrontend:
         try:
             for event in answer.opening():
                 yield _sse(event)
-            async for event in events:
-                yield _sse(answer.chunk(event))
+            async for produced in events:
+                yield _sse(answer.chunk(produced))
             for event in answer.closing():
                 yield _sse(event)
             status = 200
@@ -465,7 +475,14 @@ class HttpFrontend:
 
     async def _load(self, request: HttpRequest) -> Response:
         """vLLM's `load_lora_adapter`: `lora_name` is a registry ref, loaded (not pinned) onto the device; with
-        `lora_path`, that folder (on the server's machine) is pushed into the registry first (see `_push`)."""
+        `lora_path`, that folder (on the server's machine) is pushed into the registry first (see `_push`), where
+        the server was started with --allow-runtime-lora (as vLLM needs VLLM_ALLOW_RUNTIME_LORA_UPDATING)."""
+        def allowed(body: dict) -> None:
+            if _typed(body, "lora_path", str, "") and not self._allow_lora_path:
+                raise Forbidden("`lora_path` loads are off on this server (they make it read a folder on its own "
+                                "machine): start `hub serve` with --allow-runtime-lora to allow them, or `hub push` "
+                                "the folder and load it by `lora_name` alone")
+
         def load(body: dict, name: str) -> str:
             path = _typed(body, "lora_path", str, "")
             ref = self._push(name, path) if path else name
@@ -473,7 +490,7 @@ class HttpFrontend:
             pushed = f" (pushed {path} into the registry as {ref}, then loaded)" if path else ""
             return f"Success: LoRA adapter '{name}' added successfully.{pushed}"
 
-        return await self._admin(request, load)
+        return await self._admin(request, load, allowed)
 
     async def _unload(self, request: HttpRequest) -> Response:
         """vLLM's `unload_lora_adapter`: `lora_name` leaves device and host memory (it stays in the registry)."""
@@ -486,7 +503,7 @@ class HttpFrontend:
     def _push(self, name: str, path: str) -> str:
         """vLLM's `lora_path`: the folder pushed as `lora_name` (`name@version`, or a new name as 1.0.0) against
         the served base, so it is then named like any registry adapter; its ref."""
-        registry = self.core.pool.registry
+        registry = self.core.registry
         name, _, version = name.partition("@")
         if not version:
             ok(not registry.index().versions(name), f"adapter {name!r} already has versions in the registry: give "
@@ -497,8 +514,10 @@ class HttpFrontend:
         except (HubError, ArtifactError, OSError) as e:
             raise InvalidArgument(f"cannot push `lora_path` {path}: {e}") from None
 
-    async def _admin(self, request: HttpRequest, act: Callable[[dict, str], str]) -> Response:
-        """An admin call (admin token) on `lora_name`: act(body, name) off the event loop gives the answer."""
+    async def _admin(self, request: HttpRequest, act: Callable[[dict, str], str],
+                     check: Callable[[dict], None] | None = None) -> Response:
+        """An admin call (admin token) on `lora_name`: check(body) may refuse it before it takes an admin slot;
+        act(body, name) off the event loop gives the answer."""
         method = request.url.path
         started, record = time.perf_counter(), RequestRecord(method)
         denied = self._denied(request, admin=True)
@@ -510,6 +529,8 @@ class HttpFrontend:
             name = _typed(body, "lora_name", str, "")
             ok(bool(name), "`lora_name` is required: an adapter ref in the registry")
             record.adapters = [name]
+            if check is not None:
+                check(body)
             with self.core.admin.held():
                 done = await anyio.to_thread.run_sync(act, body, name)
         except ServeError as e:
@@ -532,7 +553,7 @@ class HttpFrontend:
                 "root": self.base_id, "parent": None, "max_model_len": self.core.limits.context_length,
                 "permission": []}
         cards = [base]
-        for m in self.core.pool.registry.list(base_model=self._served_as):
+        for m in self.core.registry.list(base_model=self._served_as):
             cards.append({"id": m.ref, "object": "model", "created": self._created, "owned_by": "adapterhub",
                           "root": m.ref, "parent": self.base_id, "permission": [], "name": m.name,
                           "version": m.version, "technique": m.technique, "sha256": m.sha256})
@@ -601,8 +622,22 @@ class _Choice:
 
     text: str = ""
     tokens: int = 0
-    reason: str | None = None
+    finished: Finished | None = None
     logprobs: list[_TokenLogprob] = field(default_factory=list)
+
+    @property
+    def reason(self) -> str | None:
+        """OpenAI's finish_reason: "length", else "stop" (EOS or a stop string alike); None until it ends."""
+        if self.finished is None:
+            return None
+        return "length" if self.finished.reason == "length" else "stop"
+
+    @property
+    def lorax_reason(self) -> str:
+        """LoRAX's (TGI's) finish_reason, which tells a stop string from EOS."""
+        if self.finished is not None and self.finished.reason == "length":
+            return "length"
+        return "stop_sequence" if self.finished is not None and self.finished.stop_string else "eos_token"
 
 
 class _Answer:
@@ -626,7 +661,7 @@ class _Answer:
         choice.text += event.piece
         choice.logprobs += event.logprobs
         if event.finished is not None:
-            choice.reason = "length" if event.finished.reason == "length" else "stop"
+            choice.finished = event.finished
         return choice
 
     def adapters(self) -> list[dict[str, Any]]:
@@ -745,7 +780,7 @@ class _LoraxAnswer(_Answer):
 
     def _details(self) -> dict[str, Any]:
         choice = self.choices[0]
-        out = {"finish_reason": "length" if choice.reason == "length" else "eos_token",
+        out: dict[str, Any] = {"finish_reason": choice.lorax_reason,
                "prompt_tokens": len(self.prepared.ids), "generated_tokens": choice.tokens,
                "seed": self.rows[0].queued.seq.sampling.seed, "prefill": self._prefill(),
                "tokens": [self._token(t) for t in choice.logprobs], "adapters": self.adapters()}
@@ -764,8 +799,8 @@ class _LoraxAnswer(_Answer):
         token = self._token(event.logprobs[-1]) if event.logprobs else \
             {"id": event.tokens[-1] if event.tokens else 0, "text": "", "logprob": 0.0, "special": True}
         token["text"] = event.piece
-        out = {"token": token, "generated_text": choice.text if last else None,
-               "details": self._details() if last else None}
+        out: dict[str, Any] = {"token": token, "generated_text": choice.text if last else None,
+                               "details": self._details() if last else None}
         if self.top and event.logprobs:
             out["top_tokens"] = self._top_tokens(event.logprobs[-1])
         return out

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 HEADROOM = 64  # tokens of room a buffer gets past what it holds when it is (re)allocated
 
@@ -35,6 +39,12 @@ class _Span:
         return cls(tensor, tensor.shape[0], 0, tensor.shape[-2])
 
     @property
+    def tensor(self) -> torch.Tensor:
+        """The buffer of a span past its layer's first write, from then on a 4-D cache tensor."""
+        assert self.buffer is not None, "the cache layer has not been written"
+        return self.buffer
+
+    @property
     def live(self) -> torch.Tensor | None:
         if self.buffer is None or self.buffer.dim() != 4:
             return self.buffer
@@ -43,7 +53,7 @@ class _Span:
     def moved(self, row_capacity: int, width: int) -> _Span:
         """The live part in a new buffer of `row_capacity` rows, right-aligned in `width` columns (zeros to
         its left) with HEADROOM columns of room after them."""
-        live = self.live
+        live = self.tensor[:self.rows, :, self.start:self.end]
         rows, heads, filled, dim = live.shape
         buffer = live.new_empty(row_capacity, heads, width + HEADROOM, dim)
         buffer[:rows, :, :width - filled] = 0
@@ -69,6 +79,8 @@ class GrowingLayer(DynamicLayer):
 
     keys = _Live()
     values = _Live()
+    _keys_span: _Span  # what `keys` and `values` are the live parts of
+    _values_span: _Span
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +98,7 @@ def _append(span: _Span, new: torch.Tensor) -> _Span:
     tokens = new.shape[-2]
     if not span.owned or span.end + tokens > span.buffer.shape[-2]:
         span = span.moved(span.buffer.shape[0], span.end - span.start)
-    span.buffer[:span.rows, :, span.end:span.end + tokens] = new
+    span.tensor[:span.rows, :, span.end:span.end + tokens] = new
     span.end += tokens
     return span
 
@@ -96,28 +108,30 @@ def join_rows(layer: CacheLayerMixin, joining: CacheLayerMixin, width: int, max_
     columns. A GrowingLayer writes them into its buffer when it has the rows and columns, else moves once
     into a buffer with rows to spare (twice the rows, at most `max_rows`: rows x width is the memory, so a
     few long rows do not reserve a whole batch); other layers concatenate."""
+    new_keys, new_values = _written(joining)
     if not isinstance(layer, GrowingLayer):
         held = _columns(layer, width)
-        layer.keys = torch.cat([pad_left(layer.keys, held, 2), pad_left(joining.keys, held, 2)])
-        layer.values = torch.cat([pad_left(layer.values, held, 2), pad_left(joining.values, held, 2)])
-        if layer.is_sliding:
+        keys, values = _written(layer)
+        layer.keys = torch.cat([pad_left(keys, held, 2), pad_left(new_keys, held, 2)])
+        layer.values = torch.cat([pad_left(values, held, 2), pad_left(new_values, held, 2)])
+        if _is_sliding(layer):
             layer.cumulative_length = width
         return
-    layer._keys_span = _join(layer._keys_span, joining.keys, width, max_rows)
-    layer._values_span = _join(layer._values_span, joining.values, width, max_rows)
+    layer._keys_span = _join(layer._keys_span, new_keys, width, max_rows)
+    layer._values_span = _join(layer._values_span, new_values, width, max_rows)
 
 
 def _join(span: _Span, new: torch.Tensor, width: int, max_rows: int) -> _Span:
     rows = span.rows + new.shape[0]
     start = span.end - width
-    if not span.owned or rows > span.buffer.shape[0] or start < 0:
+    if not span.owned or rows > span.tensor.shape[0] or start < 0:
         span = span.moved(max(rows, min(2 * rows, max_rows)), width)
         start = 0
     elif start < span.start:  # the running rows get zero padding in the columns they gain on the left
-        span.buffer[:span.rows, :, start:span.start] = 0
+        span.tensor[:span.rows, :, start:span.start] = 0
     joined = span.end - new.shape[-2]
-    span.buffer[span.rows:rows, :, start:joined] = 0
-    span.buffer[span.rows:rows, :, joined:span.end] = new
+    span.tensor[span.rows:rows, :, start:joined] = 0
+    span.tensor[span.rows:rows, :, joined:span.end] = new
     span.rows, span.start = rows, start
     return span
 
@@ -126,16 +140,17 @@ def keep_rows(layer: CacheLayerMixin, keep: list[int], drop: int) -> None:
     """Keep only the rows `keep` (ascending) and drop the first `drop` columns. A GrowingLayer moves the kept
     rows up over the others inside its buffer; other layers index."""
     if not isinstance(layer, GrowingLayer) or not layer._keys_span.owned or not layer._values_span.owned:
-        index = _index(tuple(keep), layer.keys.device)
+        keys, values = _written(layer)
+        index = _index(tuple(keep), keys.device)
         width = layer.get_seq_length() - drop
-        first = layer.keys.shape[-2] - _columns(layer, width)
-        layer.keys = layer.keys[index, :, first:]
-        layer.values = layer.values[index, :, first:]
-        if layer.is_sliding:
+        first = keys.shape[-2] - _columns(layer, width)
+        layer.keys = keys[index, :, first:]
+        layer.values = values[index, :, first:]
+        if _is_sliding(layer):
             layer.cumulative_length = width
         return
     for span in (layer._keys_span, layer._values_span):
-        live = span.buffer[:, :, span.start + drop:span.end]
+        live = span.tensor[:, :, span.start + drop:span.end]
         move_rows(live, keep, one_by_one=live.device.type == "cpu")
         span.rows, span.start = len(keep), span.start + drop
 
@@ -151,8 +166,8 @@ def move_rows(t: torch.Tensor, keep: list[int], one_by_one: bool) -> None:
         for to, row in moves:  # to < row, in order: a row is read before anything overwrites it
             t[to].copy_(t[row])
         return
-    to, rows = zip(*moves)
-    t.index_copy_(0, _index(to, t.device), t.index_select(0, _index(rows, t.device)))
+    targets, sources = zip(*moves)
+    t.index_copy_(0, _index(targets, t.device), t.index_select(0, _index(sources, t.device)))
 
 
 @functools.lru_cache(maxsize=8)
@@ -166,11 +181,23 @@ def _columns(layer: CacheLayerMixin, width: int) -> int:
     """The columns `layer` holds for a batch `width` tokens wide: all of them, or for a sliding-window layer
     (transformers' DynamicSlidingWindowLayer, whose `cumulative_length` is the batch's width) the last
     window - 1."""
-    if not layer.is_sliding:
+    if not _is_sliding(layer):
         return width
     if not isinstance(layer, DynamicSlidingWindowLayer) or layer.record_past:
         raise NotImplementedError(f"continuous batching over a {type(layer).__name__} is not supported")
     return min(width, layer.sliding_window - 1)
+
+
+def _written(layer: CacheLayerMixin) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values of a layer that holds rows (a prefill wrote it)."""
+    assert layer.keys is not None and layer.values is not None, "the cache layer has not been written"
+    return layer.keys, layer.values
+
+
+def _is_sliding(layer: CacheLayerMixin) -> bool:
+    """Whether the layer keeps a window: every transformers layer class sets `is_sliding`, the base class
+    does not declare it."""
+    return getattr(layer, "is_sliding")
 
 
 def pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -183,7 +210,7 @@ def pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
-def new_cache(model: torch.nn.Module) -> DynamicCache | None:
+def new_cache(model: PreTrainedModel) -> DynamicCache | None:
     """An empty cache for `model`: the DynamicCache `generate()` would give it (sliding-window and other layer
     kinds stay as they are), its full-attention layers growing in place; None for a model `generate()` would
     not give a DynamicCache (it then builds its own)."""

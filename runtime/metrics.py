@@ -14,15 +14,34 @@ OTHER = "other"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
-class Metrics:
+class Exposed:
+    """A metrics registry, and /metrics serving it on a port of its own once asked."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._http = None
+
+    def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
+        """Expose /metrics on host:port (port 0 picks a free one); returns the bound port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        return int(server.server_port)
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+class Metrics(Exposed):
     """Every metric the runtime exports; the server, scheduler and pool record into it."""
 
     def __init__(self, max_adapter_labels: int = 32) -> None:
-        self.registry = CollectorRegistry()
+        super().__init__()
         self._max_labels = max_adapter_labels
         self._labelled: set[str] = set()
         self._lock = threading.Lock()
-        self._http = None
         r = self.registry
         self.requests = Counter("adapterhub_requests", "Requests answered, by frontend (grpc, http), method and "
                                 "status code", ["frontend", "method", "code"], registry=r)
@@ -66,15 +85,3 @@ class Metrics:
                 self._labelled.add(name)
                 return name
             return OTHER
-
-    def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
-        """Expose /metrics on host:port (port 0 picks a free one); returns the bound port."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        self._http = server
-        return int(server.server_port)
-
-    def close(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None

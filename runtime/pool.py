@@ -33,7 +33,8 @@ from typing import Any, Callable, Iterable, TypeVar
 from hub.artifact import Adapter, ArtifactError, Technique
 from hub.checkpoint import PROMPT_SITE, fingerprint, fitted_fingerprint, module_tensors
 from hub.errors import HubError, IntegrityError, InvalidName, NotFound
-from hub.manifest import Manifest
+from hub.manifest import Manifest, parse_ref
+from hub.registry import Registry
 from hub.remotes import Remote
 from runtime import errors
 from runtime.contracts import AdapterSource, PoolEngine, ServedManifest
@@ -155,14 +156,17 @@ class AdapterPool:
 
     # -- resolving ---------------------------------------------------------------------------------
     def resolve(self, ref: str) -> Manifest:
-        """The manifest a ref names now; a ref missing locally is pulled from the remote, if one is set."""
+        """The manifest a ref names now; a ref missing locally is pulled from the remote, if one is set. With a
+        remote, a moving ref (a name or a tag) names what it names there now, so a version pushed or a tag moved
+        on the remote is served by the next request; if the remote cannot say, the local registry answers."""
         if not ref:
             raise InvalidArgument("adapter ref is empty")
         try:
+            ref = self._on_remote(ref)
             try:
                 return self.registry.resolve(ref)
             except NotFound as local:
-                if self.remote is None:
+                if self.remote is None or not isinstance(self.registry, Registry):  # a remote pulls into a Registry
                     raise
                 try:
                     return self.remote.fetch(ref, self.registry)
@@ -177,6 +181,16 @@ class AdapterPool:
             raise errors.NotFound(str(e)) from None
         except HubError as e:
             raise Unavailable(f"registry error for {ref!r}: {e}") from None
+
+    def _on_remote(self, ref: str) -> str:
+        """`ref` as the exact name@version the remote's copy of it names now (a versioned ref as it is)."""
+        if self.remote is None or parse_ref(ref)[1] is not None:
+            return ref
+        try:
+            current = self.remote.current(ref)
+        except HubError:  # not there, or unreachable: the local registry's answer stands
+            return ref
+        return current.ref if current is not None else ref
 
     # -- acquiring and releasing -------------------------------------------------------------------
     def acquire(self, manifests: Iterable[ServedManifest], *, pin: bool = False, then_submit: bool = False,
@@ -306,14 +320,15 @@ class AdapterPool:
         while True:
             with self._lock:
                 entry = self._entries.get(key)
-                current = entry is not None and entry.manifest.sha256 == manifest.sha256
-                if current and entry.tier is Tier.DEVICE:
-                    self._hold(entry, pin)
+                # the entry when it holds this very version
+                current = entry if entry is not None and entry.manifest.sha256 == manifest.sha256 else None
+                if current is not None and current.tier is Tier.DEVICE:
+                    self._hold(current, pin)
                     self.metrics.cache_hits.labels(tier=Tier.DEVICE.value).inc()
-                    return entry
+                    return current
                 pending = self._loading.get(key)
                 if pending is None:
-                    if entry is not None and not current and entry.in_use:
+                    if entry is not None and current is None and entry.in_use:
                         raise Unavailable(f"adapter {key} was pushed again with other content while {entry.in_use} "
                                           "running request(s) use its old content; retry when they end")
                     pending = self._loading[key] = Future()
@@ -324,7 +339,7 @@ class AdapterPool:
                 pending.result()  # the loader's error, if it failed, is this request's error too
                 continue  # on the device now (or evicted again meanwhile: go round)
             try:
-                if entry is not None and not current:
+                if entry is not None and current is None:
                     self._forget_stale(entry)
                 entry = self._load(key, manifest, pin, then_submit, read, got_room)
                 pending.set_result(None)
@@ -603,8 +618,9 @@ class AdapterPool:
     def soft_prompt_tokens(lease: Lease) -> int:
         """Soft-prompt tokens the held adapters put before a prompt, from their host copies (held adapters
         always have one), so a request handler never waits on the engine's lock for it."""
-        return sum(int(module_tensors(e.adapter)[PROMPT_SITE]["prompt_embeddings"].shape[0])
-                   for e in lease.entries if e.adapter.technique is Technique.PROMPT_TUNING)
+        return sum(int(module_tensors(adapter)[PROMPT_SITE]["prompt_embeddings"].shape[0])
+                   for e in lease.entries
+                   if (adapter := e.adapter) is not None and adapter.technique is Technique.PROMPT_TUNING)
 
     def entries(self, after: str = "") -> list[Entry]:
         """A snapshot of every adapter the pool knows whose key sorts after `after`, in key order (stable

@@ -109,7 +109,7 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int | None], params: list[
     rows = logits if len(asking) == len(params) else logits[asking]
     logprobs = torch.log_softmax(rows.float(), -1)
     chosen = logprobs.gather(-1, torch.tensor([[tokens[i]] for i in asking], device=rows.device)).squeeze(-1)
-    k = max(params[i].logprobs for i in asking)
+    k = max(n for i in asking if (n := params[i].logprobs) is not None)  # every asking row has a count
     top = logprobs.topk(k, -1) if k else None
     chosen_values = chosen.tolist()
     top_values, top_ids = (top.values.tolist(), top.indices.tolist()) if top is not None else ([], [])

@@ -42,10 +42,12 @@ class Tokens:
 
 @dataclass
 class Finished:
-    """The last event of a request: why it ended ("stop", "length", "cancelled") or the error."""
+    """The last event of a request: why it ended ("stop", "length", "cancelled") or the error. A "stop" says
+    whether a stop string or EOS ended it: OpenAI calls both "stop", LoRAX and TGI tell them apart."""
 
     reason: str | None
     error: ServeError | None = None
+    stop_string: bool = False
 
 
 @dataclass(eq=False)
@@ -224,8 +226,8 @@ class Scheduler:
             produced = self._batch.step()
         except Exception as e:  # a step that failed outside any row's own work fails every row, never the server
             with self._cv:
-                for request in list(self._running.values()):
-                    self._leave(request, None, _row_error(e))
+                for running in list(self._running.values()):
+                    self._leave(running, None, _row_error(e))
             return
         elapsed = time.perf_counter() - started
         now = time.perf_counter()
@@ -241,8 +243,7 @@ class Scheduler:
                         request.first_token_at = now
                         self.metrics.ttft.observe(now - request.arrived)
                     self.metrics.generated_tokens.labels(adapter=self._label(seq)).inc(len(tokens))
-                    # "stop" with tokens is a stop string (EOS brings none)
-                    request.events.put(Tokens(list(tokens), text, stop=seq.finish_reason == "stop"))
+                    request.events.put(Tokens(list(tokens), text, stop=seq.stop_string))
                 if seq.finish_reason == "error":  # a failure of this row alone (runtime/generate.py)
                     self._leave(request, None, _row_error(seq.error))
                 elif seq.finish_reason is not None:

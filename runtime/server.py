@@ -70,6 +70,8 @@ class ServerConfig:
     metrics_port: int | None = None
     http_port: int | None = None  # the OpenAI-compatible HTTP API (runtime/http.py); None: gRPC only
     http_host: str = "127.0.0.1"
+    # vLLM's /v1/load_lora_adapter `lora_path`: the HTTP API may push a folder on this machine into the registry
+    allow_runtime_lora: bool = False
     metrics_host: str = "127.0.0.1"  # /metrics has no auth or TLS: loopback whatever `host` is, unless told
     auth_token_file: Path | None = None
     auth_admin_only: bool = False  # with a token file: only LoadAdapter/UnloadAdapter need a token
@@ -94,6 +96,9 @@ class ServerConfig:
                   ("--grace", self.grace_seconds, 0, None), ("max_message_bytes", self.max_message_bytes, 1, None),
                   ("max_adapter_labels", self.max_adapter_labels, 0, None),
                   ("max_merged_adapters", self.max_merged_adapters, 1, None))
+        if self.allow_runtime_lora and self.http_port is None:
+            raise ServerConfigError("--allow-runtime-lora needs --http-port: it allows the HTTP API's `lora_path` "
+                                    "loads (gRPC's LoadAdapter takes registry refs only)")
         if self.dtype not in basemodel.DTYPES:
             raise ServerConfigError(f"--dtype must be one of {', '.join(basemodel.DTYPES)}, got {self.dtype!r}")
         for name, value, low, high in ranges:
@@ -168,7 +173,8 @@ class RuntimeServer:
         limits = Limits(max_new_tokens=config.max_new_tokens, max_adapters_per_request=config.max_adapters_per_request,
                         context_length=int(getattr(model.config, "max_position_embeddings", 2048)))
         requests = config.max_batch_size + config.max_queue  # waiting for adapter memory counts against the queue
-        self.core = Serving(self.engine, self.pool, self.scheduler, limits, max_requests=requests, max_admin=ADMIN_RPCS)
+        self.core = Serving(self.engine, self.pool, self.scheduler, limits, registry=registry, max_requests=requests,
+                            max_admin=ADMIN_RPCS)
         self.request_log = RequestLog(config.log_format)
         self.service = RuntimeService(self.core, self._info(limits), request_log=self.request_log)
         workers = requests + ADMIN_RPCS + SPARE_THREADS
@@ -202,7 +208,8 @@ class RuntimeServer:
         names = (basemodel.hf_id(c.base_model) or c.base_model, c.base_model)
         return HttpFrontend(self.core, base_names=names, tokens=tokens, admin_only=c.auth_admin_only,
                             request_log=self.request_log, max_body_bytes=c.max_message_bytes,
-                            tls=(str(c.tls_cert), str(c.tls_key)) if c.tls_cert and c.tls_key else None)
+                            tls=(str(c.tls_cert), str(c.tls_key)) if c.tls_cert and c.tls_key else None,
+                            allow_lora_path=c.allow_runtime_lora)
 
     def _remote(self, registry):
         if self.config.remote is None:

@@ -23,7 +23,7 @@ from runtime.scheduler import Request
 from runtime.textstream import TextStream
 
 MAX_PAGE_SIZE = 1000  # ListAdapters entries per reply (and with no page_size): a reply far below the message cap
-_MODES = {pb.COMPOSITION_MODE_UNSPECIFIED: "stack", pb.COMPOSITION_MODE_STACK: "stack",
+_MODES: dict[int, str] = {pb.COMPOSITION_MODE_UNSPECIFIED: "stack", pb.COMPOSITION_MODE_STACK: "stack",
           pb.COMPOSITION_MODE_AVERAGE: "average", pb.COMPOSITION_MODE_MERGE: "merge"}
 _TIERS = {Tier.DEVICE: pb.TIER_DEVICE, Tier.HOST: pb.TIER_HOST, Tier.DISK: pb.TIER_DISK}
 # Each kind of refusal as the status code a gRPC client gets (a subclass maps as its nearest listed class).

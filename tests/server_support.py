@@ -158,16 +158,17 @@ def registry(tmp_path, served_base, served_adapters):
 
 @pytest.fixture
 def start_server(served_base, registry) -> Iterator[Callable]:
-    """start_server(**ServerConfig fields) -> (server, client) on a free port; all stopped at teardown."""
+    """start_server(**ServerConfig fields) -> (server, client) on a free port; all stopped at teardown. `model`:
+    the (model, tokenizer) to serve instead of the served base's as loaded (e.g. one a test edited)."""
     from runtime.client import RuntimeClient
     from runtime.server import RuntimeServer, ServerConfig
 
     started = []
 
-    def start(token: str | None = None, tls_ca: Path | None = None, **fields):
+    def start(token: str | None = None, tls_ca: Path | None = None, model: tuple | None = None, **fields):
         fields.setdefault("port", 0)
         fields.setdefault("device", DEVICE)
-        model, tokenizer = served_model(served_base)
+        model, tokenizer = model or served_model(served_base)
         config = ServerConfig(base_model=str(served_base), **fields)
         server = RuntimeServer(config, model=model, tokenizer=tokenizer, registry=registry).start()
         target = f"localhost:{server.port}" if tls_ca else server.address

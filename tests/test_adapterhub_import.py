@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hub.adapterhub_import import import_adapterhub, is_adapterhub_folder
+from hub.adapterhub_import import import_adapterhub
 from hub.bottleneck_format import BottleneckConfig
-from hub.artifact import ArtifactError, Technique, read_adapter
+from hub.artifact import ArtifactError, Technique, is_adapterhub_folder, read_adapter
 
 ADAPTERS = Path(__file__).parent / "fixtures" / "bottleneck" / "adapters"
 

@@ -119,3 +119,33 @@ def test_an_unexpected_exception_is_one_line_with_the_traceback_on_request(tmp_p
                           "rerun with HUB_DEBUG=1 for the traceback")
     debug = run_hub("remote", "list", home=tmp_path, env={"HUB_DEBUG": "1"})
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "UnicodeDecodeError" in debug.stderr
+
+
+def _converted(converter, param, value):
+    try:
+        return converter._coerce_value(value, param=param, ctx=None)
+    except typer.BadParameter as e:
+        return f"BadParameter: {e.format_message()}"
+
+
+@pytest.mark.parametrize("name, option, values", [
+    ("list", "limit", ["20", "0", "-3", "007", "+5", " 5", "1_000", "2.0", "abc", "", "99999999999999999999"]),
+    ("generate", "max_new_tokens", ["1", "0", "-1", "48", "007"]),  # min=1
+    ("show", "ref", ["team/bot@1.0.0", "", " x "]),
+    ("show", "registry", ["", ".", "no/such/folder", "~/x"]),
+    ("push", "paths", [("a", "b"), ("only",)]),
+])
+def test_plain_values_are_converted_as_typer_converts_them(name, option, values):
+    """hub.clikit.PlainValues converts what it converts itself exactly as Typer's pydantic adapters do, and
+    hands the rest (with their error messages) to them."""
+    from typer._coercion import build_runtime_param
+
+    from hub.clikit import PlainValues
+
+    param = next(p for p in typer.main.get_command(app).commands[name].params if p.name == option)
+    descriptor = param.type_descriptor
+    ours, typers = PlainValues(descriptor.parameter_info, descriptor.annotation, descriptor), \
+        build_runtime_param(descriptor)
+    for value in values:
+        mine, theirs = _converted(ours, param, value), _converted(typers, param, value)
+        assert (type(mine), mine) == (type(theirs), theirs), (option, value)

@@ -11,12 +11,14 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
 
-from server_support import ADAPTER_MIXES, served_model, wait_until
+from server_support import ADAPTER_MIXES, device_bytes, served_model, wait_until
 
 pytest.importorskip("ray.serve", reason="the cluster extra: pip install -e '.[cluster]'")
 
@@ -32,6 +34,8 @@ PROMPT = "Hello there, cluster"
 MIXES = dict(ADAPTER_MIXES, merge=dict(adapters=[("lora0", 0.5), ("lora1", 0.5)], mode="merge",
                                        merge=pb.MergeOptions(method="cat")))
 MAX_MESSAGE = 1 << 20
+HOLD = ("lora2", "lora3")  # adapters two long streams hold on one replica's device ...
+WAIT = "lora1"  # ... while a request for this one waits there for room
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +51,14 @@ def shared_registry(tmp_path_factory, served_base, served_adapters):
 
 
 @pytest.fixture(scope="module")
+def remote_registry(tmp_path_factory):
+    """The replicas' --remote (a directory remote): what their registry lacks is pulled from it."""
+    from hub.registry import Registry
+
+    return Registry(tmp_path_factory.mktemp("cluster-remote") / "remote")
+
+
+@pytest.fixture(scope="module")
 def token_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("cluster-auth") / "tokens"
     path.write_text(f"{ADMIN} admin\n{USER} user\n")
@@ -54,10 +66,22 @@ def token_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cluster(served_base, shared_registry, token_file):
-    """2 replicas at half a CPU each, behind one endpoint with tokens and a 1 MiB message cap."""
+def adapter_memory(served_base, shared_registry) -> int:
+    """A device budget that holds HOLD's adapters together, but not WAIT's with them (every test's set fits)."""
+    from runtime.engine import Engine
+
+    engine = Engine(*served_model(served_base))
+    held = sum(device_bytes(engine, shared_registry, name) for name in HOLD)
+    return held + device_bytes(engine, shared_registry, WAIT) // 2
+
+
+@pytest.fixture(scope="module")
+def cluster(served_base, shared_registry, remote_registry, token_file, adapter_memory):
+    """2 replicas at half a CPU each, behind one endpoint with tokens, a 1 MiB message cap and /metrics."""
     config = ServerConfig(base_model=str(served_base), port=0, registry=shared_registry.root,
-                          auth_token_file=token_file, max_message_bytes=MAX_MESSAGE, grace_seconds=5)
+                          remote=str(remote_registry.root),
+                          auth_token_file=token_file, max_message_bytes=MAX_MESSAGE, grace_seconds=5,
+                          adapter_memory=adapter_memory, max_new_tokens=4000, metrics_port=0)
     started = Cluster(ClusterConfig(config, replicas=2, replica_cpus=0.5))
     daemons: list[int] = []
     try:
@@ -77,11 +101,11 @@ def client(cluster):
 
 
 @pytest.fixture(scope="module")
-def single(served_base, shared_registry):
-    """One in-process server on the same base and registry: what the cluster must answer."""
+def single(served_base, shared_registry, remote_registry):
+    """One in-process server on the same base, registry and remote: what the cluster must answer."""
     model, tokenizer = served_model(served_base)
-    server = RuntimeServer(ServerConfig(base_model=str(served_base), port=0), model=model, tokenizer=tokenizer,
-                           registry=shared_registry).start()
+    config = ServerConfig(base_model=str(served_base), port=0, remote=str(remote_registry.root))
+    server = RuntimeServer(config, model=model, tokenizer=tokenizer, registry=shared_registry).start()
     with RuntimeClient(server.address, timeout=120) as c:
         yield c
     server.stop(grace=0)
@@ -94,15 +118,21 @@ def generate_on(client: RuntimeClient, prompt: str = PROMPT, **kwargs) -> tuple[
     return reply, dict(call.trailing_metadata())
 
 
-def request_router(cluster):
-    """Serve's router in this process (the endpoint's handle). Serve has no public view of what it routes by;
-    the tests read it to wait for an update rather than sleep."""
-    return cluster.handle._router._asyncio_router.request_router
+def settled(client: RuntimeClient, fresh, tries: int = 6) -> tuple[dict, dict]:
+    """Request kwargs for an adapter set that one replica alone holds, and that replica's metadata.
 
-
-def replica_ids(cluster) -> set[str]:
-    """The replicas the router sends to now."""
-    return {replica.unique_id for replica in request_router(cluster).curr_replicas}
+    The first request for a new set lands on some replica, which reports the set to Serve's router; a request
+    sent before the report arrives may land on another replica, which then holds the set too. Serve shows
+    no public view of what the router knows, so this waits for what clients see: after a pause, the next
+    requests all land on the first one's replica. Otherwise it tries a fresh set (`fresh(i)`), pausing longer."""
+    for i in range(tries):
+        kwargs = fresh(i)
+        _, first = generate_on(client, max_new_tokens=1, **kwargs)
+        time.sleep(0.25 * 2 ** i)  # the replica's report reaches the router (pushed every 0.1 s)
+        if all(generate_on(client, max_new_tokens=1, **kwargs)[1][REPLICA_KEY] == first[REPLICA_KEY]
+               for _ in range(3)):
+            return kwargs, first
+    raise AssertionError(f"no adapter set settled on one replica in {tries} tries")
 
 
 def running() -> int:
@@ -122,7 +152,7 @@ def test_routing_key_is_the_canonical_adapter_set():
     assert key(adapters=["a"]) != key(adapters=[("a", 2.0)]) != key(adapters=[("a", 2.0)], mode="average")
     linear, ties = (dict(adapters=["a", "b"], mode="merge", merge=pb.MergeOptions(method=m)) for m in ("linear", "ties"))
     assert key(**linear) != key(**ties) and key(**linear).startswith("merge|a:1,b:1|")
-    assert routing_key("LoadAdapter", pb.LoadAdapterRequest(ref="a").SerializeToString()) == key(adapters=["a"])
+    assert routing_key("LoadAdapter", pb.LoadAdapterRequest(ref="a").SerializeToString()) == ""  # to every replica
     assert routing_key("Generate", b"\xff\xff not a message") == ""
     assert routing_key("GetInfo", b"") == ""
 
@@ -178,19 +208,12 @@ def test_sampling_with_a_seed_equals_a_single_servers(client, single):
     assert client.generate(PROMPT, **kwargs).text == single.generate(PROMPT, **kwargs).text
 
 
-def routed_to(cluster, key: str) -> set[str]:
-    """The replicas the router knows to hold `key` (a replica reports a new one within a push interval)."""
-    return {replica.unique_id for replica in request_router(cluster)._multiplexed_model_id_to_replica_ids.get(key, ())}
-
-
-def test_repeated_requests_for_an_adapter_land_on_the_replica_that_loaded_it(cluster, client):
-    adapters = ["lora3", ("ia3", 0.5)]
-    _, first = generate_on(client, adapters=adapters, max_new_tokens=4)
-    key = routing_key("Generate", client.generate_request(PROMPT, adapters=adapters).SerializeToString())
-    wait_until(lambda: routed_to(cluster, key) == {first[REPLICA_KEY]}, "Serve's router heard of the set")
-    later = [generate_on(client, adapters=[("ia3", 0.5), "lora3"], max_new_tokens=4)[1] for _ in range(6)]
+def test_repeated_requests_for_an_adapter_land_on_the_replica_that_loaded_it(client):
+    kwargs, first = settled(client, lambda i: dict(adapters=[("lora3", 1 + i / 8), ("ia3", 0.5)]))
+    swapped = dict(adapters=list(reversed(kwargs["adapters"])))  # the same set named in another order
+    later = [generate_on(client, max_new_tokens=4, **swapped)[1] for _ in range(6)]
     assert {m[REPLICA_KEY] for m in later} == {first[REPLICA_KEY]}, (first[REPLICA_KEY], [m[REPLICA_KEY] for m in later])
-    # ... where it is now a device hit: the replica's hit count grew by one per request
+    # ... where it is now a device hit: the replica's hit count grew by one per adapter and request
     assert int(later[-1]["x-replica-device-hits"]) >= int(first["x-replica-device-hits"]) + 2 * 6
 
 
@@ -231,63 +254,161 @@ def test_auth_and_size_limits_as_hub_serve(cluster):
     assert cluster.address.startswith("127.0.0.1:")
 
 
+def by_load(cluster, client: RuntimeClient, **kwargs) -> dict[str, tuple[pb.GenerateResponse, dict]]:
+    """One request's reply and metadata on each replica, sent by load until every replica has answered one."""
+    wanted, seen = cluster.replica_ids(), {}
+    cluster.router.affinity = False
+    try:
+        for _ in range(60):  # with equal queues Serve picks at random: 60 tries miss one of 2 at 2**-59
+            reply, metadata = generate_on(client, max_new_tokens=1, **kwargs)
+            seen[metadata[REPLICA_KEY]] = reply, metadata
+            if set(seen) == wanted:
+                break
+    finally:
+        cluster.router.affinity = True
+    assert set(seen) == wanted
+    return seen
+
+
+def test_load_and_unload_reach_every_replica(cluster, client, single):
+    """LoadAdapter goes to every replica (the answer names them all); each then serves the adapter from the
+    device (a hit, no miss); ListAdapters gathers the replicas' lists; UnloadAdapter takes it off every one."""
+    replicas = cluster.replica_ids()
+    reply, call = client.stub.LoadAdapter.with_call(pb.LoadAdapterRequest(ref="bottleneck", pin=True),
+                                                    metadata=client._metadata, timeout=120)
+    assert reply.adapter.ref == "bottleneck@1.0.0" and reply.adapter.pinned
+    assert set(dict(call.trailing_metadata())["x-replica-ids"].split(",")) == replicas
+    before = by_load(cluster, client)
+    after = by_load(cluster, client, adapters=["bottleneck"])
+    for replica in replicas:
+        assert after[replica][1]["x-replica-device-misses"] == before[replica][1]["x-replica-device-misses"]
+    listed = {a.ref: a for a in client.list_all_adapters().adapters}["bottleneck@1.0.0"]
+    assert listed.pinned and listed.tier == pb.TIER_DEVICE and listed.requests_served >= len(replicas)
+    assert client.list_adapters().device_budget_bytes == len(replicas) * cluster.config.server.adapter_memory
+    assert client.unload_adapter("bottleneck").adapter.tier == pb.TIER_DISK
+    listed = {a.ref: a for a in client.list_all_adapters().adapters}["bottleneck@1.0.0"]
+    assert not listed.pinned and listed.tier == pb.TIER_DISK  # the nearest tier any replica has it on
+    with pytest.raises(RequestFailed) as cluster_error:  # every replica refuses alike: one server's refusal
+        client.load_adapter("no-such-adapter")
+    with pytest.raises(RequestFailed) as single_error:
+        single.load_adapter("no-such-adapter")
+    assert (cluster_error.value.code(), cluster_error.value.details()) == \
+        (single_error.value.code(), single_error.value.details())
+
+
+def test_list_adapters_pages_through_every_replicas_adapters(client):
+    whole = [a.ref for a in client.list_all_adapters().adapters]
+    paged, token = [], ""
+    while True:
+        page = client.list_adapters(page_size=2, page_token=token)
+        paged += [a.ref for a in page.adapters]
+        token = page.next_page_token
+        if not token:
+            break
+    assert paged == whole == sorted(set(whole)) and len(whole) >= 3
+
+
+def versions(cluster, client: RuntimeClient, ref: str) -> set[str]:
+    """The versions of `ref` the replicas serve now, one request on each."""
+    return {reply.adapters[0].version for reply, _ in by_load(cluster, client, adapters=[ref]).values()}
+
+
 def test_a_push_and_a_tag_move_are_seen_by_every_replica(cluster, client, shared_registry, served_adapters,
                                                          served_base):
     shared_registry.push(served_adapters["lora1"], "moving", "1.0.0", base_model=str(served_base))
     shared_registry.tag("moving@1.0.0", "prod")
-
-    def versions_on_both() -> dict[str, str]:
-        seen: dict[str, str] = {}
-        for _ in range(40):  # by load, as above
-            reply, metadata = generate_on(client, adapters=["moving@prod"], max_new_tokens=2)
-            seen[metadata[REPLICA_KEY]] = reply.adapters[0].version
-            if len(seen) == 2:
-                break
-        return seen
-
-    cluster.router.affinity = False  # so the requests reach both replicas
-    try:
-        assert set(versions_on_both().values()) == {"1.0.0"}
-        shared_registry.push(served_adapters["lora2"], "moving", "2.0.0", base_model=str(served_base))
-        shared_registry.tag("moving@2.0.0", "prod")
-        after = versions_on_both()
-    finally:
-        cluster.router.affinity = True
-    assert len(after) == 2 and set(after.values()) == {"2.0.0"}
+    assert versions(cluster, client, "moving@prod") == {"1.0.0"}
+    shared_registry.push(served_adapters["lora2"], "moving", "2.0.0", base_model=str(served_base))
+    shared_registry.tag("moving@2.0.0", "prod")
+    assert versions(cluster, client, "moving@prod") == versions(cluster, client, "moving") == {"2.0.0"}
 
 
-def test_a_replica_killed_mid_traffic(cluster, client, single):
-    """Its unary calls are retried on the other replica (same answers), its stream ends UNAVAILABLE, nothing
-    hangs, Serve starts a replacement, and requests after it succeed."""
-    adapters = [("lora3", 0.25)]  # a set no other test sends: one replica holds it
-    want = single.generate(PROMPT, adapters=adapters, max_new_tokens=300)
-    _, where = generate_on(client, adapters=adapters, max_new_tokens=2)
-    key = routing_key("Generate", client.generate_request(PROMPT, adapters=adapters).SerializeToString())
-    wait_until(lambda: routed_to(cluster, key) == {where[REPLICA_KEY]}, "Serve's router heard of the set")
-    before, retried = replica_ids(cluster), cluster.retries
+def test_a_push_and_a_tag_move_on_the_remote_are_seen_by_every_replica(cluster, client, remote_registry,
+                                                                       served_adapters, served_base):
+    """The replicas pull what their registry lacks from the remote; a name or a tag names what it names on the
+    remote now, so a version pushed or a tag moved there is served by every replica's next request."""
+    remote_registry.push(served_adapters["lora1"], "far", "1.0.0", base_model=str(served_base))
+    remote_registry.tag("far@1.0.0", "prod")
+    assert versions(cluster, client, "far@prod") == versions(cluster, client, "far") == {"1.0.0"}
+    remote_registry.push(served_adapters["lora2"], "far", "2.0.0", base_model=str(served_base))
+    assert versions(cluster, client, "far") == {"2.0.0"}
+    assert versions(cluster, client, "far@prod") == {"1.0.0"}
+    remote_registry.tag("far@2.0.0", "prod")
+    assert versions(cluster, client, "far@prod") == {"2.0.0"}
+
+
+def replica_metric(cluster, name: str, replica: str) -> float | None:
+    """A replica's sample of `name`, as the cluster's /metrics serves it (labelled by replica)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=60) as r:
+        text = r.read().decode()
+    return next((s.value for family in text_string_to_metric_families(text) for s in family.samples
+                 if s.name == name and s.labels.get("replica") == replica), None)
+
+
+def test_metrics_serve_every_replica_labelled_by_replica(cluster, client):
+    client.list_adapters()  # answered by every replica
+    for replica in cluster.replica_ids():
+        assert replica_metric(cluster, "adapterhub_adapter_memory_waiting", replica) == 0
+        served = replica_metric(cluster, "adapterhub_requests_total", replica)
+        assert served is not None and served > 0
+    assert replica_metric(cluster, "adapterhub_cluster_replicas", None) == len(cluster.replica_ids())
+
+
+def stream_of(client: RuntimeClient, **kwargs):
+    return client.stub.GenerateStream(client.generate_request(PROMPT, **kwargs), metadata=client._metadata,
+                                      timeout=120)
+
+
+def test_a_replica_killed_mid_traffic(cluster, client, single, shared_registry, served_adapters, served_base):
+    """One replica decodes two long streams (their first chunks sent) holding its device budget; a unary call
+    and a stream for an adapter that does not fit beside them wait there for room (nothing sent yet). The
+    replica is killed: the two streams end UNAVAILABLE; the call and the waiting stream are sent once more,
+    to the other replica, and answer as a single server does; Serve starts a replacement; requests after
+    it succeed. All name the adapter by one tag (one adapter set, so one replica), moved between them."""
+    for version, source in zip(("1.0.0", "2.0.0", "3.0.0"), HOLD + (WAIT,)):
+        shared_registry.push(served_adapters[source], "held", version, base_model=str(served_base))
+    want = single.generate(PROMPT, adapters=["held@3.0.0"], max_new_tokens=40)
+
+    def fresh(i: int) -> dict:
+        shared_registry.tag("held@1.0.0", f"kill{i}")
+        return dict(adapters=[f"held@kill{i}"])
+
+    kwargs, where = settled(client, fresh)
+    replica, pid = where[REPLICA_KEY], int(where[REPLICA_PID_KEY])
+    tag = kwargs["adapters"][0]
+    holding = []
+    for version in ("1.0.0", "2.0.0"):
+        shared_registry.tag(f"held@{version}", tag.split("@")[1])
+        stream = stream_of(client, max_new_tokens=4000, **kwargs)
+        next(stream), next(stream)  # the adapters, then a token: decoding, holding the adapter
+        assert int(dict(stream.initial_metadata())[REPLICA_PID_KEY]) == pid
+        holding.append(stream)
+    shared_registry.tag("held@3.0.0", tag.split("@")[1])
+    before, retried, restreamed = cluster.replica_ids(), cluster.retries(), cluster.retries("stream")
     results: list = []
-    unary = threading.Thread(target=lambda: results.append(client.generate(PROMPT, adapters=adapters,
-                                                                           max_new_tokens=300)))
+    unary = threading.Thread(target=lambda: results.append(client.generate(PROMPT, max_new_tokens=40, **kwargs)))
     unary.start()
-    stream = client.stub.GenerateStream(client.generate_request(PROMPT, adapters=adapters, max_new_tokens=1024),
-                                        metadata=client._metadata, timeout=120)
-    next(stream)
-    next(stream)  # decoding: the replica is busy with it (and, by affinity, with the unary call)
-    pid = int(dict(stream.initial_metadata())[REPLICA_PID_KEY])
-    assert pid == int(where[REPLICA_PID_KEY])
+    waiting = stream_of(client, max_new_tokens=40, **kwargs)
+    wait_until(lambda: replica_metric(cluster, "adapterhub_adapter_memory_waiting", replica) == 2,
+               "the call and the stream wait for device room on the replica")
     os.kill(pid, signal.SIGKILL)
-    with pytest.raises(grpc.RpcError) as ended:
-        for _ in stream:
-            pass
-    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "replica serving this stream stopped" in ended.value.details()
+    for stream in holding:
+        with pytest.raises(grpc.RpcError) as ended:
+            for _ in stream:
+                pass
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "replica serving this stream stopped" in ended.value.details()
+    assert "".join(chunk.text for chunk in waiting) == want.text
+    assert int(dict(waiting.initial_metadata())[REPLICA_PID_KEY]) != pid
     unary.join(timeout=120)
     assert not unary.is_alive() and results and results[0].text == want.text
-    assert cluster.retries == retried + 1  # the unary call, in the killed replica's batch, went once more
-    wait_until(lambda: len(replica_ids(cluster)) == 2 and where[REPLICA_KEY] not in replica_ids(cluster),
+    assert (cluster.retries(), cluster.retries("stream")) == (retried + 1, restreamed + 1)  # each went once more
+    wait_until(lambda: len(cluster.replica_ids()) == 2 and replica not in cluster.replica_ids(),
                "Serve replaced the killed replica", limit=180)
-    assert len(replica_ids(cluster) - before) == 1 and running() == 2
-    reply, metadata = generate_on(client, adapters=adapters, max_new_tokens=300)
+    assert len(cluster.replica_ids() - before) == 1 and running() == 2
+    reply, metadata = generate_on(client, max_new_tokens=40, **kwargs)
     assert reply.text == want.text and int(metadata[REPLICA_PID_KEY]) != pid
 
 
@@ -306,16 +427,16 @@ def test_scale_up_and_down_while_serving(cluster, client):
 
     load = threading.Thread(target=traffic)
     generate_on(client, max_new_tokens=1)  # the handle's router starts with its first request
-    before = replica_ids(cluster)
+    before = cluster.replica_ids()
     load.start()
     try:
         cluster.scale(3)
         assert running() == 3
-        wait_until(lambda: len(replica_ids(cluster)) == 3, "the router sends to 3 replicas")
-        assert before < replica_ids(cluster)  # the replicas that were there kept running
+        wait_until(lambda: len(cluster.replica_ids()) == 3, "the router sends to 3 replicas")
+        assert before < cluster.replica_ids()  # the replicas that were there kept running
         cluster.scale(1)
-        wait_until(lambda: len(replica_ids(cluster)) == 1 and running() == 1, "Serve stopped two replicas", limit=120)
-        assert replica_ids(cluster) < before | replicas
+        wait_until(lambda: len(cluster.replica_ids()) == 1 and running() == 1, "Serve stopped two replicas", limit=120)
+        assert cluster.replica_ids() < before | replicas
     finally:
         stop.set()
         load.join(timeout=120)
@@ -327,18 +448,21 @@ def test_hub_serve_replicas_serves_and_leaves_no_ray_process(served_base, shared
     """The CLI end to end, as a process: one replica, a request, SIGTERM; its Ray processes are gone after."""
     hub = Path(sys.executable).parent / "hub"
     args = [str(hub), "serve", "--replicas", "1", "--replica-cpus", "0.5", "--base-model", str(served_base),
-            "--registry", str(shared_registry.root), "--port", "0", "--auth-token-file", str(token_file), "--grace", "2"]
+            "--registry", str(shared_registry.root), "--port", "0", "--auth-token-file", str(token_file), "--grace", "2",
+            "--metrics-port", "0"]
     process = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
     try:
         line = ""
         while "listening on" not in line:
             line = process.stderr.readline()
             assert line or process.poll() is None, "hub serve --replicas exited before listening"
-        address = line.rsplit("listening on ", 1)[1].strip()
+        address, metrics = line.rsplit("listening on ", 1)[1].strip().split(", metrics on ")
         ray_pids = ray_children(process.pid)
         assert ray_pids, "a local Ray cluster runs under hub serve"
         with RuntimeClient(address, token=ADMIN, timeout=120) as c:
             assert c.generate(PROMPT, adapters=["lora0"], max_new_tokens=4).text
+        with urllib.request.urlopen(metrics, timeout=60) as r:
+            assert b'adapterhub_cluster_replicas 1.0' in r.read()
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=120) == 0
     finally:

@@ -372,7 +372,7 @@ def test_eos_finishes_a_sequence_without_reporting_it(engine, base, folders):
     eng.model.generation_config.eos_token_id = greedy[3]  # this engine's eos: the 4th greedy token
     s = Row("e", PROMPTS[1], PLANS[1], SamplingParams(max_new_tokens=12))
     run(eng, [s])
-    assert s.output_ids == greedy[:3] and s.finish_reason == "stop"
+    assert s.output_ids == greedy[:3] and s.finish_reason == "stop" and not s.stop_string
 
 
 class _CharTokenizer:
@@ -390,7 +390,7 @@ def test_stop_string_ends_the_sequence_and_is_cut_from_the_text(base, engine, fo
     stop = _CharTokenizer().decode(greedy[4:6])
     s = Row("s", PROMPTS[0], PLANS[0], SamplingParams(max_new_tokens=12, stop=(stop,)))
     run(eng, [s])
-    assert s.finish_reason == "stop" and s.output_ids == greedy[:6]
+    assert s.finish_reason == "stop" and s.stop_string and s.output_ids == greedy[:6]
     assert visible_text(_CharTokenizer(), s) == _CharTokenizer().decode(greedy[:6]).split(stop)[0]
 
 

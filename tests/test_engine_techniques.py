@@ -276,6 +276,46 @@ def test_last_only_feeds_the_vocabulary_head_a_contiguous_input(engine):
     assert seen == [True]
 
 
+def test_keep_last_gives_and_projects_only_the_last_positions(engine):
+    """Scoring a completion asks for its last positions only: the vocabulary head sees just those rows."""
+    plans = [plan("lora_all"), RowPlan(), plan("prompt5"), plan("ia3")]
+    ids, mask = left_pad(ROWS[:4])
+    full, _ = engine.forward(ids, mask, plans, use_cache=False)
+    seen = []
+    hook = engine.model.get_output_embeddings().register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+    try:
+        kept, _ = engine.forward(ids, mask, plans, use_cache=False, keep_last=3)
+    finally:
+        hook.remove()
+    assert kept.shape == (4, 3, full.shape[-1]) and seen == [torch.Size([4, 3, 64])]
+    assert (kept - full[:, -3:]).abs().max() <= 1e-5
+
+
+def test_completion_nll_keeps_the_callers_order_and_scores_each_item_as_alone(engine):
+    """Items are batched by length (soft prompts counted), yet each result is its item's, in the given order,
+    and equals that item scored alone."""
+    from runtime.evaluate import Item, completion_nll
+
+    keys = [None, "lora_all", "prompt5", "ia3", "prompt3", "lora_b"]
+    items = [Item(plan(k) if k else RowPlan(), tuple(row[:1 + i % 2]), tuple(row[1 + i % 2:]))
+             for i, (k, row) in enumerate((k, row) for row in ROWS for k in keys) if len(row) > 2]
+    widths, head = [], []
+    hooks = [engine.model.get_input_embeddings().register_forward_pre_hook(lambda m, a: widths.append(a[0].shape[1])),
+             engine.model.get_output_embeddings().register_forward_pre_hook(lambda m, a: head.append(a[0].shape[1]))]
+    try:
+        together = completion_nll(engine, items, batch_size=4)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert widths == sorted(widths, reverse=True) and len(set(widths)) > 1  # longest first: rows of like length
+    assert max(head) == max(len(i.reply_ids) for i in items) + 1  # only the positions that predict replies
+    assert sum(head) < sum(widths)
+    alone = [completion_nll(engine, [item], batch_size=1)[0] for item in items]
+    assert [n for _, n in together] == [len(i.reply_ids) for i in items]
+    for (got, _), (want, _) in zip(together, alone):
+        assert abs(got - want) <= 1e-4 * max(1.0, abs(want))
+
+
 def test_loads_keep_other_compiled_batches_and_replacing_a_key_recompiles(base, folders):
     """Loading an adapter mid-traffic leaves the running batch's compiled ops alone; replacing or
     unloading a key drops exactly the compiled batches that use it (a stale one is never served)."""

@@ -9,7 +9,7 @@ import httpx2 as httpx  # the HTTP client the openai SDK itself uses
 import openai
 import pytest
 
-from server_support import wait_until
+from server_support import served_model, wait_until
 
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 
@@ -214,6 +214,56 @@ def test_lorax_generate_and_stream(http_server):
     assert unknown.status_code == 404  # never silently the base model
 
 
+def _lorax_reasons(root: str, parameters: dict) -> tuple[dict, list[dict]]:
+    """(the whole /generate answer, the /generate_stream events) for PROMPT with these parameters."""
+    body = {"inputs": PROMPT, "parameters": {"details": True, **parameters}}
+    whole = httpx.post(f"{root}/generate", json=body, timeout=120).json()
+    with httpx.stream("POST", f"{root}/generate_stream", json=body, timeout=120) as r:
+        events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
+    return whole, events
+
+
+def _openai_reasons(sdk, **asked) -> tuple[str, str, str, str]:
+    """(text, finish_reason) of a completion, whole then streamed."""
+    whole = sdk.completions.create(prompt=PROMPT, temperature=0, **asked).choices[0]
+    chunks = [c.choices[0] for c in sdk.completions.create(prompt=PROMPT, temperature=0, stream=True, **asked)
+              if c.choices]
+    return whole.text, whole.finish_reason, "".join(c.text for c in chunks), chunks[-1].finish_reason
+
+
+def test_finish_reasons_tell_a_stop_string_from_eos_and_length(http_server, start_server, served_base):
+    """LoRAX's finish_reason, whole and streamed: `stop_sequence` for a stop string, `eos_token` for EOS,
+    `length` for max_new_tokens; OpenAI's says `stop` for the first two, as OpenAI and vLLM do."""
+    server, client, sdk, url = http_server
+    root = url.removesuffix("/v1")
+    full = client.generate(PROMPT, adapters=["lora0"], max_new_tokens=30)
+    stop = full.text[8:10]
+    assert len(full.text) > 10 and stop
+    cut = full.text[:full.text.index(stop)]
+    whole, events = _lorax_reasons(root, {"adapter_id": "lora0", "max_new_tokens": 30, "stop": [stop]})
+    assert whole["generated_text"] == cut and whole["details"]["finish_reason"] == "stop_sequence"
+    assert "".join(e["token"]["text"] for e in events) == cut
+    assert events[-1]["details"]["finish_reason"] == "stop_sequence"
+    assert _openai_reasons(sdk, model="lora0", max_tokens=30, stop=[stop]) == (cut, "stop", cut, "stop")
+    whole, events = _lorax_reasons(root, {"adapter_id": "lora0", "max_new_tokens": 3})
+    assert whole["details"]["finish_reason"] == events[-1]["details"]["finish_reason"] == "length"
+
+    # a server whose EOS is the base's 4th greedy token (the served base never picks its own EOS)
+    greedy = list(client.generate(PROMPT, max_new_tokens=8, temperature=0.0).token_ids)
+    model, tokenizer = served_model(served_base)
+    model.generation_config.eos_token_id = [model.config.eos_token_id, greedy[3]]
+    eos_server, eos_client = start_server(http_port=0, model=(model, tokenizer))
+    ended = eos_client.generate(PROMPT, max_new_tokens=8, temperature=0.0)
+    assert list(ended.token_ids) == greedy[:greedy.index(greedy[3])] and ended.finish_reason == "stop"
+    eos_root = f"http://127.0.0.1:{eos_server.http_port}"
+    whole, events = _lorax_reasons(eos_root, {"max_new_tokens": 8})
+    assert whole["generated_text"] == ended.text and whole["details"]["finish_reason"] == "eos_token"
+    assert "".join(e["token"]["text"] for e in events) == ended.text
+    assert events[-1]["details"]["finish_reason"] == "eos_token"
+    with openai.OpenAI(base_url=f"{eos_root}/v1", api_key="unused", max_retries=0, timeout=120) as eos_sdk:
+        assert _openai_reasons(eos_sdk, model="base", max_tokens=8) == (ended.text, "stop", ended.text, "stop")
+
+
 def test_vllm_load_and_unload(http_server):
     server, client, sdk, url = http_server
     r = httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "lora3"}, timeout=60)
@@ -224,14 +274,29 @@ def test_vllm_load_and_unload(http_server):
     assert all(a.tier == pb.TIER_DISK for a in client.list_adapters().adapters)  # off the device and host
     assert httpx.post(f"{url}/unload_lora_adapter", json={"lora_name": "lora3"}, timeout=60).status_code == 404
     assert httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "nope"}, timeout=60).status_code == 404
-    r = httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "x", "lora_path": "/nonexistent/x"}, timeout=60)
-    assert r.status_code == 400 and "cannot push `lora_path` /nonexistent/x" in r.json()["error"]["message"]
 
 
-def test_vllm_load_with_a_path_pushes_it_first(http_server, served_adapters):
-    """vLLM's `lora_path`: the folder is pushed into the registry as `lora_name` and loaded; then it is named
-    like any adapter. A name that has versions needs one given."""
+def test_vllm_load_with_a_path_needs_allow_runtime_lora(http_server, served_adapters):
+    """A `lora_path` makes the server read a folder on its machine: without --allow-runtime-lora it is a 403
+    naming the flag (as vLLM refuses runtime loads without VLLM_ALLOW_RUNTIME_LORA_UPDATING), and nothing is
+    pushed or loaded."""
     server, client, sdk, url = http_server
+    for path in (str(served_adapters["lora2"]), "/etc"):
+        r = httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "from-path", "lora_path": path}, timeout=60)
+        assert r.status_code == 403 and "--allow-runtime-lora" in r.json()["error"]["message"], r.text
+        assert r.json()["error"]["type"] == "PermissionDeniedError"
+    assert server.pool.registry.index().versions("from-path") == [] and client.list_adapters().adapters == []
+    with pytest.raises(openai.PermissionDeniedError, match="--allow-runtime-lora"):
+        sdk.post("/load_lora_adapter", body={"lora_name": "x", "lora_path": "/etc"}, cast_to=str)
+    assert httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "lora3"}, timeout=60).status_code == 200
+
+
+def test_vllm_load_with_a_path_pushes_it_first(start_server, served_adapters):
+    """With --allow-runtime-lora, vLLM's `lora_path`: the folder is pushed into the registry as `lora_name` and
+    loaded; then it is named like any adapter. A name that has versions needs one given."""
+    server, client = start_server(http_port=0, allow_runtime_lora=True)
+    url = f"http://127.0.0.1:{server.http_port}/v1"
+    sdk = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
     folder = str(served_adapters["lora2"])
     r = httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "from-path", "lora_path": folder}, timeout=60)
     assert r.status_code == 200 and "as from-path@1.0.0" in r.text, r.text
@@ -244,12 +309,16 @@ def test_vllm_load_with_a_path_pushes_it_first(http_server, served_adapters):
     r = httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "from-path@2.0.0", "lora_path": folder},
                    timeout=60)
     assert r.status_code == 200 and "from-path@2.0.0" in r.text
+    r = httpx.post(f"{url}/load_lora_adapter", json={"lora_name": "x", "lora_path": "/nonexistent/x"}, timeout=60)
+    assert r.status_code == 400 and "cannot push `lora_path` /nonexistent/x" in r.json()["error"]["message"]
+    sdk.close()
 
 
 
 def test_lorax_client(http_server):
-    """`lorax-client` works by changing its URL (it declares huggingface-hub<1, so it is not a dev dependency)."""
-    lorax = pytest.importorskip("lorax")
+    """`lorax-client` works by changing its URL (make setup installs it without its declared deps, see the
+    Makefile)."""
+    import lorax
     server, client, sdk, url = http_server
     lc = lorax.Client(url.removesuffix("/v1"), timeout=60)
     expected = client.generate(PROMPT, adapters=["lora1"], max_new_tokens=6, temperature=0.0)
@@ -257,11 +326,24 @@ def test_lorax_client(http_server):
     assert reply.generated_text == expected.text and reply.details.generated_tokens == len(expected.token_ids)
     streamed = [r.token.text for r in lc.generate_stream(PROMPT, adapter_id="lora1", max_new_tokens=6)]
     assert "".join(streamed) == expected.text
+    assert reply.details.finish_reason == lorax.types.FinishReason.Length
+    stop = expected.text[2:4]
+    assert len(expected.text) > 4
+    stopped = lc.generate(PROMPT, adapter_id="lora1", max_new_tokens=6, stop_sequences=[stop])
+    assert stopped.details.finish_reason == lorax.types.FinishReason.StopSequence
+    assert stopped.generated_text == expected.text[:expected.text.index(stop)]
     merged = lorax.MergedAdapters(ids=["lora1"], weights=[0.5], merge_strategy="linear", density=1.0,
                                   majority_sign_method="total")  # the client sends both: linear uses neither
     same = client.generate(PROMPT, adapters=[("lora1", 0.5)], mode="merge", max_new_tokens=6,
                            temperature=0.0, merge=pb.MergeOptions(method="linear"))
     assert lc.generate(PROMPT, merged_adapters=merged, max_new_tokens=6).generated_text == same.text
+
+
+def test_allow_runtime_lora_needs_the_http_api(start_server):
+    from runtime.server import ServerConfigError
+
+    with pytest.raises(ServerConfigError, match="--allow-runtime-lora needs --http-port"):
+        start_server(allow_runtime_lora=True)
 
 
 def test_tls_and_admin_token(start_server, tmp_path):
@@ -316,10 +398,13 @@ def test_hub_serve_http_port_and_sigterm(served_base, registry):
     from test_server_process import ServeProcess
 
     serve = ServeProcess("--base-model", str(served_base), "--registry", str(registry.root), "--http-port", "0",
-                         "--grace", "300")
+                         "--grace", "300", "--allow-runtime-lora")
     try:
         found = re.search(r"HTTP API on (http://127\.0\.0\.1:\d+/v1)", "".join(serve.lines))
         assert found, serve.lines
+        pushed = httpx.post(f"{found[1]}/load_lora_adapter", json={"lora_name": "x", "lora_path": "/nonexistent/x"},
+                            timeout=60)  # --allow-runtime-lora reached the HTTP API: the push is tried
+        assert pushed.status_code == 400 and "cannot push `lora_path`" in pushed.text, pushed.text
         body = {"model": "lora0", "prompt": PROMPT, "max_tokens": 300, "temperature": 0, "stream": True}
         with httpx.stream("POST", f"{found[1]}/completions", json=body, timeout=300) as r:
             lines = r.iter_lines()

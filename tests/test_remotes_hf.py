@@ -14,6 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from huggingface_hub.hf_api import GitRefInfo, GitRefs
+
 from hub.errors import IntegrityError, RemoteError
 from hub.registry import Registry
 from hub.remotes import Remotes
@@ -24,7 +26,7 @@ from tests.test_registry import snapshot
 def populate_hf_cache(hf_home: Path, repo_id: str, folder: Path, revisions: list[str]) -> Path:
     """Put `folder` into the HF cache as one commit of `repo_id`, reachable by each revision name."""
     storage = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
-    files = sorted(p for p in folder.iterdir() if p.is_file())
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
     commit = hashlib.sha1("".join(hashlib.sha256(p.read_bytes()).hexdigest() for p in files).encode()).hexdigest()
     snapshot_dir = storage / "snapshots" / commit
     (storage / "blobs").mkdir(parents=True, exist_ok=True)
@@ -32,7 +34,9 @@ def populate_hf_cache(hf_home: Path, repo_id: str, folder: Path, revisions: list
     for p in files:
         etag = hashlib.sha256(p.read_bytes()).hexdigest()
         shutil.copyfile(p, storage / "blobs" / etag)
-        (snapshot_dir / p.name).symlink_to(Path("..", "..", "blobs", etag))
+        link = snapshot_dir / p.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(Path(*[".."] * (len(p.relative_to(folder).parts) + 1), "blobs", etag))
     (storage / "refs").mkdir(exist_ok=True)
     for revision in revisions:
         (storage / "refs" / revision).write_text(commit)
@@ -172,6 +176,8 @@ def test_push_is_a_thin_use_of_the_client(technique_adapters, tmp_path, monkeypa
                     return huggingface_hub.CommitInfo(commit_url="https://huggingface.co/acme/lora/commit/c0ffee",
                                                       commit_message="", commit_description="", oid="c0ffee")
                 calls.append((name, arguments))
+                if name == "list_repo_refs":  # a new repo: no tags, no branches but main
+                    return GitRefs(branches=[GitRefInfo("main", "refs/heads/main", "0" * 40)], converts=[], tags=[])
 
             return record
 
@@ -181,6 +187,7 @@ def test_push_is_a_thin_use_of_the_client(technique_adapters, tmp_path, monkeypa
     assert Remotes(local.root).open("hf://acme/lora").publish(manifest, local) == "hf://acme/lora@v1.2.0"
     assert calls == [
         ("create_repo", dict(repo_id="acme/lora", exist_ok=True)),
+        ("list_repo_refs", dict(repo_id="acme/lora")),
         ("upload_folder", dict(repo_id="acme/lora", folder_path=["README.md", "adapter_config.json",
                                                                   "adapter_model.safetensors", "hub-manifest.json"],
                                delete_patterns="*", commit_message="acme/lora@1.2.0 (lora)")),
@@ -200,6 +207,9 @@ def test_push_carries_the_versions_tags_as_git_tags(technique_adapters, tmp_path
     class RecordingApi:
         def create_repo(self, repo_id, exist_ok):
             pass
+
+        def list_repo_refs(self, repo_id):
+            return GitRefs(branches=[], converts=[], tags=[])
 
         def upload_folder(self, repo_id, folder_path, delete_patterns, commit_message):
             return type("Commit", (), {"oid": "c0ffee"})()
@@ -255,3 +265,120 @@ def test_evaluation_records_travel_in_the_upload(technique_adapters, tmp_path):
     pulled = Registry(bob).resolve("mine/lora@1.0.0")
     assert pulled.sha256 == manifest.sha256 and sorted(pulled.files) == sorted(manifest.files)
     assert evals.read(bob, pulled) == records
+
+
+class FakeHub:
+    """A Hugging Face repo in memory (commits of files; branches and tags naming them), answering the client
+    calls a push makes; each call is bound to the real HfApi method's signature, so a drifted call fails here
+    as it would there. `cache` lays a revision into an HF cache, where a pull reads it offline."""
+
+    def __init__(self, tmp: Path):
+        self.tmp, self.commits, self.branches, self.tags = tmp, {}, {}, {}
+
+    def __getattr__(self, name: str):
+        import inspect
+
+        from huggingface_hub.hf_api import HfApi  # the real class: the tests patch huggingface_hub.HfApi
+
+        impl = getattr(type(self), f"_{name}")
+
+        def call(*args, **kwargs):
+            bound = inspect.signature(getattr(HfApi, name)).bind(self, *args, **kwargs)
+            return impl(self, **{k: v for k, v in bound.arguments.items() if k != "self"})
+        return call
+
+    def _commit(self, files: dict[str, bytes]) -> str:
+        oid = hashlib.sha1(json.dumps(sorted((k, v.hex()) for k, v in files.items())).encode()).hexdigest()
+        self.commits[oid] = files
+        return oid
+
+    def _files(self, revision: str) -> dict[str, bytes]:
+        return self.commits[self.tags.get(revision) or self.branches.get(revision) or revision]
+
+    def _create_repo(self, repo_id, exist_ok):
+        self.branches.setdefault("main", self._commit({}))
+
+    def _list_repo_refs(self, repo_id):
+        def refs(names, kind):
+            return [GitRefInfo(n, f"refs/{kind}/{n}", c) for n, c in names.items()]
+        return GitRefs(branches=refs(self.branches, "heads"), converts=[], tags=refs(self.tags, "tags"))
+
+    def _upload_folder(self, repo_id, folder_path, delete_patterns, commit_message):
+        assert delete_patterns == "*"
+        self.branches["main"] = self._commit({p.name: p.read_bytes() for p in Path(folder_path).iterdir()})
+        return type("Commit", (), {"oid": self.branches["main"]})()
+
+    def _create_tag(self, repo_id, tag, revision):
+        assert tag not in self.tags, f"tag {tag} exists: git tags do not move"
+        self.tags[tag] = revision
+
+    def _create_branch(self, repo_id, branch, exist_ok):
+        self.branches.setdefault(branch, self.branches["main"])
+
+    def _upload_file(self, path_or_fileobj, path_in_repo, repo_id, revision, parent_commit, commit_message):
+        assert parent_commit in (None, self.branches[revision]), "the branch moved since it was read"
+        self.branches[revision] = self._commit({**self._files(revision), path_in_repo: path_or_fileobj})
+
+    def _hf_hub_download(self, repo_id, filename, revision):
+        from huggingface_hub.errors import EntryNotFoundError
+
+        files = self._files(revision)
+        if filename not in files:
+            raise EntryNotFoundError(f"{filename} not at {revision}")
+        path = self.tmp / hashlib.sha256(files[filename]).hexdigest()
+        path.write_bytes(files[filename])
+        return str(path)
+
+    def cache(self, hf_home: Path, repo_id: str, revision: str) -> None:
+        folder = self.tmp / f"rev-{revision}"
+        for name, data in self._files(revision).items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_bytes(data)
+        populate_hf_cache(hf_home, repo_id, folder, [revision])
+
+
+def test_records_made_after_the_first_push_travel_on_the_records_branch(technique_adapters, tmp_path, monkeypatch):
+    """A version's tag is its content and does not move; records made later go to the `hub-evals` branch on
+    the next push (merged with what is there, the artifact not uploaded again), and a pull adds both."""
+    import huggingface_hub
+
+    from hub import evals
+
+    hub_api = FakeHub(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda: hub_api)
+    local = Registry(tmp_path / "alice")
+    manifest = local.push(technique_adapters["lora"], "acme/lora", "1.0.0", base_model=str(technique_adapters["base"]))
+    first, later = (evals.new_record(manifest, "loss", v, 9, {"file": "val.jsonl", "sha256": "ab" * 32, "rows": 3},
+                                     {"id": "b", "fingerprint": "f"}, {}) for v in (1.25, 1.5))
+    evals.append(local.root, manifest, [first])
+    remote = HFRemote("acme/lora")
+    assert remote.publish(manifest, local) == "hf://acme/lora@v1.0.0"
+    tagged = hub_api.tags["v1.0.0"]
+    evals.append(local.root, manifest, [later])
+    remote.publish(manifest, local)
+    remote.publish(manifest, local)  # nothing new: no commit
+    assert hub_api.tags["v1.0.0"] == tagged and len(hub_api.commits) == 4  # empty main, version, branch x2
+    held = hub_api._files("hub-evals")["hub-evals/1.0.0.jsonl"].decode()
+    assert [json.loads(line)["id"] for line in held.splitlines()] == [first["id"], later["id"]]
+
+    hf_home = tmp_path / "hf"
+    hub_api.cache(hf_home, "acme/lora", "v1.0.0")
+    hub_api.cache(hf_home, "acme/lora", "hub-evals")
+    bob = tmp_path / "bob"
+    result = run_hub("pull", "acme/lora@1.0.0", "--from", "hf://acme/lora", hub_home=bob, hf_home=hf_home)
+    assert result.returncode == 0, result.stderr
+    assert evals.read(bob, Registry(bob).resolve("acme/lora@1.0.0")) == [first, later]
+
+
+def test_pushing_other_content_under_a_published_version_is_refused(technique_adapters, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    hub_api = FakeHub(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda: hub_api)
+    alice, carol = Registry(tmp_path / "alice"), Registry(tmp_path / "carol")
+    HFRemote("acme/x").publish(alice.push(technique_adapters["lora"], "acme/x", "1.0.0"), alice)
+    commits = dict(hub_api.commits)
+    other = carol.push(technique_adapters["ia3"], "acme/x", "1.0.0")
+    with pytest.raises(RemoteError, match=r"hf://acme/x@v1.0.0 holds other content .* push a new version"):
+        HFRemote("acme/x").publish(other, carol)
+    assert hub_api.commits == commits

@@ -260,6 +260,30 @@ def test_an_adapter_only_on_the_remote_is_pulled_checked_and_served(start_server
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND and "remote" in caught.value.details()
 
 
+def test_a_version_pushed_or_a_tag_moved_on_the_remote_is_served_by_the_next_request(start_server, registry,
+                                                                                    served_base, served_adapters,
+                                                                                    tmp_path):
+    """`hub serve --remote`: a name or a tag names what it names on the remote now, though an earlier version is
+    already pulled; an exact version the registry holds is not looked up again."""
+    from hub.registry import Registry
+
+    shared = Registry(tmp_path / "shared")
+    shared.push(served_adapters["lora1"], "team/moving", "1.0.0", base_model=str(served_base))
+    shared.tag("team/moving@1.0.0", "prod")
+    _, client = start_server(remote=str(shared.root))
+
+    def served(ref: str) -> str:
+        return client.generate(PROMPT, adapters=[ref], max_new_tokens=2).adapters[0].ref
+
+    assert served("team/moving") == served("team/moving@prod") == "team/moving@1.0.0"
+    shared.push(served_adapters["lora2"], "team/moving", "2.0.0", base_model=str(served_base))
+    assert (served("team/moving"), served("team/moving@prod")) == ("team/moving@2.0.0", "team/moving@1.0.0")
+    shared.tag("team/moving@2.0.0", "prod")
+    assert served("team/moving@prod") == "team/moving@2.0.0"
+    assert client.generate(PROMPT, adapters=["team/moving@prod"], max_new_tokens=8).token_ids == \
+        client.generate(PROMPT, adapters=["lora2"], max_new_tokens=8).token_ids
+
+
 def test_a_damaged_file_on_the_remote_is_data_loss_and_nothing_is_kept(start_server, registry, served_base, tmp_path):
     from helpers import save_peft_adapter, tiny_llama
     from peft import LoraConfig

@@ -3,9 +3,15 @@
 Push is a thin use of the real client: upload the artifact's files plus `hub-manifest.json` (and a
 model card carrying `base_model` and, for PEFT techniques, `library_name: peft`, unless the
 artifact ships its own; and `hub-evals.jsonl`, the version's evaluation records, if it has any),
-then tag the commit `v<version>`; a pull adds the records it finds. Pull downloads that revision with
-`snapshot_download` (which also reads a local HF cache offline) and verifies every file against
-the manifest's sha256. A plain PEFT adapter repo (no manifest) is imported like a local folder.
+then tag the commit `v<version>`. Pull downloads that revision with `snapshot_download` (which also
+reads a local HF cache offline) and verifies every file against the manifest's sha256. A plain PEFT
+adapter repo (no manifest) is imported like a local folder.
+
+Evaluation records grow after a version is published, but a version's tag is its content and git tags
+do not move, so records also live on a branch of their own, `hub-evals`, one `hub-evals/<version>.jsonl`
+per version: every push of a version merges its local records into that file (a version already tagged
+is not uploaded again, once its manifest there is found to be the same content), and a pull adds the
+records of both the tag and the branch.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from hub.store import Progress
 
 MANIFEST_FILE = "hub-manifest.json"
 EVALS_FILE = "hub-evals.jsonl"  # the version's evaluation records when it was pushed (hub/evals.py)
+EVALS_BRANCH = "hub-evals"  # every version's records as they grow: hub-evals/<version>.jsonl on this branch
 CARD_FILE = "README.md"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _PEFT_TECHNIQUES = {Technique.LORA.value, Technique.IA3.value, Technique.PROMPT_TUNING.value}
@@ -123,8 +130,9 @@ class HFRemote(Remote):
             manifest = load_manifest(data, f"{self.url}@{revision}/{MANIFEST_FILE}")
             if version is not None and manifest.version != version:
                 raise RemoteError(f"{self.url}@{revision} holds version {manifest.version}, not {version}")
+            grown = self._branch_records(manifest)  # before the version is added: a failure changes nothing
             added = local.add_files(folder, manifest.renamed(name, manifest.version), progress)
-            evals.append(local.root, added, evals.read_file(folder / EVALS_FILE, added))
+            evals.append(local.root, added, evals.read_file(folder / EVALS_FILE, added) + grown)
             return added
         if version is None:
             raise RemoteError(
@@ -133,27 +141,90 @@ class HFRemote(Remote):
             )
         return local.push(folder, name, version, lineage={"imported_from": f"{self.url}@{revision}"}, progress=progress)
 
+    def _branch_records(self, manifest: Manifest) -> list[dict]:
+        """The version's records on the records branch (none when the branch or its file is missing)."""
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RevisionNotFoundError
+
+        try:
+            path = hf_hub_download(self.repo_id, _records_name(manifest), revision=EVALS_BRANCH)
+        except (EntryNotFoundError, LocalEntryNotFoundError, RevisionNotFoundError):
+            return []
+        except Exception as e:  # network boundary: one line
+            raise RemoteError(f"{self.url}@{EVALS_BRANCH}: cannot download the evaluation records ({e})") from None
+        return evals.read_file(Path(path), manifest)
+
     def publish(self, manifest: Manifest, local: Registry, progress: Progress | None = None) -> str:
         from huggingface_hub import HfApi
         from huggingface_hub.errors import RevisionNotFoundError
 
         api = HfApi()
+        version_tag = f"v{manifest.version}"
         with tempfile.TemporaryDirectory(prefix="hub-hf-") as tmp:
             stage(manifest, local, Path(tmp))
             try:
                 api.create_repo(self.repo_id, exist_ok=True)
-                commit = api.upload_folder(
-                    repo_id=self.repo_id, folder_path=tmp, delete_patterns="*",
-                    commit_message=f"{manifest.ref} ({manifest.technique})",
-                )
-                api.create_tag(self.repo_id, tag=f"v{manifest.version}", revision=commit.oid)
+                refs = api.list_repo_refs(self.repo_id)
+                tagged = {t.name: t.target_commit for t in refs.tags}
+                if version_tag in tagged:  # published before: the same content, or nothing is changed
+                    self._check_same(api, manifest, version_tag)
+                    commit = tagged[version_tag]
+                else:
+                    commit = api.upload_folder(
+                        repo_id=self.repo_id, folder_path=tmp, delete_patterns="*",
+                        commit_message=f"{manifest.ref} ({manifest.technique})",
+                    ).oid
+                    api.create_tag(self.repo_id, tag=version_tag, revision=commit)
                 for tag in local.version_tags(manifest):  # a git tag cannot be moved: delete, then create
                     try:
                         api.delete_tag(self.repo_id, tag=tag)
                     except RevisionNotFoundError:
                         pass
-                    api.create_tag(self.repo_id, tag=tag, revision=commit.oid)
+                    api.create_tag(self.repo_id, tag=tag, revision=commit)
+                self._publish_records(api, manifest, local, {b.name: b.target_commit for b in refs.branches})
+            except RemoteError:
+                raise
             except Exception as e:  # network boundary: the client raises many kinds; report one line
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 raise RemoteError(f"{self.url}: push failed ({e.__class__.__name__}: {reason})") from None
-        return f"{self.url}@v{manifest.version}"
+        return f"{self.url}@{version_tag}"
+
+    def _check_same(self, api, manifest: Manifest, version_tag: str) -> None:
+        """RemoteError unless the version tagged here is the content being pushed (a version never changes)."""
+        path = api.hf_hub_download(self.repo_id, MANIFEST_FILE, revision=version_tag)
+        try:
+            there = json.loads(Path(path).read_text()).get("sha256")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            there = None
+        if there != manifest.sha256:
+            raise RemoteError(f"{self.url}@{version_tag} holds other content (sha256 {str(there)[:12]}, pushing "
+                              f"{manifest.sha256[:12]}): a version never changes, push a new version")
+
+    def _publish_records(self, api, manifest: Manifest, local: Registry, branches: dict[str, str]) -> None:
+        """Merge the version's local records into its file on the records branch (one commit, only when some
+        are new there; `parent_commit` makes a concurrent push fail rather than drop the other's records)."""
+        from huggingface_hub.errors import EntryNotFoundError
+
+        records = evals.read(local.root, manifest)
+        if not records:
+            return
+        held: list[dict] = []
+        if EVALS_BRANCH in branches:
+            try:
+                held = evals.read_file(Path(api.hf_hub_download(self.repo_id, _records_name(manifest),
+                                                                revision=branches[EVALS_BRANCH])), manifest)
+            except EntryNotFoundError:
+                pass
+        else:
+            api.create_branch(self.repo_id, branch=EVALS_BRANCH, exist_ok=True)
+        ids = {r["id"] for r in held}
+        new = [r for r in records if r["id"] not in ids]
+        if new:
+            api.upload_file(path_or_fileobj=evals.lines(held + new).encode(), path_in_repo=_records_name(manifest),
+                            repo_id=self.repo_id, revision=EVALS_BRANCH, parent_commit=branches.get(EVALS_BRANCH),
+                            commit_message=f"{manifest.ref}: {len(new)} evaluation record(s)")
+
+
+def _records_name(manifest: Manifest) -> str:
+    """The version's records file on the records branch."""
+    return f"{EVALS_BRANCH}/{manifest.version}.jsonl"

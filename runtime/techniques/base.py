@@ -20,12 +20,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
 from hub.artifact import Adapter, Technique
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class Stage(IntEnum):
@@ -84,7 +87,7 @@ class TechniqueImpl(ABC):
     technique: ClassVar[Technique]
 
     @abstractmethod
-    def load(self, key: str, adapter: Adapter, model: nn.Module) -> Resident:
+    def load(self, key: str, adapter: Adapter, model: PreTrainedModel) -> Resident:
         """Validate the adapter against the model (hub.checkpoint.check_fits) and move it to the device."""
 
     def weights_dtype(self, model: nn.Module) -> torch.dtype:
@@ -128,6 +131,7 @@ class RowBiasOp(SiteOp):
         self.bias = bias  # (rows, out)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        assert y is not None, "a DELTA op is given the layer's output"
         return y + self.bias.view(self.bias.shape[0], *([1] * (y.dim() - 2)), self.bias.shape[1])
 
 

@@ -31,7 +31,7 @@ before the block's POST ops, and two segments with the same adapter never read e
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -41,6 +41,9 @@ from hub.bottleneck_format import ACTIVATIONS, BottleneckConfig
 from hub.artifact import Adapter, ArtifactError, Technique
 from hub.checkpoint import check_fits, module_tensors
 from runtime.techniques.base import BatchInfo, Resident, SiteOp, Stage, TechniqueImpl, Use, nbytes_of, to_device
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 _PARTS = ("down.weight", "down.bias", "up.weight", "up.bias")
 
@@ -91,7 +94,8 @@ def average(blocks: list[tuple[Block, float]], h: torch.Tensor, r: torch.Tensor)
     else:
         x = h + r if first.original_ln_before else h
         res = h if first.residual_before_ln else x
-    s = sum(w * (b.f(x) if b.config.parallel else b.f(x) + res) for b, w in blocks) / len(blocks)
+    outs = [w * (b.f(x) if b.config.parallel else b.f(x) + res) for b, w in blocks]
+    s = sum(outs[1:], outs[0]) / len(blocks)
     return _after(blocks[-1][0].config, s, h, r)
 
 
@@ -134,6 +138,7 @@ class BlockOp(SiteOp):
         self._index: dict[int, torch.Tensor] = {}
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        assert y is not None, "a POST op is given the layer's output"
         r, self.tap.x = self.tap.x, None
         if r is None:
             raise RuntimeError("bottleneck adapter: the block's residual was not recorded (unsupported layer layout)")
@@ -150,7 +155,7 @@ class BlockOp(SiteOp):
 class Bottleneck(TechniqueImpl):
     technique = Technique.BOTTLENECK
 
-    def load(self, key: str, adapter: Adapter, model: nn.Module) -> Resident:
+    def load(self, key: str, adapter: Adapter, model: PreTrainedModel) -> Resident:
         config = BottleneckConfig.from_dict(adapter.config)
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in BOTTLENECK_MODEL_TYPES:

@@ -11,13 +11,16 @@ Untouched rows get exact ones, so their output is bit-for-bit the base.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from hub.artifact import Adapter, Technique
 from hub.checkpoint import is_feedforward, check_fits, module_tensors
 from runtime.techniques.base import BatchInfo, Resident, SiteOp, Stage, TechniqueImpl, Use, nbytes_of, to_device
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass(eq=False)
@@ -48,6 +51,7 @@ class ScaleOutput(_ScaleOp):
     stage = Stage.POST
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        assert y is not None, "a POST op is given the layer's output"
         return self._apply(y)
 
 
@@ -67,7 +71,7 @@ def row_scales(uses: list[Use], batch: BatchInfo, site: str) -> torch.Tensor:
 class IA3(TechniqueImpl):
     technique = Technique.IA3
 
-    def load(self, key: str, adapter: Adapter, model: nn.Module) -> Resident:
+    def load(self, key: str, adapter: Adapter, model: PreTrainedModel) -> Resident:
         check_fits(adapter, model)
         like = next(model.parameters())
         sites = {path: IA3Site(is_feedforward(adapter, path), to_device(t, like)["ia3_l"].flatten())

@@ -5,17 +5,21 @@ be weighted, so each must apply with weight 1 after the mode's rule.
 """
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
+
 
 from hub.artifact import Adapter, Technique
 from hub.checkpoint import PROMPT_SITE, check_fits, module_tensors
 from runtime.techniques.base import Resident, TechniqueImpl, Use, nbytes_of, to_device
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 
 class PromptTuning(TechniqueImpl):
     technique = Technique.PROMPT_TUNING
 
-    def load(self, key: str, adapter: Adapter, model: nn.Module) -> Resident:
+    def load(self, key: str, adapter: Adapter, model: PreTrainedModel) -> Resident:
         check_fits(adapter, model)
         prompt = to_device(module_tensors(adapter)[PROMPT_SITE], next(model.parameters()))["prompt_embeddings"]
         return Resident(key, self.technique, {}, nbytes_of([prompt]), adapter.config, prompt=prompt)
