@@ -1,6 +1,6 @@
-"""Kernel benchmark: the kernel seam's backends per op, and a decode step's LoRA work in today's stacked
-form against slots + the fused kernel, at the default base's shapes (SmolLM2-135M: hidden 576, 30 layers,
-q/k/v/o/gate/up/down), 32 rows.
+"""Kernel benchmark: the kernel seam's backends per op, and a decode step's LoRA work in the stacked form the
+engine had before slots against slots + the fused kernel, at the default base's shapes (SmolLM2-135M: hidden
+576, 30 layers, q/k/v/o/gate/up/down), 32 rows.
 
 1. Machine: the read bandwidth this CPU sustains (sum over a 256 MB float32 tensor), the floor every
    weight-streaming step is held to.
@@ -8,11 +8,11 @@ q/k/v/o/gate/up/down), 32 rows.
    layer with its own slot buffers, so weights stream from memory as in a model), for the reference ops, the
    fused backend and a per-row Python loop; r=8 and mixed ranks (8/16/32, one call per rank class); 1, 4 and
    32 distinct adapters; fp32 and bf16. Ratios against the fused backend.
-3. Step: today's path (runtime/techniques/lora.py: `Lora.compile_all` stacks each row's A and B, then the
+3. Step: the stacked path (bench/stacked_lora.py, the engine's before slots: stacks each row's A and B, then the
    ops run each step) against slots + the fused kernel (weights installed once; a batch change rebuilds
    two small index tensors); the base's own linears of the step for scale.
-4. Join: a batch change against the adapter's bytes (today's one-row segment and the smallest segment merge,
-   which stacks, vs an index update), beside the one-time copy into slots at install.
+4. Join: a batch change against the adapter's bytes (the stacked path's one-row segment and the smallest
+   segment merge, which stacks, vs an index update), beside the one-time copy into slots at install.
 
 Configurations are interleaved (A B C A B C ...) and each figure is the median of --repeats.
 
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import interleaved, table  # noqa: E402
 from runtime.kernels import cpu, reference, triton_ops  # noqa: E402
 from runtime.techniques.base import BatchInfo, Resident, Use  # noqa: E402
-from runtime.techniques.lora import Lora, LoraSite, _group_siblings  # noqa: E402
+from bench.stacked_lora import LoraSite, _group_siblings, compile_all  # noqa: E402
 from hub.artifact import Technique  # noqa: E402
 
 HIDDEN, INTERMEDIATE, KV = 576, 1536, 192  # SmolLM2-135M: 9 query heads and 3 key/value heads of 64
@@ -183,7 +183,7 @@ def per_op(args) -> None:
     print(table(head, lines))
 
 
-# --- today's stacked path (runtime/techniques/lora.py) ---
+# --- the stacked path the engine had before slots (bench/stacked_lora.py) ---
 
 def stacked_residents(adapters: int, r: int, layers: int, dtype, device, seed: int) -> list[Resident]:
     """Residents laid out as `Lora.load` lays them (A^T, B^T with the scaling folded, sibling A's grouped)."""
@@ -209,7 +209,7 @@ def compile_stacked(residents: list[Resident], rows: range, layers: int, dtype, 
     site_uses = {site_name(layer, p): [Use(i - rows.start, residents[i % len(residents)], 1.0) for i in rows]
                  for layer in range(layers) for p in SHAPES}
     batch = BatchInfo(len(rows), ("stack",) * len(rows), torch.device(device), dtype)
-    return Lora().compile_all(site_uses, batch)
+    return compile_all(site_uses, batch)
 
 
 def run_stacked(ops, xs3: dict[str, torch.Tensor], ys3: dict[str, torch.Tensor], layers: int) -> None:

@@ -25,6 +25,7 @@ ListAdapters shows the tiers at the end.
 from __future__ import annotations
 
 import argparse
+import os
 import queue
 import random
 import re
@@ -63,6 +64,7 @@ class ScaleConfig:
     targets: tuple[str, ...] = ("q_proj", "v_proj")
     zipf_s: float = 1.0
     seed: int = 0
+    server_threads: int = 0  # torch threads in the server (OMP_NUM_THREADS); 0: torch's default
     startup_timeout: float = 300.0
     workdir: Path | None = field(default=None, repr=False)
 
@@ -125,10 +127,11 @@ class Server:
     """A `hub serve` subprocess; its address, HTTP API URL (with --http-port) and metrics port come from its
     'listening on' line."""
 
-    def __init__(self, args: list[str], log_path: Path, timeout: float):
+    def __init__(self, args: list[str], log_path: Path, timeout: float, threads: int = 0):
         self.log_path = log_path
         self._log = log_path.open("w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "hub", "serve", *args], cwd=ROOT,
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+        self.proc = subprocess.Popen([sys.executable, "-m", "hub", "serve", *args], cwd=ROOT, env=env,
                                      stdout=self._log, stderr=subprocess.PIPE, text=True)
         self._ready: queue.Queue = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
@@ -152,6 +155,12 @@ class Server:
             if m:
                 self._ready.put((m.group(1), m.group(3), m.group(2)))
         self._ready.put((None, None, None))
+
+    def cpu_seconds(self) -> float:
+        """The server process's CPU time so far (user + system, all threads): its work, which other jobs on a
+        shared machine slow down far less than its wall time (with one torch thread no CPU time is spinning)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def scrape(self) -> dict[str, float]:
         """The server's Prometheus samples, keyed `name{label=value,...}`."""
@@ -297,12 +306,13 @@ def _run_scale(config: ScaleConfig, workdir: Path, log: Callable[[str], None]) -
         return Server(["--base-model", config.base_model, "--port", "0", "--registry", str(registry_root),
                        "--adapter-memory", str(budget), "--max-batch-size", str(config.concurrency),
                        "--max-queue", str(max(128, config.requests)), "--metrics-port", "0", "--grace", "10"],
-                      workdir / f"{name}.log", config.startup_timeout)
+                      workdir / f"{name}.log", config.startup_timeout, config.server_threads)
 
     def run_phase(server: Server, phase: str, refs: str) -> None:
-        before = server.scrape()
+        before, cpu = server.scrape(), server.cpu_seconds()
         phases[phase] = run_clients(server.address, request_refs(config, refs), config, vocab)
         phases[phase]["cache"] = cache_delta(before, server.scrape())
+        phases[phase]["server_cpu_ms_per_token"] = 1000 * (server.cpu_seconds() - cpu) / max(1, phases[phase]["tokens"])
         log(f"scale: phase {phase} done in {phases[phase]['wall_s']:.1f} s")
 
     def warm_up(client) -> None:
@@ -345,6 +355,7 @@ def _run_scale(config: ScaleConfig, workdir: Path, log: Callable[[str], None]) -
 def render(result: dict[str, Any]) -> str:
     push, phases = result["push"], result["phases"]
     base_rate = phases["base"]["tokens_per_s"]
+    base_cpu = phases["base"]["server_cpu_ms_per_token"]
     rows = []
     for name, p in phases.items():
         c = p["cache"]
@@ -354,9 +365,11 @@ def render(result: dict[str, Any]) -> str:
                      f"{p['tokens_per_s'] / base_rate:.2f}x",
                      "-" if name == "base" else f"{c['device_hit_ratio']:.2f}",
                      f"{c['host_hits']:.0f}", f"{c['disk_loads']:.0f}",
-                     f"{c['device_evictions']:.0f}/{c['host_evictions']:.0f}", f"{c['waits']:.0f}"])
+                     f"{c['device_evictions']:.0f}/{c['host_evictions']:.0f}", f"{c['waits']:.0f}",
+                     f"{p['server_cpu_ms_per_token']:.1f}", f"{base_cpu / p['server_cpu_ms_per_token']:.2f}x"])
     head = ["phase", "requests", "adapters", "errors", "TTFT p50 ms", "TTFT p95 ms", "tok/s", "vs base",
-            "device hit ratio", "host hits", "disk loads", "evictions dev/host", "waits for room"]
+            "device hit ratio", "host hits", "disk loads", "evictions dev/host", "waits for room",
+            "server CPU ms/token", "base CPU / CPU"]
     tiers = result["tiers_at_end"]
     return "\n".join([
         "scale: cycling through many registered adapters with few fitting the adapter memory budget",
@@ -372,12 +385,16 @@ def render(result: dict[str, Any]) -> str:
     ])
 
 
-OPTIONS = ("adapters", "fit", "tight", "requests", "concurrency", "new_tokens", "prompt_tokens", "zipf_s")
+OPTIONS = ("adapters", "fit", "tight", "requests", "concurrency", "new_tokens", "prompt_tokens", "zipf_s",
+           "server_threads")
 
 
 def add_arguments(ap: argparse.ArgumentParser, prefix: str = "") -> None:
     add_options(ap, ScaleConfig(), OPTIONS, prefix, {"fit": "adapters the device budget holds",
-                                                     "tight": "adapters the second server's budget holds"})
+                                                     "tight": "adapters the second server's budget holds",
+                                                     "server_threads": "torch threads in the server (1: its CPU time "
+                                                                       "is its work, a measure that holds on a busy "
+                                                                       "machine); 0: torch's default"})
 
 
 def config_from(args: argparse.Namespace, base_model: str, quick: bool = False, prefix: str = "") -> ScaleConfig:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from hub.artifact import Adapter, ArtifactError
+from runtime import kernels
 from runtime.cpu_linear import route_linears
 from runtime.kvcache import new_cache
 from runtime.plan import PlanError, RowPlan, resolve
@@ -30,9 +31,11 @@ from runtime.techniques.base import BatchInfo, Resident, SiteOp, Stage, Use
 
 SiteOps = tuple[list[SiteOp], list[SiteOp], list[SiteOp]]  # PRE, DELTA, POST
 # Compiled segments kept: a decode step reuses its batch's (at most generate.MAX_SEGMENTS), a join adds one
-# (prompt_lengths, then its prefill), and one more. Few on purpose: a segment of many rows with all-projection
-# LoRAs stacks every row's weights, and stacks freed first are memory the next compile reuses.
+# (prompt_lengths, then its prefill), and one more. Few on purpose: the techniques compiled per segment (IA3,
+# BitFit, bottleneck, lora_bias) stack per-row weights there, and stacks freed first are memory the next
+# compile reuses. LoRA's products are batch-wide slot-indexed ops (`batch_ops`) and stack nothing.
 _COMPILED_CACHE = 4
+_BATCH_OPS_KEPT = 4  # batch-wide index ops kept (small: a few int64 tensors per site and rank class)
 
 
 class _Context:
@@ -44,11 +47,13 @@ class _Context:
 
     def __init__(self) -> None:
         self.segments: list[tuple[int, int, dict[str, SiteOps]]] = []
+        self.batch: dict[str, list[SiteOp]] = {}  # per site, DELTA ops over every row (slot-indexed: LoRA)
         self._x: torch.Tensor | None = None
         self._parts: list[torch.Tensor] = []
 
-    def set(self, segments: list[tuple[int, int, dict[str, SiteOps]]]) -> None:
-        self.segments, self._x, self._parts = segments, None, []
+    def set(self, segments: list[tuple[int, int, dict[str, SiteOps]]],
+            batch: dict[str, list[SiteOp]] | None = None) -> None:
+        self.segments, self.batch, self._x, self._parts = segments, batch or {}, None, []
 
     def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x's rows per segment; the same view objects for the same x, so sibling sites fed one
@@ -76,20 +81,23 @@ class AdaptedModule(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs):
         segments = self._context.segments
         per_segment = [ops.get(self._site) for _, _, ops in segments]
-        if not any(per_segment):
+        whole = self._context.batch.get(self._site, [])
+        if not any(per_segment) and not whole:
             return self.base_layer(x, *args, **kwargs)
         if len(segments) == 1:
-            pre, delta, post = per_segment[0]
+            pre, delta, post = per_segment[0] or ([], [], [])
             for op in pre:
                 x = op(x, None)
             out = self.base_layer(x, *args, **kwargs)
             y = out[0] if isinstance(out, tuple) else out
-            for op in delta + post:
+            for op in whole + delta + post:
                 y = op(x, y)
             return (y, *out[1:]) if isinstance(out, tuple) else y
         x = self._pre_segments(x, per_segment)
         out = self.base_layer(x, *args, **kwargs)
         y = out[0] if isinstance(out, tuple) else out
+        for op in whole:
+            y = op(x, y)
         for site_ops, x_part, (start, end, _) in zip(per_segment, self._context.parts(x), segments):
             if site_ops is None:
                 continue
@@ -137,8 +145,11 @@ class Engine:
         self._residents: dict[str, Resident] = {}
         self._wrapped: set[str] = set()
         self._compiled: OrderedDict[tuple, Compiled] = OrderedDict()
+        self._batch_ops: OrderedDict[tuple[RowPlan, ...], dict[str, list[SiteOp]]] = OrderedDict()
         self._lock = threading.RLock()
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        # the kernels' backend now (a fused CPU build or load costs seconds), not in a running batch's first step
+        self.kernels = kernels.backend_name(self.device)
 
     @property
     def model(self) -> nn.Module:
@@ -176,8 +187,9 @@ class Engine:
         with self._lock:
             for site in resident.sites:
                 self._wrap(site)
-            if self._residents.pop(resident.key, None) is not None:
-                self._forget_compiled(resident.key)
+            replaced = self._residents.pop(resident.key, None)
+            if replaced is not None:
+                self._forget(replaced, free=replaced is not resident)
             self._residents[resident.key] = resident
             return resident.nbytes
 
@@ -191,14 +203,21 @@ class Engine:
 
     def unload(self, key: str) -> None:
         with self._lock:
-            if self._residents.pop(key, None) is None:
+            resident = self._residents.pop(key, None)
+            if resident is None:
                 raise KeyError(f"adapter {key!r} is not loaded")
-            self._forget_compiled(key)
+            self._forget(resident)
 
-    def _forget_compiled(self, key: str) -> None:
-        """Drop the compiled segments that use `key` (the others, e.g. the running batch's, stay)."""
+    def _forget(self, resident: Resident, free: bool = True) -> None:
+        """Drop what was compiled with a resident that goes (the other segments, e.g. the running batch's,
+        stay; batch-wide ops are cheap to rebuild and all go) and give back its slots (unless it is installed
+        again)."""
+        key = resident.key
         for k in [k for k in self._compiled if any(u.key == key for plan in k[0] for u in plan.adapters)]:
             del self._compiled[k]
+        self._batch_ops.clear()
+        if free and resident.free is not None:
+            resident.free()
 
     def resident(self) -> dict[str, int]:
         with self._lock:
@@ -250,12 +269,34 @@ class Engine:
                     by_technique.setdefault(use.resident.technique, {}).setdefault(site, []).append(use)
         return rows, by_technique
 
+    def batch_ops(self, plans: list[RowPlan]) -> dict[str, list[SiteOp]]:
+        """Per site, the techniques' ops over all of these rows at once (`TechniqueImpl.compile_batch`): index
+        tensors into slot buffers, kept for the last few batches (a decode step and a join's prefill)."""
+        with self._lock:
+            key = tuple(plans)
+            hit = self._batch_ops.get(key)
+            if hit is not None:
+                self._batch_ops.move_to_end(key)
+                return hit
+            _, by_technique = self._uses(plans)
+            batch = BatchInfo(len(plans), tuple(p.mode for p in plans), self.device, self.dtype)
+            ops: dict[str, list[SiteOp]] = {}
+            for technique, sites in by_technique.items():
+                for site, site_ops in REGISTRY[technique].compile_batch(sites, batch).items():
+                    ops.setdefault(site, []).extend(site_ops)
+            while len(self._batch_ops) >= _BATCH_OPS_KEPT:
+                self._batch_ops.popitem(last=False)
+            self._batch_ops[key] = ops
+            return ops
+
     def _compile(self, plans: list[RowPlan]) -> Compiled:
         rows, by_technique = self._uses(plans)
         batch = BatchInfo(len(plans), tuple(p.mode for p in plans), self.device, self.dtype)
         ops: dict[str, SiteOps] = {}
         for technique, sites in by_technique.items():
             for site, site_ops in REGISTRY[technique].compile_all(sites, batch).items():
+                if not site_ops:
+                    continue
                 staged = ops.setdefault(site, ([], [], []))
                 for op in site_ops:
                     staged[op.stage].append(op)
@@ -315,7 +356,7 @@ class Engine:
                 inputs["logits_to_keep"] = torch.arange(length - keep, length, device=input_ids.device)
             if cache is None and use_cache:
                 cache = new_cache(self._model)  # appends in place (runtime/kvcache.py)
-            self._context.set([(start, end, c.ops) for (start, end), c in zip(bounds, compiled)])
+            self._context.set([(start, end, c.ops) for (start, end), c in zip(bounds, compiled)], self.batch_ops(plans))
             try:
                 out = self._model(**inputs, attention_mask=attention_mask, position_ids=position_ids,
                                   cache=cache, use_cache=use_cache)

@@ -220,6 +220,52 @@ def test_a_leave_between_steps_restarts_the_count_of_steady_steps(engine):
     assert {s.id: s.output_ids for s in seqs if s.id != "1"} == {k: v for k, v in alone.items() if k != "1"}
 
 
+def test_lora_rows_keep_their_outputs_across_joins_leaves_and_slot_reuse(base, folders, tmp_path):
+    """LoRA rows read their adapters in place from slot buffers through per-batch index tensors: a row's tokens
+    do not depend on its neighbours as rows join, leave and are cancelled, nor on an adapter being unloaded
+    and a new one taking its freed slot mid-batch; no slot buffer is reallocated while the batch changes."""
+    from runtime.techniques.slots import store_of
+
+    eng = make_engine(base, {k: folders[k] for k in ("lora", "lora16")})
+    targets = LoraConfig(r=4, target_modules=LLAMA_TARGETS)
+    for key, seed in (("lora2", 5), ("spare", 9)):
+        eng.load(key, read_adapter(save_peft_adapter(base, targets, tmp_path / key, seed=seed)))
+    late = read_adapter(save_peft_adapter(base, targets, tmp_path / "late", seed=11))
+    plans = {"a": RowPlan((AdapterUse("lora"),)), "b": RowPlan((AdapterUse("lora2"),)),
+             "c": RowPlan((AdapterUse("lora16"),)), "d": RowPlan((AdapterUse("lora"), AdapterUse("lora16", 0.5))),
+             "e": RowPlan((AdapterUse("lora"), AdapterUse("lora2", 3.0)), "average"), "f": RowPlan((AdapterUse("late"),))}
+    rows = {k: Row(k, PROMPTS[i % len(PROMPTS)], plan, SamplingParams(max_new_tokens=10))
+            for i, (k, plan) in enumerate(plans.items())}
+    store = store_of(eng.model)
+    buffers = {k: (b.a.data_ptr(), b.b.data_ptr()) for k, b in store.buffers.items()}
+    spare_slot = eng._residents["spare"].sites["model.layers.0.self_attn.q_proj"].slot
+    batch = Batch(eng)
+    added: dict[str, Row] = {}
+
+    def add(key: str) -> None:
+        added[key] = copy.deepcopy(rows[key])
+        batch.add(added[key])
+
+    for step in range(40):
+        if step < 4:
+            add("abcd"[step])
+        if step == 2:
+            add("e")
+        if step == 4:
+            batch.remove("b")  # cancelled mid-generation
+            eng.unload("spare")
+            eng.load("late", late)
+            assert eng._residents["late"].sites["model.layers.0.self_attn.q_proj"].slot == spare_slot
+            add("f")
+        batch.step()
+        if not len(batch):
+            break
+    assert {k: (b.a.data_ptr(), b.b.data_ptr()) for k, b in store.buffers.items()} == buffers
+    assert added["b"].finish_reason == "cancelled"
+    for key in "acdef":
+        assert added[key].output_ids == run(eng, [copy.deepcopy(rows[key])])[key], key
+
+
 def sliding_model(arch: str):
     """A tiny model with sliding-window layers (window 6): Mistral (every layer), Qwen2 and Gemma 2 (alternating
     with full-attention ones)."""

@@ -230,18 +230,23 @@ def test_segments_compiled_apart_give_each_row_its_own_adapters(base, folders, e
     assert torch.equal(split[2], whole[2])  # the base row is the base row, whatever its neighbours
 
 
-def test_sibling_projections_share_one_a_projection(base, folders):
-    """Two rows with different all-projection LoRAs: q/k/v (and gate/up) run one A projection per layer
-    from the A's each adapter concatenated at load, and every row still equals its PEFT run."""
+def test_lora_rows_read_their_adapters_in_place_from_slots(base, folders):
+    """Two rows with different all-projection LoRAs: the batch's LoRA ops hold only index tensors into the
+    slot buffers the adapters were copied into at load (no per-batch copy of weights), sibling sites share
+    equal index tensors, and every row still equals its PEFT run."""
     eng = Engine(copy.deepcopy(base))
     eng.load("x", read_adapter(folders["lora_all"]))
     eng.load("y", read_adapter(folders["lora_all"]))
-    compiled = eng.compile([plan("x"), plan("y", weights=[0.5])])
-    for name in ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj"):
-        op = compiled.ops[f"model.layers.1.{name}"][1][0]
-        assert op.shared is not None, name
-    assert compiled.ops["model.layers.1.self_attn.o_proj"][1][0].shared is None  # o_proj has no sibling
-    got = engine_rows(eng, ROWS[:2], [plan("x"), plan("y", weights=[0.5])])
+    plans = [plan("x"), plan("y", weights=[0.5])]
+    ops = eng.batch_ops(plans)
+    q, v = ops["model.layers.1.self_attn.q_proj"][0], ops["model.layers.1.self_attn.v_proj"][0]
+    (buffer, (rows, slots, scale)), = q.classes
+    x_site = eng._residents["x"].sites["model.layers.1.self_attn.q_proj"]
+    assert buffer is x_site.buffer and buffer.a[x_site.slot].data_ptr() != 0
+    assert rows.tolist() in ([0, 1], [1, 0]) and sorted(scale.tolist()) == [0.5, 1.0]
+    assert v.classes[0][1][0] is rows  # equal entries, one tensor
+    assert eng.compile(plans).ops == {}  # nothing per segment: no lora_bias here
+    got = engine_rows(eng, ROWS[:2], plans)
     assert (got[0] - model_logits(peft_model(base, folders["lora_all"]), ROWS[0])).abs().max() <= TOL
     half = model_logits(merged_lora(base, [(folders["lora_all"], 0.5)]), ROWS[1])
     assert (got[1] - half).abs().max() <= TOL
@@ -353,25 +358,6 @@ def test_a_new_composition_frees_the_least_recently_used_one_before_it_is_built(
     assert eng.compile(compositions[1]) is kept
 
 
-def test_siblings_share_whatever_order_the_files_list_their_tensors_in(base, folders):
-    """The sibling A's are concatenated in one layout for every adapter: an adapter whose file lists
-    up_proj before gate_proj (safetensors' `load` of bytes gives no stable order) still shares with one
-    that lists them the other way round."""
-    from hub.artifact import Adapter
-
-    eng = Engine(copy.deepcopy(base))
-    adapter = read_adapter(folders["lora_all"])
-    reversed_order = Adapter(adapter.technique, adapter.config, dict(reversed(list(adapter.tensors.items()))))
-    eng.load("x", adapter)
-    eng.load("y", reversed_order)
-    compiled = eng.compile([plan("x"), plan("y")])
-    for name in ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj", "mlp.up_proj"):
-        assert compiled.ops[f"model.layers.1.{name}"][1][0].shared is not None, name
-    got = engine_rows(eng, ROWS[:2], [plan("x"), plan("y")])
-    want = model_logits(peft_model(base, folders["lora_all"]), ROWS[1])
-    assert (got[1] - want).abs().max() <= TOL
-
-
 def test_prepare_needs_no_lock_and_install_makes_it_live(base, folders):
     """`prepare` (the copies of a load) runs while a forward holds the engine; nothing is live until
     `install`, which then serves exactly what `load` would."""
@@ -393,6 +379,25 @@ def test_prepare_needs_no_lock_and_install_makes_it_live(base, folders):
     got = engine_rows(eng, ROWS[:1], [plan("x")])[0]
     assert (got - model_logits(peft_model(base, folders["lora_all"]), ROWS[0])).abs().max() <= TOL
     assert torch.equal(engine_rows(eng, ROWS[:1], [RowPlan()])[0], before)
+
+
+def test_slots_go_back_on_unload_on_replace_and_when_a_prepared_adapter_is_dropped(base, folders):
+    """A LoRA's slots are occupied from `prepare` on and given back when it is unloaded, replaced under its key,
+    or prepared and then dropped without an install (a load that failed after its copies)."""
+    from runtime.techniques.slots import store_of
+
+    eng = Engine(copy.deepcopy(base))
+    store = store_of(eng.model)
+    size = eng.load("x", read_adapter(folders["lora_all"]))
+    assert store.bytes()[0] == size
+    eng.load("x", read_adapter(folders["lora_all"]))  # replaced: the old copy's slots are free again
+    assert store.bytes()[0] == size
+    dropped = eng.prepare("y", read_adapter(folders["lora_all"]))
+    assert store.bytes()[0] == 2 * size
+    del dropped
+    assert store.bytes()[0] == size
+    eng.unload("x")
+    assert store.bytes()[0] == 0
 
 
 def test_segments_must_cover_the_rows(engine):

@@ -29,6 +29,7 @@ from runtime.generate import Batch, NonFiniteLogits, SamplingParams, Row, score
 from runtime.plan import AdapterUse, RowPlan
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 from runtime.sampling import next_tokens
+from runtime.techniques.lora import LoraSite
 
 pytestmark = pytest.mark.slow  # many batches checked row by row against each row alone
 
@@ -42,7 +43,10 @@ def plan(*keys: str, mode: str = "stack") -> RowPlan:
 
 
 def tensors_of(payload: Any) -> Iterator[torch.Tensor]:
-    """Every tensor a technique's prepared payload holds (tensors, tuples, dataclasses such as LoraSite/Block)."""
+    """Every tensor a technique's prepared payload holds (tensors, tuples, dataclasses such as LoraSite/Block;
+    a LoraSite's A and B are its slot in the site's slot buffer)."""
+    if isinstance(payload, LoraSite):
+        yield from (payload.buffer.a[payload.slot], payload.buffer.b[payload.slot])
     if isinstance(payload, torch.Tensor):
         yield payload
     elif isinstance(payload, (tuple, list)):
@@ -220,13 +224,13 @@ def test_a_failed_decode_ends_the_running_rows_and_the_joining_ones_still_join(f
     batch.add(second)
     batch.step()
     site = next(iter(served.bad.sites.values()))
-    site.b_t = site.b_t[:-1]  # (r - 1, out): x @ A no longer fits
+    site.slot = site.buffer.capacity + 1  # a slot its buffer does not have: the kernels refuse it
     served.engine.install(served.bad)
     batch.add(late)
     while late.finish_reason is None:
         batch.step()
     for s in (first, second):
-        assert s.finish_reason == "error" and len(s.output_ids) == 1 and "cannot be multiplied" in str(s.error)
+        assert s.finish_reason == "error" and len(s.output_ids) == 1 and "out of range" in str(s.error)
     assert (late.output_ids, late.finish_reason) == (alone.output_ids, alone.finish_reason)
 
 

@@ -347,3 +347,39 @@ def test_fused_cpu_splits_large_calls_over_threads_exactly(dtype):
         close(out, want, dtype)
     unused = sorted(set(range(200)) - set(rows.tolist()))
     assert unused and torch.equal(out[unused], y[unused])
+
+
+CACHED = """
+import sys
+from runtime.kernels import cpu
+assert cpu.load() is not None
+print("cpp_extension" if "torch.utils.cpp_extension" in sys.modules else "direct")
+"""
+
+AT_START = """
+import sys
+from transformers import LlamaConfig, LlamaForCausalLM
+from runtime.engine import Engine
+from runtime.kernels import cpu
+model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=2))
+engine = Engine(model)
+print(engine.kernels, "module" in cpu._state)
+"""
+
+
+def test_a_cached_build_is_imported_directly_and_an_engine_loads_it_at_start():
+    """The fused ops are built once per cache; a later process imports the built file without the build tools
+    (cpp_extension imports setuptools and runs ninja: seconds that a server's first LoRA request would wait),
+    and an Engine takes its backend when it is made, not in its first batch."""
+    env = {**os.environ, "HUB_KERNELS": "cpu", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = lambda code: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                      timeout=600)
+    first = run(CACHED)  # builds into the per-user cache if no earlier run did
+    assert first.returncode == 0, first.stderr
+    if "could not be built" in first.stderr:
+        pytest.skip("no C++ compiler here: the fallback is tested above")
+    again = run(CACHED)
+    assert (again.returncode, again.stdout.strip()) == (0, "direct"), again.stderr
+    started = run(AT_START)
+    assert (started.returncode, started.stdout.strip()) == (0, "cpu True"), started.stderr

@@ -421,3 +421,31 @@ def test_a_version_pushed_again_with_other_content_serves_the_new_content(make_p
     with pytest.raises(WrongBase, match="made for another base model"):
         _use(pool, "re")
     assert "re@1.0.0" not in pool.engine.resident()
+
+
+def test_the_budget_counts_each_loras_own_slot_bytes_and_eviction_frees_them(make_pool):
+    """LoRAs live in slot buffers per site and rank: the bytes the budget counts for one are exactly the slot
+    bytes it occupies (a rank-4 adapter beside a rank-16 one costs rank 4: nothing is padded), eviction gives
+    them back, and churning adapters through the budget reuses freed slots instead of growing the buffers."""
+    from runtime.techniques.slots import store_of
+
+    probe = make_pool(1 << 30)
+    sizes = {n: _size(probe, n) for n in ("lora0", "lora1", "lora2", "lora3")}
+    store = store_of(probe.engine.model)
+    assert store.bytes() == (0, 0)
+    pool = make_pool(sizes["lora0"] + sizes["lora3"])
+    _use(pool, "lora0")
+    _use(pool, "lora3")
+    assert store.bytes()[0] == pool.device_used() == sizes["lora0"] + sizes["lora3"]
+    assert {rank for _, rank in store.buffers} == {4, 16}
+    capacities = []
+    for _ in range(2):
+        for name in ("lora1", "lora2", "lora0", "lora3", "lora1"):
+            _use(pool, name)
+            assert store.bytes()[0] == pool.device_used() <= pool.device_budget
+        capacities.append(store.bytes()[1])
+    assert capacities[0] == capacities[1]  # the second round found every slot it needed free
+    for entry in pool.entries():
+        if entry.tier is Tier.DEVICE:
+            pool.unload(entry.key)
+    assert store.bytes()[0] == pool.device_used() == 0

@@ -4,12 +4,15 @@ The build runs once per source, torch and Python version (the name of the build 
 per-user cache (`$HUB_KERNELS_DIR`, else `$XDG_CACHE_HOME/adapterhub/kernels`, else `~/.cache/...`), under a
 file lock, so concurrent processes (a server and its tests, several workers) build it once and the rest
 load it. No `-march=native`: the hot loops carry AVX-512/AVX2/generic clones chosen at load, so a cached
-binary may move between x86-64 machines. Without a compiler (or ninja) or if the build fails, `load()` warns
-once per process and returns None, and the seam takes the reference ops.
+binary may move between x86-64 machines. A cached build is imported directly (the build tools cost seconds
+to start), and an Engine asks for its backend when it is made, so no request waits for a build or a load.
+Without a compiler (or ninja) or if the build fails, `load()` warns once per process and returns None, and
+the seam takes the reference ops.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import platform
 import sys
@@ -44,15 +47,28 @@ def build_name() -> str:
 
 
 def _build() -> ModuleType:
-    from torch.utils import cpp_extension
-
     name = build_name()
     folder = cache_root() / name
     folder.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the build's own notices; a failure is reported once, below
+        built = folder / f"{name}.so"
+        if built.exists():  # the name carries the source's hash: a file of that name is that source's build
+            return _import(name, built)
+        from torch.utils import cpp_extension  # imports setuptools and runs ninja: only when building
+
         return cpp_extension.load(name, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
                                   build_directory=str(folder), verbose=False)
+
+
+def _import(name: str, path: Path) -> ModuleType:
+    """Import a built extension module from its file (what cpp_extension.load does after its build step)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def load() -> ModuleType | None:

@@ -52,6 +52,7 @@ class Resident(Generic[SiteT]):
     nbytes: int
     config: dict[str, Any] = field(default_factory=dict)
     prompt: torch.Tensor | None = None  # soft prompt (tokens, hidden): prompt tuning only
+    free: Callable[[], Any] | None = None  # gives back its slots (LoRA), once it is unloaded or replaced
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,11 @@ class TechniqueImpl(ABC, Generic[SiteT]):
     def compile_all(self, site_uses: dict[str, list[Use[SiteT]]], batch: BatchInfo) -> dict[str, list[SiteOp]]:
         """All of a batch's sites at once (override to share work between sites); default: per site."""
         return {site: self.compile(site, uses, batch) for site, uses in site_uses.items()}
+
+    def compile_batch(self, site_uses: dict[str, list[Use[SiteT]]], batch: BatchInfo) -> dict[str, list[SiteOp]]:
+        """DELTA ops over the whole batch's rows at once, for techniques whose ops only index slot buffers (so
+        they cost small index tensors per batch change, never copies); they run before the segment's ops."""
+        return {}
 
     def check_plan(self, uses_of_row: list[Use[SiteT]], mode: str) -> None:
         """Raise ValueError when a row's combination of this technique's adapters cannot be served."""

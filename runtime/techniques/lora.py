@@ -1,56 +1,41 @@
-"""LoRA: y += w * scaling * B(A x) per row, many adapters (mixed ranks) in one forward.
+"""LoRA: y += w * scaling * B(A x) per row, many adapters (mixed ranks) in one forward, read in place.
 
-Two kernels, chosen per site and batch: rank-bucketed batched matmuls over stacked per-row A and B when
-several distinct adapters meet at a site, two plain matmuls over the rows that use it when one does. Rows
-without an adapter are left out of its matmuls (index_select / index_add), never multiplied by a zero weight,
-since 0 x NaN is NaN. On a CPU a bf16/fp16 base keeps its LoRA weights in float32 (`Lora.weights_dtype`).
-Why each choice: docs/engine.md, "LoRA kernels".
+Each resident adapter's A and scaled B^T live in slot buffers per site and rank (runtime/techniques/slots.py),
+copied there once when it is prepared. A batch compiles, per site and rank class, three small tensors over
+all its rows: which row, which slot, which weight (one entry per adapter a row stacks, its weight resolved
+by the row's mode). The op then runs the kernel seam's `lora_shrink` / `lora_expand` over them
+(runtime/kernels), so a batch change (join, leave, cancel) rebuilds index tensors and moves no adapter
+bytes. Rows without an adapter at a site are in no entry: the kernels never read a slot for them (so a NaN
+adapter cannot reach them) and leave them bit for bit unchanged. On a CPU a bf16/fp16 base keeps its LoRA
+weights in float32 (`Lora.weights_dtype`); the kernels accumulate in float32 and round once into the output.
+Why each choice: docs/engine.md, "LoRA slots".
 """
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from hub.architectures import SHARED_INPUT
 from hub.artifact import Adapter, ArtifactError, Technique
 from hub.checkpoint import check_fits, lora_rank_alpha, module_tensors
+from runtime import kernels
 from runtime.techniques.base import (BatchInfo, Resident, RowBiasOp, SiteOp, Stage, TechniqueImpl, Use,
                                      nbytes_of, row_vectors, to_device)
+from runtime.techniques.slots import SlotBuffer, store_of
 
 
 @dataclass
 class LoraSite:
-    a_t: torch.Tensor  # (in, r); a view into `group_a` when sibling sites share this site's input
-    b_t: torch.Tensor  # (r, out), scaling folded in
+    buffer: SlotBuffer  # the site's slots for this adapter's rank
+    slot: int  # this adapter's slot in it
     bias: torch.Tensor | None  # (out,), scaling folded in
-    group: tuple[str, ...] = ()  # the adapter's sibling sites (this one included) whose A's `group_a` holds
-    group_a: torch.Tensor | None = None  # (in, their ranks summed): [A_1 | A_2 | ..] in `group` order
 
     @property
     def rank(self) -> int:
-        return self.a_t.shape[1]
-
-
-@dataclass(eq=False)
-class Dense:
-    """The kernel for a site where one adapter serves the batch: two plain matmuls over the rows using it."""
-
-    a: torch.Tensor  # (in, r)
-    b: torch.Tensor  # (r, out)
-    idx: torch.Tensor | None  # the rows using it; None: every row once, in order (no gather/scatter)
-    scale: torch.Tensor | None  # (rows using it, 1, 1) summed weights; None: every weight 1 (no multiply)
-
-
-@dataclass(eq=False)
-class Bucket:
-    """The adapters of one rank at a site, stacked per row for batched matmuls."""
-
-    idx: torch.Tensor | None  # the rows; None: every row once, in order (no gather/scatter)
-    a: torch.Tensor | None  # (rows, in, r); None until `LoraOp.stack_a`, or when a SharedInput projects
-    b: torch.Tensor  # (rows, r, out), weights folded in
+        return self.buffer.rank
 
 
 def scaling(config: dict, path: str) -> tuple[int, float]:
@@ -59,132 +44,40 @@ def scaling(config: dict, path: str) -> tuple[int, float]:
     return r, alpha / (math.sqrt(r) if config.get("use_rslora") else r)
 
 
-def _sibling_group(site: str) -> tuple[str, int] | None:
-    """(parent module, group number) of a site whose siblings take the same input, else None."""
-    parent, _, name = site.rpartition(".")
-    group = next((i for i, names in enumerate(SHARED_INPUT) if name in names), None)
-    return None if group is None else (parent, group)
+Indices = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # rows, slots (int64), scale (float32)
 
 
-def _add_into(y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """y += delta in y's dtype (delta may be the float32 of a half-precision base's LoRA)."""
-    return y.add_(delta if delta.dtype == y.dtype else delta.to(y.dtype))
+class LoraSlotsOp(SiteOp):
+    """One site's LoRA over a whole batch: per rank class, the kernels over (row, slot, weight) entries."""
 
-
-class LoraOp(SiteOp):
     stage = Stage.DELTA
 
-    def __init__(self, uses: list[Use], site: str, rows: int):
-        self.site = site
-        slots: dict[str, LoraSite] = {}
-        for use in uses:
-            slots.setdefault(use.resident.key, use.resident.sites[site])
-        first = next(iter(slots.values()))
-        device, dtype = first.a_t.device, first.a_t.dtype
-        self.shared: tuple[SharedInput, int] | None = None  # set by SharedInput
-        self.dense: Dense | None = None
-        self.buckets: list[Bucket] = []
-        self.bucket_slots: list[list[LoraSite]] = []
-        self.signature: tuple = ()
-        if len(slots) == 1:
-            weight: dict[int, float] = {}  # per row using it, its weights summed (a stack may repeat it)
-            for use in uses:
-                weight[use.row] = weight.get(use.row, 0.0) + use.weight
-            order = list(weight)
-            # None: every row once, in order, so no gather/scatter; None: every weight 1, so no multiply
-            idx = None if order == list(range(rows)) else torch.tensor(order, device=device)
-            scale = None if all(w == 1.0 for w in weight.values()) else torch.tensor(
-                list(weight.values()), device=device, dtype=dtype).view(-1, 1, 1)
-            self.dense = Dense(first.a_t, first.b_t, idx, scale)
-            return
-        by_rank: dict[int, list[Use]] = {}
-        for use in uses:
-            by_rank.setdefault(slots[use.resident.key].rank, []).append(use)
-        for rank, group in by_rank.items():
-            order = [u.row for u in group]
-            # None: the bucket is every row once, in order (the common case), so no gather/scatter
-            idx = None if order == list(range(rows)) else torch.tensor(order, device=device)
-            bucket = [slots[u.resident.key] for u in group]
-            b = torch.stack([slot.b_t for slot in bucket])
-            if any(u.weight != 1.0 for u in group):
-                b.mul_(torch.tensor([u.weight for u in group], device=device, dtype=dtype).view(-1, 1, 1))
-            self.buckets.append(Bucket(idx, None, b))
-            self.bucket_slots.append(bucket)
-            self.signature += ((rank, tuple((u.row, u.resident.key) for u in group)),)
+    def __init__(self, rows: int, classes: list[tuple[SlotBuffer, Indices]]):
+        self.rows = rows
+        self.classes = classes
+        self._per_token: dict[int, list[Indices]] = {1: [ix for _, ix in classes]}
 
-    def stack_a(self) -> None:
-        """Stack each bucket's A's (skipped for a site whose A projection a SharedInput computes)."""
-        if self.shared is None:
-            for bucket, slots in zip(self.buckets, self.bucket_slots):
-                bucket.a = torch.stack([s.a_t for s in slots])
+    def _indices(self, tokens: int) -> list[Indices]:
+        """The entries over flattened (row, token) positions: each row's entry repeated for its tokens."""
+        got = self._per_token.get(tokens)
+        if got is None:
+            got = []
+            for _, (rows, slots, scale) in self.classes:
+                steps = torch.arange(tokens, device=rows.device)
+                got.append(((rows[:, None] * tokens + steps).reshape(-1), slots.repeat_interleave(tokens),
+                            scale.repeat_interleave(tokens)))
+            self._per_token = {1: self._per_token[1], tokens: got}  # decode's and the latest prefill's
+        return got
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        if self.dense is not None:
-            a, b, idx, scale = self.dense.a, self.dense.b, self.dense.idx, self.dense.scale
-            used = x if idx is None else x.index_select(0, idx)
-            rows, tokens = used.shape[0], used.shape[1]
-            h = torch.mm(used.reshape(rows * tokens, -1).to(a.dtype), a)
-            if scale is not None:
-                h.view(rows, tokens, -1).mul_(scale)
-            if idx is not None:
-                return y.index_add_(0, idx, torch.mm(h, b).view(rows, tokens, -1).to(y.dtype))
-            if y.dtype == b.dtype:
-                return torch.addmm(y.reshape(rows * tokens, -1), h, b).view(y.shape)
-            return _add_into(y, torch.mm(h, b).view(y.shape))
-        projected = self.shared[0].project(x) if self.shared else None
-        for k, bucket in enumerate(self.buckets):
-            idx, a, b = bucket.idx, bucket.a, bucket.b
-            if projected is not None:
-                start = self.shared[1] * b.shape[1]
-                h = projected[k][..., start:start + b.shape[1]]
-            else:
-                h = torch.bmm((x if idx is None else x.index_select(0, idx)).to(a.dtype), a)
-            if idx is None and y.dtype == b.dtype:
-                y = y.baddbmm_(h, b)
-            elif idx is None:
-                y = _add_into(y, torch.bmm(h, b))
-            else:
-                y.index_add_(0, idx, torch.bmm(h, b).to(y.dtype))
+        if not y.is_contiguous():
+            y = y.contiguous()
+        flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+        tokens = flat_x.shape[0] // self.rows
+        for (buffer, _), (rows, slots, scale) in zip(self.classes, self._indices(tokens)):
+            h = kernels.lora_shrink(flat_x, buffer.a, rows, slots)
+            kernels.lora_expand(flat_y, h, buffer.b.transpose(1, 2), rows, slots, scale)
         return y
-
-
-class SharedInput:
-    """The A projections of sibling sites fed the same input, computed once per input tensor.
-
-    Each adapter keeps its sibling A's concatenated (`LoraSite.group_a`, made at load), so a batch
-    stacks one [A_1 | A_2 | ..] per row and the first sibling called computes x @ it per bucket; the
-    others reuse it if they get the very same tensor object (checked by identity, so a different
-    input is never mistaken for it).
-    """
-
-    def __init__(self, members: list[LoraOp]):
-        self.members = len(members)
-        self.a = [torch.stack([slot.group_a for slot in slots]) for slots in members[0].bucket_slots]
-        self.idx = [bucket.idx for bucket in members[0].buckets]
-        self._x: torch.Tensor | None = None
-        self._h: list[torch.Tensor] = []
-        self._served = 0
-        layout = members[0].bucket_slots[0][0].group
-        for m in members:
-            m.shared = (self, layout.index(m.site))
-
-    @staticmethod
-    def fits(members: list[LoraOp]) -> bool:
-        """True when every row's adapter holds exactly these sites' A's, in one layout, at one rank."""
-        layout = members[0].bucket_slots[0][0].group
-        return (len(members) > 1 and set(layout) == {m.site for m in members}
-                and all(slot.group == layout for slots in members[0].bucket_slots for slot in slots))
-
-    def project(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if x is not self._x:
-            self._x, self._served = x, 0
-            self._h = [torch.bmm((x if idx is None else x.index_select(0, idx)).to(a.dtype), a)
-                       for idx, a in zip(self.idx, self.a)]
-        h = self._h
-        self._served += 1
-        if self._served == self.members:  # every sibling has had it: drop the activation
-            self._x, self._h = None, []
-        return h
 
 
 class Lora(TechniqueImpl):
@@ -200,60 +93,51 @@ class Lora(TechniqueImpl):
         check_fits(adapter, model)
         like = next(model.parameters())
         model_dtype, weights_dtype = like.dtype, self.weights_dtype(model)
-        sites: dict[str, LoraSite] = {}
+        prepared: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         for path, t in module_tensors(adapter).items():
             if "lora_A" not in t:
                 raise ArtifactError(f"module {path!r}: LoRA on embeddings is not served")
             _, scale = scaling(adapter.config, path)  # check_fits has checked the rank against the tensors
             t = to_device(t, like, weights_dtype)
             bias = (t["lora_bias"] * scale).to(model_dtype) if "lora_bias" in t else None
-            b = t["lora_B"]  # (out, r) -> (r, out) with the scaling folded in: one pass, one new tensor
-            b_t = torch.mul(b.t(), scale, out=b.new_empty(b.shape[1], b.shape[0]))
-            sites[path] = LoraSite(t["lora_A"].t(), b_t, bias)  # A^T a view until laid out below
-        _group_siblings(sites)
-        for site in sites.values():
-            if site.group_a is None:
-                site.a_t = site.a_t.contiguous()
-        size = sum(nbytes_of([s.a_t, s.b_t] + ([s.bias] if s.bias is not None else [])) for s in sites.values())
-        return Resident(key, self.technique, sites, size, adapter.config)
+            prepared[path] = (t["lora_A"], t["lora_B"].t() * scale, bias)  # A [r, in], scaled B^T [r, out]
+        store = store_of(model)
+        held: list[tuple[SlotBuffer, int]] = []
+        sites: dict[str, LoraSite] = {}
+        for path, (a, b_t, bias) in prepared.items():
+            buffer, slot = store.fill(path, a, b_t)
+            held.append((buffer, slot))
+            sites[path] = LoraSite(buffer, slot, bias)
+        size = sum(s.buffer.slot_bytes + (nbytes_of([s.bias]) if s.bias is not None else 0) for s in sites.values())
+        resident = Resident(key, self.technique, sites, size, adapter.config)
+        # its slots go back when the engine lets it go, or when it is garbage (prepared, never installed)
+        resident.free = weakref.finalize(resident, store.free, held)
+        return resident
 
     def compile(self, site: str, uses: list[Use], batch: BatchInfo) -> list[SiteOp]:
-        return self.compile_all({site: uses}, batch)[site]
+        """Per segment only `lora_bias` (a per-row vector); the LoRA product is `compile_batch`'s."""
+        with_bias = [u for u in uses if u.resident.sites[site].bias is not None]
+        if not with_bias:
+            return []
+        return [RowBiasOp(row_vectors(with_bias, batch, lambda u: u.resident.sites[site].bias))]
 
-    def compile_all(self, site_uses: dict[str, list[Use]], batch: BatchInfo) -> dict[str, list[SiteOp]]:
+    def compile_batch(self, site_uses: dict[str, list[Use]], batch: BatchInfo) -> dict[str, list[SiteOp]]:
+        made: dict[tuple, Indices] = {}  # equal entries (every layer's q_proj, say) share their tensors
         ops: dict[str, list[SiteOp]] = {}
-        siblings: dict[tuple, list[LoraOp]] = {}
         for site, uses in site_uses.items():
-            op = LoraOp(uses, site, batch.rows)
-            ops[site] = [op]
-            with_bias = [u for u in uses if u.resident.sites[site].bias is not None]
-            if with_bias:
-                ops[site].append(RowBiasOp(row_vectors(with_bias, batch, lambda u, s=site: u.resident.sites[s].bias)))
-            group = _sibling_group(site)
-            if group is not None and op.dense is None:
-                siblings.setdefault((group, op.signature), []).append(op)
-        for members in siblings.values():
-            if SharedInput.fits(members):
-                SharedInput(members)
-        for site_ops in ops.values():
-            site_ops[0].stack_a()
+            by_buffer: dict[int, tuple[SlotBuffer, list[tuple[int, int, float]]]] = {}
+            for use in uses:
+                placed = use.resident.sites[site]
+                by_buffer.setdefault(id(placed.buffer), (placed.buffer, []))[1].append(
+                    (placed.slot, use.row, use.weight))
+            classes = []
+            for buffer, entries in by_buffer.values():
+                entries.sort()  # by (slot, row): a run of one slot is a segment the kernels may run as one GEMM
+                key = tuple(entries)
+                if key not in made:
+                    slots, rows, weights = zip(*entries)
+                    made[key] = (torch.tensor(rows, device=batch.device), torch.tensor(slots, device=batch.device),
+                                 torch.tensor(weights, device=batch.device, dtype=torch.float32))
+                classes.append((buffer, made[key]))
+            ops[site] = [LoraSlotsOp(batch.rows, classes)]
         return ops
-
-
-def _group_siblings(sites: dict[str, LoraSite]) -> None:
-    """Concatenate the A's of an adapter's sibling sites (fed one input) into one tensor they view."""
-    groups: dict[tuple[str, int], list[str]] = {}
-    for path in sites:
-        group = _sibling_group(path)
-        if group is not None:
-            groups.setdefault(group, []).append(path)
-    for members in groups.values():
-        if len(members) < 2:
-            continue
-        members.sort()  # one layout for every adapter, whatever order its file listed the tensors in
-        group_a = torch.cat([sites[m].a_t for m in members], dim=1)  # views in, one contiguous copy out
-        offset = 0
-        for m in members:
-            rank = sites[m].rank
-            sites[m].a_t, sites[m].group, sites[m].group_a = group_a[:, offset:offset + rank], tuple(members), group_a
-            offset += rank

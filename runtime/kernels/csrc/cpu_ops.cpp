@@ -22,10 +22,12 @@
 
 namespace {
 
-// Multiply-adds below which a call stays on the calling thread: a decode step's op is tens of microseconds,
-// less than what an OpenMP fork/join costs when the cores are shared (on a busy machine a parallel region
-// waits for a descheduled thread and ran ten times slower than one thread); prefill-sized calls still split.
-constexpr int64_t kWork = 1 << 20;
+// Multiply-adds per task, and below which a call stays on the calling thread. Small enough that a decode
+// step's calls with many distinct adapters split over the cores (their weights stream from memory, and one
+// core left the engine's decode step slower than the stacked batched matmuls it replaced, which use every
+// thread); a decode call with one shared adapter stays on one thread. On a busy machine a parallel region
+// waits for a descheduled thread (docs/benchmarks.md, "Kernels"): that cost is taken for the idle case.
+constexpr int64_t kWork = 1 << 16;
 constexpr int64_t kBlock = 256;      // output columns per expand/gather task
 
 // out[i] = sum_k w[i * ld + k] * x[k] for i < n: the weight rows are read where they lie.
