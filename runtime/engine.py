@@ -16,7 +16,7 @@ import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -28,6 +28,9 @@ from runtime.kvcache import new_cache
 from runtime.plan import PlanError, RowPlan, resolve
 from runtime.techniques import REGISTRY
 from runtime.techniques.base import BatchInfo, Resident, SiteOp, Stage, Use
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 SiteOps = tuple[list[SiteOp], list[SiteOp], list[SiteOp]]  # PRE, DELTA, POST
 # Compiled segments kept: a decode step reuses its batch's (at most generate.MAX_SEGMENTS), a join adds one
@@ -137,8 +140,8 @@ class Compiled:
 class Engine:
     """Serves many adapters over one frozen base model; see the module docstring."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any = None):
-        self._model = model.eval().requires_grad_(False)
+    def __init__(self, model: PreTrainedModel, tokenizer: Any = None):
+        self._model: PreTrainedModel = model.eval().requires_grad_(False)
         route_linears(self._model)  # float32 on a CPU: the base's linears on oneDNN (runtime/cpu_linear.py)
         self._tokenizer = tokenizer
         self._context = _Context()
@@ -152,7 +155,7 @@ class Engine:
         self.kernels = kernels.backend_name(self.device)
 
     @property
-    def model(self) -> nn.Module:
+    def model(self) -> PreTrainedModel:
         return self._model
 
     @property

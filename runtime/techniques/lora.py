@@ -70,6 +70,7 @@ class LoraSlotsOp(SiteOp):
         return got
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        assert y is not None, "a DELTA op is given the layer's output"
         if not y.is_contiguous():
             y = y.contiguous()
         flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
