@@ -233,10 +233,12 @@ _DTYPES = {"BOOL": ("bool", 1), "U8": ("uint8", 1), "I8": ("int8", 1), "I16": ("
            "F32": ("float32", 4), "F64": ("float64", 8), "I64": ("int64", 8), "U64": ("uint64", 8),
            "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1)}
 _ITEMSIZE = dict(_DTYPES.values())
-# A served float dtype -> (the unsigned integer of its width, its exponent bits): all exponent bits set is inf or
-# NaN in every IEEE-style float, which lets the values be checked without torch (numpy has no bfloat16).
-_EXPONENT = {"float16": ("<u2", 0x7C00), "bfloat16": ("<u2", 0x7F80), "float32": ("<u4", 0x7F80_0000),
-             "float64": ("<u8", 0x7FF0_0000_0000_0000)}
+# A served float dtype -> (bytes a value, its exponent's bits in its top byte, in the byte below): a value whose
+# exponent bits are all set is inf or NaN in each of these formats (little-endian, as safetensors stores them).
+_EXPONENT = {"float16": (2, 0x7C, 0x00), "bfloat16": (2, 0x7F, 0x80), "float32": (4, 0x7F, 0x80),
+             "float64": (8, 0x7F, 0xF0)}
+# mask -> a bytes.translate table giving 1 for a byte with all of the mask's bits set, else 0
+_ALL_SET = {mask: bytes(int(b & mask == mask) for b in range(256)) for mask in {0x7C, 0x7F, 0x80, 0xF0}}
 
 
 @dataclass(frozen=True)
@@ -258,12 +260,15 @@ class TensorInfo:
         return _ITEMSIZE[self.dtype]
 
     def finite(self) -> bool:
-        """No NaN or inf among the values (a served float dtype)."""
-        import numpy as np
-
-        kind, mask = _EXPONENT[self.dtype]
-        exponents = np.frombuffer(self.data, dtype=kind) & np.array(mask, dtype=kind)
-        return not bool((exponents == mask).any())
+        """No NaN or inf among the values (a served float dtype). Read from the bytes at C speed without numpy
+        (whose import was a third of a `hub pull`): one byte a value says whether its top byte holds all the
+        exponent's bits there, another whether the byte below does, and both at once is inf or NaN."""
+        size, high, low = _EXPONENT[self.dtype]
+        top = bytes(self.data[size - 1::size]).translate(_ALL_SET[high])
+        if not low or 1 not in top:  # (a finite tensor almost never holds a top byte of all ones)
+            return 1 not in top
+        below = bytes(self.data[size - 2::size]).translate(_ALL_SET[low])
+        return not int.from_bytes(top, "little") & int.from_bytes(below, "little")
 
 
 # Generous beside the largest real adapters (every expert of a large MoE model: tens of thousands of tensors),

@@ -116,6 +116,18 @@ def prepared_dir(name: str = DEFAULT_BASE_MODEL) -> Path:
     return hub_home() / "models" / name
 
 
+def prepared_file(name: str, filename: str) -> Path | None:
+    """One file of an embedded model's prepared folder, checked against the folder's checksum record alone; None
+    when the folder, the record or the file is missing or the file does not match. A push's fit check reads only
+    config.json: hashing the whole folder (hundreds of MB of weights) was most of a `hub push` naming the base."""
+    folder = prepared_dir(name)
+    try:
+        expected = json.loads((folder / CHECKSUM_FILE).read_text()).get(filename)
+        return folder / filename if expected is not None and _sha256_file(folder / filename) == expected else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def prepare_embedded(name: str = DEFAULT_BASE_MODEL, *, verify: bool = True) -> Path:
     """Return the prepared HF folder of an embedded model, converting the GGUF on first use."""
     spec = EMBEDDED[name]

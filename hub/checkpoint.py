@@ -97,9 +97,9 @@ class _ModelModules:
 
 def linear_shape(module: nn.Module) -> tuple[int, int] | None:
     """(in_features, out_features) of an nn.Linear or a GPT-2 Conv1D (weight stored (in, out)); else None."""
-    from torch import nn
+    import torch
 
-    if isinstance(module, nn.Linear):
+    if isinstance(module, torch.nn.Linear):
         return module.in_features, module.out_features
     weight = getattr(module, "weight", None)
     if type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor):

@@ -79,6 +79,9 @@ def _base_layout(base_id: str) -> base_layout.ConfigLayout | None:
     """The base's module shapes from its config.json where hub.base_layout reads them (found as `_base_config`
     finds the config), which spares a push the import of transformers and torch; else None."""
     base_id = basemodel.embedded_name(base_id)
+    prepared = basemodel.prepared_file(base_id, base_layout.CONFIG_FILE) if base_id in basemodel.EMBEDDED else None
+    if prepared is not None:  # its config alone, checked (the weights are not read)
+        return base_layout.read(prepared)
     try:
         if base_id in basemodel.EMBEDDED or Path(base_id).expanduser().is_dir():
             return base_layout.read(basemodel.resolve(base_id))

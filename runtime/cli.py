@@ -207,10 +207,11 @@ def _serve_cluster(config, replicas: int, ray_address: str | None, cpus: float, 
 
     def ready(cluster) -> None:
         where = f"Ray at {ray_address}" if ray_address else "a local Ray cluster"
+        http = f", HTTP API on http://{config.http_host}:{cluster.http_port}/v1" if cluster.http_port is not None else ""
         metrics = (f", metrics on http://{config.metrics_host}:{cluster.metrics_port}/metrics"
                    if cluster.metrics_port is not None else "")
         print(f"hub serve: {config.base_model} on {replicas} replica(s) ({where}) listening on {cluster.address}"
-              f"{metrics}", file=sys.stderr, flush=True)
+              f"{http}{metrics}", file=sys.stderr, flush=True)
 
     return serve_cluster(ClusterConfig(config, replicas=replicas, ray_address=ray_address, replica_cpus=cpus,
                                        replica_gpus=gpus), ready=ready)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -540,20 +541,24 @@ def test_hub_serve_replicas_serves_and_leaves_no_ray_process(served_base, shared
     hub = Path(sys.executable).parent / "hub"
     args = [str(hub), "serve", "--replicas", "1", "--replica-cpus", "0.5", "--base-model", str(served_base),
             "--registry", str(shared_registry.root), "--port", "0", "--auth-token-file", str(token_file), "--grace", "2",
-            "--metrics-port", "0"]
+            "--metrics-port", "0", "--http-port", "0"]
     process = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
     try:
         line = ""
         while "listening on" not in line:
             line = process.stderr.readline()
             assert line or process.poll() is None, "hub serve --replicas exited before listening"
-        address, metrics = line.rsplit("listening on ", 1)[1].strip().split(", metrics on ")
+        address, http_api, metrics = re.fullmatch(r".* listening on (\S+), HTTP API on (\S+), metrics on (\S+)\s*",
+                                                  line).groups()
         ray_pids = ray_children(process.pid)
         assert ray_pids, "a local Ray cluster runs under hub serve"
         with RuntimeClient(address, token=ADMIN, timeout=120) as c:
             assert c.generate(PROMPT, adapters=["lora0"], max_new_tokens=4).text
         with urllib.request.urlopen(metrics, timeout=60) as r:
             assert b'adapterhub_cluster_replicas 1.0' in r.read()
+        models = urllib.request.Request(f"{http_api}/models", headers={"authorization": f"Bearer {ADMIN}"})
+        with urllib.request.urlopen(models, timeout=60) as r:
+            assert "lora0@1.0.0" in {card["id"] for card in json.loads(r.read())["data"]}
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=120) == 0
     finally:

@@ -154,3 +154,27 @@ def test_registry_commands_start_without_pydantic(technique_adapters, tmp_path):
     for args in (["show", "team/lora@1.0.0"], ["list", "--limit", "20"], ["tag", "team/lora@1.0.0", "stable"]):
         out = _hub_process(*args, "--registry", home, home=home)
         assert "team/lora" in out and out.rstrip().endswith("imported: []"), (args, out)
+
+
+def test_a_push_naming_the_embedded_base_reads_its_checked_config_alone(technique_adapters, hub_home):
+    """Only config.json of the prepared folder is hashed (against the folder's checksum record) and read; the
+    weights are not (a damaged weights file is left for the server's load to find and re-prepare)."""
+    import hashlib
+
+    from hub import basemodel
+
+    folder = basemodel.prepared_dir("smollm2-135m")
+    folder.mkdir(parents=True)
+    config = (technique_adapters["base"] / "config.json").read_bytes()
+    (folder / "config.json").write_bytes(config)
+    (folder / "model.safetensors").write_bytes(b"damaged weights")
+    (folder / basemodel.CHECKSUM_FILE).write_text(json.dumps(
+        {"config.json": hashlib.sha256(config).hexdigest(), "model.safetensors": "0" * 64}))
+    manifest = Registry().push(technique_adapters["lora"], "team/lora", "1.0.0", base_model="smollm2-135m")
+    adapter = read_adapter(technique_adapters["lora"], shapes_only=True)
+    assert manifest.base_model.id == basemodel.EMBEDDED["smollm2-135m"].hf_id
+    assert manifest.base_model.fingerprint == fitted_fingerprint(adapter, base_layout.read(technique_adapters["base"]))
+    assert (folder / "model.safetensors").read_bytes() == b"damaged weights"  # neither read nor re-prepared
+    (folder / "config.json").write_bytes(config.replace(b"64", b"65"))
+    assert basemodel.prepared_file("smollm2-135m", "config.json") is None  # a config its record does not name
+    assert basemodel.prepared_file("smollm2-135m", "tokenizer.json") is None
