@@ -144,3 +144,17 @@ def test_hub_serve_with_an_hf_remote_serves_a_pushed_version_and_a_moved_tag_on_
     assert (served("acme/moving"), served("acme/moving@prod")) == ("acme/moving@2.0.0", "acme/moving@2.0.0")
     assert client.generate("Hello there, adapters!", adapters=["acme/moving@prod"], max_new_tokens=8).token_ids == \
         client.generate("Hello there, adapters!", adapters=["lora2"], max_new_tokens=8).token_ids
+
+
+@pytest.mark.slow  # `hub serve` as a process
+def test_hub_serve_refuses_a_bad_listing_time_in_one_line(served_base, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HUB_HOME": str(tmp_path / "home"), REFS_SECONDS_VAR: "soon"}
+    result = subprocess.run([sys.executable, "-m", "hub", "serve", "--base-model", str(served_base), "--port", "0",
+                             "--remote", "hf://acme/moving"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]  # after the loading bars
+    assert errors == [f"error: {REFS_SECONDS_VAR}='soon': give a number of seconds, 0 or more"]
