@@ -1,8 +1,9 @@
 """What a name or a tag names on an hf:// remote now (`HFRemote.current`), from one listing of the repo's git tags.
 
-No hub is reachable here: the client's `HfApi` is replaced by a repo's refs in memory, each call bound to the real
-method's signature (so a drifted call fails here as it would there); pulls run the real `snapshot_download` offline
-against a local HF cache, as in test_remotes_hf."""
+No hub is reachable here: the unit tests replace the client's `HfApi` by a repo's refs in memory, each call bound to
+the real method's signature (so a drifted call fails here as it would there); the `hub serve` process test runs the
+real client against the refs endpoint served on a localhost port, its pulls reading a local HF cache through the real
+`snapshot_download`, as in test_remotes_hf."""
 from __future__ import annotations
 
 import threading
@@ -14,7 +15,7 @@ from huggingface_hub.hf_api import GitRefInfo, GitRefs
 from hub.errors import NotFound, RemoteError
 from hub.registry import Registry
 from hub.remotes.hf import REFS_SECONDS_VAR, HFRemote
-from tests.test_remotes_hf import offline_hf_cache, populate_hf_cache, stage  # noqa: F401 (a fixture)
+from tests.test_remotes_hf import populate_hf_cache, stage
 
 
 class FakeRefs:
@@ -112,38 +113,90 @@ def test_a_bad_listing_time_is_one_clear_error(monkeypatch, value):
         HFRemote("acme/moving")
 
 
-@pytest.mark.slow  # a server on the served base
-def test_hub_serve_with_an_hf_remote_serves_a_pushed_version_and_a_moved_tag_on_the_next_request(
-        start_server, served_base, served_adapters, hub_refs, offline_hf_cache, monkeypatch, tmp_path):  # noqa: F811
-    """`hub serve --remote hf://...`: a name and a tag name what the Hub's tags name now (the listing time set to
-    0 here, so the next request lists again); while the Hub is unreachable the versions served so far stay."""
-    monkeypatch.setenv(REFS_SECONDS_VAR, "0")
-    publisher = Registry(tmp_path / "publisher")
+class LocalHub:
+    """The Hub's refs endpoint (`GET /api/models/ORG/REPO/refs`, as `list_repo_refs` reads it) on a localhost port,
+    answering from `tags`; any other call gets a 500, on which `snapshot_download` reads the local HF cache."""
 
-    def publish(adapter: str, version: str) -> None:  # as `hub push --to hf://acme/moving` lays it out there
+    def __init__(self, repo_id: str, tags: dict[str, str]):
+        import json
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        hub = self
+        self.tags, self.calls = dict(tags), 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.split("?")[0] != f"/api/models/{repo_id}/refs":
+                    self.send_error(500)
+                    return
+                hub.calls += 1
+                body = json.dumps({"branches": [], "converts": [], "tags": [
+                    {"name": n, "ref": f"refs/tags/{n}", "targetCommit": c} for n, c in hub.tags.items()]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """The Hub goes away: its port refuses connections."""
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+@pytest.mark.slow  # `hub serve` as a process
+def test_a_hub_serve_process_lists_the_tags_over_http_and_serves_what_they_name_now(served_base, served_adapters,
+                                                                                    tmp_path):
+    """The real client end to end: `hub serve --remote hf://...` lists the tags over HTTP from a Hub on a localhost
+    port (HF_ENDPOINT) on each request (HUB_HF_REFS_SECONDS=0), pulls through the real `snapshot_download` from the
+    HF cache; a version pushed and a tag moved there are served by the next request, and when the Hub is gone the
+    versions served so far stay."""
+    from runtime.client import RuntimeClient
+    from tests.test_server_process import ServeProcess
+
+    publisher, hf_home = Registry(tmp_path / "publisher"), tmp_path / "hf"
+
+    def publish(adapter: str, version: str) -> None:
         manifest = publisher.push(served_adapters[adapter], "acme/moving", version, base_model=str(served_base))
         folder = tmp_path / f"staged-{version}"
         folder.mkdir()
         stage(manifest, publisher, folder)
-        populate_hf_cache(offline_hf_cache, "acme/moving", folder, [f"v{version}"])
+        populate_hf_cache(hf_home, "acme/moving", folder, [f"v{version}"])
 
     publish("lora1", "1.0.0")
-    hub_refs.tags = {"v1.0.0": "c1", "prod": "c1"}
-    _, client = start_server(remote="hf://acme/moving")
+    hub = LocalHub("acme/moving", {"v1.0.0": "c1", "prod": "c1"})
+    env = {"HF_HOME": str(hf_home), "HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", REFS_SECONDS_VAR: "0",
+           "HUB_HOME": str(tmp_path / "replica")}
+    serve = ServeProcess("--base-model", str(served_base), "--remote", "hf://acme/moving", env=env)
+    try:
+        with RuntimeClient(serve.address, timeout=120) as client:
+            def served(ref: str) -> str:
+                return client.generate("Hello there, adapters!", adapters=[ref], max_new_tokens=2).adapters[0].ref
 
-    def served(ref: str) -> str:
-        return client.generate("Hello there, adapters!", adapters=[ref], max_new_tokens=2).adapters[0].ref
-
-    assert served("acme/moving") == served("acme/moving@prod") == "acme/moving@1.0.0"
-    publish("lora2", "2.0.0")
-    hub_refs.tags["v2.0.0"] = "c2"
-    assert (served("acme/moving"), served("acme/moving@prod")) == ("acme/moving@2.0.0", "acme/moving@1.0.0")
-    hub_refs.tags["prod"] = "c2"
-    assert served("acme/moving@prod") == "acme/moving@2.0.0"
-    hub_refs.down = True
-    assert (served("acme/moving"), served("acme/moving@prod")) == ("acme/moving@2.0.0", "acme/moving@2.0.0")
-    assert client.generate("Hello there, adapters!", adapters=["acme/moving@prod"], max_new_tokens=8).token_ids == \
-        client.generate("Hello there, adapters!", adapters=["lora2"], max_new_tokens=8).token_ids
+            assert served("acme/moving") == served("acme/moving@prod") == "acme/moving@1.0.0"
+            publish("lora2", "2.0.0")
+            hub.tags["v2.0.0"] = "c2"
+            assert (served("acme/moving"), served("acme/moving@prod")) == ("acme/moving@2.0.0", "acme/moving@1.0.0")
+            hub.tags["prod"] = "c2"
+            assert served("acme/moving@prod") == "acme/moving@2.0.0"
+            assert hub.calls == 5  # one listing per request
+            hub.stop()
+            assert (served("acme/moving"), served("acme/moving@prod")) == ("acme/moving@2.0.0", "acme/moving@2.0.0")
+        assert serve.terminate() == 0
+        assert "Traceback" not in "".join(serve.lines)
+    finally:
+        serve.kill()
+        if hub.thread.is_alive():
+            hub.stop()
 
 
 @pytest.mark.slow  # `hub serve` as a process
