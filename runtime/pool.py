@@ -190,7 +190,7 @@ class AdapterPool:
             current = self.remote.current(ref)
         except HubError:  # not there, or unreachable: the local registry's answer stands
             return ref
-        return current.ref if current is not None else ref
+        return current if current is not None else ref
 
     # -- acquiring and releasing -------------------------------------------------------------------
     def acquire(self, manifests: Iterable[ServedManifest], *, pin: bool = False, then_submit: bool = False,

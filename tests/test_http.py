@@ -151,20 +151,32 @@ def test_bearer_token_from_the_token_file(start_server, tmp_path):
         assert sdk.completions.create(model="base", prompt=PROMPT, max_tokens=2).usage.completion_tokens >= 1
 
 
-def test_client_gone_mid_stream_frees_its_row(http_server):
-    server, client, sdk, url = http_server
-    body = {"model": "lora0", "prompt": PROMPT, "max_tokens": 1000, "stream": True, "temperature": 0}
+def test_client_gone_mid_stream_frees_its_row(start_server):
+    """The client leaves while the batch loop is held between two steps: the server lets go of its adapter
+    hold and cancels its row before another step, and the row is out of the batch within one step of the
+    loop resuming. (The row asks for 4000 tokens so that it is surely still running when the loop is held,
+    however slowly this test's thread reads its first tokens.)"""
+    from server_support import frozen
+
+    server, client = start_server(http_port=0, max_new_tokens=4000)
+    url = f"http://127.0.0.1:{server.http_port}/v1"
+    generated = server.metrics.generated_tokens.labels(adapter="lora0")._value.get
+    left = server.metrics.requests.labels(frontend="http", method="/v1/completions", code="499")._value.get
+    body = {"model": "lora0", "prompt": PROMPT, "max_tokens": 4000, "stream": True, "temperature": 0}
     with httpx.stream("POST", f"{url}/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()  # kept: httpx closes the response when this iterator goes (a for loop's break)
         texts = 0
-        for line in r.iter_lines():
-            if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["text"]:
-                texts += 1
-            if texts == 2:
-                break
-        assert server.scheduler.queue_depths() == (1, 0)  # still generating: 1000 tokens take many steps
+        while texts < 2:
+            line = next(lines)
+            texts += line.startswith("data: ") and bool(json.loads(line[6:])["choices"][0]["text"])
+        with frozen(server):  # no step runs until the end of this block
+            assert server.scheduler.queue_depths() == (1, 0)  # still generating, its client still there
+            made = generated()
+            r.close()  # the client goes
+            wait_until(lambda: left() == 1, "the server sees the client leave (status 499)")
+            assert all(e.in_use == 0 for e in server.pool.entries())  # its adapter hold is already released
     wait_until(lambda: server.scheduler.queue_depths() == (0, 0), "the row of the client that left is freed")
-    assert server.metrics.generated_tokens.labels(adapter="lora0")._value.get() < 1000  # it left, not finished
-    wait_until(lambda: all(e.in_use == 0 for e in server.pool.entries()), "its adapter hold is released")
+    assert generated() - made <= 1 < 4000 - made  # the step under way when the loop resumed, no more
 
 
 def test_http_and_grpc_clients_together_get_what_they_get_alone(http_server):
@@ -415,6 +427,7 @@ def test_hub_serve_http_port_and_sigterm(served_base, registry):
         chunks = [json.loads(e[6:]) for e in events[:-1]]
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
         assert serve.proc.wait(timeout=300) == 0
+        serve.drain()
         assert "Traceback" not in "".join(serve.lines)
     finally:
         serve.kill()

@@ -44,8 +44,12 @@ class ServeProcess:
     def terminate(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
         code = self.proc.wait(timeout=120)
-        self._rest.join(timeout=10)
+        self.drain()
         return code
+
+    def drain(self) -> None:
+        """Once the process has exited: wait until `lines` holds all it wrote."""
+        self._rest.join(timeout=10)
 
     def kill(self) -> None:
         if self.proc.poll() is None:

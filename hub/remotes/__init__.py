@@ -31,10 +31,10 @@ class Remote(ABC):
     def fetch(self, ref: str, local: Registry, progress: Progress | None = None, revision: str | None = None) -> Manifest:
         """Pull `ref` into `local`, verifying every file's sha256; returns the local manifest."""
 
-    def current(self, ref: str) -> Manifest | None:
-        """The version a moving ref (`name`, `name@tag`) names on the remote now, read without pulling it; None
-        where that costs a download (then a ref already pulled is not looked up again). NotFound if the remote
-        has no such ref."""
+    def current(self, ref: str) -> str | None:
+        """The exact `name@version` a moving ref (`name`, `name@tag`) names on the remote now, read without pulling
+        it; None where the remote cannot say cheaply (then a ref already pulled is not looked up again). NotFound
+        if the remote has no such ref, RemoteError if it cannot be reached."""
         return None
 
     @abstractmethod

@@ -36,9 +36,9 @@ class DirectoryRemote(Remote):
         evals.copy(remote.root, local.root, manifest)
         return manifest
 
-    def current(self, ref: str) -> Manifest:
+    def current(self, ref: str) -> str:
         """Read from the remote's refs (its tags.json, or the name's versions): one small file, no blob."""
-        return self._registry(must_exist=True).resolve(ref)
+        return self._registry(must_exist=True).resolve(ref).ref
 
     def publish(self, manifest: Manifest, local: Registry, progress: Progress | None = None) -> str:
         """Copy the version and its evaluation records, then point its local tags at it here too (moving them if they exist)."""

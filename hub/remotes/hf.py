@@ -12,23 +12,31 @@ do not move, so records also live on a branch of their own, `hub-evals`, one `hu
 per version: every push of a version merges its local records into that file (a version already tagged
 is not uploaded again, once its manifest there is found to be the same content), and a pull adds the
 records of both the tag and the branch.
+
+What a name or a tag names now (`current`, asked by a serving pool on every request) comes from the repo's git
+tags, listed by one call (`list_repo_refs`) that answers for `HUB_HF_REFS_SECONDS` seconds, so a burst of requests
+costs one call and a tag moved on the Hub is seen once that time has passed.
 """
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from hub import evals
 from hub.artifact import Technique
-from hub.errors import RemoteError
+from hub.errors import HubError, NotFound, RemoteError
 from hub.files import check_regular, resolve_within
 from hub.index import load_manifest
-from hub.manifest import Manifest, parse_ref
+from hub.manifest import VERSION_RE, Manifest, parse_ref, version_key
 from hub.registry import Registry
 from hub.remotes import Remote
 from hub.store import Progress
@@ -39,6 +47,22 @@ EVALS_BRANCH = "hub-evals"  # every version's records as they grow: hub-evals/<v
 CARD_FILE = "README.md"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _PEFT_TECHNIQUES = {Technique.LORA.value, Technique.IA3.value, Technique.PROMPT_TUNING.value}
+REFS_SECONDS_VAR = "HUB_HF_REFS_SECONDS"  # how long one listing of a repo's tags answers `current`
+DEFAULT_REFS_SECONDS = 5.0  # a burst of requests costs one call; a moved tag is served within this time
+
+
+def refs_seconds() -> float:
+    """The configured listing lifetime (HUB_HF_REFS_SECONDS, seconds >= 0; 0 lists on every request)."""
+    raw = os.environ.get(REFS_SECONDS_VAR, "").strip()
+    if not raw:
+        return DEFAULT_REFS_SECONDS
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise RemoteError(f"{REFS_SECONDS_VAR}={raw!r}: give a number of seconds, 0 or more")
+    return seconds
 
 
 def model_card(manifest: Manifest) -> str:
@@ -93,6 +117,57 @@ class HFRemote(Remote):
             raise RemoteError(f"invalid Hugging Face repo {repo_id!r}: use hf://org/repo")
         self.repo_id = repo_id
         self.url = f"hf://{repo_id}"
+        self.refs_seconds = refs_seconds()
+        self._refs_lock = threading.Lock()  # concurrent requests wait for one listing rather than each making one
+        self._listed_at = -math.inf
+        self._listing: dict[str, str] | HubError | None = None  # tag -> commit, or why the last listing failed
+        self._last_good: dict[str, str] | None = None  # what answers while the Hub is unreachable
+
+    def current(self, ref: str) -> str | None:
+        """A name is its highest version tag (`v<version>`), as a registry resolves a name; `name@tag` is the
+        version whose tag is on the same commit. None where the tags cannot say (a plain PEFT repo, a tag on an
+        untagged commit). While the Hub is unreachable the last listing read answers (what was served so far);
+        with none, RemoteError and the local registry answers."""
+        name, version, tag = parse_ref(ref)
+        tags = self._tags()
+        versions = {t[1:]: commit for t, commit in tags.items() if t[:1] == "v" and VERSION_RE.fullmatch(t[1:])}
+        if version is not None:
+            if version not in versions:
+                raise NotFound(f"{self.url} has no tag v{version}")
+            return ref
+        if tag is not None and tag not in tags:
+            raise NotFound(f"{self.url} has no tag {tag!r}")
+        named = [v for v, commit in versions.items() if tag is None or commit == tags[tag]]
+        return f"{name}@{max(named, key=version_key)}" if named else None
+
+    def _tags(self) -> dict[str, str]:
+        """The repo's tags, listed at most once per `refs_seconds` (a failure too, so an outage costs one call)."""
+        with self._refs_lock:
+            if time.monotonic() - self._listed_at >= self.refs_seconds:
+                self._listing = self._list_tags()
+                self._listed_at = time.monotonic()
+                if not isinstance(self._listing, HubError):
+                    self._last_good = self._listing
+            listing, last_good = self._listing, self._last_good
+        if isinstance(listing, dict):
+            return listing
+        if isinstance(listing, RemoteError) and last_good is not None:
+            return last_good
+        assert listing is not None, "the first call lists the tags"
+        raise listing.__class__(str(listing))
+
+    def _list_tags(self) -> dict[str, str] | HubError:
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        try:
+            refs = HfApi().list_repo_refs(self.repo_id)
+        except RepositoryNotFoundError:
+            return NotFound(f"{self.url}: no such repo")
+        except Exception as e:  # network boundary: the client raises many kinds; report one line
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            return RemoteError(f"{self.url}: cannot list tags ({e.__class__.__name__}: {reason})")
+        return {t.name: t.target_commit for t in refs.tags}
 
     def _download(self, revision: str) -> Path:
         from huggingface_hub import snapshot_download
