@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -25,6 +26,9 @@ from runtime import kernels
 from runtime.techniques.base import (BatchInfo, Resident, RowBiasOp, SiteOp, Stage, TechniqueImpl, Use,
                                      nbytes_of, row_vectors, to_device)
 from runtime.techniques.slots import SlotBuffer, store_of
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass
@@ -81,7 +85,7 @@ class LoraSlotsOp(SiteOp):
         return y
 
 
-class Lora(TechniqueImpl):
+class Lora(TechniqueImpl[LoraSite]):
     technique = Technique.LORA
 
     def weights_dtype(self, model: nn.Module) -> torch.dtype:
@@ -90,7 +94,7 @@ class Lora(TechniqueImpl):
         half = param.dtype in (torch.bfloat16, torch.float16)
         return torch.float32 if half and param.device.type == "cpu" else param.dtype
 
-    def load(self, key: str, adapter: Adapter, model: nn.Module) -> Resident:
+    def load(self, key: str, adapter: Adapter, model: PreTrainedModel) -> Resident[LoraSite]:
         check_fits(adapter, model)
         like = next(model.parameters())
         model_dtype, weights_dtype = like.dtype, self.weights_dtype(model)
@@ -115,14 +119,19 @@ class Lora(TechniqueImpl):
         resident.free = weakref.finalize(resident, store.free, held)
         return resident
 
-    def compile(self, site: str, uses: list[Use], batch: BatchInfo) -> list[SiteOp]:
+    def compile(self, site: str, uses: list[Use[LoraSite]], batch: BatchInfo) -> list[SiteOp]:
         """Per segment only `lora_bias` (a per-row vector); the LoRA product is `compile_batch`'s."""
         with_bias = [u for u in uses if u.resident.sites[site].bias is not None]
         if not with_bias:
             return []
-        return [RowBiasOp(row_vectors(with_bias, batch, lambda u: u.resident.sites[site].bias))]
+        def bias(use: Use[LoraSite]) -> torch.Tensor:
+            b = use.resident.sites[site].bias
+            assert b is not None  # with_bias holds only these
+            return b
 
-    def compile_batch(self, site_uses: dict[str, list[Use]], batch: BatchInfo) -> dict[str, list[SiteOp]]:
+        return [RowBiasOp(row_vectors(with_bias, batch, bias))]
+
+    def compile_batch(self, site_uses: dict[str, list[Use[LoraSite]]], batch: BatchInfo) -> dict[str, list[SiteOp]]:
         made: dict[tuple, Indices] = {}  # equal entries (every layer's q_proj, say) share their tensors
         ops: dict[str, list[SiteOp]] = {}
         for site, uses in site_uses.items():
