@@ -43,13 +43,13 @@ class Resident:
 
     key: str
     technique: Technique
-    # site (module path) -> the technique's prepared payload there: lora.LoraSite, ia3.IA3Site, a BitFit bias
-    # vector, a bottleneck Tap or Block
+    # site (module path) -> the technique's prepared payload there: lora.LoraSite, ia3.IA3Site, a BitFit
+    # slots.Slot, a bottleneck Tap or Block
     sites: dict[str, Any]
     nbytes: int
     config: dict[str, Any] = field(default_factory=dict)
     prompt: torch.Tensor | None = None  # soft prompt (tokens, hidden): prompt tuning only
-    free: Callable[[], Any] | None = None  # gives back its slots (LoRA), once it is unloaded or replaced
+    free: Callable[[], Any] | None = None  # gives back its slots (LoRA, IA3, BitFit), once unloaded or replaced
 
 
 @dataclass(frozen=True)
@@ -103,8 +103,9 @@ class TechniqueImpl(ABC):
         return {site: self.compile(site, uses, batch) for site, uses in site_uses.items()}
 
     def compile_batch(self, site_uses: dict[str, list[Use]], batch: BatchInfo) -> dict[str, list[SiteOp]]:
-        """DELTA ops over the whole batch's rows at once, for techniques whose ops only index slot buffers (so
-        they cost small index tensors per batch change, never copies); they run before the segment's ops."""
+        """Ops over the whole batch's rows at once, for techniques whose ops only index slot buffers (so they
+        cost small index tensors per batch change, never copies); each stage's run before the segments' ops of
+        that stage (runtime/engine.py AdaptedModule)."""
         return {}
 
     def check_plan(self, uses_of_row: list[Use], mode: str) -> None:
