@@ -33,10 +33,11 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 SiteOps = tuple[list[SiteOp], list[SiteOp], list[SiteOp]]  # PRE, DELTA, POST
+_NO_OPS: SiteOps = ([], [], [])
 # Compiled segments kept: a decode step reuses its batch's (at most generate.MAX_SEGMENTS), a join adds one
-# (prompt_lengths, then its prefill), and one more. Few on purpose: the techniques compiled per segment (IA3,
-# BitFit, bottleneck, lora_bias) stack per-row weights there, and stacks freed first are memory the next
-# compile reuses. LoRA's products are batch-wide slot-indexed ops (`batch_ops`) and stack nothing.
+# (prompt_lengths, then its prefill), and one more. Few on purpose: the techniques compiled per segment
+# (bottleneck, lora_bias) stack per-row weights there, and stacks freed first are memory the next compile
+# reuses. LoRA, IA3 and BitFit are batch-wide slot-indexed ops (`batch_ops`) and stack nothing.
 _COMPILED_CACHE = 4
 _BATCH_OPS_KEPT = 4  # batch-wide index ops kept (small: a few int64 tensors per site and rank class)
 
@@ -50,12 +51,12 @@ class _Context:
 
     def __init__(self) -> None:
         self.segments: list[tuple[int, int, dict[str, SiteOps]]] = []
-        self.batch: dict[str, list[SiteOp]] = {}  # per site, DELTA ops over every row (slot-indexed: LoRA)
+        self.batch: dict[str, SiteOps] = {}  # per site, ops over every row (slot-indexed: LoRA, IA3, BitFit)
         self._x: torch.Tensor | None = None
         self._parts: list[torch.Tensor] = []
 
     def set(self, segments: list[tuple[int, int, dict[str, SiteOps]]],
-            batch: dict[str, list[SiteOp]] | None = None) -> None:
+            batch: dict[str, SiteOps] | None = None) -> None:
         self.segments, self.batch, self._x, self._parts = segments, batch or {}, None, []
 
     def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -82,33 +83,40 @@ class AdaptedModule(nn.Module):
             return getattr(self._modules["base_layer"], name)
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
+        """The batch-wide PRE ops, then each segment's; the base; then DELTA ops (batch-wide first), then POST
+        ops likewise, so a scaling (IA3) applies to the output with every delta (LoRA, BitFit) merged and a
+        bottleneck block sees the scaled output."""
         segments = self._context.segments
         per_segment = [ops.get(self._site) for _, _, ops in segments]
-        whole = self._context.batch.get(self._site, [])
-        if not any(per_segment) and not whole:
+        whole = self._context.batch.get(self._site)
+        if not any(per_segment) and whole is None:
             return self.base_layer(x, *args, **kwargs)
+        whole = whole or _NO_OPS
+        for op in whole[Stage.PRE]:
+            x = op(x, None)
         if len(segments) == 1:
-            pre, delta, post = per_segment[0] or ([], [], [])
+            pre, delta, post = per_segment[0] or _NO_OPS
             for op in pre:
                 x = op(x, None)
             out = self.base_layer(x, *args, **kwargs)
             y = out[0] if isinstance(out, tuple) else out
-            for op in whole + delta + post:
+            for op in whole[Stage.DELTA] + delta + whole[Stage.POST] + post:
                 y = op(x, y)
             return (y, *out[1:]) if isinstance(out, tuple) else y
         x = self._pre_segments(x, per_segment)
         out = self.base_layer(x, *args, **kwargs)
         y = out[0] if isinstance(out, tuple) else out
-        for op in whole:
-            y = op(x, y)
-        for site_ops, x_part, (start, end, _) in zip(per_segment, self._context.parts(x), segments):
-            if site_ops is None:
-                continue
-            y_part = result = y[start:end]
-            for op in site_ops[Stage.DELTA] + site_ops[Stage.POST]:
-                result = op(x_part, result)
-            if result is not y_part:  # ops that add in place have written into y already
-                y_part.copy_(result)
+        for stage in (Stage.DELTA, Stage.POST):
+            for op in whole[stage]:
+                y = op(x, y)
+            for site_ops, x_part, (start, end, _) in zip(per_segment, self._context.parts(x), segments):
+                if site_ops is None or not site_ops[stage]:
+                    continue
+                y_part = result = y[start:end]
+                for op in site_ops[stage]:
+                    result = op(x_part, result)
+                if result is not y_part:  # ops that add in place have written into y already
+                    y_part.copy_(result)
         return (y, *out[1:]) if isinstance(out, tuple) else y
 
     def _pre_segments(self, x: torch.Tensor, per_segment: list[SiteOps | None]) -> torch.Tensor:
@@ -148,7 +156,7 @@ class Engine:
         self._residents: dict[str, Resident] = {}
         self._wrapped: set[str] = set()
         self._compiled: OrderedDict[tuple, Compiled] = OrderedDict()
-        self._batch_ops: OrderedDict[tuple[RowPlan, ...], dict[str, list[SiteOp]]] = OrderedDict()
+        self._batch_ops: OrderedDict[tuple[RowPlan, ...], dict[str, SiteOps]] = OrderedDict()
         self._lock = threading.RLock()
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         # the kernels' backend now (a fused CPU build or load costs seconds), not in a running batch's first step
@@ -272,9 +280,10 @@ class Engine:
                     by_technique.setdefault(use.resident.technique, {}).setdefault(site, []).append(use)
         return rows, by_technique
 
-    def batch_ops(self, plans: list[RowPlan]) -> dict[str, list[SiteOp]]:
-        """Per site, the techniques' ops over all of these rows at once (`TechniqueImpl.compile_batch`): index
-        tensors into slot buffers, kept for the last few batches (a decode step and a join's prefill)."""
+    def batch_ops(self, plans: list[RowPlan]) -> dict[str, SiteOps]:
+        """Per site, the techniques' ops over all of these rows at once (`TechniqueImpl.compile_batch`), by
+        stage: index tensors into slot buffers, kept for the last few batches (a decode step and a join's
+        prefill)."""
         with self._lock:
             key = tuple(plans)
             hit = self._batch_ops.get(key)
@@ -283,10 +292,9 @@ class Engine:
                 return hit
             _, by_technique = self._uses(plans)
             batch = BatchInfo(len(plans), tuple(p.mode for p in plans), self.device, self.dtype)
-            ops: dict[str, list[SiteOp]] = {}
+            ops: dict[str, SiteOps] = {}
             for technique, sites in by_technique.items():
-                for site, site_ops in REGISTRY[technique].compile_batch(sites, batch).items():
-                    ops.setdefault(site, []).extend(site_ops)
+                _stage(ops, REGISTRY[technique].compile_batch(sites, batch))
             while len(self._batch_ops) >= _BATCH_OPS_KEPT:
                 self._batch_ops.popitem(last=False)
             self._batch_ops[key] = ops
@@ -297,12 +305,7 @@ class Engine:
         batch = BatchInfo(len(plans), tuple(p.mode for p in plans), self.device, self.dtype)
         ops: dict[str, SiteOps] = {}
         for technique, sites in by_technique.items():
-            for site, site_ops in REGISTRY[technique].compile_all(sites, batch).items():
-                if not site_ops:
-                    continue
-                staged = ops.setdefault(site, ([], [], []))
-                for op in site_ops:
-                    staged[op.stage].append(op)
+            _stage(ops, REGISTRY[technique].compile_all(sites, batch))
         prompts = []
         for row_uses in rows:
             parts = [u.resident.prompt for u in row_uses if u.resident.prompt is not None]
@@ -384,6 +387,15 @@ class Engine:
             full[row, longest + tokens - real:] = embeds[row, tokens - real:]
             mask[row, start:] = 1
         return {"inputs_embeds": full}, mask
+
+
+def _stage(ops: dict[str, SiteOps], site_ops: dict[str, list[SiteOp]]) -> None:
+    """Add a technique's ops per site into `ops`, each into its stage's list (sites without ops get none)."""
+    for site, made in site_ops.items():
+        if made:
+            staged = ops.setdefault(site, ([], [], []))
+            for op in made:
+                staged[op.stage].append(op)
 
 
 def _bounds(rows: int, segments: Sequence[int] | None) -> list[tuple[int, int]]:

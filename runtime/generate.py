@@ -6,7 +6,8 @@ prompts, if any), then their cache is merged by left-padding both caches to a co
 that leave are dropped at once and all-padding columns trimmed. Position ids come from the mask,
 so padding never shifts a row and a greedy fp32 sequence comes out the same alone or batched.
 
-LoRA rows read their adapters from slots through index tensors rebuilt per batch change (Engine.batch_ops).
+LoRA, IA3 and BitFit rows read their adapters from slots through index tensors rebuilt per batch change
+(Engine.batch_ops).
 For the techniques compiled per segment, the rows that joined together stay one segment the engine compiles on
 its own (see Engine.forward):
 a join compiles only the joiners (their prefill's compile, reused by every decode step) and a row
@@ -35,8 +36,8 @@ from runtime.textstream import TextStream
 
 __all__ = ["Batch", "NonFiniteLogits", "SamplingParams", "Row", "score"]
 
-# Segments matter only to the techniques still compiled per segment (IA3, BitFit, bottleneck, lora_bias): a
-# LoRA-only batch has no per-segment ops, its LoRA products are batch-wide slot-indexed ops (Engine.batch_ops).
+# Segments matter only to the techniques still compiled per segment (bottleneck, lora_bias): a batch of only
+# LoRA, IA3 and BitFit has no per-segment ops, theirs are batch-wide slot-indexed ops (Engine.batch_ops).
 MAX_SEGMENTS = 2  # each extra segment costs every module adapted per segment its own ops each step
 # A steady batch's segments merge after this many steps: the merge re-stacks those techniques' per-row weights
 # once, a second segment costs their ops again every step.

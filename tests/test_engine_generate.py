@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from helpers import LLAMA_TARGETS, save_peft_adapter, tiny_llama
+from helpers import LLAMA_TARGETS, save_bitfit_adapter, save_peft_adapter, tiny_llama
 from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig
 
 from hub.artifact import read_adapter
@@ -220,25 +220,17 @@ def test_a_leave_between_steps_restarts_the_count_of_steady_steps(engine):
     assert {s.id: s.output_ids for s in seqs if s.id != "1"} == {k: v for k, v in alone.items() if k != "1"}
 
 
-def test_lora_rows_keep_their_outputs_across_joins_leaves_and_slot_reuse(base, folders, tmp_path):
-    """LoRA rows read their adapters in place from slot buffers through per-batch index tensors: a row's tokens
-    do not depend on its neighbours as rows join, leave and are cancelled, nor on an adapter being unloaded
-    and a new one taking its freed slot mid-batch; no slot buffer is reallocated while the batch changes."""
+def check_rows_across_joins_leaves_and_slot_reuse(eng: Engine, plans: dict[str, RowPlan], late, site: str) -> None:
+    """Rows "a".."f" under `plans` ("f" uses "late", loaded mid-batch once "spare" is unloaded, into its freed
+    slot at `site`): a row's tokens do not depend on its neighbours as rows join, leave and are cancelled ("b"),
+    and no slot buffer is reallocated while the batch changes."""
     from runtime.techniques.slots import store_of
 
-    eng = make_engine(base, {k: folders[k] for k in ("lora", "lora16")})
-    targets = LoraConfig(r=4, target_modules=LLAMA_TARGETS)
-    for key, seed in (("lora2", 5), ("spare", 9)):
-        eng.load(key, read_adapter(save_peft_adapter(base, targets, tmp_path / key, seed=seed)))
-    late = read_adapter(save_peft_adapter(base, targets, tmp_path / "late", seed=11))
-    plans = {"a": RowPlan((AdapterUse("lora"),)), "b": RowPlan((AdapterUse("lora2"),)),
-             "c": RowPlan((AdapterUse("lora16"),)), "d": RowPlan((AdapterUse("lora"), AdapterUse("lora16", 0.5))),
-             "e": RowPlan((AdapterUse("lora"), AdapterUse("lora2", 3.0)), "average"), "f": RowPlan((AdapterUse("late"),))}
     rows = {k: Row(k, PROMPTS[i % len(PROMPTS)], plan, SamplingParams(max_new_tokens=10))
             for i, (k, plan) in enumerate(plans.items())}
     store = store_of(eng.model)
-    buffers = {k: (b.a.data_ptr(), b.b.data_ptr()) for k, b in store.buffers.items()}
-    spare_slot = eng._residents["spare"].sites["model.layers.0.self_attn.q_proj"].slot
+    buffers = {k: tuple(p.data_ptr() for p in b.parts) for k, b in store.buffers.items()}
+    spare_slot = eng._residents["spare"].sites[site].slot
     batch = Batch(eng)
     added: dict[str, Row] = {}
 
@@ -255,15 +247,53 @@ def test_lora_rows_keep_their_outputs_across_joins_leaves_and_slot_reuse(base, f
             batch.remove("b")  # cancelled mid-generation
             eng.unload("spare")
             eng.load("late", late)
-            assert eng._residents["late"].sites["model.layers.0.self_attn.q_proj"].slot == spare_slot
+            assert eng._residents["late"].sites[site].slot == spare_slot
             add("f")
         batch.step()
         if not len(batch):
             break
-    assert {k: (b.a.data_ptr(), b.b.data_ptr()) for k, b in store.buffers.items()} == buffers
+    assert {k: tuple(p.data_ptr() for p in b.parts) for k, b in store.buffers.items()} == buffers
     assert added["b"].finish_reason == "cancelled"
     for key in "acdef":
         assert added[key].output_ids == run(eng, [copy.deepcopy(rows[key])])[key], key
+
+
+def test_lora_rows_keep_their_outputs_across_joins_leaves_and_slot_reuse(base, folders, tmp_path):
+    """LoRA rows read their adapters in place from slot buffers through per-batch index tensors (stacked,
+    weighted, averaged, mixed ranks)."""
+    eng = make_engine(base, {k: folders[k] for k in ("lora", "lora16")})
+    targets = LoraConfig(r=4, target_modules=LLAMA_TARGETS)
+    for key, seed in (("lora2", 5), ("spare", 9)):
+        eng.load(key, read_adapter(save_peft_adapter(base, targets, tmp_path / key, seed=seed)))
+    late = read_adapter(save_peft_adapter(base, targets, tmp_path / "late", seed=11))
+    plans = {"a": RowPlan((AdapterUse("lora"),)), "b": RowPlan((AdapterUse("lora2"),)),
+             "c": RowPlan((AdapterUse("lora16"),)), "d": RowPlan((AdapterUse("lora"), AdapterUse("lora16", 0.5))),
+             "e": RowPlan((AdapterUse("lora"), AdapterUse("lora2", 3.0)), "average"), "f": RowPlan((AdapterUse("late"),))}
+    check_rows_across_joins_leaves_and_slot_reuse(eng, plans, late, "model.layers.0.self_attn.q_proj")
+
+
+def test_ia3_and_bitfit_rows_keep_their_outputs_across_joins_leaves_and_slot_reuse(base, folders, tmp_path):
+    """IA3 and BitFit rows read their vectors in place from slot buffers through per-batch index tensors: IA3
+    stacked with weight 1 (straight from its slot) and weighted or averaged (factors made from the slots), BitFit
+    weighted, both beside and over a LoRA."""
+    eng = make_engine(base, {k: folders[k] for k in ("lora", "ia3")})
+    eng.load("ia3_b", read_adapter(save_peft_adapter(base, IA3Config(target_modules=["k_proj", "down_proj"],
+                                                                     feedforward_modules=["down_proj"]),
+                                                     tmp_path / "ia3_b", seed=4)))
+    gen = torch.Generator().manual_seed(2)
+    sites = ["model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"]
+    for key in ("bitfit", "spare", "late"):
+        folder = save_bitfit_adapter(tmp_path / key, {s: 0.5 * torch.randn(32 if "k_proj" in s else 64, generator=gen)
+                                                      for s in sites})
+        if key != "late":
+            eng.load(key, read_adapter(folder))
+    late = read_adapter(folder)
+    plans = {"a": RowPlan((AdapterUse("ia3"),)), "b": RowPlan((AdapterUse("bitfit", 2.0),)),
+             "c": RowPlan((AdapterUse("ia3", 0.5), AdapterUse("ia3_b"), AdapterUse("bitfit"))),
+             "d": RowPlan((AdapterUse("ia3"), AdapterUse("ia3_b", 3.0)), "average"),
+             "e": RowPlan((AdapterUse("lora"), AdapterUse("ia3"), AdapterUse("bitfit", -1.0))),
+             "f": RowPlan((AdapterUse("late"), AdapterUse("ia3_b")))}
+    check_rows_across_joins_leaves_and_slot_reuse(eng, plans, late, sites[1])
 
 
 def sliding_model(arch: str):

@@ -11,6 +11,8 @@ from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig
 from hub.artifact import read_adapter
 from runtime.engine import Engine
 from runtime.plan import AdapterUse, PlanError, RowPlan
+from runtime.techniques.base import Stage
+from runtime.techniques.bitfit import BiasOp
 
 pytestmark = pytest.mark.slow  # every technique compared with PEFT in mixed batches
 
@@ -239,10 +241,10 @@ def test_lora_rows_read_their_adapters_in_place_from_slots(base, folders):
     eng.load("y", read_adapter(folders["lora_all"]))
     plans = [plan("x"), plan("y", weights=[0.5])]
     ops = eng.batch_ops(plans)
-    q, v = ops["model.layers.1.self_attn.q_proj"][0], ops["model.layers.1.self_attn.v_proj"][0]
+    q, v = (ops[f"model.layers.1.self_attn.{name}"][Stage.DELTA][0] for name in ("q_proj", "v_proj"))
     (buffer, (rows, slots, scale)), = q.classes
     x_site = eng._residents["x"].sites["model.layers.1.self_attn.q_proj"]
-    assert buffer is x_site.buffer and buffer.a[x_site.slot].data_ptr() != 0
+    assert buffer is x_site.buffer and buffer.parts[0][x_site.slot].data_ptr() != 0
     assert rows.tolist() in ([0, 1], [1, 0]) and sorted(scale.tolist()) == [0.5, 1.0]
     assert v.classes[0][1][0] is rows  # equal entries, one tensor
     assert eng.compile(plans).ops == {}  # nothing per segment: no lora_bias here
@@ -250,6 +252,38 @@ def test_lora_rows_read_their_adapters_in_place_from_slots(base, folders):
     assert (got[0] - model_logits(peft_model(base, folders["lora_all"]), ROWS[0])).abs().max() <= TOL
     half = model_logits(merged_lora(base, [(folders["lora_all"], 0.5)]), ROWS[1])
     assert (got[1] - half).abs().max() <= TOL
+
+
+def test_ia3_and_bitfit_rows_read_their_vectors_in_place_from_slots(base, folders):
+    """IA3 and BitFit vectors live in slot buffers from load on: a batch compiles nothing per segment for them,
+    its batch-wide ops index the very buffers the adapters were copied into, and every row, whatever its
+    neighbours (IA3 stacked with weight 1 or weighted, averaged, over a LoRA; BitFit weighted), equals its
+    reference."""
+    eng = Engine(copy.deepcopy(base))
+    for key in ("ia3", "ia3_b", "bitfit", "lora_all"):
+        eng.load(key, read_adapter(folders[key]))
+    plans = [plan("ia3"), plan("ia3", "ia3_b", weights=[1.0, 0.5]), RowPlan(),
+             plan("ia3", "ia3_b", weights=[1.0, 3.0], mode="average"), plan("bitfit", weights=[2.0]),
+             plan("lora_all", "ia3", "bitfit")]
+    assert eng.compile(plans).ops == {}
+    ops = eng.batch_ops(plans)
+    down = "model.layers.1.mlp.down_proj"
+    (scale,), (bias,) = ops[down][Stage.PRE], [op for op in ops[down][Stage.DELTA] if isinstance(op, BiasOp)]
+    assert scale.buffer is eng._residents["ia3"].sites[down].buffer
+    assert bias.buffers == [eng._residents["bitfit"].sites[down].buffer]
+    assert len(ops["model.layers.0.self_attn.k_proj"][Stage.POST]) == 1
+    rows = [*ROWS, [9, 8, 7, 6, 5]]
+    got = engine_rows(eng, rows, plans)
+    refs = [model_logits(peft_model(base, folders["ia3"]), rows[0]),
+            model_logits(combined_ia3(base, folders, lambda a, b: a * (1 + 0.5 * (b - 1))), rows[1]),
+            model_logits(base, rows[2]),
+            model_logits(combined_ia3(base, folders, lambda a, b: 0.25 * a + 0.75 * b), rows[3]),
+            bitfit_reference(base, folders["bitfit"], rows[4], 2.0)]
+    for i, ref in enumerate(refs):
+        assert (got[i] - ref).abs().max() <= TOL, i
+    assert torch.equal(got[2], engine_rows(eng, rows[2:3], [RowPlan()])[0])
+    for i, p in enumerate(plans):  # each row alone gives what it gives beside the others
+        assert (got[i] - engine_rows(eng, rows[i:i + 1], [p])[0]).abs().max() <= 1e-5, i
 
 
 def test_last_only_gives_the_last_logits_of_every_row(engine):
@@ -381,18 +415,20 @@ def test_prepare_needs_no_lock_and_install_makes_it_live(base, folders):
     assert torch.equal(engine_rows(eng, ROWS[:1], [RowPlan()])[0], before)
 
 
-def test_slots_go_back_on_unload_on_replace_and_when_a_prepared_adapter_is_dropped(base, folders):
-    """A LoRA's slots are occupied from `prepare` on and given back when it is unloaded, replaced under its key,
-    or prepared and then dropped without an install (a load that failed after its copies)."""
+@pytest.mark.parametrize("key", ["lora_all", "ia3", "bitfit"])
+def test_slots_go_back_on_unload_on_replace_and_when_a_prepared_adapter_is_dropped(base, folders, key):
+    """An adapter's slots (LoRA's A and B, IA3's and BitFit's vectors) are occupied from `prepare` on and given
+    back when it is unloaded, replaced under its key, or prepared and then dropped without an install (a load
+    that failed after its copies); what it occupies is what the budget counts (`weights_bytes`)."""
     from runtime.techniques.slots import store_of
 
     eng = Engine(copy.deepcopy(base))
     store = store_of(eng.model)
-    size = eng.load("x", read_adapter(folders["lora_all"]))
+    size = eng.load("x", read_adapter(folders[key]))
+    assert store.bytes()[0] == size == eng.weights_bytes(read_adapter(folders[key]))
+    eng.load("x", read_adapter(folders[key]))  # replaced: the old copy's slots are free again
     assert store.bytes()[0] == size
-    eng.load("x", read_adapter(folders["lora_all"]))  # replaced: the old copy's slots are free again
-    assert store.bytes()[0] == size
-    dropped = eng.prepare("y", read_adapter(folders["lora_all"]))
+    dropped = eng.prepare("y", read_adapter(folders[key]))
     assert store.bytes()[0] == 2 * size
     del dropped
     assert store.bytes()[0] == size

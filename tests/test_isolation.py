@@ -29,7 +29,7 @@ from runtime.generate import Batch, NonFiniteLogits, SamplingParams, Row, score
 from runtime.plan import AdapterUse, RowPlan
 from runtime.proto.adapterhub.v1 import runtime_pb2 as pb
 from runtime.sampling import next_tokens
-from runtime.techniques.lora import LoraSite
+from runtime.techniques.slots import Slot
 
 pytestmark = pytest.mark.slow  # many batches checked row by row against each row alone
 
@@ -44,9 +44,9 @@ def plan(*keys: str, mode: str = "stack") -> RowPlan:
 
 def tensors_of(payload: Any) -> Iterator[torch.Tensor]:
     """Every tensor a technique's prepared payload holds (tensors, tuples, dataclasses such as LoraSite/Block;
-    a LoraSite's A and B are its slot in the site's slot buffer)."""
-    if isinstance(payload, LoraSite):
-        yield from (payload.buffer.a[payload.slot], payload.buffer.b[payload.slot])
+    a Slot's tensors (LoRA's A and B, IA3's and BitFit's vectors) are its slot in the site's slot buffer)."""
+    if isinstance(payload, Slot):
+        yield from (part[payload.slot] for part in payload.buffer.parts)
     if isinstance(payload, torch.Tensor):
         yield payload
     elif isinstance(payload, (tuple, list)):

@@ -437,7 +437,7 @@ def test_the_budget_counts_each_loras_own_slot_bytes_and_eviction_frees_them(mak
     _use(pool, "lora0")
     _use(pool, "lora3")
     assert store.bytes()[0] == pool.device_used() == sizes["lora0"] + sizes["lora3"]
-    assert {rank for _, rank in store.buffers} == {4, 16}
+    assert {b.parts[0].shape[1] for b in store.buffers.values()} == {4, 16}  # ranks
     capacities = []
     for _ in range(2):
         for name in ("lora1", "lora2", "lora0", "lora3", "lora1"):
@@ -445,6 +445,29 @@ def test_the_budget_counts_each_loras_own_slot_bytes_and_eviction_frees_them(mak
             assert store.bytes()[0] == pool.device_used() <= pool.device_budget
         capacities.append(store.bytes()[1])
     assert capacities[0] == capacities[1]  # the second round found every slot it needed free
+    for entry in pool.entries():
+        if entry.tier is Tier.DEVICE:
+            pool.unload(entry.key)
+    assert store.bytes()[0] == pool.device_used() == 0
+
+
+def test_the_budget_counts_ia3_and_bitfit_slot_bytes_and_eviction_frees_them(make_pool):
+    """IA3 and BitFit vectors live in slot buffers per site and length: the budget counts exactly the slot bytes
+    each occupies, eviction gives them back, and churning them through the budget reuses freed slots instead of
+    growing the buffers."""
+    from runtime.techniques.slots import store_of
+
+    probe = make_pool(1 << 30)
+    sizes = {n: _size(probe, n) for n in ("ia3", "bitfit")}
+    store = store_of(probe.engine.model)
+    pool = make_pool(max(sizes.values()))  # one at a time: each use evicts the other
+    capacities = []
+    for _ in range(2):
+        for name in ("ia3", "bitfit"):
+            _use(pool, name)
+            assert store.bytes()[0] == pool.device_used() == sizes[name]
+        capacities.append(store.bytes()[1])
+    assert capacities[0] == capacities[1]
     for entry in pool.entries():
         if entry.tier is Tier.DEVICE:
             pool.unload(entry.key)

@@ -46,13 +46,13 @@ class Resident(Generic[SiteT]):
 
     key: str
     technique: Technique
-    # site (module path) -> the technique's prepared payload there: lora.LoraSite, ia3.IA3Site, a BitFit bias
-    # vector, a bottleneck Tap or Block (prompt tuning has no sites)
+    # site (module path) -> the technique's prepared payload there: lora.LoraSite, ia3.IA3Site, a BitFit
+    # slots.Slot, a bottleneck Tap or Block (prompt tuning has no sites)
     sites: dict[str, SiteT]
     nbytes: int
     config: dict[str, Any] = field(default_factory=dict)
     prompt: torch.Tensor | None = None  # soft prompt (tokens, hidden): prompt tuning only
-    free: Callable[[], Any] | None = None  # gives back its slots (LoRA), once it is unloaded or replaced
+    free: Callable[[], Any] | None = None  # gives back its slots (LoRA, IA3, BitFit), once unloaded or replaced
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class BatchInfo:
 class SiteOp(ABC):
     """A technique's compiled work at one site for one batch; built once, reused every decode step."""
 
-    stage: ClassVar[Stage]
+    stage: Stage  # set per class, or per instance where one op class serves two stages (IA3's ScaleOp)
 
     @abstractmethod
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
@@ -107,8 +107,9 @@ class TechniqueImpl(ABC, Generic[SiteT]):
         return {site: self.compile(site, uses, batch) for site, uses in site_uses.items()}
 
     def compile_batch(self, site_uses: dict[str, list[Use[SiteT]]], batch: BatchInfo) -> dict[str, list[SiteOp]]:
-        """DELTA ops over the whole batch's rows at once, for techniques whose ops only index slot buffers (so
-        they cost small index tensors per batch change, never copies); they run before the segment's ops."""
+        """Ops over the whole batch's rows at once, for techniques whose ops only index slot buffers (so they
+        cost small index tensors per batch change, never copies); each stage's run before the segments' ops of
+        that stage (runtime/engine.py AdaptedModule)."""
         return {}
 
     def check_plan(self, uses_of_row: list[Use[SiteT]], mode: str) -> None:

@@ -8,12 +8,11 @@ by the row's mode). The op then runs the kernel seam's `lora_shrink` / `lora_exp
 bytes. Rows without an adapter at a site are in no entry: the kernels never read a slot for them (so a NaN
 adapter cannot reach them) and leave them bit for bit unchanged. On a CPU a bf16/fp16 base keeps its LoRA
 weights in float32 (`Lora.weights_dtype`); the kernels accumulate in float32 and round once into the output.
-Why each choice: docs/engine.md, "LoRA slots".
+Why each choice: docs/engine.md, "Slots".
 """
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,21 +24,21 @@ from hub.checkpoint import check_fits, lora_rank_alpha, module_tensors
 from runtime import kernels
 from runtime.techniques.base import (BatchInfo, Resident, RowBiasOp, SiteOp, Stage, TechniqueImpl, Use,
                                      nbytes_of, row_vectors, to_device)
-from runtime.techniques.slots import SlotBuffer, store_of
+from runtime.techniques.slots import Indices, PerToken, Slot, SlotBuffer, place, slot_classes
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 
-@dataclass
-class LoraSite:
-    buffer: SlotBuffer  # the site's slots for this adapter's rank
-    slot: int  # this adapter's slot in it
+@dataclass(eq=False)
+class LoraSite(Slot):
+    """The adapter's slot in the site's buffer for its rank (A, scaled B^T), and its `lora_bias`."""
+
     bias: torch.Tensor | None  # (out,), scaling folded in
 
     @property
     def rank(self) -> int:
-        return self.buffer.rank
+        return self.buffer.parts[0].shape[1]
 
 
 def scaling(config: dict, path: str) -> tuple[int, float]:
@@ -48,40 +47,24 @@ def scaling(config: dict, path: str) -> tuple[int, float]:
     return r, alpha / (math.sqrt(r) if config.get("use_rslora") else r)
 
 
-Indices = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # rows, slots (int64), scale (float32)
-
-
 class LoraSlotsOp(SiteOp):
     """One site's LoRA over a whole batch: per rank class, the kernels over (row, slot, weight) entries."""
 
     stage = Stage.DELTA
 
     def __init__(self, rows: int, classes: list[tuple[SlotBuffer, Indices]]):
-        self.rows = rows
         self.classes = classes
-        self._per_token: dict[int, list[Indices]] = {1: [ix for _, ix in classes]}
-
-    def _indices(self, tokens: int) -> list[Indices]:
-        """The entries over flattened (row, token) positions: each row's entry repeated for its tokens."""
-        got = self._per_token.get(tokens)
-        if got is None:
-            got = []
-            for _, (rows, slots, scale) in self.classes:
-                steps = torch.arange(tokens, device=rows.device)
-                got.append(((rows[:, None] * tokens + steps).reshape(-1), slots.repeat_interleave(tokens),
-                            scale.repeat_interleave(tokens)))
-            self._per_token = {1: self._per_token[1], tokens: got}  # decode's and the latest prefill's
-        return got
+        self.indices = PerToken(rows, [ix for _, ix in classes])
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         assert y is not None, "a DELTA op is given the layer's output"
         if not y.is_contiguous():
             y = y.contiguous()
         flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
-        tokens = flat_x.shape[0] // self.rows
-        for (buffer, _), (rows, slots, scale) in zip(self.classes, self._indices(tokens)):
-            h = kernels.lora_shrink(flat_x, buffer.a, rows, slots)
-            kernels.lora_expand(flat_y, h, buffer.b.transpose(1, 2), rows, slots, scale)
+        for (buffer, _), (rows, slots, scale) in zip(self.classes, self.indices.get(flat_x.shape[0])):
+            a, b_t = buffer.parts
+            h = kernels.lora_shrink(flat_x, a, rows, slots)
+            kernels.lora_expand(flat_y, h, b_t.transpose(1, 2), rows, slots, scale)
         return y
 
 
@@ -106,17 +89,9 @@ class Lora(TechniqueImpl[LoraSite]):
             t = to_device(t, like, weights_dtype)
             bias = (t["lora_bias"] * scale).to(model_dtype) if "lora_bias" in t else None
             prepared[path] = (t["lora_A"], t["lora_B"].t() * scale, bias)  # A [r, in], scaled B^T [r, out]
-        store = store_of(model)
-        held: list[tuple[SlotBuffer, int]] = []
-        sites: dict[str, LoraSite] = {}
-        for path, (a, b_t, bias) in prepared.items():
-            buffer, slot = store.fill(path, a, b_t)
-            held.append((buffer, slot))
-            sites[path] = LoraSite(buffer, slot, bias)
-        size = sum(s.buffer.slot_bytes + (nbytes_of([s.bias]) if s.bias is not None else 0) for s in sites.values())
-        resident = Resident(key, self.technique, sites, size, adapter.config)
-        # its slots go back when the engine lets it go, or when it is garbage (prepared, never installed)
-        resident.free = weakref.finalize(resident, store.free, held)
+        resident = place(key, self.technique, model, {path: (a, b_t) for path, (a, b_t, _) in prepared.items()},
+                         adapter.config, lambda path, p: LoraSite(p.buffer, p.slot, prepared[path][2]))
+        resident.nbytes += nbytes_of(s.bias for s in resident.sites.values() if s.bias is not None)
         return resident
 
     def compile(self, site: str, uses: list[Use[LoraSite]], batch: BatchInfo) -> list[SiteOp]:
@@ -133,21 +108,5 @@ class Lora(TechniqueImpl[LoraSite]):
 
     def compile_batch(self, site_uses: dict[str, list[Use[LoraSite]]], batch: BatchInfo) -> dict[str, list[SiteOp]]:
         made: dict[tuple, Indices] = {}  # equal entries (every layer's q_proj, say) share their tensors
-        ops: dict[str, list[SiteOp]] = {}
-        for site, uses in site_uses.items():
-            by_buffer: dict[int, tuple[SlotBuffer, list[tuple[int, int, float]]]] = {}
-            for use in uses:
-                placed = use.resident.sites[site]
-                by_buffer.setdefault(id(placed.buffer), (placed.buffer, []))[1].append(
-                    (placed.slot, use.row, use.weight))
-            classes = []
-            for buffer, entries in by_buffer.values():
-                entries.sort()  # by (slot, row): a run of one slot is a segment the kernels may run as one GEMM
-                key = tuple(entries)
-                if key not in made:
-                    slots, rows, weights = zip(*entries)
-                    made[key] = (torch.tensor(rows, device=batch.device), torch.tensor(slots, device=batch.device),
-                                 torch.tensor(weights, device=batch.device, dtype=torch.float32))
-                classes.append((buffer, made[key]))
-            ops[site] = [LoraSlotsOp(batch.rows, classes)]
-        return ops
+        return {site: [LoraSlotsOp(batch.rows, slot_classes(uses, site, batch.device, made))]
+                for site, uses in site_uses.items()}

@@ -1,55 +1,64 @@
-"""Slot buffers: where resident LoRA adapters live on the device, read in place by the kernel seam.
+"""Slot buffers: where resident adapters live on the device, read in place by the kernel seam.
 
-Per adapted site and rank class (an adapter's exact rank at that site), one `SlotBuffer` holds every
-resident adapter of that rank there: `a` [capacity, r, d_in] (lora_A) and `b` [capacity, r, d_out] (lora_B^T
-with the scaling folded in; the kernels read it as the transposed view `b.transpose(1, 2)`). A rank-8 adapter
-beside a rank-64 one costs rank 8: ranks never share a buffer, so nothing is padded.
+Per adapted site and slot layout (the shapes of what one adapter keeps there, and their dtype), one `SlotBuffer`
+holds every resident adapter of that layout there, one tensor per part with the slots as dim 0. LoRA keeps
+`parts` = (A [capacity, r, d_in], scaled B^T [capacity, r, d_out]) per rank class: a rank-8 adapter beside a
+rank-64 one costs rank 8, ranks never share a buffer, so nothing is padded. IA3 and BitFit keep one vector
+[capacity, d] per site and length (an IA3 scaling and a BitFit bias of one length at one site share a buffer).
 
 An adapter is copied into free slots once, when it is prepared (outside the engine lock: a slot nobody's
 index names is never read, so a running batch does not see the copy), and its slots are freed when it is
-unloaded or replaced (or, for one prepared but never installed, when it is garbage). A batch change then
-moves no adapter bytes: rows carry slot indices (runtime/techniques/lora.py).
+unloaded or replaced (or, for one prepared but never installed, when it is garbage: `place`). A
+batch change then moves no adapter bytes: rows carry slot indices (`PerToken`; runtime/techniques/lora.py,
+ia3.py, bitfit.py).
 
 Buffers grow by `CHUNK` slots when full (one copy of the buffer into a larger one; forwards read the buffer
 attribute per call, and the old tensor stays valid for one in flight) and never shrink: freed slots are
 reused, lowest first. The memory budget counts each adapter's own slot bytes (`slot_bytes`, exactly its
 tensors' size); the capacity beyond them is the free slots of a buffer, at most `CHUNK` - 1 per
-(site, rank) once no load is in flight (`SlotStore.bytes`).
+(site, layout) once no load is in flight (`SlotStore.bytes`).
 """
 from __future__ import annotations
 
+import math
 import threading
 import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
+
+from runtime.techniques.base import Resident
+
+if TYPE_CHECKING:
+    from hub.artifact import Technique
+    from runtime.techniques.base import Use
 
 CHUNK = 4  # slots a full buffer grows by: a few, so the slack the budget does not see stays small
 
 
 class SlotBuffer:
-    """One site's slots for one rank: `a` [capacity, r, d_in], `b` [capacity, r, d_out], and the free list."""
+    """One site's slots for one layout: `parts` (one tensor [capacity, *shape] per part) and the free list."""
 
-    def __init__(self, rank: int, d_in: int, d_out: int, device: torch.device, dtype: torch.dtype):
-        self.rank = rank
-        self.a = torch.zeros(0, rank, d_in, device=device, dtype=dtype)
-        self.b = torch.zeros(0, rank, d_out, device=device, dtype=dtype)
+    def __init__(self, shapes: tuple[tuple[int, ...], ...], device: torch.device, dtype: torch.dtype):
+        self.parts = [torch.zeros(0, *shape, device=device, dtype=dtype) for shape in shapes]
         self.free: list[int] = []  # descending, so pop() takes the lowest
 
     @property
     def capacity(self) -> int:
-        return self.a.shape[0]
+        return self.parts[0].shape[0]
 
     @property
     def slot_bytes(self) -> int:
-        """Bytes one adapter occupies here: its own A and B, nothing padded."""
-        return self.rank * (self.a.shape[2] + self.b.shape[2]) * self.a.element_size()
+        """Bytes one adapter occupies here: its own tensors, nothing padded."""
+        return sum(math.prod(p.shape[1:]) for p in self.parts) * self.parts[0].element_size()
 
     def take(self) -> int:
         if not self.free:
             old = self.capacity
-            self.a = torch.cat([self.a, self.a.new_zeros(CHUNK, *self.a.shape[1:])])
-            self.b = torch.cat([self.b, self.b.new_zeros(CHUNK, *self.b.shape[1:])])
+            self.parts = [torch.cat([p, p.new_zeros(CHUNK, *p.shape[1:])]) for p in self.parts]
             self.free = list(range(old + CHUNK - 1, old - 1, -1))
         return self.free.pop()
 
@@ -58,23 +67,32 @@ class SlotBuffer:
         self.free.sort(reverse=True)
 
 
+@dataclass(eq=False)
+class Slot:
+    """Where one adapter's tensors at one site live: a buffer and its slot there."""
+
+    buffer: SlotBuffer
+    slot: int
+
+
 class SlotStore:
-    """All of one model's LoRA slot buffers, keyed by (site, rank); thread-safe."""
+    """All of one model's slot buffers, keyed by (site, layout); thread-safe."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.buffers: dict[tuple[str, int], SlotBuffer] = {}
+        self.buffers: dict[tuple[str, Any], SlotBuffer] = {}
 
-    def fill(self, site: str, a: torch.Tensor, b_t: torch.Tensor) -> tuple[SlotBuffer, int]:
-        """Copy one adapter's A [r, d_in] and scaled B^T [r, d_out] at `site` into a free slot of its rank."""
-        rank = a.shape[0]
+    def fill(self, site: str, *tensors: torch.Tensor) -> tuple[SlotBuffer, int]:
+        """Copy one adapter's tensors at `site` (of one dtype) into a free slot of the buffer of their layout."""
+        shapes = tuple(tuple(t.shape) for t in tensors)
         with self._lock:
-            buffer = self.buffers.get((site, rank))
+            buffer = self.buffers.get((site, (shapes, tensors[0].dtype)))
             if buffer is None:
-                buffer = self.buffers[(site, rank)] = SlotBuffer(rank, a.shape[1], b_t.shape[1], a.device, a.dtype)
+                buffer = self.buffers[(site, (shapes, tensors[0].dtype))] = SlotBuffer(
+                    shapes, tensors[0].device, tensors[0].dtype)
             slot = buffer.take()
-            buffer.a[slot].copy_(a)
-            buffer.b[slot].copy_(b_t)
+            for part, t in zip(buffer.parts, tensors):
+                part[slot].copy_(t)
         return buffer, slot
 
     def free(self, held: list[tuple[SlotBuffer, int]]) -> None:
@@ -94,14 +112,78 @@ class SlotStore:
             return used, total
 
 
+Indices = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # rows, slots (int64), weight (float32)
+
+
+def slot_classes(uses: list[Use], site: str, device: torch.device,
+                 made: dict[tuple, Indices]) -> list[tuple[SlotBuffer, Indices]]:
+    """Per slot buffer `uses` read at `site` (each use's payload there a `Slot`), the (row, slot, weight) index
+    tensors of its entries, one per use. Entries go sorted by (slot, row): a run of one slot is a segment the
+    kernels may run as one GEMM. Equal entry lists (every layer's q_proj, say) share tensors through `made`."""
+    by_buffer: dict[int, tuple[SlotBuffer, list[tuple[int, int, float]]]] = {}
+    for use in uses:
+        placed = use.resident.sites[site]
+        by_buffer.setdefault(id(placed.buffer), (placed.buffer, []))[1].append((placed.slot, use.row, use.weight))
+    classes = []
+    for buffer, entries in by_buffer.values():
+        entries.sort()
+        key = tuple(entries)
+        if key not in made:
+            slots, rows, weights = zip(*entries)
+            made[key] = (torch.tensor(rows, device=device), torch.tensor(slots, device=device),
+                         torch.tensor(weights, device=device, dtype=torch.float32))
+        classes.append((buffer, made[key]))
+    return classes
+
+
+class PerToken:
+    """A batch's index tensors over rows (each a tuple of parallel 1-D tensors, row indices first), expanded to
+    the flattened (row, token) positions a forward of `tokens` tokens per row feeds the kernels: each row's
+    entry repeated for its tokens. Decode's (one token) and the latest prefill's are kept."""
+
+    def __init__(self, rows: int, entries: Sequence[tuple[torch.Tensor, ...]]):
+        self.rows = rows
+        self._kept: dict[int, list[tuple[torch.Tensor, ...]]] = {1: list(entries)}
+
+    def get(self, flat_rows: int) -> list[tuple[torch.Tensor, ...]]:
+        """The entries for a flattened [rows * tokens, d] activation of `flat_rows` rows."""
+        tokens = flat_rows // self.rows
+        got = self._kept.get(tokens)
+        if got is None:
+            got = []
+            for rows, *rest in self._kept[1]:
+                steps = torch.arange(tokens, device=rows.device)
+                got.append(((rows[:, None] * tokens + steps).reshape(-1),
+                            *(t.repeat_interleave(tokens) for t in rest)))
+            self._kept = {1: self._kept[1], tokens: got}
+        return got
+
+
 _stores: weakref.WeakKeyDictionary[nn.Module, SlotStore] = weakref.WeakKeyDictionary()
 _stores_lock = threading.Lock()
 
 
 def store_of(model: nn.Module) -> SlotStore:
-    """The slot store of `model` (one per model, made at its first LoRA)."""
+    """The slot store of `model` (one per model, made at its first slotted adapter)."""
     with _stores_lock:
         store = _stores.get(model)
         if store is None:
             store = _stores[model] = SlotStore()
         return store
+
+
+def place(key: str, technique: Technique, model: nn.Module, per_site: dict[str, tuple[torch.Tensor, ...]],
+          config: dict[str, Any], payload: Callable[[str, Slot], Any] = lambda site, slot: slot) -> Resident:
+    """A resident whose tensors at each site (`per_site`) are copied into slots of `model`'s store, its payload
+    there `payload(site, slot)` and its bytes its slots' bytes. Its slots go back when the engine lets it go
+    (`free`), or when it is garbage (prepared, never installed)."""
+    store = store_of(model)
+    held: list[tuple[SlotBuffer, int]] = []
+    sites = {}
+    for site, tensors in per_site.items():
+        buffer, slot = store.fill(site, *tensors)
+        held.append((buffer, slot))
+        sites[site] = payload(site, Slot(buffer, slot))
+    resident = Resident(key, technique, sites, sum(b.slot_bytes for b, _ in held), config)
+    resident.free = weakref.finalize(resident, store.free, held)
+    return resident
