@@ -294,10 +294,10 @@ def main() -> None:
               f"batch {args.batch_size}, {torch.get_num_threads()} threads; largest loss difference {diff:.2e}")
         figures = {"max_loss_diff": diff,
                    "losses": {"engine": ours, "peft_one_by_one": one_by_one, "peft_batched": batched}}
-    unit = "prompt/generate call" if generate else "example/forward"
+    one, many = ("prompt/generate call", "prompts/generate call") if generate else ("example/forward", "examples/forward")
     clocks = {"engine": engine_clock, "peft_one_by_one": one_clock, "peft_batched": batched_clock}
-    ways = {"engine": "engine, one mixed pass", "peft_one_by_one": "PEFT one after another, 1 " + unit,
-            "peft_batched": f"PEFT one after another, {args.batch_size} {unit}s"}
+    ways = {"engine": "engine, one mixed pass", "peft_one_by_one": f"PEFT one after another, 1 {one}",
+            "peft_batched": f"PEFT one after another, {args.batch_size} {many}"}
     timing = [[way, f"{clocks[k].wall:.1f}", f"{clocks[k].cpu:.1f}", f"{clocks[k].cpu / engine_clock.cpu:.2f}",
                f"{work[k] / 1e9:.0f}", f"{work[k] / work['engine']:.2f}"] for k, way in ways.items()]
     print(table(["way", "wall s", "CPU s", "x engine CPU", "G multiply-adds", "x engine's"], timing))
