@@ -18,8 +18,9 @@ replies to the examples' prompts (--metric generate: what exact_match and contai
 - PEFT batched: the same, --batch-size examples of that adapter per forward (right padded) or per `generate`
   call (left padded, a static batch).
 Loading each adapter is timed with its pass; the copy of the base PEFT gets for each adapter is not.
-Prints the largest loss difference from the engine's (generate: the share of replies equal to the engine's)
-and the time ratios.
+Prints the largest loss difference from the engine's (generate: the share of replies equal to the engine's),
+each way's wall and CPU seconds with the ratios on CPU seconds (see `Clock`; run with --threads 1 on a shared
+machine), and the multiply-adds each way computed (`Work`).
 """
 from __future__ import annotations
 
@@ -35,6 +36,23 @@ from common import ROOT, setup_logging, table, write_json
 
 DEMO = ("uppercase-lora", "json-lora", "pirate-ia3", "robot-prompt")
 DATA = ("uppercase-lora", "json-lora", "pirate-ia3", "robot-prompt", "answer-bitfit", "signoff-bottleneck")
+
+
+class Clock:
+    """Wall and CPU seconds of the timed parts. CPU seconds (this process's) are what a machine shared with
+    other work measures well with one torch thread: another process's burst lengthens the wall time of
+    whichever way runs then, not the CPU time it takes."""
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = 0.0
+
+    def __enter__(self) -> Clock:
+        self._started = (time.perf_counter(), time.process_time())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall += time.perf_counter() - self._started[0]
+        self.cpu += time.process_time() - self._started[1]
 
 
 def made_adapters(model, out: Path) -> dict[str, Path]:
@@ -113,20 +131,19 @@ def peft_loss(model, items, batch_size: int) -> float:
     return total / tokens
 
 
-def peft_pass(model, folders: dict[str, Path], items, batch_size: int) -> tuple[dict[str, float], float]:
-    """(losses, seconds): the base, then each adapter loaded by PEFT on a fresh copy of the base."""
+def peft_pass(model, folders: dict[str, Path], items, batch_size: int) -> tuple[dict[str, float], Clock]:
+    """(losses, time taken): the base, then each adapter loaded by PEFT on a fresh copy of the base."""
     from peft import PeftModel
 
-    started = time.perf_counter()
-    out = {"(base)": peft_loss(model, items, batch_size)}
-    seconds = time.perf_counter() - started
+    clock = Clock()
+    with clock:
+        out = {"(base)": peft_loss(model, items, batch_size)}
     for name, folder in folders.items():
         fresh = copy.deepcopy(model)
-        started = time.perf_counter()
-        out[name] = peft_loss(PeftModel.from_pretrained(fresh, str(folder)).eval(), items, batch_size)
-        seconds += time.perf_counter() - started
+        with clock:
+            out[name] = peft_loss(PeftModel.from_pretrained(fresh, str(folder)).eval(), items, batch_size)
         del fresh
-    return out, seconds
+    return out, clock
 
 
 def engine_generate(engine, folders: dict[str, Path], items, batch_size: int, max_new: int) -> dict[str, list[str]]:
@@ -163,21 +180,20 @@ def peft_replies(model, tokenizer, items, batch_size: int, max_new: int) -> list
 
 
 def peft_generate(model, tokenizer, folders: dict[str, Path], items, batch_size: int,
-                  max_new: int) -> tuple[dict[str, list[str]], float]:
-    """(replies, seconds): the base, then each adapter loaded by PEFT on a fresh copy of the base."""
+                  max_new: int) -> tuple[dict[str, list[str]], Clock]:
+    """(replies, time taken): the base, then each adapter loaded by PEFT on a fresh copy of the base."""
     from peft import PeftModel
 
-    started = time.perf_counter()
-    out = {"(base)": peft_replies(model, tokenizer, items, batch_size, max_new)}
-    seconds = time.perf_counter() - started
+    clock = Clock()
+    with clock:
+        out = {"(base)": peft_replies(model, tokenizer, items, batch_size, max_new)}
     for name, folder in folders.items():
         fresh = copy.deepcopy(model)
-        started = time.perf_counter()
-        peft_model = PeftModel.from_pretrained(fresh, str(folder)).eval()
-        out[name] = peft_replies(peft_model, tokenizer, items, batch_size, max_new)
-        seconds += time.perf_counter() - started
+        with clock:
+            peft_model = PeftModel.from_pretrained(fresh, str(folder)).eval()
+            out[name] = peft_replies(peft_model, tokenizer, items, batch_size, max_new)
         del fresh, peft_model
-    return out, seconds
+    return out, clock
 
 
 class Work:
@@ -251,13 +267,12 @@ def main() -> None:
                 return peft_pass(peft_base, folders, rows, batch)
         ours_fn(items[:4])  # warm-up: first-call allocations
         ours_work, peer_work = Work(engine.model), Work(peft_base)
-        started = time.perf_counter()
-        ours = ours_fn(items)
-        engine_s = time.perf_counter() - started
+        with Clock() as engine_clock:
+            ours = ours_fn(items)
         work = {"engine": ours_work.take()}
-        one_by_one, one_s = peer_fn(items, 1)
+        one_by_one, one_clock = peer_fn(items, 1)
         work["peft_one_by_one"] = peer_work.take()
-        batched, batched_s = peer_fn(items, args.batch_size)
+        batched, batched_clock = peer_fn(items, args.batch_size)
         work["peft_batched"] = peer_work.take()
 
     if generate:
@@ -279,17 +294,20 @@ def main() -> None:
               f"batch {args.batch_size}, {torch.get_num_threads()} threads; largest loss difference {diff:.2e}")
         figures = {"max_loss_diff": diff,
                    "losses": {"engine": ours, "peft_one_by_one": one_by_one, "peft_batched": batched}}
-    unit = "prompt/generate call" if generate else "example/forward"
-    ways = [("engine, one mixed pass", engine_s, "engine"), ("PEFT one after another, 1 " + unit, one_s, "peft_one_by_one"),
-            (f"PEFT one after another, {args.batch_size} {unit}s", batched_s, "peft_batched")]
-    timing = [[way, f"{seconds:.1f}", f"{seconds / engine_s:.2f}", f"{work[key] / 1e9:.0f}", f"{work[key] / work['engine']:.2f}"]
-              for way, seconds, key in ways]
-    print(table(["way", "seconds", "x engine time", "G multiply-adds", "x engine's"], timing))
+    one, many = ("prompt/generate call", "prompts/generate call") if generate else ("example/forward", "examples/forward")
+    clocks = {"engine": engine_clock, "peft_one_by_one": one_clock, "peft_batched": batched_clock}
+    ways = {"engine": "engine, one mixed pass", "peft_one_by_one": f"PEFT one after another, 1 {one}",
+            "peft_batched": f"PEFT one after another, {args.batch_size} {many}"}
+    timing = [[way, f"{clocks[k].wall:.1f}", f"{clocks[k].cpu:.1f}", f"{clocks[k].cpu / engine_clock.cpu:.2f}",
+               f"{work[k] / 1e9:.0f}", f"{work[k] / work['engine']:.2f}"] for k, way in ways.items()]
+    print(table(["way", "wall s", "CPU s", "x engine CPU", "G multiply-adds", "x engine's"], timing))
+    engine_s, one_s, batched_s = engine_clock.cpu, one_clock.cpu, batched_clock.cpu
     write_json(out_path, {"metric": args.metric, "examples": len(items), "adapters": list(folders),
-                          "batch_size": args.batch_size, "threads": torch.get_num_threads(), "engine_s": engine_s,
-                          "peft_one_by_one_s": one_s, "peft_batched_s": batched_s, "multiply_adds": work,
+                          "batch_size": args.batch_size, "threads": torch.get_num_threads(),
+                          "wall_s": {k: c.wall for k, c in clocks.items()}, "cpu_s": {k: c.cpu for k, c in clocks.items()},
+                          "multiply_adds": work,
                           **figures})
-    print(json.dumps({"engine_s": round(engine_s, 1), "ratio_one_by_one": round(one_s / engine_s, 2),
+    print(json.dumps({"engine_cpu_s": round(engine_s, 1), "ratio_one_by_one": round(one_s / engine_s, 2),
                       "ratio_batched": round(batched_s / engine_s, 2)}))
 
 

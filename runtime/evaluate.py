@@ -29,15 +29,16 @@ class Item:
 def completion_nll(engine: Engine, items: Sequence[Item], batch_size: int = 16) -> list[tuple[float, int]]:
     """Per item, in the given order: (the summed negative log-likelihood of its reply tokens, their count).
 
-    A batch costs its rows times its longest row (soft prompt included), so the items are batched longest
-    first, `batch_size` to a forward whatever plans they carry: rows of like length share a batch and little
-    is padding. Only the positions that predict a reply token go through the vocabulary projection, a fifth
-    of a small model's weights (runtime/engine.py `keep_last`).
+    A batch costs its rows times its width, and the engine makes that its longest soft prompt plus its
+    longest row of tokens; so the items are batched by soft-prompt length, then longest first, `batch_size` to
+    a forward whatever plans they carry: rows of like length share a batch and little is padding. Only the
+    positions that predict a reply token go through the vocabulary projection, a fifth of a small model's
+    weights (runtime/engine.py `keep_last`).
     """
     plans = list(dict.fromkeys(i.plan for i in items))
     soft = dict(zip(plans, engine.prompt_lengths(plans))) if plans else {}
-    order = sorted(range(len(items)), key=lambda k: (-(soft[items[k].plan] + len(items[k].prompt_ids)
-                                                        + len(items[k].reply_ids)), -len(items[k].reply_ids)))
+    order = sorted(range(len(items)), key=lambda k: (-soft[items[k].plan], -len(items[k].prompt_ids)
+                                                     - len(items[k].reply_ids), -len(items[k].reply_ids)))
     out: list[tuple[float, int]] = [(0.0, 0)] * len(items)
     for start in range(0, len(order), batch_size):
         batch = [items[k] for k in order[start: start + batch_size]]

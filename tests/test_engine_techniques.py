@@ -326,22 +326,34 @@ def test_keep_last_gives_and_projects_only_the_last_positions(engine):
 
 
 def test_completion_nll_keeps_the_callers_order_and_scores_each_item_as_alone(engine):
-    """Items are batched by length (soft prompts counted), yet each result is its item's, in the given order,
-    and equals that item scored alone."""
+    """Items are batched by soft-prompt length, then longest first, yet each result is its item's, in the given
+    order, and equals that item scored alone."""
     from runtime.evaluate import Item, completion_nll
 
     keys = [None, "lora_all", "prompt5", "ia3", "prompt3", "lora_b"]
     items = [Item(plan(k) if k else RowPlan(), tuple(row[:1 + i % 2]), tuple(row[1 + i % 2:]))
              for i, (k, row) in enumerate((k, row) for row in ROWS for k in keys) if len(row) > 2]
-    widths, head = [], []
-    hooks = [engine.model.get_input_embeddings().register_forward_pre_hook(lambda m, a: widths.append(a[0].shape[1])),
+    widths, head = [], []  # the rows' width at the first layer (soft prompts included), positions at the head
+    hooks = [engine.model.get_decoder().layers[0].register_forward_pre_hook(
+                 lambda m, a, k: widths.append((a[0] if a else k["hidden_states"]).shape[1]), with_kwargs=True),
              engine.model.get_output_embeddings().register_forward_pre_hook(lambda m, a: head.append(a[0].shape[1]))]
+    batches = []  # per forward: the rows' soft-prompt lengths and token counts
+    forward = engine.forward
+    engine.forward = lambda ids, mask, plans, **kw: batches.append(
+        (engine.prompt_lengths(plans), mask.sum(1).tolist())) or forward(ids, mask, plans, **kw)
     try:
         together = completion_nll(engine, items, batch_size=4)
     finally:
+        del engine.forward
         for hook in hooks:
             hook.remove()
-    assert widths == sorted(widths, reverse=True) and len(set(widths)) > 1  # longest first: rows of like length
+    # rows of one soft-prompt length together, then longest first: a batch of one soft-prompt length is only as
+    # wide as its widest row (soft prompt included), and the widths fall within each soft-prompt length
+    soft = [[s + r for s, r in zip(lengths, real)] for lengths, real in batches]
+    assert [s for lengths, _ in batches for s in lengths] == sorted((s for lengths, _ in batches for s in lengths),
+                                                                  reverse=True)
+    alike = [k for k, (lengths, _) in enumerate(batches) if len(set(lengths)) == 1]
+    assert len(alike) >= len(batches) - 2 and all(widths[k] == max(soft[k]) for k in alike)
     assert max(head) == max(len(i.reply_ids) for i in items) + 1  # only the positions that predict replies
     assert sum(head) < sum(widths)
     alone = [completion_nll(engine, [item], batch_size=1)[0] for item in items]
