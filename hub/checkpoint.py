@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+import weakref
 from typing import TYPE_CHECKING, Any, cast
 
 from hub import patterns
@@ -72,7 +74,10 @@ def _as_model(model_or_config: Any) -> nn.Module:
 
 
 class _ModelModules:
-    """A model's modules as `check_fits` reads them (the shape of hub.base_layout.ConfigLayout)."""
+    """A model's modules as `check_fits` reads them (the shape of hub.base_layout.ConfigLayout). Made once per
+    model (`_modules_of`): a server checks every adapter it loads against one frozen base, and walking its
+    modules each time was a large part of a load. Wrapping a module later (the runtime's and PEFT's wrappers)
+    keeps the base layer and its shape, which is all this reads."""
 
     def __init__(self, model: nn.Module):
         self.model_name = type(model).__name__
@@ -80,6 +85,8 @@ class _ModelModules:
         self._embeddings = cast("PreTrainedModel", model).get_input_embeddings()
         self._shape: tuple[int, ...] = tuple(cast("torch.Tensor", self._embeddings.weight).shape)
         self.hidden = self._shape[1]
+        self._read: dict[str, Module | None] = {}
+
 
     @property
     def embedding(self) -> tuple[str, tuple[int, ...]]:
@@ -87,12 +94,29 @@ class _ModelModules:
         return name, self._shape
 
     def module(self, path: str) -> Module | None:
+        if path not in self._read:
+            self._read[path] = self._describe(path)
+        return self._read[path]
+
+    def _describe(self, path: str) -> Module | None:
         module = self._modules.get(path)
         module = getattr(module, "base_layer", module)  # the runtime's (and PEFT's) wrappers keep the base here
         if module is None:
             return None
         dims = linear_shape(module)
         return Module(type(module).__name__, dims, None if dims is None else tuple(module.weight.shape))
+
+
+_tables: weakref.WeakKeyDictionary[nn.Module, _ModelModules] = weakref.WeakKeyDictionary()
+_tables_lock = threading.Lock()
+
+
+def _modules_of(model: nn.Module) -> _ModelModules:
+    with _tables_lock:
+        table = _tables.get(model)
+        if table is None:
+            table = _tables[model] = _ModelModules(model)
+        return table
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -180,7 +204,7 @@ def check_fits(adapter: Adapter, model_or_config: Any) -> dict[str, tuple[int, .
     `model_or_config`: a model, a transformers config (built on the meta device), or a ConfigLayout, which
     raises hub.base_layout.Unmapped for a module it does not list."""
     check_structure(adapter)  # again for adapters built in memory (merges, tests), not read through hub.artifact
-    base = model_or_config if isinstance(model_or_config, ConfigLayout) else _ModelModules(_as_model(model_or_config))
+    base = model_or_config if isinstance(model_or_config, ConfigLayout) else _modules_of(_as_model(model_or_config))
     hidden = base.hidden
     touched: dict[str, tuple[int, ...]] = {}
     for path, tensors in sorted(module_tensors(adapter).items()):

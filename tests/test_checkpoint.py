@@ -47,6 +47,30 @@ def test_check_fits_takes_a_model_or_a_bare_config(base, tmp_path):
         check_fits(adapter, narrow.config)
 
 
+
+def test_a_model_is_walked_once_for_every_check_against_it(base, tmp_path, monkeypatch):
+    """A server checks each adapter it loads against one base: the base's modules are read once, not per check,
+    and a check after the runtime wraps a module (keeping it as base_layer) answers as before."""
+    from torch import nn
+
+    adapter = read_adapter(save_peft_adapter(base, LoraConfig(r=4, target_modules=["v_proj"]), tmp_path))
+    model = tiny_llama()
+    walks = []
+    walk = model.named_modules
+    monkeypatch.setattr(model, "named_modules", lambda *a, **k: walks.append(1) or walk(*a, **k))
+    touched = check_fits(adapter, model)
+    layer = model.model.layers[0].self_attn
+
+    class Wrapper(nn.Module):
+        def __init__(self, base_layer: nn.Module):
+            super().__init__()
+            self.base_layer = base_layer
+
+    layer.v_proj = Wrapper(layer.v_proj)
+    assert [check_fits(adapter, model) for _ in range(3)] == [touched] * 3
+    assert len(walks) == 1
+    assert check_fits(adapter, tiny_llama()) == touched  # another model: its own table
+
 def test_fingerprint_depends_on_architecture_and_touched_shapes(base):
     touched = {"model.layers.0.self_attn.v_proj": (32, 64)}
     fp = fingerprint(base.config, touched)
