@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
-import weakref
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 from hub import patterns
 from hub.artifact import Adapter, ArtifactError, Technique
 from hub.base_layout import ConfigLayout, Module
+from hub.weakmemo import per_object
 
 if TYPE_CHECKING:  # torch is imported where a model is at hand: checks against a config.json never need it
     import torch
@@ -107,16 +106,7 @@ class _ModelModules:
         return Module(type(module).__name__, dims, None if dims is None else tuple(module.weight.shape))
 
 
-_tables: weakref.WeakKeyDictionary[nn.Module, _ModelModules] = weakref.WeakKeyDictionary()
-_tables_lock = threading.Lock()
-
-
-def _modules_of(model: nn.Module) -> _ModelModules:
-    with _tables_lock:
-        table = _tables.get(model)
-        if table is None:
-            table = _tables[model] = _ModelModules(model)
-        return table
+_modules_of: Callable[[nn.Module], _ModelModules] = per_object(_ModelModules)
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int] | None:

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import nn
 
+from hub.weakmemo import per_object
+
 from runtime.techniques.base import Resident
 
 if TYPE_CHECKING:
@@ -159,17 +161,8 @@ class PerToken:
         return got
 
 
-_stores: weakref.WeakKeyDictionary[nn.Module, SlotStore] = weakref.WeakKeyDictionary()
-_stores_lock = threading.Lock()
-
-
-def store_of(model: nn.Module) -> SlotStore:
-    """The slot store of `model` (one per model, made at its first slotted adapter)."""
-    with _stores_lock:
-        store = _stores.get(model)
-        if store is None:
-            store = _stores[model] = SlotStore()
-        return store
+# the slot store of a model (one per model, made at its first slotted adapter)
+store_of: Callable[[nn.Module], SlotStore] = per_object(lambda model: SlotStore())
 
 
 def place(key: str, technique: Technique, model: nn.Module, per_site: dict[str, tuple[torch.Tensor, ...]],
