@@ -167,3 +167,21 @@ def script_parser(doc: str, add_arguments: Callable) -> argparse.ArgumentParser:
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def sync(device: str | torch.device) -> None:
+    """Wait for the device's queued work (a GPU runs asynchronously: a timer must not stop before it)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def wall_times(fn: Callable[[], object], repeats: int, device: str | torch.device) -> list[float]:
+    """Seconds of each of `repeats` calls of `fn`, the device's queued work included."""
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times

@@ -1,41 +1,55 @@
 #!/usr/bin/env bash
-# The checks that need a GPU, in one go (what a lent GPU machine runs in about ten minutes):
-#   1. the kernel seam: tests/test_kernels.py (the Triton kernels on CUDA against the reference) and
-#      bench/kernel_bench.py on CUDA (reference vs Triton per op, the stacked LoRA path vs slots + Triton);
-#      triton comes with a CUDA torch, or from .whl/ (its wheel: triton==3.7.1);
-#   2. the server tests with the served base and their PEFT peers on CUDA (HUB_TEST_DEVICE=cuda);
-#   3. bench/gpu_check.py: the engine against PEFT on CUDA, fp32 and bf16;
-#   4. bench/e2e_bench.py on CUDA in bf16, on a base with the default model's shapes and random weights
-#      (bench/random_base.py), each configuration's tokens/s printed as it finishes.
-# Usage: bash bench/cuda_checks.sh MODEL_DIR [E2E_ARGS...]   (MODEL_DIR: config.json + tokenizer suffice)
-# Writes its logs to $OUT (default ./cuda-checks). Wheels in .whl/ (for a machine without an index) are
-# installed into /tmp/site first. Each step has a time limit, so one that hangs does not take the rest.
+# The checks that need a GPU, in one go, within a time budget (BUDGET seconds, default 540), most telling first:
+#   1. tests on CUDA: the Triton kernels against the reference (tests/test_kernels.py) and the graphed decode
+#      step against the eager one with real CUDA graphs (tests/test_graphs.py);
+#   2. bench/decode_step.py on MODEL_DIR's shapes, bf16: a 32-row step, eager vs graphs, reference vs Triton;
+#   3. bench/e2e_bench.py on CUDA in bf16 (32 gRPC clients x 32 tokens; random weights with MODEL_DIR's shapes,
+#      bench/random_base.py), Triton kernels and graphs on;
+#   4. the engine loop under 32 streaming clients, sampled with py-spy (--gil: who holds the GIL), raw stacks;
+#   5. bench/decode_step.py on a larger model (LARGE_DIR, e.g. a 1B-class Llama config): 1, 8, 64 distinct LoRAs;
+#   6. the server tests on CUDA (HUB_TEST_DEVICE=cuda), with what time is left.
+# Usage: bash bench/cuda_checks.sh MODEL_DIR [LARGE_DIR]   (each DIR: a config.json; MODEL_DIR also a tokenizer)
+# Logs go to $OUT (default ./cuda-checks), at most eight files. Wheels in .whl/ (for a machine without an index)
+# are installed into /tmp/site first. A step starts only if its time limit fits in what is left of the budget.
 set -u
-src=${1:?usage: bash bench/cuda_checks.sh MODEL_DIR [E2E_ARGS...]}; shift
+src=${1:?usage: bash bench/cuda_checks.sh MODEL_DIR [LARGE_DIR]}; large=${2:-}
 out=${OUT:-cuda-checks}; mkdir -p "$out"
+end=$(( $(date +%s) + ${BUDGET:-540} ))
 if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    > "$out/env.txt" 2>&1 || { cat "$out/env.txt"; exit 1; }
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}; export PATH=/tmp/site/bin:$PATH
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
-stamp() { while IFS= read -r line; do echo "$(date +%T) $line"; done; }
-python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__,
-'peft', peft.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA DEVICE')" 2>&1 | tee "$out/env.txt"
-echo "== kernel tests on CUDA (Triton vs the reference)"
-timeout 180 python3 -m pytest -q -p no:cacheprovider -W ignore tests/test_kernels.py > "$out/kernel_tests_cuda.txt" 2>&1
-tail -3 "$out/kernel_tests_cuda.txt"
-echo "== kernel bench on CUDA (bf16 and fp32)"
-timeout 180 python3 bench/kernel_bench.py --device cuda --no-loop > "$out/kernel_bench_cuda.txt" 2>&1
-grep -v "|" "$out/kernel_bench_cuda.txt" | tail -40
-echo "== server tests on CUDA"
-HUB_TEST_DEVICE=cuda timeout 240 python3 -m pytest -q -p no:cacheprovider -W ignore tests/test_server.py \
-  tests/test_server_errors.py tests/test_server_textstream.py tests/test_merge_server.py tests/test_server_security.py \
-  tests/test_server_soak.py tests/test_server_promises.py > "$out/server_tests_cuda.txt" 2>&1
-tail -3 "$out/server_tests_cuda.txt"
-echo "== engine vs PEFT on CUDA"
-timeout 120 python3 bench/gpu_check.py > "$out/gpu_check.txt" 2>&1; tail -1 "$out/gpu_check.txt"
-echo "== e2e bench on CUDA (bf16, random weights with the shapes of $src)"
-timeout 120 python3 bench/random_base.py "$src" /tmp/random-base
-timeout 420 python3 bench/e2e_bench.py --device cuda --dtype bfloat16 --base-model /tmp/random-base "$@" 2>&1 \
-  | grep --line-buffered -v "Loading weights" | stamp > "$out/e2e_cuda_bf16.txt"
-tail -25 "$out/e2e_cuda_bf16.txt"
+# run LIMIT LOG CMD...: CMD with a time limit, its output appended to LOG, skipped when the budget cannot hold it
+run() {
+  local limit=$1 log=$2; shift 2
+  local left=$(( end - $(date +%s) ))
+  if (( left < limit )); then echo "== skipped ($left s left, needs $limit): $*" | tee -a "$log"; return; fi
+  echo "== $(date +%T) $*" | tee -a "$log"
+  local t0=$(date +%s)
+  timeout "$limit" "$@" >> "$log" 2>&1; local rc=$?
+  echo "== rc $rc in $(( $(date +%s) - t0 )) s" | tee -a "$log"
+}
+python3 -c "import torch, transformers, peft, grpc, triton; print('torch', torch.__version__, 'transformers',
+transformers.__version__, 'peft', peft.__version__, 'grpc', grpc.__version__, 'triton', triton.__version__,
+torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA DEVICE')
+import runtime.server, runtime.http, runtime.kernels.triton_ops" 2>&1 | tee -a "$out/env.txt"
+tests="$out/tests_cuda.txt"
+HUB_TEST_DEVICE=cuda run 150 "$tests" python3 -m pytest -q -p no:cacheprovider -W ignore tests/test_kernels.py tests/test_graphs.py
+tail -3 "$tests"
+run 150 "$out/decode_step.txt" python3 bench/decode_step.py --device cuda --dtype bfloat16 --base-model "$src"
+tail -12 "$out/decode_step.txt"
+python3 bench/random_base.py "$src" /tmp/random-base > /dev/null 2>&1
+HUB_KERNELS=triton run 200 "$out/e2e_cuda_bf16.txt" python3 bench/e2e_bench.py --device cuda --dtype bfloat16 \
+  --base-model /tmp/random-base --repeats 3 --cold 4
+tail -22 "$out/e2e_cuda_bf16.txt"
+HUB_KERNELS=triton run 80 "$out/loop_spy.txt" py-spy record --gil --threads --subprocesses --nonblocking -r 200 \
+  --format raw -o "$out/loop_spy_raw.txt" -- python3 bench/e2e_bench.py --device cuda --dtype bfloat16 \
+  --base-model /tmp/random-base --repeats 1 --cold 1 --no-peft
+tail -8 "$out/loop_spy.txt"
+[[ -n "$large" ]] && run 120 "$out/decode_step.txt" python3 bench/decode_step.py --device cuda --dtype bfloat16 \
+  --base-model "$large" --rows 64 --sizes 1,8,64 --shapes q,v --graphs-only --repeats 2 && tail -8 "$out/decode_step.txt"
+HUB_TEST_DEVICE=cuda run 100 "$tests" python3 -m pytest -q -p no:cacheprovider -W ignore -x tests/test_server.py \
+  tests/test_server_errors.py tests/test_merge_server.py tests/test_server_promises.py
+tail -3 "$tests"

@@ -25,7 +25,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -33,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import interleaved, table  # noqa: E402
+from bench.common import interleaved, sync, table, wall_times  # noqa: E402
 from runtime.kernels import cpu, reference, triton_ops  # noqa: E402
 from runtime.techniques.base import BatchInfo, Resident, Use  # noqa: E402
 from bench.stacked_lora import LoraSite, _group_siblings, compile_all  # noqa: E402
@@ -59,19 +58,7 @@ def read_bandwidth(device: str, repeats: int) -> float:
     """GB/s of a sum over 256 MB of float32: what streaming weights can reach here."""
     t = torch.ones(64 << 20, device=device)
     t.sum()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        t.sum()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return t.numel() * 4 / statistics.median(times) / 1e9
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    return t.numel() * 4 / statistics.median(wall_times(t.sum, repeats, device)) / 1e9
 
 
 class Classes:

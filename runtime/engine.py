@@ -24,6 +24,7 @@ from torch import nn
 from hub.artifact import Adapter, ArtifactError
 from runtime import kernels
 from runtime.cpu_linear import route_linears
+from runtime.graphs import DecodeGraphs
 from runtime.kvcache import new_cache
 from runtime.plan import PlanError, RowPlan, resolve
 from runtime.techniques import REGISTRY
@@ -161,6 +162,7 @@ class Engine:
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         # the kernels' backend now (a fused CPU build or load costs seconds), not in a running batch's first step
         self.kernels = kernels.backend_name(self.device)
+        self.graphs = DecodeGraphs(self.device)  # CUDA graphs for steady decode steps (runtime/graphs.py)
 
     @property
     def model(self) -> PreTrainedModel:
@@ -202,6 +204,7 @@ class Engine:
             if replaced is not None:
                 self._forget(replaced, free=replaced is not resident)
             self._residents[resident.key] = resident
+            self.graphs.clear()  # a graph may read the slots this adapter now holds
             return resident.nbytes
 
     def weights_bytes(self, adapter: Adapter) -> int:
@@ -227,6 +230,7 @@ class Engine:
         for k in [k for k in self._compiled if any(u.key == key for plan in k[0] for u in plan.adapters)]:
             del self._compiled[k]
         self._batch_ops.clear()
+        self.graphs.clear()
         if free and resident.free is not None:
             resident.free()
 
@@ -362,7 +366,21 @@ class Engine:
                 inputs["logits_to_keep"] = torch.arange(length - keep, length, device=input_ids.device)
             if cache is None and use_cache:
                 cache = new_cache(self._model)  # appends in place (runtime/kvcache.py)
-            self._context.set([(start, end, c.ops) for (start, end), c in zip(bounds, compiled)], self.batch_ops(plans))
+            segment_ops = [(start, end, c.ops) for (start, end), c in zip(bounds, compiled)]
+            batch = self.batch_ops(plans)
+            if not prefill and tokens == 1 and use_cache:
+                def step(static: dict[str, torch.Tensor]) -> torch.Tensor:
+                    self._context.set(segment_ops, batch)
+                    try:
+                        return self._model(**static, cache=cache, use_cache=True).logits
+                    finally:
+                        self._context.set([])
+
+                graphed = self.graphs.decode((tuple(plans), tuple(bounds)), input_ids, position_ids, attention_mask,
+                                             self.dtype, cache, (compiled, batch), step)
+                if graphed is not None:
+                    return graphed, cache
+            self._context.set(segment_ops, batch)
             try:
                 out = self._model(**inputs, attention_mask=attention_mask, position_ids=position_ids,
                                   cache=cache, use_cache=use_cache)

@@ -8,6 +8,8 @@ joins, leaves, what is never written) is described in docs/engine.md, "KV cache"
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -55,8 +57,9 @@ class _Span:
         its left) with HEADROOM columns of room after them."""
         live = self.tensor[:self.rows, :, self.start:self.end]
         rows, heads, filled, dim = live.shape
-        buffer = live.new_empty(row_capacity, heads, width + HEADROOM, dim)
-        buffer[:rows, :, :width - filled] = 0
+        # zeros, not empty: a graphed decode step (runtime/graphs.py) attends over the room too, masked, and a
+        # masked column's value still meets a zero weight in the product (NaN garbage there would survive it)
+        buffer = live.new_zeros(row_capacity, heads, width + HEADROOM, dim)
         buffer[:rows, :, width - filled:width] = live
         return _Span(buffer, rows, 0, width, owned=True)
 
@@ -74,6 +77,16 @@ class _Live:
         setattr(layer, self._slot, _Span.of(value))
 
 
+@dataclass
+class StaticWrites:
+    """How a GrowingLayer writes while a decode step is captured as a graph: the new token at column `column`
+    (a tensor, set before each replay), and attention over the fixed columns [start, `stop`) of the live rows
+    (the columns past the live ones masked by the step's attention mask)."""
+
+    column: torch.Tensor  # int64, one element
+    stop: int
+
+
 class GrowingLayer(DynamicLayer):
     """A DynamicLayer whose `update` writes into preallocated room instead of concatenating."""
 
@@ -81,9 +94,13 @@ class GrowingLayer(DynamicLayer):
     values = _Live()
     _keys_span: _Span  # what `keys` and `values` are the live parts of
     _values_span: _Span
+    static: StaticWrites | None = None  # set by `static_writes` only
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.static is not None:
+            return (_write_at(self._keys_span, key_states, self.static),
+                    _write_at(self._values_span, value_states, self.static))
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._keys_span = _append(self._keys_span, key_states)
@@ -101,6 +118,63 @@ def _append(span: _Span, new: torch.Tensor) -> _Span:
     span.tensor[:span.rows, :, span.end:span.end + tokens] = new
     span.end += tokens
     return span
+
+
+def _write_at(span: _Span, new: torch.Tensor, static: StaticWrites) -> torch.Tensor:
+    """Write `new` (rows, heads, 1, dim) at the column `static.column` names; the fixed columns attended."""
+    rows = span.tensor[:span.rows]
+    rows.index_copy_(2, static.column, new)
+    return rows[:, :, span.start:static.stop]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a batch's cache stands, for a graphed decode step: live rows, live columns [start, end), `stop`
+    the columns every buffer has, and the buffers' addresses (a graph reads those; a move makes new ones)."""
+
+    rows: int
+    start: int
+    end: int
+    stop: int
+    addresses: tuple[int, ...]
+
+
+def geometry(cache: DynamicCache) -> Geometry | None:
+    """The cache's geometry when a decode step can run over fixed buffers: every layer a GrowingLayer holding
+    the same rows and columns in buffers of its own with room for one more token; else None."""
+    spans = []
+    for layer in cache.layers:
+        if not isinstance(layer, GrowingLayer) or not layer.is_initialized:
+            return None
+        spans += [layer._keys_span, layer._values_span]
+    first = spans[0]
+    if not all(s.owned and (s.rows, s.start, s.end) == (first.rows, first.start, first.end) for s in spans):
+        return None
+    stop = min(s.tensor.shape[-2] for s in spans)
+    if first.end >= stop:
+        return None
+    return Geometry(first.rows, first.start, first.end, stop, tuple(s.tensor.data_ptr() for s in spans))
+
+
+@contextmanager
+def static_writes(cache: DynamicCache, static: StaticWrites) -> Iterator[None]:
+    """Every layer of `cache` (a `geometry` one) writes as `static` says while this lasts."""
+    layers = [layer for layer in cache.layers if isinstance(layer, GrowingLayer)]
+    for layer in layers:
+        layer.static = static
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.static = None
+
+
+def advance(cache: DynamicCache) -> None:
+    """Count the token a graphed decode step wrote into every layer (the graph ran no Python to do it)."""
+    for layer in cache.layers:
+        assert isinstance(layer, GrowingLayer), "only a `geometry` cache is graphed"
+        layer._keys_span.end += 1
+        layer._values_span.end += 1
 
 
 def join_rows(layer: CacheLayerMixin, joining: CacheLayerMixin, width: int, max_rows: int) -> None:

@@ -44,6 +44,10 @@ CHUNK = 4  # slots a full buffer grows by: a few, so the slack the budget does n
 class SlotBuffer:
     """One site's slots for one layout: `parts` (one tensor [capacity, *shape] per part) and the free list."""
 
+    # Buffers grown so far, in every store: a captured decode graph (runtime/graphs.py) holds the addresses of the
+    # parts it read, so one captured before a growth is not replayed after it.
+    growths = 0
+
     def __init__(self, shapes: tuple[tuple[int, ...], ...], device: torch.device, dtype: torch.dtype):
         self.parts = [torch.zeros(0, *shape, device=device, dtype=dtype) for shape in shapes]
         self.free: list[int] = []  # descending, so pop() takes the lowest
@@ -62,6 +66,7 @@ class SlotBuffer:
             old = self.capacity
             self.parts = [torch.cat([p, p.new_zeros(CHUNK, *p.shape[1:])]) for p in self.parts]
             self.free = list(range(old + CHUNK - 1, old - 1, -1))
+            SlotBuffer.growths += 1
         return self.free.pop()
 
     def put(self, slot: int) -> None:

@@ -1,0 +1,140 @@
+"""The engine's decode step, in process: a full batch's step time with many distinct LoRAs against the base alone,
+eager against CUDA graphs (runtime/graphs.py) and the reference kernels against Triton (runtime/kernels).
+
+A batch of --rows rows (row i uses LoRA i % N of N distinct ones, r=8) runs `Batch.step` (the forward, greedy
+sampling, the tokens' bookkeeping: what a server's engine loop does per token) until every configuration's
+graphs are captured, then --steps timed steps; the figure is the median step. Configurations are interleaved
+--repeats times. The base has a model folder's shapes (its config.json) and random weights made on the device,
+so no weights travel; LoRAs are drawn in memory in PEFT's layout.
+
+    python bench/decode_step.py --device cuda --dtype bfloat16 --base-model DIR       # SmolLM2's shapes: DIR
+    python bench/decode_step.py --device cuda --dtype bfloat16 --base-model DIR --sizes 1,8,64 --graphs-only
+    .venv/bin/python bench/decode_step.py --quick                                     # CPU smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import lora_template, table, wall_times  # noqa: E402
+
+from hub.artifact import Adapter, Technique  # noqa: E402
+from hub.architectures import PROJECTIONS  # noqa: E402
+from runtime.engine import Engine  # noqa: E402
+from runtime.generate import Batch, Row, SamplingParams  # noqa: E402
+from runtime.graphs import DecodeGraphs  # noqa: E402
+from runtime.plan import AdapterUse, RowPlan  # noqa: E402
+
+SHAPES = {"all": list(PROJECTIONS), "q,v": ["q_proj", "v_proj"]}
+
+
+def random_base(folder: str, device: str, dtype: torch.dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval(), config
+
+
+def lora_adapters(model, config, count: int, targets: list[str], seed: int) -> list[Adapter]:
+    """`count` random LoRAs (r=8) on `targets` of every layer, in PEFT's config and key layout (the config taken
+    from PEFT's own save of a one-layer model of the same architecture)."""
+    from transformers import AutoModelForCausalLM
+
+    small = AutoModelForCausalLM.from_config(config.__class__(**{**config.to_dict(), "num_hidden_layers": 1}))
+    with tempfile.TemporaryDirectory() as tmp:
+        peft_config, _ = lora_template(small, Path(tmp), targets=targets, r=8)
+    shapes = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets and re.search(r"\.\d+\.", name):
+            shapes[f"base_model.model.{name}.lora_A.weight"] = (8, module.in_features)
+            shapes[f"base_model.model.{name}.lora_B.weight"] = (module.out_features, 8)
+    gen = torch.Generator().manual_seed(seed)
+    return [Adapter(Technique.LORA, peft_config, {k: 0.005 * torch.randn(s, generator=gen) for k, s in shapes.items()})
+            for _ in range(count)]
+
+
+def step_times(engine: Engine, plans: list[RowPlan], warm: int, steps: int) -> list[float]:
+    """Seconds per `Batch.step` of a batch of these plans, after its prefill and `warm` steps."""
+    batch = Batch(engine, max_rows=len(plans))
+    for i, plan in enumerate(plans):
+        batch.add(Row(f"r{i}", [11 + i % 50, 12, 13, 14, 15, 16, 17, 18], plan,
+                      SamplingParams(max_new_tokens=warm + steps + 2)))
+    for _ in range(1 + warm):
+        batch.step()
+    return wall_times(batch.step, steps, engine.device)
+
+
+def with_settings(engine: Engine, graphs: str, kernels: str, run: Callable[[], list[float]]) -> list[float]:
+    os.environ["HUB_KERNELS"] = kernels
+    engine.graphs = DecodeGraphs(engine.device, graphs)
+    return run()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base-model", help="a model folder (its config.json); default: the embedded base's")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    ap.add_argument("--rows", type=int, default=32)
+    ap.add_argument("--sizes", default="", help="comma-separated counts of distinct LoRAs (default: --rows)")
+    ap.add_argument("--shapes", default="all,q,v", help="LoRA targets: all, q,v (comma-separated)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--graphs-only", action="store_true", help="only the graphed, Triton configuration (and base)")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.rows, args.steps, args.repeats = 4, 3, 1
+    folder = args.base_model
+    if folder is None:
+        from hub import basemodel
+        folder = str(basemodel.prepared_dir(basemodel.DEFAULT_BASE_MODEL))
+    dtype = getattr(torch, args.dtype)
+    model, config = random_base(folder, args.device, dtype)
+    engine = Engine(model)
+    shapes = ["q,v" if s in ("q", "v") else s for s in args.shapes.split(",")]
+    shapes = list(dict.fromkeys(shapes))
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else [args.rows]
+    plans: dict[str, list[RowPlan]] = {"base": [RowPlan()] * args.rows}
+    for shape in shapes:
+        for n in sizes:
+            for i, adapter in enumerate(lora_adapters(model, config, n, SHAPES[shape], seed=len(plans))):
+                engine.load(f"{shape}-{n}-{i}", adapter)
+            plans[f"{n} distinct LoRAs ({shape})"] = [RowPlan((AdapterUse(f"{shape}-{n}-{i % n}"),))
+                                                       for i in range(args.rows)]
+    cuda = args.device.startswith("cuda")
+    settings = [("graphs", "auto" if cuda else "emulate", "triton" if cuda else "auto")]
+    if not args.graphs_only:
+        settings += [("eager", "off", "triton" if cuda else "auto"), ("eager, reference kernels", "off", "reference")]
+    results: dict[tuple[str, str], list[float]] = {}
+    for _ in range(args.repeats):
+        for name, plan in plans.items():
+            for setting, graphs, kernels in settings:
+                times = with_settings(engine, graphs, kernels, lambda: step_times(engine, plan, 4, args.steps))
+                results.setdefault((name, setting), []).append(statistics.median(times))
+    print(f"decode_step: {args.rows} rows, {config.model_type} with the shapes of {folder} "
+          f"({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, random), {args.dtype} on "
+          f"{torch.cuda.get_device_name() if cuda else 'cpu'}, kernels {engine.kernels}; median step of "
+          f"{args.steps}, median of {args.repeats} repeats")
+    rows = []
+    for (name, setting), medians in results.items():
+        step = statistics.median(medians)
+        base = statistics.median(results[("base", setting)])
+        rows.append([name, setting, f"{step * 1000:.2f} ms", f"{args.rows / step:.0f}", f"{base / step:.2f}x"])
+    print(table(["configuration", "engine", "step", "tokens/s", "vs base (same engine)"], rows))
+
+
+if __name__ == "__main__":
+    main()
