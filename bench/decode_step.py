@@ -31,6 +31,7 @@ from common import lora_template, table, wall_times  # noqa: E402
 
 from hub.artifact import Adapter, Technique  # noqa: E402
 from hub.architectures import PROJECTIONS  # noqa: E402
+from runtime import kernels  # noqa: E402
 from runtime.engine import Engine  # noqa: E402
 from runtime.generate import Batch, Row, SamplingParams  # noqa: E402
 from runtime.graphs import DecodeGraphs  # noqa: E402
@@ -76,8 +77,8 @@ def step_times(engine: Engine, plans: list[RowPlan], warm: int, steps: int) -> l
     return wall_times(batch.step, steps, engine.device)
 
 
-def with_settings(engine: Engine, graphs: str, kernels: str, run: Callable[[], list[float]]) -> list[float]:
-    os.environ["HUB_KERNELS"] = kernels
+def with_settings(engine: Engine, graphs: str, backend: str, run: Callable[[], list[float]]) -> list[float]:
+    os.environ["HUB_KERNELS"] = backend
     engine.graphs = DecodeGraphs(engine.device, graphs)
     return run()
 
@@ -119,20 +120,24 @@ def main() -> None:
     if not args.graphs_only:
         settings += [("eager", "off", "triton" if cuda else "auto"), ("eager, reference kernels", "off", "reference")]
     results: dict[tuple[str, str], list[float]] = {}
+    backends = {}
+    for setting, _, chosen in settings:
+        os.environ["HUB_KERNELS"] = chosen
+        backends[setting] = kernels.backend_name(engine.device)
     for _ in range(args.repeats):
         for name, plan in plans.items():
-            for setting, graphs, kernels in settings:
-                times = with_settings(engine, graphs, kernels, lambda: step_times(engine, plan, 4, args.steps))
+            for setting, graphs, chosen in settings:
+                times = with_settings(engine, graphs, chosen, lambda: step_times(engine, plan, 4, args.steps))
                 results.setdefault((name, setting), []).append(statistics.median(times))
     print(f"decode_step: {args.rows} rows, {config.model_type} with the shapes of {folder} "
           f"({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, random), {args.dtype} on "
-          f"{torch.cuda.get_device_name() if cuda else 'cpu'}, kernels {engine.kernels}; median step of "
+          f"{torch.cuda.get_device_name() if cuda else 'cpu'}; median step of "
           f"{args.steps}, median of {args.repeats} repeats")
     rows = []
     for (name, setting), medians in results.items():
         step = statistics.median(medians)
         base = statistics.median(results[("base", setting)])
-        rows.append([name, setting, f"{step * 1000:.2f} ms", f"{args.rows / step:.0f}", f"{base / step:.2f}x"])
+        rows.append([name, f"{setting} ({backends[setting]})", f"{step * 1000:.2f} ms", f"{args.rows / step:.0f}", f"{base / step:.2f}x"])
     print(table(["configuration", "engine", "step", "tokens/s", "vs base (same engine)"], rows))
 
 
