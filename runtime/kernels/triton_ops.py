@@ -99,9 +99,17 @@ BLOCK_D = 128  # input features per loop step in shrink
 
 def _by_row(rows: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(starts [tokens + 1], order): the uses of token row t are order[starts[t]:starts[t + 1]], in their given
-    order. Sorting and searching on the device: nothing is read back to the host."""
+    order. Sorting and searching on the device: nothing is read back to the host. Kept on the `rows` tensor
+    itself (the seam never changes its index tensors; an engine's are inference tensors, which have no version
+counter to tell a change by): a batch's index tensors stay the same from step to step, and those launches
+    would otherwise be most of a small step's kernels; kept there, they live as long as what reads them (a
+    captured graph holds the ops that hold `rows`)."""
+    cached = getattr(rows, "_hub_by_row", None)
+    if cached is not None and cached[0] == tokens:
+        return cached[1], cached[2]
     order = torch.argsort(rows, stable=True)
     starts = torch.searchsorted(rows[order], torch.arange(tokens + 1, device=rows.device))
+    rows._hub_by_row = (tokens, starts, order)  # type: ignore[attr-defined]
     return starts, order
 
 
