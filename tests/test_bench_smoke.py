@@ -169,3 +169,16 @@ def test_kernel_bench_runs_every_part():
     fused = cpu.load() is not None  # without a compiler the step part says it has no fast backend
     for title in ("Per op:", "Batch changes", "indices ms", "stacked / fused" if fused else "no fast backend"):
         assert title in done.stdout
+
+
+def test_decode_step_runs_graphed_and_eager(tiny_model_dir):
+    """bench/decode_step.py on the tiny model: the graphed (emulated on a CPU) and eager settings of the base and
+    of LoRA rows print their step times (figures: docs/gpu.md)."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(BENCH / "decode_step.py"), "--base-model", str(tiny_model_dir),
+                           "--quick", "--shapes", "q,v", "--sizes", "1,4"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for line in ("base ", "1 distinct LoRAs (q,v)", "4 distinct LoRAs (q,v)"):
+        for setting in ("graphs, ", "eager, "):
+            assert any(row.startswith(line) and setting in row for row in done.stdout.splitlines()), done.stdout
