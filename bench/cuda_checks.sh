@@ -50,7 +50,8 @@ tail -22 "$out/e2e_cuda_bf16.txt"
 HUB_KERNELS=triton run 80 "$out/loop_spy.txt" py-spy record --gil --threads --subprocesses --nonblocking -r 200 \
   --format raw -o "$out/loop_spy_raw.txt" -- python3 bench/e2e_bench.py --device cuda --dtype bfloat16 \
   --base-model /tmp/random-base --repeats 1 --cold 1 --no-peft
-tail -8 "$out/loop_spy.txt"
+python3 bench/gil_share.py "$out/loop_spy_raw.txt" --process "hub serve" >> "$out/loop_spy.txt" 2>&1
+tail -30 "$out/loop_spy.txt"
 [[ -n "$large" ]] && run 120 "$out/decode_step.txt" python3 bench/decode_step.py --device cuda --dtype bfloat16 \
   --base-model "$large" --rows 64 --sizes 1,8,64 --shapes q,v --graphs-only --repeats 2 && tail -8 "$out/decode_step.txt"
 HUB_TEST_DEVICE=cuda run 100 "$tests" python3 -m pytest -q -p no:cacheprovider -W ignore -x tests/test_server.py \

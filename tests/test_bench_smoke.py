@@ -182,3 +182,23 @@ def test_decode_step_runs_graphed_and_eager(tiny_model_dir):
     for line in ("base ", "1 distinct LoRAs (q,v)", "4 distinct LoRAs (q,v)"):
         for setting in ("graphs, ", "eager, "):
             assert any(row.startswith(line) and setting in row for row in done.stdout.splitlines()), done.stdout
+
+
+def test_gil_share_sums_samples_per_thread_role():
+    """bench/gil_share.py on py-spy's raw format (`--threads --subprocesses`): samples per role of the server's
+    threads, the other process left out when one is named."""
+    import gil_share
+
+    raw = "\n".join([
+        'process 7:"python3 -m hub serve --port 0";thread (0x1a): adapterhub-scheduler;_loop (runtime/scheduler.py:178);'
+        'step (runtime/generate.py:150) 30',
+        'process 7:"python3 -m hub serve --port 0";thread (0x1b): adapterhub-rpc_0;Generate (runtime/service.py:90) 10',
+        'process 7:"python3 -m hub serve --port 0";thread (0x1c): adapterhub-rpc_3;Generate (runtime/service.py:90) 5',
+        'process 7:"python3 -m hub serve --port 0";thread (0x1d): MainThread;wait (threading.py:320) 5',
+        'process 9:"python3 bench/e2e_bench.py";thread (0x2a): MainThread;main (bench/e2e_bench.py:1) 99'])
+    parsed = gil_share.parse(raw)
+    server = parsed['process 7:"python3 -m hub serve --port 0"']
+    assert sum(server["engine loop"].values()) == 30 and sum(server["rpc workers"].values()) == 15
+    assert server["rpc workers"]["Generate (runtime/service.py:90)"] == 15
+    text = gil_share.report(parsed, "hub serve", top=3)
+    assert "50 samples holding the GIL" in text and "engine loop: 30 samples, 60%" in text and "e2e_bench" not in text
