@@ -135,15 +135,10 @@ class AdaptedModule(nn.Module):
 
 
 class Compiled:
-    """A batch's plans turned into per-site ops and per-row soft prompts."""
+    """A segment's plans turned into per-site ops."""
 
-    def __init__(self, ops: dict[str, SiteOps], prompts: list[torch.Tensor | None]):
+    def __init__(self, ops: dict[str, SiteOps]):
         self.ops = ops
-        self.prompts = prompts
-
-    @property
-    def prompt_lengths(self) -> list[int]:
-        return [0 if p is None else p.shape[0] for p in self.prompts]
 
 
 class Engine:
@@ -305,20 +300,23 @@ class Engine:
             return ops
 
     def _compile(self, plans: list[RowPlan]) -> Compiled:
-        rows, by_technique = self._uses(plans)
+        _, by_technique = self._uses(plans)
         batch = BatchInfo(len(plans), tuple(p.mode for p in plans), self.device, self.dtype)
         ops: dict[str, SiteOps] = {}
         for technique, sites in by_technique.items():
             _stage(ops, REGISTRY[technique].compile_all(sites, batch))
-        prompts = []
-        for row_uses in rows:
-            parts = [u.resident.prompt for u in row_uses if u.resident.prompt is not None]
-            prompts.append(torch.cat(parts) if parts else None)
-        return Compiled(ops, prompts)
+        return Compiled(ops)
+
+    def _prompts(self, plans: list[RowPlan]) -> list[list[torch.Tensor]]:
+        """Per row, the soft prompts it puts before its tokens, in stack order: the residents' own tensors (read
+        at prefill only, never copied per batch)."""
+        with self._lock:
+            return [[u.resident.prompt for u in row_uses if u.resident.prompt is not None]
+                    for row_uses in resolve(plans, self._residents)]
 
     def prompt_lengths(self, plans: list[RowPlan]) -> list[int]:
         """Soft-prompt tokens a prefill puts before each row's tokens (its cache is that much longer)."""
-        return self.compile(plans).prompt_lengths
+        return [sum(p.shape[0] for p in parts) for parts in self._prompts(plans)]
 
     # -- forward --------------------------------------------------------------------------------
 
@@ -347,11 +345,11 @@ class Engine:
                 segment = tuple(plans[start:end])
                 compiled.append(self.compile(list(segment), copy=seen.count(segment)))
                 seen.append(segment)
-            prompts = [p for c in compiled for p in c.prompts]
             tokens = input_ids.shape[1]
             inputs: dict[str, Any] = {"input_ids": input_ids}
             prefill = cache is None or cache.get_seq_length() == 0
-            if prefill and any(p is not None for p in prompts):
+            prompts = self._prompts(plans) if prefill else []
+            if any(prompts):
                 if position_ids is not None:
                     raise PlanError("position_ids cannot be given with soft prompts (the engine places them)")
                 inputs, attention_mask = self._with_prompts(input_ids, attention_mask, prompts)
@@ -389,19 +387,21 @@ class Engine:
             return out.logits[:, -(keep or tokens):], out.cache
 
     def _with_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      prompts: list[torch.Tensor | None]) -> tuple[dict[str, Any], torch.Tensor]:
-        """Embeddings with each row's soft prompt left of its first real token, rows left-padded."""
+                      prompts: list[list[torch.Tensor]]) -> tuple[dict[str, Any], torch.Tensor]:
+        """Embeddings with each row's soft prompts (in order) left of its first real token, rows left-padded."""
         embeds = self._model.get_input_embeddings()(input_ids)
-        lengths = [0 if p is None else p.shape[0] for p in prompts]
+        lengths = [sum(p.shape[0] for p in parts) for parts in prompts]
         longest = max(lengths)
         rows, tokens, hidden = embeds.shape
         full = embeds.new_zeros(rows, longest + tokens, hidden)
         mask = attention_mask.new_zeros(rows, longest + tokens)
-        for row, prompt in enumerate(prompts):
+        for row, parts in enumerate(prompts):
             real = int(attention_mask[row].sum())
-            start = longest + tokens - real - lengths[row]  # left padding, then prompt, then real tokens
-            if prompt is not None:
-                full[row, start:start + lengths[row]] = prompt.to(embeds.dtype)
+            start = longest + tokens - real - lengths[row]  # left padding, then prompts, then real tokens
+            at = start
+            for prompt in parts:
+                full[row, at:at + prompt.shape[0]] = prompt
+                at += prompt.shape[0]
             full[row, longest + tokens - real:] = embeds[row, tokens - real:]
             mask[row, start:] = 1
         return {"inputs_embeds": full}, mask

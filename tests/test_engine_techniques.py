@@ -254,6 +254,32 @@ def test_lora_rows_read_their_adapters_in_place_from_slots(base, folders):
     assert (got[1] - half).abs().max() <= TOL
 
 
+def test_lora_bias_is_read_in_place_from_a_vector_slot_whatever_the_neighbours(base, folders):
+    """A LoRA's `lora_bias` lives in a vector slot from load on: the batch-wide LoRA op adds it from that buffer
+    (no per-batch vector), weighted in a stack, and each row equals its reference alone or beside others."""
+    eng = Engine(copy.deepcopy(base))
+    for key in ("lora_pat", "lora_all"):
+        eng.load(key, read_adapter(folders[key]))
+    plans = [plan("lora_pat"), plan("lora_pat", "lora_all", weights=[0.5, 1.0]), RowPlan(), plan("lora_all")]
+    q = "model.layers.0.self_attn.q_proj"
+    bias = eng._residents["lora_pat"].sites[q].bias
+    assert bias is not None and bias.buffer.parts[0].shape[1:] == (64,)
+    op = eng.batch_ops(plans)[q][Stage.DELTA][0]
+    assert op.biases == [bias.buffer]
+    pointer = bias.buffer.parts[0].data_ptr()
+    got = engine_rows(eng, ROWS[:4], plans)
+    refs = [model_logits(peft_model(base, folders["lora_pat"]), ROWS[0]),
+            model_logits(merged_lora(base, [(folders["lora_pat"], 0.5), (folders["lora_all"], 1.0)]), ROWS[1]),
+            model_logits(base, ROWS[2]), model_logits(peft_model(base, folders["lora_all"]), ROWS[3])]
+    for i, ref in enumerate(refs):
+        assert (got[i] - ref).abs().max() <= TOL, i
+    for i, p in enumerate(plans):  # each row alone, then in another order, gives what it gives here
+        assert (got[i] - engine_rows(eng, ROWS[i:i + 1], [p])[0]).abs().max() <= 1e-5, i
+    flipped = engine_rows(eng, ROWS[:4][::-1], plans[::-1])[::-1]
+    assert all((a - b).abs().max() <= 1e-5 for a, b in zip(got, flipped))
+    assert bias.buffer.parts[0].data_ptr() == pointer  # batch changes moved no bias
+
+
 def test_ia3_and_bitfit_rows_read_their_vectors_in_place_from_slots(base, folders):
     """IA3 and BitFit vectors live in slot buffers from load on: a batch compiles nothing per segment for them,
     its batch-wide ops index the very buffers the adapters were copied into, and every row, whatever its

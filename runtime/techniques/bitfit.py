@@ -47,7 +47,7 @@ class BitFit(TechniqueImpl[Slot]):  # a site's payload: the slot holding the ada
         check_fits(adapter, model)
         like = next(model.parameters())
         return place(key, self.technique, model,
-                     {path: (to_device(t, like)["bias"].flatten(),) for path, t in module_tensors(adapter).items()},
+                     {path: [(to_device(t, like)["bias"].flatten(),)] for path, t in module_tensors(adapter).items()},
                      adapter.config)
 
     def compile_batch(self, site_uses: dict[str, list[Use[Slot]]], batch: BatchInfo) -> dict[str, list[SiteOp]]:

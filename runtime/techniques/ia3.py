@@ -106,8 +106,8 @@ class IA3(TechniqueImpl[IA3Site]):
         check_fits(adapter, model)
         like = next(model.parameters())
         return place(key, self.technique, model,
-                     {path: (to_device(t, like)["ia3_l"].flatten(),) for path, t in module_tensors(adapter).items()},
-                     adapter.config, lambda path, p: IA3Site(p.buffer, p.slot, is_feedforward(adapter, path)))
+                     {path: [(to_device(t, like)["ia3_l"].flatten(),)] for path, t in module_tensors(adapter).items()},
+                     adapter.config, lambda path, s: IA3Site(s[0].buffer, s[0].slot, is_feedforward(adapter, path)))
 
     def compile_batch(self, site_uses: dict[str, list[Use[IA3Site]]], batch: BatchInfo) -> dict[str, list[SiteOp]]:
         made: dict[tuple, Indices] = {}

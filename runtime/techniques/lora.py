@@ -8,13 +8,15 @@ by the row's mode). The op then runs the kernel seam's `lora_shrink` / `lora_exp
 bytes. Rows without an adapter at a site are in no entry: the kernels never read a slot for them (so a NaN
 adapter cannot reach them) and leave them bit for bit unchanged. On a CPU a bf16/fp16 base keeps its LoRA
 weights in float32 (`Lora.weights_dtype`); the kernels accumulate in float32 and round once into the output.
+A `lora_bias` (scaling folded in) lives in a vector slot of the site in the model's dtype, as PEFT keeps it,
+and the same op adds it with `gather_add` over its own (row, slot, weight) entries.
 Why each choice: docs/engine.md, "Slots".
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -22,8 +24,7 @@ from torch import nn
 from hub.artifact import Adapter, ArtifactError, Technique
 from hub.checkpoint import check_fits, lora_rank_alpha, module_tensors
 from runtime import kernels
-from runtime.techniques.base import (BatchInfo, Resident, RowBiasOp, SiteOp, Stage, TechniqueImpl, Use,
-                                     nbytes_of, row_vectors, to_device)
+from runtime.techniques.base import BatchInfo, Resident, SiteOp, Stage, TechniqueImpl, Use, to_device
 from runtime.techniques.slots import Indices, PerToken, Slot, SlotBuffer, place, slot_classes
 
 if TYPE_CHECKING:
@@ -32,9 +33,9 @@ if TYPE_CHECKING:
 
 @dataclass(eq=False)
 class LoraSite(Slot):
-    """The adapter's slot in the site's buffer for its rank (A, scaled B^T), and its `lora_bias`."""
+    """The adapter's slot in the site's buffer for its rank (A, scaled B^T), and its `lora_bias`'s slot."""
 
-    bias: torch.Tensor | None  # (out,), scaling folded in
+    bias: Slot | None  # a vector slot [out] in the model's dtype, scaling folded in
 
     @property
     def rank(self) -> int:
@@ -48,23 +49,29 @@ def scaling(config: dict, path: str) -> tuple[int, float]:
 
 
 class LoraSlotsOp(SiteOp):
-    """One site's LoRA over a whole batch: per rank class, the kernels over (row, slot, weight) entries."""
+    """One site's LoRA over a whole batch: per rank class, the kernels over (row, slot, weight) entries; then
+    `gather_add` of the `lora_bias` slots (per vector buffer) over theirs."""
 
     stage = Stage.DELTA
 
-    def __init__(self, rows: int, classes: list[tuple[SlotBuffer, Indices]]):
+    def __init__(self, rows: int, classes: list[tuple[SlotBuffer, Indices]],
+                 biases: list[tuple[SlotBuffer, Indices]]):
         self.classes = classes
-        self.indices = PerToken(rows, [ix for _, ix in classes])
+        self.biases = [buffer for buffer, _ in biases]
+        self.indices = PerToken(rows, [ix for _, ix in classes] + [ix for _, ix in biases])
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         assert y is not None, "a DELTA op is given the layer's output"
         if not y.is_contiguous():
             y = y.contiguous()
         flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
-        for (buffer, _), (rows, slots, scale) in zip(self.classes, self.indices.get(flat_x.shape[0])):
+        entries = self.indices.get(flat_x.shape[0])
+        for (buffer, _), (rows, slots, scale) in zip(self.classes, entries):
             a, b_t = buffer.parts
             h = kernels.lora_shrink(flat_x, a, rows, slots)
             kernels.lora_expand(flat_y, h, b_t.transpose(1, 2), rows, slots, scale)
+        for buffer, (rows, slots, scale) in zip(self.biases, entries[len(self.classes):]):
+            kernels.gather_add(flat_y, buffer.parts[0], rows, slots, scale)
         return y
 
 
@@ -81,32 +88,34 @@ class Lora(TechniqueImpl[LoraSite]):
         check_fits(adapter, model)
         like = next(model.parameters())
         model_dtype, weights_dtype = like.dtype, self.weights_dtype(model)
-        prepared: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+        # per site: A [r, in] and scaled B^T [r, out] in one slot; a lora_bias (in the model's dtype, which the
+        # weights' may not be) in a vector slot of its own
+        prepared: dict[str, list[tuple[torch.Tensor, ...]]] = {}
         for path, t in module_tensors(adapter).items():
             if "lora_A" not in t:
                 raise ArtifactError(f"module {path!r}: LoRA on embeddings is not served")
             _, scale = scaling(adapter.config, path)  # check_fits has checked the rank against the tensors
             t = to_device(t, like, weights_dtype)
-            bias = (t["lora_bias"] * scale).to(model_dtype) if "lora_bias" in t else None
-            prepared[path] = (t["lora_A"], t["lora_B"].t() * scale, bias)  # A [r, in], scaled B^T [r, out]
-        resident = place(key, self.technique, model, {path: (a, b_t) for path, (a, b_t, _) in prepared.items()},
-                         adapter.config, lambda path, p: LoraSite(p.buffer, p.slot, prepared[path][2]))
-        resident.nbytes += nbytes_of(s.bias for s in resident.sites.values() if s.bias is not None)
-        return resident
-
-    def compile(self, site: str, uses: list[Use[LoraSite]], batch: BatchInfo) -> list[SiteOp]:
-        """Per segment only `lora_bias` (a per-row vector); the LoRA product is `compile_batch`'s."""
-        with_bias = [u for u in uses if u.resident.sites[site].bias is not None]
-        if not with_bias:
-            return []
-        def bias(use: Use[LoraSite]) -> torch.Tensor:
-            b = use.resident.sites[site].bias
-            assert b is not None  # with_bias holds only these
-            return b
-
-        return [RowBiasOp(row_vectors(with_bias, batch, bias))]
+            prepared[path] = [(t["lora_A"], t["lora_B"].t() * scale)]
+            if "lora_bias" in t:
+                prepared[path].append(((t["lora_bias"] * scale).to(model_dtype),))
+        return place(key, self.technique, model, prepared, adapter.config,
+                     lambda path, slots: LoraSite(slots[0].buffer, slots[0].slot, slots[1] if len(slots) > 1 else None))
 
     def compile_batch(self, site_uses: dict[str, list[Use[LoraSite]]], batch: BatchInfo) -> dict[str, list[SiteOp]]:
         made: dict[tuple, Indices] = {}  # equal entries (every layer's q_proj, say) share their tensors
-        return {site: [LoraSlotsOp(batch.rows, slot_classes(uses, site, batch.device, made))]
-                for site, uses in site_uses.items()}
+        ops: dict[str, list[SiteOp]] = {}
+        for site, uses in site_uses.items():
+            with_bias = [u for u in uses if u.resident.sites[site].bias is not None]
+            biases = slot_classes(with_bias, site, batch.device, made, _bias_slot(site)) if with_bias else []
+            ops[site] = [LoraSlotsOp(batch.rows, slot_classes(uses, site, batch.device, made), biases)]
+        return ops
+
+
+def _bias_slot(site: str) -> Callable[[Use[LoraSite]], Slot]:
+    """The `lora_bias` slot of a use at `site` (only asked of uses with one)."""
+    def slot_of(use: Use[LoraSite]) -> Slot:
+        bias = use.resident.sites[site].bias
+        assert bias is not None, "asked only of uses with a lora_bias"
+        return bias
+    return slot_of

@@ -122,14 +122,15 @@ class SlotStore:
 Indices = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # rows, slots (int64), weight (float32)
 
 
-def slot_classes(uses: list[Use], site: str, device: torch.device,
-                 made: dict[tuple, Indices]) -> list[tuple[SlotBuffer, Indices]]:
-    """Per slot buffer `uses` read at `site` (each use's payload there a `Slot`), the (row, slot, weight) index
-    tensors of its entries, one per use. Entries go sorted by (slot, row): a run of one slot is a segment the
-    kernels may run as one GEMM. Equal entry lists (every layer's q_proj, say) share tensors through `made`."""
+def slot_classes(uses: list[Use], site: str, device: torch.device, made: dict[tuple, Indices],
+                 slot_of: Callable[[Use], Slot] | None = None) -> list[tuple[SlotBuffer, Indices]]:
+    """Per slot buffer `uses` read at `site` (each use's payload there a `Slot`, or `slot_of(use)` where a payload
+    holds more than one), the (row, slot, weight) index tensors of its entries, one per use. Entries go sorted by
+    (slot, row): a run of one slot is a segment the kernels may run as one GEMM. Equal entry lists (every
+    layer's q_proj, say) share tensors through `made`."""
     by_buffer: dict[int, tuple[SlotBuffer, list[tuple[int, int, float]]]] = {}
     for use in uses:
-        placed = use.resident.sites[site]
+        placed = use.resident.sites[site] if slot_of is None else slot_of(use)
         by_buffer.setdefault(id(placed.buffer), (placed.buffer, []))[1].append((placed.slot, use.row, use.weight))
     classes = []
     for buffer, entries in by_buffer.values():
@@ -170,18 +171,23 @@ class PerToken:
 store_of: Callable[[nn.Module], SlotStore] = per_object(lambda model: SlotStore())
 
 
-def place(key: str, technique: Technique, model: nn.Module, per_site: dict[str, tuple[torch.Tensor, ...]],
-          config: dict[str, Any], payload: Callable[[str, Slot], Any] = lambda site, slot: slot) -> Resident:
-    """A resident whose tensors at each site (`per_site`) are copied into slots of `model`'s store, its payload
-    there `payload(site, slot)` and its bytes its slots' bytes. Its slots go back when the engine lets it go
+def place(key: str, technique: Technique, model: nn.Module, per_site: dict[str, list[tuple[torch.Tensor, ...]]],
+          config: dict[str, Any], payload: Callable[[str, list[Slot]], Any] = lambda site, slots: slots[0]
+          ) -> Resident:
+    """A resident whose tensors at each site (`per_site`: one or more groups of tensors, each group of one dtype
+    and kept in one slot) are copied into slots of `model`'s store, its payload there `payload(site, slots)` (the
+    groups' slots in order) and its bytes its slots' bytes. Its slots go back when the engine lets it go
     (`free`), or when it is garbage (prepared, never installed)."""
     store = store_of(model)
     held: list[tuple[SlotBuffer, int]] = []
     sites = {}
-    for site, tensors in per_site.items():
-        buffer, slot = store.fill(site, *tensors)
-        held.append((buffer, slot))
-        sites[site] = payload(site, Slot(buffer, slot))
+    for site, groups in per_site.items():
+        slots = []
+        for tensors in groups:
+            buffer, slot = store.fill(site, *tensors)
+            held.append((buffer, slot))
+            slots.append(Slot(buffer, slot))
+        sites[site] = payload(site, slots)
     resident = Resident(key, technique, sites, sum(b.slot_bytes for b, _ in held), config)
     resident.free = weakref.finalize(resident, store.free, held)
     return resident
