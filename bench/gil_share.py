@@ -29,17 +29,24 @@ def role_of(thread: str) -> str:
 
 
 def parse(text: str) -> dict[str, dict[str, Counter]]:
-    """{process: {role: Counter(leaf frame -> samples)}} from py-spy's raw (collapsed stack) output."""
+    """{process: {role: Counter(leaf frame -> samples)}} from py-spy's raw (collapsed stack) output; the process
+    is "" for a profile of one process (no --subprocesses)."""
+    records: list[str] = []
+    for line in text.splitlines():  # a command line in a process frame may span lines
+        if line.startswith(("process ", "thread (")) or not records:
+            records.append(line)
+        else:
+            records[-1] += " " + line
     out: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
-    for line in re.split(r"\n(?=process \d+:)", text.strip()):
-        stack, _, count = line.rpartition(" ")
+    for record in records:
+        stack, _, count = record.rpartition(" ")
         if not count.isdigit():
             continue
         frames = stack.split(";")
-        process = " ".join(frames[0].split())  # a command line may span lines
-        thread = next((m.group("name") for f in frames[1:3] if (m := _THREAD.match(f.strip()))), "")
-        leaf = frames[-1] if len(frames) > 2 else "(no Python frame)"
-        out[process][role_of(thread)][leaf] += int(count)
+        process = frames.pop(0) if frames[0].startswith("process ") else ""
+        match = _THREAD.match(frames[0].strip()) if frames else None
+        leaf = frames[-1] if len(frames) > 1 else "(no Python frame)"
+        out[process][role_of(match.group("name") if match else "")][leaf] += int(count)
     return out
 
 
@@ -49,7 +56,7 @@ def report(parsed: dict[str, dict[str, Counter]], process: str, top: int) -> str
         if process not in name:
             continue
         total = sum(sum(c.values()) for c in roles.values())
-        lines.append(f"{name[:160]}: {total} samples holding the GIL")
+        lines.append(f"{name[:160] or 'the process'}: {total} samples holding the GIL")
         for role, frames in sorted(roles.items(), key=lambda item: -sum(item[1].values())):
             held = sum(frames.values())
             lines.append(f"  {role}: {held} samples, {held / total:.0%}")

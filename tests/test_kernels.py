@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -383,3 +385,33 @@ def test_a_cached_build_is_imported_directly_and_an_engine_loads_it_at_start():
     assert (again.returncode, again.stdout.strip()) == (0, "direct"), again.stderr
     started = run(AT_START)
     assert (started.returncode, started.stdout.strip()) == (0, "cpu True"), started.stderr
+
+
+def test_the_fused_cpu_ops_let_other_threads_run_python():
+    """While a fused op computes, the GIL is free: a Python thread keeps counting through the call (a server's
+    request handlers and adapter loads go on during a step, as they do during ATen's own ops). A kernel that
+    kept the GIL would freeze the counter from the call's start to its end."""
+    module = cpu.load()
+    if module is None:
+        pytest.skip("the fused CPU kernels could not be built here (see the warning)")
+    x, _, a, _, _, rows, slots, _ = case(1, (4096, 4096, 8, 256, 4, 8192), "runs", torch.float32, torch.float32)
+    ticks: list[float] = []
+    done = threading.Event()
+
+    def count() -> None:
+        while not done.is_set():
+            ticks.append(time.perf_counter())
+
+    counter = threading.Thread(target=count)
+    counter.start()
+    time.sleep(0.02)
+    start = time.perf_counter()
+    module.lora_shrink(x, a, rows, slots)
+    end = time.perf_counter()
+    done.set()
+    counter.join()
+    # Python hands the GIL over every switch interval: the counter may still run at the call's edges
+    margin = 10 * sys.getswitchinterval()
+    if end - start < 3 * margin:
+        pytest.skip(f"the call took {end - start:.3f} s, too short to tell on this machine")
+    assert any(start + margin < t < end - margin for t in ticks)

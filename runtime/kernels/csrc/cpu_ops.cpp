@@ -276,9 +276,12 @@ void gather_mul(at::Tensor y, const at::Tensor& v, const at::Tensor& rows, const
 
 }  // namespace
 
+// The GIL is released while an op runs (its arguments are converted before, its result after): a server's other
+// threads (request handlers, adapter loads) run Python meanwhile, as they do during ATen's own ops.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("lora_shrink", &lora_shrink, "h[u] = a[slots[u]] @ x[rows[u]] (float32)");
-  m.def("lora_expand", &lora_expand, "y[rows[u]] += scale[u] * (b[slots[u]] @ h[u]), in place");
-  m.def("gather_add", &gather_add, "y[rows[u]] += scale[u] * v[slots[u]], in place");
-  m.def("gather_mul", &gather_mul, "y[rows[u]] *= v[slots[u]], in place");
+  using release = py::call_guard<py::gil_scoped_release>;
+  m.def("lora_shrink", &lora_shrink, "h[u] = a[slots[u]] @ x[rows[u]] (float32)", release());
+  m.def("lora_expand", &lora_expand, "y[rows[u]] += scale[u] * (b[slots[u]] @ h[u]), in place", release());
+  m.def("gather_add", &gather_add, "y[rows[u]] += scale[u] * v[slots[u]], in place", release());
+  m.def("gather_mul", &gather_mul, "y[rows[u]] *= v[slots[u]], in place", release());
 }
