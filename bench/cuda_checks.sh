@@ -47,10 +47,18 @@ python3 bench/random_base.py "$src" /tmp/random-base > /dev/null 2>&1
 HUB_KERNELS=triton run 200 "$out/e2e_cuda_bf16.txt" python3 bench/e2e_bench.py --device cuda --dtype bfloat16 \
   --base-model /tmp/random-base --repeats 3 --cold 4
 tail -22 "$out/e2e_cuda_bf16.txt"
-HUB_KERNELS=triton run 80 "$out/loop_spy.txt" py-spy record --gil --threads --subprocesses --nonblocking -r 200 \
-  --format raw -o "$out/loop_spy_raw.txt" -- python3 bench/e2e_bench.py --device cuda --dtype bfloat16 \
-  --base-model /tmp/random-base --repeats 1 --cold 1 --no-peft
-python3 bench/gil_share.py "$out/loop_spy_raw.txt" --process "hub serve" >> "$out/loop_spy.txt" 2>&1
+# py-spy attaches to the server once it is up (--subprocesses did not follow the bench's server here)
+spy() {
+  python3 bench/e2e_bench.py --device cuda --dtype bfloat16 --base-model /tmp/random-base --repeats 1 --cold 1 \
+    --no-peft & local bench=$! pid=
+  for _ in $(seq 120); do pid=$(pgrep -f "hub serve" | head -1); [[ -n "$pid" ]] && break; sleep 0.5; done
+  [[ -n "$pid" ]] && py-spy record --pid "$pid" --gil --threads --nonblocking -r 200 -d 40 --format raw \
+    -o "$out/loop_spy_raw.txt"
+  wait "$bench"
+  python3 bench/gil_share.py "$out/loop_spy_raw.txt" --top 10
+}
+export -f spy; export out
+HUB_KERNELS=triton run 80 "$out/loop_spy.txt" bash -c spy
 tail -30 "$out/loop_spy.txt"
 [[ -n "$large" ]] && run 120 "$out/decode_step.txt" python3 bench/decode_step.py --device cuda --dtype bfloat16 \
   --base-model "$large" --rows 64 --sizes 1,8,64 --shapes q,v --graphs-only --repeats 2 && tail -8 "$out/decode_step.txt"
