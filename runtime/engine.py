@@ -29,6 +29,7 @@ from runtime.kvcache import new_cache
 from runtime.plan import PlanError, RowPlan, resolve
 from runtime.techniques import REGISTRY
 from runtime.techniques.base import BatchInfo, Resident, SiteOp, Stage, Use
+from runtime.techniques.slots import store_of
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -375,7 +376,8 @@ class Engine:
                         self._context.set([])
 
                 graphed = self.graphs.decode((tuple(plans), tuple(bounds)), input_ids, position_ids, attention_mask,
-                                             self.dtype, cache, (compiled, batch), step)
+                                             self.dtype, cache,
+                                             lambda: (compiled, batch, store_of(self._model).parts()), step)
                 if graphed is not None:
                     return graphed, cache
             self._context.set(segment_ops, batch)

@@ -12,7 +12,8 @@ about two eager steps. A step the graphs cannot take (a prefill, a cache that is
 no room, a composition not yet steady) runs eagerly, unchanged.
 
 Captured graphs are dropped when an adapter is installed or unloaded (a slot they read may now hold another
-adapter) and not replayed after a slot buffer grew (they read its old tensor). `mode` "emulate" runs the same
+adapter) and not replayed after a slot buffer grew (they read its old tensor, which each graph keeps alive: an
+adapter prepared in another thread may grow a buffer while a replay is on its way). `mode` "emulate" runs the same
 static-buffer path eagerly on any device, replaying by running the step again: how the bookkeeping is tested
 where there is no GPU.
 """
@@ -47,7 +48,7 @@ class _Graph:
     writes: kvcache.StaticWrites
     logits: torch.Tensor  # (rows, 1, vocab), written by each replay
     replay: Callable[[], None]
-    holds: Any  # the ops (index tensors, stacked weights) the graph reads
+    holds: Any  # what the graph reads and nothing else keeps alive: the ops (index tensors), the slot buffers' tensors
 
 
 class DecodeGraphs:
@@ -73,13 +74,14 @@ class DecodeGraphs:
         self._refused.clear()
 
     def decode(self, composition: tuple, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-               dtype: torch.dtype, cache: Any, holds: Any, forward: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+               dtype: torch.dtype, cache: Any, holds: Callable[[], Any], forward: Callable[[dict[str, torch.Tensor]], torch.Tensor]
                ) -> torch.Tensor | None:
         """The step's logits (rows, 1, vocab) from a graph, or None where the caller runs it eagerly.
 
         `mask` is the step's 2-D attention mask over the cache's live columns and the new one; `forward(inputs)`
         runs the model on those inputs with the step's ops in place and returns its logits (the warm-up and the
-        capture call it); `holds` is kept alive as long as the graph; `dtype` is the model's."""
+        capture call it); what `holds()` returns at a capture is kept alive as long as the graph; `dtype` is the
+        model's."""
         if not self.enabled or cache is None:
             return None
         where = kvcache.geometry(cache)
@@ -111,7 +113,7 @@ class DecodeGraphs:
         return graph.logits.clone()  # the next replay overwrites the static output
 
     def _capture(self, key: tuple, where: kvcache.Geometry, ids: torch.Tensor, positions: torch.Tensor,
-                 mask: torch.Tensor, dtype: torch.dtype, cache: Any, holds: Any,
+                 mask: torch.Tensor, dtype: torch.dtype, cache: Any, holds: Callable[[], Any],
                  forward: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> _Graph:
         """Capture the step (running it once: the caller's step is done when this returns)."""
         static = kvcache.StaticWrites(torch.zeros(1, dtype=torch.long, device=ids.device), where.stop)
@@ -124,7 +126,7 @@ class DecodeGraphs:
                 return forward(inputs)
 
         graph = _Graph(inputs["input_ids"], inputs["position_ids"], attend, static, ids.new_empty(0),
-                       lambda: None, holds)
+                       lambda: None, holds())
         _fill(graph, ids, positions, mask, where.end)
         if self.emulated:
             graph.logits = step()

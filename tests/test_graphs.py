@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from runtime.engine import Engine
 from runtime.generate import Batch, Row, SamplingParams
 from runtime.graphs import CAPTURE_AFTER, DecodeGraphs
 from runtime.plan import AdapterUse, RowPlan
+from runtime.techniques.slots import CHUNK, SlotBuffer
 
 DEVICE = os.environ.get("HUB_TEST_DEVICE", "cpu")
 MODES = ["emulate"] + (["auto"] if DEVICE == "cuda" else [])
@@ -43,8 +45,10 @@ def engine_pair(technique_adapters, mode: str, keys=("lora", "ia3", "bitfit", "b
     return pair[0], pair[1]
 
 
-def decode_logits(engine: Engine, plans: list[RowPlan], steps: int) -> list[torch.Tensor]:
-    """Each step's last logits: a prefill of fixed prompts, then greedy decode steps with the KV cache."""
+def decode_logits(engine: Engine, plans: list[RowPlan], steps: int,
+                  between: Callable[[int], None] = lambda step: None) -> list[torch.Tensor]:
+    """Each step's last logits: a prefill of fixed prompts, then greedy decode steps with the KV cache
+    (`between(step)` runs before each)."""
     prompts = [[5, 9, 17, 33], [7, 100, 3], [44, 12, 90, 61, 70], [15, 16], [101, 6, 55]][:len(plans)]
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=DEVICE)
@@ -55,7 +59,8 @@ def decode_logits(engine: Engine, plans: list[RowPlan], steps: int) -> list[torc
     for row, p in enumerate(prompts):
         mask[row, mask.shape[1] - len(p) - soft[row]:] = 1
     seen = [logits[:, -1]]
-    for _ in range(steps):
+    for step in range(steps):
+        between(step)
         mask = torch.cat([mask, mask.new_ones(len(plans), 1)], dim=1)
         logits, cache = engine.forward(seen[-1].argmax(-1, keepdim=True), mask, plans, cache=cache, last_only=True)
         seen.append(logits[:, -1])
@@ -119,6 +124,36 @@ def test_a_load_drops_the_graphs_and_a_cache_without_room_runs_eagerly(technique
         for span in (layer._keys_span, layer._values_span):
             span.end = span.tensor.shape[-2]
     assert kvcache.geometry(cache) is None
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_slot_buffer_growing_mid_stream_retires_the_graph_that_read_it(technique_adapters, mode):
+    """Adapters prepared (not installed) while a graph replays grow the LoRA buffers: the graph keeps the old
+    tensors alive (a replay on its way reads valid memory), is not replayed after the growth, and the steps
+    after it equal the eager engine's."""
+    graphed, eager = engine_pair(technique_adapters, mode, keys=("lora",))
+    plans, steps, prepared = [plan("lora"), plan()], 10, []
+    grow_at = 2 + CAPTURE_AFTER + 1  # after the capture and one replay
+    seen: dict[str, Any] = {}
+
+    def grow(step: int) -> None:
+        if step != grow_at:
+            return
+        graph = next(iter(graphed.graphs._graphs.values()))
+        seen["before"] = (SlotBuffer.growths, [p.data_ptr() for p in graph.holds[2]])
+        prepared.extend(graphed.prepare(f"spare{i}", read_adapter(technique_adapters["lora"])) for i in range(CHUNK))
+        seen["replays"] = graphed.graphs.replays
+
+    got = decode_logits(graphed, plans, steps, grow)
+    for step, (g, e) in enumerate(zip(got, decode_logits(eager, plans, steps))):
+        torch.testing.assert_close(g, e, atol=TOLERANCE, rtol=0, msg=f"step {step}")
+    growths, held = seen["before"]
+    assert SlotBuffer.growths > growths  # the spare adapters grew the buffers the graph read
+    graph = next(iter(graphed.graphs._graphs.values()))
+    assert [p.data_ptr() for p in graph.holds[2]] == held  # still alive, not reused
+    # after the growth: CAPTURE_AFTER eager steps, then a new capture and its replays
+    assert graphed.graphs.captures == 2
+    assert graphed.graphs.replays == seen["replays"] + (steps - grow_at - CAPTURE_AFTER)
 
 
 def test_modes_are_checked():

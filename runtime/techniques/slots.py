@@ -109,6 +109,12 @@ class SlotStore:
                 buffer, slot = held.pop()
                 buffer.put(slot)
 
+    def parts(self) -> list[torch.Tensor]:
+        """Every buffer's tensors now: what a captured decode graph (runtime/graphs.py) keeps alive, so a buffer
+        that grows while a replay is on its way leaves the old tensor readable until the graph goes."""
+        with self._lock:
+            return [part for buffer in self.buffers.values() for part in buffer.parts]
+
     def bytes(self) -> tuple[int, int]:
         """(bytes in occupied slots, bytes allocated) over every buffer."""
         with self._lock:
