@@ -4,12 +4,34 @@ docs/benchmarks.md, "Kernels". The engine serves LoRA from slots (runtime/techni
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from hub.architectures import SHARED_INPUT
-from runtime.techniques.base import (BatchInfo, RowBiasOp, SiteOp, Stage, Use,
-                                     row_vectors)
+from runtime.techniques.base import BatchInfo, SiteOp, Stage, Use
+
+
+class RowBiasOp(SiteOp):
+    """Adds a per-row vector to the output: `lora_bias` as that path stacked it per batch (zeros elsewhere)."""
+
+    stage = Stage.DELTA
+
+    def __init__(self, bias: torch.Tensor):
+        self.bias = bias  # (rows, out)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        assert y is not None, "a DELTA op is given the layer's output"
+        return y + self.bias.view(self.bias.shape[0], *([1] * (y.dim() - 2)), self.bias.shape[1])
+
+
+def row_vectors(uses: list[Use], batch: BatchInfo, vector_of: Callable[[Use], torch.Tensor]) -> torch.Tensor:
+    """(rows, dim) tensor: zeros for untouched rows, plus each use's weighted vector summed into its row."""
+    first = vector_of(uses[0])
+    out = torch.zeros((batch.rows, first.shape[-1]), device=first.device, dtype=first.dtype)
+    for use in uses:
+        out[use.row] += use.weight * vector_of(use)
+    return out
 
 
 @dataclass

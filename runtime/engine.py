@@ -2,7 +2,8 @@
 
 Base weights are never touched. Each module an adapter targets (a "site") is wrapped once in an
 `AdaptedModule` that, during a forward, runs the ops the engine compiled for that batch's plans
-(see runtime/techniques/base.py). The ops reach the wrappers through a `_Context` object the engine
+(see runtime/techniques/base.py): index tensors into the slot buffers the adapters live in, so a batch change
+builds small tensors and moves no adapter bytes. The ops reach the wrappers through a `_Context` object the engine
 owns and fills only for the duration of one forward, under the engine's lock: there is no global
 active adapter, and two requests never see each other's adapters. With no forward in flight, or
 for rows whose plan is empty, the wrapped model computes exactly the base model. The engine adapts the
@@ -12,10 +13,8 @@ oneDNN's matmul (runtime/cpu_linear.py; same weights, results differ by accumula
 from __future__ import annotations
 
 import inspect
-import itertools
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,45 +27,21 @@ from runtime.graphs import DecodeGraphs
 from runtime.kvcache import new_cache
 from runtime.plan import PlanError, RowPlan, resolve
 from runtime.techniques import REGISTRY
-from runtime.techniques.base import BatchInfo, Resident, SiteOp, Stage, Use
+from runtime.techniques.base import BatchInfo, Resident, SiteOp, Use
 from runtime.techniques.slots import store_of
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 SiteOps = tuple[list[SiteOp], list[SiteOp], list[SiteOp]]  # PRE, DELTA, POST
-_NO_OPS: SiteOps = ([], [], [])
-# Compiled segments kept: a decode step reuses its batch's (at most generate.MAX_SEGMENTS), a join adds one
-# (prompt_lengths, then its prefill), and one more. Few on purpose: the techniques compiled per segment
-# (bottleneck, lora_bias) stack per-row weights there, and stacks freed first are memory the next compile
-# reuses. LoRA, IA3 and BitFit are batch-wide slot-indexed ops (`batch_ops`) and stack nothing.
-_COMPILED_CACHE = 4
-_BATCH_OPS_KEPT = 4  # batch-wide index ops kept (small: a few int64 tensors per site and rank class)
+_BATCH_OPS_KEPT = 4  # batch ops kept (small: a few int64 tensors per site and slot buffer): a decode step's, a join's
 
 
 class _Context:
-    """The ops of the forward in flight, per row segment and site; no segments between forwards.
-
-    A batch is a few row segments (rows that joined together), each compiled on its own, so rows
-    joining or leaving re-compile only their segment, never the whole batch (see `Engine.forward`).
-    """
+    """The ops of the forward in flight, per site; none between forwards."""
 
     def __init__(self) -> None:
-        self.segments: list[tuple[int, int, dict[str, SiteOps]]] = []
-        self.batch: dict[str, SiteOps] = {}  # per site, ops over every row (slot-indexed: LoRA, IA3, BitFit)
-        self._x: torch.Tensor | None = None
-        self._parts: list[torch.Tensor] = []
-
-    def set(self, segments: list[tuple[int, int, dict[str, SiteOps]]],
-            batch: dict[str, SiteOps] | None = None) -> None:
-        self.segments, self.batch, self._x, self._parts = segments, batch or {}, None, []
-
-    def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """x's rows per segment; the same view objects for the same x, so sibling sites fed one
-        tensor (q/k/v) see one input and can share work (runtime/techniques/lora.py SharedInput)."""
-        if x is not self._x:
-            self._x, self._parts = x, [x[start:end] for start, end, _ in self.segments]
-        return self._parts
+        self.ops: dict[str, SiteOps] = {}
 
 
 class AdaptedModule(nn.Module):
@@ -85,61 +60,21 @@ class AdaptedModule(nn.Module):
             return getattr(self._modules["base_layer"], name)
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
-        """The batch-wide PRE ops, then each segment's; the base; then DELTA ops (batch-wide first), then POST
-        ops likewise, so a scaling (IA3) applies to the output with every delta (LoRA, BitFit) merged and a
-        bottleneck block sees the scaled output."""
-        segments = self._context.segments
-        per_segment = [ops.get(self._site) for _, _, ops in segments]
-        whole = self._context.batch.get(self._site)
-        if not any(per_segment) and whole is None:
+        """The PRE ops, the base, then the DELTA ops, then the POST ops: a scaling (IA3) applies to the output with
+        every delta (LoRA, BitFit) merged and a bottleneck block sees the scaled output."""
+        ops = self._context.ops.get(self._site)
+        if ops is None:
             return self.base_layer(x, *args, **kwargs)
-        whole = whole or _NO_OPS
-        for op in whole[Stage.PRE]:
+        pre, delta, post = ops
+        for op in pre:
             x = op(x, None)
-        if len(segments) == 1:
-            pre, delta, post = per_segment[0] or _NO_OPS
-            for op in pre:
-                x = op(x, None)
-            out = self.base_layer(x, *args, **kwargs)
-            y = out[0] if isinstance(out, tuple) else out
-            for op in whole[Stage.DELTA] + delta + whole[Stage.POST] + post:
-                y = op(x, y)
-            return (y, *out[1:]) if isinstance(out, tuple) else y
-        x = self._pre_segments(x, per_segment)
         out = self.base_layer(x, *args, **kwargs)
         y = out[0] if isinstance(out, tuple) else out
-        for stage in (Stage.DELTA, Stage.POST):
-            for op in whole[stage]:
-                y = op(x, y)
-            for site_ops, x_part, (start, end, _) in zip(per_segment, self._context.parts(x), segments):
-                if site_ops is None or not site_ops[stage]:
-                    continue
-                y_part = result = y[start:end]
-                for op in site_ops[stage]:
-                    result = op(x_part, result)
-                if result is not y_part:  # ops that add in place have written into y already
-                    y_part.copy_(result)
+        for op in delta:
+            y = op(x, y)
+        for op in post:
+            y = op(x, y)
         return (y, *out[1:]) if isinstance(out, tuple) else y
-
-    def _pre_segments(self, x: torch.Tensor, per_segment: list[SiteOps | None]) -> torch.Tensor:
-        """x with each segment's PRE ops applied to its rows (x itself when none changes it)."""
-        new = x
-        for site_ops, part, (start, end, _) in zip(per_segment, self._context.parts(x), self._context.segments):
-            result = part
-            for op in site_ops[Stage.PRE] if site_ops is not None else ():
-                result = op(result, None)
-            if result is not part:
-                if new is x:
-                    new = x.clone()
-                new[start:end] = result
-        return new
-
-
-class Compiled:
-    """A segment's plans turned into per-site ops."""
-
-    def __init__(self, ops: dict[str, SiteOps]):
-        self.ops = ops
 
 
 class Engine:
@@ -152,7 +87,6 @@ class Engine:
         self._context = _Context()
         self._residents: dict[str, Resident] = {}
         self._wrapped: set[str] = set()
-        self._compiled: OrderedDict[tuple, Compiled] = OrderedDict()
         self._batch_ops: OrderedDict[tuple[RowPlan, ...], dict[str, SiteOps]] = OrderedDict()
         self._lock = threading.RLock()
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -219,12 +153,8 @@ class Engine:
             self._forget(resident)
 
     def _forget(self, resident: Resident, free: bool = True) -> None:
-        """Drop what was compiled with a resident that goes (the other segments, e.g. the running batch's,
-        stay; batch-wide ops are cheap to rebuild and all go) and give back its slots (unless it is installed
-        again)."""
-        key = resident.key
-        for k in [k for k in self._compiled if any(u.key == key for plan in k[0] for u in plan.adapters)]:
-            del self._compiled[k]
+        """Drop the batch ops (cheap to rebuild; some may index a resident that goes) and give back its slots
+        (unless it is installed again)."""
         self._batch_ops.clear()
         self.graphs.clear()
         if free and resident.free is not None:
@@ -249,23 +179,8 @@ class Engine:
         with self._lock:
             self._uses(plans)
 
-    def compile(self, plans: list[RowPlan], copy: int = 0) -> Compiled:
-        """The ops for one segment's plans, cached so a decode loop compiles once. `copy` > 0: another set of
-        ops for the same plans, for a second segment of one forward with the same plans (ops keep state for
-        the forward in flight, e.g. a bottleneck block's residual, so no two segments share them)."""
-        with self._lock:
-            key = (tuple(plans), copy)
-            hit = self._compiled.get(key)
-            if hit is not None:
-                self._compiled.move_to_end(key)
-                return hit
-            while len(self._compiled) >= _COMPILED_CACHE:  # before compiling: the new stacks reuse what this frees
-                self._compiled.popitem(last=False)
-            compiled = self._compiled[key] = self._compile(plans)
-            return compiled
-
-    def _uses(self, plans: list[RowPlan]) -> tuple[list[list[Use]], dict[Any, dict[str, list[Use]]]]:
-        """Per row its uses, and per technique and site all rows' uses there; every row's mix checked."""
+    def _uses(self, plans: list[RowPlan]) -> dict[Any, dict[str, list[Use]]]:
+        """Per technique and site all rows' uses there, in row and stack order; every row's mix checked."""
         rows = resolve(plans, self._residents)
         by_technique: dict[Any, dict[str, list[Use]]] = {}
         for row_uses, plan in zip(rows, plans):
@@ -278,19 +193,19 @@ class Engine:
             for use in row_uses:
                 for site in use.resident.sites:
                     by_technique.setdefault(use.resident.technique, {}).setdefault(site, []).append(use)
-        return rows, by_technique
+        return by_technique
 
     def batch_ops(self, plans: list[RowPlan]) -> dict[str, SiteOps]:
         """Per site, the techniques' ops over all of these rows at once (`TechniqueImpl.compile_batch`), by
         stage: index tensors into slot buffers, kept for the last few batches (a decode step and a join's
-        prefill)."""
+        prefill). A join, leave or cancel costs one of these, never a copy of adapter bytes."""
         with self._lock:
             key = tuple(plans)
             hit = self._batch_ops.get(key)
             if hit is not None:
                 self._batch_ops.move_to_end(key)
                 return hit
-            _, by_technique = self._uses(plans)
+            by_technique = self._uses(plans)
             batch = BatchInfo(len(plans), tuple(p.mode for p in plans), self.device, self.dtype)
             ops: dict[str, SiteOps] = {}
             for technique, sites in by_technique.items():
@@ -299,14 +214,6 @@ class Engine:
                 self._batch_ops.popitem(last=False)
             self._batch_ops[key] = ops
             return ops
-
-    def _compile(self, plans: list[RowPlan]) -> Compiled:
-        _, by_technique = self._uses(plans)
-        batch = BatchInfo(len(plans), tuple(p.mode for p in plans), self.device, self.dtype)
-        ops: dict[str, SiteOps] = {}
-        for technique, sites in by_technique.items():
-            _stage(ops, REGISTRY[technique].compile_all(sites, batch))
-        return Compiled(ops)
 
     def _prompts(self, plans: list[RowPlan]) -> list[list[torch.Tensor]]:
         """Per row, the soft prompts it puts before its tokens, in stack order: the residents' own tensors (read
@@ -323,29 +230,21 @@ class Engine:
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, plans: list[RowPlan],
                 cache: Any = None, position_ids: torch.Tensor | None = None, use_cache: bool = True,
-                segments: Sequence[int] | None = None, last_only: bool = False, keep_last: int = 0):
+                last_only: bool = False, keep_last: int = 0):
         """Logits (rows, tokens, vocab) for `input_ids`, each row under its own plan, and the KV cache.
 
         Left-pad rows; `attention_mask` covers the cache plus the new tokens. Position ids default to
         the count of attended positions before each token, so padding never shifts a row. Soft
         prompts are inserted on prefill (no cache yet), left of each row's tokens, and their
-        positions are not part of the returned logits. `segments` splits the rows into consecutive
-        groups (row counts) compiled apart, so a batch whose rows come and go re-compiles only the
-        groups that changed (runtime/generate.py keeps one group per join); default: one group.
+        positions are not part of the returned logits.
         `last_only` returns (and computes: the vocabulary projection of a prefill is no small part of
         it) only each row's last logits, as generation needs; `keep_last` > 0 likewise the last `keep_last`
         positions' logits (scoring a completion needs only the positions that predict it).
         """
         if input_ids.shape[0] != len(plans):
             raise PlanError(f"{input_ids.shape[0]} rows but {len(plans)} plans")
-        bounds = _bounds(len(plans), segments)
         with self._lock, torch.inference_mode():
-            seen: list[tuple[RowPlan, ...]] = []  # each segment's plans, so equal segments get their own ops
-            compiled = []
-            for start, end in bounds:
-                segment = tuple(plans[start:end])
-                compiled.append(self.compile(list(segment), copy=seen.count(segment)))
-                seen.append(segment)
+            ops = self.batch_ops(plans)
             tokens = input_ids.shape[1]
             inputs: dict[str, Any] = {"input_ids": input_ids}
             prefill = cache is None or cache.get_seq_length() == 0
@@ -365,27 +264,24 @@ class Engine:
                 inputs["logits_to_keep"] = torch.arange(length - keep, length, device=input_ids.device)
             if cache is None and use_cache:
                 cache = new_cache(self._model)  # appends in place (runtime/kvcache.py)
-            segment_ops = [(start, end, c.ops) for (start, end), c in zip(bounds, compiled)]
-            batch = self.batch_ops(plans)
             if not prefill and tokens == 1 and use_cache:
                 def step(static: dict[str, torch.Tensor]) -> torch.Tensor:
-                    self._context.set(segment_ops, batch)
+                    self._context.ops = ops
                     try:
                         return self._model(**static, cache=cache, use_cache=True).logits
                     finally:
-                        self._context.set([])
+                        self._context.ops = {}
 
-                graphed = self.graphs.decode((tuple(plans), tuple(bounds)), input_ids, position_ids, attention_mask,
-                                             self.dtype, cache,
-                                             lambda: (compiled, batch, store_of(self._model).parts()), step)
+                graphed = self.graphs.decode(tuple(plans), input_ids, position_ids, attention_mask, self.dtype, cache,
+                                             lambda: (ops, store_of(self._model).parts()), step)
                 if graphed is not None:
                     return graphed, cache
-            self._context.set(segment_ops, batch)
+            self._context.ops = ops
             try:
                 out = self._model(**inputs, attention_mask=attention_mask, position_ids=position_ids,
                                   cache=cache, use_cache=use_cache)
             finally:
-                self._context.set([])
+                self._context.ops = {}
             return out.logits[:, -(keep or tokens):], out.cache
 
     def _with_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -417,11 +313,3 @@ def _stage(ops: dict[str, SiteOps], site_ops: dict[str, list[SiteOp]]) -> None:
             for op in made:
                 staged[op.stage].append(op)
 
-
-def _bounds(rows: int, segments: Sequence[int] | None) -> list[tuple[int, int]]:
-    """(start, end) of each row segment; PlanError unless the counts are positive and cover the rows."""
-    counts = [rows] if segments is None else list(segments)
-    if any(c <= 0 for c in counts) or sum(counts) != rows:
-        raise PlanError(f"segments {counts} do not split {rows} rows")
-    ends = list(itertools.accumulate(counts))
-    return list(zip([0] + ends[:-1], ends))

@@ -6,14 +6,9 @@ prompts, if any), then their cache is merged by left-padding both caches to a co
 that leave are dropped at once and all-padding columns trimmed. Position ids come from the mask,
 so padding never shifts a row and a greedy fp32 sequence comes out the same alone or batched.
 
-LoRA, IA3 and BitFit rows read their adapters from slots through index tensors rebuilt per batch change
-(Engine.batch_ops).
-For the techniques compiled per segment, the rows that joined together stay one segment the engine compiles on
-its own (see Engine.forward):
-a join compiles only the joiners (their prefill's compile, reused by every decode step) and a row
-leaving re-compiles only its segment. Past MAX_SEGMENTS, the two smallest neighbours are merged; once
-no row has joined or left for SETTLE_STEPS steps, the batch becomes one segment (one compile, then
-each adapted module runs its ops once per step, not once per segment).
+Every row reads its adapters in place from slots through index tensors the engine rebuilds per batch change
+(Engine.batch_ops): a join, leave or cancel moves no adapter bytes, and each adapted module runs its ops once a
+step over the whole batch.
 
 A failure ends only the rows it touches (finish_reason "error", the exception in `Row.error`): a
 row whose logits are not finite, or whose token cannot be taken, ends alone; a failed prefill ends only
@@ -35,14 +30,6 @@ from runtime.sampling import SamplingParams, TokenLogprob, generator_for, next_t
 from runtime.textstream import TextStream
 
 __all__ = ["Batch", "NonFiniteLogits", "SamplingParams", "Row", "score"]
-
-# Segments matter only to the techniques still compiled per segment (bottleneck, lora_bias): a batch of only
-# LoRA, IA3 and BitFit has no per-segment ops, theirs are batch-wide slot-indexed ops (Engine.batch_ops).
-MAX_SEGMENTS = 2  # each extra segment costs every module adapted per segment its own ops each step
-# A steady batch's segments merge after this many steps: the merge re-stacks those techniques' per-row weights
-# once, a second segment costs their ops again every step.
-SETTLE_STEPS = 4
-
 
 @dataclass
 class Row:
@@ -93,8 +80,6 @@ class Batch:
         self.engine = engine
         self.max_rows = max_rows
         self._rows: list[Row] = []
-        self._segments: list[int] = []  # row counts of consecutive row groups, compiled apart
-        self._steady = 0  # steps begun since a row last joined or left (a join or leave sets 0)
         self._pending: list[Row] = []
         self._generators: dict[str, torch.Generator] = {}
         self._texts: dict[str, TextStream] = {}  # the sequences with stop strings: their Row.text
@@ -143,7 +128,6 @@ class Batch:
         comes with no tokens and finish_reason "error", see the module docstring."""
         produced: list[tuple[Row, int | None, TokenLogprob | None]] = []
         results: list[tuple[Row, list[int], str | None]] = []
-        self._steady += 1
         if self._rows:
             try:
                 produced += self._decode()
@@ -168,8 +152,6 @@ class Batch:
         done = [i for i, seq in enumerate(self._rows) if seq.finish_reason is not None]
         if done:
             self._keep([i for i in range(len(self._rows)) if i not in done])
-        if len(self._segments) > 1 and self._steady >= SETTLE_STEPS:
-            self._segments = [len(self._rows)]
         return results
 
     # -- internals ------------------------------------------------------------------------------
@@ -193,7 +175,7 @@ class Batch:
         assert mask is not None, "running rows have a mask"
         self._mask = torch.cat([mask, mask.new_ones(len(self._rows), 1)], dim=1)
         logits, self._cache = self.engine.forward(ids, self._mask, [s.plan for s in self._rows], cache=self._cache,
-                                                  segments=self._segments, last_only=True)
+                                                  last_only=True)
         return self._sample(self._rows, logits[:, -1])
 
     def _prefill(self, seqs: list[Row]) -> tuple[torch.Tensor, Any, torch.Tensor]:
@@ -214,7 +196,7 @@ class Batch:
 
     def _merge(self, seqs: list[Row], cache, mask: torch.Tensor) -> None:
         if self._cache is None:
-            self._rows, self._cache, self._mask, self._segments = list(seqs), cache, mask, [len(seqs)]
+            self._rows, self._cache, self._mask = list(seqs), cache, mask
             return
         assert self._mask is not None, "running rows have a mask"
         width = max(self._mask.shape[1], mask.shape[1])
@@ -222,19 +204,10 @@ class Batch:
             join_rows(old, new, width, self.max_rows)
         self._mask = torch.cat([pad_left(self._mask, width, 1), pad_left(mask, width, 1)])
         self._rows += seqs
-        self._steady = 0
-        self._segments.append(len(seqs))
-        while len(self._segments) > MAX_SEGMENTS:
-            i = min(range(len(self._segments) - 1), key=lambda j: self._segments[j] + self._segments[j + 1])
-            self._segments[i:i + 2] = [self._segments[i] + self._segments[i + 1]]
 
     def _keep(self, keep: list[int]) -> None:
         """Keep only these rows; trim cache columns that are padding for every remaining row."""
         self._rows = [self._rows[i] for i in keep]
-        self._steady = 0
-        segment_of = [n for n, count in enumerate(self._segments) for _ in range(count)]
-        kept = [segment_of[i] for i in keep]
-        self._segments = [kept.count(n) for n in range(len(self._segments)) if n in kept]
         if not keep:
             self._cache = self._mask = None
             return

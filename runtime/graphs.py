@@ -6,7 +6,7 @@ addresses, so what a step changes lives in static tensors written before each re
 positions, the attention mask over the cache's fixed columns and the column the new token's keys and values go
 to (runtime/kvcache.py `static_writes`: the cache's buffers are written in place, their addresses survive joins
 and leaves while they have room). A graph also bakes in the batch's ops (which row reads which adapter slot),
-so one is captured per batch composition (the rows' plans and segments) and cache geometry, once that
+so one is captured per batch composition (the rows' plans) and cache geometry, once that
 composition has run `CAPTURE_AFTER` steps eagerly: rows joining or leaving change it, and a capture costs
 about two eager steps. A step the graphs cannot take (a prefill, a cache that is not in fixed buffers or has
 no room, a composition not yet steady) runs eagerly, unchanged.

@@ -11,7 +11,7 @@ from peft import IA3Config, LoraConfig, PeftModel, PromptTuningConfig
 
 from hub.artifact import read_adapter
 from runtime.engine import Engine
-from runtime.generate import MAX_SEGMENTS, SETTLE_STEPS, Batch, SamplingParams, Row, score, visible_text
+from runtime.generate import Batch, SamplingParams, Row, score, visible_text
 from runtime.kvcache import HEADROOM
 from runtime.plan import AdapterUse, PlanError, RowPlan
 from runtime.textstream import TextStream
@@ -149,75 +149,23 @@ def test_a_join_wider_than_the_cache_pads_the_running_rows_in_place(engine):
     assert {name: seq.output_ids for name, seq in seqs.items()} == alone
 
 
-def test_many_joins_and_leaves_keep_few_segments_and_every_row_its_output(engine):
-    """One join per step (each a new segment, merged past MAX_SEGMENTS) and rows leaving from the
-    middle: every row still generates what it generates alone."""
+def test_many_joins_and_leaves_keep_every_row_its_output(engine):
+    """One join per step and rows leaving from the middle: every row still generates what it generates alone."""
     alone = {str(i): run(engine, [seq(i)])[str(i)] for i in range(5)}
     batch = Batch(engine)
     seqs = [Row(f"{j}-{i}", PROMPTS[i], PLANS[i], SamplingParams(max_new_tokens=12))
             for j in range(2) for i in range(5)]
-    counts = []
     for step in range(40):
         if step < len(seqs):
             batch.add(seqs[step])
         if step == 6:
             batch.remove("0-2")
         batch.step()
-        counts.append((list(batch._segments), len(batch)))  # nothing waits: 32 rows of room
         if not len(batch):
             break
-    assert all(len(c) <= MAX_SEGMENTS and sum(c) == rows for c, rows in counts)
-    assert max(len(c) for c, _ in counts) == MAX_SEGMENTS  # the merging ran
     for s in seqs:
         assert s.output_ids == (alone[s.id[2:]][:len(s.output_ids)] if s.id == "0-2" else alone[s.id[2:]]), s.id
     assert seqs[2].finish_reason == "cancelled"
-
-
-def test_a_steady_batch_runs_as_one_segment_and_every_row_keeps_its_output(engine):
-    """Rows that joined at different steps are separate segments until no row has joined or left for
-    SETTLE_STEPS steps; then one (each adapted module runs its ops once a step)."""
-    alone = {str(i): run(engine, [seq(i)])[str(i)] for i in range(3)}
-    batch = Batch(engine)
-    seqs = [Row(str(i), PROMPTS[i], PLANS[i], SamplingParams(max_new_tokens=12)) for i in range(3)]
-    assert SETTLE_STEPS + 4 < 12
-    segments = []
-    for step in range(SETTLE_STEPS + 3):  # all rows still running (12 tokens each)
-        if step < 2:
-            batch.add(seqs[step])
-        batch.step()
-        segments.append(list(batch._segments))
-    assert segments[1:SETTLE_STEPS + 1] == [[1, 1]] * SETTLE_STEPS and segments[SETTLE_STEPS + 1] == [2]
-    batch.add(seqs[2])  # a join makes a segment again
-    batch.step()
-    assert batch._segments == [2, 1]
-    while len(batch):
-        batch.step()
-    assert {s.id: s.output_ids for s in seqs} == alone
-
-
-def test_a_leave_between_steps_restarts_the_count_of_steady_steps(engine):
-    """A row cancelled between two steps (Batch.remove) counts like a join: the segments merge once
-    SETTLE_STEPS steps have run since, not earlier, and the remaining rows keep their outputs."""
-    alone = {str(i): run(engine, [seq(i)])[str(i)] for i in range(3)}
-    batch = Batch(engine)
-    seqs = [Row(str(i), PROMPTS[i], PLANS[i], SamplingParams(max_new_tokens=12)) for i in range(3)]
-    batch.add(seqs[0])
-    batch.step()
-    batch.add(seqs[1])
-    batch.add(seqs[2])
-    batch.step()
-    assert batch._segments == [1, 2]
-    batch.remove("1")
-    assert batch._segments == [1, 1]
-    for _ in range(SETTLE_STEPS - 1):
-        batch.step()
-        assert batch._segments == [1, 1]
-    batch.step()
-    assert batch._segments == [2]
-    while len(batch):
-        batch.step()
-    assert seqs[1].finish_reason == "cancelled"
-    assert {s.id: s.output_ids for s in seqs if s.id != "1"} == {k: v for k, v in alone.items() if k != "1"}
 
 
 def check_rows_across_joins_leaves_and_slot_reuse(eng: Engine, plans: dict[str, RowPlan], late, site: str) -> None:
@@ -294,6 +242,36 @@ def test_ia3_and_bitfit_rows_keep_their_outputs_across_joins_leaves_and_slot_reu
              "e": RowPlan((AdapterUse("lora"), AdapterUse("ia3"), AdapterUse("bitfit", -1.0))),
              "f": RowPlan((AdapterUse("late"), AdapterUse("ia3_b")))}
     check_rows_across_joins_leaves_and_slot_reuse(eng, plans, late, sites[1])
+
+
+def test_bottleneck_and_lora_bias_rows_keep_their_outputs_across_joins_leaves_and_slot_reuse(tmp_path):
+    """Bottleneck blocks and LoRA's lora_bias read in place from slot buffers through per-batch index tensors:
+    single blocks, a weighted stack, averages (with a parallel block), a block stacked over a lora_bias LoRA."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from hub.adapterhub_import import import_adapterhub
+
+    fixtures = Path(__file__).parent / "fixtures" / "bottleneck"
+    base = AutoModelForCausalLM.from_pretrained(fixtures / "base", dtype=torch.float32)
+    eng = Engine(copy.deepcopy(base))
+    folders = {}
+    for name in ("houlsby", "pfeiffer", "parallel", "seq_gelu_new", "seq_tanh"):
+        import_adapterhub(fixtures / "adapters" / name, tmp_path / name)
+        folders[name] = tmp_path / name
+    for key, name in (("houlsby", "houlsby"), ("pfeiffer", "pfeiffer"), ("parallel", "parallel"),
+                      ("gelu", "seq_gelu_new"), ("spare", "seq_tanh")):
+        eng.load(key, read_adapter(folders[name]))
+    eng.load("biased", read_adapter(save_peft_adapter(base, LoraConfig(r=4, target_modules=LLAMA_TARGETS,
+                                                                       lora_bias=True), tmp_path / "lb", seed=6)))
+    late = read_adapter(folders["houlsby"])  # the size of "spare"'s blocks: it takes their freed slots
+    plans = {"a": RowPlan((AdapterUse("houlsby"),)), "b": RowPlan((AdapterUse("pfeiffer"),)),
+             "c": RowPlan((AdapterUse("biased"), AdapterUse("pfeiffer"), AdapterUse("houlsby", 0.5))),
+             "d": RowPlan((AdapterUse("pfeiffer"), AdapterUse("gelu", 3.0)), "average"),
+             "e": RowPlan((AdapterUse("pfeiffer"), AdapterUse("parallel")), "average"),
+             "f": RowPlan((AdapterUse("late"), AdapterUse("parallel")))}
+    check_rows_across_joins_leaves_and_slot_reuse(eng, plans, late, "model.layers.0.mlp.down_proj")
 
 
 def sliding_model(arch: str):

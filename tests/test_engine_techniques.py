@@ -216,20 +216,18 @@ def test_fused_sibling_projections_never_reuse_a_different_input(base, folders, 
     assert (got[1] - model_logits(peft_model(base, folders["lora_rs"]), ROWS[1])).abs().max() <= TOL
 
 
-@pytest.mark.parametrize("segments", [[1, 1, 1, 1, 1], [2, 3], [3, 2]])
-def test_segments_compiled_apart_give_each_row_its_own_adapters(base, folders, engine, segments):
-    """A batch split into row segments (each compiled on its own: runtime/generate.py makes one per
-    join) gives every row what the unsplit batch gives it: LoRA (shared q/k/v input), IA3 on a
-    feed-forward input (a PRE op that rewrites x for its segment only), BitFit, soft prompts, none."""
+@pytest.mark.parametrize("order", [[4, 3, 2, 1, 0], [1, 0, 3, 2, 4], [2, 4, 0]])
+def test_a_row_gives_the_same_output_whatever_its_neighbours(base, folders, engine, order):
+    """Rows reordered or dropped give each remaining row what the whole batch gives it: LoRA (every projection),
+    IA3 on a feed-forward input (a PRE op that rewrites x for its rows only), BitFit, soft prompts, none."""
     keys = ["lora_all", "ia3", None, "prompt3", "bitfit"]
     plans = [plan(k) if k else RowPlan() for k in keys]
-    ids, mask = left_pad(ROWS)
-    whole, _ = engine.forward(ids, mask, plans)
-    split, _ = engine.forward(ids, mask, plans, segments=segments)
-    assert (split - whole).abs().max() <= 1e-5
+    whole = engine_rows(engine, ROWS, plans)
+    moved = engine_rows(engine, [ROWS[i] for i in order], [plans[i] for i in order])
+    for got, i in zip(moved, order):
+        assert (got - whole[i]).abs().max() <= 1e-5, keys[i]
     ref = model_logits(peft_model(base, folders["ia3"]), ROWS[1])
-    assert (split[1, -len(ROWS[1]):] - ref).abs().max() <= TOL
-    assert torch.equal(split[2], whole[2])  # the base row is the base row, whatever its neighbours
+    assert (whole[1] - ref).abs().max() <= TOL
 
 
 def test_lora_rows_read_their_adapters_in_place_from_slots(base, folders):
@@ -247,7 +245,6 @@ def test_lora_rows_read_their_adapters_in_place_from_slots(base, folders):
     assert buffer is x_site.buffer and buffer.parts[0][x_site.slot].data_ptr() != 0
     assert rows.tolist() in ([0, 1], [1, 0]) and sorted(scale.tolist()) == [0.5, 1.0]
     assert v.classes[0][1][0] is rows  # equal entries, one tensor
-    assert eng.compile(plans).ops == {}  # nothing per segment: no lora_bias here
     got = engine_rows(eng, ROWS[:2], plans)
     assert (got[0] - model_logits(peft_model(base, folders["lora_all"]), ROWS[0])).abs().max() <= TOL
     half = model_logits(merged_lora(base, [(folders["lora_all"], 0.5)]), ROWS[1])
@@ -281,8 +278,8 @@ def test_lora_bias_is_read_in_place_from_a_vector_slot_whatever_the_neighbours(b
 
 
 def test_ia3_and_bitfit_rows_read_their_vectors_in_place_from_slots(base, folders):
-    """IA3 and BitFit vectors live in slot buffers from load on: a batch compiles nothing per segment for them,
-    its batch-wide ops index the very buffers the adapters were copied into, and every row, whatever its
+    """IA3 and BitFit vectors live in slot buffers from load on: a batch's ops index the very buffers the adapters
+    were copied into, and every row, whatever its
     neighbours (IA3 stacked with weight 1 or weighted, averaged, over a LoRA; BitFit weighted), equals its
     reference."""
     eng = Engine(copy.deepcopy(base))
@@ -291,7 +288,6 @@ def test_ia3_and_bitfit_rows_read_their_vectors_in_place_from_slots(base, folder
     plans = [plan("ia3"), plan("ia3", "ia3_b", weights=[1.0, 0.5]), RowPlan(),
              plan("ia3", "ia3_b", weights=[1.0, 3.0], mode="average"), plan("bitfit", weights=[2.0]),
              plan("lora_all", "ia3", "bitfit")]
-    assert eng.compile(plans).ops == {}
     ops = eng.batch_ops(plans)
     down = "model.layers.1.mlp.down_proj"
     (scale,), (bias,) = ops[down][Stage.PRE], [op for op in ops[down][Stage.DELTA] if isinstance(op, BiasOp)]
@@ -388,46 +384,19 @@ def test_completion_nll_keeps_the_callers_order_and_scores_each_item_as_alone(en
         assert abs(got - want) <= 1e-4 * max(1.0, abs(want))
 
 
-def test_loads_keep_other_compiled_batches_and_replacing_a_key_recompiles(base, folders):
-    """Loading an adapter mid-traffic leaves the running batch's compiled ops alone; replacing or
-    unloading a key drops exactly the compiled batches that use it (a stale one is never served)."""
+def test_replacing_or_unloading_a_key_is_never_served_stale(base, folders):
+    """A batch's ops index the slots of the residents it was compiled with: replacing a key serves the new
+    weights at once, and after an unload the plan is refused."""
     eng = Engine(copy.deepcopy(base))
     eng.load("x", read_adapter(folders["lora_all"]))
     plans = [plan("x"), RowPlan()]
-    compiled = eng.compile(plans)
-    eng.load("y", read_adapter(folders["ia3"]))
-    assert eng.compile(plans) is compiled
+    eng.batch_ops(plans)
     eng.load("x", read_adapter(folders["lora_b"]))  # same key, other weights
     got = engine_rows(eng, ROWS[:1], [plan("x")])[0]
     assert (got - model_logits(peft_model(base, folders["lora_b"]), ROWS[0])).abs().max() <= TOL
     eng.unload("x")
     with pytest.raises(PlanError, match="not loaded"):
-        eng.compile(plans)
-
-
-def test_a_new_composition_frees_the_least_recently_used_one_before_it_is_built(base, folders):
-    """Compiled batches stack per-row copies of adapter weights (hundreds of MB for 32 rows of big LoRAs):
-    a few are kept, and the one to go is freed before the next is built, so its memory is reused."""
-    import weakref
-
-    from runtime.engine import _COMPILED_CACHE
-
-    eng = Engine(copy.deepcopy(base))
-    eng.load("x", read_adapter(folders["lora_all"]))
-    eng.load("y", read_adapter(folders["lora_b"]))
-    compositions = [[plan("x"), plan("y")] + [RowPlan()] * n for n in range(_COMPILED_CACHE + 2)]
-    refs = {}
-    for i in range(_COMPILED_CACHE):
-        refs[i] = weakref.ref(eng.compile(compositions[i]))
-    kept = eng.compile(compositions[1])  # used again: now the most recently used
-    alive_while_building = []
-    build = eng._compile
-    eng._compile = lambda plans: alive_while_building.append({i for i, r in refs.items() if r()}) or build(plans)
-    refs[_COMPILED_CACHE] = weakref.ref(eng.compile(compositions[_COMPILED_CACHE]))
-    eng.compile(compositions[_COMPILED_CACHE + 1])
-    everyone_else = set(range(1, _COMPILED_CACHE))
-    assert alive_while_building == [everyone_else, everyone_else - {2} | {_COMPILED_CACHE}]  # 0, then 2: gone first
-    assert eng.compile(compositions[1]) is kept
+        eng.batch_ops(plans)
 
 
 def test_prepare_needs_no_lock_and_install_makes_it_live(base, folders):
@@ -446,7 +415,7 @@ def test_prepare_needs_no_lock_and_install_makes_it_live(base, folders):
     assert eng.resident() == {}
     assert not any(type(m).__name__ == "AdaptedModule" for m in eng.model.modules())  # nothing wrapped yet
     with pytest.raises(PlanError, match="not loaded"):
-        eng.compile([plan("x")])
+        eng.check([plan("x")])
     assert eng.install(prepared[0]) == prepared[0].nbytes
     got = engine_rows(eng, ROWS[:1], [plan("x")])[0]
     assert (got - model_logits(peft_model(base, folders["lora_all"]), ROWS[0])).abs().max() <= TOL
@@ -472,13 +441,6 @@ def test_slots_go_back_on_unload_on_replace_and_when_a_prepared_adapter_is_dropp
     assert store.bytes()[0] == size
     eng.unload("x")
     assert store.bytes()[0] == 0
-
-
-def test_segments_must_cover_the_rows(engine):
-    ids, mask = left_pad(ROWS[:3])
-    for bad in ([1, 1], [2, 2], [3, 0]):
-        with pytest.raises(PlanError, match="do not split 3 rows"):
-            engine.forward(ids, mask, [RowPlan()] * 3, segments=bad)
 
 
 def test_concurrent_forwards_never_see_each_others_adapters(engine):

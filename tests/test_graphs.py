@@ -140,7 +140,7 @@ def test_a_slot_buffer_growing_mid_stream_retires_the_graph_that_read_it(techniq
         if step != grow_at:
             return
         graph = next(iter(graphed.graphs._graphs.values()))
-        seen["before"] = (SlotBuffer.growths, [p.data_ptr() for p in graph.holds[2]])
+        seen["before"] = (SlotBuffer.growths, [p.data_ptr() for p in graph.holds[1]])
         prepared.extend(graphed.prepare(f"spare{i}", read_adapter(technique_adapters["lora"])) for i in range(CHUNK))
         seen["replays"] = graphed.graphs.replays
 
@@ -150,7 +150,7 @@ def test_a_slot_buffer_growing_mid_stream_retires_the_graph_that_read_it(techniq
     growths, held = seen["before"]
     assert SlotBuffer.growths > growths  # the spare adapters grew the buffers the graph read
     graph = next(iter(graphed.graphs._graphs.values()))
-    assert [p.data_ptr() for p in graph.holds[2]] == held  # still alive, not reused
+    assert [p.data_ptr() for p in graph.holds[1]] == held  # still alive, not reused
     # after the growth: CAPTURE_AFTER eager steps, then a new capture and its replays
     assert graphed.graphs.captures == 2
     assert graphed.graphs.replays == seen["replays"] + (steps - grow_at - CAPTURE_AFTER)

@@ -43,8 +43,9 @@ def plan(*keys: str, mode: str = "stack") -> RowPlan:
 
 
 def tensors_of(payload: Any) -> Iterator[torch.Tensor]:
-    """Every tensor a technique's prepared payload holds (tensors, tuples, dataclasses such as LoraSite/Block;
-    a Slot's tensors (LoRA's A and B, IA3's and BitFit's vectors) are its slot in the site's slot buffer)."""
+    """Every tensor a technique's prepared payload holds (tensors, tuples, dataclasses such as LoraSite; a Slot's
+    tensors (LoRA's A and B and its lora_bias, IA3's and BitFit's vectors, a bottleneck block's projections) are
+    its slot in the site's slot buffer)."""
     if isinstance(payload, Slot):
         yield from (part[payload.slot] for part in payload.buffer.parts)
     if isinstance(payload, torch.Tensor):
@@ -83,32 +84,32 @@ class Poisonable:
             t.fill_(value)
         self.engine.install(self.bad)
 
-    def logits(self, plans: list[RowPlan], segments: list[int] | None = None) -> list[torch.Tensor]:
+    def logits(self, plans: list[RowPlan]) -> list[torch.Tensor]:
         """Each row's logits over its own (left-padded) tokens, from one forward."""
         rows = ROWS[:len(plans)]
         width = max(map(len, rows))
         ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-        out, _ = self.engine.forward(ids, mask, plans, segments=segments)
+        out, _ = self.engine.forward(ids, mask, plans)
         return [out[i, width - len(r):] for i, r in enumerate(rows)]
 
 
 TECHNIQUES = ["lora", "ia3", "bitfit", "prompt_tuning", "bottleneck"]
-# Batch layouts (row plans, segments) around the "bad" adapter. For LoRA they reach every kernel: "bad" alone
+# Batch layouts (row plans) around the "bad" adapter. For LoRA they reach every kernel: "bad" alone
 # at its modules (one adapter, rows selected, weighted or not), with a second adapter of its rank (one bucket, gathered rows;
 # every row in order: the batched matmul over all rows and the shared q/v projection), with another rank
-# (two buckets), stacked or averaged with another adapter in one row, and in a batch of two segments.
+# (two buckets), stacked or averaged with another adapter in one row, and in two rows apart.
 LAYOUTS = {
-    "beside base rows": ([plan(), plan("bad"), plan()], None),
-    "first, then base": ([plan("bad"), plan(), plan()], None),
-    "weighted, beside base rows": ([plan(), RowPlan((AdapterUse("bad", 0.5),)), plan()], None),
-    "beside its healthy twin": ([plan(), plan("bad"), plan("good")], None),
-    "every row its own adapter": ([plan("bad"), plan("good")], None),
-    "beside another rank": ([plan("lora8"), plan("bad"), plan()], None),
-    "stacked in one row": ([plan("good", "bad"), plan("good"), plan(), plan("lora8")], None),
-    "averaged in one row": ([plan("bad", "good", mode="average"), plan("good"), plan("lora")], None),
-    "two segments": ([plan("bad"), plan(), plan("good"), plan("lora8"), plan()], [2, 3]),
-    "twin segments": ([plan("bad"), plan(), plan("bad"), plan()], [2, 2]),
+    "beside base rows": [plan(), plan("bad"), plan()],
+    "first, then base": [plan("bad"), plan(), plan()],
+    "weighted, beside base rows": [plan(), RowPlan((AdapterUse("bad", 0.5),)), plan()],
+    "beside its healthy twin": [plan(), plan("bad"), plan("good")],
+    "every row its own adapter": [plan("bad"), plan("good")],
+    "beside another rank": [plan("lora8"), plan("bad"), plan()],
+    "stacked in one row": [plan("good", "bad"), plan("good"), plan(), plan("lora8")],
+    "averaged in one row": [plan("bad", "good", mode="average"), plan("good"), plan("lora")],
+    "among others": [plan("bad"), plan(), plan("good"), plan("lora8"), plan()],
+    "twice, apart": [plan("bad"), plan(), plan("bad"), plan()],
 }
 
 
@@ -118,10 +119,10 @@ def test_healthy_rows_never_see_a_broken_adapter_in_their_batch(folders, techniq
     served = Poisonable(folders, technique)
     layouts = {name: layout for name, layout in LAYOUTS.items()  # soft prompts apply with weight 1 only
                if not (technique == "prompt_tuning" and name in ("weighted, beside base rows", "averaged in one row"))}
-    before = {name: served.logits(plans, segments) for name, (plans, segments) in layouts.items()}
+    before = {name: served.logits(plans) for name, plans in layouts.items()}
     served.poison(POISONS[poison])
-    for name, (plans, segments) in layouts.items():
-        after = served.logits(plans, segments)
+    for name, plans in layouts.items():
+        after = served.logits(plans)
         broken = 0
         for row, p in enumerate(plans):
             if any(u.key == "bad" for u in p.adapters):

@@ -1,12 +1,14 @@
 """The interface every technique implements (like PEFT's tuners/<method>/), and the op it compiles.
 
 The engine never knows a technique's math. It wraps the base model's modules ("sites"), and per
-forward asks each technique present in the batch to compile the rows' uses of its adapters at
-each site into one `SiteOp`. The wrapped module then runs, for the rows of that one forward:
+batch asks each technique present in it to compile all rows' uses of its adapters at each site into
+`SiteOp`s (`compile_batch`): index tensors into the slot buffers the adapters live in
+(runtime/techniques/slots.py), read in place by the kernel seam (runtime/kernels). The wrapped module then
+runs, for the rows of each forward of that batch:
 
     x = op(x)       for PRE ops    (e.g. IA3 on feed-forward modules: scale the input)
     y = base(x)
-    y = op(x, y)    for DELTA ops  (LoRA, BitFit, lora_bias: add a per-row delta)
+    y = op(x, y)    for DELTA ops  (LoRA with its lora_bias, BitFit: add a per-row delta)
     y = op(x, y)    for POST ops   (IA3 on attention modules: scale the output; bottleneck layers)
 
 PRE ops see only x and return the new x; DELTA and POST ops return the new y. Rows a technique does
@@ -47,12 +49,12 @@ class Resident(Generic[SiteT]):
     key: str
     technique: Technique
     # site (module path) -> the technique's prepared payload there: lora.LoraSite, ia3.IA3Site, a BitFit
-    # slots.Slot, a bottleneck Tap or Block (prompt tuning has no sites)
+    # slots.Slot, a bottleneck Tap or BlockSlot (prompt tuning has no sites)
     sites: dict[str, SiteT]
     nbytes: int
     config: dict[str, Any] = field(default_factory=dict)
     prompt: torch.Tensor | None = None  # soft prompt (tokens, hidden): prompt tuning only
-    free: Callable[[], Any] | None = None  # gives back its slots (LoRA, IA3, BitFit), once unloaded or replaced
+    free: Callable[[], Any] | None = None  # gives back its slots, once unloaded or replaced
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ class BatchInfo:
 
 
 class SiteOp(ABC):
-    """A technique's compiled work at one site for one batch; built once, reused every decode step."""
+    """A technique's compiled work at one site for one batch; built once per batch change, reused every step."""
 
     stage: Stage  # set per class, or per instance where one op class serves two stages (IA3's ScaleOp)
 
@@ -98,18 +100,10 @@ class TechniqueImpl(ABC, Generic[SiteT]):
         """The dtype `load` keeps this technique's float tensors in on `model` (memory budgets count it)."""
         return next(model.parameters()).dtype
 
-    def compile(self, site: str, uses: list[Use[SiteT]], batch: BatchInfo) -> list[SiteOp]:
-        """The ops for `uses` (all rows' uses of this technique that touch `site`, in row/stack order)."""
-        return []
-
-    def compile_all(self, site_uses: dict[str, list[Use[SiteT]]], batch: BatchInfo) -> dict[str, list[SiteOp]]:
-        """All of a batch's sites at once (override to share work between sites); default: per site."""
-        return {site: self.compile(site, uses, batch) for site, uses in site_uses.items()}
-
     def compile_batch(self, site_uses: dict[str, list[Use[SiteT]]], batch: BatchInfo) -> dict[str, list[SiteOp]]:
-        """Ops over the whole batch's rows at once, for techniques whose ops only index slot buffers (so they
-        cost small index tensors per batch change, never copies); each stage's run before the segments' ops of
-        that stage (runtime/engine.py AdaptedModule)."""
+        """The ops over the whole batch's rows at once, per site (`site_uses`: all rows' uses of this technique
+        that touch the site, in row and stack order). They only index slot buffers, so a batch change costs
+        small index tensors, never copies. Default: none (prompt tuning: the engine places soft prompts)."""
         return {}
 
     def check_plan(self, uses_of_row: list[Use[SiteT]], mode: str) -> None:
@@ -126,25 +120,3 @@ def to_device(tensors: dict[str, torch.Tensor], like: torch.Tensor,
 def nbytes_of(tensors) -> int:
     return sum(int(t.numel()) * t.element_size() for t in tensors)
 
-
-class RowBiasOp(SiteOp):
-    """Adds a per-row vector to the output: BitFit deltas and LoRA's `lora_bias` (zeros elsewhere)."""
-
-    stage = Stage.DELTA
-
-    def __init__(self, bias: torch.Tensor):
-        self.bias = bias  # (rows, out)
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        assert y is not None, "a DELTA op is given the layer's output"
-        return y + self.bias.view(self.bias.shape[0], *([1] * (y.dim() - 2)), self.bias.shape[1])
-
-
-def row_vectors(uses: list[Use[SiteT]], batch: BatchInfo, vector_of: Callable[[Use[SiteT]], torch.Tensor],
-                fill: float = 0.0) -> torch.Tensor:
-    """(rows, dim) tensor: `fill` for untouched rows, plus each use's weighted vector summed into its row."""
-    first = vector_of(uses[0])
-    out = torch.full((batch.rows, first.shape[-1]), fill, device=first.device, dtype=first.dtype)
-    for use in uses:
-        out[use.row] += use.weight * vector_of(use)
-    return out

@@ -23,15 +23,23 @@ At a location some of a row's adapters lack (a Pfeiffer adapter has none after a
 Hooks (hub/architectures.py), without engine changes: the block outputs are the outputs of `self_attn.o_proj` and
 `mlp.down_proj` (POST ops there; any LoRA delta on them applies first), and the residuals are the
 inputs of `input_layernorm` and `post_attention_layernorm` (PRE ops there record them). The
-decoder layer then adds r itself, so the op returns s - r. Each compile makes its own recording per
-block (`compile_all`: one Tap shared by the TapOp and the BlockOp it compiles), read back within one
-forward under the engine's lock: a batch's row segments (runtime/generate.py) each run their PRE ops
-before the block's POST ops, and two segments with the same adapter never read each other's residual.
+decoder layer then adds r itself, so the op returns s - r. Each batch's ops make their own recording per block
+(a `Recording` shared by the block's TapOp and BlockOp), read back within one forward under the engine's lock.
+
+Slots: an adapter's block at an output site lives in a slot of that site's buffer for its bottleneck size b
+(runtime/techniques/slots.py), copied there once at load: down [b, hidden], its bias [b], up^T [b, hidden] and
+its bias [hidden] with the scaling folded in. A batch compiles per output site one `BlockOp` over every row
+with a block there: index tensors (row, slot, weight) per composition step and slot buffer, and per-row flags
+of the rule each step applies. It runs f = up(act(down(x))) with the kernel seam (`lora_shrink` for down,
+`gather_add` for the biases, `lora_expand` for up) reading each row's block in place, so a batch change
+rebuilds index tensors and moves no adapter bytes. A stack runs step by step (step k: every row's k-th
+adapter), an average in one step (its adapters' f summed by `lora_expand` with weights w_i / n). Rows without
+a block at a site are in no entry: their output there is bit for bit the base's.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -40,7 +48,9 @@ from hub.architectures import BOTTLENECK_MODEL_TYPES, BOTTLENECK_SITES
 from hub.bottleneck_format import ACTIVATIONS, BottleneckConfig
 from hub.artifact import Adapter, ArtifactError, Technique
 from hub.checkpoint import check_fits, module_tensors
-from runtime.techniques.base import BatchInfo, Resident, SiteOp, Stage, TechniqueImpl, Use, nbytes_of, to_device
+from runtime import kernels
+from runtime.techniques.base import BatchInfo, Resident, SiteOp, Stage, TechniqueImpl, Use, to_device
+from runtime.techniques.slots import PerToken, Slot, SlotBuffer, place
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -50,59 +60,26 @@ _PARTS = ("down.weight", "down.bias", "up.weight", "up.bias")
 
 @dataclass(eq=False)
 class Tap:
-    """The residual of one block in the forward in flight (written by TapOp, consumed by BlockOp). A resident's
-    own Tap (Block.tap, at its tap site) only pairs its two sites; the recordings are made per compile."""
+    """A resident's payload at a block's tap site (a norm): the output site whose block takes its input as the
+    residual."""
 
-    x: torch.Tensor | None = None
+    out: str
 
 
 @dataclass(eq=False)
-class Block:
-    """One adapter at one block of one layer, ready to run (scaling folded into the up projection)."""
+class BlockSlot(Slot):
+    """One adapter's block at one output site: its slot (down, down bias, scaled up^T, scaled up bias) and config."""
 
-    down_t: torch.Tensor  # (hidden, b)
-    down_b: torch.Tensor  # (b,)
-    up_t: torch.Tensor  # (b, hidden)
-    up_b: torch.Tensor  # (hidden,)
     config: BottleneckConfig
-    tap: Tap = field(default_factory=Tap)
-
-    def f(self, x: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
-        down = ACTIVATIONS[self.config.non_linearity](torch.addmm(self.down_b, x.flatten(0, -2), self.down_t))
-        up = torch.addmm(self.up_b, down, self.up_t).view(x.shape)
-        return up if weight == 1.0 else up * weight
 
 
-def stack(blocks: list[tuple[Block, float]], h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """AdapterHub Stack: the blocks in order; returns the block's new output (the residual included)."""
-    s = h
-    for block, weight in blocks:
-        cfg = block.config
-        if cfg.parallel:
-            s = block.f(r, weight)
-        else:
-            x = s + r if cfg.original_ln_before else s
-            s = block.f(x, weight) + (s if cfg.residual_before_ln else x)
-    return _after(blocks[-1][0].config, s, h, r)
+BottleneckSite = Tap | BlockSlot  # a block's tap site records its residual, its output site runs it
 
 
-def average(blocks: list[tuple[Block, float]], h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """AdapterHub Average (weights already normalised): sum(w_i out_i) / n, as that library computes it."""
-    first = blocks[0][0].config
-    if first.parallel:
-        x = res = r
-    else:
-        x = h + r if first.original_ln_before else h
-        res = h if first.residual_before_ln else x
-    outs = [w * (b.f(x) if b.config.parallel else b.f(x) + res) for b, w in blocks]
-    s = sum(outs[1:], outs[0]) / len(blocks)
-    return _after(blocks[-1][0].config, s, h, r)
+class Recording:
+    """The residual of one block in the forward in flight (written by TapOp, consumed by BlockOp)."""
 
-
-def _after(cfg: BottleneckConfig, s: torch.Tensor, h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    if cfg.parallel:
-        s = s + h
-    return s + r if cfg.original_ln_after else s
+    x: torch.Tensor | None = None
 
 
 class TapOp(SiteOp):
@@ -110,56 +87,97 @@ class TapOp(SiteOp):
 
     stage = Stage.PRE
 
-    def __init__(self, tap: Tap):
-        self.tap = tap
+    def __init__(self, recording: Recording):
+        self.recording = recording
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        self.tap.x = x
+        self.recording.x = x
         return x
 
 
-BottleneckSite = Tap | Block  # a block's tap site records its residual, its output site runs it
+def _flags(configs: list[BottleneckConfig], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Per entry, as bool tensors: parallel, original_ln_before, residual_before_ln, original_ln_after."""
+    return tuple(torch.tensor([getattr(c, name) for c in configs], dtype=torch.bool, device=device)
+                 for name in ("parallel", "original_ln_before", "residual_before_ln", "original_ln_after"))
 
 
-def _block_at(use: Use[BottleneckSite], site: str) -> Block:
-    """The resident's Block at an output site (every resident holds a Block there, as the model's layout makes
-    the same site a tap site or an output site for all)."""
-    block = use.resident.sites[site]
-    assert isinstance(block, Block), f"{site} is a tap site"
-    return block
+def _inputs(flags: tuple[torch.Tensor, ...], s: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, res) per row by its adapter's rule: parallel x = res = r; else x = s + r if original_ln_before else s,
+    res = s if residual_before_ln else x."""
+    parallel, ln_before, residual_before_ln = (f[:, None] for f in flags[:3])
+    x = torch.where(parallel, r, torch.where(ln_before, s + r, s))
+    return x, torch.where(parallel, r, torch.where(residual_before_ln, s, x))
 
 
-@dataclass(eq=False)
-class RowGroup:
-    """Rows of a batch that apply the same adapters with the same weights at one block."""
+class _Group:
+    """Entries (row, slot, weight) of one composition step that read one slot buffer with one activation."""
 
-    rows: list[int]
-    mode: str  # "stack" | "average"
-    blocks: list[tuple[Block, float]]  # (adapter's block, its weight), in stack order
+    def __init__(self, buffer: SlotBuffer, activation: str, entry: int):
+        self.buffer, self.activation, self.entry = buffer, activation, entry
+
+    def add_f(self, out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
+              weights: torch.Tensor) -> None:
+        """out[rows[u]] += weights[u] * f_u(x[rows[u]]), every block read in place from its slot."""
+        down, down_b, up_t, up_b = self.buffer.parts
+        h = kernels.lora_shrink(x, down, rows, slots)
+        kernels.gather_add(h, down_b, torch.arange(h.shape[0], device=h.device), slots, torch.ones_like(weights))
+        h = ACTIVATIONS[self.activation](h)
+        kernels.lora_expand(out, h, up_t.transpose(1, 2), rows, slots, weights)
+        kernels.gather_add(out, up_b, rows, slots, weights)
 
 
 class BlockOp(SiteOp):
-    """POST op at a block's output projection: each group of rows with the same adapters, in one go."""
+    """POST op at a block's output projection: every row with a block here, stack steps then averages.
+
+    Index spaces: `touched` (batch rows with a block here) into the flattened output; stack entries and the
+    average rows into the touched rows; average entries into the average rows. Each is expanded per token
+    (`PerToken`) for a prefill."""
 
     stage = Stage.POST
 
-    def __init__(self, tap: Tap, groups: list[RowGroup]):
-        self.tap = tap
-        self.groups = groups
-        self._index: dict[int, torch.Tensor] = {}
+    def __init__(self, recording: Recording, rows: int, touched: torch.Tensor, local: list[tuple[torch.Tensor, ...]],
+                 steps: list[list[_Group]], average: tuple[int, list[_Group]] | None,
+                 averaged: list[tuple[torch.Tensor, ...]]):
+        self.recording = recording
+        self.touched = PerToken(rows, [(touched,)])
+        self.local = PerToken(touched.shape[0], local)  # entry 0: every touched row's flags for the "after" step
+        self.steps, self.average = steps, average
+        self.averaged = PerToken(local[average[0]][0].shape[0] if average is not None else 1, averaged)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         assert y is not None, "a POST op is given the layer's output"
-        r, self.tap.x = self.tap.x, None
-        if r is None:
+        r_all, self.recording.x = self.recording.x, None
+        if r_all is None:
             raise RuntimeError("bottleneck adapter: the block's residual was not recorded (unsupported layer layout)")
-        for n, group in enumerate(self.groups):
-            idx = self._index.get(n)
-            if idx is None:
-                idx = self._index[n] = torch.tensor(group.rows, device=y.device)
-            h, res = y.index_select(0, idx), r.index_select(0, idx)
-            out = (stack if group.mode == "stack" else average)(group.blocks, h, res)
-            y = y.index_copy(0, idx, out - res)  # the decoder layer adds the residual back
+        if not y.is_contiguous():
+            y = y.contiguous()
+        flat_y, flat_r = y.view(-1, y.shape[-1]), r_all.reshape(-1, r_all.shape[-1])
+        (touched,), = self.touched.get(flat_y.shape[0])
+        h, r = flat_y.index_select(0, touched), flat_r.index_select(0, touched)
+        local = self.local.get(h.shape[0])
+        s = h.clone()
+        for step in self.steps:  # a stack: each row's k-th adapter takes the previous one's s as its h
+            for group in step:
+                rows, slots, weights, *flags = local[group.entry]
+                s_g, r_g = s.index_select(0, rows), r.index_select(0, rows)
+                x_g, res = _inputs(tuple(flags), s_g, r_g)
+                out = res.masked_fill(flags[0][:, None], 0)  # a parallel adapter's s is f(r) alone
+                group.add_f(out, x_g, torch.arange(out.shape[0], device=out.device), slots, weights)
+                s.index_copy_(0, rows, out)
+        if self.average is not None:  # x and res by the first adapter's rule, s = sum_i (w_i / n) out_i
+            entry, groups = self.average
+            rows, share, *flags = local[entry]
+            s_a, r_a = s.index_select(0, rows), r.index_select(0, rows)
+            x_a, res = _inputs(tuple(flags), s_a, r_a)
+            out = res * share[:, None].to(res.dtype)  # the residual's share: sum of the sequential ones' w_i / n
+            averaged = self.averaged.get(out.shape[0])
+            for group in groups:
+                group.add_f(out, x_a, *averaged[group.entry])
+            s.index_copy_(0, rows, out)
+        _, last_parallel, last_ln_after = local[0]  # the "after" step, by each row's last adapter
+        s = torch.where(last_parallel[:, None], s + h, s)
+        s = torch.where(last_ln_after[:, None], s + r, s)
+        flat_y.index_copy_(0, touched, s - r)  # the decoder layer adds the residual back
         return y
 
 
@@ -178,7 +196,7 @@ class Bottleneck(TechniqueImpl[BottleneckSite]):
                                 f"{model.config.hidden_size}")
         modules = dict(model.named_modules())
         like = next(model.parameters())
-        sites: dict[str, BottleneckSite] = {}
+        blocks: dict[str, tuple[tuple[torch.Tensor, ...], str]] = {}  # output site -> (its slot's tensors, tap site)
         for layer, tensors in sorted(module_tensors(adapter).items()):
             by_location: dict[str, dict[str, torch.Tensor]] = {}
             for name, t in tensors.items():
@@ -188,14 +206,20 @@ class Bottleneck(TechniqueImpl[BottleneckSite]):
                                         f"enables ({', '.join(config.locations)})")
                 by_location.setdefault(location, {})[part] = t
             for location, parts in by_location.items():
-                sites.update(self._block_sites(layer, location, parts, config, modules, like))
-        blocks = [b for b in sites.values() if isinstance(b, Block)]
-        size = nbytes_of(t for b in blocks for t in (b.down_t, b.down_b, b.up_t, b.up_b))
-        return Resident(key, self.technique, sites, size, adapter.config)
+                out_site, tap_site, block = self._block(layer, location, parts, config, modules, like)
+                blocks[out_site] = (block, tap_site)
+        resident: Resident[BottleneckSite] = place(
+            key, self.technique, model, {site: [block] for site, (block, _) in blocks.items()}, adapter.config,
+            lambda site, slots: BlockSlot(slots[0].buffer, slots[0].slot, config))
+        for out_site, (_, tap_site) in blocks.items():
+            resident.sites[tap_site] = Tap(out_site)
+        return resident
 
     @staticmethod
-    def _block_sites(layer: str, location: str, parts: dict[str, torch.Tensor], config: BottleneckConfig,
-                     modules: dict[str, nn.Module], like: torch.Tensor) -> dict[str, BottleneckSite]:
+    def _block(layer: str, location: str, parts: dict[str, torch.Tensor], config: BottleneckConfig,
+               modules: dict[str, nn.Module], like: torch.Tensor) -> tuple[str, str, tuple[torch.Tensor, ...]]:
+        """(output site, tap site, the block's slot tensors: down [b, hidden], down bias, scaled up^T [b, hidden],
+        scaled up bias), the tensors checked against the config and the model."""
         missing = [p for p in _PARTS if p not in parts]
         if missing:
             raise ArtifactError(f"{layer}: {location} adapter lacks {', '.join(missing)}")
@@ -217,50 +241,87 @@ class Bottleneck(TechniqueImpl[BottleneckSite]):
             if site not in modules:
                 raise ArtifactError(f"{site!r} does not exist in the base model: no place for the {location} adapter")
         t = to_device(parts, like)
-        block = Block(t["down.weight"].t().contiguous(), t["down.bias"], (t["up.weight"] * config.scaling).t()
-                      .contiguous(), t["up.bias"] * config.scaling, config)
-        return {tap_site: block.tap, out_site: block}
+        return out_site, tap_site, (t["down.weight"], t["down.bias"], (t["up.weight"] * config.scaling).t(),
+                                    t["up.bias"] * config.scaling)
 
-    def compile(self, site: str, uses: list[Use[BottleneckSite]], batch: BatchInfo) -> list[SiteOp]:
-        return self.compile_all({site: uses}, batch)[site]
-
-    def compile_all(self, site_uses: dict[str, list[Use[BottleneckSite]]], batch: BatchInfo
-                    ) -> dict[str, list[SiteOp]]:
-        """Per site its op; a block's TapOp and BlockOp share a recording made here, not the resident's."""
-        recordings: dict[int, Tap] = {}  # id of the resident's Tap -> this compile's
-
-        def recording(tap: Tap) -> Tap:
-            return recordings.setdefault(id(tap), Tap())
-
-        return {site: self._compile_site(site, uses, batch, recording) for site, uses in site_uses.items()}
-
-    @staticmethod
-    def _compile_site(site: str, uses: list[Use[BottleneckSite]], batch: BatchInfo,
-                      recording: Callable[[Tap], Tap]) -> list[SiteOp]:
-        # Every resident with a block here has its tap site too, so both sites see these same uses.
-        first = uses[0].resident.sites[site]
-        if isinstance(first, Tap):
-            return [TapOp(recording(first))]
-        by_row: dict[int, list[Use[BottleneckSite]]] = {}
-        for use in uses:
-            by_row.setdefault(use.row, []).append(use)
-        groups: dict[tuple, RowGroup] = {}
-        for row, row_uses in by_row.items():
-            mode = batch.mode[row]
-            weights = [u.weight for u in row_uses]
-            if mode == "average":
-                total = sum(weights)
-                weights = [w / total for w in weights]
-            program = (mode, tuple((u.resident.key, w) for u, w in zip(row_uses, weights)))
-            group = groups.setdefault(program, RowGroup([], mode, [(_block_at(u, site), w)
-                                                                    for u, w in zip(row_uses, weights)]))
-            group.rows.append(row)
-        return [BlockOp(recording(first.tap), list(groups.values()))]
+    def compile_batch(self, site_uses: dict[str, list[Use[BottleneckSite]]], batch: BatchInfo
+                      ) -> dict[str, list[SiteOp]]:
+        """Per site its op; a block's TapOp and BlockOp share a recording made here, one per output site."""
+        recordings: dict[str, Recording] = {}
+        ops: dict[str, list[SiteOp]] = {}
+        for site, uses in site_uses.items():
+            # every resident with a block at an output site has its tap site too, so both see these same uses
+            first = uses[0].resident.sites[site]
+            if isinstance(first, Tap):
+                ops[site] = [TapOp(recordings.setdefault(first.out, Recording()))]
+            else:
+                ops[site] = [_block_op(recordings.setdefault(site, Recording()), site, uses, batch)]
+        return ops
 
     def check_plan(self, uses_of_row: list[Use[BottleneckSite]], mode: str) -> None:
         if mode != "average":
             return
-        for site in {s for u in uses_of_row for s, p in u.resident.sites.items() if isinstance(p, Block)}:
+        for site in {s for u in uses_of_row for s, p in u.resident.sites.items() if isinstance(p, BlockSlot)}:
             if sum(u.weight for u in uses_of_row if site in u.resident.sites) == 0:
                 raise ValueError(f"average of bottleneck adapters at {site}: the weights of the adapters "
                                  "present there sum to 0")
+
+
+def _block_at(use: Use[BottleneckSite], site: str) -> BlockSlot:
+    """The resident's block at an output site (the model's layout makes a site a tap site or an output site for
+    every resident alike)."""
+    block = use.resident.sites[site]
+    assert isinstance(block, BlockSlot), f"{site} is a tap site"
+    return block
+
+
+def _block_op(recording: Recording, site: str, uses: list[Use[BottleneckSite]], batch: BatchInfo) -> BlockOp:
+    """The index tensors of `uses` (every row's blocks at the output site `site`, in stack order) and their op."""
+    device = batch.device
+    by_row: dict[int, list[tuple[BlockSlot, float]]] = {}
+    for use in uses:
+        by_row.setdefault(use.row, []).append((_block_at(use, site), use.weight))
+    touched = sorted(by_row)
+    last = [by_row[row][-1][0].config for row in touched]
+    flags = _flags(last, device)
+    local: list[tuple[torch.Tensor, ...]] = [(torch.arange(len(touched), device=device), flags[0], flags[3])]
+    # (step, buffer, activation) -> entries (slot, local row, weight, config); step -1: the average rows
+    groups: dict[tuple[int, int, str], tuple[SlotBuffer, list[tuple[int, int, float, BottleneckConfig]]]] = {}
+    average_rows: list[tuple[int, float, BottleneckConfig]] = []  # (local row, residual share, first config)
+    for n, row in enumerate(touched):
+        blocks = by_row[row]
+        if batch.mode[row] == "average":
+            total, count = sum(w for _, w in blocks), len(blocks)
+            at = len(average_rows)
+            share = sum(w for b, w in blocks if not b.config.parallel) / total / count
+            average_rows.append((n, share, blocks[0][0].config))
+            for block, weight in blocks:
+                key = (-1, id(block.buffer), block.config.non_linearity)
+                groups.setdefault(key, (block.buffer, []))[1].append((block.slot, at, weight / total / count,
+                                                                      block.config))
+        else:
+            for k, (block, weight) in enumerate(blocks):
+                key = (k, id(block.buffer), block.config.non_linearity)
+                groups.setdefault(key, (block.buffer, []))[1].append((block.slot, n, weight, block.config))
+    steps: list[list[_Group]] = []
+    average_groups: list[_Group] = []
+    averaged: list[tuple[torch.Tensor, ...]] = []
+    for (k, _, activation), (buffer, entries) in sorted(groups.items(), key=lambda item: item[0][0]):
+        entries.sort(key=lambda e: (e[0], e[1]))  # by (slot, row): a run of one slot is one segment
+        slots, rows = (torch.tensor(v, device=device) for v in list(zip(*entries))[:2])
+        weights = torch.tensor([e[2] for e in entries], device=device, dtype=torch.float32)
+        if k < 0:
+            average_groups.append(_Group(buffer, activation, len(averaged)))
+            averaged.append((rows, slots, weights))
+            continue
+        while len(steps) <= k:
+            steps.append([])
+        steps[k].append(_Group(buffer, activation, len(local)))
+        local.append((rows, slots, weights, *_flags([e[3] for e in entries], device)[:3]))
+    average = None
+    if average_rows:
+        at_rows, shares, configs = zip(*average_rows)
+        average = (len(local), average_groups)
+        local.append((torch.tensor(at_rows, device=device), torch.tensor(shares, device=device, dtype=torch.float32),
+                      *_flags(list(configs), device)[:3]))
+    return BlockOp(recording, batch.rows, torch.tensor(touched, device=device), local, steps, average, averaged)
