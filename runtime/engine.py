@@ -265,15 +265,15 @@ class Engine:
             if cache is None and use_cache:
                 cache = new_cache(self._model)  # appends in place (runtime/kvcache.py)
             if not prefill and tokens == 1 and use_cache:
-                def step(static: dict[str, torch.Tensor]) -> torch.Tensor:
-                    self._context.ops = ops
+                def step(step_ops: dict[str, SiteOps], static: dict[str, torch.Tensor]) -> torch.Tensor:
+                    self._context.ops = step_ops
                     try:
                         return self._model(**static, cache=cache, use_cache=True).logits
                     finally:
                         self._context.ops = {}
 
-                graphed = self.graphs.decode(tuple(plans), input_ids, position_ids, attention_mask, self.dtype, cache,
-                                             lambda: (ops, store_of(self._model).parts()), step)
+                graphed = self.graphs.decode(ops, input_ids, position_ids, attention_mask, self.dtype, cache,
+                                             store_of(self._model).parts, step)
                 if graphed is not None:
                     return graphed, cache
             self._context.ops = ops

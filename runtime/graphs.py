@@ -5,37 +5,42 @@ per op. A CUDA graph records the step's kernels once and replays them with one c
 addresses, so what a step changes lives in static tensors written before each replay: the new tokens, their
 positions, the attention mask over the cache's fixed columns and the column the new token's keys and values go
 to (runtime/kvcache.py `static_writes`: the cache's buffers are written in place, their addresses survive joins
-and leaves while they have room). A graph also bakes in the batch's ops (which row reads which adapter slot),
-so one is captured per batch composition (the rows' plans) and cache geometry, once that
-composition has run `CAPTURE_AFTER` steps eagerly: rows joining or leaving change it, and a capture costs
-about two eager steps. A step the graphs cannot take (a prefill, a cache that is not in fixed buffers or has
-no room, a composition not yet steady) runs eagerly, unchanged.
+and leaves while they have room). A graph also reads the batch's ops: their index tensors (which row reads
+which slot, with which weight). When rows join or leave, the new batch's ops usually have the same structure
+(the same sites, slot buffers and index tensor sizes, e.g. each row one LoRA of one rank): then the new index
+values are copied into the tensors the graph reads and it replays on (`_signature`), so a graph outlives joins
+and leaves. A structure (with a cache geometry: rows, buffer size and addresses) is captured once it has run
+`CAPTURE_AFTER` steps eagerly: a capture costs about two eager steps. A step the graphs cannot take (a prefill,
+a cache that is not in fixed buffers or has no room, a structure not yet steady) runs eagerly, unchanged.
 
 Captured graphs are dropped when an adapter is installed or unloaded (a slot they read may now hold another
 adapter) and not replayed after a slot buffer grew (they read its old tensor, which each graph keeps alive: an
-adapter prepared in another thread may grow a buffer while a replay is on its way). `mode` "emulate" runs the same
-static-buffer path eagerly on any device, replaying by running the step again: how the bookkeeping is tested
-where there is no GPU.
+adapter prepared in another thread may grow a buffer while a replay is on its way). `mode` "emulate" runs the
+same static-buffer path eagerly on any device, replaying by running the step again: how the bookkeeping is
+tested where there is no GPU.
 """
 from __future__ import annotations
 
 import logging
 import os
+import types
 from collections import OrderedDict
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Callable
 
 import torch
 
-from runtime import kvcache
-from runtime.techniques.slots import SlotBuffer
+from runtime import kernels, kvcache
+from runtime.techniques.slots import PerToken, SlotBuffer
 
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "off", "emulate")
-CAPTURE_AFTER = 2  # eager steps of one composition before it is captured: a composition that lasts pays it back
-KEPT = 8  # graphs kept (least recently used dropped): a batch alternates between few compositions at a time
-_SEEN_KEPT = 64  # compositions counted towards CAPTURE_AFTER
+CAPTURE_AFTER = 2  # eager steps of one structure before it is captured: a structure that lasts pays it back
+KEPT = 8  # graphs kept (least recently used dropped): a batch alternates between few structures at a time
+_SEEN_KEPT = 64  # structures counted towards CAPTURE_AFTER
+_SIGNATURES_KEPT = 8  # ops objects whose structure is remembered (the engine keeps a few batches' ops)
 
 
 @dataclass(eq=False)
@@ -48,7 +53,9 @@ class _Graph:
     writes: kvcache.StaticWrites
     logits: torch.Tensor  # (rows, 1, vocab), written by each replay
     replay: Callable[[], None]
-    holds: Any  # what the graph reads and nothing else keeps alive: the ops (index tensors), the slot buffers' tensors
+    holds: Any  # what the graph reads and nothing else keeps alive: the slot buffers' tensors
+    tensors: list[torch.Tensor]  # the captured ops' tensors, in `_signature` order: what a new batch's values go into
+    current: object  # the ops whose values those tensors hold now
 
 
 class DecodeGraphs:
@@ -62,35 +69,39 @@ class DecodeGraphs:
         self.emulated = mode == "emulate"
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self._seen: OrderedDict[tuple, int] = OrderedDict()
-        self._refused: set[tuple] = set()  # compositions whose capture failed: they run eagerly
+        self._refused: set[tuple] = set()  # structures whose capture failed: they run eagerly
+        self._signatures: OrderedDict[int, tuple[object, tuple, list[torch.Tensor]]] = OrderedDict()
         self._pool = torch.cuda.graph_pool_handle() if self.enabled and not self.emulated else None
         self.captures = 0
         self.replays = 0
+        self.reuses = 0  # replays of a graph with another batch's index values copied in
 
     def clear(self) -> None:
         """Forget every graph (an adapter was installed or unloaded)."""
         self._graphs.clear()
         self._seen.clear()
         self._refused.clear()
+        self._signatures.clear()
 
-    def decode(self, composition: tuple, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-               dtype: torch.dtype, cache: Any, holds: Callable[[], Any], forward: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+    def decode(self, ops: dict, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype,
+               cache: Any, holds: Callable[[], Any], forward: Callable[[dict, dict[str, torch.Tensor]], torch.Tensor]
                ) -> torch.Tensor | None:
         """The step's logits (rows, 1, vocab) from a graph, or None where the caller runs it eagerly.
 
-        `mask` is the step's 2-D attention mask over the cache's live columns and the new one; `forward(inputs)`
-        runs the model on those inputs with the step's ops in place and returns its logits (the warm-up and the
-        capture call it); what `holds()` returns at a capture is kept alive as long as the graph; `dtype` is the
-        model's."""
+        `ops` are the batch's ops; `mask` is the step's 2-D attention mask over the cache's live columns and the
+        new one; `forward(ops, inputs)` runs the model on those inputs with those ops in place and returns its
+        logits (the warm-up and the capture call it); what `holds()` returns at a capture is kept alive as long
+        as the graph; `dtype` is the model's."""
         if not self.enabled or cache is None:
             return None
         where = kvcache.geometry(cache)
         if where is None or mask.shape[1] != where.end - where.start + 1:
             return None
-        key = (composition, where.rows, where.start, where.stop, where.addresses, SlotBuffer.growths)
-        graph = self._graphs.get(key)
+        signature, tensors = self._signature_of(ops)
+        key = (signature, where.rows, where.stop, where.addresses, SlotBuffer.growths)
         if key in self._refused:
             return None
+        graph = self._graphs.get(key)
         if graph is None:
             seen = self._seen.pop(key, 0) + 1
             self._seen[key] = seen
@@ -99,35 +110,54 @@ class DecodeGraphs:
             if seen <= CAPTURE_AFTER:
                 return None
             try:
-                graph = self._capture(key, where, ids, positions, mask, dtype, cache, holds, forward)
+                graph = self._capture(key, where, ops, tensors, ids, positions, mask, dtype, cache, holds, forward)
             except RuntimeError as e:  # an op that syncs with the host cannot be captured: this batch runs eagerly
                 log.warning("graphs: capturing a decode step failed, it runs eagerly: %s", e)
                 self._refused.add(key)
                 return None
         else:
             self._graphs.move_to_end(key)
-            _fill(graph, ids, positions, mask, where.end)
+            if graph.current is not ops:  # rows joined or left: the same structure with other index values
+                for into, new in zip(graph.tensors, tensors):
+                    if into is not new:
+                        into.copy_(new)
+                        kernels.indices_changed(into)
+                graph.current = ops
+                self.reuses += 1
+            _fill(graph, ids, positions, mask, where.start, where.end)
             graph.replay()
         self.replays += 1
         kvcache.advance(cache)
         return graph.logits.clone()  # the next replay overwrites the static output
 
-    def _capture(self, key: tuple, where: kvcache.Geometry, ids: torch.Tensor, positions: torch.Tensor,
-                 mask: torch.Tensor, dtype: torch.dtype, cache: Any, holds: Callable[[], Any],
-                 forward: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> _Graph:
+    def _signature_of(self, ops: dict) -> tuple[tuple, list[torch.Tensor]]:
+        """`ops`' structure and tensors (`_signature`), remembered for the few ops objects the engine reuses."""
+        known = self._signatures.get(id(ops))
+        if known is None or known[0] is not ops:
+            tensors: list[torch.Tensor] = []
+            known = (ops, _signature(ops, tensors), tensors)
+            self._signatures[id(ops)] = known
+            while len(self._signatures) > _SIGNATURES_KEPT:
+                self._signatures.popitem(last=False)
+        self._signatures.move_to_end(id(ops))
+        return known[1], known[2]
+
+    def _capture(self, key: tuple, where: kvcache.Geometry, ops: dict, tensors: list[torch.Tensor],
+                 ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype, cache: Any,
+                 holds: Callable[[], Any], forward: Callable[[dict, dict[str, torch.Tensor]], torch.Tensor]) -> _Graph:
         """Capture the step (running it once: the caller's step is done when this returns)."""
         static = kvcache.StaticWrites(torch.zeros(1, dtype=torch.long, device=ids.device), where.stop)
         # additive, in the model's dtype, as every attention implementation reads a 4-D mask handed to it
-        attend = torch.zeros(where.rows, 1, 1, where.stop - where.start, dtype=dtype, device=ids.device)
+        attend = torch.zeros(where.rows, 1, 1, where.stop, dtype=dtype, device=ids.device)
         inputs = {"input_ids": ids.clone(), "position_ids": positions.clone(), "attention_mask": attend}
 
         def step() -> torch.Tensor:
             with kvcache.static_writes(cache, static):
-                return forward(inputs)
+                return forward(ops, inputs)
 
         graph = _Graph(inputs["input_ids"], inputs["position_ids"], attend, static, ids.new_empty(0),
-                       lambda: None, holds())
-        _fill(graph, ids, positions, mask, where.end)
+                       lambda: None, (ops, holds()), tensors, ops)
+        _fill(graph, ids, positions, mask, where.start, where.end)
         if self.emulated:
             graph.logits = step()
 
@@ -160,10 +190,38 @@ class DecodeGraphs:
         return logits, cuda_graph.replay
 
 
-def _fill(graph: _Graph, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, column: int) -> None:
-    """Write one step's inputs into a graph's static tensors."""
+def _fill(graph: _Graph, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, start: int, column: int
+          ) -> None:
+    """Write one step's inputs into a graph's static tensors (`mask` covers the live columns from `start`)."""
     graph.ids.copy_(ids)
     graph.positions.copy_(positions)
     graph.mask.fill_(torch.finfo(graph.mask.dtype).min)
-    graph.mask[:, 0, 0, :mask.shape[1]].masked_fill_(mask.bool(), 0)
+    graph.mask[:, 0, 0, start:start + mask.shape[1]].masked_fill_(mask.bool(), 0)
     graph.writes.column.fill_(column)
+
+
+def _signature(obj: Any, tensors: list[torch.Tensor], seen: dict[int, int] | None = None) -> tuple:
+    """A hashable description of an ops structure: plain values as they are, each tensor's shape and dtype (the
+    tensor itself appended to `tensors`), slot buffers by identity, and every object or tensor met again as a
+    reference to its first meeting, so two structures with one signature share tensors alike and a graph
+    captured with one reads the other's values once they are copied into its tensors."""
+    seen = {} if seen is None else seen
+    if obj is None or isinstance(obj, (bool, int, float, str, Enum, torch.device, torch.dtype)):
+        return (obj,)
+    if id(obj) in seen:
+        return ("again", seen[id(obj)])
+    seen[id(obj)] = len(seen)
+    if isinstance(obj, torch.Tensor):
+        tensors.append(obj)
+        return ("tensor", tuple(obj.shape), obj.dtype, obj.device)
+    if isinstance(obj, SlotBuffer):
+        return ("slots", id(obj))
+    if isinstance(obj, PerToken):  # a decode step reads the one-token entries; a prefill's expansions may be kept too
+        return ("per token", obj.rows, _signature(obj.get(obj.rows), tensors, seen))
+    if isinstance(obj, (list, tuple)):
+        return (type(obj).__name__, *(_signature(item, tensors, seen) for item in obj))
+    if isinstance(obj, dict):
+        return ("dict", *((k, _signature(v, tensors, seen)) for k, v in obj.items()))
+    if hasattr(obj, "__dict__") and not isinstance(obj, (type, types.FunctionType, types.MethodType)):
+        return (type(obj).__qualname__, *((k, _signature(v, tensors, seen)) for k, v in vars(obj).items()))
+    return ("object", id(obj))  # anything else (a function, say) only matches itself

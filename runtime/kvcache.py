@@ -80,8 +80,8 @@ class _Live:
 @dataclass
 class StaticWrites:
     """How a GrowingLayer writes while a decode step is captured as a graph: the new token at column `column`
-    (a tensor, set before each replay), and attention over the fixed columns [start, `stop`) of the live rows
-    (the columns past the live ones masked by the step's attention mask)."""
+    (a tensor, set before each replay), and attention over the fixed columns [0, `stop`) of the live rows
+    (the columns outside the live ones masked by the step's attention mask)."""
 
     column: torch.Tensor  # int64, one element
     stop: int
@@ -121,10 +121,12 @@ def _append(span: _Span, new: torch.Tensor) -> _Span:
 
 
 def _write_at(span: _Span, new: torch.Tensor, static: StaticWrites) -> torch.Tensor:
-    """Write `new` (rows, heads, 1, dim) at the column `static.column` names; the fixed columns attended."""
+    """Write `new` (rows, heads, 1, dim) at the column `static.column` names; the fixed columns attended: all of
+    them up to `static.stop`, whatever the live ones (the mask says which), so rows joining or leaving, which
+    move the first live column, leave a graph's shapes as they were."""
     rows = span.tensor[:span.rows]
     rows.index_copy_(2, static.column, new)
-    return rows[:, :, span.start:static.stop]
+    return rows[:, :, :static.stop]
 
 
 @dataclass(frozen=True)

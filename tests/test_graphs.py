@@ -156,6 +156,43 @@ def test_a_slot_buffer_growing_mid_stream_retires_the_graph_that_read_it(techniq
     assert graphed.graphs.replays == seen["replays"] + (steps - grow_at - CAPTURE_AFTER)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_graph_outlives_joins_and_leaves_of_rows_alike(technique_adapters, tmp_path, mode):
+    """Rows that leave and are replaced by rows of other adapters with the same structure (one LoRA of one rank
+    at the same sites) keep the graph: the new index values are copied into the tensors it reads, with no new
+    capture, and every row's tokens and logprobs equal the eager engine's."""
+    from helpers import save_peft_adapter
+    from peft import LoraConfig
+
+    others = [save_peft_adapter(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+                                tmp_path / f"lora{i}", seed=10 + i) for i in range(3)]
+    graphed, eager = engine_pair(technique_adapters, mode, keys=("lora",))
+    outputs = []
+    for engine in (graphed, eager):
+        for i, folder in enumerate(others):
+            engine.load(f"other{i}", read_adapter(folder))
+        batch, rows = Batch(engine, max_rows=2), []
+        # two rows at a time, each its own LoRA; a row ends every few steps and another, of another LoRA, takes
+        # its place (short prompts: the cache's buffers keep their room and addresses)
+        queue = [("a", "lora", 9), ("b", "other0", 16), ("c", "other1", 8), ("d", "other2", 12), ("e", "lora", 6)]
+        for step in range(60):
+            while queue and len(batch) < 2:
+                name, key, tokens = queue.pop(0)
+                row = Row(name, [5, 6 + len(rows)], plan(key), SamplingParams(max_new_tokens=tokens, logprobs=0))
+                batch.add(row)
+                rows.append(row)
+            if not len(batch):
+                break
+            batch.step()
+        assert all(r.finish_reason == "length" for r in rows) and len(rows) == 5
+        outputs.append([(r.output_ids, [lp.logprob for lp in r.logprobs]) for r in rows])
+    for (g_ids, g_lp), (e_ids, e_lp) in zip(*outputs):
+        assert g_ids == e_ids
+        torch.testing.assert_close(torch.tensor(g_lp), torch.tensor(e_lp), atol=TOLERANCE, rtol=0)
+    assert graphed.graphs.reuses >= 2  # replaced rows replayed through an existing graph
+    assert graphed.graphs.captures < graphed.graphs.reuses + 2
+
+
 def test_modes_are_checked():
     with pytest.raises(ValueError, match="HUB_CUDA_GRAPHS"):
         DecodeGraphs(torch.device("cpu"), "always")

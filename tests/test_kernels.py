@@ -415,3 +415,21 @@ def test_the_fused_cpu_ops_let_other_threads_run_python():
     if end - start < 3 * margin:
         pytest.skip(f"the call took {end - start:.3f} s, too short to tell on this machine")
     assert any(start + margin < t < end - margin for t in ticks)
+
+
+def test_index_values_changed_in_place_are_regrouped(backend):
+    """An index tensor the ops saw before, overwritten in place with other values (how a captured decode graph
+    takes a new batch's rows, runtime/graphs.py), gives the new values' results once `indices_changed` is told:
+    the Triton kernels keep a per-row grouping of `rows` and recompute it in place."""
+    x, y, a, b, v, rows, slots, scale = case(3, (6, 16, 12, 4, 3, 5), "runs", torch.float32, torch.float32)
+    h = backend.lora_shrink(x, a, rows, slots)
+    backend.lora_expand(y.clone(), h, b, rows, slots, scale)  # the backend may keep what it derived from rows
+    backend.gather_add(y.clone(), v, rows, slots, scale)
+    moved = torch.flip(rows, [0]).clone()  # other values, same shape
+    rows.copy_(moved)
+    kernels.indices_changed(rows)
+    for op, want in [(lambda t: backend.lora_expand(t, h, b, rows, slots, scale), oracle_expand(y, h, b, moved, slots, scale)),
+                     (lambda t: backend.gather_add(t, v, rows, slots, scale), oracle_add(y, v, moved, slots, scale))]:
+        out = y.clone()
+        op(out)
+        close(out, want, torch.float32)

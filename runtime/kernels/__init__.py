@@ -106,6 +106,14 @@ def _check_vectors(y: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"kernels: v must be [slots, {y.shape[1]}], got {tuple(v.shape)}")
 
 
+def indices_changed(rows: torch.Tensor) -> None:
+    """`rows` (an index tensor the ops were given before) now holds other values, written in place: a backend that
+    derived something from it (the Triton kernels' per-row grouping) recomputes that, in place too."""
+    from runtime.kernels import triton_ops
+
+    triton_ops.regroup(rows)
+
+
 def backend_name(device: torch.device | str) -> str:
     """The backend the ops take for tensors on `device` (for logs and metrics)."""
     chosen = backend(device)

@@ -113,6 +113,16 @@ counter to tell a change by): a batch's index tensors stay the same from step to
     return starts, order
 
 
+def regroup(rows: torch.Tensor) -> None:
+    """Recompute `rows`' kept grouping in place after its values were overwritten in place (a captured graph reads
+    the grouping's tensors, so they keep their addresses)."""
+    cached = getattr(rows, "_hub_by_row", None)
+    if cached is not None:
+        tokens, starts, order = cached
+        order.copy_(torch.argsort(rows, stable=True))
+        starts.copy_(torch.searchsorted(rows[order], torch.arange(tokens + 1, device=rows.device)))
+
+
 def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(max(1, n)))
 
