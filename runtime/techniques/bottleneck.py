@@ -38,6 +38,7 @@ a block at a site are in no entry: their output there is bit for bit the base's.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -95,10 +96,34 @@ class TapOp(SiteOp):
         return x
 
 
-def _flags(configs: list[BottleneckConfig], device: torch.device) -> tuple[torch.Tensor, ...]:
+_RULE = ("parallel", "original_ln_before", "residual_before_ln", "original_ln_after")
+
+
+class _Made:
+    """One batch's index tensors, made once per value list: sites with equal entries (every layer's blocks,
+    typically) share them, so a batch change makes a few tensors, not a few per site."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.made: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, values: Sequence, dtype: torch.dtype | None = None) -> torch.Tensor:
+        key = (tuple(values), dtype)
+        if key not in self.made:
+            self.made[key] = torch.tensor(values, device=self.device, dtype=dtype)
+        return self.made[key]
+
+
+def _flags(configs: Sequence[BottleneckConfig], made: _Made) -> tuple[torch.Tensor, ...]:
     """Per entry, as bool tensors: parallel, original_ln_before, residual_before_ln, original_ln_after."""
-    return tuple(torch.tensor([getattr(c, name) for c in configs], dtype=torch.bool, device=device)
-                 for name in ("parallel", "original_ln_before", "residual_before_ln", "original_ln_after"))
+    return tuple(made([getattr(c, name) for c in configs], torch.bool) for name in _RULE)
+
+
+def _uniform(configs: Sequence[BottleneckConfig]) -> tuple[bool, ...] | None:
+    """The rule flags (as `_flags` orders them) when every entry has the same, else None: then the op computes the
+    rule directly instead of selecting per row."""
+    rules = {tuple(bool(getattr(c, name)) for name in _RULE) for c in configs}
+    return rules.pop() if len(rules) == 1 else None
 
 
 def _inputs(flags: tuple[torch.Tensor, ...], s: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,10 +135,13 @@ def _inputs(flags: tuple[torch.Tensor, ...], s: torch.Tensor, r: torch.Tensor) -
 
 
 class _Group:
-    """Entries (row, slot, weight) of one composition step that read one slot buffer with one activation."""
+    """Entries (row, slot, weight) of one composition step that read one slot buffer with one activation; `rule`:
+    their flags when all share them, `covers`: whether they are every row of their index space."""
 
-    def __init__(self, buffer: SlotBuffer, activation: str, entry: int):
+    def __init__(self, buffer: SlotBuffer, activation: str, entry: int, rule: tuple[bool, ...] | None = None,
+                 covers: bool = False):
         self.buffer, self.activation, self.entry = buffer, activation, entry
+        self.rule, self.covers = rule, covers
 
     def add_f(self, out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
               weights: torch.Tensor) -> None:
@@ -137,8 +165,10 @@ class BlockOp(SiteOp):
 
     def __init__(self, recording: Recording, rows: int, touched: torch.Tensor, local: list[tuple[torch.Tensor, ...]],
                  steps: list[list[_Group]], average: tuple[int, list[_Group]] | None,
-                 averaged: list[tuple[torch.Tensor, ...]]):
+                 averaged: list[tuple[torch.Tensor, ...]], after: tuple[bool, ...] | None):
         self.recording = recording
+        self.whole = touched.shape[0] == rows  # every row of the batch, in order: no gather, no scatter
+        self.after = after  # the rows' last adapters' flags, when all share them
         self.touched = PerToken(rows, [(touched,)])
         self.local = PerToken(touched.shape[0], local)  # entry 0: every touched row's flags for the "after" step
         self.steps, self.average = steps, average
@@ -152,13 +182,26 @@ class BlockOp(SiteOp):
         if not y.is_contiguous():
             y = y.contiguous()
         flat_y, flat_r = y.view(-1, y.shape[-1]), r_all.reshape(-1, r_all.shape[-1])
-        (touched,), = self.touched.get(flat_y.shape[0])
-        h, r = flat_y.index_select(0, touched), flat_r.index_select(0, touched)
+        if self.whole:
+            h, r = flat_y, flat_r
+        else:
+            (touched,), = self.touched.get(flat_y.shape[0])
+            h, r = flat_y.index_select(0, touched), flat_r.index_select(0, touched)
         local = self.local.get(h.shape[0])
         s = h.clone()
         for step in self.steps:  # a stack: each row's k-th adapter takes the previous one's s as its h
             for group in step:
                 rows, slots, weights, *flags = local[group.entry]
+                if group.covers and group.rule is not None:  # every row, one rule: computed on s directly
+                    parallel, ln_before, residual_before_ln, _ = group.rule
+                    if parallel:
+                        x, out = r, torch.zeros_like(s)
+                    else:  # out may be s itself: add_f reads x before it writes out
+                        x = s + r if ln_before else s
+                        out = s if residual_before_ln else x
+                    group.add_f(out, x, rows, slots, weights)
+                    s = out
+                    continue
                 s_g, r_g = s.index_select(0, rows), r.index_select(0, rows)
                 x_g, res = _inputs(tuple(flags), s_g, r_g)
                 out = res.masked_fill(flags[0][:, None], 0)  # a parallel adapter's s is f(r) alone
@@ -174,10 +217,17 @@ class BlockOp(SiteOp):
             for group in groups:
                 group.add_f(out, x_a, *averaged[group.entry])
             s.index_copy_(0, rows, out)
-        _, last_parallel, last_ln_after = local[0]  # the "after" step, by each row's last adapter
-        s = torch.where(last_parallel[:, None], s + h, s)
-        s = torch.where(last_ln_after[:, None], s + r, s)
-        flat_y.index_copy_(0, touched, s - r)  # the decoder layer adds the residual back
+        # the "after" step, by each row's last adapter
+        if self.after is not None:
+            s = s + h if self.after[0] else s
+            s = s + r if self.after[3] else s
+        else:
+            _, last_parallel, last_ln_after = local[0]
+            s = torch.where(last_parallel[:, None], s + h, s)
+            s = torch.where(last_ln_after[:, None], s + r, s)
+        if self.whole:  # the decoder layer adds the residual back
+            return (s - r).view(y.shape)
+        flat_y.index_copy_(0, touched, s - r)
         return y
 
 
@@ -248,6 +298,7 @@ class Bottleneck(TechniqueImpl[BottleneckSite]):
                       ) -> dict[str, list[SiteOp]]:
         """Per site its op; a block's TapOp and BlockOp share a recording made here, one per output site."""
         recordings: dict[str, Recording] = {}
+        made = _Made(batch.device)
         ops: dict[str, list[SiteOp]] = {}
         for site, uses in site_uses.items():
             # every resident with a block at an output site has its tap site too, so both see these same uses
@@ -255,7 +306,7 @@ class Bottleneck(TechniqueImpl[BottleneckSite]):
             if isinstance(first, Tap):
                 ops[site] = [TapOp(recordings.setdefault(first.out, Recording()))]
             else:
-                ops[site] = [_block_op(recordings.setdefault(site, Recording()), site, uses, batch)]
+                ops[site] = [_block_op(recordings.setdefault(site, Recording()), site, uses, batch, made)]
         return ops
 
     def check_plan(self, uses_of_row: list[Use[BottleneckSite]], mode: str) -> None:
@@ -275,16 +326,16 @@ def _block_at(use: Use[BottleneckSite], site: str) -> BlockSlot:
     return block
 
 
-def _block_op(recording: Recording, site: str, uses: list[Use[BottleneckSite]], batch: BatchInfo) -> BlockOp:
+def _block_op(recording: Recording, site: str, uses: list[Use[BottleneckSite]], batch: BatchInfo,
+              made: _Made) -> BlockOp:
     """The index tensors of `uses` (every row's blocks at the output site `site`, in stack order) and their op."""
-    device = batch.device
     by_row: dict[int, list[tuple[BlockSlot, float]]] = {}
     for use in uses:
         by_row.setdefault(use.row, []).append((_block_at(use, site), use.weight))
     touched = sorted(by_row)
     last = [by_row[row][-1][0].config for row in touched]
-    flags = _flags(last, device)
-    local: list[tuple[torch.Tensor, ...]] = [(torch.arange(len(touched), device=device), flags[0], flags[3])]
+    flags = _flags(last, made)
+    local: list[tuple[torch.Tensor, ...]] = [(made(range(len(touched))), flags[0], flags[3])]
     # (step, buffer, activation) -> entries (slot, local row, weight, config); step -1: the average rows
     groups: dict[tuple[int, int, str], tuple[SlotBuffer, list[tuple[int, int, float, BottleneckConfig]]]] = {}
     average_rows: list[tuple[int, float, BottleneckConfig]] = []  # (local row, residual share, first config)
@@ -308,20 +359,21 @@ def _block_op(recording: Recording, site: str, uses: list[Use[BottleneckSite]], 
     averaged: list[tuple[torch.Tensor, ...]] = []
     for (k, _, activation), (buffer, entries) in sorted(groups.items(), key=lambda item: item[0][0]):
         entries.sort(key=lambda e: (e[0], e[1]))  # by (slot, row): a run of one slot is one segment
-        slots, rows = (torch.tensor(v, device=device) for v in list(zip(*entries))[:2])
-        weights = torch.tensor([e[2] for e in entries], device=device, dtype=torch.float32)
+        slots, rows = (made(v) for v in list(zip(*entries))[:2])
+        weights = made([e[2] for e in entries], torch.float32)
         if k < 0:
             average_groups.append(_Group(buffer, activation, len(averaged)))
             averaged.append((rows, slots, weights))
             continue
         while len(steps) <= k:
             steps.append([])
-        steps[k].append(_Group(buffer, activation, len(local)))
-        local.append((rows, slots, weights, *_flags([e[3] for e in entries], device)[:3]))
+        configs = [e[3] for e in entries]
+        steps[k].append(_Group(buffer, activation, len(local), _uniform(configs), len(entries) == len(touched)))
+        local.append((rows, slots, weights, *_flags(configs, made)[:3]))
     average = None
     if average_rows:
-        at_rows, shares, configs = zip(*average_rows)
+        at_rows, shares, firsts = zip(*average_rows)
         average = (len(local), average_groups)
-        local.append((torch.tensor(at_rows, device=device), torch.tensor(shares, device=device, dtype=torch.float32),
-                      *_flags(list(configs), device)[:3]))
-    return BlockOp(recording, batch.rows, torch.tensor(touched, device=device), local, steps, average, averaged)
+        local.append((made(at_rows), made(shares, torch.float32), *_flags(firsts, made)[:3]))
+    return BlockOp(recording, batch.rows, made(touched), local, steps, average, averaged,
+                   _uniform(last))
