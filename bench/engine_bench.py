@@ -54,8 +54,10 @@ def make_peft(base, config, folder: Path, seed: int) -> Path:
     return save_random(model, folder, seed)
 
 
-def bottleneck_folder(base, folder: Path) -> Path | None:
-    """A Pfeiffer bottleneck adapter (after the feed-forward block) in our format, if the technique is served."""
+def bottleneck_folder(base, folder: Path, seed: int = 99, size: int = 64, locations: tuple[str, ...] = ("ffn",),
+                      **options) -> Path | None:
+    """A bottleneck adapter in our format (default: Pfeiffer, after the feed-forward block; `options`: other
+    BottleneckConfig fields), random weights from `seed`, if the technique is served."""
     from hub.artifact import Technique
     from runtime.techniques import REGISTRY
 
@@ -67,18 +69,20 @@ def bottleneck_folder(base, folder: Path) -> Path | None:
 
     from hub.bottleneck_format import BottleneckConfig
 
-    hidden, size = base.config.hidden_size, 64
+    hidden = base.config.hidden_size
     folder.mkdir(parents=True, exist_ok=True)
-    config = BottleneckConfig(locations=("ffn",), non_linearity="relu", hidden_size=hidden, bottleneck_size=size)
+    config = BottleneckConfig(locations=locations, non_linearity=options.pop("non_linearity", "relu"),
+                              hidden_size=hidden, bottleneck_size=size, **options)
     (folder / "adapter_config.json").write_text(json.dumps(config.to_dict()))
-    gen = torch.Generator().manual_seed(99)
+    gen = torch.Generator().manual_seed(seed)
     tensors = {}
     for i in range(base.config.num_hidden_layers):
-        p = f"model.layers.{i}.ffn_adapter"
-        tensors.update({f"{p}.down.weight": 0.02 * torch.randn(size, hidden, generator=gen),
-                        f"{p}.down.bias": torch.zeros(size),
-                        f"{p}.up.weight": 0.02 * torch.randn(hidden, size, generator=gen),
-                        f"{p}.up.bias": torch.zeros(hidden)})
+        for location in locations:
+            p = f"model.layers.{i}.{location}_adapter"
+            tensors.update({f"{p}.down.weight": 0.02 * torch.randn(size, hidden, generator=gen),
+                            f"{p}.down.bias": torch.zeros(size),
+                            f"{p}.up.weight": 0.02 * torch.randn(hidden, size, generator=gen),
+                            f"{p}.up.bias": torch.zeros(hidden)})
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     return folder
 

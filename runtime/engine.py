@@ -208,8 +208,11 @@ class Engine:
             by_technique = self._uses(plans)
             batch = BatchInfo(len(plans), tuple(p.mode for p in plans), self.device, self.dtype)
             ops: dict[str, SiteOps] = {}
-            for technique, sites in by_technique.items():
-                _stage(ops, REGISTRY[technique].compile_batch(sites, batch))
+            # in the table's order, so a module runs its ops of one stage in one order whatever the rows' plans
+            # (IA3's scaling of an output before the bottleneck block there)
+            for technique, impl in REGISTRY.items():
+                if technique in by_technique:
+                    _stage(ops, impl.compile_batch(by_technique[technique], batch))
             while len(self._batch_ops) >= _BATCH_OPS_KEPT:
                 self._batch_ops.popitem(last=False)
             self._batch_ops[key] = ops

@@ -92,6 +92,34 @@ def test_a_row_equals_the_reference_whatever_its_neighbours(engine, order):
         check_batch(engine, batch)
 
 
+def test_ia3_scales_a_block_output_before_the_block_whatever_the_plans(engine, imported, tmp_path):
+    """IA3 on o_proj scales its output, and the bottleneck block after attention sees the scaled output: a row
+    with both equals the block on a base with the scaling merged into o_proj, whichever technique its plan names
+    first and whatever its neighbours name."""
+    import copy
+
+    from peft import IA3Config, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from helpers import save_peft_adapter
+
+    base = AutoModelForCausalLM.from_pretrained(FIXTURES / "base", dtype=torch.float32)
+    folder = save_peft_adapter(base, IA3Config(target_modules=["o_proj"], feedforward_modules=[]), tmp_path / "ia3")
+    merged = Engine(PeftModel.from_pretrained(copy.deepcopy(base), folder).merge_and_unload())
+    merged.load("houlsby", read_adapter(imported["houlsby"]))
+    engine.load("ia3_o", read_adapter(folder))
+    ids = torch.tensor(INDEX["input_ids"])
+    want, _ = merged.forward(ids[:1], torch.ones_like(ids[:1]), [RowPlan((AdapterUse("houlsby"),))], use_cache=False)
+    both = [RowPlan((AdapterUse("houlsby"), AdapterUse("ia3_o"))), RowPlan((AdapterUse("ia3_o"), AdapterUse("houlsby")))]
+    for plans in ([both[0], RowPlan((AdapterUse("ia3_o"),))], [RowPlan((AdapterUse("ia3_o"),)), both[1]],
+                  [both[1], both[0]]):
+        batch = torch.stack([ids[0], ids[0]])
+        logits, _ = engine.forward(batch, torch.ones_like(batch), plans, use_cache=False)
+        for row in (r for r, p in enumerate(plans) if p in both):
+            assert (logits[row] - want[0]).abs().max().item() <= TOL, plans
+    engine.unload("ia3_o")
+
+
 def test_blocks_are_read_in_place_from_slots(engine):
     """Each adapter's blocks live in its slot of the site's buffer for its bottleneck size from load on (exactly its
     tensors' bytes); a batch's op holds index tensors into those buffers, and batch changes move no block."""

@@ -195,11 +195,11 @@ class BlockOp(SiteOp):
                 if group.covers and group.rule is not None:  # every row, one rule: computed on s directly
                     parallel, ln_before, residual_before_ln, _ = group.rule
                     if parallel:
-                        x, out = r, torch.zeros_like(s)
-                    else:  # out may be s itself: add_f reads x before it writes out
-                        x = s + r if ln_before else s
-                        out = s if residual_before_ln else x
-                    group.add_f(out, x, rows, slots, weights)
+                        x_s, out = r, torch.zeros_like(s)
+                    else:  # out may be s itself: add_f reads its input before it writes out
+                        x_s = s + r if ln_before else s
+                        out = s if residual_before_ln else x_s
+                    group.add_f(out, x_s, rows, slots, weights)
                     s = out
                     continue
                 s_g, r_g = s.index_select(0, rows), r.index_select(0, rows)
