@@ -2,7 +2,7 @@
 pass through the multi-adapter engine (`hub eval`), against PEFT evaluating them one after another.
 
     python bench/eval_bench.py [--metric loss|generate] [--examples 200] [--batch-size 16] [--threads N]
-                               [--max-new-tokens 32] [--base-model NAME|FOLDER]
+                               [--max-new-tokens 32] [--base-model NAME|FOLDER] [--skip-one-by-one]
 
 The adapters: the four PEFT demo adapters (two LoRAs, an IA3, a prompt tuning one, examples/adapters/)
 and four more made with PEFT for this run (two LoRAs of other ranks and targets, an IA3, a prompt tuning
@@ -17,6 +17,7 @@ replies to the examples' prompts (--metric generate: what exact_match and contai
 - PEFT one by one: `PeftModel.from_pretrained` per adapter, then one example per forward or `generate` call;
 - PEFT batched: the same, --batch-size examples of that adapter per forward (right padded) or per `generate`
   call (left padded, a static batch).
+--skip-one-by-one leaves out PEFT one by one (the slowest way, by far on long runs).
 Loading each adapter is timed with its pass; the copy of the base PEFT gets for each adapter is not.
 Prints the largest loss difference from the engine's (generate: the share of replies equal to the engine's),
 each way's wall and CPU seconds with the ratios on CPU seconds (see `Clock`; run with --threads 1 on a shared
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import time
 from pathlib import Path
 
@@ -236,6 +238,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16, help="rows per forward (engine and batched PEFT)")
     ap.add_argument("--max-new-tokens", type=int, default=32, help="--metric generate: tokens per reply at most")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--skip-one-by-one", action="store_true", help="leave out PEFT one example per call")
     ap.add_argument("--out", type=Path, default=None, help="default: bench/results/eval_bench[_generate].json")
     args = ap.parse_args()
     setup_logging()
@@ -270,45 +273,48 @@ def main() -> None:
         with Clock() as engine_clock:
             ours = ours_fn(items)
         work = {"engine": ours_work.take()}
-        one_by_one, one_clock = peer_fn(items, 1)
-        work["peft_one_by_one"] = peer_work.take()
-        batched, batched_clock = peer_fn(items, args.batch_size)
-        work["peft_batched"] = peer_work.take()
+        sizes = {"peft_batched": args.batch_size} if args.skip_one_by_one else {"peft_one_by_one": 1,
+                                                                                "peft_batched": args.batch_size}
+        peers, clocks = {}, {"engine": engine_clock}
+        for key, size in sizes.items():
+            peers[key], clocks[key] = peer_fn(items, size)
+            work[key] = peer_work.take()
 
+    labels = {"peft_one_by_one": "PEFT 1-by-1", "peft_batched": "PEFT batched"}
     if generate:
-        same = {k: [sum(a == b for a, b in zip(ours[k], peer[k])) for peer in (one_by_one, batched)] for k in ours}
-        rows = [[name, f"{a}/{len(items)}", f"{b}/{len(items)}"] for name, (a, b) in same.items()]
-        print(table(["adapter", "PEFT 1-by-1 = engine", "PEFT batched = engine"], rows))
-        agreement = sum(a + b for a, b in same.values()) / (2 * len(items) * len(ours))
+        same = {k: [sum(a == b for a, b in zip(ours[k], peer[k])) for peer in peers.values()] for k in ours}
+        rows = [[name, *(f"{n}/{len(items)}" for n in counts)] for name, counts in same.items()]
+        print(table(["adapter", *(f"{labels[k]} = engine" for k in peers)], rows))
+        agreement = sum(sum(counts) for counts in same.values()) / (len(peers) * len(items) * len(ours))
         print(f"\n{len(folders)} adapters + base, {len(items)} prompts, greedy, at most {args.max_new_tokens} new "
               f"tokens, batch {args.batch_size}, {torch.get_num_threads()} threads; replies equal to the engine's: "
               f"{agreement:.1%}")
         figures = {"replies_equal": agreement, "max_new_tokens": args.max_new_tokens,
-                   "replies": {"engine": ours, "peft_one_by_one": one_by_one, "peft_batched": batched}}
+                   "replies": {"engine": ours, **peers}}
     else:
-        rows = [[name, f"{ours[name]:.5f}", f"{one_by_one[name]:.5f}", f"{batched[name]:.5f}"] for name in ours]
-        print(table(["adapter", "engine loss", "PEFT 1-by-1", "PEFT batched"], rows))
-        diff = max(abs(ours[k] - peer[k]) for peer in (one_by_one, batched) for k in ours)
+        rows = [[name, f"{ours[name]:.5f}", *(f"{peer[name]:.5f}" for peer in peers.values())] for name in ours]
+        print(table(["adapter", "engine loss", *(labels[k] for k in peers)], rows))
+        diff = max(abs(ours[k] - peer[k]) for peer in peers.values() for k in ours)
         tokens = sum(len(e.reply_ids) for e in items)
         print(f"\n{len(folders)} adapters + base, {len(items)} examples ({tokens} reply tokens each), "
               f"batch {args.batch_size}, {torch.get_num_threads()} threads; largest loss difference {diff:.2e}")
-        figures = {"max_loss_diff": diff,
-                   "losses": {"engine": ours, "peft_one_by_one": one_by_one, "peft_batched": batched}}
+        figures = {"max_loss_diff": diff, "losses": {"engine": ours, **peers}}
     one, many = ("prompt/generate call", "prompts/generate call") if generate else ("example/forward", "examples/forward")
-    clocks = {"engine": engine_clock, "peft_one_by_one": one_clock, "peft_batched": batched_clock}
     ways = {"engine": "engine, one mixed pass", "peft_one_by_one": f"PEFT one after another, 1 {one}",
             "peft_batched": f"PEFT one after another, {args.batch_size} {many}"}
     timing = [[way, f"{clocks[k].wall:.1f}", f"{clocks[k].cpu:.1f}", f"{clocks[k].cpu / engine_clock.cpu:.2f}",
-               f"{work[k] / 1e9:.0f}", f"{work[k] / work['engine']:.2f}"] for k, way in ways.items()]
+               f"{work[k] / 1e9:.0f}", f"{work[k] / work['engine']:.2f}"] for k, way in ways.items() if k in clocks]
     print(table(["way", "wall s", "CPU s", "x engine CPU", "G multiply-adds", "x engine's"], timing))
-    engine_s, one_s, batched_s = engine_clock.cpu, one_clock.cpu, batched_clock.cpu
+    load = os.getloadavg()[:2]
+    print(f"load average (1, 5 min) at the end: {load[0]:.2f}, {load[1]:.2f} on {os.cpu_count()} CPUs")
     write_json(out_path, {"metric": args.metric, "examples": len(items), "adapters": list(folders),
                           "batch_size": args.batch_size, "threads": torch.get_num_threads(),
+                          "load_average_at_end": load, "cpus": os.cpu_count(),
                           "wall_s": {k: c.wall for k, c in clocks.items()}, "cpu_s": {k: c.cpu for k, c in clocks.items()},
                           "multiply_adds": work,
                           **figures})
-    print(json.dumps({"engine_cpu_s": round(engine_s, 1), "ratio_one_by_one": round(one_s / engine_s, 2),
-                      "ratio_batched": round(batched_s / engine_s, 2)}))
+    print(json.dumps({"engine_cpu_s": round(engine_clock.cpu, 1),
+                      **{f"ratio_{k[5:]}": round(clocks[k].cpu / engine_clock.cpu, 2) for k in peers}}))
 
 
 if __name__ == "__main__":

@@ -58,11 +58,19 @@ def completion_nll(engine: Engine, items: Sequence[Item], batch_size: int = 16) 
 def greedy_replies(engine: Engine, prompts: Sequence[tuple[RowPlan, Sequence[int]]], max_new_tokens: int,
                    max_rows: int = 32) -> list[str]:
     """Each prompt's greedy reply text (special tokens skipped), continuously batched: rows of different plans
-    share every step."""
-    batch = generate.Batch(engine, max_rows)
+    share every step.
+
+    Nobody waits for a first token here, so rows are prefilled `max_rows` at a time ahead of room
+    (`Batch.prefill_ahead`) rather than one forward per leaver's replacement: every forward reads all of the
+    base's weights, which costs more than a few rows' tokens. They are queued by soft-prompt length, then
+    prompt length, so those prefilled together pad little; a row's reply does not depend on its neighbours.
+    """
+    batch = generate.Batch(engine, max_rows, prefill_ahead=max_rows)
     seqs = [generate.Row(str(i), list(ids), plan, generate.SamplingParams(max_new_tokens=max_new_tokens))
             for i, (plan, ids) in enumerate(prompts)]
-    for seq in seqs:
+    plans = list(dict.fromkeys(plan for plan, _ in prompts))
+    soft = dict(zip(plans, engine.prompt_lengths(plans))) if plans else {}
+    for seq in sorted(seqs, key=lambda s: (soft[s.plan], len(s.prompt_ids))):
         batch.add(seq)
     while len(batch):
         batch.step()

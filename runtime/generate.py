@@ -3,7 +3,9 @@
 The batch's KV cache is kept left-padded: row i's real positions are the trailing ones of its
 attention-mask row. Rows that join are prefilled together in their own forward (with their soft
 prompts, if any), then their cache is merged by left-padding both caches to a common length; rows
-that leave are dropped at once and all-padding columns trimmed. Position ids come from the mask,
+that leave are dropped at once and all-padding columns trimmed. With `prefill_ahead`, a prefill may take
+more pending rows than have room: those wait prefilled (their cache aside, their first token taken) and
+join, with no forward of their own, in the step where rows leave. Position ids come from the mask,
 so padding never shifts a row and a greedy fp32 sequence comes out the same alone or batched.
 
 Every row reads its adapters in place from slots through index tensors the engine rebuilds per batch change
@@ -24,7 +26,7 @@ import torch
 
 from runtime.engine import Engine
 from runtime.errors import DamagedData
-from runtime.kvcache import join_rows, keep_rows, pad_left
+from runtime.kvcache import join_rows, keep_rows, pad_left, take_rows
 from runtime.plan import RowPlan
 from runtime.sampling import SamplingParams, TokenLogprob, generator_for, next_tokens, token_logprobs
 from runtime.textstream import TextStream
@@ -74,13 +76,26 @@ def _eos_ids(engine: Engine) -> set[int]:
 
 
 class Batch:
-    """Continuous-batching state: sequences join at the next step and leave at once."""
+    """Continuous-batching state: sequences join at the next step and leave at once.
 
-    def __init__(self, engine: Engine, max_rows: int = 32):
+    `prefill_ahead`: when rows have room and none wait prefilled, a prefill takes up to this many pending rows
+    (at least those with room); the rest wait prefilled and take the places of rows that leave in the step they
+    leave (a place is then never idle for a decode step, as it is while a replacement prefills). A forward reads
+    all of the base's weights whatever its rows, so one prefill of many rows costs far less than one per
+    leaver's replacement: evaluation, where nobody waits for a first token, sets it (runtime/evaluate.py).
+    Serving keeps 0: a prompt is prefilled once it has room, and never waits behind others' prefills.
+    """
+
+    def __init__(self, engine: Engine, max_rows: int = 32, prefill_ahead: int = 0):
         self.engine = engine
         self.max_rows = max_rows
+        self.prefill_ahead = prefill_ahead
         self._rows: list[Row] = []
         self._pending: list[Row] = []
+        self._ready: list[Row] = []  # prefilled ahead of room, waiting to join; their rows in the cache of
+        self._ready_at: list[int] = []  # their prefill, that cache and its mask:
+        self._ready_cache: Any = None
+        self._ready_mask: torch.Tensor | None = None
         self._generators: dict[str, torch.Generator] = {}
         self._texts: dict[str, TextStream] = {}  # the sequences with stop strings: their Row.text
         self._cache: Any = None  # the KV cache Engine.forward returned, while rows run
@@ -88,7 +103,7 @@ class Batch:
         self._eos = _eos_ids(engine)
 
     def __len__(self) -> int:
-        return len(self._rows) + len(self._pending)
+        return len(self._rows) + len(self._ready) + len(self._pending)
 
     def add(self, seq: Row) -> None:
         """Queue a sequence; it is prefilled at the next step that has room."""
@@ -97,7 +112,7 @@ class Batch:
         seq.sampling.validate()
         if seq.sampling.stop and self.engine.tokenizer is None:
             raise ValueError("stop strings need an engine with a tokenizer")
-        if any(s.id == seq.id for s in self._rows + self._pending):
+        if any(s.id == seq.id for s in self._rows + self._ready + self._pending):
             raise ValueError(f"sequence id {seq.id!r} is already in the batch")
         self.engine.check([seq.plan])  # refuse an unknown adapter or bad plan now, not mid-batch
         self._generators[seq.id] = generator_for(seq.sampling)
@@ -109,7 +124,12 @@ class Batch:
 
     @torch.inference_mode()  # the cache's tensors are inference tensors (Engine.forward), changed in place
     def remove(self, seq_id: str) -> None:
-        """Drop a sequence now (finish_reason "cancelled"); unknown ids are ignored."""
+        """Drop a sequence now (finish_reason "cancelled"); unknown ids are ignored. One waiting prefilled is
+        finished now and never joins."""
+        for seq in self._ready:
+            if seq.id == seq_id and seq.finish_reason is None:
+                self._finish(seq, "cancelled")
+                return
         for seq in self._pending:
             if seq.id == seq_id:
                 self._pending.remove(seq)
@@ -134,16 +154,19 @@ class Batch:
             except Exception as e:  # the cache may hold part of this step: every running row ends
                 results += self._fail(self._rows, e)
                 self._keep([])
-        room = self.max_rows - len(self._rows)
-        joining, self._pending = self._pending[:room], self._pending[room:]
-        if joining:
-            try:
-                logits, cache, mask = self._prefill(joining)
-            except Exception as e:  # nothing of theirs is in the batch yet: the running rows go on
-                results += self._fail(joining, e)
-            else:
-                self._merge(joining, cache, mask)
+        while len(self._rows) < self.max_rows and (self._ready or self._pending):
+            room = self.max_rows - len(self._rows)
+            if not self._ready:
+                take = max(room, self.prefill_ahead)
+                joining, self._pending = self._pending[:take], self._pending[take:]
+                try:
+                    logits, self._ready_cache, self._ready_mask = self._prefill(joining)
+                except Exception as e:  # nothing of theirs is in the batch yet: the running rows go on
+                    results += self._fail(joining, e)
+                    break
+                self._ready, self._ready_at = joining, list(range(len(joining)))
                 produced += self._sample(joining, logits)
+            self._join_ready()
         for seq, token, logprob in produced:
             try:
                 results.append((seq, *self._accept(seq, token, logprob)))
@@ -152,6 +175,7 @@ class Batch:
         done = [i for i, seq in enumerate(self._rows) if seq.finish_reason is not None]
         if done:
             self._keep([i for i in range(len(self._rows)) if i not in done])
+        self._join_ready()  # rows waiting prefilled take the places just left: they decode at the next step
         return results
 
     # -- internals ------------------------------------------------------------------------------
@@ -193,6 +217,20 @@ class Batch:
         for i, s in enumerate(seqs):
             mask[i, length - len(s.prompt_ids) - prompts[i]:] = 1
         return logits[:, -1], cache, mask
+
+    def _join_ready(self) -> None:
+        """Merge as many of the rows waiting prefilled as have room; one that finished while it waited (at its
+        first token, or cancelled) never joins."""
+        live = [(seq, at) for seq, at in zip(self._ready, self._ready_at) if seq.finish_reason is None]
+        joining, rest = live[:self.max_rows - len(self._rows)], live[self.max_rows - len(self._rows):]
+        cache, mask = self._ready_cache, self._ready_mask
+        self._ready, self._ready_at = [seq for seq, _ in rest], [at for _, at in rest]
+        if not rest:
+            self._ready_cache = self._ready_mask = None
+        if joining:
+            assert mask is not None, "rows waiting prefilled have a mask"
+            rows = [at for _, at in joining]
+            self._merge([seq for seq, _ in joining], take_rows(cache, rows), mask[rows])
 
     def _merge(self, seqs: list[Row], cache, mask: torch.Tensor) -> None:
         if self._cache is None:

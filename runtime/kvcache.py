@@ -7,11 +7,12 @@ joins, leaves, what is never written) is described in docs/engine.md, "KV cache"
 """
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from transformers import DynamicCache
@@ -229,6 +230,26 @@ def keep_rows(layer: CacheLayerMixin, keep: list[int], drop: int) -> None:
         live = span.tensor[:, :, span.start + drop:span.end]
         move_rows(live, keep, one_by_one=live.device.type == "cpu")
         span.rows, span.start = len(keep), span.start + drop
+
+
+def take_rows(cache: DynamicCache, rows: list[int]) -> DynamicCache:
+    """Rows `rows` (ascending) of a prefill's cache, not yet merged or appended to, as a cache of their own: the
+    cache itself when that is all of it, else views of its tensors (copies where the rows are not consecutive).
+    No layer writes such tensors in place (a GrowingLayer moves a span it does not own into a buffer of its own
+    at its first write), so any of its rows can join a batch in any order."""
+    layers = cast("list[CacheLayerMixin]", cache.layers)  # a prefill wrote every one: each holds keys and values
+    keys, _ = _written(layers[0])
+    if rows == list(range(keys.shape[0])):
+        return cache
+    index: slice | torch.Tensor = (slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1))
+                                   else _index(tuple(rows), keys.device))
+    part = copy.copy(cache)
+    mine_layers = [copy.copy(layer) for layer in layers]
+    part.layers = list(mine_layers)
+    for layer, mine in zip(layers, mine_layers):
+        keys, values = _written(layer)
+        mine.keys, mine.values = keys[index], values[index]
+    return part
 
 
 def move_rows(t: torch.Tensor, keep: list[int], one_by_one: bool) -> None:

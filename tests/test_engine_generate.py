@@ -55,9 +55,9 @@ PLANS = [RowPlan((AdapterUse("lora"),)), RowPlan(), RowPlan((AdapterUse("prompt"
          RowPlan((AdapterUse("ia3"), AdapterUse("lora16", 0.5))), RowPlan((AdapterUse("lora16"),))]
 
 
-def run(engine, seqs, joins=None, leaves=None, max_rows=32) -> dict[str, list[int]]:
+def run(engine, seqs, joins=None, leaves=None, max_rows=32, prefill_ahead=0) -> dict[str, list[int]]:
     """Step a batch to completion; `joins`/`leaves` map a step number to sequences to add / ids to remove."""
-    batch = Batch(engine, max_rows=max_rows)
+    batch = Batch(engine, max_rows=max_rows, prefill_ahead=prefill_ahead)
     for s in seqs:
         batch.add(s)
     step = 0
@@ -310,18 +310,20 @@ def test_sliding_window_models_batch_continuously(arch):
     assert {k: v for k, v in got.items() if k != "1"} == {k: v for k, v in alone.items() if k != "1"}
 
 
-@pytest.mark.parametrize("arch,seed", [("llama", 0), ("llama", 1), ("mistral", 2), ("gemma2", 3)])
-def test_random_joins_leaves_and_cancels_give_each_row_what_it_gets_alone(engine, arch, seed):
+@pytest.mark.parametrize("arch,seed,ahead", [("llama", 0, 0), ("llama", 1, 0), ("mistral", 2, 0), ("gemma2", 3, 0),
+                                             ("llama", 0, 5), ("llama", 4, 5), ("gemma2", 3, 5)])
+def test_random_joins_leaves_and_cancels_give_each_row_what_it_gets_alone(engine, arch, seed, ahead):
     """A seeded random schedule over a 3-row batch: prompts of 1-12 tokens join at random steps (more than fit,
     so they also wait for rows), run 1-80 new tokens (past the cache's HEADROOM), and some are cancelled
     mid-way. Every row gets what it gets alone (a cancelled one: a prefix of it). On the Llama, rows mix every
-    technique; the sliding-window models run past their window of 6."""
+    technique; the sliding-window models run past their window of 6. With `ahead`, rows are also prefilled
+    ahead of room (Batch.prefill_ahead) and wait, some cancelled while they wait."""
     rng = random.Random(seed)
     eng, plans = (engine, PLANS) if arch == "llama" else (Engine(sliding_model(arch)), [RowPlan()])
     seqs = [Row(str(i), [rng.randrange(1, 120) for _ in range(rng.randint(1, 12))], rng.choice(plans),
                      SamplingParams(max_new_tokens=rng.randint(1, 80))) for i in range(12)]
     alone = {s.id: run(eng, [Row(s.id, s.prompt_ids, s.plan, s.sampling)])[s.id] for s in seqs}
-    batch, waiting, cancelled = Batch(eng, max_rows=3), list(seqs), set()
+    batch, waiting, cancelled = Batch(eng, max_rows=3, prefill_ahead=ahead), list(seqs), set()
     for _ in range(5000):
         if not (waiting or len(batch)):
             break
@@ -345,6 +347,38 @@ def test_random_joins_leaves_and_cancels_give_each_row_what_it_gets_alone(engine
 def test_rows_wait_for_room_when_the_batch_is_full(engine):
     alone = {str(i): run(engine, [seq(i, 5)])[str(i)] for i in range(5)}
     assert run(engine, [seq(i, 5) for i in range(5)], max_rows=2) == alone
+
+
+def test_rows_prefilled_ahead_join_as_rows_leave_with_one_prefill_per_group(engine, monkeypatch):
+    """Grouped joins (Batch.prefill_ahead, what evaluation uses): with room for 2 rows, 7 sequences are prefilled
+    4 and then 3 at a time, not one prefill per leaver's replacement; the ones without room wait and join in the
+    step a row leaves (fewer decode steps: no place idle while a replacement prefills); one whose first token
+    ends it, and one cancelled while it waits, never join. Every row gets what it gets when rows join one
+    prefill at a time as they find room."""
+    lengths = [3, 9, 1, 5, 2, 7, 4]
+
+    def seqs() -> list[Row]:
+        return [Row(str(i), PROMPTS[i % 5], PLANS[i % 5], SamplingParams(max_new_tokens=n))
+                for i, n in enumerate(lengths)]
+
+    forwards: list[tuple[str, int]] = []
+    forward = engine.forward
+
+    def counted(input_ids, attention_mask, plans, cache=None, **kwargs):
+        forwards.append(("prefill" if cache is None else "decode", len(plans)))
+        return forward(input_ids, attention_mask, plans, cache=cache, **kwargs)
+
+    monkeypatch.setattr(engine, "forward", counted)
+    single = run(engine, seqs(), max_rows=2)
+    single_forwards, forwards[:] = list(forwards), []
+    grouped = run(engine, seqs(), max_rows=2, prefill_ahead=4, leaves={1: ["3"]})
+    assert [n for kind, n in forwards if kind == "prefill"] == [4, 3]
+    assert len([f for f in single_forwards if f[0] == "prefill"]) > 2
+    decodes = [n for kind, n in forwards if kind == "decode"]
+    assert len(decodes) < len([f for f in single_forwards if f[0] == "decode"])
+    assert {k: v for k, v in grouped.items() if k != "3"} == {k: v for k, v in single.items() if k != "3"}
+    assert grouped["3"] == single["3"][:1]  # its first token came with its prefill, then it was cancelled
+    assert len(grouped["2"]) == 1 and sum(decodes) == sum(len(v) - 1 for k, v in grouped.items() if k != "3")
 
 
 def test_next_tokens_gives_each_row_what_it_gets_alone():
