@@ -48,14 +48,18 @@ def random_base(folder: str, device: str, dtype: torch.dtype):
         return AutoModelForCausalLM.from_config(config, dtype=dtype).eval(), config
 
 
-def lora_adapters(model, config, count: int, targets: list[str], seed: int) -> list[Adapter]:
+def lora_adapters(config, count: int, targets: list[str], seed: int) -> list[Adapter]:
     """`count` random LoRAs (r=8) on `targets` of every layer, in PEFT's config and key layout (the config taken
-    from PEFT's own save of a one-layer model of the same architecture)."""
+    from PEFT's own save of a one-layer model of the same architecture). The module shapes come from a model
+    built from `config` on the meta device, not from the model being served: once an engine has loaded an
+    adapter its targeted layers are wrapped (the linear is then `<site>.base_layer`)."""
     from transformers import AutoModelForCausalLM
 
     small = AutoModelForCausalLM.from_config(config.__class__(**{**config.to_dict(), "num_hidden_layers": 1}))
     with tempfile.TemporaryDirectory() as tmp:
         peft_config, _ = lora_template(small, Path(tmp), targets=targets, r=8)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
     shapes = {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets and re.search(r"\.\d+\.", name):
@@ -111,7 +115,7 @@ def main() -> None:
     plans: dict[str, list[RowPlan]] = {"base": [RowPlan()] * args.rows}
     for shape in shapes:
         for n in sizes:
-            for i, adapter in enumerate(lora_adapters(model, config, n, SHAPES[shape], seed=len(plans))):
+            for i, adapter in enumerate(lora_adapters(config, n, SHAPES[shape], seed=len(plans))):
                 engine.load(f"{shape}-{n}-{i}", adapter)
             plans[f"{n} distinct LoRAs ({shape})"] = [RowPlan((AdapterUse(f"{shape}-{n}-{i % n}"),))
                                                        for i in range(args.rows)]

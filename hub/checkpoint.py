@@ -175,7 +175,10 @@ _RANK_AXIS = {"lora_A": 0, "lora_B": 1, "lora_embedding_A": 0, "lora_embedding_B
 def check_structure(adapter: Adapter) -> None:
     """What needs no base model: every tensor key names a module, and each LoRA module's tensors have the
     rank its config gives it (else the runtime would refuse it at load, after eviction decisions, or PEFT
-    would fail to load it)."""
+    would fail to load it), and that there is something at all: one with no tensors would load as a no-op and
+    serve the base model under an adapter's name."""
+    if not adapter.tensors:
+        raise ArtifactError(f"the {adapter.technique.value} adapter holds no tensors")
     sites = module_tensors(adapter)
     if adapter.technique is not Technique.LORA:
         return

@@ -6,7 +6,7 @@ import torch
 from helpers import save_bitfit_adapter, save_peft_adapter, tiny_llama
 from peft import IA3Config, LoraConfig, PromptTuningConfig
 
-from hub.artifact import ArtifactError, read_adapter
+from hub.artifact import Adapter, ArtifactError, Technique, read_adapter
 from hub.checkpoint import check_fits, fingerprint, module_tensors
 
 
@@ -45,7 +45,8 @@ def test_check_fits_takes_a_model_or_a_bare_config(base, tmp_path):
     narrow = tiny_llama(num_key_value_heads=4)  # v_proj 64 -> 64: lora_B no longer fits
     with pytest.raises(ArtifactError, match=r"model\.layers\.0\.self_attn\.v_proj.*lora_B has shape \(32, 4\)"):
         check_fits(adapter, narrow.config)
-
+    with pytest.raises(ArtifactError, match="holds no tensors"):  # else it would load as a no-op under its name
+        check_fits(Adapter(Technique.LORA, adapter.config, {}), base)
 
 
 def test_a_model_is_walked_once_for_every_check_against_it(base, tmp_path, monkeypatch):
