@@ -152,7 +152,10 @@ def test_ops_equal_a_per_use_loop(backend, shape, act, wt, order):
     h = backend.lora_shrink(x, a, rows, slots)
     assert h.dtype == torch.float32 and h.shape == (rows.shape[0], a.shape[1])
     close(h, oracle_shrink(x, a, rows, slots), act if wt == act else torch.float32)
+    b_t = b.transpose(1, 2).contiguous().transpose(1, 2)  # the same B stored [S, r, d_out]: the engine's layout
     for op, want in [(lambda t: backend.lora_expand(t, h, b, rows, slots, scale),
+                      oracle_expand(y, h, b, rows, slots, scale)),
+                     (lambda t: backend.lora_expand(t, h, b_t, rows, slots, scale),
                       oracle_expand(y, h, b, rows, slots, scale)),
                      (lambda t: backend.gather_add(t, v, rows, slots, scale), oracle_add(y, v, rows, slots, scale)),
                      (lambda t: backend.gather_mul(t, v, rows, slots), oracle_mul(y, v, rows, slots))]:

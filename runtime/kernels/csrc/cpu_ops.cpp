@@ -2,7 +2,8 @@
 // oracle). Each use reads its adapter's weights in place from the slot buffer (Punica's BGMV shape): no
 // gather of weights, no per-use temporaries beyond one activation row. Products accumulate in float32 and
 // every output element is rounded once into y's dtype, after all of its row's uses. Work is split over
-// uses (shrink) or over (row, column block) pairs (expand, gathers), so no two threads write one element.
+// uses (shrink) or over rows, or (row, column block) pairs when rows are few (expand, gathers), so no two
+// threads write one element.
 // The hot loops are compiled for AVX-512, AVX2 and plain x86-64 and picked at load (target_clones), so a
 // cached binary runs on any x86-64 CPU.
 #include <ATen/ATen.h>
@@ -28,7 +29,7 @@ namespace {
 // thread); a decode call with one shared adapter stays on one thread. On a busy machine a parallel region
 // waits for a descheduled thread (docs/benchmarks.md, "Kernels"): that cost is taken for the idle case.
 constexpr int64_t kWork = 1 << 16;
-constexpr int64_t kBlock = 256;      // output columns per expand/gather task
+constexpr int64_t kBlock = 256;      // output columns per expand/gather task when rows are too few to split by
 
 // out[i] = sum_k w[i * ld + k] * x[k] for i < n: the weight rows are read where they lie.
 HUB_CLONES void gemv_f32(const float* w, int64_t n, int64_t k, int64_t ld, const float* x, float* out) {
@@ -71,6 +72,29 @@ HUB_CLONES void axpy_bf16(float s, const uint16_t* v, int64_t n, float* acc) {
     std::memcpy(&f, &bits, sizeof f);
     acc[j] += s * f;
   }
+}
+
+// acc[c] += s[0] * v[c] + s[1] * v[ld + c] + ... (r rows of v, added in row order), a chunk of columns at a
+// time held in registers: the r rows stream side by side and acc is loaded and stored once, not once per row.
+constexpr int64_t kChunk = 32;
+
+HUB_CLONES void axpys_f32(const float* s, int64_t r, const float* v, int64_t ld, int64_t n, float* acc) {
+  int64_t c0 = 0;
+  for (; c0 + kChunk <= n; c0 += kChunk) {
+    float t[kChunk];
+#pragma omp simd
+    for (int64_t c = 0; c < kChunk; ++c) t[c] = acc[c0 + c];
+    for (int64_t j = 0; j < r; ++j) {
+      const float sj = s[j];
+      const float* vj = v + j * ld + c0;
+#pragma omp simd
+      for (int64_t c = 0; c < kChunk; ++c) t[c] += sj * vj[c];
+    }
+#pragma omp simd
+    for (int64_t c = 0; c < kChunk; ++c) acc[c0 + c] = t[c];
+  }
+  for (int64_t j = 0; j < r; ++j)
+    for (int64_t c = c0; c < n; ++c) acc[c] += s[j] * v[j * ld + c];
 }
 
 template <typename T>
@@ -161,19 +185,26 @@ Uses read_uses(const at::Tensor& rows, const at::Tensor& slots, const at::Tensor
 template <typename Y, typename Body>
 void per_row_block(at::Tensor& y, const Uses& u, int64_t work_per_column, bool product, Body&& body) {
   const int64_t groups = static_cast<int64_t>(u.starts.size()) - 1, cols = y.size(1);
-  const int64_t blocks = (cols + kBlock - 1) / kBlock;
   if (groups <= 0 || cols == 0) return;
+  // Whole rows when the row groups alone give every thread several tasks: a use's weights then stream in one
+  // sweep (column blocks read each of a slot's r rows in short pieces, which the prefetchers follow badly).
+  const int64_t block = groups >= 4 * at::get_num_threads() ? cols : kBlock;
+  const int64_t blocks = (cols + block - 1) / block;
   Y* base = y.data_ptr<Y>();
   const int64_t s0 = y.stride(0), s1 = y.stride(1);
-  const int64_t grain = std::max<int64_t>(1, kWork / std::max<int64_t>(1, work_per_column * kBlock));
+  const int64_t grain = std::max<int64_t>(1, kWork / std::max<int64_t>(1, work_per_column * block));
   at::parallel_for(0, groups * blocks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(kBlock);
+    std::vector<float> acc(block);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t g = t / blocks, c0 = (t % blocks) * kBlock, c1 = std::min(cols, c0 + kBlock);
+      const int64_t g = t / blocks, c0 = (t % blocks) * block, c1 = std::min(cols, c0 + block);
       const int64_t row = u.rows[u.order[u.starts[g]]];
       Y* out = base + row * s0;
       std::fill(acc.begin(), acc.end(), product ? 1.f : 0.f);
       body(u.starts[g], u.starts[g + 1], c0, c1, acc.data());
+      if (s1 == 1 && !product) {  // the common case, as one loop the compiler vectorizes
+        for (int64_t j = c0; j < c1; ++j) out[j] = static_cast<Y>(static_cast<float>(out[j]) + acc[j - c0]);
+        continue;
+      }
       for (int64_t j = c0; j < c1; ++j) {
         const float old = static_cast<float>(out[j * s1]);
         out[j * s1] = static_cast<Y>(product ? old * acc[j - c0] : old + acc[j - c0]);
@@ -218,17 +249,22 @@ void lora_expand(at::Tensor y, const at::Tensor& h, const at::Tensor& b, const a
     with_type(b.scalar_type(), "b", [&](auto* bt) {
       using B = std::remove_pointer_t<decltype(bt)>;
       const B* bp = b.data_ptr<B>();
-      // b as a transposed view of [S, r, d_out] storage (stride 1 along d_out): r contiguous axpys per use,
-      // no reductions; any other layout: one dot of length r per output column.
+      // b as a transposed view of [S, r, d_out] storage (stride 1 along d_out): r contiguous rows added per use
+      // (float32 side by side, `axpys_f32`), no reductions; any other layout: one dot of length r per output
+      // column.
       const bool by_columns = b.stride(1) == 1;
       per_row_block<Y>(y, u, r, false, [&](int64_t first, int64_t last, int64_t c0, int64_t c1, float* acc) {
-        std::vector<float> hs(r), part(c1 - c0), scratch;
+        std::vector<float> hs(r), part(by_columns ? 0 : c1 - c0), scratch;
         for (int64_t k = first; k < last; ++k) {
           const int64_t i = u.order[k];
           const B* block = bp + u.slots[i] * b.stride(0) + c0 * b.stride(1);
           for (int64_t j = 0; j < r; ++j) hs[j] = u.scale[i] * hp[i * r + j];
           if (by_columns) {
-            for (int64_t j = 0; j < r; ++j) axpy(hs[j], block + j * b.stride(2), 1, c1 - c0, acc);
+            if (std::is_same<B, float>::value) {
+              axpys_f32(hs.data(), r, reinterpret_cast<const float*>(block), b.stride(2), c1 - c0, acc);
+            } else {
+              for (int64_t j = 0; j < r; ++j) axpy(hs[j], block + j * b.stride(2), 1, c1 - c0, acc);
+            }
             continue;
           }
           gemv(block, c1 - c0, r, b.stride(1), b.stride(2), hs.data(), part.data(), scratch);
