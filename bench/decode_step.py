@@ -10,6 +10,7 @@ so no weights travel; LoRAs are drawn in memory in PEFT's layout.
     python bench/decode_step.py --device cuda --dtype bfloat16 --base-model DIR       # SmolLM2's shapes: DIR
     python bench/decode_step.py --device cuda --dtype bfloat16 --base-model DIR --sizes 1,8,64 --graphs-only
     .venv/bin/python bench/decode_step.py --quick                                     # CPU smoke run
+    OMP_NUM_THREADS=1 .venv/bin/python bench/decode_step.py --rows 64 --sizes 1,64 --graphs-only --cpu-time
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import re
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -70,15 +72,23 @@ def lora_adapters(config, count: int, targets: list[str], seed: int) -> list[Ada
             for _ in range(count)]
 
 
-def step_times(engine: Engine, plans: list[RowPlan], warm: int, steps: int) -> list[float]:
-    """Seconds per `Batch.step` of a batch of these plans, after its prefill and `warm` steps."""
+def step_times(engine: Engine, plans: list[RowPlan], warm: int, steps: int, cpu_time: bool = False) -> list[float]:
+    """Seconds per `Batch.step` of a batch of these plans, after its prefill and `warm` steps: wall-clock, or
+    with `cpu_time` this process's CPU time (on a CPU shared with other work, what the step itself costs)."""
     batch = Batch(engine, max_rows=len(plans))
     for i, plan in enumerate(plans):
         batch.add(Row(f"r{i}", [11 + i % 50, 12, 13, 14, 15, 16, 17, 18], plan,
                       SamplingParams(max_new_tokens=warm + steps + 2)))
     for _ in range(1 + warm):
         batch.step()
-    return wall_times(batch.step, steps, engine.device)
+    if not cpu_time:
+        return wall_times(batch.step, steps, engine.device)
+    times = []
+    for _ in range(steps):
+        start = time.process_time()
+        batch.step()
+        times.append(time.process_time() - start)
+    return times
 
 
 def with_settings(engine: Engine, graphs: str, backend: str, run: Callable[[], list[float]]) -> list[float]:
@@ -98,8 +108,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--graphs-only", action="store_true", help="only the graphed, Triton configuration (and base)")
+    ap.add_argument("--cpu-time", action="store_true", help="time steps in process CPU time (CPU only)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
+    if args.cpu_time and args.device != "cpu":
+        ap.error("--cpu-time measures a CPU step; a device's queued work is not this process's CPU time")
     if args.quick:
         args.rows, args.steps, args.repeats = 4, 3, 1
     folder = args.base_model
@@ -132,12 +145,12 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, plan in plans.items():
             for setting, graphs, chosen in settings:
-                times = with_settings(engine, graphs, chosen, lambda: step_times(engine, plan, 4, args.steps))
+                times = with_settings(engine, graphs, chosen, lambda: step_times(engine, plan, 4, args.steps, args.cpu_time))
                 results.setdefault((name, setting), []).append(statistics.median(times))
     print(f"decode_step: {args.rows} rows, {config.model_type} with the shapes of {folder} "
           f"({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, random), {args.dtype} on "
           f"{torch.cuda.get_device_name() if cuda else 'cpu'}; median step of "
-          f"{args.steps}, median of {args.repeats} repeats")
+          f"{args.steps} ({'CPU time' if args.cpu_time else 'wall-clock'}), median of {args.repeats} repeats")
     rows = []
     for (name, setting), medians in results.items():
         step = statistics.median(medians)
