@@ -387,6 +387,8 @@ def render(config: E2EConfig, result: dict[str, Any]) -> str:
         vs_peft = f"{paired(mixed, peft)} PEFT's mixed batch (target >= 3x)" if peft else "PEFT not run (--no-peft)"
         lines += ["", f"LoRAs {shape} ({SHAPE_NAMES[shape]}), per-repeat ratios, median [min-max]: mixed-adapter "
                       f"throughput {vs_base} the no-adapter server (target >= 0.85x), {vs_peft}"]
+    if not config.cold:  # --cold 0: the cold/warm measurement was not asked for
+        return "\n".join(lines)
     cold_rows, verdicts = [], []
     for shape, measured in result["cold_warm"].items():
         cold, warm = median(measured["cold"]), median(measured["warm"])

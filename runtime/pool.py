@@ -60,17 +60,30 @@ class Entry:
     key: str  # name@version
     manifest: ServedManifest
     tier: Tier = Tier.DISK
-    adapter: Adapter | None = field(default=None, repr=False)  # host copy (device entries keep theirs)
     device_bytes: int = 0
     pinned: bool = False
     in_use: int = 0
     last_used: float = 0.0  # monotonic, for LRU
     last_used_unix: float = 0.0  # wall clock of the last request, 0 = never
     requests: int = 0
+    _adapter: Adapter | None = field(default=None, init=False, repr=False)
+    _host_bytes: int = field(default=0, init=False, repr=False)
+
+    @property
+    def adapter(self) -> Adapter | None:
+        """The host copy (device entries keep theirs)."""
+        return self._adapter
+
+    @adapter.setter
+    def adapter(self, adapter: Adapter | None) -> None:
+        self._adapter = adapter
+        self._host_bytes = adapter.nbytes if adapter is not None else 0
 
     @property
     def host_bytes(self) -> int:
-        return self.adapter.nbytes if self.adapter is not None else 0
+        """The host copy's bytes, counted when it is set: every load sums them over the whole host tier, and
+        counting a copy's tensors each time made a load's bookkeeping grow with the tier."""
+        return self._host_bytes
 
     @property
     def built(self) -> bool:

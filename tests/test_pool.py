@@ -75,6 +75,11 @@ def test_host_tier_is_bounded_too(make_pool):
     assert list(tiers.values()).count(Tier.HOST) <= 1 and list(tiers.values()).count(Tier.DISK) >= 2
     assert all(e.adapter is None for e in pool.entries() if e.tier is Tier.DISK)
     assert pool.metrics.evictions.labels(tier="host")._value.get() >= 2
+    # the bytes counted per entry follow its host copy as it comes and goes
+    assert all(e.host_bytes == (e.adapter.nbytes if e.adapter is not None else 0) for e in pool.entries())
+    host = sum(e.host_bytes for e in pool.entries() if e.tier is Tier.HOST)
+    assert host <= pool.host_budget
+    assert pool.metrics.resident_bytes.labels(tier="host")._value.get() == host
 
 
 def _waiting(pool: AdapterPool) -> int:
