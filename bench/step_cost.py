@@ -44,6 +44,8 @@ from runtime.plan import AdapterUse, RowPlan  # noqa: E402
 
 def build(name: str, source: str) -> ModuleType:
     """The fused CPU module from `source` (empty: the seam's own build)."""
+    if not name.isidentifier():
+        raise SystemExit(f"step_cost: a build's name becomes a module's: letters, digits and _, got {name!r}")
     module = cpu.load()
     if not source:
         if module is None:
