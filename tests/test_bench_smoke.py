@@ -186,6 +186,23 @@ def test_decode_step_runs_graphed_and_eager(tiny_model_dir):
             assert any(row.startswith(line) and setting in row for row in done.stdout.splitlines()), done.stdout
 
 
+def test_step_cost_times_each_build_and_part(tiny_model_dir):
+    """bench/step_cost.py on the tiny model: the step's parts and the kernels against reading their bytes, for
+    two builds of the fused kernels (the seam's own and a copy of its source)."""
+    import subprocess
+
+    from runtime.kernels import cpu
+
+    if cpu.load() is None:
+        pytest.skip("the fused CPU kernels cannot be built here")
+    done = subprocess.run([sys.executable, str(BENCH / "step_cost.py"), "--base-model", str(tiny_model_dir),
+                           "--rows", "4", "--steps", "2", "--repeats", "1", "--build", "seam=",
+                           "--build", f"copy={cpu.SOURCE}"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for line in ("base ", "4 distinct, seam", "4 distinct, copy", "one shared, copy", "reading the bytes"):
+        assert any(row.startswith(line) or line in row for row in done.stdout.splitlines()), done.stdout
+
+
 def test_gil_share_sums_samples_per_thread_role():
     """bench/gil_share.py on py-spy's raw format (`--threads --subprocesses`): samples per role of the server's
     threads, the other process left out when one is named."""

@@ -31,52 +31,31 @@ namespace {
 constexpr int64_t kWork = 1 << 16;
 constexpr int64_t kBlock = 256;      // output columns per expand/gather task when rows are too few to split by
 
-// out[i] = sum_k w[i * ld + k] * x[k] for i < n: the weight rows are read where they lie, kRowsAtOnce of them
-// side by side, so the loads of several rows are in flight together and each row's sum is a chain of its own
-// (one row at a time is one chain of dependent adds, slower than the memory it reads).
-constexpr int64_t kRowsAtOnce = 4;
-constexpr int64_t kLanes = 16;
-
-// Inlined into each clone below, so compiled for its instruction set (called, it would be compiled once, for
-// plain x86-64).
-template <typename Load>
-__attribute__((always_inline)) inline void gemv_rows(int64_t n, int64_t k, const float* x, float* out, Load&& load) {
-  int64_t i = 0;
-  for (; i + kRowsAtOnce <= n; i += kRowsAtOnce) {
-    float t[kRowsAtOnce][kLanes] = {};
-    int64_t j = 0;
-    for (; j + kLanes <= k; j += kLanes)
-      for (int64_t q = 0; q < kRowsAtOnce; ++q)
-#pragma omp simd
-        for (int64_t c = 0; c < kLanes; ++c) t[q][c] += load(i + q, j + c) * x[j + c];
-    for (int64_t q = 0; q < kRowsAtOnce; ++q) {
-      float acc = 0.f;
-      for (int64_t c = 0; c < kLanes; ++c) acc += t[q][c];
-#pragma omp simd reduction(+ : acc)
-      for (int64_t jj = j; jj < k; ++jj) acc += load(i + q, jj) * x[jj];
-      out[i + q] = acc;
-    }
-  }
-  for (; i < n; ++i) {
+// out[i] = sum_k w[i * ld + k] * x[k] for i < n: the weight rows are read where they lie.
+HUB_CLONES void gemv_f32(const float* w, int64_t n, int64_t k, int64_t ld, const float* x, float* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float* row = w + i * ld;
     float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-    for (int64_t j = 0; j < k; ++j) acc += load(i, j) * x[j];
+    for (int64_t j = 0; j < k; ++j) acc += row[j] * x[j];
     out[i] = acc;
   }
 }
 
-HUB_CLONES void gemv_f32(const float* w, int64_t n, int64_t k, int64_t ld, const float* x, float* out) {
-  gemv_rows(n, k, x, out, [&](int64_t i, int64_t j) { return w[i * ld + j]; });
-}
-
 // The same for bfloat16 weights (bits widened to float32 in registers).
 HUB_CLONES void gemv_bf16(const uint16_t* w, int64_t n, int64_t k, int64_t ld, const float* x, float* out) {
-  gemv_rows(n, k, x, out, [&](int64_t i, int64_t j) {
-    uint32_t bits = static_cast<uint32_t>(w[i * ld + j]) << 16;
-    float v;
-    std::memcpy(&v, &bits, sizeof v);
-    return v;
-  });
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t* row = w + i * ld;
+    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = 0; j < k; ++j) {
+      uint32_t bits = static_cast<uint32_t>(row[j]) << 16;
+      float v;
+      std::memcpy(&v, &bits, sizeof v);
+      acc += v * x[j];
+    }
+    out[i] = acc;
+  }
 }
 
 // acc[j] += s * v[j] (float32 or bfloat16 v, contiguous).
