@@ -233,7 +233,7 @@ class Padding:
 
     def slot_uses(self, entries: Sequence[tuple[torch.Tensor, ...]]) -> list[tuple[torch.Tensor, ...]]:
         """(rows, slots[, scale]) entries over the batch's rows, padded: a padded use reads a slot its buffer
-        holds (the last entry's) with scale 0, into a padding row."""
+        holds (the last entry's) with scale 0, into a padding row; entries sorted by (slot, row) stay sorted."""
         return [self.uses(entry, (None, 0.0)[:len(entry) - 1]) for entry in entries]
 
 
