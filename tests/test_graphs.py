@@ -336,6 +336,23 @@ def test_a_row_joining_where_padding_rows_wrote_reads_none_of_it(technique_adapt
     assert (3, True) in seen and (4, True) in seen[seen.index((3, True)):]
 
 
+def test_index_spaces_of_their_own_are_padded_without_touching_live_entries(technique_adapters, monkeypatch):
+    """Three counts that are no bucket size in each op's own index space: three rows stacking a bottleneck block
+    (a stack step's entries, not covering the touched rows), three averaging two blocks (the average rows and
+    their entries) and three weighting IA3 (computed factors and their terms), poisoned padding (`poison`):
+    padded entries land on padding entries only, and every row gives the eager engine's outputs."""
+    graphed, eager = engine_pair(technique_adapters, "emulate", keys=("ia3", "bottleneck", "lora"))
+    load_seconds(technique_adapters, graphed, eager)
+    kinds = [plan("bottleneck"), plan("bottleneck", "bottleneck2", mode="average"),
+             RowPlan((AdapterUse("ia3", 0.5),)), plan("lora", "bottleneck")]
+    schedule: Schedule = {0: [(f"r{i}", kinds[i % 4] if i < 9 else kinds[3], 12 + 2 * (i % 3)) for i in range(10)]}
+    want, _ = run_schedule(eager, schedule, max_rows=10)
+    poison(graphed, want, monkeypatch)
+    got, seen = run_schedule(graphed, schedule, max_rows=10)
+    assert_same(got, want)
+    assert (10, True) in seen  # the bucket of 16
+
+
 def test_batches_alternating_through_one_graph_each_get_their_own_index_values(technique_adapters, tmp_path):
     """Two batches of one structure (rows swapping two LoRAs) alternate step by step through one graph: the graph
     reads index tensors of its own, so copying one batch's values in never overwrites the other's, and each step
