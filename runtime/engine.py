@@ -266,7 +266,8 @@ class Engine:
                 # matmul over a per-row copy of the whole head (slow in fp32, far slower in bf16).
                 inputs["logits_to_keep"] = torch.arange(length - keep, length, device=input_ids.device)
             if cache is None and use_cache:
-                cache = new_cache(self._model)  # appends in place (runtime/kvcache.py)
+                # appends in place (runtime/kvcache.py), with rows for a graphed step's padding rows
+                cache = new_cache(self._model, self.graphs.room if self.graphs.enabled else None)
             if not prefill and tokens == 1 and use_cache:
                 def step(step_ops: dict[str, SiteOps], static: dict[str, torch.Tensor]) -> torch.Tensor:
                     self._context.ops = step_ops

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
@@ -82,10 +82,11 @@ class _Live:
 class StaticWrites:
     """How a GrowingLayer writes while a decode step is captured as a graph: the new token at column `column`
     (a tensor, set before each replay), and attention over the fixed columns [0, `stop`) of the live rows
-    (the columns outside the live ones masked by the step's attention mask)."""
+    (the columns outside the live ones masked by the step's attention mask), for `rows` rows of the buffers."""
 
     column: torch.Tensor  # int64, one element
     stop: int
+    rows: int  # the rows written and attended: the live ones and the step's padding rows after them
 
 
 class GrowingLayer(DynamicLayer):
@@ -96,6 +97,9 @@ class GrowingLayer(DynamicLayer):
     _keys_span: _Span  # what `keys` and `values` are the live parts of
     _values_span: _Span
     static: StaticWrites | None = None  # set by `static_writes` only
+    # rows -> the rows a buffer holding them is made with (a graphed decode step pads its rows to a bucket:
+    # runtime/graphs.py); set by `new_cache`
+    room: Callable[[int], int] | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,18 +108,18 @@ class GrowingLayer(DynamicLayer):
                     _write_at(self._values_span, value_states, self.static))
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self._keys_span = _append(self._keys_span, key_states)
-        self._values_span = _append(self._values_span, value_states)
+        self._keys_span = _append(self._keys_span, key_states, self.room)
+        self._values_span = _append(self._values_span, value_states, self.room)
         return self.keys, self.values
 
 
-def _append(span: _Span, new: torch.Tensor) -> _Span:
-    """`span` after writing `new` (rows, heads, tokens, dim) after its live part."""
+def _append(span: _Span, new: torch.Tensor, room: Callable[[int], int] | None) -> _Span:
+    """`span` after writing `new` (rows, heads, tokens, dim) after its live part (a new buffer's rows: `room`)."""
     if span.buffer is None or span.buffer.dim() != 4:  # the first write (a prefill): keep the model's tensor
         return _Span.of(new)
     tokens = new.shape[-2]
     if not span.owned or span.end + tokens > span.buffer.shape[-2]:
-        span = span.moved(span.buffer.shape[0], span.end - span.start)
+        span = span.moved(max(span.buffer.shape[0], room(span.rows) if room else 0), span.end - span.start)
     span.tensor[:span.rows, :, span.end:span.end + tokens] = new
     span.end += tokens
     return span
@@ -125,7 +129,7 @@ def _write_at(span: _Span, new: torch.Tensor, static: StaticWrites) -> torch.Ten
     """Write `new` (rows, heads, 1, dim) at the column `static.column` names; the fixed columns attended: all of
     them up to `static.stop`, whatever the live ones (the mask says which), so rows joining or leaving, which
     move the first live column, leave a graph's shapes as they were."""
-    rows = span.tensor[:span.rows]
+    rows = span.tensor[:static.rows]
     rows.index_copy_(2, static.column, new)
     return rows[:, :, :static.stop]
 
@@ -133,9 +137,11 @@ def _write_at(span: _Span, new: torch.Tensor, static: StaticWrites) -> torch.Ten
 @dataclass(frozen=True)
 class Geometry:
     """Where a batch's cache stands, for a graphed decode step: live rows, live columns [start, end), `stop`
-    the columns every buffer has, and the buffers' addresses (a graph reads those; a move makes new ones)."""
+    the columns every buffer has, `capacity` the rows every buffer has, and the buffers' addresses (a graph
+    reads those; a move makes new ones)."""
 
     rows: int
+    capacity: int
     start: int
     end: int
     stop: int
@@ -156,7 +162,8 @@ def geometry(cache: DynamicCache) -> Geometry | None:
     stop = min(s.tensor.shape[-2] for s in spans)
     if first.end >= stop:
         return None
-    return Geometry(first.rows, first.start, first.end, stop, tuple(s.tensor.data_ptr() for s in spans))
+    return Geometry(first.rows, min(s.tensor.shape[0] for s in spans), first.start, first.end, stop,
+                    tuple(s.tensor.data_ptr() for s in spans))
 
 
 @contextmanager
@@ -184,7 +191,10 @@ def join_rows(layer: CacheLayerMixin, joining: CacheLayerMixin, width: int, max_
     """Put `joining`'s rows (a prefill's cache layer) after `layer`'s, both left-padded with zeros to `width`
     columns. A GrowingLayer writes them into its buffer when it has the rows and columns, else moves once
     into a buffer with rows to spare (twice the rows, at most `max_rows`: rows x width is the memory, so a
-    few long rows do not reserve a whole batch); other layers concatenate."""
+    few long rows do not reserve a whole batch; rounded up to the layer's `room`, and moving when the rows
+    outgrow their room); other layers concatenate.
+    A joining row's buffer row is zeroed left of its columns: a graphed step's padding row may have written
+    there (runtime/graphs.py), and a graphed step attends those columns too, masked (garbage could be NaN)."""
     new_keys, new_values = _written(joining)
     if not isinstance(layer, GrowingLayer):
         held = _columns(layer, width)
@@ -194,20 +204,21 @@ def join_rows(layer: CacheLayerMixin, joining: CacheLayerMixin, width: int, max_
         if _is_sliding(layer):
             layer.cumulative_length = width
         return
-    layer._keys_span = _join(layer._keys_span, new_keys, width, max_rows)
-    layer._values_span = _join(layer._values_span, new_values, width, max_rows)
+    layer._keys_span = _join(layer._keys_span, new_keys, width, max_rows, layer.room)
+    layer._values_span = _join(layer._values_span, new_values, width, max_rows, layer.room)
 
 
-def _join(span: _Span, new: torch.Tensor, width: int, max_rows: int) -> _Span:
+def _join(span: _Span, new: torch.Tensor, width: int, max_rows: int, room: Callable[[int], int] | None) -> _Span:
     rows = span.rows + new.shape[0]
     start = span.end - width
-    if not span.owned or rows > span.tensor.shape[0] or start < 0:
-        span = span.moved(max(rows, min(2 * rows, max_rows)), width)
+    room = room or (lambda n: n)
+    if not span.owned or room(rows) > span.tensor.shape[0] or start < 0:
+        span = span.moved(room(max(rows, min(2 * rows, room(max_rows)))), width)
         start = 0
     elif start < span.start:  # the running rows get zero padding in the columns they gain on the left
         span.tensor[:span.rows, :, start:span.start] = 0
     joined = span.end - new.shape[-2]
-    span.tensor[span.rows:rows, :, start:joined] = 0
+    span.tensor[span.rows:rows, :, :joined] = 0
     span.tensor[span.rows:rows, :, joined:span.end] = new
     span.rows, span.start = rows, start
     return span
@@ -307,13 +318,16 @@ def pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
-def new_cache(model: PreTrainedModel) -> DynamicCache | None:
+def new_cache(model: PreTrainedModel, room: Callable[[int], int] | None = None) -> DynamicCache | None:
     """An empty cache for `model`: the DynamicCache `generate()` would give it (sliding-window and other layer
-    kinds stay as they are), its full-attention layers growing in place; None for a model `generate()` would
-    not give a DynamicCache (it then builds its own)."""
+    kinds stay as they are), its full-attention layers growing in place, a buffer for n rows made with at least
+    `room(n)` rows; None for a model `generate()` would not give a DynamicCache (it then builds its own)."""
     supports = getattr(type(model), "_supports_default_dynamic_cache", None)
     if supports is not None and not supports():
         return None
     cache = DynamicCache(config=model.config)
     cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    for layer in cache.layers:
+        if isinstance(layer, GrowingLayer):
+            layer.room = room
     return cache

@@ -153,3 +153,30 @@ def test_new_cache_leaves_models_with_their_own_cache_alone():
             return False
 
     assert new_cache(CustomCacheModel()) is None
+
+
+def test_room_rounds_buffer_rows_up_and_a_joining_row_is_zeroed_left_of_its_prefill():
+    """A layer with `room` (a cache made for graphed steps, runtime/graphs.py) makes buffers of the rows' bucket
+    and moves when a join outgrows it; a joining row's buffer row holds zeros left of its prefill whatever was
+    there (a graphed step's padding row writes into rows no live row holds, and attends every column, masked)."""
+    from runtime.techniques.slots import bucket
+
+    layer = GrowingLayer()
+    layer.room = bucket
+    layer.update(torch.ones(3, 1, 4, 2), torch.ones(3, 1, 4, 2))
+    layer.update(torch.ones(3, 1, 1, 2), torch.ones(3, 1, 1, 2))  # the first step moves into a buffer of its own
+    span = layer._keys_span
+    assert span.tensor.shape[0] == 4
+    keep_rows(layer, [1, 2], 2)  # the first live columns dropped: the next joining row starts right of them
+    assert span.start == 2
+    span.tensor[2:] = float("nan")  # rows no live row holds: what a padding row may leave there
+    joining = GrowingLayer()
+    joining.update(torch.full((1, 1, 2, 2), 5.0), torch.full((1, 1, 2, 2), 5.0))
+    join_rows(layer, joining, 3, max_rows=8)  # three rows: still the buffer of four
+    assert layer._keys_span is span and span.rows == 3
+    row = span.tensor[2, 0, :span.end, 0]
+    assert row.tolist() == [0, 0, 0, 5, 5]
+    joining = GrowingLayer()
+    joining.update(torch.ones(2, 1, 2, 2), torch.ones(2, 1, 2, 2))
+    join_rows(layer, joining, 3, max_rows=8)  # five rows outgrow the bucket of four: a buffer of eight
+    assert layer._keys_span.tensor.shape[0] == 8

@@ -32,6 +32,8 @@ from hub.artifact import Adapter, Technique
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+    from runtime.techniques.slots import Padding
+
 
 class Stage(IntEnum):
     PRE = 0
@@ -84,6 +86,12 @@ class SiteOp(ABC):
     @abstractmethod
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """PRE: return the new input (y is None). DELTA/POST: return the new output."""
+
+    def padded(self, padding: Padding) -> SiteOp | None:
+        """This op over the batch padded as `padding` says, its index tensors new and of bucketed lengths (a
+        graphed decode step: runtime/graphs.py); None where the op cannot be padded (the step then runs
+        eagerly). May raise slots.NoRoom: a padded use needs a padding row and the batch fills its bucket."""
+        return None
 
 
 class TechniqueImpl(ABC, Generic[SiteT]):

@@ -15,7 +15,7 @@ from hub.artifact import Adapter, Technique
 from hub.checkpoint import check_fits, module_tensors
 from runtime import kernels
 from runtime.techniques.base import BatchInfo, Resident, SiteOp, Stage, TechniqueImpl, Use, to_device
-from runtime.techniques.slots import Indices, PerToken, Slot, SlotBuffer, place, slot_classes
+from runtime.techniques.slots import Indices, Padding, PerToken, Slot, SlotBuffer, place, slot_classes
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -29,6 +29,10 @@ class BiasOp(SiteOp):
     def __init__(self, rows: int, classes: list[tuple[SlotBuffer, Indices]]):
         self.buffers = [buffer for buffer, _ in classes]
         self.indices = PerToken(rows, [ix for _, ix in classes])
+
+    def padded(self, padding: Padding) -> BiasOp:
+        entries = padding.slot_uses(self.indices.get(self.indices.rows))
+        return BiasOp(padding.to, list(zip(self.buffers, entries)))  # type: ignore[arg-type]
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         assert y is not None, "a DELTA op is given the layer's output"

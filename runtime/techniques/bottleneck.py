@@ -38,6 +38,7 @@ a block at a site are in no entry: their output there is bit for bit the base's.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -51,7 +52,7 @@ from hub.artifact import Adapter, ArtifactError, Technique
 from hub.checkpoint import check_fits, module_tensors
 from runtime import kernels
 from runtime.techniques.base import BatchInfo, Resident, SiteOp, Stage, TechniqueImpl, Use, to_device
-from runtime.techniques.slots import PerToken, Slot, SlotBuffer, place
+from runtime.techniques.slots import Padding, PerToken, Slot, SlotBuffer, bucket, place
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -80,7 +81,10 @@ BottleneckSite = Tap | BlockSlot  # a block's tap site records its residual, its
 class Recording:
     """The residual of one block in the forward in flight (written by TapOp, consumed by BlockOp)."""
 
-    x: torch.Tensor | None = None
+    def __init__(self) -> None:
+        # an attribute from the start: a graph's ops signature (runtime/graphs.py) reads the object's attributes,
+        # so one made before the recording's first forward equals one made after it
+        self.x: torch.Tensor | None = None
 
 
 class TapOp(SiteOp):
@@ -90,6 +94,9 @@ class TapOp(SiteOp):
 
     def __init__(self, recording: Recording):
         self.recording = recording
+
+    def padded(self, padding: Padding) -> TapOp:
+        return self  # no index tensors: it records the padded batch's residual as it does any
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         self.recording.x = x
@@ -173,6 +180,37 @@ class BlockOp(SiteOp):
         self.local = PerToken(touched.shape[0], local)  # entry 0: every touched row's flags for the "after" step
         self.steps, self.average = steps, average
         self.averaged = PerToken(local[average[0]][0].shape[0] if average is not None else 1, averaged)
+
+    def padded(self, padding: Padding) -> BlockOp:
+        """Every index space padded: the average rows (a spare one where their entries need one), the touched
+        rows (likewise, padding rows of the batch behind them) and the entries into each; padded entries have
+        weight 0 and every flag off, and the op gathers and scatters (`whole` off): padding rows are garbage."""
+        op = copy.copy(self)
+        (touched,), = self.touched.get(self.touched.rows)
+        local = self.local.get(self.local.rows)
+        count = touched.shape[0]
+        lengths = [bucket(entry[0].shape[0]) for entry in local]
+        averaged: list[tuple[torch.Tensor, ...]] = []
+        size = 1
+        if self.average is not None:
+            at = self.average[0]
+            rows = local[at][0].shape[0]
+            spare = any(bucket(e[0].shape[0]) != e[0].shape[0] for e in self.averaged.get(self.averaged.rows))
+            size = lengths[at] = bucket(rows + spare)
+            averaged = [padding.uses(e, (None, 0.0), space=(rows, size))
+                        for e in self.averaged.get(self.averaged.rows)]
+        spare = any(length != entry[0].shape[0] for length, entry in zip(lengths[1:], local[1:]))
+        lengths[0] = bucket(count + spare)
+        space = (count, lengths[0])
+        op.touched = PerToken(padding.to, [(padding.pad(touched, lengths[0], space=(padding.rows, padding.to)),)])
+        # entry 0 and the average rows' entry: rows, then weights and flags; a stack step's: rows, slots, then those
+        plain = {0} | ({self.average[0]} if self.average is not None else set())
+        op.local = PerToken(lengths[0], [padding.uses(entry, ((0.0,) if i in plain else (None,)) + (0.0,) *
+                                                      (len(entry) - 2), space, length)
+                                         for i, (entry, length) in enumerate(zip(local, lengths))])
+        op.averaged = PerToken(size, averaged)
+        op.whole = False
+        return op
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         assert y is not None, "a POST op is given the layer's output"

@@ -15,8 +15,9 @@ index tensors and moves no vector. Untouched rows are in no entry: their output 
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -24,7 +25,7 @@ from hub.artifact import Adapter, Technique
 from hub.checkpoint import is_feedforward, check_fits, module_tensors
 from runtime import kernels
 from runtime.techniques.base import BatchInfo, Resident, SiteOp, Stage, TechniqueImpl, Use, to_device
-from runtime.techniques.slots import Indices, PerToken, Slot, SlotBuffer, place, slot_classes
+from runtime.techniques.slots import Indices, Padding, PerToken, Slot, SlotBuffer, bucket, place, slot_classes
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -50,6 +51,25 @@ class ScaleOp(SiteOp):
         if factor_rows is not None:
             entries.append((factor_rows, torch.arange(len(factor_rows), device=factor_rows.device)))
         self.indices = PerToken(rows, entries)
+
+    def padded(self, padding: Padding) -> ScaleOp:
+        """Direct uses padded as slot uses; computed factors padded to a bucket with a spare factor where the
+        terms need one (a padded term adds 0 times a held slot into it), padding factors (1) scaling padding
+        rows."""
+        op = copy.copy(self)
+        entries = self.indices.get(self.indices.rows)
+        direct = padding.slot_uses(entries[:-1] if self.terms is not None else entries)
+        if self.terms is not None:
+            assert self.fills is not None, "terms come with their fills"
+            factor_rows, factors = entries[-1]
+            count, terms = factors.shape[0], self.terms[0].shape[0]
+            size = bucket(count + (bucket(terms) != terms))
+            op.fills = padding.pad(self.fills, size, 1.0)
+            op.terms = cast(Indices, padding.uses(self.terms, (None, 0.0), space=(count, size)))
+            direct.append((padding.pad(factor_rows, size, space=(padding.rows, padding.to)),
+                           padding.pad(factors, size, space=(count, size))))
+        op.indices = PerToken(padding.to, direct)
+        return op
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         if self.stage is Stage.PRE:  # the input is the caller's tensor: scale a copy

@@ -25,7 +25,7 @@ from hub.artifact import Adapter, ArtifactError, Technique
 from hub.checkpoint import check_fits, lora_rank_alpha, module_tensors
 from runtime import kernels
 from runtime.techniques.base import BatchInfo, Resident, SiteOp, Stage, TechniqueImpl, Use, to_device
-from runtime.techniques.slots import Indices, PerToken, Slot, SlotBuffer, place, slot_classes
+from runtime.techniques.slots import Indices, Padding, PerToken, Slot, SlotBuffer, place, slot_classes
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -59,6 +59,12 @@ class LoraSlotsOp(SiteOp):
         self.classes = classes
         self.biases = [buffer for buffer, _ in biases]
         self.indices = PerToken(rows, [ix for _, ix in classes] + [ix for _, ix in biases])
+
+    def padded(self, padding: Padding) -> LoraSlotsOp:
+        entries = padding.slot_uses(self.indices.get(self.indices.rows))
+        classes = [(buffer, ix) for (buffer, _), ix in zip(self.classes, entries)]
+        biases = [(buffer, ix) for buffer, ix in zip(self.biases, entries[len(self.classes):])]
+        return LoraSlotsOp(padding.to, classes, biases)  # type: ignore[arg-type]
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         assert y is not None, "a DELTA op is given the layer's output"

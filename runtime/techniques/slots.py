@@ -173,6 +173,70 @@ class PerToken:
         return got
 
 
+def bucket(n: int) -> int:
+    """The smallest size of 1, 2, 4, 8, then a multiple of 8, that holds `n` (0 stays 0): vLLM's CUDA graph
+    capture sizes. A graphed decode step pads its rows and its ops' uses to these (runtime/graphs.py), so
+    batches whose counts differ a little share one graph."""
+    if n <= 0:
+        return 0
+    if n <= 8:
+        return 1 << (n - 1).bit_length()
+    return -(-n // 8) * 8
+
+
+class NoRoom(Exception):
+    """A padded index needs a padding position and its space has none (a batch that fills its bucket)."""
+
+
+class Padding:
+    """How a batch of `rows` live rows is padded to `to` rows for a graphed decode step: each op's index tensors
+    padded to `bucket` lengths with uses that are harmless. A padded use names a padding position of its index
+    space (rows `rows`..`to` - 1 of the batch, or the padding entries of an op's own index space: the caller
+    pads that space too), so the kernel seam's rule holds for the live rows: a row in no new use is left as it
+    was, and no padded use reads or writes a live row. Every tensor made is new (none shared with the eager
+    ops), and a tensor met twice is padded once, so tensors shared between sites stay shared."""
+
+    def __init__(self, rows: int, to: int):
+        self.rows, self.to = rows, to
+        self._made: dict[tuple, torch.Tensor] = {}
+
+    def pad(self, t: torch.Tensor, length: int, fill: float | None = None, space: tuple[int, int] | None = None
+            ) -> torch.Tensor:
+        """`t` (1-D) as a new tensor of `length` entries: the added ones positions cycling over the padding part
+        [space[0], space[1]) of an index space (default: the batch's padding rows), else `fill` (None: `t`'s
+        last value, e.g. a slot its buffer holds)."""
+        key = (id(t), length, fill, space)
+        made = self._made.get(key)
+        if made is not None:
+            return made
+        missing = length - t.shape[0]
+        assert missing >= 0, "padding never shortens"
+        if missing and fill is None and space is None:
+            extra = t[-1:].expand(missing)
+        elif missing and fill is None:
+            lo, hi = space or (self.rows, self.to)
+            if hi <= lo:
+                raise NoRoom
+            extra = torch.arange(missing, device=t.device, dtype=t.dtype) % (hi - lo) + lo
+        else:
+            extra = t.new_full((missing,), fill if fill is not None else 0)
+        made = self._made[key] = torch.cat([t, extra])
+        return made
+
+    def uses(self, entry: tuple[torch.Tensor, ...], fills: tuple[float | None, ...],
+             space: tuple[int, int] | None = None, length: int | None = None) -> tuple[torch.Tensor, ...]:
+        """Parallel index tensors, rows first (into `space`'s index space, default the batch's), padded to
+        `length` (default: the bucket of their length); `fills` for the others, as `pad` takes them."""
+        length = bucket(entry[0].shape[0]) if length is None else length
+        rows = self.pad(entry[0], length, None, space or (self.rows, self.to))
+        return (rows, *(self.pad(t, length, fill) for t, fill in zip(entry[1:], fills)))
+
+    def slot_uses(self, entries: Sequence[tuple[torch.Tensor, ...]]) -> list[tuple[torch.Tensor, ...]]:
+        """(rows, slots[, scale]) entries over the batch's rows, padded: a padded use reads a slot its buffer
+        holds (the last entry's) with scale 0, into a padding row; entries sorted by (slot, row) stay sorted."""
+        return [self.uses(entry, (None, 0.0)[:len(entry) - 1]) for entry in entries]
+
+
 # the slot store of a model (one per model, made at its first slotted adapter)
 store_of: Callable[[nn.Module], SlotStore] = per_object(lambda model: SlotStore())
 
