@@ -436,3 +436,29 @@ def test_index_values_changed_in_place_are_regrouped(backend):
         out = y.clone()
         op(out)
         close(out, want, torch.float32)
+
+
+def test_uses_padded_for_a_graph_bucket_leave_the_live_rows_as_they_were(backend):
+    """A graphed decode step pads its index tensors to a bucket (runtime/techniques/slots.py `Padding`): the
+    added uses read a held slot with scale 0 into the padding rows. Every backend (Triton's grouping per row
+    included) then gives the live rows exactly what the unpadded uses give them, whatever the padding rows hold."""
+    from runtime.techniques.slots import Padding, bucket
+
+    live, size = 5, bucket(6)
+    x, y, a, b, v, _, _, _ = case(7, (size, 32, 24, 4, 4, 0), "runs", torch.float32, torch.float32)
+    rows = torch.tensor([0, 2, 4, 1, 3, 4])  # sorted by (slot, row); six uses: padded to a bucket of 8
+    slots = torch.tensor([0, 0, 0, 2, 2, 3])
+    scale = torch.tensor([1.0, 0.5, -1.0, 2.0, 1.0, 0.25])
+    x[live:], y[live:] = float("nan"), float("inf")  # padding rows: what a padding token left there
+    p_rows, p_slots, p_scale = Padding(live, size).slot_uses([(rows, slots, scale)])[0]
+    assert p_rows.shape[0] > rows.shape[0] and bool((p_rows[rows.shape[0]:] >= live).all())
+    h = backend.lora_shrink(x[:live], a, rows, slots)
+    p_h = backend.lora_shrink(x, a, p_rows, p_slots)
+    assert torch.equal(p_h[:rows.shape[0]], h)
+    for op in (lambda t, h, r, s, c: backend.lora_expand(t, h, b, r, s, c),
+               lambda t, h, r, s, c: backend.gather_add(t, v, r, s, c),
+               lambda t, h, r, s, c: backend.gather_mul(t, v, r, s)):
+        want, got = y[:live].clone(), y.clone()
+        op(want, h, rows, slots, scale)
+        op(got, p_h, p_rows, p_slots, p_scale)
+        assert torch.equal(bits(got[:live]), bits(want))
