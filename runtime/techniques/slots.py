@@ -50,13 +50,16 @@ class SlotBuffer:
 
     def __init__(self, shapes: tuple[tuple[int, ...], ...], device: torch.device, dtype: torch.dtype):
         self.parts = [torch.zeros(0, *shape, device=device, dtype=dtype) for shape in shapes]
-        self.slots = self._slot_views()
+        self._views: dict[int, tuple[torch.Tensor, ...]] = {}  # slot -> its view in each part, until a growth
         self.free: list[int] = []  # descending, so pop() takes the lowest
 
-    def _slot_views(self) -> list[tuple[torch.Tensor, ...]]:
-        """Per part, a view of each slot (one call per part, remade when the buffer grows): a fill writes
-        into views it already has instead of indexing the part for each tensor."""
-        return [p.unbind(0) for p in self.parts]
+    def views(self, slot: int) -> tuple[torch.Tensor, ...]:
+        """The slot's view in each part, made at its first fill since the buffer last grew: a slot reused by
+        later loads costs no indexing call."""
+        views = self._views.get(slot)
+        if views is None:
+            views = self._views[slot] = tuple(p[slot] for p in self.parts)
+        return views
 
     @property
     def capacity(self) -> int:
@@ -71,7 +74,7 @@ class SlotBuffer:
         if not self.free:
             old = self.capacity
             self.parts = [torch.cat([p, p.new_zeros(CHUNK, *p.shape[1:])]) for p in self.parts]
-            self.slots = self._slot_views()
+            self._views = {}  # of the old parts
             self.free = list(range(old + CHUNK - 1, old - 1, -1))
             SlotBuffer.growths += 1
         return self.free.pop()
@@ -124,12 +127,12 @@ class SlotStore:
                 if buffer is None:
                     buffer = self.buffers[layout] = SlotBuffer(layout[1][0], plain[0].device, plain[0].dtype)
                 taken.append((buffer, buffer.take()))
-            for (buffer, slot), (_, tensors) in zip(taken, groups):  # after every take: a growth remakes views
-                for views, t in zip(buffer.slots, tensors):
-                    dsts.append(views[slot])
+            for (buffer, slot), (_, tensors) in zip(taken, groups):  # after every take: a growth drops views
+                for view, t in zip(buffer.views(slot), tensors):
+                    dsts.append(view)
                     srcs.append(t.tensor if isinstance(t, Scaled) else t)
                     if isinstance(t, Scaled):
-                        scaled.append(views[slot])
+                        scaled.append(view)
                         scales.append(t.scale)
             torch._foreach_copy_(dsts, srcs)
             if scaled:
