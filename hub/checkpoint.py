@@ -172,14 +172,15 @@ def lora_rank_alpha(config: dict[str, Any], path: str) -> tuple[int, float]:
 _RANK_AXIS = {"lora_A": 0, "lora_B": 1, "lora_embedding_A": 0, "lora_embedding_B": 1}
 
 
-def check_structure(adapter: Adapter) -> None:
+def check_structure(adapter: Adapter, sites: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
     """What needs no base model: every tensor key names a module, and each LoRA module's tensors have the
     rank its config gives it (else the runtime would refuse it at load, after eviction decisions, or PEFT
     would fail to load it), and that there is something at all: one with no tensors would load as a no-op and
-    serve the base model under an adapter's name."""
+    serve the base model under an adapter's name. `sites`: the adapter's `module_tensors`, where the caller has
+    them."""
     if not adapter.tensors:
         raise ArtifactError(f"the {adapter.technique.value} adapter holds no tensors")
-    sites = module_tensors(adapter)
+    sites = module_tensors(adapter) if sites is None else sites
     if adapter.technique is not Technique.LORA:
         return
     for path, tensors in sorted(sites.items()):
@@ -196,11 +197,12 @@ def check_fits(adapter: Adapter, model_or_config: Any) -> dict[str, tuple[int, .
 
     `model_or_config`: a model, a transformers config (built on the meta device), or a ConfigLayout, which
     raises hub.base_layout.Unmapped for a module it does not list."""
-    check_structure(adapter)  # again for adapters built in memory (merges, tests), not read through hub.artifact
+    sites = module_tensors(adapter)
+    check_structure(adapter, sites)  # again for adapters built in memory (merges, tests), not read through hub.artifact
     base = model_or_config if isinstance(model_or_config, ConfigLayout) else _modules_of(_as_model(model_or_config))
     hidden = base.hidden
     touched: dict[str, tuple[int, ...]] = {}
-    for path, tensors in sorted(module_tensors(adapter).items()):
+    for path, tensors in sorted(sites.items()):
         if adapter.technique is Technique.PROMPT_TUNING:
             emb = tensors.get("prompt_embeddings")
             if emb is None or emb.dim() != 2 or emb.shape[1] != hidden:

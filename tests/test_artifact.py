@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hub.artifact import ArtifactError, Technique, parse_tensors, read_adapter, technique_of
+from hub.artifact import ArtifactError, Technique, check_tensors, parse_tensors, read_adapter, technique_of
 from hub.errors import InvalidName
 from hub.manifest import artifact_files
 
@@ -138,6 +138,66 @@ def test_parse_tensors_copies_a_tensor_at_an_unaligned_offset():
 
 def _f32(offsets, shape=(2,)) -> dict:
     return {"dtype": "F32", "shape": list(shape), "data_offsets": list(offsets)}
+
+
+def _mixed_file(poison: dict[str, float]) -> bytearray:
+    """A safetensors file whose tensors lie in runs of one dtype (f32, then f16, then f32 again, with an int
+    tensor and an empty one between), `poison` setting the last value of the named tensors."""
+    from safetensors.torch import save
+
+    tensors = {"a": torch.ones(3, 4), "b": torch.ones(5), "c": torch.ones(2, 2).half(), "d": torch.ones(3).half(),
+               "e": torch.arange(4), "f": torch.ones(6, 1), "g": torch.zeros(0, 3), "h": torch.ones(2)}
+    for key, value in poison.items():
+        tensors[key].view(-1)[-1] = value
+    return bytearray(save(tensors))
+
+
+@pytest.mark.parametrize("key", ["a", "b", "c", "d", "f", "h"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_value_anywhere_in_a_run_of_tensors_is_refused_by_name(key, value):
+    """parse_tensors views each run of one dtype as one span and check_tensors checks a span at once: every
+    tensor's last value (the end of each span included) is still seen, and named."""
+    tensors = parse_tensors(_mixed_file({}), "mem")
+    tensors.pop("e")  # an integer tensor is refused for its dtype; here only finiteness is under test
+    check_tensors(tensors, "mem")
+    poisoned = parse_tensors(_mixed_file({key: value}), "mem")
+    poisoned.pop("e")
+    with pytest.raises(ArtifactError, match=f"tensor '{key}' holds non-finite values"):
+        check_tensors(poisoned, "mem")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_finite_values_whose_sum_overflows_are_not_refused(dtype):
+    """The check sums first (a NaN or an inf makes the sum so); a sum that overflows on finite values alone takes
+    the exact check instead of refusing them."""
+    big = torch.finfo(dtype).max
+    check_tensors({"x": torch.tensor([big] * 4 + [big / 3] * 3, dtype=dtype), "y": torch.full((5,), -big, dtype=dtype)},
+                  "mem")
+    with pytest.raises(ArtifactError, match="tensor 'x' holds non-finite"):
+        check_tensors({"x": torch.tensor([big, float("nan"), -big], dtype=dtype)}, "mem")
+
+
+def _layouts() -> dict[str, torch.Tensor]:
+    base = torch.ones(20)
+    return {"sep": torch.ones(3), "t": torch.ones(3, 4).t(), "gap1": base[0:4], "gap2": base[6:9], "over": base[2:8],
+            "tail": base[15:20]}
+
+
+@pytest.mark.parametrize("key, index", [("sep", (1,)), ("t", (3, 1)), ("gap1", (3,)), ("gap2", (2,)), ("over", (2,)),
+                                        ("tail", (4,))])
+def test_non_finite_values_are_found_in_tensors_of_any_layout(key, index):
+    """Tensors not laid back to back (separate, non-contiguous, views of one storage with gaps or overlapping)
+    are each checked, and only their own values: a NaN between two views of one storage is no tensor's."""
+    check_tensors(_layouts(), "mem")
+    bad = _layouts()
+    bad[key][index] = float("nan")
+    with pytest.raises(ArtifactError, match=f"tensor '{key}' holds non-finite"):
+        check_tensors(bad, "mem")
+    base = torch.ones(10)
+    base[4] = float("nan")
+    check_tensors({"a": base[0:3], "b": base[5:8], "c": base[8:10]}, "mem")
+    with pytest.raises(ArtifactError, match="tensor 'x' holds"):  # of two bad ones, the first key is named
+        check_tensors({"x": torch.tensor([1.0, float("inf")]), "y": torch.tensor([float("nan")])}, "mem")
 
 
 @pytest.mark.parametrize("buf, message", [

@@ -118,11 +118,19 @@ class TechniqueImpl(ABC, Generic[SiteT]):
         """Raise ValueError when a row's combination of this technique's adapters cannot be served."""
 
 
-def to_device(tensors: dict[str, torch.Tensor], like: torch.Tensor,
-              dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def to_device(tensors: dict[str, torch.Tensor], like: torch.Tensor, dtype: torch.dtype | None = None,
+              contiguous: bool = True) -> dict[str, torch.Tensor]:
     """Tensors on the device of `like` (a base parameter, looked up once per load), in `dtype` (default:
-    the base's; adapters compute in it)."""
-    return {k: t.to(device=like.device, dtype=dtype or like.dtype).contiguous() for k, t in tensors.items()}
+    the base's; adapters compute in it), contiguous unless the caller only copies them (a copy takes any
+    layout). One already so is passed as it is, without a call: a load has hundreds of small tensors."""
+    dtype = dtype or like.dtype
+
+    def moved(t: torch.Tensor) -> torch.Tensor:
+        if t.dtype != dtype or t.device != like.device:
+            t = t.to(device=like.device, dtype=dtype)
+        return t.contiguous() if contiguous else t
+
+    return {k: moved(t) for k, t in tensors.items()}
 
 
 def nbytes_of(tensors) -> int:

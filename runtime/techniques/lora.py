@@ -25,7 +25,7 @@ from hub.artifact import Adapter, ArtifactError, Technique
 from hub.checkpoint import check_fits, lora_rank_alpha, module_tensors
 from runtime import kernels
 from runtime.techniques.base import BatchInfo, Resident, SiteOp, Stage, TechniqueImpl, Use, to_device
-from runtime.techniques.slots import Indices, Padding, PerToken, Slot, SlotBuffer, place, slot_classes
+from runtime.techniques.slots import Indices, Padding, PerToken, Scaled, Slot, SlotBuffer, place, slot_classes
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -96,13 +96,13 @@ class Lora(TechniqueImpl[LoraSite]):
         model_dtype, weights_dtype = like.dtype, self.weights_dtype(model)
         # per site: A [r, in] and scaled B^T [r, out] in one slot; a lora_bias (in the model's dtype, which the
         # weights' may not be) in a vector slot of its own
-        prepared: dict[str, list[tuple[torch.Tensor, ...]]] = {}
+        prepared: dict[str, list[tuple[torch.Tensor | Scaled, ...]]] = {}
         for path, t in module_tensors(adapter).items():
             if "lora_A" not in t:
                 raise ArtifactError(f"module {path!r}: LoRA on embeddings is not served")
             _, scale = scaling(adapter.config, path)  # check_fits has checked the rank against the tensors
-            t = to_device(t, like, weights_dtype)
-            prepared[path] = [(t["lora_A"], t["lora_B"].t() * scale)]
+            t = to_device(t, like, weights_dtype, contiguous=False)  # place copies them
+            prepared[path] = [(t["lora_A"], Scaled(t["lora_B"].t(), scale))]
             if "lora_bias" in t:
                 prepared[path].append(((t["lora_bias"] * scale).to(model_dtype),))
         return place(key, self.technique, model, prepared, adapter.config,

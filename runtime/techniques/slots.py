@@ -50,7 +50,16 @@ class SlotBuffer:
 
     def __init__(self, shapes: tuple[tuple[int, ...], ...], device: torch.device, dtype: torch.dtype):
         self.parts = [torch.zeros(0, *shape, device=device, dtype=dtype) for shape in shapes]
+        self._views: dict[int, tuple[torch.Tensor, ...]] = {}  # slot -> its view in each part, until a growth
         self.free: list[int] = []  # descending, so pop() takes the lowest
+
+    def views(self, slot: int) -> tuple[torch.Tensor, ...]:
+        """The slot's view in each part, made at its first fill since the buffer last grew: a slot reused by
+        later loads costs no indexing call."""
+        views = self._views.get(slot)
+        if views is None:
+            views = self._views[slot] = tuple(p[slot] for p in self.parts)
+        return views
 
     @property
     def capacity(self) -> int:
@@ -65,6 +74,7 @@ class SlotBuffer:
         if not self.free:
             old = self.capacity
             self.parts = [torch.cat([p, p.new_zeros(CHUNK, *p.shape[1:])]) for p in self.parts]
+            self._views = {}  # of the old parts
             self.free = list(range(old + CHUNK - 1, old - 1, -1))
             SlotBuffer.growths += 1
         return self.free.pop()
@@ -82,6 +92,15 @@ class Slot:
     slot: int
 
 
+@dataclass(frozen=True)
+class Scaled:
+    """A tensor to copy into a slot and multiply there by `scale`, in the slot's dtype (as scaling it after
+    converting it would)."""
+
+    tensor: torch.Tensor
+    scale: float
+
+
 class SlotStore:
     """All of one model's slot buffers, keyed by (site, layout); thread-safe."""
 
@@ -89,18 +108,36 @@ class SlotStore:
         self._lock = threading.Lock()
         self.buffers: dict[tuple[str, Any], SlotBuffer] = {}
 
-    def fill(self, site: str, *tensors: torch.Tensor) -> tuple[SlotBuffer, int]:
-        """Copy one adapter's tensors at `site` (of one dtype) into a free slot of the buffer of their layout."""
-        shapes = tuple(tuple(t.shape) for t in tensors)
+    def fill(self, groups: Sequence[tuple[str, tuple[torch.Tensor | Scaled, ...]]]) -> list[tuple[SlotBuffer, int]]:
+        """Copy each group (a site and one adapter's tensors there, of one dtype) into a free slot of the buffer
+        of its layout there; a `Scaled` tensor is multiplied by its scale in the slot. The slots, in order.
+        Every copy (converting dtype and device as it goes) is one call and every scaling another, whatever
+        the count of tensors: a load is hundreds of small tensors, and each call in a thread that shares the
+        GIL with a decoding batch costs far more than its copy."""
+        dsts: list[torch.Tensor] = []
+        srcs: list[torch.Tensor] = []
+        scaled: list[torch.Tensor] = []
+        scales: list[float] = []
+        taken = []
         with self._lock:
-            buffer = self.buffers.get((site, (shapes, tensors[0].dtype)))
-            if buffer is None:
-                buffer = self.buffers[(site, (shapes, tensors[0].dtype))] = SlotBuffer(
-                    shapes, tensors[0].device, tensors[0].dtype)
-            slot = buffer.take()
-            for part, t in zip(buffer.parts, tensors):
-                part[slot].copy_(t)
-        return buffer, slot
+            for site, tensors in groups:
+                plain = [t.tensor if isinstance(t, Scaled) else t for t in tensors]
+                layout = (site, (tuple(tuple(t.shape) for t in plain), plain[0].dtype))
+                buffer = self.buffers.get(layout)
+                if buffer is None:
+                    buffer = self.buffers[layout] = SlotBuffer(layout[1][0], plain[0].device, plain[0].dtype)
+                taken.append((buffer, buffer.take()))
+            for (buffer, slot), (_, tensors) in zip(taken, groups):  # after every take: a growth drops views
+                for view, t in zip(buffer.views(slot), tensors):
+                    dsts.append(view)
+                    srcs.append(t.tensor if isinstance(t, Scaled) else t)
+                    if isinstance(t, Scaled):
+                        scaled.append(view)
+                        scales.append(t.scale)
+            torch._foreach_copy_(dsts, srcs)
+            if scaled:
+                torch._foreach_mul_(scaled, scales)
+        return taken
 
     def free(self, held: list[tuple[SlotBuffer, int]]) -> None:
         """Give back these slots (emptying the list, so a second call frees nothing twice)."""
@@ -241,23 +278,21 @@ class Padding:
 store_of: Callable[[nn.Module], SlotStore] = per_object(lambda model: SlotStore())
 
 
-def place(key: str, technique: Technique, model: nn.Module, per_site: dict[str, list[tuple[torch.Tensor, ...]]],
+def place(key: str, technique: Technique, model: nn.Module,
+          per_site: dict[str, list[tuple[torch.Tensor | Scaled, ...]]],
           config: dict[str, Any], payload: Callable[[str, list[Slot]], Any] = lambda site, slots: slots[0]
           ) -> Resident:
     """A resident whose tensors at each site (`per_site`: one or more groups of tensors, each group of one dtype
-    and kept in one slot) are copied into slots of `model`'s store, its payload there `payload(site, slots)` (the
-    groups' slots in order) and its bytes its slots' bytes. Its slots go back when the engine lets it go
-    (`free`), or when it is garbage (prepared, never installed)."""
+    and kept in one slot; a `Scaled` one is scaled there) are copied into slots of `model`'s store (converted to
+    the buffer's dtype and device by the copy), its payload there `payload(site, slots)` (the groups' slots in
+    order) and its bytes its slots' bytes. Its slots go back when the engine lets it go (`free`), or when it is
+    garbage (prepared, never installed)."""
     store = store_of(model)
-    held: list[tuple[SlotBuffer, int]] = []
-    sites = {}
+    held = store.fill([(site, tensors) for site, groups in per_site.items() for tensors in groups])
+    sites, at = {}, 0
     for site, groups in per_site.items():
-        slots = []
-        for tensors in groups:
-            buffer, slot = store.fill(site, *tensors)
-            held.append((buffer, slot))
-            slots.append(Slot(buffer, slot))
-        sites[site] = payload(site, slots)
+        sites[site] = payload(site, [Slot(*placed) for placed in held[at:at + len(groups)]])
+        at += len(groups)
     resident = Resident(key, technique, sites, sum(b.slot_bytes for b, _ in held), config)
     resident.free = weakref.finalize(resident, store.free, held)
     return resident
