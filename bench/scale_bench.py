@@ -10,6 +10,8 @@ server:
 - "base": no adapter (the base model alone: the reference for the other phases);
 - "zipf": adapters drawn from a Zipf(s) popularity over all ADAPTERS (a realistic mix: hot
   adapters stay resident, the tail is loaded from host memory or disk);
+- "zipf, again": the same requests once more, right after: with every adapter they name resident (when they
+  fit the budget), what serving them costs without their loads, so "zipf" less this phase is the loads' cost;
 - "round-robin": every request a different adapter, in a shuffled order (the worst case: no
   adapter is ever reused, every request loads one).
 Then a second server, whose budget holds only TIGHT adapters (fewer than the CONCURRENCY clients),
@@ -46,7 +48,7 @@ from common import (ROOT, add_options, build_config, jsonable, lora_template, me
 
 from hub import basemodel  # noqa: E402  (common puts the repo on sys.path)
 
-PHASES = ("base", "zipf", "round-robin")
+PHASES = ("base", "zipf", "zipf, again", "round-robin")
 _LISTENING = re.compile(r"listening on (\S+?)(?:, HTTP API on (http://\S+?/v1))?(?:, metrics on http://([^/\s]+)/metrics)?$")
 
 
@@ -159,8 +161,27 @@ class Server:
     def cpu_seconds(self) -> float:
         """The server process's CPU time so far (user + system, all threads): its work, which other jobs on a
         shared machine slow down far less than its wall time (with one torch thread no CPU time is spinning)."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        stats = self.stats()
+        return stats["user_s"] + stats["system_s"]
+
+    def stats(self) -> dict[str, float]:
+        """The server's counters from /proc: user and system CPU seconds, minor page faults (a page touched for
+        the first time since it was mapped: the kernel zeroes it, system time the process pays) and context
+        switches, for the whole process and for its busiest thread so far (the decode loop, once it has run)."""
+        tick = os.sysconf("SC_CLK_TCK")
+        stat = lambda path: Path(path).read_text().rsplit(")", 1)[1].split()  # noqa: E731
+        fields = stat(f"/proc/{self.proc.pid}/stat")
+        threads = {}
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            try:
+                f = stat(task / "stat")
+                status = dict(line.split(":", 1) for line in (task / "status").read_text().splitlines())
+            except OSError:  # the thread ended
+                continue
+            switches = int(status["voluntary_ctxt_switches"]) + int(status["nonvoluntary_ctxt_switches"])
+            threads[task.name] = ((int(f[11]) + int(f[12])) / tick, int(f[12]) / tick, int(f[7]), switches)
+        return {"user_s": int(fields[11]) / tick, "system_s": int(fields[12]) / tick, "minflt": int(fields[7]),
+                "majflt": int(fields[9]), "threads": threads}
 
     def scrape(self) -> dict[str, float]:
         """The server's Prometheus samples, keyed `name{label=value,...}`."""
@@ -262,6 +283,8 @@ _COUNTERS = {
     "load_seconds_sum": "adapterhub_adapter_load_seconds_sum{source=disk}",
     "load_seconds_host_sum": "adapterhub_adapter_load_seconds_sum{source=host}",
     "waits": "adapterhub_adapter_memory_waits_total",
+    "steps": "adapterhub_step_rows_count",
+    "prefills": "adapterhub_prefills_total",
 }
 
 
@@ -274,6 +297,22 @@ def cache_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, 
     d["mean_disk_load_s"] = disk_s / d["disk_loads"] if d["disk_loads"] else float("nan")
     d["mean_host_load_s"] = host_s / d["host_hits"] if d["host_hits"] else float("nan")
     return d
+
+
+def server_delta(before: dict[str, Any], after: dict[str, Any], tokens: int) -> dict[str, float]:
+    """What a phase cost the server per token generated: CPU (user, system, and the busiest thread's: the decode
+    loop, the rest being request handlers' loads and gRPC), minor page faults and context switches."""
+    per = 1 / max(1, tokens)
+    cpu = {tid: [a - b for a, b in zip(s, before["threads"].get(tid, (0.0, 0.0, 0, 0)))]
+           for tid, s in after["threads"].items()}
+    busiest = max(cpu.values())
+    d = {name: (after[name] - before[name]) * per for name in ("user_s", "system_s", "minflt", "majflt")}
+    return {"cpu_ms_per_token": 1000 * (d["user_s"] + d["system_s"]), "user_ms_per_token": 1000 * d["user_s"],
+            "system_ms_per_token": 1000 * d["system_s"], "busiest_thread_ms_per_token": 1000 * busiest[0] * per,
+            "busiest_thread_system_ms_per_token": 1000 * busiest[1] * per, "busiest_thread_minflt_per_token": busiest[2] * per,
+            "minflt_per_token": d["minflt"], "majflt_per_token": d["majflt"],
+            "switches_per_token": sum(t[3] for t in cpu.values()) * per,
+            "busiest_thread_switches_per_token": busiest[3] * per}
 
 
 # -- the bench -------------------------------------------------------------------------------------
@@ -309,10 +348,11 @@ def _run_scale(config: ScaleConfig, workdir: Path, log: Callable[[str], None]) -
                       workdir / f"{name}.log", config.startup_timeout, config.server_threads)
 
     def run_phase(server: Server, phase: str, refs: str) -> None:
-        before, cpu = server.scrape(), server.cpu_seconds()
+        before, stats = server.scrape(), server.stats()
         phases[phase] = run_clients(server.address, request_refs(config, refs), config, vocab)
         phases[phase]["cache"] = cache_delta(before, server.scrape())
-        phases[phase]["server_cpu_ms_per_token"] = 1000 * (server.cpu_seconds() - cpu) / max(1, phases[phase]["tokens"])
+        phases[phase]["server"] = server_delta(stats, server.stats(), phases[phase]["tokens"])
+        phases[phase]["server_cpu_ms_per_token"] = phases[phase]["server"]["cpu_ms_per_token"]
         log(f"scale: phase {phase} done in {phases[phase]['wall_s']:.1f} s")
 
     def warm_up(client) -> None:
@@ -326,7 +366,7 @@ def _run_scale(config: ScaleConfig, workdir: Path, log: Callable[[str], None]) -
         with RuntimeClient(server.address, timeout=600) as client:
             warm_up(client)
             for phase in PHASES:
-                run_phase(server, phase, phase)
+                run_phase(server, phase, phase.removesuffix(", again"))
             listing = client.list_all_adapters()
         tiers: dict[str, int] = {}
         for a in listing.adapters:
@@ -371,6 +411,8 @@ def render(result: dict[str, Any]) -> str:
             "device hit ratio", "host hits", "disk loads", "evictions dev/host", "waits for room",
             "server CPU ms/token", "base CPU / CPU"]
     tiers = result["tiers_at_end"]
+    server = [[name, *(f"{p['server'][k]:.{digits}f}" for k, digits in SERVER_COLUMNS.values()),
+               f"{p['cache']['steps']:.0f}", f"{p['cache']['prefills']:.0f}"] for name, p in phases.items()]
     return "\n".join([
         "scale: cycling through many registered adapters with few fitting the adapter memory budget",
         result["description"],
@@ -378,11 +420,21 @@ def render(result: dict[str, Any]) -> str:
         f"({push['pushes_per_s']:.1f}/s; median push {push['first_tenth_s_per_push'] * 1000:.0f} ms in the first "
         f"tenth, {push['last_tenth_s_per_push'] * 1000:.0f} ms in the last)",
         table(head, rows),
+        "the server per token generated (busiest thread: the decode loop), and its batch steps and prefill forwards:",
+        table(["phase", *SERVER_COLUMNS, "steps", "prefills"], server),
         f"at the end of round-robin: adapters by tier {tiers['adapters_by_tier']}, device "
         f"{tiers['device_used_bytes']} of {tiers['device_budget_bytes']} bytes; the last row is a second server "
         f"whose budget holds {result['config']['tight']} adapters for {result['config']['concurrency']} clients "
         f"(vs base: the first server's base phase)",
     ])
+
+
+SERVER_COLUMNS = {"CPU ms": ("cpu_ms_per_token", 1), "user ms": ("user_ms_per_token", 1),
+                  "system ms": ("system_ms_per_token", 1), "busiest thread ms": ("busiest_thread_ms_per_token", 1),
+                  "its system ms": ("busiest_thread_system_ms_per_token", 1),
+                  "its minor faults": ("busiest_thread_minflt_per_token", 0),
+                  "its context switches": ("busiest_thread_switches_per_token", 1),
+                  "minor faults": ("minflt_per_token", 0), "context switches": ("switches_per_token", 1)}
 
 
 OPTIONS = ("adapters", "fit", "tight", "requests", "concurrency", "new_tokens", "prompt_tokens", "zipf_s",

@@ -101,6 +101,7 @@ class Batch:
         self._cache: Any = None  # the KV cache Engine.forward returned, while rows run
         self._mask: torch.Tensor | None = None  # (rows, cache length), while rows run
         self._eos = _eos_ids(engine)
+        self.prefills = 0  # prefill forwards so far: each reads all of the base's weights, however few its rows
 
     def __len__(self) -> int:
         return len(self._rows) + len(self._ready) + len(self._pending)
@@ -204,6 +205,7 @@ class Batch:
 
     def _prefill(self, seqs: list[Row]) -> tuple[torch.Tensor, Any, torch.Tensor]:
         """The joining rows' forward: their last logits, their cache and its attention mask (not merged yet)."""
+        self.prefills += 1
         device = self.engine.device
         plans = [s.plan for s in seqs]
         width = max(len(s.prompt_ids) for s in seqs)

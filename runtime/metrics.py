@@ -61,6 +61,8 @@ class Metrics(Exposed):
         self.batch_size = Gauge("adapterhub_batch_size", "Rows in the running batch", registry=r)
         self.step_rows = Histogram("adapterhub_step_rows", "Rows per batch step",
                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.prefills = Counter("adapterhub_prefills", "Prefill forwards (each reads all of the base's weights, "
+                                "however few prompts it takes)", registry=r)
         self.cache_hits = Counter("adapterhub_adapter_cache_hits", "Adapter uses served from memory, by tier",
                                   ["tier"], registry=r)
         self.cache_misses = Counter("adapterhub_adapter_cache_misses", "Adapter uses not on the device", registry=r)

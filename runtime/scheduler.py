@@ -221,7 +221,7 @@ class Scheduler:
 
     def _step(self) -> None:
         rows = len(self._batch)
-        started = time.perf_counter()
+        started, prefills = time.perf_counter(), self._batch.prefills
         try:
             produced = self._batch.step()
         except Exception as e:  # a step that failed outside any row's own work fails every row, never the server
@@ -250,6 +250,7 @@ class Scheduler:
                     self._leave(request, seq.finish_reason)
             self.metrics.batch_size.set(len(self._running))
         self.metrics.step_rows.observe(rows)
+        self.metrics.prefills.inc(self._batch.prefills - prefills)
         if elapsed > 0:
             self.metrics.tokens_per_second.set(total / elapsed)
 

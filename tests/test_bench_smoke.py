@@ -65,7 +65,7 @@ def test_sweep_and_scale_write_results(tiny_model_dir, tmp_path):
 
     scale = results["scale"]
     assert scale["push"]["count"] == 12 and scale["server_exit_code"] == 0
-    assert set(scale["phases"]) == {"base", "zipf", "round-robin", "round-robin, 1 fit"}
+    assert set(scale["phases"]) == {"base", "zipf", "zipf, again", "round-robin", "round-robin, 1 fit"}
     for name, phase in scale["phases"].items():
         assert phase["requests"] == 8 and phase["errors"] == 0, phase["error_examples"]
         assert {"ttft_p50_s", "ttft_p95_s", "tokens_per_s"} <= phase.keys()
