@@ -12,7 +12,9 @@ Disk reads, parsing, the base-fingerprint check and the adapter's device copies 
 run in the caller's thread (a request handler), never in the decode loop, while the files' sha256 runs
 in another thread (and must match before the adapter is installed); only the engine's install/unload
 calls go through `on_engine`, which the server points at the scheduler so they run between two batch
-steps (a dict update and module wraps: the running batch barely pauses).
+steps (a dict update and module wraps: the running batch barely pauses). A load whose request follows its
+hand-over runs inside `on_loading()` (the server's: `Scheduler.loading`), so the scheduler can wait for that
+request before it prefills others that came with it.
 
 When the device budget is held by adapters that running or queued requests use, a request for another
 adapter waits (up to `wait_seconds`, or until its caller gives up) for them to finish, as a request waits for
@@ -26,6 +28,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable, Iterable, TypeVar
@@ -143,6 +146,7 @@ class AdapterPool:
 
     def __init__(self, engine: PoolEngine, registry: AdapterSource, *, device_budget: int, host_budget: int,
                  metrics: Metrics | None = None, on_engine: Callable[..., Any] = _direct,
+                 on_loading: Callable[[], AbstractContextManager[Any]] = nullcontext,
                  remote: Remote | None = None, max_entries: int = 1024, wait_seconds: float = 30.0, max_merged: int = 64) -> None:
         self.engine = engine
         self.registry = registry
@@ -151,6 +155,7 @@ class AdapterPool:
         self.host_budget = int(host_budget)
         self.metrics = metrics or Metrics()
         self._on_engine = on_engine
+        self._on_loading = on_loading
         self._max_entries = max_entries
         # per-request merges each tier holds, in use or not: every distinct merge parameter set makes one, so
         # bytes alone would let one client fill the tiers with merges nobody asks for again
@@ -386,7 +391,13 @@ class AdapterPool:
               got_room: Callable[[], None] = lambda: None) -> Entry:
         """Bring one adapter onto the device: from host memory if it is there (or `read`: the copy its request
         read from disk before waiting for room, checked then), else from disk. `got_room` runs once the device
-        bytes are reserved, before the slow part (the device copies, the hand-over between two batch steps)."""
+        bytes are reserved, before the slow part (the device copies, the hand-over between two batch steps).
+        With `then_submit` (its request follows the hand-over) the whole load runs inside `on_loading()`."""
+        with self._on_loading() if then_submit else nullcontext():
+            return self._load_announced(key, manifest, pin, then_submit, read, got_room)
+
+    def _load_announced(self, key: str, manifest: ServedManifest, pin: bool, then_submit: bool, read: Adapter | None,
+                        got_room: Callable[[], None]) -> Entry:
         started = time.perf_counter()
         with self._lock:
             entry = self._entries.get(key)

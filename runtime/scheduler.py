@@ -8,6 +8,13 @@ engine (adapter loads and unloads, scoring) is posted with `call` and runs on th
 between two steps: one thread owns the engine, and no step waits for a disk. A call marked
 `then_submit` (an adapter's install, with its request right behind it) lets that request join the
 step that follows the call rather than the one after.
+
+A forward reads all of the base's weights whatever its rows, so on a CPU a prefill of one prompt costs about
+what a decode step of the whole batch does. Requests whose adapters load arrive a load later than the requests
+sent with them; joined as they come, each would take a prefill of its own, a whole forward per load, several
+times the load's own CPU. So a turn about to prefill new requests while adapters are loading for others (`loading`) first waits,
+at most half the last step and LOAD_GRACE, for those loads to hand over, and prefills them all at once; a turn
+that installed adapters waits for every one of their requests, not just the first.
 """
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ import queue
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, TypeVar
@@ -27,6 +35,11 @@ T = TypeVar("T")
 # How long a loop turn that ran a `call(..., then_submit=True)` waits for what its caller posts next (the
 # request whose adapter the call just installed), so that request joins this turn's step, not the next.
 JOIN_GRACE = 0.05
+# The longest a turn with new requests to prefill waits for adapter loads in flight (`Scheduler.loading`), so their
+# requests share its prefill, and the most of the last step's time it waits: the running rows wait too, but a
+# prefill of its own would cost them a whole forward, so a fast device (short steps) hardly waits.
+LOAD_GRACE = 0.1
+LOAD_STEP_SHARE = 0.5
 
 
 @dataclass
@@ -85,6 +98,9 @@ class Scheduler:
         self._cancelled: list[Request] = []
         self._calls: deque[tuple[Callable[[], Any], Future, bool]] = deque()  # (fn, its result, then_submit)
         self._arrivals = 0  # submits and calls so far: how a turn sees that a caller followed up
+        self._loads = 0  # adapter loads in flight whose request follows and whose hand-over is not posted yet
+        self._announced = threading.local()  # .loading: this thread's load counts in _loads (`loading`)
+        self._step_seconds = 0.0  # the last step's wall time
         self._cv = threading.Condition()
         self._stopping = False
         self._looping = False  # True from start() until the loop returns; guarded by _cv
@@ -134,6 +150,7 @@ class Scheduler:
         then_submit: the caller posts a request (or another call) as soon as this returns, e.g. a request
         whose adapter fn installs; the turn that runs fn then waits up to JOIN_GRACE for it and takes it
         into the same step. Without this, the turn steps on at once and the request joins one step later.
+        Posted inside `loading`, it ends that load's claim on the turns' wait.
         """
         if threading.current_thread() is self._thread:
             return fn()
@@ -144,9 +161,33 @@ class Scheduler:
                 self._calls.append((fn, future, then_submit))
                 self._arrivals += 1
                 self._cv.notify()
+            if then_submit:
+                self._handed_over()
         if direct:
             return fn()
         return future.result()
+
+    @contextmanager
+    def loading(self) -> Iterator[None]:
+        """Around an adapter load whose request follows its hand-over (`call(..., then_submit=True)`, made inside):
+        a turn about to prefill other new requests meanwhile waits a little for that hand-over (see the module
+        docstring), so they share one prefill. Posting the hand-over ends the wait for it (in the same critical
+        section, so no turn sees neither); leaving without one (a failed load) ends it too."""
+        with self._cv:
+            self._loads += 1
+            self._announced.loading = True
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._handed_over()
+
+    def _handed_over(self) -> None:
+        """This thread's announced load, if any, no longer keeps turns waiting (lock held)."""
+        if getattr(self._announced, "loading", False):
+            self._announced.loading = False
+            self._loads -= 1
+            self._cv.notify_all()
 
     def queue_depths(self) -> tuple[int, int]:
         """(rows running, requests queued)."""
@@ -162,6 +203,7 @@ class Scheduler:
                 if self._stopping and not (self._pending or self._running or self._calls):
                     self._looping = False
                     return
+                self._await_loads()
                 calls, self._calls = list(self._calls), deque()
                 arrivals = self._arrivals
                 cancelled, self._cancelled = self._cancelled, []
@@ -170,12 +212,23 @@ class Scheduler:
                 self._join_pending()
             for fn, future, _ in calls:
                 self._run_call(fn, future)
-            # a follow-up comes only after a then_submit call that succeeded (a failed install's caller
-            # reports its error and submits nothing)
-            if any(then_submit and future.exception() is None for _, future, then_submit in calls):
-                self._take_follow_ups(arrivals)
+            self._take_follow_ups(arrivals, _followed(calls))
             if self._running:
                 self._step()
+
+    def _await_loads(self) -> None:
+        """With requests to prefill (queued, or behind an install queued with `then_submit`) and room for more,
+        wait (lock held) for the adapter loads in flight to hand over, at most LOAD_STEP_SHARE of the last step
+        and LOAD_GRACE, so their requests join the same prefill."""
+        joining = self._pending or any(then_submit for _, _, then_submit in self._calls)
+        if not (self._loads and joining and len(self._running) < self.max_batch_size):
+            return
+        deadline = time.monotonic() + min(LOAD_GRACE, self._step_seconds * LOAD_STEP_SHARE)
+        while self._loads and not self._stopping:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._cv.wait(left)
 
     def _join_pending(self) -> None:
         """Move queued requests into the batch while it has room (lock held)."""
@@ -184,20 +237,26 @@ class Scheduler:
         self.metrics.queue_depth.set(len(self._pending))
         self.metrics.batch_size.set(len(self._running))
 
-    def _take_follow_ups(self, arrivals: int) -> None:
-        """After `then_submit` calls: wait (at most JOIN_GRACE) until something new is posted, then take
-        the new requests into this turn and run the new calls, before the step."""
+    def _take_follow_ups(self, arrivals: int, expected: int) -> None:
+        """After `expected` `then_submit` calls that succeeded: wait (at most JOIN_GRACE in all) until as many
+        things were posted since `arrivals` (each of their callers posts its request right after), then take the
+        new requests into this turn and run the new calls, and again for the `then_submit` calls among those,
+        before the step: requests whose adapters were installed together join one prefill."""
         deadline = time.monotonic() + JOIN_GRACE
-        with self._cv:
-            while self._arrivals == arrivals and not self._stopping and len(self._running) < self.max_batch_size:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cv.wait(left)
-            calls, self._calls = list(self._calls), deque()
-            self._join_pending()
-        for fn, future, _ in calls:
-            self._run_call(fn, future)
+        while expected:
+            with self._cv:
+                while (self._arrivals - arrivals < expected and not self._stopping
+                       and len(self._running) < self.max_batch_size):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cv.wait(left)
+                calls, self._calls = list(self._calls), deque()
+                arrivals = self._arrivals
+                self._join_pending()
+            for fn, future, _ in calls:
+                self._run_call(fn, future)
+            expected = _followed(calls) if time.monotonic() < deadline else 0
 
     def _join(self, request: Request) -> None:
         """Move a queued request into the batch (lock held); a plan the engine refuses fails it alone."""
@@ -229,7 +288,7 @@ class Scheduler:
                 for running in list(self._running.values()):
                     self._leave(running, None, _row_error(e))
             return
-        elapsed = time.perf_counter() - started
+        elapsed = self._step_seconds = time.perf_counter() - started
         now = time.perf_counter()
         total = 0
         with self._cv:
@@ -273,3 +332,9 @@ def _row_error(error: Exception | None) -> ServeError:
     if isinstance(error, ServeError):
         return error
     return Internal(f"batch step failed: {error}")
+
+
+def _followed(calls: list[tuple[Callable[[], Any], Future, bool]]) -> int:
+    """How many of these calls (run) their callers follow up: the `then_submit` ones that succeeded (a failed
+    install's caller reports its error and submits nothing)."""
+    return sum(then_submit and future.exception() is None for _, future, then_submit in calls)

@@ -168,7 +168,8 @@ class RuntimeServer:
                                    metrics=self.metrics, label=self._seq_label)
         host_budget = config.host_adapter_memory if config.host_adapter_memory is not None else 4 * config.adapter_memory
         self.pool = AdapterPool(self.engine, registry, device_budget=config.adapter_memory, host_budget=host_budget,
-                                metrics=self.metrics, on_engine=self.scheduler.call, remote=self._remote(registry),
+                                metrics=self.metrics, on_engine=self.scheduler.call,
+                                on_loading=self.scheduler.loading, remote=self._remote(registry),
                                 wait_seconds=config.adapter_wait_seconds, max_merged=config.max_merged_adapters)
         limits = Limits(max_new_tokens=config.max_new_tokens, max_adapters_per_request=config.max_adapters_per_request,
                         context_length=int(getattr(model.config, "max_position_embeddings", 2048)))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -383,6 +384,28 @@ def test_then_submit_goes_with_the_last_adapters_hand_over_only(make_pool, regis
     flags.clear()
     pool.release(pool.acquire([pool.resolve("lora2")]))  # LoadAdapter-style: nothing follows
     assert flags == [False]
+
+
+def test_a_load_whose_request_follows_is_announced_until_its_hand_over(make_pool, registry):
+    """The scheduler waits for a request whose adapter is loading before it prefills others (Scheduler.loading):
+    the pool enters on_loading() before reading the adapter and posts the hand-over inside it, for the load its
+    request follows only."""
+    probe = make_pool(1 << 30)
+    events: list[str] = []
+
+    @contextmanager
+    def loading():
+        events.append("announced")
+        yield
+        events.append("left")
+
+    pool = AdapterPool(probe.engine, registry, device_budget=1 << 30, host_budget=1 << 30, on_loading=loading,
+                       on_engine=lambda fn, then_submit=False: events.append(f"hand-over {then_submit}") or fn())
+    pool.release(pool.acquire([pool.resolve("lora0"), pool.resolve("lora1")], then_submit=True))
+    assert events == ["hand-over False", "announced", "hand-over True", "left"]
+    events.clear()
+    pool.release(pool.acquire([pool.resolve("lora2")]))  # LoadAdapter-style: nothing follows
+    assert events == ["hand-over False"]
 
 
 def test_every_resident_byte_is_counted_while_a_load_settles(make_pool, registry):

@@ -1,6 +1,9 @@
 """The scheduler: continuous batching over the real engine, cancellation, calls between steps, failures."""
 from __future__ import annotations
 
+import queue
+import threading
+
 import pytest
 
 from server_support import served_model, wait_until
@@ -163,6 +166,66 @@ def test_a_failed_then_submit_call_does_not_wait_for_a_follow_up(scheduler, monk
     with pytest.raises(ValueError, match="does not fit"):
         scheduler.call(install, then_submit=True)
     assert _drain(long)[1].reason == "length"
+
+
+def _first_step(seen: list[set[str]], name: str) -> int:
+    return next(i for i, ids in enumerate(seen) if name in ids)
+
+
+@pytest.mark.timeout(120)
+def test_a_request_queued_while_an_adapter_loads_shares_a_prefill_with_the_loads_request(scheduler, monkeypatch):
+    """A forward reads all of the base's weights however few its rows: a request that came with one whose adapter
+    is loading waits for that load's hand-over, and the two are prefilled in one forward (graces of an hour: the
+    wait ends when the hand-over is posted, not by time)."""
+    monkeypatch.setattr("runtime.scheduler.LOAD_GRACE", 3600.0)
+    monkeypatch.setattr("runtime.scheduler.LOAD_STEP_SHARE", 1e9)
+    monkeypatch.setattr("runtime.scheduler.JOIN_GRACE", 3600.0)
+    seen = _steps_seen(scheduler)
+    long = scheduler.submit(_seq("long", "lora0", 3000))
+    long.events.get()  # decoding: the loop has timed a step
+    prefills = scheduler._batch.prefills
+    with scheduler.loading():
+        hit = scheduler.submit(_seq("hit", "ia3", 2))
+        with pytest.raises(queue.Empty):  # without the wait it would have its first token within a few steps
+            hit.events.get(timeout=1.0)
+        scheduler.call(lambda: None, then_submit=True)  # the load's hand-over
+        loaded = scheduler.submit(_seq("loaded", "lora0", 2))
+    assert _drain(hit)[1].reason == _drain(loaded)[1].reason == "length"
+    assert _first_step(seen, "hit") == _first_step(seen, "loaded")
+    assert scheduler._batch.prefills == prefills + 1
+    scheduler.cancel(long)
+    assert _drain(long)[1].reason == "cancelled"
+
+
+@pytest.mark.timeout(120)
+def test_the_requests_behind_installs_run_in_one_turn_join_one_prefill(scheduler, monkeypatch):
+    """Three loads hand over in one turn: the turn waits for all three requests, not only the first to come."""
+    monkeypatch.setattr("runtime.scheduler.LOAD_GRACE", 3600.0)
+    monkeypatch.setattr("runtime.scheduler.LOAD_STEP_SHARE", 1e9)
+    monkeypatch.setattr("runtime.scheduler.JOIN_GRACE", 3600.0)
+    seen = _steps_seen(scheduler)
+    long = scheduler.submit(_seq("long", "lora0", 3000))
+    long.events.get()
+    prefills = scheduler._batch.prefills
+    announced = threading.Barrier(3)
+    requests = {}
+
+    def load(name: str) -> None:
+        with scheduler.loading():
+            announced.wait()  # all three loads are in flight before any hands over
+            scheduler.call(lambda: None, then_submit=True)
+            requests[name] = scheduler.submit(_seq(name, "ia3", 2))
+
+    threads = [threading.Thread(target=load, args=(f"loaded{i}",)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [_drain(r)[1].reason for r in requests.values()] == ["length"] * 3
+    assert len({_first_step(seen, name) for name in requests}) == 1
+    assert scheduler._batch.prefills == prefills + 1
+    scheduler.cancel(long)
+    assert _drain(long)[1].reason == "cancelled"
 
 
 def test_a_then_submit_call_with_no_follow_up_only_pauses_the_batch_briefly(scheduler):
