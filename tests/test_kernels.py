@@ -428,6 +428,25 @@ def test_fused_cpu_a_rows_result_does_not_depend_on_its_neighbours(shape, act, w
                 f"use {u} ({name}): y alone differs from y in its run"
 
 
+def test_fused_cpu_rounds_a_bfloat16_y_as_torch_does():
+    """The fused kernels write a bfloat16 y in a vectorized loop of their own: y + a delta rounds to the nearest
+    bfloat16 (ties to even) exactly as torch rounds a float32 sum, inf stays inf and NaN stays NaN (its sign and
+    payload are c10's, which torch's own vectorized conversion does not keep). One use per row makes the delta
+    one product, so torch can compute the same sum."""
+    module = load_backend("cpu")
+    g = torch.Generator().manual_seed(12)
+    y = (torch.randn(40, 300, generator=g) * 100).to(torch.bfloat16)
+    y[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    v = torch.randn(3, 300, generator=g).to(torch.bfloat16)
+    rows, slots = torch.arange(40), torch.randint(0, 3, (40,), generator=g)
+    scale = torch.rand(40, generator=g) * 1e-2  # deltas near y's last bits: every rounding case comes up
+    out = y.clone()
+    module.gather_add(out, v, rows, slots, scale)
+    want = (y.float() + scale[:, None] * v[slots].float()).to(torch.bfloat16)
+    nan = want.isnan()
+    assert torch.equal(out.isnan(), nan) and torch.equal(bits(out[~nan]), bits(want[~nan]))
+
+
 CACHED = """
 import sys
 from runtime.kernels import cpu

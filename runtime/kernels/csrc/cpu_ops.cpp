@@ -237,6 +237,18 @@ HUB_CLONES void add_f32(float* out, const float* acc, int64_t n) {
   for (int64_t j = 0; j < n; ++j) out[j] += acc[j];
 }
 
+// out[j] = bfloat16(float(out[j]) + acc[j]) for a bfloat16 y, rounded as c10::BFloat16 rounds (to nearest even,
+// NaN to 0x7FC0), in a loop the compiler vectorizes (the conversion operator is not).
+HUB_CLONES void add_bf16(uint16_t* out, const float* acc, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float f = widen(out[j]) + acc[j];
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof u);
+    out[j] = f != f ? uint16_t{0x7FC0} : static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  }
+}
+
 // acc[j] += s * v[j] (float32 or bfloat16 v, contiguous).
 HUB_CLONES void axpy_f32(float s, const float* v, int64_t n, float* acc) {
 #pragma omp simd
@@ -434,6 +446,10 @@ void per_unit_block(at::Tensor& y, const Uses& u, const Units& units, int64_t wo
         const float* a = dst[q];
         if (s1 == 1 && !product && std::is_same<Y, float>::value) {  // the common case, in vector registers
           add_f32(reinterpret_cast<float*>(out) + c0, a, c1 - c0);
+          continue;
+        }
+        if (s1 == 1 && !product && std::is_same<Y, at::BFloat16>::value) {
+          add_bf16(reinterpret_cast<uint16_t*>(out) + c0, a, c1 - c0);
           continue;
         }
         if (s1 == 1 && !product) {  // as one loop the compiler vectorizes
