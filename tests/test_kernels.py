@@ -354,6 +354,99 @@ def test_fused_cpu_splits_large_calls_over_threads_exactly(dtype):
     assert unused and torch.equal(out[unused], y[unused])
 
 
+# Rows that share a slot: (tokens, d_in, d_out, r, run lengths). Widths of whole vectors (read in place) and
+# not, rank 1 to 16, a width past the kernel's 256-column blocks that is no multiple of its 32-column chunks, and
+# runs from one row to more than enough tiles to make the expand go by whole rows.
+RUN_SHAPES = [(64, 64, 48, 8, [1, 2, 3, 4, 5, 9]), (40, 40, 72, 4, [7, 6, 13, 1]), (80, 576, 300, 8, [64, 2, 3, 1]),
+              (24, 24, 16, 1, [4, 8, 2, 1, 3]), (36, 96, 40, 16, [17, 3, 10])]
+
+
+def runs_of(lengths: list[int], tokens: int, g: torch.Generator):
+    """Uses in runs of one slot (slot i for the i-th run), sorted by (slot, row) as the engine gives them, on
+    distinct rows, plus two uses stacked on one more row (a row with several uses goes its own way)."""
+    rows = torch.randperm(tokens, generator=g)[:sum(lengths) + 1]
+    slots = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    order = torch.argsort(slots * tokens + rows[:-1], stable=True)
+    rows = torch.cat([rows[:-1][order], rows[-1:].repeat(2)])
+    slots = torch.cat([slots, torch.tensor([0, len(lengths) - 1])])
+    return rows, slots, torch.rand(rows.shape[0], generator=g) * 4 - 2
+
+
+@pytest.mark.parametrize("act,wt", DTYPES, ids=lambda t: str(t).removeprefix("torch."))
+@pytest.mark.parametrize("shape", RUN_SHAPES, ids=lambda s: "x".join(map(str, s[:4])))
+def test_fused_cpu_rows_sharing_a_slot_equal_a_per_use_loop(shape, act, wt):
+    """The fused kernels compute the rows of a run of one slot several at a time (one load of the slot's
+    weights for several rows): the results are every use's, in both layouts of b."""
+    module = load_backend("cpu")
+    tokens, d_in, d_out, r, lengths = shape
+    g = torch.Generator().manual_seed(sum(lengths) + d_in)
+    x = torch.randn(tokens, d_in, generator=g).to(act)
+    y = torch.randn(tokens, d_out, generator=g).to(act)
+    a = (torch.randn(len(lengths), r, d_in, generator=g) / d_in ** 0.5).to(wt)
+    b = (torch.randn(len(lengths), d_out, r, generator=g) / r ** 0.5).to(wt)
+    rows, slots, scale = runs_of(lengths, tokens, g)
+    h = module.lora_shrink(x, a, rows, slots)
+    tol = act if wt == act else torch.float32
+    close(h, oracle_shrink(x, a, rows, slots), tol)
+    for layout in (b, b.transpose(1, 2).contiguous().transpose(1, 2)):
+        out = y.clone()
+        module.lora_expand(out, h, layout, rows, slots, scale)
+        close(out, oracle_expand(y, h, b, rows, slots, scale), act)
+
+
+@pytest.mark.parametrize("act,wt", DTYPES, ids=lambda t: str(t).removeprefix("torch."))
+@pytest.mark.parametrize("shape", RUN_SHAPES, ids=lambda s: "x".join(map(str, s[:4])))
+def test_fused_cpu_a_rows_result_does_not_depend_on_its_neighbours(shape, act, wt):
+    """A row computed alone and the same row inside a run of rows sharing its slot (at any place in the run,
+    the run any length) get the same bits: the kernels take several rows per load of the weights, but each
+    row's sums run in the order they run in alone. So a request's output does not depend on what else is in its
+    batch."""
+    module = load_backend("cpu")
+    tokens, d_in, d_out, r, lengths = shape
+    g = torch.Generator().manual_seed(7 * d_out + r)
+    x = torch.randn(tokens, d_in, generator=g).to(act)
+    y = torch.randn(tokens, d_out, generator=g).to(act)
+    a = (torch.randn(len(lengths), r, d_in, generator=g) / d_in ** 0.5).to(wt)
+    b_t = (torch.randn(len(lengths), r, d_out, generator=g) / r ** 0.5).to(wt).transpose(1, 2)
+    rows, slots, scale = runs_of(lengths, tokens, g)
+    h = module.lora_shrink(x, a, rows, slots)
+    layouts = {"b^T storage": b_t, "row-major b": b_t.contiguous()}
+    together = {}
+    for name, b in layouts.items():
+        together[name] = y.clone()
+        module.lora_expand(together[name], h, b, rows, slots, scale)
+    stacked = rows[-1].item()
+    for u in range(rows.shape[0] - 2):  # every use on a row of its own
+        one = (rows[u:u + 1], slots[u:u + 1])
+        alone = module.lora_shrink(x, a, *one)
+        assert torch.equal(bits(alone), bits(h[u:u + 1])), f"use {u}: h alone differs from h in its run"
+        for name, b in layouts.items():
+            out = y.clone()
+            module.lora_expand(out, alone, b, *one, scale[u:u + 1])
+            row = rows[u].item()
+            assert row != stacked and torch.equal(bits(out[row]), bits(together[name][row])), \
+                f"use {u} ({name}): y alone differs from y in its run"
+
+
+def test_fused_cpu_rounds_a_bfloat16_y_as_torch_does():
+    """The fused kernels write a bfloat16 y in a vectorized loop of their own: y + a delta rounds to the nearest
+    bfloat16 (ties to even) exactly as torch rounds a float32 sum, inf stays inf and NaN stays NaN (its sign and
+    payload are c10's, which torch's own vectorized conversion does not keep). One use per row makes the delta
+    one product, so torch can compute the same sum."""
+    module = load_backend("cpu")
+    g = torch.Generator().manual_seed(12)
+    y = (torch.randn(40, 300, generator=g) * 100).to(torch.bfloat16)
+    y[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    v = torch.randn(3, 300, generator=g).to(torch.bfloat16)
+    rows, slots = torch.arange(40), torch.randint(0, 3, (40,), generator=g)
+    scale = torch.rand(40, generator=g) * 1e-2  # deltas near y's last bits: every rounding case comes up
+    out = y.clone()
+    module.gather_add(out, v, rows, slots, scale)
+    want = (y.float() + scale[:, None] * v[slots].float()).to(torch.bfloat16)
+    nan = want.isnan()
+    assert torch.equal(out.isnan(), nan) and torch.equal(bits(out[~nan]), bits(want[~nan]))
+
+
 CACHED = """
 import sys
 from runtime.kernels import cpu

@@ -6,7 +6,8 @@ token per sequence, for prefill every token position flattened) and `slots` (ind
 dim 0 of a/b/v), and where it scales, a float `scale` of the same length. A row may appear in several uses
 (stacked adapters); rows in no use are never read from a slot and come out bit for bit unchanged, whatever
 the unused slots hold (NaN, inf). Callers give uses sorted by (slot, row) where they can: a run of one slot
-is a segment a backend may run as one GEMM.
+is rows that share its weights, which the fused CPU backend computes several at a time from one read of them,
+each row's sums in the order they take when it runs alone (a row's result never depends on its neighbours).
 
 - `lora_shrink(x [T, d_in], a [S, r, d_in], rows, slots) -> h [U, r]` float32: h[u] = a[slots[u]] @ x[rows[u]].
 - `lora_expand(y [T, d_out], h [U, r], b [S, d_out, r], rows, slots, scale)`, in place:

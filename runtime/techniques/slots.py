@@ -169,8 +169,8 @@ def slot_classes(uses: list[Use], site: str, device: torch.device, made: dict[tu
                  slot_of: Callable[[Use], Slot] | None = None) -> list[tuple[SlotBuffer, Indices]]:
     """Per slot buffer `uses` read at `site` (each use's payload there a `Slot`, or `slot_of(use)` where a payload
     holds more than one), the (row, slot, weight) index tensors of its entries, one per use. Entries go sorted by
-    (slot, row): a run of one slot is a segment the kernels may run as one GEMM. Equal entry lists (every
-    layer's q_proj, say) share tensors through `made`."""
+    (slot, row): the fused kernels take a run of one slot's rows a tile at a time, reading its weights once per
+    tile. Equal entry lists (every layer's q_proj, say) share tensors through `made`."""
     by_buffer: dict[int, tuple[SlotBuffer, list[tuple[int, int, float]]]] = {}
     for use in uses:
         placed = use.resident.sites[site] if slot_of is None else slot_of(use)

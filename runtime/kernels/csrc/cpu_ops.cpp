@@ -1,9 +1,12 @@
 // Fused CPU kernels for the kernel seam (runtime/kernels/__init__.py has the semantics, reference.py the
 // oracle). Each use reads its adapter's weights in place from the slot buffer (Punica's BGMV shape): no
 // gather of weights, no per-use temporaries beyond one activation row. Products accumulate in float32 and
-// every output element is rounded once into y's dtype, after all of its row's uses. Work is split over
-// uses (shrink) or over rows, or (row, column block) pairs when rows are few (expand, gathers), so no two
-// threads write one element.
+// every output element is rounded once into y's dtype, after all of its row's uses. Rows that share a slot (a
+// run of consecutive uses of one slot: callers sort uses by slot) are computed up to kTile at a time from one
+// load of the weights, each row's sums in exactly the order they take when the row runs alone: a row's result,
+// bit for bit, does not depend on how many other rows share its adapter. Work is split over such tiles of uses
+// (shrink) or over tiles of rows, or (tile, column block) pairs when they are few (expand; the gathers go by
+// row), so no two threads write one element.
 // The hot loops are compiled for AVX-512, AVX2 and plain x86-64 and picked at load (target_clones), so a
 // cached binary runs on any x86-64 CPU.
 #include <ATen/ATen.h>
@@ -31,30 +34,218 @@ namespace {
 constexpr int64_t kWork = 1 << 16;
 constexpr int64_t kBlock = 256;      // output columns per expand/gather task when rows are too few to split by
 
-// out[i] = sum_k w[i * ld + k] * x[k] for i < n: the weight rows are read where they lie.
-HUB_CLONES void gemv_f32(const float* w, int64_t n, int64_t k, int64_t ld, const float* x, float* out) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float* row = w + i * ld;
-    float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t j = 0; j < k; ++j) acc += row[j] * x[j];
-    out[i] = acc;
+#define HUB_INLINE inline __attribute__((always_inline))
+// The vector helpers below return 64-byte vectors; they are always inlined, so the warning that such a return
+// has another ABI without AVX-512 (the generic clones) concerns no call that exists.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+// Explicit vectors (GCC's extension: one zmm register under AVX-512, two ymm under AVX2, four xmm otherwise), so
+// that every element's arithmetic is spelled out lane by lane and no compiler choice (vector width, unrolling,
+// the order of a reduction) decides a sum's order.
+typedef float vf __attribute__((vector_size(64)));
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+typedef uint16_t vh __attribute__((vector_size(32)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+constexpr int64_t kVec = 16;
+
+HUB_INLINE vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+HUB_INLINE vf load(const uint16_t* p) {  // bfloat16 bits widened to float32
+  vh h;
+  std::memcpy(&h, p, sizeof h);
+  vu w = __builtin_convertvector(h, vu) << 16;
+  vf v;
+  std::memcpy(&v, &w, sizeof v);
+  return v;
+}
+
+HUB_INLINE void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+
+HUB_INLINE float widen(float v) { return v; }
+
+HUB_INLINE float widen(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// The last n < kVec elements of a row, the other lanes zero (nothing past the row is read).
+template <typename W>
+HUB_INLINE vf load_part(const W* p, int64_t n) {
+  W tmp[kVec] = {};
+  std::memcpy(tmp, p, n * sizeof(W));
+  return load(tmp);
+}
+
+// The sum of a dot product's lanes, always in this tree (halves, then quarters, then the last four pairwise).
+HUB_INLINE float hsum(vf v) {
+  vf8 lo, hi;
+  std::memcpy(&lo, &v, sizeof lo);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+  const vf8 s8 = lo + hi;
+  vf4 a, b;
+  std::memcpy(&a, &s8, sizeof a);
+  std::memcpy(&b, reinterpret_cast<const char*>(&s8) + sizeof a, sizeof b);
+  const vf4 s4 = a + b;
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+// Every dot product here runs one pattern: element j of a length-k dot goes to lane j % kVec of one vector
+// accumulator (starting at zero, j in order, the tail padded with zeros), and the lanes are summed by `hsum`.
+// dots_block computes N weight rows (stride ld) against R activation rows (x[t], float32, readable and zero up to a
+// multiple of kVec) at once: the R x N products are independent chains that one load of each weight vector
+// feeds, and each is the same chain, operation for operation, as when it runs alone (R = N = 1). So a row's
+// result does not depend on how many neighbours share its weights. out[t * os + m] = W[m, :] . x[t].
+template <int R, int N, typename W>
+HUB_INLINE void dots_block(const W* w, int64_t ld, int64_t k, const float* const* x, float* out, int64_t os) {
+  vf acc[N][R];
+  for (int m = 0; m < N; ++m)
+    for (int t = 0; t < R; ++t) acc[m][t] = vf{};
+  const int64_t full = k / kVec * kVec;
+  for (int64_t j = 0; j < full; j += kVec) {
+    vf wv[N];
+    for (int m = 0; m < N; ++m) wv[m] = load(w + m * ld + j);
+    for (int t = 0; t < R; ++t) {
+      const vf xv = load(x[t] + j);
+      for (int m = 0; m < N; ++m) acc[m][t] += wv[m] * xv;
+    }
+  }
+  if (full < k) {
+    vf wv[N];
+    for (int m = 0; m < N; ++m) wv[m] = load_part(w + m * ld + full, k - full);
+    for (int t = 0; t < R; ++t) {
+      const vf xv = load(x[t] + full);
+      for (int m = 0; m < N; ++m) acc[m][t] += wv[m] * xv;
+    }
+  }
+  for (int m = 0; m < N; ++m)
+    for (int t = 0; t < R; ++t) out[t * os + m] = hsum(acc[m][t]);
+}
+
+// out[t * os + i] = W[i, :] . x[t] for i < n weight rows, t < rows (1 to kTile). One row reads the weight rows one
+// at a time (a distinct adapter's weights stream from memory in one sweep); several read them in pairs.
+template <int R, typename W>
+HUB_INLINE void dots_rows(const W* w, int64_t n, int64_t k, int64_t ld, const float* const* x, float* out,
+                          int64_t os) {
+  int64_t i = 0;
+  if (R > 1)
+    for (; i + 2 <= n; i += 2) dots_block<R, 2>(w + i * ld, ld, k, x, out + i, os);
+  for (; i < n; ++i) dots_block<R, 1>(w + i * ld, ld, k, x, out + i, os);
+}
+
+constexpr int64_t kTile = 4;  // activation rows that share one load of their adapter's weights
+
+template <typename W>
+HUB_INLINE void dots(int64_t rows, const W* w, int64_t n, int64_t k, int64_t ld, const float* const* x, float* out,
+                     int64_t os) {
+  switch (rows) {
+    case 1: dots_rows<1>(w, n, k, ld, x, out, os); break;
+    case 2: dots_rows<2>(w, n, k, ld, x, out, os); break;
+    case 3: dots_rows<3>(w, n, k, ld, x, out, os); break;
+    default: dots_rows<kTile>(w, n, k, ld, x, out, os); break;
   }
 }
 
-// The same for bfloat16 weights (bits widened to float32 in registers).
-HUB_CLONES void gemv_bf16(const uint16_t* w, int64_t n, int64_t k, int64_t ld, const float* x, float* out) {
-  for (int64_t i = 0; i < n; ++i) {
-    const uint16_t* row = w + i * ld;
-    float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t j = 0; j < k; ++j) {
-      uint32_t bits = static_cast<uint32_t>(row[j]) << 16;
-      float v;
-      std::memcpy(&v, &bits, sizeof v);
-      acc += v * x[j];
+HUB_CLONES void dots_f32(int64_t rows, const float* w, int64_t n, int64_t k, int64_t ld, const float* const* x,
+                         float* out, int64_t os) {
+  dots(rows, w, n, k, ld, x, out, os);
+}
+
+HUB_CLONES void dots_bf16(int64_t rows, const uint16_t* w, int64_t n, int64_t k, int64_t ld, const float* const* x,
+                          float* out, int64_t os) {
+  dots(rows, w, n, k, ld, x, out, os);
+}
+
+// dst[t][c] += s[t * ss + 0] * v[c] + s[t * ss + 1] * v[ld + c] + ... for t < R rows: the r rows of v added in
+// row order, a chunk of columns at a time held in registers (dst loaded and stored once per chunk, not once per
+// row of v). Fresh: the chain starts from zero and its sum is added to dst at the end (dst is y itself);
+// otherwise it continues from dst (an accumulator that a row's several uses add into). Each loaded chunk of v
+// feeds all R rows, and each element's chain is the same whatever R is: a row's sum does not depend on its
+// neighbours.
+constexpr int64_t kChunk = 2 * kVec;
+
+template <int R, bool Fresh, typename B>
+HUB_INLINE void axpys_rows(const float* s, int64_t ss, int64_t r, const B* v, int64_t ld, int64_t n,
+                           float* const* dst) {
+  int64_t c0 = 0;
+  for (; c0 + kChunk <= n; c0 += kChunk) {
+    vf t0[R], t1[R];
+    for (int t = 0; t < R; ++t) {
+      t0[t] = Fresh ? vf{} : load(dst[t] + c0);
+      t1[t] = Fresh ? vf{} : load(dst[t] + c0 + kVec);
     }
-    out[i] = acc;
+    for (int64_t j = 0; j < r; ++j) {
+      const vf v0 = load(v + j * ld + c0), v1 = load(v + j * ld + c0 + kVec);
+      for (int t = 0; t < R; ++t) {
+        const float sj = s[t * ss + j];
+        t0[t] += sj * v0;
+        t1[t] += sj * v1;
+      }
+    }
+    for (int t = 0; t < R; ++t) {
+      store(dst[t] + c0, Fresh ? load(dst[t] + c0) + t0[t] : t0[t]);
+      store(dst[t] + c0 + kVec, Fresh ? load(dst[t] + c0 + kVec) + t1[t] : t1[t]);
+    }
+  }
+  for (int t = 0; t < R; ++t)
+    for (int64_t c = c0; c < n; ++c) {
+      float sum = Fresh ? 0.f : dst[t][c];
+      for (int64_t j = 0; j < r; ++j) sum += s[t * ss + j] * widen(v[j * ld + c]);
+      dst[t][c] = Fresh ? dst[t][c] + sum : sum;
+    }
+}
+
+template <bool Fresh, typename B>
+HUB_INLINE void axpys_tile(int64_t rows, const float* s, int64_t ss, int64_t r, const B* v, int64_t ld, int64_t n,
+                           float* const* dst) {
+  switch (rows) {
+    case 1: axpys_rows<1, Fresh>(s, ss, r, v, ld, n, dst); break;
+    case 2: axpys_rows<2, Fresh>(s, ss, r, v, ld, n, dst); break;
+    case 3: axpys_rows<3, Fresh>(s, ss, r, v, ld, n, dst); break;
+    default: axpys_rows<kTile, Fresh>(s, ss, r, v, ld, n, dst); break;
+  }
+}
+
+template <typename B>
+HUB_INLINE void axpys(bool fresh, int64_t rows, const float* s, int64_t ss, int64_t r, const B* v, int64_t ld,
+                      int64_t n, float* const* dst) {
+  if (fresh)
+    axpys_tile<true>(rows, s, ss, r, v, ld, n, dst);
+  else
+    axpys_tile<false>(rows, s, ss, r, v, ld, n, dst);
+}
+
+HUB_CLONES void axpys_f32(bool fresh, int64_t rows, const float* s, int64_t ss, int64_t r, const float* v,
+                          int64_t ld, int64_t n, float* const* dst) {
+  axpys(fresh, rows, s, ss, r, v, ld, n, dst);
+}
+
+HUB_CLONES void axpys_bf16(bool fresh, int64_t rows, const float* s, int64_t ss, int64_t r, const uint16_t* v,
+                           int64_t ld, int64_t n, float* const* dst) {
+  axpys(fresh, rows, s, ss, r, v, ld, n, dst);
+}
+
+// out[j] += acc[j]: a row's sum written into a float32 y.
+HUB_CLONES void add_f32(float* out, const float* acc, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] += acc[j];
+}
+
+// out[j] = bfloat16(float(out[j]) + acc[j]) for a bfloat16 y, rounded as c10::BFloat16 rounds (to nearest even,
+// NaN to 0x7FC0), in a loop the compiler vectorizes (the conversion operator is not).
+HUB_CLONES void add_bf16(uint16_t* out, const float* acc, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float f = widen(out[j]) + acc[j];
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof u);
+    out[j] = f != f ? uint16_t{0x7FC0} : static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
   }
 }
 
@@ -66,56 +257,44 @@ HUB_CLONES void axpy_f32(float s, const float* v, int64_t n, float* acc) {
 
 HUB_CLONES void axpy_bf16(float s, const uint16_t* v, int64_t n, float* acc) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    uint32_t bits = static_cast<uint32_t>(v[j]) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    acc[j] += s * f;
-  }
+  for (int64_t j = 0; j < n; ++j) acc[j] += s * widen(v[j]);
 }
 
-// acc[c] += s[0] * v[c] + s[1] * v[ld + c] + ... (r rows of v, added in row order), a chunk of columns at a
-// time held in registers: the r rows stream side by side and acc is loaded and stored once, not once per row.
-constexpr int64_t kChunk = 32;
-
-HUB_CLONES void axpys_f32(const float* s, int64_t r, const float* v, int64_t ld, int64_t n, float* acc) {
-  int64_t c0 = 0;
-  for (; c0 + kChunk <= n; c0 += kChunk) {
-    float t[kChunk];
+HUB_CLONES void widen_bf16(const uint16_t* src, int64_t n, float* dst) {
 #pragma omp simd
-    for (int64_t c = 0; c < kChunk; ++c) t[c] = acc[c0 + c];
-    for (int64_t j = 0; j < r; ++j) {
-      const float sj = s[j];
-      const float* vj = v + j * ld + c0;
-#pragma omp simd
-      for (int64_t c = 0; c < kChunk; ++c) t[c] += sj * vj[c];
-    }
-#pragma omp simd
-    for (int64_t c = 0; c < kChunk; ++c) acc[c0 + c] = t[c];
-  }
-  for (int64_t j = 0; j < r; ++j)
-    for (int64_t c = c0; c < n; ++c) acc[c] += s[j] * v[j * ld + c];
+  for (int64_t j = 0; j < n; ++j) dst[j] = widen(src[j]);
 }
 
+// dst[j] = src[j * stride] as float32, j < n.
 template <typename T>
 void to_float(const T* src, int64_t stride, int64_t n, float* dst) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j * stride]);
+  if (stride == 1 && std::is_same<T, float>::value) {
+    std::memcpy(dst, src, n * sizeof(float));
+  } else if (stride == 1 && std::is_same<T, at::BFloat16>::value) {
+    widen_bf16(reinterpret_cast<const uint16_t*>(src), n, dst);
+  } else {
+    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j * stride]);
+  }
 }
 
-// out[i] = W[i, :] . x for a [n, k] weight matrix with strides (si, sk), whatever its dtype and layout:
-// the fast loops when its rows are contiguous, else each row widened into `scratch` first.
+// Lengths of activation buffers that `dots` reads whole vectors of: k rounded up to a vector, the rest zero.
+int64_t padded(int64_t k) { return (k + kVec - 1) / kVec * kVec; }
+
+// out[t * os + i] = W[i, :] . x[t] for a [n, k] weight matrix with strides (si, sk), whatever its dtype and
+// layout, and `rows` activation rows (x[t], readable and zero from k up to `padded(k)`): the fast loops when its
+// rows are contiguous, else each weight row widened into `scratch` (room for k) first. Every way runs
+// `dots_block`'s one pattern.
 template <typename W>
-void gemv(const W* w, int64_t n, int64_t k, int64_t si, int64_t sk, const float* x, float* out,
-          std::vector<float>& scratch) {
+void gemv(int64_t rows, const W* w, int64_t n, int64_t k, int64_t si, int64_t sk, const float* const* x,
+          float* out, int64_t os, float* scratch) {
   if (sk == 1 && std::is_same<W, float>::value) {
-    gemv_f32(reinterpret_cast<const float*>(w), n, k, si, x, out);
+    dots_f32(rows, reinterpret_cast<const float*>(w), n, k, si, x, out, os);
   } else if (sk == 1 && std::is_same<W, at::BFloat16>::value) {
-    gemv_bf16(reinterpret_cast<const uint16_t*>(w), n, k, si, x, out);
+    dots_bf16(rows, reinterpret_cast<const uint16_t*>(w), n, k, si, x, out, os);
   } else {
-    scratch.resize(k);
     for (int64_t i = 0; i < n; ++i) {
-      to_float(w + i * si, sk, k, scratch.data());
-      gemv_f32(scratch.data(), 1, k, k, x, out + i);
+      to_float(w + i * si, sk, k, scratch);
+      dots_f32(rows, scratch, 1, k, k, x, out + i, os);
     }
   }
 }
@@ -179,58 +358,156 @@ Uses read_uses(const at::Tensor& rows, const at::Tensor& slots, const at::Tensor
   return u;
 }
 
-// Runs body(first use, end use, column begin, column end, float accumulator) over every (row group, column
-// block), in parallel, then writes y[row, block] once: y + acc for a sum (acc starts at 0), y * acc for a
-// product (acc starts at 1).
+// What the tasks of an op that writes rows go by: units, each a list of uses. A plain unit is one row's uses, in
+// their order; a tiled unit is up to kTile rows with one use each, all of one slot, computed side by side.
+struct Units {
+  std::vector<int64_t> members, starts;  // unit i: uses members[starts[i]], ..., members[starts[i + 1] - 1]
+  std::vector<uint8_t> tiled;
+};
+
+// One unit per row group.
+Units row_units(const Uses& u) {
+  Units out{u.order, u.starts, std::vector<uint8_t>(u.starts.empty() ? 0 : u.starts.size() - 1, 0)};
+  return out;
+}
+
+// Rows with one use each go kTile at a time while consecutive such uses (in the given order, which callers sort
+// by slot) name one slot; each row with several uses is a unit of its own.
+Units tiled_units(const Uses& u) {
+  Units out;
+  const int64_t groups = static_cast<int64_t>(u.starts.size()) - 1;
+  std::vector<uint8_t> alone(u.rows.size(), 0);
+  for (int64_t g = 0; g < groups; ++g)
+    if (u.starts[g + 1] - u.starts[g] == 1) alone[u.order[u.starts[g]]] = 1;
+  int64_t open = -1;  // the slot of the tiled unit being filled, if it may take more
+  for (size_t i = 0; i < u.rows.size(); ++i) {
+    if (!alone[i]) continue;
+    const int64_t size = static_cast<int64_t>(out.members.size()) - (out.starts.empty() ? 0 : out.starts.back());
+    if (open != u.slots[i] || size == kTile) {
+      out.starts.push_back(static_cast<int64_t>(out.members.size()));
+      out.tiled.push_back(1);
+      open = u.slots[i];
+    }
+    out.members.push_back(static_cast<int64_t>(i));
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    if (u.starts[g + 1] - u.starts[g] == 1) continue;
+    out.starts.push_back(static_cast<int64_t>(out.members.size()));
+    out.tiled.push_back(0);
+    out.members.insert(out.members.end(), u.order.begin() + u.starts[g], u.order.begin() + u.starts[g + 1]);
+  }
+  out.starts.push_back(static_cast<int64_t>(out.members.size()));
+  return out;
+}
+
+// Runs body(uses, count, tiled, column begin, column end, destinations, fresh, scratch) over every (unit, column
+// block), in parallel. A tiled unit's body adds one destination row per use, a plain one adds the row's uses
+// into one. Destinations are accumulators that start at 0 for a sum (y + acc is written after the body) or 1 for
+// a product (y * acc), except for tiled units when `direct`: then they are y's rows themselves (float32,
+// contiguous) and `fresh` tells the body to add its sum into them once. `scratch` is the task's to use as the
+// body likes (kept from unit to unit: no allocation per unit).
 template <typename Y, typename Body>
-void per_row_block(at::Tensor& y, const Uses& u, int64_t work_per_column, bool product, Body&& body) {
-  const int64_t groups = static_cast<int64_t>(u.starts.size()) - 1, cols = y.size(1);
-  if (groups <= 0 || cols == 0) return;
-  // Whole rows when the row groups alone give every thread several tasks: a use's weights then stream in one
-  // sweep (column blocks read each of a slot's r rows in short pieces, which the prefetchers follow badly).
-  const int64_t block = groups >= 4 * at::get_num_threads() ? cols : kBlock;
+void per_unit_block(at::Tensor& y, const Uses& u, const Units& units, int64_t work_per_column, bool product,
+                    bool direct, Body&& body) {
+  const int64_t count = static_cast<int64_t>(units.starts.size()) - 1, cols = y.size(1);
+  if (count <= 0 || cols == 0) return;
+  // Whole rows when the units alone give every thread several tasks: a use's weights then stream in one sweep
+  // (column blocks read each of a slot's r rows in short pieces, which the prefetchers follow badly).
+  const int64_t block = count >= 4 * at::get_num_threads() ? cols : kBlock;
   const int64_t blocks = (cols + block - 1) / block;
   Y* base = y.data_ptr<Y>();
   const int64_t s0 = y.stride(0), s1 = y.stride(1);
-  const int64_t grain = std::max<int64_t>(1, kWork / std::max<int64_t>(1, work_per_column * block));
-  at::parallel_for(0, groups * blocks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(block);
+  const int64_t per_unit = std::max<int64_t>(1, static_cast<int64_t>(u.rows.size()) / count);
+  const int64_t grain = std::max<int64_t>(1, kWork / std::max<int64_t>(1, work_per_column * block * per_unit));
+  at::parallel_for(0, count * blocks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(kTile * block), scratch;
+    float* dst[kTile];
     for (int64_t t = begin; t < end; ++t) {
       const int64_t g = t / blocks, c0 = (t % blocks) * block, c1 = std::min(cols, c0 + block);
-      const int64_t row = u.rows[u.order[u.starts[g]]];
-      Y* out = base + row * s0;
-      std::fill(acc.begin(), acc.end(), product ? 1.f : 0.f);
-      body(u.starts[g], u.starts[g + 1], c0, c1, acc.data());
-      if (s1 == 1 && !product) {  // the common case, as one loop the compiler vectorizes
-        for (int64_t j = c0; j < c1; ++j) out[j] = static_cast<Y>(static_cast<float>(out[j]) + acc[j - c0]);
+      const int64_t* uses = units.members.data() + units.starts[g];
+      const int64_t n = units.starts[g + 1] - units.starts[g];
+      const bool tiled = units.tiled[g];
+      if (tiled && direct) {
+        for (int64_t q = 0; q < n; ++q) dst[q] = reinterpret_cast<float*>(base + u.rows[uses[q]] * s0) + c0;
+        body(uses, n, tiled, c0, c1, dst, true, scratch);
         continue;
       }
-      for (int64_t j = c0; j < c1; ++j) {
-        const float old = static_cast<float>(out[j * s1]);
-        out[j * s1] = static_cast<Y>(product ? old * acc[j - c0] : old + acc[j - c0]);
+      const int64_t filled = tiled ? n : 1;
+      for (int64_t q = 0; q < filled; ++q) {
+        dst[q] = acc.data() + q * block;
+        if (product)
+          std::fill(dst[q], dst[q] + (c1 - c0), 1.f);
+        else
+          std::memset(dst[q], 0, (c1 - c0) * sizeof(float));
+      }
+      body(uses, n, tiled, c0, c1, dst, false, scratch);
+      for (int64_t q = 0; q < filled; ++q) {
+        Y* out = base + u.rows[uses[q]] * s0;
+        const float* a = dst[q];
+        if (s1 == 1 && !product && std::is_same<Y, float>::value) {  // the common case, in vector registers
+          add_f32(reinterpret_cast<float*>(out) + c0, a, c1 - c0);
+          continue;
+        }
+        if (s1 == 1 && !product && std::is_same<Y, at::BFloat16>::value) {
+          add_bf16(reinterpret_cast<uint16_t*>(out) + c0, a, c1 - c0);
+          continue;
+        }
+        if (s1 == 1 && !product) {  // as one loop the compiler vectorizes
+          for (int64_t j = c0; j < c1; ++j) out[j] = static_cast<Y>(static_cast<float>(out[j]) + a[j - c0]);
+          continue;
+        }
+        for (int64_t j = c0; j < c1; ++j) {
+          const float old = static_cast<float>(out[j * s1]);
+          out[j * s1] = static_cast<Y>(product ? old * a[j - c0] : old + a[j - c0]);
+        }
       }
     }
   });
 }
 
+// Uses [first, first + n) of one slot, consecutive in the given order, kTile at a time: the tasks of a shrink.
+std::vector<int64_t> slot_tiles(const Uses& u) {
+  std::vector<int64_t> starts;
+  for (size_t i = 0; i < u.slots.size(); ++i)
+    if (i == 0 || u.slots[i] != u.slots[i - 1] || static_cast<int64_t>(i) - starts.back() == kTile)
+      starts.push_back(static_cast<int64_t>(i));
+  starts.push_back(static_cast<int64_t>(u.slots.size()));
+  return starts;
+}
+
 at::Tensor lora_shrink(const at::Tensor& x, const at::Tensor& a, const at::Tensor& rows, const at::Tensor& slots) {
-  const int64_t n = rows.numel(), r = a.size(1), d = a.size(2);
+  const int64_t n = rows.numel(), r = a.size(1), d = a.size(2), dp = padded(d);
   Uses u = read_uses(rows, slots, nullptr, x.size(0), a.size(0), false);
   at::Tensor h = at::empty({n, r}, x.options().dtype(at::kFloat));
   if (n == 0 || r == 0) return h;
   float* hp = h.data_ptr<float>();
+  const std::vector<int64_t> tiles = slot_tiles(u);
+  const int64_t count = static_cast<int64_t>(tiles.size()) - 1;
   with_type(x.scalar_type(), "x", [&](auto* xt) {
     using X = std::remove_pointer_t<decltype(xt)>;
     with_type(a.scalar_type(), "a", [&](auto* at_) {
       using A = std::remove_pointer_t<decltype(at_)>;
       const X* xp = x.data_ptr<X>();
       const A* ap = a.data_ptr<A>();
-      const int64_t grain = std::max<int64_t>(1, kWork / std::max<int64_t>(1, r * d));
-      at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-        std::vector<float> xf(d), scratch;
-        for (int64_t i = begin; i < end; ++i) {
-          to_float(xp + u.rows[i] * x.stride(0), x.stride(1), d, xf.data());
-          gemv(ap + u.slots[i] * a.stride(0), r, d, a.stride(1), a.stride(2), xf.data(), hp + i * r, scratch);
+      const int64_t grain = std::max<int64_t>(1, kWork * count / std::max<int64_t>(1, r * d * n));
+      // float32 rows whose length is whole vectors are read where they lie, others copied and padded
+      const bool in_place = std::is_same<X, float>::value && x.stride(1) == 1 && d == dp;
+      at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
+        std::vector<float> xf(kTile * dp, 0.f), scratch(d);  // the tile's activation rows, zero-padded
+        const float* xr[kTile];
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t first = tiles[t], m = tiles[t + 1] - first;
+          for (int64_t q = 0; q < m; ++q) {
+            const X* row = xp + u.rows[first + q] * x.stride(0);
+            if (in_place) {
+              xr[q] = reinterpret_cast<const float*>(row);
+              continue;
+            }
+            to_float(row, x.stride(1), d, xf.data() + q * dp);
+            xr[q] = xf.data() + q * dp;
+          }
+          gemv(m, ap + u.slots[first] * a.stride(0), r, d, a.stride(1), a.stride(2), xr, hp + first * r, r,
+               scratch.data());
         }
       });
     });
@@ -241,35 +518,59 @@ at::Tensor lora_shrink(const at::Tensor& x, const at::Tensor& a, const at::Tenso
 void lora_expand(at::Tensor y, const at::Tensor& h, const at::Tensor& b, const at::Tensor& rows,
                  const at::Tensor& slots, const at::Tensor& scale) {
   Uses u = read_uses(rows, slots, &scale, y.size(0), b.size(0), true);
-  const int64_t r = b.size(2);
+  const int64_t r = b.size(2), rp = padded(r);
   at::Tensor hf = h.to(at::kFloat).contiguous();
   const float* hp = hf.data_ptr<float>();
+  const Units units = tiled_units(u);
   with_type(y.scalar_type(), "y", [&](auto* yt) {
     using Y = std::remove_pointer_t<decltype(yt)>;
     with_type(b.scalar_type(), "b", [&](auto* bt) {
       using B = std::remove_pointer_t<decltype(bt)>;
       const B* bp = b.data_ptr<B>();
-      // b as a transposed view of [S, r, d_out] storage (stride 1 along d_out): r contiguous rows added per use
-      // (float32 side by side, `axpys_f32`), no reductions; any other layout: one dot of length r per output
-      // column.
+      // b as a transposed view of [S, r, d_out] storage (stride 1 along d_out), float32 or bfloat16: r contiguous
+      // rows added side by side (`axpys_rows`), for all of a tiled unit's rows at once, no reductions. float16 in
+      // that layout: r axpys of the column block; any other layout: a dot of length r per output column; both a
+      // row at a time.
       const bool by_columns = b.stride(1) == 1;
-      per_row_block<Y>(y, u, r, false, [&](int64_t first, int64_t last, int64_t c0, int64_t c1, float* acc) {
-        std::vector<float> hs(r), part(by_columns ? 0 : c1 - c0), scratch;
-        for (int64_t k = first; k < last; ++k) {
-          const int64_t i = u.order[k];
-          const B* block = bp + u.slots[i] * b.stride(0) + c0 * b.stride(1);
-          for (int64_t j = 0; j < r; ++j) hs[j] = u.scale[i] * hp[i * r + j];
-          if (by_columns) {
-            if (std::is_same<B, float>::value) {
-              axpys_f32(hs.data(), r, reinterpret_cast<const float*>(block), b.stride(2), c1 - c0, acc);
-            } else {
-              for (int64_t j = 0; j < r; ++j) axpy(hs[j], block + j * b.stride(2), 1, c1 - c0, acc);
-            }
-            continue;
+      const bool fast = by_columns && (std::is_same<B, float>::value || std::is_same<B, at::BFloat16>::value);
+      // tiled units add straight into a float32 y's rows (no accumulator to clear, fill and add)
+      const bool direct = fast && std::is_same<Y, float>::value && y.stride(1) == 1;
+      per_unit_block<Y>(y, u, units, r, false, direct, [&](const int64_t* uses, int64_t n, bool tiled, int64_t c0,
+                                                           int64_t c1, float* const* dst, bool fresh,
+                                                           std::vector<float>& work) {
+        // the scaled h of up to kTile uses (rows of rp, zero-padded), then one column block of products, then what
+        // `gemv` widens a weight row into
+        work.resize(kTile * rp + (by_columns ? 0 : (c1 - c0) + r));
+        float* hs = work.data();
+        float* part = hs + kTile * rp;
+        // one add of the products of uses[0, m) into rows[0, m) (a tiled unit), or into rows[0] (m = 1)
+        auto add = [&](const int64_t* of, int64_t m, float* const* rows) {
+          for (int64_t q = 0; q < m; ++q)
+            for (int64_t j = 0; j < rp; ++j) hs[q * rp + j] = j < r ? u.scale[of[q]] * hp[of[q] * r + j] : 0.f;
+          const B* block = bp + u.slots[of[0]] * b.stride(0) + c0 * b.stride(1);
+          if (fast && std::is_same<B, float>::value) {
+            axpys_f32(fresh, m, hs, rp, r, reinterpret_cast<const float*>(block), b.stride(2), c1 - c0, rows);
+            return;
           }
-          gemv(block, c1 - c0, r, b.stride(1), b.stride(2), hs.data(), part.data(), scratch);
-          for (int64_t j = 0; j < c1 - c0; ++j) acc[j] += part[j];
+          if (fast) {
+            axpys_bf16(fresh, m, hs, rp, r, reinterpret_cast<const uint16_t*>(block), b.stride(2), c1 - c0, rows);
+            return;
+          }
+          for (int64_t q = 0; q < m; ++q) {
+            if (by_columns) {
+              for (int64_t j = 0; j < r; ++j) axpy(hs[q * rp + j], block + j * b.stride(2), 1, c1 - c0, rows[q]);
+              continue;
+            }
+            const float* hq = hs + q * rp;
+            gemv(1, block, c1 - c0, r, b.stride(1), b.stride(2), &hq, part, 1, part + (c1 - c0));
+            for (int64_t j = 0; j < c1 - c0; ++j) rows[q][j] += part[j];
+          }
+        };
+        if (tiled) {
+          add(uses, n, dst);
+          return;
         }
+        for (int64_t k = 0; k < n; ++k) add(uses + k, 1, dst);
       });
     });
   });
@@ -283,10 +584,12 @@ void gather_add(at::Tensor y, const at::Tensor& v, const at::Tensor& rows, const
     with_type(v.scalar_type(), "v", [&](auto* vt) {
       using V = std::remove_pointer_t<decltype(vt)>;
       const V* vp = v.data_ptr<V>();
-      per_row_block<Y>(y, u, 1, false, [&](int64_t first, int64_t last, int64_t c0, int64_t c1, float* acc) {
-        for (int64_t k = first; k < last; ++k) {
-          const int64_t i = u.order[k];
-          axpy(u.scale[i], vp + u.slots[i] * v.stride(0) + c0 * v.stride(1), v.stride(1), c1 - c0, acc);
+      per_unit_block<Y>(y, u, row_units(u), 1, false, false, [&](const int64_t* uses, int64_t n, bool, int64_t c0,
+                                                                 int64_t c1, float* const* dst, bool,
+                                                                 std::vector<float>&) {
+        for (int64_t k = 0; k < n; ++k) {
+          const int64_t i = uses[k];
+          axpy(u.scale[i], vp + u.slots[i] * v.stride(0) + c0 * v.stride(1), v.stride(1), c1 - c0, dst[0]);
         }
       });
     });
@@ -300,10 +603,12 @@ void gather_mul(at::Tensor y, const at::Tensor& v, const at::Tensor& rows, const
     with_type(v.scalar_type(), "v", [&](auto* vt) {
       using V = std::remove_pointer_t<decltype(vt)>;
       const V* vp = v.data_ptr<V>();
-      per_row_block<Y>(y, u, 1, true, [&](int64_t first, int64_t last, int64_t c0, int64_t c1, float* acc) {
-        for (int64_t k = first; k < last; ++k) {
-          const V* src = vp + u.slots[u.order[k]] * v.stride(0) + c0 * v.stride(1);
-          for (int64_t j = 0; j < c1 - c0; ++j) acc[j] *= static_cast<float>(src[j * v.stride(1)]);
+      per_unit_block<Y>(y, u, row_units(u), 1, true, false, [&](const int64_t* uses, int64_t n, bool, int64_t c0,
+                                                                int64_t c1, float* const* dst, bool,
+                                                                std::vector<float>&) {
+        for (int64_t k = 0; k < n; ++k) {
+          const V* src = vp + u.slots[uses[k]] * v.stride(0) + c0 * v.stride(1);
+          for (int64_t j = 0; j < c1 - c0; ++j) dst[0][j] *= static_cast<float>(src[j * v.stride(1)]);
         }
       });
     });
