@@ -21,13 +21,16 @@ replies to the examples' prompts (--metric generate: what exact_match and contai
 Loading each adapter is timed with its pass; the copy of the base PEFT gets for each adapter is not.
 Prints the largest loss difference from the engine's (generate: the share of replies equal to the engine's),
 each way's wall and CPU seconds with the ratios on CPU seconds (see `Clock`; run with --threads 1 on a shared
-machine), and the multiply-adds each way computed (`Work`).
+machine), the forwards, positions and multiply-adds each way computed, the forwards of one token per row
+(decode steps) and of more apart with their CPU seconds (`Work`), and the fewest forwards and positions any
+grouping of the rows needs at that batch size (`fewest`).
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -199,31 +202,74 @@ def peft_generate(model, tokenizer, folders: dict[str, Path], items, batch_size:
 
 
 class Work:
-    """Token positions a model's decoder layers and its vocabulary head compute (padding and soft prompts
-    included): the multiply-adds of a pass are about layers x body weights + head x head weights, whatever
-    adapter each row carries, so these bound what any way of grouping the rows can gain."""
+    """Forwards, and token positions a model's decoder layers and its vocabulary head compute (padding and soft
+    prompts included): the multiply-adds of a pass are about layers x body weights + head x head weights,
+    whatever adapter each row carries, so these bound what any way of grouping the rows can gain; and on a CPU
+    each forward also costs a read of all the weights, whatever its rows, so the forwards count too. Forwards of
+    one token per row (decode steps) and of more (prefills, scoring) are counted apart, each with the CPU seconds
+    from the first decoder layer to the end of the vocabulary head."""
+
+    KINDS = ("one token per row", "more tokens per row")
 
     def __init__(self, model):
         self.layers = self.head = 0
+        self.kinds = {kind: {"forwards": 0, "rows": 0, "positions": 0, "cpu_s": 0.0} for kind in self.KINDS}
+        self._kind = self.KINDS[0]
+        self._started = 0.0
         body = model.get_decoder().layers
         self.body_params = sum(p.numel() for p in body.parameters())
         self.head_params = model.get_output_embeddings().weight.numel()
         # plain functions, not bound methods: deepcopy (PEFT's fresh base per adapter) keeps them pointing here
         body[0].register_forward_pre_hook(lambda m, args, kwargs: self._count_layers(args, kwargs), with_kwargs=True)
         model.get_output_embeddings().register_forward_pre_hook(lambda m, args: self._count_head(args))
+        model.get_output_embeddings().register_forward_hook(lambda m, args, out: self._stop())
 
     def _count_layers(self, args, kwargs) -> None:
         x = args[0] if args else kwargs["hidden_states"]
         self.layers += x.shape[0] * x.shape[1]
+        self._kind = self.KINDS[x.shape[1] != 1]
+        kind = self.kinds[self._kind]
+        kind["forwards"] += 1
+        kind["rows"] += x.shape[0]
+        kind["positions"] += x.shape[0] * x.shape[1]
+        self._started = time.process_time()
 
     def _count_head(self, args) -> None:
         self.head += args[0].shape[0] * args[0].shape[1]
 
-    def take(self) -> float:
-        """Multiply-adds counted since the last take."""
-        done = self.layers * self.body_params + self.head * self.head_params
+    def _stop(self) -> None:
+        self.kinds[self._kind]["cpu_s"] += time.process_time() - self._started
+
+    def take(self) -> dict:
+        """Multiply-adds, forwards and positions (through the decoder layers), and per kind of forward its
+        forwards, rows, positions and CPU seconds, counted since the last take."""
+        done = {"multiply_adds": float(self.layers * self.body_params + self.head * self.head_params),
+                "forwards": sum(k["forwards"] for k in self.kinds.values()), "positions": self.layers,
+                "kinds": self.kinds}
         self.layers = self.head = 0
-        return float(done)
+        self.kinds = {kind: {"forwards": 0, "rows": 0, "positions": 0, "cpu_s": 0.0} for kind in self.KINDS}
+        return done
+
+
+def soft_tokens(folders: dict[str, Path]) -> dict[str, int]:
+    """Soft-prompt tokens each adapter puts before a row's tokens (0 but for prompt tuning)."""
+    configs = {name: json.loads((folder / "adapter_config.json").read_text()) for name, folder in folders.items()}
+    return {name: c.get("num_virtual_tokens", 0) if c.get("peft_type") == "PROMPT_TUNING" else 0
+            for name, c in configs.items()}
+
+
+def fewest(items, soft: dict[str, int], batch_size: int, decode_rows: int | None) -> tuple[int, int]:
+    """(forwards, positions) no grouping of the (plan, example) rows, `batch_size` to a forward, can go below:
+    every row's prompt and soft prompt (and, scoring, its reply) once, and for generation each row's tokens
+    after its first once more, one position per decode step it takes part in (`decode_rows`: the engine's
+    count, which computes no row past its last token)."""
+    plans = [0, *soft.values()]  # the bare base, then each adapter
+    rows = len(items) * len(plans)
+    if decode_rows is None:
+        positions = sum(len(e.prompt_ids) + len(e.reply_ids) + s for e in items for s in plans)
+        return math.ceil(rows / batch_size), positions
+    positions = sum(len(e.prompt_ids) + s for e in items for s in plans) + decode_rows
+    return math.ceil(rows / batch_size) + math.ceil(decode_rows / batch_size), positions
 
 
 def main() -> None:
@@ -255,6 +301,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folders = {name: ROOT / "examples" / "adapters" / name for name in DEMO}
         folders.update(made_adapters(peft_base, Path(tmp)))
+        soft = soft_tokens(folders)
         engine = Engine(model, tokenizer)
         if generate:
             def ours_fn(rows):
@@ -299,19 +346,29 @@ def main() -> None:
         print(f"\n{len(folders)} adapters + base, {len(items)} examples ({tokens} reply tokens each), "
               f"batch {args.batch_size}, {torch.get_num_threads()} threads; largest loss difference {diff:.2e}")
         figures = {"max_loss_diff": diff, "losses": {"engine": ours, **peers}}
+    decode_rows = work["engine"]["kinds"][Work.KINDS[0]]["rows"]
+    least = fewest(items, soft, args.batch_size, decode_rows if generate else None)
+    print(f"fewest possible at {args.batch_size} rows per forward: {least[0]} forwards, {least[1]} positions")
     one, many = ("prompt/generate call", "prompts/generate call") if generate else ("example/forward", "examples/forward")
     ways = {"engine": "engine, one mixed pass", "peft_one_by_one": f"PEFT one after another, 1 {one}",
             "peft_batched": f"PEFT one after another, {args.batch_size} {many}"}
+    macs = {k: w["multiply_adds"] for k, w in work.items()}
     timing = [[way, f"{clocks[k].wall:.1f}", f"{clocks[k].cpu:.1f}", f"{clocks[k].cpu / engine_clock.cpu:.2f}",
-               f"{work[k] / 1e9:.0f}", f"{work[k] / work['engine']:.2f}"] for k, way in ways.items() if k in clocks]
-    print(table(["way", "wall s", "CPU s", "x engine CPU", "G multiply-adds", "x engine's"], timing))
+               str(work[k]["forwards"]), str(work[k]["positions"]), f"{macs[k] / 1e9:.0f}",
+               f"{macs[k] / macs['engine']:.2f}"] for k, way in ways.items() if k in clocks]
+    print(table(["way", "wall s", "CPU s", "x engine CPU", "forwards", "positions", "G multiply-adds", "x engine's"],
+                timing))
+    kinds = [[way, kind, *(str(work[k]["kinds"][kind][n]) for n in ("forwards", "rows", "positions")),
+              f"{work[k]['kinds'][kind]['cpu_s']:.1f}"]
+             for k, way in ways.items() if k in clocks for kind in Work.KINDS if work[k]["kinds"][kind]["forwards"]]
+    print(table(["way", "forwards of", "forwards", "rows", "positions", "CPU s in them"], kinds))
     load = os.getloadavg()[:2]
     print(f"load average (1, 5 min) at the end: {load[0]:.2f}, {load[1]:.2f} on {os.cpu_count()} CPUs")
     write_json(out_path, {"metric": args.metric, "examples": len(items), "adapters": list(folders),
                           "batch_size": args.batch_size, "threads": torch.get_num_threads(),
                           "load_average_at_end": load, "cpus": os.cpu_count(),
                           "wall_s": {k: c.wall for k, c in clocks.items()}, "cpu_s": {k: c.cpu for k, c in clocks.items()},
-                          "multiply_adds": work,
+                          "work": work, "fewest": {"forwards": least[0], "positions": least[1]},
                           **figures})
     print(json.dumps({"engine_cpu_s": round(engine_clock.cpu, 1),
                       **{f"ratio_{k[5:]}": round(clocks[k].cpu / engine_clock.cpu, 2) for k in peers}}))

@@ -60,14 +60,17 @@ def next_tokens(logits: torch.Tensor, params: list[SamplingParams],
                 generators: list[torch.Generator]) -> list[int | None]:
     """One token per row from last-position logits (rows, vocab); None for a row whose logits are not all
     finite (no token can be chosen from them: argmax of NaN is token 0, and multinomial raises). The greedy
-    rows' argmax is one op and the sampled rows' logits come to the CPU in one copy: on a GPU, one transfer
-    each instead of one per row."""
+    rows take two reductions, their max (with its first index, argmax's token; NaN and inf come out as the max)
+    and their min (for -inf), where an elementwise finiteness test would write and read a mask as large as the
+    logits every step; the sampled rows' logits come to the CPU in one copy: on a GPU, one transfer each
+    instead of one per row."""
     tokens: list[int | None] = [None] * len(params)
     greedy = [i for i, p in enumerate(params) if p.temperature == 0]
     sampled = [i for i, p in enumerate(params) if p.temperature != 0]
     if greedy:
         rows = logits if len(greedy) == len(params) else logits[greedy]  # all greedy (the usual case): no copy
-        picks = torch.where(torch.isfinite(rows).all(-1), rows.argmax(-1), -1)
+        best, picks = rows.max(-1)
+        picks = torch.where(torch.isfinite(best) & torch.isfinite(rows.amin(-1)), picks, -1)
         for i, token in zip(greedy, picks.tolist()):
             tokens[i] = token if token >= 0 else None
     if sampled:

@@ -401,6 +401,18 @@ def test_next_tokens_gives_each_row_what_it_gets_alone():
     assert next_tokens(logits[:1], [params[0]], [generator_for(params[0])]) == [int(logits[0].argmax())]
 
 
+def test_greedy_rows_take_the_first_best_token_and_none_from_any_non_finite_logit():
+    """The greedy pick is the first of tied best tokens (argmax's, as `generate` picks), and a row with NaN, inf
+    or -inf anywhere, not only at its best token, gets no token."""
+    from runtime.sampling import generator_for, next_tokens
+
+    nan, inf = float("nan"), float("inf")
+    logits = torch.tensor([[0.0, 2.0, 1.0, 2.0], [0.0, 2.0, -inf, 1.0], [nan, 2.0, 0.0, 1.0],
+                           [0.0, 2.0, inf, 1.0], [-3.0, -1.0, -1.0, -2.0]])
+    params = [SamplingParams() for _ in range(len(logits))]
+    assert next_tokens(logits, params, [generator_for(p) for p in params]) == [1, None, None, None, 1]
+
+
 def test_seeded_sampling_is_reproducible_and_batch_independent(engine):
     params = dict(temperature=0.9, top_p=0.9, top_k=50, seed=1234)
     a = run(engine, [seq(0, **params)])["0"]
