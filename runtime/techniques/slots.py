@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import threading
 import weakref
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
@@ -107,6 +108,8 @@ class SlotStore:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.buffers: dict[tuple[str, Any], SlotBuffer] = {}
+        # slots given back while the lock was taken (`free`), put back by the next locked section
+        self._returned: deque[list[tuple[SlotBuffer, int]]] = deque()
 
     def fill(self, groups: Sequence[tuple[str, tuple[torch.Tensor | Scaled, ...]]]) -> list[tuple[SlotBuffer, int]]:
         """Copy each group (a site and one adapter's tensors there, of one dtype) into a free slot of the buffer
@@ -120,6 +123,7 @@ class SlotStore:
         scales: list[float] = []
         taken = []
         with self._lock:
+            self._put_back_locked()
             for site, tensors in groups:
                 plain = [t.tensor if isinstance(t, Scaled) else t for t in tensors]
                 layout = (site, (tuple(tuple(t.shape) for t in plain), plain[0].dtype))
@@ -140,8 +144,22 @@ class SlotStore:
         return taken
 
     def free(self, held: list[tuple[SlotBuffer, int]]) -> None:
-        """Give back these slots (emptying the list, so a second call frees nothing twice)."""
-        with self._lock:
+        """Give back these slots (emptying the list, so a second call frees nothing twice).
+
+        Never waits for the lock: `place`'s finalizer calls this from the garbage collector, which runs at any
+        allocation of any thread, also inside this store's own locked sections, where waiting would hang that
+        thread for good. Slots given back while the lock is taken go back at the next locked section, which
+        every reader of the free lists and byte counts starts with."""
+        self._returned.append(held)  # atomic: no lock needed
+        if self._lock.acquire(blocking=False):
+            try:
+                self._put_back_locked()
+            finally:
+                self._lock.release()
+
+    def _put_back_locked(self) -> None:
+        while self._returned:
+            held = self._returned.popleft()
             while held:
                 buffer, slot = held.pop()
                 buffer.put(slot)
@@ -150,11 +168,13 @@ class SlotStore:
         """Every buffer's tensors now: what a captured decode graph (runtime/graphs.py) keeps alive, so a buffer
         that grows while a replay is on its way leaves the old tensor readable until the graph goes."""
         with self._lock:
+            self._put_back_locked()
             return [part for buffer in self.buffers.values() for part in buffer.parts]
 
     def bytes(self) -> tuple[int, int]:
         """(bytes in occupied slots, bytes allocated) over every buffer."""
         with self._lock:
+            self._put_back_locked()
             used = total = 0
             for buffer in self.buffers.values():
                 used += buffer.slot_bytes * (buffer.capacity - len(buffer.free))
