@@ -9,7 +9,8 @@ tag moved by a new push is served by the next request naming it (cache key = nam
 sha256 is not the resolved manifest's, a version removed and pushed again with other content, is replaced).
 
 Disk reads, parsing, the base-fingerprint check and the adapter's device copies (`Engine.prepare`)
-run in the caller's thread (a request handler), never in the decode loop, while the files' sha256 runs
+run in the caller's thread (a request handler), never in the decode loop, and on that thread alone
+(`runtime.cpu_threads.serial`: torch's other threads are the decode loop's), while the files' sha256 runs
 in another thread (and must match before the adapter is installed); only the engine's install/unload
 calls go through `on_engine`, which the server points at the scheduler so they run between two batch
 steps (a dict update and module wraps: the running batch barely pauses). A load whose request follows its
@@ -41,6 +42,7 @@ from hub.registry import Registry
 from hub.remotes import Remote
 from runtime import errors
 from runtime.contracts import AdapterSource, PoolEngine, ServedManifest
+from runtime.cpu_threads import serial
 from runtime.errors import (Cancelled, DamagedData, InvalidArgument, NoRoom, ServeError, TooLarge, Unavailable,
                             Unusable, WrongBase)
 from runtime.merged import MergedManifest
@@ -211,6 +213,7 @@ class AdapterPool:
         return current if current is not None else ref
 
     # -- acquiring and releasing -------------------------------------------------------------------
+    @serial()
     def acquire(self, manifests: Iterable[ServedManifest], *, pin: bool = False, then_submit: bool = False,
                 alive: Callable[[], bool] = lambda: True) -> Lease:
         """Put every adapter on the device and hold it there until `release` (all or none).

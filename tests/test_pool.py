@@ -500,3 +500,19 @@ def test_the_budget_counts_ia3_and_bitfit_slot_bytes_and_eviction_frees_them(mak
         if entry.tier is Tier.DEVICE:
             pool.unload(entry.key)
     assert store.bytes()[0] == pool.device_used() == 0
+
+
+def test_a_load_runs_its_torch_ops_on_the_callers_thread_alone(make_pool):
+    """Loads run beside the decode loop: their copies keep to the request's thread (runtime/cpu_threads.py), and
+    the caller's own thread count is as it was afterwards."""
+    pool = make_pool(1 << 30)
+    threads, seen = torch.get_num_threads(), []
+    prepare = pool.engine.prepare
+
+    def probed(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return prepare(*args, **kwargs)
+
+    pool.engine.prepare = probed
+    _use(pool, "lora0")
+    assert seen == [1] and torch.get_num_threads() == threads
