@@ -45,13 +45,15 @@ def _controls() -> tuple[Callable[[], int] | None, Callable[[int], None] | None,
 
 
 def _loaded_openmp() -> ctypes.CDLL | None:
-    """The OpenMP runtime this process has loaded (torch's), opened again by path: the same library."""
+    """The OpenMP runtime this process has loaded (torch's, if several are), opened again by path: the same
+    library, not a second copy."""
     try:
         with open("/proc/self/maps") as maps:
             paths = {line.split()[-1] for line in maps if _OPENMP.search(line.rstrip())}
     except OSError:
         return None
-    for path in sorted(paths):
+    torch_lib = str(Path(torch.__file__).parent / "lib")
+    for path in sorted(paths, key=lambda p: (not p.startswith(torch_lib), p)):  # torch's own copy first
         try:
             return ctypes.CDLL(path)
         except OSError:
