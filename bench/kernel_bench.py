@@ -195,7 +195,7 @@ def compile_stacked(residents: list[Resident], rows: range, layers: int, dtype, 
     """Today's compile of a segment of `rows` (a join compiles its joining rows): the stacks and ops."""
     site_uses = {site_name(layer, p): [Use(i - rows.start, residents[i % len(residents)], 1.0) for i in rows]
                  for layer in range(layers) for p in SHAPES}
-    batch = BatchInfo(len(rows), ("stack",) * len(rows), torch.device(device), dtype)
+    batch = BatchInfo(len(rows), ("stack",) * len(rows), torch.device(device), dtype, reference)  # (unused there)
     return compile_all(site_uses, batch)
 
 

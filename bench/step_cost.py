@@ -3,8 +3,10 @@ CPU kernels (runtime/kernels/csrc/cpu_ops.cpp as it is, and e.g. an older copy t
 
 1. Step: an engine holding only the adapters in use (bench/decode_step.py's random base and LoRAs, r=8, all
    projections), --rows rows: the base alone, every row its own adapter (--rows distinct ones), and one adapter
-   shared by every row. Each step is timed in this process's CPU time, with the seam's `lora_shrink` and
-   `lora_expand` wrapped in CPU timers ("LoRA ops", their Python included); "rest" is the step less them.
+   shared by every row. Each step is timed in this process's CPU time, with the backend's `lora` calls wrapped in
+   CPU timers ("LoRA ops"); "rest" is the step less them. Beside the builds, two stand-in backends: "reading the
+   bytes" only reads the slots each call names (`torch.sum`), the floor of any kernel, since every distinct
+   adapter's bytes must be read; "calls only" returns at once, what the calls themselves cost.
 2. Kernels: one decode step's shrink and expand calls at the same shapes on their own (a slot buffer of
    --rows adapters per site, each layer its own, so weights stream from memory as in a model), against
    `torch.sum` reading the same buffers: how close the kernels come to reading their bytes.
@@ -35,7 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import table  # noqa: E402
 from decode_step import SHAPES, lora_adapters, random_base  # noqa: E402
 
-from runtime import kernels  # noqa: E402
 from runtime.engine import Engine  # noqa: E402
 from runtime.generate import Batch, Row, SamplingParams  # noqa: E402
 from runtime.kernels import cpu  # noqa: E402
@@ -60,25 +61,43 @@ def build(name: str, source: str) -> ModuleType:
                               extra_ldflags=cpu.LDFLAGS, build_directory=str(folder))
 
 
-class OpTimer:
-    """CPU seconds spent in the seam's LoRA ops since the last `reset`."""
+class StandIn:
+    """A stand-in backend for the LoRA op: with `read`, each call reads the slots its uses name (`torch.sum` over
+    the run from the first use's slot to the last one's, of A and of B: uses come sorted by slot, and in this
+    script's engine that run is exactly the slots in use) and adds nothing, the floor of any kernel that must read
+    each distinct adapter's bytes; without, it only returns: what the calls themselves cost."""
 
-    def __init__(self) -> None:
+    def __init__(self, read: bool):
+        self.read = read
+
+    def lora(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor,
+             slots: torch.Tensor, scale: torch.Tensor) -> None:
+        if self.read:
+            first, last = slots[0].item(), slots[-1].item() + 1
+            a[first:last].sum()
+            b[first:last].sum()
+
+
+class Timed:
+    """A backend whose LoRA calls add their CPU seconds to `seconds` (a build of an older source without the fused
+    `lora` runs its two halves)."""
+
+    def __init__(self, module: ModuleType | StandIn):
+        self.module = module
         self.seconds = 0.0
-        for name in ("lora_shrink", "lora_expand"):
-            setattr(kernels, name, self._timed(getattr(kernels, name)))
 
-    def _timed(self, op: Callable) -> Callable:
-        def timed(*args):
-            start = time.process_time()
-            try:
-                return op(*args)
-            finally:
-                self.seconds += time.process_time() - start
-        return timed
+    def lora(self, x, y, a, b, rows, slots, scale) -> None:
+        start = time.process_time()
+        try:
+            if hasattr(self.module, "lora"):
+                self.module.lora(x, y, a, b, rows, slots, scale)
+            else:
+                self.module.lora_expand(y, self.module.lora_shrink(x, a, rows, slots), b, rows, slots, scale)
+        finally:
+            self.seconds += time.process_time() - start
 
 
-def step_parts(engine: Engine, plans: list[RowPlan], steps: int, ops: OpTimer) -> tuple[float, float]:
+def step_parts(engine: Engine, plans: list[RowPlan], steps: int, ops: Timed) -> tuple[float, float]:
     """Median (step, LoRA ops) CPU seconds of `steps` decode steps of a batch of these plans."""
     batch = Batch(engine, max_rows=len(plans))
     for i, plan in enumerate(plans):
@@ -101,18 +120,19 @@ def step_level(args, builds: dict[str, ModuleType], folder: str) -> None:
     engine = Engine(model)
     for i, adapter in enumerate(lora_adapters(config, args.rows, SHAPES["all"], seed=1)):
         engine.load(f"a{i}", adapter)
-    ops = OpTimer()
     plans = {"base": [RowPlan()] * args.rows,
              f"{args.rows} distinct": [RowPlan((AdapterUse(f"a{i}"),)) for i in range(args.rows)],
              "one shared": [RowPlan((AdapterUse("a0"),))] * args.rows}
-    first = next(iter(builds))
+    timed = {label: Timed(module) for label, module in
+             {**builds, "reading the bytes": StandIn(read=True), "calls only": StandIn(read=False)}.items()}
+    first = next(iter(timed))
     runs: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for _ in range(args.repeats):
         for name, rows in plans.items():
-            for label, module in builds.items():
+            for label, ops in timed.items():
                 if name == "base" and label != first:
                     continue  # the base makes no kernel call: once per repeat
-                cpu._state["module"] = module  # the seam's backend on this CPU is now this build
+                cpu._state["module"] = ops  # the seam's backend on this CPU is now this build, timed
                 runs.setdefault((name, "" if name == "base" else label), []).append(
                     step_parts(engine, rows, args.steps, ops))
     base = statistics.median(step for step, _ in runs[("base", "")])

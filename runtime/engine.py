@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import threading
 from collections import OrderedDict
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -87,7 +88,8 @@ class Engine:
         self._context = _Context()
         self._residents: dict[str, Resident] = {}
         self._wrapped: set[str] = set()
-        self._batch_ops: OrderedDict[tuple[RowPlan, ...], dict[str, SiteOps]] = OrderedDict()
+        # keyed by the kernels' backend too: ops call the backend they were built with
+        self._batch_ops: OrderedDict[tuple[ModuleType, tuple[RowPlan, ...]], dict[str, SiteOps]] = OrderedDict()
         self._lock = threading.RLock()
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         # the kernels' backend now (a fused CPU build or load costs seconds), not in a running batch's first step
@@ -200,13 +202,14 @@ class Engine:
         stage: index tensors into slot buffers, kept for the last few batches (a decode step and a join's
         prefill). A join, leave or cancel costs one of these, never a copy of adapter bytes."""
         with self._lock:
-            key = tuple(plans)
+            backend = kernels.backend(self.device)
+            key = (backend, tuple(plans))
             hit = self._batch_ops.get(key)
             if hit is not None:
                 self._batch_ops.move_to_end(key)
                 return hit
             by_technique = self._uses(plans)
-            batch = BatchInfo(len(plans), tuple(p.mode for p in plans), self.device, self.dtype)
+            batch = BatchInfo(len(plans), tuple(p.mode for p in plans), self.device, self.dtype, backend)
             ops: dict[str, SiteOps] = {}
             # in the table's order, so a module runs its ops of one stage in one order whatever the rows' plans
             # (IA3's scaling of an output before the bottleneck block there)

@@ -301,6 +301,6 @@ def _signature(obj: Any, tensors: list[torch.Tensor], seen: dict[int, int] | Non
         return (type(obj).__name__, *(_signature(item, tensors, seen) for item in obj))
     if isinstance(obj, dict):
         return ("dict", *((k, _signature(v, tensors, seen)) for k, v in obj.items()))
-    if hasattr(obj, "__dict__") and not isinstance(obj, (type, types.FunctionType, types.MethodType)):
+    if hasattr(obj, "__dict__") and not isinstance(obj, (type, types.FunctionType, types.MethodType, types.ModuleType)):
         return (type(obj).__qualname__, *((k, _signature(v, tensors, seen)) for k, v in vars(obj).items()))
-    return ("object", id(obj))  # anything else (a function, say) only matches itself
+    return ("object", id(obj))  # anything else (a function, a kernels backend) only matches itself

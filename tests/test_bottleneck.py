@@ -83,6 +83,17 @@ def test_mixed_batch_equals_adapters_library(engine):
                                                                           enumerate(cases)])
 
 
+def test_the_fused_cpu_kernels_give_the_adapters_librarys_outputs(engine, monkeypatch):
+    """The same mixed batch on the fused CPU kernels, which a server on a CPU runs (the suite runs the seam's
+    reference: tests/conftest.py)."""
+    from runtime.kernels import cpu
+
+    if cpu.load() is None:
+        pytest.skip("the fused CPU kernels could not be built here (see the warning)")
+    monkeypatch.setenv("HUB_KERNELS", "cpu")
+    test_mixed_batch_equals_adapters_library(engine)
+
+
 @pytest.mark.parametrize("order", ["reversed", "alone", "twice"])
 def test_a_row_equals_the_reference_whatever_its_neighbours(engine, order):
     """Every composition's rows in another batch (reversed, each alone, each beside a copy of itself): the same

@@ -462,3 +462,30 @@ def test_concurrent_forwards_never_see_each_others_adapters(engine):
     for t in threads:
         t.join()
     assert wrong == []
+
+
+def test_the_fused_cpu_kernels_serve_a_mixed_batch_as_peft_does(base, folders, engine, monkeypatch):
+    """The suite runs the seam's reference (tests/conftest.py); a server on a CPU runs the fused kernels. With
+    them, in one batch: LoRA on every projection, with rank and alpha patterns and lora_bias, rsLoRA, IA3, BitFit,
+    a soft prompt and no adapter, each row as PEFT (or the formula) gives it alone. The same engine switches:
+    its batch ops are kept per backend, and each op calls the backend it was built with."""
+    from runtime.kernels import cpu
+    from runtime.techniques.lora import LoraSlotsOp
+
+    if cpu.load() is None:
+        pytest.skip("the fused CPU kernels could not be built here (see the warning)")
+    keys = ["lora_all", "lora_pat", "lora_rs", "ia3", "bitfit", "prompt3", None]
+    rows = ROWS + [[8, 60, 2, 2, 30], [77, 1, 13]]
+    plans = [plan(k) if k else RowPlan() for k in keys]
+    on_reference = engine_rows(engine, rows, plans)
+    monkeypatch.setenv("HUB_KERNELS", "cpu")
+    got = engine_rows(engine, rows, plans)
+    ops = engine.batch_ops(plans)
+    assert {op.ops for site in ops.values() for op in site[1] if isinstance(op, LoraSlotsOp)} == {cpu.load()}
+    for k, tokens, logits, ref_logits in zip(keys, rows, got, on_reference):
+        if k == "bitfit":
+            ref = bitfit_reference(base, folders[k], tokens)
+        else:
+            ref = model_logits(peft_model(base, folders[k]) if k else base, tokens)
+        assert (logits - ref).abs().max() <= TOL, (k, (logits - ref).abs().max())
+        assert (logits - ref_logits).abs().max() <= TOL, k

@@ -44,6 +44,11 @@ class OnDevice:
     def lora_expand(self, y, *args):
         self._in_place("lora_expand", y, *args)
 
+    def lora(self, x, y, *args):
+        out = y.to(self.device)
+        self.ops.lora(x.to(self.device), out, *(t.to(self.device) for t in args))
+        y.copy_(out.cpu())
+
     def gather_add(self, y, *args):
         self._in_place("gather_add", y, *args)
 
@@ -163,6 +168,11 @@ def test_ops_equal_a_per_use_loop(backend, shape, act, wt, order):
         assert op(out) is None
         assert out.dtype == act
         close(out, want, act)
+    # both halves in one call: what the two calls give, bit for bit
+    halves, fused = y.clone(), y.clone()
+    backend.lora_expand(halves, h, b_t, rows, slots, scale)
+    assert backend.lora(x, fused, a, b_t, rows, slots, scale) is None
+    assert torch.equal(bits(fused), bits(halves))
 
 
 def test_reference_by_runs_equals_gathered(monkeypatch):
@@ -242,11 +252,35 @@ def test_malformed_uses_are_refused_with_one_line():
            (lambda: kernels.lora_shrink(x, a, rows.int(), slots), "int64"),
            (lambda: kernels.lora_expand(y, torch.zeros(5, 3), b, rows, slots, scale), "expected h"),
            (lambda: kernels.gather_add(y, v[:, :4], rows, slots, scale), "v must be"),
-           (lambda: kernels.gather_mul(y[0], v, rows, slots), "2-D")]
+           (lambda: kernels.gather_mul(y[0], v, rows, slots), "2-D"),
+           (lambda: kernels.lora(x, y, a, b[:, :, :2], rows, slots, scale), "expected a"),
+           (lambda: kernels.lora(x, y[:, :5], a, b, rows, slots, scale), "expected a")]
     for call, words in bad:
         with pytest.raises(ValueError, match=words) as info:
             call()
         assert "\n" not in str(info.value)
+
+
+def test_the_fused_cpu_ops_check_shapes_before_reading():
+    """The techniques call the backend without the seam's checks: the fused CPU ops refuse, before any read, shapes
+    that would take them past a tensor's end."""
+    module = load_backend("cpu")
+    x, y, a, b, v, rows, slots, scale = case(2, (6, 16, 12, 4, 3, 5), "runs", torch.float32, torch.float32)
+    bad = [(lambda: module.lora_shrink(x[:, :8], a, rows, slots), "does not fit"),
+           (lambda: module.lora_shrink(x, a, rows, slots[:3]), "one length"),
+           (lambda: module.lora_shrink(x, a, rows.int(), slots), "int64"),
+           (lambda: module.lora_expand(y, torch.zeros(5, 3), b, rows, slots, scale), "does not fit"),
+           (lambda: module.lora_expand(y[:, :6], torch.zeros(5, 4), b, rows, slots, scale), "does not fit"),
+           (lambda: module.lora_expand(y, torch.zeros(5, 4), b, rows, slots, scale[:2]), "one length"),
+           (lambda: module.lora(x, y, a, b[:, :, :2], rows, slots, scale), "does not fit"),
+           (lambda: module.lora(x[:, :4], y, a, b, rows, slots, scale), "does not fit"),
+           (lambda: module.gather_add(y, v[:, :4], rows, slots, scale), "does not fit"),
+           (lambda: module.gather_mul(y[0], v, rows, slots), "2-D")]
+    for call, words in bad:
+        before = y.clone()
+        with pytest.raises(RuntimeError, match=words):
+            call()
+        assert torch.equal(y, before)
 
 
 @pytest.mark.parametrize("act,wt", DTYPES, ids=lambda t: str(t).removeprefix("torch."))

@@ -12,6 +12,7 @@ each row's sums in the order they take when it runs alone (a row's result never 
 - `lora_shrink(x [T, d_in], a [S, r, d_in], rows, slots) -> h [U, r]` float32: h[u] = a[slots[u]] @ x[rows[u]].
 - `lora_expand(y [T, d_out], h [U, r], b [S, d_out, r], rows, slots, scale)`, in place:
   y[rows[u]] += scale[u] * (b[slots[u]] @ h[u]), summed over u.
+- `lora(x, y, a, b, rows, slots, scale)`, in place: both of the above in one call (h never leaves the backend).
 - `gather_add(y [T, d], v [S, d], rows, slots, scale)`, in place: y[rows[u]] += scale[u] * v[slots[u]].
 - `gather_mul(y [T, d], v [S, d], rows, slots)`, in place: y[rows[u]] *= v[slots[u]] (a row in several uses
   takes the product).
@@ -25,7 +26,14 @@ x/y and the slot buffers may be float32, bfloat16 or float16, independently (a h
 float32 slots is fine); products accumulate in float32 and round once into y's dtype. Mixed ranks go in
 separate calls (one slot buffer per rank class). Semantics: `reference.py`; design: docs/engine.md.
 
-Backends, chosen per call by the tensors' device and `HUB_KERNELS`: `auto` (default) takes the fused C++
+The functions here check their arguments and dispatch per call, for any caller. The engine takes the backend
+once per batch change (`backend(device)`, handed to the techniques in `BatchInfo.kernels`) and the techniques'
+ops call it directly: a decode step makes a few hundred such calls, and the checks and the dispatch, run with
+caches that the base's weights have just flushed, cost about as much as the arithmetic of a one-adapter call.
+That skips no safety check: the index tensors and slot shapes are the engine's own (an adapter's shapes are
+checked when it loads), and the fused CPU ops check shapes and index ranges again in C++ before they read.
+
+Backends, chosen by the tensors' device and `HUB_KERNELS`: `auto` (default) takes the fused C++
 kernels on a CPU (`cpu.py`, built at first use; the reference if they cannot be built) and the reference on
 other devices; `reference` forces the torch ops everywhere; `cpu` names the fused CPU backend and `triton` the
 Triton kernels for CUDA tensors (`triton_ops.py`; the reference where triton is not installed). `auto` takes
@@ -85,6 +93,17 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, rows: torch.T
         raise ValueError(f"kernels: expected h [{rows.shape[0]}, r] and b [slots, {y.shape[1]}, r], "
                          f"got {tuple(h.shape)} and {tuple(b.shape)}")
     backend(y.device).lora_expand(y, h, b, rows, slots, scale)
+
+
+def lora(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
+         scale: torch.Tensor) -> None:
+    """y[rows[u]] += scale[u] * (b[slots[u]] @ (a[slots[u]] @ x[rows[u]])), in place."""
+    _check(y, rows, slots, scale)
+    _check(x, rows, slots)
+    if a.dim() != 3 or a.shape[2] != x.shape[1] or b.dim() != 3 or b.shape[1] != y.shape[1] or b.shape[2] != a.shape[1]:
+        raise ValueError(f"kernels: expected a [slots, r, {x.shape[1]}] and b [slots, {y.shape[1]}, r], "
+                         f"got {tuple(a.shape)} and {tuple(b.shape)}")
+    backend(y.device).lora(x, y, a, b, rows, slots, scale)
 
 
 def gather_add(y: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,

@@ -51,6 +51,12 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, rows: torch.T
     y.index_add_(0, rows, delta.to(y.dtype))
 
 
+def lora(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
+         scale: torch.Tensor) -> None:
+    """y[rows[u]] += scale[u] * (b[slots[u]] @ (a[slots[u]] @ x[rows[u]])), in place: shrink, then expand."""
+    lora_expand(y, lora_shrink(x, a, rows, slots), b, rows, slots, scale)
+
+
 def gather_add(y: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
                scale: torch.Tensor) -> None:
     """y[rows[u]] += scale[u] * v[slots[u]], in place."""

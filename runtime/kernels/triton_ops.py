@@ -150,6 +150,12 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, rows: torch.T
                                                    BLOCK_R=_block(r), BLOCK_N=BLOCK_N)
 
 
+def lora(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
+         scale: torch.Tensor) -> None:
+    """Shrink, then expand (two launches)."""
+    lora_expand(y, lora_shrink(x, a, rows, slots), b, rows, slots, scale)
+
+
 def _gather_op(y: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
                scale: torch.Tensor | None) -> None:
     if not rows.shape[0] or not y.shape[1]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import IntEnum
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generic, TypeVar
 
 import torch
@@ -76,6 +77,7 @@ class BatchInfo:
     mode: tuple[str, ...]  # per row: "stack" | "average"
     device: torch.device
     dtype: torch.dtype
+    kernels: ModuleType  # the kernel seam's backend for `device` (runtime/kernels): the ops call it directly
 
 
 class SiteOp(ABC):

@@ -7,13 +7,13 @@ so a batch change moves no bias. Untouched rows are in no entry: their output is
 """
 from __future__ import annotations
 
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import torch
 
 from hub.artifact import Adapter, Technique
 from hub.checkpoint import check_fits, module_tensors
-from runtime import kernels
 from runtime.techniques.base import BatchInfo, Resident, SiteOp, Stage, TechniqueImpl, Use, to_device
 from runtime.techniques.slots import Indices, Padding, PerToken, Slot, SlotBuffer, place, slot_classes
 
@@ -26,13 +26,14 @@ class BiasOp(SiteOp):
 
     stage = Stage.DELTA
 
-    def __init__(self, rows: int, classes: list[tuple[SlotBuffer, Indices]]):
+    def __init__(self, rows: int, classes: list[tuple[SlotBuffer, Indices]], ops: ModuleType):
+        self.ops = ops  # the kernel seam's backend (runtime/kernels), called directly
         self.buffers = [buffer for buffer, _ in classes]
         self.indices = PerToken(rows, [ix for _, ix in classes])
 
     def padded(self, padding: Padding) -> BiasOp:
         entries = padding.slot_uses(self.indices.get(self.indices.rows))
-        return BiasOp(padding.to, list(zip(self.buffers, entries)))  # type: ignore[arg-type]
+        return BiasOp(padding.to, list(zip(self.buffers, entries)), self.ops)  # type: ignore[arg-type]
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         assert y is not None, "a DELTA op is given the layer's output"
@@ -40,7 +41,7 @@ class BiasOp(SiteOp):
             y = y.contiguous()
         flat = y.view(-1, y.shape[-1])
         for buffer, (rows, slots, weights) in zip(self.buffers, self.indices.get(flat.shape[0])):
-            kernels.gather_add(flat, buffer.parts[0], rows, slots, weights)
+            self.ops.gather_add(flat, buffer.parts[0], rows, slots, weights)
         return y
 
 
@@ -56,5 +57,5 @@ class BitFit(TechniqueImpl[Slot]):  # a site's payload: the slot holding the ada
 
     def compile_batch(self, site_uses: dict[str, list[Use[Slot]]], batch: BatchInfo) -> dict[str, list[SiteOp]]:
         made: dict[tuple, Indices] = {}
-        return {site: [BiasOp(batch.rows, slot_classes(uses, site, batch.device, made))]
+        return {site: [BiasOp(batch.rows, slot_classes(uses, site, batch.device, made), batch.kernels)]
                 for site, uses in site_uses.items()}

@@ -41,6 +41,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import torch
@@ -50,7 +51,6 @@ from hub.architectures import BOTTLENECK_MODEL_TYPES, BOTTLENECK_SITES
 from hub.bottleneck_format import ACTIVATIONS, BottleneckConfig
 from hub.artifact import Adapter, ArtifactError, Technique
 from hub.checkpoint import check_fits, module_tensors
-from runtime import kernels
 from runtime.techniques.base import BatchInfo, Resident, SiteOp, Stage, TechniqueImpl, Use, to_device
 from runtime.techniques.slots import Padding, PerToken, Slot, SlotBuffer, bucket, place
 
@@ -145,8 +145,9 @@ class _Group:
     """Entries (row, slot, weight) of one composition step that read one slot buffer with one activation; `rule`:
     their flags when all share them, `covers`: whether they are every row of their index space."""
 
-    def __init__(self, buffer: SlotBuffer, activation: str, entry: int, rule: tuple[bool, ...] | None = None,
-                 covers: bool = False):
+    def __init__(self, ops: ModuleType, buffer: SlotBuffer, activation: str, entry: int,
+                 rule: tuple[bool, ...] | None = None, covers: bool = False):
+        self.ops = ops  # the kernel seam's backend (runtime/kernels), called directly
         self.buffer, self.activation, self.entry = buffer, activation, entry
         self.rule, self.covers = rule, covers
 
@@ -154,11 +155,11 @@ class _Group:
               weights: torch.Tensor) -> None:
         """out[rows[u]] += weights[u] * f_u(x[rows[u]]), every block read in place from its slot."""
         down, down_b, up_t, up_b = self.buffer.parts
-        h = kernels.lora_shrink(x, down, rows, slots)
-        kernels.gather_add(h, down_b, torch.arange(h.shape[0], device=h.device), slots, torch.ones_like(weights))
+        h = self.ops.lora_shrink(x, down, rows, slots)
+        self.ops.gather_add(h, down_b, torch.arange(h.shape[0], device=h.device), slots, torch.ones_like(weights))
         h = ACTIVATIONS[self.activation](h)
-        kernels.lora_expand(out, h, up_t.transpose(1, 2), rows, slots, weights)
-        kernels.gather_add(out, up_b, rows, slots, weights)
+        self.ops.lora_expand(out, h, up_t.transpose(1, 2), rows, slots, weights)
+        self.ops.gather_add(out, up_b, rows, slots, weights)
 
 
 class BlockOp(SiteOp):
@@ -400,13 +401,14 @@ def _block_op(recording: Recording, site: str, uses: list[Use[BottleneckSite]], 
         slots, rows = (made(v) for v in list(zip(*entries))[:2])
         weights = made([e[2] for e in entries], torch.float32)
         if k < 0:
-            average_groups.append(_Group(buffer, activation, len(averaged)))
+            average_groups.append(_Group(batch.kernels, buffer, activation, len(averaged)))
             averaged.append((rows, slots, weights))
             continue
         while len(steps) <= k:
             steps.append([])
         configs = [e[3] for e in entries]
-        steps[k].append(_Group(buffer, activation, len(local), _uniform(configs), len(entries) == len(touched)))
+        steps[k].append(_Group(batch.kernels, buffer, activation, len(local), _uniform(configs),
+                               len(entries) == len(touched)))
         local.append((rows, slots, weights, *_flags(configs, made)[:3]))
     average = None
     if average_rows:

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from types import ModuleType
 from typing import TYPE_CHECKING, cast
 
 import torch
 
 from hub.artifact import Adapter, Technique
 from hub.checkpoint import is_feedforward, check_fits, module_tensors
-from runtime import kernels
 from runtime.techniques.base import BatchInfo, Resident, SiteOp, Stage, TechniqueImpl, Use, to_device
 from runtime.techniques.slots import Indices, Padding, PerToken, Slot, SlotBuffer, bucket, place, slot_classes
 
@@ -43,7 +43,8 @@ class ScaleOp(SiteOp):
     """One site's IA3 over a whole batch, for the uses that scale its input (PRE) or its output (POST)."""
 
     def __init__(self, stage: Stage, rows: int, buffer: SlotBuffer, direct: list[Indices],
-                 fills: torch.Tensor | None, terms: Indices | None, factor_rows: torch.Tensor | None):
+                 fills: torch.Tensor | None, terms: Indices | None, factor_rows: torch.Tensor | None, ops: ModuleType):
+        self.ops = ops  # the kernel seam's backend (runtime/kernels), called directly
         self.stage = stage  # per instance: PRE scales the input, POST the output
         self.buffer = buffer
         self.fills, self.terms = fills, terms  # factor f = fills[f] + sum of its terms' weighted slots
@@ -84,11 +85,11 @@ class ScaleOp(SiteOp):
             rows, slots, weights = self.terms
             assert self.fills is not None, "terms come with their fills"
             factors = self.fills[:, None].expand(-1, vectors.shape[1]).contiguous()
-            kernels.gather_add(factors, vectors, rows, slots, weights)
-            kernels.gather_mul(flat, factors, *entries[-1])
+            self.ops.gather_add(factors, vectors, rows, slots, weights)
+            self.ops.gather_mul(flat, factors, *entries[-1])
             entries = entries[:-1]
         for rows, slots in entries:
-            kernels.gather_mul(flat, vectors, rows, slots)
+            self.ops.gather_mul(flat, vectors, rows, slots)
         return t
 
 
@@ -116,7 +117,7 @@ def _scale_op(stage: Stage, uses: list[Use[IA3Site]], site: str, batch: BatchInf
         factor_rows = torch.tensor([row for row, _ in factors], device=device)
     classes = slot_classes(direct, site, batch.device, made) if direct else []
     buffer = uses[0].resident.sites[site].buffer
-    return ScaleOp(stage, batch.rows, buffer, [ix for _, ix in classes], fills, terms, factor_rows)
+    return ScaleOp(stage, batch.rows, buffer, [ix for _, ix in classes], fills, terms, factor_rows, batch.kernels)
 
 
 class IA3(TechniqueImpl[IA3Site]):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import ModuleType
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -23,7 +24,6 @@ from torch import nn
 
 from hub.artifact import Adapter, ArtifactError, Technique
 from hub.checkpoint import check_fits, lora_rank_alpha, module_tensors
-from runtime import kernels
 from runtime.techniques.base import BatchInfo, Resident, SiteOp, Stage, TechniqueImpl, Use, to_device
 from runtime.techniques.slots import Indices, Padding, PerToken, Scaled, Slot, SlotBuffer, place, slot_classes
 
@@ -55,7 +55,8 @@ class LoraSlotsOp(SiteOp):
     stage = Stage.DELTA
 
     def __init__(self, rows: int, classes: list[tuple[SlotBuffer, Indices]],
-                 biases: list[tuple[SlotBuffer, Indices]]):
+                 biases: list[tuple[SlotBuffer, Indices]], ops: ModuleType):
+        self.ops = ops  # the kernel seam's backend (runtime/kernels): called directly, once per rank class
         self.classes = classes
         self.biases = [buffer for buffer, _ in biases]
         self.indices = PerToken(rows, [ix for _, ix in classes] + [ix for _, ix in biases])
@@ -64,7 +65,7 @@ class LoraSlotsOp(SiteOp):
         entries = padding.slot_uses(self.indices.get(self.indices.rows))
         classes = [(buffer, ix) for (buffer, _), ix in zip(self.classes, entries)]
         biases = [(buffer, ix) for buffer, ix in zip(self.biases, entries[len(self.classes):])]
-        return LoraSlotsOp(padding.to, classes, biases)  # type: ignore[arg-type]
+        return LoraSlotsOp(padding.to, classes, biases, self.ops)  # type: ignore[arg-type]
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         assert y is not None, "a DELTA op is given the layer's output"
@@ -74,10 +75,9 @@ class LoraSlotsOp(SiteOp):
         entries = self.indices.get(flat_x.shape[0])
         for (buffer, _), (rows, slots, scale) in zip(self.classes, entries):
             a, b_t = buffer.parts
-            h = kernels.lora_shrink(flat_x, a, rows, slots)
-            kernels.lora_expand(flat_y, h, b_t.transpose(1, 2), rows, slots, scale)
+            self.ops.lora(flat_x, flat_y, a, b_t.transpose(1, 2), rows, slots, scale)
         for buffer, (rows, slots, scale) in zip(self.biases, entries[len(self.classes):]):
-            kernels.gather_add(flat_y, buffer.parts[0], rows, slots, scale)
+            self.ops.gather_add(flat_y, buffer.parts[0], rows, slots, scale)
         return y
 
 
@@ -114,7 +114,8 @@ class Lora(TechniqueImpl[LoraSite]):
         for site, uses in site_uses.items():
             with_bias = [u for u in uses if u.resident.sites[site].bias is not None]
             biases = slot_classes(with_bias, site, batch.device, made, _bias_slot(site)) if with_bias else []
-            ops[site] = [LoraSlotsOp(batch.rows, slot_classes(uses, site, batch.device, made), biases)]
+            ops[site] = [LoraSlotsOp(batch.rows, slot_classes(uses, site, batch.device, made), biases,
+                                     batch.kernels)]
         return ops
 
 

@@ -465,6 +465,19 @@ void per_unit_block(at::Tensor& y, const Uses& u, const Units& units, int64_t wo
   });
 }
 
+// The shapes an op indexes by, checked before any read: the techniques call the backend without the seam's Python
+// checks (runtime/kernels/__init__.py), and a wrong size here would read or write past a tensor.
+void check_shapes(const at::Tensor& y, const at::Tensor& w, int64_t w_dim, int64_t feature_dim, const char* what,
+                  const at::Tensor& rows, const at::Tensor& slots, const at::Tensor* scale) {
+  TORCH_CHECK(y.dim() == 2, "kernels: expected a 2-D [tokens, features] tensor, got ", y.dim(), " dimensions");
+  TORCH_CHECK(w.dim() == w_dim && w.size(feature_dim) == y.size(1), "kernels: ", what, " of shape ", w.sizes(),
+              " does not fit ", y.size(1), " features");
+  TORCH_CHECK(rows.dim() == 1 && slots.dim() == 1 && rows.numel() == slots.numel() &&
+                  (scale == nullptr || (scale->dim() == 1 && scale->numel() == rows.numel())),
+              "kernels: rows, slots (and scale) must be 1-D of one length");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && slots.scalar_type() == at::kLong, "kernels: rows and slots must be int64");
+}
+
 // Uses [first, first + n) of one slot, consecutive in the given order, kTile at a time: the tasks of a shrink.
 std::vector<int64_t> slot_tiles(const Uses& u) {
   std::vector<int64_t> starts;
@@ -476,6 +489,7 @@ std::vector<int64_t> slot_tiles(const Uses& u) {
 }
 
 at::Tensor lora_shrink(const at::Tensor& x, const at::Tensor& a, const at::Tensor& rows, const at::Tensor& slots) {
+  check_shapes(x, a, 3, 2, "a", rows, slots, nullptr);
   const int64_t n = rows.numel(), r = a.size(1), d = a.size(2), dp = padded(d);
   Uses u = read_uses(rows, slots, nullptr, x.size(0), a.size(0), false);
   at::Tensor h = at::empty({n, r}, x.options().dtype(at::kFloat));
@@ -517,6 +531,9 @@ at::Tensor lora_shrink(const at::Tensor& x, const at::Tensor& a, const at::Tenso
 
 void lora_expand(at::Tensor y, const at::Tensor& h, const at::Tensor& b, const at::Tensor& rows,
                  const at::Tensor& slots, const at::Tensor& scale) {
+  check_shapes(y, b, 3, 1, "b", rows, slots, &scale);
+  TORCH_CHECK(h.dim() == 2 && h.size(0) == rows.numel() && h.size(1) == b.size(2), "kernels: h of shape ", h.sizes(),
+              " does not fit ", rows.numel(), " uses of rank ", b.size(2));
   Uses u = read_uses(rows, slots, &scale, y.size(0), b.size(0), true);
   const int64_t r = b.size(2), rp = padded(r);
   at::Tensor hf = h.to(at::kFloat).contiguous();
@@ -578,6 +595,7 @@ void lora_expand(at::Tensor y, const at::Tensor& h, const at::Tensor& b, const a
 
 void gather_add(at::Tensor y, const at::Tensor& v, const at::Tensor& rows, const at::Tensor& slots,
                 const at::Tensor& scale) {
+  check_shapes(y, v, 2, 1, "v", rows, slots, &scale);
   Uses u = read_uses(rows, slots, &scale, y.size(0), v.size(0), true);
   with_type(y.scalar_type(), "y", [&](auto* yt) {
     using Y = std::remove_pointer_t<decltype(yt)>;
@@ -597,6 +615,7 @@ void gather_add(at::Tensor y, const at::Tensor& v, const at::Tensor& rows, const
 }
 
 void gather_mul(at::Tensor y, const at::Tensor& v, const at::Tensor& rows, const at::Tensor& slots) {
+  check_shapes(y, v, 2, 1, "v", rows, slots, nullptr);
   Uses u = read_uses(rows, slots, nullptr, y.size(0), v.size(0), true);
   with_type(y.scalar_type(), "y", [&](auto* yt) {
     using Y = std::remove_pointer_t<decltype(yt)>;
@@ -615,6 +634,13 @@ void gather_mul(at::Tensor y, const at::Tensor& v, const at::Tensor& rows, const
   });
 }
 
+// Both halves in one call: a site's LoRA costs one crossing from Python, not two (each costs more than the
+// arithmetic of a one-adapter decode call).
+void lora(const at::Tensor& x, at::Tensor y, const at::Tensor& a, const at::Tensor& b, const at::Tensor& rows,
+          const at::Tensor& slots, const at::Tensor& scale) {
+  lora_expand(y, lora_shrink(x, a, rows, slots), b, rows, slots, scale);
+}
+
 }  // namespace
 
 // The GIL is released while an op runs (its arguments are converted before, its result after): a server's other
@@ -623,6 +649,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = py::call_guard<py::gil_scoped_release>;
   m.def("lora_shrink", &lora_shrink, "h[u] = a[slots[u]] @ x[rows[u]] (float32)", release());
   m.def("lora_expand", &lora_expand, "y[rows[u]] += scale[u] * (b[slots[u]] @ h[u]), in place", release());
+  m.def("lora", &lora, "y[rows[u]] += scale[u] * (b[slots[u]] @ (a[slots[u]] @ x[rows[u]])), in place", release());
   m.def("gather_add", &gather_add, "y[rows[u]] += scale[u] * v[slots[u]], in place", release());
   m.def("gather_mul", &gather_mul, "y[rows[u]] *= v[slots[u]], in place", release());
 }
