@@ -4,7 +4,8 @@ CPU kernels (runtime/kernels/csrc/cpu_ops.cpp as it is, and e.g. an older copy t
 1. Step: an engine holding only the adapters in use (bench/decode_step.py's random base and LoRAs, r=8, all
    projections), --rows rows: the base alone, every row its own adapter (--rows distinct ones), and one adapter
    shared by every row. Each step is timed in this process's CPU time, with the backend's `lora` calls wrapped in
-   CPU timers ("LoRA ops"); "rest" is the step less them. Beside the builds, two stand-in backends: "reading the
+   CPU timers ("LoRA ops"); "rest" is the step less them. Wall time too: with several torch threads a memory-bound
+   op can cost more wall time than its CPU time shows. Beside the builds, two stand-in backends: "reading the
    bytes" only reads the slots each call names (`torch.sum`), the floor of any kernel, since every distinct
    adapter's bytes must be read; "calls only" returns at once, what the calls themselves cost.
 2. Kernels: one decode step's shrink and expand calls at the same shapes on their own (a slot buffer of
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import table  # noqa: E402
 from decode_step import SHAPES, lora_adapters, random_base  # noqa: E402
+from stand_in import StandIn  # noqa: E402
 
 from runtime.engine import Engine  # noqa: E402
 from runtime.generate import Batch, Row, SamplingParams  # noqa: E402
@@ -61,23 +63,6 @@ def build(name: str, source: str) -> ModuleType:
                               extra_ldflags=cpu.LDFLAGS, build_directory=str(folder))
 
 
-class StandIn:
-    """A stand-in backend for the LoRA op: with `read`, each call reads the slots its uses name (`torch.sum` over
-    the run from the first use's slot to the last one's, of A and of B: uses come sorted by slot, and in this
-    script's engine that run is exactly the slots in use) and adds nothing, the floor of any kernel that must read
-    each distinct adapter's bytes; without, it only returns: what the calls themselves cost."""
-
-    def __init__(self, read: bool):
-        self.read = read
-
-    def lora(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor,
-             slots: torch.Tensor, scale: torch.Tensor) -> None:
-        if self.read:
-            first, last = slots[0].item(), slots[-1].item() + 1
-            a[first:last].sum()
-            b[first:last].sum()
-
-
 class Timed:
     """A backend whose LoRA calls add their CPU seconds to `seconds` (a build of an older source without the fused
     `lora` runs its two halves)."""
@@ -97,22 +82,24 @@ class Timed:
             self.seconds += time.process_time() - start
 
 
-def step_parts(engine: Engine, plans: list[RowPlan], steps: int, ops: Timed) -> tuple[float, float]:
-    """Median (step, LoRA ops) CPU seconds of `steps` decode steps of a batch of these plans."""
+def step_parts(engine: Engine, plans: list[RowPlan], steps: int, ops: Timed) -> tuple[float, float, float]:
+    """Median (step, LoRA ops) CPU seconds and step wall seconds of `steps` decode steps of a batch of these
+    plans."""
     batch = Batch(engine, max_rows=len(plans))
     for i, plan in enumerate(plans):
         batch.add(Row(f"r{i}", [11 + i % 50, 12, 13, 14, 15, 16, 17, 18], plan,
                       SamplingParams(max_new_tokens=steps + 8)))
     for _ in range(3):  # the prefill and two steps
         batch.step()
-    totals, in_ops = [], []
+    totals, in_ops, walls = [], [], []
     for _ in range(steps):
         ops.seconds = 0.0
-        start = time.process_time()
+        start, wall = time.process_time(), time.perf_counter()
         batch.step()
+        walls.append(time.perf_counter() - wall)
         totals.append(time.process_time() - start)
         in_ops.append(ops.seconds)
-    return statistics.median(totals), statistics.median(in_ops)
+    return statistics.median(totals), statistics.median(in_ops), statistics.median(walls)
 
 
 def step_level(args, builds: dict[str, ModuleType], folder: str) -> None:
@@ -126,7 +113,7 @@ def step_level(args, builds: dict[str, ModuleType], folder: str) -> None:
     timed = {label: Timed(module) for label, module in
              {**builds, "reading the bytes": StandIn(read=True), "calls only": StandIn(read=False)}.items()}
     first = next(iter(timed))
-    runs: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    runs: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
     for _ in range(args.repeats):
         for name, rows in plans.items():
             for label, ops in timed.items():
@@ -135,18 +122,20 @@ def step_level(args, builds: dict[str, ModuleType], folder: str) -> None:
                 cpu._state["module"] = ops  # the seam's backend on this CPU is now this build, timed
                 runs.setdefault((name, "" if name == "base" else label), []).append(
                     step_parts(engine, rows, args.steps, ops))
-    base = statistics.median(step for step, _ in runs[("base", "")])
+    base = statistics.median(step for step, _, _ in runs[("base", "")])
+    base_wall = statistics.median(wall for _, _, wall in runs[("base", "")])
     lines = []
     for (name, label), values in runs.items():
-        step = statistics.median(s for s, _ in values)
-        in_ops = statistics.median(o for _, o in values)
+        step = statistics.median(s for s, _, _ in values)
+        in_ops = statistics.median(o for _, o, _ in values)
+        wall = statistics.median(w for _, _, w in values)
         lines.append([f"{name}, {label}" if label else name, f"{step * 1000:.1f} ms",
                       f"{in_ops * 1000:.1f} ms" if label else "-", f"{(step - in_ops) * 1000:.1f} ms",
-                      f"{base / step:.2f}x"])
+                      f"{base / step:.2f}x", f"{wall * 1000:.1f} ms", f"{base_wall / wall:.2f}x"])
     print(f"Step: {args.rows} rows, {config.model_type} with the shapes of {folder} (random), float32, LoRA r=8 "
           "on all 7 projections; "
-          f"CPU time, median of {args.steps} steps x {args.repeats} repeats")
-    print(table(["configuration", "step", "LoRA ops", "rest", "vs base"], lines))
+          f"CPU time (and wall time), median of {args.steps} steps x {args.repeats} repeats")
+    print(table(["configuration", "step", "LoRA ops", "rest", "vs base", "wall", "vs base (wall)"], lines))
 
 
 def kernel_level(args, builds: dict[str, ModuleType], folder: str) -> None:
