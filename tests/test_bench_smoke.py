@@ -199,8 +199,38 @@ def test_step_cost_times_each_build_and_part(tiny_model_dir):
                            "--rows", "4", "--steps", "2", "--repeats", "1", "--build", "seam=",
                            "--build", f"copy={cpu.SOURCE}"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    for line in ("base ", "4 distinct, seam", "4 distinct, copy", "one shared, copy", "reading the bytes"):
+    for line in ("base ", "4 distinct, seam", "4 distinct, copy", "one shared, copy", "4 distinct, reading the bytes",
+                 "4 distinct, calls only"):
         assert any(row.startswith(line) or line in row for row in done.stdout.splitlines()), done.stdout
+
+
+STAND_IN = """
+import torch
+from runtime import kernels
+from runtime.engine import Engine
+from helpers import tiny_llama
+print(kernels.backend("cpu").__name__, kernels.backend("meta").__name__)
+Engine(tiny_llama())
+"""
+
+
+def test_floor_puts_a_stand_in_backend_under_any_process(tmp_path):
+    """bench/floor/sitecustomize.py, for a process started with HUB_BENCH_STAND_IN and that folder on PYTHONPATH
+    (as a bench script's `hub serve`): the CPU backend is the stand-in, other devices keep theirs; a wrong mode
+    stops the process with one line."""
+    import os
+    import subprocess
+
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCH / "floor"), str(tests), str(BENCH.parent)])}
+    done = subprocess.run([sys.executable, "-c", STAND_IN], env={**env, "HUB_BENCH_STAND_IN": "read"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[0] == "stand-in (reading the bytes) runtime.kernels.reference", done.stdout
+    assert "LoRA ops on stand-in (reading the bytes)" in done.stderr
+    wrong = subprocess.run([sys.executable, "-c", "pass"], env={**env, "HUB_BENCH_STAND_IN": "fast"},
+                           capture_output=True, text=True, timeout=300)
+    assert wrong.returncode != 0 and "HUB_BENCH_STAND_IN must be read or calls" in wrong.stderr
 
 
 def test_gil_share_sums_samples_per_thread_role():
