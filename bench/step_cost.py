@@ -68,16 +68,15 @@ class Timed:
     `lora` runs its two halves)."""
 
     def __init__(self, module: ModuleType | StandIn):
-        self.module = module
         self.seconds = 0.0
+        self.op: Callable = getattr(module, "lora", None) or (
+            lambda x, y, a, b, rows, slots, scale:
+            module.lora_expand(y, module.lora_shrink(x, a, rows, slots), b, rows, slots, scale))
 
     def lora(self, x, y, a, b, rows, slots, scale) -> None:
         start = time.process_time()
         try:
-            if hasattr(self.module, "lora"):
-                self.module.lora(x, y, a, b, rows, slots, scale)
-            else:
-                self.module.lora_expand(y, self.module.lora_shrink(x, a, rows, slots), b, rows, slots, scale)
+            self.op(x, y, a, b, rows, slots, scale)
         finally:
             self.seconds += time.process_time() - start
 

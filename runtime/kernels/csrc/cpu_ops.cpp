@@ -650,21 +650,13 @@ void lora(const at::Tensor& x, at::Tensor y, const at::Tensor& a, const at::Tens
   const bool fast = x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat &&
                     a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && x.stride(1) == 1 &&
                     d == padded(d) && y.stride(1) == 1 && a.stride(2) == 1 && b.stride(1) == 1;
+  auto halves = [&] { lora_expand(y, lora_shrink(x, a, rows, slots), b, rows, slots, scale); };
+  if (!fast) return halves();
   Uses u = read_uses(rows, slots, &scale, y.size(0), a.size(0), false);
-  bool one_each = fast;
-  if (fast) {  // every row in at most one use
-    std::vector<uint8_t> seen(y.size(0), 0);
-    for (int64_t row : u.rows) {
-      if (seen[row]) {
-        one_each = false;
-        break;
-      }
-      seen[row] = 1;
-    }
-  }
-  if (!one_each) {
-    lora_expand(y, lora_shrink(x, a, rows, slots), b, rows, slots, scale);
-    return;
+  std::vector<uint8_t> seen(y.size(0), 0);  // a row in several uses (a stack) goes through the two halves
+  for (int64_t row : u.rows) {
+    if (seen[row]) return halves();
+    seen[row] = 1;
   }
   const int64_t n = static_cast<int64_t>(u.rows.size()), rp = padded(r);
   if (n == 0 || r == 0) return;
